@@ -1,0 +1,662 @@
+/**
+ * `npm run bench` = `bun bench/run.ts [case ...] [--json FILE]`
+ *
+ * Cases (all by default): tcp1500 tcp64k udp latency fanout memory.
+ * Each case runs the direct baseline (generator → sink) and the relay chain
+ * (generator → site A → hub → site B → sink) in the same run and prints one table.
+ *
+ * Env: BENCH_SECONDS (throughput run length, default 5), BENCH_OVERLOAD_SECONDS (default 10),
+ *      BENCH_SAMPLES (latency samples, default 3000), BENCH_UDP_RATE (paced UDP run, default 50000).
+ */
+import { existsSync } from "node:fs";
+import { RELAY, spawnRelay, waitUntil, type RelayProcess } from "../tests/helpers.ts";
+import { openTunnels } from "./tunnels.ts";
+
+const PEER = new URL("./peer.ts", import.meta.url).pathname;
+const SECONDS = Number(process.env.BENCH_SECONDS ?? 5);
+const OVERLOAD_SECONDS = Number(process.env.BENCH_OVERLOAD_SECONDS ?? 10);
+const UDP_RATE = Number(process.env.BENCH_UDP_RATE ?? 50_000);
+const SAMPLES = Number(process.env.BENCH_SAMPLES ?? 3000);
+const TOKEN = "bench-token-" + Math.random().toString(36).slice(2);
+const HOST = "127.0.0.1";
+
+const argv = process.argv.slice(2);
+let jsonOut: string | undefined;
+const wanted: string[] = [];
+for (let i = 0; i < argv.length; i++) {
+  if (argv[i] === "--json") jsonOut = argv[++i];
+  else wanted.push(argv[i]!);
+}
+const ALL = ["tcp1500", "tcp64k", "udp", "latency", "fanout", "memory"];
+for (const w of wanted) if (!ALL.includes(w)) throw new Error(`unknown case ${w}; cases: ${ALL.join(" ")}`);
+const cases = wanted.length ? wanted : ALL;
+const haveRelay = existsSync(RELAY);
+
+// ------------------------------------------------------------------------------------ /proc
+const TICK = 100; // USER_HZ
+function cpuSeconds(pid: number | undefined): number {
+  if (!pid) return NaN;
+  try {
+    const s = require("node:fs").readFileSync(`/proc/${pid}/stat`, "utf8") as string;
+    const rest = s.slice(s.lastIndexOf(")") + 2).split(" ");
+    return (Number(rest[11]) + Number(rest[12])) / TICK;
+  } catch {
+    return NaN;
+  }
+}
+function rssMB(pid: number | undefined): number {
+  if (!pid) return NaN;
+  try {
+    const s = require("node:fs").readFileSync(`/proc/${pid}/status`, "utf8") as string;
+    const m = /VmRSS:\s+(\d+) kB/.exec(s);
+    return m ? Number(m[1]) / 1024 : NaN;
+  } catch {
+    return NaN;
+  }
+}
+
+// ------------------------------------------------------------------------------------ peers
+class Peer {
+  proc: ReturnType<typeof Bun.spawn>;
+  events: any[] = [];
+  private waiters = new Set<() => void>();
+  private err = "";
+  constructor(
+    public name: string,
+    args: string[],
+  ) {
+    this.proc = Bun.spawn([process.execPath, PEER, ...args], { stdin: "pipe", stdout: "pipe", stderr: "pipe" });
+    void this.pump(this.proc.stdout as ReadableStream<Uint8Array>, (line) => {
+      try {
+        this.events.push(JSON.parse(line));
+      } catch {
+        this.err += line + "\n";
+      }
+    });
+    void this.pump(this.proc.stderr as ReadableStream<Uint8Array>, (line) => (this.err += line + "\n"));
+    this.proc.exited.then(() => this.notify());
+  }
+  get pid() {
+    return this.proc.pid;
+  }
+  private notify() {
+    for (const w of this.waiters) w();
+  }
+  private async pump(stream: ReadableStream<Uint8Array>, onLine: (l: string) => void) {
+    const dec = new TextDecoder();
+    let buf = "";
+    for await (const chunk of stream) {
+      buf += dec.decode(chunk, { stream: true });
+      let i;
+      while ((i = buf.indexOf("\n")) >= 0) {
+        onLine(buf.slice(0, i));
+        buf = buf.slice(i + 1);
+      }
+      this.notify();
+    }
+  }
+  send(cmd: string) {
+    const stdin = this.proc.stdin as import("bun").FileSink;
+    stdin.write(cmd + "\n");
+    stdin.flush();
+  }
+  /** Waits for the `n`-th (from `from`) event named `name`. */
+  wait(name: string, timeoutMs = 15_000, from = 0): Promise<any> {
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.waiters.delete(check);
+        reject(new Error(`${this.name}: timed out waiting for "${name}"; stderr:\n${this.err}`));
+      }, timeoutMs);
+      const check = () => {
+        const e = this.events.slice(from).find((x) => x.event === name);
+        if (e) {
+          clearTimeout(timer);
+          this.waiters.delete(check);
+          resolve(e);
+        } else if (this.proc.exitCode !== null || this.proc.signalCode !== null) {
+          clearTimeout(timer);
+          this.waiters.delete(check);
+          reject(new Error(`${this.name} exited (${this.proc.exitCode ?? this.proc.signalCode}) before "${name}":\n${this.err}`));
+        }
+      };
+      this.waiters.add(check);
+      check();
+    });
+  }
+  async request(cmd: string, name: string, timeoutMs = 5000) {
+    const from = this.events.length;
+    this.send(cmd);
+    return this.wait(name, timeoutMs, from);
+  }
+  async stop() {
+    if (this.proc.exitCode === null && this.proc.signalCode === null) {
+      try {
+        this.send("quit");
+      } catch {}
+      const t = setTimeout(() => this.proc.kill("SIGKILL"), 2000);
+      await this.proc.exited;
+      clearTimeout(t);
+    }
+  }
+}
+
+/** A free UDP port on 127.0.0.1 (bind to 0, read, close). */
+async function freeUdpPort(): Promise<number> {
+  const s = await Bun.udpSocket({ hostname: HOST, port: 0 });
+  const p = s.port;
+  s.close();
+  return p;
+}
+
+// ------------------------------------------------------------------------------------ relays
+interface Chain {
+  hub: RelayProcess;
+  a: RelayProcess;
+  b: RelayProcess;
+  all: RelayProcess[];
+  stop(): Promise<void>;
+}
+
+function uplinkUrl(hub: RelayProcess) {
+  return hub.base.replace(/^http/, "ws");
+}
+
+/** BENCH_PROFILE=DIR: the relays write CPU profiles (.cpuprofile and .md) there on exit. */
+const PROFILE = process.env.BENCH_PROFILE;
+let chainCount = 0;
+function relayOptions(role: string) {
+  if (!PROFILE) return {};
+  const name = `${++chainCount}-${role}`;
+  return { env: { BUN_OPTIONS: `--cpu-prof --cpu-prof-md --cpu-prof-dir=${PROFILE} --cpu-prof-name=${name}` } };
+}
+
+async function startChain(aArgs: string[], bArgs: string[]): Promise<Chain> {
+  const started: RelayProcess[] = [];
+  try {
+    const hub = await spawnRelay(["--http", `${HOST}:0`, "--token", TOKEN], relayOptions("hub"));
+    started.push(hub);
+    const up = ["--uplink", uplinkUrl(hub), "--uplink-token", TOKEN];
+    const a = await spawnRelay(["--http", `${HOST}:0`, ...aArgs, ...up], relayOptions("A"));
+    started.push(a);
+    const b = await spawnRelay(["--http", `${HOST}:0`, ...bArgs, ...up], relayOptions("B"));
+    started.push(b);
+    await waitUntil(
+      async () => (await a.status()).uplink?.state === "up" && (await b.status()).uplink?.state === "up",
+      "both sites' uplinks up",
+      15_000,
+    );
+    return {
+      hub,
+      a,
+      b,
+      all: [a, hub, b],
+      async stop() {
+        await Promise.all(started.map((r) => r.stop()));
+      },
+    };
+  } catch (e) {
+    await Promise.all(started.map((r) => r.stop("SIGKILL")));
+    throw e;
+  }
+}
+
+/** Sum of `drops` over every port of every network in a relay's /status. */
+async function relayDrops(r: RelayProcess): Promise<number> {
+  try {
+    const s = await r.status();
+    let d = 0;
+    const walk = (x: any) => {
+      if (!x || typeof x !== "object") return;
+      for (const [k, v] of Object.entries(x)) {
+        if (k === "drops" && typeof v === "number") d += v;
+        else walk(v);
+      }
+    };
+    walk(s.networks);
+    return d;
+  } catch {
+    return NaN;
+  }
+}
+
+// ------------------------------------------------------------------------------------ flows
+interface Flow {
+  fps: number;
+  mbps: number;
+  sent: number;
+  received: number;
+  lost: number;
+  reordered: number;
+  dup: number;
+  corrupt: number;
+  cpu: Record<string, number>; // CPU seconds during the run, per process
+  wall: number;
+  relayDrops?: number;
+  dropsBy?: Record<string, number>;
+  rssMax?: Record<string, number>;
+}
+
+type Endpoints = { gen: string[]; sink: string[] };
+
+/**
+ * Spawns gen (first: it waits for the sink's announce) and sink, runs the generator, waits for the
+ * sink to go quiet and collects counters and CPU of every process involved.
+ */
+async function runFlow(
+  ep: Endpoints,
+  opts: { size: number; seconds: number; genRate?: number; sinkRate?: number; relays?: Record<string, RelayProcess>; sampleRss?: boolean },
+  sinkListenFirst = false,
+): Promise<Flow> {
+  const genBase = ["--size", String(opts.size), "--seconds", String(opts.seconds)];
+  if (opts.genRate) genBase.push("--rate", String(opts.genRate));
+  const sinkBase = opts.sinkRate ? ["--rate", String(opts.sinkRate)] : [];
+  let gen: Peer | undefined;
+  let sink: Peer | undefined;
+  const rssMax: Record<string, number> = {};
+  let sampler: ReturnType<typeof setInterval> | undefined;
+  try {
+    if (sinkListenFirst) {
+      sink = new Peer("sink", ["sink", ...ep.sink, ...sinkBase]);
+      const { port } = await sink.wait("listening");
+      gen = new Peer("gen", ["gen", ...ep.gen.map((a) => a.replace("SINKPORT", String(port))), ...genBase]);
+    } else {
+      gen = new Peer("gen", ["gen", ...ep.gen, ...genBase]);
+      if (ep.gen.includes("--udp-bind")) await gen.wait("listening");
+      sink = new Peer("sink", ["sink", ...ep.sink, ...sinkBase]);
+    }
+    await gen.wait("ready", 15_000);
+    const pids: Record<string, number> = { gen: gen.pid, sink: sink.pid };
+    for (const [k, r] of Object.entries(opts.relays ?? {})) pids[k] = r.proc.pid;
+    const drops0 = opts.relays ? await sumDrops(opts.relays) : 0;
+    const byRelay0 = lastDropsByRelay;
+    const cpu0 = Object.fromEntries(Object.entries(pids).map(([k, p]) => [k, cpuSeconds(p)]));
+    if (opts.sampleRss) {
+      const sample = () => {
+        for (const [k, r] of Object.entries(opts.relays ?? {})) rssMax[k] = Math.max(rssMax[k] ?? 0, rssMB(r.proc.pid));
+      };
+      sample();
+      sampler = setInterval(sample, 100);
+    }
+    const t0 = performance.now();
+    const done = await gen.request("start", "done", opts.seconds * 1000 + 30_000);
+    // Wait for the pipe to go quiet: every frame arrived, or no progress for 600 ms.
+    let last = -1;
+    let rep: any;
+    let still = 0;
+    for (;;) {
+      rep = await sink.request("report", "report");
+      if (rep.received + rep.corrupt >= done.sent) break;
+      if (rep.received === last) {
+        if (++still >= 3) break;
+      } else still = 0;
+      last = rep.received;
+      await Bun.sleep(200);
+    }
+    const wall = (performance.now() - t0) / 1000;
+    if (sampler) clearInterval(sampler);
+    const cpu = Object.fromEntries(Object.entries(pids).map(([k, p]) => [k, cpuSeconds(p) - cpu0[k]!]));
+    const drops1 = opts.relays ? await sumDrops(opts.relays) : 0;
+    return {
+      fps: rep.fps,
+      mbps: rep.fps * opts.size / 1e6,
+      sent: done.sent,
+      received: rep.received,
+      lost: done.sent - rep.received - rep.corrupt,
+      reordered: rep.reordered,
+      dup: rep.dup,
+      corrupt: rep.corrupt,
+      cpu,
+      wall,
+      relayDrops: opts.relays ? drops1 - drops0 : undefined,
+      dropsBy: opts.relays ? Object.fromEntries(Object.entries(lastDropsByRelay).map(([k, v]) => [k, v - (byRelay0[k] ?? 0)])) : undefined,
+      rssMax: opts.sampleRss ? rssMax : undefined,
+    };
+  } finally {
+    if (sampler) clearInterval(sampler);
+    await Promise.all([gen?.stop(), sink?.stop()]);
+  }
+}
+
+let lastDropsByRelay: Record<string, number> = {};
+async function sumDrops(relays: Record<string, RelayProcess>) {
+  let d = 0;
+  lastDropsByRelay = {};
+  for (const [k, r] of Object.entries(relays)) d += lastDropsByRelay[k] = await relayDrops(r);
+  return d;
+}
+
+// ------------------------------------------------------------------------------------ table
+type Row = { case: string; metric: string; direct: string; chain: string; ratio: string; target: string; result: string };
+const rows: Row[] = [];
+const json: Record<string, unknown> = {};
+const row = (r: Partial<Row> & { case: string; metric: string }) =>
+  rows.push({ direct: "", chain: "", ratio: "", target: "", result: "", ...r });
+
+const si = (x: number, digits = 3) => {
+  if (!Number.isFinite(x)) return "n/a";
+  const a = Math.abs(x);
+  if (a >= 1e9) return (x / 1e9).toPrecision(digits) + "G";
+  if (a >= 1e6) return (x / 1e6).toPrecision(digits) + "M";
+  if (a >= 1e3) return (x / 1e3).toPrecision(digits) + "k";
+  return x.toPrecision(digits).replace(/\.0+$/, "");
+};
+const f1 = (x: number | undefined) => (x === undefined || !Number.isFinite(x) ? "n/a" : x.toFixed(1));
+const f2 = (x: number | undefined) => (x === undefined || !Number.isFinite(x) ? "n/a" : x.toFixed(2));
+const pass = (ok: boolean) => (ok ? "pass" : "MISS");
+const dropsText = (f: Flow) =>
+  f.dropsBy ? Object.entries(f.dropsBy).map(([k, v]) => `${k} ${si(v)}`).join(", ") : si(f.relayDrops ?? NaN);
+const errs = (f: Flow) => `${f.lost}/${f.reordered + f.dup}/${f.corrupt}`;
+
+function printTable() {
+  const head: Row = { case: "case", metric: "metric", direct: "direct", chain: "relay chain", ratio: "chain/direct", target: "target", result: "" };
+  const all = [head, ...rows];
+  const keys = Object.keys(head) as (keyof Row)[];
+  const w = Object.fromEntries(keys.map((k) => [k, Math.max(...all.map((r) => r[k].length))]));
+  const line = (r: Row) => "| " + keys.map((k) => r[k].padEnd(w[k]!)).join(" | ") + " |";
+  const out = [line(head), "|" + keys.map((k) => "-".repeat(w[k]! + 2)).join("|") + "|", ...rows.map(line)];
+  console.log(out.join("\n"));
+}
+
+// ------------------------------------------------------------------------------------ cases
+function cpuText(f: Flow, keys: string[]) {
+  return keys.map((k) => `${k} ${f2(f.cpu[k])}`).join(", ");
+}
+
+interface Setup {
+  ep: Endpoints;
+  sinkListenFirst: boolean;
+}
+
+async function throughputCase(name: string, size: number, udp: boolean, target?: number, pacedRate?: number) {
+  const label = udp ? `udp ${size} B` : `tcp ${size >= 65536 ? "64 KiB" : size + " B"}`;
+  const [pg, ps] = udp ? [await freeUdpPort(), await freeUdpPort()] : [0, 0];
+  const directSetup: Setup = udp
+    ? {
+        ep: {
+          gen: ["--udp-bind", `${HOST}:${pg}`, "--udp-to", `${HOST}:${ps}`],
+          sink: ["--udp-bind", `${HOST}:${ps}`, "--udp-to", `${HOST}:${pg}`],
+        },
+        sinkListenFirst: false,
+      }
+    : { ep: { gen: ["--tcp-connect", `${HOST}:SINKPORT`], sink: ["--tcp-listen", `${HOST}:0`] }, sinkListenFirst: true };
+  const direct = await runFlow(directSetup.ep, { size, seconds: SECONDS }, directSetup.sinkListenFirst);
+  // UDP has no backpressure: also run at a rate the direct path takes, to tell loss in the relay
+  // from loss in the peers' socket buffers.
+  const directPaced = udp && pacedRate ? await runFlow(directSetup.ep, { size, seconds: SECONDS, genRate: pacedRate }) : undefined;
+  let chain: Flow | undefined;
+  let paced: Flow | undefined;
+  let chainErr = "";
+  if (haveRelay) {
+    let c: Chain | undefined;
+    try {
+      c = udp
+        ? await startChain(["--qemu-udp", `${HOST}:0,${HOST}:${pg}`], ["--qemu-udp", `${HOST}:0,${HOST}:${ps}`])
+        : await startChain(["--qemu-listen", `${HOST}:0`], ["--qemu-listen", `${HOST}:0`]);
+      const ep: Endpoints = udp
+        ? {
+            gen: ["--udp-bind", `${HOST}:${pg}`, "--udp-to", `${HOST}:${c.a.port("qemu-udp")}`],
+            sink: ["--udp-bind", `${HOST}:${ps}`, "--udp-to", `${HOST}:${c.b.port("qemu-udp")}`],
+          }
+        : {
+            gen: ["--tcp-connect", `${HOST}:${c.a.port("qemu-listen")}`],
+            sink: ["--tcp-connect", `${HOST}:${c.b.port("qemu-listen")}`],
+          };
+      const relays = { A: c.a, hub: c.hub, B: c.b };
+      chain = await runFlow(ep, { size, seconds: SECONDS, relays });
+      if (pacedRate) paced = await runFlow(ep, { size, seconds: SECONDS, relays, genRate: pacedRate });
+    } catch (e) {
+      chainErr = String(e).split("\n")[0]!.slice(0, 100);
+      console.error(`${name}: chain failed: ${e}`);
+    } finally {
+      await c?.stop();
+    }
+  } else chainErr = "relay.ts missing";
+  json[name] = { direct, directPaced, chain, paced };
+  const ch = chain;
+  const clean = (f: Flow) => f.lost + f.reordered + f.dup + f.corrupt === 0;
+  row({
+    case: label,
+    metric: "frames/s, unpaced",
+    direct: si(direct.fps),
+    chain: ch ? si(ch.fps) : chainErr,
+    ratio: ch ? f2(ch.fps / direct.fps) : "",
+    target: target ? `≥ ${si(target)}` : "",
+    result: target && ch ? pass(ch.fps >= target) : "",
+  });
+  row({ case: label, metric: "MB/s, unpaced", direct: si(direct.mbps), chain: ch ? si(ch.mbps) : "", ratio: ch ? f2(ch.mbps / direct.mbps) : "" });
+  row({
+    case: label,
+    metric: "lost/reord/corrupt, unpaced",
+    direct: errs(direct),
+    chain: ch ? `${errs(ch)} (relay drops: ${dropsText(ch)})` : "",
+    target: udp ? "" : "lost = relay drops",
+    result: ch && !udp ? pass(ch.lost === ch.relayDrops && ch.reordered + ch.dup + ch.corrupt === 0) : "",
+  });
+  if (pacedRate) {
+    const d = directPaced;
+    row({
+      case: label,
+      metric: `paced ${si(pacedRate)}/s: frames/s; lost/reord/corrupt`,
+      direct: d ? `${si(d.fps)}; ${errs(d)}` : "",
+      chain: paced ? `${si(paced.fps)}; ${errs(paced)} (relay drops: ${dropsText(paced)})` : chainErr,
+      target: udp ? "" : `0/0/0 at ${si(pacedRate)}/s`,
+      result: paced && !udp ? pass(clean(paced) && paced.fps >= pacedRate * 0.95) : "",
+    });
+  }
+  row({ case: label, metric: "frames sent, unpaced", direct: si(direct.sent), chain: ch ? si(ch.sent) : "" });
+  if (ch) {
+    const perM = (f: Flow, s: number) => (f.received ? (s / f.received) * 1e6 : NaN);
+    row({
+      case: label,
+      metric: "CPU s, unpaced run",
+      direct: cpuText(direct, ["gen", "sink"]),
+      chain: cpuText(ch, ["A", "hub", "B"]) + ` | gen ${f2(ch.cpu.gen)} sink ${f2(ch.cpu.sink)} | ${f1(ch.wall)} s wall`,
+    });
+    for (const [what, f] of [["unpaced", ch], [`paced`, paced]] as const) {
+      if (!f) continue;
+      row({
+        case: label,
+        metric: `relay CPU µs/frame delivered, ${what}`,
+        chain: ["A", "hub", "B"].map((k) => `${k} ${f2(perM(f, f.cpu[k]!))}`).join(", "),
+      });
+    }
+  } else {
+    row({ case: label, metric: "CPU s, unpaced run", direct: cpuText(direct, ["gen", "sink"]) });
+  }
+}
+
+async function latencyRun(ep: Endpoints, sinkListenFirst: boolean): Promise<any> {
+  let ping: Peer | undefined;
+  let sink: Peer | undefined;
+  try {
+    const args = ["--samples", String(SAMPLES), "--warmup", "300", "--size", "64"];
+    if (sinkListenFirst) {
+      sink = new Peer("sink", ["sink", ...ep.sink]);
+      const { port } = await sink.wait("listening");
+      ping = new Peer("ping", ["ping", ...ep.gen.map((a) => a.replace("SINKPORT", String(port))), ...args]);
+    } else {
+      ping = new Peer("ping", ["ping", ...ep.gen, ...args]);
+      sink = new Peer("sink", ["sink", ...ep.sink]);
+    }
+    await ping.wait("ready");
+    return await ping.request("start", "done", 120_000);
+  } finally {
+    await Promise.all([ping?.stop(), sink?.stop()]);
+  }
+}
+
+async function latencyCase() {
+  const direct = await latencyRun({ gen: ["--tcp-connect", `${HOST}:SINKPORT`], sink: ["--tcp-listen", `${HOST}:0`] }, true);
+  let chain: any;
+  let chainErr = "relay.ts missing";
+  if (haveRelay) {
+    let c: Chain | undefined;
+    try {
+      c = await startChain(["--qemu-listen", `${HOST}:0`], ["--qemu-listen", `${HOST}:0`]);
+      chain = await latencyRun(
+        {
+          gen: ["--tcp-connect", `${HOST}:${c.a.port("qemu-listen")}`],
+          sink: ["--tcp-connect", `${HOST}:${c.b.port("qemu-listen")}`],
+        },
+        false,
+      );
+    } catch (e) {
+      chainErr = String(e).split("\n")[0]!.slice(0, 100);
+      console.error(`latency: chain failed: ${e}`);
+    } finally {
+      await c?.stop();
+    }
+  }
+  json.latency = { direct, chain };
+  const us = (x: number) => `${x.toFixed(1)} µs`;
+  for (const [p, target] of [
+    ["p50", 80],
+    ["p90", undefined],
+    ["p99", 250],
+    ["max", undefined],
+  ] as const) {
+    const added = chain ? chain[p] - direct[p] : NaN;
+    row({
+      case: "latency 64 B (one-way)",
+      metric: `${p}${target ? " (added)" : ""}`,
+      direct: us(direct[p]),
+      chain: chain ? `${us(chain[p])} (+${added.toFixed(1)})` : chainErr,
+      ratio: chain ? f1(chain[p] / direct[p]) : "",
+      target: target ? `added ≤ ${target} µs` : "",
+      result: target && chain ? pass(added <= target) : "",
+    });
+  }
+  row({ case: "latency 64 B (one-way)", metric: "samples/lost", direct: `${direct.samples}/${direct.lost}`, chain: chain ? `${chain.samples}/${chain.lost}` : "" });
+}
+
+async function fanoutRun(extraSites: number): Promise<Flow & { macs?: number }> {
+  const c = await startChain(["--qemu-listen", `${HOST}:0`], ["--qemu-listen", `${HOST}:0`]);
+  let tunnels: Awaited<ReturnType<typeof openTunnels>> | undefined;
+  try {
+    if (extraSites > 0) tunnels = await openTunnels(uplinkUrl(c.hub), TOKEN, extraSites, Math.ceil(2000 / extraSites), c.hub);
+    const f = await runFlow(
+      {
+        gen: ["--tcp-connect", `${HOST}:${c.a.port("qemu-listen")}`],
+        sink: ["--tcp-connect", `${HOST}:${c.b.port("qemu-listen")}`],
+      },
+      { size: 1500, seconds: SECONDS, relays: { A: c.a, hub: c.hub, B: c.b } },
+    );
+    return { ...f, macs: tunnels?.learned };
+  } finally {
+    await tunnels?.close();
+    await c.stop();
+  }
+}
+
+async function fanoutCase() {
+  if (!haveRelay) {
+    row({ case: "fan-out 1500 B", metric: "frames/s 200 vs 2 sites", chain: "relay.ts missing", target: "≥ 0.80" });
+    return;
+  }
+  let two: Flow | undefined;
+  let many: (Flow & { macs?: number }) | undefined;
+  let err = "";
+  try {
+    two = await fanoutRun(0);
+    many = await fanoutRun(198);
+  } catch (e) {
+    err = String(e).split("\n")[0]!.slice(0, 100);
+    console.error(`fanout failed: ${e}`);
+  }
+  json.fanout = { two, many };
+  row({
+    case: "fan-out 1500 B",
+    metric: "frames/s 2 sites → 200 sites",
+    direct: two ? si(two.fps) : err,
+    chain: many ? `${si(many.fps)} (hub MACs ${many.macs ?? "?"})` : err,
+    ratio: two && many ? f2(many.fps / two.fps) : "",
+    target: "≥ 0.80",
+    result: two && many ? pass(many.fps / two.fps >= 0.8) : "",
+  });
+  if (two && many)
+    row({
+      case: "fan-out 1500 B",
+      metric: "lost/reord/corrupt; hub CPU µs/frame",
+      direct: `${errs(two)}; ${f2((two.cpu.hub! / two.received) * 1e6)}`,
+      chain: `${errs(many)}; ${f2((many.cpu.hub! / many.received) * 1e6)}`,
+    });
+}
+
+async function memoryCase() {
+  if (!haveRelay) {
+    row({ case: "memory", metric: "RSS MB", chain: "relay.ts missing" });
+    return;
+  }
+  const c = await startChain(["--qemu-listen", `${HOST}:0`], ["--qemu-listen", `${HOST}:0`]);
+  let vms: Peer | undefined;
+  try {
+    const rss = () => Object.fromEntries(Object.entries({ A: c.a, hub: c.hub, B: c.b }).map(([k, r]) => [k, rssMB(r.proc.pid)]));
+    const bare = rss();
+    vms = new Peer("vms", ["vms", "--tcp-connect", `${HOST}:${c.a.port("qemu-listen")}`, "--count", "100"]);
+    await vms.wait("ready", 30_000);
+    await Bun.sleep(1500); // let floods settle and the GC run
+    Bun.gc(true);
+    const idle = rss();
+    const st = await c.a.status().catch(() => undefined);
+    const portsA = st?.networks?.reduce?.((n: number, x: any) => n + (x.ports?.length ?? 0), 0);
+    const fmt = (r: Record<string, number>) => ["A", "hub", "B"].map((k) => `${k} ${f1(r[k])}`).join(", ");
+    row({ case: "memory", metric: "RSS MB idle, no VMs", chain: fmt(bare) });
+    const maxIdle = Math.max(...Object.values(idle));
+    row({
+      case: "memory",
+      metric: `RSS MB idle, 100 VMs on A (A ports ${portsA ?? "?"})`,
+      chain: fmt(idle),
+      target: "≤ 60 each",
+      result: pass(maxIdle <= 60),
+    });
+    // Overload: the generator sends 10× what the sink reads.
+    const sinkRate = 20_000;
+    const over = await runFlow(
+      {
+        gen: ["--tcp-connect", `${HOST}:${c.a.port("qemu-listen")}`],
+        sink: ["--tcp-connect", `${HOST}:${c.b.port("qemu-listen")}`],
+      },
+      { size: 1500, seconds: OVERLOAD_SECONDS, genRate: sinkRate * 10, sinkRate, relays: { A: c.a, hub: c.hub, B: c.b }, sampleRss: true },
+    );
+    json.memory = { bare, idle, overload: over };
+    const maxOver = Math.max(...Object.values(over.rssMax!));
+    row({
+      case: "memory",
+      metric: `RSS MB max, ${OVERLOAD_SECONDS} s overload (gen ${si(sinkRate * 10)}/s → sink ${si(sinkRate)}/s)`,
+      chain: fmt(over.rssMax!),
+      target: "≤ 150 each",
+      result: pass(maxOver <= 150),
+    });
+    row({
+      case: "memory",
+      metric: "overload sent/received/lost; relay drops",
+      chain: `${si(over.sent)}/${si(over.received)}/${si(over.lost)}; ${si(over.relayDrops ?? NaN)}; reord ${over.reordered + over.dup}, corrupt ${over.corrupt}`,
+    });
+  } finally {
+    await vms?.stop();
+    await c.stop();
+  }
+}
+
+// ------------------------------------------------------------------------------------ main
+const started = performance.now();
+console.error(`bench: cases ${cases.join(", ")}; ${SECONDS} s per throughput run; relay ${haveRelay ? RELAY : "missing (baselines only)"}`);
+for (const c of cases) {
+  const t = performance.now();
+  try {
+    if (c === "tcp1500") await throughputCase(c, 1500, false, 500_000, 500_000);
+    else if (c === "tcp64k") await throughputCase(c, 65536, false);
+    else if (c === "udp") await throughputCase(c, 1500, true, undefined, UDP_RATE);
+    else if (c === "latency") await latencyCase();
+    else if (c === "fanout") await fanoutCase();
+    else if (c === "memory") await memoryCase();
+  } catch (e) {
+    console.error(`case ${c} failed: ${e}`);
+    row({ case: c, metric: "error", chain: String(e).split("\n")[0]!.slice(0, 120) });
+  }
+  console.error(`bench: ${c} done in ${((performance.now() - t) / 1000).toFixed(1)} s`);
+}
+console.log(`\nedge-relay bench — ${new Date().toISOString()} — ${navigator.hardwareConcurrency} cores — ${((performance.now() - started) / 1000).toFixed(0)} s\n`);
+printTable();
+if (jsonOut) await Bun.write(jsonOut, JSON.stringify(json, null, 2));
+process.exit(0);

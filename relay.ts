@@ -1,0 +1,1599 @@
+#!/usr/bin/env bun
+/**
+ * edge-relay: share Ethernet segments between QEMU virtual machines on different hosts.
+ *
+ * A relay hosts named networks; each network is a learning Ethernet switch. QEMU links (TCP stream
+ * connections, UDP peers) and WebSocket tunnels to other relays are ports on a network. Sites dial
+ * out to a hub over an authenticated WebSocket, so NAT is no obstacle; hub and site are this same
+ * program with different ports configured.
+ *
+ * ```sh
+ * # one host: a local switch on 127.0.0.1:10000, status on http://127.0.0.1:8080/status
+ * bun relay.ts
+ *
+ * # hub (public host) and two sites behind NAT
+ * RELAY_TOKENS=s3cret bun relay.ts --http 0.0.0.0:8080 --admin-token adm1n
+ * RELAY_UPLINK_TOKEN=s3cret bun relay.ts --qemu-listen 127.0.0.1:10000 --uplink ws://hub.example:8080
+ * ```
+ *
+ * Attach a VM (QEMU ≥ 7.2, or the older `-netdev socket` form):
+ *
+ * ```sh
+ * # to --qemu-listen 127.0.0.1:10000
+ * qemu-system-x86_64 … -netdev stream,id=n0,server=off,addr.type=inet,addr.host=127.0.0.1,addr.port=10000 -device virtio-net-pci,netdev=n0
+ * qemu-system-x86_64 … -netdev socket,id=n0,connect=127.0.0.1:10000 -device virtio-net-pci,netdev=n0
+ * # the VM listens, the relay dials it: --qemu-connect 127.0.0.1:10001
+ * qemu-system-x86_64 … -netdev stream,id=n0,server=on,addr.type=inet,addr.host=127.0.0.1,addr.port=10001 …
+ * qemu-system-x86_64 … -netdev socket,id=n0,listen=127.0.0.1:10001 …
+ * # UDP: --qemu-udp 127.0.0.1:10002,127.0.0.1:10003
+ * qemu-system-x86_64 … -netdev dgram,id=n0,local.type=inet,local.host=127.0.0.1,local.port=10003,remote.type=inet,remote.host=127.0.0.1,remote.port=10002 …
+ * qemu-system-x86_64 … -netdev socket,id=n0,udp=127.0.0.1:10002,localaddr=127.0.0.1:10003 …
+ * ```
+ *
+ * @module
+ */
+
+import { parseArgs } from "node:util";
+import { readFileSync } from "node:fs";
+import { timingSafeEqual } from "node:crypto";
+import type { Server, ServerWebSocket, Socket, TCPSocketListener, udp } from "bun";
+import { Hono } from "hono";
+import * as v from "valibot";
+
+// ───────────────────────────── constants ─────────────────────────────
+
+export const VERSION = "0.1.0";
+/** QEMU's NET_BUFSIZE: the largest frame a QEMU stream netdev accepts. */
+export const MAX_FRAME = 69_632;
+/** An Ethernet header: anything shorter is a runt. */
+export const MIN_FRAME = 14;
+/** The largest UDP payload over IPv4. */
+export const MAX_DATAGRAM = 65_507;
+export const TUNNEL_PATH = "/tunnel";
+export const TUNNEL_PROTOCOL = "edge-relay.v1";
+export const TUNNEL_VERSION = 1;
+/** Tunnel message types (first byte of every binary message). */
+export const MSG_CONTROL = 0x00;
+export const MSG_DATA = 0x01;
+/** A batch is sent once it passes this size, so one message or write never gets huge. */
+const BATCH_BYTES = 256 * 1024;
+const MAX_MESSAGE = 1024 * 1024;
+const MAX_MACS_PER_NETWORK = 16_384;
+const MAX_UDP_PEERS = 1024;
+const MAX_TUNNEL_NETWORKS = 64;
+const CLOSED_PORTS_KEPT = 16;
+const HELLO_TIMEOUT_MS = 10_000;
+const UPLINK_BACKOFF_MIN_MS = 250;
+const UPLINK_BACKOFF_MAX_MS = 30_000;
+const DIAL_BACKOFF_MIN_MS = 100;
+const DIAL_BACKOFF_MAX_MS = 5_000;
+const DEFAULT_HTTP = "127.0.0.1:8080";
+const DEFAULT_QEMU_LISTEN = "127.0.0.1:10000";
+const NETWORK_NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
+
+// ───────────────────────────── config ─────────────────────────────
+
+export interface HostPort {
+  host: string;
+  port: number;
+}
+
+/** Parses `HOST:PORT` or `[IPv6]:PORT`; `null` when it is neither. */
+export function parseHostPort(text: string): HostPort | null {
+  const m = /^(?:\[([0-9A-Fa-f:.]+)\]|([^:\s\[\]]+)):(\d{1,5})$/.exec(text);
+  if (!m) return null;
+  const port = Number(m[3]);
+  if (port > 65_535) return null;
+  return { host: m[1] ?? m[2]!, port };
+}
+
+/** `127.0.0.1:80`, `[::1]:80`. */
+export function formatHostPort({ host, port }: HostPort): string {
+  return host.includes(":") ? `[${host}]:${port}` : `${host}:${port}`;
+}
+
+/** Splits `[NET=]REST` into the network name (default `default`) and the rest. */
+function splitNetwork(text: string): { network: string; rest: string } {
+  const eq = text.indexOf("=");
+  return eq < 0 ? { network: "default", rest: text } : { network: text.slice(0, eq), rest: text.slice(eq + 1) };
+}
+
+function endpointSchema(shape: string, parse: (rest: string) => object | null) {
+  return v.pipe(
+    v.string(),
+    v.rawTransform(({ dataset, addIssue, NEVER }) => {
+      const { network, rest } = splitNetwork(dataset.value);
+      const parsed = parse(rest);
+      if (!NETWORK_NAME.test(network)) {
+        addIssue({ message: `network name ${JSON.stringify(network)} must be letters, digits, '.', '_' or '-'` });
+        return NEVER;
+      }
+      if (!parsed) {
+        addIssue({ message: `expected ${shape}, got ${JSON.stringify(dataset.value)}` });
+        return NEVER;
+      }
+      return { network, ...parsed };
+    }),
+  );
+}
+
+const StreamEndpoint = endpointSchema("[NET=]HOST:PORT", (rest) => {
+  const addr = parseHostPort(rest);
+  return addr && { address: addr };
+});
+
+const UdpEndpoint = endpointSchema("[NET=]HOST:PORT[,REMOTE_HOST:REMOTE_PORT]", (rest) => {
+  const [local, remote, extra] = rest.split(",");
+  const address = parseHostPort(local!);
+  const remoteAddress = remote === undefined ? undefined : parseHostPort(remote);
+  if (!address || remoteAddress === null || extra !== undefined) return null;
+  return { address, remote: remoteAddress };
+});
+
+const HttpAddress = v.pipe(
+  v.string(),
+  v.rawTransform(({ dataset, addIssue, NEVER }) => {
+    const addr = parseHostPort(dataset.value);
+    if (addr) return addr;
+    addIssue({ message: `expected HOST:PORT, got ${JSON.stringify(dataset.value)}` });
+    return NEVER;
+  }),
+);
+
+/** Secrets: the message never repeats the value. */
+const Secret = v.pipe(
+  v.string("expected a string"),
+  v.check((s) => s.length > 0 && !/\s/.test(s), "must be non-empty and contain no white space"),
+);
+
+const TokenGrant = v.union(
+  [
+    v.pipe(
+      Secret,
+      v.transform((token) => ({ token, networks: undefined as string[] | undefined })),
+    ),
+    v.strictObject({
+      token: Secret,
+      networks: v.optional(v.array(v.pipe(v.string(), v.regex(NETWORK_NAME, "expected a network name")))),
+    }),
+  ],
+  "expected a token string or { token, networks }",
+);
+
+const Seconds = v.pipe(v.number("expected a number of seconds"), v.minValue(0.01, "must be positive"));
+
+export const ConfigSchema = v.pipe(
+  v.strictObject({
+    http: v.optional(HttpAddress, DEFAULT_HTTP),
+    qemuListen: v.optional(v.array(StreamEndpoint), []),
+    qemuConnect: v.optional(v.array(StreamEndpoint), []),
+    qemuUdp: v.optional(v.array(UdpEndpoint), []),
+    tokens: v.optional(v.array(TokenGrant), []),
+    uplink: v.optional(
+      v.pipe(
+        v.string(),
+        v.url("expected a ws:// or wss:// URL"),
+        v.check((u) => /^wss?:$/.test(new URL(u).protocol), "expected a ws:// or wss:// URL"),
+      ),
+    ),
+    uplinkToken: v.optional(Secret),
+    adminToken: v.optional(Secret),
+    macAgeing: v.optional(Seconds, 300),
+    keepalive: v.optional(Seconds, 10),
+    queueBytes: v.optional(
+      v.pipe(v.number("expected a number of bytes"), v.integer("expected a whole number"), v.minValue(MAX_FRAME + 4, `must be at least ${MAX_FRAME + 4}`)),
+      4 * 1024 * 1024,
+    ),
+  }),
+  v.forward(
+    v.check((c) => c.uplink === undefined || c.uplinkToken !== undefined, "required with --uplink (or set RELAY_UPLINK_TOKEN)"),
+    ["uplinkToken"],
+  ),
+  v.forward(
+    v.check((c) => isLoopback(c.http.host) || c.adminToken !== undefined, "required when --http is not a loopback address"),
+    ["adminToken"],
+  ),
+);
+
+export type Config = v.InferOutput<typeof ConfigSchema>;
+export type ConfigInput = v.InferInput<typeof ConfigSchema>;
+
+export function isLoopback(host: string): boolean {
+  return host === "localhost" || host === "::1" || /^127\.\d+\.\d+\.\d+$/.test(host);
+}
+
+const OPTION_OF_KEY: Record<string, string> = {
+  http: "--http",
+  qemuListen: "--qemu-listen",
+  qemuConnect: "--qemu-connect",
+  qemuUdp: "--qemu-udp",
+  tokens: "--token",
+  uplink: "--uplink",
+  uplinkToken: "--uplink-token",
+  adminToken: "--admin-token",
+  macAgeing: "--mac-ageing",
+  keepalive: "--keepalive",
+  queueBytes: "--queue-bytes",
+};
+
+// ───────────────────────────── errors ─────────────────────────────
+
+/** A bad option or config file: the CLI prints the message and exits with status 2. */
+export class ConfigError extends Error {
+  override name = "ConfigError";
+}
+
+/** Validates raw options (the config file's shape); throws a one-line ConfigError naming the option. */
+export function parseConfig(input: unknown): Config {
+  const result = v.safeParse(ConfigSchema, input);
+  if (result.success) return result.output;
+  const issue = result.issues[0];
+  const keys = (issue.path ?? []).map((p) => p.key);
+  const [first, ...rest] = keys;
+  const option = typeof first === "string" ? OPTION_OF_KEY[first] ?? first : "config";
+  const where = issue.type === "strict_object" ? "config" : rest.length ? `${option} (${first}${rest.map((k) => (typeof k === "number" ? `[${k}]` : `.${String(k)}`)).join("")})` : option;
+  // valibot's stock messages quote the received value; a secret must never be echoed.
+  const message = issue.type === "strict_object" ? `unknown option ${JSON.stringify(String(keys.at(-1)))}` : issue.message;
+  throw new ConfigError(`${where}: ${message}`);
+}
+
+const ERRNO_TEXT: Record<string, string> = {
+  EADDRINUSE: "address already in use",
+  EADDRNOTAVAIL: "address not available",
+  EACCES: "permission denied",
+  ECONNREFUSED: "connection refused",
+  ECONNRESET: "connection reset by peer",
+  EHOSTUNREACH: "host unreachable",
+  ENETUNREACH: "network unreachable",
+  ENOENT: "no such file or directory",
+  ETIMEDOUT: "timed out",
+  EPIPE: "broken pipe",
+  EINVAL: "invalid argument",
+};
+
+/** `Cannot listen on 127.0.0.1:10000: address already in use (EADDRINUSE)`. */
+export function describeSocketError(action: string, error: unknown): string {
+  const code = (error as { code?: unknown })?.code;
+  if (typeof code === "string" && ERRNO_TEXT[code]) return `${action}: ${ERRNO_TEXT[code]} (${code})`;
+  const message = error instanceof Error ? error.message : String(error);
+  return `${action}: ${message}${typeof code === "string" && !message.includes(code) ? ` (${code})` : ""}`;
+}
+
+// ───────────────────────────── framing (pure) ─────────────────────────────
+
+const EMPTY = new Uint8Array(0);
+
+/**
+ * Reassembles QEMU stream framing (4-byte big-endian length, then the frame) from chunks split
+ * anywhere. Frames that arrive whole are handed out as views of the chunk, without a copy.
+ */
+export class StreamDecoder {
+  #head = new Uint8Array(4);
+  #headUsed = 0;
+  #frame: Uint8Array | null = null;
+  #frameUsed = 0;
+
+  /** Calls `onFrame` for every complete frame; throws RangeError on a length above MAX_FRAME. */
+  push(chunk: Uint8Array, onFrame: (frame: Uint8Array) => void): void {
+    const n = chunk.length;
+    let i = 0;
+    while (i < n) {
+      const frame = this.#frame;
+      if (frame !== null) {
+        const take = Math.min(n - i, frame.length - this.#frameUsed);
+        frame.set(chunk.subarray(i, i + take), this.#frameUsed);
+        this.#frameUsed += take;
+        i += take;
+        if (this.#frameUsed === frame.length) {
+          this.#frame = null;
+          onFrame(frame);
+        }
+        continue;
+      }
+      let length: number;
+      if (this.#headUsed > 0 || n - i < 4) {
+        const take = Math.min(n - i, 4 - this.#headUsed);
+        this.#head.set(chunk.subarray(i, i + take), this.#headUsed);
+        this.#headUsed += take;
+        i += take;
+        if (this.#headUsed < 4) return;
+        this.#headUsed = 0;
+        length = readLength(this.#head, 0);
+      } else {
+        length = readLength(chunk, i);
+        i += 4;
+        if (n - i >= length) {
+          onFrame(chunk.subarray(i, i + length));
+          i += length;
+          continue;
+        }
+      }
+      if (length === 0) {
+        onFrame(EMPTY);
+        continue;
+      }
+      this.#frame = new Uint8Array(length);
+      this.#frameUsed = 0;
+    }
+  }
+
+  /** Bytes held back waiting for the rest of a frame. */
+  get buffered(): number {
+    return this.#headUsed + this.#frameUsed;
+  }
+}
+
+function readLength(bytes: Uint8Array, at: number): number {
+  const length = ((bytes[at]! << 24) | (bytes[at + 1]! << 16) | (bytes[at + 2]! << 8) | bytes[at + 3]!) >>> 0;
+  if (length > MAX_FRAME) {
+    throw new RangeError(`Cannot decode frame: length ${length} exceeds the maximum of ${MAX_FRAME} bytes`);
+  }
+  return length;
+}
+
+/**
+ * A growable buffer of length-prefixed frames behind a fixed header: a stream write (no header) or
+ * a tunnel data message (type and channel). Reused between batches, so steady traffic allocates nothing.
+ */
+export class FrameBatch {
+  bytes: Uint8Array;
+  used: number;
+  constructor(readonly header: Uint8Array = EMPTY) {
+    this.bytes = header.length ? header.slice() : EMPTY;
+    this.used = header.length;
+  }
+
+  get empty(): boolean {
+    return this.used === this.header.length;
+  }
+
+  append(frame: Uint8Array): void {
+    const need = this.used + 4 + frame.length;
+    if (need > this.bytes.length) {
+      const grown = new Uint8Array(Math.max(need, Math.min(this.bytes.length * 2, BATCH_BYTES), 4096));
+      grown.set(this.bytes.subarray(0, this.used));
+      this.bytes = grown;
+    }
+    const b = this.bytes;
+    let at = this.used;
+    const length = frame.length;
+    b[at++] = length >>> 24;
+    b[at++] = (length >>> 16) & 0xff;
+    b[at++] = (length >>> 8) & 0xff;
+    b[at++] = length & 0xff;
+    b.set(frame, at);
+    this.used = at + length;
+  }
+
+  /** The batch so far; valid until the next append or reset. */
+  view(): Uint8Array {
+    return this.bytes.subarray(0, this.used);
+  }
+
+  reset(): void {
+    this.used = this.header.length;
+  }
+}
+
+/** Stream framing for a list of frames (tests, tools). */
+export function encodeFrames(frames: Uint8Array[]): Uint8Array {
+  const batch = new FrameBatch();
+  for (const f of frames) batch.append(f);
+  return batch.view().slice();
+}
+
+export type ControlMessage =
+  | { type: "hello"; version: number; networks: string[] }
+  | { type: "welcome"; version: number; accepted: string[]; refused: string[] }
+  | { type: "ping" }
+  | { type: "pong" };
+
+export function encodeControl(message: ControlMessage): Uint8Array {
+  const json = new TextEncoder().encode(JSON.stringify(message));
+  const out = new Uint8Array(1 + json.length);
+  out[0] = MSG_CONTROL;
+  out.set(json, 1);
+  return out;
+}
+
+export function dataHeader(channel: number): Uint8Array {
+  return Uint8Array.of(MSG_DATA, channel >>> 8, channel & 0xff);
+}
+
+/**
+ * Decodes one tunnel message. Throws RangeError/SyntaxError on anything malformed; the caller
+ * closes the tunnel that sent it.
+ */
+export function decodeTunnelMessage(
+  message: Uint8Array,
+  onControl: (control: ControlMessage) => void,
+  onFrame: (channel: number, frame: Uint8Array) => void,
+): void {
+  if (message.length === 0) throw new RangeError("Cannot decode tunnel message: empty message");
+  const type = message[0];
+  if (type === MSG_CONTROL) {
+    const control = JSON.parse(new TextDecoder().decode(message.subarray(1)));
+    if (typeof control !== "object" || control === null || typeof control.type !== "string") {
+      throw new SyntaxError("Cannot decode tunnel message: control message without a type");
+    }
+    onControl(control);
+    return;
+  }
+  if (type !== MSG_DATA) throw new RangeError(`Cannot decode tunnel message: unknown type ${type}`);
+  if (message.length < 3) throw new RangeError("Cannot decode tunnel message: data message shorter than its header");
+  const channel = (message[1]! << 8) | message[2]!;
+  let i = 3;
+  while (i < message.length) {
+    if (message.length - i < 4) throw new RangeError("Cannot decode tunnel message: truncated frame length");
+    const length = readLength(message, i);
+    i += 4;
+    if (message.length - i < length) {
+      throw new RangeError(`Cannot decode tunnel message: frame of ${length} bytes overruns the message`);
+    }
+    onFrame(channel, message.subarray(i, i + length));
+    i += length;
+  }
+}
+
+/** A MAC address (6 bytes at `at`) as a number: no string on the hot path. */
+export function macKey(frame: Uint8Array, at: number): number {
+  return (
+    frame[at]! * 0x100_0000_0000 +
+    frame[at + 1]! * 0x1_0000_0000 +
+    (((frame[at + 2]! << 24) | (frame[at + 3]! << 16) | (frame[at + 4]! << 8) | frame[at + 5]!) >>> 0)
+  );
+}
+
+export function formatMac(key: number): string {
+  return key.toString(16).padStart(12, "0").replace(/(..)(?!$)/g, "$1:");
+}
+
+// ───────────────────────────── switch ─────────────────────────────
+
+export interface PortStats {
+  rxFrames: number;
+  rxBytes: number;
+  /** Runt and 0-length frames received and dropped. */
+  rxDrops: number;
+  txFrames: number;
+  txBytes: number;
+  /** Frames not sent because the port's queue was full (or the frame cannot travel on it). */
+  txDrops: number;
+  /** Protocol errors: an oversize length, a malformed message. */
+  errors: number;
+}
+
+export interface PortSnapshot {
+  id: string;
+  kind: string;
+  peer: string;
+  state: "up" | "closed";
+  since: string;
+  rx: { frames: number; bytes: number; drops: number };
+  tx: { frames: number; bytes: number; drops: number };
+  errors: number;
+}
+
+let portSerial = 0;
+
+/** Anything that carries frames into and out of one network. */
+export abstract class Port {
+  readonly id: string;
+  readonly stats: PortStats = { rxFrames: 0, rxBytes: 0, rxDrops: 0, txFrames: 0, txBytes: 0, txDrops: 0, errors: 0 };
+  state: "up" | "closed" = "up";
+  since = Date.now();
+  network: Network | undefined;
+
+  constructor(
+    readonly kind: string,
+    readonly peer: string,
+  ) {
+    this.id = `${kind}-${++portSerial}`;
+  }
+
+  /** Queues a frame for sending; false when it had to be dropped. */
+  protected abstract enqueue(frame: Uint8Array): boolean;
+
+  send(frame: Uint8Array): void {
+    if (this.enqueue(frame)) {
+      this.stats.txFrames++;
+      this.stats.txBytes += frame.length;
+    } else {
+      this.stats.txDrops++;
+    }
+  }
+
+  /** Hands a received frame to the switch. */
+  readonly receive = (frame: Uint8Array): void => {
+    this.network?.forward(frame, this);
+  };
+
+  snapshot(): PortSnapshot {
+    const s = this.stats;
+    return {
+      id: this.id,
+      kind: this.kind,
+      peer: this.peer,
+      state: this.state,
+      since: new Date(this.since).toISOString(),
+      rx: { frames: s.rxFrames, bytes: s.rxBytes, drops: s.rxDrops },
+      tx: { frames: s.txFrames, bytes: s.txBytes, drops: s.txDrops },
+      errors: s.errors,
+    };
+  }
+}
+
+interface MacEntry {
+  port: Port;
+  seen: number;
+}
+
+/** A learning Ethernet switch. */
+export class Network {
+  readonly ports = new Set<Port>();
+  readonly macs = new Map<number, MacEntry>();
+  readonly closed: PortSnapshot[] = [];
+
+  constructor(
+    readonly name: string,
+    readonly ageingMs: number,
+    readonly now: () => number = Date.now,
+  ) {}
+
+  attach(port: Port): void {
+    port.network = this;
+    this.ports.add(port);
+  }
+
+  detach(port: Port): void {
+    if (!this.ports.delete(port)) return;
+    port.state = "closed";
+    port.since = this.now();
+    for (const [key, entry] of this.macs) if (entry.port === port) this.macs.delete(key);
+    this.closed.push(port.snapshot());
+    if (this.closed.length > CLOSED_PORTS_KEPT) this.closed.shift();
+  }
+
+  /** Learns the source, then forwards to the known port or floods; never back out of `from`. */
+  forward(frame: Uint8Array, from: Port): void {
+    const stats = from.stats;
+    if (frame.length < MIN_FRAME) {
+      stats.rxDrops++;
+      return;
+    }
+    stats.rxFrames++;
+    stats.rxBytes += frame.length;
+    const now = this.now();
+    if ((frame[6]! & 1) === 0) this.learn(macKey(frame, 6), from, now);
+    if ((frame[0]! & 1) === 0) {
+      const entry = this.macs.get(macKey(frame, 0));
+      if (entry !== undefined && now - entry.seen < this.ageingMs) {
+        if (entry.port !== from) entry.port.send(frame);
+        return;
+      }
+    }
+    for (const port of this.ports) if (port !== from) port.send(frame);
+  }
+
+  private learn(key: number, port: Port, now: number): void {
+    const entry = this.macs.get(key);
+    if (entry !== undefined) {
+      entry.port = port;
+      entry.seen = now;
+    } else if (this.macs.size < MAX_MACS_PER_NETWORK) {
+      this.macs.set(key, { port, seen: now });
+    }
+  }
+
+  /** Forgets MAC entries older than the ageing time. */
+  sweep(): void {
+    const now = this.now();
+    for (const [key, entry] of this.macs) if (now - entry.seen >= this.ageingMs) this.macs.delete(key);
+  }
+
+  snapshot() {
+    const now = this.now();
+    return {
+      name: this.name,
+      ports: [...this.ports].map((p) => p.snapshot()),
+      closedPorts: [...this.closed],
+      macs: [...this.macs].map(([key, e]) => ({ mac: formatMac(key), port: e.port.id, age: (now - e.seen) / 1000 })),
+    };
+  }
+}
+
+/**
+ * The send side of a byte stream: frames are batched per event-loop turn into one write; a partial
+ * write keeps its remainder for `drain`; past `limit` queued bytes new frames are refused.
+ */
+export class StreamWriter {
+  readonly #batch = new FrameBatch();
+  readonly #pending: Uint8Array[] = [];
+  #pendingBytes = 0;
+  #blocked = false;
+  #scheduled = false;
+
+  constructor(
+    private readonly write: (data: Uint8Array) => number,
+    private readonly limit: number,
+  ) {}
+
+  get queued(): number {
+    return this.#pendingBytes + this.#batch.used;
+  }
+
+  push(frame: Uint8Array): boolean {
+    if (this.queued + 4 + frame.length > this.limit) return false;
+    if (this.#batch.used + 4 + frame.length > BATCH_BYTES) this.#seal();
+    this.#batch.append(frame);
+    if (!this.#scheduled) {
+      this.#scheduled = true;
+      queueMicrotask(this.flush);
+    }
+    return true;
+  }
+
+  #seal(): void {
+    if (this.#batch.empty) return;
+    this.#pending.push(this.#batch.view().slice());
+    this.#pendingBytes += this.#batch.used;
+    this.#batch.reset();
+  }
+
+  readonly flush = (): void => {
+    this.#scheduled = false;
+    if (this.#blocked) return;
+    while (this.#pending.length > 0) {
+      const chunk = this.#pending[0]!;
+      const n = Math.max(0, this.write(chunk));
+      this.#pendingBytes -= n;
+      if (n < chunk.length) {
+        this.#pending[0] = chunk.subarray(n);
+        this.#blocked = true;
+        return;
+      }
+      this.#pending.shift();
+    }
+    if (this.#batch.empty) return;
+    const data = this.#batch.view();
+    const n = Math.max(0, this.write(data));
+    if (n < data.length) {
+      this.#pending.push(data.slice(n));
+      this.#pendingBytes += data.length - n;
+      this.#blocked = true;
+    }
+    this.#batch.reset();
+  };
+
+  /** The socket can take more. */
+  drain(): void {
+    this.#blocked = false;
+    this.flush();
+  }
+}
+
+// ───────────────────────────── tunnel & auth ─────────────────────────────
+
+export interface Logger {
+  info(line: string): void;
+  warn(line: string): void;
+}
+
+export interface Grant {
+  digest: Uint8Array;
+  /** Networks this token may attach to; undefined means all. */
+  networks: Set<string> | undefined;
+}
+
+function sha256(text: string): Uint8Array {
+  return new Bun.CryptoHasher("sha256").update(text).digest() as Uint8Array;
+}
+
+export function makeGrants(tokens: Config["tokens"]): Grant[] {
+  return tokens.map((t) => ({ digest: sha256(t.token), networks: t.networks && new Set(t.networks) }));
+}
+
+/** Compares against every grant in constant time (digests hide the length); the grant or undefined. */
+export function authenticate(authorization: string | null | undefined, grants: Grant[]): Grant | undefined {
+  const m = /^Bearer\s+(\S+)\s*$/i.exec(authorization ?? "");
+  const given = sha256(m?.[1] ?? "");
+  let found: Grant | undefined;
+  for (const grant of grants) if (timingSafeEqual(given, grant.digest) && m) found ??= grant;
+  return found;
+}
+
+/** The two ends of a tunnel differ only in how they send and report buffered bytes. */
+export interface TunnelSocket {
+  send(data: Uint8Array): void;
+  buffered(): number;
+  close(code: number, reason: string): void;
+}
+
+/** One network carried over a tunnel: a port whose frames are batched into data messages. */
+export class TunnelPort extends Port {
+  readonly #batch: FrameBatch;
+  #scheduled = false;
+
+  constructor(
+    kind: string,
+    peer: string,
+    private readonly socket: TunnelSocket,
+    channel: number,
+    private readonly limit: number,
+  ) {
+    super(kind, peer);
+    this.#batch = new FrameBatch(dataHeader(channel));
+  }
+
+  protected enqueue(frame: Uint8Array): boolean {
+    if (this.state !== "up") return false;
+    if (this.socket.buffered() + this.#batch.used + 4 + frame.length > this.limit) return false;
+    if (this.#batch.used + 4 + frame.length > BATCH_BYTES) this.flush();
+    this.#batch.append(frame);
+    if (!this.#scheduled) {
+      this.#scheduled = true;
+      queueMicrotask(this.flush);
+    }
+    return true;
+  }
+
+  readonly flush = (): void => {
+    this.#scheduled = false;
+    if (this.#batch.empty || this.state !== "up") return;
+    this.socket.send(this.#batch.view().slice());
+    this.#batch.reset();
+  };
+}
+
+export interface TunnelEvents {
+  /** Server side: a hello arrived; answer with the channels to attach. */
+  onHello?(link: TunnelLink, networks: string[]): void;
+  /** Client side: the welcome arrived. */
+  onWelcome?(link: TunnelLink, accepted: string[], refused: string[]): void;
+}
+
+/** The state of one tunnel WebSocket, either end: its channels and the ports behind them. */
+export class TunnelLink {
+  readonly ports: (TunnelPort | undefined)[] = [];
+  helloDone = false;
+  lastHeard = Date.now();
+  closed = false;
+
+  constructor(
+    readonly socket: TunnelSocket,
+    readonly kind: "tunnel" | "uplink",
+    readonly peer: string,
+    readonly limit: number,
+    readonly log: Logger,
+    readonly events: TunnelEvents,
+    readonly countError: () => void,
+  ) {}
+
+  attach(channel: number, network: Network): TunnelPort {
+    const port = new TunnelPort(this.kind, this.peer, this.socket, channel, this.limit);
+    this.ports[channel] = port;
+    network.attach(port);
+    return port;
+  }
+
+  readonly #onFrame = (channel: number, frame: Uint8Array): void => {
+    const port = this.ports[channel];
+    if (port === undefined) throw new RangeError(`Cannot decode tunnel message: channel ${channel} is not attached`);
+    port.receive(frame);
+  };
+
+  readonly #onControl = (control: ControlMessage): void => {
+    if (control.type === "ping") this.socket.send(encodeControl({ type: "pong" }));
+    else if (control.type === "hello" && this.events.onHello && !this.helloDone) {
+      if (!Array.isArray(control.networks) || control.networks.length > MAX_TUNNEL_NETWORKS) {
+        throw new RangeError(`Cannot accept hello: expected at most ${MAX_TUNNEL_NETWORKS} networks`);
+      }
+      this.helloDone = true;
+      this.events.onHello(this, control.networks.map(String));
+    } else if (control.type === "welcome" && this.events.onWelcome && !this.helloDone) {
+      this.helloDone = true;
+      this.events.onWelcome(this, control.accepted ?? [], control.refused ?? []);
+    }
+  };
+
+  /** Decodes a message; a malformed one closes this tunnel only, counted and logged once. */
+  receive(message: Uint8Array): void {
+    this.lastHeard = Date.now();
+    if (this.closed) return;
+    try {
+      if (!this.helloDone && message[0] !== MSG_CONTROL) {
+        throw new RangeError("Cannot decode tunnel message: data before the handshake");
+      }
+      decodeTunnelMessage(message, this.#onControl, this.#onFrame);
+    } catch (error) {
+      this.fail(error);
+    }
+  }
+
+  fail(error: unknown): void {
+    if (this.closed) return;
+    for (const port of this.ports) if (port) port.stats.errors++;
+    this.countError();
+    this.log.warn(`${this.kind} ${this.peer}: ${error instanceof Error ? error.message : String(error)}; closing`);
+    this.socket.close(1008, "protocol error");
+    this.detachAll();
+  }
+
+  detachAll(): void {
+    this.closed = true;
+    for (const port of this.ports) if (port) port.network?.detach(port);
+  }
+}
+
+/** The uplink's view for status: where it dials and how it is doing. */
+export interface UplinkStatus {
+  url: string;
+  state: "connecting" | "up" | "down";
+  since: string;
+  connects: number;
+  lastError: string | undefined;
+  networks: string[];
+  refused: string[];
+}
+
+/** A URL without credentials, for logs and status. */
+function displayUrl(url: URL): string {
+  return `${url.protocol}//${url.host}${url.pathname}`;
+}
+
+export function tunnelUrl(base: string): URL {
+  const url = new URL(base);
+  url.pathname = url.pathname.replace(/\/+$/, "") + TUNNEL_PATH;
+  url.search = "";
+  url.hash = "";
+  return url;
+}
+
+/**
+ * Dials a hub and keeps the tunnel up: exponential backoff with jitter (capped at 30 s), keepalive
+ * pings, and a redial when the hub stops answering. Local switching never waits for it.
+ */
+export class Uplink {
+  readonly url: URL;
+  status: UplinkStatus;
+  #ws: WebSocket | undefined;
+  #link: TunnelLink | undefined;
+  #failures = 0;
+  #timer: ReturnType<typeof setTimeout> | undefined;
+  #keepalive: ReturnType<typeof setInterval> | undefined;
+  #stopped = false;
+  #lastLogged = "";
+
+  constructor(
+    base: string,
+    private readonly token: string,
+    private readonly networks: () => Network[],
+    private readonly keepaliveMs: number,
+    private readonly limit: number,
+    private readonly log: Logger,
+    private readonly countError: () => void,
+  ) {
+    this.url = tunnelUrl(base);
+    this.status = {
+      url: displayUrl(this.url),
+      state: "connecting",
+      since: new Date().toISOString(),
+      connects: 0,
+      lastError: undefined,
+      networks: [],
+      refused: [],
+    };
+  }
+
+  start(): void {
+    this.#dial();
+  }
+
+  #setState(state: UplinkStatus["state"], error?: string): void {
+    if (this.status.state !== state) this.status.since = new Date().toISOString();
+    this.status.state = state;
+    if (error !== undefined) this.status.lastError = error;
+  }
+
+  /** Logs only when the line differs from the last one: one line per state change, not per try. */
+  #logChange(line: string, warn = false): void {
+    if (line === this.#lastLogged) return;
+    this.#lastLogged = line;
+    (warn ? this.log.warn : this.log.info)(line);
+  }
+
+  #dial(): void {
+    if (this.#stopped) return;
+    this.#setState(this.status.state === "up" ? "down" : this.status.state);
+    const nets = this.networks();
+    const ws = new WebSocket(this.url.href, {
+      headers: { Authorization: `Bearer ${this.token}` },
+      protocols: [TUNNEL_PROTOCOL],
+      perMessageDeflate: false,
+    });
+    ws.binaryType = "arraybuffer";
+    this.#ws = ws;
+    let failure: string | undefined;
+    const socket: TunnelSocket = {
+      send: (data) => ws.send(data),
+      buffered: () => ws.bufferedAmount,
+      close: (code, reason) => ws.close(code, reason),
+    };
+    const link = new TunnelLink(socket, "uplink", this.status.url, this.limit, this.log, {
+      onWelcome: (l, accepted, refused) => {
+        for (const name of accepted) {
+          const channel = nets.findIndex((n) => n.name === name);
+          if (channel >= 0) l.attach(channel, nets[channel]!);
+        }
+        this.#failures = 0;
+        this.status.connects++;
+        this.status.networks = accepted;
+        this.status.refused = refused;
+        this.#setState("up");
+        const extra = refused.length ? `; refused by the hub: ${refused.join(", ")}` : "";
+        this.#logChange(`uplink: connected to ${this.status.url} (networks: ${accepted.join(", ") || "none"}${extra})`);
+      },
+    }, this.countError);
+    this.#link = link;
+    ws.onopen = () => {
+      ws.send(encodeControl({ type: "hello", version: TUNNEL_VERSION, networks: nets.map((n) => n.name) }));
+    };
+    ws.onmessage = (event) => link.receive(new Uint8Array(event.data as ArrayBuffer));
+    ws.onerror = (event) => {
+      failure = (event as ErrorEvent).message || "connection failed";
+    };
+    ws.onclose = (event) => {
+      link.detachAll();
+      if (this.#ws !== ws) return;
+      this.#ws = undefined;
+      this.#link = undefined;
+      if (this.#stopped) return;
+      const why = failure ?? `closed (${event.code}${event.reason ? ` ${event.reason}` : ""})`;
+      this.#setState("down", why);
+      const delay = this.#backoff();
+      this.#logChange(`uplink: ${this.status.url} ${why}; retrying with backoff`, true);
+      this.#timer = setTimeout(() => this.#dial(), delay);
+    };
+    this.#keepalive ??= setInterval(() => this.#tick(), this.keepaliveMs);
+  }
+
+  #backoff(): number {
+    const ceiling = Math.min(UPLINK_BACKOFF_MAX_MS, UPLINK_BACKOFF_MIN_MS * 2 ** this.#failures++);
+    return ceiling / 2 + (Math.random() * ceiling) / 2;
+  }
+
+  /** Pings the hub; one that has not been heard from for three intervals is closed and redialled. */
+  #tick(): void {
+    const ws = this.#ws;
+    const link = this.#link;
+    if (!ws || !link || ws.readyState !== WebSocket.OPEN) return;
+    if (Date.now() - link.lastHeard > 3 * this.keepaliveMs) {
+      this.#logChange(`uplink: ${this.status.url} stopped answering; reconnecting`, true);
+      ws.onerror = null;
+      ws.onclose?.(new CloseEvent("close", { code: 1006, reason: "keepalive timeout" }));
+      ws.close();
+      return;
+    }
+    ws.send(encodeControl({ type: "ping" }));
+  }
+
+  stop(): void {
+    this.#stopped = true;
+    clearTimeout(this.#timer);
+    clearInterval(this.#keepalive);
+    this.#link?.detachAll();
+    this.#ws?.close(1001, "relay stopping");
+  }
+}
+
+// ───────────────────────────── QEMU ports ─────────────────────────────
+
+/** A QEMU stream connection (TCP): length-prefixed frames both ways. */
+export class StreamPort extends Port {
+  readonly decoder = new StreamDecoder();
+  readonly writer: StreamWriter;
+
+  constructor(
+    kind: string,
+    peer: string,
+    readonly socket: Socket<StreamPort>,
+    limit: number,
+  ) {
+    super(kind, peer);
+    this.writer = new StreamWriter((data) => socket.write(data), limit);
+  }
+
+  protected enqueue(frame: Uint8Array): boolean {
+    // QEMU 7.2 stops receiving for good after a 0-length frame; runts never enter the switch anyway.
+    return frame.length > 0 && this.writer.push(frame);
+  }
+
+  /** Decodes a chunk; an oversize length closes this connection only, counted and logged once. */
+  data(chunk: Uint8Array, log: Logger): void {
+    if (this.state !== "up") return;
+    try {
+      this.decoder.push(chunk, this.receive);
+    } catch (error) {
+      this.stats.errors++;
+      this.state = "closed";
+      log.warn(`${this.id} ${this.peer}: ${(error as Error).message}; closing the connection`);
+      this.socket.end();
+    }
+  }
+}
+
+interface StreamContext {
+  network: Network;
+  log: Logger;
+  limit: number;
+  kind: string;
+  onClose?: () => void;
+}
+
+/** Socket handlers shared by --qemu-listen and --qemu-connect: one port per connection. */
+function streamHandlers(ctx: StreamContext) {
+  return {
+    open(socket: Socket<StreamPort>) {
+      const peer = socket.remoteAddress ? formatHostPort({ host: socket.remoteAddress, port: socket.remotePort }) : "unix";
+      const port = new StreamPort(ctx.kind, peer, socket, ctx.limit);
+      socket.data = port;
+      ctx.network.attach(port);
+    },
+    data(socket: Socket<StreamPort>, chunk: Uint8Array) {
+      socket.data.data(chunk, ctx.log);
+    },
+    drain(socket: Socket<StreamPort>) {
+      socket.data.writer.drain();
+    },
+    close(socket: Socket<StreamPort>) {
+      if (socket.data) ctx.network.detach(socket.data);
+      ctx.onClose?.();
+    },
+    error(socket: Socket<StreamPort>, error: Error) {
+      if (socket.data) socket.data.stats.errors++;
+      ctx.log.warn(describeSocketError(`${socket.data?.id ?? ctx.kind} ${socket.data?.peer ?? ""}`.trim(), error));
+    },
+  };
+}
+
+export function listenStream(address: HostPort, ctx: StreamContext): TCPSocketListener<StreamPort> {
+  try {
+    return Bun.listen<StreamPort>({ hostname: address.host, port: address.port, socket: streamHandlers(ctx) });
+  } catch (error) {
+    throw new Error(describeSocketError(`Cannot listen on ${formatHostPort(address)}`, error));
+  }
+}
+
+/** Dials a listening QEMU until it answers, and again (with backoff) whenever it goes away. */
+export function dialStream(address: HostPort, ctx: StreamContext): { stop(): void } {
+  const target = formatHostPort(address);
+  let failures = 0;
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  let socket: Socket<StreamPort> | undefined;
+  let stopped = false;
+  let lastLogged = "";
+  const logChange = (line: string) => {
+    if (line !== lastLogged) ctx.log.info((lastLogged = line));
+  };
+  const retry = () => {
+    socket = undefined;
+    if (stopped) return;
+    const delay = Math.min(DIAL_BACKOFF_MAX_MS, DIAL_BACKOFF_MIN_MS * 2 ** failures++);
+    timer = setTimeout(dial, delay);
+  };
+  const handlers = streamHandlers({ ...ctx, onClose: retry });
+  const open = handlers.open;
+  handlers.open = (s) => {
+    open(s);
+    failures = 0;
+    logChange(`qemu-connect ${ctx.network.name}: connected to ${target}`);
+  };
+  async function dial() {
+    try {
+      socket = await Bun.connect<StreamPort>({ hostname: address.host, port: address.port, socket: handlers });
+      if (stopped) socket.end();
+    } catch (error) {
+      logChange(describeSocketError(`qemu-connect ${ctx.network.name}: cannot connect to ${target}`, error) + "; retrying");
+      retry();
+    }
+  }
+  void dial();
+  return {
+    stop() {
+      stopped = true;
+      clearTimeout(timer);
+      socket?.end();
+    },
+  };
+}
+
+/** One UDP peer of a --qemu-udp socket. */
+export class UdpPort extends Port {
+  lastHeard = Date.now();
+  constructor(
+    private readonly socket: udp.Socket<"buffer">,
+    readonly host: string,
+    readonly port: number,
+  ) {
+    super("qemu-udp", formatHostPort({ host, port }));
+  }
+
+  protected enqueue(frame: Uint8Array): boolean {
+    return frame.length > 0 && frame.length <= MAX_DATAGRAM && this.socket.send(frame, this.port, this.host);
+  }
+}
+
+/** A UDP socket for QEMU dgram/udp netdevs: every distinct source address is its own port. */
+export async function bindUdp(
+  address: HostPort,
+  remote: HostPort | undefined,
+  ctx: { network: Network; log: Logger; ageingMs: number },
+): Promise<{ socket: udp.Socket<"buffer">; peers: Map<string, UdpPort>; sweep(): void }> {
+  const peers = new Map<string, UdpPort>();
+  let full = false;
+  let socket: udp.Socket<"buffer">;
+  try {
+    socket = await Bun.udpSocket({
+      hostname: address.host,
+      port: address.port,
+      socket: {
+        data(sock, buf, port, host) {
+          const key = `${host}:${port}`;
+          let peer = peers.get(key);
+          if (peer === undefined) {
+            if (peers.size >= MAX_UDP_PEERS) {
+              if (!full) ctx.log.warn(`qemu-udp ${ctx.network.name}: more than ${MAX_UDP_PEERS} peers; ignoring new ones`);
+              full = true;
+              return;
+            }
+            peer = new UdpPort(sock, host, port);
+            peers.set(key, peer);
+            ctx.network.attach(peer);
+          }
+          peer.lastHeard = Date.now();
+          peer.receive(buf);
+        },
+        error(error: Error) {
+          // ICMP port unreachable: the peer is not there (yet); QEMU dgram peers come and go.
+          if ((error as { code?: string }).code !== "ECONNREFUSED") {
+            ctx.log.warn(describeSocketError(`qemu-udp ${ctx.network.name} ${formatHostPort(address)}`, error));
+          }
+        },
+      },
+    });
+  } catch (error) {
+    throw new Error(describeSocketError(`Cannot listen on udp ${formatHostPort(address)}`, error));
+  }
+  let fixed: UdpPort | undefined;
+  if (remote) {
+    fixed = new UdpPort(socket, remote.host, remote.port);
+    peers.set(`${remote.host}:${remote.port}`, fixed);
+    ctx.network.attach(fixed);
+  }
+  return {
+    socket,
+    peers,
+    /** Learned peers silent for the ageing time are forgotten; a fixed remote stays. */
+    sweep() {
+      const now = Date.now();
+      for (const [key, peer] of peers) {
+        if (peer !== fixed && now - peer.lastHeard >= ctx.ageingMs) {
+          peers.delete(key);
+          ctx.network.detach(peer);
+          full = false;
+        }
+      }
+    },
+  };
+}
+
+// ───────────────────────────── HTTP app ─────────────────────────────
+
+export interface RelayCounters {
+  authFailures: number;
+  protocolErrors: number;
+}
+
+export interface Snapshot {
+  version: string;
+  uptime: number;
+  startedAt: string;
+  networks: ReturnType<Network["snapshot"]>[];
+  uplink: UplinkStatus | null;
+  authFailures: number;
+  protocolErrors: number;
+}
+
+const METRICS: [name: string, help: string, type: "counter" | "gauge", value: (p: PortSnapshot) => number][] = [
+  ["edge_relay_port_rx_frames_total", "Frames received on a port.", "counter", (p) => p.rx.frames],
+  ["edge_relay_port_rx_bytes_total", "Bytes received on a port.", "counter", (p) => p.rx.bytes],
+  ["edge_relay_port_rx_drops_total", "Runt or empty frames received and dropped.", "counter", (p) => p.rx.drops],
+  ["edge_relay_port_tx_frames_total", "Frames sent on a port.", "counter", (p) => p.tx.frames],
+  ["edge_relay_port_tx_bytes_total", "Bytes sent on a port.", "counter", (p) => p.tx.bytes],
+  ["edge_relay_port_tx_drops_total", "Frames dropped because the port's queue was full.", "counter", (p) => p.tx.drops],
+  ["edge_relay_port_errors_total", "Protocol errors on a port (oversize frame, malformed message).", "counter", (p) => p.errors],
+];
+
+/** Prometheus text exposition of a snapshot. */
+export function renderMetrics(s: Snapshot): string {
+  const lines: string[] = [];
+  const metric = (name: string, help: string, type: string, samples: [string, number][]) => {
+    lines.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
+    for (const [labels, value] of samples) lines.push(`${name}${labels} ${value}`);
+  };
+  const ports = s.networks.flatMap((n) => n.ports.map((p) => [n.name, p] as const));
+  const label = (net: string, p: PortSnapshot) => `{network="${net}",port="${p.id}",kind="${p.kind}"}`;
+  for (const [name, help, type, value] of METRICS) {
+    metric(name, help, type, ports.map(([net, p]) => [label(net, p), value(p)]));
+  }
+  metric("edge_relay_network_ports", "Ports attached to a network.", "gauge", s.networks.map((n) => [`{network="${n.name}"}`, n.ports.length]));
+  metric("edge_relay_network_macs", "Learned MAC addresses in a network.", "gauge", s.networks.map((n) => [`{network="${n.name}"}`, n.macs.length]));
+  metric("edge_relay_auth_failures_total", "Tunnel connections refused for a wrong or missing token.", "counter", [["", s.authFailures]]);
+  metric("edge_relay_protocol_errors_total", "Ports closed for malformed input.", "counter", [["", s.protocolErrors]]);
+  metric("edge_relay_uplink_up", "1 when the uplink is connected.", "gauge", s.uplink ? [["", s.uplink.state === "up" ? 1 : 0]] : []);
+  metric("edge_relay_uptime_seconds", "Seconds since the relay started.", "gauge", [["", s.uptime]]);
+  return lines.join("\n") + "\n";
+}
+
+export interface TunnelData {
+  grant: Grant;
+  peer: string;
+  link?: TunnelLink;
+  helloTimer?: ReturnType<typeof setTimeout>;
+}
+
+interface AppContext {
+  grants: Grant[];
+  adminToken: string | undefined;
+  snapshot(): Snapshot;
+  counters: RelayCounters;
+  log: Logger;
+}
+
+/** Routes: /healthz, /status, /metrics, and the tunnel upgrade (the frames then bypass Hono). */
+export function createApp(ctx: AppContext) {
+  const app = new Hono<{ Bindings: Server<TunnelData> }>();
+  if (ctx.adminToken !== undefined) {
+    const admin = makeGrants([{ token: ctx.adminToken, networks: undefined }]);
+    app.use("*", async (c, next) => {
+      if (c.req.path === TUNNEL_PATH) return next();
+      if (!authenticate(c.req.header("authorization"), admin)) {
+        return c.text("unauthorized\n", 401, { "WWW-Authenticate": 'Bearer realm="edge-relay admin"' });
+      }
+      return next();
+    });
+  }
+  app.get("/healthz", (c) => c.text("ok\n"));
+  app.get("/status", (c) => c.json(ctx.snapshot()));
+  app.get("/metrics", (c) => c.text(renderMetrics(ctx.snapshot()), 200, { "Content-Type": "text/plain; version=0.0.4" }));
+  app.get(TUNNEL_PATH, (c) => {
+    if (ctx.grants.length === 0) return c.text("tunnel endpoint disabled: no token configured\n", 404);
+    const peerAddress = c.env.requestIP(c.req.raw);
+    const peer = peerAddress ? formatHostPort({ host: peerAddress.address, port: peerAddress.port }) : "unknown";
+    const grant = authenticate(c.req.header("authorization"), ctx.grants);
+    if (!grant) {
+      ctx.counters.authFailures++;
+      ctx.log.warn(`tunnel: refused ${peer}: ${c.req.header("authorization") ? "wrong token" : "no token"}`);
+      return c.text("unauthorized\n", 401, { "WWW-Authenticate": 'Bearer realm="edge-relay"' });
+    }
+    const offered = (c.req.header("sec-websocket-protocol") ?? "").split(",").map((s) => s.trim());
+    if (!offered.includes(TUNNEL_PROTOCOL)) return c.text(`expected subprotocol ${TUNNEL_PROTOCOL}\n`, 400);
+    const upgraded = c.env.upgrade(c.req.raw, {
+      data: { grant, peer },
+      headers: { "Sec-WebSocket-Protocol": TUNNEL_PROTOCOL },
+    });
+    return upgraded ? new Response(null) : c.text("expected a WebSocket upgrade\n", 426);
+  });
+  return app;
+}
+
+// ───────────────────────────── lifecycle ─────────────────────────────
+
+export interface BoundAddress {
+  what: string;
+  network?: string;
+  address: string;
+}
+
+export interface RelayHandle extends AsyncDisposable {
+  /** The HTTP server's address, e.g. `http://127.0.0.1:8080`. */
+  http: string;
+  bound: BoundAddress[];
+  network(name: string): Network | undefined;
+  snapshot(): Snapshot;
+  stop(): Promise<void>;
+}
+
+const consoleLogger: Logger = { info: (l) => console.log(l), warn: (l) => console.error(l) };
+
+/** Starts every port of `config`; throws (nothing left running) if one cannot be bound. */
+export async function startRelay(config: Config, log: Logger = consoleLogger): Promise<RelayHandle> {
+  const startedAt = Date.now();
+  const ageingMs = config.macAgeing * 1000;
+  const networks = new Map<string, Network>();
+  const network = (name: string) => {
+    let n = networks.get(name);
+    if (!n) networks.set(name, (n = new Network(name, ageingMs)));
+    return n;
+  };
+  const counters: RelayCounters = { authFailures: 0, protocolErrors: 0 };
+  const countError = () => void counters.protocolErrors++;
+  const grants = makeGrants(config.tokens);
+  const bound: BoundAddress[] = [];
+  const stoppers: (() => void)[] = [];
+  const sweepers: (() => void)[] = [];
+  let uplink: Uplink | undefined;
+
+  const snapshot = (): Snapshot => ({
+    version: VERSION,
+    uptime: (Date.now() - startedAt) / 1000,
+    startedAt: new Date(startedAt).toISOString(),
+    networks: [...networks.values()].map((n) => n.snapshot()),
+    uplink: uplink ? { ...uplink.status } : null,
+    authFailures: counters.authFailures,
+    protocolErrors: counters.protocolErrors,
+  });
+
+  // Whatever fails to bind, stop what already runs so a failed start leaves nothing behind.
+  const stopAll = () => {
+    for (const stop of stoppers.splice(0).reverse()) stop();
+  };
+  try {
+    const tunnelClosed = (ws: ServerWebSocket<TunnelData>) => {
+      clearTimeout(ws.data.helloTimer);
+      ws.data.link?.detachAll();
+    };
+    const server = Bun.serve<TunnelData>({
+      hostname: config.http.host,
+      port: config.http.port,
+      fetch: createApp({ grants, adminToken: config.adminToken, snapshot, counters, log }).fetch,
+      websocket: {
+        maxPayloadLength: MAX_MESSAGE,
+        perMessageDeflate: false,
+        idleTimeout: Math.max(8, Math.ceil(config.keepalive * 3)),
+        sendPings: true,
+        open(ws) {
+          const socket: TunnelSocket = {
+            send: (data) => void ws.send(data),
+            buffered: () => ws.getBufferedAmount(),
+            close: (code, reason) => ws.close(code, reason),
+          };
+          ws.data.link = new TunnelLink(socket, "tunnel", ws.data.peer, config.queueBytes, log, {
+            onHello(link, names) {
+              clearTimeout(ws.data.helloTimer);
+              const allowed = ws.data.grant.networks;
+              const accepted: string[] = [];
+              const refused: string[] = [];
+              names.forEach((name, channel) => {
+                if (NETWORK_NAME.test(name) && (!allowed || allowed.has(name))) {
+                  link.attach(channel, network(name));
+                  accepted.push(name);
+                } else refused.push(name);
+              });
+              socket.send(encodeControl({ type: "welcome", version: TUNNEL_VERSION, accepted, refused }));
+              const extra = refused.length ? `; refused (not allowed for this token): ${refused.join(", ")}` : "";
+              log.info(`tunnel: ${ws.data.peer} attached (networks: ${accepted.join(", ") || "none"}${extra})`);
+            },
+          }, countError);
+          ws.data.helloTimer = setTimeout(() => ws.data.link?.fail(new RangeError("no hello within 10 s")), HELLO_TIMEOUT_MS);
+        },
+        message(ws, message) {
+          if (typeof message === "string") ws.data.link!.fail(new TypeError("Cannot decode tunnel message: text messages are not part of the protocol"));
+          else ws.data.link!.receive(message);
+        },
+        close(ws) {
+          if (ws.data.link && !ws.data.link.closed) log.info(`tunnel: ${ws.data.peer} disconnected`);
+          tunnelClosed(ws);
+        },
+      },
+    });
+    stoppers.push(() => void server.stop(true));
+    const httpUrl = `http://${formatHostPort({ host: config.http.host, port: server.port! })}`;
+    bound.push({ what: "http", address: httpUrl });
+
+    for (const spec of config.qemuListen) {
+      const net = network(spec.network);
+      const listener = listenStream(spec.address, { network: net, log, limit: config.queueBytes, kind: "qemu-listen" });
+      stoppers.push(() => listener.stop(true));
+      bound.push({ what: "qemu-listen", network: spec.network, address: formatHostPort({ host: spec.address.host, port: listener.port }) });
+    }
+    for (const spec of config.qemuUdp) {
+      const net = network(spec.network);
+      const udpPort = await bindUdp(spec.address, spec.remote, { network: net, log, ageingMs });
+      stoppers.push(() => udpPort.socket.close());
+      sweepers.push(udpPort.sweep);
+      bound.push({ what: "qemu-udp", network: spec.network, address: formatHostPort({ host: spec.address.host, port: udpPort.socket.port }) });
+    }
+    for (const spec of config.qemuConnect) {
+      const dialer = dialStream(spec.address, { network: network(spec.network), log, limit: config.queueBytes, kind: "qemu-connect" });
+      stoppers.push(dialer.stop);
+    }
+    if (config.uplink !== undefined) {
+      const localNetworks = [...networks.values()];
+      if (localNetworks.length === 0) localNetworks.push(network("default"));
+      uplink = new Uplink(config.uplink, config.uplinkToken!, () => localNetworks, config.keepalive * 1000, config.queueBytes, log, countError);
+      uplink.start();
+      stoppers.push(() => uplink!.stop());
+    }
+    const sweep = setInterval(() => {
+      for (const n of networks.values()) n.sweep();
+      for (const s of sweepers) s();
+    }, Math.min(ageingMs, 60_000) / 2);
+    stoppers.push(() => clearInterval(sweep));
+  } catch (error) {
+    stopAll();
+    throw error;
+  }
+
+  let stopping: Promise<void> | undefined;
+  const handle: RelayHandle = {
+    http: bound[0]!.address,
+    bound,
+    network: (name) => networks.get(name),
+    snapshot,
+    stop() {
+      stopping ??= Promise.resolve().then(stopAll);
+      return stopping;
+    },
+    [Symbol.asyncDispose]: () => handle.stop(),
+  };
+  return handle;
+}
+
+// ───────────────────────────── CLI ─────────────────────────────
+
+export const HELP = `edge-relay ${VERSION}: share Ethernet segments between QEMU VMs across hosts
+
+Usage: bun relay.ts [options]
+
+With no options: a local switch with --http 127.0.0.1:8080 and --qemu-listen 127.0.0.1:10000.
+NET is a network name (default "default"); every network is its own learning switch.
+
+QEMU ports (repeatable):
+  --qemu-listen [NET=]HOST:PORT   accept QEMU stream clients: -netdev stream,server=off,… or
+                                  -netdev socket,connect=HOST:PORT; each connection is a port
+  --qemu-connect [NET=]HOST:PORT  dial QEMU -netdev stream,server=on,… or -netdev socket,listen=…;
+                                  retried with backoff until it answers and after it restarts
+  --qemu-udp [NET=]HOST:PORT[,REMOTE_HOST:REMOTE_PORT]
+                                  UDP socket for -netdev dgram,… or -netdev socket,udp=…,localaddr=…;
+                                  each source address is a port; REMOTE fixes the peer up front
+
+Tunnel:
+  --token SECRET                  accept tunnels that present this token (repeatable); also
+                                  RELAY_TOKENS (comma-separated) and --token-file; none: tunnels off
+  --token-file FILE               one token per line (# comments allowed)
+  --uplink URL                    dial another relay (ws://HOST:PORT or wss://…) and carry every
+                                  local network over it
+  --uplink-token SECRET           the token for --uplink; also RELAY_UPLINK_TOKEN
+  --keepalive SECONDS             uplink ping interval; no answer for 3 intervals redials (10)
+
+HTTP (status, metrics, tunnel endpoint):
+  --http HOST:PORT                listen address (127.0.0.1:8080)
+  --admin-token SECRET            Bearer token for /healthz, /status, /metrics; required when --http
+                                  is not a loopback address; also RELAY_ADMIN_TOKEN
+
+Switch:
+  --mac-ageing SECONDS            forget a MAC not seen for this long (300)
+  --queue-bytes BYTES             send queue bound per port; beyond it frames are dropped (4194304)
+
+Other:
+  --config FILE                   JSON file with the same options in camelCase (qemuListen: [...],
+                                  tokens: ["…" or {"token": "…", "networks": ["lab"]}], …);
+                                  options given on the command line replace the file's
+  --help                          show this help
+  --version                       print the version
+`;
+
+const CLI_OPTIONS = {
+  help: { type: "boolean" },
+  version: { type: "boolean" },
+  config: { type: "string" },
+  http: { type: "string" },
+  "qemu-listen": { type: "string", multiple: true },
+  "qemu-connect": { type: "string", multiple: true },
+  "qemu-udp": { type: "string", multiple: true },
+  token: { type: "string", multiple: true },
+  "token-file": { type: "string" },
+  uplink: { type: "string" },
+  "uplink-token": { type: "string" },
+  "admin-token": { type: "string" },
+  keepalive: { type: "string" },
+  "mac-ageing": { type: "string" },
+  "queue-bytes": { type: "string" },
+} as const;
+
+function readTextFile(option: string, path: string): string {
+  try {
+    return readFileSync(path, "utf8");
+  } catch (error) {
+    throw new ConfigError(describeSocketError(`${option}: cannot read ${path}`, error));
+  }
+}
+
+/** Merges the config file, environment and flags (flags win) into one validated Config. */
+export function loadConfig(argv: string[], env: Record<string, string | undefined>): Config | "help" | "version" {
+  let parsed;
+  try {
+    parsed = parseArgs({ args: argv, options: CLI_OPTIONS, strict: true, allowPositionals: false });
+  } catch (error) {
+    throw new ConfigError(`${(error as Error).message.split(/\.(?: |\n|$)/)[0]} (see --help)`);
+  }
+  const flags = parsed.values;
+  if (flags.help) return "help";
+  if (flags.version) return "version";
+  let raw: Record<string, unknown> = {};
+  if (flags.config !== undefined) {
+    try {
+      raw = JSON.parse(readTextFile("--config", flags.config));
+    } catch (error) {
+      if (error instanceof ConfigError) throw error;
+      throw new ConfigError(`--config: ${flags.config} is not valid JSON: ${(error as Error).message}`);
+    }
+    if (typeof raw !== "object" || raw === null || Array.isArray(raw)) throw new ConfigError(`--config: ${flags.config} must hold a JSON object`);
+  }
+  const number = (text: string | undefined) => (text === undefined ? undefined : text.trim() === "" ? NaN : Number(text));
+  const set = (key: string, value: unknown) => {
+    if (value !== undefined) raw[key] = value;
+  };
+  set("http", flags.http);
+  set("qemuListen", flags["qemu-listen"]);
+  set("qemuConnect", flags["qemu-connect"]);
+  set("qemuUdp", flags["qemu-udp"]);
+  set("uplink", flags.uplink);
+  set("uplinkToken", flags["uplink-token"] ?? (raw.uplinkToken === undefined ? env.RELAY_UPLINK_TOKEN : undefined));
+  set("adminToken", flags["admin-token"] ?? (raw.adminToken === undefined ? env.RELAY_ADMIN_TOKEN : undefined));
+  set("keepalive", number(flags.keepalive));
+  set("macAgeing", number(flags["mac-ageing"]));
+  set("queueBytes", number(flags["queue-bytes"]));
+  const extraTokens = [
+    ...(flags.token ?? []),
+    ...(env.RELAY_TOKENS ?? "").split(",").map((t) => t.trim()).filter(Boolean),
+    ...(flags["token-file"] === undefined
+      ? []
+      : readTextFile("--token-file", flags["token-file"]).split("\n").map((l) => l.replace(/#.*/, "").trim()).filter(Boolean)),
+  ];
+  if (extraTokens.length) raw.tokens = [...(Array.isArray(raw.tokens) ? raw.tokens : []), ...extraTokens];
+  const nothingConfigured = ["qemuListen", "qemuConnect", "qemuUdp", "uplink", "tokens"].every(
+    (k) => raw[k] === undefined || (Array.isArray(raw[k]) && (raw[k] as unknown[]).length === 0),
+  );
+  if (nothingConfigured) raw.qemuListen = [DEFAULT_QEMU_LISTEN];
+  return parseConfig(raw);
+}
+
+/** The QEMU command line that attaches a VM to a --qemu-listen address. */
+export function qemuHint(address: string): string {
+  const { host, port } = parseHostPort(address)!;
+  return `qemu-system-x86_64 … -netdev stream,id=n0,server=off,addr.type=inet,addr.host=${host},addr.port=${port} -device virtio-net-pci,netdev=n0`;
+}
+
+export async function main(argv = Bun.argv.slice(2), env: Record<string, string | undefined> = process.env): Promise<void> {
+  let config;
+  try {
+    config = loadConfig(argv, env);
+  } catch (error) {
+    if (!(error instanceof ConfigError)) throw error;
+    console.error(`edge-relay: ${error.message}`);
+    process.exit(2);
+  }
+  if (config === "help") return void process.stdout.write(HELP);
+  if (config === "version") return void console.log(VERSION);
+  let relay: RelayHandle;
+  try {
+    relay = await startRelay(config);
+  } catch (error) {
+    console.error(`edge-relay: ${(error as Error).message}`);
+    process.exit(1);
+  }
+  const shutdown = async (signal: string) => {
+    console.log(`${signal}: stopping`);
+    await relay.stop();
+    process.exit(0);
+  };
+  process.once("SIGINT", shutdown);
+  process.once("SIGTERM", shutdown);
+  for (const b of relay.bound) console.log(`${b.what}${b.network ? ` ${b.network}` : ""}: listening on ${b.address}`);
+  for (const b of relay.bound) if (b.what === "qemu-listen") console.log(`attach a VM to ${b.network}: ${qemuHint(b.address)}`);
+  console.log("ready");
+}
+
+if (import.meta.main) await main();

@@ -1,0 +1,200 @@
+import { describe, expect, test } from "bun:test";
+import { HELP, loadConfig, startRelay, parseConfig } from "../relay.ts";
+import { RELAY, attachVm, connectStream, makeFrame, BROADCAST, spawnRelay, tempDir, waitUntil } from "./helpers.ts";
+
+async function run(args: string[], env: Record<string, string> = {}) {
+  const proc = Bun.spawn([process.execPath, RELAY, ...args], { stdout: "pipe", stderr: "pipe", stdin: "ignore", env: { ...process.env, ...env } });
+  const [stdout, stderr, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
+  return { stdout, stderr, code };
+}
+
+describe("CLI", () => {
+  test("--help documents every option on stdout and exits 0", async () => {
+    const { stdout, stderr, code } = await run(["--help"]);
+    expect({ stderr, code }).toEqual({ stderr: "", code: 0 });
+    expect(stdout).toBe(HELP);
+    const source = await Bun.file(RELAY).text();
+    const options = [...source.matchAll(/^  "?([a-z-]+)"?: \{ type: "(?:string|boolean)"/gm)].map((m) => m[1]!);
+    expect(options.length).toBeGreaterThan(10);
+    for (const option of options) expect(stdout).toContain(`--${option}`);
+  });
+
+  test("--version prints the version", async () => {
+    const { stdout, stderr, code } = await run(["--version"]);
+    expect({ stdout, stderr, code }).toEqual({ stdout: "0.1.0\n", stderr: "", code: 0 });
+  });
+
+  const bad: [string[], RegExp][] = [
+    [["--bogus"], /^edge-relay: Unknown option '--bogus' \(see --help\)$/],
+    [["--http", "nope"], /^edge-relay: --http: expected HOST:PORT, got "nope"$/],
+    [["--http", "127.0.0.1:99999"], /^edge-relay: --http: expected HOST:PORT/],
+    [["--qemu-listen", "1.2.3.4"], /^edge-relay: --qemu-listen \(qemuListen\[0\]\): expected \[NET=\]HOST:PORT, got "1.2.3.4"$/],
+    [["--qemu-listen", "bad net=127.0.0.1:1"], /^edge-relay: --qemu-listen \(qemuListen\[0\]\): network name "bad net"/],
+    [["--qemu-udp", "127.0.0.1:1,nope"], /^edge-relay: --qemu-udp \(qemuUdp\[0\]\): expected \[NET=\]HOST:PORT\[,REMOTE_HOST:REMOTE_PORT\]/],
+    [["--qemu-connect", "x"], /^edge-relay: --qemu-connect \(qemuConnect\[0\]\): expected/],
+    [["--uplink", "http://x:1", "--uplink-token", "t"], /^edge-relay: --uplink: expected a ws:\/\/ or wss:\/\/ URL$/],
+    [["--uplink", "ws://127.0.0.1:1"], /^edge-relay: --uplink-token: required with --uplink/],
+    [["--http", "0.0.0.0:0"], /^edge-relay: --admin-token: required when --http is not a loopback address$/],
+    [["--mac-ageing", "soon"], /^edge-relay: --mac-ageing: expected a number of seconds$/],
+    [["--keepalive=-1"], /^edge-relay: --keepalive: must be positive$/],
+    [["--keepalive", "-1"], /^edge-relay: Option '--keepalive' argument is ambiguous \(see --help\)$/],
+    [["--queue-bytes", "10"], /^edge-relay: --queue-bytes: must be at least 69636$/],
+    [["--token", "two words secret"], /^edge-relay: --token \(tokens\[0\]\): /],
+    [["--config", "/nonexistent/relay.json"], /^edge-relay: --config: cannot read \/nonexistent\/relay.json: no such file or directory \(ENOENT\)$/],
+    [["--token-file", "/nonexistent/tokens"], /^edge-relay: --token-file: cannot read/],
+  ];
+  test.each(bad)("bad config %p exits 2 with one line naming the option", async (args, message) => {
+    const { stdout, stderr, code } = await run(args);
+    expect(stdout).toBe("");
+    expect(stderr.trimEnd()).toMatch(message);
+    expect(stderr.trimEnd().split("\n").length).toBe(1);
+    expect(stderr).not.toContain("two words secret");
+    expect(code).toBe(2);
+  });
+
+  test("a config file with an unknown key or a bad value exits 2 naming it", async () => {
+    await using dir = await tempDir();
+    await Bun.write(`${dir.path}/unknown.json`, JSON.stringify({ qemuListn: ["127.0.0.1:0"] }));
+    await Bun.write(`${dir.path}/tokens.json`, JSON.stringify({ tokens: [{ token: "secret-in-file", networks: ["ok", "not ok"] }] }));
+    await Bun.write(`${dir.path}/broken.json`, "{");
+    expect(await run(["--config", `${dir.path}/unknown.json`])).toEqual({ stdout: "", stderr: 'edge-relay: config: unknown option "qemuListn"\n', code: 2 });
+    expect(await run(["--config", `${dir.path}/tokens.json`])).toEqual({
+      stdout: "",
+      stderr: "edge-relay: --token (tokens[0].networks[1]): expected a network name\n",
+      code: 2,
+    });
+    const broken = await run(["--config", `${dir.path}/broken.json`]);
+    expect(broken.stderr).toStartWith(`edge-relay: --config: ${dir.path}/broken.json is not valid JSON`);
+    expect(broken.code).toBe(2);
+  });
+
+  test("a port already in use exits 1 with the errno spelled out", async () => {
+    await using first = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0"]);
+    const taken = first.port("qemu-listen");
+    const { stdout, stderr, code } = await run(["--http", "127.0.0.1:0", "--qemu-listen", `127.0.0.1:${taken}`]);
+    expect({ stdout, stderr, code }).toEqual({
+      stdout: "",
+      stderr: `edge-relay: Cannot listen on 127.0.0.1:${taken}: address already in use (EADDRINUSE)\n`,
+      code: 1,
+    });
+  });
+
+  test("SIGTERM and SIGINT close every port and exit 0", async () => {
+    for (const signal of ["SIGTERM", "SIGINT"] as const) {
+      const relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0"]);
+      await using vm = await connectStream(relay.port("qemu-listen"));
+      expect(await relay.stop(signal)).toBe(0);
+      await vm.closed;
+      expect(relay.stdout()).toEndWith(`ready\n${signal}: stopping\n`);
+      expect(relay.stderr()).toBe("");
+    }
+  });
+
+  test("logs every bound address and the QEMU line to attach a VM", async () => {
+    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "lab=127.0.0.1:0", "--qemu-udp", "127.0.0.1:0"]);
+    const lines = relay.stdout().split("\n");
+    expect(lines[0]).toMatch(/^http: listening on http:\/\/127\.0\.0\.1:\d+$/);
+    expect(lines[1]).toMatch(/^qemu-listen lab: listening on 127\.0\.0\.1:\d+$/);
+    expect(lines[2]).toMatch(/^qemu-udp default: listening on 127\.0\.0\.1:\d+$/);
+    expect(lines[3]).toBe(
+      `attach a VM to lab: qemu-system-x86_64 … -netdev stream,id=n0,server=off,addr.type=inet,addr.host=127.0.0.1,addr.port=${relay.port("qemu-listen")} -device virtio-net-pci,netdev=n0`,
+    );
+  });
+});
+
+describe("loadConfig", () => {
+  test("no options is the built-in default: a local switch on 127.0.0.1:10000, http on 127.0.0.1:8080", () => {
+    const config = loadConfig([], {});
+    expect(config).toMatchObject({
+      http: { host: "127.0.0.1", port: 8080 },
+      qemuListen: [{ network: "default", address: { host: "127.0.0.1", port: 10000 } }],
+      tokens: [],
+      macAgeing: 300,
+    });
+  });
+
+  test("tokens come from --token, RELAY_TOKENS and --token-file; a hub gets no default QEMU port", async () => {
+    await using dir = await tempDir();
+    const file = `${dir.path}/tokens`;
+    await Bun.write(file, "# hub tokens\nfile-token-1\n\nfile-token-2 # site b\n");
+    const config = loadConfig(["--token", "flag-token", "--token-file", file], { RELAY_TOKENS: "env-1, env-2" });
+    if (typeof config === "string") throw new Error(config);
+    expect(config.tokens.map((t) => t.token)).toEqual(["flag-token", "env-1", "env-2", "file-token-1", "file-token-2"]);
+    expect(config.qemuListen).toEqual([]);
+  });
+
+  test("flags override the config file; env supplies the uplink and admin tokens", async () => {
+    await using dir = await tempDir();
+    const file = `${dir.path}/relay.json`;
+    await Bun.write(file, JSON.stringify({ http: "127.0.0.1:1", qemuListen: ["a=127.0.0.1:2"], macAgeing: 10, uplink: "ws://127.0.0.1:3" }));
+    const config = loadConfig(["--config", file, "--qemu-listen", "b=127.0.0.1:4"], { RELAY_UPLINK_TOKEN: "up", RELAY_ADMIN_TOKEN: "adm" });
+    expect(config).toMatchObject({
+      http: { port: 1 },
+      qemuListen: [{ network: "b", address: { port: 4 } }],
+      macAgeing: 10,
+      uplinkToken: "up",
+      adminToken: "adm",
+    });
+  });
+});
+
+describe("HTTP", () => {
+  test("/healthz, /status and /metrics report ports, counters and MACs", async () => {
+    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "lab=127.0.0.1:0"]);
+    await using vm1 = await attachVm(relay);
+    await using vm2 = await attachVm(relay);
+    const f = makeFrame(BROADCAST, "02:00:00:00:20:01", 100);
+    vm1.send(f);
+    await vm2.frames.next();
+    expect(await (await fetch(`${relay.base}/healthz`)).text()).toBe("ok\n");
+    const status = await relay.status();
+    expect(status).toMatchObject({ version: "0.1.0", uplink: null, authFailures: 0 });
+    const lab = status.networks.find((n: any) => n.name === "lab");
+    const [p1, p2] = lab.ports;
+    expect(p1).toMatchObject({ kind: "qemu-listen", state: "up", rx: { frames: 1, bytes: f.length, drops: 0 }, tx: { frames: 0, bytes: 0, drops: 0 }, errors: 0 });
+    expect(p1.peer).toMatch(/^127\.0\.0\.1:\d+$/);
+    expect(p2).toMatchObject({ rx: { frames: 0 }, tx: { frames: 1, bytes: f.length } });
+    expect(lab.macs).toEqual([{ mac: "02:00:00:00:20:01", port: p1.id, age: expect.any(Number) }]);
+    const res = await fetch(`${relay.base}/metrics`);
+    expect(res.headers.get("content-type")).toStartWith("text/plain; version=0.0.4");
+    const metrics = await res.text();
+    expect(metrics).toContain(`edge_relay_port_rx_frames_total{network="lab",port="${p1.id}",kind="qemu-listen"} 1`);
+    expect(metrics).toContain(`edge_relay_port_tx_bytes_total{network="lab",port="${p2.id}",kind="qemu-listen"} ${f.length}`);
+    expect(metrics).toContain('edge_relay_network_macs{network="lab"} 1');
+    expect(metrics).toContain("# TYPE edge_relay_port_tx_drops_total counter");
+    expect(metrics).toMatch(/^edge_relay_uptime_seconds \d/m);
+  });
+
+  test("a non-loopback --http needs the admin token on every route", async () => {
+    await using relay = await spawnRelay(["--http", "0.0.0.0:0", "--admin-token", "admin-secret-1"]);
+    const base = `http://127.0.0.1:${relay.port("http")}`;
+    for (const path of ["/healthz", "/status", "/metrics"]) {
+      expect((await fetch(`${base}${path}`)).status).toBe(401);
+      expect((await fetch(`${base}${path}`, { headers: { Authorization: "Bearer wrong" } })).status).toBe(401);
+      expect((await fetch(`${base}${path}`, { headers: { Authorization: "Bearer admin-secret-1" } })).status).toBe(200);
+    }
+    expect(relay.stdout() + relay.stderr()).not.toContain("admin-secret-1");
+  });
+
+  test("the tunnel endpoint is off without a token", async () => {
+    await using relay = await spawnRelay(["--http", "127.0.0.1:0"]);
+    expect((await fetch(`${relay.base}/tunnel`)).status).toBe(404);
+  });
+});
+
+describe("startRelay", () => {
+  test("returns the bound ports, a snapshot and stop(), and disposes", async () => {
+    const lines: string[] = [];
+    const log = { info: (l: string) => lines.push(l), warn: (l: string) => lines.push(l) };
+    let port: number;
+    {
+      await using relay = await startRelay(parseConfig({ http: "127.0.0.1:0", qemuListen: ["127.0.0.1:0"] }), log);
+      expect(relay.http).toMatch(/^http:\/\/127\.0\.0\.1:\d+$/);
+      port = Number(relay.bound[1]!.address.split(":")[1]);
+      await using vm = await connectStream(port);
+      await waitUntil(() => relay.snapshot().networks[0]!.ports.length === 1, "port attached");
+      expect(relay.snapshot().networks[0]!.ports[0]!.peer).toBe(vm.local);
+    }
+    expect(connectStream(port)).rejects.toThrow();
+  });
+});

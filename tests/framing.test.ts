@@ -1,0 +1,140 @@
+import { describe, expect, test } from "bun:test";
+import {
+  FrameBatch,
+  MAX_FRAME,
+  MSG_CONTROL,
+  StreamDecoder,
+  dataHeader,
+  decodeTunnelMessage,
+  encodeControl,
+  encodeFrames,
+  formatMac,
+  macKey,
+  parseHostPort,
+} from "../relay.ts";
+import { makeFrame, mac } from "./helpers.ts";
+
+function decodeAll(chunks: Uint8Array[]): Uint8Array[] {
+  const out: Uint8Array[] = [];
+  const decoder = new StreamDecoder();
+  for (const c of chunks) decoder.push(c, (f) => out.push(f.slice()));
+  return out;
+}
+
+describe("StreamDecoder", () => {
+  const frames = [makeFrame("02:00:00:00:00:02", "02:00:00:00:00:01", 60), makeFrame("ff:ff:ff:ff:ff:ff", "02:00:00:00:00:03", 1486), makeFrame("02:00:00:00:00:01", "02:00:00:00:00:02", 0)];
+  const wire = encodeFrames(frames);
+
+  test("push() reassembles a frame split at every offset", () => {
+    for (let cut = 0; cut <= wire.length; cut++) {
+      const got = decodeAll([wire.subarray(0, cut), wire.subarray(cut)]);
+      expect(got).toEqual(frames);
+    }
+  });
+
+  test("push() reassembles frames split at every pair of offsets", () => {
+    for (let a = 0; a <= wire.length; a += 7) {
+      for (let b = a; b <= wire.length; b += 5) {
+        expect(decodeAll([wire.subarray(0, a), wire.subarray(a, b), wire.subarray(b)])).toEqual(frames);
+      }
+    }
+  });
+
+  test("push() reassembles a stream fed one byte at a time", () => {
+    expect(decodeAll(Array.from(wire, (b) => Uint8Array.of(b)))).toEqual(frames);
+  });
+
+  test("push() accepts a frame of exactly MAX_FRAME bytes", () => {
+    const big = new Uint8Array(MAX_FRAME).fill(0xab);
+    const got = decodeAll([encodeFrames([big])]);
+    expect(got.length).toBe(1);
+    expect(got[0]!.length).toBe(MAX_FRAME);
+  });
+
+  test("push() throws RangeError for a length above MAX_FRAME, even split inside the header", () => {
+    const header = Uint8Array.of(0, 0x01, 0x10, 0x70); // 69,744
+    expect(() => new StreamDecoder().push(header, () => {})).toThrow(RangeError);
+    const d = new StreamDecoder();
+    d.push(header.subarray(0, 2), () => {});
+    expect(() => d.push(header.subarray(2), () => {})).toThrow(
+      "Cannot decode frame: length 69744 exceeds the maximum of 69632 bytes",
+    );
+  });
+
+  test("push() hands a 0-length frame to the switch as empty (the switch drops it)", () => {
+    const got = decodeAll([Uint8Array.of(0, 0, 0, 0), encodeFrames([frames[0]!])]);
+    expect(got.map((f) => f.length)).toEqual([0, frames[0]!.length]);
+  });
+
+  test("buffered counts bytes held for an incomplete frame", () => {
+    const d = new StreamDecoder();
+    d.push(wire.subarray(0, 10), () => {});
+    expect(d.buffered).toBe(6);
+  });
+});
+
+describe("FrameBatch", () => {
+  test("append() length-prefixes frames behind the header and reset() keeps the header", () => {
+    const batch = new FrameBatch(dataHeader(0x0102));
+    expect(batch.empty).toBe(true);
+    batch.append(Uint8Array.of(9, 8, 7));
+    expect([...batch.view()]).toEqual([1, 1, 2, 0, 0, 0, 3, 9, 8, 7]);
+    batch.reset();
+    expect(batch.empty).toBe(true);
+    batch.append(Uint8Array.of(5));
+    expect([...batch.view()]).toEqual([1, 1, 2, 0, 0, 0, 1, 5]);
+  });
+});
+
+describe("decodeTunnelMessage", () => {
+  const collect = (message: Uint8Array) => {
+    const frames: [number, number[]][] = [];
+    const controls: unknown[] = [];
+    decodeTunnelMessage(message, (c) => controls.push(c), (ch, f) => frames.push([ch, [...f]]));
+    return { frames, controls };
+  };
+
+  test("decodes a data message with several frames on its channel", () => {
+    const batch = new FrameBatch(dataHeader(3));
+    batch.append(Uint8Array.of(1, 2));
+    batch.append(Uint8Array.of(3));
+    expect(collect(batch.view()).frames).toEqual([[3, [1, 2]], [3, [3]]]);
+  });
+
+  test("decodes a control message", () => {
+    const msg = encodeControl({ type: "ping" });
+    expect(msg[0]).toBe(MSG_CONTROL);
+    expect(collect(msg).controls).toEqual([{ type: "ping" }]);
+  });
+
+  test("rejects empty, unknown, truncated and overrunning messages", () => {
+    expect(() => collect(new Uint8Array(0))).toThrow(RangeError);
+    expect(() => collect(Uint8Array.of(7, 0, 0))).toThrow("unknown type 7");
+    expect(() => collect(Uint8Array.of(1, 0))).toThrow(RangeError);
+    expect(() => collect(Uint8Array.of(1, 0, 0, 0, 0))).toThrow("truncated frame length");
+    expect(() => collect(Uint8Array.of(1, 0, 0, 0, 0, 0, 9, 1))).toThrow("overruns the message");
+    expect(() => collect(Uint8Array.of(1, 0, 0, 0, 1, 0x10, 0x70))).toThrow("exceeds the maximum");
+    expect(() => collect(Uint8Array.of(0, 0x7b))).toThrow(SyntaxError);
+    expect(() => collect(Uint8Array.of(0, 0x31))).toThrow(SyntaxError);
+  });
+});
+
+describe("macKey", () => {
+  test("turns every byte into a distinct number and formats back", () => {
+    for (const text of ["00:00:00:00:00:00", "ff:ff:ff:ff:ff:ff", "52:54:00:12:34:56", "80:00:00:00:00:01", "00:00:80:00:00:00"]) {
+      expect(formatMac(macKey(mac(text), 0))).toBe(text);
+    }
+    expect(macKey(mac("00:00:00:00:00:01"), 0)).not.toBe(macKey(mac("00:00:00:00:01:00"), 0));
+  });
+});
+
+describe("parseHostPort", () => {
+  test("takes IPv4, names and bracketed IPv6; refuses the rest", () => {
+    expect(parseHostPort("127.0.0.1:80")).toEqual({ host: "127.0.0.1", port: 80 });
+    expect(parseHostPort("localhost:0")).toEqual({ host: "localhost", port: 0 });
+    expect(parseHostPort("[::1]:8080")).toEqual({ host: "::1", port: 8080 });
+    for (const bad of ["127.0.0.1", ":80", "::1:80", "host:65536", "host:-1", "a b:1", ""]) {
+      expect(parseHostPort(bad)).toBeNull();
+    }
+  });
+});

@@ -1,0 +1,390 @@
+/**
+ * Test helpers shared by every suite: start the relay CLI as a user would, read the addresses it
+ * logs, and wait for conditions instead of sleeping.
+ */
+import type { Subprocess } from "bun";
+import { StreamDecoder, encodeFrames } from "../relay.ts";
+
+export const RELAY = new URL("../relay.ts", import.meta.url).pathname;
+
+/** One address the relay logged as bound, e.g. `qemu-listen lab: listening on 127.0.0.1:40123`. */
+export interface Bound {
+  what: string;
+  network: string | undefined;
+  address: string;
+}
+
+export interface RelayProcess extends AsyncDisposable {
+  proc: Subprocess<"ignore", "pipe", "pipe">;
+  /** `http://127.0.0.1:PORT` (or `https://…`). */
+  base: string;
+  bound: Bound[];
+  /** The TCP/UDP port number of the first bound address of that kind (and network). */
+  port(what: string, network?: string): number;
+  stdout(): string;
+  stderr(): string;
+  status(): Promise<any>;
+  /** Resolves when a line matching `re` has appeared on stdout or stderr. */
+  waitForLine(re: RegExp, timeoutMs?: number): Promise<string>;
+  stop(signal?: NodeJS.Signals | number): Promise<number>;
+}
+
+/** Polls `check` until it returns a truthy value; fails with `what` after `timeoutMs`. */
+export async function waitUntil<T>(
+  check: () => T | Promise<T>,
+  what: string,
+  timeoutMs = 10_000,
+): Promise<NonNullable<T>> {
+  const deadline = performance.now() + timeoutMs;
+  let last: unknown;
+  for (;;) {
+    try {
+      const value = await check();
+      if (value) return value as NonNullable<T>;
+    } catch (error) {
+      last = error;
+    }
+    if (performance.now() > deadline) {
+      throw new Error(`Timed out after ${timeoutMs} ms waiting for ${what}${last ? `: ${last}` : ""}`);
+    }
+    await Bun.sleep(5);
+  }
+}
+
+const BOUND_LINE = /^(\S+?)(?: (\S+))?: listening on (\S+)$/;
+
+/**
+ * Spawns `bun relay.ts ...args` and resolves once it printed `ready`, with the addresses it bound.
+ * Rejects with the relay's output if it exits first.
+ */
+export async function spawnRelay(
+  args: string[],
+  options: { env?: Record<string, string>; cwd?: string; timeoutMs?: number } = {},
+): Promise<RelayProcess> {
+  const proc = Bun.spawn([process.execPath, RELAY, ...args], {
+    stdin: "ignore",
+    stdout: "pipe",
+    stderr: "pipe",
+    cwd: options.cwd,
+    env: { ...process.env, ...options.env },
+  });
+  let out = "";
+  let err = "";
+  const waiters = new Set<() => void>();
+  const notify = () => {
+    for (const w of waiters) w();
+  };
+  const pump = async (stream: ReadableStream<Uint8Array>, append: (s: string) => void) => {
+    const decoder = new TextDecoder();
+    for await (const chunk of stream) {
+      append(decoder.decode(chunk, { stream: true }));
+      notify();
+    }
+  };
+  const pumped = Promise.all([
+    pump(proc.stdout, (s) => (out += s)),
+    pump(proc.stderr, (s) => (err += s)),
+  ]);
+  proc.exited.then(notify);
+
+  const waitForLine = (re: RegExp, timeoutMs = options.timeoutMs ?? 15_000) =>
+    new Promise<string>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        waiters.delete(check);
+        reject(new Error(`Timed out waiting for ${re} from relay ${args.join(" ")}\nstdout:\n${out}\nstderr:\n${err}`));
+      }, timeoutMs);
+      function check() {
+        const line = `${out}\n${err}`.split("\n").find((l) => re.test(l));
+        if (line !== undefined) {
+          clearTimeout(timer);
+          waiters.delete(check);
+          resolve(line);
+        } else if (proc.exitCode !== null || proc.signalCode !== null) {
+          clearTimeout(timer);
+          waiters.delete(check);
+          reject(new Error(`Relay exited (${proc.exitCode ?? proc.signalCode}) before ${re}\nstdout:\n${out}\nstderr:\n${err}`));
+        }
+      }
+      waiters.add(check);
+      check();
+    });
+
+  await waitForLine(/^ready$/);
+  const bound: Bound[] = [];
+  for (const line of out.split("\n")) {
+    const m = BOUND_LINE.exec(line);
+    if (m) bound.push({ what: m[1]!, network: m[2], address: m[3]! });
+  }
+  const http = bound.find((b) => b.what === "http");
+  const base = http ? http.address : "";
+  let stopped: Promise<number> | undefined;
+  const handle: RelayProcess = {
+    proc,
+    base,
+    bound,
+    port(what, network) {
+      const b = bound.find((x) => x.what === what && (network === undefined || x.network === network));
+      if (!b) throw new Error(`relay bound no ${what} ${network ?? ""}: ${JSON.stringify(bound)}`);
+      return Number(new URL(b.address.includes("://") ? b.address : `x://${b.address}`).port);
+    },
+    stdout: () => out,
+    stderr: () => err,
+    async status() {
+      const res = await fetch(`${base}/status`);
+      if (!res.ok) throw new Error(`GET /status: ${res.status}`);
+      return res.json();
+    },
+    waitForLine,
+    stop(signal = "SIGTERM") {
+      stopped ??= (async () => {
+        if (proc.exitCode === null && proc.signalCode === null) proc.kill(signal);
+        const code = await proc.exited;
+        await pumped;
+        return code;
+      })();
+      return stopped;
+    },
+    async [Symbol.asyncDispose]() {
+      await handle.stop("SIGKILL");
+    },
+  };
+  return handle;
+}
+
+// ───────────── fake QEMU peers: real sockets speaking QEMU's framing ─────────────
+
+/** `02:00:00:00:00:01` → bytes. */
+export function mac(text: string): Uint8Array {
+  return Uint8Array.from(text.split(":"), (h) => parseInt(h, 16));
+}
+
+export const BROADCAST = "ff:ff:ff:ff:ff:ff";
+
+/** An Ethernet frame: dst, src, ethertype 0x88B5 (local experimental), then `payload` or `size` bytes. */
+export function makeFrame(dst: string, src: string, payload: Uint8Array | string | number = 46): Uint8Array {
+  const body =
+    typeof payload === "number"
+      ? Uint8Array.from({ length: payload }, (_, i) => (i * 7 + 3) & 0xff)
+      : typeof payload === "string"
+        ? new TextEncoder().encode(payload)
+        : payload;
+  const frame = new Uint8Array(14 + body.length);
+  frame.set(mac(dst), 0);
+  frame.set(mac(src), 6);
+  frame[12] = 0x88;
+  frame[13] = 0xb5;
+  frame.set(body, 14);
+  return frame;
+}
+
+/** Frames received by a fake peer, waited for by condition rather than by time. */
+export class FrameQueue {
+  readonly frames: Uint8Array[] = [];
+  #taken = 0;
+  #waiters = new Set<() => void>();
+
+  push(frame: Uint8Array): void {
+    this.frames.push(frame.slice());
+    for (const w of this.#waiters) w();
+  }
+
+  /** The next frame not yet taken that matches `match`, or a timeout error. */
+  next(match: (f: Uint8Array) => boolean = () => true, timeoutMs = 5_000): Promise<Uint8Array> {
+    return new Promise((resolve, reject) => {
+      const check = () => {
+        while (this.#taken < this.frames.length) {
+          const f = this.frames[this.#taken++]!;
+          if (match(f)) {
+            clearTimeout(timer);
+            this.#waiters.delete(check);
+            resolve(f);
+            return;
+          }
+        }
+      };
+      const timer = setTimeout(() => {
+        this.#waiters.delete(check);
+        reject(new Error(`Timed out after ${timeoutMs} ms waiting for a frame (${this.frames.length} received)`));
+      }, timeoutMs);
+      this.#waiters.add(check);
+      check();
+    });
+  }
+
+  /** Resolves when `count` frames in all have arrived. */
+  async count(count: number, timeoutMs = 5_000): Promise<Uint8Array[]> {
+    await waitUntil(() => this.frames.length >= count, `${count} frames (have ${this.frames.length})`, timeoutMs);
+    return this.frames;
+  }
+}
+
+export interface StreamPeer extends AsyncDisposable {
+  /** This end's address as the relay sees it: `127.0.0.1:PORT`. */
+  local: string;
+  frames: FrameQueue;
+  closed: Promise<void>;
+  send(...frames: Uint8Array[]): void;
+  /** Raw bytes, for malformed input; throws on a short write (use writeAll for bulk). */
+  write(bytes: Uint8Array): void;
+  /** Writes everything, waiting for `drain` whenever the kernel is full. */
+  writeAll(bytes: Uint8Array): Promise<void>;
+  pause(): void;
+  resume(): void;
+  close(): void;
+}
+
+/** Per-connection state of a fake peer; `drained` wakes a writeAll waiting for the kernel. */
+interface PeerState {
+  decoder: StreamDecoder;
+  frames: FrameQueue;
+  done: () => void;
+  drained?: () => void;
+}
+
+const peerHandlers = {
+  data(socket: import("bun").Socket<PeerState>, chunk: Uint8Array) {
+    socket.data.decoder.push(chunk, (f) => socket.data.frames.push(f));
+  },
+  drain(socket: import("bun").Socket<PeerState>) {
+    socket.data.drained?.();
+  },
+  close(socket: import("bun").Socket<PeerState>) {
+    socket.data.done();
+  },
+  error(socket: import("bun").Socket<PeerState>) {
+    socket.data.done();
+  },
+};
+
+function newPeerState(): { state: PeerState; closed: Promise<void> } {
+  const { promise, resolve } = Promise.withResolvers<void>();
+  return { state: { decoder: new StreamDecoder(), frames: new FrameQueue(), done: () => resolve() }, closed: promise };
+}
+
+function streamPeer(socket: import("bun").Socket<PeerState>, closed: Promise<void>): StreamPeer {
+  const peer: StreamPeer = {
+    local: `${socket.localAddress}:${socket.localPort}`,
+    frames: socket.data.frames,
+    closed,
+    send: (...f) => peer.write(encodeFrames(f)),
+    write(bytes) {
+      const n = socket.write(bytes);
+      if (n !== bytes.length) throw new Error(`short write in test peer (${n} of ${bytes.length})`);
+    },
+    async writeAll(bytes) {
+      let rest = bytes;
+      while (rest.length > 0) {
+        const n = socket.write(rest);
+        if (n < 0) throw new Error("test peer socket closed while writing");
+        rest = rest.subarray(n);
+        if (rest.length > 0) await new Promise<void>((r) => (socket.data.drained = r));
+      }
+    },
+    pause: () => socket.pause(),
+    resume: () => socket.resume(),
+    close: () => socket.end(),
+    async [Symbol.asyncDispose]() {
+      socket.end();
+      await closed;
+    },
+  };
+  return peer;
+}
+
+/** A fake `-netdev stream,server=off` VM: connects to the relay's --qemu-listen. */
+export async function connectStream(port: number, host = "127.0.0.1"): Promise<StreamPeer> {
+  const { state, closed } = newPeerState();
+  const socket = await Bun.connect<PeerState>({ hostname: host, port, data: state, socket: peerHandlers });
+  return streamPeer(socket, closed);
+}
+
+export interface StreamServerPeer extends AsyncDisposable {
+  port: number;
+  /** Resolves with the next connection the relay makes. */
+  accepted(): Promise<StreamPeer>;
+  stop(): void;
+}
+
+/**
+ * A fake VM on a relay's --qemu-listen, returned once the relay has attached it as a port (a frame
+ * sent to it earlier could be flooded before the relay's accept runs).
+ */
+export async function attachVm(relay: RelayProcess, network?: string): Promise<StreamPeer> {
+  const peer = await connectStream(relay.port("qemu-listen", network));
+  await waitUntil(async () => {
+    const status = await relay.status();
+    return status.networks.some((n: any) => n.ports.some((p: any) => p.peer === peer.local));
+  }, `relay attached ${peer.local}`);
+  return peer;
+}
+
+/** A fake `-netdev stream,server=on` VM: the relay's --qemu-connect dials it. */
+export function listenStream(port = 0, host = "127.0.0.1"): StreamServerPeer {
+  const queue: StreamPeer[] = [];
+  const waiting: ((p: StreamPeer) => void)[] = [];
+  const listener = Bun.listen<PeerState>({
+    hostname: host,
+    port,
+    socket: {
+      ...peerHandlers,
+      open(socket) {
+        const { state, closed } = newPeerState();
+        socket.data = state;
+        const peer = streamPeer(socket, closed);
+        const w = waiting.shift();
+        if (w) w(peer);
+        else queue.push(peer);
+      },
+    },
+  });
+  return {
+    port: listener.port,
+    accepted: () => {
+      const p = queue.shift();
+      return p ? Promise.resolve(p) : new Promise((r) => waiting.push(r));
+    },
+    stop: () => listener.stop(true),
+    async [Symbol.asyncDispose]() {
+      listener.stop(true);
+    },
+  };
+}
+
+export interface UdpPeer extends Disposable {
+  port: number;
+  frames: FrameQueue;
+  send(frame: Uint8Array, port: number, host?: string): void;
+}
+
+/** A fake `-netdev dgram` VM: one frame per datagram. */
+export async function udpPeer(host = "127.0.0.1"): Promise<UdpPeer> {
+  const frames = new FrameQueue();
+  const socket = await Bun.udpSocket({
+    hostname: host,
+    socket: {
+      data(_s, buf) {
+        frames.push(buf);
+      },
+    },
+  });
+  return {
+    port: socket.port,
+    frames,
+    send(frame, port, to = host) {
+      socket.send(frame, port, to);
+    },
+    [Symbol.dispose]() {
+      socket.close();
+    },
+  };
+}
+
+export function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
+  return a.length === b.length && a.every((x, i) => x === b[i]);
+}
+
+/** A fresh temporary folder, removed on dispose. */
+export async function tempDir(): Promise<AsyncDisposable & { path: string }> {
+  const path = (await Bun.$`mktemp -d /tmp/edge-relay-test.XXXXXX`.text()).trim();
+  return { path, [Symbol.asyncDispose]: () => Bun.$`rm -rf ${path}`.quiet().then(() => {}) };
+}

@@ -1,0 +1,316 @@
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { MAX_FRAME, TUNNEL_PROTOCOL, encodeControl, encodeFrames } from "../relay.ts";
+import {
+  BROADCAST,
+  type RelayProcess,
+  attachVm,
+  connectStream,
+  listenStream,
+  makeFrame,
+  mac,
+  sameBytes,
+  spawnRelay,
+  tempDir,
+  udpPeer,
+  waitUntil,
+} from "./helpers.ts";
+
+const TOKEN = "tunnel-secret-4f9a";
+const from = (src: string) => (f: Uint8Array) => sameBytes(f.subarray(6, 12), mac(src));
+const wsUrl = (relay: RelayProcess) => relay.base.replace(/^http/, "ws");
+const uplinkUp = (site: RelayProcess, connects = 1) =>
+  waitUntil(async () => {
+    const s = await site.status();
+    return s.uplink?.state === "up" && s.uplink.connects >= connects;
+  }, `uplink of ${site.base} up (connect #${connects})`);
+
+/** A port number nobody listens on right now (bound, then released). */
+function freePort(): number {
+  const l = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
+  const port = l.port;
+  l.stop(true);
+  return port;
+}
+
+function site(hub: RelayProcess, ...args: string[]) {
+  return spawnRelay(["--http", "127.0.0.1:0", ...args, "--uplink", wsUrl(hub), "--uplink-token", TOKEN]);
+}
+
+describe("relay over a hub (three CLI processes)", () => {
+  let hub: RelayProcess;
+  let siteA: RelayProcess;
+  let siteB: RelayProcess;
+  let udpB: Awaited<ReturnType<typeof udpPeer>>;
+
+  beforeAll(async () => {
+    udpB = await udpPeer();
+    hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN]);
+    [siteA, siteB] = await Promise.all([
+      site(hub, "--qemu-listen", "127.0.0.1:0", "--qemu-udp", "127.0.0.1:0"),
+      site(hub, "--qemu-listen", "127.0.0.1:0", "--qemu-udp", `127.0.0.1:0,127.0.0.1:${udpB.port}`),
+    ]);
+    await Promise.all([uplinkUp(siteA), uplinkUp(siteB)]);
+  });
+  afterAll(async () => {
+    await Promise.all([siteA?.stop(), siteB?.stop(), hub?.stop()]);
+    udpB?.[Symbol.dispose]();
+    for (const r of [hub, siteA, siteB]) expect(r.stdout() + r.stderr()).not.toContain(TOKEN);
+  });
+
+  test("frames cross site A → hub → site B over TCP both ways, byte-exact", async () => {
+    await using vmA = await attachVm(siteA);
+    await using vmB = await attachVm(siteB);
+    const [A, B] = ["02:00:00:00:0a:01", "02:00:00:00:0b:01"];
+    const hello = makeFrame(BROADCAST, B, "who has A?");
+    vmB.send(hello);
+    expect(await vmA.frames.next(from(B))).toEqual(hello);
+    const sizes = [60, 1514, 9014, 65_000, MAX_FRAME];
+    const toB = sizes.map((n) => makeFrame(B, A, n - 14));
+    vmA.send(...toB);
+    for (const f of toB) expect(await vmB.frames.next(from(A))).toEqual(f);
+    const toA = sizes.map((n, i) => makeFrame(A, B, new Uint8Array(n - 14).fill(0x50 + i)));
+    vmB.send(...toA);
+    for (const f of toA) expect(await vmA.frames.next(from(B))).toEqual(f);
+    const status = await hub.status();
+    const def = status.networks.find((n: any) => n.name === "default");
+    expect(def.macs.map((m: any) => m.mac)).toEqual(expect.arrayContaining([A, B]));
+  });
+
+  test("UDP peers at both sites exchange frames byte-exact", async () => {
+    using udpA = await udpPeer();
+    const [UA, UB] = ["02:00:00:00:0a:02", "02:00:00:00:0b:02"];
+    const first = makeFrame(BROADCAST, UA, "from A");
+    udpA.send(first, siteA.port("qemu-udp"));
+    expect(await udpB.frames.next(from(UA))).toEqual(first);
+    const reply = makeFrame(UA, UB, 60_000);
+    udpB.send(reply, siteB.port("qemu-udp"));
+    expect(await udpA.frames.next(from(UB))).toEqual(reply);
+  });
+
+  test("frames cross between a TCP VM at one site and a UDP VM at the other", async () => {
+    await using vmA = await attachVm(siteA);
+    const [A, UB] = ["02:00:00:00:0a:03", "02:00:00:00:0b:03"];
+    const announce = makeFrame(BROADCAST, UB, "udp here");
+    udpB.send(announce, siteB.port("qemu-udp"));
+    expect(await vmA.frames.next(from(UB))).toEqual(announce);
+    const frames = [makeFrame(UB, A, 1500), makeFrame(UB, A, 30_000)];
+    vmA.send(...frames);
+    for (const f of frames) expect(await udpB.frames.next(from(A))).toEqual(f);
+  });
+
+  test("a malformed tunnel message closes only that tunnel, counted", async () => {
+    const ws = new WebSocket(`${wsUrl(hub)}/tunnel`, {
+      headers: { Authorization: `Bearer ${TOKEN}` },
+      protocols: [TUNNEL_PROTOCOL],
+    });
+    const closed = new Promise<number>((r) => (ws.onclose = (e) => r(e.code)));
+    await new Promise((r) => (ws.onopen = r));
+    ws.send(encodeControl({ type: "hello", version: 1, networks: ["default"] }));
+    ws.send(Uint8Array.of(1, 0, 0, 0, 0, 0, 99, 1, 2));
+    expect(await closed).toBe(1008);
+    await waitUntil(async () => (await hub.status()).protocolErrors === 1, "protocol error counted");
+    expect(hub.stderr()).toContain("overruns the message; closing");
+    // the sites' tunnels are untouched
+    await using vmA = await attachVm(siteA);
+    await using vmB = await attachVm(siteB);
+    const probe = makeFrame(BROADCAST, "02:00:00:00:0a:04", "still here");
+    vmA.send(probe);
+    expect(await vmB.frames.next(from("02:00:00:00:0a:04"))).toEqual(probe);
+  });
+});
+
+describe("--qemu-connect", () => {
+  test("dials a VM that is not listening yet, and redials after it restarts", async () => {
+    const port = freePort();
+    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-connect", `127.0.0.1:${port}`, "--qemu-listen", "127.0.0.1:0"]);
+    await using other = await attachVm(relay);
+    const X = "02:00:00:00:0c:01";
+    const seen = new Set<string>();
+    for (let round = 1; round <= 2; round++) {
+      await using vm = listenStream(port);
+      const conn = await vm.accepted();
+      // the relay attaches the port when its connect completes, which may come after our accept
+      await waitUntil(async () => (await relay.status()).networks[0].ports.some((p: any) => p.kind === "qemu-connect" && !seen.has(p.id) && seen.add(p.id)), "a new qemu-connect port attached");
+      const frame = makeFrame(BROADCAST, X, `round ${round}`);
+      other.send(frame);
+      expect(await conn.frames.next(from(X))).toEqual(frame);
+      const back = makeFrame(X, "02:00:00:00:0c:02", `reply ${round}`);
+      conn.send(back);
+      expect(await other.frames.next((f) => sameBytes(f, back))).toEqual(back);
+      vm.stop();
+      await conn.closed;
+    }
+    expect(relay.stdout().match(/qemu-connect default: connected to/g)?.length).toBe(1);
+  });
+});
+
+describe("uplink", () => {
+  test("local switching goes on while the hub is down; the uplink comes up when it appears", async () => {
+    const hubPort = freePort();
+    await using siteR = await spawnRelay([
+      "--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0",
+      "--uplink", `ws://127.0.0.1:${hubPort}`, "--uplink-token", TOKEN,
+    ]);
+    await using vm1 = await attachVm(siteR);
+    await using vm2 = await attachVm(siteR);
+    const f = makeFrame(BROADCAST, "02:00:00:00:0d:01", "local");
+    vm1.send(f);
+    expect(await vm2.frames.next()).toEqual(f);
+    const down = await siteR.status();
+    expect(down.uplink.state).not.toBe("up");
+    expect(down.uplink.lastError).toBeString();
+    await using hub = await spawnRelay(["--http", `127.0.0.1:${hubPort}`, "--token", TOKEN]);
+    await uplinkUp(siteR);
+    expect(siteR.stderr().match(/uplink: .* retrying with backoff/g)?.length).toBe(1);
+    expect(hub.stdout()).toContain("attached (networks: default)");
+  });
+
+  test("a hub killed with SIGKILL and restarted is redialled and carries frames again", async () => {
+    let hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN]);
+    const hubPort = hub.port("http");
+    await using siteA = await site(hub, "--qemu-listen", "127.0.0.1:0");
+    await using siteB = await site(hub, "--qemu-listen", "127.0.0.1:0");
+    await Promise.all([uplinkUp(siteA), uplinkUp(siteB)]);
+    await hub.stop("SIGKILL");
+    await waitUntil(async () => (await siteA.status()).uplink.state === "down", "site A notices the hub is gone");
+    hub = await spawnRelay(["--http", `127.0.0.1:${hubPort}`, "--token", TOKEN]);
+    try {
+      await Promise.all([uplinkUp(siteA, 2), uplinkUp(siteB, 2)]);
+      await using vmA = await attachVm(siteA);
+      await using vmB = await attachVm(siteB);
+      const f = makeFrame(BROADCAST, "02:00:00:00:0e:01", "after restart");
+      vmA.send(f);
+      expect(await vmB.frames.next(from("02:00:00:00:0e:01"))).toEqual(f);
+    } finally {
+      await hub.stop();
+    }
+  });
+
+  test("a hub that stops answering is closed and redialled (keepalive)", async () => {
+    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN]);
+    await using siteR = await site(hub, "--qemu-listen", "127.0.0.1:0", "--keepalive", "0.1");
+    await uplinkUp(siteR);
+    hub.proc.kill("SIGSTOP");
+    try {
+      await siteR.waitForLine(/uplink: .* stopped answering; reconnecting/);
+    } finally {
+      hub.proc.kill("SIGCONT");
+    }
+    await uplinkUp(siteR, 2);
+  });
+});
+
+describe("tunnel auth", () => {
+  test("a wrong or missing token gets 401 before any upgrade, is counted, and is logged without the token", async () => {
+    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN]);
+    const wrong = "not-the-token-77";
+    for (const headers of [{ Authorization: `Bearer ${wrong}` }, {}]) {
+      const res = await fetch(`${hub.base}/tunnel`, {
+        headers: { ...headers, Connection: "Upgrade", Upgrade: "websocket", "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Protocol": TUNNEL_PROTOCOL },
+      });
+      expect(res.status).toBe(401);
+    }
+    await using badSite = await spawnRelay([
+      "--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--uplink", wsUrl(hub), "--uplink-token", wrong,
+    ]);
+    await waitUntil(async () => (await hub.status()).authFailures >= 3, "three auth failures counted");
+    const st = await badSite.status();
+    expect(st.uplink.state).not.toBe("up");
+    expect(st.uplink.lastError).toContain("401");
+    const metrics = await (await fetch(`${hub.base}/metrics`)).text();
+    expect(metrics).toMatch(/^edge_relay_auth_failures_total [3-9]\d*$/m);
+    expect(hub.stderr()).toContain("tunnel: refused 127.0.0.1:");
+    expect(hub.stderr()).toContain("wrong token");
+    expect(hub.stderr()).toContain("no token");
+    for (const out of [hub.stdout(), hub.stderr(), badSite.stdout(), badSite.stderr(), JSON.stringify(st)]) {
+      expect(out).not.toContain(wrong);
+      expect(out).not.toContain(TOKEN);
+    }
+  });
+
+  test("a token limited to network x cannot reach network y", async () => {
+    await using dir = await tempDir();
+    const config = `${dir.path}/hub.json`;
+    await Bun.write(config, JSON.stringify({ http: "127.0.0.1:0", tokens: [{ token: "only-x-token", networks: ["x"] }, TOKEN] }));
+    await using hub = await spawnRelay(["--config", config]);
+    const limited = await spawnRelay([
+      "--http", "127.0.0.1:0", "--qemu-listen", "x=127.0.0.1:0", "--qemu-listen", "y=127.0.0.1:0",
+      "--uplink", wsUrl(hub), "--uplink-token", "only-x-token",
+    ]);
+    await using _limited = limited;
+    await using full = await site(hub, "--qemu-listen", "x=127.0.0.1:0", "--qemu-listen", "y=127.0.0.1:0");
+    await Promise.all([uplinkUp(limited), uplinkUp(full)]);
+    expect((await limited.status()).uplink).toMatchObject({ networks: ["x"], refused: ["y"] });
+    expect(limited.stdout()).toContain("refused by the hub: y");
+    const hubNets = Object.fromEntries((await hub.status()).networks.map((n: any) => [n.name, n.ports.length]));
+    expect(hubNets).toEqual({ x: 2, y: 1 });
+
+    await using ly = await attachVm(limited, "y");
+    await using lx = await attachVm(limited, "x");
+    await using fy = await attachVm(full, "y");
+    await using fx = await attachVm(full, "x");
+    ly.send(makeFrame(BROADCAST, "02:00:00:00:0f:01", "y from limited"));
+    const fromFullY = makeFrame(BROADCAST, "02:00:00:00:0f:02", "y from full");
+    fy.send(fromFullY);
+    const xf = makeFrame(BROADCAST, "02:00:00:00:0f:03", "x from limited");
+    lx.send(xf);
+    expect(await fx.frames.next()).toEqual(xf);
+    expect(await ly.frames.next(() => true, 300).catch(() => null)).toBeNull();
+    expect(fy.frames.frames.length).toBe(0);
+  });
+});
+
+describe("bad input on QEMU ports", () => {
+  test("an oversize length closes only that connection, counted and logged once; others keep forwarding", async () => {
+    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0"]);
+    await using bad = await attachVm(relay);
+    await using vm1 = await attachVm(relay);
+    await using vm2 = await attachVm(relay);
+    bad.write(Uint8Array.of(0, 1, 0x11, 0x70, 1, 2, 3)); // length 70,000
+    await bad.closed;
+    const line = await relay.waitForLine(/exceeds the maximum/);
+    expect(line).toMatch(/^qemu-listen-\d+ 127\.0\.0\.1:\d+: Cannot decode frame: length 70000 exceeds the maximum of 69632 bytes; closing the connection$/);
+    expect(relay.stderr().match(/exceeds the maximum/g)?.length).toBe(1);
+    const f = makeFrame(BROADCAST, "02:00:00:00:10:01", "after the bad one");
+    vm1.send(f);
+    expect(await vm2.frames.next()).toEqual(f);
+    const net = (await relay.status()).networks[0];
+    expect(net.ports.length).toBe(2);
+    expect(net.closedPorts).toEqual([expect.objectContaining({ state: "closed", errors: 1 })]);
+  });
+
+  test("0-length and runt frames are dropped and counted, never forwarded", async () => {
+    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0"]);
+    await using vm1 = await attachVm(relay);
+    await using vm2 = await attachVm(relay);
+    vm1.send(new Uint8Array(0), new Uint8Array(13));
+    const real = makeFrame(BROADCAST, "02:00:00:00:11:01", "real");
+    vm1.send(real);
+    expect(await vm2.frames.next()).toEqual(real);
+    expect(vm2.frames.frames.length).toBe(1);
+    const p = (await relay.status()).networks[0].ports.find((x: any) => x.rx.drops > 0);
+    expect(p.rx).toMatchObject({ frames: 1, drops: 2 });
+  });
+
+  test("a VM that stops reading gets drops, while the others keep forwarding", async () => {
+    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--queue-bytes", "100000"]);
+    await using slow = await attachVm(relay);
+    await using sender = await attachVm(relay);
+    await using other = await attachVm(relay);
+    const SLOW = "02:00:00:00:12:01";
+    slow.send(makeFrame(BROADCAST, SLOW, "learn me"));
+    await sender.frames.next();
+    slow.pause();
+    const burst = Array.from({ length: 400 }, () => makeFrame(SLOW, "02:00:00:00:12:02", 60_000));
+    await sender.writeAll(encodeFrames(burst));
+    const ping = makeFrame(BROADCAST, "02:00:00:00:12:03", "ping");
+    other.send(ping);
+    expect(await sender.frames.next((f) => sameBytes(f, ping))).toEqual(ping);
+    const slowPort = await waitUntil(async () => {
+      const ports = (await relay.status()).networks[0].ports;
+      return ports.find((p: any) => p.tx.drops > 0);
+    }, "drops counted on the slow port");
+    expect(slowPort.tx.frames + slowPort.tx.drops).toBeGreaterThanOrEqual(400);
+    expect(slowPort.tx.frames).toBeLessThan(400);
+  });
+});

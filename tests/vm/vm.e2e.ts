@@ -1,0 +1,360 @@
+/**
+ * Real-VM end-to-end suite (`npm run test:vm`): boots QEMU guests and puts three relay processes
+ * between them, started through the CLI as a user would:
+ *
+ *   guest A ── site A ══ws══ hub ══ws══ site B ── guest B
+ *
+ * Each scenario attaches the guests in some QEMU netdev mode, checks that `ping -c 5` is fully
+ * answered and that 32 MiB sent from A to B arrive with the same md5, and prints one line of
+ * figures. The fault tests kill -9 the hub and then site B while B pings A.
+ *
+ * beforeAll runs tests/vm/setup.sh (apt-get installs qemu-system-x86 and busybox-static as root if
+ * missing; the kernel is unpacked into $VM_CACHE, default .cache/vm) and builds the initramfs.
+ */
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { spawnRelay, waitUntil, type RelayProcess } from "../helpers.ts";
+import { Guest, freeTcpPort, freeUdpPort, prepareImage, transfer, type VmImage } from "./guest.ts";
+
+const LOCAL = "127.0.0.1";
+const TOKEN = `vm-e2e-${crypto.randomUUID()}`;
+const GUEST_A = { name: "a", ip: "192.0.2.1/24", mac: "52:54:00:12:34:01" };
+const GUEST_B = { name: "b", ip: "192.0.2.2/24", mac: "52:54:00:12:34:02" };
+const TRANSFER_MIB = 32;
+
+let image: VmImage;
+
+beforeAll(() => {
+  image = prepareImage();
+});
+
+afterAll(() => {
+  image?.[Symbol.dispose]();
+});
+
+// ---------------------------------------------------------------- how a guest is attached to a site
+
+/** One way of wiring a guest's NIC to its site relay: a small table entry per QEMU netdev mode. */
+interface Attachment {
+  /** Short name for the report line. */
+  label: string;
+  /** Options for the site relay and, once it runs, the guest's `-netdev` (without id=). */
+  prepare(net: string | undefined): Promise<{ siteArgs: string[]; netdev(site: RelayProcess): string }>;
+}
+
+const netPrefix = (net: string | undefined) => (net ? `${net}=` : "");
+
+/** Guest connects to the site's --qemu-listen. */
+const tcpClient = (style: "stream" | "socket"): Attachment => ({
+  label: style === "stream" ? "stream,server=off" : "socket,connect=",
+  async prepare(net) {
+    return {
+      siteArgs: ["--qemu-listen", `${netPrefix(net)}${LOCAL}:0`],
+      netdev(site) {
+        const port = site.port("qemu-listen", net ?? "default");
+        return style === "stream"
+          ? `stream,server=off,addr.type=inet,addr.host=${LOCAL},addr.port=${port}`
+          : `socket,connect=${LOCAL}:${port}`;
+      },
+    };
+  },
+});
+
+/** The site dials the guest's listening socket with --qemu-connect. */
+const tcpServer = (style: "stream" | "socket"): Attachment => ({
+  label: style === "stream" ? "stream,server=on" : "socket,listen=",
+  async prepare(net) {
+    const port = freeTcpPort();
+    return {
+      siteArgs: ["--qemu-connect", `${netPrefix(net)}${LOCAL}:${port}`],
+      netdev: () =>
+        style === "stream"
+          ? `stream,server=on,addr.type=inet,addr.host=${LOCAL},addr.port=${port}`
+          : `socket,listen=${LOCAL}:${port}`,
+    };
+  },
+});
+
+/**
+ * UDP. `socket,udp=` leaves the site to learn the guest's address from its first datagram (the
+ * guest announces itself at boot); `dgram` fixes the remote on the site up front.
+ */
+const udp = (style: "dgram" | "socket"): Attachment => ({
+  label: style === "dgram" ? "dgram (site remote fixed)" : "socket,udp= (site learns)",
+  async prepare(net) {
+    const guestPort = await freeUdpPort();
+    return {
+      siteArgs: [
+        "--qemu-udp",
+        style === "dgram" ? `${netPrefix(net)}${LOCAL}:0,${LOCAL}:${guestPort}` : `${netPrefix(net)}${LOCAL}:0`,
+      ],
+      netdev(site) {
+        const port = site.port("qemu-udp", net ?? "default");
+        return style === "dgram"
+          ? `dgram,local.type=inet,local.host=${LOCAL},local.port=${guestPort},` +
+              `remote.type=inet,remote.host=${LOCAL},remote.port=${port}`
+          : `socket,udp=${LOCAL}:${port},localaddr=${LOCAL}:${guestPort}`;
+      },
+    };
+  },
+});
+
+// ---------------------------------------------------------------- relays and guests
+
+/**
+ * Replaces every `HOST:0` we asked for with the port the relay actually bound, for a restart on the
+ * same addresses (the hub's HTTP port: sites redial it; QEMU-side ports: guests keep using them).
+ */
+function pinnedArgs(args: string[], relay: RelayProcess, pinHttp: boolean): string[] {
+  const out = [...args];
+  for (let i = 0; i < out.length - 1; i++) {
+    const flag = out[i]!;
+    const what = { "--http": "http", "--qemu-listen": "qemu-listen", "--qemu-udp": "qemu-udp" }[flag];
+    if (!what || (what === "http" && !pinHttp)) continue;
+    const value = out[i + 1]!;
+    const m = /^(?:([^=,]+)=)?([^,]+):0(,.*)?$/.exec(value);
+    if (!m) continue;
+    const net = what === "http" ? undefined : (m[1] ?? "default");
+    out[i + 1] = `${m[1] ? `${m[1]}=` : ""}${m[2]}:${relay.port(what, net)}${m[3] ?? ""}`;
+  }
+  return out;
+}
+
+/** A relay we may kill and start again with the same (pinned) addresses. */
+class Relay implements AsyncDisposable {
+  private constructor(
+    readonly role: string,
+    private args: string[],
+    public proc: RelayProcess,
+  ) {}
+
+  static async start(role: string, args: string[], pinHttp = false) {
+    const proc = await spawnRelay(args);
+    return new Relay(role, pinnedArgs(args, proc, pinHttp), proc);
+  }
+
+  port(what: string, net?: string) {
+    return this.proc.port(what, net);
+  }
+
+  status() {
+    return this.proc.status();
+  }
+
+  async kill9() {
+    await this.proc.stop("SIGKILL");
+  }
+
+  /** Starts the relay again with the same addresses; resolves once it printed `ready`. */
+  async restart() {
+    if (this.proc.proc.exitCode === null && this.proc.proc.signalCode === null) await this.kill9();
+    this.proc = await spawnRelay(this.args);
+  }
+
+  async [Symbol.asyncDispose]() {
+    await this.proc[Symbol.asyncDispose]();
+  }
+}
+
+async function waitUplinkUp(site: Relay, timeoutMs = 15_000) {
+  await waitUntil(async () => (await site.status()).uplink?.state === "up", `${site.role} uplink up`, timeoutMs);
+}
+
+/** The site's /status shows a QEMU port (kind qemu-*) on `net` in state "up". */
+async function waitQemuPort(site: Relay, net: string, timeoutMs = 15_000) {
+  await waitUntil(
+    async () => {
+      const s = await site.status();
+      const n = (s.networks ?? []).find((x: any) => x.name === net);
+      return (n?.ports ?? []).some((p: any) => String(p.kind).startsWith("qemu") && p.state === "up");
+    },
+    `${site.role} has a live QEMU port on ${net}`,
+    timeoutMs,
+  );
+}
+
+interface Topology extends AsyncDisposable {
+  hub: Relay;
+  siteA: Relay;
+  siteB: Relay;
+  a: Guest;
+  b: Guest;
+}
+
+/**
+ * Starts hub, site A, site B (relays before guests: a QEMU client whose peer is absent stays dead),
+ * waits for both uplinks, boots both guests and waits until they are up and attached.
+ */
+async function startTopology(attachA: Attachment, attachB: Attachment, net?: string): Promise<Topology> {
+  const stack = new AsyncDisposableStack();
+  try {
+    const hub = stack.use(await Relay.start("hub", ["--http", `${LOCAL}:0`, "--token", TOKEN], true));
+    const uplink = ["--uplink", `ws://${LOCAL}:${hub.port("http")}`, "--uplink-token", TOKEN];
+    const [pa, pb] = await Promise.all([attachA.prepare(net), attachB.prepare(net)]);
+    const sites = await Promise.allSettled([
+      Relay.start("site A", ["--http", `${LOCAL}:0`, ...uplink, ...pa.siteArgs]),
+      Relay.start("site B", ["--http", `${LOCAL}:0`, ...uplink, ...pb.siteArgs]),
+    ]);
+    for (const r of sites) if (r.status === "fulfilled") stack.use(r.value);
+    for (const r of sites) if (r.status === "rejected") throw r.reason;
+    const [siteA, siteB] = sites.map((r) => (r as PromiseFulfilledResult<Relay>).value) as [Relay, Relay];
+    await Promise.all([waitUplinkUp(siteA), waitUplinkUp(siteB)]);
+    const a = stack.use(new Guest(image, { ...GUEST_A, netdev: pa.netdev(siteA.proc) }));
+    const b = stack.use(new Guest(image, { ...GUEST_B, netdev: pb.netdev(siteB.proc) }));
+    await Promise.all([a.ready(), b.ready()]);
+    await Promise.all([waitQemuPort(siteA, net ?? "default"), waitQemuPort(siteB, net ?? "default")]);
+    const moved = stack.move();
+    return {
+      hub,
+      siteA,
+      siteB,
+      a,
+      b,
+      [Symbol.asyncDispose]: () => moved.disposeAsync(),
+    };
+  } catch (e) {
+    await stack.disposeAsync();
+    throw e;
+  }
+}
+
+const fmt = (n: number, digits = 1) => (Number.isFinite(n) ? n.toFixed(digits) : "n/a");
+
+/** ping -c 5 A→B all answered, 32 MiB A→B with matching md5, one report line. */
+async function pingAndTransfer(t: { a: Guest; b: Guest }, mode: string) {
+  const ping = await t.a.ping(t.b.address, 5);
+  const xfer = await transfer(t.a, t.b, TRANSFER_MIB);
+  console.log(
+    `[vm] ${mode}: ping ${ping.received}/${ping.transmitted} (${fmt(ping.lossPct, 0)}% loss) avg ${fmt(ping.avgMs, 2)} ms; ` +
+      `${TRANSFER_MIB} MiB A→B ${fmt(xfer.mbPerS)} MB/s (${fmt(xfer.seconds, 2)} s); ` +
+      `md5 ${xfer.ok ? "match" : `MISMATCH sent ${xfer.sentMd5} received ${xfer.receivedMd5}`}; ` +
+      `boot A ${fmt(t.a.bootMs / 1000)} s B ${fmt(t.b.bootMs / 1000)} s`,
+  );
+  expect(ping.received).toBe(ping.transmitted);
+  expect(xfer.receivedMd5).toBe(xfer.sentMd5);
+  expect(xfer.ok).toBe(true);
+}
+
+// ---------------------------------------------------------------- scenarios
+
+interface Scenario {
+  mode: string;
+  a: Attachment;
+  b: Attachment;
+  /** A named network instead of the default one. */
+  net?: string;
+  /** Not supported by the relay yet. */
+  todo?: string;
+}
+
+const SCENARIOS: Scenario[] = [
+  { mode: "TCP: A stream,server=off / B socket,connect= → --qemu-listen", a: tcpClient("stream"), b: tcpClient("socket") },
+  { mode: "UDP: A socket,udp= / B dgram → --qemu-udp", a: udp("socket"), b: udp("dgram") },
+  { mode: "TCP: A socket,listen= / B stream,server=on ← --qemu-connect", a: tcpServer("socket"), b: tcpServer("stream") },
+  { mode: "mixed (network lab): A stream,server=off / B dgram", a: tcpClient("stream"), b: udp("dgram"), net: "lab" },
+  // When the relay supports them, each becomes one Attachment plus a line here: unix sockets need a
+  // temp folder for the socket files (removed on dispose); multicast needs the relays and QEMU in a
+  // network namespace (`unshare -n`, `ip link set lo up`) so the group stays private.
+  { mode: "unix stream: -netdev stream,addr.type=unix", a: tcpClient("stream"), b: tcpClient("stream"), todo: "relay has no unix sockets yet" },
+  { mode: "unix dgram: -netdev dgram,local.type=unix", a: udp("dgram"), b: udp("dgram"), todo: "relay has no unix sockets yet" },
+  { mode: "multicast: -netdev socket,mcast= in a netns", a: udp("dgram"), b: udp("dgram"), todo: "relay has no multicast yet" },
+];
+
+describe("edge-relay with real QEMU guests", () => {
+  test("baseline: guests wired directly to each other (no relay)", async () => {
+    const port = freeTcpPort();
+    await using a = new Guest(image, { ...GUEST_A, netdev: `socket,listen=${LOCAL}:${port}` });
+    await a.ready();
+    await using b = new Guest(image, { ...GUEST_B, netdev: `socket,connect=${LOCAL}:${port}` });
+    await b.ready();
+    await pingAndTransfer({ a, b }, "baseline direct socket listen/connect (no relay)");
+  });
+
+  for (const s of SCENARIOS) {
+    if (s.todo) {
+      test.todo(`${s.mode} (${s.todo})`);
+      continue;
+    }
+    test(s.mode, async () => {
+      await using t = await startTopology(s.a, s.b, s.net);
+      await pingAndTransfer(t, s.mode);
+    });
+  }
+
+  /**
+   * B pings A continuously (every 0.2 s) in the background; we kill -9 a relay, start it again on
+   * the same addresses once the other relays noticed, and require replies with a new sequence
+   * number within 10 s of its `ready`.
+   * Then a 32 MiB transfer must still match.
+   */
+  async function killAndRecover(t: Topology, victim: Relay, mode: string, noticed: () => Promise<unknown>) {
+    const first = t.b.lines.length;
+    await t.b.sh(`ping -i 0.2 ${t.a.address} >/dev/console 2>&1 & echo $! >/tmp/ping.pid`);
+    const before = await t.b.waitForLine((l) => /^\d+ bytes from .*seq=(\d+)/.exec(l)?.[1], "a ping reply", 15_000, first);
+    await victim.kill9();
+    const killedAt = performance.now();
+    const lastBefore = t.b.lines.length;
+    // A real outage: the survivors noticed the tunnel go and B cannot reach A.
+    await noticed();
+    const noticedAt = performance.now();
+    const probe = await t.b.ping(t.a.address, 1, 0.2, 1);
+    expect(probe.received).toBe(0);
+    await victim.restart();
+    const restartedAt = performance.now();
+    const after = await t.b.waitForLine(
+      (l) => {
+        const m = /^\d+ bytes from .*seq=(\d+)/.exec(l);
+        return m && Number(m[1]) > Number(before.value) ? m[1] : undefined;
+      },
+      `ping replies after restarting the ${victim.role}`,
+      20_000,
+      lastBefore,
+    );
+    const resumedS = (Math.max(after.t, restartedAt) - restartedAt) / 1000;
+    await t.b.sh("kill $(cat /tmp/ping.pid); rm -f /tmp/ping.pid");
+    // Count what was lost around the outage from the sequence numbers seen.
+    const seqs = t.b.lines
+      .slice(first)
+      .map((l) => /^\d+ bytes from .*seq=(\d+)/.exec(l.line)?.[1])
+      .filter((x): x is string => x !== undefined)
+      .map(Number);
+    const lost = Math.max(...seqs) + 1 - new Set(seqs).size;
+    const xfer = await transfer(t.a, t.b, TRANSFER_MIB);
+    console.log(
+      `[vm] ${mode}: kill -9 ${victim.role}, noticed in ${fmt((noticedAt - killedAt) / 1000, 2)} s, ` +
+        `down ${fmt((restartedAt - killedAt) / 1000, 2)} s, ` +
+        `pings resumed ${fmt(resumedS, 2)} s after restart (${lost} of ${Math.max(...seqs) + 1} lost); ` +
+        `${TRANSFER_MIB} MiB A→B after ${fmt(xfer.mbPerS)} MB/s; md5 ${xfer.ok ? "match" : "MISMATCH"}`,
+    );
+    expect(resumedS).toBeLessThan(10);
+    expect(xfer.ok).toBe(true);
+  }
+
+  const uplinksDown = (t: Topology) =>
+    waitUntil(
+      async () => (await Promise.all([t.siteA.status(), t.siteB.status()])).every((s) => s.uplink?.state !== "up"),
+      "both sites to notice the hub is gone",
+    );
+  const tunnelsUp = (hub: Relay, n: number) =>
+    waitUntil(
+      async () => {
+        const s = await hub.status();
+        const ids = new Set<string>();
+        for (const net of s.networks ?? []) {
+          for (const p of net.ports ?? []) if (p.kind === "tunnel" && p.state === "up") ids.add(p.id);
+        }
+        return ids.size === n;
+      },
+      `the hub to have ${n} tunnel(s) up`,
+    );
+
+  test("faults: kill -9 and restart the hub, then site B (B on UDP dgram)", async () => {
+    await using t = await startTopology(tcpClient("stream"), udp("dgram"));
+    await killAndRecover(t, t.hub, "faults (A stream / B dgram)", () => uplinksDown(t));
+    await killAndRecover(t, t.siteB, "faults (A stream / B dgram)", () => tunnelsUp(t.hub, 1));
+  });
+
+  test("faults: kill -9 and restart site B (B stream,server=on ← --qemu-connect)", async () => {
+    await using t = await startTopology(tcpClient("socket"), tcpServer("stream"));
+    await killAndRecover(t, t.siteB, "faults (A socket,connect= / B stream,server=on)", () => tunnelsUp(t.hub, 1));
+  });
+});
