@@ -34,9 +34,12 @@
  */
 
 import { parseArgs } from "node:util";
-import { readFileSync } from "node:fs";
+import { lstatSync, readFileSync, rmSync, unlinkSync } from "node:fs";
+import { constants as osConstants } from "node:os";
+import { dlopen, FFIType, read } from "bun:ffi";
 import { timingSafeEqual } from "node:crypto";
-import type { Server, ServerWebSocket, Socket, TCPSocketListener, udp } from "bun";
+import { checkServerIdentity, type PeerCertificate } from "node:tls";
+import type { Server, ServerWebSocket, Socket, udp } from "bun";
 import { Hono } from "hono";
 import * as v from "valibot";
 
@@ -70,6 +73,25 @@ const DIAL_BACKOFF_MAX_MS = 5_000;
 const DEFAULT_HTTP = "127.0.0.1:8080";
 const DEFAULT_QEMU_LISTEN = "127.0.0.1:10000";
 const NETWORK_NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
+/** Bun.udpSocket's undocumented flag for SO_REUSEADDR (what node:dgram passes for reuseAddr). */
+const UDP_REUSEADDR = 16;
+/** What an errno means, for one-line errors. */
+const ERRNO_TEXT: Record<string, string> = {
+  EADDRINUSE: "address already in use",
+  EADDRNOTAVAIL: "address not available",
+  EACCES: "permission denied",
+  ECONNREFUSED: "connection refused",
+  ECONNRESET: "connection reset by peer",
+  EHOSTUNREACH: "host unreachable",
+  ENETUNREACH: "network unreachable",
+  ENOENT: "no such file or directory",
+  ETIMEDOUT: "timed out",
+  EPIPE: "broken pipe",
+  EINVAL: "invalid argument",
+  EEXIST: "file exists",
+  EISDIR: "is a directory",
+  ENOTDIR: "not a directory",
+};
 
 // ───────────────────────────── config ─────────────────────────────
 
@@ -92,10 +114,37 @@ export function formatHostPort({ host, port }: HostPort): string {
   return host.includes(":") ? `[${host}]:${port}` : `${host}:${port}`;
 }
 
-/** Splits `[NET=]REST` into the network name (default `default`) and the rest. */
+/** A unix socket path; `@name` is a Linux abstract name. */
+export interface UnixPath {
+  path: string;
+}
+
+export type SocketAddress = HostPort | UnixPath;
+
+/** `HOST:PORT`, `[IPv6]:PORT` or `unix:PATH`. */
+export function parseSocketAddress(text: string): SocketAddress | null {
+  if (!text.startsWith("unix:")) return parseHostPort(text);
+  const path = text.slice(5);
+  return path.length > 1 || (path.length === 1 && path !== "@") ? { path } : null;
+}
+
+export function formatAddress(address: SocketAddress): string {
+  return "path" in address ? `unix:${address.path}` : formatHostPort(address);
+}
+
+/** Bun spells a Linux abstract socket name with a leading NUL. */
+function bunUnixPath(path: string): string {
+  return path.startsWith("@") ? `\0${path.slice(1)}` : path;
+}
+
+/**
+ * Splits `[NET=]REST` into the network name (default `default`) and the rest. A prefix with a `:`
+ * is part of the address (`unix:/run/a=b.sock`), not a network name.
+ */
 function splitNetwork(text: string): { network: string; rest: string } {
   const eq = text.indexOf("=");
-  return eq < 0 ? { network: "default", rest: text } : { network: text.slice(0, eq), rest: text.slice(eq + 1) };
+  if (eq < 0 || text.slice(0, eq).includes(":")) return { network: "default", rest: text };
+  return { network: text.slice(0, eq), rest: text.slice(eq + 1) };
 }
 
 function endpointSchema(shape: string, parse: (rest: string) => object | null) {
@@ -117,18 +166,55 @@ function endpointSchema(shape: string, parse: (rest: string) => object | null) {
   );
 }
 
-const StreamEndpoint = endpointSchema("[NET=]HOST:PORT", (rest) => {
-  const addr = parseHostPort(rest);
-  return addr && { address: addr };
+const StreamEndpoint = endpointSchema("[NET=]HOST:PORT or [NET=]unix:PATH", (rest) => {
+  const address = parseSocketAddress(rest);
+  return address && { address };
 });
 
-const UdpEndpoint = endpointSchema("[NET=]HOST:PORT[,REMOTE_HOST:REMOTE_PORT]", (rest) => {
+const UdpEndpoint = endpointSchema("[NET=]HOST:PORT[,REMOTE_HOST:REMOTE_PORT] or [NET=]unix:PATH[,unix:REMOTE_PATH]", (rest) => {
   const [local, remote, extra] = rest.split(",");
-  const address = parseHostPort(local!);
-  const remoteAddress = remote === undefined ? undefined : parseHostPort(remote);
+  const address = parseSocketAddress(local!);
+  const remoteAddress = remote === undefined ? undefined : parseSocketAddress(remote);
   if (!address || remoteAddress === null || extra !== undefined) return null;
+  if (remoteAddress && "path" in remoteAddress !== "path" in address) return null;
   return { address, remote: remoteAddress };
 });
+
+const IPV4_MULTICAST = /^2(2[4-9]|3\d)\.\d{1,3}\.\d{1,3}\.\d{1,3}$/;
+const IPV4 = /^\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}$/;
+
+const McastEndpoint = endpointSchema("[NET=]GROUP:PORT[,LOCALADDR] with an IPv4 multicast GROUP (224.0.0.0/4)", (rest) => {
+  const [groupText, localAddress, extra] = rest.split(",");
+  const group = parseHostPort(groupText!);
+  if (!group || !IPV4_MULTICAST.test(group.host) || group.port === 0 || extra !== undefined) return null;
+  if (localAddress !== undefined && !IPV4.test(localAddress)) return null;
+  return { group, localAddress };
+});
+
+/** `cannot read /x: no such file or directory (ENOENT)`. */
+function describeFileError(path: string, error: unknown): string {
+  const code = (error as { code?: string }).code;
+  return `cannot read ${path}: ${code && ERRNO_TEXT[code] ? `${ERRNO_TEXT[code]} (${code})` : (error as Error).message}`;
+}
+
+/** A PEM file named by the option: read while validating, so a missing file is a config error. */
+const PemFile = v.pipe(
+  v.string(),
+  v.rawTransform(({ dataset, addIssue, NEVER }) => {
+    try {
+      return { path: dataset.value, text: readFileSync(dataset.value, "utf8") };
+    } catch (error) {
+      addIssue({ message: describeFileError(dataset.value, error) });
+      return NEVER;
+    }
+  }),
+);
+
+const Fingerprint = v.pipe(
+  v.string(),
+  v.regex(/^(?:[0-9A-Fa-f]{2}:?){31}[0-9A-Fa-f]{2}$/, "expected a SHA-256 fingerprint: 64 hex digits, colons optional"),
+  v.transform((f) => f.replace(/:/g, "").toUpperCase().replace(/(..)(?!$)/g, "$1:")),
+);
 
 const HttpAddress = v.pipe(
   v.string(),
@@ -168,6 +254,7 @@ export const ConfigSchema = v.pipe(
     qemuListen: v.optional(v.array(StreamEndpoint), []),
     qemuConnect: v.optional(v.array(StreamEndpoint), []),
     qemuUdp: v.optional(v.array(UdpEndpoint), []),
+    qemuMcast: v.optional(v.array(McastEndpoint), []),
     tokens: v.optional(v.array(TokenGrant), []),
     uplink: v.optional(
       v.pipe(
@@ -178,6 +265,11 @@ export const ConfigSchema = v.pipe(
     ),
     uplinkToken: v.optional(Secret),
     adminToken: v.optional(Secret),
+    tlsCert: v.optional(PemFile),
+    tlsKey: v.optional(PemFile),
+    uplinkCa: v.optional(PemFile),
+    uplinkFingerprint: v.optional(Fingerprint),
+    insecure: v.optional(v.boolean("expected true or false"), false),
     macAgeing: v.optional(Seconds, 300),
     keepalive: v.optional(Seconds, 10),
     queueBytes: v.optional(
@@ -193,6 +285,10 @@ export const ConfigSchema = v.pipe(
     v.check((c) => isLoopback(c.http.host) || c.adminToken !== undefined, "required when --http is not a loopback address"),
     ["adminToken"],
   ),
+  v.forward(
+    v.check((c) => (c.tlsCert === undefined) === (c.tlsKey === undefined), "--tls-cert and --tls-key go together"),
+    ["tlsKey"],
+  ),
 );
 
 export type Config = v.InferOutput<typeof ConfigSchema>;
@@ -207,6 +303,12 @@ const OPTION_OF_KEY: Record<string, string> = {
   qemuListen: "--qemu-listen",
   qemuConnect: "--qemu-connect",
   qemuUdp: "--qemu-udp",
+  qemuMcast: "--qemu-mcast",
+  tlsCert: "--tls-cert",
+  tlsKey: "--tls-key",
+  uplinkCa: "--uplink-ca",
+  uplinkFingerprint: "--uplink-fingerprint",
+  insecure: "--insecure",
   tokens: "--token",
   uplink: "--uplink",
   uplinkToken: "--uplink-token",
@@ -237,19 +339,6 @@ export function parseConfig(input: unknown): Config {
   throw new ConfigError(`${where}: ${message}`);
 }
 
-const ERRNO_TEXT: Record<string, string> = {
-  EADDRINUSE: "address already in use",
-  EADDRNOTAVAIL: "address not available",
-  EACCES: "permission denied",
-  ECONNREFUSED: "connection refused",
-  ECONNRESET: "connection reset by peer",
-  EHOSTUNREACH: "host unreachable",
-  ENETUNREACH: "network unreachable",
-  ENOENT: "no such file or directory",
-  ETIMEDOUT: "timed out",
-  EPIPE: "broken pipe",
-  EINVAL: "invalid argument",
-};
 
 /** `Cannot listen on 127.0.0.1:10000: address already in use (EADDRINUSE)`. */
 export function describeSocketError(action: string, error: unknown): string {
@@ -831,9 +920,43 @@ export interface UplinkStatus {
   state: "connecting" | "up" | "down";
   since: string;
   connects: number;
+  /** Dials so far, successful or not. */
+  attempts: number;
   lastError: string | undefined;
   networks: string[];
   refused: string[];
+}
+
+export interface UplinkOptions {
+  /** The hub's base URL (ws:// or wss://); the tunnel path is added. */
+  url: string;
+  token: string;
+  keepaliveMs: number;
+  /** Send-queue bound of each tunnel port. */
+  limit: number;
+  /** Extra CA (PEM) for a wss:// hub. */
+  ca?: string;
+  /** Required SHA-256 fingerprint of the hub's certificate, `AB:CD:…`. */
+  fingerprint?: string;
+  /** Skip certificate verification (logged on every connect). */
+  insecure?: boolean;
+}
+
+/** TLS options for the uplink: system CAs by default, plus a CA, a pinned fingerprint, or none. */
+function uplinkTls(options: UplinkOptions) {
+  if (options.insecure) return { rejectUnauthorized: false };
+  const pin = options.fingerprint;
+  return {
+    ...(options.ca !== undefined && { ca: options.ca }),
+    ...(pin !== undefined && {
+      checkServerIdentity(host: string, cert: PeerCertificate) {
+        const mismatch = checkServerIdentity(host, cert);
+        if (mismatch) return mismatch;
+        if (cert.fingerprint256 !== pin) return new Error(`certificate fingerprint ${cert.fingerprint256} does not match --uplink-fingerprint`);
+        return undefined;
+      },
+    }),
+  };
 }
 
 /** A URL without credentials, for logs and status. */
@@ -865,20 +988,18 @@ export class Uplink {
   #lastLogged = "";
 
   constructor(
-    base: string,
-    private readonly token: string,
+    private readonly options: UplinkOptions,
     private readonly networks: () => Network[],
-    private readonly keepaliveMs: number,
-    private readonly limit: number,
     private readonly log: Logger,
     private readonly countError: () => void,
   ) {
-    this.url = tunnelUrl(base);
+    this.url = tunnelUrl(options.url);
     this.status = {
       url: displayUrl(this.url),
       state: "connecting",
       since: new Date().toISOString(),
       connects: 0,
+      attempts: 0,
       lastError: undefined,
       networks: [],
       refused: [],
@@ -906,10 +1027,12 @@ export class Uplink {
     if (this.#stopped) return;
     this.#setState(this.status.state === "up" ? "down" : this.status.state);
     const nets = this.networks();
+    this.status.attempts++;
     const ws = new WebSocket(this.url.href, {
-      headers: { Authorization: `Bearer ${this.token}` },
+      headers: { Authorization: `Bearer ${this.options.token}` },
       protocols: [TUNNEL_PROTOCOL],
       perMessageDeflate: false,
+      tls: uplinkTls(this.options),
     });
     ws.binaryType = "arraybuffer";
     this.#ws = ws;
@@ -919,7 +1042,7 @@ export class Uplink {
       buffered: () => ws.bufferedAmount,
       close: (code, reason) => ws.close(code, reason),
     };
-    const link = new TunnelLink(socket, "uplink", this.status.url, this.limit, this.log, {
+    const link = new TunnelLink(socket, "uplink", this.status.url, this.options.limit, this.log, {
       onWelcome: (l, accepted, refused) => {
         for (const name of accepted) {
           const channel = nets.findIndex((n) => n.name === name);
@@ -932,6 +1055,9 @@ export class Uplink {
         this.#setState("up");
         const extra = refused.length ? `; refused by the hub: ${refused.join(", ")}` : "";
         this.#logChange(`uplink: connected to ${this.status.url} (networks: ${accepted.join(", ") || "none"}${extra})`);
+        if (this.options.insecure && this.url.protocol === "wss:") {
+          this.log.warn(`uplink: --insecure: the certificate of ${this.status.url} was NOT verified`);
+        }
       },
     }, this.countError);
     this.#link = link;
@@ -954,7 +1080,7 @@ export class Uplink {
       this.#logChange(`uplink: ${this.status.url} ${why}; retrying with backoff`, true);
       this.#timer = setTimeout(() => this.#dial(), delay);
     };
-    this.#keepalive ??= setInterval(() => this.#tick(), this.keepaliveMs);
+    this.#keepalive ??= setInterval(() => this.#tick(), this.options.keepaliveMs);
   }
 
   #backoff(): number {
@@ -967,7 +1093,7 @@ export class Uplink {
     const ws = this.#ws;
     const link = this.#link;
     if (!ws || !link || ws.readyState !== WebSocket.OPEN) return;
-    if (Date.now() - link.lastHeard > 3 * this.keepaliveMs) {
+    if (Date.now() - link.lastHeard > 3 * this.options.keepaliveMs) {
       this.#logChange(`uplink: ${this.status.url} stopped answering; reconnecting`, true);
       ws.onerror = null;
       ws.onclose?.(new CloseEvent("close", { code: 1006, reason: "keepalive timeout" }));
@@ -987,6 +1113,23 @@ export class Uplink {
 }
 
 // ───────────────────────────── QEMU ports ─────────────────────────────
+
+/**
+ * Clears the way for a unix socket: a file left by a killed process is removed; one that a live
+ * process still answers on (`isLive`), or a file that is not a socket, is an error.
+ */
+async function claimUnixPath(path: string, isLive: (path: string) => boolean | Promise<boolean>): Promise<void> {
+  if (path.startsWith("@")) return;
+  let stats;
+  try {
+    stats = lstatSync(path);
+  } catch {
+    return;
+  }
+  if (!stats.isSocket()) throw new Error("the path exists and is not a socket");
+  if (await isLive(path)) throw Object.assign(new Error("a running process listens there"), { code: "EADDRINUSE" });
+  unlinkSync(path);
+}
 
 /** A QEMU stream connection (TCP): length-prefixed frames both ways. */
 export class StreamPort extends Port {
@@ -1027,6 +1170,8 @@ interface StreamContext {
   log: Logger;
   limit: number;
   kind: string;
+  /** Names the peer of a unix connection, which has no remote address. */
+  unixPeer?: string;
   onClose?: () => void;
 }
 
@@ -1034,7 +1179,7 @@ interface StreamContext {
 function streamHandlers(ctx: StreamContext) {
   return {
     open(socket: Socket<StreamPort>) {
-      const peer = socket.remoteAddress ? formatHostPort({ host: socket.remoteAddress, port: socket.remotePort }) : "unix";
+      const peer = socket.remoteAddress ? formatHostPort({ host: socket.remoteAddress, port: socket.remotePort }) : ctx.unixPeer ?? "unix";
       const port = new StreamPort(ctx.kind, peer, socket, ctx.limit);
       socket.data = port;
       ctx.network.attach(port);
@@ -1056,17 +1201,44 @@ function streamHandlers(ctx: StreamContext) {
   };
 }
 
-export function listenStream(address: HostPort, ctx: StreamContext): TCPSocketListener<StreamPort> {
+/** A TCP or unix listener for QEMU stream clients; each connection becomes a port. */
+export async function listenStream(address: SocketAddress, ctx: StreamContext): Promise<{ address: string; stop(): void }> {
   try {
-    return Bun.listen<StreamPort>({ hostname: address.host, port: address.port, socket: streamHandlers(ctx) });
+    if ("path" in address) {
+      await claimUnixPath(address.path, (path) =>
+        Bun.connect({ unix: path, socket: { data() {} } }).then(
+          (probe) => (probe.end(), true),
+          () => false,
+        ),
+      );
+      const listener = Bun.listen<StreamPort>({ unix: bunUnixPath(address.path), socket: streamHandlers({ ...ctx, unixPeer: formatAddress(address) }) });
+      return { address: formatAddress(address), stop: () => listener.stop(true) };
+    }
+    const listener = Bun.listen<StreamPort>({ hostname: address.host, port: address.port, socket: streamHandlers(ctx) });
+    return { address: formatHostPort({ host: address.host, port: listener.port }), stop: () => listener.stop(true) };
   } catch (error) {
-    throw new Error(describeSocketError(`Cannot listen on ${formatHostPort(address)}`, error));
+    throw new Error(describeSocketError(`Cannot listen on ${formatAddress(address)}`, error));
   }
 }
 
+/** How a --qemu-connect dialer is doing, for status. */
+export interface DialStatus {
+  network: string;
+  target: string;
+  state: "connecting" | "up";
+  since: string;
+  attempts: number;
+  lastError: string | undefined;
+}
+
 /** Dials a listening QEMU until it answers, and again (with backoff) whenever it goes away. */
-export function dialStream(address: HostPort, ctx: StreamContext): { stop(): void } {
-  const target = formatHostPort(address);
+export function dialStream(address: SocketAddress, ctx: StreamContext): { status: DialStatus; stop(): void } {
+  const target = formatAddress(address);
+  const status: DialStatus = { network: ctx.network.name, target, state: "connecting", since: new Date().toISOString(), attempts: 0, lastError: undefined };
+  const setState = (state: DialStatus["state"]) => {
+    if (status.state !== state) status.since = new Date().toISOString();
+    status.state = state;
+  };
   let failures = 0;
   let timer: ReturnType<typeof setTimeout> | undefined;
   let socket: Socket<StreamPort> | undefined;
@@ -1078,27 +1250,35 @@ export function dialStream(address: HostPort, ctx: StreamContext): { stop(): voi
   const retry = () => {
     socket = undefined;
     if (stopped) return;
+    if (status.state === "up") logChange(`qemu-connect ${ctx.network.name}: disconnected from ${target}; redialling`);
+    setState("connecting");
     const delay = Math.min(DIAL_BACKOFF_MAX_MS, DIAL_BACKOFF_MIN_MS * 2 ** failures++);
     timer = setTimeout(dial, delay);
   };
-  const handlers = streamHandlers({ ...ctx, onClose: retry });
+  const handlers = streamHandlers({ ...ctx, unixPeer: target, onClose: retry });
   const open = handlers.open;
   handlers.open = (s) => {
     open(s);
     failures = 0;
+    setState("up");
     logChange(`qemu-connect ${ctx.network.name}: connected to ${target}`);
   };
   async function dial() {
+    status.attempts++;
     try {
-      socket = await Bun.connect<StreamPort>({ hostname: address.host, port: address.port, socket: handlers });
+      socket = await Bun.connect<StreamPort>(
+        "path" in address ? { unix: bunUnixPath(address.path), socket: handlers } : { hostname: address.host, port: address.port, socket: handlers },
+      );
       if (stopped) socket.end();
     } catch (error) {
-      logChange(describeSocketError(`qemu-connect ${ctx.network.name}: cannot connect to ${target}`, error) + "; retrying");
+      status.lastError = describeSocketError("cannot connect", error);
+      logChange(`qemu-connect ${ctx.network.name}: ${status.lastError.replace("cannot connect", `cannot connect to ${target}`)}; retrying with backoff`);
       retry();
     }
   }
   void dial();
   return {
+    status,
     stop() {
       stopped = true;
       clearTimeout(timer);
@@ -1107,72 +1287,217 @@ export function dialStream(address: HostPort, ctx: StreamContext): { stop(): voi
   };
 }
 
-/** One UDP peer of a --qemu-udp socket. */
-export class UdpPort extends Port {
+/** What a datagram port needs from its socket: one frame to one address, and nothing kept. */
+export interface DatagramSocket {
+  /** The bound address, as logged. */
+  readonly address: string;
+  send(frame: Uint8Array, to: SocketAddress): boolean;
+  close(): void | Promise<void>;
+}
+
+/** Called per datagram with a key naming the sender; `from` builds its address only when needed. */
+type OnDatagram = (data: Uint8Array, key: string, from: () => SocketAddress) => void;
+
+/** A datagram peer (UDP or unix) or a multicast group: one frame per datagram. */
+export class DatagramPort extends Port {
   lastHeard = Date.now();
   constructor(
-    private readonly socket: udp.Socket<"buffer">,
-    readonly host: string,
-    readonly port: number,
+    kind: string,
+    private readonly socket: DatagramSocket,
+    readonly to: SocketAddress,
   ) {
-    super("qemu-udp", formatHostPort({ host, port }));
+    super(kind, formatAddress(to));
   }
 
   protected enqueue(frame: Uint8Array): boolean {
-    return frame.length > 0 && frame.length <= MAX_DATAGRAM && this.socket.send(frame, this.port, this.host);
+    return frame.length > 0 && frame.length <= MAX_DATAGRAM && this.socket.send(frame, this.to);
   }
 }
 
-/** A UDP socket for QEMU dgram/udp netdevs: every distinct source address is its own port. */
-export async function bindUdp(
-  address: HostPort,
-  remote: HostPort | undefined,
-  ctx: { network: Network; log: Logger; ageingMs: number },
-): Promise<{ socket: udp.Socket<"buffer">; peers: Map<string, UdpPort>; sweep(): void }> {
-  const peers = new Map<string, UdpPort>();
-  let full = false;
-  let socket: udp.Socket<"buffer">;
-  try {
-    socket = await Bun.udpSocket({
-      hostname: address.host,
-      port: address.port,
-      socket: {
-        data(sock, buf, port, host) {
-          const key = `${host}:${port}`;
-          let peer = peers.get(key);
-          if (peer === undefined) {
-            if (peers.size >= MAX_UDP_PEERS) {
-              if (!full) ctx.log.warn(`qemu-udp ${ctx.network.name}: more than ${MAX_UDP_PEERS} peers; ignoring new ones`);
-              full = true;
-              return;
-            }
-            peer = new UdpPort(sock, host, port);
-            peers.set(key, peer);
-            ctx.network.attach(peer);
-          }
-          peer.lastHeard = Date.now();
-          peer.receive(buf);
-        },
-        error(error: Error) {
-          // ICMP port unreachable: the peer is not there (yet); QEMU dgram peers come and go.
-          if ((error as { code?: string }).code !== "ECONNREFUSED") {
-            ctx.log.warn(describeSocketError(`qemu-udp ${ctx.network.name} ${formatHostPort(address)}`, error));
-          }
-        },
+async function openUdp(address: HostPort, onDatagram: OnDatagram, onError: (error: Error) => void, flags = 0): Promise<DatagramSocket & { socket: udp.Socket<"buffer"> }> {
+  const socket = await Bun.udpSocket({
+    hostname: address.host,
+    port: address.port,
+    flags,
+    socket: {
+      data(_socket, data, port, host) {
+        onDatagram(data, `${host}:${port}`, () => ({ host, port }));
       },
-    });
-  } catch (error) {
-    throw new Error(describeSocketError(`Cannot listen on udp ${formatHostPort(address)}`, error));
+      error: onError,
+    },
+  } as Bun.UDPSocketOptions<"buffer">);
+  return {
+    socket,
+    address: formatHostPort({ host: address.host, port: socket.port }),
+    send: (frame, to) => socket.send(frame, (to as HostPort).port, (to as HostPort).host),
+    close: () => socket.close(),
+  };
+}
+
+const AF_UNIX = 1;
+const SOCK_DGRAM_CLOEXEC = 2 | 0x80000;
+const MSG_DONTWAIT_NOSIGNAL = 0x40 | 0x4000;
+const SOL_SOCKET = 1;
+const SO_RCVTIMEO = 20;
+const EINTR = 4;
+const EAGAIN = 11;
+const ECONNREFUSED_ERRNO = 111;
+
+/** libc through bun:ffi, loaded on first use: Bun has no unix datagram sockets of its own. */
+let libc: ReturnType<typeof loadLibc> | undefined;
+function loadLibc() {
+  return dlopen("libc.so.6", {
+    socket: { args: [FFIType.i32, FFIType.i32, FFIType.i32], returns: FFIType.i32 },
+    bind: { args: [FFIType.i32, FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
+    connect: { args: [FFIType.i32, FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
+    setsockopt: { args: [FFIType.i32, FFIType.i32, FFIType.i32, FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
+    sendto: { args: [FFIType.i32, FFIType.ptr, FFIType.u64, FFIType.i32, FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
+    close: { args: [FFIType.i32], returns: FFIType.i32 },
+    __errno_location: { args: [], returns: FFIType.ptr },
+  }).symbols;
+}
+
+/** Receives on a blocking unix datagram socket in a worker thread and posts each datagram back. */
+const UNIX_DGRAM_RECEIVER = `
+import { dlopen, FFIType, read } from "bun:ffi";
+const c = dlopen("libc.so.6", {
+  recvfrom: { args: [FFIType.i32, FFIType.ptr, FFIType.u64, FFIType.i32, FFIType.ptr, FFIType.ptr], returns: FFIType.i32 },
+  __errno_location: { args: [], returns: FFIType.ptr },
+}).symbols;
+self.onmessage = ({ data: { fd, stop } }) => {
+  const stopped = new Int32Array(stop);
+  const buf = new Uint8Array(65536);
+  const addr = new Uint8Array(112);
+  const addrLen = new Uint32Array(1);
+  while (Atomics.load(stopped, 0) === 0) {
+    addrLen[0] = 110;
+    const n = c.recvfrom(fd, buf, 65536, 0, addr, addrLen);
+    if (n >= 0) postMessage({ data: buf.slice(0, n), from: addr.slice(0, addrLen[0]) });
+    else {
+      const errno = read.i32(c.__errno_location(), 0);
+      if (errno !== ${EAGAIN} && errno !== ${EINTR}) { postMessage({ errno }); break; }
+    }
   }
-  let fixed: UdpPort | undefined;
+  postMessage({ done: true });
+};
+`;
+
+function sockaddrUnix(path: string): Uint8Array {
+  const abstract = path.startsWith("@");
+  const name = new TextEncoder().encode(abstract ? path.slice(1) : path);
+  if (name.length > 107) throw Object.assign(new Error("unix socket path longer than 107 bytes"), { code: "ENAMETOOLONG" });
+  const out = new Uint8Array(2 + name.length + 1);
+  out[0] = AF_UNIX;
+  out.set(name, abstract ? 3 : 2);
+  return abstract ? out.subarray(0, 3 + name.length) : out;
+}
+
+function pathOfSockaddr(addr: Uint8Array): string | undefined {
+  if (addr.length <= 2) return undefined;
+  if (addr[2] === 0) return `@${new TextDecoder().decode(addr.subarray(3))}`;
+  const end = addr.indexOf(0, 2);
+  return new TextDecoder().decode(addr.subarray(2, end < 0 ? addr.length : end));
+}
+
+function errnoError(call: string): Error {
+  const errno = read.i32(libc!.__errno_location()!, 0);
+  const code = Object.entries(osConstants.errno).find(([, n]) => n === errno)?.[0] ?? `errno ${errno}`;
+  return Object.assign(new Error(`${call} failed`), { code });
+}
+
+/** A unix datagram socket bound to `path` (stale files of killed processes are replaced). */
+export async function openUnixDgram(path: string, onDatagram: OnDatagram): Promise<DatagramSocket> {
+  libc ??= loadLibc();
+  const c = libc;
+  const local = sockaddrUnix(path);
+  await claimUnixPath(path, () => {
+    const probe = c.socket(AF_UNIX, SOCK_DGRAM_CLOEXEC, 0);
+    const live = c.connect(probe, local, local.length) === 0;
+    c.close(probe);
+    return live;
+  });
+  const fd = c.socket(AF_UNIX, SOCK_DGRAM_CLOEXEC, 0);
+  if (fd < 0) throw errnoError("socket");
+  if (c.bind(fd, local, local.length) !== 0) {
+    const error = errnoError("bind");
+    c.close(fd);
+    throw error;
+  }
+  // The receiver wakes every 100 ms to notice a stop without closing the fd under it.
+  const timeout = new BigInt64Array([0n, 100_000n]);
+  c.setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, timeout, 16);
+  const stop = new SharedArrayBuffer(4);
+  const worker = new Worker(URL.createObjectURL(new Blob([UNIX_DGRAM_RECEIVER], { type: "application/javascript" })));
+  const { promise: done, resolve: finished } = Promise.withResolvers<void>();
+  worker.onmessage = ({ data }) => {
+    if (data.data) {
+      const from = pathOfSockaddr(data.from);
+      if (from !== undefined) onDatagram(data.data, from, () => ({ path: from }));
+    } else if (data.done) finished();
+  };
+  worker.postMessage({ fd, stop });
+  const addresses = new Map<string, Uint8Array>();
+  return {
+    address: formatAddress({ path }),
+    send(frame, to) {
+      const target = (to as UnixPath).path;
+      let addr = addresses.get(target);
+      if (addr === undefined) addresses.set(target, (addr = sockaddrUnix(target)));
+      return c.sendto(fd, frame, frame.length, MSG_DONTWAIT_NOSIGNAL, addr, addr.length) === frame.length;
+    },
+    async close() {
+      Atomics.store(new Int32Array(stop), 0, 1);
+      await done;
+      worker.terminate();
+      c.close(fd);
+      if (!path.startsWith("@")) rmSync(path, { force: true });
+    },
+  };
+}
+
+/** A datagram socket for QEMU dgram/udp netdevs: every distinct source address is its own port. */
+export async function bindDatagram(
+  address: SocketAddress,
+  remote: SocketAddress | undefined,
+  ctx: { network: Network; log: Logger; ageingMs: number },
+): Promise<{ socket: DatagramSocket; sweep(): void }> {
+  const peers = new Map<string, DatagramPort>();
+  let full = false;
+  let socket: DatagramSocket;
+  const onDatagram: OnDatagram = (data, key, from) => {
+    let peer = peers.get(key);
+    if (peer === undefined) {
+      if (peers.size >= MAX_UDP_PEERS) {
+        if (!full) ctx.log.warn(`qemu-udp ${ctx.network.name}: more than ${MAX_UDP_PEERS} peers; ignoring new ones`);
+        full = true;
+        return;
+      }
+      peer = new DatagramPort("qemu-udp", socket, from());
+      peers.set(key, peer);
+      ctx.network.attach(peer);
+    }
+    peer.lastHeard = Date.now();
+    peer.receive(data);
+  };
+  const onError = (error: Error) => {
+    // ICMP port unreachable: the peer is not there (yet); QEMU dgram peers come and go.
+    if ((error as { code?: string }).code !== "ECONNREFUSED") {
+      ctx.log.warn(describeSocketError(`qemu-udp ${ctx.network.name} ${formatAddress(address)}`, error));
+    }
+  };
+  try {
+    socket = "path" in address ? await openUnixDgram(address.path, onDatagram) : await openUdp(address, onDatagram, onError);
+  } catch (error) {
+    throw new Error(describeSocketError(`Cannot listen on ${"path" in address ? "" : "udp "}${formatAddress(address)}`, error));
+  }
+  let fixed: DatagramPort | undefined;
   if (remote) {
-    fixed = new UdpPort(socket, remote.host, remote.port);
-    peers.set(`${remote.host}:${remote.port}`, fixed);
+    fixed = new DatagramPort("qemu-udp", socket, remote);
+    peers.set("path" in remote ? remote.path : `${remote.host}:${remote.port}`, fixed);
     ctx.network.attach(fixed);
   }
   return {
     socket,
-    peers,
     /** Learned peers silent for the ageing time are forgotten; a fixed remote stays. */
     sweep() {
       const now = Date.now();
@@ -1185,6 +1510,49 @@ export async function bindUdp(
       }
     },
   };
+}
+
+/**
+ * Bridges a QEMU multicast segment into a network as one port. QEMU members share the group port
+ * (SO_REUSEADDR) and loop multicast back, so the relay joins with the same flag and sends from a
+ * socket of its own, whose looped-back copies it recognises by source and drops.
+ */
+export async function joinMulticast(
+  group: HostPort,
+  localAddress: string | undefined,
+  ctx: { network: Network; log: Logger },
+): Promise<{ address: string; close(): void }> {
+  const where = `multicast ${formatHostPort(group)}${localAddress ? ` on ${localAddress}` : ""}`;
+  const ignoreRefused = (error: Error) => {
+    if ((error as { code?: string }).code !== "ECONNREFUSED") ctx.log.warn(describeSocketError(`qemu-mcast ${ctx.network.name} ${where}`, error));
+  };
+  let sender: Awaited<ReturnType<typeof openUdp>> | undefined;
+  try {
+    sender = await openUdp({ host: localAddress ?? "0.0.0.0", port: 0 }, () => {}, ignoreRefused);
+    if (localAddress) sender.socket.setMulticastInterface(localAddress);
+    sender.socket.setMulticastLoopback(true);
+    const port = new DatagramPort("qemu-mcast", sender, group);
+    const own = sender.socket.port;
+    const receiver = await openUdp(
+      group,
+      (data, _key, from) => {
+        const source = from() as HostPort;
+        if (source.port === own && (localAddress === undefined || source.host === localAddress)) return;
+        port.receive(data);
+      },
+      ignoreRefused,
+      UDP_REUSEADDR,
+    );
+    if (!receiver.socket.addMembership(group.host, localAddress)) {
+      receiver.close();
+      throw new Error("cannot join the group");
+    }
+    ctx.network.attach(port);
+    return { address: receiver.address, close: () => (receiver.close(), sender!.close()) };
+  } catch (error) {
+    sender?.close();
+    throw new Error(describeSocketError(`Cannot join ${where}`, error));
+  }
 }
 
 // ───────────────────────────── HTTP app ─────────────────────────────
@@ -1200,6 +1568,7 @@ export interface Snapshot {
   startedAt: string;
   networks: ReturnType<Network["snapshot"]>[];
   uplink: UplinkStatus | null;
+  dials: DialStatus[];
   authFailures: number;
   protocolErrors: number;
 }
@@ -1320,9 +1689,10 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
   const countError = () => void counters.protocolErrors++;
   const grants = makeGrants(config.tokens);
   const bound: BoundAddress[] = [];
-  const stoppers: (() => void)[] = [];
+  const stoppers: (() => void | Promise<void>)[] = [];
   const sweepers: (() => void)[] = [];
   let uplink: Uplink | undefined;
+  const dialers: ReturnType<typeof dialStream>[] = [];
 
   const snapshot = (): Snapshot => ({
     version: VERSION,
@@ -1330,13 +1700,14 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
     startedAt: new Date(startedAt).toISOString(),
     networks: [...networks.values()].map((n) => n.snapshot()),
     uplink: uplink ? { ...uplink.status } : null,
+    dials: dialers.map((d) => ({ ...d.status })),
     authFailures: counters.authFailures,
     protocolErrors: counters.protocolErrors,
   });
 
   // Whatever fails to bind, stop what already runs so a failed start leaves nothing behind.
-  const stopAll = () => {
-    for (const stop of stoppers.splice(0).reverse()) stop();
+  const stopAll = async () => {
+    await Promise.all(stoppers.splice(0).reverse().map((stop) => stop()));
   };
   try {
     const tunnelClosed = (ws: ServerWebSocket<TunnelData>) => {
@@ -1346,6 +1717,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
     const server = Bun.serve<TunnelData>({
       hostname: config.http.host,
       port: config.http.port,
+      tls: config.tlsCert && config.tlsKey ? { cert: config.tlsCert.text, key: config.tlsKey.text } : undefined,
       fetch: createApp({ grants, adminToken: config.adminToken, snapshot, counters, log }).fetch,
       websocket: {
         maxPayloadLength: MAX_MESSAGE,
@@ -1388,30 +1760,43 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
       },
     });
     stoppers.push(() => void server.stop(true));
-    const httpUrl = `http://${formatHostPort({ host: config.http.host, port: server.port! })}`;
+    const httpUrl = `${config.tlsCert ? "https" : "http"}://${formatHostPort({ host: config.http.host, port: server.port! })}`;
     bound.push({ what: "http", address: httpUrl });
 
     for (const spec of config.qemuListen) {
-      const net = network(spec.network);
-      const listener = listenStream(spec.address, { network: net, log, limit: config.queueBytes, kind: "qemu-listen" });
-      stoppers.push(() => listener.stop(true));
-      bound.push({ what: "qemu-listen", network: spec.network, address: formatHostPort({ host: spec.address.host, port: listener.port }) });
+      const listener = await listenStream(spec.address, { network: network(spec.network), log, limit: config.queueBytes, kind: "qemu-listen" });
+      stoppers.push(listener.stop);
+      bound.push({ what: "qemu-listen", network: spec.network, address: listener.address });
     }
     for (const spec of config.qemuUdp) {
-      const net = network(spec.network);
-      const udpPort = await bindUdp(spec.address, spec.remote, { network: net, log, ageingMs });
-      stoppers.push(() => udpPort.socket.close());
-      sweepers.push(udpPort.sweep);
-      bound.push({ what: "qemu-udp", network: spec.network, address: formatHostPort({ host: spec.address.host, port: udpPort.socket.port }) });
+      const dgram = await bindDatagram(spec.address, spec.remote, { network: network(spec.network), log, ageingMs });
+      stoppers.push(() => dgram.socket.close());
+      sweepers.push(dgram.sweep);
+      bound.push({ what: "qemu-udp", network: spec.network, address: dgram.socket.address });
+    }
+    for (const spec of config.qemuMcast) {
+      const mcast = await joinMulticast(spec.group, spec.localAddress, { network: network(spec.network), log });
+      stoppers.push(mcast.close);
+      bound.push({ what: "qemu-mcast", network: spec.network, address: mcast.address });
     }
     for (const spec of config.qemuConnect) {
       const dialer = dialStream(spec.address, { network: network(spec.network), log, limit: config.queueBytes, kind: "qemu-connect" });
+      dialers.push(dialer);
       stoppers.push(dialer.stop);
     }
     if (config.uplink !== undefined) {
       const localNetworks = [...networks.values()];
       if (localNetworks.length === 0) localNetworks.push(network("default"));
-      uplink = new Uplink(config.uplink, config.uplinkToken!, () => localNetworks, config.keepalive * 1000, config.queueBytes, log, countError);
+      const options: UplinkOptions = {
+        url: config.uplink,
+        token: config.uplinkToken!,
+        keepaliveMs: config.keepalive * 1000,
+        limit: config.queueBytes,
+        ca: config.uplinkCa?.text,
+        fingerprint: config.uplinkFingerprint,
+        insecure: config.insecure,
+      };
+      uplink = new Uplink(options, () => localNetworks, log, countError);
       uplink.start();
       stoppers.push(() => uplink!.stop());
     }
@@ -1421,7 +1806,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
     }, Math.min(ageingMs, 60_000) / 2);
     stoppers.push(() => clearInterval(sweep));
   } catch (error) {
-    stopAll();
+    await stopAll();
     throw error;
   }
 
@@ -1449,14 +1834,17 @@ Usage: bun relay.ts [options]
 With no options: a local switch with --http 127.0.0.1:8080 and --qemu-listen 127.0.0.1:10000.
 NET is a network name (default "default"); every network is its own learning switch.
 
-QEMU ports (repeatable):
-  --qemu-listen [NET=]HOST:PORT   accept QEMU stream clients: -netdev stream,server=off,… or
+QEMU ports (repeatable). ADDR is HOST:PORT, [IPv6]:PORT, unix:PATH or unix:@ABSTRACT_NAME:
+  --qemu-listen [NET=]ADDR        accept QEMU stream clients: -netdev stream,server=off,… or
                                   -netdev socket,connect=HOST:PORT; each connection is a port
-  --qemu-connect [NET=]HOST:PORT  dial QEMU -netdev stream,server=on,… or -netdev socket,listen=…;
+  --qemu-connect [NET=]ADDR       dial QEMU -netdev stream,server=on,… or -netdev socket,listen=…;
                                   retried with backoff until it answers and after it restarts
-  --qemu-udp [NET=]HOST:PORT[,REMOTE_HOST:REMOTE_PORT]
-                                  UDP socket for -netdev dgram,… or -netdev socket,udp=…,localaddr=…;
-                                  each source address is a port; REMOTE fixes the peer up front
+  --qemu-udp [NET=]ADDR[,REMOTE]  datagram socket for -netdev dgram,… (inet or unix) or
+                                  -netdev socket,udp=…,localaddr=…; each source address is a port;
+                                  REMOTE (same family) fixes the peer up front
+  --qemu-mcast [NET=]GROUP:PORT[,LOCALADDR]
+                                  bridge a -netdev socket,mcast=GROUP:PORT / -netdev dgram multicast
+                                  segment into NET as one port
 
 Tunnel:
   --token SECRET                  accept tunnels that present this token (repeatable); also
@@ -1466,11 +1854,15 @@ Tunnel:
                                   local network over it
   --uplink-token SECRET           the token for --uplink; also RELAY_UPLINK_TOKEN
   --keepalive SECONDS             uplink ping interval; no answer for 3 intervals redials (10)
+  --uplink-ca FILE                trust this CA (PEM) for a wss:// uplink, besides the system's
+  --uplink-fingerprint SHA256     also require the hub certificate's SHA-256 fingerprint (pinning)
+  --insecure                      do not verify the hub's certificate (logged on every connect)
 
 HTTP (status, metrics, tunnel endpoint):
   --http HOST:PORT                listen address (127.0.0.1:8080)
   --admin-token SECRET            Bearer token for /healthz, /status, /metrics; required when --http
                                   is not a loopback address; also RELAY_ADMIN_TOKEN
+  --tls-cert FILE, --tls-key FILE serve HTTPS and wss:// with this certificate and key (PEM)
 
 Switch:
   --mac-ageing SECONDS            forget a MAC not seen for this long (300)
@@ -1492,11 +1884,17 @@ const CLI_OPTIONS = {
   "qemu-listen": { type: "string", multiple: true },
   "qemu-connect": { type: "string", multiple: true },
   "qemu-udp": { type: "string", multiple: true },
+  "qemu-mcast": { type: "string", multiple: true },
   token: { type: "string", multiple: true },
   "token-file": { type: "string" },
   uplink: { type: "string" },
   "uplink-token": { type: "string" },
   "admin-token": { type: "string" },
+  "tls-cert": { type: "string" },
+  "tls-key": { type: "string" },
+  "uplink-ca": { type: "string" },
+  "uplink-fingerprint": { type: "string" },
+  insecure: { type: "boolean" },
   keepalive: { type: "string" },
   "mac-ageing": { type: "string" },
   "queue-bytes": { type: "string" },
@@ -1506,7 +1904,7 @@ function readTextFile(option: string, path: string): string {
   try {
     return readFileSync(path, "utf8");
   } catch (error) {
-    throw new ConfigError(describeSocketError(`${option}: cannot read ${path}`, error));
+    throw new ConfigError(`${option}: ${describeFileError(path, error)}`);
   }
 }
 
@@ -1539,6 +1937,12 @@ export function loadConfig(argv: string[], env: Record<string, string | undefine
   set("qemuListen", flags["qemu-listen"]);
   set("qemuConnect", flags["qemu-connect"]);
   set("qemuUdp", flags["qemu-udp"]);
+  set("qemuMcast", flags["qemu-mcast"]);
+  set("tlsCert", flags["tls-cert"]);
+  set("tlsKey", flags["tls-key"]);
+  set("uplinkCa", flags["uplink-ca"]);
+  set("uplinkFingerprint", flags["uplink-fingerprint"]);
+  set("insecure", flags.insecure);
   set("uplink", flags.uplink);
   set("uplinkToken", flags["uplink-token"] ?? (raw.uplinkToken === undefined ? env.RELAY_UPLINK_TOKEN : undefined));
   set("adminToken", flags["admin-token"] ?? (raw.adminToken === undefined ? env.RELAY_ADMIN_TOKEN : undefined));
@@ -1553,7 +1957,7 @@ export function loadConfig(argv: string[], env: Record<string, string | undefine
       : readTextFile("--token-file", flags["token-file"]).split("\n").map((l) => l.replace(/#.*/, "").trim()).filter(Boolean)),
   ];
   if (extraTokens.length) raw.tokens = [...(Array.isArray(raw.tokens) ? raw.tokens : []), ...extraTokens];
-  const nothingConfigured = ["qemuListen", "qemuConnect", "qemuUdp", "uplink", "tokens"].every(
+  const nothingConfigured = ["qemuListen", "qemuConnect", "qemuUdp", "qemuMcast", "uplink", "tokens"].every(
     (k) => raw[k] === undefined || (Array.isArray(raw[k]) && (raw[k] as unknown[]).length === 0),
   );
   if (nothingConfigured) raw.qemuListen = [DEFAULT_QEMU_LISTEN];
@@ -1562,8 +1966,14 @@ export function loadConfig(argv: string[], env: Record<string, string | undefine
 
 /** The QEMU command line that attaches a VM to a --qemu-listen address. */
 export function qemuHint(address: string): string {
-  const { host, port } = parseHostPort(address)!;
-  return `qemu-system-x86_64 … -netdev stream,id=n0,server=off,addr.type=inet,addr.host=${host},addr.port=${port} -device virtio-net-pci,netdev=n0`;
+  const parsed = parseSocketAddress(address)!;
+  const addr =
+    "path" in parsed
+      ? parsed.path.startsWith("@")
+        ? `addr.type=unix,addr.path=${parsed.path.slice(1)},addr.abstract=on`
+        : `addr.type=unix,addr.path=${parsed.path}`
+      : `addr.type=inet,addr.host=${parsed.host},addr.port=${parsed.port}`;
+  return `qemu-system-x86_64 … -netdev stream,id=n0,server=off,${addr} -device virtio-net-pci,netdev=n0`;
 }
 
 export async function main(argv = Bun.argv.slice(2), env: Record<string, string | undefined> = process.env): Promise<void> {

@@ -267,11 +267,12 @@ function runGen() {
         if (sent >= count || now() >= deadline) return finish();
         if (rate > 0) {
           let allowed = (rate * (now() - paceT0)) / 1000;
-          // Timers run late: catch up by at most 2 batches, never in one long burst (UDP would
-          // lose the burst in the receiver's socket buffer).
-          if (allowed - sent > 2 * K) {
-            paceT0 += ((allowed - sent - 2 * K) / rate) * 1000;
-            allowed = sent + 2 * K;
+          // Timers run late: catch up by at most ~4 ms of traffic (2 batches at least), never in
+          // one long burst (UDP would lose it in the receiver's socket buffer).
+          const maxLag = Math.max(2 * K, rate * 0.004);
+          if (allowed - sent > maxLag) {
+            paceT0 += ((allowed - sent - maxLag) / rate) * 1000;
+            allowed = sent + maxLag;
           }
           if (sent >= allowed) {
             waiting = true;
@@ -337,7 +338,7 @@ function runGen() {
 // ----------------------------------------------------------------------------------------- sink
 function runSink() {
   const rate = num("rate", 0);
-  let received = 0;
+  let received = 0; // data frames, corrupt ones included
   let bytes = 0;
   let reordered = 0;
   let dup = 0;
@@ -370,8 +371,10 @@ function runSink() {
       return;
     }
     if (kind !== KIND_DATA || !sameMac(b, s, myMac) || !sameMac(b, s + 6, peerMac)) {
-      if (kind === KIND_DATA) corrupt++; // a data frame with damaged addresses
-      else other++;
+      if (kind === KIND_DATA) {
+        received++; // a data frame with damaged addresses
+        corrupt++;
+      } else other++;
       return;
     }
     const t = now();

@@ -1,7 +1,9 @@
 /**
  * `npm run bench` = `bun bench/run.ts [case ...] [--json FILE]`
  *
- * Cases (all by default): tcp1500 tcp64k udp latency fanout memory.
+ * Cases (all by default): selftest tcp1500 local tcp64k udp latency fanout memory.
+ * (`local`: one relay as a plain switch, gen and sink on the same --qemu-listen: the switch's own cost
+ * without the tunnel.)
  * Each case runs the direct baseline (generator → sink) and the relay chain
  * (generator → site A → hub → site B → sink) in the same run and prints one table.
  *
@@ -27,7 +29,7 @@ for (let i = 0; i < argv.length; i++) {
   if (argv[i] === "--json") jsonOut = argv[++i];
   else wanted.push(argv[i]!);
 }
-const ALL = ["tcp1500", "tcp64k", "udp", "latency", "fanout", "memory"];
+const ALL = ["selftest", "tcp1500", "local", "tcp64k", "udp", "latency", "fanout", "memory"];
 for (const w of wanted) if (!ALL.includes(w)) throw new Error(`unknown case ${w}; cases: ${ALL.join(" ")}`);
 const cases = wanted.length ? wanted : ALL;
 const haveRelay = existsSync(RELAY);
@@ -222,6 +224,8 @@ async function relayDrops(r: RelayProcess): Promise<number> {
 // ------------------------------------------------------------------------------------ flows
 interface Flow {
   fps: number;
+  /** What the generator managed to send, frames/s. */
+  offered: number;
   mbps: number;
   sent: number;
   received: number;
@@ -285,7 +289,7 @@ async function runFlow(
     let still = 0;
     for (;;) {
       rep = await sink.request("report", "report");
-      if (rep.received + rep.corrupt >= done.sent) break;
+      if (rep.received >= done.sent) break;
       if (rep.received === last) {
         if (++still >= 3) break;
       } else still = 0;
@@ -298,10 +302,11 @@ async function runFlow(
     const drops1 = opts.relays ? await sumDrops(opts.relays) : 0;
     return {
       fps: rep.fps,
+      offered: done.sent / done.seconds,
       mbps: rep.fps * opts.size / 1e6,
       sent: done.sent,
       received: rep.received,
-      lost: done.sent - rep.received - rep.corrupt,
+      lost: done.sent - rep.received, // received includes corrupt frames
       reordered: rep.reordered,
       dup: rep.dup,
       corrupt: rep.corrupt,
@@ -436,9 +441,9 @@ async function throughputCase(name: string, size: number, udp: boolean, target?:
     const d = directPaced;
     row({
       case: label,
-      metric: `paced ${si(pacedRate)}/s: frames/s; lost/reord/corrupt`,
-      direct: d ? `${si(d.fps)}; ${errs(d)}` : "",
-      chain: paced ? `${si(paced.fps)}; ${errs(paced)} (relay drops: ${dropsText(paced)})` : chainErr,
+      metric: `paced ${si(pacedRate)}/s: sent → received frames/s; lost/reord/corrupt`,
+      direct: d ? `${si(d.offered)} → ${si(d.fps)}; ${errs(d)}` : "",
+      chain: paced ? `${si(paced.offered)} → ${si(paced.fps)}; ${errs(paced)} (relay drops: ${dropsText(paced)})` : chainErr,
       target: udp ? "" : `0/0/0 at ${si(pacedRate)}/s`,
       result: paced && !udp ? pass(clean(paced) && paced.fps >= pacedRate * 0.95) : "",
     });
@@ -566,9 +571,9 @@ async function fanoutCase() {
   json.fanout = { two, many };
   row({
     case: "fan-out 1500 B",
-    metric: "frames/s 2 sites → 200 sites",
-    direct: two ? si(two.fps) : err,
-    chain: many ? `${si(many.fps)} (hub MACs ${many.macs ?? "?"})` : err,
+    metric: "frames/s A→hub→B, unpaced",
+    direct: two ? `2 sites: ${si(two.fps)}` : err,
+    chain: many ? `200 sites, ${many.macs ?? "?"} MACs on hub: ${si(many.fps)}` : err,
     ratio: two && many ? f2(many.fps / two.fps) : "",
     target: "≥ 0.80",
     result: two && many ? pass(many.fps / two.fps >= 0.8) : "",
@@ -576,10 +581,42 @@ async function fanoutCase() {
   if (two && many)
     row({
       case: "fan-out 1500 B",
-      metric: "lost/reord/corrupt; hub CPU µs/frame",
+      metric: "lost/reord/corrupt; hub CPU µs/frame delivered",
       direct: `${errs(two)}; ${f2((two.cpu.hub! / two.received) * 1e6)}`,
       chain: `${errs(many)}; ${f2((many.cpu.hub! / many.received) * 1e6)}`,
     });
+}
+
+/** One relay, no tunnel: gen and sink are two QEMU ports of the same switch. */
+async function localCase() {
+  if (!haveRelay) return row({ case: "local switch 1500 B", metric: "frames/s", chain: "relay.ts missing" });
+  const r = await spawnRelay(["--http", `${HOST}:0`, "--qemu-listen", `${HOST}:0`], relayOptions("local"));
+  try {
+    const ep = { gen: ["--tcp-connect", `${HOST}:${r.port("qemu-listen")}`], sink: ["--tcp-connect", `${HOST}:${r.port("qemu-listen")}`] };
+    const un = await runFlow(ep, { size: 1500, seconds: SECONDS, relays: { relay: r } });
+    const pa = await runFlow(ep, { size: 1500, seconds: SECONDS, relays: { relay: r }, genRate: 500_000 });
+    json.local = { unpaced: un, paced: pa };
+    const per = (f: Flow) => f2((f.cpu.relay! / f.received) * 1e6);
+    row({
+      case: "local switch 1500 B",
+      metric: "unpaced: frames/s; lost/reord/corrupt; relay µs/frame",
+      chain: `${si(un.fps)}; ${errs(un)} (drops ${si(un.relayDrops ?? NaN)}); ${per(un)}`,
+    });
+    row({
+      case: "local switch 1500 B",
+      metric: "paced 500k/s: sent → received frames/s; lost/reord/corrupt; relay µs/frame",
+      chain: `${si(pa.offered)} → ${si(pa.fps)}; ${errs(pa)} (drops ${si(pa.relayDrops ?? NaN)}); ${per(pa)}`,
+    });
+  } finally {
+    await r.stop();
+  }
+}
+
+async function selftestCase() {
+  const p = Bun.spawn([process.execPath, new URL("./selftest.ts", import.meta.url).pathname], { stdout: "pipe", stderr: "inherit" });
+  const out = (await new Response(p.stdout as ReadableStream).text()).trim();
+  const code = await p.exited;
+  row({ case: "sink self-test", metric: "1 reordered, 1 dup, 3 damaged in split chunks", chain: out, result: pass(code === 0) });
 }
 
 async function memoryCase() {
@@ -639,6 +676,22 @@ async function memoryCase() {
 }
 
 // ------------------------------------------------------------------------------------ main
+const loadavg = () => require("node:fs").readFileSync("/proc/loadavg", "utf8").split(" ").slice(0, 3).join(" ");
+/** Other CPU-heavy programs (the machine is shared): QEMU guests and the like, by name. */
+function busyOthers(): string {
+  const fs = require("node:fs");
+  const names: Record<string, number> = {};
+  for (const pid of fs.readdirSync("/proc")) {
+    if (!/^\d+$/.test(pid)) continue;
+    try {
+      const comm = fs.readFileSync(`/proc/${pid}/comm`, "utf8").trim();
+      if (/^qemu|^cc1|^node$|^cargo|^rustc|^go$/.test(comm)) names[comm] = (names[comm] ?? 0) + 1;
+    } catch {}
+  }
+  return Object.entries(names).map(([n, c]) => `${c}× ${n}`).join(", ");
+}
+const loadStart = loadavg();
+const otherBusy = busyOthers();
 const started = performance.now();
 console.error(`bench: cases ${cases.join(", ")}; ${SECONDS} s per throughput run; relay ${haveRelay ? RELAY : "missing (baselines only)"}`);
 for (const c of cases) {
@@ -649,6 +702,8 @@ for (const c of cases) {
     else if (c === "udp") await throughputCase(c, 1500, true, undefined, UDP_RATE);
     else if (c === "latency") await latencyCase();
     else if (c === "fanout") await fanoutCase();
+    else if (c === "local") await localCase();
+    else if (c === "selftest") await selftestCase();
     else if (c === "memory") await memoryCase();
   } catch (e) {
     console.error(`case ${c} failed: ${e}`);
@@ -656,7 +711,10 @@ for (const c of cases) {
   }
   console.error(`bench: ${c} done in ${((performance.now() - t) / 1000).toFixed(1)} s`);
 }
-console.log(`\nedge-relay bench — ${new Date().toISOString()} — ${navigator.hardwareConcurrency} cores — ${((performance.now() - started) / 1000).toFixed(0)} s\n`);
+console.log(
+  `\nedge-relay bench — ${new Date().toISOString()} — ${navigator.hardwareConcurrency} cores — ${((performance.now() - started) / 1000).toFixed(0)} s` +
+    ` — load average at start ${loadStart}, end ${loadavg()}${otherBusy ? ` — also running: ${otherBusy}` : ""}\n`,
+);
 printTable();
 if (jsonOut) await Bun.write(jsonOut, JSON.stringify(json, null, 2));
 process.exit(0);

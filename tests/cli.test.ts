@@ -28,7 +28,7 @@ describe("CLI", () => {
     [["--bogus"], /^edge-relay: Unknown option '--bogus' \(see --help\)$/],
     [["--http", "nope"], /^edge-relay: --http: expected HOST:PORT, got "nope"$/],
     [["--http", "127.0.0.1:99999"], /^edge-relay: --http: expected HOST:PORT/],
-    [["--qemu-listen", "1.2.3.4"], /^edge-relay: --qemu-listen \(qemuListen\[0\]\): expected \[NET=\]HOST:PORT, got "1.2.3.4"$/],
+    [["--qemu-listen", "1.2.3.4"], /^edge-relay: --qemu-listen \(qemuListen\[0\]\): expected \[NET=\]HOST:PORT or \[NET=\]unix:PATH, got "1.2.3.4"$/],
     [["--qemu-listen", "bad net=127.0.0.1:1"], /^edge-relay: --qemu-listen \(qemuListen\[0\]\): network name "bad net"/],
     [["--qemu-udp", "127.0.0.1:1,nope"], /^edge-relay: --qemu-udp \(qemuUdp\[0\]\): expected \[NET=\]HOST:PORT\[,REMOTE_HOST:REMOTE_PORT\]/],
     [["--qemu-connect", "x"], /^edge-relay: --qemu-connect \(qemuConnect\[0\]\): expected/],

@@ -59,9 +59,15 @@ const BOUND_LINE = /^(\S+?)(?: (\S+))?: listening on (\S+)$/;
  */
 export async function spawnRelay(
   args: string[],
-  options: { env?: Record<string, string>; cwd?: string; timeoutMs?: number } = {},
+  options: {
+    env?: Record<string, string>;
+    cwd?: string;
+    timeoutMs?: number;
+    /** A command that execs the relay, e.g. `["ip", "netns", "exec", NAME]` (must keep the pid). */
+    prefix?: string[];
+  } = {},
 ): Promise<RelayProcess> {
-  const proc = Bun.spawn([process.execPath, RELAY, ...args], {
+  const proc = Bun.spawn([...(options.prefix ?? []), process.execPath, RELAY, ...args], {
     stdin: "ignore",
     stdout: "pipe",
     stderr: "pipe",
@@ -109,7 +115,10 @@ export async function spawnRelay(
       check();
     });
 
-  await waitForLine(/^ready$/);
+  await waitForLine(/^ready$/).catch((error) => {
+    proc.kill("SIGKILL");
+    throw error;
+  });
   const bound: Bound[] = [];
   for (const line of out.split("\n")) {
     const m = BOUND_LINE.exec(line);
@@ -263,7 +272,7 @@ function newPeerState(): { state: PeerState; closed: Promise<void> } {
 
 function streamPeer(socket: import("bun").Socket<PeerState>, closed: Promise<void>): StreamPeer {
   const peer: StreamPeer = {
-    local: `${socket.localAddress}:${socket.localPort}`,
+    local: socket.localAddress?.includes(":") ? `[${socket.localAddress}]:${socket.localPort}` : `${socket.localAddress}:${socket.localPort}`,
     frames: socket.data.frames,
     closed,
     send: (...f) => peer.write(encodeFrames(f)),
@@ -291,10 +300,17 @@ function streamPeer(socket: import("bun").Socket<PeerState>, closed: Promise<voi
   return peer;
 }
 
-/** A fake `-netdev stream,server=off` VM: connects to the relay's --qemu-listen. */
-export async function connectStream(port: number, host = "127.0.0.1"): Promise<StreamPeer> {
+/** Bun spells a Linux abstract socket name with a leading NUL; the relay's CLI with `@`. */
+export const bunUnix = (path: string) => (path.startsWith("@") ? `\0${path.slice(1)}` : path);
+
+/** A fake `-netdev stream,server=off` VM: connects to the relay's --qemu-listen (a port, or a unix path). */
+export async function connectStream(target: number | string, host = "127.0.0.1"): Promise<StreamPeer> {
   const { state, closed } = newPeerState();
-  const socket = await Bun.connect<PeerState>({ hostname: host, port, data: state, socket: peerHandlers });
+  const socket = await Bun.connect<PeerState>(
+    typeof target === "string"
+      ? { unix: bunUnix(target), data: state, socket: peerHandlers }
+      : { hostname: host, port: target, data: state, socket: peerHandlers },
+  );
   return streamPeer(socket, closed);
 }
 
@@ -310,7 +326,9 @@ export interface StreamServerPeer extends AsyncDisposable {
  * sent to it earlier could be flooded before the relay's accept runs).
  */
 export async function attachVm(relay: RelayProcess, network?: string): Promise<StreamPeer> {
-  const peer = await connectStream(relay.port("qemu-listen", network));
+  const bound = relay.bound.find((b) => b.what === "qemu-listen" && (network === undefined || b.network === network));
+  const host = bound?.address.startsWith("[") ? bound.address.slice(1, bound.address.indexOf("]")) : "127.0.0.1";
+  const peer = await connectStream(relay.port("qemu-listen", network), host);
   await waitUntil(async () => {
     const status = await relay.status();
     return status.networks.some((n: any) => n.ports.some((p: any) => p.peer === peer.local));
@@ -318,13 +336,12 @@ export async function attachVm(relay: RelayProcess, network?: string): Promise<S
   return peer;
 }
 
-/** A fake `-netdev stream,server=on` VM: the relay's --qemu-connect dials it. */
-export function listenStream(port = 0, host = "127.0.0.1"): StreamServerPeer {
+/** A fake `-netdev stream,server=on` VM: the relay's --qemu-connect dials it (a port, or a unix path). */
+export function listenStream(target: number | string = 0, host = "127.0.0.1"): StreamServerPeer {
   const queue: StreamPeer[] = [];
   const waiting: ((p: StreamPeer) => void)[] = [];
   const listener = Bun.listen<PeerState>({
-    hostname: host,
-    port,
+    ...(typeof target === "string" ? { unix: bunUnix(target) } : { hostname: host, port: target }),
     socket: {
       ...peerHandlers,
       open(socket) {
@@ -338,7 +355,7 @@ export function listenStream(port = 0, host = "127.0.0.1"): StreamServerPeer {
     },
   });
   return {
-    port: listener.port,
+    port: (listener as { port?: number }).port ?? 0,
     accepted: () => {
       const p = queue.shift();
       return p ? Promise.resolve(p) : new Promise((r) => waiting.push(r));

@@ -120,10 +120,13 @@ describe("relay over a hub (three CLI processes)", () => {
 });
 
 describe("--qemu-connect", () => {
-  test("dials a VM that is not listening yet, and redials after it restarts", async () => {
+  test("dials a VM that is not listening yet, and redials after it restarts, logging state changes only", async () => {
     const port = freePort();
     await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-connect", `127.0.0.1:${port}`, "--qemu-listen", "127.0.0.1:0"]);
     await using other = await attachVm(relay);
+    await waitUntil(async () => (await relay.status()).dials[0].attempts >= 3, "three failed dials");
+    expect(relay.stdout().match(/cannot connect/g)).toEqual(["cannot connect"]);
+    expect(relay.stdout()).toContain(`qemu-connect default: cannot connect to 127.0.0.1:${port}: connection refused (ECONNREFUSED); retrying with backoff`);
     const X = "02:00:00:00:0c:01";
     const seen = new Set<string>();
     for (let round = 1; round <= 2; round++) {
@@ -139,8 +142,10 @@ describe("--qemu-connect", () => {
       expect(await other.frames.next((f) => sameBytes(f, back))).toEqual(back);
       vm.stop();
       await conn.closed;
+      await waitUntil(() => (relay.stdout().match(/disconnected from/g)?.length ?? 0) >= round, `disconnect #${round} logged`);
     }
-    expect(relay.stdout().match(/qemu-connect default: connected to/g)?.length).toBe(1);
+    expect(relay.stdout().match(/qemu-connect default: connected to/g)?.length).toBe(2);
+    expect((await relay.status()).dials[0]).toMatchObject({ target: `127.0.0.1:${port}`, network: "default" });
   });
 });
 

@@ -238,6 +238,8 @@ export interface GuestOptions {
   /** Everything after `-netdev `, without `id=` (added as `id=n0`). */
   netdev: string;
   memoryMb?: number;
+  /** A command that execs QEMU, e.g. `["ip", "netns", "exec", NAME]` (must keep the pid). */
+  prefix?: string[];
 }
 
 export interface PingResult {
@@ -268,6 +270,7 @@ export class Guest implements AsyncDisposable {
     readonly opts: GuestOptions,
   ) {
     const args = [
+      ...(opts.prefix ?? []),
       "qemu-system-x86_64",
       "-accel", "tcg",
       "-m", String(opts.memoryMb ?? 256),

@@ -12,6 +12,9 @@
  * missing; the kernel is unpacked into $VM_CACHE, default .cache/vm) and builds the initramfs.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { spawnRelay, waitUntil, type RelayProcess } from "../helpers.ts";
 import { Guest, freeTcpPort, freeUdpPort, prepareImage, transfer, type VmImage } from "./guest.ts";
 
@@ -24,6 +27,7 @@ const TRANSFER_MIB = 32;
 let image: VmImage;
 
 beforeAll(() => {
+  removeStaleNamespaces();
   image = prepareImage();
 });
 
@@ -33,13 +37,24 @@ afterAll(() => {
 
 // ---------------------------------------------------------------- how a guest is attached to a site
 
+/** Where a topology's processes live: a scratch folder for socket files, maybe a network namespace. */
+interface Place {
+  /** Removed with everything in it when the topology is disposed. */
+  dir: string;
+  netns?: Netns;
+}
+
 /** One way of wiring a guest's NIC to its site relay: a small table entry per QEMU netdev mode. */
 interface Attachment {
   /** Short name for the report line. */
   label: string;
+  /** Needs the whole topology inside a private network namespace (multicast). */
+  netns?: boolean;
   /** Options for the site relay and, once it runs, the guest's `-netdev` (without id=). */
-  prepare(net: string | undefined): Promise<{ siteArgs: string[]; netdev(site: RelayProcess): string }>;
+  prepare(net: string | undefined, place: Place): Promise<{ siteArgs: string[]; netdev(site: RelayProcess): string }>;
 }
+
+const shortId = () => crypto.randomUUID().slice(0, 8);
 
 const netPrefix = (net: string | undefined) => (net ? `${net}=` : "");
 
@@ -98,6 +113,120 @@ const udp = (style: "dgram" | "socket"): Attachment => ({
   },
 });
 
+/**
+ * Unix stream sockets. `path`: the guest connects to the site's --qemu-listen socket file.
+ * `abstract`: the guest listens on an abstract name (server=on) and the site dials it with
+ * --qemu-connect unix:@NAME.
+ */
+const unixStream = (style: "path" | "abstract"): Attachment => ({
+  label: style === "path" ? "stream,server=off unix path" : "stream,server=on unix abstract",
+  async prepare(net, place) {
+    if (style === "path") {
+      const path = join(place.dir, `listen-${shortId()}.sock`);
+      return {
+        siteArgs: ["--qemu-listen", `${netPrefix(net)}unix:${path}`],
+        netdev: () => `stream,server=off,addr.type=unix,addr.path=${path}`,
+      };
+    }
+    // Abstract names belong to the network namespace, not the file system: nothing to remove.
+    const name = `edge-relay-vm-${shortId()}`;
+    return {
+      siteArgs: ["--qemu-connect", `${netPrefix(net)}unix:@${name}`],
+      netdev: () => `stream,server=on,addr.type=unix,addr.path=${name},addr.abstract=on`,
+    };
+  },
+});
+
+/**
+ * Unix datagram sockets: the site binds one path, the guest another. `fixed` gives the site the
+ * guest's path up front; `learned` leaves the site to learn it from the guest's first datagram.
+ */
+const unixDgram = (style: "fixed" | "learned"): Attachment => ({
+  label: style === "fixed" ? "dgram unix (site remote fixed)" : "dgram unix (site learns)",
+  async prepare(net, place) {
+    const id = shortId();
+    const site = join(place.dir, `site-${id}.dgram`);
+    const guest = join(place.dir, `guest-${id}.dgram`);
+    return {
+      siteArgs: ["--qemu-udp", `${netPrefix(net)}unix:${site}${style === "fixed" ? `,unix:${guest}` : ""}`],
+      netdev: () => `dgram,local.type=unix,local.path=${guest},remote.type=unix,remote.path=${site}`,
+    };
+  },
+});
+
+/** A QEMU multicast segment (`-netdev socket,mcast=`) the site bridges with --qemu-mcast; needs a netns. */
+const multicast: Attachment = {
+  label: "socket,mcast=",
+  netns: true,
+  async prepare(net) {
+    // The namespace is private: any group and port will do.
+    const group = `239.255.${1 + Math.floor(Math.random() * 254)}.${1 + Math.floor(Math.random() * 254)}`;
+    const port = 20_000 + Math.floor(Math.random() * 20_000);
+    return {
+      siteArgs: ["--qemu-mcast", `${netPrefix(net)}${group}:${port},${LOCAL}`],
+      netdev: () => `socket,mcast=${group}:${port},localaddr=${LOCAL}`,
+    };
+  },
+};
+
+// ---------------------------------------------------------------- network namespaces
+
+const NETNS_PREFIX = "edge-relay-vm-";
+let netnsSerial = 0;
+
+const ip = (...args: string[]) => {
+  const r = Bun.spawnSync(["ip", ...args], { stdout: "pipe", stderr: "pipe" });
+  if (r.exitCode !== 0) throw new Error(`ip ${args.join(" ")} failed (${r.exitCode}): ${r.stderr.toString().trim()}`);
+  return r.stdout.toString();
+};
+
+/**
+ * A private network namespace with only `lo` (up, carrying 224.0.0.0/4), so a multicast group stays
+ * between the processes of one test. Named after our pid: see removeStaleNamespaces.
+ */
+class Netns implements AsyncDisposable {
+  readonly name = `${NETNS_PREFIX}${process.pid}-${++netnsSerial}`;
+  /** Prefix for a command to run inside (ip netns exec execs it: the pid stays the same). */
+  readonly exec: string[];
+
+  constructor() {
+    ip("netns", "add", this.name);
+    this.exec = ["ip", "netns", "exec", this.name];
+    try {
+      ip("-n", this.name, "link", "set", "lo", "up");
+      ip("-n", this.name, "route", "add", "224.0.0.0/4", "dev", "lo");
+    } catch (e) {
+      ip("netns", "del", this.name);
+      throw e;
+    }
+  }
+
+  async [Symbol.asyncDispose]() {
+    ip("netns", "del", this.name);
+  }
+}
+
+/** Namespaces a killed earlier run of this suite left behind (its pid is gone). */
+function removeStaleNamespaces() {
+  let list = "";
+  try {
+    list = ip("netns", "list");
+  } catch {
+    return;
+  }
+  for (const line of list.split("\n")) {
+    const m = new RegExp(`^(${NETNS_PREFIX}(\\d+)-\\d+)\\b`).exec(line);
+    if (!m || Number(m[2]) === process.pid) continue;
+    try {
+      process.kill(Number(m[2]), 0);
+      continue; // still running
+    } catch {}
+    try {
+      ip("netns", "del", m[1]!);
+    } catch {}
+  }
+}
+
 // ---------------------------------------------------------------- relays and guests
 
 /**
@@ -125,19 +254,28 @@ class Relay implements AsyncDisposable {
     readonly role: string,
     private args: string[],
     public proc: RelayProcess,
+    private netns?: Netns,
   ) {}
 
-  static async start(role: string, args: string[], pinHttp = false) {
-    const proc = await spawnRelay(args);
-    return new Relay(role, pinnedArgs(args, proc, pinHttp), proc);
+  static async start(role: string, args: string[], pinHttp = false, netns?: Netns) {
+    const proc = await spawnRelay(args, { prefix: netns?.exec });
+    return new Relay(role, pinnedArgs(args, proc, pinHttp), proc, netns);
   }
 
   port(what: string, net?: string) {
     return this.proc.port(what, net);
   }
 
-  status() {
-    return this.proc.status();
+  /** GET /status; from inside the relay's namespace (with curl) when it has one. */
+  async status() {
+    if (!this.netns) return this.proc.status();
+    const p = Bun.spawn([...this.netns.exec, "curl", "-sSf", "--max-time", "5", `${this.proc.base}/status`], {
+      stdout: "pipe",
+      stderr: "pipe",
+    });
+    const [out, err, code] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
+    if (code !== 0) throw new Error(`curl ${this.proc.base}/status in ${this.netns.name}: ${code} ${err.trim()}`);
+    return JSON.parse(out);
   }
 
   async kill9() {
@@ -147,7 +285,7 @@ class Relay implements AsyncDisposable {
   /** Starts the relay again with the same addresses; resolves once it printed `ready`. */
   async restart() {
     if (this.proc.proc.exitCode === null && this.proc.proc.signalCode === null) await this.kill9();
-    this.proc = await spawnRelay(this.args);
+    this.proc = await spawnRelay(this.args, { prefix: this.netns?.exec });
   }
 
   async [Symbol.asyncDispose]() {
@@ -187,19 +325,25 @@ interface Topology extends AsyncDisposable {
 async function startTopology(attachA: Attachment, attachB: Attachment, net?: string): Promise<Topology> {
   const stack = new AsyncDisposableStack();
   try {
-    const hub = stack.use(await Relay.start("hub", ["--http", `${LOCAL}:0`, "--token", TOKEN], true));
+    // Disposed last, after every process in them is gone.
+    const dir = mkdtempSync(join(tmpdir(), "edge-relay-vm-sock-"));
+    stack.defer(() => rmSync(dir, { recursive: true, force: true }));
+    // Everything shares the namespace: the site bridging the group has to reach the hub.
+    const netns = attachA.netns || attachB.netns ? stack.use(new Netns()) : undefined;
+    const place: Place = { dir, netns };
+    const hub = stack.use(await Relay.start("hub", ["--http", `${LOCAL}:0`, "--token", TOKEN], true, netns));
     const uplink = ["--uplink", `ws://${LOCAL}:${hub.port("http")}`, "--uplink-token", TOKEN];
-    const [pa, pb] = await Promise.all([attachA.prepare(net), attachB.prepare(net)]);
+    const [pa, pb] = await Promise.all([attachA.prepare(net, place), attachB.prepare(net, place)]);
     const sites = await Promise.allSettled([
-      Relay.start("site A", ["--http", `${LOCAL}:0`, ...uplink, ...pa.siteArgs]),
-      Relay.start("site B", ["--http", `${LOCAL}:0`, ...uplink, ...pb.siteArgs]),
+      Relay.start("site A", ["--http", `${LOCAL}:0`, ...uplink, ...pa.siteArgs], false, netns),
+      Relay.start("site B", ["--http", `${LOCAL}:0`, ...uplink, ...pb.siteArgs], false, netns),
     ]);
     for (const r of sites) if (r.status === "fulfilled") stack.use(r.value);
     for (const r of sites) if (r.status === "rejected") throw r.reason;
     const [siteA, siteB] = sites.map((r) => (r as PromiseFulfilledResult<Relay>).value) as [Relay, Relay];
     await Promise.all([waitUplinkUp(siteA), waitUplinkUp(siteB)]);
-    const a = stack.use(new Guest(image, { ...GUEST_A, netdev: pa.netdev(siteA.proc) }));
-    const b = stack.use(new Guest(image, { ...GUEST_B, netdev: pb.netdev(siteB.proc) }));
+    const a = stack.use(new Guest(image, { ...GUEST_A, netdev: pa.netdev(siteA.proc), prefix: netns?.exec }));
+    const b = stack.use(new Guest(image, { ...GUEST_B, netdev: pb.netdev(siteB.proc), prefix: netns?.exec }));
     await Promise.all([a.ready(), b.ready()]);
     await Promise.all([waitQemuPort(siteA, net ?? "default"), waitQemuPort(siteB, net ?? "default")]);
     const moved = stack.move();
@@ -251,12 +395,14 @@ const SCENARIOS: Scenario[] = [
   { mode: "UDP: A socket,udp= / B dgram → --qemu-udp", a: udp("socket"), b: udp("dgram") },
   { mode: "TCP: A socket,listen= / B stream,server=on ← --qemu-connect", a: tcpServer("socket"), b: tcpServer("stream") },
   { mode: "mixed (network lab): A stream,server=off / B dgram", a: tcpClient("stream"), b: udp("dgram"), net: "lab" },
-  // When the relay supports them, each becomes one Attachment plus a line here: unix sockets need a
-  // temp folder for the socket files (removed on dispose); multicast needs the relays and QEMU in a
-  // network namespace (`unshare -n`, `ip link set lo up`) so the group stays private.
-  { mode: "unix stream: -netdev stream,addr.type=unix", a: tcpClient("stream"), b: tcpClient("stream"), todo: "relay has no unix sockets yet" },
-  { mode: "unix dgram: -netdev dgram,local.type=unix", a: udp("dgram"), b: udp("dgram"), todo: "relay has no unix sockets yet" },
-  { mode: "multicast: -netdev socket,mcast= in a netns", a: udp("dgram"), b: udp("dgram"), todo: "relay has no multicast yet" },
+  // Socket files live in a scratch folder per topology; multicast runs everything in a netns.
+  {
+    mode: "unix stream: A server=off → --qemu-listen unix:PATH / B server=on abstract ← --qemu-connect unix:@NAME",
+    a: unixStream("path"),
+    b: unixStream("abstract"),
+  },
+  { mode: "unix dgram: A dgram unix (site remote fixed) / B dgram unix (site learns) → --qemu-udp unix:", a: unixDgram("fixed"), b: unixDgram("learned") },
+  { mode: "multicast (netns): A socket,mcast= ↔ --qemu-mcast / B stream,server=off", a: multicast, b: tcpClient("stream") },
 ];
 
 describe("edge-relay with real QEMU guests", () => {
