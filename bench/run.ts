@@ -237,6 +237,8 @@ interface Flow {
   wall: number;
   relayDrops?: number;
   dropsBy?: Record<string, number>;
+  /** Frame counts hop by hop (gen, each relay's ports by kind, sink). */
+  path?: string;
   rssMax?: Record<string, number>;
 }
 
@@ -273,6 +275,8 @@ async function runFlow(
     for (const [k, r] of Object.entries(opts.relays ?? {})) pids[k] = r.proc.pid;
     const drops0 = opts.relays ? await sumDrops(opts.relays) : 0;
     const byRelay0 = lastDropsByRelay;
+    const hops0 = new Map<string, Hops>();
+    for (const [k, r] of Object.entries(opts.relays ?? {})) hops0.set(k, await hops(r));
     const cpu0 = Object.fromEntries(Object.entries(pids).map(([k, p]) => [k, cpuSeconds(p)]));
     if (opts.sampleRss) {
       const sample = () => {
@@ -300,6 +304,9 @@ async function runFlow(
     if (sampler) clearInterval(sampler);
     const cpu = Object.fromEntries(Object.entries(pids).map(([k, p]) => [k, cpuSeconds(p) - cpu0[k]!]));
     const drops1 = opts.relays ? await sumDrops(opts.relays) : 0;
+    const path: string[] = [`gen sent ${si(done.sent)}`];
+    for (const [k, r] of Object.entries(opts.relays ?? {})) path.push(`${k}: ${hopText(hops0.get(k)!, await hops(r))}`);
+    path.push(`sink got ${si(rep.received)}`);
     return {
       fps: rep.fps,
       offered: done.sent / done.seconds,
@@ -313,6 +320,7 @@ async function runFlow(
       cpu,
       wall,
       relayDrops: opts.relays ? drops1 - drops0 : undefined,
+      path: path.join(" | "),
       dropsBy: opts.relays ? Object.fromEntries(Object.entries(lastDropsByRelay).map(([k, v]) => [k, v - (byRelay0[k] ?? 0)])) : undefined,
       rssMax: opts.sampleRss ? rssMax : undefined,
     };
@@ -320,6 +328,32 @@ async function runFlow(
     if (sampler) clearInterval(sampler);
     await Promise.all([gen?.stop(), sink?.stop()]);
   }
+}
+
+/** Per-port frame counters of a relay, keyed by port id: where along the path frames went missing. */
+type Hops = Map<string, { kind: string; rx: number; tx: number; txDrops: number }>;
+async function hops(r: RelayProcess): Promise<Hops> {
+  const m: Hops = new Map();
+  try {
+    const s = await r.status();
+    for (const n of s.networks ?? [])
+      for (const p of n.ports ?? []) m.set(p.id, { kind: p.kind, rx: p.rx?.frames ?? 0, tx: p.tx?.frames ?? 0, txDrops: p.tx?.drops ?? 0 });
+  } catch {}
+  return m;
+}
+/** "A: qemu-listen rx 2.5M → uplink tx 2.3M (drop 200k)": per relay, per port kind, deltas. */
+function hopText(before: Hops, after: Hops): string {
+  const by: Record<string, { rx: number; tx: number; txDrops: number }> = {};
+  for (const [id, a] of after) {
+    const b = before.get(id) ?? { rx: 0, tx: 0, txDrops: 0 };
+    const k = (by[a.kind] ??= { rx: 0, tx: 0, txDrops: 0 });
+    k.rx += a.rx - b.rx;
+    k.tx += a.tx - b.tx;
+    k.txDrops += a.txDrops - b.txDrops;
+  }
+  const rx = Object.entries(by).filter(([, v]) => v.rx > 1000).map(([k, v]) => `${k} rx ${si(v.rx)}`);
+  const tx = Object.entries(by).filter(([, v]) => v.tx > 1000 || v.txDrops > 0).map(([k, v]) => `${k} tx ${si(v.tx)}${v.txDrops ? ` (drop ${si(v.txDrops)})` : ""}`);
+  return `${rx.join(", ")} → ${tx.join(", ")}`;
 }
 
 let lastDropsByRelay: Record<string, number> = {};
@@ -449,6 +483,8 @@ async function throughputCase(name: string, size: number, udp: boolean, target?:
     });
   }
   row({ case: label, metric: "frames sent, unpaced", direct: si(direct.sent), chain: ch ? si(ch.sent) : "" });
+  if (ch?.path) row({ case: label, metric: "path, unpaced", chain: ch.path });
+  if (paced?.path) row({ case: label, metric: `path, paced ${si(pacedRate!)}/s`, chain: paced.path });
   if (ch) {
     const perM = (f: Flow, s: number) => (f.received ? (s / f.received) * 1e6 : NaN);
     row({

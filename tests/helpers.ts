@@ -193,7 +193,7 @@ export class FrameQueue {
   #waiters = new Set<() => void>();
 
   push(frame: Uint8Array): void {
-    this.frames.push(frame.slice());
+    this.frames.push(new Uint8Array(frame)); // a copy, and a plain Uint8Array even when given a Buffer
     for (const w of this.#waiters) w();
   }
 

@@ -154,24 +154,33 @@ const unixDgram = (style: "fixed" | "learned"): Attachment => ({
   },
 });
 
-/** A QEMU multicast segment (`-netdev socket,mcast=`) the site bridges with --qemu-mcast; needs a netns. */
-const multicast: Attachment = {
-  label: "socket,mcast=",
+/**
+ * A QEMU multicast segment the site bridges with --qemu-mcast, spelt `-netdev socket,mcast=` or
+ * (QEMU 7.2+) `-netdev dgram` with a multicast remote. Needs a netns.
+ */
+let mcastSerial = 0;
+const multicast = (style: "socket" | "dgram"): Attachment => ({
+  label: style === "socket" ? "socket,mcast=" : "dgram,remote=GROUP",
   netns: true,
   async prepare(net) {
-    // The namespace is private: any group and port will do.
-    const group = `239.255.${1 + Math.floor(Math.random() * 254)}.${1 + Math.floor(Math.random() * 254)}`;
-    const port = 20_000 + Math.floor(Math.random() * 20_000);
+    // The namespace is private: any group and port will do, distinct per attachment.
+    const n = ++mcastSerial;
+    const group = `239.255.${n % 250}.${1 + Math.floor(Math.random() * 250)}`;
+    const port = 20_000 + (n % 100) * 100 + Math.floor(Math.random() * 100);
     return {
       siteArgs: ["--qemu-mcast", `${netPrefix(net)}${group}:${port},${LOCAL}`],
-      netdev: () => `socket,mcast=${group}:${port},localaddr=${LOCAL}`,
+      netdev: () =>
+        style === "socket"
+          ? `socket,mcast=${group}:${port},localaddr=${LOCAL}`
+          : `dgram,remote.type=inet,remote.host=${group},remote.port=${port},local.type=inet,local.host=${LOCAL}`,
     };
   },
-};
+});
 
 // ---------------------------------------------------------------- network namespaces
 
 const NETNS_PREFIX = "edge-relay-vm-";
+const SETPRIV = Bun.which("setpriv");
 let netnsSerial = 0;
 
 const ip = (...args: string[]) => {
@@ -248,6 +257,9 @@ function pinnedArgs(args: string[], relay: RelayProcess, pinHttp: boolean): stri
   return out;
 }
 
+/** If the test runner dies (Ctrl-C, crash), take the relay with it; run it in `netns` if given. */
+const relayPrefix = (netns?: Netns) => [...(SETPRIV ? [SETPRIV, "--pdeathsig", "KILL", "--"] : []), ...(netns?.exec ?? [])];
+
 /** A relay we may kill and start again with the same (pinned) addresses. */
 class Relay implements AsyncDisposable {
   private constructor(
@@ -258,7 +270,7 @@ class Relay implements AsyncDisposable {
   ) {}
 
   static async start(role: string, args: string[], pinHttp = false, netns?: Netns) {
-    const proc = await spawnRelay(args, { prefix: netns?.exec });
+    const proc = await spawnRelay(args, { prefix: relayPrefix(netns) });
     return new Relay(role, pinnedArgs(args, proc, pinHttp), proc, netns);
   }
 
@@ -285,7 +297,7 @@ class Relay implements AsyncDisposable {
   /** Starts the relay again with the same addresses; resolves once it printed `ready`. */
   async restart() {
     if (this.proc.proc.exitCode === null && this.proc.proc.signalCode === null) await this.kill9();
-    this.proc = await spawnRelay(this.args, { prefix: this.netns?.exec });
+    this.proc = await spawnRelay(this.args, { prefix: relayPrefix(this.netns) });
   }
 
   async [Symbol.asyncDispose]() {
@@ -402,7 +414,7 @@ const SCENARIOS: Scenario[] = [
     b: unixStream("abstract"),
   },
   { mode: "unix dgram: A dgram unix (site remote fixed) / B dgram unix (site learns) → --qemu-udp unix:", a: unixDgram("fixed"), b: unixDgram("learned") },
-  { mode: "multicast (netns): A socket,mcast= ↔ --qemu-mcast / B stream,server=off", a: multicast, b: tcpClient("stream") },
+  { mode: "multicast (netns): A socket,mcast= / B dgram,remote=GROUP ↔ --qemu-mcast", a: multicast("socket"), b: multicast("dgram") },
 ];
 
 describe("edge-relay with real QEMU guests", () => {
