@@ -570,56 +570,62 @@ async function latencyCase() {
   row({ case: "latency 64 B (one-way)", metric: "samples/lost", direct: `${direct.samples}/${direct.lost}`, chain: chain ? `${chain.samples}/${chain.lost}` : "" });
 }
 
-async function fanoutRun(extraSites: number): Promise<Flow & { macs?: number }> {
-  const c = await startChain(["--qemu-listen", `${HOST}:0`], ["--qemu-listen", `${HOST}:0`]);
-  let tunnels: Awaited<ReturnType<typeof openTunnels>> | undefined;
-  try {
-    if (extraSites > 0) tunnels = await openTunnels(uplinkUrl(c.hub), TOKEN, extraSites, Math.ceil(2000 / extraSites), c.hub);
-    const f = await runFlow(
-      {
-        gen: ["--tcp-connect", `${HOST}:${c.a.port("qemu-listen")}`],
-        sink: ["--tcp-connect", `${HOST}:${c.b.port("qemu-listen")}`],
-      },
-      { size: 1500, seconds: SECONDS, relays: { A: c.a, hub: c.hub, B: c.b } },
-    );
-    return { ...f, macs: tunnels?.learned };
-  } finally {
-    await tunnels?.close();
-    await c.stop();
-  }
-}
-
+/**
+ * One chain; the 2-site rate is measured before and after the 200-site run (198 extra tunnels
+ * open, ≥ 2,000 MACs learnt) and averaged, so drift on a shared machine does not pose as a ratio.
+ */
 async function fanoutCase() {
   if (!haveRelay) {
     row({ case: "fan-out 1500 B", metric: "frames/s 200 vs 2 sites", chain: "relay.ts missing", target: "≥ 0.80" });
     return;
   }
-  let two: Flow | undefined;
-  let many: (Flow & { macs?: number }) | undefined;
+  const extra = 198;
+  let two: Flow[] = [];
+  let many: Flow | undefined;
+  let macs: number | undefined;
+  let hubPorts: number | undefined;
   let err = "";
+  const c = await startChain(["--qemu-listen", `${HOST}:0`], ["--qemu-listen", `${HOST}:0`]);
   try {
-    two = await fanoutRun(0);
-    many = await fanoutRun(198);
+    const ep = {
+      gen: ["--tcp-connect", `${HOST}:${c.a.port("qemu-listen")}`],
+      sink: ["--tcp-connect", `${HOST}:${c.b.port("qemu-listen")}`],
+    };
+    const opts = { size: 1500, seconds: SECONDS, relays: { A: c.a, hub: c.hub, B: c.b } };
+    two.push(await runFlow(ep, opts));
+    const tunnels = await openTunnels(uplinkUrl(c.hub), TOKEN, extra, Math.ceil(2000 / extra), c.hub);
+    try {
+      macs = tunnels.learned;
+      hubPorts = (await c.hub.status()).networks?.find((n: any) => n.name === "default")?.ports?.length;
+      many = await runFlow(ep, opts);
+    } finally {
+      await tunnels.close();
+    }
+    two.push(await runFlow(ep, opts));
   } catch (e) {
     err = String(e).split("\n")[0]!.slice(0, 100);
     console.error(`fanout failed: ${e}`);
+  } finally {
+    await c.stop();
   }
-  json.fanout = { two, many };
+  json.fanout = { two, many, macs, hubPorts };
+  const twoFps = two.length ? two.reduce((n, f) => n + f.fps, 0) / two.length : NaN;
   row({
     case: "fan-out 1500 B",
     metric: "frames/s A→hub→B, unpaced",
-    direct: two ? `2 sites: ${si(two.fps)}` : err,
-    chain: many ? `200 sites, ${many.macs ?? "?"} MACs on hub: ${si(many.fps)}` : err,
-    ratio: two && many ? f2(many.fps / two.fps) : "",
+    direct: two.length ? `2 sites: ${si(twoFps)} (${two.map((f) => si(f.fps)).join(", ")})` : err,
+    chain: many ? `200 sites (hub ports ${hubPorts ?? "?"}, MACs ${macs ?? "?"}): ${si(many.fps)}` : err,
+    ratio: two.length && many ? f2(many.fps / twoFps) : "",
     target: "≥ 0.80",
-    result: two && many ? pass(many.fps / two.fps >= 0.8) : "",
+    result: two.length && many ? pass(many.fps / twoFps >= 0.8) : "",
   });
-  if (two && many)
+  const hubUs = (fs: Flow[]) => f2(fs.reduce((n, f) => n + f.cpu.hub!, 0) / fs.reduce((n, f) => n + f.received, 0) * 1e6);
+  if (two.length && many)
     row({
       case: "fan-out 1500 B",
       metric: "lost/reord/corrupt; hub CPU µs/frame delivered",
-      direct: `${errs(two)}; ${f2((two.cpu.hub! / two.received) * 1e6)}`,
-      chain: `${errs(many)}; ${f2((many.cpu.hub! / many.received) * 1e6)}`,
+      direct: `${two.map(errs).join(", ")}; ${hubUs(two)}`,
+      chain: `${errs(many)}; ${hubUs([many])}`,
     });
 }
 
@@ -705,6 +711,7 @@ async function memoryCase() {
       metric: "overload sent/received/lost; relay drops",
       chain: `${si(over.sent)}/${si(over.received)}/${si(over.lost)}; ${si(over.relayDrops ?? NaN)}; reord ${over.reordered + over.dup}, corrupt ${over.corrupt}`,
     });
+    if (over.path) row({ case: "memory", metric: "overload path", chain: over.path });
   } finally {
     await vms?.stop();
     await c.stop();

@@ -45,10 +45,9 @@ describe("relay over a hub (three CLI processes)", () => {
   beforeAll(async () => {
     udpB = await udpPeer();
     hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN]);
-    [siteA, siteB] = await Promise.all([
-      site(hub, "--qemu-listen", "127.0.0.1:0", "--qemu-udp", "127.0.0.1:0"),
-      site(hub, "--qemu-listen", "127.0.0.1:0", "--qemu-udp", `127.0.0.1:0,127.0.0.1:${udpB.port}`),
-    ]);
+    // One at a time, so afterAll can stop whichever started if the other fails.
+    siteA = await site(hub, "--qemu-listen", "127.0.0.1:0", "--qemu-udp", "127.0.0.1:0");
+    siteB = await site(hub, "--qemu-listen", "127.0.0.1:0", "--qemu-udp", `127.0.0.1:0,127.0.0.1:${udpB.port}`);
     await Promise.all([uplinkUp(siteA), uplinkUp(siteB)]);
   });
   afterAll(async () => {

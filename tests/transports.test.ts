@@ -41,7 +41,13 @@ async function topology(a: string[], b: string[], hubHost = "127.0.0.1") {
   const hub = await spawnRelay(["--http", `${hubHost.includes(":") ? `[${hubHost}]` : hubHost}:0`, "--token", TOKEN]);
   const hubUrl = hub.base.replace(/^http/, "ws");
   const site = (args: string[]) => spawnRelay(["--http", "127.0.0.1:0", ...args, "--uplink", hubUrl, "--uplink-token", TOKEN]);
-  const [siteA, siteB] = await Promise.all([site(a), site(b)]);
+  // A site that fails to start must not leave the hub or the other site running.
+  const started = await Promise.allSettled([site(a), site(b)]);
+  const [siteA, siteB] = started.map((r) => (r.status === "fulfilled" ? r.value : undefined));
+  if (!siteA || !siteB) {
+    await Promise.all([hub.stop(), siteA?.stop(), siteB?.stop()]);
+    throw (started.find((r) => r.status === "rejected") as PromiseRejectedResult).reason;
+  }
   await Promise.all([uplinkUp(siteA), uplinkUp(siteB)]);
   return {
     hub,

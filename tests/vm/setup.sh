@@ -1,6 +1,7 @@
 #!/bin/sh
 # Prepares what the real-VM suite (tests/vm/vm.e2e.ts) needs, idempotently:
-#  - qemu-system-x86 and busybox-static from apt (needs root; CI runs as root);
+#  - qemu-system-x86, busybox-static and iproute2 (`ip netns` for the multicast scenario) from apt
+#    (needs root; CI runs as root);
 #  - a Debian cloud kernel (linux-image-6.1.*-cloud-amd64) unpacked into $VM_CACHE
 #    with `dpkg -x` (never installed into the host).
 # Exits quickly when everything is already present. Prints `kernel: PATH` and `modules: DIR` last.
@@ -28,6 +29,7 @@ apt_update_once() {
 need=
 command -v qemu-system-x86_64 >/dev/null 2>&1 || need="$need qemu-system-x86"
 [ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx nc || need="$need busybox-static"
+command -v ip >/dev/null 2>&1 || need="$need iproute2"
 if [ -n "$need" ]; then
   # Only refresh the package lists when apt does not know the packages yet.
   for p in $need; do

@@ -8,8 +8,12 @@
  * answered and that 32 MiB sent from A to B arrive with the same md5, and prints one line of
  * figures. The fault tests kill -9 the hub and then site B while B pings A.
  *
- * beforeAll runs tests/vm/setup.sh (apt-get installs qemu-system-x86 and busybox-static as root if
- * missing; the kernel is unpacked into $VM_CACHE, default .cache/vm) and builds the initramfs.
+ * Unix socket files go into a scratch folder per topology. Multicast scenarios run all five
+ * processes in a private network namespace (`ip netns`, needs root) so the groups stay private; the
+ * namespace is deleted afterwards, and ones left by a killed run are removed at the next start.
+ *
+ * beforeAll runs tests/vm/setup.sh (apt-get installs qemu-system-x86, busybox-static and iproute2 as
+ * root if missing; the kernel is unpacked into $VM_CACHE, default .cache/vm) and builds the initramfs.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { mkdtempSync, rmSync } from "node:fs";
@@ -172,7 +176,7 @@ const multicast = (style: "socket" | "dgram"): Attachment => ({
       netdev: () =>
         style === "socket"
           ? `socket,mcast=${group}:${port},localaddr=${LOCAL}`
-          : `dgram,remote.type=inet,remote.host=${group},remote.port=${port},local.type=inet,local.host=${LOCAL}`,
+          : `dgram,remote.type=inet,remote.host=${group},remote.port=${port},local.type=inet,local.host=${LOCAL},local.port=0`,
     };
   },
 });
@@ -278,15 +282,19 @@ class Relay implements AsyncDisposable {
     return this.proc.port(what, net);
   }
 
-  /** GET /status; from inside the relay's namespace (with curl) when it has one. */
+  /** GET /status; from inside the relay's namespace (a one-line bun fetch) when it has one. */
   async status() {
     if (!this.netns) return this.proc.status();
-    const p = Bun.spawn([...this.netns.exec, "curl", "-sSf", "--max-time", "5", `${this.proc.base}/status`], {
+    const fetchOnce =
+      "const r = await fetch(process.env.STATUS_URL, { signal: AbortSignal.timeout(5000) });" +
+      "if (!r.ok) throw new Error(`GET /status: ${r.status}`); process.stdout.write(await r.text());";
+    const p = Bun.spawn([...this.netns.exec, process.execPath, "-e", fetchOnce], {
+      env: { ...process.env, STATUS_URL: `${this.proc.base}/status` },
       stdout: "pipe",
       stderr: "pipe",
     });
     const [out, err, code] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
-    if (code !== 0) throw new Error(`curl ${this.proc.base}/status in ${this.netns.name}: ${code} ${err.trim()}`);
+    if (code !== 0) throw new Error(`GET ${this.proc.base}/status in ${this.netns.name}: exit ${code} ${err.trim()}`);
     return JSON.parse(out);
   }
 
