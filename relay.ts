@@ -363,7 +363,8 @@ export class StreamDecoder {
   #frameUsed = 0;
 
   /** Calls `onFrame` for every complete frame; throws RangeError on a length above MAX_FRAME. */
-  push(chunk: Uint8Array, onFrame: (frame: Uint8Array) => void): void {
+  push(data: Uint8Array, onFrame: (frame: Uint8Array) => void): void {
+    const chunk = plainBytes(data);
     const n = chunk.length;
     let i = 0;
     while (i < n) {
@@ -410,6 +411,11 @@ export class StreamDecoder {
   get buffered(): number {
     return this.#headUsed + this.#frameUsed;
   }
+}
+
+/** Views of a Buffer go through its species constructor; a plain Uint8Array view is cheaper per frame. */
+function plainBytes(data: Uint8Array): Uint8Array {
+  return data.constructor === Uint8Array ? data : new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
 }
 
 function readLength(bytes: Uint8Array, at: number): number {
@@ -459,6 +465,14 @@ export class FrameBatch {
     return this.bytes.subarray(0, this.used);
   }
 
+  /** The batch so far, for keeping: the next append starts a new buffer. */
+  take(): Uint8Array {
+    const taken = this.view();
+    this.bytes = this.header.length ? this.header.slice() : EMPTY;
+    this.used = this.header.length;
+    return taken;
+  }
+
   reset(): void {
     this.used = this.header.length;
   }
@@ -494,10 +508,11 @@ export function dataHeader(channel: number): Uint8Array {
  * closes the tunnel that sent it.
  */
 export function decodeTunnelMessage(
-  message: Uint8Array,
+  data: Uint8Array,
   onControl: (control: ControlMessage) => void,
   onFrame: (channel: number, frame: Uint8Array) => void,
 ): void {
+  const message = plainBytes(data);
   if (message.length === 0) throw new RangeError("Cannot decode tunnel message: empty message");
   const type = message[0];
   if (type === MSG_CONTROL) {
@@ -713,24 +728,31 @@ export class StreamWriter {
 
   push(frame: Uint8Array): boolean {
     if (this.queued + 4 + frame.length > this.limit) return false;
-    if (this.#batch.used + 4 + frame.length > BATCH_BYTES) this.#seal();
+    if (this.#batch.used + 4 + frame.length > BATCH_BYTES) {
+      if (this.#blocked) this.#seal();
+      else this.#writeOut();
+    }
     this.#batch.append(frame);
     if (!this.#scheduled) {
       this.#scheduled = true;
-      queueMicrotask(this.flush);
+      setImmediate(this.flush);
     }
     return true;
   }
 
+  /** Queues the full batch behind the blocked write, handing over its buffer rather than copying it. */
   #seal(): void {
-    if (this.#batch.empty) return;
-    this.#pending.push(this.#batch.view().slice());
     this.#pendingBytes += this.#batch.used;
-    this.#batch.reset();
+    this.#pending.push(this.#batch.take());
   }
 
+  /** Runs once per event-loop turn with frames queued: everything that turn brought goes in one write. */
   readonly flush = (): void => {
     this.#scheduled = false;
+    this.#writeOut();
+  };
+
+  #writeOut(): void {
     if (this.#blocked) return;
     while (this.#pending.length > 0) {
       const chunk = this.#pending[0]!;
@@ -747,17 +769,16 @@ export class StreamWriter {
     const data = this.#batch.view();
     const n = Math.max(0, this.write(data));
     if (n < data.length) {
-      this.#pending.push(data.slice(n));
+      this.#pending.push(this.#batch.take().subarray(n));
       this.#pendingBytes += data.length - n;
       this.#blocked = true;
-    }
-    this.#batch.reset();
-  };
+    } else this.#batch.reset();
+  }
 
   /** The socket can take more. */
   drain(): void {
     this.#blocked = false;
-    this.flush();
+    this.#writeOut();
   }
 }
 
@@ -802,6 +823,8 @@ export interface TunnelSocket {
 export class TunnelPort extends Port {
   readonly #batch: FrameBatch;
   #scheduled = false;
+  /** Bytes the batch may still grow to, sampled from the socket once per batch (a native call). */
+  #room = 0;
 
   constructor(
     kind: string,
@@ -816,20 +839,23 @@ export class TunnelPort extends Port {
 
   protected enqueue(frame: Uint8Array): boolean {
     if (this.state !== "up") return false;
-    if (this.socket.buffered() + this.#batch.used + 4 + frame.length > this.limit) return false;
-    if (this.#batch.used + 4 + frame.length > BATCH_BYTES) this.flush();
+    const need = 4 + frame.length;
+    if (this.#batch.used + need > BATCH_BYTES) this.flush();
+    if (this.#batch.empty) this.#room = this.limit - this.socket.buffered();
+    if (this.#batch.used + need > this.#room) return false;
     this.#batch.append(frame);
     if (!this.#scheduled) {
       this.#scheduled = true;
-      queueMicrotask(this.flush);
+      setImmediate(this.flush);
     }
     return true;
   }
 
+  /** Sends the batch as one message; both Bun WebSocket ends copy it, so the buffer is reused. */
   readonly flush = (): void => {
     this.#scheduled = false;
     if (this.#batch.empty || this.state !== "up") return;
-    this.socket.send(this.#batch.view().slice());
+    this.socket.send(this.#batch.view());
     this.#batch.reset();
   };
 }

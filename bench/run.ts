@@ -8,7 +8,8 @@
  * (generator → site A → hub → site B → sink) in the same run and prints one table.
  *
  * Env: BENCH_SECONDS (throughput run length, default 5), BENCH_OVERLOAD_SECONDS (default 10),
- *      BENCH_SAMPLES (latency samples, default 3000), BENCH_UDP_RATE (paced UDP run, default 50000).
+ *      BENCH_SAMPLES (latency samples, default 3000), BENCH_UDP_RATE (paced UDP run, default 50000),
+ *      BENCH_TCP_RATE (paced 1500 B TCP run, default 500000 = the target).
  */
 import { existsSync } from "node:fs";
 import { RELAY, spawnRelay, waitUntil, type RelayProcess } from "../tests/helpers.ts";
@@ -17,6 +18,7 @@ import { openTunnels } from "./tunnels.ts";
 const PEER = new URL("./peer.ts", import.meta.url).pathname;
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 5);
 const OVERLOAD_SECONDS = Number(process.env.BENCH_OVERLOAD_SECONDS ?? 10);
+const TCP_RATE = Number(process.env.BENCH_TCP_RATE ?? 500_000);
 const UDP_RATE = Number(process.env.BENCH_UDP_RATE ?? 50_000);
 const SAMPLES = Number(process.env.BENCH_SAMPLES ?? 3000);
 const TOKEN = "bench-token-" + Math.random().toString(36).slice(2);
@@ -36,12 +38,12 @@ const haveRelay = existsSync(RELAY);
 
 // ------------------------------------------------------------------------------------ /proc
 const TICK = 100; // USER_HZ
-function cpuSeconds(pid: number | undefined): number {
+function cpuSeconds(pid: number | undefined, which: "all" | "sys" = "all"): number {
   if (!pid) return NaN;
   try {
     const s = require("node:fs").readFileSync(`/proc/${pid}/stat`, "utf8") as string;
     const rest = s.slice(s.lastIndexOf(")") + 2).split(" ");
-    return (Number(rest[11]) + Number(rest[12])) / TICK;
+    return (which === "sys" ? Number(rest[12]) : Number(rest[11]) + Number(rest[12])) / TICK;
   } catch {
     return NaN;
   }
@@ -233,7 +235,8 @@ interface Flow {
   reordered: number;
   dup: number;
   corrupt: number;
-  cpu: Record<string, number>; // CPU seconds during the run, per process
+  cpu: Record<string, number>; // CPU seconds (user + system) during the run, per process
+  cpuSys: Record<string, number>; // of which in the kernel
   wall: number;
   relayDrops?: number;
   dropsBy?: Record<string, number>;
@@ -278,6 +281,7 @@ async function runFlow(
     const hops0 = new Map<string, Hops>();
     for (const [k, r] of Object.entries(opts.relays ?? {})) hops0.set(k, await hops(r));
     const cpu0 = Object.fromEntries(Object.entries(pids).map(([k, p]) => [k, cpuSeconds(p)]));
+    const sys0 = Object.fromEntries(Object.entries(pids).map(([k, p]) => [k, cpuSeconds(p, "sys")]));
     if (opts.sampleRss) {
       const sample = () => {
         for (const [k, r] of Object.entries(opts.relays ?? {})) rssMax[k] = Math.max(rssMax[k] ?? 0, rssMB(r.proc.pid));
@@ -303,6 +307,7 @@ async function runFlow(
     const wall = (performance.now() - t0) / 1000;
     if (sampler) clearInterval(sampler);
     const cpu = Object.fromEntries(Object.entries(pids).map(([k, p]) => [k, cpuSeconds(p) - cpu0[k]!]));
+    const cpuSys = Object.fromEntries(Object.entries(pids).map(([k, p]) => [k, cpuSeconds(p, "sys") - sys0[k]!]));
     const drops1 = opts.relays ? await sumDrops(opts.relays) : 0;
     const path: string[] = [`gen sent ${si(done.sent)}`];
     for (const [k, r] of Object.entries(opts.relays ?? {})) path.push(`${k}: ${hopText(hops0.get(k)!, await hops(r))}`);
@@ -318,6 +323,7 @@ async function runFlow(
       dup: rep.dup,
       corrupt: rep.corrupt,
       cpu,
+      cpuSys,
       wall,
       relayDrops: opts.relays ? drops1 - drops0 : undefined,
       path: path.join(" | "),
@@ -398,7 +404,7 @@ function printTable() {
 
 // ------------------------------------------------------------------------------------ cases
 function cpuText(f: Flow, keys: string[]) {
-  return keys.map((k) => `${k} ${f2(f.cpu[k])}`).join(", ");
+  return keys.map((k) => `${k} ${f2(f.cpu[k])} (sys ${f2(f.cpuSys[k])})`).join(", ");
 }
 
 interface Setup {
@@ -489,16 +495,16 @@ async function throughputCase(name: string, size: number, udp: boolean, target?:
     const perM = (f: Flow, s: number) => (f.received ? (s / f.received) * 1e6 : NaN);
     row({
       case: label,
-      metric: "CPU s, unpaced run",
+      metric: "CPU s (of which kernel), unpaced run",
       direct: cpuText(direct, ["gen", "sink"]),
-      chain: cpuText(ch, ["A", "hub", "B"]) + ` | gen ${f2(ch.cpu.gen)} sink ${f2(ch.cpu.sink)} | ${f1(ch.wall)} s wall`,
+      chain: cpuText(ch, ["A", "hub", "B", "gen", "sink"]) + ` | ${f1(ch.wall)} s wall`,
     });
     for (const [what, f] of [["unpaced", ch], [`paced`, paced]] as const) {
       if (!f) continue;
       row({
         case: label,
-        metric: `relay CPU µs/frame delivered, ${what}`,
-        chain: ["A", "hub", "B"].map((k) => `${k} ${f2(perM(f, f.cpu[k]!))}`).join(", "),
+        metric: `relay CPU µs/frame delivered (of which kernel), ${what}`,
+        chain: ["A", "hub", "B"].map((k) => `${k} ${f2(perM(f, f.cpu[k]!))} (sys ${f2(perM(f, f.cpuSys[k]!))})`).join(", "),
       });
     }
   } else {
@@ -740,7 +746,7 @@ console.error(`bench: cases ${cases.join(", ")}; ${SECONDS} s per throughput run
 for (const c of cases) {
   const t = performance.now();
   try {
-    if (c === "tcp1500") await throughputCase(c, 1500, false, 500_000, 500_000);
+    if (c === "tcp1500") await throughputCase(c, 1500, false, 500_000, TCP_RATE);
     else if (c === "tcp64k") await throughputCase(c, 65536, false);
     else if (c === "udp") await throughputCase(c, 1500, true, undefined, UDP_RATE);
     else if (c === "latency") await latencyCase();
