@@ -1,4 +1,5 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { readFileSync } from "node:fs";
 import { MAX_FRAME, TUNNEL_PROTOCOL, encodeControl, encodeFrames } from "../relay.ts";
 import {
   BROADCAST,
@@ -187,6 +188,38 @@ describe("uplink", () => {
       expect(await vmB.frames.next(from("02:00:00:00:0e:01"))).toEqual(f);
     } finally {
       await hub.stop();
+    }
+  });
+
+  test("a stalled tunnel drops frames, counted, with bounded memory, while local switching goes on", async () => {
+    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN]);
+    await using siteA = await site(hub, "--qemu-listen", "127.0.0.1:0", "--queue-bytes", "200000", "--keepalive", "60");
+    await using siteB = await site(hub, "--qemu-listen", "127.0.0.1:0");
+    await Promise.all([uplinkUp(siteA), uplinkUp(siteB)]);
+    await using remote = await attachVm(siteB);
+    await using sender = await attachVm(siteA);
+    await using neighbour = await attachVm(siteA);
+    const R = "02:00:00:00:13:01";
+    remote.send(makeFrame(BROADCAST, R, "I am behind the hub"));
+    await sender.frames.next(from(R));
+    const rss = () => Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${siteA.proc.pid}/status`, "utf8"))![1]) / 1024;
+    const rssBefore = rss();
+    hub.proc.kill("SIGSTOP");
+    try {
+      const burst = encodeFrames(Array.from({ length: 100 }, (_, i) => makeFrame(R, "02:00:00:00:13:02", new Uint8Array(60_000).fill(i))));
+      for (let i = 0; i < 10; i++) await sender.writeAll(burst);
+      const uplinkPort = await waitUntil(async () => {
+        const ports = (await siteA.status()).networks[0].ports;
+        const u = ports.find((p: any) => p.kind === "uplink");
+        return u.tx.frames + u.tx.drops === 1000 && u;
+      }, "all 1000 frames sent or dropped at the uplink");
+      expect(uplinkPort.tx.drops).toBeGreaterThan(500);
+      const ping = makeFrame(BROADCAST, "02:00:00:00:13:03", "still switching locally");
+      neighbour.send(ping);
+      expect(await sender.frames.next((f) => sameBytes(f, ping))).toEqual(ping);
+      expect(rss() - rssBefore).toBeLessThan(64);
+    } finally {
+      hub.proc.kill("SIGCONT");
     }
   });
 
