@@ -2,10 +2,11 @@
 /**
  * edge-relay: share Ethernet segments between QEMU virtual machines on different hosts.
  *
- * A relay hosts named networks; each network is a learning Ethernet switch. QEMU links (TCP stream
- * connections, UDP peers) and WebSocket tunnels to other relays are ports on a network. Sites dial
- * out to a hub over an authenticated WebSocket, so NAT is no obstacle; hub and site are this same
- * program with different ports configured.
+ * A relay hosts named networks; each network is a learning Ethernet switch. QEMU links (TCP and
+ * unix stream connections, UDP and unix datagram peers, multicast segments) and WebSocket tunnels to
+ * other relays are ports on a network. Sites dial out to a hub over an authenticated WebSocket
+ * (`ws://`, or `wss://` with --tls-cert/--tls-key on the hub), so NAT is no obstacle; hub and site
+ * are this same program with different ports configured.
  *
  * ```sh
  * # one host: a local switch on 127.0.0.1:10000, status on http://127.0.0.1:8080/status
@@ -28,6 +29,11 @@
  * # UDP: --qemu-udp 127.0.0.1:10002,127.0.0.1:10003
  * qemu-system-x86_64 … -netdev dgram,id=n0,local.type=inet,local.host=127.0.0.1,local.port=10003,remote.type=inet,remote.host=127.0.0.1,remote.port=10002 …
  * qemu-system-x86_64 … -netdev socket,id=n0,udp=127.0.0.1:10002,localaddr=127.0.0.1:10003 …
+ * # unix sockets: --qemu-listen unix:/run/vm.sock, --qemu-udp unix:/run/relay.dgram,unix:/run/vm.dgram
+ * qemu-system-x86_64 … -netdev stream,id=n0,server=off,addr.type=unix,addr.path=/run/vm.sock …
+ * qemu-system-x86_64 … -netdev dgram,id=n0,local.type=unix,local.path=/run/vm.dgram,remote.type=unix,remote.path=/run/relay.dgram …
+ * # a multicast segment as one port: --qemu-mcast 239.255.0.1:5000,127.0.0.1
+ * qemu-system-x86_64 … -netdev socket,id=n0,mcast=239.255.0.1:5000,localaddr=127.0.0.1 …
  * ```
  *
  * @module
