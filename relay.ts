@@ -153,7 +153,7 @@ function splitNetwork(text: string): { network: string; rest: string } {
   return { network: text.slice(0, eq), rest: text.slice(eq + 1) };
 }
 
-function endpointSchema(shape: string, parse: (rest: string) => object | null) {
+function endpointSchema<T extends object>(shape: string, parse: (rest: string) => T | null) {
   return v.pipe(
     v.string(),
     v.rawTransform(({ dataset, addIssue, NEVER }) => {
@@ -1057,7 +1057,6 @@ export class Uplink {
 
   #dial(): void {
     if (this.#stopped) return;
-    this.#setState(this.status.state === "up" ? "down" : this.status.state);
     const nets = this.networks();
     this.status.attempts++;
     const ws = new WebSocket(this.url.href, {
@@ -1100,19 +1099,20 @@ export class Uplink {
     ws.onerror = (event) => {
       failure = (event as ErrorEvent).message || "connection failed";
     };
-    ws.onclose = (event) => {
-      link.detachAll();
-      if (this.#ws !== ws) return;
-      this.#ws = undefined;
-      this.#link = undefined;
-      if (this.#stopped) return;
-      const why = failure ?? `closed (${event.code}${event.reason ? ` ${event.reason}` : ""})`;
-      this.#setState("down", why);
-      const delay = this.#backoff();
-      this.#logChange(`uplink: ${this.status.url} ${why}; retrying with backoff`, true);
-      this.#timer = setTimeout(() => this.#dial(), delay);
-    };
+    ws.onclose = (event) => this.#lost(ws, link, failure ?? `closed (${event.code}${event.reason ? ` ${event.reason}` : ""})`);
     this.#keepalive ??= setInterval(() => this.#tick(), this.options.keepaliveMs);
+  }
+
+  /** The tunnel is gone (closed, failed, or silent): detach its ports and redial after a backoff. */
+  #lost(ws: WebSocket, link: TunnelLink, why: string): void {
+    link.detachAll();
+    if (this.#ws !== ws) return;
+    this.#ws = undefined;
+    this.#link = undefined;
+    if (this.#stopped) return;
+    this.#setState("down", why);
+    this.#logChange(`uplink: ${this.status.url} ${why}; retrying with backoff`, true);
+    this.#timer = setTimeout(() => this.#dial(), this.#backoff());
   }
 
   #backoff(): number {
@@ -1126,9 +1126,7 @@ export class Uplink {
     const link = this.#link;
     if (!ws || !link || ws.readyState !== WebSocket.OPEN) return;
     if (Date.now() - link.lastHeard > 3 * this.options.keepaliveMs) {
-      this.#logChange(`uplink: ${this.status.url} stopped answering; reconnecting`, true);
-      ws.onerror = null;
-      ws.onclose?.(new CloseEvent("close", { code: 1006, reason: "keepalive timeout" }));
+      this.#lost(ws, link, "stopped answering keepalive pings");
       ws.close();
       return;
     }
@@ -1298,9 +1296,10 @@ export function dialStream(address: SocketAddress, ctx: StreamContext): { status
   async function dial() {
     status.attempts++;
     try {
-      socket = await Bun.connect<StreamPort>(
-        "path" in address ? { unix: bunUnixPath(address.path), socket: handlers } : { hostname: address.host, port: address.port, socket: handlers },
-      );
+      socket =
+        "path" in address
+          ? await Bun.connect<StreamPort>({ unix: bunUnixPath(address.path), socket: handlers })
+          : await Bun.connect<StreamPort>({ hostname: address.host, port: address.port, socket: handlers });
       if (stopped) socket.end();
     } catch (error) {
       status.lastError = describeSocketError("cannot connect", error);
@@ -1347,7 +1346,7 @@ export class DatagramPort extends Port {
 }
 
 async function openUdp(address: HostPort, onDatagram: OnDatagram, onError: (error: Error) => void, flags = 0): Promise<DatagramSocket & { socket: udp.Socket<"buffer"> }> {
-  const socket = await Bun.udpSocket({
+  const options: udp.SocketOptions<"buffer"> & { flags: number } = {
     hostname: address.host,
     port: address.port,
     flags,
@@ -1355,9 +1354,11 @@ async function openUdp(address: HostPort, onDatagram: OnDatagram, onError: (erro
       data(_socket, data, port, host) {
         onDatagram(data, `${host}:${port}`, () => ({ host, port }));
       },
-      error: onError,
+      // Bun calls it as error(err), whatever its type says.
+      error: onError as unknown as udp.SocketHandler<"buffer">["error"],
     },
-  } as Bun.UDPSocketOptions<"buffer">);
+  };
+  const socket = await Bun.udpSocket(options);
   return {
     socket,
     address: formatHostPort({ host: address.host, port: socket.port }),
@@ -1373,7 +1374,6 @@ const SOL_SOCKET = 1;
 const SO_RCVTIMEO = 20;
 const EINTR = 4;
 const EAGAIN = 11;
-const ECONNREFUSED_ERRNO = 111;
 
 /** libc through bun:ffi, loaded on first use: Bun has no unix datagram sockets of its own. */
 let libc: ReturnType<typeof loadLibc> | undefined;

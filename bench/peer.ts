@@ -146,7 +146,7 @@ async function openTransport() {
       hostname: host,
       port,
       socket: {
-        data(_s, buf) {
+        data(_s: unknown, buf: Uint8Array) {
           onFrame(buf, 0, buf.length);
         },
         drain() {
@@ -533,7 +533,7 @@ async function runVms() {
     );
   }
   emit("ready", { count: n });
-  commands.report = () => emit("report", { rxBytes: rx, open: socks.filter((s) => s.readyState === "open" || (s.readyState as any) === 1).length });
+  commands.report = () => emit("report", { rxBytes: rx, open: socks.filter((s) => s.readyState === WebSocket.OPEN).length });
 }
 
 // ----------------------------------------------------------------------------------------- main

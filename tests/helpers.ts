@@ -306,11 +306,10 @@ export const bunUnix = (path: string) => (path.startsWith("@") ? `\0${path.slice
 /** A fake `-netdev stream,server=off` VM: connects to the relay's --qemu-listen (a port, or a unix path). */
 export async function connectStream(target: number | string, host = "127.0.0.1"): Promise<StreamPeer> {
   const { state, closed } = newPeerState();
-  const socket = await Bun.connect<PeerState>(
+  const socket =
     typeof target === "string"
-      ? { unix: bunUnix(target), data: state, socket: peerHandlers }
-      : { hostname: host, port: target, data: state, socket: peerHandlers },
-  );
+      ? await Bun.connect<PeerState>({ unix: bunUnix(target), data: state, socket: peerHandlers })
+      : await Bun.connect<PeerState>({ hostname: host, port: target, data: state, socket: peerHandlers });
   return streamPeer(socket, closed);
 }
 
@@ -340,20 +339,21 @@ export async function attachVm(relay: RelayProcess, network?: string): Promise<S
 export function listenStream(target: number | string = 0, host = "127.0.0.1"): StreamServerPeer {
   const queue: StreamPeer[] = [];
   const waiting: ((p: StreamPeer) => void)[] = [];
-  const listener = Bun.listen<PeerState>({
-    ...(typeof target === "string" ? { unix: bunUnix(target) } : { hostname: host, port: target }),
-    socket: {
-      ...peerHandlers,
-      open(socket) {
-        const { state, closed } = newPeerState();
-        socket.data = state;
-        const peer = streamPeer(socket, closed);
-        const w = waiting.shift();
-        if (w) w(peer);
-        else queue.push(peer);
-      },
+  const socket = {
+    ...peerHandlers,
+    open(s: import("bun").Socket<PeerState>) {
+      const { state, closed } = newPeerState();
+      s.data = state;
+      const peer = streamPeer(s, closed);
+      const w = waiting.shift();
+      if (w) w(peer);
+      else queue.push(peer);
     },
-  });
+  };
+  const listener =
+    typeof target === "string"
+      ? Bun.listen<PeerState>({ unix: bunUnix(target), socket })
+      : Bun.listen<PeerState>({ hostname: host, port: target, socket });
   return {
     port: (listener as { port?: number }).port ?? 0,
     accepted: () => {

@@ -5,7 +5,6 @@ import {
   BROADCAST,
   type RelayProcess,
   attachVm,
-  connectStream,
   listenStream,
   makeFrame,
   mac,
@@ -229,7 +228,7 @@ describe("uplink", () => {
     await uplinkUp(siteR);
     hub.proc.kill("SIGSTOP");
     try {
-      await siteR.waitForLine(/uplink: .* stopped answering; reconnecting/);
+      await siteR.waitForLine(/uplink: .* stopped answering keepalive pings; retrying with backoff/);
     } finally {
       hub.proc.kill("SIGCONT");
     }
@@ -241,7 +240,7 @@ describe("tunnel auth", () => {
   test("a wrong or missing token gets 401 before any upgrade, is counted, and is logged without the token", async () => {
     await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN]);
     const wrong = "not-the-token-77";
-    for (const headers of [{ Authorization: `Bearer ${wrong}` }, {}]) {
+    for (const headers of [{ Authorization: `Bearer ${wrong}` }, {}] as Record<string, string>[]) {
       const res = await fetch(`${hub.base}/tunnel`, {
         headers: { ...headers, Connection: "Upgrade", Upgrade: "websocket", "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Protocol": TUNNEL_PROTOCOL },
       });

@@ -239,7 +239,7 @@ describe("TLS", () => {
     const f = makeFrame(BROADCAST, "02:00:00:00:34:01", "through TLS");
     vmA.send(f);
     expect(await vmB.frames.next(from("02:00:00:00:34:01"))).toEqual(f);
-    const hubStatus = await fetch(`${hub.base}/status`, { tls: { ca: await Bun.file(cert).text() } }).then((r) => r.json());
+    const hubStatus: any = await fetch(`${hub.base}/status`, { tls: { ca: await Bun.file(cert).text() } }).then((r) => r.json());
     expect(hubStatus.networks[0].ports.length).toBe(2);
   });
 

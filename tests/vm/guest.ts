@@ -9,7 +9,7 @@
  * output is framed by `@@begin <id>` and `@@end <id> <rc>`. Background jobs print onto the console
  * as well. `poweroff` ends the guest (QEMU runs with -no-reboot).
  */
-import { mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { Subprocess } from "bun";
@@ -177,10 +177,10 @@ export function buildInitramfs(assets: VmAssets, dir: string): string {
   for (const m of MODULES) {
     const p = moduleFiles.get(m);
     if (!p) throw new Error(`kernel module ${m}.ko not found under ${assets.modules}`);
-    entries.push({ name: `lib/modules/${m}.ko`, mode: 0o100644, data: new Uint8Array(require("node:fs").readFileSync(p)) });
+    entries.push({ name: `lib/modules/${m}.ko`, mode: 0o100644, data: new Uint8Array(readFileSync(p)) });
   }
   const path = join(dir, "initramfs.cpio.gz");
-  writeFileSync(path, Bun.gzipSync(cpioNewc(entries)));
+  writeFileSync(path, Bun.gzipSync(cpioNewc(entries) as Uint8Array<ArrayBuffer>));
   return path;
 }
 
@@ -289,10 +289,11 @@ export class Guest implements AsyncDisposable {
     ];
     // If the test runner dies (Ctrl-C, crash), take QEMU with it.
     if (SETPRIV) args.unshift(SETPRIV, "--pdeathsig", "KILL", "--");
-    this.proc = Bun.spawn(args, { stdin: "pipe", stdout: "pipe", stderr: "pipe" });
+    const proc = Bun.spawn(args, { stdin: "pipe", stdout: "pipe", stderr: "pipe" });
+    this.proc = proc;
     const decoder = new TextDecoder();
     (async () => {
-      for await (const chunk of this.proc.stdout) {
+      for await (const chunk of proc.stdout) {
         const text = decoder.decode(chunk, { stream: true }).replaceAll("\r", "");
         this.console += text;
         const t = performance.now();
@@ -304,7 +305,7 @@ export class Guest implements AsyncDisposable {
     })();
     (async () => {
       const d = new TextDecoder();
-      for await (const chunk of this.proc.stderr) {
+      for await (const chunk of proc.stderr) {
         this.stderrText += d.decode(chunk, { stream: true });
         this.notify();
       }
