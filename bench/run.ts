@@ -12,7 +12,7 @@
  *      BENCH_TCP_RATE (paced 1500 B TCP run, default 500000 = the target).
  */
 import { existsSync } from "node:fs";
-import { RELAY, spawnRelay, waitUntil, type RelayProcess } from "../tests/helpers.ts";
+import { RELAY, freePort, spawnRelay, waitUntil, type RelayProcess } from "../tests/helpers.ts";
 import { openTunnels } from "./tunnels.ts";
 
 const PEER = new URL("./peer.ts", import.meta.url).pathname;
@@ -142,14 +142,6 @@ class Peer {
       clearTimeout(t);
     }
   }
-}
-
-/** A free UDP port on 127.0.0.1 (bind to 0, read, close). */
-async function freeUdpPort(): Promise<number> {
-  const s = await Bun.udpSocket({ hostname: HOST, port: 0 });
-  const p = s.port;
-  s.close();
-  return p;
 }
 
 // ------------------------------------------------------------------------------------ relays
@@ -414,7 +406,7 @@ interface Setup {
 
 async function throughputCase(name: string, size: number, udp: boolean, target?: number, pacedRate?: number) {
   const label = udp ? `udp ${size} B` : `tcp ${size >= 65536 ? "64 KiB" : size + " B"}`;
-  const [pg, ps] = udp ? [await freeUdpPort(), await freeUdpPort()] : [0, 0];
+  const [pg, ps] = udp ? [await freePort("udp"), await freePort("udp")] : [0, 0];
   const directSetup: Setup = udp
     ? {
         ep: {

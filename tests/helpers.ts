@@ -405,3 +405,22 @@ export async function tempDir(): Promise<AsyncDisposable & { path: string }> {
   const path = (await Bun.$`mktemp -d /tmp/edge-relay-test.XXXXXX`.text()).trim();
   return { path, [Symbol.asyncDispose]: () => Bun.$`rm -rf ${path}`.quiet().then(() => {}) };
 }
+
+/**
+ * A port that nobody listens on, for a peer that must not be there yet (or must come back on the
+ * same port). It is picked below the kernel's ephemeral range, so no `port 0` bind of a relay or a
+ * test can be handed the same number between our check and its use.
+ */
+export async function freePort(kind: "tcp" | "udp" = "tcp"): Promise<number> {
+  const [low] = (await Bun.file("/proc/sys/net/ipv4/ip_local_port_range").text()).trim().split(/\s+/).map(Number);
+  for (;;) {
+    const port = 10_000 + Math.floor(Math.random() * (low! - 10_000));
+    try {
+      if (kind === "tcp") Bun.listen({ hostname: "127.0.0.1", port, socket: { data() {} } }).stop(true);
+      else (await Bun.udpSocket({ hostname: "127.0.0.1", port })).close();
+      return port;
+    } catch {
+      // taken: try another
+    }
+  }
+}

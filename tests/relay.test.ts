@@ -5,6 +5,7 @@ import {
   BROADCAST,
   type RelayProcess,
   attachVm,
+  freePort,
   listenStream,
   makeFrame,
   mac,
@@ -23,14 +24,6 @@ const uplinkUp = (site: RelayProcess, connects = 1) =>
     const s = await site.status();
     return s.uplink?.state === "up" && s.uplink.connects >= connects;
   }, `uplink of ${site.base} up (connect #${connects})`);
-
-/** A port number nobody listens on right now (bound, then released). */
-function freePort(): number {
-  const l = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
-  const port = l.port;
-  l.stop(true);
-  return port;
-}
 
 function site(hub: RelayProcess, ...args: string[]) {
   return spawnRelay(["--http", "127.0.0.1:0", ...args, "--uplink", wsUrl(hub), "--uplink-token", TOKEN]);
@@ -120,7 +113,7 @@ describe("relay over a hub (three CLI processes)", () => {
 
 describe("--qemu-connect", () => {
   test("dials a VM that is not listening yet, and redials after it restarts, logging state changes only", async () => {
-    const port = freePort();
+    const port = await freePort();
     await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-connect", `127.0.0.1:${port}`, "--qemu-listen", "127.0.0.1:0"]);
     await using other = await attachVm(relay);
     await waitUntil(async () => (await relay.status()).dials[0].attempts >= 3, "three failed dials");
@@ -150,7 +143,7 @@ describe("--qemu-connect", () => {
 
 describe("uplink", () => {
   test("local switching goes on while the hub is down; the uplink comes up when it appears", async () => {
-    const hubPort = freePort();
+    const hubPort = await freePort();
     await using siteR = await spawnRelay([
       "--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0",
       "--uplink", `ws://127.0.0.1:${hubPort}`, "--uplink-token", TOKEN,

@@ -212,22 +212,6 @@ export function prepareImage(): VmImage {
 
 // ---------------------------------------------------------------- free ports for QEMU's own sockets
 
-/** A TCP port that was free a moment ago (for QEMU's own listen sockets only). */
-export function freeTcpPort(): number {
-  const s = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
-  const port = s.port;
-  s.stop(true);
-  return port;
-}
-
-/** A UDP port that was free a moment ago (for QEMU's own local dgram address only). */
-export async function freeUdpPort(): Promise<number> {
-  const s = await Bun.udpSocket({ hostname: "127.0.0.1", port: 0 });
-  const port = s.port;
-  s.close();
-  return port;
-}
-
 // ---------------------------------------------------------------- guests
 
 export interface GuestOptions {

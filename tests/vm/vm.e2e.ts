@@ -19,8 +19,8 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { spawnRelay, waitUntil, type RelayProcess } from "../helpers.ts";
-import { Guest, freeTcpPort, freeUdpPort, prepareImage, transfer, type VmImage } from "./guest.ts";
+import { freePort, spawnRelay, waitUntil, type RelayProcess } from "../helpers.ts";
+import { Guest, prepareImage, transfer, type VmImage } from "./guest.ts";
 
 const LOCAL = "127.0.0.1";
 const TOKEN = `vm-e2e-${crypto.randomUUID()}`;
@@ -82,7 +82,7 @@ const tcpClient = (style: "stream" | "socket"): Attachment => ({
 const tcpServer = (style: "stream" | "socket"): Attachment => ({
   label: style === "stream" ? "stream,server=on" : "socket,listen=",
   async prepare(net) {
-    const port = freeTcpPort();
+    const port = await freePort();
     return {
       siteArgs: ["--qemu-connect", `${netPrefix(net)}${LOCAL}:${port}`],
       netdev: () =>
@@ -100,7 +100,7 @@ const tcpServer = (style: "stream" | "socket"): Attachment => ({
 const udp = (style: "dgram" | "socket"): Attachment => ({
   label: style === "dgram" ? "dgram (site remote fixed)" : "socket,udp= (site learns)",
   async prepare(net) {
-    const guestPort = await freeUdpPort();
+    const guestPort = await freePort("udp");
     return {
       siteArgs: [
         "--qemu-udp",
@@ -427,7 +427,7 @@ const SCENARIOS: Scenario[] = [
 
 describe("edge-relay with real QEMU guests", () => {
   test("baseline: guests wired directly to each other (no relay)", async () => {
-    const port = freeTcpPort();
+    const port = await freePort();
     await using a = new Guest(image, { ...GUEST_A, netdev: `socket,listen=${LOCAL}:${port}` });
     await a.ready();
     await using b = new Guest(image, { ...GUEST_B, netdev: `socket,connect=${LOCAL}:${port}` });
