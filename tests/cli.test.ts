@@ -1,16 +1,10 @@
 import { describe, expect, test } from "bun:test";
 import { HELP, loadConfig, startRelay, parseConfig } from "../relay.ts";
-import { RELAY, attachVm, connectStream, makeFrame, BROADCAST, spawnRelay, tempDir, waitUntil } from "./helpers.ts";
-
-async function run(args: string[], env: Record<string, string> = {}) {
-  const proc = Bun.spawn([process.execPath, RELAY, ...args], { stdout: "pipe", stderr: "pipe", stdin: "ignore", env: { ...process.env, ...env } });
-  const [stdout, stderr, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
-  return { stdout, stderr, code };
-}
+import { RELAY, attachVm, connectStream, runCli, makeFrame, BROADCAST, spawnRelay, tempDir, waitUntil } from "./helpers.ts";
 
 describe("CLI", () => {
   test("--help documents every option on stdout and exits 0", async () => {
-    const { stdout, stderr, code } = await run(["--help"]);
+    const { stdout, stderr, code } = await runCli(["--help"]);
     expect({ stderr, code }).toEqual({ stderr: "", code: 0 });
     expect(stdout).toBe(HELP);
     const source = await Bun.file(RELAY).text();
@@ -20,7 +14,7 @@ describe("CLI", () => {
   });
 
   test("--version prints the version", async () => {
-    const { stdout, stderr, code } = await run(["--version"]);
+    const { stdout, stderr, code } = await runCli(["--version"]);
     expect({ stdout, stderr, code }).toEqual({ stdout: "0.1.0\n", stderr: "", code: 0 });
   });
 
@@ -44,7 +38,7 @@ describe("CLI", () => {
     [["--token-file", "/nonexistent/tokens"], /^edge-relay: --token-file: cannot read/],
   ];
   test.each(bad)("bad config %p exits 2 with one line naming the option", async (args, message) => {
-    const { stdout, stderr, code } = await run(args);
+    const { stdout, stderr, code } = await runCli(args);
     expect(stdout).toBe("");
     expect(stderr.trimEnd()).toMatch(message);
     expect(stderr.trimEnd().split("\n").length).toBe(1);
@@ -57,13 +51,13 @@ describe("CLI", () => {
     await Bun.write(`${dir.path}/unknown.json`, JSON.stringify({ qemuListn: ["127.0.0.1:0"] }));
     await Bun.write(`${dir.path}/tokens.json`, JSON.stringify({ tokens: [{ token: "secret-in-file", networks: ["ok", "not ok"] }] }));
     await Bun.write(`${dir.path}/broken.json`, "{");
-    expect(await run(["--config", `${dir.path}/unknown.json`])).toEqual({ stdout: "", stderr: 'edge-relay: config: unknown option "qemuListn"\n', code: 2 });
-    expect(await run(["--config", `${dir.path}/tokens.json`])).toEqual({
+    expect(await runCli(["--config", `${dir.path}/unknown.json`])).toEqual({ stdout: "", stderr: 'edge-relay: config: unknown option "qemuListn"\n', code: 2 });
+    expect(await runCli(["--config", `${dir.path}/tokens.json`])).toEqual({
       stdout: "",
       stderr: "edge-relay: --token (tokens[0].networks[1]): expected a network name\n",
       code: 2,
     });
-    const broken = await run(["--config", `${dir.path}/broken.json`]);
+    const broken = await runCli(["--config", `${dir.path}/broken.json`]);
     expect(broken.stderr).toStartWith(`edge-relay: --config: ${dir.path}/broken.json is not valid JSON`);
     expect(broken.code).toBe(2);
   });
@@ -71,7 +65,7 @@ describe("CLI", () => {
   test("a port already in use exits 1 with the errno spelled out", async () => {
     await using first = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0"]);
     const taken = first.port("qemu-listen");
-    const { stdout, stderr, code } = await run(["--http", "127.0.0.1:0", "--qemu-listen", `127.0.0.1:${taken}`]);
+    const { stdout, stderr, code } = await runCli(["--http", "127.0.0.1:0", "--qemu-listen", `127.0.0.1:${taken}`]);
     expect({ stdout, stderr, code }).toEqual({
       stdout: "",
       stderr: `edge-relay: Cannot listen on 127.0.0.1:${taken}: address already in use (EADDRINUSE)\n`,

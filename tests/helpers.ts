@@ -424,3 +424,20 @@ export async function freePort(kind: "tcp" | "udp" = "tcp"): Promise<number> {
     }
   }
 }
+
+/** Matches frames whose source MAC is `src`. */
+export const fromMac = (src: string) => (f: Uint8Array) => sameBytes(f.subarray(6, 12), mac(src));
+
+/** Resolves once the relay's uplink is up for the `connects`-th time. */
+export const uplinkUp = (relay: RelayProcess, connects = 1) =>
+  waitUntil(async () => {
+    const s = await relay.status();
+    return s.uplink?.state === "up" && s.uplink.connects >= connects;
+  }, `uplink of ${relay.base} up (connect #${connects})`);
+
+/** Runs the CLI to completion, as a user would: stdout, stderr and the exit code. */
+export async function runCli(args: string[], env: Record<string, string> = {}) {
+  const proc = Bun.spawn([process.execPath, RELAY, ...args], { stdout: "pipe", stderr: "pipe", stdin: "ignore", env: { ...process.env, ...env } });
+  const [stdout, stderr, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
+  return { stdout, stderr, code };
+}

@@ -6,24 +6,20 @@ import {
   type RelayProcess,
   attachVm,
   freePort,
+  fromMac,
   listenStream,
   makeFrame,
   mac,
   sameBytes,
   spawnRelay,
   tempDir,
+  uplinkUp,
   udpPeer,
   waitUntil,
 } from "./helpers.ts";
 
 const TOKEN = "tunnel-secret-4f9a";
-const from = (src: string) => (f: Uint8Array) => sameBytes(f.subarray(6, 12), mac(src));
 const wsUrl = (relay: RelayProcess) => relay.base.replace(/^http/, "ws");
-const uplinkUp = (site: RelayProcess, connects = 1) =>
-  waitUntil(async () => {
-    const s = await site.status();
-    return s.uplink?.state === "up" && s.uplink.connects >= connects;
-  }, `uplink of ${site.base} up (connect #${connects})`);
 
 function site(hub: RelayProcess, ...args: string[]) {
   return spawnRelay(["--http", "127.0.0.1:0", ...args, "--uplink", wsUrl(hub), "--uplink-token", TOKEN]);
@@ -55,14 +51,14 @@ describe("relay over a hub (three CLI processes)", () => {
     const [A, B] = ["02:00:00:00:0a:01", "02:00:00:00:0b:01"];
     const hello = makeFrame(BROADCAST, B, "who has A?");
     vmB.send(hello);
-    expect(await vmA.frames.next(from(B))).toEqual(hello);
+    expect(await vmA.frames.next(fromMac(B))).toEqual(hello);
     const sizes = [60, 1514, 9014, 65_000, MAX_FRAME];
     const toB = sizes.map((n) => makeFrame(B, A, n - 14));
     vmA.send(...toB);
-    for (const f of toB) expect(await vmB.frames.next(from(A))).toEqual(f);
+    for (const f of toB) expect(await vmB.frames.next(fromMac(A))).toEqual(f);
     const toA = sizes.map((n, i) => makeFrame(A, B, new Uint8Array(n - 14).fill(0x50 + i)));
     vmB.send(...toA);
-    for (const f of toA) expect(await vmA.frames.next(from(B))).toEqual(f);
+    for (const f of toA) expect(await vmA.frames.next(fromMac(B))).toEqual(f);
     const status = await hub.status();
     const def = status.networks.find((n: any) => n.name === "default");
     expect(def.macs.map((m: any) => m.mac)).toEqual(expect.arrayContaining([A, B]));
@@ -73,10 +69,10 @@ describe("relay over a hub (three CLI processes)", () => {
     const [UA, UB] = ["02:00:00:00:0a:02", "02:00:00:00:0b:02"];
     const first = makeFrame(BROADCAST, UA, "from A");
     udpA.send(first, siteA.port("qemu-udp"));
-    expect(await udpB.frames.next(from(UA))).toEqual(first);
+    expect(await udpB.frames.next(fromMac(UA))).toEqual(first);
     const reply = makeFrame(UA, UB, 60_000);
     udpB.send(reply, siteB.port("qemu-udp"));
-    expect(await udpA.frames.next(from(UB))).toEqual(reply);
+    expect(await udpA.frames.next(fromMac(UB))).toEqual(reply);
   });
 
   test("frames cross between a TCP VM at one site and a UDP VM at the other", async () => {
@@ -84,10 +80,10 @@ describe("relay over a hub (three CLI processes)", () => {
     const [A, UB] = ["02:00:00:00:0a:03", "02:00:00:00:0b:03"];
     const announce = makeFrame(BROADCAST, UB, "udp here");
     udpB.send(announce, siteB.port("qemu-udp"));
-    expect(await vmA.frames.next(from(UB))).toEqual(announce);
+    expect(await vmA.frames.next(fromMac(UB))).toEqual(announce);
     const frames = [makeFrame(UB, A, 1500), makeFrame(UB, A, 30_000)];
     vmA.send(...frames);
-    for (const f of frames) expect(await udpB.frames.next(from(A))).toEqual(f);
+    for (const f of frames) expect(await udpB.frames.next(fromMac(A))).toEqual(f);
   });
 
   test("a malformed tunnel message closes only that tunnel, counted", async () => {
@@ -107,7 +103,7 @@ describe("relay over a hub (three CLI processes)", () => {
     await using vmB = await attachVm(siteB);
     const probe = makeFrame(BROADCAST, "02:00:00:00:0a:04", "still here");
     vmA.send(probe);
-    expect(await vmB.frames.next(from("02:00:00:00:0a:04"))).toEqual(probe);
+    expect(await vmB.frames.next(fromMac("02:00:00:00:0a:04"))).toEqual(probe);
   });
 });
 
@@ -128,7 +124,7 @@ describe("--qemu-connect", () => {
       await waitUntil(async () => (await relay.status()).networks[0].ports.some((p: any) => p.kind === "qemu-connect" && !seen.has(p.id) && seen.add(p.id)), "a new qemu-connect port attached");
       const frame = makeFrame(BROADCAST, X, `round ${round}`);
       other.send(frame);
-      expect(await conn.frames.next(from(X))).toEqual(frame);
+      expect(await conn.frames.next(fromMac(X))).toEqual(frame);
       const back = makeFrame(X, "02:00:00:00:0c:02", `reply ${round}`);
       conn.send(back);
       expect(await other.frames.next((f) => sameBytes(f, back))).toEqual(back);
@@ -177,7 +173,7 @@ describe("uplink", () => {
       await using vmB = await attachVm(siteB);
       const f = makeFrame(BROADCAST, "02:00:00:00:0e:01", "after restart");
       vmA.send(f);
-      expect(await vmB.frames.next(from("02:00:00:00:0e:01"))).toEqual(f);
+      expect(await vmB.frames.next(fromMac("02:00:00:00:0e:01"))).toEqual(f);
     } finally {
       await hub.stop();
     }
@@ -193,7 +189,7 @@ describe("uplink", () => {
     await using neighbour = await attachVm(siteA);
     const R = "02:00:00:00:13:01";
     remote.send(makeFrame(BROADCAST, R, "I am behind the hub"));
-    await sender.frames.next(from(R));
+    await sender.frames.next(fromMac(R));
     const rss = () => Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${siteA.proc.pid}/status`, "utf8"))![1]) / 1024;
     const rssBefore = rss();
     hub.proc.kill("SIGSTOP");

@@ -3,31 +3,21 @@ import { openUnixDgram } from "../relay.ts";
 import {
   BROADCAST,
   FrameQueue,
-  RELAY,
   type RelayProcess,
   attachVm,
   connectStream,
+  fromMac,
   listenStream,
-  mac,
   makeFrame,
-  sameBytes,
   spawnRelay,
+  runCli,
   tempDir,
   udpPeer,
+  uplinkUp,
   waitUntil,
 } from "./helpers.ts";
 
 const TOKEN = "transport-secret-81c2";
-const from = (src: string) => (f: Uint8Array) => sameBytes(f.subarray(6, 12), mac(src));
-const uplinkUp = (site: RelayProcess) =>
-  waitUntil(async () => (await site.status()).uplink?.state === "up", `uplink of ${site.base} up`);
-
-async function run(args: string[]) {
-  const proc = Bun.spawn([process.execPath, RELAY, ...args], { stdout: "pipe", stderr: "pipe", stdin: "ignore" });
-  const [stdout, stderr, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
-  return { stdout, stderr, code };
-}
-
 /** Resolves once the relay has `count` ports whose peer is `peer` (unix connections have no address). */
 function portsWithPeer(relay: RelayProcess, peer: string, count: number) {
   return waitUntil(async () => {
@@ -78,10 +68,10 @@ describe("unix stream sockets", () => {
       await using vmB = await attachVm(t.siteB, network);
       const hello = makeFrame(BROADCAST, A, `over unix ${target}`);
       vmA.send(hello);
-      expect(await vmB.frames.next(from(A))).toEqual(hello);
+      expect(await vmB.frames.next(fromMac(A))).toEqual(hello);
       const reply = makeFrame(A, B, 9000);
       vmB.send(reply);
-      expect(await vmA.frames.next(from(B))).toEqual(reply);
+      expect(await vmA.frames.next(fromMac(B))).toEqual(reply);
     }
     await t.siteA.stop();
     expect(await Bun.file(path).exists()).toBe(false);
@@ -105,7 +95,7 @@ describe("unix stream sockets", () => {
     await using dir = await tempDir();
     const path = `${dir.path}/qemu.sock`;
     const first = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", `unix:${path}`]);
-    expect(await run(["--http", "127.0.0.1:0", "--qemu-listen", `unix:${path}`])).toEqual({
+    expect(await runCli(["--http", "127.0.0.1:0", "--qemu-listen", `unix:${path}`])).toEqual({
       stdout: "",
       stderr: `edge-relay: Cannot listen on unix:${path}: address already in use (EADDRINUSE)\n`,
       code: 1,
@@ -117,7 +107,7 @@ describe("unix stream sockets", () => {
     await portsWithPeer(second, `unix:${path}`, 1);
     const plain = `${dir.path}/not-a-socket`;
     await Bun.write(plain, "keep me");
-    expect(await run(["--http", "127.0.0.1:0", "--qemu-listen", `unix:${plain}`])).toEqual({
+    expect(await runCli(["--http", "127.0.0.1:0", "--qemu-listen", `unix:${plain}`])).toEqual({
       stdout: "",
       stderr: `edge-relay: Cannot listen on unix:${plain}: the path exists and is not a socket\n`,
       code: 1,
@@ -144,13 +134,13 @@ describe("unix datagram sockets", () => {
       expect(await fixedFrames.next()).toEqual(toVm);
       const fromVm = makeFrame(T, V, 60_000);
       expect(vm.send(fromVm, { path: relayPath })).toBe(true);
-      expect(await tcp.frames.next(from(V))).toEqual(fromVm);
+      expect(await tcp.frames.next(fromMac(V))).toEqual(fromVm);
       const fromLearned = makeFrame(V, L, "hello from an abstract socket");
       learned.send(fromLearned, { path: relayPath });
-      expect(await fixedFrames.next(from(L))).toEqual(fromLearned);
+      expect(await fixedFrames.next(fromMac(L))).toEqual(fromLearned);
       const back = makeFrame(L, V, 1500);
       vm.send(back, { path: relayPath });
-      expect(await learnedFrames.next(from(V))).toEqual(back);
+      expect(await learnedFrames.next(fromMac(V))).toEqual(back);
       const peers = (await relay.status()).networks[0].ports.map((p: any) => p.peer);
       expect(peers).toEqual(expect.arrayContaining([`unix:${vmPath}`, `unix:@edge-relay-dgram-${process.pid}`]));
       await relay.stop();
@@ -177,11 +167,11 @@ describe("IPv6", () => {
     await using vmB = await attachVm(t.siteB);
     const hello = makeFrame(BROADCAST, "02:00:00:00:33:01", "v6");
     vmA.send(hello);
-    expect(await vmB.frames.next(from("02:00:00:00:33:01"))).toEqual(hello);
-    expect(await peerB.frames.next(from("02:00:00:00:33:01"))).toEqual(hello);
+    expect(await vmB.frames.next(fromMac("02:00:00:00:33:01"))).toEqual(hello);
+    expect(await peerB.frames.next(fromMac("02:00:00:00:33:01"))).toEqual(hello);
     const reply = makeFrame("02:00:00:00:33:01", "02:00:00:00:33:02", 1400);
     peerB.send(reply, t.siteB.port("qemu-udp"), "::1");
-    expect(await vmA.frames.next(from("02:00:00:00:33:02"))).toEqual(reply);
+    expect(await vmA.frames.next(fromMac("02:00:00:00:33:02"))).toEqual(reply);
   });
 });
 
@@ -238,7 +228,7 @@ describe("TLS", () => {
     await using vmB = await attachVm(siteB);
     const f = makeFrame(BROADCAST, "02:00:00:00:34:01", "through TLS");
     vmA.send(f);
-    expect(await vmB.frames.next(from("02:00:00:00:34:01"))).toEqual(f);
+    expect(await vmB.frames.next(fromMac("02:00:00:00:34:01"))).toEqual(f);
     const hubStatus: any = await fetch(`${hub.base}/status`, { tls: { ca: await Bun.file(cert).text() } }).then((r) => r.json());
     expect(hubStatus.networks[0].ports.length).toBe(2);
   });
@@ -263,17 +253,17 @@ describe("TLS", () => {
   });
 
   test("bad TLS options exit 2 naming the option", async () => {
-    expect(await run(["--tls-cert", "/nonexistent/cert.pem", "--tls-key", "/nonexistent/key.pem"])).toEqual({
+    expect(await runCli(["--tls-cert", "/nonexistent/cert.pem", "--tls-key", "/nonexistent/key.pem"])).toEqual({
       stdout: "",
       stderr: "edge-relay: --tls-cert: cannot read /nonexistent/cert.pem: no such file or directory (ENOENT)\n",
       code: 2,
     });
     await using dir = await tempDir();
     const { cert } = await certificate(dir.path);
-    expect(await run(["--tls-cert", cert])).toEqual({ stdout: "", stderr: "edge-relay: --tls-key: --tls-cert and --tls-key go together\n", code: 2 });
-    const pin = await run(["--uplink", "wss://127.0.0.1:1", "--uplink-token", "t", "--uplink-fingerprint", "abc"]);
+    expect(await runCli(["--tls-cert", cert])).toEqual({ stdout: "", stderr: "edge-relay: --tls-key: --tls-cert and --tls-key go together\n", code: 2 });
+    const pin = await runCli(["--uplink", "wss://127.0.0.1:1", "--uplink-token", "t", "--uplink-fingerprint", "abc"]);
     expect(pin).toEqual({ stdout: "", stderr: "edge-relay: --uplink-fingerprint: expected a SHA-256 fingerprint: 64 hex digits, colons optional\n", code: 2 });
-    const mcast = await run(["--qemu-mcast", "10.0.0.1:5000"]);
+    const mcast = await runCli(["--qemu-mcast", "10.0.0.1:5000"]);
     expect(mcast.stderr).toStartWith("edge-relay: --qemu-mcast (qemuMcast[0]): expected [NET=]GROUP:PORT[,LOCALADDR]");
     expect(mcast.code).toBe(2);
   });
