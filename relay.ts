@@ -1886,7 +1886,7 @@ Tunnel:
                                   local network over it
   --uplink-token SECRET           the token for --uplink; also RELAY_UPLINK_TOKEN
   --keepalive SECONDS             uplink ping interval; no answer for 3 intervals redials (10)
-  --uplink-ca FILE                trust this CA (PEM) for a wss:// uplink, besides the system's
+  --uplink-ca FILE                trust this CA (PEM) for a wss:// uplink instead of the system's
   --uplink-fingerprint SHA256     also require the hub certificate's SHA-256 fingerprint (pinning)
   --insecure                      do not verify the hub's certificate (logged on every connect)
 
