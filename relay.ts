@@ -1717,6 +1717,8 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
     if (!n) networks.set(name, (n = new Network(name, ageingMs)));
     return n;
   };
+  /** Networks that local ports or the uplink use; the others exist while a tunnel attaches to them. */
+  const configured = new Set<string>();
   const counters: RelayCounters = { authFailures: 0, protocolErrors: 0 };
   const countError = () => void counters.protocolErrors++;
   const grants = makeGrants(config.tokens);
@@ -1745,6 +1747,8 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
     const tunnelClosed = (ws: ServerWebSocket<TunnelData>) => {
       clearTimeout(ws.data.helloTimer);
       ws.data.link?.detachAll();
+      // Networks that only tunnels brought into being go when their last port does.
+      for (const [name, n] of networks) if (n.ports.size === 0 && !configured.has(name)) networks.delete(name);
     };
     const server = Bun.serve<TunnelData>({
       hostname: config.http.host,
@@ -1832,6 +1836,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
       uplink.start();
       stoppers.push(() => uplink!.stop());
     }
+    for (const name of networks.keys()) configured.add(name);
     const sweep = setInterval(() => {
       for (const n of networks.values()) n.sweep();
       for (const s of sweepers) s();

@@ -282,6 +282,9 @@ describe("tunnel auth", () => {
     expect(await fx.frames.next()).toEqual(xf);
     expect(await ly.frames.next(() => true, 300).catch(() => null)).toBeNull();
     expect(fy.frames.frames.length).toBe(0);
+    await limited.stop();
+    await full.stop();
+    await waitUntil(async () => (await hub.status()).networks.length === 0, "the hub forgets networks no tunnel uses");
   });
 });
 
