@@ -72,6 +72,7 @@ const MAX_UDP_PEERS = 1024;
 const MAX_TUNNEL_NETWORKS = 64;
 const CLOSED_PORTS_KEPT = 16;
 const HELLO_TIMEOUT_MS = 10_000;
+const TUNNEL_IDLE_SECONDS = 60;
 const UPLINK_BACKOFF_MIN_MS = 250;
 const UPLINK_BACKOFF_MAX_MS = 30_000;
 const DIAL_BACKOFF_MIN_MS = 100;
@@ -177,17 +178,33 @@ const StreamEndpoint = endpointSchema("[NET=]HOST:PORT or [NET=]unix:PATH", (res
   return address && { address };
 });
 
-const UdpEndpoint = endpointSchema("[NET=]HOST:PORT[,REMOTE_HOST:REMOTE_PORT] or [NET=]unix:PATH[,unix:REMOTE_PATH]", (rest) => {
-  const [local, remote, extra] = rest.split(",");
-  const address = parseSocketAddress(local!);
-  const remoteAddress = remote === undefined ? undefined : parseSocketAddress(remote);
-  if (!address || remoteAddress === null || extra !== undefined) return null;
-  if (remoteAddress && "path" in remoteAddress !== "path" in address) return null;
-  return { address, remote: remoteAddress };
-});
+const IPV4 = /^\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}$/;
+const IPV6 = /^[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*$/;
+
+/**
+ * A fixed datagram peer must be something a socket can send to: a unix path with a unix socket, or
+ * an IP literal with a port, of the local address's family (Bun sends to IPs only, no names).
+ */
+function validRemote(local: SocketAddress, remote: SocketAddress): boolean {
+  if ("path" in local || "path" in remote) return "path" in local && "path" in remote;
+  const family = (host: string) => (IPV4.test(host) ? 4 : IPV6.test(host) ? 6 : 0);
+  const localFamily = family(local.host);
+  return remote.port > 0 && family(remote.host) !== 0 && (localFamily === 0 || localFamily === family(remote.host));
+}
+
+const UdpEndpoint = endpointSchema(
+  "[NET=]HOST:PORT[,REMOTE_IP:REMOTE_PORT] or [NET=]unix:PATH[,unix:REMOTE_PATH], the remote an IP literal of the same family",
+  (rest) => {
+    const [local, remote, extra] = rest.split(",");
+    const address = parseSocketAddress(local!);
+    const remoteAddress = remote === undefined ? undefined : parseSocketAddress(remote);
+    if (!address || remoteAddress === null || extra !== undefined) return null;
+    if (remoteAddress && !validRemote(address, remoteAddress)) return null;
+    return { address, remote: remoteAddress };
+  },
+);
 
 const IPV4_MULTICAST = /^2(2[4-9]|3\d)\.\d{1,3}\.\d{1,3}\.\d{1,3}$/;
-const IPV4 = /^\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}$/;
 
 const McastEndpoint = endpointSchema("[NET=]GROUP:PORT[,LOCALADDR] with an IPv4 multicast GROUP (224.0.0.0/4)", (rest) => {
   const [groupText, localAddress, extra] = rest.split(",");
@@ -252,7 +269,7 @@ const TokenGrant = v.union(
   "expected a token string or { token, networks }",
 );
 
-const Seconds = v.pipe(v.number("expected a number of seconds"), v.minValue(0.01, "must be positive"));
+const Seconds = v.pipe(v.number("expected a number of seconds"), v.minValue(0.01, "must be positive"), v.maxValue(86_400, "must be at most a day"));
 
 export const ConfigSchema = v.pipe(
   v.strictObject({
@@ -294,6 +311,20 @@ export const ConfigSchema = v.pipe(
   v.forward(
     v.check((c) => (c.tlsCert === undefined) === (c.tlsKey === undefined), "--tls-cert and --tls-key go together"),
     ["tlsKey"],
+  ),
+  v.forward(
+    v.check(
+      (c) => !(c.insecure && c.uplinkFingerprint),
+      "cannot be combined with --insecure: a pin is checked only on a verified chain; give the hub's certificate as --uplink-ca instead",
+    ),
+    ["uplinkFingerprint"],
+  ),
+  v.forward(
+    v.check(
+      (c) => new Set(c.qemuMcast.map((m) => formatHostPort(m.group))).size === c.qemuMcast.length,
+      "a multicast group may be bridged once: twice would forward each copy to the other forever",
+    ),
+    ["qemuMcast"],
   ),
 );
 
@@ -604,8 +635,15 @@ export abstract class Port {
   /** Queues a frame for sending; false when it had to be dropped. */
   protected abstract enqueue(frame: Uint8Array): boolean;
 
+  /** Queues a frame; a port that cannot take it counts a drop, and never throws back into the switch. */
   send(frame: Uint8Array): void {
-    if (this.enqueue(frame)) {
+    let queued = false;
+    try {
+      queued = this.enqueue(frame);
+    } catch {
+      this.stats.errors++;
+    }
+    if (queued) {
       this.stats.txFrames++;
       this.stats.txBytes += frame.length;
     } else {
@@ -877,6 +915,7 @@ export interface TunnelEvents {
 export class TunnelLink {
   readonly ports: (TunnelPort | undefined)[] = [];
   helloDone = false;
+  readonly openedAt = Date.now();
   lastHeard = Date.now();
   closed = false;
 
@@ -908,6 +947,9 @@ export class TunnelLink {
     else if (control.type === "hello" && this.events.onHello && !this.helloDone) {
       if (!Array.isArray(control.networks) || control.networks.length > MAX_TUNNEL_NETWORKS) {
         throw new RangeError(`Cannot accept hello: expected at most ${MAX_TUNNEL_NETWORKS} networks`);
+      }
+      if (new Set(control.networks).size !== control.networks.length) {
+        throw new RangeError("Cannot accept hello: a network is named twice");
       }
       this.helloDone = true;
       this.events.onHello(this, control.networks.map(String));
@@ -1075,7 +1117,7 @@ export class Uplink {
     };
     const link = new TunnelLink(socket, "uplink", this.status.url, this.options.limit, this.log, {
       onWelcome: (l, accepted, refused) => {
-        for (const name of accepted) {
+        for (const name of new Set(accepted)) {
           const channel = nets.findIndex((n) => n.name === name);
           if (channel >= 0) l.attach(channel, nets[channel]!);
         }
@@ -1125,9 +1167,12 @@ export class Uplink {
     const ws = this.#ws;
     const link = this.#link;
     if (!ws || !link || ws.readyState !== WebSocket.OPEN) return;
-    if (Date.now() - link.lastHeard > 3 * this.options.keepaliveMs) {
-      this.#lost(ws, link, "stopped answering keepalive pings");
-      ws.close();
+    const silent = Date.now() - link.lastHeard > 3 * this.options.keepaliveMs;
+    const unwelcomed = !link.helloDone && Date.now() - link.openedAt > HELLO_TIMEOUT_MS;
+    if (silent || unwelcomed) {
+      this.#lost(ws, link, silent ? "stopped answering keepalive pings" : "sent no welcome within 10 s");
+      // No closing handshake with a hub that does not answer: drop the connection.
+      ws.terminate();
       return;
     }
     ws.send(encodeControl({ type: "ping" }));
@@ -1182,12 +1227,13 @@ export class StreamPort extends Port {
   }
 
   /** Decodes a chunk; an oversize length closes this connection only, counted and logged once. */
-  data(chunk: Uint8Array, log: Logger): void {
+  data(chunk: Uint8Array, log: Logger, countError: () => void): void {
     if (this.state !== "up") return;
     try {
       this.decoder.push(chunk, this.receive);
     } catch (error) {
       this.stats.errors++;
+      countError();
       this.state = "closed";
       log.warn(`${this.id} ${this.peer}: ${(error as Error).message}; closing the connection`);
       this.socket.end();
@@ -1198,6 +1244,8 @@ export class StreamPort extends Port {
 interface StreamContext {
   network: Network;
   log: Logger;
+  /** Counts a port closed for malformed input, relay-wide. */
+  countError: () => void;
   limit: number;
   kind: string;
   /** Names the peer of a unix connection, which has no remote address. */
@@ -1215,7 +1263,7 @@ function streamHandlers(ctx: StreamContext) {
       ctx.network.attach(port);
     },
     data(socket: Socket<StreamPort>, chunk: Uint8Array) {
-      socket.data.data(chunk, ctx.log);
+      socket.data.data(chunk, ctx.log, ctx.countError);
     },
     drain(socket: Socket<StreamPort>) {
       socket.data.writer.drain();
@@ -1636,6 +1684,29 @@ export function renderMetrics(s: Snapshot): string {
   return lines.join("\n") + "\n";
 }
 
+/**
+ * At most `burst` lines per `windowMs`, so a scanner cannot flood the log; what was held back is
+ * summed up in the first line of the next window.
+ */
+function rateLimitedLog(write: (line: string) => void, burst: number, windowMs: number) {
+  let windowStart = 0;
+  let written = 0;
+  let held = 0;
+  return {
+    log(line: string) {
+      const now = Date.now();
+      if (now - windowStart >= windowMs) {
+        if (held > 0) write(`${held} more like it not logged in the last ${windowMs / 1000} s`);
+        windowStart = now;
+        written = 0;
+        held = 0;
+      }
+      if (written++ < burst) write(line);
+      else held++;
+    },
+  };
+}
+
 export interface TunnelData {
   grant: Grant;
   peer: string;
@@ -1654,6 +1725,7 @@ interface AppContext {
 /** Routes: /healthz, /status, /metrics, and the tunnel upgrade (the frames then bypass Hono). */
 export function createApp(ctx: AppContext) {
   const app = new Hono<{ Bindings: Server<TunnelData> }>();
+  const refusals = rateLimitedLog(ctx.log.warn, 10, 10_000);
   if (ctx.adminToken !== undefined) {
     const admin = makeGrants([{ token: ctx.adminToken, networks: undefined }]);
     app.use("*", async (c, next) => {
@@ -1674,7 +1746,7 @@ export function createApp(ctx: AppContext) {
     const grant = authenticate(c.req.header("authorization"), ctx.grants);
     if (!grant) {
       ctx.counters.authFailures++;
-      ctx.log.warn(`tunnel: refused ${peer}: ${c.req.header("authorization") ? "wrong token" : "no token"}`);
+      refusals.log(`tunnel: refused ${peer}: ${c.req.header("authorization") ? "wrong token" : "no token"}`);
       return c.text("unauthorized\n", 401, { "WWW-Authenticate": 'Bearer realm="edge-relay"' });
     }
     const offered = (c.req.header("sec-websocket-protocol") ?? "").split(",").map((s) => s.trim());
@@ -1758,7 +1830,8 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
       websocket: {
         maxPayloadLength: MAX_MESSAGE,
         perMessageDeflate: false,
-        idleTimeout: Math.max(8, Math.ceil(config.keepalive * 3)),
+        // Bun pings an idle tunnel and closes one that stays silent; clients answer pings by themselves.
+        idleTimeout: TUNNEL_IDLE_SECONDS,
         sendPings: true,
         open(ws) {
           const socket: TunnelSocket = {
@@ -1779,7 +1852,9 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
                 } else refused.push(name);
               });
               socket.send(encodeControl({ type: "welcome", version: TUNNEL_VERSION, accepted, refused }));
-              const extra = refused.length ? `; refused (not allowed for this token): ${refused.join(", ")}` : "";
+              // Names come from the network: quoted and cut short, so a log line stays one short line.
+              const shown = refused.map((name) => JSON.stringify(name.length > 64 ? `${name.slice(0, 64)}…` : name));
+              const extra = refused.length ? `; refused (not allowed for this token): ${shown.join(", ")}` : "";
               log.info(`tunnel: ${ws.data.peer} attached (networks: ${accepted.join(", ") || "none"}${extra})`);
             },
           }, countError);
@@ -1800,7 +1875,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
     bound.push({ what: "http", address: httpUrl });
 
     for (const spec of config.qemuListen) {
-      const listener = await listenStream(spec.address, { network: network(spec.network), log, limit: config.queueBytes, kind: "qemu-listen" });
+      const listener = await listenStream(spec.address, { network: network(spec.network), log, countError, limit: config.queueBytes, kind: "qemu-listen" });
       stoppers.push(listener.stop);
       bound.push({ what: "qemu-listen", network: spec.network, address: listener.address });
     }
@@ -1816,7 +1891,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
       bound.push({ what: "qemu-mcast", network: spec.network, address: mcast.address });
     }
     for (const spec of config.qemuConnect) {
-      const dialer = dialStream(spec.address, { network: network(spec.network), log, limit: config.queueBytes, kind: "qemu-connect" });
+      const dialer = dialStream(spec.address, { network: network(spec.network), log, countError, limit: config.queueBytes, kind: "qemu-connect" });
       dialers.push(dialer);
       stoppers.push(dialer.stop);
     }
@@ -1962,7 +2037,8 @@ export function loadConfig(argv: string[], env: Record<string, string | undefine
       raw = JSON.parse(readTextFile("--config", flags.config));
     } catch (error) {
       if (error instanceof ConfigError) throw error;
-      throw new ConfigError(`--config: ${flags.config} is not valid JSON: ${(error as Error).message}`);
+      // The parser's message quotes the offending text, which may be a secret.
+      throw new ConfigError(`--config: ${flags.config} is not valid JSON`);
     }
     if (typeof raw !== "object" || raw === null || Array.isArray(raw)) throw new ConfigError(`--config: ${flags.config} must hold a JSON object`);
   }

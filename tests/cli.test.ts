@@ -24,7 +24,13 @@ describe("CLI", () => {
     [["--http", "127.0.0.1:99999"], /^edge-relay: --http: expected HOST:PORT/],
     [["--qemu-listen", "1.2.3.4"], /^edge-relay: --qemu-listen \(qemuListen\[0\]\): expected \[NET=\]HOST:PORT or \[NET=\]unix:PATH, got "1.2.3.4"$/],
     [["--qemu-listen", "bad net=127.0.0.1:1"], /^edge-relay: --qemu-listen \(qemuListen\[0\]\): network name "bad net"/],
-    [["--qemu-udp", "127.0.0.1:1,nope"], /^edge-relay: --qemu-udp \(qemuUdp\[0\]\): expected \[NET=\]HOST:PORT\[,REMOTE_HOST:REMOTE_PORT\]/],
+    [["--qemu-udp", "127.0.0.1:1,nope"], /^edge-relay: --qemu-udp \(qemuUdp\[0\]\): expected \[NET=\]HOST:PORT\[,REMOTE_IP:REMOTE_PORT\]/],
+    [["--qemu-udp", "127.0.0.1:0,localhost:10003"], /^edge-relay: --qemu-udp \(qemuUdp\[0\]\): expected .* the remote an IP literal of the same family/],
+    [["--qemu-udp", "127.0.0.1:0,127.0.0.1:0"], /^edge-relay: --qemu-udp \(qemuUdp\[0\]\): expected/],
+    [["--qemu-udp", "127.0.0.1:0,[::1]:9"], /^edge-relay: --qemu-udp \(qemuUdp\[0\]\): expected/],
+    [["--qemu-udp", "unix:/tmp/x,127.0.0.1:9"], /^edge-relay: --qemu-udp \(qemuUdp\[0\]\): expected/],
+    [["--qemu-mcast", "239.1.2.3:5000", "--qemu-mcast", "lab=239.1.2.3:5000"], /^edge-relay: --qemu-mcast: a multicast group may be bridged once/],
+    [["--uplink", "wss://127.0.0.1:1", "--uplink-token", "t", "--insecure", "--uplink-fingerprint", "ab".repeat(32)], /^edge-relay: --uplink-fingerprint: cannot be combined with --insecure/],
     [["--qemu-connect", "x"], /^edge-relay: --qemu-connect \(qemuConnect\[0\]\): expected/],
     [["--uplink", "http://x:1", "--uplink-token", "t"], /^edge-relay: --uplink: expected a ws:\/\/ or wss:\/\/ URL$/],
     [["--uplink", "ws://127.0.0.1:1"], /^edge-relay: --uplink-token: required with --uplink/],
@@ -50,7 +56,7 @@ describe("CLI", () => {
     await using dir = await tempDir();
     await Bun.write(`${dir.path}/unknown.json`, JSON.stringify({ qemuListn: ["127.0.0.1:0"] }));
     await Bun.write(`${dir.path}/tokens.json`, JSON.stringify({ tokens: [{ token: "secret-in-file", networks: ["ok", "not ok"] }] }));
-    await Bun.write(`${dir.path}/broken.json`, "{");
+    await Bun.write(`${dir.path}/broken.json`, '{"adminToken": s3cretTOKEN}');
     expect(await runCli(["--config", `${dir.path}/unknown.json`])).toEqual({ stdout: "", stderr: 'edge-relay: config: unknown option "qemuListn"\n', code: 2 });
     expect(await runCli(["--config", `${dir.path}/tokens.json`])).toEqual({
       stdout: "",
@@ -58,7 +64,7 @@ describe("CLI", () => {
       code: 2,
     });
     const broken = await runCli(["--config", `${dir.path}/broken.json`]);
-    expect(broken.stderr).toStartWith(`edge-relay: --config: ${dir.path}/broken.json is not valid JSON`);
+    expect(broken.stderr).toBe(`edge-relay: --config: ${dir.path}/broken.json is not valid JSON\n`);
     expect(broken.code).toBe(2);
   });
 

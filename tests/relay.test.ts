@@ -86,6 +86,16 @@ describe("relay over a hub (three CLI processes)", () => {
     for (const f of frames) expect(await udpB.frames.next(fromMac(A))).toEqual(f);
   });
 
+  test("a hello naming a network twice is refused: it would multiply every frame", async () => {
+    const ws = new WebSocket(`${wsUrl(hub)}/tunnel`, { headers: { Authorization: `Bearer ${TOKEN}` }, protocols: [TUNNEL_PROTOCOL] });
+    const closed = new Promise<number>((r) => (ws.onclose = (e) => r(e.code)));
+    await new Promise((r) => (ws.onopen = r));
+    ws.send(encodeControl({ type: "hello", version: 1, networks: ["default", "default"] }));
+    expect(await closed).toBe(1008);
+    expect(hub.stderr()).toContain("Cannot accept hello: a network is named twice; closing");
+    expect((await hub.status()).networks.find((n: any) => n.name === "default").ports.map((p: any) => p.kind)).toEqual(["tunnel", "tunnel"]);
+  });
+
   test("a malformed tunnel message closes only that tunnel, counted", async () => {
     const ws = new WebSocket(`${wsUrl(hub)}/tunnel`, {
       headers: { Authorization: `Bearer ${TOKEN}` },
@@ -96,7 +106,7 @@ describe("relay over a hub (three CLI processes)", () => {
     ws.send(encodeControl({ type: "hello", version: 1, networks: ["default"] }));
     ws.send(Uint8Array.of(1, 0, 0, 0, 0, 0, 99, 1, 2));
     expect(await closed).toBe(1008);
-    await waitUntil(async () => (await hub.status()).protocolErrors === 1, "protocol error counted");
+    await waitUntil(async () => (await hub.status()).protocolErrors === 2, "protocol error counted");
     expect(hub.stderr()).toContain("overruns the message; closing");
     // the sites' tunnels are untouched
     await using vmA = await attachVm(siteA);
@@ -305,6 +315,8 @@ describe("bad input on QEMU ports", () => {
     const net = (await relay.status()).networks[0];
     expect(net.ports.length).toBe(2);
     expect(net.closedPorts).toEqual([expect.objectContaining({ state: "closed", errors: 1 })]);
+    expect((await relay.status()).protocolErrors).toBe(1);
+    expect(await (await fetch(`${relay.base}/metrics`)).text()).toContain("edge_relay_protocol_errors_total 1");
   });
 
   test("0-length and runt frames are dropped and counted, never forwarded", async () => {
