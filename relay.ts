@@ -1189,11 +1189,57 @@ export class Uplink {
 
 // ───────────────────────────── QEMU ports ─────────────────────────────
 
+// Unix sockets go through libc (bun:ffi) where Bun has no API: datagrams, and telling a stale
+// socket file from a live one.
+const AF_UNIX = 1;
+const SOCK_STREAM = 1;
+const SOCK_DGRAM = 2;
+const SOCK_CLOEXEC = 0x80000;
+const MSG_DONTWAIT_NOSIGNAL = 0x40 | 0x4000;
+const SOL_SOCKET = 1;
+const SO_RCVTIMEO = 20;
+const MSG_TRUNC = 0x20;
+const EINTR = 4;
+const EAGAIN = 11;
+
+let libcSymbols: ReturnType<typeof loadLibc> | undefined;
+/** libc's socket calls, loaded on first use. */
+function libc() {
+  return (libcSymbols ??= loadLibc());
+}
+function loadLibc() {
+  return dlopen("libc.so.6", {
+    socket: { args: [FFIType.i32, FFIType.i32, FFIType.i32], returns: FFIType.i32 },
+    bind: { args: [FFIType.i32, FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
+    connect: { args: [FFIType.i32, FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
+    setsockopt: { args: [FFIType.i32, FFIType.i32, FFIType.i32, FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
+    sendto: { args: [FFIType.i32, FFIType.ptr, FFIType.u64, FFIType.i32, FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
+    close: { args: [FFIType.i32], returns: FFIType.i32 },
+    __errno_location: { args: [], returns: FFIType.ptr },
+  }).symbols;
+}
+
+function sockaddrUnix(path: string): Uint8Array {
+  const abstract = path.startsWith("@");
+  const name = new TextEncoder().encode(abstract ? path.slice(1) : path);
+  if (name.length > 107) throw Object.assign(new Error("unix socket path longer than 107 bytes"), { code: "ENAMETOOLONG" });
+  const out = new Uint8Array(2 + name.length + 1);
+  out[0] = AF_UNIX;
+  out.set(name, abstract ? 3 : 2);
+  return abstract ? out.subarray(0, 3 + name.length) : out;
+}
+
+function errnoError(call: string, errno = read.i32(libc().__errno_location()!, 0)): Error {
+  const code = Object.entries(osConstants.errno).find(([, n]) => n === errno)?.[0] ?? `errno ${errno}`;
+  return Object.assign(new Error(`${call} failed`), { code });
+}
+
 /**
  * Clears the way for a unix socket: a file left by a killed process is removed; one that a live
- * process still answers on (`isLive`), or a file that is not a socket, is an error.
+ * process still uses (a stream or datagram socket that accepts a connect), or a file that is not a
+ * socket, is an error. libc's connect tells "refused" from "wrong socket type", which Bun's does not.
  */
-async function claimUnixPath(path: string, isLive: (path: string) => boolean | Promise<boolean>): Promise<void> {
+function claimUnixPath(path: string): void {
   if (path.startsWith("@")) return;
   let stats;
   try {
@@ -1202,7 +1248,15 @@ async function claimUnixPath(path: string, isLive: (path: string) => boolean | P
     return;
   }
   if (!stats.isSocket()) throw new Error("the path exists and is not a socket");
-  if (await isLive(path)) throw Object.assign(new Error("a running process listens there"), { code: "EADDRINUSE" });
+  const address = sockaddrUnix(path);
+  const c = libc();
+  const inUse = [SOCK_STREAM, SOCK_DGRAM].some((type) => {
+    const probe = c.socket(AF_UNIX, type | SOCK_CLOEXEC, 0);
+    const connected = c.connect(probe, address, address.length) === 0;
+    c.close(probe);
+    return connected;
+  });
+  if (inUse) throw Object.assign(new Error("a running process uses it"), { code: "EADDRINUSE" });
   unlinkSync(path);
 }
 
@@ -1283,12 +1337,7 @@ function streamHandlers(ctx: StreamContext) {
 export async function listenStream(address: SocketAddress, ctx: StreamContext): Promise<{ address: string; stop(): void }> {
   try {
     if ("path" in address) {
-      await claimUnixPath(address.path, (path) =>
-        Bun.connect({ unix: path, socket: { data() {} } }).then(
-          (probe) => (probe.end(), true),
-          () => false,
-        ),
-      );
+      claimUnixPath(address.path);
       const listener = Bun.listen<StreamPort>({ unix: bunUnixPath(address.path), socket: streamHandlers({ ...ctx, unixPeer: formatAddress(address) }) });
       return { address: formatAddress(address), stop: () => listener.stop(true) };
     }
@@ -1370,6 +1419,10 @@ export function dialStream(address: SocketAddress, ctx: StreamContext): { status
 export interface DatagramSocket {
   /** The bound address, as logged. */
   readonly address: string;
+  /** The largest frame one datagram carries. */
+  readonly maxFrame: number;
+  /** The key `OnDatagram` gets for datagrams from `address`. */
+  keyOf(address: SocketAddress): string;
   send(frame: Uint8Array, to: SocketAddress): boolean;
   close(): void | Promise<void>;
 }
@@ -1389,7 +1442,7 @@ export class DatagramPort extends Port {
   }
 
   protected enqueue(frame: Uint8Array): boolean {
-    return frame.length > 0 && frame.length <= MAX_DATAGRAM && this.socket.send(frame, this.to);
+    return frame.length > 0 && frame.length <= this.socket.maxFrame && this.socket.send(frame, this.to);
   }
 }
 
@@ -1410,34 +1463,18 @@ async function openUdp(address: HostPort, onDatagram: OnDatagram, onError: (erro
   return {
     socket,
     address: formatHostPort({ host: address.host, port: socket.port }),
+    maxFrame: MAX_DATAGRAM,
+    keyOf: (to) => `${(to as HostPort).host}:${(to as HostPort).port}`,
     send: (frame, to) => socket.send(frame, (to as HostPort).port, (to as HostPort).host),
     close: () => socket.close(),
   };
 }
 
-const AF_UNIX = 1;
-const SOCK_DGRAM_CLOEXEC = 2 | 0x80000;
-const MSG_DONTWAIT_NOSIGNAL = 0x40 | 0x4000;
-const SOL_SOCKET = 1;
-const SO_RCVTIMEO = 20;
-const EINTR = 4;
-const EAGAIN = 11;
-
-/** libc through bun:ffi, loaded on first use: Bun has no unix datagram sockets of its own. */
-let libc: ReturnType<typeof loadLibc> | undefined;
-function loadLibc() {
-  return dlopen("libc.so.6", {
-    socket: { args: [FFIType.i32, FFIType.i32, FFIType.i32], returns: FFIType.i32 },
-    bind: { args: [FFIType.i32, FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
-    connect: { args: [FFIType.i32, FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
-    setsockopt: { args: [FFIType.i32, FFIType.i32, FFIType.i32, FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
-    sendto: { args: [FFIType.i32, FFIType.ptr, FFIType.u64, FFIType.i32, FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
-    close: { args: [FFIType.i32], returns: FFIType.i32 },
-    __errno_location: { args: [], returns: FFIType.ptr },
-  }).symbols;
-}
-
-/** Receives on a blocking unix datagram socket in a worker thread and posts each datagram back. */
+/**
+ * Receives on a blocking unix datagram socket in a worker thread and posts each datagram back.
+ * MSG_TRUNC makes recvfrom report a datagram's real length, so one too big for a frame is dropped
+ * whole rather than cut short.
+ */
 const UNIX_DGRAM_RECEIVER = `
 import { dlopen, FFIType, read } from "bun:ffi";
 const c = dlopen("libc.so.6", {
@@ -1446,13 +1483,14 @@ const c = dlopen("libc.so.6", {
 }).symbols;
 self.onmessage = ({ data: { fd, stop } }) => {
   const stopped = new Int32Array(stop);
-  const buf = new Uint8Array(65536);
+  const buf = new Uint8Array(${MAX_FRAME});
   const addr = new Uint8Array(112);
   const addrLen = new Uint32Array(1);
   while (Atomics.load(stopped, 0) === 0) {
     addrLen[0] = 110;
-    const n = c.recvfrom(fd, buf, 65536, 0, addr, addrLen);
-    if (n >= 0) postMessage({ data: buf.slice(0, n), from: addr.slice(0, addrLen[0]) });
+    const n = c.recvfrom(fd, buf, buf.length, ${MSG_TRUNC}, addr, addrLen);
+    if (n > buf.length) postMessage({ oversize: n });
+    else if (n >= 0) postMessage({ data: buf.slice(0, n), from: addr.slice(0, addrLen[0]) });
     else {
       const errno = read.i32(c.__errno_location(), 0);
       if (errno !== ${EAGAIN} && errno !== ${EINTR}) { postMessage({ errno }); break; }
@@ -1462,41 +1500,39 @@ self.onmessage = ({ data: { fd, stop } }) => {
 };
 `;
 
-function sockaddrUnix(path: string): Uint8Array {
-  const abstract = path.startsWith("@");
-  const name = new TextEncoder().encode(abstract ? path.slice(1) : path);
-  if (name.length > 107) throw Object.assign(new Error("unix socket path longer than 107 bytes"), { code: "ENAMETOOLONG" });
-  const out = new Uint8Array(2 + name.length + 1);
-  out[0] = AF_UNIX;
-  out.set(name, abstract ? 3 : 2);
-  return abstract ? out.subarray(0, 3 + name.length) : out;
+/**
+ * A peer's identity: its address bytes, unchanged (a name need not be UTF-8), as a binary string.
+ * A filesystem path ends at its first NUL however long the kernel says the address is.
+ */
+function sockaddrKey(addr: Uint8Array): string {
+  const end = addr[2] === 0 ? addr.length : addr.indexOf(0, 2);
+  return Buffer.from(addr.buffer, addr.byteOffset, end < 0 ? addr.length : end).toString("latin1");
 }
 
-function pathOfSockaddr(addr: Uint8Array): string | undefined {
-  if (addr.length <= 2) return undefined;
-  if (addr[2] === 0) return `@${new TextDecoder().decode(addr.subarray(3))}`;
-  const end = addr.indexOf(0, 2);
-  return new TextDecoder().decode(addr.subarray(2, end < 0 ? addr.length : end));
+/** For logs and status only: never sent back to, since a lossy decode may change the bytes. */
+function displaySockaddr(addr: Uint8Array): string {
+  const decode = (b: Uint8Array) => new TextDecoder().decode(b);
+  return addr[2] === 0 ? `@${decode(addr.subarray(3))}` : decode(addr.subarray(2, sockaddrKey(addr).length));
 }
 
-function errnoError(call: string): Error {
-  const errno = read.i32(libc!.__errno_location()!, 0);
-  const code = Object.entries(osConstants.errno).find(([, n]) => n === errno)?.[0] ?? `errno ${errno}`;
-  return Object.assign(new Error(`${call} failed`), { code });
+/** A unix peer with the address bytes it sent from: what a reply goes to. */
+interface UnixPeer extends UnixPath {
+  sockaddr?: Uint8Array;
 }
 
-/** A unix datagram socket bound to `path` (stale files of killed processes are replaced). */
-export async function openUnixDgram(path: string, onDatagram: OnDatagram): Promise<DatagramSocket> {
-  libc ??= loadLibc();
-  const c = libc;
+/**
+ * A unix datagram socket bound to `path` (a stale file of a killed process is replaced). Peers are
+ * told apart by their raw address bytes.
+ */
+export async function openUnixDgram(
+  path: string,
+  onDatagram: OnDatagram,
+  onError: (message: string) => void = () => {},
+): Promise<DatagramSocket> {
+  const c = libc();
   const local = sockaddrUnix(path);
-  await claimUnixPath(path, () => {
-    const probe = c.socket(AF_UNIX, SOCK_DGRAM_CLOEXEC, 0);
-    const live = c.connect(probe, local, local.length) === 0;
-    c.close(probe);
-    return live;
-  });
-  const fd = c.socket(AF_UNIX, SOCK_DGRAM_CLOEXEC, 0);
+  claimUnixPath(path);
+  const fd = c.socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
   if (fd < 0) throw errnoError("socket");
   if (c.bind(fd, local, local.length) !== 0) {
     const error = errnoError("bind");
@@ -1511,18 +1547,22 @@ export async function openUnixDgram(path: string, onDatagram: OnDatagram): Promi
   const { promise: done, resolve: finished } = Promise.withResolvers<void>();
   worker.onmessage = ({ data }) => {
     if (data.data) {
-      const from = pathOfSockaddr(data.from);
-      if (from !== undefined) onDatagram(data.data, from, () => ({ path: from }));
-    } else if (data.done) finished();
+      const from: Uint8Array = data.from;
+      // An unbound sender has no address to answer to.
+      if (from.length <= 2) return;
+      onDatagram(data.data, sockaddrKey(from), (): UnixPeer => ({ path: displaySockaddr(from), sockaddr: from }));
+    } else if (data.oversize) onError(`dropped a ${data.oversize}-byte datagram: frames are at most ${MAX_FRAME} bytes`);
+    else if (data.errno) onError(describeSocketError("receiving stopped", errnoError("recvfrom", data.errno)));
+    if (data.done || data.errno) finished();
   };
   worker.postMessage({ fd, stop });
-  const addresses = new Map<string, Uint8Array>();
   return {
     address: formatAddress({ path }),
+    maxFrame: MAX_FRAME,
+    keyOf: (to) => sockaddrKey(sockaddrUnix((to as UnixPath).path)),
     send(frame, to) {
-      const target = (to as UnixPath).path;
-      let addr = addresses.get(target);
-      if (addr === undefined) addresses.set(target, (addr = sockaddrUnix(target)));
+      const peer = to as UnixPeer;
+      const addr = (peer.sockaddr ??= sockaddrUnix(peer.path));
       return c.sendto(fd, frame, frame.length, MSG_DONTWAIT_NOSIGNAL, addr, addr.length) === frame.length;
     },
     async close() {
@@ -1566,14 +1606,17 @@ export async function bindDatagram(
     }
   };
   try {
-    socket = "path" in address ? await openUnixDgram(address.path, onDatagram) : await openUdp(address, onDatagram, onError);
+    socket =
+      "path" in address
+        ? await openUnixDgram(address.path, onDatagram, (message) => ctx.log.warn(`qemu-udp ${ctx.network.name} ${formatAddress(address)}: ${message}`))
+        : await openUdp(address, onDatagram, onError);
   } catch (error) {
     throw new Error(describeSocketError(`Cannot listen on ${"path" in address ? "" : "udp "}${formatAddress(address)}`, error));
   }
   let fixed: DatagramPort | undefined;
   if (remote) {
     fixed = new DatagramPort("qemu-udp", socket, remote);
-    peers.set("path" in remote ? remote.path : `${remote.host}:${remote.port}`, fixed);
+    peers.set(socket.keyOf(remote), fixed);
     ctx.network.attach(fixed);
   }
   return {
@@ -1983,7 +2026,8 @@ Switch:
 Other:
   --config FILE                   JSON file with the same options in camelCase (qemuListen: [...],
                                   tokens: ["…" or {"token": "…", "networks": ["lab"]}], …);
-                                  options given on the command line replace the file's
+                                  options given on the command line replace the file's, but
+                                  tokens from the file, --token, RELAY_TOKENS and --token-file add up
   --help                          show this help
   --version                       print the version
 `;

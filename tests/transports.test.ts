@@ -152,6 +152,59 @@ describe("unix datagram sockets", () => {
   });
 });
 
+describe("unix datagram sockets, hostile peers", () => {
+  // python3 builds the peer: it can bind an abstract name that is not UTF-8, which Bun cannot.
+  const PEER = `
+import socket, sys
+relay = sys.argv[1]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind(b"\\0" + b"\\xff" * 40)
+s.settimeout(10)
+frame = bytes.fromhex("ffffffffffff" "020000003501" "88b5") + b"not utf-8 here"
+s.sendto(frame, relay)
+s.sendto(b"\\x00" * 70000, relay)
+reply, _ = s.recvfrom(70000)
+print(reply[6:12].hex())
+`;
+
+  test("a peer with a non-UTF-8 name gets its replies; an oversize datagram is dropped whole", async () => {
+    await using dir = await tempDir();
+    const relayPath = `${dir.path}/relay.dgram`;
+    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-udp", `unix:${relayPath}`, "--qemu-listen", "127.0.0.1:0"]);
+    await using vm = await attachVm(relay);
+    const peer = Bun.spawn(["python3", "-c", PEER, relayPath], { stdout: "pipe", stderr: "pipe" });
+    const announce = await vm.frames.next(fromMac("02:00:00:00:35:01"));
+    expect(new TextDecoder().decode(announce.subarray(14))).toBe("not utf-8 here");
+    await relay.waitForLine(/dropped a 70000-byte datagram: frames are at most 69632 bytes/);
+    vm.send(makeFrame("02:00:00:00:35:01", "02:00:00:00:35:02", "reply"));
+    expect(await new Response(peer.stdout).text()).toBe("020000003502\n");
+    expect(await peer.exited).toBe(0);
+    expect(relay.proc.exitCode).toBeNull();
+  });
+
+  test("a path a live process uses is not taken over, whichever kind of socket it is", async () => {
+    await using dir = await tempDir();
+    const path = `${dir.path}/busy.sock`;
+    await using other = listenStream(path);
+    expect(await runCli(["--http", "127.0.0.1:0", "--qemu-udp", `unix:${path}`])).toEqual({
+      stdout: "",
+      stderr: `edge-relay: Cannot listen on unix:${path}: address already in use (EADDRINUSE)\n`,
+      code: 1,
+    });
+    const dgramPath = `${dir.path}/busy.dgram`;
+    const dgram = await openUnixDgram(dgramPath, () => {});
+    try {
+      expect((await runCli(["--http", "127.0.0.1:0", "--qemu-listen", `unix:${dgramPath}`])).stderr).toBe(
+        `edge-relay: Cannot listen on unix:${dgramPath}: address already in use (EADDRINUSE)\n`,
+      );
+    } finally {
+      await dgram.close();
+    }
+    await using vm = await connectStream(path);
+    expect(vm.local).toBeString();
+  });
+});
+
 describe("IPv6", () => {
   test("hub, uplinks, QEMU TCP and UDP ports all on [::1]", async () => {
     await using peerB = await udpPeer("::1").then((p) => Object.assign(p, { [Symbol.asyncDispose]: async () => p[Symbol.dispose]() }));
