@@ -13,6 +13,18 @@ describe("CLI", () => {
     for (const option of options) expect(stdout).toContain(`--${option}`);
   });
 
+  test("compiles to one binary that runs on its own", async () => {
+    await using dir = await tempDir();
+    const binary = `${dir.path}/edge-relay`;
+    await Bun.$`${process.execPath} build --compile ${RELAY} --outfile ${binary}`.quiet();
+    const proc = Bun.spawn([binary, "--version"], { stdout: "pipe", stderr: "pipe", cwd: dir.path });
+    expect({ stdout: await new Response(proc.stdout).text(), stderr: await new Response(proc.stderr).text(), code: await proc.exited }).toEqual({
+      stdout: "0.1.0\n",
+      stderr: "",
+      code: 0,
+    });
+  });
+
   test("--version prints the version", async () => {
     const { stdout, stderr, code } = await runCli(["--version"]);
     expect({ stdout, stderr, code }).toEqual({ stdout: "0.1.0\n", stderr: "", code: 0 });
