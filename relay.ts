@@ -1527,7 +1527,7 @@ interface UnixPeer extends UnixPath {
 export async function openUnixDgram(
   path: string,
   onDatagram: OnDatagram,
-  onError: (message: string) => void = () => {},
+  events: { oversize?(bytes: number): void; failed?(message: string): void } = {},
 ): Promise<DatagramSocket> {
   const c = libc();
   const local = sockaddrUnix(path);
@@ -1551,8 +1551,8 @@ export async function openUnixDgram(
       // An unbound sender has no address to answer to.
       if (from.length <= 2) return;
       onDatagram(data.data, sockaddrKey(from), (): UnixPeer => ({ path: displaySockaddr(from), sockaddr: from }));
-    } else if (data.oversize) onError(`dropped a ${data.oversize}-byte datagram: frames are at most ${MAX_FRAME} bytes`);
-    else if (data.errno) onError(describeSocketError("receiving stopped", errnoError("recvfrom", data.errno)));
+    } else if (data.oversize) events.oversize?.(data.oversize);
+    else if (data.errno) events.failed?.(describeSocketError("receiving stopped", errnoError("recvfrom", data.errno)));
     if (data.done || data.errno) finished();
   };
   worker.postMessage({ fd, stop });
@@ -1579,8 +1579,10 @@ export async function openUnixDgram(
 export async function bindDatagram(
   address: SocketAddress,
   remote: SocketAddress | undefined,
-  ctx: { network: Network; log: Logger; ageingMs: number },
+  ctx: { network: Network; log: Logger; ageingMs: number; countError: () => void },
 ): Promise<{ socket: DatagramSocket; sweep(): void }> {
+  const where = `qemu-udp ${ctx.network.name} ${formatAddress(address)}`;
+  let oversized = 0;
   const peers = new Map<string, DatagramPort>();
   let full = false;
   let socket: DatagramSocket;
@@ -1588,7 +1590,7 @@ export async function bindDatagram(
     let peer = peers.get(key);
     if (peer === undefined) {
       if (peers.size >= MAX_UDP_PEERS) {
-        if (!full) ctx.log.warn(`qemu-udp ${ctx.network.name}: more than ${MAX_UDP_PEERS} peers; ignoring new ones`);
+        if (!full) ctx.log.warn(`${where}: more than ${MAX_UDP_PEERS} peers; ignoring new ones`);
         full = true;
         return;
       }
@@ -1602,13 +1604,19 @@ export async function bindDatagram(
   const onError = (error: Error) => {
     // ICMP port unreachable: the peer is not there (yet); QEMU dgram peers come and go.
     if ((error as { code?: string }).code !== "ECONNREFUSED") {
-      ctx.log.warn(describeSocketError(`qemu-udp ${ctx.network.name} ${formatAddress(address)}`, error));
+      ctx.log.warn(describeSocketError(where, error));
     }
   };
   try {
     socket =
       "path" in address
-        ? await openUnixDgram(address.path, onDatagram, (message) => ctx.log.warn(`qemu-udp ${ctx.network.name} ${formatAddress(address)}: ${message}`))
+        ? await openUnixDgram(address.path, onDatagram, {
+            oversize(bytes) {
+              ctx.countError();
+              if (oversized++ === 0) ctx.log.warn(`${where}: dropped a ${bytes}-byte datagram (frames are at most ${MAX_FRAME} bytes); further ones are only counted`);
+            },
+            failed: (message) => ctx.log.warn(`${where}: ${message}`),
+          })
         : await openUdp(address, onDatagram, onError);
   } catch (error) {
     throw new Error(describeSocketError(`Cannot listen on ${"path" in address ? "" : "udp "}${formatAddress(address)}`, error));
@@ -1923,7 +1931,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
       bound.push({ what: "qemu-listen", network: spec.network, address: listener.address });
     }
     for (const spec of config.qemuUdp) {
-      const dgram = await bindDatagram(spec.address, spec.remote, { network: network(spec.network), log, ageingMs });
+      const dgram = await bindDatagram(spec.address, spec.remote, { network: network(spec.network), log, ageingMs, countError });
       stoppers.push(() => dgram.socket.close());
       sweepers.push(dgram.sweep);
       bound.push({ what: "qemu-udp", network: spec.network, address: dgram.socket.address });

@@ -1,4 +1,5 @@
 import { describe, expect, test } from "bun:test";
+import { existsSync } from "node:fs";
 import { HELP, loadConfig, startRelay, parseConfig } from "../relay.ts";
 import { RELAY, attachVm, connectStream, runCli, makeFrame, BROADCAST, spawnRelay, tempDir, waitUntil } from "./helpers.ts";
 
@@ -92,11 +93,16 @@ describe("CLI", () => {
   });
 
   test("SIGTERM and SIGINT close every port and exit 0", async () => {
+    await using dir = await tempDir();
     for (const signal of ["SIGTERM", "SIGINT"] as const) {
-      const relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0"]);
+      const socket = `${dir.path}/${signal}.sock`;
+      await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--qemu-listen", `unix:${socket}`]);
       await using vm = await connectStream(relay.port("qemu-listen"));
+      expect(existsSync(socket)).toBe(true);
       expect(await relay.stop(signal)).toBe(0);
       await vm.closed;
+      // A clean stop removes the unix socket file; a plain exit would leave it behind.
+      expect(existsSync(socket)).toBe(false);
       expect(relay.stdout()).toEndWith(`ready\n${signal}: stopping\n`);
       expect(relay.stderr()).toBe("");
     }
@@ -190,7 +196,8 @@ describe("HTTP", () => {
 
   test("the tunnel endpoint is off without a token", async () => {
     await using relay = await spawnRelay(["--http", "127.0.0.1:0"]);
-    expect((await fetch(`${relay.base}/tunnel`)).status).toBe(404);
+    const res = await fetch(`${relay.base}/tunnel`);
+    expect([res.status, await res.text()]).toEqual([404, "tunnel endpoint disabled: no token configured\n"]);
   });
 });
 

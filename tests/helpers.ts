@@ -435,9 +435,15 @@ export const uplinkUp = (relay: RelayProcess, connects = 1) =>
     return s.uplink?.state === "up" && s.uplink.connects >= connects;
   }, `uplink of ${relay.base} up (connect #${connects})`);
 
-/** Runs the CLI to completion, as a user would: stdout, stderr and the exit code. */
-export async function runCli(args: string[], env: Record<string, string> = {}) {
+/**
+ * Runs the CLI to completion, as a user would: stdout, stderr and the exit code. One still running
+ * after `timeoutMs` (a relay that should have refused to start) is killed and reported.
+ */
+export async function runCli(args: string[], env: Record<string, string> = {}, timeoutMs = 10_000) {
   const proc = Bun.spawn([process.execPath, RELAY, ...args], { stdout: "pipe", stderr: "pipe", stdin: "ignore", env: { ...process.env, ...env } });
+  const timer = setTimeout(() => proc.kill("SIGKILL"), timeoutMs);
   const [stdout, stderr, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
+  clearTimeout(timer);
+  if (proc.signalCode === "SIGKILL") throw new Error(`relay ${args.join(" ")} still ran after ${timeoutMs} ms\nstdout:\n${stdout}\nstderr:\n${stderr}`);
   return { stdout, stderr, code };
 }

@@ -90,9 +90,12 @@ describe("relay over a hub (three CLI processes)", () => {
     const ws = new WebSocket(`${wsUrl(hub)}/tunnel`, { headers: { Authorization: `Bearer ${TOKEN}` }, protocols: [TUNNEL_PROTOCOL] });
     const closed = new Promise<number>((r) => (ws.onclose = (e) => r(e.code)));
     await new Promise((r) => (ws.onopen = r));
+    const errorsBefore = (await hub.status()).protocolErrors;
     ws.send(encodeControl({ type: "hello", version: 1, networks: ["default", "default"] }));
     expect(await closed).toBe(1008);
-    expect(hub.stderr()).toContain("Cannot accept hello: a network is named twice; closing");
+    await hub.waitForLine(/Cannot accept hello: a network is named twice; closing/);
+    expect((await hub.status()).protocolErrors).toBe(errorsBefore + 1);
+    expect(hub.stderr().match(/named twice/g)).toHaveLength(1);
     expect((await hub.status()).networks.find((n: any) => n.name === "default").ports.map((p: any) => p.kind)).toEqual(["tunnel", "tunnel"]);
   });
 
@@ -103,11 +106,13 @@ describe("relay over a hub (three CLI processes)", () => {
     });
     const closed = new Promise<number>((r) => (ws.onclose = (e) => r(e.code)));
     await new Promise((r) => (ws.onopen = r));
+    const errorsBefore = (await hub.status()).protocolErrors;
     ws.send(encodeControl({ type: "hello", version: 1, networks: ["default"] }));
     ws.send(Uint8Array.of(1, 0, 0, 0, 0, 0, 99, 1, 2));
     expect(await closed).toBe(1008);
-    await waitUntil(async () => (await hub.status()).protocolErrors === 2, "protocol error counted");
-    expect(hub.stderr()).toContain("overruns the message; closing");
+    await hub.waitForLine(/overruns the message; closing/);
+    expect((await hub.status()).protocolErrors).toBe(errorsBefore + 1);
+    expect(hub.stderr().match(/overruns the message/g)).toHaveLength(1);
     // the sites' tunnels are untouched
     await using vmA = await attachVm(siteA);
     await using vmB = await attachVm(siteB);
@@ -169,24 +174,22 @@ describe("uplink", () => {
   });
 
   test("a hub killed with SIGKILL and restarted is redialled and carries frames again", async () => {
-    let hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN]);
-    const hubPort = hub.port("http");
+    // A port below the ephemeral range: no port-0 bind can take it while the hub is down.
+    const hubArgs = ["--http", `127.0.0.1:${await freePort()}`, "--token", TOKEN];
+    let hub = await spawnRelay(hubArgs);
+    await using _hubs = { [Symbol.asyncDispose]: () => hub.stop("SIGKILL").then(() => {}) };
     await using siteA = await site(hub, "--qemu-listen", "127.0.0.1:0");
     await using siteB = await site(hub, "--qemu-listen", "127.0.0.1:0");
     await Promise.all([uplinkUp(siteA), uplinkUp(siteB)]);
     await hub.stop("SIGKILL");
     await waitUntil(async () => (await siteA.status()).uplink.state === "down", "site A notices the hub is gone");
-    hub = await spawnRelay(["--http", `127.0.0.1:${hubPort}`, "--token", TOKEN]);
-    try {
-      await Promise.all([uplinkUp(siteA, 2), uplinkUp(siteB, 2)]);
-      await using vmA = await attachVm(siteA);
-      await using vmB = await attachVm(siteB);
-      const f = makeFrame(BROADCAST, "02:00:00:00:0e:01", "after restart");
-      vmA.send(f);
-      expect(await vmB.frames.next(fromMac("02:00:00:00:0e:01"))).toEqual(f);
-    } finally {
-      await hub.stop();
-    }
+    hub = await spawnRelay(hubArgs);
+    await Promise.all([uplinkUp(siteA, 2), uplinkUp(siteB, 2)]);
+    await using vmA = await attachVm(siteA);
+    await using vmB = await attachVm(siteB);
+    const f = makeFrame(BROADCAST, "02:00:00:00:0e:01", "after restart");
+    vmA.send(f);
+    expect(await vmB.frames.next(fromMac("02:00:00:00:0e:01"))).toEqual(f);
   });
 
   test("a stalled tunnel drops frames, counted, with bounded memory, while local switching goes on", async () => {
@@ -253,7 +256,7 @@ describe("tunnel auth", () => {
     expect(st.uplink.state).not.toBe("up");
     expect(st.uplink.lastError).toContain("401");
     const metrics = await (await fetch(`${hub.base}/metrics`)).text();
-    expect(metrics).toMatch(/^edge_relay_auth_failures_total [3-9]\d*$/m);
+    expect(Number(/^edge_relay_auth_failures_total (\d+)$/m.exec(metrics)?.[1])).toBeGreaterThanOrEqual(3);
     expect(hub.stderr()).toContain("tunnel: refused 127.0.0.1:");
     expect(hub.stderr()).toContain("wrong token");
     expect(hub.stderr()).toContain("no token");
@@ -284,14 +287,19 @@ describe("tunnel auth", () => {
     await using lx = await attachVm(limited, "x");
     await using fy = await attachVm(full, "y");
     await using fx = await attachVm(full, "x");
+    // Counters, not silence over some time, tell that nothing crossed: once both y frames are
+    // counted in and the x frame has gone all the way, a leaked y frame would be counted out too.
+    const rxOf = async (relay: RelayProcess, net: string, peer: string) =>
+      (await relay.status()).networks.find((n: any) => n.name === net).ports.find((p: any) => p.peer === peer);
     ly.send(makeFrame(BROADCAST, "02:00:00:00:0f:01", "y from limited"));
-    const fromFullY = makeFrame(BROADCAST, "02:00:00:00:0f:02", "y from full");
-    fy.send(fromFullY);
+    fy.send(makeFrame(BROADCAST, "02:00:00:00:0f:02", "y from full"));
+    await waitUntil(async () => (await rxOf(limited, "y", ly.local)).rx.frames === 1 && (await rxOf(full, "y", fy.local)).rx.frames === 1, "both y frames received");
     const xf = makeFrame(BROADCAST, "02:00:00:00:0f:03", "x from limited");
     lx.send(xf);
     expect(await fx.frames.next()).toEqual(xf);
-    expect(await ly.frames.next(() => true, 300).catch(() => null)).toBeNull();
-    expect(fy.frames.frames.length).toBe(0);
+    expect((await rxOf(limited, "y", ly.local)).tx.frames).toBe(0);
+    expect((await rxOf(full, "y", fy.local)).tx.frames).toBe(0);
+    expect([ly.frames.frames.length, fy.frames.frames.length]).toEqual([0, 0]);
     await limited.stop();
     await full.stop();
     await waitUntil(async () => (await hub.status()).networks.length === 0, "the hub forgets networks no tunnel uses");
@@ -343,14 +351,15 @@ describe("bad input on QEMU ports", () => {
     slow.pause();
     const burst = Array.from({ length: 400 }, () => makeFrame(SLOW, "02:00:00:00:12:02", 60_000));
     await sender.writeAll(encodeFrames(burst));
-    const ping = makeFrame(BROADCAST, "02:00:00:00:12:03", "ping");
+    const ping = makeFrame("02:00:00:00:12:02", "02:00:00:00:12:03", "ping"); // to the sender only
     other.send(ping);
     expect(await sender.frames.next((f) => sameBytes(f, ping))).toEqual(ping);
+    // writeAll returns once the kernel has the bytes; the relay may still be reading them.
     const slowPort = await waitUntil(async () => {
       const ports = (await relay.status()).networks[0].ports;
-      return ports.find((p: any) => p.tx.drops > 0);
-    }, "drops counted on the slow port");
-    expect(slowPort.tx.frames + slowPort.tx.drops).toBeGreaterThanOrEqual(400);
+      return ports.find((p: any) => p.tx.drops > 0 && p.tx.frames + p.tx.drops >= 400);
+    }, "all 400 frames sent or dropped on the slow port");
+    expect(slowPort.tx.frames + slowPort.tx.drops).toBe(400);
     expect(slowPort.tx.frames).toBeLessThan(400);
   });
 });

@@ -36,10 +36,12 @@ describe("Network", () => {
     expect(p3.sent.length).toBe(2);
   });
 
-  test("floods multicast destinations even when learned as a source elsewhere", () => {
+  test("never learns a multicast source, and floods multicast destinations", () => {
     const { net, ports: [p1, p2, p3] } = setup();
+    net.forward(makeFrame(BROADCAST, "01:00:5e:00:00:01"), p2);
+    expect(net.macs.size).toBe(0);
     net.forward(makeFrame("01:00:5e:00:00:01", A), p1);
-    expect([p1.sent.length, p2.sent.length, p3.sent.length]).toEqual([0, 1, 1]);
+    expect([p1.sent.length, p2.sent.length, p3.sent.length]).toEqual([1, 1, 2]);
   });
 
   test("learns source MACs and sends known unicast to that port only", () => {
@@ -67,9 +69,12 @@ describe("Network", () => {
     advance(299_999);
     net.forward(makeFrame(B, A), p1);
     expect(p3.sent.length).toBe(1);
+    advance(1); // exactly the ageing time: B is forgotten
+    net.forward(makeFrame(B, A), p1);
+    expect(p3.sent.length).toBe(2);
     advance(300_000);
     net.forward(makeFrame(B, C), p1);
-    expect(p3.sent.length).toBe(2);
+    expect(p3.sent.length).toBe(3);
     net.sweep();
     expect(net.snapshot().macs.map((m) => m.mac)).toEqual([C]);
   });
