@@ -73,6 +73,7 @@ const MAX_TUNNEL_NETWORKS = 64;
 const CLOSED_PORTS_KEPT = 16;
 const HELLO_TIMEOUT_MS = 10_000;
 const TUNNEL_IDLE_SECONDS = 60;
+const CLOCK_TICK_MS = 100;
 const UPLINK_BACKOFF_MIN_MS = 250;
 const UPLINK_BACKOFF_MAX_MS = 30_000;
 const DIAL_BACKOFF_MIN_MS = 100;
@@ -1835,9 +1836,13 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
   const startedAt = Date.now();
   const ageingMs = config.macAgeing * 1000;
   const networks = new Map<string, Network>();
+  // MAC ageing needs no finer clock than this; reading a variable beats a clock call per frame.
+  let now = Date.now();
+  const coarseNow = () => now;
+  const clock = setInterval(() => (now = Date.now()), CLOCK_TICK_MS);
   const network = (name: string) => {
     let n = networks.get(name);
-    if (!n) networks.set(name, (n = new Network(name, ageingMs)));
+    if (!n) networks.set(name, (n = new Network(name, ageingMs, coarseNow)));
     return n;
   };
   /** Networks that local ports or the uplink use; the others exist while a tunnel attaches to them. */
@@ -1846,7 +1851,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
   const countError = () => void counters.protocolErrors++;
   const grants = makeGrants(config.tokens);
   const bound: BoundAddress[] = [];
-  const stoppers: (() => void | Promise<void>)[] = [];
+  const stoppers: (() => void | Promise<void>)[] = [() => clearInterval(clock)];
   const sweepers: (() => void)[] = [];
   let uplink: Uplink | undefined;
   const dialers: ReturnType<typeof dialStream>[] = [];
