@@ -1599,7 +1599,7 @@ export async function bindDatagram(
       peers.set(key, peer);
       ctx.network.attach(peer);
     }
-    peer.lastHeard = Date.now();
+    peer.lastHeard = ctx.network.now();
     peer.receive(data);
   };
   const onError = (error: Error) => {
