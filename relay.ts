@@ -215,10 +215,15 @@ const McastEndpoint = endpointSchema("[NET=]GROUP:PORT[,LOCALADDR] with an IPv4 
   return { group, localAddress };
 });
 
-/** `cannot read /x: no such file or directory (ENOENT)`. */
-function describeFileError(path: string, error: unknown): string {
-  const code = (error as { code?: string }).code;
-  return `cannot read ${path}: ${code && ERRNO_TEXT[code] ? `${ERRNO_TEXT[code]} (${code})` : (error as Error).message}`;
+/**
+ * One line for a failed system call: `Cannot listen on 127.0.0.1:10000: address already in use
+ * (EADDRINUSE)`, `cannot read /x: no such file or directory (ENOENT)`.
+ */
+export function describeError(action: string, error: unknown): string {
+  const code = (error as { code?: unknown })?.code;
+  if (typeof code === "string" && ERRNO_TEXT[code]) return `${action}: ${ERRNO_TEXT[code]} (${code})`;
+  const message = error instanceof Error ? error.message : String(error);
+  return `${action}: ${message}${typeof code === "string" && !message.includes(code) ? ` (${code})` : ""}`;
 }
 
 /** A PEM file named by the option: read while validating, so a missing file is a config error. */
@@ -228,7 +233,7 @@ const PemFile = v.pipe(
     try {
       return { path: dataset.value, text: readFileSync(dataset.value, "utf8") };
     } catch (error) {
-      addIssue({ message: describeFileError(dataset.value, error) });
+      addIssue({ message: describeError(`cannot read ${dataset.value}`, error) });
       return NEVER;
     }
   }),
@@ -330,7 +335,6 @@ export const ConfigSchema = v.pipe(
 );
 
 export type Config = v.InferOutput<typeof ConfigSchema>;
-export type ConfigInput = v.InferInput<typeof ConfigSchema>;
 
 export function isLoopback(host: string): boolean {
   return host === "localhost" || host === "::1" || /^127\.\d+\.\d+\.\d+$/.test(host);
@@ -377,14 +381,6 @@ export function parseConfig(input: unknown): Config {
   throw new ConfigError(`${where}: ${message}`);
 }
 
-
-/** `Cannot listen on 127.0.0.1:10000: address already in use (EADDRINUSE)`. */
-export function describeSocketError(action: string, error: unknown): string {
-  const code = (error as { code?: unknown })?.code;
-  if (typeof code === "string" && ERRNO_TEXT[code]) return `${action}: ${ERRNO_TEXT[code]} (${code})`;
-  const message = error instanceof Error ? error.message : String(error);
-  return `${action}: ${message}${typeof code === "string" && !message.includes(code) ? ` (${code})` : ""}`;
-}
 
 // ───────────────────────────── framing (pure) ─────────────────────────────
 
@@ -1329,7 +1325,7 @@ function streamHandlers(ctx: StreamContext) {
     },
     error(socket: Socket<StreamPort>, error: Error) {
       if (socket.data) socket.data.stats.errors++;
-      ctx.log.warn(describeSocketError(`${socket.data?.id ?? ctx.kind} ${socket.data?.peer ?? ""}`.trim(), error));
+      ctx.log.warn(describeError(`${socket.data?.id ?? ctx.kind} ${socket.data?.peer ?? ""}`.trim(), error));
     },
   };
 }
@@ -1345,7 +1341,7 @@ export async function listenStream(address: SocketAddress, ctx: StreamContext): 
     const listener = Bun.listen<StreamPort>({ hostname: address.host, port: address.port, socket: streamHandlers(ctx) });
     return { address: formatHostPort({ host: address.host, port: listener.port }), stop: () => listener.stop(true) };
   } catch (error) {
-    throw new Error(describeSocketError(`Cannot listen on ${formatAddress(address)}`, error));
+    throw new Error(describeError(`Cannot listen on ${formatAddress(address)}`, error));
   }
 }
 
@@ -1400,7 +1396,7 @@ export function dialStream(address: SocketAddress, ctx: StreamContext): { status
           : await Bun.connect<StreamPort>({ hostname: address.host, port: address.port, socket: handlers });
       if (stopped) socket.end();
     } catch (error) {
-      status.lastError = describeSocketError("cannot connect", error);
+      status.lastError = describeError("cannot connect", error);
       logChange(`qemu-connect ${ctx.network.name}: ${status.lastError.replace("cannot connect", `cannot connect to ${target}`)}; retrying with backoff`);
       retry();
     }
@@ -1553,7 +1549,7 @@ export async function openUnixDgram(
       if (from.length <= 2) return;
       onDatagram(data.data, sockaddrKey(from), (): UnixPeer => ({ path: displaySockaddr(from), sockaddr: from }));
     } else if (data.oversize) events.oversize?.(data.oversize);
-    else if (data.errno) events.failed?.(describeSocketError("receiving stopped", errnoError("recvfrom", data.errno)));
+    else if (data.errno) events.failed?.(describeError("receiving stopped", errnoError("recvfrom", data.errno)));
     if (data.done || data.errno) finished();
   };
   worker.postMessage({ fd, stop });
@@ -1605,7 +1601,7 @@ export async function bindDatagram(
   const onError = (error: Error) => {
     // ICMP port unreachable: the peer is not there (yet); QEMU dgram peers come and go.
     if ((error as { code?: string }).code !== "ECONNREFUSED") {
-      ctx.log.warn(describeSocketError(where, error));
+      ctx.log.warn(describeError(where, error));
     }
   };
   try {
@@ -1620,7 +1616,7 @@ export async function bindDatagram(
           })
         : await openUdp(address, onDatagram, onError);
   } catch (error) {
-    throw new Error(describeSocketError(`Cannot listen on ${"path" in address ? "" : "udp "}${formatAddress(address)}`, error));
+    throw new Error(describeError(`Cannot listen on ${"path" in address ? "" : "udp "}${formatAddress(address)}`, error));
   }
   let fixed: DatagramPort | undefined;
   if (remote) {
@@ -1656,7 +1652,7 @@ export async function joinMulticast(
 ): Promise<{ address: string; close(): void }> {
   const where = `multicast ${formatHostPort(group)}${localAddress ? ` on ${localAddress}` : ""}`;
   const ignoreRefused = (error: Error) => {
-    if ((error as { code?: string }).code !== "ECONNREFUSED") ctx.log.warn(describeSocketError(`qemu-mcast ${ctx.network.name} ${where}`, error));
+    if ((error as { code?: string }).code !== "ECONNREFUSED") ctx.log.warn(describeError(`qemu-mcast ${ctx.network.name} ${where}`, error));
   };
   let sender: Awaited<ReturnType<typeof openUdp>> | undefined;
   try {
@@ -1683,7 +1679,7 @@ export async function joinMulticast(
     return { address: receiver.address, close: () => (receiver.close(), sender!.close()) };
   } catch (error) {
     sender?.close();
-    throw new Error(describeSocketError(`Cannot join ${where}`, error));
+    throw new Error(describeError(`Cannot join ${where}`, error));
   }
 }
 
@@ -2073,7 +2069,7 @@ function readTextFile(option: string, path: string): string {
   try {
     return readFileSync(path, "utf8");
   } catch (error) {
-    throw new ConfigError(`${option}: ${describeFileError(path, error)}`);
+    throw new ConfigError(`${option}: ${describeError(`cannot read ${path}`, error)}`);
   }
 }
 
