@@ -68,6 +68,12 @@ export const MSG_DATA = 0x01;
 const BATCH_BYTES = 256 * 1024;
 const MAX_MESSAGE = 1024 * 1024;
 const MAX_MACS_PER_NETWORK = 16_384;
+const DEFAULT_PORT_MACS = 256;
+const DEFAULT_STORM_LIMIT = 5_000;
+/** Tokens shorter than this are refused at start. */
+const MIN_TOKEN_LENGTH = 16;
+/** The largest --queue-bytes: a tunnel's WebSocket backpressure limit is derived from it. */
+const MAX_QUEUE_BYTES = 64 * 1024 * 1024;
 const MAX_UDP_PEERS = 1024;
 const MAX_TUNNEL_NETWORKS = 64;
 const CLOSED_PORTS_KEPT = 16;
@@ -261,51 +267,183 @@ const Secret = v.pipe(
   v.check((s) => s.length > 0 && !/\s/.test(s), "must be non-empty and contain no white space"),
 );
 
-const TokenGrant = v.union(
-  [
-    v.pipe(
-      Secret,
-      v.transform((token) => ({ token, networks: undefined as string[] | undefined })),
-    ),
-    v.strictObject({
-      token: Secret,
-      networks: v.optional(v.array(v.pipe(v.string(), v.regex(NETWORK_NAME, "expected a network name")))),
-    }),
-  ],
-  "expected a token string or { token, networks }",
-);
-
 const Seconds = v.pipe(v.number("expected a number of seconds"), v.minValue(0.01, "must be positive"), v.maxValue(86_400, "must be at most a day"));
 
-export const ConfigSchema = v.pipe(
-  v.strictObject({
-    http: v.optional(HttpAddress, DEFAULT_HTTP),
-    qemuListen: v.optional(v.array(StreamEndpoint), []),
-    qemuConnect: v.optional(v.array(StreamEndpoint), []),
-    qemuUdp: v.optional(v.array(UdpEndpoint), []),
-    qemuMcast: v.optional(v.array(McastEndpoint), []),
-    tokens: v.optional(v.array(TokenGrant), []),
-    uplink: v.optional(
+/** A whole number in a range, e.g. `count("bytes", 1, 10)`. */
+function count(what: string, min: number, max: number) {
+  return v.pipe(
+    v.number(`expected a number of ${what}`),
+    v.integer("expected a whole number"),
+    v.minValue(min, `must be at least ${min}`),
+    v.maxValue(max, `must be at most ${max}`),
+  );
+}
+
+/** A list option: the message names what one entry looks like, never the value given. */
+function list<S extends v.GenericSchema>(item: S, shape: string) {
+  return v.optional(v.array(item, `expected an array of ${shape}`), []);
+}
+
+/** A credential this relay accepts: long enough that guessing is no option. */
+const AcceptedSecret = v.pipe(Secret, v.minLength(MIN_TOKEN_LENGTH, `must be at least ${MIN_TOKEN_LENGTH} characters long`));
+
+/** A token, alone or limited to some networks: `"…"` is `{ token: "…" }`. */
+const TokenGrant = v.pipe(
+  v.unknown(),
+  v.transform((grant) => (typeof grant === "string" ? { token: grant } : grant)),
+  v.strictObject(
+    {
+      token: AcceptedSecret,
+      networks: v.optional(v.array(v.pipe(v.string(), v.regex(NETWORK_NAME, "expected a network name")), "expected an array of network names")),
+    },
+    "expected a token string or { token, networks }",
+  ),
+);
+
+type OptionGroup = keyof typeof OPTION_GROUPS;
+
+const OPTION_GROUPS = {
+  qemu: "QEMU ports (repeatable). ADDR is HOST:PORT, [IPv6]:PORT, unix:PATH or unix:@ABSTRACT_NAME:",
+  tunnel: "Tunnel:",
+  http: "HTTP (status, metrics, tunnel endpoint):",
+  switch: "Switch:",
+  limits: "Limits (each refusal or drop is counted and shown in /status):",
+  other: "Other:",
+};
+
+/** One row of the option table: the flag, its config key, how it is validated and what --help says. */
+interface OptionSpec {
+  /** The command-line flag without dashes; by default the config key in kebab-case. */
+  flag?: string;
+  short?: string;
+  /** The value's placeholder in --help; an option without one is a switch. */
+  arg?: string;
+  multiple?: boolean;
+  /** The command line's text is converted to a number. */
+  numeric?: boolean;
+  /** An environment variable that supplies the value when neither flag nor file does. */
+  env?: string;
+  group: OptionGroup;
+  /** Lines of help; the default, if any, is added from the schema. */
+  help: string;
+  /** Validates the config value; options without one exist on the command line only. */
+  schema?: v.GenericSchema;
+}
+
+/**
+ * Every option, once: the config schema, the command-line parser, --help and the names in error
+ * messages all come from this table. Keys are the config file's (camelCase).
+ */
+export const OPTIONS = {
+  qemuListen: {
+    arg: "[NET=]ADDR", multiple: true, group: "qemu", schema: list(StreamEndpoint, "[NET=]HOST:PORT or [NET=]unix:PATH"),
+    help: "accept QEMU stream clients: -netdev stream,server=off,… or\n-netdev socket,connect=HOST:PORT; each connection is a port",
+  },
+  qemuConnect: {
+    arg: "[NET=]ADDR", multiple: true, group: "qemu", schema: list(StreamEndpoint, "[NET=]HOST:PORT or [NET=]unix:PATH"),
+    help: "dial QEMU -netdev stream,server=on,… or -netdev socket,listen=…;\nretried with backoff until it answers and after it restarts",
+  },
+  qemuUdp: {
+    arg: "[NET=]ADDR[,REMOTE]", multiple: true, group: "qemu", schema: list(UdpEndpoint, "[NET=]HOST:PORT[,REMOTE]"),
+    help: "datagram socket for -netdev dgram,… (inet or unix) or\n-netdev socket,udp=…,localaddr=…; each source address is a port;\nREMOTE (same family) fixes the peer: only it is then accepted",
+  },
+  qemuMcast: {
+    arg: "[NET=]GROUP:PORT[,LOCALADDR]", multiple: true, group: "qemu", schema: list(McastEndpoint, "[NET=]GROUP:PORT[,LOCALADDR]"),
+    help: "bridge a -netdev socket,mcast=GROUP:PORT / -netdev dgram multicast\nsegment into NET as one port",
+  },
+  allowRemoteQemu: {
+    group: "qemu", schema: v.optional(v.boolean("expected true or false"), false),
+    help: "let QEMU ports use a non-loopback address: anyone who can reach\nit gets a port on the segment",
+  },
+  tokens: {
+    flag: "token", arg: "SECRET", multiple: true, env: "RELAY_TOKENS", group: "tunnel", schema: list(TokenGrant, "tokens"),
+    help: `accept tunnels that present this token (repeatable, at least\n${MIN_TOKEN_LENGTH} characters); also RELAY_TOKENS (comma-separated) and\n--token-file; none: tunnels off`,
+  },
+  tokenFile: { arg: "FILE", group: "tunnel", help: "one token per line (# comments allowed)" },
+  uplink: {
+    arg: "URL", group: "tunnel",
+    schema: v.optional(
       v.pipe(
-        v.string(),
+        v.string("expected a ws:// or wss:// URL"),
         v.url("expected a ws:// or wss:// URL"),
         v.check((u) => /^wss?:$/.test(new URL(u).protocol), "expected a ws:// or wss:// URL"),
       ),
     ),
-    uplinkToken: v.optional(Secret),
-    adminToken: v.optional(Secret),
-    tlsCert: v.optional(PemFile),
-    tlsKey: v.optional(PemFile),
-    uplinkCa: v.optional(PemFile),
-    uplinkFingerprint: v.optional(Fingerprint),
-    insecure: v.optional(v.boolean("expected true or false"), false),
-    macAgeing: v.optional(Seconds, 300),
-    keepalive: v.optional(Seconds, 10),
-    queueBytes: v.optional(
-      v.pipe(v.number("expected a number of bytes"), v.integer("expected a whole number"), v.minValue(MAX_FRAME + 4, `must be at least ${MAX_FRAME + 4}`)),
-      4 * 1024 * 1024,
-    ),
-  }),
+    help: "dial another relay (ws://HOST:PORT or wss://…) and carry every\nlocal network over it, and networks that appear later",
+  },
+  uplinkToken: { arg: "SECRET", env: "RELAY_UPLINK_TOKEN", group: "tunnel", schema: v.optional(Secret), help: "the token for --uplink; also RELAY_UPLINK_TOKEN" },
+  name: {
+    arg: "NAME", group: "tunnel",
+    schema: v.optional(v.pipe(v.string("expected a name"), v.regex(NETWORK_NAME, "expected letters, digits, '.', '_' or '-' (at most 64)"))),
+    help: "this relay's name in the hub's logs and status (the host name)",
+  },
+  keepalive: { arg: "SECONDS", numeric: true, group: "tunnel", schema: v.optional(Seconds, 10), help: "uplink ping interval; no answer for 3 intervals redials" },
+  uplinkCa: { arg: "FILE", group: "tunnel", schema: v.optional(PemFile), help: "trust this CA (PEM) for a wss:// uplink instead of the system's" },
+  uplinkFingerprint: { arg: "SHA256", group: "tunnel", schema: v.optional(Fingerprint), help: "also require the hub certificate's SHA-256 fingerprint (pinning)" },
+  insecure: { group: "tunnel", schema: v.optional(v.boolean("expected true or false"), false), help: "do not verify the hub's certificate (logged on every connect)" },
+  http: { arg: "HOST:PORT", group: "http", schema: v.optional(HttpAddress, DEFAULT_HTTP), help: "listen address" },
+  adminToken: {
+    arg: "SECRET", env: "RELAY_ADMIN_TOKEN", group: "http", schema: v.optional(AcceptedSecret),
+    help: "Bearer token for /healthz, /status, /metrics; required when --http\nis not a loopback address; also RELAY_ADMIN_TOKEN",
+  },
+  tlsCert: { arg: "FILE", group: "http", schema: v.optional(PemFile), help: "serve HTTPS and wss:// with this certificate (PEM)" },
+  tlsKey: { arg: "FILE", group: "http", schema: v.optional(PemFile), help: "the certificate's private key (PEM)" },
+  macAgeing: { arg: "SECONDS", numeric: true, group: "switch", schema: v.optional(Seconds, 300), help: "forget a MAC not seen for this long" },
+  queueBytes: {
+    arg: "BYTES", numeric: true, group: "switch", schema: v.optional(count("bytes", MAX_FRAME + 4, MAX_QUEUE_BYTES), 4 * 1024 * 1024),
+    help: "send queue bound per port; beyond it frames are dropped",
+  },
+  portMacs: {
+    arg: "N", numeric: true, group: "switch", schema: v.optional(count("MACs", 1, MAX_MACS_PER_NETWORK), DEFAULT_PORT_MACS),
+    help: "MACs learned behind one VM port; frames from further source MACs\nare dropped (a tunnel may fill the network's table)",
+  },
+  stormLimit: {
+    arg: "FRAMES", numeric: true, group: "switch", schema: v.optional(count("frames per second", 0, 10_000_000), DEFAULT_STORM_LIMIT),
+    help: "broadcast and multicast frames per second one port may send into\nthe switch; the excess is dropped (0: no limit)",
+  },
+  maxNetworks: { arg: "N", numeric: true, group: "limits", schema: v.optional(count("networks", 1, 1_000_000), 1024), help: "networks on this relay" },
+  maxTunnels: { arg: "N", numeric: true, group: "limits", schema: v.optional(count("tunnels", 1, 1_000_000), 4096), help: "tunnels connected to this relay" },
+  maxTunnelsPerAddress: {
+    arg: "N", numeric: true, group: "limits", schema: v.optional(count("tunnels", 1, 1_000_000), 64),
+    help: "tunnels from one source address",
+  },
+  maxConnections: {
+    arg: "N", numeric: true, group: "limits", schema: v.optional(count("connections", 1, 1_000_000), 4096),
+    help: "QEMU stream connections; further ones are closed at once",
+  },
+  udpPeers: {
+    arg: "N", numeric: true, group: "limits", schema: v.optional(count("peers", 1, 65_536), 64),
+    help: "peers one --qemu-udp socket learns (the least recent goes)",
+  },
+  memoryBudget: {
+    arg: "BYTES", numeric: true, group: "limits", schema: v.optional(count("bytes", 1024 * 1024, 2 ** 40), 256 * 1024 * 1024),
+    help: "bytes queued across all ports; beyond it frames drop",
+  },
+  config: {
+    arg: "FILE", group: "other",
+    help: 'JSON file with the same options in camelCase (qemuListen: [...],\ntokens: ["…" or {"token": "…", "networks": ["lab"]}], …);\noptions given on the command line replace the file\'s, but\ntokens from the file, --token, RELAY_TOKENS and --token-file add up',
+  },
+  help: { short: "h", group: "other", help: "show this help" },
+  version: { short: "V", group: "other", help: "print the version" },
+} satisfies Record<string, OptionSpec>;
+
+type OptionTable = typeof OPTIONS;
+type ConfigEntries = {
+  [K in keyof OptionTable as OptionTable[K] extends { schema: v.GenericSchema } ? K : never]: OptionTable[K] extends { schema: infer S } ? S : never;
+};
+
+/** `--qemu-listen` for `qemuListen`. */
+export function flagOf(key: string): string {
+  const spec = (OPTIONS as Record<string, OptionSpec>)[key];
+  return `--${spec?.flag ?? key.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}`;
+}
+
+const configEntries = Object.fromEntries(
+  Object.entries(OPTIONS as Record<string, OptionSpec>).flatMap(([key, spec]) => (spec.schema ? [[key, spec.schema]] : [])),
+) as ConfigEntries;
+
+export const ConfigSchema = v.pipe(
+  v.strictObject(configEntries),
   v.forward(
     v.check((c) => c.uplink === undefined || c.uplinkToken !== undefined, "required with --uplink (or set RELAY_UPLINK_TOKEN)"),
     ["uplinkToken"],
@@ -340,26 +478,6 @@ export function isLoopback(host: string): boolean {
   return host === "localhost" || host === "::1" || /^127\.\d+\.\d+\.\d+$/.test(host);
 }
 
-const OPTION_OF_KEY: Record<string, string> = {
-  http: "--http",
-  qemuListen: "--qemu-listen",
-  qemuConnect: "--qemu-connect",
-  qemuUdp: "--qemu-udp",
-  qemuMcast: "--qemu-mcast",
-  tlsCert: "--tls-cert",
-  tlsKey: "--tls-key",
-  uplinkCa: "--uplink-ca",
-  uplinkFingerprint: "--uplink-fingerprint",
-  insecure: "--insecure",
-  tokens: "--token",
-  uplink: "--uplink",
-  uplinkToken: "--uplink-token",
-  adminToken: "--admin-token",
-  macAgeing: "--mac-ageing",
-  keepalive: "--keepalive",
-  queueBytes: "--queue-bytes",
-};
-
 // ───────────────────────────── errors ─────────────────────────────
 
 /** A bad option or config file: the CLI prints the message and exits with status 2. */
@@ -367,20 +485,26 @@ export class ConfigError extends Error {
   override name = "ConfigError";
 }
 
+/** Keys whose values are credentials: no message may quote them. */
+const SECRET_KEYS = new Set(["tokens", "uplinkToken", "adminToken"]);
+
 /** Validates raw options (the config file's shape); throws a one-line ConfigError naming the option. */
 export function parseConfig(input: unknown): Config {
-  const result = v.safeParse(ConfigSchema, input);
+  // valibot's stock messages quote the value received, which may be a secret: say what was expected.
+  const result = v.safeParse(ConfigSchema, input, { message: (issue) => `expected ${issue.expected ?? "something else"}` });
   if (result.success) return result.output;
   const issue = result.issues[0];
   const keys = (issue.path ?? []).map((p) => p.key);
   const [first, ...rest] = keys;
-  const option = typeof first === "string" ? OPTION_OF_KEY[first] ?? first : "config";
+  const option = typeof first === "string" ? flagOf(first) : "config";
   const where = issue.type === "strict_object" ? "config" : rest.length ? `${option} (${first}${rest.map((k) => (typeof k === "number" ? `[${k}]` : `.${String(k)}`)).join("")})` : option;
-  // valibot's stock messages quote the received value; a secret must never be echoed.
-  const message = issue.type === "strict_object" ? `unknown option ${JSON.stringify(String(keys.at(-1)))}` : issue.message;
+  const unknown = issue.type === "strict_object";
+  const message = unknown ? `unknown option ${JSON.stringify(String(keys.at(-1)))}` : issue.message;
+  if (!unknown && typeof first === "string" && SECRET_KEYS.has(first) && typeof issue.input === "string" && issue.input.length > 0 && message.includes(issue.input)) {
+    throw new ConfigError(`${where}: invalid value`);
+  }
   throw new ConfigError(`${where}: ${message}`);
 }
-
 
 // ───────────────────────────── framing (pure) ─────────────────────────────
 
@@ -1991,79 +2115,41 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
 
 // ───────────────────────────── CLI ─────────────────────────────
 
-export const HELP = `edge-relay ${VERSION}: share Ethernet segments between QEMU VMs across hosts
+const HELP_COLUMN = 34;
 
-Usage: bun relay.ts [options]
+/** The usage text, built from the option table. */
+export function helpText(program = "bun relay.ts"): string {
+  const out = [
+    `edge-relay ${VERSION}: share Ethernet segments between QEMU VMs across hosts`,
+    "",
+    `Usage: ${program} [options]`,
+    "",
+    "With no options: a local switch with --http 127.0.0.1:8080 and --qemu-listen 127.0.0.1:10000.",
+    'NET is a network name (default "default"); every network is its own learning switch.',
+  ];
+  const table = Object.entries(OPTIONS as Record<string, OptionSpec>);
+  for (const [group, heading] of Object.entries(OPTION_GROUPS)) {
+    out.push("", heading);
+    for (const [key, spec] of table) {
+      if (spec.group !== group) continue;
+      const fallback = spec.schema && v.getDefault(spec.schema as v.GenericSchema);
+      const lines = spec.help.split("\n");
+      if (typeof fallback === "number" || (typeof fallback === "string" && fallback !== "")) lines[lines.length - 1] += ` (${fallback})`;
+      const name = `  ${spec.short ? `-${spec.short}, ` : ""}${flagOf(key)}${spec.arg ? ` ${spec.arg}` : ""}`;
+      if (name.length >= HELP_COLUMN) out.push(name, ...lines.map((l) => " ".repeat(HELP_COLUMN) + l));
+      else out.push(name.padEnd(HELP_COLUMN) + lines[0], ...lines.slice(1).map((l) => " ".repeat(HELP_COLUMN) + l));
+    }
+  }
+  return out.join("\n") + "\n";
+}
 
-With no options: a local switch with --http 127.0.0.1:8080 and --qemu-listen 127.0.0.1:10000.
-NET is a network name (default "default"); every network is its own learning switch.
-
-QEMU ports (repeatable). ADDR is HOST:PORT, [IPv6]:PORT, unix:PATH or unix:@ABSTRACT_NAME:
-  --qemu-listen [NET=]ADDR        accept QEMU stream clients: -netdev stream,server=off,… or
-                                  -netdev socket,connect=HOST:PORT; each connection is a port
-  --qemu-connect [NET=]ADDR       dial QEMU -netdev stream,server=on,… or -netdev socket,listen=…;
-                                  retried with backoff until it answers and after it restarts
-  --qemu-udp [NET=]ADDR[,REMOTE]  datagram socket for -netdev dgram,… (inet or unix) or
-                                  -netdev socket,udp=…,localaddr=…; each source address is a port;
-                                  REMOTE (same family) fixes the peer up front
-  --qemu-mcast [NET=]GROUP:PORT[,LOCALADDR]
-                                  bridge a -netdev socket,mcast=GROUP:PORT / -netdev dgram multicast
-                                  segment into NET as one port
-
-Tunnel:
-  --token SECRET                  accept tunnels that present this token (repeatable); also
-                                  RELAY_TOKENS (comma-separated) and --token-file; none: tunnels off
-  --token-file FILE               one token per line (# comments allowed)
-  --uplink URL                    dial another relay (ws://HOST:PORT or wss://…) and carry every
-                                  local network over it
-  --uplink-token SECRET           the token for --uplink; also RELAY_UPLINK_TOKEN
-  --keepalive SECONDS             uplink ping interval; no answer for 3 intervals redials (10)
-  --uplink-ca FILE                trust this CA (PEM) for a wss:// uplink instead of the system's
-  --uplink-fingerprint SHA256     also require the hub certificate's SHA-256 fingerprint (pinning)
-  --insecure                      do not verify the hub's certificate (logged on every connect)
-
-HTTP (status, metrics, tunnel endpoint):
-  --http HOST:PORT                listen address (127.0.0.1:8080)
-  --admin-token SECRET            Bearer token for /healthz, /status, /metrics; required when --http
-                                  is not a loopback address; also RELAY_ADMIN_TOKEN
-  --tls-cert FILE, --tls-key FILE serve HTTPS and wss:// with this certificate and key (PEM)
-
-Switch:
-  --mac-ageing SECONDS            forget a MAC not seen for this long (300)
-  --queue-bytes BYTES             send queue bound per port; beyond it frames are dropped (4194304)
-
-Other:
-  --config FILE                   JSON file with the same options in camelCase (qemuListen: [...],
-                                  tokens: ["…" or {"token": "…", "networks": ["lab"]}], …);
-                                  options given on the command line replace the file's, but
-                                  tokens from the file, --token, RELAY_TOKENS and --token-file add up
-  --help                          show this help
-  --version                       print the version
-`;
-
-const CLI_OPTIONS = {
-  help: { type: "boolean" },
-  version: { type: "boolean" },
-  config: { type: "string" },
-  http: { type: "string" },
-  "qemu-listen": { type: "string", multiple: true },
-  "qemu-connect": { type: "string", multiple: true },
-  "qemu-udp": { type: "string", multiple: true },
-  "qemu-mcast": { type: "string", multiple: true },
-  token: { type: "string", multiple: true },
-  "token-file": { type: "string" },
-  uplink: { type: "string" },
-  "uplink-token": { type: "string" },
-  "admin-token": { type: "string" },
-  "tls-cert": { type: "string" },
-  "tls-key": { type: "string" },
-  "uplink-ca": { type: "string" },
-  "uplink-fingerprint": { type: "string" },
-  insecure: { type: "boolean" },
-  keepalive: { type: "string" },
-  "mac-ageing": { type: "string" },
-  "queue-bytes": { type: "string" },
-} as const;
+/** node:util's parseArgs options, from the table. */
+const CLI_OPTIONS = Object.fromEntries(
+  Object.entries(OPTIONS as Record<string, OptionSpec>).map(([key, spec]) => [
+    flagOf(key).slice(2),
+    { type: spec.arg ? "string" : "boolean", multiple: spec.multiple ?? false, ...(spec.short && { short: spec.short }) },
+  ]),
+) as Record<string, { type: "string" | "boolean"; multiple: boolean; short?: string }>;
 
 function readTextFile(option: string, path: string): string {
   try {
@@ -2081,46 +2167,34 @@ export function loadConfig(argv: string[], env: Record<string, string | undefine
   } catch (error) {
     throw new ConfigError(`${(error as Error).message.split(/\.(?: |\n|$)/)[0]} (see --help)`);
   }
-  const flags = parsed.values;
+  const flags = parsed.values as Record<string, string | boolean | string[] | undefined>;
   if (flags.help) return "help";
   if (flags.version) return "version";
   let raw: Record<string, unknown> = {};
-  if (flags.config !== undefined) {
+  const configFile = flags.config as string | undefined;
+  if (configFile !== undefined) {
     try {
-      raw = JSON.parse(readTextFile("--config", flags.config));
+      raw = JSON.parse(readTextFile("--config", configFile));
     } catch (error) {
       if (error instanceof ConfigError) throw error;
       // The parser's message quotes the offending text, which may be a secret.
-      throw new ConfigError(`--config: ${flags.config} is not valid JSON`);
+      throw new ConfigError(`--config: ${configFile} is not valid JSON`);
     }
-    if (typeof raw !== "object" || raw === null || Array.isArray(raw)) throw new ConfigError(`--config: ${flags.config} must hold a JSON object`);
+    if (typeof raw !== "object" || raw === null || Array.isArray(raw)) throw new ConfigError(`--config: ${configFile} must hold a JSON object`);
   }
-  const number = (text: string | undefined) => (text === undefined ? undefined : text.trim() === "" ? NaN : Number(text));
-  const set = (key: string, value: unknown) => {
-    if (value !== undefined) raw[key] = value;
-  };
-  set("http", flags.http);
-  set("qemuListen", flags["qemu-listen"]);
-  set("qemuConnect", flags["qemu-connect"]);
-  set("qemuUdp", flags["qemu-udp"]);
-  set("qemuMcast", flags["qemu-mcast"]);
-  set("tlsCert", flags["tls-cert"]);
-  set("tlsKey", flags["tls-key"]);
-  set("uplinkCa", flags["uplink-ca"]);
-  set("uplinkFingerprint", flags["uplink-fingerprint"]);
-  set("insecure", flags.insecure);
-  set("uplink", flags.uplink);
-  set("uplinkToken", flags["uplink-token"] ?? (raw.uplinkToken === undefined ? env.RELAY_UPLINK_TOKEN : undefined));
-  set("adminToken", flags["admin-token"] ?? (raw.adminToken === undefined ? env.RELAY_ADMIN_TOKEN : undefined));
-  set("keepalive", number(flags.keepalive));
-  set("macAgeing", number(flags["mac-ageing"]));
-  set("queueBytes", number(flags["queue-bytes"]));
+  const number = (text: string) => (text.trim() === "" ? NaN : Number(text));
+  for (const [key, spec] of Object.entries(OPTIONS as Record<string, OptionSpec>)) {
+    if (!spec.schema || key === "tokens") continue;
+    const value = flags[flagOf(key).slice(2)] as string | boolean | string[] | undefined;
+    if (value !== undefined) raw[key] = spec.numeric ? number(value as string) : value;
+    else if (spec.env !== undefined && raw[key] === undefined && env[spec.env] !== undefined) raw[key] = env[spec.env];
+  }
   const extraTokens = [
-    ...(flags.token ?? []),
+    ...((flags.token as string[] | undefined) ?? []),
     ...(env.RELAY_TOKENS ?? "").split(",").map((t) => t.trim()).filter(Boolean),
     ...(flags["token-file"] === undefined
       ? []
-      : readTextFile("--token-file", flags["token-file"]).split("\n").map((l) => l.replace(/#.*/, "").trim()).filter(Boolean)),
+      : readTextFile("--token-file", flags["token-file"] as string).split("\n").map((l) => l.replace(/#.*/, "").trim()).filter(Boolean)),
   ];
   if (extraTokens.length) raw.tokens = [...(Array.isArray(raw.tokens) ? raw.tokens : []), ...extraTokens];
   const nothingConfigured = ["qemuListen", "qemuConnect", "qemuUdp", "qemuMcast", "uplink", "tokens"].every(
@@ -2151,7 +2225,7 @@ export async function main(argv = Bun.argv.slice(2), env: Record<string, string 
     console.error(`edge-relay: ${error.message}`);
     process.exit(2);
   }
-  if (config === "help") return void process.stdout.write(HELP);
+  if (config === "help") return void process.stdout.write(helpText());
   if (config === "version") return void console.log(VERSION);
   let relay: RelayHandle;
   try {

@@ -1,17 +1,16 @@
 import { describe, expect, test } from "bun:test";
 import { existsSync } from "node:fs";
-import { HELP, loadConfig, startRelay, parseConfig } from "../relay.ts";
+import { OPTIONS, flagOf, helpText, loadConfig, startRelay, parseConfig } from "../relay.ts";
 import { RELAY, attachVm, connectStream, runCli, makeFrame, BROADCAST, spawnRelay, tempDir, waitUntil } from "./helpers.ts";
 
 describe("CLI", () => {
   test("--help documents every option on stdout and exits 0", async () => {
     const { stdout, stderr, code } = await runCli(["--help"]);
     expect({ stderr, code }).toEqual({ stderr: "", code: 0 });
-    expect(stdout).toBe(HELP);
-    const source = await Bun.file(RELAY).text();
-    const options = [...source.matchAll(/^  "?([a-z-]+)"?: \{ type: "(?:string|boolean)"/gm)].map((m) => m[1]!);
-    expect(options.length).toBeGreaterThan(10);
-    for (const option of options) expect(stdout).toContain(`--${option}`);
+    expect(stdout).toBe(helpText());
+    const options = Object.keys(OPTIONS).map(flagOf);
+    expect(options.length).toBeGreaterThan(25);
+    for (const option of options) expect(stdout).toMatch(new RegExp(`^  (-[a-zA-Z], )?${option}\\b`, "m"));
   });
 
   test("compiles to one binary that runs on its own", async () => {
@@ -43,16 +42,20 @@ describe("CLI", () => {
     [["--qemu-udp", "127.0.0.1:0,[::1]:9"], /^edge-relay: --qemu-udp \(qemuUdp\[0\]\): expected/],
     [["--qemu-udp", "unix:/tmp/x,127.0.0.1:9"], /^edge-relay: --qemu-udp \(qemuUdp\[0\]\): expected/],
     [["--qemu-mcast", "239.1.2.3:5000", "--qemu-mcast", "lab=239.1.2.3:5000"], /^edge-relay: --qemu-mcast: a multicast group may be bridged once/],
-    [["--uplink", "wss://127.0.0.1:1", "--uplink-token", "t", "--insecure", "--uplink-fingerprint", "ab".repeat(32)], /^edge-relay: --uplink-fingerprint: cannot be combined with --insecure/],
+    [["--uplink", "wss://127.0.0.1:1", "--uplink-token", "uplink-token-0123", "--insecure", "--uplink-fingerprint", "ab".repeat(32)], /^edge-relay: --uplink-fingerprint: cannot be combined with --insecure/],
     [["--qemu-connect", "x"], /^edge-relay: --qemu-connect \(qemuConnect\[0\]\): expected/],
-    [["--uplink", "http://x:1", "--uplink-token", "t"], /^edge-relay: --uplink: expected a ws:\/\/ or wss:\/\/ URL$/],
+    [["--uplink", "http://x:1", "--uplink-token", "uplink-token-0123"], /^edge-relay: --uplink: expected a ws:\/\/ or wss:\/\/ URL$/],
     [["--uplink", "ws://127.0.0.1:1"], /^edge-relay: --uplink-token: required with --uplink/],
     [["--http", "0.0.0.0:0"], /^edge-relay: --admin-token: required when --http is not a loopback address$/],
     [["--mac-ageing", "soon"], /^edge-relay: --mac-ageing: expected a number of seconds$/],
     [["--keepalive=-1"], /^edge-relay: --keepalive: must be positive$/],
     [["--keepalive", "-1"], /^edge-relay: Option '--keepalive' argument is ambiguous \(see --help\)$/],
     [["--queue-bytes", "10"], /^edge-relay: --queue-bytes: must be at least 69636$/],
-    [["--token", "two words secret"], /^edge-relay: --token \(tokens\[0\]\): /],
+    [["--token", "two words secret"], /^edge-relay: --token \(tokens\[0\]\.token\): must be non-empty and contain no white space$/],
+    [["--token", "short-secret"], /^edge-relay: --token \(tokens\[0\]\.token\): must be at least 16 characters long$/],
+    [["--admin-token", "short-secret"], /^edge-relay: --admin-token: must be at least 16 characters long$/],
+    [["--port-macs", "0"], /^edge-relay: --port-macs: must be at least 1$/],
+    [["--queue-bytes", String(2 ** 30)], /^edge-relay: --queue-bytes: must be at most 67108864$/],
     [["--config", "/nonexistent/relay.json"], /^edge-relay: --config: cannot read \/nonexistent\/relay.json: no such file or directory \(ENOENT\)$/],
     [["--token-file", "/nonexistent/tokens"], /^edge-relay: --token-file: cannot read/],
   ];
@@ -68,7 +71,7 @@ describe("CLI", () => {
   test("a config file with an unknown key or a bad value exits 2 naming it", async () => {
     await using dir = await tempDir();
     await Bun.write(`${dir.path}/unknown.json`, JSON.stringify({ qemuListn: ["127.0.0.1:0"] }));
-    await Bun.write(`${dir.path}/tokens.json`, JSON.stringify({ tokens: [{ token: "secret-in-file", networks: ["ok", "not ok"] }] }));
+    await Bun.write(`${dir.path}/tokens.json`, JSON.stringify({ tokens: [{ token: "secret-in-file-0001", networks: ["ok", "not ok"] }] }));
     await Bun.write(`${dir.path}/broken.json`, '{"adminToken": s3cretTOKEN}');
     expect(await runCli(["--config", `${dir.path}/unknown.json`])).toEqual({ stdout: "", stderr: 'edge-relay: config: unknown option "qemuListn"\n', code: 2 });
     expect(await runCli(["--config", `${dir.path}/tokens.json`])).toEqual({
@@ -79,6 +82,27 @@ describe("CLI", () => {
     const broken = await runCli(["--config", `${dir.path}/broken.json`]);
     expect(broken.stderr).toBe(`edge-relay: --config: ${dir.path}/broken.json is not valid JSON\n`);
     expect(broken.code).toBe(2);
+  });
+
+  test("a secret of the wrong type or shape is never quoted in the error", async () => {
+    await using dir = await tempDir();
+    const secret = "s3cret-value-never-shown";
+    const cases: [object, string][] = [
+      [{ tokens: secret }, "--token: expected an array of tokens"],
+      [{ tokens: [secret.slice(0, 10)] }, "--token (tokens[0].token): must be at least 16 characters long"],
+      [{ tokens: [{ token: secret, extra: 1 }] }, 'config: unknown option "extra"'],
+      [{ adminToken: [secret] }, "--admin-token: expected a string"],
+      [{ adminToken: `${secret} x` }, "--admin-token: must be non-empty and contain no white space"],
+      [{ uplinkToken: { secret } }, "--uplink-token: expected a string"],
+      [{ qemuListen: "127.0.0.1:1" }, "--qemu-listen: expected an array of [NET=]HOST:PORT or [NET=]unix:PATH"],
+    ];
+    for (const [config, message] of cases) {
+      await Bun.write(`${dir.path}/c.json`, JSON.stringify(config));
+      expect(await runCli(["--config", `${dir.path}/c.json`])).toEqual({ stdout: "", stderr: `edge-relay: ${message}\n`, code: 2 });
+    }
+    await Bun.write(`${dir.path}/tokens`, `${secret}\nshort-${secret.slice(0, 4)}\n`);
+    const file = await runCli(["--token-file", `${dir.path}/tokens`]);
+    expect(file).toEqual({ stdout: "", stderr: "edge-relay: --token (tokens[1].token): must be at least 16 characters long\n", code: 2 });
   });
 
   test("a port already in use exits 1 with the errno spelled out", async () => {
@@ -134,10 +158,10 @@ describe("loadConfig", () => {
   test("tokens come from --token, RELAY_TOKENS and --token-file; a hub gets no default QEMU port", async () => {
     await using dir = await tempDir();
     const file = `${dir.path}/tokens`;
-    await Bun.write(file, "# hub tokens\nfile-token-1\n\nfile-token-2 # site b\n");
-    const config = loadConfig(["--token", "flag-token", "--token-file", file], { RELAY_TOKENS: "env-1, env-2" });
+    await Bun.write(file, "# hub tokens\nfile-token-0000001\n\nfile-token-0000002 # site b\n");
+    const config = loadConfig(["--token", "flag-token-000001", "--token-file", file], { RELAY_TOKENS: "env-token-0000001, env-token-0000002" });
     if (typeof config === "string") throw new Error(config);
-    expect(config.tokens.map((t) => t.token)).toEqual(["flag-token", "env-1", "env-2", "file-token-1", "file-token-2"]);
+    expect(config.tokens.map((t) => t.token)).toEqual(["flag-token-000001", "env-token-0000001", "env-token-0000002", "file-token-0000001", "file-token-0000002"]);
     expect(config.qemuListen).toEqual([]);
   });
 
@@ -145,13 +169,13 @@ describe("loadConfig", () => {
     await using dir = await tempDir();
     const file = `${dir.path}/relay.json`;
     await Bun.write(file, JSON.stringify({ http: "127.0.0.1:1", qemuListen: ["a=127.0.0.1:2"], macAgeing: 10, uplink: "ws://127.0.0.1:3" }));
-    const config = loadConfig(["--config", file, "--qemu-listen", "b=127.0.0.1:4"], { RELAY_UPLINK_TOKEN: "up", RELAY_ADMIN_TOKEN: "adm" });
+    const config = loadConfig(["--config", file, "--qemu-listen", "b=127.0.0.1:4"], { RELAY_UPLINK_TOKEN: "up", RELAY_ADMIN_TOKEN: "admin-token-00001" });
     expect(config).toMatchObject({
       http: { port: 1 },
       qemuListen: [{ network: "b", address: { port: 4 } }],
       macAgeing: 10,
       uplinkToken: "up",
-      adminToken: "adm",
+      adminToken: "admin-token-00001",
     });
   });
 });
@@ -184,14 +208,14 @@ describe("HTTP", () => {
   });
 
   test("a non-loopback --http needs the admin token on every route", async () => {
-    await using relay = await spawnRelay(["--http", "0.0.0.0:0", "--admin-token", "admin-secret-1"]);
+    await using relay = await spawnRelay(["--http", "0.0.0.0:0", "--admin-token", "admin-secret-000001"]);
     const base = `http://127.0.0.1:${relay.port("http")}`;
     for (const path of ["/healthz", "/status", "/metrics"]) {
       expect((await fetch(`${base}${path}`)).status).toBe(401);
       expect((await fetch(`${base}${path}`, { headers: { Authorization: "Bearer wrong" } })).status).toBe(401);
-      expect((await fetch(`${base}${path}`, { headers: { Authorization: "Bearer admin-secret-1" } })).status).toBe(200);
+      expect((await fetch(`${base}${path}`, { headers: { Authorization: "Bearer admin-secret-000001" } })).status).toBe(200);
     }
-    expect(relay.stdout() + relay.stderr()).not.toContain("admin-secret-1");
+    expect(relay.stdout() + relay.stderr()).not.toContain("admin-secret-000001");
   });
 
   test("the tunnel endpoint is off without a token", async () => {

@@ -269,11 +269,11 @@ describe("tunnel auth", () => {
   test("a token limited to network x cannot reach network y", async () => {
     await using dir = await tempDir();
     const config = `${dir.path}/hub.json`;
-    await Bun.write(config, JSON.stringify({ http: "127.0.0.1:0", tokens: [{ token: "only-x-token", networks: ["x"] }, TOKEN] }));
+    await Bun.write(config, JSON.stringify({ http: "127.0.0.1:0", tokens: [{ token: "only-x-token-0001", networks: ["x"] }, TOKEN] }));
     await using hub = await spawnRelay(["--config", config]);
     const limited = await spawnRelay([
       "--http", "127.0.0.1:0", "--qemu-listen", "x=127.0.0.1:0", "--qemu-listen", "y=127.0.0.1:0",
-      "--uplink", wsUrl(hub), "--uplink-token", "only-x-token",
+      "--uplink", wsUrl(hub), "--uplink-token", "only-x-token-0001",
     ]);
     await using _limited = limited;
     await using full = await site(hub, "--qemu-listen", "x=127.0.0.1:0", "--qemu-listen", "y=127.0.0.1:0");

@@ -319,7 +319,7 @@ describe("TLS", () => {
     await using dir = await tempDir();
     const { cert } = await certificate(dir.path);
     expect(await runCli(["--tls-cert", cert])).toEqual({ stdout: "", stderr: "edge-relay: --tls-key: --tls-cert and --tls-key go together\n", code: 2 });
-    const pin = await runCli(["--uplink", "wss://127.0.0.1:1", "--uplink-token", "t", "--uplink-fingerprint", "abc"]);
+    const pin = await runCli(["--uplink", "wss://127.0.0.1:1", "--uplink-token", "uplink-token-0123", "--uplink-fingerprint", "abc"]);
     expect(pin).toEqual({ stdout: "", stderr: "edge-relay: --uplink-fingerprint: expected a SHA-256 fingerprint: 64 hex digits, colons optional\n", code: 2 });
     const mcast = await runCli(["--qemu-mcast", "10.0.0.1:5000"]);
     expect(mcast.stderr).toStartWith("edge-relay: --qemu-mcast (qemuMcast[0]): expected [NET=]GROUP:PORT[,LOCALADDR]");
