@@ -643,11 +643,53 @@ export function encodeFrames(frames: Uint8Array[]): Uint8Array {
   return batch.view().slice();
 }
 
-export type ControlMessage =
-  | { type: "hello"; version: number; networks: string[] }
-  | { type: "welcome"; version: number; accepted: string[]; refused: string[] }
-  | { type: "ping" }
-  | { type: "pong" };
+const NetworkName = v.pipe(v.string("expected a network name"), v.regex(NETWORK_NAME, "expected a network name"));
+const NetworkList = v.pipe(
+  v.array(NetworkName, "expected an array of network names"),
+  v.maxLength(MAX_TUNNEL_NETWORKS, `expected at most ${MAX_TUNNEL_NETWORKS} networks`),
+  v.check((names) => new Set(names).size === names.length, "a network is named twice"),
+);
+/** A relay's random id: 16 hex digits, made at start. */
+const RelayId = v.pipe(v.string(), v.regex(/^[0-9a-f]{16}$/, "expected a relay id"));
+const RelayName = v.pipe(v.string(), v.regex(NETWORK_NAME, "expected a relay name"));
+const Refusal = v.object({ network: NetworkName, reason: v.pipe(v.string(), v.maxLength(200)) });
+
+/** Every control message, checked field by field: a peer's JSON is never trusted to coerce. */
+const ControlSchema = v.variant(
+  "type",
+  [
+    v.object({ type: v.literal("hello"), version: v.literal(TUNNEL_VERSION, "expected version 1"), networks: NetworkList, id: v.optional(RelayId), name: v.optional(RelayName) }),
+    v.object({
+      type: v.literal("welcome"),
+      version: v.literal(TUNNEL_VERSION, "expected version 1"),
+      accepted: NetworkList,
+      refused: v.array(Refusal),
+      id: v.optional(RelayId),
+      name: v.optional(RelayName),
+    }),
+    v.object({ type: v.literal("attach"), networks: NetworkList }),
+    v.object({ type: v.literal("attached"), accepted: NetworkList, refused: v.array(Refusal) }),
+    v.object({ type: v.literal("detach"), networks: NetworkList }),
+    v.object({ type: v.literal("ping") }),
+    v.object({ type: v.literal("pong") }),
+  ],
+  "unknown control message type",
+);
+
+export type ControlMessage = v.InferOutput<typeof ControlSchema>;
+export type Refusal = v.InferOutput<typeof Refusal>;
+
+/** Validates a decoded control message; throws TypeError naming the first bad field. */
+export function parseControl(json: unknown): ControlMessage {
+  const result = v.safeParse(ControlSchema, json, {
+    abortEarly: true,
+    message: (issue) => (issue.received === "undefined" ? "missing" : `expected ${issue.expected ?? "something else"}`),
+  });
+  if (result.success) return result.output;
+  const issue = result.issues[0];
+  const path = (issue.path ?? []).map((p) => String(p.key)).join(".") || "message";
+  throw new TypeError(`Cannot decode control message: ${path}: ${issue.message}`);
+}
 
 export function encodeControl(message: ControlMessage): Uint8Array {
   const json = new TextEncoder().encode(JSON.stringify(message));
@@ -674,11 +716,13 @@ export function decodeTunnelMessage(
   if (message.length === 0) throw new RangeError("Cannot decode tunnel message: empty message");
   const type = message[0];
   if (type === MSG_CONTROL) {
-    const control = JSON.parse(new TextDecoder().decode(message.subarray(1)));
-    if (typeof control !== "object" || control === null || typeof control.type !== "string") {
-      throw new SyntaxError("Cannot decode tunnel message: control message without a type");
+    let json: unknown;
+    try {
+      json = JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(message.subarray(1)));
+    } catch {
+      throw new SyntaxError("Cannot decode tunnel message: control message is not UTF-8 JSON");
     }
-    onControl(control);
+    onControl(parseControl(json));
     return;
   }
   if (type !== MSG_DATA) throw new RangeError(`Cannot decode tunnel message: unknown type ${type}`);
@@ -1066,17 +1110,11 @@ export class TunnelLink {
   readonly #onControl = (control: ControlMessage): void => {
     if (control.type === "ping") this.socket.send(encodeControl({ type: "pong" }));
     else if (control.type === "hello" && this.events.onHello && !this.helloDone) {
-      if (!Array.isArray(control.networks) || control.networks.length > MAX_TUNNEL_NETWORKS) {
-        throw new RangeError(`Cannot accept hello: expected at most ${MAX_TUNNEL_NETWORKS} networks`);
-      }
-      if (new Set(control.networks).size !== control.networks.length) {
-        throw new RangeError("Cannot accept hello: a network is named twice");
-      }
       this.helloDone = true;
-      this.events.onHello(this, control.networks.map(String));
+      this.events.onHello(this, control.networks);
     } else if (control.type === "welcome" && this.events.onWelcome && !this.helloDone) {
       this.helloDone = true;
-      this.events.onWelcome(this, control.accepted ?? [], control.refused ?? []);
+      this.events.onWelcome(this, control.accepted, control.refused.map((r) => r.network));
     }
   };
 
@@ -2027,7 +2065,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
                   accepted.push(name);
                 } else refused.push(name);
               });
-              socket.send(encodeControl({ type: "welcome", version: TUNNEL_VERSION, accepted, refused }));
+              socket.send(encodeControl({ type: "welcome", version: TUNNEL_VERSION, accepted, refused: refused.map((network) => ({ network, reason: "not allowed for this token" })) }));
               // Names come from the network: quoted and cut short, so a log line stays one short line.
               const shown = refused.map((name) => JSON.stringify(name.length > 64 ? `${name.slice(0, 64)}…` : name));
               const extra = refused.length ? `; refused (not allowed for this token): ${shown.join(", ")}` : "";

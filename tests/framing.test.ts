@@ -10,6 +10,7 @@ import {
   encodeFrames,
   formatMac,
   macKey,
+  parseControl,
   parseHostPort,
 } from "../relay.ts";
 import { makeFrame, mac } from "./helpers.ts";
@@ -115,7 +116,7 @@ describe("decodeTunnelMessage", () => {
     expect(() => collect(Uint8Array.of(1, 0, 0, 0, 0, 0, 9, 1))).toThrow("overruns the message");
     expect(() => collect(Uint8Array.of(1, 0, 0, 0, 1, 0x10, 0x70))).toThrow("exceeds the maximum");
     expect(() => collect(Uint8Array.of(0, 0x7b))).toThrow(SyntaxError);
-    expect(() => collect(Uint8Array.of(0, 0x31))).toThrow(SyntaxError);
+    expect(() => collect(Uint8Array.of(0, 0x31))).toThrow(TypeError);
   });
 });
 
@@ -136,5 +137,38 @@ describe("parseHostPort", () => {
     for (const bad of ["127.0.0.1", ":80", "::1:80", "host:65536", "host:-1", "a b:1", ""]) {
       expect(parseHostPort(bad)).toBeNull();
     }
+  });
+});
+
+describe("parseControl", () => {
+  const hello = (fields: object) => ({ type: "hello", version: 1, networks: ["lab"], ...fields });
+
+  test("accepts every message the protocol defines", () => {
+    expect(parseControl(hello({ id: "0123456789abcdef", name: "site-a" }))).toEqual({ type: "hello", version: 1, networks: ["lab"], id: "0123456789abcdef", name: "site-a" });
+    expect(parseControl({ type: "welcome", version: 1, accepted: ["lab"], refused: [{ network: "dev", reason: "not allowed for this token" }] }).type).toBe("welcome");
+    expect(parseControl({ type: "attach", networks: ["a", "b"] })).toEqual({ type: "attach", networks: ["a", "b"] });
+    expect(parseControl({ type: "attached", accepted: [], refused: [] }).type).toBe("attached");
+    expect(parseControl({ type: "detach", networks: ["a"] }).type).toBe("detach");
+    expect(parseControl({ type: "ping" })).toEqual({ type: "ping" });
+  });
+
+  const bad: [string, unknown, RegExp][] = [
+    ["nested arrays posing as names", hello({ networks: ["lab", ["lab"], [["lab"]]] }), /networks\.1: expected a network name/],
+    ["a version other than 1", hello({ version: 99 }), /version: expected version 1/],
+    ["a version as a string", hello({ version: "1" }), /version: expected version 1/],
+    ["a name twice", hello({ networks: ["lab", "lab"] }), /networks: a network is named twice/],
+    ["65 networks", hello({ networks: Array.from({ length: 65 }, (_, i) => `n${i}`) }), /networks: expected at most 64 networks/],
+    ["a bad network name", hello({ networks: ["bad name"] }), /networks\.0: expected a network name/],
+    ["no networks", { type: "hello", version: 1 }, /networks: missing/],
+    ["a bad relay id", hello({ id: "xyz" }), /id: expected a relay id/],
+    ["a relay name with a newline", hello({ name: "a\nb" }), /name: expected a relay name/],
+    ["an unknown type", { type: "hola" }, /unknown control message type/],
+    ["a type that is not a string", { type: ["hello"] }, /unknown control message type/],
+    ["null", null, /unknown control message type/],
+    ["a welcome refusing a non-name", { type: "welcome", version: 1, accepted: [], refused: [{ network: "\u001b[31m", reason: "x" }] }, /refused\.0\.network: expected a network name/],
+  ];
+  test.each(bad)("rejects %s with a TypeError naming the field", (_what, json, message) => {
+    expect(() => parseControl(json)).toThrow(TypeError);
+    expect(() => parseControl(json)).toThrow(message);
   });
 });

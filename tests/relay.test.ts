@@ -93,7 +93,7 @@ describe("relay over a hub (three CLI processes)", () => {
     const errorsBefore = (await hub.status()).protocolErrors;
     ws.send(encodeControl({ type: "hello", version: 1, networks: ["default", "default"] }));
     expect(await closed).toBe(1008);
-    await hub.waitForLine(/Cannot accept hello: a network is named twice; closing/);
+    await hub.waitForLine(/Cannot decode control message: networks: a network is named twice; closing/);
     expect((await hub.status()).protocolErrors).toBe(errorsBefore + 1);
     expect(hub.stderr().match(/named twice/g)).toHaveLength(1);
     expect((await hub.status()).networks.find((n: any) => n.name === "default").ports.map((p: any) => p.kind)).toEqual(["tunnel", "tunnel"]);
