@@ -41,7 +41,7 @@
 
 import { parseArgs } from "node:util";
 import { lstatSync, readFileSync, rmSync, unlinkSync } from "node:fs";
-import { constants as osConstants } from "node:os";
+import { hostname, constants as osConstants } from "node:os";
 import { dlopen, FFIType, read } from "bun:ffi";
 import { timingSafeEqual } from "node:crypto";
 import { checkServerIdentity, type PeerCertificate } from "node:tls";
@@ -77,7 +77,15 @@ const MAX_QUEUE_BYTES = 64 * 1024 * 1024;
 const MAX_UDP_PEERS = 1024;
 const MAX_TUNNEL_NETWORKS = 64;
 const CLOSED_PORTS_KEPT = 16;
+/** Learned MACs listed per network in /status (the count is always given). */
+const MAC_LIST_LIMIT = 1024;
+const LOOP_BLOCK_MS = 60_000;
 const HELLO_TIMEOUT_MS = 10_000;
+/** Failed authentications from one address before it gets 429, within this window, for this long. */
+const AUTH_FAILURES = 10;
+const AUTH_WINDOW_MS = 60_000;
+const AUTH_BLOCK_MS = 60_000;
+const AUTH_TABLE_SIZE = 4_096;
 const TUNNEL_IDLE_SECONDS = 60;
 const CLOCK_TICK_MS = 100;
 const UPLINK_BACKOFF_MIN_MS = 250;
@@ -378,6 +386,10 @@ export const OPTIONS = {
     help: "this relay's name in the hub's logs and status (the host name)",
   },
   keepalive: { arg: "SECONDS", numeric: true, group: "tunnel", schema: v.optional(Seconds, 10), help: "uplink ping interval; no answer for 3 intervals redials" },
+  handshakeTimeout: {
+    arg: "SECONDS", numeric: true, group: "tunnel", schema: v.optional(Seconds, 10),
+    help: "deadline for each phase of an uplink dial (connect, TLS and\nupgrade; then the hub's welcome); then it redials",
+  },
   uplinkCa: { arg: "FILE", group: "tunnel", schema: v.optional(PemFile), help: "trust this CA (PEM) for a wss:// uplink instead of the system's" },
   uplinkFingerprint: { arg: "SHA256", group: "tunnel", schema: v.optional(Fingerprint), help: "also require the hub certificate's SHA-256 fingerprint (pinning)" },
   insecure: { group: "tunnel", schema: v.optional(v.boolean("expected true or false"), false), help: "do not verify the hub's certificate (logged on every connect)" },
@@ -400,6 +412,10 @@ export const OPTIONS = {
   stormLimit: {
     arg: "FRAMES", numeric: true, group: "switch", schema: v.optional(count("frames per second", 0, 10_000_000), DEFAULT_STORM_LIMIT),
     help: "broadcast and multicast frames per second one port may send into\nthe switch; the excess is dropped (0: no limit)",
+  },
+  loopProbe: {
+    arg: "SECONDS", numeric: true, group: "switch", schema: v.optional(v.pipe(v.number("expected a number of seconds"), v.minValue(0, "must not be negative"), v.maxValue(3600, "must be at most an hour")), 2),
+    help: "send a loop probe (EtherType 0x9000) out of each port this often;\na port it comes back on is blocked for a minute (0: off)",
   },
   maxNetworks: { arg: "N", numeric: true, group: "limits", schema: v.optional(count("networks", 1, 1_000_000), 1024), help: "networks on this relay" },
   maxTunnels: { arg: "N", numeric: true, group: "limits", schema: v.optional(count("tunnels", 1, 1_000_000), 4096), help: "tunnels connected to this relay" },
@@ -465,6 +481,13 @@ export const ConfigSchema = v.pipe(
   ),
   v.forward(
     v.check(
+      (c) => c.uplink === undefined || new Set([...c.qemuListen, ...c.qemuConnect, ...c.qemuUdp, ...c.qemuMcast].map((p) => p.network)).size <= MAX_TUNNEL_NETWORKS,
+      `a tunnel carries at most ${MAX_TUNNEL_NETWORKS} networks; the QEMU ports name more`,
+    ),
+    ["uplink"],
+  ),
+  v.forward(
+    v.check(
       (c) => new Set(c.qemuMcast.map((m) => formatHostPort(m.group))).size === c.qemuMcast.length,
       "a multicast group may be bridged once: twice would forward each copy to the other forever",
     ),
@@ -483,6 +506,44 @@ export function isLoopback(host: string): boolean {
 /** A bad option or config file: the CLI prints the message and exits with status 2. */
 export class ConfigError extends Error {
   override name = "ConfigError";
+}
+
+export interface Logger {
+  info(line: string): void;
+  warn(line: string): void;
+}
+
+/**
+ * At most `burst` lines per `windowMs`, so a flood of bad connections cannot flood the log; what was
+ * held back is summed up in one line when the window ends (on a timer, so a burst's tail is told).
+ */
+export function rateLimitedLog(write: (line: string) => void, burst: number, windowMs: number) {
+  let windowStart = 0;
+  let written = 0;
+  let held = 0;
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const summarise = () => {
+    timer = undefined;
+    if (held > 0) write(`${held} more like it not logged in the last ${windowMs / 1000} s`);
+    held = 0;
+  };
+  return {
+    log(line: string) {
+      const now = Date.now();
+      if (now - windowStart >= windowMs) {
+        clearTimeout(timer);
+        summarise();
+        windowStart = now;
+        written = 0;
+      }
+      if (written++ < burst) return write(line);
+      held++;
+      if (timer === undefined) {
+        timer = setTimeout(summarise, windowStart + windowMs - now);
+        timer.unref();
+      }
+    },
+  };
 }
 
 /** Keys whose values are credentials: no message may quote them. */
@@ -760,24 +821,33 @@ export interface PortStats {
   rxFrames: number;
   rxBytes: number;
   /** Runt and 0-length frames received and dropped. */
-  rxDrops: number;
+  rxRunts: number;
+  /** Broadcast and multicast frames over the port's per-second storm limit. */
+  rxStorm: number;
+  /** Frames from a source MAC beyond the port's MAC limit. */
+  rxMacLimit: number;
+  /** Frames that arrived while the port was blocked for a loop. */
+  rxLoop: number;
   txFrames: number;
   txBytes: number;
-  /** Frames not sent because the port's queue was full (or the frame cannot travel on it). */
+  /** Frames not sent because the port's queue (or the relay's memory budget) was full, or the socket refused them. */
   txDrops: number;
   /** Protocol errors: an oversize length, a malformed message. */
   errors: number;
 }
 
+export type PortState = "up" | "blocked-loop" | "closed";
+
 export interface PortSnapshot {
   id: string;
   kind: string;
   peer: string;
-  state: "up" | "closed";
+  state: PortState;
   since: string;
-  rx: { frames: number; bytes: number; drops: number };
+  rx: { frames: number; bytes: number; drops: number; runts: number; storm: number; macLimit: number; loop: number };
   tx: { frames: number; bytes: number; drops: number };
   errors: number;
+  macs: number;
 }
 
 let portSerial = 0;
@@ -785,16 +855,31 @@ let portSerial = 0;
 /** Anything that carries frames into and out of one network. */
 export abstract class Port {
   readonly id: string;
-  readonly stats: PortStats = { rxFrames: 0, rxBytes: 0, rxDrops: 0, txFrames: 0, txBytes: 0, txDrops: 0, errors: 0 };
-  state: "up" | "closed" = "up";
+  /** Names this port in loop probes. */
+  readonly serial = ++portSerial;
+  readonly stats: PortStats = { rxFrames: 0, rxBytes: 0, rxRunts: 0, rxStorm: 0, rxMacLimit: 0, rxLoop: 0, txFrames: 0, txBytes: 0, txDrops: 0, errors: 0 };
+  state: PortState = "up";
   since = Date.now();
   network: Network | undefined;
+  /** MACs the switch has learned behind this port, and how many it may. */
+  macCount = 0;
+  macLimit = Infinity;
+  /** Storm control: broadcast/multicast frames counted in the current second. */
+  floodSecond = 0;
+  floodCount = 0;
+  /** When a loop block ends (ms). */
+  blockedUntil = 0;
+  /** The relay at the far end of a tunnel, and the link's rank for loop breaking (tunnel ports only). */
+  remoteId: string | undefined;
+  linkRank: string | undefined;
 
   constructor(
     readonly kind: string,
     readonly peer: string,
+    /** Carries a whole segment (a tunnel, a multicast group): learns up to the network's MAC cap. */
+    readonly trunk = false,
   ) {
-    this.id = `${kind}-${++portSerial}`;
+    this.id = `${kind}-${this.serial}`;
   }
 
   /** Queues a frame for sending; false when it had to be dropped. */
@@ -816,6 +901,15 @@ export abstract class Port {
     }
   }
 
+  /** Sends a frame of the relay's own (a loop probe): not counted as traffic. */
+  sendOwn(frame: Uint8Array): void {
+    try {
+      this.enqueue(frame);
+    } catch {
+      this.stats.errors++;
+    }
+  }
+
   /** Hands a received frame to the switch. */
   readonly receive = (frame: Uint8Array): void => {
     this.network?.forward(frame, this);
@@ -829,9 +923,18 @@ export abstract class Port {
       peer: this.peer,
       state: this.state,
       since: new Date(this.since).toISOString(),
-      rx: { frames: s.rxFrames, bytes: s.rxBytes, drops: s.rxDrops },
+      rx: {
+        frames: s.rxFrames,
+        bytes: s.rxBytes,
+        drops: s.rxRunts + s.rxStorm + s.rxMacLimit + s.rxLoop,
+        runts: s.rxRunts,
+        storm: s.rxStorm,
+        macLimit: s.rxMacLimit,
+        loop: s.rxLoop,
+      },
       tx: { frames: s.txFrames, bytes: s.txBytes, drops: s.txDrops },
       errors: s.errors,
+      macs: this.macCount,
     };
   }
 }
@@ -841,20 +944,65 @@ interface MacEntry {
   seen: number;
 }
 
+/** EtherType 0x9000 (Ethernet configuration testing, "loopback"), as switches use for loop detection. */
+const PROBE_ETHERTYPE = 0x9000;
+const PROBE_MAGIC = new TextEncoder().encode("edge-relay probe");
+/** ECTP's multicast destination: flooded by every switch, consumed by none. */
+const PROBE_DESTINATION = Uint8Array.of(0xcf, 0, 0, 0, 0, 0);
+const PROBE_SERIAL_AT = 14 + PROBE_MAGIC.length + 8;
+
+/** Is this one of the loop probes that some edge-relay sent? */
+function isProbe(frame: Uint8Array): boolean {
+  if (frame[12] !== PROBE_ETHERTYPE >> 8 || frame[13] !== (PROBE_ETHERTYPE & 0xff) || frame.length < PROBE_SERIAL_AT + 4) return false;
+  for (let i = 0; i < PROBE_MAGIC.length; i++) if (frame[14 + i] !== PROBE_MAGIC[i]) return false;
+  return true;
+}
+
+/** What a network needs from its relay: limits, a clock, and where to report. */
+export interface SwitchPolicy {
+  ageingMs: number;
+  now?: () => number;
+  /** MACs a non-trunk port may have learned (--port-macs). */
+  portMacs?: number;
+  /** Broadcast/multicast frames per second one port may send in; 0 is no limit. */
+  stormLimit?: number;
+  /** This relay's id (16 hex digits), for loop probes. */
+  relayId?: string;
+  /** How long a port stays blocked after a loop was seen through it. */
+  loopBlockMs?: number;
+  log?: Logger;
+  /** Called once per port blocked for a loop. */
+  onLoop?: () => void;
+}
+
 /** A learning Ethernet switch. */
 export class Network {
   readonly ports = new Set<Port>();
+  /** Insertion order is kept close to last-seen order, so the first entry is the one to evict. */
   readonly macs = new Map<number, MacEntry>();
   readonly closed: PortSnapshot[] = [];
+  readonly ageingMs: number;
+  readonly now: () => number;
+  readonly #policy: SwitchPolicy;
+  readonly #probeSource: Uint8Array | undefined;
+  readonly #probeKey: number;
 
   constructor(
     readonly name: string,
-    readonly ageingMs: number,
-    readonly now: () => number = Date.now,
-  ) {}
+    policy: SwitchPolicy | number,
+  ) {
+    this.#policy = typeof policy === "number" ? { ageingMs: policy } : policy;
+    this.ageingMs = this.#policy.ageingMs;
+    this.now = this.#policy.now ?? Date.now;
+    const id = this.#policy.relayId;
+    // A locally administered unicast MAC derived from the relay id: 02 + the id's first 5 bytes.
+    this.#probeSource = id === undefined ? undefined : Uint8Array.of(0x02, ...Buffer.from(id.slice(0, 10), "hex"));
+    this.#probeKey = this.#probeSource ? macKey(this.#probeSource, 0) : -1;
+  }
 
   attach(port: Port): void {
     port.network = this;
+    port.macLimit = port.trunk ? MAX_MACS_PER_NETWORK : (this.#policy.portMacs ?? DEFAULT_PORT_MACS);
     this.ports.add(port);
   }
 
@@ -862,62 +1010,212 @@ export class Network {
     if (!this.ports.delete(port)) return;
     port.state = "closed";
     port.since = this.now();
-    for (const [key, entry] of this.macs) if (entry.port === port) this.macs.delete(key);
+    this.#forgetPort(port);
     this.closed.push(port.snapshot());
     if (this.closed.length > CLOSED_PORTS_KEPT) this.closed.shift();
+  }
+
+  #forgetPort(port: Port): void {
+    if (port.macCount > 0) for (const [key, entry] of this.macs) if (entry.port === port) this.macs.delete(key);
+    port.macCount = 0;
   }
 
   /** Learns the source, then forwards to the known port or floods; never back out of `from`. */
   forward(frame: Uint8Array, from: Port): void {
     const stats = from.stats;
     if (frame.length < MIN_FRAME) {
-      stats.rxDrops++;
+      stats.rxRunts++;
+      return;
+    }
+    if (from.state !== "up") {
+      stats.rxLoop++;
+      return;
+    }
+    const now = this.now();
+    if ((frame[0]! & 1) !== 0) {
+      if (isProbe(frame)) return this.#probeArrived(frame, from);
+      const limit = this.#policy.stormLimit ?? 0;
+      if (limit > 0) {
+        const second = Math.floor(now / 1000);
+        if (from.floodSecond !== second) {
+          from.floodSecond = second;
+          from.floodCount = 0;
+        }
+        if (++from.floodCount > limit) {
+          stats.rxStorm++;
+          return;
+        }
+      }
+    }
+    if ((frame[6]! & 1) === 0 && !this.#learn(macKey(frame, 6), from, now)) {
+      stats.rxMacLimit++;
       return;
     }
     stats.rxFrames++;
     stats.rxBytes += frame.length;
-    const now = this.now();
-    if ((frame[6]! & 1) === 0) this.learn(macKey(frame, 6), from, now);
     if ((frame[0]! & 1) === 0) {
       const entry = this.macs.get(macKey(frame, 0));
       if (entry !== undefined && now - entry.seen < this.ageingMs) {
-        if (entry.port !== from) entry.port.send(frame);
+        if (entry.port !== from && entry.port.state === "up") entry.port.send(frame);
         return;
       }
     }
-    for (const port of this.ports) if (port !== from) port.send(frame);
+    for (const port of this.ports) if (port !== from && port.state === "up") port.send(frame);
   }
 
-  private learn(key: number, port: Port, now: number): void {
+  /** False when the port may learn no more MACs: the frame is then dropped. */
+  #learn(key: number, port: Port, now: number): boolean {
     const entry = this.macs.get(key);
     if (entry !== undefined) {
-      entry.port = port;
+      if (entry.port !== port) {
+        if (port.macCount >= port.macLimit) return false;
+        entry.port.macCount--;
+        port.macCount++;
+        entry.port = port;
+      }
+      // Re-inserted at most once a second, so the map's order approximates last-seen order cheaply.
+      if (now - entry.seen >= 1000) {
+        this.macs.delete(key);
+        this.macs.set(key, entry);
+      }
       entry.seen = now;
-    } else if (this.macs.size < MAX_MACS_PER_NETWORK) {
-      this.macs.set(key, { port, seen: now });
+      return true;
+    }
+    if (port.macCount >= port.macLimit) return false;
+    if (this.macs.size >= MAX_MACS_PER_NETWORK) this.#evictOldest();
+    this.macs.set(key, { port, seen: now });
+    port.macCount++;
+    return true;
+  }
+
+  /** A full table forgets its least recently seen entry rather than refusing new ones. */
+  #evictOldest(): void {
+    for (const [key, entry] of this.macs) {
+      this.macs.delete(key);
+      entry.port.macCount--;
+      return;
     }
   }
 
   /** Forgets MAC entries older than the ageing time. */
   sweep(): void {
     const now = this.now();
-    for (const [key, entry] of this.macs) if (now - entry.seen >= this.ageingMs) this.macs.delete(key);
+    for (const [key, entry] of this.macs) {
+      if (now - entry.seen >= this.ageingMs) {
+        this.macs.delete(key);
+        entry.port.macCount--;
+      }
+    }
   }
 
-  snapshot() {
+  /**
+   * Sends a loop probe out of every port that could close a loop: every port that is not a tunnel,
+   * and tunnels too where this relay joins two or more (a relay with one tunnel is a leaf of it).
+   * Ports whose block has run out are unblocked first, so a loop that is still there is seen again.
+   */
+  probe(): void {
+    const source = this.#probeSource;
+    if (source === undefined) return;
     const now = this.now();
+    let trunks = 0;
+    for (const port of this.ports) {
+      if (port.state === "blocked-loop" && now >= port.blockedUntil) {
+        port.state = "up";
+        port.since = now;
+      }
+      if (port.linkRank !== undefined) trunks++;
+    }
+    for (const port of this.ports) {
+      if (port.state !== "up" || (port.linkRank !== undefined && trunks < 2)) continue;
+      const frame = new Uint8Array(60);
+      frame.set(PROBE_DESTINATION, 0);
+      frame.set(source, 6);
+      frame[12] = PROBE_ETHERTYPE >> 8;
+      frame[13] = PROBE_ETHERTYPE & 0xff;
+      frame.set(PROBE_MAGIC, 14);
+      frame.set(Buffer.from(this.#policy.relayId!, "hex"), 14 + PROBE_MAGIC.length);
+      new DataView(frame.buffer).setUint32(PROBE_SERIAL_AT, port.serial);
+      port.sendOwn(frame);
+    }
+  }
+
+  /** Another relay's probe is flooded like any multicast (never learned); our own means a loop. */
+  #probeArrived(frame: Uint8Array, from: Port): void {
+    if (macKey(frame, 6) !== this.#probeKey) {
+      for (const port of this.ports) if (port !== from && port.state === "up") port.sendOwn(frame);
+      return;
+    }
+    const serial = new DataView(frame.buffer, frame.byteOffset, frame.byteLength).getUint32(PROBE_SERIAL_AT);
+    let out: Port | undefined;
+    for (const port of this.ports) if (port.serial === serial) out = port;
+    // Back on the port it left by: the loop is behind that port, for the relays there to break.
+    if (out === undefined || out === from || out.state !== "up") return;
+    // Block one port of the pair, the same one whichever probe comes back first: a port that is not
+    // a tunnel (an external bridge is the likelier cause); between two tunnels, the link both ends
+    // rank highest, so two relays in the loop block the same link rather than one each.
+    const victim =
+      from.linkRank === undefined ? from : out.linkRank === undefined ? out : from.linkRank > out.linkRank ? from : out;
+    const now = this.now();
+    const blockMs = this.#policy.loopBlockMs ?? LOOP_BLOCK_MS;
+    victim.state = "blocked-loop";
+    victim.since = now;
+    victim.blockedUntil = now + blockMs;
+    this.#forgetPort(victim);
+    this.#policy.onLoop?.();
+    this.#policy.log?.warn(
+      `network ${this.name}: loop detected (a probe sent out of ${out.id} came back on ${from.id}); blocking ${victim.id} ${victim.peer} for ${blockMs / 1000} s`,
+    );
+  }
+
+  /** Status: every port, and up to `macLimit` learned MACs (the count is always exact). */
+  snapshot(macLimit = MAC_LIST_LIMIT) {
+    const now = this.now();
+    const macs: { mac: string; port: string; age: number }[] = [];
+    for (const [key, e] of this.macs) {
+      if (macs.length >= macLimit) break;
+      macs.push({ mac: formatMac(key), port: e.port.id, age: (now - e.seen) / 1000 });
+    }
     return {
       name: this.name,
       ports: [...this.ports].map((p) => p.snapshot()),
       closedPorts: [...this.closed],
-      macs: [...this.macs].map(([key, e]) => ({ mac: formatMac(key), port: e.port.id, age: (now - e.seen) / 1000 })),
+      macCount: this.macs.size,
+      macs,
     };
   }
 }
 
 /**
+ * Bytes queued across every port of the relay (--memory-budget): a port whose frame would pass it
+ * drops the frame instead, so many slow peers together cannot grow memory without bound.
+ */
+export class MemoryBudget {
+  used = 0;
+  /** Frames refused because the budget was spent. */
+  drops = 0;
+  constructor(readonly limit: number) {}
+
+  take(bytes: number): boolean {
+    if (this.used + bytes > this.limit) {
+      this.drops++;
+      return false;
+    }
+    this.used += bytes;
+    return true;
+  }
+
+  release(bytes: number): void {
+    this.used -= bytes;
+  }
+}
+
+/** For ports made where no relay-wide budget applies (tests, tools). */
+const UNLIMITED = new MemoryBudget(Infinity);
+
+/**
  * The send side of a byte stream: frames are batched per event-loop turn into one write; a partial
- * write keeps its remainder for `drain`; past `limit` queued bytes new frames are refused.
+ * write keeps its remainder for `drain`; past `limit` queued bytes (or the relay's budget) new
+ * frames are refused.
  */
 export class StreamWriter {
   readonly #batch = new FrameBatch();
@@ -925,10 +1223,12 @@ export class StreamWriter {
   #pendingBytes = 0;
   #blocked = false;
   #scheduled = false;
+  #closed = false;
 
   constructor(
     private readonly write: (data: Uint8Array) => number,
     private readonly limit: number,
+    private readonly budget: MemoryBudget = UNLIMITED,
   ) {}
 
   get queued(): number {
@@ -936,8 +1236,9 @@ export class StreamWriter {
   }
 
   push(frame: Uint8Array): boolean {
-    if (this.queued + 4 + frame.length > this.limit) return false;
-    if (this.#batch.used + 4 + frame.length > BATCH_BYTES) {
+    const need = 4 + frame.length;
+    if (this.#closed || this.queued + need > this.limit || !this.budget.take(need)) return false;
+    if (this.#batch.used + need > BATCH_BYTES) {
       if (this.#blocked) this.#seal();
       else this.#writeOut();
     }
@@ -962,11 +1263,12 @@ export class StreamWriter {
   };
 
   #writeOut(): void {
-    if (this.#blocked) return;
+    if (this.#blocked || this.#closed) return;
     while (this.#pending.length > 0) {
       const chunk = this.#pending[0]!;
       const n = Math.max(0, this.write(chunk));
       this.#pendingBytes -= n;
+      this.budget.release(n);
       if (n < chunk.length) {
         this.#pending[0] = chunk.subarray(n);
         this.#blocked = true;
@@ -977,6 +1279,7 @@ export class StreamWriter {
     if (this.#batch.empty) return;
     const data = this.#batch.view();
     const n = Math.max(0, this.write(data));
+    this.budget.release(n);
     if (n < data.length) {
       this.#pending.push(this.#batch.take().subarray(n));
       this.#pendingBytes += data.length - n;
@@ -989,14 +1292,19 @@ export class StreamWriter {
     this.#blocked = false;
     this.#writeOut();
   }
+
+  /** The connection is gone: what is still queued leaves the budget. */
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.budget.release(this.queued);
+    this.#pending.length = 0;
+    this.#pendingBytes = 0;
+    this.#batch.reset();
+  }
 }
 
 // ───────────────────────────── tunnel & auth ─────────────────────────────
-
-export interface Logger {
-  info(line: string): void;
-  warn(line: string): void;
-}
 
 export interface Grant {
   digest: Uint8Array;
@@ -1021,9 +1329,40 @@ export function authenticate(authorization: string | null | undefined, grants: G
   return found;
 }
 
+/**
+ * Failed authentications per source address: after AUTH_FAILURES of them within AUTH_WINDOW_MS,
+ * the address gets 429 until AUTH_BLOCK_MS have passed. The table is bounded; the entry not
+ * touched for longest goes first.
+ */
+export class AuthThrottle {
+  readonly #entries = new Map<string, { failures: number; since: number; until: number }>();
+  /** Requests answered 429. */
+  throttled = 0;
+
+  /** Seconds the address must wait, or 0 when it may try. */
+  retryAfter(address: string, now = Date.now()): number {
+    const entry = this.#entries.get(address);
+    if (entry === undefined || entry.until <= now) return 0;
+    this.throttled++;
+    return Math.ceil((entry.until - now) / 1000);
+  }
+
+  failed(address: string, now = Date.now()): void {
+    let entry = this.#entries.get(address);
+    if (entry === undefined || now - entry.since > AUTH_WINDOW_MS) {
+      this.#entries.delete(address);
+      if (this.#entries.size >= AUTH_TABLE_SIZE) this.#entries.delete(this.#entries.keys().next().value!);
+      entry = { failures: 0, since: now, until: 0 };
+      this.#entries.set(address, entry);
+    }
+    if (++entry.failures >= AUTH_FAILURES) entry.until = now + AUTH_BLOCK_MS;
+  }
+}
+
 /** The two ends of a tunnel differ only in how they send and report buffered bytes. */
 export interface TunnelSocket {
-  send(data: Uint8Array): void;
+  /** False when the message was dropped (the socket's own backpressure limit). */
+  send(data: Uint8Array): boolean;
   buffered(): number;
   close(code: number, reason: string): void;
 }
@@ -1031,28 +1370,26 @@ export interface TunnelSocket {
 /** One network carried over a tunnel: a port whose frames are batched into data messages. */
 export class TunnelPort extends Port {
   readonly #batch: FrameBatch;
+  #frames = 0;
   #scheduled = false;
-  /** Bytes the batch may still grow to, sampled from the socket once per batch (a native call). */
-  #room = 0;
 
   constructor(
     kind: string,
     peer: string,
-    private readonly socket: TunnelSocket,
-    channel: number,
-    private readonly limit: number,
+    private readonly link: TunnelLink,
+    readonly channel: number,
   ) {
-    super(kind, peer);
+    super(kind, peer, true);
     this.#batch = new FrameBatch(dataHeader(channel));
   }
 
   protected enqueue(frame: Uint8Array): boolean {
-    if (this.state !== "up") return false;
+    if (this.state === "closed" || this.link.closed) return false;
     const need = 4 + frame.length;
     if (this.#batch.used + need > BATCH_BYTES) this.flush();
-    if (this.#batch.empty) this.#room = this.limit - this.socket.buffered();
-    if (this.#batch.used + need > this.#room) return false;
+    if (!this.link.reserve(need)) return false;
     this.#batch.append(frame);
+    this.#frames++;
     if (!this.#scheduled) {
       this.#scheduled = true;
       setImmediate(this.flush);
@@ -1060,45 +1397,114 @@ export class TunnelPort extends Port {
     return true;
   }
 
-  /** Sends the batch as one message; both Bun WebSocket ends copy it, so the buffer is reused. */
+  /** Sends the batch as one message (both Bun WebSocket ends copy it, so the buffer is reused). */
   readonly flush = (): void => {
     this.#scheduled = false;
-    if (this.#batch.empty || this.state !== "up") return;
-    this.socket.send(this.#batch.view());
+    if (this.#batch.empty) return;
+    const frames = this.#frames;
+    const bytes = this.#batch.used - this.#batch.header.length;
+    this.#frames = 0;
+    const sent = this.link.sendData(this.#batch.view(), bytes);
     this.#batch.reset();
+    if (!sent) {
+      // Counted as handed over when queued; the socket refused the whole message.
+      this.stats.txFrames -= frames;
+      this.stats.txBytes -= bytes - 4 * frames;
+      this.stats.txDrops += frames;
+    }
   };
 }
 
 export interface TunnelEvents {
-  /** Server side: a hello arrived; answer with the channels to attach. */
-  onHello?(link: TunnelLink, networks: string[]): void;
-  /** Client side: the welcome arrived. */
-  onWelcome?(link: TunnelLink, accepted: string[], refused: string[]): void;
+  /** Server side: a hello or an attach offered networks starting at channel `first`. */
+  onOffer?(link: TunnelLink, networks: string[], first: number, hello: boolean): void;
+  /** Client side: a welcome or an attached answered an offer. */
+  onAnswer?(link: TunnelLink, accepted: string[], refused: Refusal[], welcome: boolean): void;
 }
 
-/** The state of one tunnel WebSocket, either end: its channels and the ports behind them. */
+/**
+ * The state of one tunnel WebSocket, either end: its channels and the ports behind them, and the
+ * bytes it has queued (one bound for all its channels, and a share of the relay's budget).
+ */
 export class TunnelLink {
   readonly ports: (TunnelPort | undefined)[] = [];
+  /** Channels are numbered in the order networks are offered: the hello's first, then each attach's. */
+  #nextChannel = 0;
   helloDone = false;
-  readonly openedAt = Date.now();
   lastHeard = Date.now();
   closed = false;
+  /** The far relay's id and name, from its hello or welcome. */
+  remoteId: string | undefined;
+  remoteName: string | undefined;
+  #batched = 0;
+  #buffered = 0;
 
   constructor(
     readonly socket: TunnelSocket,
     readonly kind: "tunnel" | "uplink",
-    readonly peer: string,
+    public peer: string,
     readonly limit: number,
+    readonly budget: MemoryBudget,
     readonly log: Logger,
     readonly events: TunnelEvents,
     readonly countError: () => void,
   ) {}
 
-  attach(channel: number, network: Network): TunnelPort {
-    const port = new TunnelPort(this.kind, this.peer, this.socket, channel, this.limit);
+  claimChannels(count: number): number {
+    const first = this.#nextChannel;
+    if (first + count > 0x10000) throw new RangeError("Cannot attach: the tunnel has used all 65,536 channels; reconnect");
+    this.#nextChannel += count;
+    return first;
+  }
+
+  get attached(): number {
+    let n = 0;
+    for (const port of this.ports) if (port) n++;
+    return n;
+  }
+
+  /**
+   * Attaches `channel` to `network`. Both ends rank the link by its client's and server's ids, so
+   * loop breaking picks the same link at both.
+   */
+  attach(channel: number, network: Network, localId: string): TunnelPort {
+    const port = new TunnelPort(this.kind, this.peer, this, channel);
+    port.remoteId = this.remoteId;
+    if (this.remoteId !== undefined) port.linkRank = this.kind === "uplink" ? `${localId}>${this.remoteId}` : `${this.remoteId}>${localId}`;
     this.ports[channel] = port;
     network.attach(port);
     return port;
+  }
+
+  detachChannel(channel: number): void {
+    const port = this.ports[channel];
+    this.ports[channel] = undefined;
+    port?.network?.detach(port);
+  }
+
+  /** Room for `bytes` more: the socket's backlog is sampled once per event-loop turn, not per frame. */
+  reserve(bytes: number): boolean {
+    if (this.#batched === 0) {
+      const buffered = this.socket.buffered();
+      this.budget.used += buffered - this.#buffered;
+      this.#buffered = buffered;
+    }
+    if (this.#buffered + this.#batched + bytes > this.limit || !this.budget.take(bytes)) return false;
+    this.#batched += bytes;
+    return true;
+  }
+
+  /** Sends a data message holding `reserved` bytes of frames; false when the socket dropped it. */
+  sendData(message: Uint8Array, reserved: number): boolean {
+    this.#batched -= reserved;
+    const sent = !this.closed && this.socket.send(message);
+    if (sent) this.#buffered += reserved;
+    else this.budget.release(reserved);
+    return sent;
+  }
+
+  sendControl(message: ControlMessage): void {
+    if (!this.closed) this.socket.send(encodeControl(message));
   }
 
   readonly #onFrame = (channel: number, frame: Uint8Array): void => {
@@ -1108,17 +1514,39 @@ export class TunnelLink {
   };
 
   readonly #onControl = (control: ControlMessage): void => {
-    if (control.type === "ping") this.socket.send(encodeControl({ type: "pong" }));
-    else if (control.type === "hello" && this.events.onHello && !this.helloDone) {
-      this.helloDone = true;
-      this.events.onHello(this, control.networks);
-    } else if (control.type === "welcome" && this.events.onWelcome && !this.helloDone) {
-      this.helloDone = true;
-      this.events.onWelcome(this, control.accepted, control.refused.map((r) => r.network));
+    const server = this.events.onOffer !== undefined;
+    switch (control.type) {
+      case "ping":
+        return this.sendControl({ type: "pong" });
+      case "pong":
+        return;
+      case "hello":
+        if (!server || this.helloDone) break;
+        this.helloDone = true;
+        this.remoteId = control.id;
+        this.remoteName = control.name;
+        return this.events.onOffer!(this, control.networks, this.claimChannels(control.networks.length), true);
+      case "attach":
+        if (!server || !this.helloDone) break;
+        return this.events.onOffer!(this, control.networks, this.claimChannels(control.networks.length), false);
+      case "detach":
+        if (!server || !this.helloDone) break;
+        for (const port of this.ports) if (port && control.networks.includes(port.network?.name ?? "")) this.detachChannel(port.channel);
+        return;
+      case "welcome":
+        if (server || this.helloDone) break;
+        this.helloDone = true;
+        this.remoteId = control.id;
+        this.remoteName = control.name;
+        return this.events.onAnswer!(this, control.accepted, control.refused, true);
+      case "attached":
+        if (server || !this.helloDone) break;
+        return this.events.onAnswer!(this, control.accepted, control.refused, false);
     }
+    throw new TypeError(`Cannot decode tunnel message: unexpected ${control.type} ${server ? "from a client" : "from the server"}${this.helloDone ? "" : " before the handshake"}`);
   };
 
-  /** Decodes a message; a malformed one closes this tunnel only, counted and logged once. */
+  /** Decodes a message; a malformed one closes this tunnel only, counted and logged (rate-limited). */
   receive(message: Uint8Array): void {
     this.lastHeard = Date.now();
     if (this.closed) return;
@@ -1142,8 +1570,171 @@ export class TunnelLink {
   }
 
   detachAll(): void {
+    if (!this.closed) this.budget.release(this.#buffered + this.#batched);
     this.closed = true;
     for (const port of this.ports) if (port) port.network?.detach(port);
+  }
+}
+
+/** A peer-supplied name, safe for one log line: validated names are shown as they are, others quoted and cut. */
+function shownName(name: string | undefined): string {
+  if (name === undefined) return "";
+  return NETWORK_NAME.test(name) ? name : JSON.stringify(name.length > 64 ? `${name.slice(0, 64)}…` : name);
+}
+
+export interface TunnelData {
+  grant: Grant;
+  /** Source address and port, `1.2.3.4:5678`. */
+  peer: string;
+  /** Source address alone, for per-address limits. */
+  address: string;
+  link?: TunnelLink;
+  helloTimer?: ReturnType<typeof setTimeout>;
+}
+
+export interface RelayCounters {
+  authFailures: number;
+  /** Requests answered 429 after repeated authentication failures from their address. */
+  authThrottled: number;
+  protocolErrors: number;
+  /** Tunnels refused before the upgrade (--max-tunnels, --max-tunnels-per-address). */
+  tunnelsRefused: number;
+  /** Networks refused to tunnels because a relay would loop (itself, or already attached). */
+  loopRefusals: number;
+  /** Ports blocked after a loop probe came back. */
+  loopsDetected: number;
+}
+
+/** Who this relay is, to the relays it meets. */
+export interface RelayIdentity {
+  id: string;
+  name: string;
+}
+
+export interface TunnelServerOptions {
+  identity: RelayIdentity;
+  /** Send-queue bound of each tunnel. */
+  limit: number;
+  budget: MemoryBudget;
+  maxTunnels: number;
+  maxTunnelsPerAddress: number;
+  counters: RelayCounters;
+  log: Logger;
+  /** The network of that name, created if need be; a string says why it cannot be. */
+  network(name: string): Network | string;
+  /** A tunnel went: networks only it kept alive may go. */
+  released(): void;
+}
+
+/** Close codes Bun uses for malformed WebSocket input: protocol error, bad data, message too big. */
+const WS_PROTOCOL_CLOSES: Record<number, string> = { 1002: "malformed WebSocket frame", 1007: "invalid message data", 1009: "message too big" };
+
+/** The hub side of tunnels: admission before the upgrade, the hello, and the WebSocket handlers. */
+export class TunnelServer {
+  tunnels = 0;
+  readonly #perAddress = new Map<string, number>();
+  readonly #log: Logger;
+
+  constructor(private readonly options: TunnelServerOptions) {
+    const warn = rateLimitedLog(options.log.warn, 10, 10_000);
+    this.#log = { info: options.log.info, warn: warn.log };
+  }
+
+  /** Before the upgrade: undefined to go ahead, or why not (answered 503). */
+  admit(address: string): string | undefined {
+    const o = this.options;
+    const why =
+      this.tunnels >= o.maxTunnels
+        ? `this relay has the maximum of ${o.maxTunnels} tunnels`
+        : (this.#perAddress.get(address) ?? 0) >= o.maxTunnelsPerAddress
+          ? `${address} has the maximum of ${o.maxTunnelsPerAddress} tunnels`
+          : undefined;
+    if (why !== undefined) {
+      o.counters.tunnelsRefused++;
+      this.#log.warn(`tunnel: refused ${address}: ${why}`);
+    }
+    return why;
+  }
+
+  readonly handlers = {
+    open: (ws: ServerWebSocket<TunnelData>) => {
+      const o = this.options;
+      this.tunnels++;
+      this.#perAddress.set(ws.data.address, (this.#perAddress.get(ws.data.address) ?? 0) + 1);
+      const socket: TunnelSocket = {
+        send: (data) => ws.send(data) !== 0,
+        buffered: () => ws.getBufferedAmount(),
+        close: (code, reason) => ws.close(code, reason),
+      };
+      ws.data.link = new TunnelLink(socket, "tunnel", ws.data.peer, o.limit, o.budget, this.#log, {
+        onOffer: (link, names, first, hello) => {
+          clearTimeout(ws.data.helloTimer);
+          if (hello && link.remoteName) link.peer = `${link.remoteName} (${ws.data.peer})`;
+          this.#offer(link, ws.data.grant, names, first, hello);
+        },
+      }, () => void o.counters.protocolErrors++);
+      ws.data.helloTimer = setTimeout(() => ws.data.link?.fail(new RangeError("no hello within 10 s")), HELLO_TIMEOUT_MS);
+    },
+    message: (ws: ServerWebSocket<TunnelData>, message: string | Buffer) => {
+      if (typeof message === "string") ws.data.link!.fail(new TypeError("Cannot decode tunnel message: text messages are not part of the protocol"));
+      else ws.data.link!.receive(message);
+    },
+    close: (ws: ServerWebSocket<TunnelData>, code: number) => {
+      const link = ws.data.link;
+      this.tunnels--;
+      const left = (this.#perAddress.get(ws.data.address) ?? 1) - 1;
+      if (left > 0) this.#perAddress.set(ws.data.address, left);
+      else this.#perAddress.delete(ws.data.address);
+      clearTimeout(ws.data.helloTimer);
+      if (link && !link.closed) {
+        const malformed = WS_PROTOCOL_CLOSES[code];
+        if (malformed !== undefined) {
+          this.options.counters.protocolErrors++;
+          for (const port of link.ports) if (port) port.stats.errors++;
+          this.#log.warn(`tunnel ${link.peer}: ${malformed} (close code ${code}); closed`);
+        } else this.#log.info(`tunnel: ${link.peer} disconnected`);
+      }
+      link?.detachAll();
+      this.options.released();
+    },
+  };
+
+  /** Attaches what the token allows, the limits permit and no loop forbids; answers every name. */
+  #offer(link: TunnelLink, grant: Grant, names: string[], first: number, hello: boolean): void {
+    const o = this.options;
+    const accepted: string[] = [];
+    const refused: Refusal[] = [];
+    names.forEach((name, i) => {
+      const why = this.#refusal(link, grant, name);
+      if (typeof why === "string") refused.push({ network: name, reason: why });
+      else {
+        link.attach(first + i, why, o.identity.id);
+        accepted.push(name);
+      }
+    });
+    if (hello) link.sendControl({ type: "welcome", version: TUNNEL_VERSION, accepted, refused, id: o.identity.id, name: o.identity.name });
+    else link.sendControl({ type: "attached", accepted, refused });
+    const extra = refused.length ? `; refused: ${refused.map((r) => `${r.network} (${r.reason})`).join(", ")}` : "";
+    o.log.info(`tunnel: ${link.peer} ${hello ? "attached" : "added"} (networks: ${accepted.join(", ") || "none"}${extra})`);
+  }
+
+  #refusal(link: TunnelLink, grant: Grant, name: string): Network | string {
+    const o = this.options;
+    if (grant.networks && !grant.networks.has(name)) return "not allowed for this token";
+    if (link.remoteId === o.identity.id) {
+      o.counters.loopRefusals++;
+      return "that is this relay itself: a tunnel to itself would loop";
+    }
+    if (link.attached >= MAX_TUNNEL_NETWORKS) return `a tunnel carries at most ${MAX_TUNNEL_NETWORKS} networks`;
+    const network = o.network(name);
+    if (typeof network === "string") return network;
+    for (const port of network.ports) {
+      if (link.remoteId !== undefined && port.remoteId === link.remoteId) {
+        o.counters.loopRefusals++;
+        return `loop: relay ${shownName(link.remoteName) || link.remoteId} is attached to ${name} already`;
+      }
+    }
+    return network;
   }
 }
 
@@ -1156,17 +1747,23 @@ export interface UplinkStatus {
   /** Dials so far, successful or not. */
   attempts: number;
   lastError: string | undefined;
+  /** The hub's name and id, from its welcome. */
+  hub: string | undefined;
   networks: string[];
-  refused: string[];
+  refused: Refusal[];
 }
 
 export interface UplinkOptions {
   /** The hub's base URL (ws:// or wss://); the tunnel path is added. */
   url: string;
   token: string;
+  identity: RelayIdentity;
   keepaliveMs: number;
-  /** Send-queue bound of each tunnel port. */
+  /** Deadline for each phase of a dial: the WebSocket handshake (TCP, TLS, upgrade), then the welcome. */
+  handshakeMs: number;
+  /** Send-queue bound of the tunnel. */
   limit: number;
+  budget: MemoryBudget;
   /** Extra CA (PEM) for a wss:// hub. */
   ca?: string;
   /** Required SHA-256 fingerprint of the hub's certificate, `AB:CD:…`. */
@@ -1206,23 +1803,30 @@ export function tunnelUrl(base: string): URL {
 }
 
 /**
- * Dials a hub and keeps the tunnel up: exponential backoff with jitter (capped at 30 s), keepalive
- * pings, and a redial when the hub stops answering. Local switching never waits for it.
+ * Dials a hub and keeps the tunnel up: a deadline on each phase of the dial, exponential backoff
+ * with jitter (capped at 30 s), keepalive pings, a redial when the hub stops answering, and the
+ * networks that come and go here attached and detached on the live tunnel. Local switching never
+ * waits for it.
  */
 export class Uplink {
   readonly url: URL;
   status: UplinkStatus;
   #ws: WebSocket | undefined;
   #link: TunnelLink | undefined;
+  /** Networks offered on the current tunnel (by hello or attach), by name: their channel. */
+  #offered = new Map<string, number>();
   #failures = 0;
   #timer: ReturnType<typeof setTimeout> | undefined;
+  #deadline: ReturnType<typeof setTimeout> | undefined;
   #keepalive: ReturnType<typeof setInterval> | undefined;
   #stopped = false;
   #lastLogged = "";
+  #tooMany = false;
 
   constructor(
     private readonly options: UplinkOptions,
-    private readonly networks: () => Network[],
+    /** Every network this relay has: the uplink carries them all (the first 64). */
+    private readonly networks: () => Iterable<Network>,
     private readonly log: Logger,
     private readonly countError: () => void,
   ) {
@@ -1234,6 +1838,7 @@ export class Uplink {
       connects: 0,
       attempts: 0,
       lastError: undefined,
+      hub: undefined,
       networks: [],
       refused: [],
     };
@@ -1256,9 +1861,22 @@ export class Uplink {
     (warn ? this.log.warn : this.log.info)(line);
   }
 
+  /** The networks to carry, by name; beyond the tunnel's limit, the rest is left out (logged once). */
+  #wanted(): Map<string, Network> {
+    const wanted = new Map<string, Network>();
+    for (const n of this.networks()) {
+      if (wanted.size === MAX_TUNNEL_NETWORKS) {
+        if (!this.#tooMany) this.log.warn(`uplink: a tunnel carries at most ${MAX_TUNNEL_NETWORKS} networks; ${n.name} and any further ones are not carried`);
+        this.#tooMany = true;
+        break;
+      }
+      wanted.set(n.name, n);
+    }
+    return wanted;
+  }
+
   #dial(): void {
     if (this.#stopped) return;
-    const nets = this.networks();
     this.status.attempts++;
     const ws = new WebSocket(this.url.href, {
       headers: { Authorization: `Bearer ${this.options.token}` },
@@ -1270,31 +1888,23 @@ export class Uplink {
     this.#ws = ws;
     let failure: string | undefined;
     const socket: TunnelSocket = {
-      send: (data) => ws.send(data),
+      send: (data) => (ws.send(data), true),
       buffered: () => ws.bufferedAmount,
       close: (code, reason) => ws.close(code, reason),
     };
-    const link = new TunnelLink(socket, "uplink", this.status.url, this.options.limit, this.log, {
-      onWelcome: (l, accepted, refused) => {
-        for (const name of new Set(accepted)) {
-          const channel = nets.findIndex((n) => n.name === name);
-          if (channel >= 0) l.attach(channel, nets[channel]!);
-        }
-        this.#failures = 0;
-        this.status.connects++;
-        this.status.networks = accepted;
-        this.status.refused = refused;
-        this.#setState("up");
-        const extra = refused.length ? `; refused by the hub: ${refused.join(", ")}` : "";
-        this.#logChange(`uplink: connected to ${this.status.url} (networks: ${accepted.join(", ") || "none"}${extra})`);
-        if (this.options.insecure && this.url.protocol === "wss:") {
-          this.log.warn(`uplink: --insecure: the certificate of ${this.status.url} was NOT verified`);
-        }
-      },
+    const wanted = this.#wanted();
+    const link = new TunnelLink(socket, "uplink", this.status.url, this.options.limit, this.options.budget, this.log, {
+      onAnswer: (l, accepted, refused, welcome) => this.#answered(l, accepted, refused, welcome),
     }, this.countError);
+    link.claimChannels(wanted.size);
+    this.#offered = new Map([...wanted.keys()].map((name, channel) => [name, channel]));
     this.#link = link;
+    const seconds = this.options.handshakeMs / 1000;
+    this.#setDeadline(ws, link, `no answer to the WebSocket handshake within ${seconds} s`);
     ws.onopen = () => {
-      ws.send(encodeControl({ type: "hello", version: TUNNEL_VERSION, networks: nets.map((n) => n.name) }));
+      this.#setDeadline(ws, link, `no welcome within ${seconds} s`);
+      const { id, name } = this.options.identity;
+      link.sendControl({ type: "hello", version: TUNNEL_VERSION, networks: [...this.#offered.keys()], id, name });
     };
     ws.onmessage = (event) => link.receive(new Uint8Array(event.data as ArrayBuffer));
     ws.onerror = (event) => {
@@ -1304,12 +1914,75 @@ export class Uplink {
     this.#keepalive ??= setInterval(() => this.#tick(), this.options.keepaliveMs);
   }
 
-  /** The tunnel is gone (closed, failed, or silent): detach its ports and redial after a backoff. */
+  /** A phase of the dial that does not finish in time ends the attempt: no closing handshake. */
+  #setDeadline(ws: WebSocket, link: TunnelLink, why: string): void {
+    clearTimeout(this.#deadline);
+    this.#deadline = setTimeout(() => {
+      this.#lost(ws, link, why);
+      ws.terminate();
+    }, this.options.handshakeMs);
+  }
+
+  #answered(link: TunnelLink, accepted: string[], refused: Refusal[], welcome: boolean): void {
+    const nets = new Map([...this.networks()].map((n) => [n.name, n]));
+    for (const name of accepted) {
+      const channel = this.#offered.get(name);
+      const network = nets.get(name);
+      // A network that went while the answer was on its way is detached again at once.
+      if (channel !== undefined && network !== undefined) link.attach(channel, network, this.options.identity.id);
+    }
+    for (const r of refused) this.#offered.delete(r.network);
+    this.status.networks = [...this.#offered.keys()].filter((name) => link.ports[this.#offered.get(name)!] !== undefined);
+    this.status.refused = [...this.status.refused.filter((r) => !accepted.includes(r.network) && !refused.some((x) => x.network === r.network)), ...refused];
+    const shown = refused.map((r) => `${r.network} (${r.reason})`).join(", ");
+    if (welcome) {
+      clearTimeout(this.#deadline);
+      this.#failures = 0;
+      this.status.connects++;
+      this.status.hub = link.remoteName ?? link.remoteId;
+      this.#setState("up");
+      const hub = link.remoteName ? ` (hub ${link.remoteName})` : "";
+      this.#logChange(`uplink: connected to ${this.status.url}${hub} (networks: ${accepted.join(", ") || "none"}${shown ? `; refused by the hub: ${shown}` : ""})`);
+      if (this.options.insecure && this.url.protocol === "wss:") {
+        this.log.warn(`uplink: --insecure: the certificate of ${this.status.url} was NOT verified`);
+      }
+    } else if (accepted.length || refused.length) {
+      this.log.info(`uplink: hub added networks: ${accepted.join(", ") || "none"}${shown ? `; refused: ${shown}` : ""}`);
+    }
+    this.sync();
+  }
+
+  /** Offers networks that appeared since the hello, and detaches those that went. */
+  sync(): void {
+    const link = this.#link;
+    if (!link || !link.helloDone || link.closed) return;
+    const wanted = this.#wanted();
+    const gone = [...this.#offered.keys()].filter((name) => !wanted.has(name));
+    if (gone.length) {
+      for (const name of gone) {
+        link.detachChannel(this.#offered.get(name)!);
+        this.#offered.delete(name);
+      }
+      link.sendControl({ type: "detach", networks: gone });
+    }
+    const added = [...wanted.keys()].filter((name) => !this.#offered.has(name));
+    if (added.length) {
+      const first = link.claimChannels(added.length);
+      added.forEach((name, i) => this.#offered.set(name, first + i));
+      link.sendControl({ type: "attach", networks: added });
+    }
+    this.status.networks = [...this.#offered.keys()].filter((name) => link.ports[this.#offered.get(name)!] !== undefined);
+  }
+
+  /** The tunnel is gone (closed, failed, silent or late): detach its ports and redial after a backoff. */
   #lost(ws: WebSocket, link: TunnelLink, why: string): void {
     link.detachAll();
     if (this.#ws !== ws) return;
+    clearTimeout(this.#deadline);
     this.#ws = undefined;
     this.#link = undefined;
+    this.#offered.clear();
+    this.status.networks = [];
     if (this.#stopped) return;
     this.#setState("down", why);
     this.#logChange(`uplink: ${this.status.url} ${why}; retrying with backoff`, true);
@@ -1325,21 +1998,19 @@ export class Uplink {
   #tick(): void {
     const ws = this.#ws;
     const link = this.#link;
-    if (!ws || !link || ws.readyState !== WebSocket.OPEN) return;
-    const silent = Date.now() - link.lastHeard > 3 * this.options.keepaliveMs;
-    const unwelcomed = !link.helloDone && Date.now() - link.openedAt > HELLO_TIMEOUT_MS;
-    if (silent || unwelcomed) {
-      this.#lost(ws, link, silent ? "stopped answering keepalive pings" : "sent no welcome within 10 s");
-      // No closing handshake with a hub that does not answer: drop the connection.
+    if (!ws || !link || !link.helloDone || ws.readyState !== WebSocket.OPEN) return;
+    if (Date.now() - link.lastHeard > 3 * this.options.keepaliveMs) {
+      this.#lost(ws, link, "stopped answering keepalive pings");
       ws.terminate();
       return;
     }
-    ws.send(encodeControl({ type: "ping" }));
+    link.sendControl({ type: "ping" });
   }
 
   stop(): void {
     this.#stopped = true;
     clearTimeout(this.#timer);
+    clearTimeout(this.#deadline);
     clearInterval(this.#keepalive);
     this.#link?.detachAll();
     this.#ws?.close(1001, "relay stopping");
@@ -1429,9 +2100,10 @@ export class StreamPort extends Port {
     peer: string,
     readonly socket: Socket<StreamPort>,
     limit: number,
+    budget: MemoryBudget,
   ) {
     super(kind, peer);
-    this.writer = new StreamWriter((data) => socket.write(data), limit);
+    this.writer = new StreamWriter((data) => socket.write(data), limit, budget);
   }
 
   protected enqueue(frame: Uint8Array): boolean {
@@ -1456,6 +2128,7 @@ export class StreamPort extends Port {
 
 interface StreamContext {
   network: Network;
+  budget: MemoryBudget;
   log: Logger;
   /** Counts a port closed for malformed input, relay-wide. */
   countError: () => void;
@@ -1471,7 +2144,7 @@ function streamHandlers(ctx: StreamContext) {
   return {
     open(socket: Socket<StreamPort>) {
       const peer = socket.remoteAddress ? formatHostPort({ host: socket.remoteAddress, port: socket.remotePort }) : ctx.unixPeer ?? "unix";
-      const port = new StreamPort(ctx.kind, peer, socket, ctx.limit);
+      const port = new StreamPort(ctx.kind, peer, socket, ctx.limit, ctx.budget);
       socket.data = port;
       ctx.network.attach(port);
     },
@@ -1482,6 +2155,7 @@ function streamHandlers(ctx: StreamContext) {
       socket.data.writer.drain();
     },
     close(socket: Socket<StreamPort>) {
+      socket.data?.writer.close();
       if (socket.data) ctx.network.detach(socket.data);
       ctx.onClose?.();
     },
@@ -1847,33 +2521,54 @@ export async function joinMulticast(
 
 // ───────────────────────────── HTTP app ─────────────────────────────
 
-export interface RelayCounters {
-  authFailures: number;
-  protocolErrors: number;
-}
-
 export interface Snapshot {
   version: string;
+  id: string;
+  name: string;
   uptime: number;
   startedAt: string;
   networks: ReturnType<Network["snapshot"]>[];
   uplink: UplinkStatus | null;
   dials: DialStatus[];
+  limits: {
+    networks: number;
+    maxNetworks: number;
+    tunnels: number;
+    maxTunnels: number;
+    maxTunnelsPerAddress: number;
+    /** Bytes queued across every port, the budget, and frames dropped for want of it. */
+    memoryUsed: number;
+    memoryBudget: number;
+    memoryDrops: number;
+  };
   authFailures: number;
+  authThrottled: number;
   protocolErrors: number;
+  tunnelsRefused: number;
+  loopRefusals: number;
+  loopsDetected: number;
 }
 
-const METRICS: [name: string, help: string, type: "counter" | "gauge", value: (p: PortSnapshot) => number][] = [
-  ["edge_relay_port_rx_frames_total", "Frames received on a port.", "counter", (p) => p.rx.frames],
-  ["edge_relay_port_rx_bytes_total", "Bytes received on a port.", "counter", (p) => p.rx.bytes],
-  ["edge_relay_port_rx_drops_total", "Runt or empty frames received and dropped.", "counter", (p) => p.rx.drops],
-  ["edge_relay_port_tx_frames_total", "Frames sent on a port.", "counter", (p) => p.tx.frames],
-  ["edge_relay_port_tx_bytes_total", "Bytes sent on a port.", "counter", (p) => p.tx.bytes],
-  ["edge_relay_port_tx_drops_total", "Frames dropped because the port's queue was full.", "counter", (p) => p.tx.drops],
-  ["edge_relay_port_errors_total", "Protocol errors on a port (oversize frame, malformed message).", "counter", (p) => p.errors],
+const PORT_METRICS: [name: string, help: string, value: (p: PortSnapshot) => number][] = [
+  ["edge_relay_port_rx_frames_total", "Frames received on a port and switched.", (p) => p.rx.frames],
+  ["edge_relay_port_rx_bytes_total", "Bytes received on a port and switched.", (p) => p.rx.bytes],
+  ["edge_relay_port_rx_drops_total", "Frames received and dropped (runt, storm limit, MAC limit, blocked for a loop).", (p) => p.rx.drops],
+  ["edge_relay_port_tx_frames_total", "Frames handed to a port's socket.", (p) => p.tx.frames],
+  ["edge_relay_port_tx_bytes_total", "Bytes handed to a port's socket.", (p) => p.tx.bytes],
+  ["edge_relay_port_tx_drops_total", "Frames dropped: queue or memory budget full, or refused by the socket.", (p) => p.tx.drops],
+  ["edge_relay_port_errors_total", "Protocol errors on a port (oversize frame, malformed message).", (p) => p.errors],
 ];
 
-/** Prometheus text exposition of a snapshot. */
+const RELAY_COUNTERS: [name: string, help: string, key: keyof RelayCounters][] = [
+  ["edge_relay_auth_failures_total", "Requests refused for a wrong or missing token.", "authFailures"],
+  ["edge_relay_auth_throttled_total", "Requests answered 429 after repeated authentication failures.", "authThrottled"],
+  ["edge_relay_protocol_errors_total", "Ports closed for malformed input.", "protocolErrors"],
+  ["edge_relay_tunnels_refused_total", "Tunnels refused for the tunnel limits.", "tunnelsRefused"],
+  ["edge_relay_loop_refusals_total", "Networks refused to a tunnel because its relay would make a loop.", "loopRefusals"],
+  ["edge_relay_loops_detected_total", "Ports blocked after a loop probe came back.", "loopsDetected"],
+];
+
+/** Prometheus text exposition of a snapshot: its cost is per port, never per MAC. */
 export function renderMetrics(s: Snapshot): string {
   const lines: string[] = [];
   const metric = (name: string, help: string, type: string, samples: [string, number][]) => {
@@ -1882,87 +2577,89 @@ export function renderMetrics(s: Snapshot): string {
   };
   const ports = s.networks.flatMap((n) => n.ports.map((p) => [n.name, p] as const));
   const label = (net: string, p: PortSnapshot) => `{network="${net}",port="${p.id}",kind="${p.kind}"}`;
-  for (const [name, help, type, value] of METRICS) {
-    metric(name, help, type, ports.map(([net, p]) => [label(net, p), value(p)]));
-  }
+  for (const [name, help, value] of PORT_METRICS) metric(name, help, "counter", ports.map(([net, p]) => [label(net, p), value(p)]));
+  metric("edge_relay_port_blocked", "1 while a port is blocked for a loop.", "gauge", ports.map(([net, p]) => [label(net, p), p.state === "blocked-loop" ? 1 : 0]));
   metric("edge_relay_network_ports", "Ports attached to a network.", "gauge", s.networks.map((n) => [`{network="${n.name}"}`, n.ports.length]));
-  metric("edge_relay_network_macs", "Learned MAC addresses in a network.", "gauge", s.networks.map((n) => [`{network="${n.name}"}`, n.macs.length]));
-  metric("edge_relay_auth_failures_total", "Tunnel connections refused for a wrong or missing token.", "counter", [["", s.authFailures]]);
-  metric("edge_relay_protocol_errors_total", "Ports closed for malformed input.", "counter", [["", s.protocolErrors]]);
+  metric("edge_relay_network_macs", "Learned MAC addresses in a network.", "gauge", s.networks.map((n) => [`{network="${n.name}"}`, n.macCount]));
+  for (const [name, help, key] of RELAY_COUNTERS) metric(name, help, "counter", [["", s[key]]]);
+  metric("edge_relay_tunnels", "Tunnels connected to this relay.", "gauge", [["", s.limits.tunnels]]);
+  metric("edge_relay_memory_queued_bytes", "Bytes queued across every port.", "gauge", [["", s.limits.memoryUsed]]);
+  metric("edge_relay_memory_drops_total", "Frames dropped because the memory budget was spent.", "counter", [["", s.limits.memoryDrops]]);
   metric("edge_relay_uplink_up", "1 when the uplink is connected.", "gauge", s.uplink ? [["", s.uplink.state === "up" ? 1 : 0]] : []);
   metric("edge_relay_uptime_seconds", "Seconds since the relay started.", "gauge", [["", s.uptime]]);
   return lines.join("\n") + "\n";
 }
 
-/**
- * At most `burst` lines per `windowMs`, so a scanner cannot flood the log; what was held back is
- * summed up in the first line of the next window.
- */
-function rateLimitedLog(write: (line: string) => void, burst: number, windowMs: number) {
-  let windowStart = 0;
-  let written = 0;
-  let held = 0;
-  return {
-    log(line: string) {
-      const now = Date.now();
-      if (now - windowStart >= windowMs) {
-        if (held > 0) write(`${held} more like it not logged in the last ${windowMs / 1000} s`);
-        windowStart = now;
-        written = 0;
-        held = 0;
-      }
-      if (written++ < burst) write(line);
-      else held++;
-    },
-  };
-}
-
-export interface TunnelData {
-  grant: Grant;
-  peer: string;
-  link?: TunnelLink;
-  helloTimer?: ReturnType<typeof setTimeout>;
-}
-
 interface AppContext {
   grants: Grant[];
   adminToken: string | undefined;
-  snapshot(): Snapshot;
+  /** `macs`: how many learned MACs to list per network. */
+  snapshot(macs?: number): Snapshot;
   counters: RelayCounters;
+  tunnels: TunnelServer;
   log: Logger;
 }
 
-/** Routes: /healthz, /status, /metrics, and the tunnel upgrade (the frames then bypass Hono). */
+/**
+ * Routes: /healthz, /status, /metrics, and the tunnel upgrade (the frames then bypass Hono). An
+ * address that keeps failing authentication is answered 429 for a while, on every route.
+ */
 export function createApp(ctx: AppContext) {
   const app = new Hono<{ Bindings: Server<TunnelData> }>();
   const refusals = rateLimitedLog(ctx.log.warn, 10, 10_000);
+  const throttle = new AuthThrottle();
+  const sourceOf = (c: { env: Server<TunnelData>; req: { raw: Request } }) => c.env.requestIP(c.req.raw);
+  /** 429 for an address that failed too often; else undefined. */
+  const throttled = (address: string) => {
+    const wait = throttle.retryAfter(address);
+    if (wait === 0) return undefined;
+    ctx.counters.authThrottled = throttle.throttled;
+    return new Response("too many failed attempts; try later\n", { status: 429, headers: { "Retry-After": String(wait) } });
+  };
+  const refused = (address: string, peer: string, what: string, authorization: string | undefined) => {
+    ctx.counters.authFailures++;
+    throttle.failed(address);
+    refusals.log(`${what}: refused ${peer}: ${authorization ? "wrong token" : "no token"}`);
+  };
   if (ctx.adminToken !== undefined) {
     const admin = makeGrants([{ token: ctx.adminToken, networks: undefined }]);
     app.use("*", async (c, next) => {
       if (c.req.path === TUNNEL_PATH) return next();
+      const source = sourceOf(c);
+      const address = source?.address ?? "unknown";
+      const wait = throttled(address);
+      if (wait) return wait;
       if (!authenticate(c.req.header("authorization"), admin)) {
+        refused(address, source ? formatHostPort({ host: address, port: source.port }) : address, c.req.path, c.req.header("authorization"));
         return c.text("unauthorized\n", 401, { "WWW-Authenticate": 'Bearer realm="edge-relay admin"' });
       }
       return next();
     });
   }
   app.get("/healthz", (c) => c.text("ok\n"));
-  app.get("/status", (c) => c.json(ctx.snapshot()));
-  app.get("/metrics", (c) => c.text(renderMetrics(ctx.snapshot()), 200, { "Content-Type": "text/plain; version=0.0.4" }));
+  app.get("/status", (c) => {
+    const macs = c.req.query("macs");
+    return c.json(ctx.snapshot(macs === "all" ? Infinity : macs !== undefined && /^\d+$/.test(macs) ? Number(macs) : MAC_LIST_LIMIT));
+  });
+  app.get("/metrics", (c) => c.text(renderMetrics(ctx.snapshot(0)), 200, { "Content-Type": "text/plain; version=0.0.4" }));
   app.get(TUNNEL_PATH, (c) => {
     if (ctx.grants.length === 0) return c.text("tunnel endpoint disabled: no token configured\n", 404);
-    const peerAddress = c.env.requestIP(c.req.raw);
-    const peer = peerAddress ? formatHostPort({ host: peerAddress.address, port: peerAddress.port }) : "unknown";
+    const source = sourceOf(c);
+    const address = source?.address ?? "unknown";
+    const peer = source ? formatHostPort({ host: address, port: source.port }) : "unknown";
+    const wait = throttled(address);
+    if (wait) return wait;
     const grant = authenticate(c.req.header("authorization"), ctx.grants);
     if (!grant) {
-      ctx.counters.authFailures++;
-      refusals.log(`tunnel: refused ${peer}: ${c.req.header("authorization") ? "wrong token" : "no token"}`);
+      refused(address, peer, "tunnel", c.req.header("authorization"));
       return c.text("unauthorized\n", 401, { "WWW-Authenticate": 'Bearer realm="edge-relay"' });
     }
     const offered = (c.req.header("sec-websocket-protocol") ?? "").split(",").map((s) => s.trim());
     if (!offered.includes(TUNNEL_PROTOCOL)) return c.text(`expected subprotocol ${TUNNEL_PROTOCOL}\n`, 400);
+    const full = ctx.tunnels.admit(address);
+    if (full !== undefined) return c.text(`${full}\n`, 503, { "Retry-After": "30" });
     const upgraded = c.env.upgrade(c.req.raw, {
-      data: { grant, peer },
+      data: { grant, peer, address },
       headers: { "Sec-WebSocket-Protocol": TUNNEL_PROTOCOL },
     });
     return upgraded ? new Response(null) : c.text("expected a WebSocket upgrade\n", 426);
@@ -1989,40 +2686,103 @@ export interface RelayHandle extends AsyncDisposable {
 
 const consoleLogger: Logger = { info: (l) => console.log(l), warn: (l) => console.error(l) };
 
+/** The host name as a relay name: what the name pattern allows of it. */
+function defaultName(): string {
+  return hostname().replace(/[^A-Za-z0-9_.-]/g, "-").replace(/^[^A-Za-z0-9]+/, "").slice(0, 64) || "relay";
+}
+
 /** Starts every port of `config`; throws (nothing left running) if one cannot be bound. */
 export async function startRelay(config: Config, log: Logger = consoleLogger): Promise<RelayHandle> {
   const startedAt = Date.now();
   const ageingMs = config.macAgeing * 1000;
+  const identity: RelayIdentity = { id: Buffer.from(crypto.getRandomValues(new Uint8Array(8))).toString("hex"), name: config.name ?? defaultName() };
   const networks = new Map<string, Network>();
   // MAC ageing needs no finer clock than this; reading a variable beats a clock call per frame.
   let now = Date.now();
   const coarseNow = () => now;
   const clock = setInterval(() => (now = Date.now()), CLOCK_TICK_MS);
-  const network = (name: string) => {
+  const counters: RelayCounters = { authFailures: 0, authThrottled: 0, protocolErrors: 0, tunnelsRefused: 0, loopRefusals: 0, loopsDetected: 0 };
+  const countError = () => void counters.protocolErrors++;
+  const budget = new MemoryBudget(config.memoryBudget);
+  const policy: SwitchPolicy = {
+    ageingMs,
+    now: coarseNow,
+    portMacs: config.portMacs,
+    stormLimit: config.stormLimit,
+    relayId: identity.id,
+    log,
+    onLoop: () => void counters.loopsDetected++,
+  };
+  let uplink: Uplink | undefined;
+  // Tell the uplink about networks that come and go, once per event-loop turn.
+  let syncing = false;
+  const networksChanged = () => {
+    if (syncing || !uplink) return;
+    syncing = true;
+    setImmediate(() => {
+      syncing = false;
+      uplink?.sync();
+    });
+  };
+  const network = (name: string): Network => {
     let n = networks.get(name);
-    if (!n) networks.set(name, (n = new Network(name, ageingMs, coarseNow)));
+    if (!n) {
+      networks.set(name, (n = new Network(name, policy)));
+      networksChanged();
+    }
     return n;
   };
-  /** Networks that local ports or the uplink use; the others exist while a tunnel attaches to them. */
+  /** Networks that local ports use; the others exist while a tunnel attaches to them. */
   const configured = new Set<string>();
-  const counters: RelayCounters = { authFailures: 0, protocolErrors: 0 };
-  const countError = () => void counters.protocolErrors++;
   const grants = makeGrants(config.tokens);
   const bound: BoundAddress[] = [];
   const stoppers: (() => void | Promise<void>)[] = [() => clearInterval(clock)];
   const sweepers: (() => void)[] = [];
-  let uplink: Uplink | undefined;
   const dialers: ReturnType<typeof dialStream>[] = [];
+  const tunnels = new TunnelServer({
+    identity,
+    limit: config.queueBytes,
+    budget,
+    maxTunnels: config.maxTunnels,
+    maxTunnelsPerAddress: config.maxTunnelsPerAddress,
+    counters,
+    log,
+    network: (name) =>
+      networks.has(name) || networks.size < config.maxNetworks ? network(name) : `this relay has the maximum of ${config.maxNetworks} networks`,
+    released() {
+      // Networks that only tunnels brought into being go when the last port other than the uplink does.
+      for (const [name, n] of networks) {
+        if (configured.has(name)) continue;
+        let used = false;
+        for (const port of n.ports) if (port.kind !== "uplink") used = true;
+        if (!used) {
+          networks.delete(name);
+          networksChanged();
+        }
+      }
+    },
+  });
 
-  const snapshot = (): Snapshot => ({
+  const snapshot = (macs = MAC_LIST_LIMIT): Snapshot => ({
     version: VERSION,
+    id: identity.id,
+    name: identity.name,
     uptime: (Date.now() - startedAt) / 1000,
     startedAt: new Date(startedAt).toISOString(),
-    networks: [...networks.values()].map((n) => n.snapshot()),
+    networks: [...networks.values()].map((n) => n.snapshot(macs)),
     uplink: uplink ? { ...uplink.status } : null,
     dials: dialers.map((d) => ({ ...d.status })),
-    authFailures: counters.authFailures,
-    protocolErrors: counters.protocolErrors,
+    limits: {
+      networks: networks.size,
+      maxNetworks: config.maxNetworks,
+      tunnels: tunnels.tunnels,
+      maxTunnels: config.maxTunnels,
+      maxTunnelsPerAddress: config.maxTunnelsPerAddress,
+      memoryUsed: budget.used,
+      memoryBudget: budget.limit,
+      memoryDrops: budget.drops,
+    },
+    ...counters,
   });
 
   // Whatever fails to bind, stop what already runs so a failed start leaves nothing behind.
@@ -2030,58 +2790,21 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
     await Promise.all(stoppers.splice(0).reverse().map((stop) => stop()));
   };
   try {
-    const tunnelClosed = (ws: ServerWebSocket<TunnelData>) => {
-      clearTimeout(ws.data.helloTimer);
-      ws.data.link?.detachAll();
-      // Networks that only tunnels brought into being go when their last port does.
-      for (const [name, n] of networks) if (n.ports.size === 0 && !configured.has(name)) networks.delete(name);
-    };
     const server = Bun.serve<TunnelData>({
       hostname: config.http.host,
       port: config.http.port,
       tls: config.tlsCert && config.tlsKey ? { cert: config.tlsCert.text, key: config.tlsKey.text } : undefined,
-      fetch: createApp({ grants, adminToken: config.adminToken, snapshot, counters, log }).fetch,
+      fetch: createApp({ grants, adminToken: config.adminToken, snapshot, counters, tunnels, log }).fetch,
       websocket: {
         maxPayloadLength: MAX_MESSAGE,
+        // Above the tunnel's own queue bound by one message, so Bun drops only what the bound let through.
+        backpressureLimit: config.queueBytes + MAX_MESSAGE,
+        closeOnBackpressureLimit: false,
         perMessageDeflate: false,
         // Bun pings an idle tunnel and closes one that stays silent; clients answer pings by themselves.
         idleTimeout: TUNNEL_IDLE_SECONDS,
         sendPings: true,
-        open(ws) {
-          const socket: TunnelSocket = {
-            send: (data) => void ws.send(data),
-            buffered: () => ws.getBufferedAmount(),
-            close: (code, reason) => ws.close(code, reason),
-          };
-          ws.data.link = new TunnelLink(socket, "tunnel", ws.data.peer, config.queueBytes, log, {
-            onHello(link, names) {
-              clearTimeout(ws.data.helloTimer);
-              const allowed = ws.data.grant.networks;
-              const accepted: string[] = [];
-              const refused: string[] = [];
-              names.forEach((name, channel) => {
-                if (NETWORK_NAME.test(name) && (!allowed || allowed.has(name))) {
-                  link.attach(channel, network(name));
-                  accepted.push(name);
-                } else refused.push(name);
-              });
-              socket.send(encodeControl({ type: "welcome", version: TUNNEL_VERSION, accepted, refused: refused.map((network) => ({ network, reason: "not allowed for this token" })) }));
-              // Names come from the network: quoted and cut short, so a log line stays one short line.
-              const shown = refused.map((name) => JSON.stringify(name.length > 64 ? `${name.slice(0, 64)}…` : name));
-              const extra = refused.length ? `; refused (not allowed for this token): ${shown.join(", ")}` : "";
-              log.info(`tunnel: ${ws.data.peer} attached (networks: ${accepted.join(", ") || "none"}${extra})`);
-            },
-          }, countError);
-          ws.data.helloTimer = setTimeout(() => ws.data.link?.fail(new RangeError("no hello within 10 s")), HELLO_TIMEOUT_MS);
-        },
-        message(ws, message) {
-          if (typeof message === "string") ws.data.link!.fail(new TypeError("Cannot decode tunnel message: text messages are not part of the protocol"));
-          else ws.data.link!.receive(message);
-        },
-        close(ws) {
-          if (ws.data.link && !ws.data.link.closed) log.info(`tunnel: ${ws.data.peer} disconnected`);
-          tunnelClosed(ws);
-        },
+        ...tunnels.handlers,
       },
     });
     stoppers.push(() => void server.stop(true));
@@ -2089,7 +2812,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
     bound.push({ what: "http", address: httpUrl });
 
     for (const spec of config.qemuListen) {
-      const listener = await listenStream(spec.address, { network: network(spec.network), log, countError, limit: config.queueBytes, kind: "qemu-listen" });
+      const listener = await listenStream(spec.address, { network: network(spec.network), log, countError, limit: config.queueBytes, budget, kind: "qemu-listen" });
       stoppers.push(listener.stop);
       bound.push({ what: "qemu-listen", network: spec.network, address: listener.address });
     }
@@ -2105,32 +2828,44 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
       bound.push({ what: "qemu-mcast", network: spec.network, address: mcast.address });
     }
     for (const spec of config.qemuConnect) {
-      const dialer = dialStream(spec.address, { network: network(spec.network), log, countError, limit: config.queueBytes, kind: "qemu-connect" });
+      const dialer = dialStream(spec.address, { network: network(spec.network), log, countError, limit: config.queueBytes, budget, kind: "qemu-connect" });
       dialers.push(dialer);
       stoppers.push(dialer.stop);
     }
+    if (config.uplink !== undefined && networks.size === 0) network("default");
+    for (const name of networks.keys()) configured.add(name);
     if (config.uplink !== undefined) {
-      const localNetworks = [...networks.values()];
-      if (localNetworks.length === 0) localNetworks.push(network("default"));
       const options: UplinkOptions = {
         url: config.uplink,
         token: config.uplinkToken!,
+        identity,
         keepaliveMs: config.keepalive * 1000,
+        handshakeMs: config.handshakeTimeout * 1000,
         limit: config.queueBytes,
+        budget,
         ca: config.uplinkCa?.text,
         fingerprint: config.uplinkFingerprint,
         insecure: config.insecure,
       };
-      uplink = new Uplink(options, () => localNetworks, log, countError);
+      uplink = new Uplink(options, () => networks.values(), log, countError);
       uplink.start();
       stoppers.push(() => uplink!.stop());
     }
-    for (const name of networks.keys()) configured.add(name);
     const sweep = setInterval(() => {
       for (const n of networks.values()) n.sweep();
       for (const s of sweepers) s();
     }, Math.min(ageingMs, 60_000) / 2);
     stoppers.push(() => clearInterval(sweep));
+    // Each relay probes at its own phase, so two relays in one loop rarely both act on it.
+    let probing: ReturnType<typeof setInterval> | undefined;
+    const probeMs = config.loopProbe * 1000;
+    const probeStart = setTimeout(() => {
+      probing = setInterval(() => {
+        for (const n of networks.values()) n.probe();
+      }, probeMs);
+    }, Math.random() * probeMs);
+    if (probeMs === 0) clearTimeout(probeStart);
+    stoppers.push(() => (clearTimeout(probeStart), clearInterval(probing)));
   } catch (error) {
     await stopAll();
     throw error;

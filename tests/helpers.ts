@@ -193,6 +193,8 @@ export class FrameQueue {
   #waiters = new Set<() => void>();
 
   push(frame: Uint8Array): void {
+    // Relays' loop probes (EtherType 0x9000) are control traffic, not what a test sent.
+    if (frame[12] === 0x90 && frame[13] === 0x00) return;
     this.frames.push(new Uint8Array(frame)); // a copy, and a plain Uint8Array even when given a Buffer
     for (const w of this.#waiters) w();
   }

@@ -278,7 +278,7 @@ describe("tunnel auth", () => {
     await using _limited = limited;
     await using full = await site(hub, "--qemu-listen", "x=127.0.0.1:0", "--qemu-listen", "y=127.0.0.1:0");
     await Promise.all([uplinkUp(limited), uplinkUp(full)]);
-    expect((await limited.status()).uplink).toMatchObject({ networks: ["x"], refused: ["y"] });
+    expect((await limited.status()).uplink).toMatchObject({ networks: ["x"], refused: [{ network: "y", reason: "not allowed for this token" }] });
     expect(limited.stdout()).toContain("refused by the hub: y");
     const hubNets = Object.fromEntries((await hub.status()).networks.map((n: any) => [n.name, n.ports.length]));
     expect(hubNets).toEqual({ x: 2, y: 1 });

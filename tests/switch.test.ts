@@ -20,7 +20,7 @@ const C = "02:00:00:00:00:0c";
 
 function setup(ageingMs = 300_000) {
   let now = 1_000;
-  const net = new Network("default", ageingMs, () => now);
+  const net = new Network("default", { ageingMs, now: () => now });
   const ports = [new RecordingPort("p1"), new RecordingPort("p2"), new RecordingPort("p3")] as const;
   for (const p of ports) net.attach(p);
   return { net, ports, advance: (ms: number) => (now += ms) };
@@ -93,7 +93,7 @@ describe("Network", () => {
     net.forward(new Uint8Array(0), p1);
     net.forward(makeFrame(BROADCAST, A).subarray(0, MIN_FRAME - 1), p1);
     expect(p2.sent.length).toBe(0);
-    expect(p1.stats.rxDrops).toBe(2);
+    expect(p1.stats.rxRunts).toBe(2);
     expect(p1.stats.rxFrames).toBe(0);
     expect(net.macs.size).toBe(0);
   });
