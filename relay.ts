@@ -1171,7 +1171,7 @@ export class Network {
   snapshot(macLimit = MAC_LIST_LIMIT) {
     const now = this.now();
     const macs: { mac: string; port: string; age: number }[] = [];
-    for (const [key, e] of this.macs) {
+    if (macLimit > 0) for (const [key, e] of this.macs) {
       if (macs.length >= macLimit) break;
       macs.push({ mac: formatMac(key), port: e.port.id, age: (now - e.seen) / 1000 });
     }
@@ -1679,7 +1679,7 @@ export class TunnelServer {
       if (typeof message === "string") ws.data.link!.fail(new TypeError("Cannot decode tunnel message: text messages are not part of the protocol"));
       else ws.data.link!.receive(message);
     },
-    close: (ws: ServerWebSocket<TunnelData>, code: number) => {
+    close: (ws: ServerWebSocket<TunnelData>, code: number, reason: string) => {
       const link = ws.data.link;
       this.tunnels--;
       const left = (this.#perAddress.get(ws.data.address) ?? 1) - 1;
@@ -1687,11 +1687,12 @@ export class TunnelServer {
       else this.#perAddress.delete(ws.data.address);
       clearTimeout(ws.data.helloTimer);
       if (link && !link.closed) {
-        const malformed = WS_PROTOCOL_CLOSES[code];
+        // Bun reports the input it refused (too big, bad UTF-8) as an abnormal close with its reason.
+        const malformed = WS_PROTOCOL_CLOSES[code] ?? (code === 1006 && reason ? JSON.stringify(reason.slice(0, 80)) : undefined);
         if (malformed !== undefined) {
           this.options.counters.protocolErrors++;
           for (const port of link.ports) if (port) port.stats.errors++;
-          this.#log.warn(`tunnel ${link.peer}: ${malformed} (close code ${code}); closed`);
+          this.#log.warn(`tunnel ${link.peer}: closed for malformed WebSocket input: ${malformed} (close code ${code})`);
         } else this.#log.info(`tunnel: ${link.peer} disconnected`);
       }
       link?.detachAll();
@@ -1815,6 +1816,8 @@ export class Uplink {
   #link: TunnelLink | undefined;
   /** Networks offered on the current tunnel (by hello or attach), by name: their channel. */
   #offered = new Map<string, number>();
+  /** Networks the hub refused on the current tunnel: not offered again until the next dial. */
+  #declined = new Set<string>();
   #failures = 0;
   #timer: ReturnType<typeof setTimeout> | undefined;
   #deadline: ReturnType<typeof setTimeout> | undefined;
@@ -1898,6 +1901,7 @@ export class Uplink {
     }, this.countError);
     link.claimChannels(wanted.size);
     this.#offered = new Map([...wanted.keys()].map((name, channel) => [name, channel]));
+    this.#declined.clear();
     this.#link = link;
     const seconds = this.options.handshakeMs / 1000;
     this.#setDeadline(ws, link, `no answer to the WebSocket handshake within ${seconds} s`);
@@ -1931,7 +1935,10 @@ export class Uplink {
       // A network that went while the answer was on its way is detached again at once.
       if (channel !== undefined && network !== undefined) link.attach(channel, network, this.options.identity.id);
     }
-    for (const r of refused) this.#offered.delete(r.network);
+    for (const r of refused) {
+      this.#offered.delete(r.network);
+      this.#declined.add(r.network);
+    }
     this.status.networks = [...this.#offered.keys()].filter((name) => link.ports[this.#offered.get(name)!] !== undefined);
     this.status.refused = [...this.status.refused.filter((r) => !accepted.includes(r.network) && !refused.some((x) => x.network === r.network)), ...refused];
     const shown = refused.map((r) => `${r.network} (${r.reason})`).join(", ");
@@ -1965,7 +1972,7 @@ export class Uplink {
       }
       link.sendControl({ type: "detach", networks: gone });
     }
-    const added = [...wanted.keys()].filter((name) => !this.#offered.has(name));
+    const added = [...wanted.keys()].filter((name) => !this.#offered.has(name) && !this.#declined.has(name));
     if (added.length) {
       const first = link.claimChannels(added.length);
       added.forEach((name, i) => this.#offered.set(name, first + i));
@@ -2113,7 +2120,7 @@ export class StreamPort extends Port {
 
   /** Decodes a chunk; an oversize length closes this connection only, counted and logged once. */
   data(chunk: Uint8Array, log: Logger, countError: () => void): void {
-    if (this.state !== "up") return;
+    if (this.state === "closed") return;
     try {
       this.decoder.push(chunk, this.receive);
     } catch (error) {
@@ -2704,6 +2711,8 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
   const counters: RelayCounters = { authFailures: 0, authThrottled: 0, protocolErrors: 0, tunnelsRefused: 0, loopRefusals: 0, loopsDetected: 0 };
   const countError = () => void counters.protocolErrors++;
   const budget = new MemoryBudget(config.memoryBudget);
+  // Per-connection errors from QEMU ports share one limiter: a flood of bad peers is a few lines.
+  const portLog: Logger = { info: log.info, warn: rateLimitedLog(log.warn, 10, 10_000).log };
   const policy: SwitchPolicy = {
     ageingMs,
     now: coarseNow,
@@ -2812,23 +2821,23 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
     bound.push({ what: "http", address: httpUrl });
 
     for (const spec of config.qemuListen) {
-      const listener = await listenStream(spec.address, { network: network(spec.network), log, countError, limit: config.queueBytes, budget, kind: "qemu-listen" });
+      const listener = await listenStream(spec.address, { network: network(spec.network), log: portLog, countError, limit: config.queueBytes, budget, kind: "qemu-listen" });
       stoppers.push(listener.stop);
       bound.push({ what: "qemu-listen", network: spec.network, address: listener.address });
     }
     for (const spec of config.qemuUdp) {
-      const dgram = await bindDatagram(spec.address, spec.remote, { network: network(spec.network), log, ageingMs, countError });
+      const dgram = await bindDatagram(spec.address, spec.remote, { network: network(spec.network), log: portLog, ageingMs, countError });
       stoppers.push(() => dgram.socket.close());
       sweepers.push(dgram.sweep);
       bound.push({ what: "qemu-udp", network: spec.network, address: dgram.socket.address });
     }
     for (const spec of config.qemuMcast) {
-      const mcast = await joinMulticast(spec.group, spec.localAddress, { network: network(spec.network), log });
+      const mcast = await joinMulticast(spec.group, spec.localAddress, { network: network(spec.network), log: portLog });
       stoppers.push(mcast.close);
       bound.push({ what: "qemu-mcast", network: spec.network, address: mcast.address });
     }
     for (const spec of config.qemuConnect) {
-      const dialer = dialStream(spec.address, { network: network(spec.network), log, countError, limit: config.queueBytes, budget, kind: "qemu-connect" });
+      const dialer = dialStream(spec.address, { network: network(spec.network), log: portLog, countError, limit: config.queueBytes, budget, kind: "qemu-connect" });
       dialers.push(dialer);
       stoppers.push(dialer.stop);
     }

@@ -128,3 +128,141 @@ describe("Network", () => {
     expect(p1.stats.rxBytes).toBe(f.length);
   });
 });
+
+describe("Network hardening", () => {
+  const macN = (i: number) => `02:00:${[i >>> 24, (i >>> 16) & 0xff, (i >>> 8) & 0xff, i & 0xff].map((b) => b.toString(16).padStart(2, "0")).join(":")}`;
+
+  test("a VM port learns at most --port-macs source MACs; frames from further ones are dropped and counted", () => {
+    const net = new Network("lab", { ageingMs: 300_000, portMacs: 4 });
+    const [attacker, victim] = [new RecordingPort("a"), new RecordingPort("v")];
+    net.attach(attacker);
+    net.attach(victim);
+    for (let i = 0; i < 10; i++) net.forward(makeFrame(BROADCAST, macN(i)), attacker);
+    expect(attacker.macCount).toBe(4);
+    expect(attacker.stats.rxMacLimit).toBe(6);
+    expect(victim.sent.length).toBe(4);
+    net.forward(makeFrame(BROADCAST, C), victim);
+    net.forward(makeFrame(C, macN(0)), attacker);
+    expect(victim.sent.at(-1)).toEqual(makeFrame(C, macN(0)));
+    expect(net.snapshot().macCount).toBe(5);
+  });
+
+  test("a full table evicts the least recently seen entry rather than refusing new MACs", () => {
+    let now = 0;
+    const net = new Network("lab", { ageingMs: 3_600_000, now: () => now });
+    const trunk = new (class extends RecordingPort {
+      override readonly trunk = true;
+    })("trunk");
+    const vm = new RecordingPort("vm");
+    net.attach(trunk);
+    net.attach(vm);
+    for (let i = 0; i < 16_384; i++) net.forward(makeFrame(BROADCAST, macN(i)), trunk);
+    now += 2_000;
+    net.forward(makeFrame(BROADCAST, macN(0)), trunk); // seen again: no longer the oldest
+    const V = "06:00:00:00:00:01";
+    net.forward(makeFrame(BROADCAST, V), vm);
+    expect(net.macs.size).toBe(16_384);
+    expect(trunk.macCount + vm.macCount).toBe(16_384);
+    const learned = net.snapshot(Infinity).macs.map((m) => m.mac);
+    expect(learned).toContain(V);
+    expect(learned).toContain(macN(0));
+    expect(learned).not.toContain(macN(1));
+    vm.sent.length = 0;
+    net.forward(makeFrame(V, macN(2)), trunk);
+    expect(vm.sent.length).toBe(1);
+  });
+
+  test("storm control drops broadcast and multicast beyond the per-port limit per second, counted", () => {
+    let now = 10_000;
+    const net = new Network("lab", { ageingMs: 300_000, now: () => now, stormLimit: 10 });
+    const [p1, p2] = [new RecordingPort("p1"), new RecordingPort("p2")];
+    net.attach(p1);
+    net.attach(p2);
+    for (let i = 0; i < 25; i++) net.forward(makeFrame(BROADCAST, A), p1);
+    for (let i = 0; i < 5; i++) net.forward(makeFrame(B, A), p1);
+    expect(p2.sent.length).toBe(15);
+    expect(p1.stats.rxStorm).toBe(15);
+    now += 1_000;
+    net.forward(makeFrame("01:00:5e:00:00:01", A), p1);
+    expect(p2.sent.length).toBe(16);
+  });
+
+  test("a loop probe that comes back blocks one port of the loop, logged once, until the block runs out", () => {
+    let now = 0;
+    const lines: string[] = [];
+    let loops = 0;
+    const net = new Network("lab", {
+      ageingMs: 300_000,
+      now: () => now,
+      relayId: "0123456789abcdef",
+      loopBlockMs: 60_000,
+      log: { info: (l) => lines.push(l), warn: (l) => lines.push(l) },
+      onLoop: () => loops++,
+    });
+    // p1 and p2 are bridged outside the switch: whatever leaves one enters through the other.
+    const bridge: [Port, Port][] = [];
+    class BridgedPort extends Port {
+      readonly sent: Uint8Array[] = [];
+      protected enqueue(frame: Uint8Array): boolean {
+        this.sent.push(frame);
+        const other = bridge.find(([a]) => a === this)?.[1];
+        if (other && this.sent.length < 1000) queueMicrotask(() => net.forward(frame, other));
+        return true;
+      }
+    }
+    const [p1, p2, p3] = [new BridgedPort("test", "p1"), new BridgedPort("test", "p2"), new RecordingPort("p3")];
+    bridge.push([p1, p2], [p2, p1]);
+    for (const p of [p1, p2, p3]) net.attach(p);
+    net.probe();
+    return Promise.resolve().then(async () => {
+      await Bun.sleep(0);
+      const states = [p1.state, p2.state].sort();
+      expect(states).toEqual(["blocked-loop", "up"]);
+      expect(p3.state).toBe("up");
+      expect(loops).toBe(1);
+      expect(lines).toHaveLength(1);
+      expect(lines[0]).toMatch(/^network lab: loop detected \(a probe sent out of test-\d+ came back on test-\d+\); blocking test-\d+ p\d for 60 s$/);
+      const blocked = p1.state === "blocked-loop" ? p1 : p2;
+      expect(blocked.snapshot().state).toBe("blocked-loop");
+      net.forward(makeFrame(BROADCAST, A), blocked);
+      expect(blocked.stats.rxLoop).toBe(1);
+      expect(p3.sent.filter((f) => f[12] !== 0x90).length).toBe(0);
+      now += 60_000;
+      bridge.length = 0;
+      net.probe();
+      expect(blocked.state).toBe("up");
+    });
+  });
+
+  test("another relay's probe is flooded, never learned; a probe back on the port it left is ignored", () => {
+    const net = new Network("lab", { ageingMs: 300_000, relayId: "0123456789abcdef" });
+    const [p1, p2] = [new RecordingPort("p1"), new RecordingPort("p2")];
+    net.attach(p1);
+    net.attach(p2);
+    net.probe();
+    const own = p1.sent[0]!;
+    expect([own[12], own[13]]).toEqual([0x90, 0x00]);
+    net.forward(own, p1);
+    expect([p1.state, p2.state]).toEqual(["up", "up"]);
+    const foreign = own.slice();
+    foreign[7] ^= 0xff;
+    net.forward(foreign, p1);
+    expect(p2.sent.at(-1)).toEqual(foreign);
+    expect(net.macs.size).toBe(0);
+  });
+
+  test("snapshot(0), which /metrics uses, never walks the MAC table", () => {
+    const net = new Network("lab", 300_000);
+    const [p1, p2] = [new RecordingPort("p1"), new RecordingPort("p2")];
+    net.attach(p1);
+    net.attach(p2);
+    net.forward(makeFrame(BROADCAST, A), p1);
+    net.forward(makeFrame(BROADCAST, B), p2);
+    Object.defineProperty(net.macs, Symbol.iterator, { value: () => { throw new Error("walked the MAC table"); } });
+    Object.defineProperty(net.macs, "entries", { value: () => { throw new Error("walked the MAC table"); } });
+    const s = net.snapshot(0);
+    expect(s.macCount).toBe(2);
+    expect(s.macs).toEqual([]);
+    expect(() => net.snapshot(10)).toThrow("walked the MAC table");
+  });
+});

@@ -1,0 +1,358 @@
+/**
+ * The hub on the internet (issue 8): every byte from a socket is hostile, networks are flaky.
+ * Real CLI processes and real sockets on loopback.
+ */
+import { describe, expect, test } from "bun:test";
+import { TUNNEL_PROTOCOL, encodeControl, encodeFrames, rateLimitedLog } from "../relay.ts";
+import { BROADCAST, attachVm, freePort, fromMac, makeFrame, runCli, spawnRelay, uplinkUp, waitUntil, type RelayProcess } from "./helpers.ts";
+
+const TOKEN = "hardening-secret-7d1e";
+const wsUrl = (relay: RelayProcess) => relay.base.replace(/^http/, "ws");
+
+/** A raw tunnel client: open, then say hello (or not). */
+async function tunnelClient(hub: RelayProcess, token = TOKEN) {
+  const ws = new WebSocket(`${wsUrl(hub)}/tunnel`, { headers: { Authorization: `Bearer ${token}` }, protocols: [TUNNEL_PROTOCOL] });
+  ws.binaryType = "arraybuffer";
+  const closed = new Promise<number>((r) => (ws.onclose = (e) => r(e.code)));
+  const messages: any[] = [];
+  ws.onmessage = (e) => {
+    const bytes = new Uint8Array(e.data as ArrayBuffer);
+    if (bytes[0] === 0) messages.push(JSON.parse(new TextDecoder().decode(bytes.subarray(1))));
+  };
+  await new Promise((r, j) => ((ws.onopen = r), (ws.onerror = j)));
+  const control = (type: string) => waitUntil(() => messages.find((m) => m.type === type), `a ${type}`);
+  return { ws, closed, messages, control };
+}
+
+describe("uplink deadlines", () => {
+  test("a hub that accepts TCP and never answers the handshake is dropped and redialled", async () => {
+    const silent = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
+    try {
+      await using site = await spawnRelay([
+        "--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--keepalive", "60", "--handshake-timeout", "0.3",
+        "--uplink", `ws://127.0.0.1:${silent.port}`, "--uplink-token", TOKEN,
+      ]);
+      const uplink = await waitUntil(async () => {
+        const u = (await site.status()).uplink;
+        return u.attempts >= 3 && u;
+      }, "three dials");
+      expect(uplink.state).not.toBe("up");
+      expect(uplink.lastError).toBe("no answer to the WebSocket handshake within 0.3 s");
+      expect(site.stderr().match(/no answer to the WebSocket handshake/g)).toHaveLength(1);
+    } finally {
+      silent.stop(true);
+    }
+  });
+
+  test("a hub that upgrades but sends no welcome is dropped and redialled", async () => {
+    const mute = Bun.serve({
+      hostname: "127.0.0.1",
+      port: 0,
+      fetch: (req, server) => (server.upgrade(req, { headers: { "Sec-WebSocket-Protocol": TUNNEL_PROTOCOL } }) ? undefined : new Response("no", { status: 400 })),
+      websocket: { message() {} },
+    });
+    try {
+      await using site = await spawnRelay([
+        "--http", "127.0.0.1:0", "--keepalive", "60", "--handshake-timeout", "0.3", "--uplink", `ws://127.0.0.1:${mute.port}`, "--uplink-token", TOKEN,
+      ]);
+      const uplink = await waitUntil(async () => {
+        const u = (await site.status()).uplink;
+        return u.attempts >= 3 && u;
+      }, "three dials");
+      expect(uplink.lastError).toBe("no welcome within 0.3 s");
+    } finally {
+      mute.stop(true);
+    }
+  });
+
+  test("a welcome with a forged name is a protocol error, never a forged log line", async () => {
+    const forger = Bun.serve({
+      hostname: "127.0.0.1",
+      port: 0,
+      fetch: (req, server) => (server.upgrade(req, { headers: { "Sec-WebSocket-Protocol": TUNNEL_PROTOCOL } }) ? undefined : new Response("no", { status: 400 })),
+      websocket: {
+        message(ws) {
+          ws.send(encodeControl({ type: "welcome", version: 1, accepted: ["default"], refused: [], name: "hub\nFAKE: admin logged in \u001b[31m" } as any));
+        },
+      },
+    });
+    try {
+      await using site = await spawnRelay(["--http", "127.0.0.1:0", "--uplink", `ws://127.0.0.1:${forger.port}`, "--uplink-token", TOKEN]);
+      await site.waitForLine(/name: expected a relay name; closing/);
+      expect(site.stdout() + site.stderr()).not.toMatch(/^FAKE/m);
+      expect(site.stdout() + site.stderr()).not.toContain("\u001b");
+      expect((await site.status()).protocolErrors).toBeGreaterThanOrEqual(1);
+    } finally {
+      forger.stop(true);
+    }
+  });
+});
+
+describe("loops", () => {
+  test("a relay refuses a tunnel from itself", async () => {
+    const port = await freePort();
+    await using relay = await spawnRelay([
+      "--http", `127.0.0.1:${port}`, "--token", TOKEN, "--qemu-listen", "127.0.0.1:0", "--uplink", `ws://127.0.0.1:${port}`, "--uplink-token", TOKEN,
+    ]);
+    await uplinkUp(relay);
+    const status = await relay.status();
+    expect(status.uplink.refused).toEqual([{ network: "default", reason: "that is this relay itself: a tunnel to itself would loop" }]);
+    expect(status.loopRefusals).toBe(1);
+    expect(status.networks.find((n: any) => n.name === "default").ports.map((p: any) => p.kind)).toEqual([]);
+  });
+
+  test("two hubs uplinked to each other carry each frame once, not for ever", async () => {
+    const [portA, portB] = [await freePort(), await freePort()];
+    const hub = (port: number, other: number, name: string) =>
+      spawnRelay([
+        "--http", `127.0.0.1:${port}`, "--token", TOKEN, "--name", name, "--qemu-listen", "127.0.0.1:0", "--loop-probe", "0.2",
+        "--uplink", `ws://127.0.0.1:${other}`, "--uplink-token", TOKEN,
+      ]);
+    await using a = await hub(portA, portB, "hub-a");
+    await using b = await hub(portB, portA, "hub-b");
+    await Promise.all([uplinkUp(a), uplinkUp(b)]);
+    // Either one hub refused the second tunnel by id, or (had the hellos crossed) a probe blocked one link.
+    await waitUntil(async () => {
+      const [sa, sb] = [await a.status(), await b.status()];
+      const blocked = [sa, sb].some((s) => s.networks[0].ports.some((p: any) => p.state === "blocked-loop"));
+      return sa.loopRefusals + sb.loopRefusals > 0 || blocked;
+    }, "the loop refused or blocked");
+    await using vmA = await attachVm(a);
+    await using vmB = await attachVm(b);
+    const X = "02:00:00:00:51:01";
+    vmA.send(makeFrame(BROADCAST, X, "once"));
+    await vmB.frames.next(fromMac(X));
+    const barrier = makeFrame(BROADCAST, X, "barrier");
+    vmA.send(barrier);
+    await vmB.frames.next((f) => f.length === barrier.length && fromMac(X)(f) && f[14] === barrier[14]);
+    expect(vmB.frames.frames.filter(fromMac(X))).toHaveLength(2);
+    expect(vmA.frames.frames.filter(fromMac(X))).toHaveLength(0);
+    const refusedBy = [a, b].find((r) => r.stdout().includes("refused by the hub: default (loop: relay hub-"));
+    if (refusedBy) expect((await refusedBy.status()).uplink.refused[0].reason).toMatch(/^loop: relay hub-[ab] is attached to default already$/);
+  });
+
+  test("two VM ports bridged outside the relay: the probe comes back, one port is blocked, the storm stops", async () => {
+    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--loop-probe", "0.2"]);
+    await using left = await attachVm(relay);
+    await using right = await attachVm(relay);
+    await using witness = await attachVm(relay);
+    // The test is the bridge: every frame one side receives, probes included, it sends out of the other.
+    const raw: Uint8Array[][] = [[], []];
+    const pump = setInterval(() => {
+      for (const [from, to, i] of [[left, right, 0], [right, left, 1]] as const) {
+        while (raw[i]!.length) to.send(raw[i]!.shift()!);
+        void from;
+      }
+    }, 1);
+    const tap = (peer: typeof left, i: number) => {
+      const push = peer.frames.push.bind(peer.frames);
+      peer.frames.push = (f: Uint8Array) => (raw[i]!.push(new Uint8Array(f)), push(f));
+    };
+    tap(left, 0);
+    tap(right, 1);
+    // The helper hides probes from tests; the bridge must see them, so tap below that filter.
+    try {
+      const blocked = await waitUntil(async () => {
+        const ports = (await relay.status()).networks[0].ports;
+        return ports.find((p: any) => p.state === "blocked-loop");
+      }, "a port blocked for the loop");
+      expect([left.local, right.local]).toContain(blocked.peer);
+      await relay.waitForLine(/^network default: loop detected \(a probe sent out of qemu-listen-\d+ came back on qemu-listen-\d+\); blocking qemu-listen-\d+ 127\.0\.0\.1:\d+ for 60 s$/);
+      expect((await relay.status()).loopsDetected).toBe(1);
+      const open = blocked.peer === left.local ? right : left;
+      const Y = "02:00:00:00:52:01";
+      witness.send(makeFrame(BROADCAST, Y, "once only"));
+      const marker = makeFrame(BROADCAST, "02:00:00:00:52:02", "marker");
+      witness.send(marker);
+      await open.frames.next(fromMac("02:00:00:00:52:02"));
+      // The open side's copy went round the bridge into the blocked port, and stopped there.
+      const counted = await waitUntil(async () => {
+        const p = (await relay.status()).networks[0].ports.find((x: any) => x.id === blocked.id);
+        return p.rx.loop >= 2 && p;
+      }, "the bridged copies dropped at the blocked port");
+      expect(counted.rx.frames).toBe(blocked.rx.frames);
+      expect(witness.frames.frames.filter(fromMac(Y))).toHaveLength(0);
+      expect(open.frames.frames.filter(fromMac(Y))).toHaveLength(1);
+    } finally {
+      clearInterval(pump);
+    }
+  });
+});
+
+describe("hostile tunnel clients", () => {
+  test("a hello with nested arrays or another version is closed with 1008 and counted, never welcomed", async () => {
+    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN]);
+    for (const hello of [
+      { type: "hello", version: 1, networks: ["lab", ["lab"], [["lab"]]] },
+      { type: "hello", version: 99, networks: ["lab"] },
+    ]) {
+      const client = await tunnelClient(hub);
+      client.ws.send(encodeControl(hello as any));
+      expect(await client.closed).toBe(1008);
+      expect(client.messages).toEqual([]);
+    }
+    const status = await hub.status();
+    expect(status.protocolErrors).toBe(2);
+    expect(status.networks).toEqual([]);
+  });
+
+  test("a message over 1 MiB (closed by Bun with 1009) is counted and logged", async () => {
+    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN]);
+    const client = await tunnelClient(hub);
+    client.ws.send(encodeControl({ type: "hello", version: 1, networks: ["lab"] }));
+    await client.control("welcome");
+    client.ws.send(new Uint8Array(1024 * 1024 + 16).fill(1));
+    expect(await client.closed).toBe(1009);
+    await hub.waitForLine(/^tunnel .*: closed for malformed WebSocket input: "Received too big message" \(close code 1006\)$/);
+    expect((await hub.status()).protocolErrors).toBe(1);
+  });
+
+  test("networks, tunnels per relay and tunnels per address are limited, refused with a reason", async () => {
+    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN, "--max-networks", "2", "--max-tunnels-per-address", "2", "--max-tunnels", "3"]);
+    const first = await tunnelClient(hub);
+    first.ws.send(encodeControl({ type: "hello", version: 1, networks: ["a", "b", "c"] }));
+    expect(await first.control("welcome")).toMatchObject({ accepted: ["a", "b"], refused: [{ network: "c", reason: "this relay has the maximum of 2 networks" }] });
+    await tunnelClient(hub);
+    const third = await fetch(`${hub.base}/tunnel`, { headers: { Authorization: `Bearer ${TOKEN}`, Upgrade: "websocket", Connection: "Upgrade", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version": "13", "Sec-WebSocket-Protocol": TUNNEL_PROTOCOL } });
+    expect([third.status, await third.text()]).toEqual([503, "127.0.0.1 has the maximum of 2 tunnels\n"]);
+    const status = await hub.status();
+    expect(status.limits).toMatchObject({ networks: 2, maxNetworks: 2, tunnels: 2, maxTunnels: 3, maxTunnelsPerAddress: 2 });
+    expect(status.tunnelsRefused).toBe(1);
+    first.ws.close();
+    await first.closed;
+    await waitUntil(async () => (await hub.status()).limits.networks === 0, "networks forgotten with their tunnel");
+  });
+
+  test("after repeated wrong tokens an address gets 429 for a while, even with the right one, counted", async () => {
+    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN]);
+    for (let i = 0; i < 10; i++) expect((await fetch(`${hub.base}/tunnel`, { headers: { Authorization: `Bearer wrong-${i}-0000000000` } })).status).toBe(401);
+    const blocked = await fetch(`${hub.base}/tunnel`, { headers: { Authorization: `Bearer ${TOKEN}` } });
+    expect(blocked.status).toBe(429);
+    expect(Number(blocked.headers.get("retry-after"))).toBeGreaterThan(0);
+    const status = await hub.status();
+    expect({ authFailures: status.authFailures, authThrottled: status.authThrottled }).toEqual({ authFailures: 10, authThrottled: 1 });
+    expect(await (await fetch(`${hub.base}/metrics`)).text()).toContain("edge_relay_auth_throttled_total 1");
+  });
+});
+
+describe("port security and budgets", () => {
+  test("one VM port flooding random source MACs learns --port-macs of them; the rest are dropped and counted", async () => {
+    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--port-macs", "256"]);
+    await using attacker = await attachVm(relay);
+    await using victim = await attachVm(relay);
+    const frames = Array.from({ length: 300 }, (_, i) => makeFrame(BROADCAST, `02:aa:00:00:${(i >> 8).toString(16).padStart(2, "0")}:${(i & 0xff).toString(16).padStart(2, "0")}`));
+    await attacker.writeAll(encodeFrames(frames));
+    await victim.frames.count(256);
+    const V = "02:00:00:00:53:01";
+    victim.send(makeFrame(BROADCAST, V));
+    await attacker.frames.next(fromMac(V));
+    const status = await relay.status();
+    const port = status.networks[0].ports.find((p: any) => p.peer === attacker.local);
+    expect(port.macs).toBe(256);
+    expect(port.rx.macLimit).toBe(44);
+    expect(status.networks[0].macCount).toBe(257);
+    expect(victim.frames.frames).toHaveLength(256);
+  });
+
+  test("the memory budget bounds what all ports together queue; beyond it frames are dropped and counted", async () => {
+    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--memory-budget", String(1024 * 1024), "--queue-bytes", String(8 * 1024 * 1024)]);
+    await using slow1 = await attachVm(relay);
+    await using slow2 = await attachVm(relay);
+    await using sender = await attachVm(relay);
+    slow1.pause();
+    slow2.pause();
+    await sender.writeAll(encodeFrames(Array.from({ length: 600 }, () => makeFrame(BROADCAST, "02:00:00:00:54:01", 60_000))));
+    const status = await waitUntil(async () => {
+      const s = await relay.status();
+      return s.networks[0].ports.find((p: any) => p.peer === sender.local).rx.frames === 600 && s;
+    }, "all frames received");
+    expect(status.limits.memoryBudget).toBe(1024 * 1024);
+    expect(status.limits.memoryDrops).toBeGreaterThan(0);
+    expect(status.limits.memoryUsed).toBeLessThanOrEqual(1024 * 1024);
+    const slow = status.networks[0].ports.filter((p: any) => p.peer !== sender.local);
+    for (const p of slow) expect(p.tx.frames + p.tx.drops).toBe(600);
+  });
+});
+
+describe("networks that come and go on a live tunnel", () => {
+  test("a hub that is itself a site attaches networks its sites create later, and detaches them when they go", async () => {
+    await using top = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN, "--name", "top", "--qemu-listen", "lab=127.0.0.1:0"]);
+    await using middle = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN, "--name", "middle", "--uplink", wsUrl(top), "--uplink-token", TOKEN]);
+    await uplinkUp(middle);
+    expect((await middle.status()).uplink.networks).toEqual(["default"]);
+    const leaf = await spawnRelay(["--http", "127.0.0.1:0", "--name", "leaf", "--qemu-listen", "lab=127.0.0.1:0", "--uplink", wsUrl(middle), "--uplink-token", TOKEN]);
+    try {
+      await uplinkUp(leaf);
+      await waitUntil(async () => (await middle.status()).uplink.networks.includes("lab"), "lab attached on the live uplink");
+      await using vmTop = await attachVm(top);
+      await using vmLeaf = await attachVm(leaf);
+      const f = makeFrame(BROADCAST, "02:00:00:00:55:01", "through two tunnels");
+      vmLeaf.send(f);
+      expect(await vmTop.frames.next(fromMac("02:00:00:00:55:01"))).toEqual(f);
+      const topLab = (await top.status()).networks.find((n: any) => n.name === "lab");
+      expect(topLab.ports.find((p: any) => p.kind === "tunnel").peer).toMatch(/^middle \(127\.0\.0\.1:\d+\)$/);
+      expect(middle.stdout()).toMatch(/tunnel: leaf \(127\.0\.0\.1:\d+\) attached \(networks: lab\)/);
+    } finally {
+      await leaf.stop();
+    }
+    await waitUntil(async () => !(await middle.status()).uplink.networks.includes("lab"), "lab detached");
+    await waitUntil(async () => (await top.status()).networks.find((n: any) => n.name === "lab").ports.every((p: any) => p.kind !== "tunnel"), "top saw the detach");
+  });
+
+  test("more than 64 networks with an uplink is a config error", async () => {
+    const args = Array.from({ length: 65 }, (_, i) => ["--qemu-listen", `n${i}=127.0.0.1:0`]).flat();
+    expect(await runCli([...args, "--uplink", "ws://127.0.0.1:1", "--uplink-token", TOKEN])).toEqual({
+      stdout: "",
+      stderr: "edge-relay: --uplink: a tunnel carries at most 64 networks; the QEMU ports name more\n",
+      code: 2,
+    });
+  });
+});
+
+describe("log hygiene", () => {
+  test("rateLimitedLog writes a burst, then one summary of what it held back when the window ends", async () => {
+    const lines: string[] = [];
+    const limited = rateLimitedLog((l) => lines.push(l), 3, 50);
+    for (let i = 0; i < 10; i++) limited.log(`line ${i}`);
+    expect(lines).toEqual(["line 0", "line 1", "line 2"]);
+    await waitUntil(() => lines.length === 4, "the summary");
+    expect(lines[3]).toBe("7 more like it not logged in the last 0.05 s");
+  });
+
+  test("a storm of connections with bad lengths writes a few lines, not one per connection", async () => {
+    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0"]);
+    const port = relay.port("qemu-listen");
+    await Promise.all(
+      Array.from({ length: 200 }, async () => {
+        const { closed, write } = await (await import("./helpers.ts")).connectStream(port);
+        write(Uint8Array.of(0xff, 0xff, 0xff, 0xff));
+        await closed;
+      }),
+    );
+    await waitUntil(async () => (await relay.status()).protocolErrors === 200, "200 errors counted");
+    expect(relay.stderr().trim().split("\n").length).toBeLessThanOrEqual(10);
+  });
+});
+
+describe("TunnelPort", () => {
+  test("a message the WebSocket refuses (send() → 0) counts every frame of it as dropped, not sent", async () => {
+    const { MemoryBudget, Network, TunnelLink } = await import("../relay.ts");
+    const budget = new MemoryBudget(1024 * 1024);
+    let refuse = true;
+    const sent: Uint8Array[] = [];
+    const socket = { send: (d: Uint8Array) => (refuse ? false : (sent.push(d.slice()), true)), buffered: () => 0, close() {} };
+    const quiet = { info() {}, warn() {} };
+    const link = new TunnelLink(socket, "tunnel", "test", 4 * 1024 * 1024, budget, quiet, {}, () => {});
+    const net = new Network("lab", 300_000);
+    const port = link.attach(0, net, "0123456789abcdef");
+    for (let i = 0; i < 3; i++) port.send(makeFrame(BROADCAST, "02:00:00:00:56:01", 100));
+    await new Promise((r) => setImmediate(r));
+    expect(port.stats).toMatchObject({ txFrames: 0, txBytes: 0, txDrops: 3 });
+    expect(budget.used).toBe(0);
+    refuse = false;
+    port.send(makeFrame(BROADCAST, "02:00:00:00:56:01", 100));
+    await new Promise((r) => setImmediate(r));
+    expect(port.stats).toMatchObject({ txFrames: 1, txBytes: 114, txDrops: 3 });
+    expect(sent).toHaveLength(1);
+  });
+});
