@@ -13,8 +13,8 @@
  * bun relay.ts
  *
  * # hub (public host) and two sites behind NAT
- * RELAY_TOKENS=s3cret bun relay.ts --http 0.0.0.0:8080 --admin-token adm1n
- * RELAY_UPLINK_TOKEN=s3cret bun relay.ts --qemu-listen 127.0.0.1:10000 --uplink ws://hub.example:8080
+ * RELAY_TOKENS=site-secret-change-me RELAY_ADMIN_TOKEN=admin-secret-change-me bun relay.ts --http 0.0.0.0:8080
+ * RELAY_UPLINK_TOKEN=site-secret-change-me bun relay.ts --qemu-listen 127.0.0.1:10000 --uplink ws://hub.example:8080
  * ```
  *
  * Attach a VM (QEMU ≥ 7.2, or the older `-netdev socket` form):
