@@ -39,8 +39,9 @@
  * @module
  */
 
-import { parseArgs } from "node:util";
 import { lstatSync, readFileSync, rmSync, unlinkSync } from "node:fs";
+import { isIPv4, isIPv6 } from "node:net";
+import { basename } from "node:path";
 import { hostname, constants as osConstants } from "node:os";
 import { dlopen, FFIType, read } from "bun:ffi";
 import { timingSafeEqual } from "node:crypto";
@@ -90,6 +91,8 @@ const TUNNEL_IDLE_SECONDS = 60;
 const CLOCK_TICK_MS = 100;
 const UPLINK_BACKOFF_MIN_MS = 250;
 const UPLINK_BACKOFF_MAX_MS = 30_000;
+/** Doublings from the shortest backoff to the longest. */
+const UPLINK_BACKOFF_STEPS = Math.ceil(Math.log2(UPLINK_BACKOFF_MAX_MS / UPLINK_BACKOFF_MIN_MS));
 const DIAL_BACKOFF_MIN_MS = 100;
 const DIAL_BACKOFF_MAX_MS = 5_000;
 const DEFAULT_HTTP = "127.0.0.1:8080";
@@ -122,13 +125,27 @@ export interface HostPort {
   port: number;
 }
 
-/** Parses `HOST:PORT` or `[IPv6]:PORT`; `null` when it is neither. */
+const HOST_NAME = /^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$/;
+
+/**
+ * Why text of the shape `HOST:PORT` or `[IPv6]:PORT` is not a usable address, in words; undefined
+ * when it is one (or when it is not of that shape at all).
+ */
+export function addressProblem(text: string): string | undefined {
+  const m = /^(?:\[([^\]]*)\]|([^:\[\]]*)):(\d+)$/.exec(text);
+  if (!m) return undefined;
+  if (Number(m[3]) > 65_535) return `port ${m[3]} is out of range 0–65535`;
+  const host = m[1] ?? m[2]!;
+  if (m[1] !== undefined) return isIPv6(host) ? undefined : `${JSON.stringify(host)} is not an IPv6 address`;
+  if (/^[\d.]+$/.test(host)) return isIPv4(host) ? undefined : `${host} is not an IPv4 address`;
+  return HOST_NAME.test(host) ? undefined : `${JSON.stringify(host)} is not a host name or address`;
+}
+
+/** Parses `HOST:PORT` or `[IPv6]:PORT`; `null` when it is neither (addressProblem says why). */
 export function parseHostPort(text: string): HostPort | null {
-  const m = /^(?:\[([0-9A-Fa-f:.]+)\]|([^:\s\[\]]+)):(\d{1,5})$/.exec(text);
-  if (!m) return null;
-  const port = Number(m[3]);
-  if (port > 65_535) return null;
-  return { host: m[1] ?? m[2]!, port };
+  const m = /^(?:\[([^\]]*)\]|([^:\[\]]*)):(\d{1,5})$/.exec(text);
+  if (!m || addressProblem(text) !== undefined) return null;
+  return { host: m[1] ?? m[2]!, port: Number(m[3]) };
 }
 
 /** `127.0.0.1:80`, `[::1]:80`. */
@@ -180,7 +197,8 @@ function endpointSchema<T extends object>(shape: string, parse: (rest: string) =
         return NEVER;
       }
       if (!parsed) {
-        addIssue({ message: `expected ${shape}, got ${JSON.stringify(dataset.value)}` });
+        const problem = rest.split(",").map(addressProblem).find((p) => p !== undefined);
+        addIssue({ message: problem ?? `expected ${shape}, got ${JSON.stringify(dataset.value)}` });
         return NEVER;
       }
       return { network, ...parsed };
@@ -264,7 +282,7 @@ const HttpAddress = v.pipe(
   v.rawTransform(({ dataset, addIssue, NEVER }) => {
     const addr = parseHostPort(dataset.value);
     if (addr) return addr;
-    addIssue({ message: `expected HOST:PORT, got ${JSON.stringify(dataset.value)}` });
+    addIssue({ message: addressProblem(dataset.value) ?? `expected HOST:PORT, got ${JSON.stringify(dataset.value)}` });
     return NEVER;
   }),
 );
@@ -595,6 +613,7 @@ export class StreamDecoder {
         i += take;
         if (this.#frameUsed === frame.length) {
           this.#frame = null;
+          this.#frameUsed = 0;
           onFrame(frame);
         }
         continue;
@@ -788,6 +807,7 @@ export function decodeTunnelMessage(
   }
   if (type !== MSG_DATA) throw new RangeError(`Cannot decode tunnel message: unknown type ${type}`);
   if (message.length < 3) throw new RangeError("Cannot decode tunnel message: data message shorter than its header");
+  if (message.length === 3) throw new RangeError("Cannot decode tunnel message: data message without a frame");
   const channel = (message[1]! << 8) | message[2]!;
   let i = 3;
   while (i < message.length) {
@@ -1748,6 +1768,8 @@ export interface UplinkStatus {
   /** Dials so far, successful or not. */
   attempts: number;
   lastError: string | undefined;
+  /** When the next dial is due, while down. */
+  nextDial: string | undefined;
   /** The hub's name and id, from its welcome. */
   hub: string | undefined;
   networks: string[];
@@ -1803,6 +1825,30 @@ export function tunnelUrl(base: string): URL {
   return url;
 }
 
+/** What a hub's HTTP answer instead of an upgrade means, and whether retrying soon can help. */
+const DIAL_REFUSALS: Record<string, [why: string, final: boolean]> = {
+  "400": ["the hub does not speak edge-relay.v1 (400): is it an edge-relay?", true],
+  "401": ["the hub refused the token (401)", true],
+  "403": ["the hub refused this client (403)", true],
+  "404": ["no tunnel endpoint there (404): is the target started with --token?", true],
+  "429": ["the hub is refusing this address after failed logins (429)", true],
+  "503": ["the hub is at its tunnel limit (503)", false],
+};
+
+/** A failed dial in words a user can act on; `final` when retrying soon cannot help (a wrong token). */
+export function explainDialFailure(message: string): { why: string; final: boolean } {
+  const status = /Expected 101 status code: (\d+)/.exec(message)?.[1];
+  if (status !== undefined) {
+    const [why, final] = DIAL_REFUSALS[status] ?? [`the hub answered HTTP ${status} instead of a WebSocket upgrade`, false];
+    return { why, final };
+  }
+  if (/certificate|self.signed|verify|TLS|SSL|CERT_/i.test(message)) {
+    return { why: `TLS: certificate not trusted (use --uplink-ca, or check the host name): ${message}`, final: false };
+  }
+  if (/ECONNREFUSED|connection refused/i.test(message)) return { why: "connection refused: is the hub running, on that port?", final: false };
+  return { why: message, final: false };
+}
+
 /**
  * Dials a hub and keeps the tunnel up: a deadline on each phase of the dial, exponential backoff
  * with jitter (capped at 30 s), keepalive pings, a redial when the hub stops answering, and the
@@ -1841,6 +1887,7 @@ export class Uplink {
       connects: 0,
       attempts: 0,
       lastError: undefined,
+      nextDial: undefined,
       hub: undefined,
       networks: [],
       refused: [],
@@ -1881,6 +1928,7 @@ export class Uplink {
   #dial(): void {
     if (this.#stopped) return;
     this.status.attempts++;
+    this.status.nextDial = undefined;
     const ws = new WebSocket(this.url.href, {
       headers: { Authorization: `Bearer ${this.options.token}` },
       protocols: [TUNNEL_PROTOCOL],
@@ -1914,7 +1962,12 @@ export class Uplink {
     ws.onerror = (event) => {
       failure = (event as ErrorEvent).message || "connection failed";
     };
-    ws.onclose = (event) => this.#lost(ws, link, failure ?? `closed (${event.code}${event.reason ? ` ${event.reason}` : ""})`);
+    // One that cannot succeed by retrying soon (a wrong token) backs off to the longest wait at once.
+    ws.onclose = (event) => {
+      const explained = failure === undefined ? undefined : explainDialFailure(failure);
+      if (explained?.final) this.#failures = UPLINK_BACKOFF_STEPS;
+      this.#lost(ws, link, explained?.why ?? `closed (${event.code}${event.reason ? ` ${event.reason}` : ""})`);
+    };
     this.#keepalive ??= setInterval(() => this.#tick(), this.options.keepaliveMs);
   }
 
@@ -1992,8 +2045,10 @@ export class Uplink {
     this.status.networks = [];
     if (this.#stopped) return;
     this.#setState("down", why);
-    this.#logChange(`uplink: ${this.status.url} ${why}; retrying with backoff`, true);
-    this.#timer = setTimeout(() => this.#dial(), this.#backoff());
+    const delay = this.#backoff();
+    this.status.nextDial = new Date(Date.now() + delay).toISOString();
+    this.#logChange(`uplink: ${this.status.url}: ${why}; retrying with backoff`, true);
+    this.#timer = setTimeout(() => this.#dial(), delay);
   }
 
   #backoff(): number {
@@ -2693,6 +2748,15 @@ export interface RelayHandle extends AsyncDisposable {
 
 const consoleLogger: Logger = { info: (l) => console.log(l), warn: (l) => console.error(l) };
 
+/** Bun.serve, with a failure to bind told the way every other listener's is, naming the option. */
+function listenHttp<T>(address: HostPort, serve: () => T): T {
+  try {
+    return serve();
+  } catch (error) {
+    throw new Error(describeError(`--http: Cannot listen on ${formatHostPort(address)}`, error));
+  }
+}
+
 /** The host name as a relay name: what the name pattern allows of it. */
 function defaultName(): string {
   return hostname().replace(/[^A-Za-z0-9_.-]/g, "-").replace(/^[^A-Za-z0-9]+/, "").slice(0, 64) || "relay";
@@ -2799,7 +2863,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
     await Promise.all(stoppers.splice(0).reverse().map((stop) => stop()));
   };
   try {
-    const server = Bun.serve<TunnelData>({
+    const server = listenHttp(config.http, () => Bun.serve<TunnelData>({
       hostname: config.http.host,
       port: config.http.port,
       tls: config.tlsCert && config.tlsKey ? { cert: config.tlsCert.text, key: config.tlsKey.text } : undefined,
@@ -2815,7 +2879,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
         sendPings: true,
         ...tunnels.handlers,
       },
-    });
+    }));
     stoppers.push(() => void server.stop(true));
     const httpUrl = `${config.tlsCert ? "https" : "http"}://${formatHostPort({ host: config.http.host, port: server.port! })}`;
     bound.push({ what: "http", address: httpUrl });
@@ -2925,13 +2989,44 @@ export function helpText(program = "bun relay.ts"): string {
   return out.join("\n") + "\n";
 }
 
-/** node:util's parseArgs options, from the table. */
-const CLI_OPTIONS = Object.fromEntries(
-  Object.entries(OPTIONS as Record<string, OptionSpec>).map(([key, spec]) => [
-    flagOf(key).slice(2),
-    { type: spec.arg ? "string" : "boolean", multiple: spec.multiple ?? false, ...(spec.short && { short: spec.short }) },
-  ]),
-) as Record<string, { type: "string" | "boolean"; multiple: boolean; short?: string }>;
+type Flags = Record<string, string | true | string[]>;
+
+/**
+ * Parses the command line against the option table: `--flag VALUE`, `--flag=VALUE`, `-h`. Every
+ * mistake is one line in the relay's words naming the option. A value may start with `-` (a
+ * negative number is the schema's to refuse), but not with `--`: that is the next option, and the
+ * value was forgotten.
+ */
+export function parseFlags(argv: string[]): Flags {
+  const byFlag = new Map<string, [string, OptionSpec]>();
+  for (const [key, spec] of Object.entries(OPTIONS as Record<string, OptionSpec>)) {
+    byFlag.set(flagOf(key), [key, spec]);
+    if (spec.short) byFlag.set(`-${spec.short}`, [key, spec]);
+  }
+  const flags: Flags = {};
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i]!;
+    const eq = arg.startsWith("--") ? arg.indexOf("=") : -1;
+    const name = eq > 0 ? arg.slice(0, eq) : arg;
+    const found = byFlag.get(name);
+    if (!found) {
+      const what = !arg.startsWith("-") ? `unexpected argument ${JSON.stringify(arg)}` : `unknown option ${JSON.stringify(name)}`;
+      throw new ConfigError(`${what} (see --help)`);
+    }
+    const [key, spec] = found;
+    const flag = flagOf(key);
+    let value: string | true = true;
+    if (spec.arg) {
+      if (eq > 0) value = arg.slice(eq + 1);
+      else if (i + 1 < argv.length && !argv[i + 1]!.startsWith("--")) value = argv[++i]!;
+      else throw new ConfigError(`${flag}: missing value ${spec.arg}${i + 1 < argv.length ? ` (before ${argv[i + 1]})` : ""}`);
+    } else if (eq > 0) throw new ConfigError(`${flag}: takes no value`);
+    if (spec.multiple) ((flags[key] ??= []) as string[]).push(value as string);
+    else if (key in flags) throw new ConfigError(`${flag}: given twice`);
+    else flags[key] = value;
+  }
+  return flags;
+}
 
 function readTextFile(option: string, path: string): string {
   try {
@@ -2943,13 +3038,7 @@ function readTextFile(option: string, path: string): string {
 
 /** Merges the config file, environment and flags (flags win) into one validated Config. */
 export function loadConfig(argv: string[], env: Record<string, string | undefined>): Config | "help" | "version" {
-  let parsed;
-  try {
-    parsed = parseArgs({ args: argv, options: CLI_OPTIONS, strict: true, allowPositionals: false });
-  } catch (error) {
-    throw new ConfigError(`${(error as Error).message.split(/\.(?: |\n|$)/)[0]} (see --help)`);
-  }
-  const flags = parsed.values as Record<string, string | boolean | string[] | undefined>;
+  const flags = parseFlags(argv);
   if (flags.help) return "help";
   if (flags.version) return "version";
   let raw: Record<string, unknown> = {};
@@ -2967,16 +3056,16 @@ export function loadConfig(argv: string[], env: Record<string, string | undefine
   const number = (text: string) => (text.trim() === "" ? NaN : Number(text));
   for (const [key, spec] of Object.entries(OPTIONS as Record<string, OptionSpec>)) {
     if (!spec.schema || key === "tokens") continue;
-    const value = flags[flagOf(key).slice(2)] as string | boolean | string[] | undefined;
+    const value = flags[key];
     if (value !== undefined) raw[key] = spec.numeric ? number(value as string) : value;
     else if (spec.env !== undefined && raw[key] === undefined && env[spec.env] !== undefined) raw[key] = env[spec.env];
   }
   const extraTokens = [
-    ...((flags.token as string[] | undefined) ?? []),
+    ...((flags.tokens as string[] | undefined) ?? []),
     ...(env.RELAY_TOKENS ?? "").split(",").map((t) => t.trim()).filter(Boolean),
-    ...(flags["token-file"] === undefined
+    ...(flags.tokenFile === undefined
       ? []
-      : readTextFile("--token-file", flags["token-file"] as string).split("\n").map((l) => l.replace(/#.*/, "").trim()).filter(Boolean)),
+      : readTextFile("--token-file", flags.tokenFile as string).split("\n").map((l) => l.replace(/#.*/, "").trim()).filter(Boolean)),
   ];
   if (extraTokens.length) raw.tokens = [...(Array.isArray(raw.tokens) ? raw.tokens : []), ...extraTokens];
   const nothingConfigured = ["qemuListen", "qemuConnect", "qemuUdp", "qemuMcast", "uplink", "tokens"].every(
@@ -2998,6 +3087,11 @@ export function qemuHint(address: string): string {
   return `qemu-system-x86_64 … -netdev stream,id=n0,server=off,${addr} -device virtio-net-pci,netdev=n0`;
 }
 
+/** How the user started this program: the compiled binary's own name, or `bun relay.ts`. */
+function programName(): string {
+  return Bun.main.startsWith("/$bunfs/") ? basename(process.execPath) : `bun ${basename(Bun.main)}`;
+}
+
 export async function main(argv = Bun.argv.slice(2), env: Record<string, string | undefined> = process.env): Promise<void> {
   let config;
   try {
@@ -3007,8 +3101,8 @@ export async function main(argv = Bun.argv.slice(2), env: Record<string, string 
     console.error(`edge-relay: ${error.message}`);
     process.exit(2);
   }
-  if (config === "help") return void process.stdout.write(helpText());
-  if (config === "version") return void console.log(VERSION);
+  if (config === "help") return void process.stdout.write(helpText(programName()));
+  if (config === "version") return void console.log(`edge-relay ${VERSION} (bun ${Bun.version})`);
   let relay: RelayHandle;
   try {
     relay = await startRelay(config);
