@@ -1746,6 +1746,7 @@ export class TunnelServer {
       o.counters.loopRefusals++;
       return "that is this relay itself: a tunnel to itself would loop";
     }
+    for (const port of link.ports) if (port?.network?.name === name) return "attached on this tunnel already";
     if (link.attached >= MAX_TUNNEL_NETWORKS) return `a tunnel carries at most ${MAX_TUNNEL_NETWORKS} networks`;
     const network = o.network(name);
     if (typeof network === "string") return network;
@@ -1929,6 +1930,7 @@ export class Uplink {
     if (this.#stopped) return;
     this.status.attempts++;
     this.status.nextDial = undefined;
+    this.#setState("connecting");
     const ws = new WebSocket(this.url.href, {
       headers: { Authorization: `Bearer ${this.options.token}` },
       protocols: [TUNNEL_PROTOCOL],

@@ -19,7 +19,7 @@ describe("CLI", () => {
     await Bun.$`${process.execPath} build --compile ${RELAY} --outfile ${binary}`.quiet();
     const proc = Bun.spawn([binary, "--version"], { stdout: "pipe", stderr: "pipe", cwd: dir.path });
     expect({ stdout: await new Response(proc.stdout).text(), stderr: await new Response(proc.stderr).text(), code: await proc.exited }).toEqual({
-      stdout: "0.1.0\n",
+      stdout: `edge-relay 0.1.0 (bun ${Bun.version})\n`,
       stderr: "",
       code: 0,
     });
@@ -27,13 +27,23 @@ describe("CLI", () => {
 
   test("--version prints the version", async () => {
     const { stdout, stderr, code } = await runCli(["--version"]);
-    expect({ stdout, stderr, code }).toEqual({ stdout: "0.1.0\n", stderr: "", code: 0 });
+    expect({ stdout, stderr, code }).toEqual({ stdout: `edge-relay 0.1.0 (bun ${Bun.version})\n`, stderr: "", code: 0 });
   });
 
   const bad: [string[], RegExp][] = [
-    [["--bogus"], /^edge-relay: Unknown option '--bogus' \(see --help\)$/],
+    [["--bogus"], /^edge-relay: unknown option "--bogus" \(see --help\)$/],
+    [["-x"], /^edge-relay: unknown option "-x" \(see --help\)$/],
+    [["stray"], /^edge-relay: unexpected argument "stray" \(see --help\)$/],
+    [["--http"], /^edge-relay: --http: missing value HOST:PORT$/],
+    [["--http", "--qemu-listen", "127.0.0.1:0"], /^edge-relay: --http: missing value HOST:PORT \(before --qemu-listen\)$/],
+    [["--insecure=yes"], /^edge-relay: --insecure: takes no value$/],
+    [["--http", "127.0.0.1:1", "--http", "127.0.0.1:2"], /^edge-relay: --http: given twice$/],
+    [["--mac-ageing", "-5"], /^edge-relay: --mac-ageing: must be positive$/],
+    [["--qemu-listen", "999.1.1.1:10000"], /^edge-relay: --qemu-listen \(qemuListen\[0\]\): 999\.1\.1\.1 is not an IPv4 address$/],
+    [["--qemu-listen", "lab=lab2=127.0.0.1:10000"], /^edge-relay: --qemu-listen \(qemuListen\[0\]\): "lab2=127\.0\.0\.1" is not a host name or address$/],
+    [["--qemu-listen", ":99999"], /^edge-relay: --qemu-listen \(qemuListen\[0\]\): port 99999 is out of range 0–65535$/],
     [["--http", "nope"], /^edge-relay: --http: expected HOST:PORT, got "nope"$/],
-    [["--http", "127.0.0.1:99999"], /^edge-relay: --http: expected HOST:PORT/],
+    [["--http", "127.0.0.1:99999"], /^edge-relay: --http: port 99999 is out of range 0–65535$/],
     [["--qemu-listen", "1.2.3.4"], /^edge-relay: --qemu-listen \(qemuListen\[0\]\): expected \[NET=\]HOST:PORT or \[NET=\]unix:PATH, got "1.2.3.4"$/],
     [["--qemu-listen", "bad net=127.0.0.1:1"], /^edge-relay: --qemu-listen \(qemuListen\[0\]\): network name "bad net"/],
     [["--qemu-udp", "127.0.0.1:1,nope"], /^edge-relay: --qemu-udp \(qemuUdp\[0\]\): expected \[NET=\]HOST:PORT\[,REMOTE_IP:REMOTE_PORT\]/],
@@ -49,7 +59,7 @@ describe("CLI", () => {
     [["--http", "0.0.0.0:0"], /^edge-relay: --admin-token: required when --http is not a loopback address$/],
     [["--mac-ageing", "soon"], /^edge-relay: --mac-ageing: expected a number of seconds$/],
     [["--keepalive=-1"], /^edge-relay: --keepalive: must be positive$/],
-    [["--keepalive", "-1"], /^edge-relay: Option '--keepalive' argument is ambiguous \(see --help\)$/],
+    [["--keepalive", "-1"], /^edge-relay: --keepalive: must be positive$/],
     [["--queue-bytes", "10"], /^edge-relay: --queue-bytes: must be at least 69636$/],
     [["--token", "two words secret"], /^edge-relay: --token \(tokens\[0\]\.token\): must be non-empty and contain no white space$/],
     [["--token", "short-secret"], /^edge-relay: --token \(tokens\[0\]\.token\): must be at least 16 characters long$/],
