@@ -28,13 +28,15 @@
  *   delivered than sent. The loss is measured (sent − delivered) and printed, not asserted.
  * - After chaos, in a settled phase (every relay up, every uplink up, every pair exchanged frames,
  *   every MAC learned everywhere so nothing is flooded, no more chaos), each VM sends a fixed number of
- *   unicast frames to every other VM, and the test asserts exactly
+ *   unicast frames to every other VM; then VM 0 stops reading while the others send it rounds of
+ *   frames until some relay has had to drop frames for it, and reads again. Over the whole phase
+ *   the test asserts exactly
  *       sent = delivered + Σ over the hub and all sites and all their ports of the change in
  *             (tx.drops + rx.drops + errors) from GET /status
- *   with nothing corrupted, duplicated or out of order, the frames seen entering the sites' QEMU ports
- *   equal to the frames sent, and no port opened or closed on any relay during the phase (a tunnel
- *   that reconnected would make the sum meaningless, and would itself be a fault: nothing disturbs
- *   the relays then).
+ *   with some drops counted (so the sum is not trivially "nothing lost"), nothing corrupted,
+ *   duplicated or out of order, the frames seen entering the sites' QEMU ports equal to the frames
+ *   sent, and no port opened or closed on any relay during the phase (a tunnel that reconnected would
+ *   make the sum meaningless, and would itself be a fault: nothing disturbs the relays then).
  * - "Sent" means handed to the VM's socket. A VM whose socket is full (its site is stopped) skips
  *   frames rather than queueing them, like a NIC with a full ring; skipped frames are not sent.
  *
@@ -314,6 +316,15 @@ class Vm {
     return built.length;
   }
 
+  /** Stops reading from the socket, as a VM whose guest does not empty its receive ring. */
+  pause(): void {
+    this.#conn?.peer.pause();
+  }
+
+  resume(): void {
+    this.#conn?.peer.resume();
+  }
+
   /** Gives the frames received so far to the ledger. */
   poll(): void {
     if (this.#conn) this.#take(this.#conn);
@@ -404,14 +415,14 @@ class Cluster implements AsyncDisposable {
 
 const EVENTS = {
   "stop-site": 18,
-  "stop-hub": 5,
+  "stop-hub": 4,
   "kill-site": 12,
-  "kill-hub": 4,
+  "kill-hub": 3,
   "vm-reconnect": 14,
   cut: 12,
   delay: 12,
-  blackhole: 9,
-  refuse: 9,
+  blackhole: 8,
+  refuse: 8,
 } as const;
 type EventKind = keyof typeof EVENTS;
 
@@ -430,7 +441,7 @@ class Driver {
   async run(ms: number): Promise<void> {
     const end = performance.now() + ms;
     while (performance.now() < end) {
-      await Bun.sleep(this.rng.int(100, 700));
+      await Bun.sleep(this.rng.int(150, 850));
       const kind = this.rng.pick(this.#kinds);
       const event = this.#event(kind).catch((error) => {
         this.errors.push(`${kind}: ${error instanceof Error ? error.message : error}`);
@@ -446,10 +457,10 @@ class Driver {
     return free.length ? this.rng.pick(free) : undefined;
   }
 
-  /** One proxy usually, sometimes all of them. */
-  #proxies(): ChaosProxy[] {
+  /** One proxy usually, sometimes all of them (a blackhole is a dead backend on one site's path). */
+  #proxies(kind: EventKind): ChaosProxy[] {
     const all = this.cluster.sites.map((s) => s.proxy);
-    return this.rng.next() < 0.2 ? all : [this.rng.pick(all)];
+    return kind !== "blackhole" && this.rng.next() < 0.1 ? all : [this.rng.pick(all)];
   }
 
   async #withSite(work: (site: Site) => Promise<void>): Promise<boolean> {
@@ -522,18 +533,18 @@ class Driver {
         });
         break;
       case "cut":
-        for (const p of this.#proxies()) p.cut();
+        for (const p of this.#proxies(kind)) p.cut();
         break;
       case "delay": {
         const [ms, delay] = [rng.int(1000, 5000), rng.int(50, 500)];
-        for (const p of this.#proxies()) p.delayFor(ms, delay);
+        for (const p of this.#proxies(kind)) p.delayFor(ms, delay);
         break;
       }
       case "blackhole":
       case "refuse": {
         // Half the time the current connections go too, so the site redials into the window.
         const [ms, cut] = [rng.int(1000, 5000), rng.next() < 0.5];
-        for (const p of this.#proxies()) {
+        for (const p of this.#proxies(kind)) {
           if (kind === "blackhole") p.blackholeFor(ms);
           else p.refuseFor(ms);
           if (cut) p.cut();
@@ -636,20 +647,30 @@ interface Counters {
   open: Set<string>;
   /** rx.frames of QEMU ports: frames the VMs got into the relays. */
   qemuRx: number;
+  /** tx.frames of QEMU ports: frames queued for the VMs. */
+  qemuTx: number;
   pid: number;
 }
 
 async function counters(name: string, relay: RelayProcess): Promise<Counters> {
   const s = await status(relay, name);
-  const out: Counters = { lost: new Map(), open: new Set(), qemuRx: 0, pid: relay.proc.pid };
+  const out: Counters = { lost: new Map(), open: new Set(), qemuRx: 0, qemuTx: 0, pid: relay.proc.pid };
   for (const net of s.networks) {
     for (const p of [...net.closedPorts, ...net.ports]) out.lost.set(p.id, p.tx.drops + p.rx.drops + p.errors);
     for (const p of net.ports) {
       out.open.add(p.id);
-      if (p.kind.startsWith("qemu")) out.qemuRx += p.rx.frames;
+      if (p.kind.startsWith("qemu")) {
+        out.qemuRx += p.rx.frames;
+        out.qemuTx += p.tx.frames;
+      }
     }
   }
   return out;
+}
+
+/** Frames dropped (and protocol errors) on all relays between two counts, port by port. */
+function dropsBetween(before: Counters[], after: Counters[]): number {
+  return after.reduce((sum, a, i) => sum + [...a.lost].reduce((s, [id, n]) => s + n - (before[i]!.lost.get(id) ?? 0), 0), 0);
 }
 
 // ───────────────────────────── the test ─────────────────────────────
@@ -730,8 +751,33 @@ test(`chaos: a hub and ${SITES} sites through ${CHAOS_SECONDS} s of kills, stops
     const unknown = sites.filter((s) => !macs.has(vmMac(s.index))).map((s) => vmMac(s.index));
     expect(unknown, `MACs ${name} has not learned before the settled phase`).toEqual([]);
   }
-  const before = await Promise.all(cluster.relays().map(({ name, relay }) => counters(name, relay)));
+  const countAll = () => Promise.all(cluster.relays().map(({ name, relay }) => counters(name, relay)));
+  const before = await countAll();
   const flooded = ledger.flooded;
+  const settledSent = () => ledger.total(ledger.sent[Phase.Settled]!);
+  const settledGot = () => ledger.total(ledger.got[Phase.Settled]!);
+  let after = before;
+  /** Waits until every settled frame sent so far was delivered or counted as dropped by a relay. */
+  const settle = async (what: string) => {
+    let lastFetch = -Infinity;
+    await waitUntil(
+      async () => {
+        for (const site of sites) site.vm.poll();
+        if (settledGot() === settledSent()) return true;
+        if (performance.now() - lastFetch < 100) return false;
+        lastFetch = performance.now();
+        after = await countAll();
+        return settledGot() + dropsBetween(before, after) >= settledSent();
+      },
+      `${what}: settled frames delivered or counted as dropped (sent ${settledSent()})`,
+      15_000,
+    ).catch((error) => {
+      const drops = dropsBetween(before, after);
+      throw new Error(`${error.message}; delivered ${settledGot()}, relays count ${drops} dropped: ${settledSent() - settledGot() - drops} frames vanished uncounted`);
+    });
+  };
+
+  // Part A: SETTLED_PER_PAIR frames for every ordered pair, all VMs at once.
   const settledRng = prng(SEED ^ 0x5e771ed);
   for (const site of sites) {
     const frames: { to: number; size: number }[] = [];
@@ -740,29 +786,41 @@ test(`chaos: a hub and ${SITES} sites through ${CHAOS_SECONDS} s of kills, stops
     }
     expect(site.vm.send(Phase.Settled, frames), `VM ${site.index} sent its settled frames`).toBe(frames.length);
   }
-  const settledSent = ledger.total(ledger.sent[Phase.Settled]!);
-  expect(settledSent).toBe(SITES * (SITES - 1) * SETTLED_PER_PAIR);
-  let after = before;
-  let drops = 0;
-  let lastFetch = -Infinity;
-  const settledGot = () => ledger.total(ledger.got[Phase.Settled]!);
-  await waitUntil(
-    async () => {
-      for (const site of sites) site.vm.poll();
-      if (settledGot() === settledSent) return true;
-      if (performance.now() - lastFetch < 250) return false;
-      lastFetch = performance.now();
-      after = await Promise.all(cluster.relays().map(({ name, relay }) => counters(name, relay)));
-      drops = after.reduce((sum, a, i) => sum + [...a.lost].reduce((s, [id, n]) => s + n - (before[i]!.lost.get(id) ?? 0), 0), 0);
-      return settledGot() + drops >= settledSent;
-    },
-    `settled frames delivered or counted as dropped (sent ${settledSent})`,
-    15_000,
-  ).catch((error) => {
-    throw new Error(`${error.message}; delivered ${settledGot()}, relays count ${drops} dropped: ${settledSent - settledGot() - drops} frames vanished uncounted`);
-  });
-  after = await Promise.all(cluster.relays().map(({ name, relay }) => counters(name, relay)));
-  drops = after.reduce((sum, a, i) => sum + [...a.lost].reduce((s, [id, n]) => s + n - (before[i]!.lost.get(id) ?? 0), 0), 0);
+  expect(settledSent()).toBe(SITES * (SITES - 1) * SETTLED_PER_PAIR);
+  await settle("every pair");
+
+  // Part B: VM 0 stops reading while the others send to it, in rounds, until a relay has had to drop
+  // frames for it (its site's queue and the kernel buffers are full); then it reads again. The
+  // counted drops must match the missing frames exactly.
+  const slow = sites[0]!.vm;
+  const burstStart = (after = await countAll());
+  let burstSent = 0;
+  let rounds = 0;
+  slow.pause();
+  try {
+    while (dropsBetween(burstStart, after) === 0) {
+      expect(rounds++, "rounds of 1 MiB to a VM that does not read before any relay drops").toBeLessThan(60);
+      for (const site of sites.slice(1)) burstSent += site.vm.send(Phase.Settled, Array.from({ length: 4 }, () => ({ to: 0, size: 16_000 })));
+      // every frame of the round is queued to VM 0's port or counted as dropped
+      let lastFetch = -Infinity;
+      await waitUntil(
+        async () => {
+          if (performance.now() - lastFetch < 50) return false;
+          lastFetch = performance.now();
+          after = await countAll();
+          return after.reduce((sum, a, i) => sum + a.qemuTx - burstStart[i]!.qemuTx, 0) + dropsBetween(burstStart, after) >= burstSent;
+        },
+        `round ${rounds} of frames to a VM that does not read to be queued or dropped`,
+        15_000,
+      );
+    }
+  } finally {
+    slow.resume();
+  }
+  const burstDrops = dropsBetween(burstStart, after);
+  await settle("a VM that stopped reading");
+  after = await countAll();
+  const drops = dropsBetween(before, after);
   const settledDelivered = settledGot();
   const qemuRx = after.reduce((sum, a, i) => sum + a.qemuRx - before[i]!.qemuRx, 0);
 
@@ -777,7 +835,8 @@ test(`chaos: a hub and ${SITES} sites through ${CHAOS_SECONDS} s of kills, stops
       `chaos unicast sent ${chaosSent} delivered ${chaosGot} lost ${chaosSent - chaosGot} (${pct(chaosSent - chaosGot, chaosSent)}), ` +
       `broadcast copies ${bcastSent} delivered ${bcastGot}, VM writes skipped ${ledger.skipped}, reordered ${ledger.reordered[Phase.Chaos]}; ` +
       `corrupt ${ledger.corrupt} duplicated ${ledger.duplicated} reflected ${ledger.reflected}; ` +
-      `settled sent ${settledSent} = delivered ${settledDelivered} + counted drops ${drops}; ` +
+      `settled sent ${settledSent()} = delivered ${settledDelivered} + counted drops ${drops} ` +
+      `(${burstDrops} while VM 0 did not read, after ${rounds} rounds of ${((burstSent / rounds) * 16_000 / 2 ** 20).toFixed(1)} MiB); ` +
       `uplinks up ${(uplinkMs / 1000).toFixed(1)} s, pairs ${(pairMs / 1000).toFixed(1)} s after; ` +
       `max RSS hub ${cluster.rss.hub.toFixed(0)} MiB, sites ${cluster.rss.site.toFixed(0)} MiB (bound ${RSS_BOUND_MIB}); ${seconds()} s in all`,
   );
@@ -793,8 +852,9 @@ test(`chaos: a hub and ${SITES} sites through ${CHAOS_SECONDS} s of kills, stops
       expect(ledger.gotBcast[Phase.Chaos]![pair]!, `chaos broadcasts ${s}→${r} delivered ≤ sent`).toBeLessThanOrEqual(ledger.sentBcast[Phase.Chaos]![s]!);
     }
   }
-  expect(settledDelivered + drops, "settled: sent = delivered + counted drops").toBe(settledSent);
-  expect(qemuRx, "settled: frames entering the sites' QEMU ports = frames sent").toBe(settledSent);
+  expect(settledDelivered + drops, "settled: sent = delivered + counted drops").toBe(settledSent());
+  expect(burstDrops, "drops counted while VM 0 did not read").toBeGreaterThan(0);
+  expect(qemuRx, "settled: frames entering the sites' QEMU ports = frames sent").toBe(settledSent());
   expect(ledger.reordered[Phase.Settled], "settled frames out of order").toBe(0);
   expect(ledger.flooded - flooded, "settled frames flooded to other VMs").toBe(0);
   for (const [i, { name }] of cluster.relays().entries()) {
