@@ -8,8 +8,9 @@
  *
  * For CHAOS_SECONDS (default 60) the VMs exchange paced traffic (~300 frames/s in all: unicast to
  * random other VMs, a few broadcasts, mostly 60–1514 bytes with some jumbo frames) while a driver,
- * paced by a seeded PRNG (CHAOS_SEED reproduces the schedule of events; the seed is printed),
- * SIGSTOPs and SIGCONTs the hub or a site, kill -9s and restarts them (a restarted site has a new
+ * paced by a seeded PRNG (the seed is printed; CHAOS_SEED replays the same random choices, though
+ * real processes take their own time, so an event may still land on another site), SIGSTOPs and
+ * SIGCONTs the hub or a site, kill -9s and restarts them (a restarted site has a new
  * --qemu-listen port; its VM reconnects), makes a proxy cut its connections, delay its bytes, refuse
  * or blackhole new connections for a while, and closes and reconnects VMs. Then chaos stops and the
  * test checks that every relay is up, every uplink comes up, every ordered pair of VMs (20×19)
@@ -678,7 +679,7 @@ function dropsBetween(before: Counters[], after: Counters[]): number {
 test(`chaos: a hub and ${SITES} sites through ${CHAOS_SECONDS} s of kills, stops, cuts and delays`, async () => {
   const t0 = performance.now();
   const seconds = () => ((performance.now() - t0) / 1000).toFixed(1);
-  console.log(`chaos: seed ${SEED} (CHAOS_SEED=${SEED} reproduces the schedule), ${CHAOS_SECONDS} s of chaos, ${SITES} sites`);
+  console.log(`chaos: seed ${SEED} (CHAOS_SEED=${SEED} replays its choices), ${CHAOS_SECONDS} s of chaos, ${SITES} sites`);
   await using cluster = new Cluster();
   const { ledger, sites } = cluster;
   const eventsRng = prng(SEED);
