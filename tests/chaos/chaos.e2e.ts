@@ -12,7 +12,9 @@
  * real processes take their own time, so an event may still land on another site), SIGSTOPs and
  * SIGCONTs the hub or a site, kill -9s and restarts them (a restarted site has a new
  * --qemu-listen port; its VM reconnects), makes a proxy cut its connections, delay its bytes, refuse
- * or blackhole new connections for a while, and closes and reconnects VMs. Then chaos stops and the
+ * or blackhole new connections for a while (a blackholed dial is never answered nor closed, like a
+ * dead backend behind a load balancer: a site must give up on it by itself), and closes and
+ * reconnects VMs. Then chaos stops and the
  * test checks that every relay is up, every uplink comes up, every ordered pair of VMs (20×19)
  * exchanges a fresh frame within 15 s, and no relay's RSS went over RSS_BOUND_MIB.
  *
