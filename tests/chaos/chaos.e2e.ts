@@ -686,186 +686,208 @@ test(`chaos: a hub and ${SITES} sites through ${CHAOS_SECONDS} s of kills, stops
   const { ledger, sites } = cluster;
   const eventsRng = prng(SEED);
   const trafficRng = prng(SEED ^ 0x9e3779b9);
-
-  // ── set-up: everything up, and the whole mesh works before any chaos
-  await cluster.start();
-  await waitUntil(
-    async () => (await Promise.all(sites.map((s) => status(s.relay, s.name)))).every((st) => st.uplink.state === "up"),
-    "every site's uplink up at start",
-    30_000,
-  );
-  await everyPairExchanges(cluster, Phase.Warmup, PAIR_WAIT_MS);
-  console.log(`chaos: ${seconds()} s: set up, every pair exchanged frames`);
-
-  // ── chaos
   const driver = new Driver(cluster, eventsRng);
-  const stopTraffic = startTraffic(cluster, trafficRng);
-  try {
-    await driver.run(CHAOS_SECONDS * 1000);
-  } finally {
-    stopTraffic();
-    for (const relay of running) relay.proc.kill("SIGCONT");
-    for (const site of sites) site.proxy.behave();
-  }
-  console.log(`chaos: ${seconds()} s: chaos over (${JSON.stringify(driver.counts)})`);
-  expect(driver.errors).toEqual([]);
-  expect(unexpectedExits).toEqual([]);
 
-  // ── every relay is up and answers; every uplink comes up
-  for (const { name, relay } of cluster.relays()) {
-    expect(relay.proc.exitCode, `${name} is running`).toBeNull();
-    expect((await status(relay, name)).version, `${name} answers /status`).toBeString();
-  }
-  const uplinkStart = performance.now();
+  // One summary line, printed also when the test fails part-way.
+  let stage = "set-up";
+  let uplinkMs: number | undefined;
+  let pairMs: number | undefined;
+  let settled = "not reached";
+  const summary = () => {
+    const chaosSent = ledger.total(ledger.sent[Phase.Chaos]!);
+    const chaosGot = ledger.total(ledger.got[Phase.Chaos]!);
+    const lost = chaosSent - chaosGot;
+    const bcastSent = ledger.total(ledger.sentBcast[Phase.Chaos]!) * (SITES - 1);
+    const bcastGot = ledger.total(ledger.gotBcast[Phase.Chaos]!);
+    const s = (ms: number | undefined) => (ms === undefined ? "-" : `${(ms / 1000).toFixed(1)} s`);
+    return (
+      `chaos summary${stage === "done" ? "" : ` (FAILED during ${stage})`}: seed ${SEED}; ` +
+      `events ${Object.entries(driver.counts).map(([k, n]) => `${k} ${n}`).join(", ")}; ` +
+      `chaos unicast sent ${chaosSent} delivered ${chaosGot} lost ${lost} (${((100 * lost) / Math.max(chaosSent, 1)).toFixed(1)}%), ` +
+      `broadcast copies ${bcastSent} delivered ${bcastGot}, frames not sent (VM offline or busy) ${ledger.skipped}, reordered ${ledger.reordered[Phase.Chaos]}; ` +
+      `corrupt ${ledger.corrupt} duplicated ${ledger.duplicated} reflected ${ledger.reflected}; settled: ${settled}; ` +
+      `uplinks up after ${s(uplinkMs)}, every pair ${s(pairMs)} later; ` +
+      `max RSS hub ${cluster.rss.hub.toFixed(0)} MiB, sites ${cluster.rss.site.toFixed(0)} MiB (bound ${RSS_BOUND_MIB}); ${seconds()} s in all`
+    );
+  };
   try {
+    await run();
+    stage = "done";
+  } finally {
+    console.log(summary());
+  }
+
+  async function run() {
+    // ── set-up: everything up, and the whole mesh works before any chaos
+    await cluster.start();
     await waitUntil(
       async () => (await Promise.all(sites.map((s) => status(s.relay, s.name)))).every((st) => st.uplink.state === "up"),
-      "every site's uplink up after chaos",
-      UPLINK_WAIT_MS,
+      "every site's uplink up at start",
+      30_000,
     );
-  } catch (error) {
-    const lines: string[] = [];
-    let stuck = 0;
-    for (const site of sites) {
-      const up = (await status(site.relay, site.name)).uplink;
-      if (up.state === "up") continue;
-      // Backoff is capped at 30 s: a site not up by now whose only connection sits in a blackhole
-      // dialled it and never gave up on a handshake that will never be answered.
-      const held = site.proxy.held > 0 && site.proxy.open === 0;
-      if (held) stuck++;
-      lines.push(`${site.name}: uplink ${up.state} since ${up.since} (attempts ${up.attempts}, connects ${up.connects}, last error ${up.lastError}); ${site.proxy.describe()}${held ? " <- dial stuck in the handshake" : ""}`);
+    await everyPairExchanges(cluster, Phase.Warmup, PAIR_WAIT_MS);
+    console.log(`chaos: ${seconds()} s: set up, every pair exchanged frames`);
+
+    // ── chaos
+    stage = "chaos";
+    const stopTraffic = startTraffic(cluster, trafficRng);
+    try {
+      await driver.run(CHAOS_SECONDS * 1000);
+    } finally {
+      stopTraffic();
+      for (const relay of running) relay.proc.kill("SIGCONT");
+      for (const site of sites) site.proxy.behave();
     }
-    const why = stuck ? `\n${stuck} sites wait forever for a WebSocket handshake their proxy never answers (no handshake timeout in the uplink):` : "";
-    throw new Error(`${(error as Error).message}${why}\n${lines.join("\n")}`);
-  }
-  const uplinkMs = performance.now() - uplinkStart;
-  for (const site of sites) expect(site.vm.connected, `VM ${site.index} connected`).toBeTrue();
+    console.log(`chaos: ${seconds()} s: chaos over (${JSON.stringify(driver.counts)})`);
+    expect(driver.errors).toEqual([]);
+    expect(unexpectedExits).toEqual([]);
 
-  // ── every ordered pair exchanges a fresh frame within 15 s
-  const pairMs = await everyPairExchanges(cluster, Phase.Probe, PAIR_WAIT_MS);
-  await allDelivered(cluster, Phase.Probe, 5_000);
-  console.log(`chaos: ${seconds()} s: all uplinks up after ${(uplinkMs / 1000).toFixed(1)} s, every pair exchanged frames after ${(pairMs / 1000).toFixed(1)} s more`);
-
-  // ── settled phase: exact accounting
-  // Every relay knows every VM's MAC, so no settled frame is flooded (a dropped flood copy would
-  // count as a drop without being a lost frame).
-  for (const { name, relay } of cluster.relays()) {
-    const macs = new Set((await status(relay, name)).networks.flatMap((n: any) => n.macs.map((m: any) => m.mac)));
-    const unknown = sites.filter((s) => !macs.has(vmMac(s.index))).map((s) => vmMac(s.index));
-    expect(unknown, `MACs ${name} has not learned before the settled phase`).toEqual([]);
-  }
-  const countAll = () => Promise.all(cluster.relays().map(({ name, relay }) => counters(name, relay)));
-  const before = await countAll();
-  const flooded = ledger.flooded;
-  const settledSent = () => ledger.total(ledger.sent[Phase.Settled]!);
-  const settledGot = () => ledger.total(ledger.got[Phase.Settled]!);
-  let after = before;
-  /** Waits until every settled frame sent so far was delivered or counted as dropped by a relay. */
-  const settle = async (what: string) => {
-    let lastFetch = -Infinity;
-    await waitUntil(
-      async () => {
-        for (const site of sites) site.vm.poll();
-        if (settledGot() === settledSent()) return true;
-        if (performance.now() - lastFetch < 100) return false;
-        lastFetch = performance.now();
-        after = await countAll();
-        return settledGot() + dropsBetween(before, after) >= settledSent();
-      },
-      `${what}: settled frames delivered or counted as dropped (sent ${settledSent()})`,
-      15_000,
-    ).catch((error) => {
-      const drops = dropsBetween(before, after);
-      throw new Error(`${error.message}; delivered ${settledGot()}, relays count ${drops} dropped: ${settledSent() - settledGot() - drops} frames vanished uncounted`);
-    });
-  };
-
-  // Part A: SETTLED_PER_PAIR frames for every ordered pair, all VMs at once.
-  const settledRng = prng(SEED ^ 0x5e771ed);
-  for (const site of sites) {
-    const frames: { to: number; size: number }[] = [];
-    for (let k = 0; k < SETTLED_PER_PAIR; k++) {
-      for (let to = 0; to < SITES; to++) if (to !== site.index) frames.push({ to, size: frameSize(settledRng) });
+    // ── every relay is up and answers; every uplink comes up
+    stage = "recovery";
+    for (const { name, relay } of cluster.relays()) {
+      expect(relay.proc.exitCode, `${name} is running`).toBeNull();
+      expect((await status(relay, name)).version, `${name} answers /status`).toBeString();
     }
-    expect(site.vm.send(Phase.Settled, frames), `VM ${site.index} sent its settled frames`).toBe(frames.length);
-  }
-  expect(settledSent()).toBe(SITES * (SITES - 1) * SETTLED_PER_PAIR);
-  await settle("every pair");
+    const uplinkStart = performance.now();
+    try {
+      await waitUntil(
+        async () => (await Promise.all(sites.map((s) => status(s.relay, s.name)))).every((st) => st.uplink.state === "up"),
+        "every site's uplink up after chaos",
+        UPLINK_WAIT_MS,
+      );
+    } catch (error) {
+      const lines: string[] = [];
+      let stuck = 0;
+      for (const site of sites) {
+        const up = (await status(site.relay, site.name)).uplink;
+        if (up.state === "up") continue;
+        // Backoff is capped at 30 s: a site not up by now whose only connection sits in a blackhole
+        // dialled it and never gave up on a handshake that will never be answered.
+        const held = site.proxy.held > 0 && site.proxy.open === 0;
+        if (held) stuck++;
+        lines.push(`${site.name}: uplink ${up.state} since ${up.since} (attempts ${up.attempts}, connects ${up.connects}, last error ${up.lastError}); ${site.proxy.describe()}${held ? " <- dial stuck in the handshake" : ""}`);
+      }
+      const why = stuck ? `\n${stuck} sites wait forever for a WebSocket handshake their proxy never answers (no handshake timeout in the uplink):` : "";
+      throw new Error(`${(error as Error).message}${why}\n${lines.join("\n")}`);
+    }
+    uplinkMs = performance.now() - uplinkStart;
+    for (const site of sites) expect(site.vm.connected, `VM ${site.index} connected`).toBeTrue();
 
-  // Part B: VM 0 stops reading while the others send to it, in rounds, until a relay has had to drop
-  // frames for it (its site's queue and the kernel buffers are full); then it reads again. The
-  // counted drops must match the missing frames exactly.
-  const slow = sites[0]!.vm;
-  const burstStart = (after = await countAll());
-  let burstSent = 0;
-  let rounds = 0;
-  slow.pause();
-  try {
-    while (dropsBetween(burstStart, after) === 0) {
-      expect(rounds++, "rounds of 1 MiB to a VM that does not read before any relay drops").toBeLessThan(60);
-      for (const site of sites.slice(1)) burstSent += site.vm.send(Phase.Settled, Array.from({ length: 4 }, () => ({ to: 0, size: 16_000 })));
-      // every frame of the round is queued to VM 0's port or counted as dropped
+    // ── every ordered pair exchanges a fresh frame within 15 s
+    pairMs = await everyPairExchanges(cluster, Phase.Probe, PAIR_WAIT_MS);
+    await allDelivered(cluster, Phase.Probe, 5_000);
+    console.log(`chaos: ${seconds()} s: all uplinks up after ${(uplinkMs / 1000).toFixed(1)} s, every pair exchanged frames after ${(pairMs / 1000).toFixed(1)} s more`);
+
+    // ── settled phase: exact accounting
+    stage = "the settled phase";
+    // Every relay knows every VM's MAC, so no settled frame is flooded (a dropped flood copy would
+    // count as a drop without being a lost frame).
+    for (const { name, relay } of cluster.relays()) {
+      const macs = new Set((await status(relay, name)).networks.flatMap((n: any) => n.macs.map((m: any) => m.mac)));
+      const unknown = sites.filter((s) => !macs.has(vmMac(s.index))).map((s) => vmMac(s.index));
+      expect(unknown, `MACs ${name} has not learned before the settled phase`).toEqual([]);
+    }
+    const countAll = () => Promise.all(cluster.relays().map(({ name, relay }) => counters(name, relay)));
+    const before = await countAll();
+    const flooded = ledger.flooded;
+    const settledSent = () => ledger.total(ledger.sent[Phase.Settled]!);
+    const settledGot = () => ledger.total(ledger.got[Phase.Settled]!);
+    let after = before;
+    /** Waits until every settled frame sent so far was delivered or counted as dropped by a relay. */
+    const settle = async (what: string) => {
       let lastFetch = -Infinity;
       await waitUntil(
         async () => {
-          if (performance.now() - lastFetch < 50) return false;
+          for (const site of sites) site.vm.poll();
+          if (settledGot() === settledSent()) return true;
+          if (performance.now() - lastFetch < 100) return false;
           lastFetch = performance.now();
           after = await countAll();
-          return after.reduce((sum, a, i) => sum + a.qemuTx - burstStart[i]!.qemuTx, 0) + dropsBetween(burstStart, after) >= burstSent;
+          return settledGot() + dropsBetween(before, after) >= settledSent();
         },
-        `round ${rounds} of frames to a VM that does not read to be queued or dropped`,
+        `${what}: settled frames delivered or counted as dropped (sent ${settledSent()})`,
         15_000,
-      );
-    }
-  } finally {
-    slow.resume();
-  }
-  const burstDrops = dropsBetween(burstStart, after);
-  await settle("a VM that stopped reading");
-  after = await countAll();
-  const drops = dropsBetween(before, after);
-  const settledDelivered = settledGot();
-  const qemuRx = after.reduce((sum, a, i) => sum + a.qemuRx - before[i]!.qemuRx, 0);
+      ).catch((error) => {
+        const drops = dropsBetween(before, after);
+        throw new Error(`${error.message}; delivered ${settledGot()}, relays count ${drops} dropped: ${settledSent() - settledGot() - drops} frames vanished uncounted`);
+      });
+    };
 
-  // ── the chaos phase's loss, measured
-  const chaosSent = ledger.total(ledger.sent[Phase.Chaos]!);
-  const chaosGot = ledger.total(ledger.got[Phase.Chaos]!);
-  const bcastSent = ledger.total(ledger.sentBcast[Phase.Chaos]!) * (SITES - 1);
-  const bcastGot = ledger.total(ledger.gotBcast[Phase.Chaos]!);
-  const pct = (part: number, whole: number) => `${((100 * part) / Math.max(whole, 1)).toFixed(1)}%`;
-  console.log(
-    `chaos summary: seed ${SEED}; events ${Object.entries(driver.counts).map(([k, n]) => `${k} ${n}`).join(", ")}; ` +
-      `chaos unicast sent ${chaosSent} delivered ${chaosGot} lost ${chaosSent - chaosGot} (${pct(chaosSent - chaosGot, chaosSent)}), ` +
-      `broadcast copies ${bcastSent} delivered ${bcastGot}, VM writes skipped ${ledger.skipped}, reordered ${ledger.reordered[Phase.Chaos]}; ` +
-      `corrupt ${ledger.corrupt} duplicated ${ledger.duplicated} reflected ${ledger.reflected}; ` +
-      `settled sent ${settledSent()} = delivered ${settledDelivered} + counted drops ${drops} ` +
-      `(${burstDrops} while VM 0 did not read, after ${rounds} rounds of ${((burstSent / rounds) * 16_000 / 2 ** 20).toFixed(1)} MiB); ` +
-      `uplinks up ${(uplinkMs / 1000).toFixed(1)} s, pairs ${(pairMs / 1000).toFixed(1)} s after; ` +
-      `max RSS hub ${cluster.rss.hub.toFixed(0)} MiB, sites ${cluster.rss.site.toFixed(0)} MiB (bound ${RSS_BOUND_MIB}); ${seconds()} s in all`,
-  );
-
-  // ── assertions
-  expect(ledger.problems).toEqual([]);
-  expect({ corrupt: ledger.corrupt, duplicated: ledger.duplicated, reflected: ledger.reflected }).toEqual({ corrupt: 0, duplicated: 0, reflected: 0 });
-  for (let s = 0; s < SITES; s++) {
-    for (let r = 0; r < SITES; r++) {
-      if (s === r) continue;
-      const pair = s * SITES + r;
-      expect(ledger.got[Phase.Chaos]![pair]!, `chaos frames ${s}→${r} delivered ≤ sent`).toBeLessThanOrEqual(ledger.sent[Phase.Chaos]![pair]!);
-      expect(ledger.gotBcast[Phase.Chaos]![pair]!, `chaos broadcasts ${s}→${r} delivered ≤ sent`).toBeLessThanOrEqual(ledger.sentBcast[Phase.Chaos]![s]!);
+    // Part A: SETTLED_PER_PAIR frames for every ordered pair, all VMs at once.
+    const settledRng = prng(SEED ^ 0x5e771ed);
+    for (const site of sites) {
+      const frames: { to: number; size: number }[] = [];
+      for (let k = 0; k < SETTLED_PER_PAIR; k++) {
+        for (let to = 0; to < SITES; to++) if (to !== site.index) frames.push({ to, size: frameSize(settledRng) });
+      }
+      expect(site.vm.send(Phase.Settled, frames), `VM ${site.index} sent its settled frames`).toBe(frames.length);
     }
+    expect(settledSent()).toBe(SITES * (SITES - 1) * SETTLED_PER_PAIR);
+    await settle("every pair");
+
+    // Part B: VM 0 stops reading while the others send to it, in rounds, until a relay has had to drop
+    // frames for it (its site's queue and the kernel buffers are full); then it reads again. The
+    // counted drops must match the missing frames exactly.
+    const slow = sites[0]!.vm;
+    const burstStart = (after = await countAll());
+    let burstSent = 0;
+    let rounds = 0;
+    slow.pause();
+    try {
+      while (dropsBetween(burstStart, after) === 0) {
+        expect(rounds++, "rounds of 1 MiB to a VM that does not read before any relay drops").toBeLessThan(60);
+        for (const site of sites.slice(1)) burstSent += site.vm.send(Phase.Settled, Array.from({ length: 4 }, () => ({ to: 0, size: 16_000 })));
+        // every frame of the round is queued to VM 0's port or counted as dropped
+        let lastFetch = -Infinity;
+        await waitUntil(
+          async () => {
+            if (performance.now() - lastFetch < 50) return false;
+            lastFetch = performance.now();
+            after = await countAll();
+            return after.reduce((sum, a, i) => sum + a.qemuTx - burstStart[i]!.qemuTx, 0) + dropsBetween(burstStart, after) >= burstSent;
+          },
+          `round ${rounds} of frames to a VM that does not read to be queued or dropped`,
+          15_000,
+        );
+      }
+    } finally {
+      slow.resume();
+    }
+    const burstDrops = dropsBetween(burstStart, after);
+    await settle("a VM that stopped reading");
+    after = await countAll();
+    const drops = dropsBetween(before, after);
+    const settledDelivered = settledGot();
+    const qemuRx = after.reduce((sum, a, i) => sum + a.qemuRx - before[i]!.qemuRx, 0);
+
+    settled =
+      `sent ${settledSent()} = delivered ${settledDelivered} + counted drops ${drops} ` +
+      `(${burstDrops} while VM 0 did not read, after ${rounds} rounds of ${(((burstSent / rounds) * 16_000) / 2 ** 20).toFixed(1)} MiB)`;
+
+    stage = "the final checks";
+    // ── assertions
+    expect(ledger.problems).toEqual([]);
+    expect({ corrupt: ledger.corrupt, duplicated: ledger.duplicated, reflected: ledger.reflected }).toEqual({ corrupt: 0, duplicated: 0, reflected: 0 });
+    for (let s = 0; s < SITES; s++) {
+      for (let r = 0; r < SITES; r++) {
+        if (s === r) continue;
+        const pair = s * SITES + r;
+        expect(ledger.got[Phase.Chaos]![pair]!, `chaos frames ${s}→${r} delivered ≤ sent`).toBeLessThanOrEqual(ledger.sent[Phase.Chaos]![pair]!);
+        expect(ledger.gotBcast[Phase.Chaos]![pair]!, `chaos broadcasts ${s}→${r} delivered ≤ sent`).toBeLessThanOrEqual(ledger.sentBcast[Phase.Chaos]![s]!);
+      }
+    }
+    expect(settledDelivered + drops, "settled: sent = delivered + counted drops").toBe(settledSent());
+    expect(burstDrops, "drops counted while VM 0 did not read").toBeGreaterThan(0);
+    expect(qemuRx, "settled: frames entering the sites' QEMU ports = frames sent").toBe(settledSent());
+    expect(ledger.reordered[Phase.Settled], "settled frames out of order").toBe(0);
+    expect(ledger.flooded - flooded, "settled frames flooded to other VMs").toBe(0);
+    for (const [i, { name }] of cluster.relays().entries()) {
+      expect(after[i]!.pid, `${name} was not restarted during the settled phase`).toBe(before[i]!.pid);
+      expect([...after[i]!.open].sort(), `${name}: no port opened or closed during the settled phase`).toEqual([...before[i]!.open].sort());
+    }
+    cluster.sampleRss();
+    expect(cluster.rss.hub, "hub max RSS (MiB)").toBeLessThan(RSS_BOUND_MIB);
+    expect(cluster.rss.site, "sites' max RSS (MiB)").toBeLessThan(RSS_BOUND_MIB);
+    expect(unexpectedExits).toEqual([]);
   }
-  expect(settledDelivered + drops, "settled: sent = delivered + counted drops").toBe(settledSent());
-  expect(burstDrops, "drops counted while VM 0 did not read").toBeGreaterThan(0);
-  expect(qemuRx, "settled: frames entering the sites' QEMU ports = frames sent").toBe(settledSent());
-  expect(ledger.reordered[Phase.Settled], "settled frames out of order").toBe(0);
-  expect(ledger.flooded - flooded, "settled frames flooded to other VMs").toBe(0);
-  for (const [i, { name }] of cluster.relays().entries()) {
-    expect(after[i]!.pid, `${name} was not restarted during the settled phase`).toBe(before[i]!.pid);
-    expect([...after[i]!.open].sort(), `${name}: no port opened or closed during the settled phase`).toEqual([...before[i]!.open].sort());
-  }
-  cluster.sampleRss();
-  expect(cluster.rss.hub, "hub max RSS (MiB)").toBeLessThan(RSS_BOUND_MIB);
-  expect(cluster.rss.site, "sites' max RSS (MiB)").toBeLessThan(RSS_BOUND_MIB);
-  expect(unexpectedExits).toEqual([]);
 });
