@@ -81,6 +81,8 @@ const CLOSED_PORTS_KEPT = 16;
 /** Learned MACs listed per network in /status (the count is always given). */
 const MAC_LIST_LIMIT = 1024;
 const LOOP_BLOCK_MS = 60_000;
+/** A MAC that moves again within this long after its last move is flapping. */
+const MAC_FLAP_MS = 10_000;
 const HELLO_TIMEOUT_MS = 10_000;
 /** Failed authentications from one address before it gets 429, within this window, for this long. */
 const AUTH_FAILURES = 10;
@@ -962,6 +964,8 @@ export abstract class Port {
 interface MacEntry {
   port: Port;
   seen: number;
+  /** When it last moved to another port: a second move soon after is a flap. */
+  moved: number;
 }
 
 /** EtherType 0x9000 (Ethernet configuration testing, "loopback"), as switches use for loop detection. */
@@ -1006,6 +1010,9 @@ export class Network {
   readonly #policy: SwitchPolicy;
   readonly #probeSource: Uint8Array | undefined;
   readonly #probeKey: number;
+  /** MAC moves between ports in quick succession. */
+  macFlaps = 0;
+  readonly #flapLog: { log(line: string): void };
 
   constructor(
     readonly name: string,
@@ -1018,6 +1025,7 @@ export class Network {
     // A locally administered unicast MAC derived from the relay id: 02 + the id's first 5 bytes.
     this.#probeSource = id === undefined ? undefined : Uint8Array.of(0x02, ...Buffer.from(id.slice(0, 10), "hex"));
     this.#probeKey = this.#probeSource ? macKey(this.#probeSource, 0) : -1;
+    this.#flapLog = rateLimitedLog((line) => this.#policy.log?.warn(line), 1, 10_000);
   }
 
   attach(port: Port): void {
@@ -1089,9 +1097,11 @@ export class Network {
     if (entry !== undefined) {
       if (entry.port !== port) {
         if (port.macCount >= port.macLimit) return false;
+        if (now - entry.moved < MAC_FLAP_MS) this.#flapped(key, entry.port, port);
         entry.port.macCount--;
         port.macCount++;
         entry.port = port;
+        entry.moved = now;
       }
       // Re-inserted at most once a second, so the map's order approximates last-seen order cheaply.
       if (now - entry.seen >= 1000) {
@@ -1103,9 +1113,17 @@ export class Network {
     }
     if (port.macCount >= port.macLimit) return false;
     if (this.macs.size >= MAX_MACS_PER_NETWORK) this.#evictOldest();
-    this.macs.set(key, { port, seen: now });
+    this.macs.set(key, { port, seen: now, moved: -Infinity });
     port.macCount++;
     return true;
+  }
+
+  /** One MAC seen on two ports in turn: two VMs share a MAC, or frames loop. Warned, rate-limited. */
+  #flapped(key: number, from: Port, to: Port): void {
+    this.macFlaps++;
+    this.#flapLog.log(
+      `network ${this.name}: MAC ${formatMac(key)} moves between ${from.id} ${from.peer} and ${to.id} ${to.peer}: two VMs with the same MAC, or a loop`,
+    );
   }
 
   /** A full table forgets its least recently seen entry rather than refusing new ones. */
@@ -1200,6 +1218,7 @@ export class Network {
       ports: [...this.ports].map((p) => p.snapshot()),
       closedPorts: [...this.closed],
       macCount: this.macs.size,
+      macFlaps: this.macFlaps,
       macs,
     };
   }
@@ -3077,21 +3096,57 @@ export function loadConfig(argv: string[], env: Record<string, string | undefine
   return parseConfig(raw);
 }
 
-/** The QEMU command line that attaches a VM to a --qemu-listen address. */
-export function qemuHint(address: string): string {
-  const parsed = parseSocketAddress(address)!;
-  const addr =
-    "path" in parsed
-      ? parsed.path.startsWith("@")
-        ? `addr.type=unix,addr.path=${parsed.path.slice(1)},addr.abstract=on`
-        : `addr.type=unix,addr.path=${parsed.path}`
-      : `addr.type=inet,addr.host=${parsed.host},addr.port=${parsed.port}`;
-  return `qemu-system-x86_64 … -netdev stream,id=n0,server=off,${addr} -device virtio-net-pci,netdev=n0`;
+/** A locally administered MAC in QEMU's range, fresh each call: VMs started from one hint must differ. */
+export function randomVmMac(): string {
+  const [a, b, c] = crypto.getRandomValues(new Uint8Array(3));
+  return ["52", "54", "00", a!, b!, c!].map((x) => (typeof x === "string" ? x : x.toString(16).padStart(2, "0"))).join(":");
 }
 
-/** How the user started this program: the compiled binary's own name, or `bun relay.ts`. */
+/** QEMU's stream/dgram address options for a socket address, e.g. `addr.type=inet,addr.host=…,addr.port=…`. */
+function qemuAddress(prefix: string, address: SocketAddress): string {
+  if (!("path" in address)) return `${prefix}.type=inet,${prefix}.host=${address.host},${prefix}.port=${address.port}`;
+  return address.path.startsWith("@")
+    ? `${prefix}.type=unix,${prefix}.path=${address.path.slice(1)},${prefix}.abstract=on`
+    : `${prefix}.type=unix,${prefix}.path=${address.path}`;
+}
+
+/**
+ * The QEMU command lines that attach a VM to each QEMU port: the QEMU ≥ 7.2 form and, where one
+ * exists, the older `-netdev socket` form; each with a MAC of its own.
+ */
+export function qemuHints(config: Config, bound: BoundAddress[]): string[] {
+  const lines: string[] = [];
+  const hint = (network: string, form: string, netdev: string) =>
+    lines.push(`attach a VM to ${network} (${form}): qemu-system-x86_64 … -netdev ${netdev} -device virtio-net-pci,netdev=n0,mac=${randomVmMac()}`);
+  const boundOf = (what: string) => bound.filter((b) => b.what === what);
+  for (const b of boundOf("qemu-listen")) {
+    const address = parseSocketAddress(b.address)!;
+    hint(b.network!, "QEMU ≥ 7.2", `stream,id=n0,server=off,${qemuAddress("addr", address)}`);
+    if (!("path" in address)) hint(b.network!, "older QEMU", `socket,id=n0,connect=${b.address}`);
+  }
+  for (const spec of config.qemuConnect) {
+    hint(spec.network, "QEMU ≥ 7.2, the VM listens", `stream,id=n0,server=on,${qemuAddress("addr", spec.address)}`);
+    if (!("path" in spec.address)) hint(spec.network, "older QEMU, the VM listens", `socket,id=n0,listen=${formatAddress(spec.address)}`);
+  }
+  boundOf("qemu-udp").forEach((b, i) => {
+    const relay = parseSocketAddress(b.address)!;
+    const spec = config.qemuUdp[i]!;
+    const vm: SocketAddress = spec.remote ?? ("path" in relay ? { path: `${relay.path}.vm` } : { host: relay.host, port: 0 });
+    hint(b.network!, "QEMU ≥ 7.2", `dgram,id=n0,${qemuAddress("local", vm)},${qemuAddress("remote", relay)}`);
+    if (!("path" in relay)) hint(b.network!, "older QEMU", `socket,id=n0,udp=${b.address},localaddr=${formatAddress(vm)}`);
+  });
+  for (const spec of config.qemuMcast) {
+    const local = spec.localAddress ? `,local.type=inet,local.host=${spec.localAddress},local.port=0` : "";
+    hint(spec.network, "QEMU ≥ 7.2", `dgram,id=n0,${qemuAddress("remote", spec.group)}${local}`);
+    hint(spec.network, "older QEMU", `socket,id=n0,mcast=${formatHostPort(spec.group)}${spec.localAddress ? `,localaddr=${spec.localAddress}` : ""}`);
+  }
+  return lines;
+}
+
+/** How the user runs this program: the compiled binary's own name, or Bun on the script (through npx when Bun is not on the PATH). */
 function programName(): string {
-  return Bun.main.startsWith("/$bunfs/") ? basename(process.execPath) : `bun ${basename(Bun.main)}`;
+  if (Bun.main.startsWith("/$bunfs/")) return basename(process.execPath);
+  return `${Bun.which("bun") ? "" : "npx "}bun ${basename(Bun.main)}`;
 }
 
 export async function main(argv = Bun.argv.slice(2), env: Record<string, string | undefined> = process.env): Promise<void> {
@@ -3120,7 +3175,7 @@ export async function main(argv = Bun.argv.slice(2), env: Record<string, string 
   process.once("SIGINT", shutdown);
   process.once("SIGTERM", shutdown);
   for (const b of relay.bound) console.log(`${b.what}${b.network ? ` ${b.network}` : ""}: listening on ${b.address}`);
-  for (const b of relay.bound) if (b.what === "qemu-listen") console.log(`attach a VM to ${b.network}: ${qemuHint(b.address)}`);
+  for (const line of qemuHints(config, relay.bound)) console.log(line);
   console.log("ready");
 }
 

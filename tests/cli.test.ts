@@ -1,7 +1,8 @@
 import { describe, expect, test } from "bun:test";
-import { existsSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
+import { dirname } from "node:path";
 import { OPTIONS, flagOf, helpText, loadConfig, startRelay, parseConfig } from "../relay.ts";
-import { RELAY, attachVm, connectStream, runCli, makeFrame, BROADCAST, spawnRelay, tempDir, waitUntil } from "./helpers.ts";
+import { RELAY, attachVm, connectStream, freePort, runCli, makeFrame, BROADCAST, spawnRelay, tempDir, waitUntil } from "./helpers.ts";
 
 describe("CLI", () => {
   test("--help documents every option on stdout and exits 0", async () => {
@@ -142,15 +143,72 @@ describe("CLI", () => {
     }
   });
 
-  test("logs every bound address and the QEMU line to attach a VM", async () => {
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "lab=127.0.0.1:0", "--qemu-udp", "127.0.0.1:0"]);
+  test("logs every bound address and, per QEMU port, ready-to-paste QEMU lines with a MAC each", async () => {
+    const vmPort = await freePort("udp");
+    await using relay = await spawnRelay([
+      "--http", "127.0.0.1:0", "--qemu-listen", "lab=127.0.0.1:0", "--qemu-udp", `127.0.0.1:0,127.0.0.1:${vmPort}`, "--qemu-connect", "dev=127.0.0.1:1",
+    ]);
     const lines = relay.stdout().split("\n");
     expect(lines[0]).toMatch(/^http: listening on http:\/\/127\.0\.0\.1:\d+$/);
     expect(lines[1]).toMatch(/^qemu-listen lab: listening on 127\.0\.0\.1:\d+$/);
     expect(lines[2]).toMatch(/^qemu-udp default: listening on 127\.0\.0\.1:\d+$/);
-    expect(lines[3]).toBe(
-      `attach a VM to lab: qemu-system-x86_64 … -netdev stream,id=n0,server=off,addr.type=inet,addr.host=127.0.0.1,addr.port=${relay.port("qemu-listen")} -device virtio-net-pci,netdev=n0`,
-    );
+    const [listen, udp] = [relay.port("qemu-listen"), relay.port("qemu-udp")];
+    const hints = lines.filter((l) => l.startsWith("attach a VM"));
+    const mac = /,mac=(52:54:00:[0-9a-f]{2}:[0-9a-f]{2}:[0-9a-f]{2})$/;
+    expect(hints.map((l) => l.replace(mac, ""))).toEqual([
+      `attach a VM to lab (QEMU ≥ 7.2): qemu-system-x86_64 … -netdev stream,id=n0,server=off,addr.type=inet,addr.host=127.0.0.1,addr.port=${listen} -device virtio-net-pci,netdev=n0`,
+      `attach a VM to lab (older QEMU): qemu-system-x86_64 … -netdev socket,id=n0,connect=127.0.0.1:${listen} -device virtio-net-pci,netdev=n0`,
+      "attach a VM to dev (QEMU ≥ 7.2, the VM listens): qemu-system-x86_64 … -netdev stream,id=n0,server=on,addr.type=inet,addr.host=127.0.0.1,addr.port=1 -device virtio-net-pci,netdev=n0",
+      "attach a VM to dev (older QEMU, the VM listens): qemu-system-x86_64 … -netdev socket,id=n0,listen=127.0.0.1:1 -device virtio-net-pci,netdev=n0",
+      `attach a VM to default (QEMU ≥ 7.2): qemu-system-x86_64 … -netdev dgram,id=n0,local.type=inet,local.host=127.0.0.1,local.port=${vmPort},remote.type=inet,remote.host=127.0.0.1,remote.port=${udp} -device virtio-net-pci,netdev=n0`,
+      `attach a VM to default (older QEMU): qemu-system-x86_64 … -netdev socket,id=n0,udp=127.0.0.1:${udp},localaddr=127.0.0.1:${vmPort} -device virtio-net-pci,netdev=n0`,
+    ]);
+    const macs = hints.map((l) => mac.exec(l)?.[1]);
+    expect(new Set(macs).size).toBe(hints.length);
+  });
+
+  test("SIGTERM to `npm start` reaches the relay: both ports are freed and no bun process is left", async () => {
+    const npm = Bun.spawn(["npm", "start", "--", "--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0"], { cwd: dirname(RELAY), stdout: "pipe", stderr: "pipe", stdin: "ignore" });
+    let out = "";
+    const reader = (async () => {
+      for await (const chunk of npm.stdout) out += new TextDecoder().decode(chunk);
+    })();
+    await waitUntil(() => /^ready$/m.test(out), "the relay ready under npm start");
+    const children = (pid: number): number[] => {
+      const text = (() => {
+        try {
+          return readFileSync(`/proc/${pid}/task/${pid}/children`, "utf8");
+        } catch {
+          return "";
+        }
+      })();
+      return text.trim().split(/\s+/).filter(Boolean).map(Number).flatMap((c) => [c, ...children(c)]);
+    };
+    const descendants = children(npm.pid);
+    expect(descendants.length).toBeGreaterThan(0);
+    const ports = [...out.matchAll(/listening on (?:http:\/\/)?127\.0\.0\.1:(\d+)$/gm)].map((m) => Number(m[1]));
+    expect(ports).toHaveLength(2);
+    npm.kill("SIGTERM");
+    await npm.exited;
+    await reader;
+    await waitUntil(() => descendants.every((pid) => !existsSync(`/proc/${pid}`)), "every process under npm gone");
+    for (const port of ports) expect(connectStream(port)).rejects.toThrow();
+  });
+
+  test("a MAC seen on two ports in turn is warned about once (rate-limited) and counted", async () => {
+    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0"]);
+    await using vm1 = await attachVm(relay);
+    await using vm2 = await attachVm(relay);
+    await using vm3 = await attachVm(relay);
+    const same = "52:54:00:12:34:56";
+    for (let i = 0; i < 6; i++) {
+      const vm = i % 2 ? vm2 : vm1;
+      vm.send(makeFrame(BROADCAST, same, `turn ${i}`));
+      await vm3.frames.next();
+    }
+    await relay.waitForLine(/^network default: MAC 52:54:00:12:34:56 moves between qemu-listen-\d+ 127\.0\.0\.1:\d+ and qemu-listen-\d+ 127\.0\.0\.1:\d+: two VMs with the same MAC, or a loop$/);
+    expect(relay.stderr().match(/moves between/g)).toHaveLength(1);
+    expect((await relay.status()).networks[0].macFlaps).toBe(4);
   });
 });
 
