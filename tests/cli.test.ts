@@ -24,6 +24,9 @@ describe("CLI", () => {
       stderr: "",
       code: 0,
     });
+    const help = Bun.spawn([binary, "-h"], { stdout: "pipe", stderr: "pipe", cwd: dir.path });
+    expect((await new Response(help.stdout).text()).split("\n")[2]).toBe("Usage: edge-relay [options]");
+    expect(await help.exited).toBe(0);
   });
 
   test("--version prints the version", async () => {

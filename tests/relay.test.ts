@@ -252,9 +252,16 @@ describe("tunnel auth", () => {
       "--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--uplink", wsUrl(hub), "--uplink-token", wrong,
     ]);
     await waitUntil(async () => (await hub.status()).authFailures >= 3, "three auth failures counted");
-    const st = await badSite.status();
-    expect(st.uplink.state).not.toBe("up");
-    expect(st.uplink.lastError).toContain("401");
+    await badSite.waitForLine(/^uplink: ws:\/\/127\.0\.0\.1:\d+\/tunnel: the hub refused the token \(401\); retrying with backoff$/);
+    const st = await waitUntil(async () => {
+      const s = await badSite.status();
+      return s.uplink.nextDial && s;
+    }, "the redial scheduled");
+    expect(st.uplink.state).toBe("down");
+    expect(st.uplink.lastError).toBe("the hub refused the token (401)");
+    // A wrong token will not become right: the next dial waits the longest backoff at once.
+    expect(Date.parse(st.uplink.nextDial) - Date.now()).toBeGreaterThan(10_000);
+    expect(st.uplink.attempts).toBe(1);
     const metrics = await (await fetch(`${hub.base}/metrics`)).text();
     expect(Number(/^edge_relay_auth_failures_total (\d+)$/m.exec(metrics)?.[1])).toBeGreaterThanOrEqual(3);
     expect(hub.stderr()).toContain("tunnel: refused 127.0.0.1:");
@@ -264,6 +271,13 @@ describe("tunnel auth", () => {
       expect(out).not.toContain(wrong);
       expect(out).not.toContain(TOKEN);
     }
+  });
+
+  test("a dial to a relay without tokens says there is no tunnel endpoint there", async () => {
+    await using plain = await spawnRelay(["--http", "127.0.0.1:0"]);
+    await using site = await spawnRelay(["--http", "127.0.0.1:0", "--uplink", wsUrl(plain), "--uplink-token", TOKEN]);
+    const uplink = await waitUntil(async () => (await site.status()).uplink.nextDial && (await site.status()).uplink, "a refused dial");
+    expect(uplink.lastError).toBe("no tunnel endpoint there (404): is the target started with --token?");
   });
 
   test("a token limited to network x cannot reach network y", async () => {
