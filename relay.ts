@@ -870,13 +870,18 @@ export interface PortSnapshot {
   tx: { frames: number; bytes: number; drops: number };
   errors: number;
   macs: number;
+  /** Why it closed: peer closed, oversize frame, write error, relay stopping, … */
+  reason?: string;
 }
 
 let portSerial = 0;
 
 /** Anything that carries frames into and out of one network. */
 export abstract class Port {
-  readonly id: string;
+  /** `NET/KIND-N`, numbered per network and kind in the order ports attach. */
+  id: string;
+  /** Set by whoever closes the port, for the log and closedPorts. */
+  closeReason: string | undefined;
   /** Names this port in loop probes. */
   readonly serial = ++portSerial;
   readonly stats: PortStats = { rxFrames: 0, rxBytes: 0, rxRunts: 0, rxStorm: 0, rxMacLimit: 0, rxLoop: 0, txFrames: 0, txBytes: 0, txDrops: 0, errors: 0 };
@@ -957,6 +962,7 @@ export abstract class Port {
       tx: { frames: s.txFrames, bytes: s.txBytes, drops: s.txDrops },
       errors: s.errors,
       macs: this.macCount,
+      ...(this.state === "closed" && { reason: this.closeReason ?? "peer closed" }),
     };
   }
 }
@@ -995,6 +1001,8 @@ export interface SwitchPolicy {
   /** How long a port stays blocked after a loop was seen through it. */
   loopBlockMs?: number;
   log?: Logger;
+  /** Where VM ports coming and going are logged (rate-limited by the relay). */
+  portLog?: Logger;
   /** Called once per port blocked for a loop. */
   onLoop?: () => void;
 }
@@ -1012,6 +1020,8 @@ export class Network {
   readonly #probeKey: number;
   /** MAC moves between ports in quick succession. */
   macFlaps = 0;
+  /** Ports attached so far, per kind: the N of `NET/KIND-N`. */
+  readonly #serials = new Map<string, number>();
   readonly #flapLog: { log(line: string): void };
 
   constructor(
@@ -1029,18 +1039,25 @@ export class Network {
   }
 
   attach(port: Port): void {
+    const n = (this.#serials.get(port.kind) ?? 0) + 1;
+    this.#serials.set(port.kind, n);
+    port.id = `${this.name}/${port.kind}-${n}`;
     port.network = this;
     port.macLimit = port.trunk ? MAX_MACS_PER_NETWORK : (this.#policy.portMacs ?? DEFAULT_PORT_MACS);
     this.ports.add(port);
+    if (!port.trunk || port.kind === "qemu-mcast") this.#policy.portLog?.info(`${port.id} up: ${port.kind} ${port.peer}`);
   }
 
-  detach(port: Port): void {
+  detach(port: Port, reason?: string): void {
     if (!this.ports.delete(port)) return;
+    port.closeReason ??= reason;
     port.state = "closed";
     port.since = this.now();
     this.#forgetPort(port);
-    this.closed.push(port.snapshot());
+    const snapshot = port.snapshot();
+    this.closed.push(snapshot);
     if (this.closed.length > CLOSED_PORTS_KEPT) this.closed.shift();
+    if (!port.trunk || port.kind === "qemu-mcast") this.#policy.portLog?.info(`${port.id} down: ${port.kind} ${port.peer}: ${snapshot.reason}`);
   }
 
   #forgetPort(port: Port): void {
@@ -2805,6 +2822,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
     stormLimit: config.stormLimit,
     relayId: identity.id,
     log,
+    portLog: { info: rateLimitedLog(log.info, 20, 10_000).log, warn: log.warn },
     onLoop: () => void counters.loopsDetected++,
   };
   let uplink: Uplink | undefined;

@@ -152,9 +152,11 @@ describe("CLI", () => {
       "--http", "127.0.0.1:0", "--qemu-listen", "lab=127.0.0.1:0", "--qemu-udp", `127.0.0.1:0,127.0.0.1:${vmPort}`, "--qemu-connect", "dev=127.0.0.1:1",
     ]);
     const lines = relay.stdout().split("\n");
-    expect(lines[0]).toMatch(/^http: listening on http:\/\/127\.0\.0\.1:\d+$/);
-    expect(lines[1]).toMatch(/^qemu-listen lab: listening on 127\.0\.0\.1:\d+$/);
-    expect(lines[2]).toMatch(/^qemu-udp default: listening on 127\.0\.0\.1:\d+$/);
+    const listening = lines.filter((l) => l.includes(": listening on "));
+    expect(listening[0]).toMatch(/^http: listening on http:\/\/127\.0\.0\.1:\d+$/);
+    expect(listening[1]).toMatch(/^qemu-listen lab: listening on 127\.0\.0\.1:\d+$/);
+    expect(listening[2]).toMatch(/^qemu-udp default: listening on 127\.0\.0\.1:\d+$/);
+    expect(lines).toContain(`default/qemu-udp-1 up: qemu-udp 127.0.0.1:${vmPort}`);
     const [listen, udp] = [relay.port("qemu-listen"), relay.port("qemu-udp")];
     const hints = lines.filter((l) => l.startsWith("attach a VM"));
     const mac = /,mac=(52:54:00:[0-9a-f]{2}:[0-9a-f]{2}:[0-9a-f]{2})$/;
@@ -209,7 +211,7 @@ describe("CLI", () => {
       vm.send(makeFrame(BROADCAST, same, `turn ${i}`));
       await vm3.frames.next();
     }
-    await relay.waitForLine(/^network default: MAC 52:54:00:12:34:56 moves between qemu-listen-\d+ 127\.0\.0\.1:\d+ and qemu-listen-\d+ 127\.0\.0\.1:\d+: two VMs with the same MAC, or a loop$/);
+    await relay.waitForLine(/^network default: MAC 52:54:00:12:34:56 moves between default\/qemu-listen-\d+ 127\.0\.0\.1:\d+ and default\/qemu-listen-\d+ 127\.0\.0\.1:\d+: two VMs with the same MAC, or a loop$/);
     expect(relay.stderr().match(/moves between/g)).toHaveLength(1);
     expect((await relay.status()).networks[0].macFlaps).toBe(4);
   });

@@ -157,7 +157,7 @@ describe("loops", () => {
         return ports.find((p: any) => p.state === "blocked-loop");
       }, "a port blocked for the loop");
       expect([left.local, right.local]).toContain(blocked.peer);
-      await relay.waitForLine(/^network default: loop detected \(a probe sent out of qemu-listen-\d+ came back on qemu-listen-\d+\); blocking qemu-listen-\d+ 127\.0\.0\.1:\d+ for 60 s$/);
+      await relay.waitForLine(/^network default: loop detected \(a probe sent out of default\/qemu-listen-\d+ came back on default\/qemu-listen-\d+\); blocking default\/qemu-listen-\d+ 127\.0\.0\.1:\d+ for 60 s$/);
       expect((await relay.status()).loopsDetected).toBe(1);
       const open = blocked.peer === left.local ? right : left;
       const Y = "02:00:00:00:52:01";

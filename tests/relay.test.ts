@@ -329,7 +329,7 @@ describe("bad input on QEMU ports", () => {
     bad.write(Uint8Array.of(0, 1, 0x11, 0x70, 1, 2, 3)); // length 70,000
     await bad.closed;
     const line = await relay.waitForLine(/exceeds the maximum/);
-    expect(line).toMatch(/^qemu-listen-\d+ 127\.0\.0\.1:\d+: Cannot decode frame: length 70000 exceeds the maximum of 69632 bytes; closing the connection$/);
+    expect(line).toMatch(/^default\/qemu-listen-1 127\.0\.0\.1:\d+: Cannot decode frame: length 70000 exceeds the maximum of 69632 bytes; closing the connection$/);
     expect(relay.stderr().match(/exceeds the maximum/g)?.length).toBe(1);
     const f = makeFrame(BROADCAST, "02:00:00:00:10:01", "after the bad one");
     vm1.send(f);

@@ -221,7 +221,7 @@ describe("Network hardening", () => {
       expect(p3.state).toBe("up");
       expect(loops).toBe(1);
       expect(lines).toHaveLength(1);
-      expect(lines[0]).toMatch(/^network lab: loop detected \(a probe sent out of test-\d+ came back on test-\d+\); blocking test-\d+ p\d for 60 s$/);
+      expect(lines[0]).toMatch(/^network lab: loop detected \(a probe sent out of lab\/test-\d+ came back on lab\/test-\d+\); blocking lab\/test-\d+ p\d for 60 s$/);
       const blocked = p1.state === "blocked-loop" ? p1 : p2;
       expect(blocked.snapshot().state).toBe("blocked-loop");
       net.forward(makeFrame(BROADCAST, A), blocked);
