@@ -190,7 +190,7 @@ function splitNetwork(text: string): { network: string; rest: string } {
 
 function endpointSchema<T extends object>(shape: string, parse: (rest: string) => T | null) {
   return v.pipe(
-    v.string(),
+    v.string(`expected ${shape}`),
     v.rawTransform(({ dataset, addIssue, NEVER }) => {
       const { network, rest } = splitNetwork(dataset.value);
       const parsed = parse(rest);
@@ -262,7 +262,7 @@ export function describeError(action: string, error: unknown): string {
 
 /** A PEM file named by the option: read while validating, so a missing file is a config error. */
 const PemFile = v.pipe(
-  v.string(),
+  v.string("expected a file name"),
   v.rawTransform(({ dataset, addIssue, NEVER }) => {
     try {
       return { path: dataset.value, text: readFileSync(dataset.value, "utf8") };
@@ -274,13 +274,13 @@ const PemFile = v.pipe(
 );
 
 const Fingerprint = v.pipe(
-  v.string(),
+  v.string("expected a SHA-256 fingerprint"),
   v.regex(/^(?:[0-9A-Fa-f]{2}:?){31}[0-9A-Fa-f]{2}$/, "expected a SHA-256 fingerprint: 64 hex digits, colons optional"),
   v.transform((f) => f.replace(/:/g, "").toUpperCase().replace(/(..)(?!$)/g, "$1:")),
 );
 
 const HttpAddress = v.pipe(
-  v.string(),
+  v.string("expected HOST:PORT"),
   v.rawTransform(({ dataset, addIssue, NEVER }) => {
     const addr = parseHostPort(dataset.value);
     if (addr) return addr;

@@ -98,7 +98,7 @@ describe("CLI", () => {
     expect(broken.code).toBe(2);
   });
 
-  test("a secret of the wrong type or shape is never quoted in the error", async () => {
+  test("config-file values of the wrong type get one line in the relay's words, and a secret is never quoted", async () => {
     await using dir = await tempDir();
     const secret = "s3cret-value-never-shown";
     const cases: [object, string][] = [
@@ -109,6 +109,12 @@ describe("CLI", () => {
       [{ adminToken: `${secret} x` }, "--admin-token: must be non-empty and contain no white space"],
       [{ uplinkToken: { secret } }, "--uplink-token: expected a string"],
       [{ qemuListen: "127.0.0.1:1" }, "--qemu-listen: expected an array of [NET=]HOST:PORT or [NET=]unix:PATH"],
+      [{ http: 8080 }, "--http: expected HOST:PORT"],
+      [{ qemuListen: [5] }, "--qemu-listen (qemuListen[0]): expected [NET=]HOST:PORT or [NET=]unix:PATH"],
+      [{ tlsCert: true }, "--tls-cert: expected a file name"],
+      [{ macAgeing: "5" }, "--mac-ageing: expected a number of seconds"],
+      [{ insecure: "yes" }, "--insecure: expected true or false"],
+      [{ portMacs: 2.5 }, "--port-macs: expected a whole number"],
     ];
     for (const [config, message] of cases) {
       await Bun.write(`${dir.path}/c.json`, JSON.stringify(config));
