@@ -837,6 +837,93 @@ export function formatMac(key: number): string {
   return key.toString(16).padStart(12, "0").replace(/(..)(?!$)/g, "$1:");
 }
 
+/**
+ * pcapng blocks (little-endian), as Wireshark and tshark read them from a pipe: a section header,
+ * one interface description per port, one enhanced packet block per frame with a nanosecond
+ * timestamp and the direction flag.
+ */
+const PCAPNG_SHB = 0x0a0d0d0a;
+const PCAPNG_IDB = 1;
+const PCAPNG_EPB = 6;
+const LINKTYPE_ETHERNET = 1;
+
+/** Options: code, length, value padded to 4 bytes; then opt_endofopt. */
+function pcapngOptions(options: [code: number, value: Uint8Array][]): Uint8Array {
+  const size = options.reduce((n, [, value]) => n + 4 + ((value.length + 3) & ~3), 0) + (options.length ? 4 : 0);
+  const out = new Uint8Array(size);
+  const view = new DataView(out.buffer);
+  let at = 0;
+  for (const [code, value] of options) {
+    view.setUint16(at, code, true);
+    view.setUint16(at + 2, value.length, true);
+    out.set(value, at + 4);
+    at += 4 + ((value.length + 3) & ~3);
+  }
+  return out;
+}
+
+/** A block: type, total length, body, total length again. */
+function pcapngBlock(type: number, body: Uint8Array): Uint8Array {
+  const length = 12 + body.length;
+  const out = new Uint8Array(length);
+  const view = new DataView(out.buffer);
+  view.setUint32(0, type, true);
+  view.setUint32(4, length, true);
+  out.set(body, 8);
+  view.setUint32(length - 4, length, true);
+  return out;
+}
+
+export function pcapngSectionHeader(): Uint8Array {
+  const body = new Uint8Array(16);
+  const view = new DataView(body.buffer);
+  view.setUint32(0, 0x1a2b3c4d, true);
+  view.setUint16(4, 1, true);
+  view.setUint16(6, 0, true);
+  view.setBigInt64(8, -1n, true); // section length unknown: a stream
+  return pcapngBlock(PCAPNG_SHB, body);
+}
+
+export function pcapngInterface(name: string, description: string, snaplen: number): Uint8Array {
+  const text = new TextEncoder();
+  const options = pcapngOptions([
+    [2, text.encode(name)],
+    [3, text.encode(description)],
+    [9, Uint8Array.of(9)], // if_tsresol: nanoseconds
+  ]);
+  const body = new Uint8Array(8 + options.length);
+  const view = new DataView(body.buffer);
+  view.setUint16(0, LINKTYPE_ETHERNET, true);
+  view.setUint32(4, snaplen, true);
+  body.set(options, 8);
+  return pcapngBlock(PCAPNG_IDB, body);
+}
+
+/** One frame on interface `id`, cut to `snaplen` (the original length is kept); inbound or outbound. */
+export function pcapngPacket(id: number, timeNs: bigint, frame: Uint8Array, snaplen: number, inbound: boolean): Uint8Array {
+  const captured = Math.min(frame.length, snaplen);
+  const padded = (captured + 3) & ~3;
+  const body = new Uint8Array(20 + padded + 12);
+  const view = new DataView(body.buffer);
+  view.setUint32(0, id, true);
+  view.setUint32(4, Number(timeNs >> 32n), true);
+  view.setUint32(8, Number(timeNs & 0xffffffffn), true);
+  view.setUint32(12, captured, true);
+  view.setUint32(16, frame.length, true);
+  body.set(frame.subarray(0, captured), 20);
+  // epb_flags: direction in the low two bits, 1 inbound, 2 outbound.
+  view.setUint16(20 + padded, 2, true);
+  view.setUint16(22 + padded, 4, true);
+  view.setUint32(24 + padded, inbound ? 1 : 2, true);
+  return pcapngBlock(PCAPNG_EPB, body);
+}
+
+/** The EtherType a filter matches: a VLAN-tagged frame's inner one. */
+export function etherTypeOf(frame: Uint8Array): number {
+  const outer = (frame[12]! << 8) | frame[13]!;
+  return (outer === 0x8100 || outer === 0x88a8) && frame.length >= 18 ? (frame[16]! << 8) | frame[17]! : outer;
+}
+
 // ───────────────────────────── switch ─────────────────────────────
 
 export interface PortStats {
@@ -912,8 +999,8 @@ export abstract class Port {
   /** Queues a frame for sending; false when it had to be dropped. */
   protected abstract enqueue(frame: Uint8Array): boolean;
 
-  /** Queues a frame; a port that cannot take it counts a drop, and never throws back into the switch. */
-  send(frame: Uint8Array): void {
+  /** Queues a frame; a port that cannot take it counts a drop (false), and never throws back into the switch. */
+  send(frame: Uint8Array): boolean {
     let queued = false;
     try {
       queued = this.enqueue(frame);
@@ -926,6 +1013,7 @@ export abstract class Port {
     } else {
       this.stats.txDrops++;
     }
+    return queued;
   }
 
   /** Sends a frame of the relay's own (a loop probe): not counted as traffic. */
@@ -988,6 +1076,64 @@ function isProbe(frame: Uint8Array): boolean {
   return true;
 }
 
+/** What a capture keeps: frames of one port, to or from one MAC, of one EtherType (each optional). */
+export interface CaptureFilter {
+  port?: string;
+  mac?: number;
+  etherType?: number;
+  snaplen: number;
+}
+
+/** Where a capture's blocks go: false when the reader is behind and the block was dropped. */
+export type CaptureSink = (block: Uint8Array, force: boolean) => boolean;
+
+/** A wall clock in nanoseconds: one Date read at start, the monotonic clock after. */
+const CLOCK_ANCHOR_NS = BigInt(Date.now()) * 1_000_000n - process.hrtime.bigint();
+
+/**
+ * A live capture of one network: filters in the relay (a pipe has no capture filter), an interface
+ * block per port as it first appears, and drops counted when the reader is slower than the traffic.
+ */
+export class Capture {
+  frames = 0;
+  drops = 0;
+  readonly started = Date.now();
+  readonly #interfaces = new Map<Port, number>();
+
+  constructor(
+    readonly network: Network,
+    readonly filter: CaptureFilter,
+    readonly sink: CaptureSink,
+    /** Called once when `count` frames were captured. */
+    readonly limit: { count: number; done(): void },
+  ) {}
+
+  /** Starts a new section (a new file): the interfaces are described again as they appear. */
+  restart(): void {
+    this.#interfaces.clear();
+    this.sink(pcapngSectionHeader(), true);
+  }
+
+  /** Called by the switch for each frame a port took in (inbound) or was handed (outbound). */
+  tap(frame: Uint8Array, port: Port, inbound: boolean): void {
+    const f = this.filter;
+    if (f.port !== undefined && port.id !== f.port) return;
+    if (f.mac !== undefined && macKey(frame, 0) !== f.mac && macKey(frame, 6) !== f.mac) return;
+    if (f.etherType !== undefined && etherTypeOf(frame) !== f.etherType) return;
+    let id = this.#interfaces.get(port);
+    if (id === undefined) {
+      id = this.#interfaces.size;
+      this.#interfaces.set(port, id);
+      this.sink(pcapngInterface(port.id, `${port.kind} ${port.peer}`, f.snaplen), true);
+    }
+    if (!this.sink(pcapngPacket(id, CLOCK_ANCHOR_NS + process.hrtime.bigint(), frame, f.snaplen, inbound), false)) {
+      this.drops++;
+      return;
+    }
+    if (++this.frames === this.limit.count) this.limit.done();
+  }
+}
+
 /** What a network needs from its relay: limits, a clock, and where to report. */
 export interface SwitchPolicy {
   ageingMs: number;
@@ -1020,6 +1166,8 @@ export class Network {
   readonly #probeKey: number;
   /** MAC moves between ports in quick succession. */
   macFlaps = 0;
+  /** Live captures of this network; null (not empty) when there are none, so forwarding tests one value. */
+  captures: Capture[] | null = null;
   /** Ports attached so far, per kind: the N of `NET/KIND-N`. */
   readonly #serials = new Map<string, number>();
   readonly #flapLog: { log(line: string): void };
@@ -1098,14 +1246,29 @@ export class Network {
     }
     stats.rxFrames++;
     stats.rxBytes += frame.length;
+    const captures = this.captures;
+    if (captures !== null) for (const c of captures) c.tap(frame, from, true);
     if ((frame[0]! & 1) === 0) {
       const entry = this.macs.get(macKey(frame, 0));
       if (entry !== undefined && now - entry.seen < this.ageingMs) {
-        if (entry.port !== from && entry.port.state === "up") entry.port.send(frame);
+        const to = entry.port;
+        if (to !== from && to.state === "up" && to.send(frame) && captures !== null) for (const c of captures) c.tap(frame, to, false);
         return;
       }
     }
-    for (const port of this.ports) if (port !== from && port.state === "up") port.send(frame);
+    for (const port of this.ports) {
+      if (port !== from && port.state === "up" && port.send(frame) && captures !== null) for (const c of captures) c.tap(frame, port, false);
+    }
+  }
+
+  /** Adds a live capture; the switch pays for captures only while there are some. */
+  addCapture(capture: Capture): void {
+    (this.captures ??= []).push(capture);
+  }
+
+  removeCapture(capture: Capture): void {
+    const rest = (this.captures ?? []).filter((c) => c !== capture);
+    this.captures = rest.length ? rest : null;
   }
 
   /** False when the port may learn no more MACs: the frame is then dropped. */
