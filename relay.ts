@@ -2853,6 +2853,613 @@ export function renderMetrics(s: Snapshot): string {
   return lines.join("\n") + "\n";
 }
 
+/**
+ * The status page at `/`: one self-contained document, no CDN and no build step. Its script polls
+ * `status?macs=200` every second and draws the answer with text nodes only (names and peers come
+ * from other relays). The text is ASCII (Bun's transpiler writes any other character of a raw
+ * template as a \u escape: the script spells them so itself, the HTML as entities) with no backtick
+ * or `${`, so this constant is the page byte for byte; the page's CSP allows its inline script and
+ * style by their hashes.
+ */
+export const PAGE_HTML = String.raw`<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<link rel="icon" href="data:,">
+<title>edge-relay</title>
+<style>
+:root { color-scheme: light dark; --fg: #1f2328; --bg: #ffffff; --muted: #59636e; --line: #d1d9e0; --panel: #f6f8fa; --accent: #0969da; --bad: #cf222e; --ok: #1a7f37; --warn: #9a6700; }
+@media (prefers-color-scheme: dark) {
+  :root { --fg: #e6edf3; --bg: #0d1117; --muted: #9198a1; --line: #3d444d; --panel: #151b23; --accent: #4493f8; --bad: #f85149; --ok: #3fb950; --warn: #d29922; }
+}
+* { box-sizing: border-box; }
+[hidden] { display: none !important; }
+html { -webkit-text-size-adjust: 100%; text-size-adjust: 100%; }
+body { margin: 0; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Liberation Sans", "DejaVu Sans", sans-serif; color: var(--fg); background: var(--bg); }
+header { position: sticky; top: 0; z-index: 1; display: flex; flex-wrap: wrap; align-items: baseline; gap: 0.2rem 1rem; padding: 0.6rem 1rem; background: var(--panel); border-bottom: 1px solid var(--line); }
+h1 { margin: 0; font-size: 1.25rem; overflow-wrap: anywhere; }
+h1 small { font-size: 0.8rem; font-weight: normal; color: var(--muted); }
+h2 { margin: 0 0 0.5rem; font-size: 1.05rem; }
+#live { margin: 0 0 0 auto; font-size: 0.85rem; }
+main { max-width: 1440px; margin: 0 auto; padding: 1rem; display: grid; grid-template-columns: minmax(0, 1fr); gap: 1rem; }
+#networks { display: grid; grid-template-columns: minmax(0, 1fr); gap: 1rem; }
+.overview { display: grid; grid-template-columns: minmax(0, 2fr) minmax(0, 3fr); gap: 1rem; align-items: start; }
+.panel { min-width: 0; padding: 0.75rem 1rem; border: 1px solid var(--line); border-radius: 6px; }
+dl { display: grid; grid-template-columns: max-content minmax(0, 1fr); gap: 0.2rem 1rem; margin: 0; }
+dt { color: var(--muted); }
+dd { margin: 0; overflow-wrap: anywhere; }
+.muted { color: var(--muted); }
+.mono, .mac { font-family: ui-monospace, "DejaVu Sans Mono", "Liberation Mono", monospace; font-size: 0.92em; }
+td.mac { white-space: nowrap; }
+.error { color: var(--bad); }
+.st-up, .live-ok { color: var(--ok); }
+.st-down, .st-blocked-loop, .live-bad { color: var(--bad); }
+.st-connecting, .st-closed, .warn { color: var(--warn); }
+.scroll { overflow-x: auto; }
+table { width: 100%; border-collapse: collapse; font-variant-numeric: tabular-nums; }
+caption { text-align: left; font-weight: 600; padding: 0.25rem 0; }
+th, td { padding: 0.3rem 0.5rem; border-bottom: 1px solid var(--line); text-align: left; vertical-align: top; }
+td { overflow-wrap: anywhere; }
+th { font-weight: 600; font-size: 0.85rem; white-space: nowrap; }
+thead tr:first-child th { border-bottom: 0; }
+.n { text-align: right; white-space: nowrap; }
+.nw { white-space: nowrap; }
+.sub { display: block; font-size: 0.85em; }
+caption .muted { font-weight: normal; font-size: 0.85em; }
+th.group { text-align: center; border-bottom: 1px solid var(--line); }
+td.rate .v { display: flex; align-items: center; gap: 0.5rem; white-space: nowrap; }
+.spark { display: block; flex: none; border-bottom: 1px solid var(--line); }
+.spark .in { fill: none; stroke: var(--accent); stroke-width: 1.5; }
+.spark .out { fill: none; stroke: var(--fg); stroke-width: 1; stroke-dasharray: 3 2; }
+details { margin-top: 0.75rem; }
+summary { cursor: pointer; font-weight: 600; }
+.empty { color: var(--muted); font-style: italic; }
+#topology svg { display: block; max-width: 100%; height: auto; }
+#topology text { font: 12px ui-monospace, "DejaVu Sans Mono", "Liberation Mono", monospace; fill: var(--fg); }
+#topology text .note { fill: var(--muted); }
+#topology .edge { stroke: var(--muted); stroke-width: 1.5; fill: none; }
+#topology .edge.down { stroke-dasharray: 5 4; }
+#topology .node { stroke: var(--fg); stroke-width: 1.5; fill: var(--bg); }
+#topology .node.relay { fill: var(--accent); }
+#topology .node.network { fill: var(--panel); }
+.legend { margin: 0.5rem 0 0; font-size: 0.8rem; color: var(--muted); }
+@media (max-width: 900px) {
+  .overview { grid-template-columns: minmax(0, 1fr); }
+}
+@media (max-width: 720px) {
+  main { padding: 0.5rem; gap: 0.75rem; }
+  header { padding: 0.5rem; }
+  #live { margin-left: 0; }
+  .panel { padding: 0.5rem 0.6rem; }
+  table.cards thead { display: none; }
+  table.cards, table.cards tbody, table.cards tr, table.cards td { display: block; width: 100%; }
+  table.cards caption { display: block; }
+  table.cards tr { margin: 0 0 0.5rem; padding: 0.25rem 0.5rem; border: 1px solid var(--line); border-radius: 6px; }
+  table.cards td { display: flex; justify-content: space-between; align-items: baseline; gap: 1rem; padding: 0.1rem 0; border: 0; text-align: right; }
+  table.cards td::before { content: attr(data-label); flex: none; color: var(--muted); text-align: left; }
+  table.cards td .v { min-width: 0; overflow-wrap: anywhere; }
+  table.cards td.rate .v { justify-content: flex-end; }
+  /* A port's card: counters in pairs, in beside out. */
+  table.cards.ports tr { display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1fr); column-gap: 1.25rem; }
+  table.cards.ports td { grid-column: 1 / -1; }
+  table.cards.ports td.n { grid-column: auto; }
+  table.cards.ports td[data-field="rx-frames"] { order: 1; }
+  table.cards.ports td[data-field="tx-frames"] { order: 2; }
+  table.cards.ports td[data-field="rx-bytes"] { order: 3; }
+  table.cards.ports td[data-field="tx-bytes"] { order: 4; }
+  table.cards.ports td[data-field="rx-drops"] { order: 5; }
+  table.cards.ports td[data-field="tx-drops"] { order: 6; }
+  table.cards.ports td[data-field="errors"] { order: 7; }
+  table.cards.ports td[data-field="macs"] { order: 8; }
+  table.cards.ports td[data-field="rate"] { order: 9; }
+}
+</style>
+</head>
+<body>
+<header>
+  <h1><span id="name">edge-relay</span> <small id="version"></small></h1>
+  <p id="live" role="status">Connecting&hellip;</p>
+</header>
+<main>
+  <noscript><p>This page needs JavaScript. The same data is at <a href="status">/status</a>.</p></noscript>
+  <div class="overview">
+    <section class="panel" aria-labelledby="relay-h">
+      <h2 id="relay-h">This relay</h2>
+      <dl id="facts"><dt>Status</dt><dd>loading&hellip;</dd></dl>
+    </section>
+    <section class="panel" aria-labelledby="topology-h">
+      <h2 id="topology-h">Topology</h2>
+      <div id="topology"></div>
+      <p class="legend">&#x25A0; this relay &middot; &#x25A1; hub &middot; &#x25C7; network &middot; &#x25AD; VM port &middot; &#x25CB; tunnel to a site &middot; &#x25B3; uplink to the hub &middot; &#x22EF; multicast segment. A dashed line is a link that is not up.</p>
+    </section>
+  </div>
+  <div id="networks"></div>
+  <p id="no-networks" class="empty" hidden>No networks yet.</p>
+  <section class="panel" aria-labelledby="limits-h">
+    <h2 id="limits-h">Limits and counters</h2>
+    <dl id="counters"></dl>
+  </section>
+</main>
+<script>
+"use strict";
+(function () {
+  var POLL_MS = 1000;
+  var HISTORY = 60;
+  var SVG_NS = "http://www.w3.org/2000/svg";
+  // Everything shown comes from /status, and names and peers come from other relays: it is only ever
+  // put into the page as text nodes and attribute values, never parsed as HTML.
+  function build(node, attrs, children) {
+    for (var key in attrs) if (attrs[key] !== undefined && attrs[key] !== null && attrs[key] !== false) node.setAttribute(key, String(attrs[key]));
+    children.flat(Infinity).forEach(function (c) {
+      if (c !== undefined && c !== null && c !== false) node.append(c instanceof Node ? c : String(c));
+    });
+    return node;
+  }
+  function h(tag, attrs) { return build(document.createElement(tag), attrs || {}, [].slice.call(arguments, 2)); }
+  function s(tag, attrs) { return build(document.createElementNS(SVG_NS, tag), attrs || {}, [].slice.call(arguments, 2)); }
+  function $(id) { return document.getElementById(id); }
+  function sameAttributes(a, b) {
+    if (a.attributes.length !== b.attributes.length) return false;
+    for (var i = 0; i < a.attributes.length; i++) if (b.getAttribute(a.attributes[i].name) !== a.attributes[i].value) return false;
+    return true;
+  }
+  // Puts fresh elements in place of a parent's children (matched by data-key, else by position),
+  // keeping every element, and every cell of a row, that did not change: a selection or a tooltip
+  // there survives the next poll.
+  function update(parent, fresh) {
+    var old = new Map();
+    [].forEach.call(parent.children, function (el, i) { old.set(el.getAttribute("data-key") || "#" + i, el); });
+    fresh.forEach(function (el, i) {
+      var key = el.getAttribute("data-key") || "#" + i;
+      var was = old.get(key);
+      if (was && was.tagName === el.tagName && sameAttributes(was, el)) {
+        if (was.isEqualNode(el)) {
+          el = was;
+        } else if (was.children.length > 0 && was.children.length === el.children.length && was.childNodes.length === was.children.length && el.childNodes.length === el.children.length) {
+          [].slice.call(el.children).forEach(function (c, j) { if (!was.children[j].isEqualNode(c)) was.replaceChild(c, was.children[j]); });
+          el = was;
+        }
+      }
+      if (el === was) old.delete(key);
+      if (parent.children[i] !== el) parent.insertBefore(el, parent.children[i] || null);
+    });
+    old.forEach(function (el) { el.remove(); });
+  }
+
+  var fmt = new Intl.NumberFormat("en-US");
+  function num(n) { return typeof n === "number" ? fmt.format(n) : "\u2014"; }
+  function bytes(n) {
+    if (typeof n !== "number") return "\u2014";
+    var units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    var i = 0;
+    while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+    return (i === 0 ? String(n) : n.toFixed(n < 10 ? 2 : n < 100 ? 1 : 0)) + " " + units[i];
+  }
+  function rate(x) { return x < 10 ? x.toFixed(1) : fmt.format(Math.round(x)); }
+  function duration(sec) {
+    sec = Math.max(0, Math.floor(sec));
+    var d = Math.floor(sec / 86400), hr = Math.floor(sec % 86400 / 3600), m = Math.floor(sec % 3600 / 60), x = sec % 60;
+    if (d) return d + " d " + hr + " h";
+    if (hr) return hr + " h " + m + " min";
+    if (m) return m + " min " + x + " s";
+    return x + " s";
+  }
+  function clock(iso) {
+    var t = new Date(iso);
+    return isNaN(t) ? String(iso) : t.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit", hourCycle: "h23" });
+  }
+  function ago(iso) {
+    var t = Date.parse(iso);
+    return isNaN(t) ? "" : duration((Date.now() - t) / 1000) + " ago";
+  }
+  function plural(n, word) { return num(n) + " " + word + (n === 1 ? "" : "s"); }
+  function clip(text, n) { text = String(text); return text.length > n ? text.slice(0, n - 1) + "\u2026" : text; }
+
+  // States are told by a word and a symbol, colour only adds to them.
+  var STATES = { up: "\u25CF up", down: "\u25CB down", connecting: "\u25CC connecting", closed: "\u25CB closed", "blocked-loop": "\u2298 blocked (loop)" };
+  function state(word) {
+    var known = Object.prototype.hasOwnProperty.call(STATES, word);
+    return h("span", { class: known ? "state st-" + word : "state" }, known ? STATES[word] : String(word));
+  }
+  function isVm(kind) { return /^qemu-(listen|connect|udp)$/.test(kind); }
+
+  // ----- rates: differences between polls, on the relay's own clock (uptime) -----
+  var relayId = null;
+  var previous = null;
+  var history = new Map();
+  function key(net, port) { return net + " " + port; }
+  function updateRates(st) {
+    if (st.id !== relayId) { relayId = st.id; previous = null; history.clear(); }
+    var counts = new Map();
+    st.networks.forEach(function (n) {
+      n.ports.forEach(function (p) {
+        var k = key(n.name, p.id);
+        var now = { rx: p.rx.frames, tx: p.tx.frames, rxB: p.rx.bytes, txB: p.tx.bytes };
+        counts.set(k, now);
+        var hist = history.get(k);
+        if (!hist) { hist = []; history.set(k, hist); }
+        var before = previous && previous.counts.get(k);
+        var dt = previous ? st.uptime - previous.uptime : 0;
+        if (before && dt > 0) {
+          hist.push({
+            rx: Math.max(0, now.rx - before.rx) / dt, tx: Math.max(0, now.tx - before.tx) / dt,
+            rxB: Math.max(0, now.rxB - before.rxB) / dt, txB: Math.max(0, now.txB - before.txB) / dt,
+          });
+          if (hist.length > HISTORY) hist.shift();
+        }
+      });
+    });
+    history.forEach(function (_, k) { if (!counts.has(k)) history.delete(k); });
+    previous = { uptime: st.uptime, counts: counts };
+  }
+  function latest(net, port) {
+    var hist = history.get(key(net, port));
+    return hist && hist.length ? hist[hist.length - 1] : null;
+  }
+
+  function sparkline(net, port) {
+    var hist = history.get(key(net, port)) || [];
+    var W = 120, H = 28;
+    var max = 1;
+    hist.forEach(function (r) { max = Math.max(max, r.rx, r.tx); });
+    function points(field) {
+      return hist.map(function (r, i) {
+        var x = W - (hist.length - 1 - i) * (W / (HISTORY - 1));
+        return x.toFixed(1) + "," + (H - 1 - r[field] / max * (H - 3)).toFixed(1);
+      }).join(" ");
+    }
+    var last = hist.length ? hist[hist.length - 1] : null;
+    var label = last ? "frames per second over the last " + hist.length + " s: in " + rate(last.rx) + ", out " + rate(last.tx) + " now, peak " + rate(max) : "no rate yet";
+    var svg = s("svg", { class: "spark", viewBox: "0 0 " + W + " " + H, width: W, height: H, role: "img", "aria-label": label },
+      s("title", {}, label));
+    if (hist.length > 1) {
+      svg.append(s("polyline", { class: "in", points: points("rx") }), s("polyline", { class: "out", points: points("tx") }));
+    }
+    return svg;
+  }
+  function rateText(net, port) {
+    var r = latest(net, port);
+    return r ? "in " + rate(r.rx) + "/s \u00B7 out " + rate(r.tx) + "/s" : "\u2026";
+  }
+
+  // ----- this relay -----
+  function facts(list, rows) {
+    update(list, rows.flatMap(function (row) {
+      return [h("dt", {}, row[0]), h("dd", row[2] || {}, row[1])];
+    }));
+  }
+  function renderFacts(st) {
+    var rows = [
+      ["Name", st.name],
+      ["Version", st.version],
+      ["Relay id", h("span", { class: "mono" }, st.id)],
+      ["Uptime", duration(st.uptime) + " (since " + new Date(st.startedAt || Date.now() - st.uptime * 1000).toLocaleString() + ")"],
+    ];
+    var u = st.uplink;
+    if (!u) {
+      rows.push(["Uplink", h("span", { class: "muted" }, "none: this relay dials no hub")]);
+    } else {
+      rows.push(["Uplink", [state(u.state), " since ", clock(u.since)], { "data-field": "uplink-state" }]);
+      rows.push(["Hub", [u.hub ? u.hub : h("span", { class: "muted" }, "not yet known"), " ", h("span", { class: "muted mono" }, u.url)]]);
+      rows.push(["Carries", u.networks && u.networks.length ? u.networks.join(", ") : h("span", { class: "muted" }, "no networks")]);
+      if (u.refused && u.refused.length) {
+        rows.push(["Refused by hub", u.refused.map(function (r) { return r.network + ": " + r.reason; }).join("; ")]);
+      }
+      rows.push(["Last error", u.lastError ? h("span", { class: "error" }, "\u26A0 " + u.lastError) : h("span", { class: "muted" }, "none"), { "data-field": "uplink-error" }]);
+      rows.push(["Dials", plural(u.attempts, "attempt") + ", " + plural(u.connects, "connect")]);
+    }
+    (st.dials || []).forEach(function (d) {
+      rows.push(["Dials VM", [d.target, " \u2192 ", d.network, ": ", state(d.state), " after " + plural(d.attempts, "attempt"),
+        d.lastError ? h("span", { class: "error" }, " \u26A0 " + d.lastError) : ""]]);
+    });
+    facts($("facts"), rows);
+  }
+
+  function renderCounters(st) {
+    var l = st.limits || {};
+    facts($("counters"), [
+      ["Networks", num(l.networks) + " of " + num(l.maxNetworks)],
+      ["Tunnels", num(l.tunnels) + " of " + num(l.maxTunnels) + " (" + num(l.maxTunnelsPerAddress) + " per address)"],
+      ["Queued", bytes(l.memoryUsed) + " of " + bytes(l.memoryBudget) + ", " + num(l.memoryDrops) + " frames dropped for want of it"],
+      ["Auth failures", num(st.authFailures) + " (" + num(st.authThrottled) + " answered 429)"],
+      ["Protocol errors", num(st.protocolErrors)],
+      ["Tunnels refused", num(st.tunnelsRefused)],
+      ["Loops", num(st.loopsDetected) + " detected, " + num(st.loopRefusals) + " refused"],
+    ]);
+  }
+
+  // ----- topology: an indented tree, hub above this relay, networks below it, ports below them -----
+  var ROW = 26, INDENT = 24, PAD = 10, CHAR = 7.3, TOPOLOGY_PORTS = 32;
+  function glyph(type, x, y) {
+    var r = 6;
+    switch (type) {
+      case "relay": return s("rect", { class: "node relay", x: x - r, y: y - r, width: 2 * r, height: 2 * r });
+      case "hub": return s("rect", { class: "node", x: x - r, y: y - r, width: 2 * r, height: 2 * r, rx: 2 });
+      case "network": return s("polygon", { class: "node network", points: [x, y - r - 1, x + r + 1, y, x, y + r + 1, x - r - 1, y].join(" ") });
+      case "vm": return s("rect", { class: "node", x: x - r - 1, y: y - r + 2, width: 2 * r + 2, height: 2 * r - 4 });
+      case "tunnel": return s("circle", { class: "node", cx: x, cy: y, r: r });
+      case "uplink": return s("polygon", { class: "node", points: [x, y - r, x + r, y + r - 1, x - r, y + r - 1].join(" ") });
+      case "more": return s("g", {});
+      default: return s("g", {}, [-5, 0, 5].map(function (dx) { return s("circle", { class: "node", cx: x + dx, cy: y, r: 2 }); }));
+    }
+  }
+  function portNode(n, p, st) {
+    var type = isVm(p.kind) ? "vm" : p.kind === "tunnel" ? "tunnel" : p.kind === "uplink" ? "uplink" : "segment";
+    var label = type === "vm" ? "VM " + p.peer
+      : type === "tunnel" ? "tunnel from " + p.peer
+      : type === "uplink" ? "uplink to hub " + (st.uplink && st.uplink.hub ? st.uplink.hub : p.peer)
+      : p.kind + " " + p.peer;
+    var words = p.state === "up" ? "" : (STATES[p.state] || p.state) + " \u00B7 ";
+    return { depth: 2, type: type, label: label, note: words + rateText(n.name, p.id), down: p.state !== "up", title: p.id + " (" + p.kind + "): " + p.peer + ", " + p.state };
+  }
+  function renderTopology(st) {
+    var rows = [];
+    var u = st.uplink;
+    if (u) rows.push({ depth: 0, type: "hub", label: "hub " + (u.hub || "(not connected yet)"), note: (STATES[u.state] || u.state), title: "uplink " + u.url + ": " + u.state + (u.lastError ? " (" + u.lastError + ")" : ""), hub: true });
+    rows.push({ depth: 0, type: "relay", label: "this relay: " + st.name, note: "v" + st.version, title: st.name + " " + st.id, down: u ? u.state !== "up" : false });
+    st.networks.forEach(function (n) {
+      rows.push({ depth: 1, type: "network", label: "network " + n.name, note: plural(n.ports.length, "port") + " \u00B7 " + plural(n.macCount, "MAC"), title: "network " + n.name });
+      n.ports.slice(0, TOPOLOGY_PORTS).forEach(function (p) { rows.push(portNode(n, p, st)); });
+      if (n.ports.length > TOPOLOGY_PORTS) {
+        var more = n.ports.length - TOPOLOGY_PORTS;
+        rows.push({ depth: 2, type: "more", label: "and " + plural(more, "more port"), note: "(in the table below)", title: plural(more, "more port") });
+      }
+    });
+    var width = 0;
+    rows.forEach(function (r) {
+      r.label = clip(r.label, 44);
+      r.note = clip(r.note, 40);
+      width = Math.max(width, PAD + r.depth * INDENT + 14 + (r.label.length + 2 + r.note.length) * CHAR);
+    });
+    width = Math.ceil(width + PAD);
+    var height = rows.length * ROW + PAD;
+    var edges = s("g", {}), nodes = s("g", {});
+    var parents = [];
+    rows.forEach(function (r, i) {
+      var x = PAD + 8 + r.depth * INDENT, y = PAD / 2 + i * ROW + ROW / 2;
+      r.x = x; r.y = y;
+      if (r.hub) {
+        // The uplink: from the hub down to this relay.
+        edges.append(s("path", { class: "edge" + (u.state === "up" ? "" : " down"), d: "M" + x + " " + (y + 7) + "V" + (y + ROW - 7) }));
+      } else if (r.depth > 0) {
+        var parent = parents[r.depth - 1];
+        edges.append(s("path", { class: "edge" + (r.down ? " down" : ""), d: "M" + parent.x + " " + (parent.y + 8) + "V" + y + "H" + (x - 9) }));
+      }
+      parents[r.depth] = r;
+      nodes.append(s("g", { "data-type": r.type }, s("title", {}, r.title), glyph(r.type, x, y),
+        s("text", { x: x + 14, y: y + 4 }, s("tspan", {}, r.label), s("tspan", { class: "note", dx: CHAR }, r.note))));
+    });
+    update($("topology"), [s("svg", { viewBox: "0 0 " + width + " " + height, width: width, height: height, role: "img", "aria-label": "Topology: " + rows.map(function (r) { return r.label; }).join(", ") }, edges, nodes)]);
+  }
+
+  // ----- networks -----
+  var sections = new Map();
+  function cell(label, field, cls) {
+    var content = [].slice.call(arguments, 3);
+    return h("td", { "data-label": label, "data-field": field, class: cls }, h("span", { class: "v" }, content));
+  }
+  function head(groups, columns) {
+    var rows = [];
+    if (groups) rows.push(h("tr", {}, groups.map(function (g) { return h("th", { colspan: g[1], class: g[2], scope: "colgroup" }, g[0]); })));
+    rows.push(h("tr", {}, columns.map(function (c) { return h("th", { class: c[1], scope: "col" }, c[0]); })));
+    return h("thead", {}, rows);
+  }
+  function networkSection(name) {
+    var sec = {
+      summary: h("p", { class: "muted" }),
+      ports: h("tbody"),
+      macs: h("tbody"),
+      closed: h("tbody"),
+      macsTitle: h("summary"),
+      closedTitle: h("summary"),
+      fresh: true,
+    };
+    sec.macsTable = h("div", { class: "scroll" }, h("table", { class: "macs" }, head(null, [["MAC"], ["Port"], ["Age", "n"]]), sec.macs));
+    sec.macsBox = h("details", { class: "macs" }, sec.macsTitle, sec.macsTable);
+    sec.closedTable = h("div", { class: "scroll" }, h("table", { class: "cards closed" },
+      head(null, [["Port"], ["Peer"], ["Closed"], ["Reason"], ["In frames", "n"], ["Out frames", "n"], ["Drops in / out", "n"]]), sec.closed));
+    sec.closedBox = h("details", { class: "closed", open: "" }, sec.closedTitle, sec.closedTable);
+    sec.root = h("section", { class: "panel network", "data-network": name },
+      h("h2", {}, "Network ", h("span", { class: "mono" }, name)),
+      sec.summary,
+      h("div", { class: "scroll" }, h("table", { class: "cards ports" },
+        h("caption", {}, "Ports ", h("span", { class: "muted" }, "(rate lines: solid in, dashed out)")),
+        head([["", 3], ["Received", 3, "group"], ["Sent", 3, "group"], ["", 3]],
+          [["Port"], ["Peer"], ["State"], ["frames", "n"], ["bytes", "n"], ["drops", "n"], ["frames", "n"], ["bytes", "n"], ["drops", "n"], ["Errors", "n"], ["MACs", "n"], ["Frames/s, last minute"]]),
+        sec.ports)),
+      sec.macsBox, sec.closedBox);
+    return sec;
+  }
+  function drops(count, title) {
+    return count > 0 ? h("span", { class: "warn", title: title }, "\u26A0 " + num(count)) : h("span", { title: title }, num(count));
+  }
+  function portRow(n, p) {
+    var rx = p.rx, tx = p.tx;
+    var why = "runts " + num(rx.runts) + ", storm limit " + num(rx.storm) + ", MAC limit " + num(rx.macLimit) + ", blocked for a loop " + num(rx.loop);
+    return h("tr", { "data-key": "p " + p.id, "data-port": p.id },
+      cell("Port", "id", "nw", h("strong", {}, p.id), h("span", { class: "muted sub" }, " (" + p.kind + ")")),
+      cell("Peer", "peer", null, p.peer),
+      cell("State", "state", "nw", state(p.state), h("span", { class: "muted sub" }, " since " + clock(p.since))),
+      cell("In frames", "rx-frames", "n", num(rx.frames)),
+      cell("In bytes", "rx-bytes", "n", h("span", { title: num(rx.bytes) + " bytes" }, bytes(rx.bytes))),
+      cell("In drops", "rx-drops", "n", drops(rx.drops, why)),
+      cell("Out frames", "tx-frames", "n", num(tx.frames)),
+      cell("Out bytes", "tx-bytes", "n", h("span", { title: num(tx.bytes) + " bytes" }, bytes(tx.bytes))),
+      cell("Out drops", "tx-drops", "n", drops(tx.drops, "queue or memory budget full, or refused by the socket")),
+      cell("Errors", "errors", "n", drops(p.errors, "protocol errors")),
+      cell("MACs", "macs", "n", num(p.macs)),
+      cell("Rate", "rate", "rate", sparkline(n.name, p.id), h("span", { class: "muted" }, rateText(n.name, p.id))));
+  }
+  function fillNetwork(sec, n) {
+    var ports = n.ports || [], macs = n.macs || [], closed = (n.closedPorts || []).slice().reverse();
+    sec.summary.textContent = plural(ports.length, "port") + " \u00B7 " + plural(n.macCount, "learned MAC");
+    update(sec.ports, ports.length ? ports.map(function (p) { return portRow(n, p); })
+      : [h("tr", { "data-key": "none" }, h("td", { colspan: 12, class: "empty" }, "No ports."))]);
+    var byId = new Map(ports.map(function (p) { return [p.id, p]; }));
+    sec.macsTitle.textContent = "Learned MACs (" + (macs.length < n.macCount ? "first " + num(macs.length) + " of " : "") + num(n.macCount) + ")";
+    if (sec.fresh && n.macCount > 0) { sec.macsBox.open = n.macCount <= 32; sec.fresh = false; }
+    sec.macsTable.hidden = macs.length === 0;
+    update(sec.macs, macs.map(function (m) {
+      var port = byId.get(m.port);
+      return h("tr", { "data-key": "m " + m.mac, "data-mac": m.mac },
+        h("td", { class: "mac" }, m.mac),
+        h("td", {}, m.port, port ? h("span", { class: "muted" }, " " + port.peer) : ""),
+        h("td", { class: "n" }, (m.age < 10 ? m.age.toFixed(1) : Math.round(m.age)) + " s"));
+    }));
+    sec.closedTitle.textContent = "Recently closed ports (" + closed.length + ")";
+    sec.closedTable.hidden = closed.length === 0;
+    update(sec.closed, closed.map(function (p) {
+      return h("tr", { "data-key": "c " + p.id + " " + p.since, "data-port": p.id },
+        cell("Port", "id", "nw", h("strong", {}, p.id), h("span", { class: "muted sub" }, " (" + p.kind + ")")),
+        cell("Peer", "peer", null, p.peer),
+        cell("Closed", "since", "nw", clock(p.since), h("span", { class: "muted sub" }, " (" + ago(p.since) + ")")),
+        cell("Reason", "reason", null, p.reason !== undefined && p.reason !== null && p.reason !== "" ? String(p.reason) : h("span", { class: "muted" }, "\u2014")),
+        cell("In frames", "rx-frames", "n", num(p.rx && p.rx.frames)),
+        cell("Out frames", "tx-frames", "n", num(p.tx && p.tx.frames)),
+        cell("Drops in / out", "drops", "n", num(p.rx && p.rx.drops) + " / " + num(p.tx && p.tx.drops)));
+    }));
+  }
+  function renderNetworks(st) {
+    var box = $("networks");
+    var names = new Set(st.networks.map(function (n) { return n.name; }));
+    sections.forEach(function (sec, name) { if (!names.has(name)) { sec.root.remove(); sections.delete(name); } });
+    st.networks.forEach(function (n, i) {
+      var sec = sections.get(n.name);
+      if (!sec) { sec = networkSection(n.name); sections.set(n.name, sec); }
+      if (box.children[i] !== sec.root) box.insertBefore(sec.root, box.children[i] || null);
+      fillNetwork(sec, n);
+    });
+    $("no-networks").hidden = st.networks.length > 0;
+  }
+
+  // ----- polling -----
+  function live(ok) {
+    $("live").className = ok ? "live-ok" : "live-bad";
+    $("live").replaceChildren.apply($("live"), [].slice.call(arguments, 1));
+  }
+  function render(st) {
+    updateRates(st);
+    document.title = st.name + " \u00B7 edge-relay";
+    $("name").textContent = st.name;
+    $("version").textContent = "edge-relay " + st.version;
+    renderFacts(st);
+    renderTopology(st);
+    renderNetworks(st);
+    renderCounters(st);
+  }
+  async function poll() {
+    var delay = POLL_MS;
+    var abort = new AbortController();
+    var timer = setTimeout(function () { abort.abort(); }, 5000);
+    try {
+      var res = await fetch("status?macs=200", { credentials: "same-origin", cache: "no-store", headers: { Accept: "application/json" }, signal: abort.signal });
+      if (res.status === 401) {
+        live(false, "\u26A0 Not authorised: the admin token is missing or has changed. ", h("a", { href: "./" }, "Log in"));
+        return;
+      }
+      if (res.status === 429) {
+        var wait = Number(res.headers.get("Retry-After")) || 60;
+        delay = wait * 1000;
+        throw new Error("too many failed logins from here; next try in " + wait + " s");
+      }
+      if (!res.ok) throw new Error("HTTP " + res.status);
+      render(await res.json());
+      live(true, "\u25CF Live, updated " + clock(new Date()));
+    } catch (e) {
+      live(false, "\u26A0 Cannot read the relay's status (" + (e && e.name === "AbortError" ? "timed out" : e && e.message || e) + "); retrying");
+    } finally {
+      clearTimeout(timer);
+    }
+    setTimeout(poll, delay);
+  }
+  poll();
+})();
+</script>
+</body>
+</html>
+`;
+
+/** What `/` answers without the admin token: a form that posts it to /login. */
+const LOGIN_HTML = String.raw`<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<link rel="icon" href="data:,">
+<title>edge-relay: log in</title>
+<style>
+:root { color-scheme: light dark; }
+body { margin: 0; min-height: 100vh; display: grid; place-items: center; font: 15px/1.45 system-ui, "Liberation Sans", "DejaVu Sans", sans-serif; }
+form { display: grid; gap: 0.75rem; width: min(22rem, calc(100vw - 2rem)); padding: 1.25rem; border: 1px solid #8c959f; border-radius: 6px; }
+h1 { margin: 0; font-size: 1.2rem; }
+label { display: grid; gap: 0.25rem; }
+input, button { font: inherit; padding: 0.4rem 0.5rem; }
+p { margin: 0; }
+</style>
+</head>
+<body>
+<form method="post" action="login">
+  <h1>edge-relay</h1>
+  <p>This relay's status needs its admin token.</p>
+  <!--message-->
+  <label>Admin token <input type="password" name="token" autocomplete="current-password" required autofocus></label>
+  <button type="submit">Log in</button>
+</form>
+</body>
+</html>
+`;
+const LOGIN_FAILED = '<p role="alert"><strong>⚠ That is not this relay\'s admin token.</strong></p>';
+
+/** A browser's admin token after /login: HttpOnly, SameSite=Strict, accepted wherever the Bearer header is. */
+export const ADMIN_COOKIE = "edge_relay_admin";
+const LOGIN_PATH = "/login";
+const ADMIN_COOKIE_SECONDS = 12 * 3600;
+const LOGIN_BODY_LIMIT = 4096;
+
+/** Headers for a document of ours: its CSP allows its own inline script and style (by hash) and nothing else. */
+function documentHeaders(html: string): Record<string, string> {
+  const hashes = (tag: string) =>
+    [...html.matchAll(new RegExp(`<${tag}>([\\s\\S]*?)</${tag}>`, "g"))]
+      .map((m) => `'sha256-${new Bun.CryptoHasher("sha256").update(m[1]!).digest("base64")}'`)
+      .join(" ") || "'none'";
+  return {
+    "Content-Security-Policy": `default-src 'none'; script-src ${hashes("script")}; style-src ${hashes("style")}; connect-src 'self'; img-src data:; form-action 'self'; base-uri 'none'; frame-ancestors 'none'`,
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
+    "Referrer-Policy": "no-referrer",
+  };
+}
+
+/** The admin cookie's value as an Authorization header value, for `authenticate`. */
+function cookieAuthorization(header: string | undefined): string | undefined {
+  for (const part of (header ?? "").split(";")) {
+    const eq = part.indexOf("=");
+    if (eq < 0 || part.slice(0, eq).trim() !== ADMIN_COOKIE) continue;
+    try {
+      return `Bearer ${decodeURIComponent(part.slice(eq + 1).trim())}`;
+    } catch {
+      return undefined;
+    }
+  }
+  return undefined;
+}
+
+/** A small request body as text; undefined when it is longer than `limit` bytes. */
+async function smallBody(request: Request, limit: number): Promise<string | undefined> {
+  if (!request.body) return "";
+  const chunks: Uint8Array[] = [];
+  let size = 0;
+  for await (const chunk of request.body) {
+    size += chunk.length;
+    if (size > limit) return undefined;
+    chunks.push(chunk);
+  }
+  return new TextDecoder().decode(Buffer.concat(chunks));
+}
+
 interface AppContext {
   grants: Grant[];
   adminToken: string | undefined;
@@ -2864,8 +3471,9 @@ interface AppContext {
 }
 
 /**
- * Routes: /healthz, /status, /metrics, and the tunnel upgrade (the frames then bypass Hono). An
- * address that keeps failing authentication is answered 429 for a while, on every route.
+ * Routes: /healthz, /status, /metrics, the status page at /, and the tunnel upgrade (the frames then
+ * bypass Hono). With an admin token, /login trades it for a cookie that counts like the Bearer
+ * header. An address that keeps failing authentication is answered 429 for a while, on every route.
  */
 export function createApp(ctx: AppContext) {
   const app = new Hono<{ Bindings: Server<TunnelData> }>();
@@ -2884,21 +3492,45 @@ export function createApp(ctx: AppContext) {
     throttle.failed(address);
     refusals.log(`${what}: refused ${peer}: ${authorization ? "wrong token" : "no token"}`);
   };
+  const pageHeaders = documentHeaders(PAGE_HTML);
   if (ctx.adminToken !== undefined) {
     const admin = makeGrants([{ token: ctx.adminToken, networks: undefined }]);
+    const loginHeaders = { ...documentHeaders(LOGIN_HTML), "WWW-Authenticate": 'Bearer realm="edge-relay admin"' };
     app.use("*", async (c, next) => {
       if (c.req.path === TUNNEL_PATH) return next();
       const source = sourceOf(c);
       const address = source?.address ?? "unknown";
       const wait = throttled(address);
       if (wait) return wait;
-      if (!authenticate(c.req.header("authorization"), admin)) {
-        refused(address, source ? formatHostPort({ host: address, port: source.port }) : address, c.req.path, c.req.header("authorization"));
+      if (c.req.path === LOGIN_PATH && c.req.method === "POST") return next();
+      const authorization = c.req.header("authorization");
+      const cookie = cookieAuthorization(c.req.header("cookie"));
+      if (!authenticate(authorization, admin) && !authenticate(cookie, admin)) {
+        refused(address, source ? formatHostPort({ host: address, port: source.port }) : address, c.req.path, authorization ?? cookie);
+        if (c.req.path === "/") return c.html(LOGIN_HTML, 401, loginHeaders);
         return c.text("unauthorized\n", 401, { "WWW-Authenticate": 'Bearer realm="edge-relay admin"' });
       }
       return next();
     });
+    app.post(LOGIN_PATH, async (c) => {
+      const source = sourceOf(c);
+      const address = source?.address ?? "unknown";
+      const body = await smallBody(c.req.raw, LOGIN_BODY_LIMIT);
+      if (body === undefined) return c.text("request body too large\n", 413);
+      const token = new URLSearchParams(body).get("token") ?? "";
+      if (!authenticate(`Bearer ${token}`, admin)) {
+        refused(address, source ? formatHostPort({ host: address, port: source.port }) : address, "login", token || undefined);
+        return c.html(LOGIN_HTML.replace("<!--message-->", LOGIN_FAILED), 401, loginHeaders);
+      }
+      const secure = new URL(c.req.url).protocol === "https:" ? "; Secure" : "";
+      return c.body(null, 303, {
+        Location: "./",
+        "Set-Cookie": `${ADMIN_COOKIE}=${encodeURIComponent(token)}; Path=/; Max-Age=${ADMIN_COOKIE_SECONDS}; HttpOnly; SameSite=Strict${secure}`,
+        "Cache-Control": "no-store",
+      });
+    });
   }
+  app.get("/", (c) => c.html(PAGE_HTML, 200, pageHeaders));
   app.get("/healthz", (c) => c.text("ok\n"));
   app.get("/status", (c) => {
     const macs = c.req.query("macs");
