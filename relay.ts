@@ -1149,6 +1149,8 @@ export interface SwitchPolicy {
   log?: Logger;
   /** Where VM ports coming and going are logged (rate-limited by the relay). */
   portLog?: Logger;
+  /** Set when the relay stops: ports closing now close for that reason. */
+  stopping?: boolean;
   /** Called once per port blocked for a loop. */
   onLoop?: () => void;
 }
@@ -1198,7 +1200,7 @@ export class Network {
 
   detach(port: Port, reason?: string): void {
     if (!this.ports.delete(port)) return;
-    port.closeReason ??= reason;
+    port.closeReason ??= this.#policy.stopping ? "relay stopping" : reason;
     port.state = "closed";
     port.since = this.now();
     this.#forgetPort(port);
@@ -3694,6 +3696,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
 
   // Whatever fails to bind, stop what already runs so a failed start leaves nothing behind.
   const stopAll = async () => {
+    policy.stopping = true;
     await Promise.all(stoppers.splice(0).reverse().map((stop) => stop()));
   };
   try {

@@ -143,11 +143,12 @@ describe("CLI", () => {
       await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--qemu-listen", `unix:${socket}`]);
       await using vm = await connectStream(relay.port("qemu-listen"));
       expect(existsSync(socket)).toBe(true);
+      await relay.waitForLine(new RegExp(`up: qemu-listen ${vm.local}$`));
       expect(await relay.stop(signal)).toBe(0);
       await vm.closed;
       // A clean stop removes the unix socket file; a plain exit would leave it behind.
       expect(existsSync(socket)).toBe(false);
-      expect(relay.stdout()).toEndWith(`ready\n${signal}: stopping\n`);
+      expect(relay.stdout()).toMatch(new RegExp(`\nready\ndefault/qemu-listen-\\d+ up: qemu-listen ${vm.local}\n${signal}: stopping\ndefault/qemu-listen-\\d+ down: qemu-listen ${vm.local}: relay stopping\n$`));
       expect(relay.stderr()).toBe("");
     }
   });
