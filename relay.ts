@@ -39,7 +39,7 @@
  * @module
  */
 
-import { lstatSync, readFileSync, rmSync, unlinkSync } from "node:fs";
+import { lstatSync, readFileSync, renameSync, rmSync, unlinkSync } from "node:fs";
 import { isIPv4, isIPv6 } from "node:net";
 import { basename } from "node:path";
 import { hostname, constants as osConstants } from "node:os";
@@ -78,6 +78,9 @@ const MAX_QUEUE_BYTES = 64 * 1024 * 1024;
 const MAX_UDP_PEERS = 1024;
 const MAX_TUNNEL_NETWORKS = 64;
 const CLOSED_PORTS_KEPT = 16;
+/** Bytes captured of a frame at most (tcpdump's default), and what one slow capture reader may have queued. */
+const CAPTURE_SNAPLEN = 262_144;
+const CAPTURE_QUEUE_BYTES = 4 * 1024 * 1024;
 /** Learned MACs listed per network in /status (the count is always given). */
 const MAC_LIST_LIMIT = 1024;
 const LOOP_BLOCK_MS = 60_000;
@@ -328,6 +331,36 @@ const TokenGrant = v.pipe(
   ),
 );
 
+/** `NET=PATH`: a network's traffic into a pcapng file. */
+const CaptureFileSpec = v.pipe(
+  v.string("expected NET=PATH"),
+  v.rawTransform(({ dataset, addIssue, NEVER }) => {
+    const eq = dataset.value.indexOf("=");
+    const [network, path] = [dataset.value.slice(0, eq), dataset.value.slice(eq + 1)];
+    if (eq < 1 || !NETWORK_NAME.test(network) || path === "") {
+      addIssue({ message: `expected NET=PATH, got ${JSON.stringify(dataset.value)}` });
+      return NEVER;
+    }
+    return { network, path };
+  }),
+);
+
+const BYTE_UNITS: Record<string, number> = { "": 1, B: 1, KB: 1e3, MB: 1e6, GB: 1e9, KIB: 1024, MIB: 1024 ** 2, GIB: 1024 ** 3 };
+
+/** `100MB`, `1GiB`, `65536`: a size in bytes. */
+const ByteSize = v.pipe(
+  v.union([v.string(), v.number()], "expected a size like 100MB"),
+  v.rawTransform(({ dataset, addIssue, NEVER }) => {
+    const m = /^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*$/i.exec(String(dataset.value));
+    const bytes = m ? Math.round(Number(m[1]) * BYTE_UNITS[(m[2] ?? "").toUpperCase()]!) : NaN;
+    if (!(bytes >= 4096)) {
+      addIssue({ message: "expected a size of at least 4KB, like 100MB" });
+      return NEVER;
+    }
+    return bytes;
+  }),
+);
+
 type OptionGroup = keyof typeof OPTION_GROUPS;
 
 const OPTION_GROUPS = {
@@ -336,6 +369,7 @@ const OPTION_GROUPS = {
   http: "HTTP (status, metrics, tunnel endpoint):",
   switch: "Switch:",
   limits: "Limits (each refusal or drop is counted and shown in /status):",
+  capture: "Capture (pcapng, for Wireshark and tshark):",
   other: "Other:",
 };
 
@@ -455,6 +489,19 @@ export const OPTIONS = {
     arg: "BYTES", numeric: true, group: "limits", schema: v.optional(count("bytes", 1024 * 1024, 2 ** 40), 256 * 1024 * 1024),
     help: "bytes queued across all ports; beyond it frames drop",
   },
+  maxCaptures: {
+    arg: "N", numeric: true, group: "capture", schema: v.optional(count("captures", 1, 1_000), 4),
+    help: "live captures (GET /capture) at once; more get 429",
+  },
+  captureFile: {
+    arg: "NET=PATH", multiple: true, group: "capture", schema: list(CaptureFileSpec, "NET=PATH"),
+    help: "write NET's traffic to PATH as pcapng (repeatable)",
+  },
+  captureRotate: {
+    arg: "SIZE", group: "capture", schema: v.optional(ByteSize, "100MB"),
+    help: "start a new capture file past this size (B, KB, MB, GB)",
+  },
+  captureKeep: { arg: "N", numeric: true, group: "capture", schema: v.optional(count("files", 1, 1_000), 5), help: "capture files kept: PATH, PATH.1, …" },
   config: {
     arg: "FILE", group: "other",
     help: 'JSON file with the same options in camelCase (qemuListen: [...],\ntokens: ["…" or {"token": "…", "networks": ["lab"]}], …);\noptions given on the command line replace the file\'s, but\ntokens from the file, --token, RELAY_TOKENS and --token-file add up',
@@ -685,7 +732,10 @@ export class FrameBatch {
   append(frame: Uint8Array): void {
     const need = this.used + 4 + frame.length;
     if (need > this.bytes.length) {
-      const grown = new Uint8Array(Math.max(need, Math.min(this.bytes.length * 2, BATCH_BYTES), 4096));
+      // Doubling, capped at a batch's size; a longer buffer (encodeFrames) keeps doubling, never
+      // growing by one frame at a time, which would copy quadratically.
+      const doubled = this.bytes.length * 2;
+      const grown = new Uint8Array(Math.max(need, need <= BATCH_BYTES ? Math.min(doubled, BATCH_BYTES) : doubled, 4096));
       grown.set(this.bytes.subarray(0, this.used));
       this.bytes = grown;
     }
@@ -1104,8 +1154,8 @@ export class Capture {
     readonly network: Network,
     readonly filter: CaptureFilter,
     readonly sink: CaptureSink,
-    /** Called once when `count` frames were captured. */
-    readonly limit: { count: number; done(): void },
+    /** Called once when `count` frames were captured; `beforeTap` before each frame is looked at. */
+    readonly limit: { count: number; done(): void; beforeTap?(): void },
   ) {}
 
   /** Starts a new section (a new file): the interfaces are described again as they appear. */
@@ -1116,6 +1166,9 @@ export class Capture {
 
   /** Called by the switch for each frame a port took in (inbound) or was handed (outbound). */
   tap(frame: Uint8Array, port: Port, inbound: boolean): void {
+    // Frames of the same turn may come after the count was reached, before the capture ends.
+    if (this.limit.count > 0 && this.frames >= this.limit.count) return;
+    this.limit.beforeTap?.();
     const f = this.filter;
     if (f.port !== undefined && port.id !== f.port) return;
     if (f.mac !== undefined && macKey(frame, 0) !== f.mac && macKey(frame, 6) !== f.mac) return;
@@ -2795,6 +2848,8 @@ export interface Snapshot {
   networks: ReturnType<Network["snapshot"]>[];
   uplink: UplinkStatus | null;
   dials: DialStatus[];
+  /** Live captures and capture files: what they caught and what a slow reader lost. */
+  captures: ReturnType<CaptureRegistry["snapshot"]>;
   limits: {
     networks: number;
     maxNetworks: number;
@@ -3462,6 +3517,109 @@ async function smallBody(request: Request, limit: number): Promise<string | unde
   return new TextDecoder().decode(Buffer.concat(chunks));
 }
 
+export interface CaptureRequest {
+  network: string;
+  filter: CaptureFilter;
+  /** Stop after this many frames, or this many seconds (0: no limit). */
+  count: number;
+  seconds: number;
+}
+
+/** `/capture`'s query: `network` (required), `port`, `snaplen`, `count`, `seconds`, `mac`, `ethertype`; or why not. */
+export function parseCaptureRequest(query: URLSearchParams): CaptureRequest | string {
+  const network = query.get("network");
+  if (network === null || !NETWORK_NAME.test(network)) return "capture: network=NAME is required";
+  const whole = (name: string, min: number, max: number, fallback: number): number | string => {
+    const text = query.get(name);
+    if (text === null) return fallback;
+    const n = Number(text);
+    return /^\d+$/.test(text) && n >= min && n <= max ? n : `capture: ${name} must be a whole number from ${min} to ${max}`;
+  };
+  const snaplen = whole("snaplen", 14, CAPTURE_SNAPLEN, CAPTURE_SNAPLEN);
+  const count = whole("count", 1, Number.MAX_SAFE_INTEGER, 0);
+  const seconds = whole("seconds", 1, 86_400, 0);
+  for (const value of [snaplen, count, seconds]) if (typeof value === "string") return value;
+  const macText = query.get("mac");
+  const mac = macText === null ? undefined : /^(?:[0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$/.test(macText) ? parseInt(macText.replaceAll(":", ""), 16) : NaN;
+  if (Number.isNaN(mac)) return "capture: mac must look like 52:54:00:12:34:56";
+  const typeText = query.get("ethertype");
+  const etherType = typeText === null ? undefined : /^(?:0x[0-9a-fA-F]{1,4}|\d{1,5})$/.test(typeText) ? Number(typeText) : NaN;
+  if (Number.isNaN(etherType) || (etherType ?? 0) > 0xffff) return "capture: ethertype must be a number like 0x0806";
+  const port = query.get("port") ?? undefined;
+  return { network, filter: { port, mac, etherType, snaplen: snaplen as number }, count: count as number, seconds: seconds as number };
+}
+
+/**
+ * The relay's live captures (at most `max` at once): each streams pcapng through a bounded queue,
+ * so a viewer that reads too slowly loses frames (counted) and never slows the switch.
+ */
+export class CaptureRegistry {
+  readonly #live = new Set<{ capture: Capture; client: string; stop(): void }>();
+
+  constructor(
+    private readonly network: (name: string) => Network | undefined,
+    private readonly max: number,
+  ) {}
+
+  open(request: CaptureRequest, client: string): ReadableStream<Uint8Array> | string {
+    const network = this.network(request.network);
+    if (network === undefined) return `no network ${request.network} on this relay`;
+    if (this.#live.size >= this.max) return `at most ${this.max} captures at once (--max-captures)`;
+    let controller!: ReadableStreamDefaultController<Uint8Array>;
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    let ended = false;
+    const entry = {
+      capture: undefined as unknown as Capture,
+      client,
+      stop: () => {
+        if (ended) return;
+        ended = true;
+        clearTimeout(timer);
+        network.removeCapture(entry.capture);
+        this.#live.delete(entry);
+        try {
+          controller.close();
+        } catch {
+          // the reader went first
+        }
+      },
+    };
+    const stream = new ReadableStream<Uint8Array>(
+      {
+        start: (c) => void (controller = c),
+        cancel: () => entry.stop(),
+      },
+      new ByteLengthQueuingStrategy({ highWaterMark: CAPTURE_QUEUE_BYTES }),
+    );
+    const sink: CaptureSink = (block, force) => {
+      if (ended || (!force && (controller.desiredSize ?? 0) <= 0)) return false;
+      controller.enqueue(block);
+      return true;
+    };
+    entry.capture = new Capture(network, request.filter, sink, { count: request.count, done: () => queueMicrotask(entry.stop) });
+    entry.capture.restart();
+    network.addCapture(entry.capture);
+    this.#live.add(entry);
+    if (request.seconds > 0) timer = setTimeout(entry.stop, request.seconds * 1000);
+    return stream;
+  }
+
+  snapshot() {
+    return [...this.#live].map(({ capture, client }) => ({
+      network: capture.network.name,
+      port: capture.filter.port,
+      client,
+      since: new Date(capture.started).toISOString(),
+      frames: capture.frames,
+      drops: capture.drops,
+    }));
+  }
+
+  stop(): void {
+    for (const entry of this.#live) entry.stop();
+  }
+}
+
 interface AppContext {
   grants: Grant[];
   adminToken: string | undefined;
@@ -3469,6 +3627,7 @@ interface AppContext {
   snapshot(macs?: number): Snapshot;
   counters: RelayCounters;
   tunnels: TunnelServer;
+  captures: CaptureRegistry;
   log: Logger;
 }
 
@@ -3539,6 +3698,15 @@ export function createApp(ctx: AppContext) {
     return c.json(ctx.snapshot(macs === "all" ? Infinity : macs !== undefined && /^\d+$/.test(macs) ? Number(macs) : MAC_LIST_LIMIT));
   });
   app.get("/metrics", (c) => c.text(renderMetrics(ctx.snapshot(0)), 200, { "Content-Type": "text/plain; version=0.0.4" }));
+  app.get("/capture", (c) => {
+    const request = parseCaptureRequest(new URL(c.req.url).searchParams);
+    if (typeof request === "string") return c.text(`${request}\n`, 400);
+    // A capture may be quiet for long: no idle timeout, it ends when the reader or its limits do.
+    c.env.timeout(c.req.raw, 0);
+    const started = ctx.captures.open(request, sourceOf(c)?.address ?? "unknown");
+    if (typeof started === "string") return c.text(`${started}\n`, started.startsWith("no network") ? 404 : 429);
+    return new Response(started, { headers: { "Content-Type": "application/x-pcapng", "Cache-Control": "no-store" } });
+  });
   app.get(TUNNEL_PATH, (c) => {
     if (ctx.grants.length === 0) return c.text("tunnel endpoint disabled: no token configured\n", 404);
     const source = sourceOf(c);
@@ -3565,6 +3733,73 @@ export function createApp(ctx: AppContext) {
 }
 
 // ───────────────────────────── lifecycle ─────────────────────────────
+
+/**
+ * `--capture-file NET=PATH`: the network's traffic as pcapng in PATH, a new file past `rotate`
+ * bytes (PATH becomes PATH.1, and so on; `keep` files in all). Writes are buffered and flushed
+ * every second, never waited for on the data path.
+ */
+export class CaptureFile {
+  readonly #capture: Capture;
+  #writer: ReturnType<ReturnType<typeof Bun.file>["writer"]>;
+  #bytes = 0;
+  readonly #flush: ReturnType<typeof setInterval>;
+
+  constructor(
+    readonly network: Network,
+    readonly path: string,
+    readonly rotate: number,
+    readonly keep: number,
+    readonly log: Logger,
+  ) {
+    this.#writer = Bun.file(path).writer();
+    this.#capture = new Capture(network, { snaplen: CAPTURE_SNAPLEN }, (block) => this.#write(block), {
+      count: 0,
+      done() {},
+      // A file past `rotate` is closed before the next frame, which starts the next file with its own header.
+      beforeTap: () => {
+        if (this.#bytes >= this.rotate) this.#rotate();
+      },
+    });
+    this.#capture.restart();
+    network.addCapture(this.#capture);
+    this.#flush = setInterval(() => void this.#writer.flush(), 1000);
+    this.#flush.unref();
+    log.info(`capture ${network.name}: writing pcapng to ${path}`);
+  }
+
+  #write(block: Uint8Array): boolean {
+    this.#writer.write(block);
+    this.#bytes += block.length;
+    return true;
+  }
+
+  #rotate(): void {
+    void this.#writer.end();
+    for (let i = this.keep - 1; i >= 1; i--) {
+      const from = i === 1 ? this.path : `${this.path}.${i - 1}`;
+      try {
+        renameSync(from, `${this.path}.${i}`);
+      } catch {
+        // not there yet
+      }
+    }
+    if (this.keep === 1) rmSync(this.path, { force: true });
+    this.#writer = Bun.file(this.path).writer();
+    this.#bytes = 0;
+    this.#capture.restart();
+  }
+
+  snapshot() {
+    return { network: this.network.name, port: undefined, client: `file ${this.path}`, since: new Date(this.#capture.started).toISOString(), frames: this.#capture.frames, drops: this.#capture.drops };
+  }
+
+  async close(): Promise<void> {
+    clearInterval(this.#flush);
+    this.network.removeCapture(this.#capture);
+    await this.#writer.end();
+  }
+}
 
 export interface BoundAddress {
   what: string;
@@ -3672,6 +3907,9 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
     },
   });
 
+  const captures = new CaptureRegistry((name) => networks.get(name), config.maxCaptures);
+  const captureFiles: CaptureFile[] = [];
+
   const snapshot = (macs = MAC_LIST_LIMIT): Snapshot => ({
     version: VERSION,
     id: identity.id,
@@ -3681,6 +3919,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
     networks: [...networks.values()].map((n) => n.snapshot(macs)),
     uplink: uplink ? { ...uplink.status } : null,
     dials: dialers.map((d) => ({ ...d.status })),
+    captures: [...captures.snapshot(), ...captureFiles.map((f) => f.snapshot())],
     limits: {
       networks: networks.size,
       maxNetworks: config.maxNetworks,
@@ -3704,7 +3943,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
       hostname: config.http.host,
       port: config.http.port,
       tls: config.tlsCert && config.tlsKey ? { cert: config.tlsCert.text, key: config.tlsKey.text } : undefined,
-      fetch: createApp({ grants, adminToken: config.adminToken, snapshot, counters, tunnels, log }).fetch,
+      fetch: createApp({ grants, adminToken: config.adminToken, snapshot, counters, tunnels, captures, log }).fetch,
       websocket: {
         maxPayloadLength: MAX_MESSAGE,
         // Above the tunnel's own queue bound by one message, so Bun drops only what the bound let through.
@@ -3742,6 +3981,12 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
       dialers.push(dialer);
       stoppers.push(dialer.stop);
     }
+    for (const spec of config.captureFile) {
+      const file = new CaptureFile(network(spec.network), spec.path, config.captureRotate, config.captureKeep, log);
+      captureFiles.push(file);
+      stoppers.push(() => file.close());
+    }
+    stoppers.push(() => captures.stop());
     if (config.uplink !== undefined && networks.size === 0) network("default");
     for (const name of networks.keys()) configured.add(name);
     if (config.uplink !== undefined) {
