@@ -1346,6 +1346,31 @@ export class Uplink {
   }
 }
 
+// ───────────────────────────── logging ─────────────────────────────
+
+/**
+ * At most `burst` lines per `windowMs`, so a scanner cannot flood the log; what was held back is
+ * summed up in the first line of the next window.
+ */
+function rateLimitedLog(write: (line: string) => void, burst: number, windowMs: number) {
+  let windowStart = 0;
+  let written = 0;
+  let held = 0;
+  return {
+    log(line: string) {
+      const now = Date.now();
+      if (now - windowStart >= windowMs) {
+        if (held > 0) write(`${held} more like it not logged in the last ${windowMs / 1000} s`);
+        windowStart = now;
+        written = 0;
+        held = 0;
+      }
+      if (written++ < burst) write(line);
+      else held++;
+    },
+  };
+}
+
 // ───────────────────────────── QEMU ports ─────────────────────────────
 
 // Unix sockets go through libc (bun:ffi) where Bun has no API: datagrams, and telling a stale
@@ -1892,29 +1917,6 @@ export function renderMetrics(s: Snapshot): string {
   metric("edge_relay_uplink_up", "1 when the uplink is connected.", "gauge", s.uplink ? [["", s.uplink.state === "up" ? 1 : 0]] : []);
   metric("edge_relay_uptime_seconds", "Seconds since the relay started.", "gauge", [["", s.uptime]]);
   return lines.join("\n") + "\n";
-}
-
-/**
- * At most `burst` lines per `windowMs`, so a scanner cannot flood the log; what was held back is
- * summed up in the first line of the next window.
- */
-function rateLimitedLog(write: (line: string) => void, burst: number, windowMs: number) {
-  let windowStart = 0;
-  let written = 0;
-  let held = 0;
-  return {
-    log(line: string) {
-      const now = Date.now();
-      if (now - windowStart >= windowMs) {
-        if (held > 0) write(`${held} more like it not logged in the last ${windowMs / 1000} s`);
-        windowStart = now;
-        written = 0;
-        held = 0;
-      }
-      if (written++ < burst) write(line);
-      else held++;
-    },
-  };
 }
 
 export interface TunnelData {
