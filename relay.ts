@@ -470,7 +470,36 @@ export const ConfigSchema = v.pipe(
     ),
     ["qemuMcast"],
   ),
+  v.rawCheck(({ dataset, addIssue }) => {
+    if (!dataset.typed || dataset.value.allowRemoteQemu) return;
+    for (const key of ["qemuListen", "qemuUdp", "qemuMcast"] as const) {
+      const list = dataset.value[key];
+      list.forEach((entry, index) => {
+        const message = remoteQemuPort(entry);
+        if (message === undefined) return;
+        const path: [v.ObjectPathItem, v.ArrayPathItem] = [
+          { type: "object", origin: "value", input: dataset.value, key, value: list },
+          { type: "array", origin: "value", input: list, key: index, value: entry },
+        ];
+        addIssue({ message: `${message}; add --allow-remote-qemu`, path });
+      });
+    }
+  }),
 );
+
+/**
+ * Why a QEMU port would be open to other hosts, or undefined when it is local: a VM port is a port
+ * on the segment for whoever reaches it. Unix sockets are local; --qemu-connect dials out.
+ */
+function remoteQemuPort(entry: { address: SocketAddress } | { localAddress: string | undefined }): string | undefined {
+  if ("localAddress" in entry) {
+    if (entry.localAddress === undefined) return "without a loopback LOCALADDR the group is joined on every interface: anyone on the network is on the segment";
+    return isLoopback(entry.localAddress) ? undefined : `${entry.localAddress} is not a loopback address: anyone on that network is on the segment`;
+  }
+  const { address } = entry;
+  if ("path" in address || isLoopback(address.host)) return undefined;
+  return `${address.host} is not a loopback address: anyone who can reach it gets a port on the segment`;
+}
 
 export type Config = v.InferOutput<typeof ConfigSchema>;
 
@@ -1630,6 +1659,11 @@ export class DatagramPort extends Port {
   }
 }
 
+/** Bun names a sender in canonical form (`::1`); a configured IPv6 remote may be spelled otherwise. */
+function canonicalIp(host: string): string {
+  return host.includes(":") ? new URL(`http://[${host}]`).hostname.slice(1, -1) : host;
+}
+
 async function openUdp(address: HostPort, onDatagram: OnDatagram, onError: (error: Error) => void, flags = 0): Promise<DatagramSocket & { socket: udp.Socket<"buffer"> }> {
   const options: udp.SocketOptions<"buffer"> & { flags: number } = {
     hostname: address.host,
@@ -1648,7 +1682,7 @@ async function openUdp(address: HostPort, onDatagram: OnDatagram, onError: (erro
     socket,
     address: formatHostPort({ host: address.host, port: socket.port }),
     maxFrame: MAX_DATAGRAM,
-    keyOf: (to) => `${(to as HostPort).host}:${(to as HostPort).port}`,
+    keyOf: (to) => `${canonicalIp((to as HostPort).host)}:${(to as HostPort).port}`,
     send: (frame, to) => socket.send(frame, (to as HostPort).port, (to as HostPort).host),
     close: () => socket.close(),
   };
@@ -1759,17 +1793,48 @@ export async function openUnixDgram(
   };
 }
 
-/** A datagram socket for QEMU dgram/udp netdevs: every distinct source address is its own port. */
+/** A --qemu-udp socket in /status: its peers and what it dropped rather than make a port of. */
+export interface DatagramStatus {
+  network: string;
+  address: string;
+  /** The fixed REMOTE: then nothing else is accepted. */
+  remote: string | undefined;
+  peers: number;
+  /** Datagrams from a source other than the fixed REMOTE. */
+  foreign: number;
+}
+
+/** Prometheus labels of a --qemu-udp socket; a unix path may hold any character. */
+export function datagramLabel(d: DatagramStatus): string {
+  return `{network="${d.network}",socket="${d.address.replace(/[\\"\n]/g, (c) => (c === "\n" ? "\\n" : `\\${c}`))}"}`;
+}
+
+/**
+ * A datagram socket for QEMU dgram/udp netdevs: every distinct source address is its own port, or,
+ * with a fixed remote, that remote is the only port and other sources are dropped and counted.
+ */
 export async function bindDatagram(
   address: SocketAddress,
   remote: SocketAddress | undefined,
   ctx: { network: Network; log: Logger; ageingMs: number; countError: () => void },
-): Promise<{ socket: DatagramSocket; sweep(): void }> {
-  const where = `qemu-udp ${ctx.network.name} ${formatAddress(address)}`;
+): Promise<{ socket: DatagramSocket; sweep(): void; status(): DatagramStatus }> {
+  let where = `qemu-udp ${ctx.network.name} ${formatAddress(address)}`;
   let oversized = 0;
   const peers = new Map<string, DatagramPort>();
   let full = false;
   let socket: DatagramSocket;
+  let fixed: DatagramPort | undefined;
+  let fixedKey: string | undefined;
+  const status: DatagramStatus = { network: ctx.network.name, address: where, remote: remote && formatAddress(remote), peers: 0, foreign: 0 };
+  const foreignLog = rateLimitedLog(ctx.log.warn, 1, 60_000);
+  /** With a fixed remote anyone else could inject frames into the segment, so only it is heard. */
+  const onFixedDatagram: OnDatagram = (data, key, from) => {
+    if (key === fixedKey) fixed!.receive(data);
+    else {
+      status.foreign++;
+      foreignLog.log(`${where}: dropped a datagram from ${formatAddress(from())}, not the fixed remote ${status.remote}; further ones are counted in /status`);
+    }
+  };
   const onDatagram: OnDatagram = (data, key, from) => {
     let peer = peers.get(key);
     if (peer === undefined) {
@@ -1785,6 +1850,7 @@ export async function bindDatagram(
     peer.lastHeard = ctx.network.now();
     peer.receive(data);
   };
+  const receive = remote ? onFixedDatagram : onDatagram;
   const onError = (error: Error) => {
     // ICMP port unreachable: the peer is not there (yet); QEMU dgram peers come and go.
     if ((error as { code?: string }).code !== "ECONNREFUSED") {
@@ -1794,21 +1860,24 @@ export async function bindDatagram(
   try {
     socket =
       "path" in address
-        ? await openUnixDgram(address.path, onDatagram, {
+        ? await openUnixDgram(address.path, receive, {
             oversize(bytes) {
               ctx.countError();
               if (oversized++ === 0) ctx.log.warn(`${where}: dropped a ${bytes}-byte datagram (frames are at most ${MAX_FRAME} bytes); further ones are only counted`);
             },
             failed: (message) => ctx.log.warn(`${where}: ${message}`),
           })
-        : await openUdp(address, onDatagram, onError);
+        : await openUdp(address, receive, onError);
   } catch (error) {
     throw new Error(describeError(`Cannot listen on ${"path" in address ? "" : "udp "}${formatAddress(address)}`, error));
   }
-  let fixed: DatagramPort | undefined;
+  // Logs name the bound port, not the :0 asked for.
+  where = `qemu-udp ${ctx.network.name} ${socket.address}`;
+  status.address = socket.address;
   if (remote) {
     fixed = new DatagramPort("qemu-udp", socket, remote);
-    peers.set(socket.keyOf(remote), fixed);
+    fixedKey = socket.keyOf(remote);
+    peers.set(fixedKey, fixed);
     ctx.network.attach(fixed);
   }
   return {
@@ -1824,6 +1893,7 @@ export async function bindDatagram(
         }
       }
     },
+    status: () => ({ ...status, peers: peers.size }),
   };
 }
 
@@ -1884,6 +1954,7 @@ export interface Snapshot {
   networks: ReturnType<Network["snapshot"]>[];
   uplink: UplinkStatus | null;
   dials: DialStatus[];
+  datagrams: DatagramStatus[];
   authFailures: number;
   protocolErrors: number;
 }
@@ -1914,6 +1985,7 @@ export function renderMetrics(s: Snapshot): string {
   metric("edge_relay_network_macs", "Learned MAC addresses in a network.", "gauge", s.networks.map((n) => [`{network="${n.name}"}`, n.macs.length]));
   metric("edge_relay_auth_failures_total", "Tunnel connections refused for a wrong or missing token.", "counter", [["", s.authFailures]]);
   metric("edge_relay_protocol_errors_total", "Ports closed for malformed input.", "counter", [["", s.protocolErrors]]);
+  metric("edge_relay_datagram_foreign_total", "Datagrams dropped for not coming from the fixed remote of a --qemu-udp socket.", "counter", s.datagrams.map((d) => [datagramLabel(d), d.foreign]));
   metric("edge_relay_uplink_up", "1 when the uplink is connected.", "gauge", s.uplink ? [["", s.uplink.state === "up" ? 1 : 0]] : []);
   metric("edge_relay_uptime_seconds", "Seconds since the relay started.", "gauge", [["", s.uptime]]);
   return lines.join("\n") + "\n";
@@ -2015,6 +2087,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
   const sweepers: (() => void)[] = [];
   let uplink: Uplink | undefined;
   const dialers: ReturnType<typeof dialStream>[] = [];
+  const datagramSockets: Awaited<ReturnType<typeof bindDatagram>>[] = [];
 
   const snapshot = (): Snapshot => ({
     version: VERSION,
@@ -2023,6 +2096,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
     networks: [...networks.values()].map((n) => n.snapshot()),
     uplink: uplink ? { ...uplink.status } : null,
     dials: dialers.map((d) => ({ ...d.status })),
+    datagrams: datagramSockets.map((d) => d.status()),
     authFailures: counters.authFailures,
     protocolErrors: counters.protocolErrors,
   });
@@ -2099,6 +2173,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
       const dgram = await bindDatagram(spec.address, spec.remote, { network: network(spec.network), log, ageingMs, countError });
       stoppers.push(() => dgram.socket.close());
       sweepers.push(dgram.sweep);
+      datagramSockets.push(dgram);
       bound.push({ what: "qemu-udp", network: spec.network, address: dgram.socket.address });
     }
     for (const spec of config.qemuMcast) {
