@@ -74,7 +74,10 @@ const DEFAULT_STORM_LIMIT = 5_000;
 const MIN_TOKEN_LENGTH = 16;
 /** The largest --queue-bytes: a tunnel's WebSocket backpressure limit is derived from it. */
 const MAX_QUEUE_BYTES = 64 * 1024 * 1024;
-const MAX_UDP_PEERS = 1024;
+/** Learned datagram peers are forgotten after this much silence, or the MAC ageing time if shorter. */
+const UDP_PEER_AGEING_MS = 60_000;
+/** New peers one --qemu-udp socket learns per second: a spoofed flood cannot churn the table faster. */
+const NEW_UDP_PEERS_PER_SECOND = 16;
 const MAX_TUNNEL_NETWORKS = 64;
 const CLOSED_PORTS_KEPT = 16;
 const HELLO_TIMEOUT_MS = 10_000;
@@ -1800,13 +1803,28 @@ export interface DatagramStatus {
   /** The fixed REMOTE: then nothing else is accepted. */
   remote: string | undefined;
   peers: number;
-  /** Datagrams from a source other than the fixed REMOTE. */
-  foreign: number;
+  /** Learned peers forgotten to make room for a new one. */
+  evicted: number;
+  /** Datagrams dropped rather than made a port of. */
+  drops: {
+    /** From a source other than the fixed REMOTE. */
+    foreign: number;
+    /** Shorter than an Ethernet header, from a source not yet a peer. */
+    runts: number;
+    /** From new sources beyond the new-peer rate. */
+    throttled: number;
+  };
 }
 
 /** Prometheus labels of a --qemu-udp socket; a unix path may hold any character. */
-export function datagramLabel(d: DatagramStatus): string {
-  return `{network="${d.network}",socket="${d.address.replace(/[\\"\n]/g, (c) => (c === "\n" ? "\\n" : `\\${c}`))}"}`;
+export function datagramLabel(d: DatagramStatus, reason?: string): string {
+  const socket = d.address.replace(/[\\"\n]/g, (c) => (c === "\n" ? "\\n" : `\\${c}`));
+  return `{network="${d.network}",socket="${socket}"${reason ? `,reason="${reason}"` : ""}}`;
+}
+
+/** `edge_relay_datagram_drops_total` samples of one socket, one per reason. */
+export function datagramDrops(d: DatagramStatus): [string, number][] {
+  return Object.entries(d.drops).map(([reason, n]) => [datagramLabel(d, reason), n]);
 }
 
 /**
@@ -1816,38 +1834,83 @@ export function datagramLabel(d: DatagramStatus): string {
 export async function bindDatagram(
   address: SocketAddress,
   remote: SocketAddress | undefined,
-  ctx: { network: Network; log: Logger; ageingMs: number; countError: () => void },
+  ctx: { network: Network; log: Logger; ageingMs: number; maxPeers: number; countError: () => void },
 ): Promise<{ socket: DatagramSocket; sweep(): void; status(): DatagramStatus }> {
   let where = `qemu-udp ${ctx.network.name} ${formatAddress(address)}`;
   let oversized = 0;
   const peers = new Map<string, DatagramPort>();
-  let full = false;
+  const peerAgeingMs = Math.min(ctx.ageingMs, UDP_PEER_AGEING_MS);
   let socket: DatagramSocket;
   let fixed: DatagramPort | undefined;
   let fixedKey: string | undefined;
-  const status: DatagramStatus = { network: ctx.network.name, address: where, remote: remote && formatAddress(remote), peers: 0, foreign: 0 };
-  const foreignLog = rateLimitedLog(ctx.log.warn, 1, 60_000);
+  const status: DatagramStatus = {
+    network: ctx.network.name,
+    address: where,
+    remote: remote && formatAddress(remote),
+    peers: 0,
+    evicted: 0,
+    drops: { foreign: 0, runts: 0, throttled: 0 },
+  };
+  const { drops } = status;
+  const limited = () => rateLimitedLog(ctx.log.warn, 1, 60_000);
+  const logs = { foreign: limited(), runts: limited(), throttled: limited(), evicted: limited() };
   /** With a fixed remote anyone else could inject frames into the segment, so only it is heard. */
   const onFixedDatagram: OnDatagram = (data, key, from) => {
     if (key === fixedKey) fixed!.receive(data);
     else {
-      status.foreign++;
-      foreignLog.log(`${where}: dropped a datagram from ${formatAddress(from())}, not the fixed remote ${status.remote}; further ones are counted in /status`);
+      drops.foreign++;
+      logs.foreign.log(`${where}: dropped a datagram from ${formatAddress(from())}, not the fixed remote ${status.remote}; further ones are counted in /status`);
     }
   };
-  const onDatagram: OnDatagram = (data, key, from) => {
-    let peer = peers.get(key);
-    if (peer === undefined) {
-      if (peers.size >= MAX_UDP_PEERS) {
-        if (!full) ctx.log.warn(`${where}: more than ${MAX_UDP_PEERS} peers; ignoring new ones`);
-        full = true;
-        return;
-      }
-      peer = new DatagramPort("qemu-udp", socket, from());
-      peers.set(key, peer);
-      ctx.network.attach(peer);
+  let windowStart = 0;
+  let learnedInWindow = 0;
+  /**
+   * A source that is not a peer yet becomes one only with a whole frame and within the new-peer
+   * rate; a full table forgets its least recently heard peer, so a flood cannot lock a VM out.
+   */
+  function learn(data: Uint8Array, key: string, from: () => SocketAddress): void {
+    if (data.length < MIN_FRAME) {
+      drops.runts++;
+      logs.runts.log(`${where}: dropped a ${data.length}-byte datagram from ${formatAddress(from())}, not a frame, from a source that is not a peer; further ones are counted in /status`);
+      return;
     }
-    peer.lastHeard = ctx.network.now();
+    const now = ctx.network.now();
+    if (now - windowStart >= 1000) {
+      windowStart = now;
+      learnedInWindow = 0;
+    }
+    if (learnedInWindow >= NEW_UDP_PEERS_PER_SECOND) {
+      drops.throttled++;
+      logs.throttled.log(`${where}: more than ${NEW_UDP_PEERS_PER_SECOND} new peers in a second; dropping datagrams from new sources (first ${formatAddress(from())}); further ones are counted in /status`);
+      return;
+    }
+    learnedInWindow++;
+    if (peers.size >= ctx.maxPeers) {
+      const [oldKey, oldest] = peers.entries().next().value!;
+      peers.delete(oldKey);
+      ctx.network.detach(oldest);
+      status.evicted++;
+      logs.evicted.log(`${where}: ${ctx.maxPeers} peers (--udp-peers); forgot ${oldest.peer}, the least recently heard; further ones are counted in /status`);
+    }
+    const peer = new DatagramPort("qemu-udp", socket, from());
+    peer.lastHeard = now;
+    peers.set(key, peer);
+    ctx.network.attach(peer);
+    peer.receive(data);
+  }
+  const onDatagram: OnDatagram = (data, key, from) => {
+    const peer = peers.get(key);
+    if (peer === undefined) {
+      learn(data, key, from);
+      return;
+    }
+    const now = ctx.network.now();
+    if (peer.lastHeard !== now) {
+      // Moved to the end at most once per clock tick: the map runs from least to most recently heard.
+      peer.lastHeard = now;
+      peers.delete(key);
+      peers.set(key, peer);
+    }
     peer.receive(data);
   };
   const receive = remote ? onFixedDatagram : onDatagram;
@@ -1882,18 +1945,17 @@ export async function bindDatagram(
   }
   return {
     socket,
-    /** Learned peers silent for the ageing time are forgotten; a fixed remote stays. */
+    /** Learned peers silent for their ageing time are forgotten; a fixed remote stays. */
     sweep() {
       const now = Date.now();
       for (const [key, peer] of peers) {
-        if (peer !== fixed && now - peer.lastHeard >= ctx.ageingMs) {
+        if (peer !== fixed && now - peer.lastHeard >= peerAgeingMs) {
           peers.delete(key);
           ctx.network.detach(peer);
-          full = false;
         }
       }
     },
-    status: () => ({ ...status, peers: peers.size }),
+    status: () => ({ ...status, peers: peers.size, drops: { ...drops } }),
   };
 }
 
@@ -1985,7 +2047,9 @@ export function renderMetrics(s: Snapshot): string {
   metric("edge_relay_network_macs", "Learned MAC addresses in a network.", "gauge", s.networks.map((n) => [`{network="${n.name}"}`, n.macs.length]));
   metric("edge_relay_auth_failures_total", "Tunnel connections refused for a wrong or missing token.", "counter", [["", s.authFailures]]);
   metric("edge_relay_protocol_errors_total", "Ports closed for malformed input.", "counter", [["", s.protocolErrors]]);
-  metric("edge_relay_datagram_foreign_total", "Datagrams dropped for not coming from the fixed remote of a --qemu-udp socket.", "counter", s.datagrams.map((d) => [datagramLabel(d), d.foreign]));
+  metric("edge_relay_datagram_peers", "Peers of a --qemu-udp socket.", "gauge", s.datagrams.map((d) => [datagramLabel(d), d.peers]));
+  metric("edge_relay_datagram_peers_evicted_total", "Peers of a --qemu-udp socket forgotten to make room.", "counter", s.datagrams.map((d) => [datagramLabel(d), d.evicted]));
+  metric("edge_relay_datagram_drops_total", "Datagrams a --qemu-udp socket dropped rather than made a port of, by reason.", "counter", s.datagrams.flatMap(datagramDrops));
   metric("edge_relay_uplink_up", "1 when the uplink is connected.", "gauge", s.uplink ? [["", s.uplink.state === "up" ? 1 : 0]] : []);
   metric("edge_relay_uptime_seconds", "Seconds since the relay started.", "gauge", [["", s.uptime]]);
   return lines.join("\n") + "\n";
@@ -2170,7 +2234,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
       bound.push({ what: "qemu-listen", network: spec.network, address: listener.address });
     }
     for (const spec of config.qemuUdp) {
-      const dgram = await bindDatagram(spec.address, spec.remote, { network: network(spec.network), log, ageingMs, countError });
+      const dgram = await bindDatagram(spec.address, spec.remote, { network: network(spec.network), log, ageingMs, maxPeers: config.udpPeers, countError });
       stoppers.push(() => dgram.socket.close());
       sweepers.push(dgram.sweep);
       datagramSockets.push(dgram);

@@ -2,7 +2,8 @@
  * QEMU ports facing hostile peers: who may become a port, how many, and what a flood costs.
  */
 import { describe, expect, test } from "bun:test";
-import { BROADCAST, type RelayProcess, attachVm, fromMac, makeFrame, runCli, spawnRelay, udpPeer } from "./helpers.ts";
+import type { udp } from "bun";
+import { BROADCAST, type RelayProcess, attachVm, fromMac, makeFrame, runCli, spawnRelay, sameBytes, udpPeer, waitUntil } from "./helpers.ts";
 
 /** The status of the relay's --qemu-udp socket bound to `port`. */
 async function datagramStatus(relay: RelayProcess, port = relay.port("qemu-udp")) {
@@ -45,13 +46,80 @@ describe("--qemu-udp with a fixed REMOTE", () => {
     vm.send(fromVm, udpPort);
     expect(await tcp.frames.next()).toEqual(fromVm);
     const status = await datagramStatus(relay);
-    expect(status).toMatchObject({ remote: `127.0.0.1:${vm.port}`, peers: 1, foreign: 3 });
+    expect(status).toMatchObject({ remote: `127.0.0.1:${vm.port}`, peers: 1, drops: { foreign: 3, runts: 0, throttled: 0 } });
     const ports = (await relay.status()).networks[0].ports.map((p: any) => p.peer);
     expect(ports.toSorted()).toEqual([`127.0.0.1:${vm.port}`, tcp.local].toSorted());
     expect(tcp.frames.frames.some(fromMac(S))).toBe(false);
     const logged = relay.stderr().match(/qemu-udp default 127\.0\.0\.1:(\d+): dropped a datagram from 127\.0\.0\.1:(\d+), not the fixed remote/g);
     expect(logged).toEqual([`qemu-udp default 127.0.0.1:${udpPort}: dropped a datagram from 127.0.0.1:${stranger.port}, not the fixed remote`]);
     const metrics = await fetch(`${relay.base}/metrics`).then((r) => r.text());
-    expect(metrics).toContain(`edge_relay_datagram_foreign_total{network="default",socket="127.0.0.1:${udpPort}"} 3`);
+    expect(metrics).toContain(`edge_relay_datagram_drops_total{network="default",socket="127.0.0.1:${udpPort}",reason="foreign"} 3`);
+  });
+});
+
+/** `count` UDP sockets on loopback: that many distinct source addresses, closed on dispose. */
+async function sources(count: number) {
+  const sockets = await Promise.all(Array.from({ length: count }, () => Bun.udpSocket({ hostname: "127.0.0.1" })));
+  return Object.assign(sockets, { [Symbol.dispose]: () => sockets.forEach((s) => s.close()) });
+}
+
+/**
+ * Sends one datagram from each source, 100 at a time (what the kernel's receive buffer holds whole),
+ * waiting after each batch until the relay has accounted for all of them: none is lost uncounted.
+ */
+async function flood(relay: RelayProcess, from: udp.Socket<"buffer">[], datagram: (i: number) => Uint8Array, accounted: (d: any) => number) {
+  for (let i = 0; i < from.length; i += 100) {
+    from.slice(i, i + 100).forEach((s, j) => s.send(datagram(i + j), relay.port("qemu-udp"), "127.0.0.1"));
+    const sent = Math.min(i + 100, from.length);
+    await waitUntil(async () => accounted(await datagramStatus(relay)) === sent, `${sent} datagrams accounted for`);
+  }
+}
+
+const floodMac = (i: number) => `02:00:00:01:${((i >> 8) & 0xff).toString(16).padStart(2, "0")}:${(i & 0xff).toString(16).padStart(2, "0")}`;
+
+describe("--qemu-udp peer table under a flood of sources", () => {
+  test("runts from 1,000 sources make no port: only a whole frame makes a peer", async () => {
+    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-udp", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0"]);
+    await using tcp = await attachVm(relay);
+    using spoofed = await sources(1000);
+    await flood(relay, spoofed, (i) => new Uint8Array(i % 2), (d) => d.drops.runts);
+    expect(await datagramStatus(relay)).toMatchObject({ peers: 0, evicted: 0, drops: { foreign: 0, runts: 1000, throttled: 0 } });
+    expect((await relay.status()).networks[0].ports.map((p: any) => p.peer)).toEqual([tcp.local]);
+    expect(relay.stderr().match(/not a frame, from a source that is not a peer/g)).toHaveLength(1);
+  });
+
+  test("1,000 sources of whole frames keep the table at --udp-peers; a VM arriving later is learned; a broadcast goes out at most that many times", async () => {
+    const cap = 8;
+    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-udp", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--udp-peers", String(cap)]);
+    await using tcp = await attachVm(relay);
+    const udpPort = relay.port("qemu-udp");
+    using spoofed = await sources(1000);
+    await flood(relay, spoofed, (i) => makeFrame(BROADCAST, floodMac(i), "flood"), (d) => d.peers + d.evicted + d.drops.throttled);
+    const after = await datagramStatus(relay);
+    expect(after.peers).toBe(cap);
+    expect(after.evicted).toBeGreaterThan(0);
+    expect(after.drops.throttled).toBeGreaterThan(0);
+
+    using vm = await udpPeer();
+    const [R, T] = ["02:00:00:00:41:01", "02:00:00:00:41:02"];
+    // A new source may be throttled for up to a second after the flood: it is heard when it sends again.
+    await waitUntil(() => (vm.send(makeFrame(BROADCAST, R, "a real VM"), udpPort), tcp.frames.frames.some(fromMac(R))), "the VM learned after the flood");
+    const toVm = makeFrame(R, T, "to the real VM");
+    tcp.send(toVm);
+    expect(await vm.frames.next(fromMac(T))).toEqual(toVm);
+    // Its answer comes after all its hellos on one socket: once it is through, no hello is still on the way.
+    vm.send(makeFrame(T, R, "answer"), udpPort);
+    await tcp.frames.next((f) => fromMac(R)(f) && new TextDecoder().decode(f.subarray(14)) === "answer");
+
+    const udpTx = async () => {
+      const ports = (await relay.status()).networks[0].ports.filter((p: any) => p.kind === "qemu-udp");
+      return { count: ports.length, frames: ports.reduce((n: number, p: any) => n + p.tx.frames, 0) };
+    };
+    const before = await udpTx();
+    expect(before.count).toBe(cap);
+    const broadcast = makeFrame(BROADCAST, T, "to everyone");
+    tcp.send(broadcast);
+    expect(await vm.frames.next((f) => sameBytes(f, broadcast))).toEqual(broadcast);
+    expect((await udpTx()).frames - before.frames).toBe(cap);
   });
 });

@@ -146,7 +146,7 @@ describe("unix datagram sockets", () => {
       learned.send(makeFrame(BROADCAST, L, "not the fixed remote"), { path: relayPath });
       learned.send(fromLearned, { path: learningPath });
       expect(await fixedFrames.next(fromMac(L))).toEqual(fromLearned);
-      await waitUntil(async () => (await relay.status()).datagrams.find((d: any) => d.address === `unix:${relayPath}`).foreign === 1, "the stranger's datagram counted");
+      await waitUntil(async () => (await relay.status()).datagrams.find((d: any) => d.address === `unix:${relayPath}`).drops.foreign === 1, "the stranger's datagram counted");
       const back = makeFrame(L, V, 1500);
       vm.send(back, { path: relayPath });
       expect(await learnedFrames.next(fromMac(V))).toEqual(back);
