@@ -1417,6 +1417,7 @@ const SO_RCVTIMEO = 20;
 const MSG_TRUNC = 0x20;
 const EINTR = 4;
 const EAGAIN = 11;
+const RLIMIT_NOFILE = 7;
 
 let libcSymbols: ReturnType<typeof loadLibc> | undefined;
 /** libc's socket calls, loaded on first use. */
@@ -1431,6 +1432,8 @@ function loadLibc() {
     setsockopt: { args: [FFIType.i32, FFIType.i32, FFIType.i32, FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
     sendto: { args: [FFIType.i32, FFIType.ptr, FFIType.u64, FFIType.i32, FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
     close: { args: [FFIType.i32], returns: FFIType.i32 },
+    getrlimit: { args: [FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
+    setrlimit: { args: [FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
     __errno_location: { args: [], returns: FFIType.ptr },
   }).symbols;
 }
@@ -1474,6 +1477,44 @@ function claimUnixPath(path: string): void {
   });
   if (inUse) throw Object.assign(new Error("a running process uses it"), { code: "EADDRINUSE" });
   unlinkSync(path);
+}
+
+/**
+ * Raises the soft open-file limit to the hard one (Bun 1.4 already does at start; a runtime that
+ * does not would leave many hosts at 1024) and returns the soft limit in force.
+ */
+export function raiseFdLimit(): number {
+  const c = libc();
+  const limit = new BigUint64Array(2);
+  if (c.getrlimit(RLIMIT_NOFILE, limit) !== 0) throw errnoError("getrlimit");
+  if (limit[0]! < limit[1]! && c.setrlimit(RLIMIT_NOFILE, BigUint64Array.of(limit[1]!, limit[1]!)) === 0) limit[0] = limit[1]!;
+  return Number(limit[0]);
+}
+
+/** QEMU stream connections open across every --qemu-listen, and what happens beyond the cap. */
+export interface ConnectionCap {
+  open: number;
+  readonly max: number;
+  refuse(peer: string): void;
+}
+
+/**
+ * The cap on accepted QEMU connections, kept under the open-file limit: at that limit accept fails
+ * with EMFILE, which the event loop retries at full speed, and nothing else gets a descriptor.
+ */
+export function connectionCap(max: number, fdLimit: number, log: Logger, countRefused: () => void): ConnectionCap {
+  // A quarter of the descriptors stays for HTTP clients, tunnels and the relay's own files.
+  const allowed = Math.max(1, Math.floor((fdLimit * 3) / 4));
+  if (max > allowed) log.warn(`--max-connections ${max} lowered to ${allowed}: the open-file limit is ${fdLimit}`);
+  const refusals = rateLimitedLog(log.warn, 1, 60_000);
+  return {
+    open: 0,
+    max: Math.min(max, allowed),
+    refuse(peer) {
+      countRefused();
+      refusals.log(`qemu-listen: closed a connection from ${peer}: --max-connections ${this.max} reached; further ones are counted in /status`);
+    },
+  };
 }
 
 /** A QEMU stream connection (TCP): length-prefixed frames both ways. */
@@ -1521,6 +1562,8 @@ interface StreamContext {
   /** Names the peer of a unix connection, which has no remote address. */
   unixPeer?: string;
   onClose?: () => void;
+  /** Accepted connections are counted against it; beyond it they are closed at once. */
+  cap?: ConnectionCap;
 }
 
 /** Socket handlers shared by --qemu-listen and --qemu-connect: one port per connection. */
@@ -1528,6 +1571,15 @@ function streamHandlers(ctx: StreamContext) {
   return {
     open(socket: Socket<StreamPort>) {
       const peer = socket.remoteAddress ? formatHostPort({ host: socket.remoteAddress, port: socket.remotePort }) : ctx.unixPeer ?? "unix";
+      if (ctx.cap !== undefined) {
+        if (ctx.cap.open >= ctx.cap.max) {
+          ctx.cap.refuse(peer);
+          // No port, no goodbye: the descriptor is what is scarce.
+          socket.terminate();
+          return;
+        }
+        ctx.cap.open++;
+      }
       const port = new StreamPort(ctx.kind, peer, socket, ctx.limit);
       socket.data = port;
       ctx.network.attach(port);
@@ -1539,7 +1591,10 @@ function streamHandlers(ctx: StreamContext) {
       socket.data.writer.drain();
     },
     close(socket: Socket<StreamPort>) {
-      if (socket.data) ctx.network.detach(socket.data);
+      if (socket.data) {
+        ctx.network.detach(socket.data);
+        if (ctx.cap !== undefined) ctx.cap.open--;
+      }
       ctx.onClose?.();
     },
     error(socket: Socket<StreamPort>, error: Error) {
@@ -2007,6 +2062,7 @@ export async function joinMulticast(
 export interface RelayCounters {
   authFailures: number;
   protocolErrors: number;
+  connectionsRefused: number;
 }
 
 export interface Snapshot {
@@ -2019,6 +2075,7 @@ export interface Snapshot {
   datagrams: DatagramStatus[];
   authFailures: number;
   protocolErrors: number;
+  connectionsRefused: number;
 }
 
 const METRICS: [name: string, help: string, type: "counter" | "gauge", value: (p: PortSnapshot) => number][] = [
@@ -2047,6 +2104,7 @@ export function renderMetrics(s: Snapshot): string {
   metric("edge_relay_network_macs", "Learned MAC addresses in a network.", "gauge", s.networks.map((n) => [`{network="${n.name}"}`, n.macs.length]));
   metric("edge_relay_auth_failures_total", "Tunnel connections refused for a wrong or missing token.", "counter", [["", s.authFailures]]);
   metric("edge_relay_protocol_errors_total", "Ports closed for malformed input.", "counter", [["", s.protocolErrors]]);
+  metric("edge_relay_connections_refused_total", "QEMU connections closed at once for --max-connections.", "counter", [["", s.connectionsRefused]]);
   metric("edge_relay_datagram_peers", "Peers of a --qemu-udp socket.", "gauge", s.datagrams.map((d) => [datagramLabel(d), d.peers]));
   metric("edge_relay_datagram_peers_evicted_total", "Peers of a --qemu-udp socket forgotten to make room.", "counter", s.datagrams.map((d) => [datagramLabel(d), d.evicted]));
   metric("edge_relay_datagram_drops_total", "Datagrams a --qemu-udp socket dropped rather than made a port of, by reason.", "counter", s.datagrams.flatMap(datagramDrops));
@@ -2143,7 +2201,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
   };
   /** Networks that local ports or the uplink use; the others exist while a tunnel attaches to them. */
   const configured = new Set<string>();
-  const counters: RelayCounters = { authFailures: 0, protocolErrors: 0 };
+  const counters: RelayCounters = { authFailures: 0, protocolErrors: 0, connectionsRefused: 0 };
   const countError = () => void counters.protocolErrors++;
   const grants = makeGrants(config.tokens);
   const bound: BoundAddress[] = [];
@@ -2163,6 +2221,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
     datagrams: datagramSockets.map((d) => d.status()),
     authFailures: counters.authFailures,
     protocolErrors: counters.protocolErrors,
+    connectionsRefused: counters.connectionsRefused,
   });
 
   // Whatever fails to bind, stop what already runs so a failed start leaves nothing behind.
@@ -2228,8 +2287,11 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
     const httpUrl = `${config.tlsCert ? "https" : "http"}://${formatHostPort({ host: config.http.host, port: server.port! })}`;
     bound.push({ what: "http", address: httpUrl });
 
+    // Before the first accept: the limit decides how many QEMU connections fit.
+    const fdLimit = raiseFdLimit();
+    const cap = config.qemuListen.length > 0 ? connectionCap(config.maxConnections, fdLimit, log, () => void counters.connectionsRefused++) : undefined;
     for (const spec of config.qemuListen) {
-      const listener = await listenStream(spec.address, { network: network(spec.network), log, countError, limit: config.queueBytes, kind: "qemu-listen" });
+      const listener = await listenStream(spec.address, { network: network(spec.network), log, countError, limit: config.queueBytes, kind: "qemu-listen", cap });
       stoppers.push(listener.stop);
       bound.push({ what: "qemu-listen", network: spec.network, address: listener.address });
     }
