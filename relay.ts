@@ -1695,6 +1695,8 @@ export interface DatagramSocket {
   /** The key `OnDatagram` gets for datagrams from `address`. */
   keyOf(address: SocketAddress): string;
   send(frame: Uint8Array, to: SocketAddress): boolean;
+  /** Datagrams dropped because the relay fell behind (unix sockets; a UDP socket's kernel buffer drops them uncounted). */
+  overruns(): number;
   close(): void | Promise<void>;
 }
 
@@ -1742,14 +1744,28 @@ async function openUdp(address: HostPort, onDatagram: OnDatagram, onError: (erro
     maxFrame: MAX_DATAGRAM,
     keyOf: (to) => `${canonicalIp((to as HostPort).host)}:${(to as HostPort).port}`,
     send: (frame, to) => socket.send(frame, (to as HostPort).port, (to as HostPort).host),
+    overruns: () => 0,
     close: () => socket.close(),
   };
 }
 
+/** Bytes of datagrams a unix receiver may have posted to the main thread that it has not yet taken. */
+export const UNIX_DGRAM_BACKLOG = 4 * 1024 * 1024;
+/** What one posted message counts against the backlog besides its bytes: an empty one is not free. */
+export const UNIX_DGRAM_MESSAGE_COST = 256;
+/** Slots of the receiver's shared state. */
+const RX_STOP = 0;
+const RX_BACKLOG = 1;
+const RX_OVERRUNS = 2;
+/** How long close() waits for the receiver to notice a stop (it wakes every 100 ms). */
+const RX_STOP_WAIT_MS = 1_000;
+
 /**
- * Receives on a blocking unix datagram socket in a worker thread and posts each datagram back.
- * MSG_TRUNC makes recvfrom report a datagram's real length, so one too big for a frame is dropped
- * whole rather than cut short.
+ * Receives on a blocking unix datagram socket in a worker thread and posts each datagram back,
+ * handing over its buffer rather than copying it again. While the main thread is behind by
+ * UNIX_DGRAM_BACKLOG, datagrams are dropped here and counted, so a busy relay cannot queue without
+ * end. MSG_TRUNC makes recvfrom report a datagram's real length, so one too big for a frame is
+ * dropped whole rather than cut short.
  */
 const UNIX_DGRAM_RECEIVER = `
 import { dlopen, FFIType, read } from "bun:ffi";
@@ -1757,17 +1773,30 @@ const c = dlopen("libc.so.6", {
   recvfrom: { args: [FFIType.i32, FFIType.ptr, FFIType.u64, FFIType.i32, FFIType.ptr, FFIType.ptr], returns: FFIType.i32 },
   __errno_location: { args: [], returns: FFIType.ptr },
 }).symbols;
-self.onmessage = ({ data: { fd, stop } }) => {
-  const stopped = new Int32Array(stop);
+self.onmessage = ({ data: { fd, shared } }) => {
+  const state = new Int32Array(shared);
   const buf = new Uint8Array(${MAX_FRAME});
   const addr = new Uint8Array(112);
   const addrLen = new Uint32Array(1);
-  while (Atomics.load(stopped, 0) === 0) {
+  // Counts a message against the backlog, or an overrun when the main thread is that far behind.
+  const admit = (cost) => {
+    if (Atomics.load(state, ${RX_BACKLOG}) + cost > ${UNIX_DGRAM_BACKLOG}) return void Atomics.add(state, ${RX_OVERRUNS}, 1);
+    Atomics.add(state, ${RX_BACKLOG}, cost);
+    return true;
+  };
+  while (Atomics.load(state, ${RX_STOP}) === 0) {
     addrLen[0] = 110;
     const n = c.recvfrom(fd, buf, buf.length, ${MSG_TRUNC}, addr, addrLen);
-    if (n > buf.length) postMessage({ oversize: n });
-    else if (n >= 0) postMessage({ data: buf.slice(0, n), from: addr.slice(0, addrLen[0]) });
-    else {
+    if (n > buf.length) {
+      if (admit(${UNIX_DGRAM_MESSAGE_COST})) postMessage({ oversize: n, cost: ${UNIX_DGRAM_MESSAGE_COST} });
+    } else if (n >= 0) {
+      const cost = n + ${UNIX_DGRAM_MESSAGE_COST};
+      if (admit(cost)) {
+        const data = buf.slice(0, n).buffer;
+        const from = addr.slice(0, addrLen[0]).buffer;
+        postMessage({ data, from, cost }, [data, from]);
+      }
+    } else {
       const errno = read.i32(c.__errno_location(), 0);
       if (errno !== ${EAGAIN} && errno !== ${EINTR}) { postMessage({ errno }); break; }
     }
@@ -1803,7 +1832,7 @@ interface UnixPeer extends UnixPath {
 export async function openUnixDgram(
   path: string,
   onDatagram: OnDatagram,
-  events: { oversize?(bytes: number): void; failed?(message: string): void } = {},
+  events: { oversize?(bytes: number): void; overrun?(total: number): void; failed?(message: string): void } = {},
 ): Promise<DatagramSocket> {
   const c = libc();
   const local = sockaddrUnix(path);
@@ -1818,20 +1847,37 @@ export async function openUnixDgram(
   // The receiver wakes every 100 ms to notice a stop without closing the fd under it.
   const timeout = new BigInt64Array([0n, 100_000n]);
   c.setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, timeout, 16);
-  const stop = new SharedArrayBuffer(4);
+  const shared = new SharedArrayBuffer(12);
+  const state = new Int32Array(shared);
   const worker = new Worker(URL.createObjectURL(new Blob([UNIX_DGRAM_RECEIVER], { type: "application/javascript" })));
+  // Settles once the receiver is gone, however it went: a stop, a failed recvfrom, or an exception.
   const { promise: done, resolve: finished } = Promise.withResolvers<void>();
-  worker.onmessage = ({ data }) => {
+  let gone = false;
+  /** Says once why receiving stopped, unless close() asked for it. */
+  const receiverGone = (why: string | undefined) => {
+    if (!gone && why !== undefined && Atomics.load(state, RX_STOP) === 0) events.failed?.(why);
+    gone = true;
+    finished();
+  };
+  worker.addEventListener("close", () => receiverGone("receiving stopped: the receiver thread exited"));
+  worker.onerror = (event) => {
+    // Bun's message is the formatted report; its "error: …" line is the exception's own message.
+    receiverGone(`receiving stopped: the receiver thread failed: ${/^error: (.*)$/m.exec(event.message)?.[1] ?? "unknown error"}`);
+  };
+  let overruns = 0;
+  worker.onmessage = function onReceived({ data }) {
+    if (data.cost) Atomics.sub(state, RX_BACKLOG, data.cost);
+    if (Atomics.load(state, RX_OVERRUNS) !== overruns) events.overrun?.((overruns = Atomics.load(state, RX_OVERRUNS)));
     if (data.data) {
-      const from: Uint8Array = data.from;
+      const from = new Uint8Array(data.from);
       // An unbound sender has no address to answer to.
       if (from.length <= 2) return;
-      onDatagram(data.data, sockaddrKey(from), (): UnixPeer => ({ path: displaySockaddr(from), sockaddr: from }));
+      onDatagram(new Uint8Array(data.data), sockaddrKey(from), (): UnixPeer => ({ path: displaySockaddr(from), sockaddr: from }));
     } else if (data.oversize) events.oversize?.(data.oversize);
-    else if (data.errno) events.failed?.(describeError("receiving stopped", errnoError("recvfrom", data.errno)));
-    if (data.done || data.errno) finished();
+    else if (data.errno) receiverGone(describeError("receiving stopped", errnoError("recvfrom", data.errno)));
+    else if (data.done) receiverGone(undefined);
   };
-  worker.postMessage({ fd, stop });
+  worker.postMessage({ fd, shared });
   return {
     address: formatAddress({ path }),
     maxFrame: MAX_FRAME,
@@ -1841,9 +1887,13 @@ export async function openUnixDgram(
       const addr = (peer.sockaddr ??= sockaddrUnix(peer.path));
       return c.sendto(fd, frame, frame.length, MSG_DONTWAIT_NOSIGNAL, addr, addr.length) === frame.length;
     },
+    overruns: () => Atomics.load(state, RX_OVERRUNS),
     async close() {
-      Atomics.store(new Int32Array(stop), 0, 1);
+      Atomics.store(state, RX_STOP, 1);
+      // A receiver that neither stops nor fails (wedged) is not waited for: stopping must finish.
+      const waited = setTimeout(finished, RX_STOP_WAIT_MS);
       await done;
+      clearTimeout(waited);
       worker.terminate();
       c.close(fd);
       if (!path.startsWith("@")) rmSync(path, { force: true });
@@ -1868,6 +1918,8 @@ export interface DatagramStatus {
     runts: number;
     /** From new sources beyond the new-peer rate. */
     throttled: number;
+    /** While the relay was behind (unix sockets); see DatagramSocket.overruns. */
+    overruns: number;
   };
 }
 
@@ -1904,11 +1956,11 @@ export async function bindDatagram(
     remote: remote && formatAddress(remote),
     peers: 0,
     evicted: 0,
-    drops: { foreign: 0, runts: 0, throttled: 0 },
+    drops: { foreign: 0, runts: 0, throttled: 0, overruns: 0 },
   };
   const { drops } = status;
   const limited = () => rateLimitedLog(ctx.log.warn, 1, 60_000);
-  const logs = { foreign: limited(), runts: limited(), throttled: limited(), evicted: limited() };
+  const logs = { foreign: limited(), runts: limited(), throttled: limited(), evicted: limited(), overruns: limited() };
   /** With a fixed remote anyone else could inject frames into the segment, so only it is heard. */
   const onFixedDatagram: OnDatagram = (data, key, from) => {
     if (key === fixedKey) fixed!.receive(data);
@@ -1983,6 +2035,7 @@ export async function bindDatagram(
               ctx.countError();
               if (oversized++ === 0) ctx.log.warn(`${where}: dropped a ${bytes}-byte datagram (frames are at most ${MAX_FRAME} bytes); further ones are only counted`);
             },
+            overrun: (total) => logs.overruns.log(`${where}: the relay fell behind and dropped datagrams (${total} so far); further ones are counted in /status`),
             failed: (message) => ctx.log.warn(`${where}: ${message}`),
           })
         : await openUdp(address, receive, onError);
@@ -2010,7 +2063,7 @@ export async function bindDatagram(
         }
       }
     },
-    status: () => ({ ...status, peers: peers.size, drops: { ...drops } }),
+    status: () => ({ ...status, peers: peers.size, drops: { ...drops, overruns: socket.overruns() } }),
   };
 }
 

@@ -2,8 +2,10 @@
  * QEMU ports facing hostile peers: who may become a port, how many, and what a flood costs.
  */
 import { describe, expect, test } from "bun:test";
+import { existsSync } from "node:fs";
 import type { udp } from "bun";
-import { BROADCAST, type RelayProcess, attachVm, connectStream, fromMac, makeFrame, runCli, spawnRelay, sameBytes, udpPeer, waitUntil } from "./helpers.ts";
+import { UNIX_DGRAM_BACKLOG, UNIX_DGRAM_MESSAGE_COST, openUnixDgram } from "../relay.ts";
+import { BROADCAST, type RelayProcess, attachVm, connectStream, fromMac, makeFrame, runCli, sameBytes, spawnRelay, tempDir, udpPeer, waitUntil } from "./helpers.ts";
 
 /** The status of the relay's --qemu-udp socket bound to `port`. */
 async function datagramStatus(relay: RelayProcess, port = relay.port("qemu-udp")) {
@@ -173,5 +175,76 @@ describe("--max-connections", () => {
     await closedAtOnce(port);
     expect((await relay.status()).connectionsRefused).toBe(1);
     expect(await fetch(`${relay.base}/healthz`).then((r) => r.text())).toBe("ok\n");
+  });
+});
+
+describe("unix datagram receiver", () => {
+  // python3 sends with blocking sendto: nothing is lost on the way, whatever the receiver does.
+  const SENDER = `
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind(sys.argv[2])
+frame = bytes.fromhex("ffffffffffff" "020000004301" "88b5") + bytes(int(sys.argv[4]) - 14)
+for i in range(int(sys.argv[3])):
+    s.sendto(frame, sys.argv[1])
+`;
+
+  test("a burst while the main thread is busy stays within the backlog: the rest is dropped and counted", async () => {
+    await using dir = await tempDir();
+    const path = `${dir.path}/relay.dgram`;
+    let delivered = 0;
+    const reported: number[] = [];
+    const socket = await openUnixDgram(path, () => void delivered++, { overrun: (total) => reported.push(total) });
+    await using _socket = { [Symbol.asyncDispose]: async () => socket.close() };
+    const [count, size] = [10_000, 1000];
+    const backlog = Math.floor(UNIX_DGRAM_BACKLOG / (size + UNIX_DGRAM_MESSAGE_COST));
+    const sender = Bun.spawn(["python3", "-c", SENDER, path, `${dir.path}/sender.dgram`, String(count), String(size)], { stderr: "pipe" });
+    // Busy: no event-loop turn, so nothing the receiver posts is taken until it has dealt with every datagram.
+    const deadline = performance.now() + 15_000;
+    while (socket.overruns() < count - backlog && performance.now() < deadline);
+    expect(socket.overruns()).toBe(count - backlog);
+    expect(delivered).toBe(0);
+    expect(await sender.exited).toBe(0);
+    await waitUntil(() => delivered === backlog, `${backlog} datagrams delivered (have ${delivered})`);
+    expect(delivered + socket.overruns()).toBe(count);
+    // Reported to the main thread once it had a turn again, for the log.
+    expect(reported).toEqual([count - backlog]);
+  });
+
+  /** A relay whose unix receiver thread runs `script` instead: a preload in its working directory swaps it. */
+  async function relayWithReceiver(dir: string, script: string) {
+    await Bun.write(`${dir}/bunfig.toml`, 'preload = ["./receiver.ts"]\n');
+    await Bun.write(
+      `${dir}/receiver.ts`,
+      `const Real = globalThis.Worker;
+globalThis.Worker = class extends Real {
+  constructor(_url, options) {
+    super(URL.createObjectURL(new Blob([${JSON.stringify(script)}], { type: "application/javascript" })), options);
+  }
+};
+`,
+    );
+    return spawnRelay(["--http", "127.0.0.1:0", "--qemu-udp", `unix:${dir}/relay.dgram`], { cwd: dir });
+  }
+
+  test("a receiver thread that dies is logged once, and SIGTERM still stops the relay cleanly", async () => {
+    await using dir = await tempDir();
+    await using relay = await relayWithReceiver(dir.path, 'self.onmessage = () => { throw new Error("injected failure") }');
+    await relay.waitForLine(/receiving stopped/);
+    const path = `${dir.path}/relay.dgram`;
+    expect(relay.stderr()).toBe(`qemu-udp default unix:${path}: receiving stopped: the receiver thread failed: injected failure\n`);
+    expect(existsSync(path)).toBe(true);
+    expect(await relay.stop()).toBe(0);
+    expect(relay.stdout()).toEndWith("ready\nSIGTERM: stopping\n");
+    // The socket's close ran to its end (rather than the process exiting with nothing left to run).
+    expect(existsSync(path)).toBe(false);
+  });
+
+  test("a receiver thread that never notices the stop does not keep SIGTERM from exiting", async () => {
+    await using dir = await tempDir();
+    await using relay = await relayWithReceiver(dir.path, "self.onmessage = () => Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0)");
+    expect(await relay.stop()).toBe(0);
+    expect(relay.stderr()).toBe("");
+    expect(existsSync(`${dir.path}/relay.dgram`)).toBe(false);
   });
 });
