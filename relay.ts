@@ -1952,7 +1952,7 @@ export async function bindDatagram(
   let fixedKey: string | undefined;
   const status: DatagramStatus = {
     network: ctx.network.name,
-    address: where,
+    address: formatAddress(address),
     remote: remote && formatAddress(remote),
     peers: 0,
     evicted: 0,
