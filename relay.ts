@@ -75,7 +75,10 @@ const DEFAULT_STORM_LIMIT = 5_000;
 const MIN_TOKEN_LENGTH = 16;
 /** The largest --queue-bytes: a tunnel's WebSocket backpressure limit is derived from it. */
 const MAX_QUEUE_BYTES = 64 * 1024 * 1024;
-const MAX_UDP_PEERS = 1024;
+/** Learned datagram peers are forgotten after this much silence, or the MAC ageing time if shorter. */
+const UDP_PEER_AGEING_MS = 60_000;
+/** New peers one --qemu-udp socket learns per second: a spoofed flood cannot churn the table faster. */
+const NEW_UDP_PEERS_PER_SECOND = 16;
 const MAX_TUNNEL_NETWORKS = 64;
 const CLOSED_PORTS_KEPT = 16;
 /** Bytes captured of a frame at most (tcpdump's default), and what one slow capture reader may have queued. */
@@ -560,7 +563,36 @@ export const ConfigSchema = v.pipe(
     ),
     ["qemuMcast"],
   ),
+  v.rawCheck(({ dataset, addIssue }) => {
+    if (!dataset.typed || dataset.value.allowRemoteQemu) return;
+    for (const key of ["qemuListen", "qemuUdp", "qemuMcast"] as const) {
+      const list = dataset.value[key];
+      list.forEach((entry, index) => {
+        const message = remoteQemuPort(entry);
+        if (message === undefined) return;
+        const path: [v.ObjectPathItem, v.ArrayPathItem] = [
+          { type: "object", origin: "value", input: dataset.value, key, value: list },
+          { type: "array", origin: "value", input: list, key: index, value: entry },
+        ];
+        addIssue({ message: `${message}; add --allow-remote-qemu`, path });
+      });
+    }
+  }),
 );
+
+/**
+ * Why a QEMU port would be open to other hosts, or undefined when it is local: a VM port is a port
+ * on the segment for whoever reaches it. Unix sockets are local; --qemu-connect dials out.
+ */
+function remoteQemuPort(entry: { address: SocketAddress } | { localAddress: string | undefined }): string | undefined {
+  if ("localAddress" in entry) {
+    if (entry.localAddress === undefined) return "without a loopback LOCALADDR the group is joined on every interface: anyone on the network is on the segment";
+    return isLoopback(entry.localAddress) ? undefined : `${entry.localAddress} is not a loopback address: anyone on that network is on the segment`;
+  }
+  const { address } = entry;
+  if ("path" in address || isLoopback(address.host)) return undefined;
+  return `${address.host} is not a loopback address: anyone who can reach it gets a port on the segment`;
+}
 
 export type Config = v.InferOutput<typeof ConfigSchema>;
 
@@ -1877,6 +1909,8 @@ export interface RelayCounters {
   loopRefusals: number;
   /** Ports blocked after a loop probe came back. */
   loopsDetected: number;
+  /** QEMU stream connections closed at once for --max-connections. */
+  connectionsRefused: number;
 }
 
 /** Who this relay is, to the relays it meets. */
@@ -2335,6 +2369,31 @@ export class Uplink {
   }
 }
 
+// ───────────────────────────── logging ─────────────────────────────
+
+/**
+ * At most `burst` lines per `windowMs`, so a scanner cannot flood the log; what was held back is
+ * summed up in the first line of the next window.
+ */
+function rateLimitedLog(write: (line: string) => void, burst: number, windowMs: number) {
+  let windowStart = 0;
+  let written = 0;
+  let held = 0;
+  return {
+    log(line: string) {
+      const now = Date.now();
+      if (now - windowStart >= windowMs) {
+        if (held > 0) write(`${held} more like it not logged in the last ${windowMs / 1000} s`);
+        windowStart = now;
+        written = 0;
+        held = 0;
+      }
+      if (written++ < burst) write(line);
+      else held++;
+    },
+  };
+}
+
 // ───────────────────────────── QEMU ports ─────────────────────────────
 
 // Unix sockets go through libc (bun:ffi) where Bun has no API: datagrams, and telling a stale
@@ -2349,6 +2408,7 @@ const SO_RCVTIMEO = 20;
 const MSG_TRUNC = 0x20;
 const EINTR = 4;
 const EAGAIN = 11;
+const RLIMIT_NOFILE = 7;
 
 let libcSymbols: ReturnType<typeof loadLibc> | undefined;
 /** libc's socket calls, loaded on first use. */
@@ -2363,6 +2423,8 @@ function loadLibc() {
     setsockopt: { args: [FFIType.i32, FFIType.i32, FFIType.i32, FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
     sendto: { args: [FFIType.i32, FFIType.ptr, FFIType.u64, FFIType.i32, FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
     close: { args: [FFIType.i32], returns: FFIType.i32 },
+    getrlimit: { args: [FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
+    setrlimit: { args: [FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
     __errno_location: { args: [], returns: FFIType.ptr },
   }).symbols;
 }
@@ -2406,6 +2468,44 @@ function claimUnixPath(path: string): void {
   });
   if (inUse) throw Object.assign(new Error("a running process uses it"), { code: "EADDRINUSE" });
   unlinkSync(path);
+}
+
+/**
+ * Raises the soft open-file limit to the hard one (Bun 1.4 already does at start; a runtime that
+ * does not would leave many hosts at 1024) and returns the soft limit in force.
+ */
+export function raiseFdLimit(): number {
+  const c = libc();
+  const limit = new BigUint64Array(2);
+  if (c.getrlimit(RLIMIT_NOFILE, limit) !== 0) throw errnoError("getrlimit");
+  if (limit[0]! < limit[1]! && c.setrlimit(RLIMIT_NOFILE, BigUint64Array.of(limit[1]!, limit[1]!)) === 0) limit[0] = limit[1]!;
+  return Number(limit[0]);
+}
+
+/** QEMU stream connections open across every --qemu-listen, and what happens beyond the cap. */
+export interface ConnectionCap {
+  open: number;
+  readonly max: number;
+  refuse(peer: string): void;
+}
+
+/**
+ * The cap on accepted QEMU connections, kept under the open-file limit: at that limit accept fails
+ * with EMFILE, which the event loop retries at full speed, and nothing else gets a descriptor.
+ */
+export function connectionCap(max: number, fdLimit: number, log: Logger, countRefused: () => void): ConnectionCap {
+  // A quarter of the descriptors stays for HTTP clients, tunnels and the relay's own files.
+  const allowed = Math.max(1, Math.floor((fdLimit * 3) / 4));
+  if (max > allowed) log.warn(`--max-connections ${max} lowered to ${allowed}: the open-file limit is ${fdLimit}`);
+  const refusals = rateLimitedLog(log.warn, 1, 60_000);
+  return {
+    open: 0,
+    max: Math.min(max, allowed),
+    refuse(peer) {
+      countRefused();
+      refusals.log(`qemu-listen: closed a connection from ${peer}: --max-connections ${this.max} reached; further ones are counted in /status`);
+    },
+  };
 }
 
 /** A QEMU stream connection (TCP): length-prefixed frames both ways. */
@@ -2455,6 +2555,8 @@ interface StreamContext {
   /** Names the peer of a unix connection, which has no remote address. */
   unixPeer?: string;
   onClose?: () => void;
+  /** Accepted connections are counted against it; beyond it they are closed at once. */
+  cap?: ConnectionCap;
 }
 
 /** Socket handlers shared by --qemu-listen and --qemu-connect: one port per connection. */
@@ -2462,6 +2564,15 @@ function streamHandlers(ctx: StreamContext) {
   return {
     open(socket: Socket<StreamPort>) {
       const peer = socket.remoteAddress ? formatHostPort({ host: socket.remoteAddress, port: socket.remotePort }) : ctx.unixPeer ?? "unix";
+      if (ctx.cap !== undefined) {
+        if (ctx.cap.open >= ctx.cap.max) {
+          ctx.cap.refuse(peer);
+          // No port, no goodbye: the descriptor is what is scarce.
+          socket.terminate();
+          return;
+        }
+        ctx.cap.open++;
+      }
       const port = new StreamPort(ctx.kind, peer, socket, ctx.limit, ctx.budget);
       socket.data = port;
       ctx.network.attach(port);
@@ -2473,8 +2584,11 @@ function streamHandlers(ctx: StreamContext) {
       socket.data.writer.drain();
     },
     close(socket: Socket<StreamPort>) {
-      socket.data?.writer.close();
-      if (socket.data) ctx.network.detach(socket.data);
+      if (socket.data) {
+        socket.data.writer.close();
+        ctx.network.detach(socket.data);
+        if (ctx.cap !== undefined) ctx.cap.open--;
+      }
       ctx.onClose?.();
     },
     error(socket: Socket<StreamPort>, error: Error) {
@@ -2575,6 +2689,8 @@ export interface DatagramSocket {
   /** The key `OnDatagram` gets for datagrams from `address`. */
   keyOf(address: SocketAddress): string;
   send(frame: Uint8Array, to: SocketAddress): boolean;
+  /** Datagrams dropped because the relay fell behind (unix sockets; a UDP socket's kernel buffer drops them uncounted). */
+  overruns(): number;
   close(): void | Promise<void>;
 }
 
@@ -2597,6 +2713,11 @@ export class DatagramPort extends Port {
   }
 }
 
+/** Bun names a sender in canonical form (`::1`); a configured IPv6 remote may be spelled otherwise. */
+function canonicalIp(host: string): string {
+  return host.includes(":") ? new URL(`http://[${host}]`).hostname.slice(1, -1) : host;
+}
+
 async function openUdp(address: HostPort, onDatagram: OnDatagram, onError: (error: Error) => void, flags = 0): Promise<DatagramSocket & { socket: udp.Socket<"buffer"> }> {
   const options: udp.SocketOptions<"buffer"> & { flags: number } = {
     hostname: address.host,
@@ -2615,16 +2736,30 @@ async function openUdp(address: HostPort, onDatagram: OnDatagram, onError: (erro
     socket,
     address: formatHostPort({ host: address.host, port: socket.port }),
     maxFrame: MAX_DATAGRAM,
-    keyOf: (to) => `${(to as HostPort).host}:${(to as HostPort).port}`,
+    keyOf: (to) => `${canonicalIp((to as HostPort).host)}:${(to as HostPort).port}`,
     send: (frame, to) => socket.send(frame, (to as HostPort).port, (to as HostPort).host),
+    overruns: () => 0,
     close: () => socket.close(),
   };
 }
 
+/** Bytes of datagrams a unix receiver may have posted to the main thread that it has not yet taken. */
+export const UNIX_DGRAM_BACKLOG = 4 * 1024 * 1024;
+/** What one posted message counts against the backlog besides its bytes: an empty one is not free. */
+export const UNIX_DGRAM_MESSAGE_COST = 256;
+/** Slots of the receiver's shared state. */
+const RX_STOP = 0;
+const RX_BACKLOG = 1;
+const RX_OVERRUNS = 2;
+/** How long close() waits for the receiver to notice a stop (it wakes every 100 ms). */
+const RX_STOP_WAIT_MS = 1_000;
+
 /**
- * Receives on a blocking unix datagram socket in a worker thread and posts each datagram back.
- * MSG_TRUNC makes recvfrom report a datagram's real length, so one too big for a frame is dropped
- * whole rather than cut short.
+ * Receives on a blocking unix datagram socket in a worker thread and posts each datagram back,
+ * handing over its buffer rather than copying it again. While the main thread is behind by
+ * UNIX_DGRAM_BACKLOG, datagrams are dropped here and counted, so a busy relay cannot queue without
+ * end. MSG_TRUNC makes recvfrom report a datagram's real length, so one too big for a frame is
+ * dropped whole rather than cut short.
  */
 const UNIX_DGRAM_RECEIVER = `
 import { dlopen, FFIType, read } from "bun:ffi";
@@ -2632,17 +2767,30 @@ const c = dlopen("libc.so.6", {
   recvfrom: { args: [FFIType.i32, FFIType.ptr, FFIType.u64, FFIType.i32, FFIType.ptr, FFIType.ptr], returns: FFIType.i32 },
   __errno_location: { args: [], returns: FFIType.ptr },
 }).symbols;
-self.onmessage = ({ data: { fd, stop } }) => {
-  const stopped = new Int32Array(stop);
+self.onmessage = ({ data: { fd, shared } }) => {
+  const state = new Int32Array(shared);
   const buf = new Uint8Array(${MAX_FRAME});
   const addr = new Uint8Array(112);
   const addrLen = new Uint32Array(1);
-  while (Atomics.load(stopped, 0) === 0) {
+  // Counts a message against the backlog, or an overrun when the main thread is that far behind.
+  const admit = (cost) => {
+    if (Atomics.load(state, ${RX_BACKLOG}) + cost > ${UNIX_DGRAM_BACKLOG}) return void Atomics.add(state, ${RX_OVERRUNS}, 1);
+    Atomics.add(state, ${RX_BACKLOG}, cost);
+    return true;
+  };
+  while (Atomics.load(state, ${RX_STOP}) === 0) {
     addrLen[0] = 110;
     const n = c.recvfrom(fd, buf, buf.length, ${MSG_TRUNC}, addr, addrLen);
-    if (n > buf.length) postMessage({ oversize: n });
-    else if (n >= 0) postMessage({ data: buf.slice(0, n), from: addr.slice(0, addrLen[0]) });
-    else {
+    if (n > buf.length) {
+      if (admit(${UNIX_DGRAM_MESSAGE_COST})) postMessage({ oversize: n, cost: ${UNIX_DGRAM_MESSAGE_COST} });
+    } else if (n >= 0) {
+      const cost = n + ${UNIX_DGRAM_MESSAGE_COST};
+      if (admit(cost)) {
+        const data = buf.slice(0, n).buffer;
+        const from = addr.slice(0, addrLen[0]).buffer;
+        postMessage({ data, from, cost }, [data, from]);
+      }
+    } else {
       const errno = read.i32(c.__errno_location(), 0);
       if (errno !== ${EAGAIN} && errno !== ${EINTR}) { postMessage({ errno }); break; }
     }
@@ -2678,7 +2826,7 @@ interface UnixPeer extends UnixPath {
 export async function openUnixDgram(
   path: string,
   onDatagram: OnDatagram,
-  events: { oversize?(bytes: number): void; failed?(message: string): void } = {},
+  events: { oversize?(bytes: number): void; overrun?(total: number): void; failed?(message: string): void } = {},
 ): Promise<DatagramSocket> {
   const c = libc();
   const local = sockaddrUnix(path);
@@ -2693,20 +2841,37 @@ export async function openUnixDgram(
   // The receiver wakes every 100 ms to notice a stop without closing the fd under it.
   const timeout = new BigInt64Array([0n, 100_000n]);
   c.setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, timeout, 16);
-  const stop = new SharedArrayBuffer(4);
+  const shared = new SharedArrayBuffer(12);
+  const state = new Int32Array(shared);
   const worker = new Worker(URL.createObjectURL(new Blob([UNIX_DGRAM_RECEIVER], { type: "application/javascript" })));
+  // Settles once the receiver is gone, however it went: a stop, a failed recvfrom, or an exception.
   const { promise: done, resolve: finished } = Promise.withResolvers<void>();
-  worker.onmessage = ({ data }) => {
+  let gone = false;
+  /** Says once why receiving stopped, unless close() asked for it. */
+  const receiverGone = (why: string | undefined) => {
+    if (!gone && why !== undefined && Atomics.load(state, RX_STOP) === 0) events.failed?.(why);
+    gone = true;
+    finished();
+  };
+  worker.addEventListener("close", () => receiverGone("receiving stopped: the receiver thread exited"));
+  worker.onerror = (event) => {
+    // Bun's message is the formatted report; its "error: …" line is the exception's own message.
+    receiverGone(`receiving stopped: the receiver thread failed: ${/^error: (.*)$/m.exec(event.message)?.[1] ?? "unknown error"}`);
+  };
+  let overruns = 0;
+  worker.onmessage = function onReceived({ data }) {
+    if (data.cost) Atomics.sub(state, RX_BACKLOG, data.cost);
+    if (Atomics.load(state, RX_OVERRUNS) !== overruns) events.overrun?.((overruns = Atomics.load(state, RX_OVERRUNS)));
     if (data.data) {
-      const from: Uint8Array = data.from;
+      const from = new Uint8Array(data.from);
       // An unbound sender has no address to answer to.
       if (from.length <= 2) return;
-      onDatagram(data.data, sockaddrKey(from), (): UnixPeer => ({ path: displaySockaddr(from), sockaddr: from }));
+      onDatagram(new Uint8Array(data.data), sockaddrKey(from), (): UnixPeer => ({ path: displaySockaddr(from), sockaddr: from }));
     } else if (data.oversize) events.oversize?.(data.oversize);
-    else if (data.errno) events.failed?.(describeError("receiving stopped", errnoError("recvfrom", data.errno)));
-    if (data.done || data.errno) finished();
+    else if (data.errno) receiverGone(describeError("receiving stopped", errnoError("recvfrom", data.errno)));
+    else if (data.done) receiverGone(undefined);
   };
-  worker.postMessage({ fd, stop });
+  worker.postMessage({ fd, shared });
   return {
     address: formatAddress({ path }),
     maxFrame: MAX_FRAME,
@@ -2716,9 +2881,13 @@ export async function openUnixDgram(
       const addr = (peer.sockaddr ??= sockaddrUnix(peer.path));
       return c.sendto(fd, frame, frame.length, MSG_DONTWAIT_NOSIGNAL, addr, addr.length) === frame.length;
     },
+    overruns: () => Atomics.load(state, RX_OVERRUNS),
     async close() {
-      Atomics.store(new Int32Array(stop), 0, 1);
+      Atomics.store(state, RX_STOP, 1);
+      // A receiver that neither stops nor fails (wedged) is not waited for: stopping must finish.
+      const waited = setTimeout(finished, RX_STOP_WAIT_MS);
       await done;
+      clearTimeout(waited);
       worker.terminate();
       c.close(fd);
       if (!path.startsWith("@")) rmSync(path, { force: true });
@@ -2726,32 +2895,126 @@ export async function openUnixDgram(
   };
 }
 
-/** A datagram socket for QEMU dgram/udp netdevs: every distinct source address is its own port. */
+/** A --qemu-udp socket in /status: its peers and what it dropped rather than make a port of. */
+export interface DatagramStatus {
+  network: string;
+  address: string;
+  /** The fixed REMOTE: then nothing else is accepted. */
+  remote: string | undefined;
+  peers: number;
+  /** Learned peers forgotten to make room for a new one. */
+  evicted: number;
+  /** Datagrams dropped rather than made a port of. */
+  drops: {
+    /** From a source other than the fixed REMOTE. */
+    foreign: number;
+    /** Shorter than an Ethernet header, from a source not yet a peer. */
+    runts: number;
+    /** From new sources beyond the new-peer rate. */
+    throttled: number;
+    /** While the relay was behind (unix sockets); see DatagramSocket.overruns. */
+    overruns: number;
+  };
+}
+
+/** Prometheus labels of a --qemu-udp socket; a unix path may hold any character. */
+export function datagramLabel(d: DatagramStatus, reason?: string): string {
+  const socket = d.address.replace(/[\\"\n]/g, (c) => (c === "\n" ? "\\n" : `\\${c}`));
+  return `{network="${d.network}",socket="${socket}"${reason ? `,reason="${reason}"` : ""}}`;
+}
+
+/** `edge_relay_datagram_drops_total` samples of one socket, one per reason. */
+export function datagramDrops(d: DatagramStatus): [string, number][] {
+  return Object.entries(d.drops).map(([reason, n]) => [datagramLabel(d, reason), n]);
+}
+
+/**
+ * A datagram socket for QEMU dgram/udp netdevs: every distinct source address is its own port, or,
+ * with a fixed remote, that remote is the only port and other sources are dropped and counted.
+ */
 export async function bindDatagram(
   address: SocketAddress,
   remote: SocketAddress | undefined,
-  ctx: { network: Network; log: Logger; ageingMs: number; countError: () => void },
-): Promise<{ socket: DatagramSocket; sweep(): void }> {
-  const where = `qemu-udp ${ctx.network.name} ${formatAddress(address)}`;
+  ctx: { network: Network; log: Logger; ageingMs: number; maxPeers: number; countError: () => void },
+): Promise<{ socket: DatagramSocket; sweep(): void; status(): DatagramStatus }> {
+  let where = `qemu-udp ${ctx.network.name} ${formatAddress(address)}`;
   let oversized = 0;
   const peers = new Map<string, DatagramPort>();
-  let full = false;
+  const peerAgeingMs = Math.min(ctx.ageingMs, UDP_PEER_AGEING_MS);
   let socket: DatagramSocket;
-  const onDatagram: OnDatagram = (data, key, from) => {
-    let peer = peers.get(key);
-    if (peer === undefined) {
-      if (peers.size >= MAX_UDP_PEERS) {
-        if (!full) ctx.log.warn(`${where}: more than ${MAX_UDP_PEERS} peers; ignoring new ones`);
-        full = true;
-        return;
-      }
-      peer = new DatagramPort("qemu-udp", socket, from());
-      peers.set(key, peer);
-      ctx.network.attach(peer);
+  let fixed: DatagramPort | undefined;
+  let fixedKey: string | undefined;
+  const status: DatagramStatus = {
+    network: ctx.network.name,
+    address: formatAddress(address),
+    remote: remote && formatAddress(remote),
+    peers: 0,
+    evicted: 0,
+    drops: { foreign: 0, runts: 0, throttled: 0, overruns: 0 },
+  };
+  const { drops } = status;
+  const limited = () => rateLimitedLog(ctx.log.warn, 1, 60_000);
+  const logs = { foreign: limited(), runts: limited(), throttled: limited(), evicted: limited(), overruns: limited() };
+  /** With a fixed remote anyone else could inject frames into the segment, so only it is heard. */
+  const onFixedDatagram: OnDatagram = (data, key, from) => {
+    if (key === fixedKey) fixed!.receive(data);
+    else {
+      drops.foreign++;
+      logs.foreign.log(`${where}: dropped a datagram from ${formatAddress(from())}, not the fixed remote ${status.remote}; further ones are counted in /status`);
     }
-    peer.lastHeard = ctx.network.now();
+  };
+  let windowStart = 0;
+  let learnedInWindow = 0;
+  /**
+   * A source that is not a peer yet becomes one only with a whole frame and within the new-peer
+   * rate; a full table forgets its least recently heard peer, so a flood cannot lock a VM out.
+   */
+  function learn(data: Uint8Array, key: string, from: () => SocketAddress): void {
+    if (data.length < MIN_FRAME) {
+      drops.runts++;
+      logs.runts.log(`${where}: dropped a ${data.length}-byte datagram from ${formatAddress(from())}, not a frame, from a source that is not a peer; further ones are counted in /status`);
+      return;
+    }
+    const now = ctx.network.now();
+    if (now - windowStart >= 1000) {
+      windowStart = now;
+      learnedInWindow = 0;
+    }
+    if (learnedInWindow >= NEW_UDP_PEERS_PER_SECOND) {
+      drops.throttled++;
+      logs.throttled.log(`${where}: more than ${NEW_UDP_PEERS_PER_SECOND} new peers in a second; dropping datagrams from new sources (first ${formatAddress(from())}); further ones are counted in /status`);
+      return;
+    }
+    learnedInWindow++;
+    if (peers.size >= ctx.maxPeers) {
+      const [oldKey, oldest] = peers.entries().next().value!;
+      peers.delete(oldKey);
+      ctx.network.detach(oldest);
+      status.evicted++;
+      logs.evicted.log(`${where}: ${ctx.maxPeers} peers (--udp-peers); forgot ${oldest.peer}, the least recently heard; further ones are counted in /status`);
+    }
+    const peer = new DatagramPort("qemu-udp", socket, from());
+    peer.lastHeard = now;
+    peers.set(key, peer);
+    ctx.network.attach(peer);
+    peer.receive(data);
+  }
+  const onDatagram: OnDatagram = (data, key, from) => {
+    const peer = peers.get(key);
+    if (peer === undefined) {
+      learn(data, key, from);
+      return;
+    }
+    const now = ctx.network.now();
+    if (peer.lastHeard !== now) {
+      // Moved to the end at most once per clock tick: the map runs from least to most recently heard.
+      peer.lastHeard = now;
+      peers.delete(key);
+      peers.set(key, peer);
+    }
     peer.receive(data);
   };
+  const receive = remote ? onFixedDatagram : onDatagram;
   const onError = (error: Error) => {
     // ICMP port unreachable: the peer is not there (yet); QEMU dgram peers come and go.
     if ((error as { code?: string }).code !== "ECONNREFUSED") {
@@ -2761,36 +3024,40 @@ export async function bindDatagram(
   try {
     socket =
       "path" in address
-        ? await openUnixDgram(address.path, onDatagram, {
+        ? await openUnixDgram(address.path, receive, {
             oversize(bytes) {
               ctx.countError();
               if (oversized++ === 0) ctx.log.warn(`${where}: dropped a ${bytes}-byte datagram (frames are at most ${MAX_FRAME} bytes); further ones are only counted`);
             },
+            overrun: (total) => logs.overruns.log(`${where}: the relay fell behind and dropped datagrams (${total} so far); further ones are counted in /status`),
             failed: (message) => ctx.log.warn(`${where}: ${message}`),
           })
-        : await openUdp(address, onDatagram, onError);
+        : await openUdp(address, receive, onError);
   } catch (error) {
     throw new Error(describeError(`Cannot listen on ${"path" in address ? "" : "udp "}${formatAddress(address)}`, error));
   }
-  let fixed: DatagramPort | undefined;
+  // Logs name the bound port, not the :0 asked for.
+  where = `qemu-udp ${ctx.network.name} ${socket.address}`;
+  status.address = socket.address;
   if (remote) {
     fixed = new DatagramPort("qemu-udp", socket, remote);
-    peers.set(socket.keyOf(remote), fixed);
+    fixedKey = socket.keyOf(remote);
+    peers.set(fixedKey, fixed);
     ctx.network.attach(fixed);
   }
   return {
     socket,
-    /** Learned peers silent for the ageing time are forgotten; a fixed remote stays. */
+    /** Learned peers silent for their ageing time are forgotten; a fixed remote stays. */
     sweep() {
       const now = Date.now();
       for (const [key, peer] of peers) {
-        if (peer !== fixed && now - peer.lastHeard >= ctx.ageingMs) {
+        if (peer !== fixed && now - peer.lastHeard >= peerAgeingMs) {
           peers.delete(key);
           ctx.network.detach(peer);
-          full = false;
         }
       }
     },
+    status: () => ({ ...status, peers: peers.size, drops: { ...drops, overruns: socket.overruns() } }),
   };
 }
 
@@ -2861,12 +3128,14 @@ export interface Snapshot {
     memoryBudget: number;
     memoryDrops: number;
   };
+  datagrams: DatagramStatus[];
   authFailures: number;
   authThrottled: number;
   protocolErrors: number;
   tunnelsRefused: number;
   loopRefusals: number;
   loopsDetected: number;
+  connectionsRefused: number;
 }
 
 const PORT_METRICS: [name: string, help: string, value: (p: PortSnapshot) => number][] = [
@@ -2886,6 +3155,7 @@ const RELAY_COUNTERS: [name: string, help: string, key: keyof RelayCounters][] =
   ["edge_relay_tunnels_refused_total", "Tunnels refused for the tunnel limits.", "tunnelsRefused"],
   ["edge_relay_loop_refusals_total", "Networks refused to a tunnel because its relay would make a loop.", "loopRefusals"],
   ["edge_relay_loops_detected_total", "Ports blocked after a loop probe came back.", "loopsDetected"],
+  ["edge_relay_connections_refused_total", "QEMU connections closed at once for --max-connections.", "connectionsRefused"],
 ];
 
 /** Prometheus text exposition of a snapshot: its cost is per port, never per MAC. */
@@ -2905,6 +3175,9 @@ export function renderMetrics(s: Snapshot): string {
   metric("edge_relay_tunnels", "Tunnels connected to this relay.", "gauge", [["", s.limits.tunnels]]);
   metric("edge_relay_memory_queued_bytes", "Bytes queued across every port.", "gauge", [["", s.limits.memoryUsed]]);
   metric("edge_relay_memory_drops_total", "Frames dropped because the memory budget was spent.", "counter", [["", s.limits.memoryDrops]]);
+  metric("edge_relay_datagram_peers", "Peers of a --qemu-udp socket.", "gauge", s.datagrams.map((d) => [datagramLabel(d), d.peers]));
+  metric("edge_relay_datagram_peers_evicted_total", "Peers of a --qemu-udp socket forgotten to make room.", "counter", s.datagrams.map((d) => [datagramLabel(d), d.evicted]));
+  metric("edge_relay_datagram_drops_total", "Datagrams a --qemu-udp socket dropped rather than made a port of, by reason.", "counter", s.datagrams.flatMap(datagramDrops));
   metric("edge_relay_uplink_up", "1 when the uplink is connected.", "gauge", s.uplink ? [["", s.uplink.state === "up" ? 1 : 0]] : []);
   metric("edge_relay_uptime_seconds", "Seconds since the relay started.", "gauge", [["", s.uptime]]);
   return lines.join("\n") + "\n";
@@ -3842,7 +4115,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
   let now = Date.now();
   const coarseNow = () => now;
   const clock = setInterval(() => (now = Date.now()), CLOCK_TICK_MS);
-  const counters: RelayCounters = { authFailures: 0, authThrottled: 0, protocolErrors: 0, tunnelsRefused: 0, loopRefusals: 0, loopsDetected: 0 };
+  const counters: RelayCounters = { authFailures: 0, authThrottled: 0, protocolErrors: 0, tunnelsRefused: 0, loopRefusals: 0, loopsDetected: 0, connectionsRefused: 0 };
   const countError = () => void counters.protocolErrors++;
   const budget = new MemoryBudget(config.memoryBudget);
   // Per-connection errors from QEMU ports share one limiter: a flood of bad peers is a few lines.
@@ -3906,6 +4179,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
       }
     },
   });
+  const datagramSockets: Awaited<ReturnType<typeof bindDatagram>>[] = [];
 
   const captures = new CaptureRegistry((name) => networks.get(name), config.maxCaptures);
   const captureFiles: CaptureFile[] = [];
@@ -3930,6 +4204,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
       memoryBudget: budget.limit,
       memoryDrops: budget.drops,
     },
+    datagrams: datagramSockets.map((d) => d.status()),
     ...counters,
   });
 
@@ -3960,15 +4235,19 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
     const httpUrl = `${config.tlsCert ? "https" : "http"}://${formatHostPort({ host: config.http.host, port: server.port! })}`;
     bound.push({ what: "http", address: httpUrl });
 
+    // Before the first accept: the limit decides how many QEMU connections fit.
+    const fdLimit = raiseFdLimit();
+    const cap = config.qemuListen.length > 0 ? connectionCap(config.maxConnections, fdLimit, log, () => void counters.connectionsRefused++) : undefined;
     for (const spec of config.qemuListen) {
-      const listener = await listenStream(spec.address, { network: network(spec.network), log: portLog, countError, limit: config.queueBytes, budget, kind: "qemu-listen" });
+      const listener = await listenStream(spec.address, { network: network(spec.network), log: portLog, countError, limit: config.queueBytes, budget, kind: "qemu-listen", cap });
       stoppers.push(listener.stop);
       bound.push({ what: "qemu-listen", network: spec.network, address: listener.address });
     }
     for (const spec of config.qemuUdp) {
-      const dgram = await bindDatagram(spec.address, spec.remote, { network: network(spec.network), log: portLog, ageingMs, countError });
+      const dgram = await bindDatagram(spec.address, spec.remote, { network: network(spec.network), log: portLog, ageingMs, maxPeers: config.udpPeers, countError });
       stoppers.push(() => dgram.socket.close());
       sweepers.push(dgram.sweep);
+      datagramSockets.push(dgram);
       bound.push({ what: "qemu-udp", network: spec.network, address: dgram.socket.address });
     }
     for (const spec of config.qemuMcast) {

@@ -121,16 +121,19 @@ describe("unix stream sockets", () => {
 });
 
 describe("unix datagram sockets", () => {
-  test("--qemu-udp unix:PATH,unix:VM exchanges frames with a VM's dgram socket and learns other peers", async () => {
+  test("--qemu-udp unix:PATH,unix:VM exchanges frames with a VM's dgram socket only; unix:PATH alone learns peers", async () => {
     await using dir = await tempDir();
     const relayPath = `${dir.path}/relay.dgram`;
+    const learningPath = `${dir.path}/learning.dgram`;
     const vmPath = `${dir.path}/vm.dgram`;
     const fixedFrames = new FrameQueue();
     const learnedFrames = new FrameQueue();
     const vm = await openUnixDgram(vmPath, (data) => fixedFrames.push(data));
     const learned = await openUnixDgram(`@edge-relay-dgram-${process.pid}`, (data) => learnedFrames.push(data));
     try {
-      await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-udp", `unix:${relayPath},unix:${vmPath}`, "--qemu-listen", "127.0.0.1:0"]);
+      await using relay = await spawnRelay([
+        "--http", "127.0.0.1:0", "--qemu-udp", `unix:${relayPath},unix:${vmPath}`, "--qemu-udp", `unix:${learningPath}`, "--qemu-listen", "127.0.0.1:0",
+      ]);
       await using tcp = await attachVm(relay);
       const [V, L, T] = ["02:00:00:00:32:01", "02:00:00:00:32:02", "02:00:00:00:32:03"];
       const toVm = makeFrame(BROADCAST, T, "before the VM sent anything");
@@ -140,8 +143,10 @@ describe("unix datagram sockets", () => {
       expect(vm.send(fromVm, { path: relayPath })).toBe(true);
       expect(await tcp.frames.next(fromMac(V))).toEqual(fromVm);
       const fromLearned = makeFrame(V, L, "hello from an abstract socket");
-      learned.send(fromLearned, { path: relayPath });
+      learned.send(makeFrame(BROADCAST, L, "not the fixed remote"), { path: relayPath });
+      learned.send(fromLearned, { path: learningPath });
       expect(await fixedFrames.next(fromMac(L))).toEqual(fromLearned);
+      await waitUntil(async () => (await relay.status()).datagrams.find((d: any) => d.address === `unix:${relayPath}`).drops.foreign === 1, "the stranger's datagram counted");
       const back = makeFrame(L, V, 1500);
       vm.send(back, { path: relayPath });
       expect(await learnedFrames.next(fromMac(V))).toEqual(back);
