@@ -2369,31 +2369,6 @@ export class Uplink {
   }
 }
 
-// ───────────────────────────── logging ─────────────────────────────
-
-/**
- * At most `burst` lines per `windowMs`, so a scanner cannot flood the log; what was held back is
- * summed up in the first line of the next window.
- */
-function rateLimitedLog(write: (line: string) => void, burst: number, windowMs: number) {
-  let windowStart = 0;
-  let written = 0;
-  let held = 0;
-  return {
-    log(line: string) {
-      const now = Date.now();
-      if (now - windowStart >= windowMs) {
-        if (held > 0) write(`${held} more like it not logged in the last ${windowMs / 1000} s`);
-        windowStart = now;
-        written = 0;
-        held = 0;
-      }
-      if (written++ < burst) write(line);
-      else held++;
-    },
-  };
-}
-
 // ───────────────────────────── QEMU ports ─────────────────────────────
 
 // Unix sockets go through libc (bun:ffi) where Bun has no API: datagrams, and telling a stale
