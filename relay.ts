@@ -450,6 +450,11 @@ export const OPTIONS = {
   uplinkCa: { arg: "FILE", group: "tunnel", schema: v.optional(PemFile), help: "trust this CA (PEM) for a wss:// uplink instead of the system's" },
   uplinkFingerprint: { arg: "SHA256", group: "tunnel", schema: v.optional(Fingerprint), help: "also require the hub certificate's SHA-256 fingerprint (pinning)" },
   insecure: { group: "tunnel", schema: v.optional(v.boolean("expected true or false"), false), help: "do not verify the hub's certificate (logged on every connect)" },
+  uplinkProxy: {
+    arg: "URL", group: "tunnel",
+    schema: v.optional(v.pipe(v.string("expected an http:// proxy URL"), v.check((u) => parseProxyUrl(u) !== undefined, "expected http://[USER:PASSWORD@]HOST:PORT"))),
+    help: "dial the uplink through this HTTP proxy (CONNECT); without it\nHTTPS_PROXY (wss://) or HTTP_PROXY (ws://) apply; none is used\nwhen NO_PROXY names the hub",
+  },
   http: { arg: "HOST:PORT", group: "http", schema: v.optional(HttpAddress, DEFAULT_HTTP), help: "listen address" },
   adminToken: {
     arg: "SECRET", env: "RELAY_ADMIN_TOKEN", group: "http", schema: v.optional(AcceptedSecret),
@@ -2063,6 +2068,8 @@ export interface UplinkStatus {
   hub: string | undefined;
   networks: string[];
   refused: Refusal[];
+  /** The proxy dialled through, without credentials. */
+  proxy?: string;
 }
 
 export interface UplinkOptions {
@@ -2082,6 +2089,86 @@ export interface UplinkOptions {
   fingerprint?: string;
   /** Skip certificate verification (logged on every connect). */
   insecure?: boolean;
+  /** An HTTP proxy to dial through (CONNECT), from --uplink-proxy or the environment. */
+  proxy?: UplinkProxy;
+}
+
+import { BlockList, isIP } from "node:net";
+
+/** The proxy an uplink dials through: its URL (credentials included), that URL for display, and who named it. */
+export interface UplinkProxy {
+  url: string;
+  shown: string;
+  source: string;
+}
+
+/** An http:// proxy URL (a bare HOST:PORT is taken as http://), or undefined if it is none. */
+export function parseProxyUrl(text: string): URL | undefined {
+  let url: URL;
+  try {
+    url = new URL(/^[a-z][a-z0-9+.-]*:\/\//i.test(text) ? text : `http://${text}`);
+  } catch {
+    return undefined;
+  }
+  if (url.protocol !== "http:" || url.hostname === "" || !/^\/?$/.test(url.pathname) || url.search || url.hash) return undefined;
+  return url;
+}
+
+/**
+ * Whether NO_PROXY (curl's and Go's syntax: comma- or space-separated; `*`; a domain, which
+ * covers its subdomains, with or without a leading `.` or `*.`; an IP address or CIDR block;
+ * any of these with `:PORT`) exempts the URL's host from the proxy.
+ */
+export function noProxyMatches(target: URL, noProxy: string): boolean {
+  const host = target.hostname.replace(/^\[|\]$/g, "").replace(/\.$/, "").toLowerCase();
+  const port = target.port || (target.protocol === "wss:" || target.protocol === "https:" ? "443" : "80");
+  const family = isIP(host);
+  for (const item of noProxy.toLowerCase().split(/[\s,]+/)) {
+    if (item === "") continue;
+    if (item === "*") return true;
+    // `[v6]:port`, `[v6]`, `host:port`, or a bare name, IPv4 or IPv6 address (or CIDR block).
+    const m = /^\[([^\]]+)\](?::(\d+))?$/.exec(item) ?? /^([^:]+):(\d+)$/.exec(item);
+    const name = (m ? m[1]! : item).replace(/^\*?\./, "").replace(/\.$/, "");
+    if (m?.[2] !== undefined && m[2] !== port) continue;
+    if (name.includes("/")) {
+      const [base, bits] = name.split("/");
+      const kind = isIP(base!);
+      if (kind === 0 || kind !== family || !/^\d+$/.test(bits!)) continue;
+      try {
+        const block = new BlockList();
+        block.addSubnet(base!, Number(bits), kind === 4 ? "ipv4" : "ipv6");
+        if (block.check(host, kind === 4 ? "ipv4" : "ipv6")) return true;
+      } catch {
+        // not a usable block: it matches nothing
+      }
+    } else if (host === name || (family === 0 && host.endsWith(`.${name}`))) {
+      return true;
+    }
+  }
+  return false;
+}
+
+/**
+ * The proxy for an uplink to `target`: `--uplink-proxy`, else https_proxy / HTTPS_PROXY for wss://
+ * and http_proxy / HTTP_PROXY for ws://; none when no_proxy / NO_PROXY names the hub. Bun's
+ * WebSocket applies NO_PROXY to any proxy it is given, so this does too, reading it the way Bun
+ * does (no_proxy first). Errors name the setting, never its value (it may hold a password).
+ */
+export function uplinkProxy(target: string, explicit: string | undefined, env: Record<string, string | undefined>): UplinkProxy | undefined {
+  const url = new URL(target);
+  let source = flagOf("uplinkProxy");
+  let text = explicit;
+  if (text === undefined) {
+    const names = url.protocol === "wss:" ? ["https_proxy", "HTTPS_PROXY"] : ["http_proxy", "HTTP_PROXY"];
+    const name = names.find((n) => env[n]?.trim());
+    if (name === undefined) return undefined;
+    source = name;
+    text = env[name]!.trim();
+  }
+  if (noProxyMatches(url, env.no_proxy || env.NO_PROXY || "")) return undefined;
+  const proxy = parseProxyUrl(text);
+  if (!proxy) throw new ConfigError(`${source}: expected an http:// proxy URL, http://[USER:PASSWORD@]HOST:PORT`);
+  return { url: proxy.href, shown: `http://${proxy.host}`, source };
 }
 
 /** TLS options for the uplink: system CAs by default, plus a CA, a pinned fingerprint, or none. */
@@ -2180,10 +2267,13 @@ export class Uplink {
       hub: undefined,
       networks: [],
       refused: [],
+      proxy: options.proxy?.shown,
     };
   }
 
   start(): void {
+    const proxy = this.options.proxy;
+    if (proxy) this.log.info(`uplink: dialing ${this.status.url} through the proxy ${proxy.shown} (${proxy.source})`);
     this.#dial();
   }
 
@@ -2219,11 +2309,13 @@ export class Uplink {
     this.status.attempts++;
     this.status.nextDial = undefined;
     this.#setState("connecting");
+    const proxy = this.options.proxy;
     const ws = new WebSocket(this.url.href, {
       headers: { Authorization: `Bearer ${this.options.token}` },
       protocols: [TUNNEL_PROTOCOL],
       perMessageDeflate: false,
       tls: uplinkTls(this.options),
+      ...(proxy && { proxy: proxy.url }),
     });
     ws.binaryType = "arraybuffer";
     this.#ws = ws;
@@ -2251,6 +2343,8 @@ export class Uplink {
     ws.onmessage = (event) => link.receive(new Uint8Array(event.data as ArrayBuffer));
     ws.onerror = (event) => {
       failure = (event as ErrorEvent).message || "connection failed";
+      // Bun's messages name the target only; the proxy's URL (and any password in it) is kept out.
+      if (proxy) failure = `${failure.replaceAll(proxy.url, proxy.shown)} (through the proxy ${proxy.shown})`;
     };
     // One that cannot succeed by retrying soon (a wrong token) backs off to the longest wait at once.
     ws.onclose = (event) => {
@@ -4255,6 +4349,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
         ca: config.uplinkCa?.text,
         fingerprint: config.uplinkFingerprint,
         insecure: config.insecure,
+        proxy: uplinkProxy(config.uplink, config.uplinkProxy, process.env),
       };
       uplink = new Uplink(options, () => networks.values(), log, countError);
       uplink.start();

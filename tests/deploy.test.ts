@@ -1,0 +1,256 @@
+/**
+ * The deployment pieces: the systemd unit (checked by systemd-analyze, and the compiled binary run
+ * the way the unit runs it), HAProxy terminating TLS in front of a hub (deploy/haproxy.cfg, the
+ * README's recipe), and the README's recipe for a hub and a site on one host.
+ */
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { mkdirSync, readlinkSync } from "node:fs";
+import { openUnixDgram } from "../relay.ts";
+import {
+  BROADCAST,
+  FrameQueue,
+  RELAY,
+  type RelayProcess,
+  attachVm,
+  freePort,
+  fromMac,
+  makeFrame,
+  spawnRelay,
+  tempDir,
+  uplinkUp,
+  waitUntil,
+} from "./helpers.ts";
+
+const ROOT = new URL("..", import.meta.url).pathname;
+const UNIT = `${ROOT}deploy/edge-relay.service`;
+const TOKEN = "deploy-test-token-93ac";
+const ADMIN = "deploy-admin-token-51f0";
+
+/** A frame each way between a VM at `a` and a VM at `b`. */
+async function framesCross(a: RelayProcess, b: RelayProcess, tag: string) {
+  await using vmA = await attachVm(a);
+  await using vmB = await attachVm(b);
+  const A = `02:00:00:00:${tag}:01`;
+  const B = `02:00:00:00:${tag}:02`;
+  const hello = makeFrame(BROADCAST, A, `hello ${tag}`);
+  vmA.send(hello);
+  expect(await vmB.frames.next(fromMac(A))).toEqual(hello);
+  const reply = makeFrame(A, B, 1400);
+  vmB.send(reply);
+  expect(await vmA.frames.next(fromMac(B))).toEqual(reply);
+}
+
+/** `Key=value` settings of a unit file, in order (a key may repeat). */
+function unitSettings(text: string): [string, string][] {
+  return text
+    .split("\n")
+    .filter((l) => /^[A-Za-z]+=/.test(l))
+    .map((l) => [l.slice(0, l.indexOf("=")), l.slice(l.indexOf("=") + 1)]);
+}
+
+describe("systemd unit and the compiled binary", () => {
+  let dir: AsyncDisposable & { path: string };
+  let binary: string;
+
+  beforeAll(async () => {
+    dir = await tempDir();
+    binary = `${dir.path}/edge-relay`;
+    // As the unit's comment and the README say: one self-contained executable.
+    await Bun.$`${process.execPath} build --compile --minify ${RELAY} --outfile ${binary}`.cwd(dir.path).quiet();
+  }, 60_000);
+  afterAll(async () => {
+    await dir?.[Symbol.asyncDispose]();
+  });
+
+  test("the unit has the hardening the deployment relies on", async () => {
+    const settings = unitSettings(await Bun.file(UNIT).text());
+    const get = (key: string) => settings.filter(([k]) => k === key).map(([, v]) => v);
+    expect(get("Type")).toEqual(["exec"]);
+    expect(get("ExecStart")).toEqual(["/usr/local/bin/edge-relay --config /etc/edge-relay/relay.json"]);
+    expect(get("EnvironmentFile")).toEqual(["/etc/edge-relay/env"]);
+    expect(get("Restart")).toEqual(["on-failure"]);
+    expect(get("RestartPreventExitStatus")).toEqual(["2"]);
+    expect(get("DynamicUser")).toEqual(["yes"]);
+    expect(get("StateDirectory")).toEqual(["edge-relay"]);
+    expect(get("RuntimeDirectory")).toEqual(["edge-relay"]);
+    expect(get("NoNewPrivileges")).toEqual(["yes"]);
+    expect(get("ProtectSystem")).toEqual(["strict"]);
+    expect(get("RestrictAddressFamilies")).toEqual(["AF_UNIX AF_INET AF_INET6"]);
+    expect(get("CapabilityBoundingSet")).toEqual([""]);
+    // Bun's JIT needs writable and executable memory.
+    expect(get("MemoryDenyWriteExecute")).toEqual(["no"]);
+  });
+
+  test("systemd-analyze verify finds nothing to say about the unit", async () => {
+    if (!Bun.which("systemd-analyze")) {
+      console.warn("skipped: systemd-analyze is not installed (Debian's systemd package has it)");
+      return;
+    }
+    // verify checks that ExecStart's program exists: point a copy at the compiled binary.
+    const unit = `${dir.path}/edge-relay.service`;
+    const text = (await Bun.file(UNIT).text()).replace(/^ExecStart=\/usr\/local\/bin\/edge-relay /m, `ExecStart=${binary} `);
+    expect(text).toContain(`ExecStart=${binary} --config`);
+    await Bun.write(unit, text);
+    const verify = async (path: string) => {
+      const r = await Bun.$`systemd-analyze verify ${path}`.nothrow().quiet();
+      return { code: r.exitCode, output: `${r.stdout}${r.stderr}` };
+    };
+    expect(await verify(unit)).toEqual({ code: 0, output: "" });
+    // The check is not blind: a misspelt setting is reported.
+    const broken = `${dir.path}/broken.service`;
+    await Bun.write(broken, text.replace("ProtectSystem=strict", "ProtectSistem=strict"));
+    expect((await verify(broken)).output).toContain("Unknown key 'ProtectSistem' in section [Service]");
+
+    // systemd 250 and later rate the sandbox offline; 1.4 when written ("OK"), lower is better.
+    const security = await Bun.$`systemd-analyze security --offline=true ${unit}`.nothrow().quiet();
+    if (security.exitCode === 0 || /exposure level/.test(`${security.stdout}`)) {
+      const level = Number(/Overall exposure level for \S+: ([\d.]+)/.exec(`${security.stdout}`)?.[1]);
+      expect(level).toBeLessThanOrEqual(2);
+    }
+  });
+
+  test("the compiled binary runs as the unit runs it: --config, secrets from the environment file, unix sockets, SIGTERM exits 0", async () => {
+    const runtime = `${dir.path}/run`;
+    mkdirSync(runtime, { mode: 0o750 });
+    const config = `${dir.path}/relay.json`;
+    await Bun.write(
+      config,
+      JSON.stringify({ http: "127.0.0.1:0", qemuListen: [`unix:${runtime}/default.sock`], qemuUdp: [`unix:${runtime}/default.dgram`] }),
+    );
+    const envFile = `${dir.path}/env`;
+    await Bun.write(envFile, `# /etc/edge-relay/env\nRELAY_TOKENS=${TOKEN}\nRELAY_ADMIN_TOKEN=${ADMIN}\n`);
+    const env = Object.fromEntries(
+      (await Bun.file(envFile).text()).split("\n").filter((l) => /^[A-Z_]+=/.test(l)).map((l) => [l.slice(0, l.indexOf("=")), l.slice(l.indexOf("=") + 1)]),
+    );
+    // spawnRelay runs `PREFIX… bun relay.ts ARGS`; this prefix drops `bun relay.ts` and execs the binary.
+    const hub = await spawnRelay(["--config", config], { env, prefix: ["sh", "-c", `shift 2; exec "${binary}" "$@"`, "sh"] });
+    await using _hub = hub;
+    expect(readlinkSync(`/proc/${hub.proc.pid}/exe`)).toBe(binary);
+    const status = async () => (await fetch(`${hub.base}/status`, { headers: { Authorization: `Bearer ${ADMIN}` } })).json();
+    expect((await fetch(`${hub.base}/status`)).status).toBe(401);
+
+    await using site = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--uplink", hub.base.replace(/^http/, "ws"), "--uplink-token", TOKEN]);
+    await uplinkUp(site);
+    await using vm = await attachVm(site);
+    const frames = new FrameQueue();
+    const dgramVm = await openUnixDgram(`${dir.path}/vm.dgram`, (data) => frames.push(data));
+    try {
+      const hello = makeFrame(BROADCAST, "02:00:00:00:61:01", "to the unix datagram VM");
+      dgramVm.send(makeFrame(BROADCAST, "02:00:00:00:61:02", "announce"), { path: `${runtime}/default.dgram` });
+      expect(await vm.frames.next(fromMac("02:00:00:00:61:02"))).toBeDefined();
+      vm.send(hello);
+      expect(await frames.next(fromMac("02:00:00:00:61:01"))).toEqual(hello);
+    } finally {
+      await dgramVm.close();
+    }
+    expect((await status()).networks[0].ports.map((p: any) => p.kind).sort()).toEqual(["qemu-udp", "tunnel"]);
+    expect(await hub.stop("SIGTERM")).toBe(0);
+    expect(await Bun.file(`${runtime}/default.sock`).exists()).toBe(false);
+  });
+});
+
+describe("HAProxy in front of a hub (deploy/haproxy.cfg)", () => {
+  test("a site's wss:// uplink reaches a plain-HTTP hub through HAProxy's TLS; frames cross; only /tunnel is exposed", async () => {
+    if (!Bun.which("haproxy")) throw new Error("haproxy is not installed: apt-get install haproxy (.ci/run does)");
+    await using dir = await tempDir();
+    const d = dir.path;
+    // A test CA and a certificate it signs for 127.0.0.1; the site trusts the CA.
+    await Bun.write(`${d}/san.ext`, "subjectAltName=IP:127.0.0.1,DNS:localhost\n");
+    await Bun.$`openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ${d}/ca.key -out ${d}/ca.pem -days 1 -subj /CN=edge-relay-test-ca`.quiet();
+    await Bun.$`openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ${d}/hub.key -out ${d}/hub.csr -subj /CN=relay.test`.quiet();
+    await Bun.$`openssl x509 -req -in ${d}/hub.csr -CA ${d}/ca.pem -CAkey ${d}/ca.key -CAcreateserial -out ${d}/hub.crt -days 1 -extfile ${d}/san.ext`.quiet();
+    await Bun.write(`${d}/hub.pem`, (await Bun.file(`${d}/hub.crt`).text()) + (await Bun.file(`${d}/hub.key`).text()));
+
+    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN, "--qemu-listen", "127.0.0.1:0"]);
+    const hubAddress = new URL(hub.base).host;
+    const port = await freePort();
+    const recipe = await Bun.file(`${ROOT}deploy/haproxy.cfg`).text();
+    const cfg = recipe
+      .replace("bind :443 ssl crt /etc/haproxy/certs/relay.example.net.pem", `bind 127.0.0.1:${port} ssl crt ${d}/hub.pem`)
+      .replace("server hub 127.0.0.1:8080 check", `server hub ${hubAddress} check inter 500ms`);
+    expect(cfg).toContain(`bind 127.0.0.1:${port} ssl`);
+    expect(cfg).toContain(`server hub ${hubAddress} check`);
+    await Bun.write(`${d}/haproxy.cfg`, cfg);
+    expect((await Bun.$`haproxy -c -f ${d}/haproxy.cfg`.nothrow().quiet()).exitCode).toBe(0);
+
+    const haproxy = Bun.spawn(["haproxy", "-f", `${d}/haproxy.cfg`, "-db"], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
+    let log = "";
+    const pumped = Promise.all(
+      [haproxy.stdout, haproxy.stderr].map(async (stream) => {
+        const decoder = new TextDecoder();
+        for await (const chunk of stream) log += decoder.decode(chunk, { stream: true });
+      }),
+    );
+    await using _haproxy = {
+      async [Symbol.asyncDispose]() {
+        haproxy.kill("SIGKILL");
+        await haproxy.exited;
+        await pumped;
+      },
+    };
+    const ca = await Bun.file(`${d}/ca.pem`).text();
+    const front = `https://127.0.0.1:${port}`;
+    // Ready when the health check has found the hub: /healthz is not forwarded, so probe /tunnel (401 from the hub).
+    await waitUntil(async () => {
+      if (haproxy.exitCode !== null) throw new Error(`HAProxy exited (${haproxy.exitCode}):\n${log}`);
+      return (await fetch(`${front}/tunnel`, { tls: { ca } })).status === 401;
+    }, `HAProxy on ${port} with the hub up`);
+
+    await using site = await spawnRelay([
+      "--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--uplink", `wss://127.0.0.1:${port}`, "--uplink-token", TOKEN, "--uplink-ca", `${d}/ca.pem`,
+    ]);
+    await uplinkUp(site).catch(async (error) => {
+      throw new Error(`${error.message}\nsite: ${JSON.stringify((await site.status()).uplink)}\nHAProxy:\n${log}`);
+    });
+    await framesCross(site, hub, "62");
+    // The tunnel comes from HAProxy, as every site's would: see the README about per-address limits.
+    const tunnel = (await hub.status()).networks[0].ports.find((p: any) => p.kind === "tunnel");
+    expect(tunnel.peer).toMatch(/\(127\.0\.0\.1:\d+\)$/);
+    // Status and metrics are not published through the proxy, whatever the hub's own setting.
+    for (const path of ["/status", "/metrics", "/healthz"]) expect((await fetch(`${front}${path}`, { tls: { ca } })).status).toBe(403);
+    // The hub speaks no TLS itself: the site could only have come through HAProxy, which logs the
+    // upgraded request (over TLS: "edge_relay~") when the tunnel ends.
+    expect(hub.base).toStartWith("http://");
+    await site.stop();
+    await waitUntil(() => /edge_relay~ edge_relay_hub\/hub \S+ 101 .*"GET \/tunnel HTTP\/1\.1"/.test(log), "HAProxy's log line of the tunnel").catch((error) => {
+      throw new Error(`${error.message}\nHAProxy:\n${log}`);
+    });
+  });
+});
+
+describe("README recipes", () => {
+  const readme = () => Bun.file(`${ROOT}README.md`).text();
+
+  test("the HAProxy recipe in the README is deploy/haproxy.cfg, the file this suite runs", async () => {
+    const cfg = await Bun.file(`${ROOT}deploy/haproxy.cfg`).text();
+    // (A boolean: a failing toContain would print the whole README.)
+    expect((await readme()).includes("```haproxy\n" + cfg + "```\n")).toBe(true);
+  });
+
+  test("hub and site on one host, as the README's commands start them, share a segment", async () => {
+    const text = await readme();
+    const block = /<!-- recipe: one host -->\n```sh\n([\s\S]*?)```/.exec(text)?.[1];
+    expect(block).toBeString();
+    const commands = block!.split("\n").filter((l) => l.includes("bun relay.ts"));
+    expect(commands.length).toBe(2);
+    // The recipe's fixed ports, each replaced by a free one.
+    const ports = new Map<string, string>();
+    for (const p of new Set(block!.match(/(?<=:)\d{4,5}\b/g))) ports.set(p, String(await freePort()));
+    const relays: RelayProcess[] = [];
+    await using _relays = { [Symbol.asyncDispose]: () => Promise.all(relays.map((r) => r.stop())).then(() => {}) };
+    for (const command of commands) {
+      const words = command.replace(/#.*/, "").trim().replace(/:(\d{4,5})\b/g, (m, p) => `:${ports.get(p) ?? p}`).split(/\s+/);
+      const env: Record<string, string> = {};
+      while (/^[A-Z_]+=/.test(words[0]!)) {
+        const w = words.shift()!;
+        env[w.slice(0, w.indexOf("="))] = w.slice(w.indexOf("=") + 1);
+      }
+      expect(words.slice(0, 2)).toEqual(["bun", "relay.ts"]);
+      relays.push(await spawnRelay(words.slice(2), { env }));
+    }
+    const [hub, site] = relays as [RelayProcess, RelayProcess];
+    expect(hub.base).not.toBe(site.base);
+    await uplinkUp(site);
+    await framesCross(site, hub, "63");
+  });
+});
