@@ -1013,6 +1013,608 @@ export function etherTypeOf(frame: Uint8Array): number {
 
 // ───────────────────────────── switch ─────────────────────────────
 
+// impairment (netem's vocabulary)
+//
+// Link impairment in the words of Linux netem (`tc qdisc … netem delay 50ms 10ms loss 1%`), so a user
+// who knows netem knows this. The engine (Impairment) sits in front of whatever sends frames on and
+// follows netem's own algorithm: duplicate, then loss, then corrupt, then reorder or delay (and rate),
+// with one timer draining a queue ordered by release time.
+
+/** How jitter spreads around the delay: netem's built-in uniform, or one of its tables. */
+export type DelayDistribution = "uniform" | "normal" | "pareto" | "paretonormal";
+
+/**
+ * A parsed impairment. Percentages are 0–100 as written, times whole nanoseconds (netem's unit),
+ * rates bits per second; a clause left out is absent.
+ */
+export interface ImpairmentSpec {
+  delay?: { timeNs: number; jitterNs: number; correlation: number; distribution: DelayDistribution };
+  /** `random`: independent (or correlated) loss; `gemodel`: Gilbert–Elliott bursts, in netem's four parameters. */
+  loss?:
+    | { model: "random"; percent: number; correlation: number }
+    | { model: "gemodel"; p: number; r: number; oneMinusH: number; oneMinusK: number };
+  duplicate?: { percent: number; correlation: number };
+  /** After a reordered frame the next `gap − 1` are delayed; 1 when not given, as in netem. */
+  reorder?: { percent: number; correlation: number; gap: number };
+  corrupt?: { percent: number; correlation: number };
+  rate?: { bitsPerSecond: number };
+  /** Frames the queue may hold; when absent, IMPAIR_RATE_LIMIT with a rate, else IMPAIR_MAX_QUEUE. */
+  limit?: number;
+  seed?: number;
+}
+
+export interface ImpairmentCounters {
+  /** Frames held for more than 0 ms (by delay or by the rate). */
+  delayed: number;
+  lost: number;
+  /** Frames sent twice. */
+  duplicated: number;
+  /** Frames sent at once, ahead of the delay. */
+  reordered: number;
+  /** Frames with one bit flipped. */
+  corrupted: number;
+  /** Frames dropped because the queue was full: `limit` frames, or IMPAIR_MAX_QUEUE_BYTES. */
+  rateDropped: number;
+  /** Frames in the queue now. */
+  queued: number;
+}
+
+/** What Impairment needs of time; tests pass a fake one. Times in ms. */
+export interface ImpairmentClock {
+  now(): number;
+  setTimer(fn: () => void, ms: number): unknown;
+  clearTimer(timer: unknown): void;
+}
+
+const IMPAIR_KEYWORDS = ["delay", "loss", "duplicate", "reorder", "corrupt", "rate", "limit", "seed"];
+/** tc's other names for the same clauses. */
+const IMPAIR_ALIASES: Record<string, string> = { latency: "delay", drop: "loss" };
+const IMPAIR_DISTRIBUTIONS: readonly DelayDistribution[] = ["uniform", "normal", "pareto", "paretonormal"];
+/** netem's default queue: what a rate may hold back before it drops. */
+const IMPAIR_RATE_LIMIT = 1_000;
+/** Without a rate netem's 1000 would drop at ~10,000 frames/s × 100 ms, so delay alone gets room; memory is still bounded. */
+const IMPAIR_MAX_QUEUE = 100_000;
+const IMPAIR_MAX_QUEUE_BYTES = 64 * 1024 * 1024;
+/** Longer is memory held for nothing: no link worth emulating takes a minute. */
+const IMPAIR_MAX_DELAY_NS = 60e9;
+const IMPAIR_MAX_GAP = 1_000_000;
+/** A decimal as tc's strtod takes it, without a sign, then the unit. */
+const IMPAIR_NUMBER = /^((?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)(.*)$/i;
+/**
+ * tc(8) says a bare number is µs, but tc netem parses delay and jitter with get_time64, where a bare
+ * number is nanoseconds: `delay 50` is 50 ns. We do what tc netem does.
+ */
+const IMPAIR_TIME_UNITS: Record<string, number> = {
+  "": 1, ns: 1, nsec: 1, nsecs: 1,
+  us: 1e3, usec: 1e3, usecs: 1e3,
+  ms: 1e6, msec: 1e6, msecs: 1e6,
+  s: 1e9, sec: 1e9, secs: 1e9,
+};
+/** tc's rate suffixes (case-insensitive): `…bit` bits/s, `…bps` bytes/s, `…i…` powers of 1024; a bare number is bits/s. */
+const IMPAIR_RATE_UNITS: Record<string, number> = {
+  "": 1, bit: 1, kbit: 1e3, mbit: 1e6, gbit: 1e9, tbit: 1e12,
+  kibit: 1024, mibit: 1024 ** 2, gibit: 1024 ** 3, tibit: 1024 ** 4,
+  bps: 8, kbps: 8e3, mbps: 8e6, gbps: 8e9, tbps: 8e12,
+  kibps: 8 * 1024, mibps: 8 * 1024 ** 2, gibps: 8 * 1024 ** 3, tibps: 8 * 1024 ** 4,
+};
+
+function impairmentError(message: string): RangeError {
+  return new RangeError(`Cannot parse impairment: ${message}`);
+}
+
+/** A word as the user wrote it, quoted and on one line. */
+function quoted(word: string): string {
+  return JSON.stringify(word);
+}
+
+/** `30%`, `0.1%` or `30` (tc lets the % go), as 0–100. */
+function parsePercent(word: string, what: string): number {
+  const m = IMPAIR_NUMBER.exec(word);
+  const percent = m && (m[2] === "" || m[2] === "%") ? Number(m[1]) : NaN;
+  if (!(percent >= 0 && percent <= 100)) throw impairmentError(`${what} ${quoted(word)} is not a percentage from 0 to 100`);
+  return percent;
+}
+
+/** `50ms`, `1s`, `250us`, `0.5ms`, to whole nanoseconds as tc rounds them. */
+function parseTime(word: string, what: string): number {
+  const m = IMPAIR_NUMBER.exec(word);
+  const scale = m ? IMPAIR_TIME_UNITS[m[2]!.toLowerCase()] : undefined;
+  if (!m || scale === undefined) throw impairmentError(`${what} ${quoted(word)} is not a time (like 50ms, 1s, 250us; a bare number is ns, as in tc)`);
+  const ns = Math.round(Number(m[1]) * scale);
+  if (!(ns <= IMPAIR_MAX_DELAY_NS)) throw impairmentError(`${what} ${quoted(word)} is longer than ${IMPAIR_MAX_DELAY_NS / 1e9}s`);
+  return ns;
+}
+
+function parseRate(word: string): number {
+  const m = IMPAIR_NUMBER.exec(word);
+  const scale = m ? IMPAIR_RATE_UNITS[m[2]!.toLowerCase()] : undefined;
+  if (!m || scale === undefined) throw impairmentError(`rate ${quoted(word)} is not a rate (like 10mbit, 512kbit, 1gbit, 100kbps)`);
+  const bits = Math.round(Number(m[1]) * scale);
+  if (!(bits >= 1 && bits <= Number.MAX_SAFE_INTEGER)) throw impairmentError(`rate ${quoted(word)} is not a rate above 0`);
+  return bits;
+}
+
+function parseWhole(word: string, what: string, min: number, max: number): number {
+  const n = /^\d+$/.test(word) ? Number(word) : NaN;
+  if (!(n >= min && n <= max)) throw impairmentError(`${what} ${quoted(word)} is not a whole number from ${min} to ${max}`);
+  return n;
+}
+
+/**
+ * Parses netem's words, e.g. `delay 50ms 10ms 25% distribution normal loss 1% rate 10mbit limit 500
+ * seed 7`. Clauses come in any order, each once; an optional value (jitter, a correlation, gemodel's
+ * R, 1-H, 1-K) is taken when the next word starts like a number, as tc does. `""` is no impairment.
+ * Throws a one-line RangeError naming the word that is wrong.
+ */
+export function parseImpairment(text: string): ImpairmentSpec {
+  const words = text.split(/\s+/).filter((w) => w !== "");
+  const spec: ImpairmentSpec = {};
+  let distribution: DelayDistribution | undefined;
+  let gap: number | undefined;
+  let i = 0;
+  const value = (what: string, example: string): string => {
+    const word = words[i++];
+    if (word === undefined) throw impairmentError(`${what} needs a value, e.g. ${example}`);
+    return word;
+  };
+  const more = (): boolean => i < words.length && /^[-+.\d]/.test(words[i]!);
+  const correlation = (what: string): number => (more() ? parsePercent(words[i++]!, `${what} correlation`) : 0);
+  const seen = new Set<string>();
+  while (i < words.length) {
+    const word = words[i++]!;
+    const keyword = IMPAIR_ALIASES[word] ?? word;
+    if (!IMPAIR_KEYWORDS.includes(keyword) && keyword !== "distribution" && keyword !== "gap") {
+      throw impairmentError(`${quoted(word)} is not a netem keyword (${IMPAIR_KEYWORDS.join(", ")})`);
+    }
+    if (seen.has(keyword)) throw impairmentError(`${quoted(word)} is given twice`);
+    seen.add(keyword);
+    switch (keyword) {
+      case "delay": {
+        const timeNs = parseTime(value("delay", "delay 50ms"), "delay");
+        const jitterNs = more() ? parseTime(words[i++]!, "delay jitter") : 0;
+        spec.delay = { timeNs, jitterNs, correlation: correlation("delay"), distribution: "uniform" };
+        break;
+      }
+      case "distribution": {
+        const word = value("distribution", "distribution normal");
+        if (!IMPAIR_DISTRIBUTIONS.includes(word as DelayDistribution)) {
+          throw impairmentError(`distribution ${quoted(word)} is not one of ${IMPAIR_DISTRIBUTIONS.join(", ")}`);
+        }
+        distribution = word as DelayDistribution;
+        break;
+      }
+      case "loss": {
+        let word = value("loss", "loss 1%");
+        if (word === "random") word = value("loss random", "loss random 1%");
+        if (word === "gemodel") {
+          const p = parsePercent(value("loss gemodel", "loss gemodel 1% 10%"), "loss gemodel P");
+          const r = more() ? parsePercent(words[i++]!, "loss gemodel R") : 100 - p;
+          const oneMinusH = more() ? parsePercent(words[i++]!, "loss gemodel 1-H") : 100;
+          const oneMinusK = more() ? parsePercent(words[i++]!, "loss gemodel 1-K") : 0;
+          spec.loss = { model: "gemodel", p, r, oneMinusH, oneMinusK };
+        } else {
+          spec.loss = { model: "random", percent: parsePercent(word, "loss"), correlation: correlation("loss") };
+        }
+        break;
+      }
+      case "duplicate":
+      case "corrupt":
+        spec[keyword] = { percent: parsePercent(value(keyword, `${keyword} 1%`), keyword), correlation: correlation(keyword) };
+        break;
+      case "reorder":
+        spec.reorder = { percent: parsePercent(value("reorder", "reorder 25%"), "reorder"), correlation: correlation("reorder"), gap: 1 };
+        break;
+      case "gap":
+        gap = parseWhole(value("gap", "gap 5"), "gap", 1, IMPAIR_MAX_GAP);
+        break;
+      case "rate":
+        spec.rate = { bitsPerSecond: parseRate(value("rate", "rate 10mbit")) };
+        break;
+      case "limit":
+        spec.limit = parseWhole(value("limit", "limit 1000"), "limit", 1, IMPAIR_MAX_QUEUE);
+        break;
+      case "seed":
+        spec.seed = parseWhole(value("seed", "seed 7"), "seed", 0, 0xffff_ffff);
+        break;
+    }
+  }
+  // What netem's tc refuses too, said in one line each.
+  if (distribution !== undefined) {
+    if (!spec.delay?.jitterNs) throw impairmentError("distribution needs a delay with jitter, e.g. delay 50ms 10ms distribution normal");
+    spec.delay.distribution = distribution;
+  }
+  if (spec.reorder && !spec.delay?.timeNs) {
+    throw impairmentError("reorder needs a delay (a reordered frame is sent at once instead of after it), e.g. delay 10ms reorder 25%");
+  }
+  if (gap !== undefined) {
+    if (!spec.reorder) throw impairmentError("gap needs reorder, e.g. delay 10ms reorder 25% gap 5");
+    spec.reorder.gap = gap;
+  }
+  return spec;
+}
+
+function formatTime(ns: number): string {
+  if (ns !== 0 && ns % 1e9 === 0) return `${ns / 1e9}s`;
+  if (ns % 1e6 === 0) return `${ns / 1e6}ms`;
+  if (ns % 1e3 === 0) return `${ns / 1e3}us`;
+  return `${ns}ns`;
+}
+
+function formatRate(bits: number): string {
+  for (const [scale, unit] of [[1e12, "tbit"], [1e9, "gbit"], [1e6, "mbit"], [1e3, "kbit"]] as const) {
+    if (bits % scale === 0) return `${bits / scale}${unit}`;
+  }
+  return `${bits}bit`;
+}
+
+/** netem's way of writing a spec, every clause in one order; parseImpairment reads it back to an equal spec. */
+export function formatImpairment(spec: ImpairmentSpec): string {
+  const words: string[] = [];
+  const chance = (keyword: string, c: { percent: number; correlation: number }) => {
+    words.push(keyword, `${c.percent}%`);
+    if (c.correlation > 0) words.push(`${c.correlation}%`);
+  };
+  const { delay, loss } = spec;
+  if (delay) {
+    words.push("delay", formatTime(delay.timeNs));
+    if (delay.jitterNs > 0 || delay.correlation > 0) words.push(formatTime(delay.jitterNs));
+    if (delay.correlation > 0) words.push(`${delay.correlation}%`);
+    if (delay.distribution !== "uniform") words.push("distribution", delay.distribution);
+  }
+  if (loss?.model === "random") chance("loss", loss);
+  if (loss?.model === "gemodel") words.push("loss", "gemodel", `${loss.p}%`, `${loss.r}%`, `${loss.oneMinusH}%`, `${loss.oneMinusK}%`);
+  if (spec.duplicate) chance("duplicate", spec.duplicate);
+  if (spec.reorder) {
+    chance("reorder", spec.reorder);
+    if (spec.reorder.gap > 1) words.push("gap", String(spec.reorder.gap));
+  }
+  if (spec.corrupt) chance("corrupt", spec.corrupt);
+  if (spec.rate) words.push("rate", formatRate(spec.rate.bitsPerSecond));
+  if (spec.limit !== undefined) words.push("limit", String(spec.limit));
+  if (spec.seed !== undefined) words.push("seed", String(spec.seed));
+  return words.join(" ");
+}
+
+/**
+ * sfc32 (Doty-Humphrey's small fast counting generator) as uniforms in (0, 1), never 0 or 1 so the
+ * inverse CDFs below stay finite. 128 bits of state: no pattern repeats over a relay's lifetime.
+ */
+function seededRandom(seed: number): () => number {
+  let a = 0x9e3779b9;
+  let b = 0x243f6a88;
+  let c = 0xb7e15162;
+  let d = seed >>> 0;
+  const next = (): number => {
+    const t = (((a + b) | 0) + d) | 0;
+    d = (d + 1) | 0;
+    a = b ^ (b >>> 9);
+    b = (c + (c << 3)) | 0;
+    c = (c << 21) | (c >>> 11);
+    c = (c + t) | 0;
+    return t >>> 0;
+  };
+  // The first outputs still show the constant state.
+  for (let i = 0; i < 12; i++) next();
+  return () => (next() + 0.5) / 0x1_0000_0000;
+}
+
+/**
+ * netem's correlation (get_crandom): each draw is `c·last + (1−c)·uniform`. It keeps the mean but
+ * narrows the spread, as netem's does; 0 is plain independent draws.
+ */
+function correlatedRandom(random: () => number, percent: number): () => number {
+  const c = percent / 100;
+  if (c === 0) return random;
+  let last = random();
+  return () => (last = c * last + (1 - c) * random());
+}
+
+/** The standard normal's inverse CDF (Acklam's rational approximation, relative error < 1.2e-9). */
+function normalQuantile(u: number): number {
+  const low = 0.02425;
+  if (u < low || u > 1 - low) {
+    const q = Math.sqrt(-2 * Math.log(u < low ? u : 1 - u));
+    const x =
+      (((((-7.784894002430293e-3 * q - 3.223964580411365e-1) * q - 2.400758277161838) * q - 2.549732539343734) * q + 4.374664141464968) * q + 2.938163982698783) /
+      ((((7.784695709041462e-3 * q + 3.224671290700398e-1) * q + 2.445134137142996) * q + 3.754408661907416) * q + 1);
+    return u < low ? x : -x;
+  }
+  const q = u - 0.5;
+  const r = q * q;
+  return (
+    ((((((-3.969683028665376e1 * r + 2.209460984245205e2) * r - 2.759285104469687e2) * r + 1.383577518672690e2) * r - 3.066479806614716e1) * r + 2.506628277459239) * q) /
+    (((((-5.447609879822406e1 * r + 1.615858368580409e2) * r - 1.556989798598866e2) * r + 6.680131188771972e1) * r - 1.328068155288572e1) * r + 1)
+  );
+}
+
+/** netem's tables hold deviates in 16 bits at 8192 per jitter: nothing lies beyond ±4 jitters. */
+const DIST_MAX = 32_767 / 8_192;
+
+/** netem's pareto table: shape 3 (mean 1.5), shifted to mean 0 and scaled by 4/3, so −2/3 … +4 jitters. */
+function paretoDeviate(u: number): number {
+  return Math.min(((1 - u) ** (-1 / 3) - 1.5) * (4 / 3), DIST_MAX);
+}
+
+/**
+ * A delay's deviate, in jitters, from one (correlated) uniform: netem maps its correlated draw
+ * through a distribution table (an inverse CDF), so correlation means the same for every shape.
+ * paretonormal is netem's table: a quarter normal and three quarters pareto, at the same quantile.
+ */
+function delayDeviate(distribution: DelayDistribution, u: number): number {
+  switch (distribution) {
+    case "uniform":
+      return 2 * u - 1;
+    case "normal":
+      return Math.max(-DIST_MAX, Math.min(DIST_MAX, normalQuantile(u)));
+    case "pareto":
+      return paretoDeviate(u);
+    case "paretonormal":
+      return (Math.max(-DIST_MAX, Math.min(DIST_MAX, normalQuantile(u))) + 3 * paretoDeviate(u)) / 4;
+  }
+}
+
+const REAL_CLOCK: ImpairmentClock = {
+  now: () => performance.now(),
+  setTimer(fn, ms) {
+    // Rounded up: a timer that fired early would only have to be set again.
+    const timer = setTimeout(fn, Math.ceil(ms));
+    timer.unref();
+    return timer;
+  },
+  clearTimer: (timer) => clearTimeout(timer as ReturnType<typeof setTimeout>),
+};
+
+/** A frame waiting in the queue: released at `at` (ms); `seq` keeps arrival order among equal times. */
+interface HeldFrame {
+  at: number;
+  seq: number;
+  frame: Uint8Array;
+}
+
+function releasesBefore(a: HeldFrame, b: HeldFrame): boolean {
+  return a.at < b.at || (a.at === b.at && a.seq < b.seq);
+}
+
+/**
+ * One link's impairment. As netem: a frame may be duplicated (the copy goes through everything but
+ * duplication again), lost, corrupted, then either reordered (sent at once, ahead of the delay) or
+ * given a release time: now + delay (+ jitter), and with a rate, no earlier than the previous frame
+ * left plus this frame's time on the wire. Frames wait in one queue ordered by release time, so with
+ * jitter they may overtake each other (as in netem) and without they leave in arrival order; one
+ * timer, set for the earliest, releases everything due. A frame due at once is delivered inside push,
+ * uncopied, so an impairment without delay costs next to nothing.
+ */
+export class Impairment {
+  readonly counters: ImpairmentCounters = { delayed: 0, lost: 0, duplicated: 0, reordered: 0, corrupted: 0, rateDropped: 0, queued: 0 };
+  /** The seed in use: the spec's, or one drawn at random, so a run can be repeated. */
+  readonly seed: number;
+  readonly #deliver: (frame: Uint8Array) => void;
+  readonly #clock: ImpairmentClock;
+  readonly #random: () => number;
+  // Probabilities as 0–1, times in ms, each chance with its own correlated source (as netem).
+  readonly #delayMs: number;
+  readonly #jitterMs: number;
+  readonly #distribution: DelayDistribution;
+  readonly #delayDraw: () => number;
+  readonly #loss: number;
+  readonly #lossDraw: () => number;
+  readonly #duplicate: number;
+  readonly #duplicateDraw: () => number;
+  readonly #corrupt: number;
+  readonly #corruptDraw: () => number;
+  readonly #reorder: number;
+  readonly #reorderDraw: () => number;
+  readonly #gap: number;
+  /** Frames delayed since the last reordered one. */
+  #sinceReorder = 0;
+  /** Gilbert–Elliott: transition and loss chances, and the state we are in. */
+  readonly #gemodel: { p: number; r: number; badLoss: number; goodLoss: number } | undefined;
+  #bad = false;
+  /** Bytes the rate lets out per ms (0: no rate), and when the last frame admitted has left. */
+  readonly #bytesPerMs: number;
+  #wireFree = -Infinity;
+  /** Nothing is ever held: push hands frames straight on without asking the clock. */
+  readonly #instant: boolean;
+  readonly #limit: number;
+  #queuedBytes = 0;
+  /** A binary min-heap on (at, seq). */
+  #queue: HeldFrame[] = [];
+  #seq = 0;
+  #timer: unknown;
+  #timerAt = Infinity;
+  #closed = false;
+
+  constructor(
+    readonly spec: ImpairmentSpec,
+    deliver: (frame: Uint8Array) => void,
+    clock: ImpairmentClock = REAL_CLOCK,
+  ) {
+    this.#deliver = deliver;
+    this.#clock = clock;
+    this.seed = spec.seed ?? crypto.getRandomValues(new Uint32Array(1))[0]!;
+    const random = (this.#random = seededRandom(this.seed));
+    const { delay, loss, duplicate, corrupt, reorder, rate } = spec;
+    this.#delayMs = (delay?.timeNs ?? 0) / 1e6;
+    this.#jitterMs = (delay?.jitterNs ?? 0) / 1e6;
+    this.#distribution = delay?.distribution ?? "uniform";
+    this.#delayDraw = correlatedRandom(random, delay?.correlation ?? 0);
+    this.#loss = loss?.model === "random" ? loss.percent / 100 : 0;
+    this.#lossDraw = correlatedRandom(random, loss?.model === "random" ? loss.correlation : 0);
+    this.#gemodel = loss?.model === "gemodel" ? { p: loss.p / 100, r: loss.r / 100, badLoss: loss.oneMinusH / 100, goodLoss: loss.oneMinusK / 100 } : undefined;
+    this.#duplicate = (duplicate?.percent ?? 0) / 100;
+    this.#duplicateDraw = correlatedRandom(random, duplicate?.correlation ?? 0);
+    this.#corrupt = (corrupt?.percent ?? 0) / 100;
+    this.#corruptDraw = correlatedRandom(random, corrupt?.correlation ?? 0);
+    this.#reorder = (reorder?.percent ?? 0) / 100;
+    this.#reorderDraw = correlatedRandom(random, reorder?.correlation ?? 0);
+    this.#gap = reorder?.gap ?? 1;
+    this.#bytesPerMs = rate ? rate.bitsPerSecond / 8 / 1000 : 0;
+    this.#instant = this.#delayMs === 0 && this.#jitterMs === 0 && !rate;
+    this.#limit = spec.limit ?? (rate ? IMPAIR_RATE_LIMIT : IMPAIR_MAX_QUEUE);
+  }
+
+  /** Takes a frame (copies it: the caller's buffer may be reused), applies loss/duplicate/corrupt/rate/delay/reorder, and later calls deliver(frame) in release order. */
+  push(frame: Uint8Array): void {
+    if (!this.#closed) this.#admit(frame, true);
+  }
+
+  /** Drops everything queued (counted nowhere) and cancels the timer. Frames pushed later are dropped. */
+  close(): void {
+    this.#closed = true;
+    if (this.#timer !== undefined) this.#clock.clearTimer(this.#timer);
+    this.#timer = undefined;
+    this.#queue = [];
+    this.#queuedBytes = 0;
+    this.counters.queued = 0;
+  }
+
+  #admit(frame: Uint8Array, mayDuplicate: boolean): void {
+    // netem's order: a duplicate and a loss on the same frame cancel out, and the copy is admitted
+    // first, through everything but duplication.
+    let copies = 1;
+    if (mayDuplicate && this.#duplicate > 0 && this.#duplicateDraw() < this.#duplicate) copies++;
+    if (this.#lose()) copies--;
+    if (copies === 0) {
+      this.counters.lost++;
+      return;
+    }
+    if (copies === 2) {
+      this.counters.duplicated++;
+      this.#admit(frame, false);
+      if (this.#closed) return;
+    }
+    let copied = false;
+    if (this.#corrupt > 0 && this.#corruptDraw() < this.#corrupt && frame.length > MIN_FRAME) {
+      // One bit past the Ethernet header, so the frame still reaches the same port to be noticed.
+      frame = frame.slice();
+      copied = true;
+      frame[MIN_FRAME + Math.floor(this.#random() * (frame.length - MIN_FRAME))]! ^= 1 << Math.floor(this.#random() * 8);
+      this.counters.corrupted++;
+    }
+    if (this.#instant) return this.#deliver(frame);
+    const now = this.#clock.now();
+    // netem: after a reordered frame the next gap − 1 are delayed; from then on each may be reordered.
+    if (this.#reorder > 0) {
+      if (this.#sinceReorder >= this.#gap - 1 && this.#reorderDraw() < this.#reorder) {
+        this.#sinceReorder = 0;
+        this.counters.reordered++;
+        return this.#deliver(frame);
+      }
+      this.#sinceReorder = Math.min(this.#sinceReorder + 1, this.#gap);
+    }
+    let at = now + this.#nextDelay();
+    // netem's rate: a frame leaves when its last bit would have, behind the frame before it.
+    if (this.#bytesPerMs > 0) at = Math.max(at, this.#wireFree) + frame.length / this.#bytesPerMs;
+    if (at <= now) {
+      // Due already: whatever is due before it goes first, then it goes uncopied.
+      if (this.#queue.length > 0) this.#release(at);
+      if (!this.#closed) this.#deliver(frame);
+      return;
+    }
+    if (this.#queue.length >= this.#limit || this.#queuedBytes + frame.length > IMPAIR_MAX_QUEUE_BYTES) {
+      this.counters.rateDropped++;
+      return;
+    }
+    if (this.#bytesPerMs > 0) this.#wireFree = at;
+    this.counters.delayed++;
+    this.#enqueue({ at, seq: this.#seq++, frame: copied ? frame : frame.slice() });
+    this.#arm(now);
+  }
+
+  /** Is this frame lost? Gilbert–Elliott as netem: this frame's fate is the state it found, then the state may change. */
+  #lose(): boolean {
+    const ge = this.#gemodel;
+    if (ge === undefined) return this.#loss > 0 && this.#lossDraw() < this.#loss;
+    if (this.#bad) {
+      if (this.#random() < ge.r) this.#bad = false;
+      return this.#random() < ge.badLoss;
+    }
+    if (this.#random() < ge.p) this.#bad = true;
+    return this.#random() < ge.goodLoss;
+  }
+
+  /** Delay plus jitter in ms, never below 0. */
+  #nextDelay(): number {
+    if (this.#jitterMs === 0) return this.#delayMs;
+    return Math.max(0, this.#delayMs + this.#jitterMs * delayDeviate(this.#distribution, this.#delayDraw()));
+  }
+
+  /** Delivers every queued frame released by `until`, earliest first. */
+  #release(until: number): void {
+    const queue = this.#queue;
+    while (queue.length > 0 && queue[0]!.at <= until && !this.#closed) {
+      const { frame } = this.#dequeue();
+      this.#deliver(frame);
+    }
+  }
+
+  /** The one timer: set for the earliest release, moved only when an earlier one arrives. */
+  #arm(now: number): void {
+    const first = this.#queue[0];
+    if (first === undefined || this.#closed) {
+      if (this.#timer !== undefined) this.#clock.clearTimer(this.#timer);
+      this.#timer = undefined;
+      this.#timerAt = Infinity;
+      return;
+    }
+    if (this.#timer !== undefined) {
+      if (this.#timerAt <= first.at) return;
+      this.#clock.clearTimer(this.#timer);
+    }
+    this.#timerAt = first.at;
+    this.#timer = this.#clock.setTimer(this.#fire, Math.max(0, first.at - now));
+  }
+
+  readonly #fire = (): void => {
+    this.#timer = undefined;
+    this.#timerAt = Infinity;
+    const now = this.#clock.now();
+    try {
+      this.#release(now);
+    } finally {
+      // Also after a throwing deliver: what is left still gets its timer.
+      this.#arm(this.#clock.now());
+    }
+  };
+
+  #enqueue(held: HeldFrame): void {
+    const queue = this.#queue;
+    let i = queue.length;
+    queue.push(held);
+    while (i > 0) {
+      const parent = (i - 1) >> 1;
+      if (!releasesBefore(held, queue[parent]!)) break;
+      queue[i] = queue[parent]!;
+      i = parent;
+    }
+    queue[i] = held;
+    this.#queuedBytes += held.frame.length;
+    this.counters.queued = queue.length;
+  }
+
+  #dequeue(): HeldFrame {
+    const queue = this.#queue;
+    const first = queue[0]!;
+    const last = queue.pop()!;
+    const n = queue.length;
+    if (n > 0) {
+      let i = 0;
+      for (;;) {
+        let child = 2 * i + 1;
+        if (child >= n) break;
+        if (child + 1 < n && releasesBefore(queue[child + 1]!, queue[child]!)) child++;
+        if (!releasesBefore(queue[child]!, last)) break;
+        queue[i] = queue[child]!;
+        i = child;
+      }
+      queue[i] = last;
+    }
+    this.#queuedBytes -= first.frame.length;
+    this.counters.queued = n;
+    return first;
+  }
+}
+
 export interface PortStats {
   rxFrames: number;
   rxBytes: number;
