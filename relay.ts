@@ -364,6 +364,316 @@ const ByteSize = v.pipe(
   }),
 );
 
+// link impairment specs, in netem's vocabulary
+//
+// Link impairment in the words of Linux netem (`tc qdisc … netem delay 50ms 10ms loss 1%`), so a user
+// who knows netem knows this. The engine (Impairment) sits in front of whatever sends frames on and
+// follows netem's own algorithm: duplicate, then loss, then corrupt, then reorder or delay (and rate),
+// with one timer draining a queue ordered by release time.
+
+/** How jitter spreads around the delay: netem's built-in uniform, or one of its tables. */
+export type DelayDistribution = "uniform" | "normal" | "pareto" | "paretonormal";
+
+/**
+ * A parsed impairment. Percentages are 0–100 as written, times whole nanoseconds (netem's unit),
+ * rates bits per second; a clause left out is absent.
+ */
+export interface ImpairmentSpec {
+  delay?: { timeNs: number; jitterNs: number; correlation: number; distribution: DelayDistribution };
+  /** `random`: independent (or correlated) loss; `gemodel`: Gilbert–Elliott bursts, in netem's four parameters. */
+  loss?:
+    | { model: "random"; percent: number; correlation: number }
+    | { model: "gemodel"; p: number; r: number; oneMinusH: number; oneMinusK: number };
+  duplicate?: { percent: number; correlation: number };
+  /** After a reordered frame the next `gap − 1` are delayed; 1 when not given, as in netem. */
+  reorder?: { percent: number; correlation: number; gap: number };
+  corrupt?: { percent: number; correlation: number };
+  rate?: { bitsPerSecond: number };
+  /** Frames the queue may hold; when absent, IMPAIR_RATE_LIMIT with a rate, else IMPAIR_MAX_QUEUE. */
+  limit?: number;
+  seed?: number;
+}
+
+export interface ImpairmentCounters {
+  /** Frames held for more than 0 ms (by delay or by the rate). */
+  delayed: number;
+  lost: number;
+  /** Frames sent twice. */
+  duplicated: number;
+  /** Frames sent at once, ahead of the delay. */
+  reordered: number;
+  /** Frames with one bit flipped. */
+  corrupted: number;
+  /** Frames dropped because the queue was full: `limit` frames, or IMPAIR_MAX_QUEUE_BYTES. */
+  rateDropped: number;
+  /** Frames in the queue now. */
+  queued: number;
+}
+
+/** What Impairment needs of time; tests pass a fake one. Times in ms. */
+export interface ImpairmentClock {
+  now(): number;
+  setTimer(fn: () => void, ms: number): unknown;
+  clearTimer(timer: unknown): void;
+}
+
+const IMPAIR_KEYWORDS = ["delay", "loss", "duplicate", "reorder", "corrupt", "rate", "limit", "seed"];
+/** tc's other names for the same clauses. */
+const IMPAIR_ALIASES: Record<string, string> = { latency: "delay", drop: "loss" };
+const IMPAIR_DISTRIBUTIONS: readonly DelayDistribution[] = ["uniform", "normal", "pareto", "paretonormal"];
+/** netem's default queue: what a rate may hold back before it drops. */
+const IMPAIR_RATE_LIMIT = 1_000;
+/** Without a rate netem's 1000 would drop at ~10,000 frames/s × 100 ms, so delay alone gets room; memory is still bounded. */
+const IMPAIR_MAX_QUEUE = 100_000;
+const IMPAIR_MAX_QUEUE_BYTES = 64 * 1024 * 1024;
+/** Longer is memory held for nothing: no link worth emulating takes a minute. */
+const IMPAIR_MAX_DELAY_NS = 60e9;
+const IMPAIR_MAX_GAP = 1_000_000;
+/** A decimal as tc's strtod takes it, without a sign, then the unit. */
+const IMPAIR_NUMBER = /^((?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)(.*)$/i;
+/**
+ * tc(8) says a bare number is µs, but tc netem parses delay and jitter with get_time64, where a bare
+ * number is nanoseconds: `delay 50` is 50 ns. We do what tc netem does.
+ */
+const IMPAIR_TIME_UNITS: Record<string, number> = {
+  "": 1, ns: 1, nsec: 1, nsecs: 1,
+  us: 1e3, usec: 1e3, usecs: 1e3,
+  ms: 1e6, msec: 1e6, msecs: 1e6,
+  s: 1e9, sec: 1e9, secs: 1e9,
+};
+/** tc's rate suffixes (case-insensitive): `…bit` bits/s, `…bps` bytes/s, `…i…` powers of 1024; a bare number is bits/s. */
+const IMPAIR_RATE_UNITS: Record<string, number> = {
+  "": 1, bit: 1, kbit: 1e3, mbit: 1e6, gbit: 1e9, tbit: 1e12,
+  kibit: 1024, mibit: 1024 ** 2, gibit: 1024 ** 3, tibit: 1024 ** 4,
+  bps: 8, kbps: 8e3, mbps: 8e6, gbps: 8e9, tbps: 8e12,
+  kibps: 8 * 1024, mibps: 8 * 1024 ** 2, gibps: 8 * 1024 ** 3, tibps: 8 * 1024 ** 4,
+};
+
+function impairmentError(message: string): RangeError {
+  return new RangeError(`Cannot parse impairment: ${message}`);
+}
+
+/** A word as the user wrote it, quoted and on one line. */
+function quoted(word: string): string {
+  return JSON.stringify(word);
+}
+
+/** `30%`, `0.1%` or `30` (tc lets the % go), as 0–100. */
+function parsePercent(word: string, what: string): number {
+  const m = IMPAIR_NUMBER.exec(word);
+  const percent = m && (m[2] === "" || m[2] === "%") ? Number(m[1]) : NaN;
+  if (!(percent >= 0 && percent <= 100)) throw impairmentError(`${what} ${quoted(word)} is not a percentage from 0 to 100`);
+  return percent;
+}
+
+/** `50ms`, `1s`, `250us`, `0.5ms`, to whole nanoseconds as tc rounds them. */
+function parseTime(word: string, what: string): number {
+  const m = IMPAIR_NUMBER.exec(word);
+  const scale = m ? IMPAIR_TIME_UNITS[m[2]!.toLowerCase()] : undefined;
+  if (!m || scale === undefined) throw impairmentError(`${what} ${quoted(word)} is not a time (like 50ms, 1s, 250us; a bare number is ns, as in tc)`);
+  const ns = Math.round(Number(m[1]) * scale);
+  if (!(ns <= IMPAIR_MAX_DELAY_NS)) throw impairmentError(`${what} ${quoted(word)} is longer than ${IMPAIR_MAX_DELAY_NS / 1e9}s`);
+  return ns;
+}
+
+function parseRate(word: string): number {
+  const m = IMPAIR_NUMBER.exec(word);
+  const scale = m ? IMPAIR_RATE_UNITS[m[2]!.toLowerCase()] : undefined;
+  if (!m || scale === undefined) throw impairmentError(`rate ${quoted(word)} is not a rate (like 10mbit, 512kbit, 1gbit, 100kbps)`);
+  const bits = Math.round(Number(m[1]) * scale);
+  if (!(bits >= 1 && bits <= Number.MAX_SAFE_INTEGER)) throw impairmentError(`rate ${quoted(word)} is not a rate above 0`);
+  return bits;
+}
+
+function parseWhole(word: string, what: string, min: number, max: number): number {
+  const n = /^\d+$/.test(word) ? Number(word) : NaN;
+  if (!(n >= min && n <= max)) throw impairmentError(`${what} ${quoted(word)} is not a whole number from ${min} to ${max}`);
+  return n;
+}
+
+/**
+ * Parses netem's words, e.g. `delay 50ms 10ms 25% distribution normal loss 1% rate 10mbit limit 500
+ * seed 7`. Clauses come in any order, each once; an optional value (jitter, a correlation, gemodel's
+ * R, 1-H, 1-K) is taken when the next word starts like a number, as tc does. `""` is no impairment.
+ * Throws a one-line RangeError naming the word that is wrong.
+ */
+export function parseImpairment(text: string): ImpairmentSpec {
+  const words = text.split(/\s+/).filter((w) => w !== "");
+  const spec: ImpairmentSpec = {};
+  let distribution: DelayDistribution | undefined;
+  let gap: number | undefined;
+  let i = 0;
+  const value = (what: string, example: string): string => {
+    const word = words[i++];
+    if (word === undefined) throw impairmentError(`${what} needs a value, e.g. ${example}`);
+    return word;
+  };
+  const more = (): boolean => i < words.length && /^[-+.\d]/.test(words[i]!);
+  const correlation = (what: string): number => (more() ? parsePercent(words[i++]!, `${what} correlation`) : 0);
+  const seen = new Set<string>();
+  while (i < words.length) {
+    const word = words[i++]!;
+    const keyword = IMPAIR_ALIASES[word] ?? word;
+    if (!IMPAIR_KEYWORDS.includes(keyword) && keyword !== "distribution" && keyword !== "gap") {
+      throw impairmentError(`${quoted(word)} is not a netem keyword (${IMPAIR_KEYWORDS.join(", ")})`);
+    }
+    if (seen.has(keyword)) throw impairmentError(`${quoted(word)} is given twice`);
+    seen.add(keyword);
+    switch (keyword) {
+      case "delay": {
+        const timeNs = parseTime(value("delay", "delay 50ms"), "delay");
+        const jitterNs = more() ? parseTime(words[i++]!, "delay jitter") : 0;
+        spec.delay = { timeNs, jitterNs, correlation: correlation("delay"), distribution: "uniform" };
+        break;
+      }
+      case "distribution": {
+        const word = value("distribution", "distribution normal");
+        if (!IMPAIR_DISTRIBUTIONS.includes(word as DelayDistribution)) {
+          throw impairmentError(`distribution ${quoted(word)} is not one of ${IMPAIR_DISTRIBUTIONS.join(", ")}`);
+        }
+        distribution = word as DelayDistribution;
+        break;
+      }
+      case "loss": {
+        let word = value("loss", "loss 1%");
+        if (word === "random") word = value("loss random", "loss random 1%");
+        if (word === "gemodel") {
+          const p = parsePercent(value("loss gemodel", "loss gemodel 1% 10%"), "loss gemodel P");
+          const r = more() ? parsePercent(words[i++]!, "loss gemodel R") : 100 - p;
+          const oneMinusH = more() ? parsePercent(words[i++]!, "loss gemodel 1-H") : 100;
+          const oneMinusK = more() ? parsePercent(words[i++]!, "loss gemodel 1-K") : 0;
+          spec.loss = { model: "gemodel", p, r, oneMinusH, oneMinusK };
+        } else {
+          spec.loss = { model: "random", percent: parsePercent(word, "loss"), correlation: correlation("loss") };
+        }
+        break;
+      }
+      case "duplicate":
+      case "corrupt":
+        spec[keyword] = { percent: parsePercent(value(keyword, `${keyword} 1%`), keyword), correlation: correlation(keyword) };
+        break;
+      case "reorder":
+        spec.reorder = { percent: parsePercent(value("reorder", "reorder 25%"), "reorder"), correlation: correlation("reorder"), gap: 1 };
+        break;
+      case "gap":
+        gap = parseWhole(value("gap", "gap 5"), "gap", 1, IMPAIR_MAX_GAP);
+        break;
+      case "rate":
+        spec.rate = { bitsPerSecond: parseRate(value("rate", "rate 10mbit")) };
+        break;
+      case "limit":
+        spec.limit = parseWhole(value("limit", "limit 1000"), "limit", 1, IMPAIR_MAX_QUEUE);
+        break;
+      case "seed":
+        spec.seed = parseWhole(value("seed", "seed 7"), "seed", 0, 0xffff_ffff);
+        break;
+    }
+  }
+  // What netem's tc refuses too, said in one line each.
+  if (distribution !== undefined) {
+    if (!spec.delay?.jitterNs) throw impairmentError("distribution needs a delay with jitter, e.g. delay 50ms 10ms distribution normal");
+    spec.delay.distribution = distribution;
+  }
+  if (spec.reorder && !spec.delay?.timeNs) {
+    throw impairmentError("reorder needs a delay (a reordered frame is sent at once instead of after it), e.g. delay 10ms reorder 25%");
+  }
+  if (gap !== undefined) {
+    if (!spec.reorder) throw impairmentError("gap needs reorder, e.g. delay 10ms reorder 25% gap 5");
+    spec.reorder.gap = gap;
+  }
+  return spec;
+}
+
+function formatTime(ns: number): string {
+  if (ns !== 0 && ns % 1e9 === 0) return `${ns / 1e9}s`;
+  if (ns % 1e6 === 0) return `${ns / 1e6}ms`;
+  if (ns % 1e3 === 0) return `${ns / 1e3}us`;
+  return `${ns}ns`;
+}
+
+function formatRate(bits: number): string {
+  for (const [scale, unit] of [[1e12, "tbit"], [1e9, "gbit"], [1e6, "mbit"], [1e3, "kbit"]] as const) {
+    if (bits % scale === 0) return `${bits / scale}${unit}`;
+  }
+  return `${bits}bit`;
+}
+
+/** netem's way of writing a spec, every clause in one order; parseImpairment reads it back to an equal spec. */
+export function formatImpairment(spec: ImpairmentSpec): string {
+  const words: string[] = [];
+  const chance = (keyword: string, c: { percent: number; correlation: number }) => {
+    words.push(keyword, `${c.percent}%`);
+    if (c.correlation > 0) words.push(`${c.correlation}%`);
+  };
+  const { delay, loss } = spec;
+  if (delay) {
+    words.push("delay", formatTime(delay.timeNs));
+    if (delay.jitterNs > 0 || delay.correlation > 0) words.push(formatTime(delay.jitterNs));
+    if (delay.correlation > 0) words.push(`${delay.correlation}%`);
+    if (delay.distribution !== "uniform") words.push("distribution", delay.distribution);
+  }
+  if (loss?.model === "random") chance("loss", loss);
+  if (loss?.model === "gemodel") words.push("loss", "gemodel", `${loss.p}%`, `${loss.r}%`, `${loss.oneMinusH}%`, `${loss.oneMinusK}%`);
+  if (spec.duplicate) chance("duplicate", spec.duplicate);
+  if (spec.reorder) {
+    chance("reorder", spec.reorder);
+    if (spec.reorder.gap > 1) words.push("gap", String(spec.reorder.gap));
+  }
+  if (spec.corrupt) chance("corrupt", spec.corrupt);
+  if (spec.rate) words.push("rate", formatRate(spec.rate.bitsPerSecond));
+  if (spec.limit !== undefined) words.push("limit", String(spec.limit));
+  if (spec.seed !== undefined) words.push("seed", String(spec.seed));
+  return words.join(" ");
+}
+
+/**
+ * Where an impairment applies: `uplink[:NET][:in|:out]` (the uplink, both ways unless told),
+ * `NET` (the way out of every port of that network), or a port id `NET/KIND-N[:in|:out]` (both ways
+ * unless told). Undefined when the text is none of these.
+ */
+export interface ImpairTarget {
+  kind: "uplink" | "network" | "port";
+  network?: string;
+  port?: string;
+  directions: ("in" | "out")[];
+}
+
+export function parseImpairTarget(text: string): ImpairTarget | undefined {
+  const m = /^(.*?)(?::(in|out))?$/.exec(text)!;
+  const [base, direction] = [m[1]!, m[2] as "in" | "out" | undefined];
+  const both: ("in" | "out")[] = direction ? [direction] : ["in", "out"];
+  if (base === "uplink") return { kind: "uplink", directions: both };
+  if (base.startsWith("uplink:")) {
+    const network = base.slice(7);
+    return NETWORK_NAME.test(network) ? { kind: "uplink", network, directions: both } : undefined;
+  }
+  if (NETWORK_NAME.test(base)) return direction ? undefined : { kind: "network", network: base, directions: ["out"] };
+  const slash = base.indexOf("/");
+  if (slash > 0 && NETWORK_NAME.test(base.slice(0, slash)) && /^[a-z0-9-]+-\d+$/.test(base.slice(slash + 1))) {
+    return { kind: "port", network: base.slice(0, slash), port: base, directions: both };
+  }
+  return undefined;
+}
+
+/** `TARGET=SPEC`: a link impairment at start, in netem's words. */
+const ImpairOption = v.pipe(
+  v.string("expected TARGET=SPEC"),
+  v.rawTransform(({ dataset, addIssue, NEVER }) => {
+    const eq = dataset.value.indexOf("=");
+    const target = dataset.value.slice(0, eq);
+    if (eq < 1 || parseImpairTarget(target) === undefined) {
+      addIssue({ message: `expected TARGET=SPEC with TARGET uplink[:NET][:in|:out], NET or a port id, got ${JSON.stringify(dataset.value)}` });
+      return NEVER;
+    }
+    try {
+      return { target, spec: parseImpairment(dataset.value.slice(eq + 1)) };
+    } catch (error) {
+      addIssue({ message: (error as Error).message });
+      return NEVER;
+    }
+  }),
+);
+
 type OptionGroup = keyof typeof OPTION_GROUPS;
 
 const OPTION_GROUPS = {
@@ -372,7 +682,7 @@ const OPTION_GROUPS = {
   http: "HTTP (status, metrics, tunnel endpoint):",
   switch: "Switch:",
   limits: "Limits (each refusal or drop is counted and shown in /status):",
-  capture: "Capture (pcapng, for Wireshark and tshark):",
+  capture: "Capture (pcapng, for Wireshark and tshark) and link impairment:",
   other: "Other:",
 };
 
@@ -510,6 +820,10 @@ export const OPTIONS = {
     help: "start a new capture file past this size (B, KB, MB, GB)",
   },
   captureKeep: { arg: "N", numeric: true, group: "capture", schema: v.optional(count("files", 1, 1_000), 5), help: "capture files kept: PATH, PATH.1, …" },
+  impair: {
+    arg: "TARGET=SPEC", multiple: true, group: "capture", schema: list(ImpairOption, "TARGET=SPEC"),
+    help: "impair a link in netem's words (repeatable): TARGET is uplink[:NET][:in|:out],\nNET (every port's way out) or a port id; e.g. uplink=\"delay 40ms 5ms loss 0.1%\"",
+  },
   config: {
     arg: "FILE", group: "other",
     help: 'JSON file with the same options in camelCase (qemuListen: [...],\ntokens: ["…" or {"token": "…", "networks": ["lab"]}], …);\noptions given on the command line replace the file\'s, but\ntokens from the file, --token, RELAY_TOKENS and --token-file add up',
@@ -1013,267 +1327,7 @@ export function etherTypeOf(frame: Uint8Array): number {
 
 // ───────────────────────────── switch ─────────────────────────────
 
-// impairment (netem's vocabulary)
-//
-// Link impairment in the words of Linux netem (`tc qdisc … netem delay 50ms 10ms loss 1%`), so a user
-// who knows netem knows this. The engine (Impairment) sits in front of whatever sends frames on and
-// follows netem's own algorithm: duplicate, then loss, then corrupt, then reorder or delay (and rate),
-// with one timer draining a queue ordered by release time.
-
-/** How jitter spreads around the delay: netem's built-in uniform, or one of its tables. */
-export type DelayDistribution = "uniform" | "normal" | "pareto" | "paretonormal";
-
-/**
- * A parsed impairment. Percentages are 0–100 as written, times whole nanoseconds (netem's unit),
- * rates bits per second; a clause left out is absent.
- */
-export interface ImpairmentSpec {
-  delay?: { timeNs: number; jitterNs: number; correlation: number; distribution: DelayDistribution };
-  /** `random`: independent (or correlated) loss; `gemodel`: Gilbert–Elliott bursts, in netem's four parameters. */
-  loss?:
-    | { model: "random"; percent: number; correlation: number }
-    | { model: "gemodel"; p: number; r: number; oneMinusH: number; oneMinusK: number };
-  duplicate?: { percent: number; correlation: number };
-  /** After a reordered frame the next `gap − 1` are delayed; 1 when not given, as in netem. */
-  reorder?: { percent: number; correlation: number; gap: number };
-  corrupt?: { percent: number; correlation: number };
-  rate?: { bitsPerSecond: number };
-  /** Frames the queue may hold; when absent, IMPAIR_RATE_LIMIT with a rate, else IMPAIR_MAX_QUEUE. */
-  limit?: number;
-  seed?: number;
-}
-
-export interface ImpairmentCounters {
-  /** Frames held for more than 0 ms (by delay or by the rate). */
-  delayed: number;
-  lost: number;
-  /** Frames sent twice. */
-  duplicated: number;
-  /** Frames sent at once, ahead of the delay. */
-  reordered: number;
-  /** Frames with one bit flipped. */
-  corrupted: number;
-  /** Frames dropped because the queue was full: `limit` frames, or IMPAIR_MAX_QUEUE_BYTES. */
-  rateDropped: number;
-  /** Frames in the queue now. */
-  queued: number;
-}
-
-/** What Impairment needs of time; tests pass a fake one. Times in ms. */
-export interface ImpairmentClock {
-  now(): number;
-  setTimer(fn: () => void, ms: number): unknown;
-  clearTimer(timer: unknown): void;
-}
-
-const IMPAIR_KEYWORDS = ["delay", "loss", "duplicate", "reorder", "corrupt", "rate", "limit", "seed"];
-/** tc's other names for the same clauses. */
-const IMPAIR_ALIASES: Record<string, string> = { latency: "delay", drop: "loss" };
-const IMPAIR_DISTRIBUTIONS: readonly DelayDistribution[] = ["uniform", "normal", "pareto", "paretonormal"];
-/** netem's default queue: what a rate may hold back before it drops. */
-const IMPAIR_RATE_LIMIT = 1_000;
-/** Without a rate netem's 1000 would drop at ~10,000 frames/s × 100 ms, so delay alone gets room; memory is still bounded. */
-const IMPAIR_MAX_QUEUE = 100_000;
-const IMPAIR_MAX_QUEUE_BYTES = 64 * 1024 * 1024;
-/** Longer is memory held for nothing: no link worth emulating takes a minute. */
-const IMPAIR_MAX_DELAY_NS = 60e9;
-const IMPAIR_MAX_GAP = 1_000_000;
-/** A decimal as tc's strtod takes it, without a sign, then the unit. */
-const IMPAIR_NUMBER = /^((?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)(.*)$/i;
-/**
- * tc(8) says a bare number is µs, but tc netem parses delay and jitter with get_time64, where a bare
- * number is nanoseconds: `delay 50` is 50 ns. We do what tc netem does.
- */
-const IMPAIR_TIME_UNITS: Record<string, number> = {
-  "": 1, ns: 1, nsec: 1, nsecs: 1,
-  us: 1e3, usec: 1e3, usecs: 1e3,
-  ms: 1e6, msec: 1e6, msecs: 1e6,
-  s: 1e9, sec: 1e9, secs: 1e9,
-};
-/** tc's rate suffixes (case-insensitive): `…bit` bits/s, `…bps` bytes/s, `…i…` powers of 1024; a bare number is bits/s. */
-const IMPAIR_RATE_UNITS: Record<string, number> = {
-  "": 1, bit: 1, kbit: 1e3, mbit: 1e6, gbit: 1e9, tbit: 1e12,
-  kibit: 1024, mibit: 1024 ** 2, gibit: 1024 ** 3, tibit: 1024 ** 4,
-  bps: 8, kbps: 8e3, mbps: 8e6, gbps: 8e9, tbps: 8e12,
-  kibps: 8 * 1024, mibps: 8 * 1024 ** 2, gibps: 8 * 1024 ** 3, tibps: 8 * 1024 ** 4,
-};
-
-function impairmentError(message: string): RangeError {
-  return new RangeError(`Cannot parse impairment: ${message}`);
-}
-
-/** A word as the user wrote it, quoted and on one line. */
-function quoted(word: string): string {
-  return JSON.stringify(word);
-}
-
-/** `30%`, `0.1%` or `30` (tc lets the % go), as 0–100. */
-function parsePercent(word: string, what: string): number {
-  const m = IMPAIR_NUMBER.exec(word);
-  const percent = m && (m[2] === "" || m[2] === "%") ? Number(m[1]) : NaN;
-  if (!(percent >= 0 && percent <= 100)) throw impairmentError(`${what} ${quoted(word)} is not a percentage from 0 to 100`);
-  return percent;
-}
-
-/** `50ms`, `1s`, `250us`, `0.5ms`, to whole nanoseconds as tc rounds them. */
-function parseTime(word: string, what: string): number {
-  const m = IMPAIR_NUMBER.exec(word);
-  const scale = m ? IMPAIR_TIME_UNITS[m[2]!.toLowerCase()] : undefined;
-  if (!m || scale === undefined) throw impairmentError(`${what} ${quoted(word)} is not a time (like 50ms, 1s, 250us; a bare number is ns, as in tc)`);
-  const ns = Math.round(Number(m[1]) * scale);
-  if (!(ns <= IMPAIR_MAX_DELAY_NS)) throw impairmentError(`${what} ${quoted(word)} is longer than ${IMPAIR_MAX_DELAY_NS / 1e9}s`);
-  return ns;
-}
-
-function parseRate(word: string): number {
-  const m = IMPAIR_NUMBER.exec(word);
-  const scale = m ? IMPAIR_RATE_UNITS[m[2]!.toLowerCase()] : undefined;
-  if (!m || scale === undefined) throw impairmentError(`rate ${quoted(word)} is not a rate (like 10mbit, 512kbit, 1gbit, 100kbps)`);
-  const bits = Math.round(Number(m[1]) * scale);
-  if (!(bits >= 1 && bits <= Number.MAX_SAFE_INTEGER)) throw impairmentError(`rate ${quoted(word)} is not a rate above 0`);
-  return bits;
-}
-
-function parseWhole(word: string, what: string, min: number, max: number): number {
-  const n = /^\d+$/.test(word) ? Number(word) : NaN;
-  if (!(n >= min && n <= max)) throw impairmentError(`${what} ${quoted(word)} is not a whole number from ${min} to ${max}`);
-  return n;
-}
-
-/**
- * Parses netem's words, e.g. `delay 50ms 10ms 25% distribution normal loss 1% rate 10mbit limit 500
- * seed 7`. Clauses come in any order, each once; an optional value (jitter, a correlation, gemodel's
- * R, 1-H, 1-K) is taken when the next word starts like a number, as tc does. `""` is no impairment.
- * Throws a one-line RangeError naming the word that is wrong.
- */
-export function parseImpairment(text: string): ImpairmentSpec {
-  const words = text.split(/\s+/).filter((w) => w !== "");
-  const spec: ImpairmentSpec = {};
-  let distribution: DelayDistribution | undefined;
-  let gap: number | undefined;
-  let i = 0;
-  const value = (what: string, example: string): string => {
-    const word = words[i++];
-    if (word === undefined) throw impairmentError(`${what} needs a value, e.g. ${example}`);
-    return word;
-  };
-  const more = (): boolean => i < words.length && /^[-+.\d]/.test(words[i]!);
-  const correlation = (what: string): number => (more() ? parsePercent(words[i++]!, `${what} correlation`) : 0);
-  const seen = new Set<string>();
-  while (i < words.length) {
-    const word = words[i++]!;
-    const keyword = IMPAIR_ALIASES[word] ?? word;
-    if (!IMPAIR_KEYWORDS.includes(keyword) && keyword !== "distribution" && keyword !== "gap") {
-      throw impairmentError(`${quoted(word)} is not a netem keyword (${IMPAIR_KEYWORDS.join(", ")})`);
-    }
-    if (seen.has(keyword)) throw impairmentError(`${quoted(word)} is given twice`);
-    seen.add(keyword);
-    switch (keyword) {
-      case "delay": {
-        const timeNs = parseTime(value("delay", "delay 50ms"), "delay");
-        const jitterNs = more() ? parseTime(words[i++]!, "delay jitter") : 0;
-        spec.delay = { timeNs, jitterNs, correlation: correlation("delay"), distribution: "uniform" };
-        break;
-      }
-      case "distribution": {
-        const word = value("distribution", "distribution normal");
-        if (!IMPAIR_DISTRIBUTIONS.includes(word as DelayDistribution)) {
-          throw impairmentError(`distribution ${quoted(word)} is not one of ${IMPAIR_DISTRIBUTIONS.join(", ")}`);
-        }
-        distribution = word as DelayDistribution;
-        break;
-      }
-      case "loss": {
-        let word = value("loss", "loss 1%");
-        if (word === "random") word = value("loss random", "loss random 1%");
-        if (word === "gemodel") {
-          const p = parsePercent(value("loss gemodel", "loss gemodel 1% 10%"), "loss gemodel P");
-          const r = more() ? parsePercent(words[i++]!, "loss gemodel R") : 100 - p;
-          const oneMinusH = more() ? parsePercent(words[i++]!, "loss gemodel 1-H") : 100;
-          const oneMinusK = more() ? parsePercent(words[i++]!, "loss gemodel 1-K") : 0;
-          spec.loss = { model: "gemodel", p, r, oneMinusH, oneMinusK };
-        } else {
-          spec.loss = { model: "random", percent: parsePercent(word, "loss"), correlation: correlation("loss") };
-        }
-        break;
-      }
-      case "duplicate":
-      case "corrupt":
-        spec[keyword] = { percent: parsePercent(value(keyword, `${keyword} 1%`), keyword), correlation: correlation(keyword) };
-        break;
-      case "reorder":
-        spec.reorder = { percent: parsePercent(value("reorder", "reorder 25%"), "reorder"), correlation: correlation("reorder"), gap: 1 };
-        break;
-      case "gap":
-        gap = parseWhole(value("gap", "gap 5"), "gap", 1, IMPAIR_MAX_GAP);
-        break;
-      case "rate":
-        spec.rate = { bitsPerSecond: parseRate(value("rate", "rate 10mbit")) };
-        break;
-      case "limit":
-        spec.limit = parseWhole(value("limit", "limit 1000"), "limit", 1, IMPAIR_MAX_QUEUE);
-        break;
-      case "seed":
-        spec.seed = parseWhole(value("seed", "seed 7"), "seed", 0, 0xffff_ffff);
-        break;
-    }
-  }
-  // What netem's tc refuses too, said in one line each.
-  if (distribution !== undefined) {
-    if (!spec.delay?.jitterNs) throw impairmentError("distribution needs a delay with jitter, e.g. delay 50ms 10ms distribution normal");
-    spec.delay.distribution = distribution;
-  }
-  if (spec.reorder && !spec.delay?.timeNs) {
-    throw impairmentError("reorder needs a delay (a reordered frame is sent at once instead of after it), e.g. delay 10ms reorder 25%");
-  }
-  if (gap !== undefined) {
-    if (!spec.reorder) throw impairmentError("gap needs reorder, e.g. delay 10ms reorder 25% gap 5");
-    spec.reorder.gap = gap;
-  }
-  return spec;
-}
-
-function formatTime(ns: number): string {
-  if (ns !== 0 && ns % 1e9 === 0) return `${ns / 1e9}s`;
-  if (ns % 1e6 === 0) return `${ns / 1e6}ms`;
-  if (ns % 1e3 === 0) return `${ns / 1e3}us`;
-  return `${ns}ns`;
-}
-
-function formatRate(bits: number): string {
-  for (const [scale, unit] of [[1e12, "tbit"], [1e9, "gbit"], [1e6, "mbit"], [1e3, "kbit"]] as const) {
-    if (bits % scale === 0) return `${bits / scale}${unit}`;
-  }
-  return `${bits}bit`;
-}
-
-/** netem's way of writing a spec, every clause in one order; parseImpairment reads it back to an equal spec. */
-export function formatImpairment(spec: ImpairmentSpec): string {
-  const words: string[] = [];
-  const chance = (keyword: string, c: { percent: number; correlation: number }) => {
-    words.push(keyword, `${c.percent}%`);
-    if (c.correlation > 0) words.push(`${c.correlation}%`);
-  };
-  const { delay, loss } = spec;
-  if (delay) {
-    words.push("delay", formatTime(delay.timeNs));
-    if (delay.jitterNs > 0 || delay.correlation > 0) words.push(formatTime(delay.jitterNs));
-    if (delay.correlation > 0) words.push(`${delay.correlation}%`);
-    if (delay.distribution !== "uniform") words.push("distribution", delay.distribution);
-  }
-  if (loss?.model === "random") chance("loss", loss);
-  if (loss?.model === "gemodel") words.push("loss", "gemodel", `${loss.p}%`, `${loss.r}%`, `${loss.oneMinusH}%`, `${loss.oneMinusK}%`);
-  if (spec.duplicate) chance("duplicate", spec.duplicate);
-  if (spec.reorder) {
-    chance("reorder", spec.reorder);
-    if (spec.reorder.gap > 1) words.push("gap", String(spec.reorder.gap));
-  }
-  if (spec.corrupt) chance("corrupt", spec.corrupt);
-  if (spec.rate) words.push("rate", formatRate(spec.rate.bitsPerSecond));
-  if (spec.limit !== undefined) words.push("limit", String(spec.limit));
-  if (spec.seed !== undefined) words.push("seed", String(spec.seed));
-  return words.join(" ");
-}
+// impairment engine (netem's vocabulary is parsed in the config section)
 
 /**
  * sfc32 (Doty-Humphrey's small fast counting generator) as uniforms in (0, 1), never 0 or 1 so the
@@ -1672,7 +1726,10 @@ export abstract class Port {
   floodCount = 0;
   /** When a loop block ends (ms). */
   blockedUntil = 0;
-  /** The relay at the far end of a tunnel, and the link's rank for loop breaking (tunnel ports only). */
+  /** Link impairment on the way into the switch and out of it (netem's vocabulary). */
+  impairIn: Impairment | undefined;
+  impairOut: Impairment | undefined;
+    /** The relay at the far end of a tunnel, and the link's rank for loop breaking (tunnel ports only). */
   remoteId: string | undefined;
   linkRank: string | undefined;
 
@@ -1690,6 +1747,15 @@ export abstract class Port {
 
   /** Queues a frame; a port that cannot take it counts a drop (false), and never throws back into the switch. */
   send(frame: Uint8Array): boolean {
+    if (this.impairOut !== undefined) {
+      this.impairOut.push(frame);
+      return true;
+    }
+    return this.transmit(frame);
+  }
+
+  /** Frames out of an impairment (or straight from send): counted as they reach the queue. */
+  readonly transmit = (frame: Uint8Array): boolean => {
     let queued = false;
     try {
       queued = this.enqueue(frame);
@@ -1703,7 +1769,7 @@ export abstract class Port {
       this.stats.txDrops++;
     }
     return queued;
-  }
+  };
 
   /** Sends a frame of the relay's own (a loop probe): not counted as traffic. */
   sendOwn(frame: Uint8Array): void {
@@ -1716,8 +1782,23 @@ export abstract class Port {
 
   /** Hands a received frame to the switch. */
   readonly receive = (frame: Uint8Array): void => {
+    if (this.impairIn !== undefined) this.impairIn.push(frame);
+    else this.network?.forward(frame, this);
+  };
+
+  readonly #arrive = (frame: Uint8Array): void => {
     this.network?.forward(frame, this);
   };
+
+  /** Impairs this port's way in, out, or both (the impairment's profile and counters are its own). */
+  impair(direction: "in" | "out", spec: ImpairmentSpec | undefined): void {
+    const current = direction === "in" ? this.impairIn : this.impairOut;
+    if (current?.spec === spec) return;
+    current?.close();
+    const next = spec && new Impairment(spec, direction === "in" ? this.#arrive : (f) => void this.transmit(f));
+    if (direction === "in") this.impairIn = next;
+    else this.impairOut = next;
+  }
 
   snapshot(): PortSnapshot {
     const s = this.stats;
@@ -1826,6 +1907,61 @@ export class Capture {
   }
 }
 
+/**
+ * The relay's link impairments by target: each port gets its own Impairment (its own queue and
+ * timer) for each direction a target names; the most specific target wins (a port id, then
+ * `uplink:NET`, then `uplink`, then `NET`).
+ */
+export class ImpairmentTable {
+  readonly #entries = new Map<string, { target: ImpairTarget; spec: ImpairmentSpec }>();
+
+  constructor(private readonly ports: () => Iterable<Port>) {}
+
+  set(text: string, spec: ImpairmentSpec | undefined): boolean {
+    const target = parseImpairTarget(text);
+    if (target === undefined) throw new RangeError(`Cannot impair ${JSON.stringify(text)}: expected uplink[:NET][:in|:out], NET, or a port id like lab/qemu-listen-1[:in|:out]`);
+    const had = this.#entries.delete(text);
+    if (spec !== undefined) this.#entries.set(text, { target, spec });
+    for (const port of this.ports()) this.apply(port);
+    return had;
+  }
+
+  #rank(target: ImpairTarget, port: Port): number {
+    const network = port.network?.name;
+    if (target.kind === "port") return target.port === port.id ? 4 : 0;
+    if (target.kind === "uplink") return port.kind !== "uplink" ? 0 : target.network === undefined ? 2 : target.network === network ? 3 : 0;
+    return target.network === network ? 1 : 0;
+  }
+
+  apply(port: Port): void {
+    for (const direction of ["in", "out"] as const) {
+      let best: { rank: number; spec: ImpairmentSpec } | undefined;
+      for (const { target, spec } of this.#entries.values()) {
+        const rank = target.directions.includes(direction) ? this.#rank(target, port) : 0;
+        if (rank > 0 && rank > (best?.rank ?? 0)) best = { rank, spec };
+      }
+      port.impair(direction, best?.spec);
+    }
+  }
+
+  /** Status: each profile, the ports it applies to now, and its counters summed over them. */
+  snapshot() {
+    const ports = [...this.ports()];
+    return [...this.#entries].map(([text, { spec }]) => {
+      const counters: ImpairmentCounters = { delayed: 0, lost: 0, duplicated: 0, reordered: 0, corrupted: 0, rateDropped: 0, queued: 0 };
+      const on: string[] = [];
+      for (const port of ports) {
+        for (const [direction, impairment] of [["in", port.impairIn], ["out", port.impairOut]] as const) {
+          if (impairment?.spec !== spec) continue;
+          on.push(`${port.id}:${direction}`);
+          for (const key of Object.keys(counters) as (keyof ImpairmentCounters)[]) counters[key] += impairment.counters[key];
+        }
+      }
+      return { target: text, spec: formatImpairment(spec), ports: on, ...counters };
+    });
+  }
+}
+
 /** What a network needs from its relay: limits, a clock, and where to report. */
 export interface SwitchPolicy {
   ageingMs: number;
@@ -1841,7 +1977,9 @@ export interface SwitchPolicy {
   log?: Logger;
   /** Where VM ports coming and going are logged (rate-limited by the relay). */
   portLog?: Logger;
-  /** Set when the relay stops: ports closing now close for that reason. */
+  /** Link impairments by target, applied to each port as it attaches. */
+  impairments?: ImpairmentTable;
+    /** Set when the relay stops: ports closing now close for that reason. */
   stopping?: boolean;
   /** Called once per port blocked for a loop. */
   onLoop?: () => void;
@@ -1887,12 +2025,15 @@ export class Network {
     port.network = this;
     port.macLimit = port.trunk ? MAX_MACS_PER_NETWORK : (this.#policy.portMacs ?? DEFAULT_PORT_MACS);
     this.ports.add(port);
+    this.#policy.impairments?.apply(port);
     if (!port.trunk || port.kind === "qemu-mcast") this.#policy.portLog?.info(`${port.id} up: ${port.kind} ${port.peer}`);
   }
 
   detach(port: Port, reason?: string): void {
     if (!this.ports.delete(port)) return;
     port.closeReason ??= this.#policy.stopping ? "relay stopping" : reason;
+    port.impair("in", undefined);
+    port.impair("out", undefined);
     port.state = "closed";
     port.since = this.now();
     this.#forgetPort(port);
@@ -3788,6 +3929,8 @@ export interface Snapshot {
   dials: DialStatus[];
   /** Live captures and capture files: what they caught and what a slow reader lost. */
   captures: ReturnType<CaptureRegistry["snapshot"]>;
+  /** Link impairments: target, canonical spec, the ports (and ways) it applies to, counters. */
+  impairments: ReturnType<ImpairmentTable["snapshot"]>;
   limits: {
     networks: number;
     maxNetworks: number;
@@ -3849,6 +3992,10 @@ export function renderMetrics(s: Snapshot): string {
   metric("edge_relay_datagram_peers", "Peers of a --qemu-udp socket.", "gauge", s.datagrams.map((d) => [datagramLabel(d), d.peers]));
   metric("edge_relay_datagram_peers_evicted_total", "Peers of a --qemu-udp socket forgotten to make room.", "counter", s.datagrams.map((d) => [datagramLabel(d), d.evicted]));
   metric("edge_relay_datagram_drops_total", "Datagrams a --qemu-udp socket dropped rather than made a port of, by reason.", "counter", s.datagrams.flatMap(datagramDrops));
+  for (const key of ["delayed", "lost", "duplicated", "reordered", "corrupted", "rateDropped"] as const) {
+    const name = `edge_relay_impairment_${key.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`)}_total`;
+    metric(name, `Frames an impairment ${key === "rateDropped" ? "dropped for its rate limit" : key}.`, "counter", s.impairments.map((i) => [`{target="${i.target}"}`, i[key]]));
+  }
   metric("edge_relay_uplink_up", "1 when the uplink is connected.", "gauge", s.uplink ? [["", s.uplink.state === "up" ? 1 : 0]] : []);
   metric("edge_relay_uptime_seconds", "Seconds since the relay started.", "gauge", [["", s.uptime]]);
   return lines.join("\n") + "\n";
@@ -4572,6 +4719,7 @@ interface AppContext {
   counters: RelayCounters;
   tunnels: TunnelServer;
   captures: CaptureRegistry;
+  impairments: ImpairmentTable;
   log: Logger;
 }
 
@@ -4642,6 +4790,25 @@ export function createApp(ctx: AppContext) {
     return c.json(ctx.snapshot(macs === "all" ? Infinity : macs !== undefined && /^\d+$/.test(macs) ? Number(macs) : MAC_LIST_LIMIT));
   });
   app.get("/metrics", (c) => c.text(renderMetrics(ctx.snapshot(0)), 200, { "Content-Type": "text/plain; version=0.0.4" }));
+  // Link impairment at run time: PUT the spec as text, DELETE to restore the clean path.
+  const impairTarget = (path: string) => decodeURIComponent(path.slice("/impair/".length));
+  app.get("/impair", (c) => c.json(ctx.impairments.snapshot()));
+  app.put("/impair/*", async (c) => {
+    try {
+      const spec = parseImpairment(await c.req.text());
+      ctx.impairments.set(impairTarget(c.req.path), spec);
+      return c.text(`${formatImpairment(spec)}\n`);
+    } catch (error) {
+      return c.text(`${(error as Error).message}\n`, 400);
+    }
+  });
+  app.delete("/impair/*", (c) => {
+    try {
+      return ctx.impairments.set(impairTarget(c.req.path), undefined) ? c.body(null, 204) : c.text("no such impairment\n", 404);
+    } catch (error) {
+      return c.text(`${(error as Error).message}\n`, 400);
+    }
+  });
   app.get("/capture", (c) => {
     const request = parseCaptureRequest(new URL(c.req.url).searchParams);
     if (typeof request === "string") return c.text(`${request}\n`, 400);
@@ -4791,7 +4958,12 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
   const budget = new MemoryBudget(config.memoryBudget);
   // Per-connection errors from QEMU ports share one limiter: a flood of bad peers is a few lines.
   const portLog: Logger = { info: log.info, warn: rateLimitedLog(log.warn, 10, 10_000).log };
+  const impairments = new ImpairmentTable(function* () {
+    for (const n of networks.values()) yield* n.ports;
+  });
+  for (const { target, spec } of config.impair) impairments.set(target, spec);
   const policy: SwitchPolicy = {
+    impairments,
     ageingMs,
     now: coarseNow,
     portMacs: config.portMacs,
@@ -4865,6 +5037,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
     uplink: uplink ? { ...uplink.status } : null,
     dials: dialers.map((d) => ({ ...d.status })),
     captures: [...captures.snapshot(), ...captureFiles.map((f) => f.snapshot())],
+    impairments: impairments.snapshot(),
     limits: {
       networks: networks.size,
       maxNetworks: config.maxNetworks,
@@ -4889,7 +5062,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
       hostname: config.http.host,
       port: config.http.port,
       tls: config.tlsCert && config.tlsKey ? { cert: config.tlsCert.text, key: config.tlsKey.text } : undefined,
-      fetch: createApp({ grants, adminToken: config.adminToken, snapshot, counters, tunnels, captures, log }).fetch,
+      fetch: createApp({ grants, adminToken: config.adminToken, snapshot, counters, tunnels, captures, impairments, log }).fetch,
       websocket: {
         maxPayloadLength: MAX_MESSAGE,
         // Above the tunnel's own queue bound by one message, so Bun drops only what the bound let through.
