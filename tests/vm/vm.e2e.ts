@@ -519,6 +519,21 @@ describe("edge-relay with real QEMU guests", () => {
     await killAndRecover(t, t.siteB, "faults (A stream / B dgram)", () => tunnelsUp(t.hub, 1));
   });
 
+  test("impairment: delay 100ms on site A's uplink, set at run time, adds about 200 ms to the guests' ping", async () => {
+    await using t = await startTopology(tcpClient("stream"), tcpClient("socket"));
+    const clean = await t.a.ping(t.b.address, 5);
+    const url = `${t.siteA.proc.base}/impair/uplink`;
+    expect((await fetch(url, { method: "PUT", body: "delay 100ms" })).status).toBe(200);
+    const delayed = await t.a.ping(t.b.address, 5, 0.2, 5);
+    expect((await fetch(url, { method: "DELETE" })).status).toBe(204);
+    const after = await t.a.ping(t.b.address, 5);
+    console.log(`[vm] impairment: ping avg ${fmt(clean.avgMs, 2)} ms clean, ${fmt(delayed.avgMs, 2)} ms with delay 100ms on the uplink, ${fmt(after.avgMs, 2)} ms after DELETE`);
+    for (const p of [clean, delayed, after]) expect(p.received).toBe(p.transmitted);
+    expect(delayed.avgMs - clean.avgMs).toBeGreaterThan(180);
+    expect(delayed.avgMs - clean.avgMs).toBeLessThan(300);
+    expect(after.avgMs).toBeLessThan(clean.avgMs + 50);
+  });
+
   test("faults: kill -9 and restart site B (B stream,server=on ← --qemu-connect)", async () => {
     await using t = await startTopology(tcpClient("socket"), tcpServer("stream"));
     await killAndRecover(t, t.siteB, "faults (A socket,connect= / B stream,server=on)", () => tunnelsUp(t.hub, 1));
