@@ -3918,7 +3918,8 @@ export async function joinMulticast(
 
 // ───────────────────────────── HTTP app ─────────────────────────────
 
-export interface Snapshot {
+/** /status: the relay, its networks and ports, its limits, and the counters. */
+export interface Snapshot extends RelayCounters {
   version: string;
   id: string;
   name: string;
@@ -3943,13 +3944,6 @@ export interface Snapshot {
     memoryDrops: number;
   };
   datagrams: DatagramStatus[];
-  authFailures: number;
-  authThrottled: number;
-  protocolErrors: number;
-  tunnelsRefused: number;
-  loopRefusals: number;
-  loopsDetected: number;
-  connectionsRefused: number;
 }
 
 const PORT_METRICS: [name: string, help: string, value: (p: PortSnapshot) => number][] = [
