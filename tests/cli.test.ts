@@ -136,6 +136,16 @@ describe("CLI", () => {
     });
   });
 
+  test("an --http address in use exits 1 naming the option, in the same words as any listener", async () => {
+    await using first = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0"]);
+    const taken = first.port("http");
+    expect(await runCli(["--http", `127.0.0.1:${taken}`, "--qemu-listen", "127.0.0.1:0"])).toEqual({
+      stdout: "",
+      stderr: `edge-relay: --http: Cannot listen on 127.0.0.1:${taken}: address already in use (EADDRINUSE)\n`,
+      code: 1,
+    });
+  });
+
   test("SIGTERM and SIGINT close every port and exit 0", async () => {
     await using dir = await tempDir();
     for (const signal of ["SIGTERM", "SIGINT"] as const) {
