@@ -169,7 +169,8 @@ function relayOptions(role: string) {
 async function startChain(aArgs: string[], bArgs: string[]): Promise<Chain> {
   const started: RelayProcess[] = [];
   try {
-    const hub = await spawnRelay(["--http", `${HOST}:0`, "--token", TOKEN], relayOptions("hub"));
+    // The fan-out case dials 200 tunnels from one address: above the per-address default.
+    const hub = await spawnRelay(["--http", `${HOST}:0`, "--token", TOKEN, "--max-tunnels-per-address", "1000"], relayOptions("hub"));
     started.push(hub);
     const up = ["--uplink", uplinkUrl(hub), "--uplink-token", TOKEN];
     const a = await spawnRelay(["--http", `${HOST}:0`, ...aArgs, ...up], relayOptions("A"));
