@@ -507,7 +507,7 @@ export interface TransferResult {
  * Sends `mib` MiB of random data from `from` to `to` over TCP (busybox nc) and compares the md5 the
  * sender computed with the one the receiver computed. Times it with the sender's /proc/uptime.
  */
-export async function transfer(from: Guest, to: Guest, mib = 32, port = 5001): Promise<TransferResult> {
+export async function transfer(from: Guest, to: Guest, mib = 32, port = 5001, timeoutMs = 300_000): Promise<TransferResult> {
   const sentMd5 = (
     await from.sh(`dd if=/dev/urandom of=/tmp/data bs=1048576 count=${mib} 2>/dev/null && md5sum /tmp/data`, 120_000)
   )
@@ -519,7 +519,7 @@ export async function transfer(from: Guest, to: Guest, mib = 32, port = 5001): P
   await to.sh(`while ! netstat -ltn | grep -q ':${port} '; do usleep 20000; done`);
   const out = await from.sh(
     `a=$(cut -d' ' -f1 /proc/uptime); h=$(nc ${to.address} ${port} </tmp/data); b=$(cut -d' ' -f1 /proc/uptime); echo "@@xfer $a $b $h"`,
-    300_000,
+    timeoutMs,
   );
   const m = /@@xfer ([\d.]+) ([\d.]+) ?(\S*)/.exec(out);
   if (!m) throw new Error(`guest ${from.name}: no transfer result:\n${out}`);

@@ -576,17 +576,31 @@ describe("edge-relay with a real v86 guest (a browser VM)", () => {
     const v86Port = await waitUntil(async () => (await hubStatus()).networks.find((n: any) => n.name === "lab")?.ports.find((p: any) => p.kind === "v86"), "the v86 port at the hub");
     expect(v86Port.peer).toMatch(/^127\.0\.0\.1:\d+$/);
 
-    const vToB = await v.ping(b.address, 5);
-    const bToV = await b.ping(v.address, 5);
-    const up = await transfer(v, b, V86_TRANSFER_MIB);
-    const down = await transfer(b, v, V86_TRANSFER_MIB);
+    // What the relays saw, for a failure's message: whether frames still move, and where they stop.
+    const counters = async () => {
+      const line = (p: any) => `${p.id} rx ${p.rx.frames} (${p.rx.drops} dropped) tx ${p.tx.frames} (${p.tx.drops} dropped)`;
+      const ports = async (status: Promise<any>) => ((await status).networks.find((n: any) => n.name === "lab")?.ports ?? []).map(line).join(", ");
+      const resets = v.lines.filter((l) => l.line.includes("NETDEV WATCHDOG")).length;
+      return `hub: ${await ports(hubStatus())}; site B: ${await ports(siteB.status())}; v86 NIC resets (watchdog): ${resets}`;
+    };
+    const step = async <T>(what: string, run: () => Promise<T>): Promise<T> => {
+      try {
+        return await run();
+      } catch (error) {
+        throw new Error(`${what}: ${(error as Error).message}\n${await counters().catch((e) => `(no counters: ${e})`)}`);
+      }
+    };
+    const vToB = await step("ping v86 → B", () => v.ping(b.address, 5));
+    const bToV = await step("ping B → v86", () => b.ping(v.address, 5));
+    const up = await step("transfer v86 → B", () => transfer(v, b, V86_TRANSFER_MIB, 5001, 120_000));
+    const down = await step("transfer B → v86", () => transfer(b, v, V86_TRANSFER_MIB, 5002, 120_000));
     const port = (await hubStatus()).networks.find((n: any) => n.name === "lab").ports.find((p: any) => p.kind === "v86");
     console.log(
       `[vm] v86 (hub, wss /v86/lab) ↔ QEMU (site B): ping v86→B ${vToB.received}/${vToB.transmitted} avg ${fmt(vToB.avgMs, 2)} ms, ` +
         `B→v86 ${bToV.received}/${bToV.transmitted} avg ${fmt(bToV.avgMs, 2)} ms; ` +
         `${V86_TRANSFER_MIB} MiB v86→B ${fmt(up.seconds, 2)} s (${fmt(up.mbPerS, 2)} MB/s) md5 ${up.ok ? `match ${up.sentMd5}` : `MISMATCH ${up.sentMd5} ${up.receivedMd5}`}, ` +
         `B→v86 ${fmt(down.seconds, 2)} s (${fmt(down.mbPerS, 2)} MB/s) md5 ${down.ok ? `match ${down.sentMd5}` : `MISMATCH ${down.sentMd5} ${down.receivedMd5}`}; ` +
-        `boot v86 ${fmt(v.bootMs / 1000)} s, QEMU ${fmt(b.bootMs / 1000)} s; hub's v86 port rx ${port.rx.frames} frames (${port.rx.drops} dropped), tx ${port.tx.frames} (${port.tx.drops} dropped)`,
+        `boot v86 ${fmt(v.bootMs / 1000)} s, QEMU ${fmt(b.bootMs / 1000)} s; ${await counters()}`,
     );
     expect(vToB.received).toBe(5);
     expect(bToV.received).toBe(5);
