@@ -1541,8 +1541,8 @@ export class RateLimit {
     this.#frames = Math.min(frames, this.#frames + seconds * frames);
     this.#bytes = Math.min(byteRate, this.#bytes + seconds * byteRate);
     if ((frames > 0 && this.#frames < 1) || (byteRate > 0 && this.#bytes <= 0)) return false;
-    this.#frames -= 1;
-    this.#bytes -= bytes;
+    if (frames > 0) this.#frames -= 1;
+    if (byteRate > 0) this.#bytes -= bytes;
     return true;
   }
 }

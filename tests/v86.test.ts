@@ -209,6 +209,10 @@ describe("v86 endpoint: who may connect", () => {
     expect(relay.stderr()).toContain("v86 /v86/other: refused 127.0.0.1:");
     expect(relay.stderr()).toContain(": network not allowed for this token");
     await expectNoSecrets(relay, TOKEN, LAB_ONLY, "wrong-token-0000000000");
+    // A network that only a v86 port brought into being goes with it, as with tunnels.
+    byHeader.ws.close();
+    await waitUntil(async () => !(await relay.status()).networks.some((n: any) => n.name === "other"), "network other to go");
+    expect((await relay.status()).networks.map((n: any) => n.name)).toEqual(["lab"]);
   });
 
   test("after 10 failures an address gets 429, even with the right token", async () => {
