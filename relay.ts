@@ -674,12 +674,34 @@ const ImpairOption = v.pipe(
   }),
 );
 
+/** A browser origin for --v86-origin: `https://host[:port]`, kept in the form browsers send. */
+const BrowserOrigin = v.pipe(
+  v.string("expected an origin"),
+  v.rawTransform(({ dataset, addIssue, NEVER }) => {
+    const origin = /^https?:\/\/[^/?#]+\/?$/i.test(dataset.value) ? originOf(dataset.value) : undefined;
+    if (origin !== undefined) return origin;
+    addIssue({ message: `expected an origin such as https://example.org or http://localhost:8000, got ${JSON.stringify(dataset.value)}` });
+    return NEVER;
+  }),
+);
+
+/** --v86-rate FRAMES,BYTES: per second; 0 is no limit on that count. */
+const V86RateSchema = v.pipe(
+  v.string("expected FRAMES,BYTES"),
+  v.regex(/^\d{1,9}(,\d{1,12})?$/, "expected FRAMES,BYTES per second, e.g. 200,40000 (0: no limit on that count)"),
+  v.transform((text): V86Rate => {
+    const [frames, bytes] = text.split(",").map(Number);
+    return { frames: frames!, bytes: bytes ?? 0 };
+  }),
+);
+
 type OptionGroup = keyof typeof OPTION_GROUPS;
 
 const OPTION_GROUPS = {
   qemu: "QEMU ports (repeatable). ADDR is HOST:PORT, [IPv6]:PORT, unix:PATH or unix:@ABSTRACT_NAME:",
   tunnel: "Tunnel:",
   http: "HTTP (status, metrics, tunnel endpoint):",
+  v86: "v86 browser VMs (GET /v86/NETWORK?token=… upgraded to a WebSocket; tokens as for tunnels):",
   switch: "Switch:",
   limits: "Limits (each refusal or drop is counted and shown in /status):",
   capture: "Capture (pcapng, for Wireshark and tshark) and link impairment:",
@@ -772,6 +794,14 @@ export const OPTIONS = {
   },
   tlsCert: { arg: "FILE", group: "http", schema: v.optional(PemFile), help: "serve HTTPS and wss:// with this certificate (PEM)" },
   tlsKey: { arg: "FILE", group: "http", schema: v.optional(PemFile), help: "the certificate's private key (PEM)" },
+  v86Origins: {
+    flag: "v86-origin", arg: "ORIGIN", multiple: true, group: "v86", schema: list(BrowserOrigin, "origins"),
+    help: "accept v86 browsers only from pages of this origin (repeatable),\ne.g. https://lab.example.org; others get 403 (none: any origin)",
+  },
+  v86Rate: {
+    arg: "FRAMES,BYTES", group: "v86", schema: v.optional(V86RateSchema),
+    help: "at most this many frames and bytes per second each way on one\nv86 port (0: no limit on that count); the excess is dropped",
+  },
   macAgeing: { arg: "SECONDS", numeric: true, group: "switch", schema: v.optional(Seconds, 300), help: "forget a MAC not seen for this long" },
   queueBytes: {
     arg: "BYTES", numeric: true, group: "switch", schema: v.optional(count("bytes", MAX_FRAME + 4, MAX_QUEUE_BYTES), 4 * 1024 * 1024),
@@ -2376,10 +2406,14 @@ export function makeGrants(tokens: Config["tokens"]): Grant[] {
 
 /** Compares against every grant in constant time (digests hide the length); the grant or undefined. */
 export function authenticate(authorization: string | null | undefined, grants: Grant[]): Grant | undefined {
-  const m = /^Bearer\s+(\S+)\s*$/i.exec(authorization ?? "");
-  const given = sha256(m?.[1] ?? "");
+  return authenticateToken(/^Bearer\s+(\S+)\s*$/i.exec(authorization ?? "")?.[1], grants);
+}
+
+/** `authenticate` for a bare token (a v86 client's `?token=`); an empty or missing one matches nothing. */
+export function authenticateToken(token: string | null | undefined, grants: Grant[]): Grant | undefined {
+  const given = sha256(token ?? "");
   let found: Grant | undefined;
-  for (const grant of grants) if (timingSafeEqual(given, grant.digest) && m) found ??= grant;
+  for (const grant of grants) if (timingSafeEqual(given, grant.digest) && token) found ??= grant;
   return found;
 }
 
@@ -2466,6 +2500,240 @@ export class TunnelPort extends Port {
       this.stats.txBytes -= bytes - 4 * frames;
       this.stats.txDrops += frames;
     }
+  };
+}
+
+/** Where v86 NICs (and clients speaking their framing) connect: `GET /v86/NETWORK`, upgraded. */
+export const V86_PATH = "/v86";
+
+/** `--v86-rate`: frames and bytes per second, each way, per v86 port; 0 is no limit. */
+export interface V86Rate {
+  frames: number;
+  bytes: number;
+}
+
+/**
+ * At most `frames` frames and `bytes` bytes a second on average (0: no limit), in bursts of up to a
+ * second's worth. A frame passes while there is any allowance left and may overdraw it, so one
+ * bigger than a second's bytes is delayed, never refused forever.
+ */
+export class RateLimit {
+  #frames: number;
+  #bytes: number;
+  #last: number;
+
+  constructor(
+    readonly rate: V86Rate,
+    now = performance.now(),
+  ) {
+    this.#frames = rate.frames;
+    this.#bytes = rate.bytes;
+    this.#last = now;
+  }
+
+  /** Takes one frame of `bytes` from the allowance; false (and nothing taken) when it is spent. */
+  allow(bytes: number, now = performance.now()): boolean {
+    const { frames, bytes: byteRate } = this.rate;
+    const seconds = Math.max(0, now - this.#last) / 1000;
+    this.#last = now;
+    this.#frames = Math.min(frames, this.#frames + seconds * frames);
+    this.#bytes = Math.min(byteRate, this.#bytes + seconds * byteRate);
+    if ((frames > 0 && this.#frames < 1) || (byteRate > 0 && this.#bytes <= 0)) return false;
+    if (frames > 0) this.#frames -= 1;
+    if (byteRate > 0) this.#bytes -= bytes;
+    return true;
+  }
+}
+
+/** What a v86 port needs of its WebSocket: Bun's `ServerWebSocket`, narrowed. */
+export interface V86Socket {
+  /** Bun's answer: bytes sent, -1 queued (backpressure), 0 dropped. */
+  send(frame: Uint8Array): number;
+  buffered(): number;
+  close(code: number, reason: string): void;
+}
+
+/**
+ * A v86 NIC on `/v86/NETWORK`: one bare Ethernet frame per binary WebSocket message each way, no
+ * length prefix, no batching (v86 hands each message to its NIC as one frame). Its queue is the
+ * WebSocket's own buffer, bounded by `limit` and the relay's budget; `rate` (--v86-rate) bounds
+ * each direction separately.
+ */
+export class V86Port extends Port {
+  /** Bytes of the socket's buffer charged to the budget, as last sampled. */
+  #accounted = 0;
+  readonly #in: RateLimit | undefined;
+  readonly #out: RateLimit | undefined;
+  /** Frames from the client over the rate limit, and messages too long to be a frame. */
+  rxRate = 0;
+  rxOversize = 0;
+
+  constructor(
+    peer: string,
+    private readonly socket: V86Socket,
+    private readonly limit: number,
+    private readonly budget: MemoryBudget = UNLIMITED,
+    rate?: V86Rate,
+  ) {
+    super("v86", peer);
+    if (rate && (rate.frames > 0 || rate.bytes > 0)) {
+      this.#in = new RateLimit(rate);
+      this.#out = new RateLimit(rate);
+    }
+  }
+
+  protected enqueue(frame: Uint8Array): boolean {
+    if (this.state === "closed" || frame.length === 0) return false;
+    if (this.#out && !this.#out.allow(frame.length)) return false;
+    // The buffer drains on its own: charge the budget what it holds now, then this frame.
+    const buffered = this.socket.buffered();
+    this.budget.used += buffered - this.#accounted;
+    this.#accounted = buffered;
+    if (buffered + frame.length > this.limit || !this.budget.take(frame.length)) return false;
+    const sent = this.socket.send(frame);
+    if (sent === -1) this.#accounted += frame.length;
+    else this.budget.release(frame.length);
+    return sent !== 0;
+  }
+
+  /** One message from the client: one frame, unless it is too long or over the rate. */
+  message(data: Uint8Array): void {
+    if (this.state === "closed") return;
+    if (data.length > MAX_FRAME) {
+      this.rxOversize++;
+      return;
+    }
+    if (this.#in && !this.#in.allow(data.length)) {
+      this.rxRate++;
+      return;
+    }
+    this.receive(plainBytes(data));
+  }
+
+  /** The socket is gone: what its buffer held leaves the budget. */
+  closed(): void {
+    this.budget.release(this.#accounted);
+    this.#accounted = 0;
+  }
+
+  override snapshot(): PortSnapshot & { rx: { rate: number; oversize: number } } {
+    const s = super.snapshot();
+    return { ...s, rx: { ...s.rx, drops: s.rx.drops + this.rxRate + this.rxOversize, rate: this.rxRate, oversize: this.rxOversize } };
+  }
+}
+
+export interface V86Data {
+  v86: true;
+  grant: Grant;
+  network: string;
+  /** The client's address and port, and its Origin if it sent one: never the URL. */
+  peer: string;
+  address: string;
+  port?: V86Port;
+}
+
+export interface V86ServerOptions {
+  limit: number;
+  budget: MemoryBudget;
+  rate: V86Rate | undefined;
+  /** --v86-origin, normalised; undefined allows any. */
+  origins: Set<string> | undefined;
+  /** v86 connections on this relay, and from one address (the tunnel limits). */
+  maxPorts: number;
+  maxPerAddress: number;
+  counters: RelayCounters;
+  log: Logger;
+  network(name: string): Network | string;
+  /** A port went: networks only it kept alive may go. */
+  released(): void;
+}
+
+/** The origin of a URL (`https://host[:port]`), or undefined when it has none. */
+export function originOf(text: string): string | undefined {
+  try {
+    const origin = new URL(text).origin;
+    return origin === "null" ? undefined : origin;
+  } catch {
+    return undefined;
+  }
+}
+
+/** v86 ports: admission before the upgrade (origin, limits) and the WebSocket handlers. */
+export class V86Server {
+  ports = 0;
+  readonly #perAddress = new Map<string, number>();
+  readonly #warn: (line: string) => void;
+
+  constructor(readonly options: V86ServerOptions) {
+    this.#warn = rateLimitedLog(options.log.warn, 10, 10_000).log;
+  }
+
+  /** A browser's Origin header against --v86-origin; a client that sends none is no browser. */
+  originAllowed(origin: string | undefined): boolean {
+    const allowed = this.options.origins;
+    if (allowed === undefined || origin === undefined) return true;
+    const normal = originOf(origin);
+    return normal !== undefined && allowed.has(normal);
+  }
+
+  /** Before the upgrade: undefined to go ahead, or why not (answered 503). */
+  admit(address: string): string | undefined {
+    const o = this.options;
+    const why =
+      this.ports >= o.maxPorts
+        ? `this relay has the maximum of ${o.maxPorts} v86 connections`
+        : (this.#perAddress.get(address) ?? 0) >= o.maxPerAddress
+          ? `${address} has the maximum of ${o.maxPerAddress} v86 connections`
+          : undefined;
+    if (why !== undefined) {
+      o.counters.tunnelsRefused++;
+      this.#warn(`v86: refused ${address}: ${why}`);
+    }
+    return why;
+  }
+
+  readonly handlers = {
+    open: (ws: ServerWebSocket<V86Data>) => {
+      const o = this.options;
+      this.ports++;
+      this.#perAddress.set(ws.data.address, (this.#perAddress.get(ws.data.address) ?? 0) + 1);
+      const network = o.network(ws.data.network);
+      if (typeof network === "string") {
+        this.#warn(`v86 ${ws.data.peer}: ${network}; closing`);
+        return ws.close(1013, "network limit");
+      }
+      const socket: V86Socket = { send: (f) => ws.send(f), buffered: () => ws.getBufferedAmount(), close: (c, r) => ws.close(c, r) };
+      ws.data.port = new V86Port(ws.data.peer, socket, o.limit, o.budget, o.rate);
+      network.attach(ws.data.port);
+    },
+    message: (ws: ServerWebSocket<V86Data>, message: string | Buffer) => {
+      const port = ws.data.port;
+      if (port === undefined || port.state === "closed") return;
+      if (typeof message !== "string") return port.message(message);
+      port.stats.errors++;
+      this.options.counters.protocolErrors++;
+      port.closeReason = "text message (frames are binary messages)";
+      this.#warn(`${port.id} ${port.peer}: a text message; closing (1003)`);
+      ws.close(1003, "binary frames only");
+    },
+    close: (ws: ServerWebSocket<V86Data>, code: number, reason: string) => {
+      this.ports--;
+      const left = (this.#perAddress.get(ws.data.address) ?? 1) - 1;
+      if (left > 0) this.#perAddress.set(ws.data.address, left);
+      else this.#perAddress.delete(ws.data.address);
+      const port = ws.data.port;
+      if (port === undefined) return;
+      port.closed();
+      // Bun reports the input it refused (too big, bad UTF-8) as a close with its code or reason.
+      const malformed = WS_PROTOCOL_CLOSES[code] ?? (code === 1006 && reason ? JSON.stringify(reason.slice(0, 80)) : undefined);
+      if (malformed !== undefined && port.closeReason === undefined) {
+        port.stats.errors++;
+        this.options.counters.protocolErrors++;
+      }
+      const shown = reason ? ` ${JSON.stringify(reason.slice(0, 80))}` : "";
+      port.network?.detach(port, malformed ?? (code === 1000 || code === 1001 || code === 1005 ? "peer closed" : `closed (${code}${shown})`));
+      this.options.released();
+    },
   };
 }
 
@@ -2691,7 +2959,7 @@ export class TunnelServer {
   readonly #perAddress = new Map<string, number>();
   readonly #log: Logger;
 
-  constructor(private readonly options: TunnelServerOptions) {
+  constructor(readonly options: TunnelServerOptions) {
     const warn = rateLimitedLog(options.log.warn, 10, 10_000);
     this.#log = { info: options.log.info, warn: warn.log };
   }
@@ -4714,8 +4982,12 @@ interface AppContext {
   tunnels: TunnelServer;
   captures: CaptureRegistry;
   impairments: ImpairmentTable;
+  v86: V86Server;
   log: Logger;
 }
+
+/** Whatever a WebSocket of the HTTP listener carries: a tunnel, or a v86 port. */
+export type SocketData = TunnelData | V86Data;
 
 /**
  * Routes: /healthz, /status, /metrics, the status page at /, and the tunnel upgrade (the frames then
@@ -4723,10 +4995,10 @@ interface AppContext {
  * header. An address that keeps failing authentication is answered 429 for a while, on every route.
  */
 export function createApp(ctx: AppContext) {
-  const app = new Hono<{ Bindings: Server<TunnelData> }>();
+  const app = new Hono<{ Bindings: Server<SocketData> }>();
   const refusals = rateLimitedLog(ctx.log.warn, 10, 10_000);
   const throttle = new AuthThrottle();
-  const sourceOf = (c: { env: Server<TunnelData>; req: { raw: Request } }) => c.env.requestIP(c.req.raw);
+  const sourceOf = (c: { env: Server<SocketData>; req: { raw: Request } }) => c.env.requestIP(c.req.raw);
   /** 429 for an address that failed too often; else undefined. */
   const throttled = (address: string) => {
     const wait = throttle.retryAfter(address);
@@ -4744,7 +5016,7 @@ export function createApp(ctx: AppContext) {
     const admin = makeGrants([{ token: ctx.adminToken, networks: undefined }]);
     const loginHeaders = { ...documentHeaders(LOGIN_HTML), "WWW-Authenticate": 'Bearer realm="edge-relay admin"' };
     app.use("*", async (c, next) => {
-      if (c.req.path === TUNNEL_PATH) return next();
+      if (c.req.path === TUNNEL_PATH || c.req.path.startsWith(`${V86_PATH}/`)) return next();
       const source = sourceOf(c);
       const address = source?.address ?? "unknown";
       const wait = throttled(address);
@@ -4833,6 +5105,40 @@ export function createApp(ctx: AppContext) {
       headers: { "Sec-WebSocket-Protocol": TUNNEL_PROTOCOL },
     });
     return upgraded ? new Response(null) : c.text("expected a WebSocket upgrade\n", 426);
+  });
+  // v86's NIC: the token in the query string (all a browser's WebSocket can send) or a header.
+  // Only the path is ever logged: the query string holds the token.
+  app.get(`${V86_PATH}/:network`, (c) => {
+    if (ctx.grants.length === 0) return c.text("v86 endpoint disabled: no token configured\n", 404);
+    const name = c.req.param("network");
+    if (!NETWORK_NAME.test(name)) return c.text("not a network name\n", 404);
+    const where = `v86 ${V86_PATH}/${name}`;
+    const source = sourceOf(c);
+    const address = source?.address ?? "unknown";
+    const peer = source ? formatHostPort({ host: address, port: source.port }) : "unknown";
+    const origin = c.req.header("origin");
+    const shownOrigin = origin === undefined ? "" : ` (origin ${originOf(origin) === origin ? origin : JSON.stringify(origin.slice(0, 100))})`;
+    if (!ctx.v86.originAllowed(origin)) {
+      refusals.log(`${where}: refused ${peer}${shownOrigin}: origin not allowed`);
+      return c.text("origin not allowed\n", 403);
+    }
+    const wait = throttled(address);
+    if (wait) return wait;
+    const header = c.req.header("authorization");
+    const token = header === undefined ? c.req.query("token") : undefined;
+    const grant = header === undefined ? authenticateToken(token, ctx.grants) : authenticate(header, ctx.grants);
+    if (!grant) {
+      refused(address, peer, where, header ?? token);
+      return c.text("unauthorized\n", 401, { "WWW-Authenticate": 'Bearer realm="edge-relay"' });
+    }
+    if (grant.networks && !grant.networks.has(name)) {
+      refusals.log(`${where}: refused ${peer}: network not allowed for this token`);
+      return c.text("network not allowed for this token\n", 403);
+    }
+    const full = ctx.v86.admit(address);
+    if (full !== undefined) return c.text(`${full}\n`, 503, { "Retry-After": "30" });
+    const data: V86Data = { v86: true, grant, network: name, peer: `${peer}${shownOrigin}`, address };
+    return c.env.upgrade(c.req.raw, { data }) ? new Response(null) : c.text("expected a WebSocket upgrade\n", 426);
   });
   return app;
 }
@@ -4993,6 +5299,8 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
   const stoppers: (() => void | Promise<void>)[] = [() => clearInterval(clock)];
   const sweepers: (() => void)[] = [];
   const dialers: ReturnType<typeof dialStream>[] = [];
+  const remoteNetwork = (name: string) =>
+    networks.has(name) || networks.size < config.maxNetworks ? network(name) : `this relay has the maximum of ${config.maxNetworks} networks`;
   const tunnels = new TunnelServer({
     identity,
     limit: config.queueBytes,
@@ -5001,8 +5309,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
     maxTunnelsPerAddress: config.maxTunnelsPerAddress,
     counters,
     log,
-    network: (name) =>
-      networks.has(name) || networks.size < config.maxNetworks ? network(name) : `this relay has the maximum of ${config.maxNetworks} networks`,
+    network: remoteNetwork,
     released() {
       // Networks that only tunnels brought into being go when the last port other than the uplink does.
       for (const [name, n] of networks) {
@@ -5020,6 +5327,20 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
 
   const captures = new CaptureRegistry((name) => networks.get(name), config.maxCaptures);
   const captureFiles: CaptureFile[] = [];
+  const v86 = new V86Server({
+    limit: config.queueBytes,
+    budget,
+    rate: config.v86Rate,
+    origins: config.v86Origins.length ? new Set(config.v86Origins) : undefined,
+    maxPorts: config.maxTunnels,
+    maxPerAddress: config.maxTunnelsPerAddress,
+    counters,
+    log,
+    network: remoteNetwork,
+    released: () => tunnels.options.released(),
+  });
+  // One WebSocket handler set for the listener: each socket goes to the server that upgraded it.
+  const v86Socket = (ws: ServerWebSocket<SocketData>): ws is ServerWebSocket<V86Data> => "v86" in ws.data;
 
   const snapshot = (macs = MAC_LIST_LIMIT): Snapshot => ({
     version: VERSION,
@@ -5052,11 +5373,11 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
     await Promise.all(stoppers.splice(0).reverse().map((stop) => stop()));
   };
   try {
-    const server = listenHttp(config.http, () => Bun.serve<TunnelData>({
+    const server = listenHttp(config.http, () => Bun.serve<SocketData>({
       hostname: config.http.host,
       port: config.http.port,
       tls: config.tlsCert && config.tlsKey ? { cert: config.tlsCert.text, key: config.tlsKey.text } : undefined,
-      fetch: createApp({ grants, adminToken: config.adminToken, snapshot, counters, tunnels, captures, impairments, log }).fetch,
+      fetch: createApp({ grants, adminToken: config.adminToken, snapshot, counters, tunnels, v86, captures, impairments, log }).fetch,
       websocket: {
         maxPayloadLength: MAX_MESSAGE,
         // Above the tunnel's own queue bound by one message, so Bun drops only what the bound let through.
@@ -5067,6 +5388,9 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
         idleTimeout: TUNNEL_IDLE_SECONDS,
         sendPings: true,
         ...tunnels.handlers,
+        open: (ws) => (v86Socket(ws) ? v86.handlers.open(ws) : tunnels.handlers.open(ws as ServerWebSocket<TunnelData>)),
+        message: (ws, m) => (v86Socket(ws) ? v86.handlers.message(ws, m) : tunnels.handlers.message(ws as ServerWebSocket<TunnelData>, m)),
+        close: (ws, code, reason) => (v86Socket(ws) ? v86.handlers.close(ws, code, reason) : tunnels.handlers.close(ws as ServerWebSocket<TunnelData>, code, reason)),
       },
     }));
     stoppers.push(() => void server.stop(true));

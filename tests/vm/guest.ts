@@ -8,6 +8,11 @@
  * and then runs commands the host writes to ttyS0, one per line: `<id> <shell text>`. Each command's
  * output is framed by `@@begin <id>` and `@@end <id> <rc>`. Background jobs print onto the console
  * as well. `poweroff` ends the guest (QEMU runs with -no-reboot).
+ *
+ * A v86 guest (`v86Guest`) is the same initramfs built for 32 bits: Debian's i386 686 kernel with
+ * the ne2k modules and busybox-static:i386, booted by the npm `v86` emulator in a Bun child process
+ * (tests/vm/v86-guest.ts) whose stdin and stdout are the serial console, so the same Guest class
+ * drives it.
  */
 import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -30,9 +35,14 @@ const MODULES = [
   "virtio_net",
 ];
 
+/** v86's ne2k NIC on Debian's i386 686 kernel, in load order. */
+const V86_MODULES = ["8390", "ne2k-pci"];
+
 export interface VmAssets {
   kernel: string;
   modules: string;
+  /** For the v86 guest: the i386 kernel, its modules, busybox, and seabios's folder. */
+  v86: { kernel: string; modules: string; busybox: string; seabios: string };
 }
 
 /** Runs tests/vm/setup.sh (idempotent) and returns the kernel and its module folder. */
@@ -46,10 +56,16 @@ export function setupVm(): VmAssets {
   if (res.exitCode !== 0) {
     throw new Error(`tests/vm/setup.sh failed (${res.exitCode}):\n${out}\n${res.stderr.toString()}`);
   }
-  const kernel = /^kernel: (.+)$/m.exec(out)?.[1];
-  const modules = /^modules: (.+)$/m.exec(out)?.[1];
-  if (!kernel || !modules) throw new Error(`tests/vm/setup.sh printed no kernel:\n${out}`);
-  return { kernel, modules };
+  const field = (name: string) => {
+    const value = new RegExp(`^${name}: (.+)$`, "m").exec(out)?.[1];
+    if (!value) throw new Error(`tests/vm/setup.sh printed no ${name}:\n${out}`);
+    return value;
+  };
+  return {
+    kernel: field("kernel"),
+    modules: field("modules"),
+    v86: { kernel: field("v86-kernel"), modules: field("v86-modules"), busybox: field("v86-busybox"), seabios: field("seabios") },
+  };
 }
 
 // ---------------------------------------------------------------- initramfs (cpio newc + gzip)
@@ -109,7 +125,7 @@ function cpioNewc(entries: CpioEntry[]): Uint8Array {
   return out;
 }
 
-const INIT = `#!/bin/busybox sh
+const init = (modules: string[]) => `#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /tmp /bin /sbin /usr/bin /usr/sbin
 /bin/busybox --install -s
 mount -t proc proc /proc
@@ -121,14 +137,16 @@ stty -echo -onlcr 2>/dev/null
 arg() { tr ' ' '\\n' </proc/cmdline | sed -n "s/^$1=//p" | tail -n 1; }
 NAME=$(arg er.name)
 IP=$(arg er.ip)
+MAC=$(arg er.mac)
 hostname "\${NAME:-guest}"
-for m in ${MODULES.join(" ")}; do insmod /lib/modules/$m.ko || echo "@@error insmod $m"; done
+for m in ${modules.join(" ")}; do insmod /lib/modules/$m.ko || echo "@@error insmod $m"; done
 ip link set lo up
 n=0
 while ! ip link show eth0 >/dev/null 2>&1; do
   n=$((n + 1)); [ $n -gt 200 ] && { echo "@@error no eth0"; poweroff -f; }
   usleep 10000
 done
+[ -n "$MAC" ] && ip link set eth0 address "$MAC"
 ip addr add "$IP" dev eth0
 ip link set eth0 up
 # Tell the switches where we are (a UDP port the relay has to learn needs one frame from us).
@@ -151,10 +169,18 @@ md5sum | cut -d' ' -f1 > /tmp/rx.md5
 cat /tmp/rx.md5
 `;
 
-/** Builds the gzip'd initramfs into `dir` and returns its path. */
-export function buildInitramfs(assets: VmAssets, dir: string): string {
+/** What goes into an initramfs: busybox, and the kernel modules /init loads (names, in order). */
+interface InitramfsParts {
+  busybox: string;
+  /** The kernel's lib/modules/VERSION folder. */
+  modules: string;
+  load: string[];
+}
+
+/** Builds the gzip'd initramfs into `dir` (as `file`) and returns its path. */
+export function buildInitramfs(parts: InitramfsParts, dir: string, file = "initramfs.cpio.gz"): string {
   const enc = new TextEncoder();
-  const busybox = new Uint8Array(require("node:fs").readFileSync("/bin/busybox"));
+  const busybox = new Uint8Array(readFileSync(parts.busybox));
   const moduleFiles = new Map<string, string>();
   const walk = (d: string) => {
     for (const e of readdirSync(d, { withFileTypes: true })) {
@@ -163,7 +189,7 @@ export function buildInitramfs(assets: VmAssets, dir: string): string {
       else if (e.name.endsWith(".ko")) moduleFiles.set(e.name.slice(0, -3), p);
     }
   };
-  walk(join(assets.modules, "kernel"));
+  walk(join(parts.modules, "kernel"));
   const entries: CpioEntry[] = [
     { name: "bin", mode: 0o40755 },
     { name: "dev", mode: 0o40755 },
@@ -172,14 +198,14 @@ export function buildInitramfs(assets: VmAssets, dir: string): string {
     { name: "lib/modules", mode: 0o40755 },
     { name: "bin/busybox", mode: 0o100755, data: busybox },
     { name: "bin/rx", mode: 0o100755, data: enc.encode(RX) },
-    { name: "init", mode: 0o100755, data: enc.encode(INIT) },
+    { name: "init", mode: 0o100755, data: enc.encode(init(parts.load)) },
   ];
-  for (const m of MODULES) {
+  for (const m of parts.load) {
     const p = moduleFiles.get(m);
-    if (!p) throw new Error(`kernel module ${m}.ko not found under ${assets.modules}`);
+    if (!p) throw new Error(`kernel module ${m}.ko not found under ${parts.modules}`);
     entries.push({ name: `lib/modules/${m}.ko`, mode: 0o100644, data: new Uint8Array(readFileSync(p)) });
   }
-  const path = join(dir, "initramfs.cpio.gz");
+  const path = join(dir, file);
   writeFileSync(path, Bun.gzipSync(cpioNewc(entries) as Uint8Array<ArrayBuffer>));
   return path;
 }
@@ -189,17 +215,26 @@ export interface VmImage extends Disposable {
   kernel: string;
   initrd: string;
   dir: string;
+  /** The 32-bit image for v86, and the BIOS images it boots with. */
+  v86: { kernel: string; initrd: string; bios: string; vgaBios: string };
 }
 
 export function prepareImage(): VmImage {
   const assets = setupVm();
   const dir = mkdtempSync(join(tmpdir(), "edge-relay-vm-"));
   try {
-    const initrd = buildInitramfs(assets, dir);
+    const initrd = buildInitramfs({ busybox: "/bin/busybox", modules: assets.modules, load: MODULES }, dir);
+    const v = assets.v86;
     return {
       kernel: assets.kernel,
       initrd,
       dir,
+      v86: {
+        kernel: v.kernel,
+        initrd: buildInitramfs({ busybox: v.busybox, modules: v.modules, load: V86_MODULES }, dir, "initramfs-i386.cpio.gz"),
+        bios: join(v.seabios, "bios.bin"),
+        vgaBios: join(v.seabios, "vgabios-stdvga.bin"),
+      },
       [Symbol.dispose]() {
         rmSync(dir, { recursive: true, force: true });
       },
@@ -249,11 +284,17 @@ export class Guest implements AsyncDisposable {
   private waiters = new Set<() => void>();
   private stderrText = "";
 
+  /** What runs the guest, for messages: `qemu` or `v86`. */
+  readonly engine: string;
+
   constructor(
     image: VmImage,
     readonly opts: GuestOptions,
+    /** Runs the guest instead of QEMU, its serial console on stdin and stdout (see v86Guest). */
+    runner?: { engine: string; command: string[]; env?: Record<string, string> },
   ) {
-    const args = [
+    this.engine = runner?.engine ?? "qemu";
+    const args = runner ? [...(opts.prefix ?? []), ...runner.command] : [
       ...(opts.prefix ?? []),
       "qemu-system-x86_64",
       "-accel", "tcg",
@@ -273,7 +314,8 @@ export class Guest implements AsyncDisposable {
     ];
     // If the test runner dies (Ctrl-C, crash), take QEMU with it.
     if (SETPRIV) args.unshift(SETPRIV, "--pdeathsig", "KILL", "--");
-    const proc = Bun.spawn(args, { stdin: "pipe", stdout: "pipe", stderr: "pipe" });
+    const env = runner?.env ? { ...process.env, ...runner.env } : undefined;
+    const proc = Bun.spawn(args, { stdin: "pipe", stdout: "pipe", stderr: "pipe", env });
     this.proc = proc;
     const decoder = new TextDecoder();
     (async () => {
@@ -314,8 +356,8 @@ export class Guest implements AsyncDisposable {
   }
 
   private describe() {
-    return `guest ${this.name} (qemu ${this.exited ? `exited ${this.proc.exitCode ?? this.proc.signalCode}` : "running"})\n` +
-      `--- serial ---\n${this.console.slice(-4000)}\n--- qemu stderr ---\n${this.stderrText}`;
+    return `guest ${this.name} (${this.engine} ${this.exited ? `exited ${this.proc.exitCode ?? this.proc.signalCode}` : "running"})\n` +
+      `--- serial ---\n${this.console.slice(-4000)}\n--- ${this.engine} stderr ---\n${this.stderrText}`;
   }
 
   /** Resolves with the first console line (from line index `from`) for which `match` is truthy. */
@@ -339,7 +381,7 @@ export class Guest implements AsyncDisposable {
         if (this.exited) {
           clearTimeout(timer);
           this.waiters.delete(check);
-          reject(new Error(`QEMU exited while waiting for ${what}: ${this.describe()}`));
+          reject(new Error(`${this.engine} exited while waiting for ${what}: ${this.describe()}`));
         }
       };
       this.waiters.add(check);
@@ -427,6 +469,36 @@ export class Guest implements AsyncDisposable {
   }
 }
 
+const V86_RUNNER = join(HERE, "v86-guest.ts");
+
+/**
+ * A v86 guest (32-bit, ne2k NIC) whose NIC dials `relayUrl` as v86 in a browser page would, run by
+ * tests/vm/v86-guest.ts in a Bun child process. `env` goes to that process (e.g.
+ * NODE_EXTRA_CA_CERTS for a wss:// relay with a certificate of the test's own). The MAC is set by
+ * the guest's /init.
+ */
+export function v86Guest(
+  image: VmImage,
+  opts: { name: string; ip: string; mac: string; relayUrl: string; memoryMb?: number; env?: Record<string, string> },
+): Guest {
+  // irqpoll: the kernel also runs the NIC's interrupt handler on every timer tick. In 2 of the
+  // first 3 runs of the v86 scenario (on a loaded machine) a transfer stalled for good with the
+  // guest's ne2k reset by NETDEV WATCHDOG again and again, as if the card's level-triggered
+  // interrupt had been lost in the emulated PIC; polling makes a lost interrupt cost one tick.
+  // Not reproduced since, with or without it (20+ runs, some with two extra CPU hogs).
+  const config = {
+    relayUrl: opts.relayUrl,
+    ...image.v86,
+    cmdline: `console=ttyS0 quiet loglevel=3 panic=-1 tsc=reliable irqpoll er.name=${opts.name} er.ip=${opts.ip} er.mac=${opts.mac}`,
+    memoryMb: opts.memoryMb ?? 128,
+  };
+  return new Guest(image, { ...opts, netdev: "" }, {
+    engine: "v86",
+    command: [process.execPath, V86_RUNNER],
+    env: { ...opts.env, V86_GUEST: JSON.stringify(config) },
+  });
+}
+
 export interface TransferResult {
   bytes: number;
   seconds: number;
@@ -440,7 +512,7 @@ export interface TransferResult {
  * Sends `mib` MiB of random data from `from` to `to` over TCP (busybox nc) and compares the md5 the
  * sender computed with the one the receiver computed. Times it with the sender's /proc/uptime.
  */
-export async function transfer(from: Guest, to: Guest, mib = 32, port = 5001): Promise<TransferResult> {
+export async function transfer(from: Guest, to: Guest, mib = 32, port = 5001, timeoutMs = 300_000): Promise<TransferResult> {
   const sentMd5 = (
     await from.sh(`dd if=/dev/urandom of=/tmp/data bs=1048576 count=${mib} 2>/dev/null && md5sum /tmp/data`, 120_000)
   )
@@ -452,7 +524,7 @@ export async function transfer(from: Guest, to: Guest, mib = 32, port = 5001): P
   await to.sh(`while ! netstat -ltn | grep -q ':${port} '; do usleep 20000; done`);
   const out = await from.sh(
     `a=$(cut -d' ' -f1 /proc/uptime); h=$(nc ${to.address} ${port} </tmp/data); b=$(cut -d' ' -f1 /proc/uptime); echo "@@xfer $a $b $h"`,
-    300_000,
+    timeoutMs,
   );
   const m = /@@xfer ([\d.]+) ([\d.]+) ?(\S*)/.exec(out);
   if (!m) throw new Error(`guest ${from.name}: no transfer result:\n${out}`);

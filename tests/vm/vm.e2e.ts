@@ -12,21 +12,30 @@
  * processes in a private network namespace (`ip netns`, needs root) so the groups stay private; the
  * namespace is deleted afterwards, and ones left by a killed run are removed at the next start.
  *
- * beforeAll runs tests/vm/setup.sh (apt-get installs qemu-system-x86, busybox-static and iproute2 as
- * root if missing; the kernel is unpacked into $VM_CACHE, default .cache/vm) and builds the initramfs.
+ * The v86 scenario (issue 11) puts a browser VM on the segment: v86 (npm `v86`, in a Bun child
+ * process whose global WebSocket plays the browser's) boots a 32-bit guest whose ne2k NIC dials
+ * wss://hub/v86/lab?token=…, and a QEMU guest at site B answers it:
+ *
+ *   v86 guest ══wss /v86/lab══ hub ══wss══ site B ── guest B
+ *
+ * beforeAll runs tests/vm/setup.sh (apt-get installs qemu-system-x86, busybox-static, iproute2 and
+ * seabios as root if missing; the kernels and the i386 busybox are unpacked into $VM_CACHE, default
+ * .cache/vm) and builds the initramfs images.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { freePort, spawnRelay, waitUntil, type RelayProcess } from "../helpers.ts";
-import { Guest, prepareImage, transfer, type VmImage } from "./guest.ts";
+import { Guest, prepareImage, transfer, v86Guest, type VmImage } from "./guest.ts";
 
 const LOCAL = "127.0.0.1";
 const TOKEN = `vm-e2e-${crypto.randomUUID()}`;
 const GUEST_A = { name: "a", ip: "192.0.2.1/24", mac: "52:54:00:12:34:01" };
 const GUEST_B = { name: "b", ip: "192.0.2.2/24", mac: "52:54:00:12:34:02" };
 const TRANSFER_MIB = 32;
+/** v86 emulates a 32-bit PC in WebAssembly: a few MiB is plenty at its speed. */
+const V86_TRANSFER_MIB = 2;
 
 let image: VmImage;
 
@@ -537,5 +546,87 @@ describe("edge-relay with real QEMU guests", () => {
   test("faults: kill -9 and restart site B (B stream,server=on ← --qemu-connect)", async () => {
     await using t = await startTopology(tcpClient("socket"), tcpServer("stream"));
     await killAndRecover(t, t.siteB, "faults (A socket,connect= / B stream,server=on)", () => tunnelsUp(t.hub, 1));
+  });
+});
+
+describe("edge-relay with a real v86 guest (a browser VM)", () => {
+  test("v86 at the hub on wss:///v86/lab ↔ QEMU guest at site B: ping both ways, 2 MiB each way", async () => {
+    await using stack = new AsyncDisposableStack();
+    const dir = mkdtempSync(join(tmpdir(), "edge-relay-vm-v86-"));
+    stack.defer(() => rmSync(dir, { recursive: true, force: true }));
+    const cert = join(dir, "hub.crt");
+    const key = join(dir, "hub.key");
+    await Bun.$`openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ${key} -out ${cert} -days 1 -subj /CN=edge-relay-vm -addext subjectAltName=IP:127.0.0.1`.quiet();
+    const ca = await Bun.file(cert).text();
+    // The browser's token may reach lab only, as the README advises for tokens in URLs.
+    const browserToken = `v86-lab-${crypto.randomUUID()}`;
+    const config = join(dir, "hub.json");
+    await Bun.write(config, JSON.stringify({ tokens: [TOKEN, { token: browserToken, networks: ["lab"] }] }));
+    const hub = stack.use(await Relay.start("hub", ["--http", `${LOCAL}:0`, "--config", config, "--tls-cert", cert, "--tls-key", key]));
+    const hubPort = hub.port("http");
+    const siteB = stack.use(
+      await Relay.start("site B", [
+        "--http", `${LOCAL}:0`, "--uplink", `wss://${LOCAL}:${hubPort}`, "--uplink-token", TOKEN, "--uplink-ca", cert,
+        "--qemu-listen", `lab=${LOCAL}:0`,
+      ]),
+    );
+    await waitUplinkUp(siteB);
+    const hubStatus = async () => (await fetch(`https://${LOCAL}:${hubPort}/status`, { tls: { ca } })).json() as Promise<any>;
+
+    // v86 trusts the hub's certificate as a browser would trust a real one.
+    const v = stack.use(
+      v86Guest(image, {
+        name: "v",
+        ip: "192.0.2.86/24",
+        mac: "52:54:00:12:34:86",
+        relayUrl: `wss://${LOCAL}:${hubPort}/v86/lab?token=${browserToken}`,
+        env: { NODE_EXTRA_CA_CERTS: cert },
+      }),
+    );
+    const b = stack.use(
+      new Guest(image, { ...GUEST_B, netdev: `stream,server=off,addr.type=inet,addr.host=${LOCAL},addr.port=${siteB.port("qemu-listen", "lab")}` }),
+    );
+    await Promise.all([v.ready(120_000), b.ready()]);
+    await waitQemuPort(siteB, "lab");
+    const v86Port = await waitUntil(async () => (await hubStatus()).networks.find((n: any) => n.name === "lab")?.ports.find((p: any) => p.kind === "v86"), "the v86 port at the hub");
+    expect(v86Port.peer).toMatch(/^127\.0\.0\.1:\d+$/);
+
+    // What the relays saw, for a failure's message: whether frames still move, and where they stop.
+    const counters = async () => {
+      const line = (p: any) => `${p.id} rx ${p.rx.frames} (${p.rx.drops} dropped) tx ${p.tx.frames} (${p.tx.drops} dropped)`;
+      const ports = async (status: Promise<any>) => ((await status).networks.find((n: any) => n.name === "lab")?.ports ?? []).map(line).join(", ");
+      const resets = v.lines.filter((l) => l.line.includes("NETDEV WATCHDOG")).length;
+      return `hub: ${await ports(hubStatus())}; site B: ${await ports(siteB.status())}; v86 NIC resets (watchdog): ${resets}`;
+    };
+    const step = async <T>(what: string, run: () => Promise<T>): Promise<T> => {
+      try {
+        return await run();
+      } catch (error) {
+        throw new Error(`${what}: ${(error as Error).message}\n${await counters().catch((e) => `(no counters: ${e})`)}`);
+      }
+    };
+    const vToB = await step("ping v86 → B", () => v.ping(b.address, 5));
+    const bToV = await step("ping B → v86", () => b.ping(v.address, 5));
+    const up = await step("transfer v86 → B", () => transfer(v, b, V86_TRANSFER_MIB, 5001, 120_000));
+    const down = await step("transfer B → v86", () => transfer(b, v, V86_TRANSFER_MIB, 5002, 120_000));
+    const port = (await hubStatus()).networks.find((n: any) => n.name === "lab").ports.find((p: any) => p.kind === "v86");
+    console.log(
+      `[vm] v86 (hub, wss /v86/lab) ↔ QEMU (site B): ping v86→B ${vToB.received}/${vToB.transmitted} avg ${fmt(vToB.avgMs, 2)} ms, ` +
+        `B→v86 ${bToV.received}/${bToV.transmitted} avg ${fmt(bToV.avgMs, 2)} ms; ` +
+        `${V86_TRANSFER_MIB} MiB v86→B ${fmt(up.seconds, 2)} s (${fmt(up.mbPerS, 2)} MB/s) md5 ${up.ok ? `match ${up.sentMd5}` : `MISMATCH ${up.sentMd5} ${up.receivedMd5}`}, ` +
+        `B→v86 ${fmt(down.seconds, 2)} s (${fmt(down.mbPerS, 2)} MB/s) md5 ${down.ok ? `match ${down.sentMd5}` : `MISMATCH ${down.sentMd5} ${down.receivedMd5}`}; ` +
+        `boot v86 ${fmt(v.bootMs / 1000)} s, QEMU ${fmt(b.bootMs / 1000)} s; ${await counters()}`,
+    );
+    expect(vToB.received).toBe(5);
+    expect(bToV.received).toBe(5);
+    expect(up.ok).toBe(true);
+    expect(down.ok).toBe(true);
+    expect(port.rx.frames).toBeGreaterThan(V86_TRANSFER_MIB * 700);
+    expect(port.tx.frames).toBeGreaterThan(V86_TRANSFER_MIB * 700);
+    // The token travelled in the URL: it is in no log and no status.
+    for (const text of [hub.proc.stdout(), hub.proc.stderr(), JSON.stringify(await hubStatus())]) {
+      expect(text).not.toContain(browserToken);
+      expect(text).not.toContain("token=");
+    }
   });
 });
