@@ -7,6 +7,8 @@
  *   bun bench/peer.ts sink (same transports) [--rate FPS]   (reads no faster than FPS frames/s)
  *   bun bench/peer.ts ping (same transports) [--samples 3000] [--warmup 300] [--size 64]
  *   bun bench/peer.ts vms  --tcp-connect H:P [--count 100]  (N idle VMs, one broadcast each)
+ *   bun bench/peer.ts capture --url http://H:P/capture?network=NET  (reads the pcapng stream as fast
+ *                          as it can; "report": bytes and packet blocks so far)
  *
  * Protocol with the driver (bench/run.ts): JSON events, one per stdout line
  * ({"event":"listening"|"ready"|"done"|"report",...}); commands, one per stdin line
@@ -536,6 +538,59 @@ async function runVms() {
   commands.report = () => emit("report", { rxBytes: rx, open: socks.filter((s) => s.readyState === WebSocket.OPEN).length });
 }
 
+// -------------------------------------------------------------------------------------- capture
+/**
+ * A live-capture client: GET the pcapng stream and read it as fast as it can, counting bytes and
+ * Enhanced Packet Blocks (type 6) by walking the block lengths, which costs nothing per byte.
+ */
+async function runCapture() {
+  const url = opts.url ?? fail("--url required");
+  const res = await fetch(url);
+  if (!res.ok || !res.body) fail(`GET ${url}: ${res.status}`);
+  let bytes = 0;
+  let packets = 0;
+  let blocks = 0;
+  let chunks = 0;
+  let ended = false;
+  // Block walk: `skip` bytes left of the current block; `head` collects a block's first 8 bytes.
+  let skip = 0;
+  const head = new Uint8Array(8);
+  const dv = new DataView(head.buffer);
+  let headLen = 0;
+  commands.report = () => emit("report", { bytes, packets, blocks, chunks, ended });
+  emit("ready");
+  const reader = res.body!.getReader();
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    chunks++;
+    bytes += value.length;
+    let i = 0;
+    while (i < value.length) {
+      if (skip > 0) {
+        const n = Math.min(skip, value.length - i);
+        skip -= n;
+        i += n;
+        continue;
+      }
+      const n = Math.min(8 - headLen, value.length - i);
+      head.set(value.subarray(i, i + n), headLen);
+      headLen += n;
+      i += n;
+      if (headLen < 8) break;
+      headLen = 0;
+      // The relay writes little-endian sections.
+      const type = dv.getUint32(0, true);
+      const len = dv.getUint32(4, true);
+      if (len < 12 || len % 4) fail(`bad pcapng block length ${len} at byte ${bytes - value.length + i - 8}`);
+      blocks++;
+      if (type === 6) packets++;
+      skip = len - 8;
+    }
+  }
+  ended = true;
+}
+
 // ----------------------------------------------------------------------------------------- main
 switch (mode) {
   case "gen":
@@ -550,8 +605,11 @@ switch (mode) {
   case "vms":
     await runVms();
     break;
+  case "capture":
+    void runCapture().catch((e) => fail(String(e)));
+    break;
   default:
-    fail(`usage: bun bench/peer.ts gen|sink|ping|vms [options] (got ${mode})`);
+    fail(`usage: bun bench/peer.ts gen|sink|ping|vms|capture [options] (got ${mode})`);
 }
-if (mode !== "vms") await openTransport();
+if (mode !== "vms" && mode !== "capture") await openTransport();
 void readCommands();

@@ -1,7 +1,9 @@
 /**
  * `npm run bench` = `bun bench/run.ts [case ...] [--json FILE]`
  *
- * Cases (all by default): selftest tcp1500 local tcp64k udp latency fanout memory.
+ * Cases (all by default): selftest tcp1500 tcp1500-observed local tcp64k udp latency fanout memory.
+ * (`tcp1500-observed`: the tcp1500 chain plain, with a live capture on site A read flat out, and
+ * with `--impair uplink=delay 1ms` on site A; ratios to the plain runs of the same run.)
  * (`local`: one relay as a plain switch, gen and sink on the same --qemu-listen: the switch's own cost
  * without the tunnel.)
  * Each case runs the direct baseline (generator → sink) and the relay chain
@@ -31,7 +33,7 @@ for (let i = 0; i < argv.length; i++) {
   if (argv[i] === "--json") jsonOut = argv[++i];
   else wanted.push(argv[i]!);
 }
-const ALL = ["selftest", "tcp1500", "local", "tcp64k", "udp", "latency", "fanout", "memory"];
+const ALL = ["selftest", "tcp1500", "tcp1500-observed", "local", "tcp64k", "udp", "latency", "fanout", "memory"];
 for (const w of wanted) if (!ALL.includes(w)) throw new Error(`unknown case ${w}; cases: ${ALL.join(" ")}`);
 const cases = wanted.length ? wanted : ALL;
 const haveRelay = existsSync(RELAY);
@@ -246,7 +248,16 @@ type Endpoints = { gen: string[]; sink: string[] };
  */
 async function runFlow(
   ep: Endpoints,
-  opts: { size: number; seconds: number; genRate?: number; sinkRate?: number; relays?: Record<string, RelayProcess>; sampleRss?: boolean },
+  opts: {
+    size: number;
+    seconds: number;
+    genRate?: number;
+    sinkRate?: number;
+    relays?: Record<string, RelayProcess>;
+    sampleRss?: boolean;
+    /** Other processes whose CPU to count (e.g. a capture client), by name. */
+    others?: Record<string, number>;
+  },
   sinkListenFirst = false,
 ): Promise<Flow> {
   const genBase = ["--size", String(opts.size), "--seconds", String(opts.seconds)];
@@ -269,6 +280,7 @@ async function runFlow(
     await gen.wait("ready", 15_000);
     const pids: Record<string, number> = { gen: gen.pid, sink: sink.pid };
     for (const [k, r] of Object.entries(opts.relays ?? {})) pids[k] = r.proc.pid;
+    Object.assign(pids, opts.others);
     const drops0 = opts.relays ? await sumDrops(opts.relays) : 0;
     const byRelay0 = lastDropsByRelay;
     const hops0 = new Map<string, Hops>();
@@ -628,6 +640,119 @@ async function fanoutCase() {
     });
 }
 
+/**
+ * What observing costs: the tcp1500 chain (unpaced) plain, with a live capture client on site A's
+ * `default` network reading the pcapng stream flat out, and with `--impair uplink=delay 1ms` on site
+ * A. Each run gets a fresh chain; the plain run comes first and last and the ratios are to their
+ * mean, so drift on a shared machine does not pose as a cost. No target: the ratio is the figure.
+ */
+async function observedCase() {
+  const label = "tcp 1500 B observed";
+  if (!haveRelay) return row({ case: label, metric: "frames/s", chain: "relay.ts missing" });
+  type Run = { mode: "plain" | "capture" | "delay"; flow: Flow; capture?: any; captureStatus?: any; impair?: any };
+  const runs: Run[] = [];
+  for (const mode of ["plain", "capture", "delay", "plain"] as const) {
+    const aArgs = ["--qemu-listen", `${HOST}:0`];
+    if (mode === "delay") aArgs.push("--impair", "uplink=delay 1ms");
+    const c = await startChain(aArgs, ["--qemu-listen", `${HOST}:0`]);
+    let cap: Peer | undefined;
+    try {
+      const ep = {
+        gen: ["--tcp-connect", `${HOST}:${c.a.port("qemu-listen")}`],
+        sink: ["--tcp-connect", `${HOST}:${c.b.port("qemu-listen")}`],
+      };
+      const others: Record<string, number> = {};
+      if (mode === "capture") {
+        cap = new Peer("capture", ["capture", "--url", `${c.a.base}/capture?network=default`]);
+        await cap.wait("ready");
+        await waitUntil(async () => ((await c.a.status()).captures ?? []).length > 0, "capture attached on A", 5000);
+        others.capture = cap.pid;
+      }
+      const flow = await runFlow(ep, { size: 1500, seconds: SECONDS, relays: { A: c.a, hub: c.hub, B: c.b }, others });
+      const st = await c.a.status();
+      const r: Run = { mode, flow };
+      if (cap) {
+        r.captureStatus = (st.captures ?? []).find((x: any) => x.network === "default");
+        // The client may still be reading what the relay queued (up to 4 MiB): wait until it stops growing.
+        let last = -1;
+        for (let i = 0; i < 20; i++) {
+          r.capture = await cap.request("report", "report");
+          if (r.capture.bytes === last) break;
+          last = r.capture.bytes;
+          await Bun.sleep(100);
+        }
+      }
+      if (mode === "delay") r.impair = st.impairments;
+      runs.push(r);
+    } catch (e) {
+      console.error(`tcp1500-observed (${mode}) failed: ${e}`);
+      row({ case: label, metric: `${mode}: error`, chain: String(e).split("\n")[0]!.slice(0, 120) });
+    } finally {
+      await cap?.stop();
+      await c.stop();
+    }
+  }
+  json["tcp1500-observed"] = runs;
+  const plain = runs.filter((r) => r.mode === "plain").map((r) => r.flow);
+  const plainFps = plain.length ? plain.reduce((n, f) => n + f.fps, 0) / plain.length : NaN;
+  const plainText = `plain ${si(plainFps)} (${plain.map((f) => si(f.fps)).join(", ")})`;
+  const perM = (f: Flow, s: number | undefined) => (f.received && s !== undefined ? f2((s / f.received) * 1e6) : "n/a");
+  const cpuRow = (f: Flow, keys: string[]) => keys.map((k) => `${k} ${perM(f, f.cpu[k])} (sys ${perM(f, f.cpuSys[k])})`).join(", ");
+  const cleanish = (f: Flow, extraDrops = 0) => f.lost === (f.relayDrops ?? NaN) + extraDrops && f.reordered + f.dup + f.corrupt === 0;
+  row({
+    case: label,
+    metric: "plain (first, last): lost/reord/corrupt",
+    chain: plain.map((f) => `${errs(f)} (relay drops: ${dropsText(f)})`).join("; "),
+    target: "lost = relay drops",
+    result: plain.length ? pass(plain.every((f) => cleanish(f))) : "",
+  });
+  for (const [i, f] of plain.entries()) {
+    row({ case: label, metric: `plain ${i + 1}: relay CPU µs/frame delivered (of which kernel)`, chain: cpuRow(f, ["A", "hub", "B"]) });
+    if (f.path) row({ case: label, metric: `plain ${i + 1}: path`, chain: f.path });
+  }
+  for (const r of runs) {
+    if (r.mode === "plain") continue;
+    const f = r.flow;
+    const what = r.mode === "capture" ? "+ live capture on A (read flat out)" : "+ --impair uplink=delay 1ms on A";
+    row({ case: label, metric: `frames/s unpaced, ${what}`, direct: plainText, chain: si(f.fps), ratio: f2(f.fps / plainFps) });
+    const impDrops = r.impair ? (r.impair as any[]).reduce((n, i) => n + (i.rateDropped ?? 0) + (i.lost ?? 0), 0) : 0;
+    row({
+      case: label,
+      metric: `${r.mode}: lost/reord/corrupt`,
+      chain: `${errs(f)} (relay drops: ${dropsText(f)}${r.impair ? `; impairment drops ${si(impDrops)}` : ""})`,
+      target: r.mode === "delay" ? "lost = drops, 0 reord, 0 corrupt" : "lost = relay drops",
+      result: pass(cleanish(f, impDrops)),
+    });
+    if (r.mode === "capture") {
+      const c = r.capture ?? {};
+      const s = r.captureStatus ?? {};
+      const taps = (s.frames ?? 0) + (s.drops ?? 0);
+      row({
+        case: label,
+        metric: "capture: client read; relay captured / dropped (/status captures[])",
+        chain:
+          `${si(c.bytes ?? NaN)}B in ${si(c.packets ?? NaN)} packet blocks (${si((c.bytes ?? NaN) / f.wall / 1e6)} MB/s over ${f1(f.wall)} s wall; ` +
+          `${f2((c.packets ?? NaN) / f.sent)} per frame sent); captured ${si(s.frames ?? NaN)}, dropped ${si(s.drops ?? NaN)} ` +
+          `(${f1((100 * (s.drops ?? NaN)) / taps)} % of ${si(taps)} taps)`,
+      });
+    }
+    if (r.impair)
+      row({
+        case: label,
+        metric: "delay: impairment counters on A (/status impairments[])",
+        chain: (r.impair as any[])
+          .map((i) => `${i.target}: delayed ${si(i.delayed ?? NaN)}, queue-full drops ${si(i.rateDropped ?? NaN)}, lost ${si(i.lost ?? NaN)}`)
+          .join("; "),
+      });
+    row({
+      case: label,
+      metric: `${r.mode}: relay CPU µs/frame delivered (of which kernel)`,
+      chain: cpuRow(f, r.mode === "capture" ? ["A", "hub", "B", "capture"] : ["A", "hub", "B"]),
+    });
+    if (f.path) row({ case: label, metric: `${r.mode}: path`, chain: f.path });
+  }
+}
+
 /** One relay, no tunnel: gen and sink are two QEMU ports of the same switch. */
 async function localCase() {
   if (!haveRelay) return row({ case: "local switch 1500 B", metric: "frames/s", chain: "relay.ts missing" });
@@ -740,6 +865,7 @@ for (const c of cases) {
   const t = performance.now();
   try {
     if (c === "tcp1500") await throughputCase(c, 1500, false, 500_000, TCP_RATE);
+    else if (c === "tcp1500-observed") await observedCase();
     else if (c === "tcp64k") await throughputCase(c, 65536, false);
     else if (c === "udp") await throughputCase(c, 1500, true, undefined, UDP_RATE);
     else if (c === "latency") await latencyCase();
