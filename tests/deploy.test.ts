@@ -245,8 +245,8 @@ describe("README recipes", () => {
         const w = words.shift()!;
         env[w.slice(0, w.indexOf("="))] = w.slice(w.indexOf("=") + 1);
       }
-      expect(words.slice(0, 2)).toEqual(["bun", "relay.ts"]);
-      relays.push(await spawnRelay(words.slice(2), { env }));
+      expect(words.slice(0, 3)).toEqual(["npx", "bun", "relay.ts"]);
+      relays.push(await spawnRelay(words.slice(3), { env }));
     }
     const [hub, site] = relays as [RelayProcess, RelayProcess];
     expect(hub.base).not.toBe(site.base);
