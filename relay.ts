@@ -39,7 +39,7 @@
  * @module
  */
 
-import { lstatSync, readFileSync, renameSync, rmSync, unlinkSync } from "node:fs";
+import { lstatSync, readFileSync, readlinkSync, renameSync, rmSync, unlinkSync } from "node:fs";
 import { isIPv4, isIPv6 } from "node:net";
 import { basename } from "node:path";
 import { hostname, constants as osConstants } from "node:os";
@@ -3501,6 +3501,7 @@ const SOCK_CLOEXEC = 0x80000;
 const MSG_DONTWAIT_NOSIGNAL = 0x40 | 0x4000;
 const SOL_SOCKET = 1;
 const SO_RCVTIMEO = 20;
+const SO_RCVBUF = 8;
 const MSG_TRUNC = 0x20;
 const EINTR = 4;
 const EAGAIN = 11;
@@ -3517,6 +3518,7 @@ function loadLibc() {
     bind: { args: [FFIType.i32, FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
     connect: { args: [FFIType.i32, FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
     setsockopt: { args: [FFIType.i32, FFIType.i32, FFIType.i32, FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
+    getsockopt: { args: [FFIType.i32, FFIType.i32, FFIType.i32, FFIType.ptr, FFIType.ptr], returns: FFIType.i32 },
     sendto: { args: [FFIType.i32, FFIType.ptr, FFIType.u64, FFIType.i32, FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
     close: { args: [FFIType.i32], returns: FFIType.i32 },
     getrlimit: { args: [FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
@@ -3782,13 +3784,69 @@ export interface DatagramSocket {
   readonly address: string;
   /** The largest frame one datagram carries. */
   readonly maxFrame: number;
+  /** The receive buffer the kernel granted, bytes (it counts overhead per datagram against it). */
+  readonly receiveBuffer: number;
   /** The key `OnDatagram` gets for datagrams from `address`. */
   keyOf(address: SocketAddress): string;
-  send(frame: Uint8Array, to: SocketAddress): boolean;
-  /** Datagrams dropped because the relay fell behind (unix sockets; a UDP socket's kernel buffer drops them uncounted). */
+  /**
+   * Sends or queues a frame; false when it is dropped at once. A queued frame the kernel then
+   * refuses (a peer gone: ICMP port unreachable) moves from `stats`' tx frames to its tx drops.
+   */
+  send(frame: Uint8Array, to: SocketAddress, stats?: PortStats): boolean;
+  /** Datagrams dropped because the relay fell behind (unix sockets: the receiver thread's count). */
   overruns(): number;
+  /**
+   * Datagrams the kernel dropped at this socket, its receive buffer full (UDP). A unix datagram
+   * sender is held back instead (EAGAIN), so a unix socket counts none here.
+   */
+  kernelDrops(): number;
   close(): void | Promise<void>;
 }
+
+/**
+ * Asked for on every datagram socket. The default (rmem_default, 208 KiB here) holds about 90
+ * frames of 1,500 B: one slow event-loop turn at 100k frames/s. The kernel caps it at
+ * net.core.rmem_max (raising that is the host's call) and doubles it for its overhead.
+ */
+const DATAGRAM_RECEIVE_BUFFER = 4 * 1024 * 1024;
+
+/** The receive buffer the kernel grants `fd`, after asking for `bytes` if given. */
+function receiveBuffer(fd: number, bytes?: number): number {
+  const c = libc();
+  const value = new Int32Array([bytes ?? 0]);
+  if (bytes !== undefined) c.setsockopt(fd, SOL_SOCKET, SO_RCVBUF, value, 4);
+  const length = new Uint32Array([4]);
+  return c.getsockopt(fd, SOL_SOCKET, SO_RCVBUF, value, length) === 0 ? value[0]! : 0;
+}
+
+/** The inode of the socket behind `fd`: how /proc/net/udp names it. */
+function socketInode(fd: number): string | undefined {
+  return /^socket:\[(\d+)\]$/.exec(readlinkSync(`/proc/self/fd/${fd}`))?.[1];
+}
+
+/**
+ * Datagrams the kernel dropped at a UDP socket, mostly for a full receive buffer: the `drops`
+ * column of /proc/net/udp (or udp6), found by the socket's inode.
+ */
+export function udpKernelDrops(inode: string): number {
+  for (const table of ["/proc/net/udp", "/proc/net/udp6"]) {
+    let text: string;
+    try {
+      text = readFileSync(table, "latin1");
+    } catch {
+      continue;
+    }
+    for (const line of text.split("\n")) {
+      // sl local rem st tx:rx tr:when retrnsmt uid timeout inode ref pointer drops
+      const fields = line.trim().split(/\s+/);
+      if (fields[9] === inode) return Number(fields[12]) || 0;
+    }
+  }
+  return 0;
+}
+
+/** A UDP send batch holds this much before it goes out early: a turn's frames, in one copy. */
+const UDP_SEND_BATCH_BYTES = 256 * 1024;
 
 /** Called per datagram with a key naming the sender; `from` builds its address only when needed. */
 type OnDatagram = (data: Uint8Array, key: string, from: () => SocketAddress) => void;
@@ -3805,7 +3863,7 @@ export class DatagramPort extends Port {
   }
 
   protected enqueue(frame: Uint8Array): boolean {
-    return frame.length > 0 && frame.length <= this.socket.maxFrame && this.socket.send(frame, this.to);
+    return frame.length > 0 && frame.length <= this.socket.maxFrame && this.socket.send(frame, this.to, this.stats);
   }
 }
 
@@ -3815,26 +3873,81 @@ function canonicalIp(host: string): string {
 }
 
 async function openUdp(address: HostPort, onDatagram: OnDatagram, onError: (error: Error) => void, flags = 0): Promise<DatagramSocket & { socket: udp.Socket<"buffer"> }> {
+  // The sender of the datagram at hand; `from` reads them, so no closure is made per datagram, and
+  // a key is made only when the sender changes.
+  let fromHost = "";
+  let fromPort = 0;
+  let fromKey = "";
+  const from = (): HostPort => ({ host: fromHost, port: fromPort });
   const options: udp.SocketOptions<"buffer"> & { flags: number } = {
     hostname: address.host,
     port: address.port,
     flags,
     socket: {
       data(_socket, data, port, host) {
-        onDatagram(data, `${host}:${port}`, () => ({ host, port }));
+        if (port !== fromPort || host !== fromHost) {
+          fromHost = host;
+          fromPort = port;
+          fromKey = `${host}:${port}`;
+        }
+        onDatagram(data, fromKey, from);
       },
       // Bun calls it as error(err), whatever its type says.
       error: onError as unknown as udp.SocketHandler<"buffer">["error"],
     },
   };
   const socket = await Bun.udpSocket(options);
+  const granted = receiveBuffer(socket.fd, DATAGRAM_RECEIVE_BUFFER);
+  const inode = socketInode(socket.fd);
+  // Frames sent in one event-loop turn go out in one sendMany, copied into one reused buffer (the
+  // caller's frame need not outlive the call); Bun's send is one system call per datagram.
+  const batch = new Uint8Array(UDP_SEND_BATCH_BYTES);
+  let batchUsed = 0;
+  const batchArgs: (Uint8Array | number | string)[] = [];
+  const batchStats: (PortStats | undefined)[] = [];
+  let flushing = false;
+  function flushSends(): void {
+    flushing = false;
+    const frames = batchStats.length;
+    let at = 0;
+    while (at < frames) {
+      at += socket.closed ? 0 : socket.sendMany(at === 0 ? batchArgs : batchArgs.slice(at * 3));
+      // Short: the datagram at `at` was refused (a peer gone, or the socket closed); the rest may still go.
+      if (at < frames) {
+        const stats = batchStats[at];
+        if (stats) {
+          stats.txFrames--;
+          stats.txBytes -= (batchArgs[at * 3] as Uint8Array).length;
+          stats.txDrops++;
+        }
+        at++;
+      }
+    }
+    batchArgs.length = 0;
+    batchStats.length = 0;
+    batchUsed = 0;
+  }
   return {
     socket,
     address: formatHostPort({ host: address.host, port: socket.port }),
     maxFrame: MAX_DATAGRAM,
+    receiveBuffer: granted,
     keyOf: (to) => `${canonicalIp((to as HostPort).host)}:${(to as HostPort).port}`,
-    send: (frame, to) => socket.send(frame, (to as HostPort).port, (to as HostPort).host),
+    send(frame, to, stats) {
+      if (socket.closed) return false;
+      if (batchUsed + frame.length > batch.length) flushSends();
+      batch.set(frame, batchUsed);
+      batchArgs.push(batch.subarray(batchUsed, batchUsed + frame.length), (to as HostPort).port, (to as HostPort).host);
+      batchStats.push(stats);
+      batchUsed += frame.length;
+      if (!flushing) {
+        flushing = true;
+        setImmediate(flushSends);
+      }
+      return true;
+    },
     overruns: () => 0,
+    kernelDrops: () => (inode === undefined ? 0 : udpKernelDrops(inode)),
     close: () => socket.close(),
   };
 }
@@ -3971,6 +4084,9 @@ export async function openUnixDgram(
   return {
     address: formatAddress({ path }),
     maxFrame: MAX_FRAME,
+    // A unix datagram socket's queue is bounded by count (net.unix.max_dgram_qlen) and the sender's
+    // buffer, and a full one holds the sender back: this buffer is shown, not raised.
+    receiveBuffer: receiveBuffer(fd),
     keyOf: (to) => sockaddrKey(sockaddrUnix((to as UnixPath).path)),
     send(frame, to) {
       const peer = to as UnixPeer;
@@ -3978,6 +4094,7 @@ export async function openUnixDgram(
       return c.sendto(fd, frame, frame.length, MSG_DONTWAIT_NOSIGNAL, addr, addr.length) === frame.length;
     },
     overruns: () => Atomics.load(state, RX_OVERRUNS),
+    kernelDrops: () => 0,
     async close() {
       Atomics.store(state, RX_STOP, 1);
       // A receiver that neither stops nor fails (wedged) is not waited for: stopping must finish.
@@ -4000,7 +4117,9 @@ export interface DatagramStatus {
   peers: number;
   /** Learned peers forgotten to make room for a new one. */
   evicted: number;
-  /** Datagrams dropped rather than made a port of. */
+  /** The socket's receive buffer as the kernel granted it, bytes. */
+  receiveBuffer: number;
+  /** Datagrams dropped rather than made a port of, or lost at the socket. */
   drops: {
     /** From a source other than the fixed REMOTE. */
     foreign: number;
@@ -4010,6 +4129,8 @@ export interface DatagramStatus {
     throttled: number;
     /** While the relay was behind (unix sockets); see DatagramSocket.overruns. */
     overruns: number;
+    /** By the kernel, the socket's receive buffer full while the relay was behind (UDP; /proc/net/udp `drops`). */
+    kernel: number;
   };
 }
 
@@ -4046,7 +4167,8 @@ export async function bindDatagram(
     remote: remote && formatAddress(remote),
     peers: 0,
     evicted: 0,
-    drops: { foreign: 0, runts: 0, throttled: 0, overruns: 0 },
+    receiveBuffer: 0,
+    drops: { foreign: 0, runts: 0, throttled: 0, overruns: 0, kernel: 0 },
   };
   const { drops } = status;
   const limited = () => rateLimitedLog(ctx.log.warn, 1, 60_000);
@@ -4153,7 +4275,12 @@ export async function bindDatagram(
         }
       }
     },
-    status: () => ({ ...status, peers: peers.size, drops: { ...drops, overruns: socket.overruns() } }),
+    status: () => ({
+      ...status,
+      peers: peers.size,
+      receiveBuffer: socket.receiveBuffer,
+      drops: { ...drops, overruns: socket.overruns(), kernel: socket.kernelDrops() },
+    }),
   };
 }
 
@@ -4269,7 +4396,7 @@ export function renderMetrics(s: Snapshot): string {
   metric("edge_relay_memory_drops_total", "Frames dropped because the memory budget was spent.", "counter", [["", s.limits.memoryDrops]]);
   metric("edge_relay_datagram_peers", "Peers of a --qemu-udp socket.", "gauge", s.datagrams.map((d) => [datagramLabel(d), d.peers]));
   metric("edge_relay_datagram_peers_evicted_total", "Peers of a --qemu-udp socket forgotten to make room.", "counter", s.datagrams.map((d) => [datagramLabel(d), d.evicted]));
-  metric("edge_relay_datagram_drops_total", "Datagrams a --qemu-udp socket dropped rather than made a port of, by reason.", "counter", s.datagrams.flatMap(datagramDrops));
+  metric("edge_relay_datagram_drops_total", "Datagrams a --qemu-udp socket dropped rather than made a port of, or lost at the socket (kernel: its receive buffer full), by reason.", "counter", s.datagrams.flatMap(datagramDrops));
   for (const key of ["delayed", "lost", "duplicated", "reordered", "corrupted", "rateDropped"] as const) {
     const name = `edge_relay_impairment_${key.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`)}_total`;
     metric(name, `Frames an impairment ${key === "rateDropped" ? "dropped for its rate limit" : key}.`, "counter", s.impairments.map((i) => [`{target="${i.target}"}`, i[key]]));

@@ -2,7 +2,7 @@
  * QEMU ports facing hostile peers: who may become a port, how many, and what a flood costs.
  */
 import { describe, expect, test } from "bun:test";
-import { existsSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import type { udp } from "bun";
 import { UNIX_DGRAM_BACKLOG, UNIX_DGRAM_MESSAGE_COST, openUnixDgram } from "../relay.ts";
 import { BROADCAST, type RelayProcess, attachVm, connectStream, fromMac, makeFrame, runCli, sameBytes, spawnRelay, tempDir, udpPeer, waitUntil } from "./helpers.ts";
@@ -246,5 +246,58 @@ globalThis.Worker = class extends Real {
     expect(await relay.stop()).toBe(0);
     expect(relay.stderr()).toBe("");
     expect(existsSync(`${dir.path}/relay.dgram`)).toBe(false);
+  });
+});
+
+describe("--qemu-udp under load", () => {
+  const fixture = (name: string) => new URL(`./fixtures/${name}`, import.meta.url).pathname;
+
+  test("datagrams the kernel drops while the relay cannot read are counted in /status; with those taken, none is missing", async () => {
+    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-udp", "127.0.0.1:0"]);
+    const rmemMax = Number(readFileSync("/proc/sys/net/core/rmem_max", "utf8"));
+    const before = await datagramStatus(relay);
+    // The relay asks for 4 MiB; the kernel caps it at rmem_max and doubles it.
+    expect(before.receiveBuffer).toBe(2 * Math.min(4 * 1024 * 1024, rmemMax));
+    expect(before.drops.kernel).toBe(0);
+    // More 1,500-byte frames than the granted buffer holds, sent while the relay is stopped.
+    const count = Math.ceil(before.receiveBuffer / 1500) + 5000;
+    relay.proc.kill("SIGSTOP");
+    const sender = Bun.spawn([process.execPath, fixture("udp-sender.ts"), "0", String(relay.port("qemu-udp")), String(count), "1486", "02:00:00:00:41:01", "02:00:00:00:41:02"], {
+      stdout: "pipe",
+      stderr: "inherit",
+    });
+    try {
+      const reader = sender.stdout.getReader();
+      expect(new TextDecoder().decode((await reader.read()).value)).toBe(`sent ${count}\n`);
+    } finally {
+      relay.proc.kill("SIGCONT");
+      sender.kill();
+    }
+    const rx = async () => (await relay.status()).networks[0].ports.reduce((n: number, p: any) => n + p.rx.frames + p.rx.drops, 0);
+    const status = await waitUntil(async () => {
+      const s = await datagramStatus(relay);
+      return (await rx()) + s.drops.kernel === count && s;
+    }, `${count} datagrams received or counted as kernel drops`);
+    expect(status.drops.kernel).toBeGreaterThan(0);
+    const metrics = await fetch(`${relay.base}/metrics`).then((r) => r.text());
+    expect(metrics).toContain(`edge_relay_datagram_drops_total{network="default",socket="127.0.0.1:${relay.port("qemu-udp")}",reason="kernel"} ${status.drops.kernel}`);
+  });
+
+  test("frames to a fixed remote nobody listens on: what the kernel refuses is a tx drop, not a tx frame", async () => {
+    using gone = await udpPeer();
+    const port = gone.port;
+    gone[Symbol.dispose]();
+    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-udp", `127.0.0.1:0,127.0.0.1:${port}`, "--qemu-listen", "127.0.0.1:0"]);
+    await using vm = await attachVm(relay);
+    // One write: the relay forwards them in one turn, so they leave in one batch.
+    const frames = Array.from({ length: 20 }, (_, i) => makeFrame(BROADCAST, "02:00:00:00:42:01", `frame ${String(i).padStart(2, "0")}`));
+    vm.send(...frames);
+    const udpPort = async () => (await relay.status()).networks[0].ports.find((p: any) => p.kind === "qemu-udp");
+    const tx = await waitUntil(async () => {
+      const p = await udpPort();
+      return p.tx.frames + p.tx.drops === frames.length && p.tx;
+    }, "20 frames sent or dropped");
+    expect(tx.drops).toBeGreaterThan(0);
+    expect(tx.bytes).toBe(tx.frames * frames[0]!.length);
   });
 });
