@@ -1101,6 +1101,8 @@ function readLength(bytes: Uint8Array, at: number): number {
 export class FrameBatch {
   bytes: Uint8Array;
   used: number;
+  /** How far the last batch taken had grown: the next one starts there instead of doubling up to it again. */
+  #takenSize = 0;
   constructor(readonly header: Uint8Array = EMPTY) {
     this.bytes = header.length ? header.slice() : EMPTY;
     this.used = header.length;
@@ -1116,7 +1118,7 @@ export class FrameBatch {
       // Doubling, capped at a batch's size; a longer buffer (encodeFrames) keeps doubling, never
       // growing by one frame at a time, which would copy quadratically.
       const doubled = this.bytes.length * 2;
-      const grown = new Uint8Array(Math.max(need, need <= BATCH_BYTES ? Math.min(doubled, BATCH_BYTES) : doubled, 4096));
+      const grown = new Uint8Array(Math.max(need, need <= BATCH_BYTES ? Math.min(doubled, BATCH_BYTES) : doubled, 4096, this.#takenSize));
       grown.set(this.bytes.subarray(0, this.used));
       this.bytes = grown;
     }
@@ -1139,6 +1141,7 @@ export class FrameBatch {
   /** The batch so far, for keeping: the next append starts a new buffer. */
   take(): Uint8Array {
     const taken = this.view();
+    this.#takenSize = Math.min(this.bytes.length, BATCH_BYTES);
     this.bytes = this.header.length ? this.header.slice() : EMPTY;
     this.used = this.header.length;
     return taken;

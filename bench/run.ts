@@ -11,7 +11,8 @@
  *
  * Env: BENCH_SECONDS (throughput run length, default 5), BENCH_OVERLOAD_SECONDS (default 10),
  *      BENCH_SAMPLES (latency samples, default 3000), BENCH_UDP_RATE (paced UDP run, default 50000),
- *      BENCH_TCP_RATE (paced 1500 B TCP run, default 500000 = the target).
+ *      BENCH_TCP_RATE (paced 1500 B TCP run, default 500000 = the target),
+ *      BENCH_64K_RATE (a paced 64 KiB run too, frames/s: relay CPU per frame at a fixed load; default none).
  */
 import { existsSync } from "node:fs";
 import { RELAY, freePort, spawnRelay, waitUntil, type RelayProcess } from "../tests/helpers.ts";
@@ -21,6 +22,7 @@ const PEER = new URL("./peer.ts", import.meta.url).pathname;
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 5);
 const OVERLOAD_SECONDS = Number(process.env.BENCH_OVERLOAD_SECONDS ?? 10);
 const TCP_RATE = Number(process.env.BENCH_TCP_RATE ?? 500_000);
+const RATE_64K = Number(process.env.BENCH_64K_RATE ?? 0);
 const UDP_RATE = Number(process.env.BENCH_UDP_RATE ?? 50_000);
 const SAMPLES = Number(process.env.BENCH_SAMPLES ?? 3000);
 const TOKEN = "bench-token-" + Math.random().toString(36).slice(2);
@@ -941,7 +943,7 @@ for (const c of cases) {
   try {
     if (c === "tcp1500") await throughputCase(c, 1500, false, 500_000, TCP_RATE);
     else if (c === "tcp1500-observed") await observedCase();
-    else if (c === "tcp64k") await throughputCase(c, 65536, false);
+    else if (c === "tcp64k") await throughputCase(c, 65536, false, undefined, RATE_64K || undefined);
     else if (c === "udp") await throughputCase(c, 1500, true, undefined, UDP_RATE);
     else if (c === "latency") await latencyCase();
     else if (c === "fanout") await fanoutCase();

@@ -1,9 +1,11 @@
 import { describe, expect, test } from "bun:test";
+import fc from "fast-check";
 import {
   FrameBatch,
   MAX_FRAME,
   MSG_CONTROL,
   StreamDecoder,
+  StreamWriter,
   dataHeader,
   decodeTunnelMessage,
   encodeControl,
@@ -71,6 +73,60 @@ describe("StreamDecoder", () => {
     const d = new StreamDecoder();
     d.push(wire.subarray(0, 10), () => {});
     expect(d.buffered).toBe(6);
+  });
+});
+
+describe("StreamWriter", () => {
+  /**
+   * A socket that takes a random share of each write (sometimes nothing) and drains at random: what
+   * reaches it is every frame, in order, length-prefixed, and no frame's buffer was changed.
+   */
+  test("delivers frames of every size in order through partial writes, leaving their buffers as they were", () => {
+    const pushArb = fc.record({
+      length: fc.oneof(fc.integer({ min: 1, max: 2000 }), fc.integer({ min: 2000, max: MAX_FRAME })),
+      offset: fc.integer({ min: 0, max: 9 }),
+      drain: fc.boolean(),
+    });
+    const sharesArb = fc.array(fc.double({ min: 0, max: 1, noNaN: true }), { minLength: 1, maxLength: 16 });
+    fc.assert(
+      fc.property(fc.array(pushArb, { minLength: 1, maxLength: 24 }), sharesArb, (pushes, shares) => {
+        const out: Uint8Array[] = [];
+        let w = 0;
+        let draining = false;
+        const writer = new StreamWriter((data) => {
+          const share = shares[w++ % shares.length]!;
+          const n = draining ? Math.ceil(data.length * Math.max(share, 0.5)) : Math.floor(data.length * share);
+          out.push(data.slice(0, n));
+          return n;
+        }, Infinity);
+        const sent: Uint8Array[] = [];
+        const buffers: [Uint8Array, Uint8Array][] = [];
+        let serial = 0;
+        for (const { length, offset, drain } of pushes) {
+          const buffer = Uint8Array.from({ length: offset + length + 3 }, () => serial++ & 0xff);
+          buffers.push([buffer, buffer.slice()]);
+          const frame = buffer.subarray(offset, offset + length);
+          expect(writer.push(frame)).toBe(true);
+          sent.push(frame.slice());
+          if (drain) writer.drain();
+        }
+        writer.flush();
+        draining = true;
+        for (let i = 0; writer.queued > 0; i++) {
+          if (i > 1_000) throw new Error("the writer never emptied");
+          writer.drain();
+        }
+        for (const [buffer, copy] of buffers) expect(buffer).toEqual(copy);
+        const wire = new Uint8Array(out.reduce((n, c) => n + c.length, 0));
+        let at = 0;
+        for (const c of out) {
+          wire.set(c, at);
+          at += c.length;
+        }
+        expect(wire).toEqual(encodeFrames(sent));
+      }),
+      { numRuns: 300 },
+    );
   });
 });
 
