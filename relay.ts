@@ -3909,12 +3909,20 @@ async function openUdp(address: HostPort, onDatagram: OnDatagram, onError: (erro
   const batchArgs: (Uint8Array | number | string)[] = [];
   const batchStats: (PortStats | undefined)[] = [];
   let flushing = false;
+  /** How many of the queued datagrams from index `from` on the kernel took; a throw counts as a refusal, since no port's send is left to catch it. */
+  function sendSome(from: number): number {
+    try {
+      return socket.sendMany(from === 0 ? batchArgs : batchArgs.slice(from * 3));
+    } catch {
+      return 0;
+    }
+  }
   function flushSends(): void {
     flushing = false;
     const frames = batchStats.length;
     let at = 0;
     while (at < frames) {
-      at += socket.closed ? 0 : socket.sendMany(at === 0 ? batchArgs : batchArgs.slice(at * 3));
+      at += socket.closed ? 0 : sendSome(at);
       // Short: the datagram at `at` was refused (a peer gone, or the socket closed); the rest may still go.
       if (at < frames) {
         const stats = batchStats[at];
