@@ -15,6 +15,9 @@
  * # hub (public host) and two sites behind NAT
  * RELAY_TOKENS=site-secret-change-me RELAY_ADMIN_TOKEN=admin-secret-change-me bun relay.ts --http 0.0.0.0:8080
  * RELAY_UPLINK_TOKEN=site-secret-change-me bun relay.ts --qemu-listen 127.0.0.1:10000 --uplink ws://hub.example:8080
+ *
+ * # several hubs that share their networks through NATS, sites spread over them by a load balancer
+ * RELAY_TOKENS=site-secret-change-me RELAY_ADMIN_TOKEN=admin-secret-change-me bun relay.ts --http 0.0.0.0:8080 --backplane nats://nats.example:4222
  * ```
  *
  * Attach a VM (QEMU ≥ 7.2, or the older `-netdev socket` form):
@@ -47,6 +50,7 @@ import { dlopen, FFIType, read } from "bun:ffi";
 import { timingSafeEqual } from "node:crypto";
 import { checkServerIdentity, type PeerCertificate } from "node:tls";
 import type { Server, ServerWebSocket, Socket, udp } from "bun";
+import { connect as natsConnect, credsAuthenticator, headers as natsHeaders, nkeyAuthenticator, type Msg, type MsgHdrs, type NatsConnection, type Subscription } from "@nats-io/transport-node";
 import { Hono } from "hono";
 import * as v from "valibot";
 
@@ -99,10 +103,10 @@ const TUNNEL_IDLE_SECONDS = 60;
 const CLOCK_TICK_MS = 100;
 const UPLINK_BACKOFF_MIN_MS = 250;
 const UPLINK_BACKOFF_MAX_MS = 30_000;
-/** Doublings from the shortest backoff to the longest. */
-const UPLINK_BACKOFF_STEPS = Math.ceil(Math.log2(UPLINK_BACKOFF_MAX_MS / UPLINK_BACKOFF_MIN_MS));
 const DIAL_BACKOFF_MIN_MS = 100;
 const DIAL_BACKOFF_MAX_MS = 5_000;
+const BACKPLANE_BACKOFF_MIN_MS = 250;
+const BACKPLANE_BACKOFF_MAX_MS = 5_000;
 const DEFAULT_HTTP = "127.0.0.1:8080";
 const DEFAULT_QEMU_LISTEN = "127.0.0.1:10000";
 const NETWORK_NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
@@ -695,11 +699,60 @@ const V86RateSchema = v.pipe(
   }),
 );
 
+/** Why a --backplane server is not one, without quoting it when it holds a credential. */
+function backplaneUrlProblem(text: string): string | undefined {
+  if (/^[a-z]+:\/\/[^/]*@/i.test(text)) return "credentials do not go in the URL (status and logs show it): use --backplane-token or --backplane-creds";
+  const shape = `expected nats://HOST:PORT or tls://HOST:PORT, got ${JSON.stringify(text)}`;
+  let url: URL;
+  try {
+    url = new URL(text);
+  } catch {
+    return shape;
+  }
+  if (!/^(nats|tls):$/.test(url.protocol) || !url.hostname || (url.pathname !== "" && url.pathname !== "/") || url.search || url.hash) return shape;
+  return undefined;
+}
+
+/** --backplane: repeatable, and each may list several servers separated by commas. */
+const BackplaneServers = v.optional(
+  v.pipe(
+    v.array(v.string("expected nats://HOST:PORT"), "expected an array of nats://HOST:PORT URLs"),
+    v.rawTransform(({ dataset, addIssue, NEVER }) => {
+      const urls = dataset.value.flatMap((text) => text.split(",")).map((text) => text.trim()).filter((text) => text !== "");
+      for (const text of urls) {
+        const problem = backplaneUrlProblem(text);
+        if (problem === undefined) continue;
+        addIssue({ message: problem });
+        return NEVER;
+      }
+      return urls;
+    }),
+  ),
+  [],
+);
+
+/** --backplane-creds: a NATS credentials file (user JWT and NKey seed), or an NKey seed alone. */
+const NatsCredentials = v.pipe(
+  PemFile,
+  v.rawTransform(({ dataset, addIssue, NEVER }) => {
+    const { path, text } = dataset.value;
+    if (text.includes("-----BEGIN NATS USER JWT-----")) return { path, kind: "creds" as const, text };
+    const seed = /^\s*(SU[A-Z2-7]{50,})\s*$/m.exec(text)?.[1];
+    if (seed !== undefined) return { path, kind: "seed" as const, text: seed };
+    addIssue({ message: `${path} is neither a NATS credentials file nor an NKey seed (SU…)` });
+    return NEVER;
+  }),
+);
+
+/** A relay's name or a backplane cluster's: what a network name may be. */
+const Name = v.pipe(v.string("expected a name"), v.regex(NETWORK_NAME, "expected letters, digits, '.', '_' or '-' (at most 64)"));
+
 type OptionGroup = keyof typeof OPTION_GROUPS;
 
 const OPTION_GROUPS = {
   qemu: "QEMU ports (repeatable). ADDR is HOST:PORT, [IPv6]:PORT, unix:PATH or unix:@ABSTRACT_NAME:",
   tunnel: "Tunnel:",
+  backplane: "Backplane (hubs that share networks through NATS; see the README):",
   http: "HTTP (status, metrics, tunnel endpoint):",
   v86: "v86 browser VMs (GET /v86/NETWORK?token=… upgraded to a WebSocket; tokens as for tunnels):",
   switch: "Switch:",
@@ -771,7 +824,7 @@ export const OPTIONS = {
   uplinkToken: { arg: "SECRET", env: "RELAY_UPLINK_TOKEN", group: "tunnel", schema: v.optional(Secret), help: "the token for --uplink; also RELAY_UPLINK_TOKEN" },
   name: {
     arg: "NAME", group: "tunnel",
-    schema: v.optional(v.pipe(v.string("expected a name"), v.regex(NETWORK_NAME, "expected letters, digits, '.', '_' or '-' (at most 64)"))),
+    schema: v.optional(Name),
     help: "this relay's name in the hub's logs and status (the host name)",
   },
   keepalive: { arg: "SECONDS", numeric: true, group: "tunnel", schema: v.optional(Seconds, 10), help: "uplink ping interval; no answer for 3 intervals redials" },
@@ -787,6 +840,20 @@ export const OPTIONS = {
     schema: v.optional(v.pipe(v.string("expected an http:// proxy URL"), v.check((u) => parseProxyUrl(u) !== undefined, "expected http://[USER:PASSWORD@]HOST:PORT"))),
     help: "dial the uplink through this HTTP proxy (CONNECT); without it\nHTTPS_PROXY (wss://) or HTTP_PROXY (ws://) apply; none is used\nwhen NO_PROXY names the hub",
   },
+  backplane: {
+    arg: "URL[,URL…]", multiple: true, group: "backplane", schema: BackplaneServers,
+    help: "share networks with the other hubs on these NATS servers\n(nats://HOST:PORT or tls://HOST:PORT): each network with a port\nhere gets one backplane port; /healthz is 503 while NATS is down",
+  },
+  backplaneCluster: {
+    arg: "NAME", group: "backplane", schema: v.optional(Name, "default"),
+    help: "hubs with the same NAME share networks, on subjects\nedge-relay.NAME.NETWORK",
+  },
+  backplaneToken: { arg: "SECRET", env: "RELAY_BACKPLANE_TOKEN", group: "backplane", schema: v.optional(Secret), help: "the NATS server's token; also RELAY_BACKPLANE_TOKEN" },
+  backplaneCreds: {
+    arg: "FILE", group: "backplane", schema: v.optional(NatsCredentials),
+    help: "a NATS credentials file (user JWT and NKey seed), or an NKey\nuser's seed alone (SU…)",
+  },
+  backplaneCa: { arg: "FILE", group: "backplane", schema: v.optional(PemFile), help: "trust this CA (PEM) for the NATS servers instead of the system's" },
   http: { arg: "HOST:PORT", group: "http", schema: v.optional(HttpAddress, DEFAULT_HTTP), help: "listen address" },
   adminToken: {
     arg: "SECRET", env: "RELAY_ADMIN_TOKEN", group: "http", schema: v.optional(AcceptedSecret),
@@ -883,6 +950,14 @@ export const ConfigSchema = v.pipe(
     v.check((c) => c.uplink === undefined || c.uplinkToken !== undefined, "required with --uplink (or set RELAY_UPLINK_TOKEN)"),
     ["uplinkToken"],
   ),
+  v.forward(v.check((c) => !(c.backplaneToken && c.backplaneCreds), "--backplane-token and --backplane-creds exclude each other"), ["backplaneCreds"]),
+  v.rawCheck(({ dataset, addIssue }) => {
+    if (!dataset.typed || dataset.value.backplane.length > 0) return;
+    for (const key of ["backplaneToken", "backplaneCreds", "backplaneCa"] as const) {
+      if (dataset.value[key] === undefined) continue;
+      addIssue({ message: "only means something with --backplane", path: [{ type: "object", origin: "value", input: dataset.value, key, value: dataset.value[key] }] });
+    }
+  }),
   v.forward(
     v.check((c) => isLoopback(c.http.host) || c.adminToken !== undefined, "required when --http is not a loopback address"),
     ["adminToken"],
@@ -994,8 +1069,35 @@ export function rateLimitedLog(write: (line: string) => void, burst: number, win
   };
 }
 
+/**
+ * When to try again after a failed dial: doubling from `minMs` to `maxMs`, each wait drawn from its
+ * upper half so many dialers that failed together (a hub restart) do not come back together. One
+ * helper for every dialer: the uplink, --qemu-connect, the backplane's first connection.
+ */
+export class Backoff {
+  #failures = 0;
+  constructor(
+    readonly minMs: number,
+    readonly maxMs: number,
+  ) {}
+
+  next(): number {
+    const ceiling = Math.min(this.maxMs, this.minMs * 2 ** this.#failures++);
+    return ceiling / 2 + (Math.random() * ceiling) / 2;
+  }
+
+  reset(): void {
+    this.#failures = 0;
+  }
+
+  /** A failure that retrying soon cannot mend (a wrong token): the longest wait from now on. */
+  exhaust(): void {
+    this.#failures = Math.ceil(Math.log2(this.maxMs / this.minMs));
+  }
+}
+
 /** Keys whose values are credentials: no message may quote them. */
-const SECRET_KEYS = new Set(["tokens", "uplinkToken", "adminToken"]);
+const SECRET_KEYS = new Set(["tokens", "uplinkToken", "adminToken", "backplaneToken"]);
 
 /** Validates raw options (the config file's shape); throws a one-line ConfigError naming the option. */
 export function parseConfig(input: unknown): Config {
@@ -2404,6 +2506,59 @@ export class StreamWriter {
   }
 }
 
+/**
+ * A port whose frames leave as messages: those of one event-loop turn are batched behind a header
+ * (a tunnel's data message, a backplane message, at most `maxBytes`) and sent as one.
+ */
+export abstract class BatchedPort extends Port {
+  readonly #batch: FrameBatch;
+  #frames = 0;
+  #scheduled = false;
+
+  constructor(
+    kind: string,
+    peer: string,
+    header: Uint8Array,
+    private readonly maxBytes: number,
+  ) {
+    super(kind, peer, true);
+    this.#batch = new FrameBatch(header);
+  }
+
+  /** Room for `bytes` more in whatever bounds this port's queue. */
+  protected abstract reserve(bytes: number): boolean;
+
+  /** Sends the batch, `reserved` bytes of frames; false when all of it was dropped. */
+  protected abstract sendBatch(batch: FrameBatch, reserved: number, frames: number): boolean;
+
+  protected enqueue(frame: Uint8Array): boolean {
+    const need = 4 + frame.length;
+    if (this.#batch.used + need > this.maxBytes) this.flush();
+    if (!this.reserve(need)) return false;
+    this.#batch.append(frame);
+    this.#frames++;
+    if (!this.#scheduled) {
+      this.#scheduled = true;
+      setImmediate(this.flush);
+    }
+    return true;
+  }
+
+  readonly flush = (): void => {
+    this.#scheduled = false;
+    if (this.#batch.empty) return;
+    const frames = this.#frames;
+    const bytes = this.#batch.used - this.#batch.header.length;
+    this.#frames = 0;
+    if (!this.sendBatch(this.#batch, bytes, frames)) {
+      // Counted as handed over when queued; the whole message was refused.
+      this.stats.txFrames -= frames;
+      this.stats.txBytes -= bytes - 4 * frames;
+      this.stats.txDrops += frames;
+    }
+  };
+}
+
 // ───────────────────────────── tunnel & auth ─────────────────────────────
 
 export interface Grant {
@@ -2472,51 +2627,26 @@ export interface TunnelSocket {
 }
 
 /** One network carried over a tunnel: a port whose frames are batched into data messages. */
-export class TunnelPort extends Port {
-  readonly #batch: FrameBatch;
-  #frames = 0;
-  #scheduled = false;
-
+export class TunnelPort extends BatchedPort {
   constructor(
     kind: string,
     peer: string,
     private readonly link: TunnelLink,
     readonly channel: number,
   ) {
-    super(kind, peer, true);
-    this.#batch = new FrameBatch(dataHeader(channel));
+    super(kind, peer, dataHeader(channel), BATCH_BYTES);
   }
 
-  protected enqueue(frame: Uint8Array): boolean {
-    if (this.state === "closed" || this.link.closed) return false;
-    const need = 4 + frame.length;
-    if (this.#batch.used + need > BATCH_BYTES) this.flush();
-    if (!this.link.reserve(need)) return false;
-    this.#batch.append(frame);
-    this.#frames++;
-    if (!this.#scheduled) {
-      this.#scheduled = true;
-      setImmediate(this.flush);
-    }
-    return true;
+  protected reserve(bytes: number): boolean {
+    return this.state !== "closed" && !this.link.closed && this.link.reserve(bytes);
   }
 
-  /** Sends the batch as one message (both Bun WebSocket ends copy it, so the buffer is reused). */
-  readonly flush = (): void => {
-    this.#scheduled = false;
-    if (this.#batch.empty) return;
-    const frames = this.#frames;
-    const bytes = this.#batch.used - this.#batch.header.length;
-    this.#frames = 0;
-    const sent = this.link.sendData(this.#batch.view(), bytes);
-    this.#batch.reset();
-    if (!sent) {
-      // Counted as handed over when queued; the socket refused the whole message.
-      this.stats.txFrames -= frames;
-      this.stats.txBytes -= bytes - 4 * frames;
-      this.stats.txDrops += frames;
-    }
-  };
+  /** One data message (both Bun WebSocket ends copy it, so the buffer is reused). */
+  protected sendBatch(batch: FrameBatch, reserved: number): boolean {
+    const sent = this.link.sendData(batch.view(), reserved);
+    batch.reset();
+    return sent;
+  }
 }
 
 /** Where v86 NICs (and clients speaking their framing) connect: `GET /v86/NETWORK`, upgraded. */
@@ -3228,6 +3358,16 @@ export function tunnelUrl(base: string): URL {
   return url;
 }
 
+/**
+ * The URL one dial uses: the networks it offers in the query (`?networks=lab,dev`), so a load
+ * balancer in front of several hubs can keep a network's sites on one hub (HAProxy's
+ * `balance url_param networks`). Only an optimisation: the hello is what attaches networks.
+ */
+export function dialUrl(url: URL, networks: Iterable<string>): string {
+  const names = [...networks].join(",");
+  return names ? `${url.href}?networks=${names}` : url.href;
+}
+
 /** What a hub's HTTP answer instead of an upgrade means, and whether retrying soon can help. */
 const DIAL_REFUSALS: Record<string, [why: string, final: boolean]> = {
   "400": ["the hub does not speak edge-relay.v1 (400): is it an edge-relay?", true],
@@ -3267,7 +3407,7 @@ export class Uplink {
   #offered = new Map<string, number>();
   /** Networks the hub refused on the current tunnel: not offered again until the next dial. */
   #declined = new Set<string>();
-  #failures = 0;
+  readonly #backoff = new Backoff(UPLINK_BACKOFF_MIN_MS, UPLINK_BACKOFF_MAX_MS);
   #timer: ReturnType<typeof setTimeout> | undefined;
   #deadline: ReturnType<typeof setTimeout> | undefined;
   #keepalive: ReturnType<typeof setInterval> | undefined;
@@ -3337,7 +3477,8 @@ export class Uplink {
     this.status.nextDial = undefined;
     this.#setState("connecting");
     const proxy = this.options.proxy;
-    const ws = new WebSocket(this.url.href, {
+    const wanted = this.#wanted();
+    const ws = new WebSocket(dialUrl(this.url, wanted.keys()), {
       headers: { Authorization: `Bearer ${this.options.token}` },
       protocols: [TUNNEL_PROTOCOL],
       perMessageDeflate: false,
@@ -3352,7 +3493,6 @@ export class Uplink {
       buffered: () => ws.bufferedAmount,
       close: (code, reason) => ws.close(code, reason),
     };
-    const wanted = this.#wanted();
     const link = new TunnelLink(socket, "uplink", this.status.url, this.options.limit, this.options.budget, this.log, {
       onAnswer: (l, accepted, refused, welcome) => this.#answered(l, accepted, refused, welcome),
     }, this.countError);
@@ -3376,7 +3516,7 @@ export class Uplink {
     // One that cannot succeed by retrying soon (a wrong token) backs off to the longest wait at once.
     ws.onclose = (event) => {
       const explained = failure === undefined ? undefined : explainDialFailure(failure);
-      if (explained?.final) this.#failures = UPLINK_BACKOFF_STEPS;
+      if (explained?.final) this.#backoff.exhaust();
       this.#lost(ws, link, explained?.why ?? `closed (${event.code}${event.reason ? ` ${event.reason}` : ""})`);
     };
     this.#keepalive ??= setInterval(() => this.#tick(), this.options.keepaliveMs);
@@ -3408,7 +3548,7 @@ export class Uplink {
     const shown = refused.map((r) => `${r.network} (${r.reason})`).join(", ");
     if (welcome) {
       clearTimeout(this.#deadline);
-      this.#failures = 0;
+      this.#backoff.reset();
       this.status.connects++;
       this.status.hub = link.remoteName ?? link.remoteId;
       this.#setState("up");
@@ -3456,15 +3596,10 @@ export class Uplink {
     this.status.networks = [];
     if (this.#stopped) return;
     this.#setState("down", why);
-    const delay = this.#backoff();
+    const delay = this.#backoff.next();
     this.status.nextDial = new Date(Date.now() + delay).toISOString();
     this.#logChange(`uplink: ${this.status.url}: ${why}; retrying with backoff`, true);
     this.#timer = setTimeout(() => this.#dial(), delay);
-  }
-
-  #backoff(): number {
-    const ceiling = Math.min(UPLINK_BACKOFF_MAX_MS, UPLINK_BACKOFF_MIN_MS * 2 ** this.#failures++);
-    return ceiling / 2 + (Math.random() * ceiling) / 2;
   }
 
   /** Pings the hub; one that has not been heard from for three intervals is closed and redialled. */
@@ -3488,6 +3623,319 @@ export class Uplink {
     this.#link?.detachAll();
     this.#ws?.close(1001, "relay stopping");
   }
+}
+
+// ───────────────────────────── backplane (NATS) ─────────────────────────────
+
+/** The NATS header that names the hub a backplane message came from. */
+export const BACKPLANE_HUB_HEADER = "Edge-Relay-Hub";
+/** One backplane message at most: well under NATS's default max_payload (1 MiB). */
+const BACKPLANE_MESSAGE_BYTES = 256 * 1024;
+
+/**
+ * The subject a network's frames travel on: `edge-relay.CLUSTER.NETWORK`. A '.' in a name would split
+ * it into two subject tokens; names never hold '~', so writing '.' as '~' keeps subjects one-to-one.
+ */
+export function backplaneSubject(cluster: string, network: string): string {
+  return `edge-relay.${cluster.replaceAll(".", "~")}.${network.replaceAll(".", "~")}`;
+}
+
+export interface BackplaneOptions {
+  servers: string[];
+  cluster: string;
+  token?: string;
+  /** A NATS credentials file, or an NKey user's seed. */
+  creds?: { kind: "creds" | "seed"; text: string };
+  ca?: string;
+  identity: RelayIdentity;
+  /** Bytes this hub may have on their way to NATS; beyond it frames drop (counted). */
+  limit: number;
+  /** Deadline for connecting to a server. */
+  handshakeMs: number;
+  log: Logger;
+  countError(): void;
+}
+
+export interface BackplaneStatus {
+  servers: string[];
+  cluster: string;
+  state: "connecting" | "up" | "down" | "closed";
+  since: string;
+  /** The server it is connected to. */
+  server: string | undefined;
+  lastError: string | undefined;
+  connects: number;
+  messagesIn: number;
+  messagesOut: number;
+  bytesIn: number;
+  bytesOut: number;
+  /** Frames not published: NATS was down, or too much was still on its way. */
+  drops: number;
+  /** Messages from other hubs that did not decode (dropped). */
+  errors: number;
+}
+
+export interface BackplaneSnapshot extends BackplaneStatus {
+  /** Networks subscribed to: those with a port on this hub. */
+  networks: string[];
+}
+
+/**
+ * One network's share of the backplane: what the switch forwards to it is published to the network's
+ * subject, batched per event-loop turn in the tunnel's data framing; what other hubs publish there
+ * comes in through it. One port stands for every other hub, so their MACs are learned behind it, and
+ * a frame that came from the backplane never goes back into it.
+ */
+export class BackplanePort extends BatchedPort {
+  subscription: Subscription | undefined;
+  /** The server has the subscription: other hubs' messages for the network reach this hub. */
+  subscribed = false;
+
+  constructor(
+    private readonly backplane: Backplane,
+    readonly subject: string,
+  ) {
+    super("backplane", backplane.shown, dataHeader(0), BACKPLANE_MESSAGE_BYTES);
+    // Ranked below every tunnel: in a loop through a tunnel and the backplane, the tunnel is blocked.
+    this.linkRank = "";
+  }
+
+  protected reserve(bytes: number): boolean {
+    return this.backplane.reserve(bytes);
+  }
+
+  /** The client keeps the buffer until it has written it, so the batch hands it over. */
+  protected sendBatch(batch: FrameBatch, reserved: number, frames: number): boolean {
+    return this.backplane.publish(this.subject, batch.take(), reserved, frames);
+  }
+
+  /** A message another hub published: its frames enter the switch here. */
+  readonly deliver = (error: Error | null, message: Msg): void => {
+    if (error === null) this.backplane.received(this, message);
+  };
+
+  readonly frame = (_channel: number, frame: Uint8Array): void => this.receive(frame);
+}
+
+/** Control messages have no place on the backplane. */
+function noControl(control: ControlMessage): never {
+  throw new TypeError(`Cannot decode backplane message: unexpected ${control.type}`);
+}
+
+/**
+ * This hub's connection to NATS, and a port on every network that has a port here. The first
+ * connection is retried with the shared backoff; once connected, the NATS client reconnects by
+ * itself. While it is not connected frames for other hubs are dropped and counted (never buffered
+ * without bound), and local switching goes on.
+ */
+export class Backplane {
+  readonly status: BackplaneStatus;
+  /** The servers as status and logs show them. */
+  readonly shown: string;
+  readonly #ports = new Map<string, BackplanePort>();
+  readonly #backoff = new Backoff(BACKPLANE_BACKOFF_MIN_MS, BACKPLANE_BACKOFF_MAX_MS);
+  readonly #headers: MsgHdrs;
+  readonly #log: { log(line: string): void };
+  #nc: NatsConnection | undefined;
+  #timer: ReturnType<typeof setTimeout> | undefined;
+  #stopped = false;
+  /** Bytes batched this turn, and the client's backlog as last sampled. */
+  #batched = 0;
+  #backlog = 0;
+
+  constructor(readonly options: BackplaneOptions) {
+    this.shown = options.servers.join(",");
+    this.status = {
+      servers: options.servers,
+      cluster: options.cluster,
+      state: "connecting",
+      since: new Date().toISOString(),
+      server: undefined,
+      lastError: undefined,
+      connects: 0,
+      messagesIn: 0,
+      messagesOut: 0,
+      bytesIn: 0,
+      bytesOut: 0,
+      drops: 0,
+      errors: 0,
+    };
+    this.#headers = natsHeaders();
+    this.#headers.set(BACKPLANE_HUB_HEADER, options.identity.id);
+    this.#log = rateLimitedLog(options.log.warn, 5, 10_000);
+  }
+
+  get up(): boolean {
+    return this.status.state === "up";
+  }
+
+  start(): void {
+    void this.#connect();
+  }
+
+  #setState(state: BackplaneStatus["state"], error?: string): void {
+    if (this.status.state !== state) {
+      this.status.since = new Date().toISOString();
+      const why = error === undefined ? "" : `: ${error}`;
+      if (state === "up") this.options.log.info(`backplane: connected to ${this.status.server} (cluster ${this.options.cluster})`);
+      else if (state === "down") this.options.log.warn(`backplane: ${this.shown}${why}; frames for other hubs are dropped until it is back`);
+    }
+    this.status.state = state;
+    if (error !== undefined) this.status.lastError = error;
+  }
+
+  async #connect(): Promise<void> {
+    const o = this.options;
+    let nc: NatsConnection;
+    try {
+      nc = await natsConnect({
+        servers: o.servers,
+        name: o.identity.name,
+        // A hub never hears its own messages: the backplane cannot echo frames back.
+        noEcho: true,
+        timeout: o.handshakeMs,
+        maxReconnectAttempts: -1,
+        reconnectTimeWait: 1000,
+        reconnectJitter: 500,
+        pingInterval: 5000,
+        maxPingOut: 2,
+        ...(o.token !== undefined && { token: o.token }),
+        ...(o.creds !== undefined && {
+          authenticator: (o.creds.kind === "creds" ? credsAuthenticator : nkeyAuthenticator)(new TextEncoder().encode(o.creds.text)),
+        }),
+        ...((o.ca !== undefined || o.servers.some((s) => s.startsWith("tls:"))) && { tls: o.ca === undefined ? {} : { ca: o.ca } }),
+      });
+    } catch (error) {
+      if (this.#stopped) return;
+      this.#setState("down", describeError("cannot connect", error));
+      this.#timer = setTimeout(() => void this.#connect(), this.#backoff.next());
+      return;
+    }
+    if (this.#stopped) return void nc.close();
+    this.#nc = nc;
+    this.#backoff.reset();
+    this.status.connects++;
+    this.status.server = nc.getServer();
+    this.#setState("up");
+    for (const port of this.#ports.values()) this.#subscribe(port);
+    void this.#watch(nc);
+  }
+
+  /** Follows the client's own reconnects; a closed client (stop) ends it. */
+  async #watch(nc: NatsConnection): Promise<void> {
+    for await (const event of nc.status()) {
+      if (event.type === "disconnect") this.#setState("down", `lost ${event.server}`);
+      else if (event.type === "reconnect") {
+        this.status.connects++;
+        this.status.server = event.server;
+        this.#setState("up");
+      } else if (event.type === "error") this.status.lastError = describeError("NATS", event.error);
+    }
+  }
+
+  #subscribe(port: BackplanePort): void {
+    if (this.#nc === undefined || port.subscription !== undefined) return;
+    const nc = this.#nc;
+    port.subscription = nc.subscribe(port.subject, { callback: port.deliver });
+    nc.flush().then(
+      () => void (port.subscribed = port.subscription !== undefined),
+      () => undefined,
+    );
+  }
+
+  /** Gives `network` its backplane port (once). */
+  join(network: Network): void {
+    if (this.#stopped || this.#ports.has(network.name)) return;
+    const port = new BackplanePort(this, backplaneSubject(this.options.cluster, network.name));
+    this.#ports.set(network.name, port);
+    network.attach(port);
+    this.#subscribe(port);
+  }
+
+  /** The network has no port here any more: stop hearing it. */
+  leave(network: Network): void {
+    const port = this.#ports.get(network.name);
+    if (port === undefined) return;
+    this.#ports.delete(network.name);
+    port.subscription?.unsubscribe();
+    port.subscription = undefined;
+    port.subscribed = false;
+    network.detach(port, "no port on this hub uses the network");
+  }
+
+  snapshot(): BackplaneSnapshot {
+    const networks: string[] = [];
+    for (const [name, port] of this.#ports) if (port.subscribed) networks.push(name);
+    return { ...this.status, networks };
+  }
+
+  /**
+   * Room for `bytes` more: NATS is up and the client's backlog (its own buffer and the socket's),
+   * sampled once per event-loop turn, stays under the limit.
+   */
+  reserve(bytes: number): boolean {
+    if (!this.up) {
+      this.status.drops++;
+      return false;
+    }
+    if (this.#batched === 0) this.#backlog = natsBacklog(this.#nc);
+    if (this.#backlog + this.#batched + bytes > this.options.limit) {
+      this.status.drops++;
+      return false;
+    }
+    this.#batched += bytes;
+    return true;
+  }
+
+  /** False when the message could not be handed to the client (its frames are then dropped). */
+  publish(subject: string, message: Uint8Array, reserved: number, frames: number): boolean {
+    this.#batched = Math.max(0, this.#batched - reserved);
+    this.#backlog += reserved;
+    try {
+      if (!this.up) throw new Error("not connected");
+      this.#nc!.publish(subject, message, { headers: this.#headers });
+      this.status.messagesOut++;
+      this.status.bytesOut += message.length;
+      return true;
+    } catch {
+      this.status.drops += frames;
+      return false;
+    }
+  }
+
+  /** A message from another hub; one that does not decode is dropped, counted and logged. */
+  received(port: BackplanePort, message: Msg): void {
+    this.status.messagesIn++;
+    this.status.bytesIn += message.data.length;
+    try {
+      decodeTunnelMessage(message.data, noControl, port.frame);
+    } catch (error) {
+      this.status.errors++;
+      port.stats.errors++;
+      this.options.countError();
+      const hub = message.headers?.get(BACKPLANE_HUB_HEADER) ?? "";
+      const from = /^[0-9a-f]{16}$/.test(hub) ? ` from hub ${hub}` : "";
+      this.#log.log(`backplane ${port.network?.name ?? port.subject}: ${(error as Error).message}${from}; dropped`);
+    }
+  }
+
+  async stop(): Promise<void> {
+    this.#stopped = true;
+    clearTimeout(this.#timer);
+    this.status.state = "closed";
+    const nc = this.#nc;
+    this.#nc = undefined;
+    await nc?.close().catch(() => undefined);
+  }
+}
+
+/**
+ * What the NATS client holds that the server has not taken yet: its own buffer, filled between
+ * flushes and while reconnecting, and the socket's. Neither is public API; both are read defensively.
+ */
+function natsBacklog(nc: NatsConnection | undefined): number {
+  const protocol = (nc as { protocol?: { outbound?: { size(): number }; transport?: { socket?: { writableLength?: number } } } } | undefined)?.protocol;
+  return (protocol?.outbound?.size() ?? 0) + (protocol?.transport?.socket?.writableLength ?? 0);
 }
 
 // ───────────────────────────── QEMU ports ─────────────────────────────
@@ -3727,7 +4175,7 @@ export function dialStream(address: SocketAddress, ctx: StreamContext): { status
     if (status.state !== state) status.since = new Date().toISOString();
     status.state = state;
   };
-  let failures = 0;
+  const backoff = new Backoff(DIAL_BACKOFF_MIN_MS, DIAL_BACKOFF_MAX_MS);
   let timer: ReturnType<typeof setTimeout> | undefined;
   let socket: Socket<StreamPort> | undefined;
   let stopped = false;
@@ -3740,14 +4188,13 @@ export function dialStream(address: SocketAddress, ctx: StreamContext): { status
     if (stopped) return;
     if (status.state === "up") logChange(`qemu-connect ${ctx.network.name}: disconnected from ${target}; redialling`);
     setState("connecting");
-    const delay = Math.min(DIAL_BACKOFF_MAX_MS, DIAL_BACKOFF_MIN_MS * 2 ** failures++);
-    timer = setTimeout(dial, delay);
+    timer = setTimeout(dial, backoff.next());
   };
   const handlers = streamHandlers({ ...ctx, unixPeer: target, onClose: retry });
   const open = handlers.open;
   handlers.open = (s) => {
     open(s);
-    failures = 0;
+    backoff.reset();
     setState("up");
     logChange(`qemu-connect ${ctx.network.name}: connected to ${target}`);
   };
@@ -4211,6 +4658,7 @@ export interface Snapshot extends RelayCounters {
   startedAt: string;
   networks: ReturnType<Network["snapshot"]>[];
   uplink: UplinkStatus | null;
+  backplane: BackplaneSnapshot | null;
   dials: DialStatus[];
   /** Live captures and capture files: what they caught and what a slow reader lost. */
   captures: ReturnType<CaptureRegistry["snapshot"]>;
@@ -4275,6 +4723,13 @@ export function renderMetrics(s: Snapshot): string {
     metric(name, `Frames an impairment ${key === "rateDropped" ? "dropped for its rate limit" : key}.`, "counter", s.impairments.map((i) => [`{target="${i.target}"}`, i[key]]));
   }
   metric("edge_relay_uplink_up", "1 when the uplink is connected.", "gauge", s.uplink ? [["", s.uplink.state === "up" ? 1 : 0]] : []);
+  const bp = s.backplane;
+  metric("edge_relay_backplane_up", "1 when the NATS backplane is connected.", "gauge", bp ? [["", bp.state === "up" ? 1 : 0]] : []);
+  metric("edge_relay_backplane_messages_total", "Backplane messages, by direction.", "counter", bp ? [['{direction="in"}', bp.messagesIn], ['{direction="out"}', bp.messagesOut]] : []);
+  metric("edge_relay_backplane_bytes_total", "Backplane message bytes, by direction.", "counter", bp ? [['{direction="in"}', bp.bytesIn], ['{direction="out"}', bp.bytesOut]] : []);
+  metric("edge_relay_backplane_drops_total", "Frames not published to the backplane (NATS down or backlogged).", "counter", bp ? [["", bp.drops]] : []);
+  metric("edge_relay_backplane_errors_total", "Backplane messages from other hubs that did not decode.", "counter", bp ? [["", bp.errors]] : []);
+  metric("edge_relay_backplane_subscribed", "1 for each network this hub hears on the backplane.", "gauge", bp ? bp.networks.map((n) => [`{network="${n}"}`, 1]) : []);
   metric("edge_relay_uptime_seconds", "Seconds since the relay started.", "gauge", [["", s.uptime]]);
   return lines.join("\n") + "\n";
 }
@@ -5066,7 +5521,11 @@ export function createApp(ctx: AppContext) {
     });
   }
   app.get("/", (c) => c.html(PAGE_HTML, 200, pageHeaders));
-  app.get("/healthz", (c) => c.text("ok\n"));
+  // A load balancer's check: a hub whose backplane is down cannot reach the other hubs' sites.
+  app.get("/healthz", (c) => {
+    const bp = ctx.snapshot(0).backplane;
+    return bp && bp.state !== "up" ? c.text(`backplane ${bp.state}\n`, 503) : c.text("ok\n");
+  });
   app.get("/status", (c) => {
     const macs = c.req.query("macs");
     return c.json(ctx.snapshot(macs === "all" ? Infinity : macs !== undefined && /^\d+$/.test(macs) ? Number(macs) : MAC_LIST_LIMIT));
@@ -5300,10 +5759,26 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
       uplink?.sync();
     });
   };
+  const backplane =
+    config.backplane.length === 0
+      ? undefined
+      : new Backplane({
+          servers: config.backplane,
+          cluster: config.backplaneCluster,
+          token: config.backplaneToken,
+          creds: config.backplaneCreds,
+          ca: config.backplaneCa?.text,
+          identity,
+          limit: config.queueBytes,
+          handshakeMs: config.handshakeTimeout * 1000,
+          log,
+          countError,
+        });
   const network = (name: string): Network => {
     let n = networks.get(name);
     if (!n) {
       networks.set(name, (n = new Network(name, policy)));
+      backplane?.join(n);
       networksChanged();
     }
     return n;
@@ -5327,13 +5802,15 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
     log,
     network: remoteNetwork,
     released() {
-      // Networks that only tunnels brought into being go when the last port other than the uplink does.
+      // Networks that only tunnels brought into being go when the last port other than the uplink
+      // and the backplane does.
       for (const [name, n] of networks) {
         if (configured.has(name)) continue;
         let used = false;
-        for (const port of n.ports) if (port.kind !== "uplink") used = true;
+        for (const port of n.ports) if (port.kind !== "uplink" && port.kind !== "backplane") used = true;
         if (!used) {
           networks.delete(name);
+          backplane?.leave(n);
           networksChanged();
         }
       }
@@ -5366,6 +5843,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
     startedAt: new Date(startedAt).toISOString(),
     networks: [...networks.values()].map((n) => n.snapshot(macs)),
     uplink: uplink ? { ...uplink.status } : null,
+    backplane: backplane ? backplane.snapshot() : null,
     dials: dialers.map((d) => ({ ...d.status })),
     captures: [...captures.snapshot(), ...captureFiles.map((f) => f.snapshot())],
     impairments: impairments.snapshot(),
@@ -5412,6 +5890,10 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
     stoppers.push(() => void server.stop(true));
     const httpUrl = `${config.tlsCert ? "https" : "http"}://${formatHostPort({ host: config.http.host, port: server.port! })}`;
     bound.push({ what: "http", address: httpUrl });
+    if (backplane) {
+      backplane.start();
+      stoppers.push(() => backplane.stop());
+    }
 
     // Before the first accept: the limit decides how many QEMU connections fit.
     const fdLimit = raiseFdLimit();

@@ -1,7 +1,8 @@
 /**
  * `npm run bench` = `bun bench/run.ts [case ...] [--json FILE]`
  *
- * Cases (all by default): selftest tcp1500 tcp1500-observed local tcp64k udp latency fanout memory.
+ * Cases (all by default): selftest tcp1500 tcp1500-observed local tcp64k udp latency fanout memory backplane.
+ * (`backplane`: site A → hub 1 → NATS → hub 2 → site B against the single-hub chain, 1500 B.)
  * (`tcp1500-observed`: the tcp1500 chain plain, with a live capture on site A read flat out, and
  * with `--impair uplink=delay 1ms` on site A; ratios to the plain runs of the same run.)
  * (`local`: one relay as a plain switch, gen and sink on the same --qemu-listen: the switch's own cost
@@ -14,7 +15,7 @@
  *      BENCH_TCP_RATE (paced 1500 B TCP run, default 500000 = the target).
  */
 import { existsSync } from "node:fs";
-import { RELAY, freePort, spawnRelay, waitUntil, type RelayProcess } from "../tests/helpers.ts";
+import { RELAY, freePort, spawnRelay, startNats, waitUntil, type RelayProcess } from "../tests/helpers.ts";
 import { openTunnels } from "./tunnels.ts";
 
 const PEER = new URL("./peer.ts", import.meta.url).pathname;
@@ -33,7 +34,7 @@ for (let i = 0; i < argv.length; i++) {
   if (argv[i] === "--json") jsonOut = argv[++i];
   else wanted.push(argv[i]!);
 }
-const ALL = ["selftest", "tcp1500", "tcp1500-observed", "local", "tcp64k", "udp", "latency", "fanout", "memory"];
+const ALL = ["selftest", "tcp1500", "tcp1500-observed", "local", "tcp64k", "udp", "latency", "fanout", "memory", "backplane"];
 for (const w of wanted) if (!ALL.includes(w)) throw new Error(`unknown case ${w}; cases: ${ALL.join(" ")}`);
 const cases = wanted.length ? wanted : ALL;
 const haveRelay = existsSync(RELAY);
@@ -842,6 +843,73 @@ async function memoryCase() {
   }
 }
 
+/**
+ * Two hubs sharing the network through a local nats-server: site A → hub 1 → NATS → hub 2 → site B,
+ * unpaced 1500 B, against the single-hub chain (site A → hub → site B) in the same run.
+ */
+async function backplaneCase() {
+  const label = "backplane 1500 B";
+  if (!haveRelay) return row({ case: label, metric: "frames/s", chain: "relay.ts missing" });
+  const listen = ["--qemu-listen", `${HOST}:0`];
+  const flowThrough = async (a: RelayProcess, b: RelayProcess, relays: Record<string, RelayProcess>, others?: Record<string, number>) =>
+    runFlow({ gen: ["--tcp-connect", `${HOST}:${a.port("qemu-listen")}`], sink: ["--tcp-connect", `${HOST}:${b.port("qemu-listen")}`] }, { size: 1500, seconds: SECONDS, relays, others });
+  const single = await startChain(listen, listen);
+  let one: Flow;
+  try {
+    one = await flowThrough(single.a, single.b, { A: single.a, hub: single.hub, B: single.b });
+  } finally {
+    await single.stop();
+  }
+  await using nats = await startNats();
+  const started: RelayProcess[] = [];
+  let two: Flow;
+  try {
+    const hubArgs = ["--http", `${HOST}:0`, "--token", TOKEN, "--backplane", nats.url];
+    const hub1 = await spawnRelay(hubArgs, relayOptions("hub1"));
+    started.push(hub1);
+    const hub2 = await spawnRelay(hubArgs, relayOptions("hub2"));
+    started.push(hub2);
+    const a = await spawnRelay(["--http", `${HOST}:0`, ...listen, "--uplink", uplinkUrl(hub1), "--uplink-token", TOKEN], relayOptions("A"));
+    started.push(a);
+    const b = await spawnRelay(["--http", `${HOST}:0`, ...listen, "--uplink", uplinkUrl(hub2), "--uplink-token", TOKEN], relayOptions("B"));
+    started.push(b);
+    await waitUntil(async () => {
+      const [s1, s2] = [(await hub1.status()).backplane, (await hub2.status()).backplane];
+      return s1.networks.includes("default") && s2.networks.includes("default");
+    }, "both hubs subscribed to the network", 15_000);
+    two = await flowThrough(a, b, { A: a, hub1, hub2, B: b }, { nats: nats.proc.pid });
+  } finally {
+    await Promise.all(started.map((r) => r.stop()));
+  }
+  json.backplane = { single: one, backplane: two };
+  const ok = two.reordered + two.dup + two.corrupt === 0;
+  row({
+    case: label,
+    metric: "frames/s unpaced: single hub → two hubs over NATS",
+    direct: si(one.fps),
+    chain: si(two.fps),
+    ratio: f2(two.fps / one.fps),
+    target: "≥ 0.50, 0 reord/corrupt",
+    result: pass(two.fps / one.fps >= 0.5 && ok),
+  });
+  row({
+    case: label,
+    metric: "lost/reord/corrupt (relay drops)",
+    direct: `${errs(one)} (${dropsText(one)})`,
+    chain: `${errs(two)} (${dropsText(two)})`,
+    target: "lost = relay drops",
+    result: pass(two.lost === two.relayDrops && ok),
+  });
+  if (two.path) row({ case: label, metric: "path", chain: two.path });
+  const perM = (f: Flow, k: string) => (f.received ? (f.cpu[k]! / f.received) * 1e6 : NaN);
+  row({
+    case: label,
+    metric: "relay CPU µs/frame delivered",
+    direct: ["A", "hub", "B"].map((k) => `${k} ${f2(perM(one, k))}`).join(", "),
+    chain: ["A", "hub1", "hub2", "B", "nats"].map((k) => `${k} ${f2(perM(two, k))}`).join(", "),
+  });
+}
+
 // ------------------------------------------------------------------------------------ main
 const loadavg = () => require("node:fs").readFileSync("/proc/loadavg", "utf8").split(" ").slice(0, 3).join(" ");
 /** Other CPU-heavy programs (the machine is shared): QEMU guests and the like, by name. */
@@ -873,6 +941,7 @@ for (const c of cases) {
     else if (c === "local") await localCase();
     else if (c === "selftest") await selftestCase();
     else if (c === "memory") await memoryCase();
+    else if (c === "backplane") await backplaneCase();
   } catch (e) {
     console.error(`case ${c} failed: ${e}`);
     row({ case: c, metric: "error", chain: String(e).split("\n")[0]!.slice(0, 120) });
