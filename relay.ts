@@ -1203,6 +1203,8 @@ function readLength(bytes: Uint8Array, at: number): number {
 export class FrameBatch {
   bytes: Uint8Array;
   used: number;
+  /** The size of the last batch taken: the next one is likely as big, so it starts that big. */
+  #taken = 0;
   constructor(readonly header: Uint8Array = EMPTY) {
     this.bytes = header.length ? header.slice() : EMPTY;
     this.used = header.length;
@@ -1217,7 +1219,7 @@ export class FrameBatch {
     if (need > this.bytes.length) {
       // Doubling, capped at a batch's size; a longer buffer (encodeFrames) keeps doubling, never
       // growing by one frame at a time, which would copy quadratically.
-      const doubled = this.bytes.length * 2;
+      const doubled = Math.max(this.bytes.length * 2, this.#taken);
       const grown = new Uint8Array(Math.max(need, need <= BATCH_BYTES ? Math.min(doubled, BATCH_BYTES) : doubled, 4096));
       grown.set(this.bytes.subarray(0, this.used));
       this.bytes = grown;
@@ -1241,6 +1243,7 @@ export class FrameBatch {
   /** The batch so far, for keeping: the next append starts a new buffer. */
   take(): Uint8Array {
     const taken = this.view();
+    this.#taken = taken.length;
     this.bytes = this.header.length ? this.header.slice() : EMPTY;
     this.used = this.header.length;
     return taken;

@@ -863,6 +863,7 @@ async function backplaneCase() {
   await using nats = await startNats();
   const started: RelayProcess[] = [];
   let two: Flow;
+  let perMessage = NaN;
   try {
     const hubArgs = ["--http", `${HOST}:0`, "--token", TOKEN, "--backplane", nats.url];
     const hub1 = await spawnRelay(hubArgs, relayOptions("hub1"));
@@ -878,6 +879,9 @@ async function backplaneCase() {
       return s1.networks.includes("default") && s2.networks.includes("default");
     }, "both hubs subscribed to the network", 15_000);
     two = await flowThrough(a, b, { A: a, hub1, hub2, B: b }, { nats: nats.proc.pid });
+    const s1 = await hub1.status();
+    const port = s1.networks[0].ports.find((p: any) => p.kind === "backplane");
+    perMessage = port.tx.frames / s1.backplane.messagesOut;
   } finally {
     await Promise.all(started.map((r) => r.stop()));
   }
@@ -901,6 +905,7 @@ async function backplaneCase() {
     result: pass(two.lost === two.relayDrops && ok),
   });
   if (two.path) row({ case: label, metric: "path", chain: two.path });
+  row({ case: label, metric: "frames per NATS message (hub 1)", chain: f1(perMessage) });
   const perM = (f: Flow, k: string) => (f.received ? (f.cpu[k]! / f.received) * 1e6 : NaN);
   row({
     case: label,
