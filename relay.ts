@@ -87,6 +87,15 @@ const CAPTURE_QUEUE_BYTES = 4 * 1024 * 1024;
 /** Learned MACs listed per network in /status (the count is always given). */
 const MAC_LIST_LIMIT = 1024;
 const LOOP_BLOCK_MS = 60_000;
+/**
+ * Flow control: a port whose queue passes this share of its bound is congested, and it has drained
+ * below the second share; the sources it paused are checked this often; one that sends nothing for
+ * the last while pauses no one until it drains (a hung VM or a dead link must not stall a network).
+ */
+const FLOW_HIGH_WATER = 0.5;
+const FLOW_LOW_WATER = 0.25;
+const FLOW_POLL_MS = 1;
+const FLOW_STALL_MS = 1_000;
 /** A MAC that moves again within this long after its last move is flapping. */
 const MAC_FLAP_MS = 10_000;
 const HELLO_TIMEOUT_MS = 10_000;
@@ -695,6 +704,11 @@ const V86RateSchema = v.pipe(
   }),
 );
 
+const OnOff = v.pipe(
+  v.union([v.boolean(), v.picklist(["on", "off"])], "expected on or off"),
+  v.transform((value) => value === true || value === "on"),
+);
+
 type OptionGroup = keyof typeof OPTION_GROUPS;
 
 const OPTION_GROUPS = {
@@ -806,6 +820,10 @@ export const OPTIONS = {
   queueBytes: {
     arg: "BYTES", numeric: true, group: "switch", schema: v.optional(count("bytes", MAX_FRAME + 4, MAX_QUEUE_BYTES), 4 * 1024 * 1024),
     help: "send queue bound per port; beyond it frames are dropped",
+  },
+  flowControl: {
+    arg: "on|off", group: "switch", schema: v.optional(OnOff, "on"),
+    help: "when a VM's or tunnel's unicast frames go to a port whose queue is\nhalf full, stop reading it until that queue drains, like 802.3x\nPAUSE (floods never pause; off: the excess is dropped)",
   },
   portMacs: {
     arg: "N", numeric: true, group: "switch", schema: v.optional(count("MACs", 1, MAX_MACS_PER_NETWORK), DEFAULT_PORT_MACS),
@@ -1748,6 +1766,11 @@ export interface PortSnapshot {
   tx: { frames: number; bytes: number; drops: number };
   errors: number;
   macs: number;
+  /**
+   * Flow control: times this port's reading was paused, the port it waits for now (null: reading),
+   * and times it was itself given up on for sending nothing while others waited.
+   */
+  flow: { pauses: number; waitingFor: string | null; stalls: number };
   /** Why it closed: peer closed, oversize frame, write error, relay stopping, … */
   reason?: string;
 }
@@ -1780,6 +1803,18 @@ export abstract class Port {
     /** The relay at the far end of a tunnel, and the link's rank for loop breaking (tunnel ports only). */
   remoteId: string | undefined;
   linkRank: string | undefined;
+  /** Flow control: the congested port this one's reading waits for, and how often it waited. */
+  waitingFor: Port | undefined;
+  pauses = 0;
+  /** Sent nothing for FLOW_STALL_MS while others waited: it pauses no one until it drains. */
+  stalled = false;
+  stalls = 0;
+  /** Ports whose reading waits for this one to drain, and the timer that watches it meanwhile. */
+  #waiters: Port[] = [];
+  #watch: ReturnType<typeof setInterval> | undefined;
+  /** The smallest queue seen while watched, and when: progress for the stall check. */
+  #lowest = Infinity;
+  #lowestAt = 0;
 
   constructor(
     readonly kind: string,
@@ -1792,6 +1827,60 @@ export abstract class Port {
 
   /** Queues a frame for sending; false when it had to be dropped. */
   protected abstract enqueue(frame: Uint8Array): boolean;
+
+  /** Bytes queued toward the peer, and their bound: a port without a queue is never congested. */
+  queued(): number {
+    return 0;
+  }
+  queueLimit = Infinity;
+
+  /** Stops (false) or restarts reading the peer; false when this port cannot (datagrams, v86). */
+  protected reading(_on: boolean): boolean {
+    return false;
+  }
+
+  /** Past the high-water mark, unless given up on; one given up on counts again once drained. */
+  congested(): boolean {
+    const queued = this.queued();
+    if (queued > this.queueLimit * FLOW_HIGH_WATER) return !this.stalled;
+    if (this.stalled && queued <= this.queueLimit * FLOW_LOW_WATER) this.stalled = false;
+    return false;
+  }
+
+  /** 802.3x-style PAUSE: stops reading this port until `to` drains, is given up on, or closes. */
+  waitFor(to: Port): void {
+    if (!this.reading(false)) return;
+    this.waitingFor = to;
+    this.pauses++;
+    to.#waiters.push(this);
+    to.#watch ??= setInterval(to.#checkDrained, FLOW_POLL_MS);
+  }
+
+  /** Polled while sources wait: a queue that never shrinks for FLOW_STALL_MS has a peer that reads nothing. */
+  readonly #checkDrained = (): void => {
+    const queued = this.queued();
+    const now = performance.now();
+    if (queued < this.#lowest) {
+      this.#lowest = queued;
+      this.#lowestAt = now;
+    } else if (now - this.#lowestAt >= FLOW_STALL_MS) {
+      this.stalled = true;
+      this.stalls++;
+      return this.releaseWaiters();
+    }
+    if (queued <= this.queueLimit * FLOW_LOW_WATER) this.releaseWaiters();
+  };
+
+  /** Lets every port waiting for this one read again (it drained, was given up on, or closed). */
+  releaseWaiters(): void {
+    clearInterval(this.#watch);
+    this.#watch = undefined;
+    this.#lowest = Infinity;
+    for (const port of this.#waiters.splice(0)) {
+      port.waitingFor = undefined;
+      port.reading(true);
+    }
+  }
 
   /** Queues a frame; a port that cannot take it counts a drop (false), and never throws back into the switch. */
   send(frame: Uint8Array): boolean {
@@ -1868,6 +1957,7 @@ export abstract class Port {
       tx: { frames: s.txFrames, bytes: s.txBytes, drops: s.txDrops },
       errors: s.errors,
       macs: this.macCount,
+      flow: { pauses: this.pauses, waitingFor: this.waitingFor?.id ?? null, stalls: this.stalls },
       ...(this.state === "closed" && { reason: this.closeReason ?? "peer closed" }),
     };
   }
@@ -2025,6 +2115,8 @@ export interface SwitchPolicy {
   portLog?: Logger;
   /** Link impairments by target, applied to each port as it attaches. */
   impairments?: ImpairmentTable;
+  /** A source whose unicast frames go to a congested port stops being read until it drains. */
+  flowControl?: boolean;
     /** Set when the relay stops: ports closing now close for that reason. */
   stopping?: boolean;
   /** Called once per port blocked for a loop. */
@@ -2082,6 +2174,7 @@ export class Network {
     port.impair("out", undefined);
     port.state = "closed";
     port.since = this.now();
+    port.releaseWaiters();
     this.#forgetPort(port);
     const snapshot = port.snapshot();
     this.closed.push(snapshot);
@@ -2133,7 +2226,10 @@ export class Network {
       const entry = this.macs.get(macKey(frame, 0));
       if (entry !== undefined && now - entry.seen < this.ageingMs) {
         const to = entry.port;
-        if (to !== from && to.state === "up" && to.send(frame) && captures !== null) for (const c of captures) c.tap(frame, to, false);
+        if (to === from || to.state !== "up") return;
+        if (to.send(frame) && captures !== null) for (const c of captures) c.tap(frame, to, false);
+        // Floods never pause anyone: one slow port must not stall the network.
+        if (this.#policy.flowControl && from.waitingFor === undefined && to.congested()) from.waitFor(to);
         return;
       }
     }
@@ -2468,6 +2564,8 @@ export interface TunnelSocket {
   /** False when the message was dropped (the socket's own backpressure limit). */
   send(data: Uint8Array): boolean;
   buffered(): number;
+  /** Stops or restarts reading (flow control): the far end then sees TCP backpressure. */
+  pause(paused: boolean): void;
   close(code: number, reason: string): void;
 }
 
@@ -2485,6 +2583,16 @@ export class TunnelPort extends Port {
   ) {
     super(kind, peer, true);
     this.#batch = new FrameBatch(dataHeader(channel));
+    this.queueLimit = link.limit;
+  }
+
+  override queued(): number {
+    return this.link.queued();
+  }
+
+  /** Pausing one network's port pauses the whole tunnel: every network on it waits. */
+  protected override reading(on: boolean): boolean {
+    return this.link.reading(on);
   }
 
   protected enqueue(frame: Uint8Array): boolean {
@@ -2776,6 +2884,8 @@ export class TunnelLink {
   remoteName: string | undefined;
   #batched = 0;
   #buffered = 0;
+  /** Its ports that flow control paused: the socket reads while there are none. */
+  #paused = 0;
 
   constructor(
     readonly socket: TunnelSocket,
@@ -2820,13 +2930,19 @@ export class TunnelLink {
     port?.network?.detach(port);
   }
 
-  /** Room for `bytes` more: the socket's backlog is sampled once per event-loop turn, not per frame. */
-  reserve(bytes: number): boolean {
+  /** Bytes queued: the socket's backlog is sampled once per event-loop turn (when no batch is open), not per frame. */
+  queued(): number {
     if (this.#batched === 0) {
       const buffered = this.socket.buffered();
       this.budget.used += buffered - this.#buffered;
       this.#buffered = buffered;
     }
+    return this.#buffered + this.#batched;
+  }
+
+  /** Room for `bytes` more. */
+  reserve(bytes: number): boolean {
+    this.queued();
     if (this.#buffered + this.#batched + bytes > this.limit || !this.budget.take(bytes)) return false;
     this.#batched += bytes;
     return true;
@@ -2839,6 +2955,14 @@ export class TunnelLink {
     if (sent) this.#buffered += reserved;
     else this.budget.release(reserved);
     return sent;
+  }
+
+  /** Counts the ports that want the socket paused; it reads again when none does. */
+  reading(on: boolean): boolean {
+    if (this.closed) return false;
+    this.#paused += on ? -1 : 1;
+    if (this.#paused === (on ? 0 : 1)) this.socket.pause(!on);
+    return true;
   }
 
   sendControl(message: ControlMessage): void {
@@ -3004,6 +3128,7 @@ export class TunnelServer {
       const socket: TunnelSocket = {
         send: (data) => ws.send(data) !== 0,
         buffered: () => ws.getBufferedAmount(),
+        pause: (paused) => (paused ? ws.pause() : ws.resume()),
         close: (code, reason) => ws.close(code, reason),
       };
       ws.data.link = new TunnelLink(socket, "tunnel", ws.data.peer, o.limit, o.budget, this.#log, {
@@ -3350,6 +3475,7 @@ export class Uplink {
     const socket: TunnelSocket = {
       send: (data) => (ws.send(data), true),
       buffered: () => ws.bufferedAmount,
+      pause: (paused) => void (paused ? ws.pause() : ws.resume()),
       close: (code, reason) => ws.close(code, reason),
     };
     const wanted = this.#wanted();
@@ -3618,11 +3744,24 @@ export class StreamPort extends Port {
   ) {
     super(kind, peer);
     this.writer = new StreamWriter((data) => socket.write(data), limit, budget);
+    this.queueLimit = limit;
   }
 
   protected enqueue(frame: Uint8Array): boolean {
     // QEMU 7.2 stops receiving for good after a 0-length frame; runts never enter the switch anyway.
     return frame.length > 0 && this.writer.push(frame);
+  }
+
+  override queued(): number {
+    return this.writer.queued;
+  }
+
+  /** Not reading makes QEMU stop taking packets from its guest: backpressure reaches the guest's TCP. */
+  protected override reading(on: boolean): boolean {
+    if (this.state === "closed") return false;
+    if (on) this.socket.resume();
+    else this.socket.pause();
+    return true;
   }
 
   /** Decodes a chunk; an oversize length closes this connection only, counted and logged once. */
@@ -4226,6 +4365,8 @@ export interface Snapshot extends RelayCounters {
     memoryUsed: number;
     memoryBudget: number;
     memoryDrops: number;
+    /** --flow-control: sources pause while their unicast destination is congested (per port: `flow`). */
+    flowControl: boolean;
   };
   datagrams: DatagramStatus[];
 }
@@ -4238,6 +4379,7 @@ const PORT_METRICS: [name: string, help: string, value: (p: PortSnapshot) => num
   ["edge_relay_port_tx_bytes_total", "Bytes handed to a port's socket.", (p) => p.tx.bytes],
   ["edge_relay_port_tx_drops_total", "Frames dropped: queue or memory budget full, or refused by the socket.", (p) => p.tx.drops],
   ["edge_relay_port_errors_total", "Protocol errors on a port (oversize frame, malformed message).", (p) => p.errors],
+  ["edge_relay_port_pauses_total", "Times flow control paused reading a port because its frames' destination was congested.", (p) => p.flow.pauses],
 ];
 
 const RELAY_COUNTERS: [name: string, help: string, key: keyof RelayCounters][] = [
@@ -5284,6 +5426,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
     now: coarseNow,
     portMacs: config.portMacs,
     stormLimit: config.stormLimit,
+    flowControl: config.flowControl,
     relayId: identity.id,
     log,
     portLog: { info: rateLimitedLog(log.info, 20, 10_000).log, warn: log.warn },
@@ -5378,6 +5521,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
       memoryUsed: budget.used,
       memoryBudget: budget.limit,
       memoryDrops: budget.drops,
+      flowControl: config.flowControl,
     },
     datagrams: datagramSockets.map((d) => d.status()),
     ...counters,
