@@ -1047,8 +1047,11 @@ export class StreamDecoder {
   #frame: Uint8Array | null = null;
   #frameUsed = 0;
 
-  /** Calls `onFrame` for every complete frame; throws RangeError on a length above MAX_FRAME. */
-  push(data: Uint8Array, onFrame: (frame: Uint8Array) => void): void {
+  /**
+   * Calls `onFrame` for every complete frame; throws RangeError on a length above MAX_FRAME. One that
+   * returns false stops the decoding after its frame: the rest of the chunk is returned, to push later.
+   */
+  push(data: Uint8Array, onFrame: (frame: Uint8Array) => boolean | void): Uint8Array {
     const chunk = plainBytes(data);
     const n = chunk.length;
     let i = 0;
@@ -1062,7 +1065,7 @@ export class StreamDecoder {
         if (this.#frameUsed === frame.length) {
           this.#frame = null;
           this.#frameUsed = 0;
-          onFrame(frame);
+          if (onFrame(frame) === false) return chunk.subarray(i);
         }
         continue;
       }
@@ -1072,25 +1075,27 @@ export class StreamDecoder {
         this.#head.set(chunk.subarray(i, i + take), this.#headUsed);
         this.#headUsed += take;
         i += take;
-        if (this.#headUsed < 4) return;
+        if (this.#headUsed < 4) return EMPTY;
         this.#headUsed = 0;
         length = readLength(this.#head, 0);
       } else {
         length = readLength(chunk, i);
         i += 4;
         if (n - i >= length) {
-          onFrame(chunk.subarray(i, i + length));
+          const frame = chunk.subarray(i, i + length);
           i += length;
+          if (onFrame(frame) === false) return chunk.subarray(i);
           continue;
         }
       }
       if (length === 0) {
-        onFrame(EMPTY);
+        if (onFrame(EMPTY) === false) return chunk.subarray(i);
         continue;
       }
       this.#frame = new Uint8Array(length);
       this.#frameUsed = 0;
     }
+    return EMPTY;
   }
 
   /** Bytes held back waiting for the rest of a frame. */
@@ -1230,19 +1235,24 @@ export function encodeControl(message: ControlMessage): Uint8Array {
   return out;
 }
 
+/** A data message's type and channel, before its frames. */
+const DATA_HEADER_BYTES = 3;
+
 export function dataHeader(channel: number): Uint8Array {
   return Uint8Array.of(MSG_DATA, channel >>> 8, channel & 0xff);
 }
 
 /**
- * Decodes one tunnel message. Throws RangeError/SyntaxError on anything malformed; the caller
- * closes the tunnel that sent it.
+ * Decodes one tunnel message (a data message from byte `from`, where an earlier call stopped).
+ * Throws RangeError/SyntaxError on anything malformed; the caller closes the tunnel that sent it.
+ * An `onFrame` that returns false stops the decoding after its frame: the offset reached is returned.
  */
 export function decodeTunnelMessage(
   data: Uint8Array,
   onControl: (control: ControlMessage) => void,
-  onFrame: (channel: number, frame: Uint8Array) => void,
-): void {
+  onFrame: (channel: number, frame: Uint8Array) => boolean | void,
+  from = DATA_HEADER_BYTES,
+): number {
   const message = plainBytes(data);
   if (message.length === 0) throw new RangeError("Cannot decode tunnel message: empty message");
   const type = message[0];
@@ -1254,13 +1264,13 @@ export function decodeTunnelMessage(
       throw new SyntaxError("Cannot decode tunnel message: control message is not UTF-8 JSON");
     }
     onControl(parseControl(json));
-    return;
+    return message.length;
   }
   if (type !== MSG_DATA) throw new RangeError(`Cannot decode tunnel message: unknown type ${type}`);
   if (message.length < 3) throw new RangeError("Cannot decode tunnel message: data message shorter than its header");
   if (message.length === 3) throw new RangeError("Cannot decode tunnel message: data message without a frame");
   const channel = (message[1]! << 8) | message[2]!;
-  let i = 3;
+  let i = from;
   while (i < message.length) {
     if (message.length - i < 4) throw new RangeError("Cannot decode tunnel message: truncated frame length");
     const length = readLength(message, i);
@@ -1268,9 +1278,11 @@ export function decodeTunnelMessage(
     if (message.length - i < length) {
       throw new RangeError(`Cannot decode tunnel message: frame of ${length} bytes overruns the message`);
     }
-    onFrame(channel, message.subarray(i, i + length));
+    const frame = message.subarray(i, i + length);
     i += length;
+    if (onFrame(channel, frame) === false) return i;
   }
+  return i;
 }
 
 /** A MAC address (6 bytes at `at`) as a number: no string on the hot path. */
@@ -2886,6 +2898,9 @@ export class TunnelLink {
   #buffered = 0;
   /** Its ports that flow control paused: the socket reads while there are none. */
   #paused = 0;
+  /** Messages not yet decoded while paused (the first from byte #heldAt): decoded first when it reads again. */
+  #held: Uint8Array[] = [];
+  #heldAt = DATA_HEADER_BYTES;
 
   constructor(
     readonly socket: TunnelSocket,
@@ -2957,11 +2972,20 @@ export class TunnelLink {
     return sent;
   }
 
-  /** Counts the ports that want the socket paused; it reads again when none does. */
+  /** Counts the ports that want the socket paused; it reads again when none does, after what it held. */
   reading(on: boolean): boolean {
     if (this.closed) return false;
     this.#paused += on ? -1 : 1;
-    if (this.#paused === (on ? 0 : 1)) this.socket.pause(!on);
+    if (!on) {
+      if (this.#paused === 1) this.socket.pause(true);
+      return true;
+    }
+    while (this.#paused === 0 && this.#held.length > 0 && !this.closed) {
+      const from = this.#heldAt;
+      this.#heldAt = DATA_HEADER_BYTES;
+      this.#decode(this.#held.shift()!, from);
+    }
+    if (this.#paused === 0) this.socket.pause(false);
     return true;
   }
 
@@ -2969,10 +2993,12 @@ export class TunnelLink {
     if (!this.closed) this.socket.send(encodeControl(message));
   }
 
-  readonly #onFrame = (channel: number, frame: Uint8Array): void => {
+  /** False (stop decoding) once flow control has paused this tunnel. */
+  readonly #onFrame = (channel: number, frame: Uint8Array): boolean => {
     const port = this.ports[channel];
     if (port === undefined) throw new RangeError(`Cannot decode tunnel message: channel ${channel} is not attached`);
     port.receive(frame);
+    return this.#paused === 0;
   };
 
   readonly #onControl = (control: ControlMessage): void => {
@@ -3012,11 +3038,21 @@ export class TunnelLink {
   receive(message: Uint8Array): void {
     this.lastHeard = Date.now();
     if (this.closed) return;
+    // Read while paused (already in flight): kept behind what is held, in order.
+    if (this.#held.length > 0) this.#held.push(message);
+    else this.#decode(message, DATA_HEADER_BYTES);
+  }
+
+  #decode(message: Uint8Array, from: number): void {
     try {
       if (!this.helloDone && message[0] !== MSG_CONTROL) {
         throw new RangeError("Cannot decode tunnel message: data before the handshake");
       }
-      decodeTunnelMessage(message, this.#onControl, this.#onFrame);
+      const stopped = decodeTunnelMessage(message, this.#onControl, this.#onFrame, from);
+      if (stopped < message.length) {
+        this.#held.unshift(message);
+        this.#heldAt = stopped;
+      }
     } catch (error) {
       this.fail(error);
     }
@@ -3034,6 +3070,7 @@ export class TunnelLink {
   detachAll(): void {
     if (!this.closed) this.budget.release(this.#buffered + this.#batched);
     this.closed = true;
+    this.#held.length = 0;
     for (const port of this.ports) if (port) port.network?.detach(port);
   }
 }
@@ -3734,6 +3771,8 @@ export function connectionCap(max: number, fdLimit: number, log: Logger, countRe
 export class StreamPort extends Port {
   readonly decoder = new StreamDecoder();
   readonly writer: StreamWriter;
+  /** What flow control left undecoded when it paused this port: decoded first when it reads again. */
+  #held = EMPTY;
 
   constructor(
     kind: string,
@@ -3741,6 +3780,8 @@ export class StreamPort extends Port {
     readonly socket: Socket<StreamPort>,
     limit: number,
     budget: MemoryBudget,
+    private readonly log: Logger,
+    private readonly countError: () => void,
   ) {
     super(kind, peer);
     this.writer = new StreamWriter((data) => socket.write(data), limit, budget);
@@ -3759,21 +3800,38 @@ export class StreamPort extends Port {
   /** Not reading makes QEMU stop taking packets from its guest: backpressure reaches the guest's TCP. */
   protected override reading(on: boolean): boolean {
     if (this.state === "closed") return false;
-    if (on) this.socket.resume();
-    else this.socket.pause();
+    if (!on) {
+      this.socket.pause();
+      return true;
+    }
+    const held = this.#held;
+    this.#held = EMPTY;
+    if (held.length > 0) this.data(held);
+    if (this.waitingFor === undefined) this.socket.resume();
     return true;
   }
 
+  /** Hands a frame to the switch; false (stop decoding) once flow control has paused this port. */
+  readonly #frame = (frame: Uint8Array): boolean => {
+    this.receive(frame);
+    return this.waitingFor === undefined;
+  };
+
   /** Decodes a chunk; an oversize length closes this connection only, counted and logged once. */
-  data(chunk: Uint8Array, log: Logger, countError: () => void): void {
+  data(chunk: Uint8Array): void {
     if (this.state === "closed") return;
+    // Read while paused (already in flight): kept behind what is held, in order.
+    if (this.#held.length > 0) {
+      this.#held = Buffer.concat([this.#held, chunk]);
+      return;
+    }
     try {
-      this.decoder.push(chunk, this.receive);
+      this.#held = this.decoder.push(chunk, this.#frame);
     } catch (error) {
       this.stats.errors++;
-      countError();
+      this.countError();
       this.state = "closed";
-      log.warn(`${this.id} ${this.peer}: ${(error as Error).message}; closing the connection`);
+      this.log.warn(`${this.id} ${this.peer}: ${(error as Error).message}; closing the connection`);
       this.socket.end();
     }
   }
@@ -3808,12 +3866,12 @@ function streamHandlers(ctx: StreamContext) {
         }
         ctx.cap.open++;
       }
-      const port = new StreamPort(ctx.kind, peer, socket, ctx.limit, ctx.budget);
+      const port = new StreamPort(ctx.kind, peer, socket, ctx.limit, ctx.budget, ctx.log, ctx.countError);
       socket.data = port;
       ctx.network.attach(port);
     },
     data(socket: Socket<StreamPort>, chunk: Uint8Array) {
-      socket.data.data(chunk, ctx.log, ctx.countError);
+      socket.data.data(chunk);
     },
     drain(socket: Socket<StreamPort>) {
       socket.data.writer.drain();
