@@ -22,8 +22,8 @@ const ports = async (relay: RelayProcess) => (await relay.status()).networks.fla
  * Starts the slow VM on `to`, waits until `from` has learned its MAC (so the transfer is unicast, not
  * a flood), then the unpaced sending VM on `from`.
  */
-async function transfer(from: RelayProcess, to: RelayProcess) {
-  const sink = Bun.spawn([process.execPath, fixture("frame-sink.ts"), String(to.port("qemu-listen")), String(N), SENDER, SINK, String(SINK_RATE)], {
+async function transfer(from: RelayProcess, to: RelayProcess, sinkRate = SINK_RATE) {
+  const sink = Bun.spawn([process.execPath, fixture("frame-sink.ts"), String(to.port("qemu-listen")), String(N), SENDER, SINK, String(sinkRate)], {
     stdout: "pipe",
     stderr: "inherit",
   });
@@ -70,6 +70,22 @@ describe("--flow-control", () => {
     expect((await relay.status()).limits.flowControl).toBe(false);
     expect(slow.sink.tx.drops).toBeGreaterThan(0);
     expect(slow.sender.flow.pauses).toBe(0);
+  });
+
+  test("a VM that stops reading is given up on after a second: its excess drops, counted, and the sender goes on", async () => {
+    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--loop-probe", "0", "--queue-bytes", "262144"]);
+    // One frame a second: after its first read the VM reads nothing for minutes.
+    using _ = await transfer(relay, relay, 1);
+    const done = await waitUntil(async () => {
+      const all = await ports(relay);
+      const sender = all.find((p: any) => p.rx.frames === N);
+      const sink = all.find((p: any) => p !== sender && p.tx.frames + p.tx.drops === N);
+      return sender && sink && { sender, sink };
+    }, `all ${N} frames read, then sent or dropped toward the stopped VM`, 15_000);
+    expect(done.sender.flow).toMatchObject({ waitingFor: null });
+    expect(done.sender.flow.pauses).toBeGreaterThan(0);
+    expect(done.sink.flow.stalls).toBeGreaterThan(0);
+    expect(done.sink.tx.drops).toBeGreaterThan(0);
   });
 
   test("through site A → hub → site B the pause travels back hop by hop: nothing is lost", async () => {
