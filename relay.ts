@@ -91,6 +91,15 @@ const CAPTURE_QUEUE_BYTES = 4 * 1024 * 1024;
 /** Learned MACs listed per network in /status (the count is always given). */
 const MAC_LIST_LIMIT = 1024;
 const LOOP_BLOCK_MS = 60_000;
+/**
+ * Flow control: a port whose queue passes this share of its bound is congested, and it has drained
+ * below the second share; the sources it paused are checked this often; one that sends nothing for
+ * the last while pauses no one until it drains (a hung VM or a dead link must not stall a network).
+ */
+const FLOW_HIGH_WATER = 0.5;
+const FLOW_LOW_WATER = 0.25;
+const FLOW_POLL_MS = 1;
+const FLOW_STALL_MS = 1_000;
 /** A MAC that moves again within this long after its last move is flapping. */
 const MAC_FLAP_MS = 10_000;
 const HELLO_TIMEOUT_MS = 10_000;
@@ -747,6 +756,11 @@ const NatsCredentials = v.pipe(
 /** A relay's name or a backplane cluster's: what a network name may be. */
 const Name = v.pipe(v.string("expected a name"), v.regex(NETWORK_NAME, "expected letters, digits, '.', '_' or '-' (at most 64)"));
 
+const OnOff = v.pipe(
+  v.union([v.boolean(), v.picklist(["on", "off"])], "expected on or off"),
+  v.transform((value) => value === true || value === "on"),
+);
+
 type OptionGroup = keyof typeof OPTION_GROUPS;
 
 const OPTION_GROUPS = {
@@ -873,6 +887,10 @@ export const OPTIONS = {
   queueBytes: {
     arg: "BYTES", numeric: true, group: "switch", schema: v.optional(count("bytes", MAX_FRAME + 4, MAX_QUEUE_BYTES), 4 * 1024 * 1024),
     help: "send queue bound per port; beyond it frames are dropped",
+  },
+  flowControl: {
+    arg: "on|off", group: "switch", schema: v.optional(OnOff, "on"),
+    help: "when a VM's or tunnel's unicast frames go to a port whose queue is\nhalf full, stop reading it until that queue drains, like 802.3x\nPAUSE (floods never pause; off: the excess is dropped)",
   },
   portMacs: {
     arg: "N", numeric: true, group: "switch", schema: v.optional(count("MACs", 1, MAX_MACS_PER_NETWORK), DEFAULT_PORT_MACS),
@@ -1131,8 +1149,11 @@ export class StreamDecoder {
   #frame: Uint8Array | null = null;
   #frameUsed = 0;
 
-  /** Calls `onFrame` for every complete frame; throws RangeError on a length above MAX_FRAME. */
-  push(data: Uint8Array, onFrame: (frame: Uint8Array) => void): void {
+  /**
+   * Calls `onFrame` for every complete frame; throws RangeError on a length above MAX_FRAME. One that
+   * returns false stops the decoding after its frame: the rest of the chunk is returned, to push later.
+   */
+  push(data: Uint8Array, onFrame: (frame: Uint8Array) => boolean | void): Uint8Array {
     const chunk = plainBytes(data);
     const n = chunk.length;
     let i = 0;
@@ -1146,7 +1167,7 @@ export class StreamDecoder {
         if (this.#frameUsed === frame.length) {
           this.#frame = null;
           this.#frameUsed = 0;
-          onFrame(frame);
+          if (onFrame(frame) === false) return chunk.subarray(i);
         }
         continue;
       }
@@ -1156,25 +1177,27 @@ export class StreamDecoder {
         this.#head.set(chunk.subarray(i, i + take), this.#headUsed);
         this.#headUsed += take;
         i += take;
-        if (this.#headUsed < 4) return;
+        if (this.#headUsed < 4) return EMPTY;
         this.#headUsed = 0;
         length = readLength(this.#head, 0);
       } else {
         length = readLength(chunk, i);
         i += 4;
         if (n - i >= length) {
-          onFrame(chunk.subarray(i, i + length));
+          const frame = chunk.subarray(i, i + length);
           i += length;
+          if (onFrame(frame) === false) return chunk.subarray(i);
           continue;
         }
       }
       if (length === 0) {
-        onFrame(EMPTY);
+        if (onFrame(EMPTY) === false) return chunk.subarray(i);
         continue;
       }
       this.#frame = new Uint8Array(length);
       this.#frameUsed = 0;
     }
+    return EMPTY;
   }
 
   /** Bytes held back waiting for the rest of a frame. */
@@ -1317,19 +1340,24 @@ export function encodeControl(message: ControlMessage): Uint8Array {
   return out;
 }
 
+/** A data message's type and channel, before its frames. */
+const DATA_HEADER_BYTES = 3;
+
 export function dataHeader(channel: number): Uint8Array {
   return Uint8Array.of(MSG_DATA, channel >>> 8, channel & 0xff);
 }
 
 /**
- * Decodes one tunnel message. Throws RangeError/SyntaxError on anything malformed; the caller
- * closes the tunnel that sent it.
+ * Decodes one tunnel message (a data message from byte `from`, where an earlier call stopped).
+ * Throws RangeError/SyntaxError on anything malformed; the caller closes the tunnel that sent it.
+ * An `onFrame` that returns false stops the decoding after its frame: the offset reached is returned.
  */
 export function decodeTunnelMessage(
   data: Uint8Array,
   onControl: (control: ControlMessage) => void,
-  onFrame: (channel: number, frame: Uint8Array) => void,
-): void {
+  onFrame: (channel: number, frame: Uint8Array) => boolean | void,
+  from = DATA_HEADER_BYTES,
+): number {
   const message = plainBytes(data);
   if (message.length === 0) throw new RangeError("Cannot decode tunnel message: empty message");
   const type = message[0];
@@ -1341,13 +1369,13 @@ export function decodeTunnelMessage(
       throw new SyntaxError("Cannot decode tunnel message: control message is not UTF-8 JSON");
     }
     onControl(parseControl(json));
-    return;
+    return message.length;
   }
   if (type !== MSG_DATA) throw new RangeError(`Cannot decode tunnel message: unknown type ${type}`);
   if (message.length < 3) throw new RangeError("Cannot decode tunnel message: data message shorter than its header");
   if (message.length === 3) throw new RangeError("Cannot decode tunnel message: data message without a frame");
   const channel = (message[1]! << 8) | message[2]!;
-  let i = 3;
+  let i = from;
   while (i < message.length) {
     if (message.length - i < 4) throw new RangeError("Cannot decode tunnel message: truncated frame length");
     const length = readLength(message, i);
@@ -1355,9 +1383,11 @@ export function decodeTunnelMessage(
     if (message.length - i < length) {
       throw new RangeError(`Cannot decode tunnel message: frame of ${length} bytes overruns the message`);
     }
-    onFrame(channel, message.subarray(i, i + length));
+    const frame = message.subarray(i, i + length);
     i += length;
+    if (onFrame(channel, frame) === false) return i;
   }
+  return i;
 }
 
 /** A MAC address (6 bytes at `at`) as a number: no string on the hot path. */
@@ -1853,6 +1883,11 @@ export interface PortSnapshot {
   tx: { frames: number; bytes: number; drops: number };
   errors: number;
   macs: number;
+  /**
+   * Flow control: times this port's reading was paused, the port it waits for now (null: reading),
+   * and times it was itself given up on for sending nothing while others waited.
+   */
+  flow: { pauses: number; waitingFor: string | null; stalls: number };
   /** Why it closed: peer closed, oversize frame, write error, relay stopping, … */
   reason?: string;
 }
@@ -1885,6 +1920,18 @@ export abstract class Port {
     /** The relay at the far end of a tunnel, and the link's rank for loop breaking (tunnel ports only). */
   remoteId: string | undefined;
   linkRank: string | undefined;
+  /** Flow control: the congested port this one's reading waits for, and how often it waited. */
+  waitingFor: Port | undefined;
+  pauses = 0;
+  /** Sent nothing for FLOW_STALL_MS while others waited: it pauses no one until it drains. */
+  stalled = false;
+  stalls = 0;
+  /** Ports whose reading waits for this one to drain, and the timer that watches it meanwhile. */
+  #waiters: Port[] = [];
+  #watch: ReturnType<typeof setInterval> | undefined;
+  /** The smallest queue seen while watched, and when: progress for the stall check. */
+  #lowest = Infinity;
+  #lowestAt = 0;
 
   constructor(
     readonly kind: string,
@@ -1897,6 +1944,60 @@ export abstract class Port {
 
   /** Queues a frame for sending; false when it had to be dropped. */
   protected abstract enqueue(frame: Uint8Array): boolean;
+
+  /** Bytes queued toward the peer, and their bound: a port without a queue is never congested. */
+  queued(): number {
+    return 0;
+  }
+  queueLimit = Infinity;
+
+  /** Stops (false) or restarts reading the peer; false when this port cannot (datagrams, v86). */
+  protected reading(_on: boolean): boolean {
+    return false;
+  }
+
+  /** Past the high-water mark, unless given up on; one given up on counts again once drained. */
+  congested(): boolean {
+    const queued = this.queued();
+    if (queued > this.queueLimit * FLOW_HIGH_WATER) return !this.stalled;
+    if (this.stalled && queued <= this.queueLimit * FLOW_LOW_WATER) this.stalled = false;
+    return false;
+  }
+
+  /** 802.3x-style PAUSE: stops reading this port until `to` drains, is given up on, or closes. */
+  waitFor(to: Port): void {
+    if (!this.reading(false)) return;
+    this.waitingFor = to;
+    this.pauses++;
+    to.#waiters.push(this);
+    to.#watch ??= setInterval(to.#checkDrained, FLOW_POLL_MS);
+  }
+
+  /** Polled while sources wait: a queue that never shrinks for FLOW_STALL_MS has a peer that reads nothing. */
+  readonly #checkDrained = (): void => {
+    const queued = this.queued();
+    const now = performance.now();
+    if (queued < this.#lowest) {
+      this.#lowest = queued;
+      this.#lowestAt = now;
+    } else if (now - this.#lowestAt >= FLOW_STALL_MS) {
+      this.stalled = true;
+      this.stalls++;
+      return this.releaseWaiters();
+    }
+    if (queued <= this.queueLimit * FLOW_LOW_WATER) this.releaseWaiters();
+  };
+
+  /** Lets every port waiting for this one read again (it drained, was given up on, or closed). */
+  releaseWaiters(): void {
+    clearInterval(this.#watch);
+    this.#watch = undefined;
+    this.#lowest = Infinity;
+    for (const port of this.#waiters.splice(0)) {
+      port.waitingFor = undefined;
+      port.reading(true);
+    }
+  }
 
   /** Queues a frame; a port that cannot take it counts a drop (false), and never throws back into the switch. */
   send(frame: Uint8Array): boolean {
@@ -1973,6 +2074,7 @@ export abstract class Port {
       tx: { frames: s.txFrames, bytes: s.txBytes, drops: s.txDrops },
       errors: s.errors,
       macs: this.macCount,
+      flow: { pauses: this.pauses, waitingFor: this.waitingFor?.id ?? null, stalls: this.stalls },
       ...(this.state === "closed" && { reason: this.closeReason ?? "peer closed" }),
     };
   }
@@ -2130,6 +2232,8 @@ export interface SwitchPolicy {
   portLog?: Logger;
   /** Link impairments by target, applied to each port as it attaches. */
   impairments?: ImpairmentTable;
+  /** A source whose unicast frames go to a congested port stops being read until it drains. */
+  flowControl?: boolean;
     /** Set when the relay stops: ports closing now close for that reason. */
   stopping?: boolean;
   /** Called once per port blocked for a loop. */
@@ -2187,6 +2291,7 @@ export class Network {
     port.impair("out", undefined);
     port.state = "closed";
     port.since = this.now();
+    port.releaseWaiters();
     this.#forgetPort(port);
     const snapshot = port.snapshot();
     this.closed.push(snapshot);
@@ -2238,7 +2343,10 @@ export class Network {
       const entry = this.macs.get(macKey(frame, 0));
       if (entry !== undefined && now - entry.seen < this.ageingMs) {
         const to = entry.port;
-        if (to !== from && to.state === "up" && to.send(frame) && captures !== null) for (const c of captures) c.tap(frame, to, false);
+        if (to === from || to.state !== "up") return;
+        if (to.send(frame) && captures !== null) for (const c of captures) c.tap(frame, to, false);
+        // Floods never pause anyone: one slow port must not stall the network.
+        if (this.#policy.flowControl && from.waitingFor === undefined && to.congested()) from.waitFor(to);
         return;
       }
     }
@@ -2626,6 +2734,8 @@ export interface TunnelSocket {
   /** False when the message was dropped (the socket's own backpressure limit). */
   send(data: Uint8Array): boolean;
   buffered(): number;
+  /** Stops or restarts reading (flow control): the far end then sees TCP backpressure. */
+  pause(paused: boolean): void;
   close(code: number, reason: string): void;
 }
 
@@ -2638,6 +2748,16 @@ export class TunnelPort extends BatchedPort {
     readonly channel: number,
   ) {
     super(kind, peer, dataHeader(channel), BATCH_BYTES);
+    this.queueLimit = link.limit;
+  }
+
+  override queued(): number {
+    return this.link.queued();
+  }
+
+  /** Pausing one network's port pauses the whole tunnel: every network on it waits. */
+  protected override reading(on: boolean): boolean {
+    return this.link.reading(on);
   }
 
   protected reserve(bytes: number): boolean {
@@ -2909,6 +3029,11 @@ export class TunnelLink {
   remoteName: string | undefined;
   #batched = 0;
   #buffered = 0;
+  /** Its ports that flow control paused: the socket reads while there are none. */
+  #paused = 0;
+  /** Messages not yet decoded while paused (the first from byte #heldAt): decoded first when it reads again. */
+  #held: Uint8Array[] = [];
+  #heldAt = DATA_HEADER_BYTES;
 
   constructor(
     readonly socket: TunnelSocket,
@@ -2953,13 +3078,19 @@ export class TunnelLink {
     port?.network?.detach(port);
   }
 
-  /** Room for `bytes` more: the socket's backlog is sampled once per event-loop turn, not per frame. */
-  reserve(bytes: number): boolean {
+  /** Bytes queued: the socket's backlog is sampled once per event-loop turn (when no batch is open), not per frame. */
+  queued(): number {
     if (this.#batched === 0) {
       const buffered = this.socket.buffered();
       this.budget.used += buffered - this.#buffered;
       this.#buffered = buffered;
     }
+    return this.#buffered + this.#batched;
+  }
+
+  /** Room for `bytes` more. */
+  reserve(bytes: number): boolean {
+    this.queued();
     if (this.#buffered + this.#batched + bytes > this.limit || !this.budget.take(bytes)) return false;
     this.#batched += bytes;
     return true;
@@ -2974,14 +3105,33 @@ export class TunnelLink {
     return sent;
   }
 
+  /** Counts the ports that want the socket paused; it reads again when none does, after what it held. */
+  reading(on: boolean): boolean {
+    if (this.closed) return false;
+    this.#paused += on ? -1 : 1;
+    if (!on) {
+      if (this.#paused === 1) this.socket.pause(true);
+      return true;
+    }
+    while (this.#paused === 0 && this.#held.length > 0 && !this.closed) {
+      const from = this.#heldAt;
+      this.#heldAt = DATA_HEADER_BYTES;
+      this.#decode(this.#held.shift()!, from);
+    }
+    if (this.#paused === 0) this.socket.pause(false);
+    return true;
+  }
+
   sendControl(message: ControlMessage): void {
     if (!this.closed) this.socket.send(encodeControl(message));
   }
 
-  readonly #onFrame = (channel: number, frame: Uint8Array): void => {
+  /** False (stop decoding) once flow control has paused this tunnel. */
+  readonly #onFrame = (channel: number, frame: Uint8Array): boolean => {
     const port = this.ports[channel];
     if (port === undefined) throw new RangeError(`Cannot decode tunnel message: channel ${channel} is not attached`);
     port.receive(frame);
+    return this.#paused === 0;
   };
 
   readonly #onControl = (control: ControlMessage): void => {
@@ -3021,11 +3171,21 @@ export class TunnelLink {
   receive(message: Uint8Array): void {
     this.lastHeard = Date.now();
     if (this.closed) return;
+    // Read while paused (already in flight): kept behind what is held, in order.
+    if (this.#held.length > 0) this.#held.push(message);
+    else this.#decode(message, DATA_HEADER_BYTES);
+  }
+
+  #decode(message: Uint8Array, from: number): void {
     try {
       if (!this.helloDone && message[0] !== MSG_CONTROL) {
         throw new RangeError("Cannot decode tunnel message: data before the handshake");
       }
-      decodeTunnelMessage(message, this.#onControl, this.#onFrame);
+      const stopped = decodeTunnelMessage(message, this.#onControl, this.#onFrame, from);
+      if (stopped < message.length) {
+        this.#held.unshift(message);
+        this.#heldAt = stopped;
+      }
     } catch (error) {
       this.fail(error);
     }
@@ -3043,6 +3203,7 @@ export class TunnelLink {
   detachAll(): void {
     if (!this.closed) this.budget.release(this.#buffered + this.#batched);
     this.closed = true;
+    this.#held.length = 0;
     for (const port of this.ports) if (port) port.network?.detach(port);
   }
 }
@@ -3137,6 +3298,7 @@ export class TunnelServer {
       const socket: TunnelSocket = {
         send: (data) => ws.send(data) !== 0,
         buffered: () => ws.getBufferedAmount(),
+        pause: (paused) => (paused ? ws.pause() : ws.resume()),
         close: (code, reason) => ws.close(code, reason),
       };
       ws.data.link = new TunnelLink(socket, "tunnel", ws.data.peer, o.limit, o.budget, this.#log, {
@@ -3494,6 +3656,7 @@ export class Uplink {
     const socket: TunnelSocket = {
       send: (data) => (ws.send(data), true),
       buffered: () => ws.bufferedAmount,
+      pause: (paused) => void (paused ? ws.pause() : ws.resume()),
       close: (code, reason) => ws.close(code, reason),
     };
     const link = new TunnelLink(socket, "uplink", this.status.url, this.options.limit, this.options.budget, this.log, {
@@ -3701,6 +3864,12 @@ export class BackplanePort extends BatchedPort {
     super("backplane", backplane.shown, dataHeader(0), BACKPLANE_MESSAGE_BYTES);
     // Ranked below every tunnel: in a loop through a tunnel and the backplane, the tunnel is blocked.
     this.linkRank = "";
+    this.queueLimit = backplane.options.limit;
+  }
+
+  /** What NATS has not taken yet, for every network together: senders into it pause on that. */
+  override queued(): number {
+    return this.backplane.queued();
   }
 
   protected reserve(bytes: number): boolean {
@@ -3872,17 +4041,19 @@ export class Backplane {
     return { ...this.status, networks };
   }
 
-  /**
-   * Room for `bytes` more: NATS is up and the client's backlog (its own buffer and the socket's),
-   * sampled once per event-loop turn, stays under the limit.
-   */
+  /** The client's backlog (its own buffer and the socket's), sampled once per event-loop turn, and this turn's batches. */
+  queued(): number {
+    if (this.#batched === 0) this.#backlog = natsBacklog(this.#nc);
+    return this.#backlog + this.#batched;
+  }
+
+  /** Room for `bytes` more: NATS is up and what it has not taken stays under the limit. */
   reserve(bytes: number): boolean {
     if (!this.up) {
       this.status.drops++;
       return false;
     }
-    if (this.#batched === 0) this.#backlog = natsBacklog(this.#nc);
-    if (this.#backlog + this.#batched + bytes > this.options.limit) {
+    if (this.queued() + bytes > this.options.limit) {
       this.status.drops++;
       return false;
     }
@@ -4059,6 +4230,8 @@ export function connectionCap(max: number, fdLimit: number, log: Logger, countRe
 export class StreamPort extends Port {
   readonly decoder = new StreamDecoder();
   readonly writer: StreamWriter;
+  /** What flow control left undecoded when it paused this port: decoded first when it reads again. */
+  #held = EMPTY;
 
   constructor(
     kind: string,
@@ -4066,9 +4239,12 @@ export class StreamPort extends Port {
     readonly socket: Socket<StreamPort>,
     limit: number,
     budget: MemoryBudget,
+    private readonly log: Logger,
+    private readonly countError: () => void,
   ) {
     super(kind, peer);
     this.writer = new StreamWriter((data) => socket.write(data), limit, budget);
+    this.queueLimit = limit;
   }
 
   protected enqueue(frame: Uint8Array): boolean {
@@ -4076,16 +4252,45 @@ export class StreamPort extends Port {
     return frame.length > 0 && this.writer.push(frame);
   }
 
+  override queued(): number {
+    return this.writer.queued;
+  }
+
+  /** Not reading makes QEMU stop taking packets from its guest: backpressure reaches the guest's TCP. */
+  protected override reading(on: boolean): boolean {
+    if (this.state === "closed") return false;
+    if (!on) {
+      this.socket.pause();
+      return true;
+    }
+    const held = this.#held;
+    this.#held = EMPTY;
+    if (held.length > 0) this.data(held);
+    if (this.waitingFor === undefined) this.socket.resume();
+    return true;
+  }
+
+  /** Hands a frame to the switch; false (stop decoding) once flow control has paused this port. */
+  readonly #frame = (frame: Uint8Array): boolean => {
+    this.receive(frame);
+    return this.waitingFor === undefined;
+  };
+
   /** Decodes a chunk; an oversize length closes this connection only, counted and logged once. */
-  data(chunk: Uint8Array, log: Logger, countError: () => void): void {
+  data(chunk: Uint8Array): void {
     if (this.state === "closed") return;
+    // Read while paused (already in flight): kept behind what is held, in order.
+    if (this.#held.length > 0) {
+      this.#held = Buffer.concat([this.#held, chunk]);
+      return;
+    }
     try {
-      this.decoder.push(chunk, this.receive);
+      this.#held = this.decoder.push(chunk, this.#frame);
     } catch (error) {
       this.stats.errors++;
-      countError();
+      this.countError();
       this.state = "closed";
-      log.warn(`${this.id} ${this.peer}: ${(error as Error).message}; closing the connection`);
+      this.log.warn(`${this.id} ${this.peer}: ${(error as Error).message}; closing the connection`);
       this.socket.end();
     }
   }
@@ -4120,12 +4325,12 @@ function streamHandlers(ctx: StreamContext) {
         }
         ctx.cap.open++;
       }
-      const port = new StreamPort(ctx.kind, peer, socket, ctx.limit, ctx.budget);
+      const port = new StreamPort(ctx.kind, peer, socket, ctx.limit, ctx.budget, ctx.log, ctx.countError);
       socket.data = port;
       ctx.network.attach(port);
     },
     data(socket: Socket<StreamPort>, chunk: Uint8Array) {
-      socket.data.data(chunk, ctx.log, ctx.countError);
+      socket.data.data(chunk);
     },
     drain(socket: Socket<StreamPort>) {
       socket.data.writer.drain();
@@ -4677,6 +4882,8 @@ export interface Snapshot extends RelayCounters {
     memoryUsed: number;
     memoryBudget: number;
     memoryDrops: number;
+    /** --flow-control: sources pause while their unicast destination is congested (per port: `flow`). */
+    flowControl: boolean;
   };
   datagrams: DatagramStatus[];
 }
@@ -4689,6 +4896,7 @@ const PORT_METRICS: [name: string, help: string, value: (p: PortSnapshot) => num
   ["edge_relay_port_tx_bytes_total", "Bytes handed to a port's socket.", (p) => p.tx.bytes],
   ["edge_relay_port_tx_drops_total", "Frames dropped: queue or memory budget full, or refused by the socket.", (p) => p.tx.drops],
   ["edge_relay_port_errors_total", "Protocol errors on a port (oversize frame, malformed message).", (p) => p.errors],
+  ["edge_relay_port_pauses_total", "Times flow control paused reading a port because its frames' destination was congested.", (p) => p.flow.pauses],
 ];
 
 const RELAY_COUNTERS: [name: string, help: string, key: keyof RelayCounters][] = [
@@ -5746,6 +5954,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
     now: coarseNow,
     portMacs: config.portMacs,
     stormLimit: config.stormLimit,
+    flowControl: config.flowControl,
     relayId: identity.id,
     log,
     portLog: { info: rateLimitedLog(log.info, 20, 10_000).log, warn: log.warn },
@@ -5859,6 +6068,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
       memoryUsed: budget.used,
       memoryBudget: budget.limit,
       memoryDrops: budget.drops,
+      flowControl: config.flowControl,
     },
     datagrams: datagramSockets.map((d) => d.status()),
     ...counters,

@@ -7,6 +7,8 @@
  * with `--impair uplink=delay 1ms` on site A; ratios to the plain runs of the same run.)
  * (`local`: one relay as a plain switch, gen and sink on the same --qemu-listen: the switch's own cost
  * without the tunnel.)
+ * (`flow`: unpaced 1500 B goodput through the chain with --flow-control on and off, against the
+ * chain's lossless paced rate without it.)
  * Each case runs the direct baseline (generator → sink) and the relay chain
  * (generator → site A → hub → site B → sink) in the same run and prints one table.
  *
@@ -34,7 +36,7 @@ for (let i = 0; i < argv.length; i++) {
   if (argv[i] === "--json") jsonOut = argv[++i];
   else wanted.push(argv[i]!);
 }
-const ALL = ["selftest", "tcp1500", "tcp1500-observed", "local", "tcp64k", "udp", "latency", "fanout", "memory", "backplane"];
+const ALL = ["selftest", "tcp1500", "tcp1500-observed", "flow", "local", "tcp64k", "udp", "latency", "fanout", "memory", "backplane"];
 for (const w of wanted) if (!ALL.includes(w)) throw new Error(`unknown case ${w}; cases: ${ALL.join(" ")}`);
 const cases = wanted.length ? wanted : ALL;
 const haveRelay = existsSync(RELAY);
@@ -169,16 +171,16 @@ function relayOptions(role: string) {
   return { env: { BUN_OPTIONS: `--cpu-prof --cpu-prof-md --cpu-prof-dir=${PROFILE} --cpu-prof-name=${name}` } };
 }
 
-async function startChain(aArgs: string[], bArgs: string[]): Promise<Chain> {
+async function startChain(aArgs: string[], bArgs: string[], allArgs: string[] = []): Promise<Chain> {
   const started: RelayProcess[] = [];
   try {
     // The fan-out case dials 200 tunnels from one address: above the per-address default.
-    const hub = await spawnRelay(["--http", `${HOST}:0`, "--token", TOKEN, "--max-tunnels-per-address", "1000"], relayOptions("hub"));
+    const hub = await spawnRelay(["--http", `${HOST}:0`, "--token", TOKEN, "--max-tunnels-per-address", "1000", ...allArgs], relayOptions("hub"));
     started.push(hub);
     const up = ["--uplink", uplinkUrl(hub), "--uplink-token", TOKEN];
-    const a = await spawnRelay(["--http", `${HOST}:0`, ...aArgs, ...up], relayOptions("A"));
+    const a = await spawnRelay(["--http", `${HOST}:0`, ...aArgs, ...up, ...allArgs], relayOptions("A"));
     started.push(a);
-    const b = await spawnRelay(["--http", `${HOST}:0`, ...bArgs, ...up], relayOptions("B"));
+    const b = await spawnRelay(["--http", `${HOST}:0`, ...bArgs, ...up, ...allArgs], relayOptions("B"));
     started.push(b);
     await waitUntil(
       async () => (await a.status()).uplink?.state === "up" && (await b.status()).uplink?.state === "up",
@@ -754,6 +756,85 @@ async function observedCase() {
   }
 }
 
+/** Times flow control paused reading a port, summed over a relay's ports (closed ones too: the generator's). */
+async function relayPauses(r: RelayProcess): Promise<number> {
+  const s = await r.status().catch(() => undefined);
+  const ports = (s?.networks ?? []).flatMap((x: any) => [...x.ports, ...x.closedPorts]);
+  return ports.reduce((n: number, p: any) => n + (p.flow?.pauses ?? 0), 0);
+}
+
+/**
+ * Goodput under overload with and without flow control: the unpaced 1500 B chain with
+ * --flow-control on (the default) and off, each on a fresh chain, against the chain's lossless paced
+ * rate: the highest rate of a descending ladder (fractions of the flow-controlled goodput) that the
+ * chain without flow control carries with 0 lost and ≥ 95 % of it received.
+ */
+async function flowCase() {
+  const label = "flow control 1500 B";
+  if (!haveRelay) return row({ case: label, metric: "frames/s", chain: "relay.ts missing" });
+  const run = async (mode: "on" | "off", rates: (unpaced: Flow) => number[]) => {
+    const c = await startChain(["--qemu-listen", `${HOST}:0`], ["--qemu-listen", `${HOST}:0`], ["--flow-control", mode]);
+    try {
+      const ep = { gen: ["--tcp-connect", `${HOST}:${c.a.port("qemu-listen")}`], sink: ["--tcp-connect", `${HOST}:${c.b.port("qemu-listen")}`] };
+      const relays = { A: c.a, hub: c.hub, B: c.b };
+      const unpaced = await runFlow(ep, { size: 1500, seconds: SECONDS, relays });
+      const pauses = await Promise.all(c.all.map(relayPauses));
+      const paced: { rate: number; flow: Flow }[] = [];
+      for (const rate of rates(unpaced)) {
+        const flow = await runFlow(ep, { size: 1500, seconds: SECONDS, relays, genRate: rate });
+        paced.push({ rate, flow });
+        if (flow.lost === 0 && flow.fps >= rate * 0.95) break;
+      }
+      return { unpaced, pauses, paced };
+    } finally {
+      await c.stop();
+    }
+  };
+  let on: Awaited<ReturnType<typeof run>> | undefined;
+  let off: Awaited<ReturnType<typeof run>> | undefined;
+  try {
+    on = await run("on", () => []);
+    const goodput = on.unpaced.fps;
+    off = await run("off", () => [1.2, 1, 0.85, 0.7, 0.55, 0.4, 0.25].map((f) => Math.round(goodput * f)));
+  } catch (e) {
+    console.error(`flow failed: ${e}`);
+    return row({ case: label, metric: "error", chain: String(e).split("\n")[0]!.slice(0, 120) });
+  }
+  json.flow = { on, off };
+  const lossless = off.paced.find((p) => p.flow.lost === 0 && p.flow.fps >= p.rate * 0.95);
+  const ladder = off.paced.map((p) => `${si(p.rate)}/s → ${si(p.flow.fps)}, lost ${si(p.flow.lost)}`).join("; ");
+  const perM = (f: Flow) => ["A", "hub", "B"].map((k) => `${k} ${f2((f.cpu[k]! / f.received) * 1e6)}`).join(", ");
+  row({
+    case: label,
+    metric: "lossless paced rate, flow control off (ladder: offered → received, lost)",
+    chain: lossless ? `${si(lossless.flow.fps)} (${ladder})` : `below ${si(off.paced.at(-1)?.rate ?? NaN)} (${ladder})`,
+  });
+  const L = lossless?.flow.fps ?? 0;
+  for (const [mode, r] of [["on", on], ["off", off]] as const) {
+    const f = r.unpaced;
+    row({
+      case: label,
+      metric: `frames/s unpaced, flow control ${mode} / lossless paced rate`,
+      direct: lossless ? si(L) : "n/a",
+      chain: si(f.fps),
+      ratio: L ? f2(f.fps / L) : "",
+      target: mode === "on" ? "unpaced ≥ paced lossless" : "",
+      result: mode === "on" ? pass(f.fps >= L) : "",
+    });
+    row({
+      case: label,
+      metric: `flow control ${mode}: sent, lost/reord/corrupt; pauses per relay`,
+      chain: `${si(f.sent)}, ${errs(f)} (relay drops: ${dropsText(f)}); pauses ${["A", "hub", "B"].map((k, i) => `${k} ${si(r.pauses[i]!)}`).join(", ")}`,
+      target: "lost = relay drops",
+      result: pass(f.lost === f.relayDrops && f.reordered + f.dup + f.corrupt === 0),
+    });
+    row({ case: label, metric: `flow control ${mode}: relay CPU µs/frame delivered`, chain: perM(f) });
+    if (f.path) row({ case: label, metric: `flow control ${mode}: path`, chain: f.path });
+  }
+  if (on.unpaced.fps && off.unpaced.fps)
+    row({ case: label, metric: "unpaced goodput, on / off", chain: `${si(on.unpaced.fps)} / ${si(off.unpaced.fps)}`, ratio: f2(on.unpaced.fps / off.unpaced.fps) });
+}
+
 /** One relay, no tunnel: gen and sink are two QEMU ports of the same switch. */
 async function localCase() {
   if (!haveRelay) return row({ case: "local switch 1500 B", metric: "frames/s", chain: "relay.ts missing" });
@@ -939,6 +1020,7 @@ for (const c of cases) {
   try {
     if (c === "tcp1500") await throughputCase(c, 1500, false, 500_000, TCP_RATE);
     else if (c === "tcp1500-observed") await observedCase();
+    else if (c === "flow") await flowCase();
     else if (c === "tcp64k") await throughputCase(c, 65536, false);
     else if (c === "udp") await throughputCase(c, 1500, true, undefined, UDP_RATE);
     else if (c === "latency") await latencyCase();

@@ -351,7 +351,7 @@ interface Topology extends AsyncDisposable {
  * Starts hub, site A, site B (relays before guests: a QEMU client whose peer is absent stays dead),
  * waits for both uplinks, boots both guests and waits until they are up and attached.
  */
-async function startTopology(attachA: Attachment, attachB: Attachment, net?: string): Promise<Topology> {
+async function startTopology(attachA: Attachment, attachB: Attachment, net?: string, relayArgs: string[] = []): Promise<Topology> {
   const stack = new AsyncDisposableStack();
   try {
     // Disposed last, after every process in them is gone.
@@ -360,12 +360,12 @@ async function startTopology(attachA: Attachment, attachB: Attachment, net?: str
     // Everything shares the namespace: the site bridging the group has to reach the hub.
     const netns = attachA.netns || attachB.netns ? stack.use(new Netns()) : undefined;
     const place: Place = { dir, netns };
-    const hub = stack.use(await Relay.start("hub", ["--http", `${LOCAL}:0`, "--token", TOKEN], true, netns));
+    const hub = stack.use(await Relay.start("hub", ["--http", `${LOCAL}:0`, "--token", TOKEN, ...relayArgs], true, netns));
     const uplink = ["--uplink", `ws://${LOCAL}:${hub.port("http")}`, "--uplink-token", TOKEN];
     const [pa, pb] = await Promise.all([attachA.prepare(net, place), attachB.prepare(net, place)]);
     const sites = await Promise.allSettled([
-      Relay.start("site A", ["--http", `${LOCAL}:0`, ...uplink, ...pa.siteArgs], false, netns),
-      Relay.start("site B", ["--http", `${LOCAL}:0`, ...uplink, ...pb.siteArgs], false, netns),
+      Relay.start("site A", ["--http", `${LOCAL}:0`, ...uplink, ...pa.siteArgs, ...relayArgs], false, netns),
+      Relay.start("site B", ["--http", `${LOCAL}:0`, ...uplink, ...pb.siteArgs, ...relayArgs], false, netns),
     ]);
     for (const r of sites) if (r.status === "fulfilled") stack.use(r.value);
     for (const r of sites) if (r.status === "rejected") throw r.reason;
@@ -454,6 +454,32 @@ describe("edge-relay with real QEMU guests", () => {
       await pingAndTransfer(t, s.mode);
     });
   }
+
+  /**
+   * Issue 13: the 32 MiB transfer through the chain with --flow-control on (QEMU's stream socket is
+   * paused, so backpressure reaches the guest's TCP) and off (the relays drop what their queues
+   * cannot hold and the guest's TCP retransmits). Both must match; the line gives both figures.
+   */
+  test("flow control: 32 MiB A→B over stream ports with --flow-control on and off", async () => {
+    const figures: string[] = [];
+    for (const mode of ["on", "off"]) {
+      await using t = await startTopology(tcpClient("stream"), tcpClient("stream"), undefined, ["--flow-control", mode]);
+      const xfer = await transfer(t.a, t.b, TRANSFER_MIB);
+      let drops = 0;
+      let pauses = 0;
+      for (const relay of [t.siteA, t.hub, t.siteB]) {
+        for (const n of (await relay.status()).networks) {
+          for (const p of [...n.ports, ...n.closedPorts]) {
+            drops += p.tx.drops;
+            pauses += p.flow.pauses;
+          }
+        }
+      }
+      figures.push(`${mode} ${fmt(xfer.mbPerS)} MB/s (${fmt(xfer.seconds, 2)} s, relay drops ${drops}, pauses ${pauses}, md5 ${xfer.ok ? "match" : "MISMATCH"})`);
+      expect(xfer.ok).toBe(true);
+    }
+    console.log(`[vm] flow control, ${TRANSFER_MIB} MiB A→B through site A → hub → site B: ${figures.join("; ")}`);
+  });
 
   /**
    * B pings A continuously (every 0.2 s) in the background; we kill -9 a relay, start it again on
