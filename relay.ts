@@ -101,6 +101,8 @@ const AUTH_WINDOW_MS = 60_000;
 const AUTH_BLOCK_MS = 60_000;
 const AUTH_TABLE_SIZE = 4_096;
 const TUNNEL_IDLE_SECONDS = 60;
+/** Tunnel connect and disconnect lines logged per 10 s; the rest are counted in one line. */
+const TUNNEL_LOG_BURST = 100;
 const CLOCK_TICK_MS = 100;
 const UPLINK_BACKOFF_MIN_MS = 250;
 const UPLINK_BACKOFF_MAX_MS = 30_000;
@@ -3050,7 +3052,9 @@ export class TunnelServer {
 
   constructor(readonly options: TunnelServerOptions) {
     const warn = rateLimitedLog(options.log.warn, 10, 10_000);
-    this.#log = { info: options.log.info, warn: warn.log };
+    // Sites come and go in crowds when a hub restarts: a line each for the first, then a count.
+    const info = rateLimitedLog(options.log.info, TUNNEL_LOG_BURST, 10_000);
+    this.#log = { info: info.log, warn: warn.log };
   }
 
   /** Before the upgrade: undefined to go ahead, or why not (answered 503). */
@@ -3128,7 +3132,7 @@ export class TunnelServer {
     if (hello) link.sendControl({ type: "welcome", version: TUNNEL_VERSION, accepted, refused, id: o.identity.id, name: o.identity.name });
     else link.sendControl({ type: "attached", accepted, refused });
     const extra = refused.length ? `; refused: ${refused.map((r) => `${r.network} (${r.reason})`).join(", ")}` : "";
-    o.log.info(`tunnel: ${link.peer} ${hello ? "attached" : "added"} (networks: ${accepted.join(", ") || "none"}${extra})`);
+    this.#log.info(`tunnel: ${link.peer} ${hello ? "attached" : "added"} (networks: ${accepted.join(", ") || "none"}${extra})`);
   }
 
   #refusal(link: TunnelLink, grant: Grant, name: string): Network | string {
@@ -4366,9 +4370,11 @@ export function renderMetrics(s: Snapshot, networks: Iterable<Network>): string 
       labels.push(`{network="${n.name}",port="${p.id}",kind="${p.kind}"}`);
     }
   }
+  // One string per metric rather than one per line: tens of thousands of ports make less garbage.
   for (const [name, help, value] of PORT_METRICS) {
-    lines.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${name.endsWith("_total") ? "counter" : "gauge"}`);
-    for (let i = 0; i < ports.length; i++) lines.push(`${name}${labels[i]} ${value(ports[i]!)}`);
+    let samples = `# HELP ${name} ${help}\n# TYPE ${name} ${name.endsWith("_total") ? "counter" : "gauge"}`;
+    for (let i = 0; i < ports.length; i++) samples += "\n" + name + labels[i] + " " + value(ports[i]!);
+    lines.push(samples);
   }
   metric("edge_relay_network_ports", "Ports attached to a network.", "gauge", nets.map((n) => [`{network="${n.name}"}`, n.ports.size]));
   metric("edge_relay_network_macs", "Learned MAC addresses in a network.", "gauge", nets.map((n) => [`{network="${n.name}"}`, n.macs.size]));
