@@ -4518,6 +4518,7 @@ summary { cursor: pointer; font-weight: 600; }
   </div>
   <div id="networks"></div>
   <p id="no-networks" class="empty" hidden>No networks yet.</p>
+  <p id="more-networks" class="muted" hidden></p>
   <section class="panel" aria-labelledby="limits-h">
     <h2 id="limits-h">Limits and counters</h2>
     <dl id="counters"></dl>
@@ -4741,7 +4742,7 @@ summary { cursor: pointer; font-weight: 600; }
     if (u) rows.push({ depth: 0, type: "hub", label: "hub " + (u.hub || "(not connected yet)"), note: (STATES[u.state] || u.state), title: "uplink " + u.url + ": " + u.state + (u.lastError ? " (" + u.lastError + ")" : ""), hub: true });
     rows.push({ depth: 0, type: "relay", label: "this relay: " + st.name, note: "v" + st.version, title: st.name + " " + st.id, down: u ? u.state !== "up" : false });
     st.networks.forEach(function (n) {
-      rows.push({ depth: 1, type: "network", label: "network " + n.name, note: plural(n.ports.length, "port") + " \u00B7 " + plural(n.macCount, "MAC"), title: "network " + n.name });
+      rows.push({ depth: 1, type: "network", label: "network " + n.name, note: plural(n.portCount === undefined ? n.ports.length : n.portCount, "port") + " \u00B7 " + plural(n.macCount, "MAC"), title: "network " + n.name });
       n.ports.slice(0, TOPOLOGY_PORTS).forEach(function (p) { rows.push(portNode(n, p, st)); });
       if (n.ports.length > TOPOLOGY_PORTS) {
         var more = n.ports.length - TOPOLOGY_PORTS;
@@ -4835,7 +4836,8 @@ summary { cursor: pointer; font-weight: 600; }
   }
   function fillNetwork(sec, n) {
     var ports = n.ports || [], macs = n.macs || [], closed = (n.closedPorts || []).slice().reverse();
-    sec.summary.textContent = plural(ports.length, "port") + " \u00B7 " + plural(n.macCount, "learned MAC");
+    var portCount = n.portCount === undefined ? ports.length : n.portCount;
+    sec.summary.textContent = plural(portCount, "port") + (ports.length < portCount ? " (the first " + num(ports.length) + " listed)" : "") + " \u00B7 " + plural(n.macCount, "learned MAC");
     update(sec.ports, ports.length ? ports.map(function (p) { return portRow(n, p); })
       : [h("tr", { "data-key": "none" }, h("td", { colspan: 12, class: "empty" }, "No ports."))]);
     var byId = new Map(ports.map(function (p) { return [p.id, p]; }));
@@ -4873,6 +4875,9 @@ summary { cursor: pointer; font-weight: 600; }
       fillNetwork(sec, n);
     });
     $("no-networks").hidden = st.networks.length > 0;
+    var page = st.networksPage, more = page ? page.total - st.networks.length : 0;
+    $("more-networks").hidden = more <= 0;
+    $("more-networks").textContent = more > 0 ? "The first " + num(st.networks.length) + " of " + num(page.total) + " networks; status?networks=all&offset=N lists the others." : "";
   }
 
   // ----- polling -----
