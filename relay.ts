@@ -90,6 +90,11 @@ const CAPTURE_SNAPLEN = 262_144;
 const CAPTURE_QUEUE_BYTES = 4 * 1024 * 1024;
 /** Learned MACs listed per network in /status (the count is always given). */
 const MAC_LIST_LIMIT = 1024;
+/** Networks, and ports per network, listed in /status unless asked for more (the counts are always given). */
+const STATUS_NETWORKS = 256;
+const STATUS_PORTS = 256;
+/** Networks visited (plus ports probed, MACs looked at) per loop-probe or MAC-sweep tick: beyond it a round spans ticks. */
+const TICK_BUDGET = 1024;
 const LOOP_BLOCK_MS = 60_000;
 /**
  * Flow control: a port whose queue passes this share of its bound is congested, and it has drained
@@ -109,6 +114,8 @@ const AUTH_WINDOW_MS = 60_000;
 const AUTH_BLOCK_MS = 60_000;
 const AUTH_TABLE_SIZE = 4_096;
 const TUNNEL_IDLE_SECONDS = 60;
+/** Tunnel connect and disconnect lines logged per 10 s; the rest are counted in one line. */
+const TUNNEL_LOG_BURST = 100;
 const CLOCK_TICK_MS = 100;
 const UPLINK_BACKOFF_MIN_MS = 250;
 const UPLINK_BACKOFF_MAX_MS = 30_000;
@@ -2054,6 +2061,12 @@ export abstract class Port {
     else this.impairOut = next;
   }
 
+  /** Frames received and dropped, for every reason the port counts. */
+  rxDrops(): number {
+    const s = this.stats;
+    return s.rxRunts + s.rxStorm + s.rxMacLimit + s.rxLoop;
+  }
+
   snapshot(): PortSnapshot {
     const s = this.stats;
     return {
@@ -2065,7 +2078,7 @@ export abstract class Port {
       rx: {
         frames: s.rxFrames,
         bytes: s.rxBytes,
-        drops: s.rxRunts + s.rxStorm + s.rxMacLimit + s.rxLoop,
+        drops: this.rxDrops(),
         runts: s.rxRunts,
         storm: s.rxStorm,
         macLimit: s.rxMacLimit,
@@ -2083,6 +2096,8 @@ export abstract class Port {
 interface MacEntry {
   port: Port;
   seen: number;
+  /** When it last went to the end of the table: the table is in this order. */
+  inserted: number;
   /** When it last moved to another port: a second move soon after is a flap. */
   moved: number;
 }
@@ -2199,6 +2214,8 @@ export class ImpairmentTable {
 
   /** Status: each profile, the ports it applies to now, and its counters summed over them. */
   snapshot() {
+    // Without impairments, no walk over every port (status and metrics ask each time).
+    if (this.#entries.size === 0) return [];
     const ports = [...this.ports()];
     return [...this.#entries].map(([text, { spec }]) => {
       const counters: ImpairmentCounters = { delayed: 0, lost: 0, duplicated: 0, reordered: 0, corrupted: 0, rateDropped: 0, queued: 0 };
@@ -2238,6 +2255,8 @@ export interface SwitchPolicy {
   stopping?: boolean;
   /** Called once per port blocked for a loop. */
   onLoop?: () => void;
+  /** A port left the network: the relay may drop a network nothing uses any more. */
+  onDetach?: (network: Network) => void;
 }
 
 /** A learning Ethernet switch. */
@@ -2249,7 +2268,8 @@ export class Network {
   readonly ageingMs: number;
   readonly now: () => number;
   readonly #policy: SwitchPolicy;
-  readonly #probeSource: Uint8Array | undefined;
+  /** This relay's probe, less the port's serial. */
+  readonly #probeFrame: Uint8Array | undefined;
   readonly #probeKey: number;
   /** MAC moves between ports in quick succession. */
   macFlaps = 0;
@@ -2267,9 +2287,18 @@ export class Network {
     this.ageingMs = this.#policy.ageingMs;
     this.now = this.#policy.now ?? Date.now;
     const id = this.#policy.relayId;
-    // A locally administered unicast MAC derived from the relay id: 02 + the id's first 5 bytes.
-    this.#probeSource = id === undefined ? undefined : Uint8Array.of(0x02, ...Buffer.from(id.slice(0, 10), "hex"));
-    this.#probeKey = this.#probeSource ? macKey(this.#probeSource, 0) : -1;
+    if (id !== undefined) {
+      const frame = new Uint8Array(60);
+      frame.set(PROBE_DESTINATION, 0);
+      // A locally administered unicast MAC derived from the relay id: 02 + the id's first 5 bytes.
+      frame.set([0x02, ...Buffer.from(id.slice(0, 10), "hex")], 6);
+      frame[12] = PROBE_ETHERTYPE >> 8;
+      frame[13] = PROBE_ETHERTYPE & 0xff;
+      frame.set(PROBE_MAGIC, 14);
+      frame.set(Buffer.from(id, "hex"), 14 + PROBE_MAGIC.length);
+      this.#probeFrame = frame;
+    }
+    this.#probeKey = this.#probeFrame ? macKey(this.#probeFrame, 6) : -1;
     this.#flapLog = rateLimitedLog((line) => this.#policy.log?.warn(line), 1, 10_000);
   }
 
@@ -2297,6 +2326,7 @@ export class Network {
     this.closed.push(snapshot);
     if (this.closed.length > CLOSED_PORTS_KEPT) this.closed.shift();
     if (!port.trunk || port.kind === "qemu-mcast") this.#policy.portLog?.info(`${port.id} down: ${port.kind} ${port.peer}: ${snapshot.reason}`);
+    this.#policy.onDetach?.(this);
   }
 
   #forgetPort(port: Port): void {
@@ -2377,17 +2407,18 @@ export class Network {
         entry.port = port;
         entry.moved = now;
       }
-      // Re-inserted at most once a second, so the map's order approximates last-seen order cheaply.
-      if (now - entry.seen >= 1000) {
+      // Re-inserted at most once a second, so the map's order is last-seen order to within a second.
+      if (now - entry.inserted >= 1000) {
         this.macs.delete(key);
         this.macs.set(key, entry);
+        entry.inserted = now;
       }
       entry.seen = now;
       return true;
     }
     if (port.macCount >= port.macLimit) return false;
     if (this.macs.size >= MAX_MACS_PER_NETWORK) this.#evictOldest();
-    this.macs.set(key, { port, seen: now, moved: -Infinity });
+    this.macs.set(key, { port, seen: now, inserted: now, moved: -Infinity });
     port.macCount++;
     return true;
   }
@@ -2409,25 +2440,35 @@ export class Network {
     }
   }
 
-  /** Forgets MAC entries older than the ageing time. */
-  sweep(): void {
+  /**
+   * Forgets MAC entries older than the ageing time. The table is in last-seen order to within a
+   * second, so the walk stops a second's worth of entries past the last expired one. Returns the
+   * entries looked at.
+   */
+  sweep(): number {
     const now = this.now();
+    let visited = 0;
     for (const [key, entry] of this.macs) {
+      if (now - entry.inserted < this.ageingMs) break;
+      visited++;
       if (now - entry.seen >= this.ageingMs) {
         this.macs.delete(key);
         entry.port.macCount--;
       }
     }
+    return visited;
   }
 
   /**
    * Sends a loop probe out of every port that could close a loop: every port that is not a tunnel,
-   * and tunnels too where this relay joins two or more (a relay with one tunnel is a leaf of it).
+   * and tunnels too where this relay joins two or more (a relay with one tunnel is a leaf of it);
+   * none in a network of one port, where a probe can only come back on the port it left by.
    * Ports whose block has run out are unblocked first, so a loop that is still there is seen again.
+   * Returns the probes sent.
    */
-  probe(): void {
-    const source = this.#probeSource;
-    if (source === undefined) return;
+  probe(): number {
+    const template = this.#probeFrame;
+    if (template === undefined) return 0;
     const now = this.now();
     let trunks = 0;
     for (const port of this.ports) {
@@ -2437,18 +2478,20 @@ export class Network {
       }
       if (port.linkRank !== undefined) trunks++;
     }
+    if (this.ports.size < 2) return 0;
+    let sent = 0;
     for (const port of this.ports) {
       if (port.state !== "up" || (port.linkRank !== undefined && trunks < 2)) continue;
-      const frame = new Uint8Array(60);
-      frame.set(PROBE_DESTINATION, 0);
-      frame.set(source, 6);
-      frame[12] = PROBE_ETHERTYPE >> 8;
-      frame[13] = PROBE_ETHERTYPE & 0xff;
-      frame.set(PROBE_MAGIC, 14);
-      frame.set(Buffer.from(this.#policy.relayId!, "hex"), 14 + PROBE_MAGIC.length);
-      new DataView(frame.buffer).setUint32(PROBE_SERIAL_AT, port.serial);
+      const frame = template.slice();
+      const serial = port.serial;
+      frame[PROBE_SERIAL_AT] = serial >>> 24;
+      frame[PROBE_SERIAL_AT + 1] = (serial >>> 16) & 0xff;
+      frame[PROBE_SERIAL_AT + 2] = (serial >>> 8) & 0xff;
+      frame[PROBE_SERIAL_AT + 3] = serial & 0xff;
       port.sendOwn(frame);
+      sent++;
     }
+    return sent;
   }
 
   /** Another relay's probe is flooded like any multicast (never learned); our own means a loop. */
@@ -2479,22 +2522,55 @@ export class Network {
     );
   }
 
-  /** Status: every port, and up to `macLimit` learned MACs (the count is always exact). */
-  snapshot(macLimit = MAC_LIST_LIMIT) {
+  /** Status: up to `portLimit` ports and `macLimit` learned MACs (the counts are always exact). */
+  snapshot(macLimit = MAC_LIST_LIMIT, portLimit = Infinity) {
     const now = this.now();
     const macs: { mac: string; port: string; age: number }[] = [];
     if (macLimit > 0) for (const [key, e] of this.macs) {
       if (macs.length >= macLimit) break;
       macs.push({ mac: formatMac(key), port: e.port.id, age: (now - e.seen) / 1000 });
     }
+    const ports: PortSnapshot[] = [];
+    for (const p of this.ports) {
+      if (ports.length >= portLimit) break;
+      ports.push(p.snapshot());
+    }
     return {
       name: this.name,
-      ports: [...this.ports].map((p) => p.snapshot()),
+      ports,
+      portCount: this.ports.size,
       closedPorts: [...this.closed],
       macCount: this.macs.size,
       macFlaps: this.macFlaps,
       macs,
     };
+  }
+}
+
+/**
+ * Visits a collection a few entries at a time, resuming where the last call stopped, so a timer over
+ * thousands of networks costs the same per tick as over a few; a round then spans several ticks.
+ */
+export class RoundRobin<T> {
+  #at: Iterator<T> | undefined;
+
+  constructor(private readonly entries: { values(): Iterator<T>; readonly size: number }) {}
+
+  /**
+   * Calls `visit` on entries in turn, each at most once per call, until `budget` is spent: each
+   * visit costs 1 plus what it returns (the work it did).
+   */
+  step(budget: number, visit: (entry: T) => number): void {
+    let spent = 0;
+    for (let n = this.entries.size; n > 0 && spent < budget; n--) {
+      let next = this.#at?.next();
+      if (next === undefined || next.done) {
+        this.#at = this.entries.values();
+        next = this.#at.next();
+        if (next.done) return;
+      }
+      spent += 1 + visit(next.value);
+    }
   }
 }
 
@@ -2885,9 +2961,13 @@ export class V86Port extends Port {
     this.#accounted = 0;
   }
 
+  override rxDrops(): number {
+    return super.rxDrops() + this.rxRate + this.rxOversize;
+  }
+
   override snapshot(): PortSnapshot & { rx: { rate: number; oversize: number } } {
     const s = super.snapshot();
-    return { ...s, rx: { ...s.rx, drops: s.rx.drops + this.rxRate + this.rxOversize, rate: this.rxRate, oversize: this.rxOversize } };
+    return { ...s, rx: { ...s.rx, rate: this.rxRate, oversize: this.rxOversize } };
   }
 }
 
@@ -2913,8 +2993,6 @@ export interface V86ServerOptions {
   counters: RelayCounters;
   log: Logger;
   network(name: string): Network | string;
-  /** A port went: networks only it kept alive may go. */
-  released(): void;
 }
 
 /** The origin of a URL (`https://host[:port]`), or undefined when it has none. */
@@ -3001,7 +3079,6 @@ export class V86Server {
       }
       const shown = reason ? ` ${JSON.stringify(reason.slice(0, 80))}` : "";
       port.network?.detach(port, malformed ?? (code === 1000 || code === 1001 || code === 1005 ? "peer closed" : `closed (${code}${shown})`));
-      this.options.released();
     },
   };
 }
@@ -3256,8 +3333,6 @@ export interface TunnelServerOptions {
   log: Logger;
   /** The network of that name, created if need be; a string says why it cannot be. */
   network(name: string): Network | string;
-  /** A tunnel went: networks only it kept alive may go. */
-  released(): void;
 }
 
 /** Close codes Bun uses for malformed WebSocket input: protocol error, bad data, message too big. */
@@ -3271,7 +3346,9 @@ export class TunnelServer {
 
   constructor(readonly options: TunnelServerOptions) {
     const warn = rateLimitedLog(options.log.warn, 10, 10_000);
-    this.#log = { info: options.log.info, warn: warn.log };
+    // Sites come and go in crowds when a hub restarts: a line each for the first, then a count.
+    const info = rateLimitedLog(options.log.info, TUNNEL_LOG_BURST, 10_000);
+    this.#log = { info: info.log, warn: warn.log };
   }
 
   /** Before the upgrade: undefined to go ahead, or why not (answered 503). */
@@ -3331,7 +3408,6 @@ export class TunnelServer {
         } else this.#log.info(`tunnel: ${link.peer} disconnected`);
       }
       link?.detachAll();
-      this.options.released();
     },
   };
 
@@ -3351,7 +3427,7 @@ export class TunnelServer {
     if (hello) link.sendControl({ type: "welcome", version: TUNNEL_VERSION, accepted, refused, id: o.identity.id, name: o.identity.name });
     else link.sendControl({ type: "attached", accepted, refused });
     const extra = refused.length ? `; refused: ${refused.map((r) => `${r.network} (${r.reason})`).join(", ")}` : "";
-    o.log.info(`tunnel: ${link.peer} ${hello ? "attached" : "added"} (networks: ${accepted.join(", ") || "none"}${extra})`);
+    this.#log.info(`tunnel: ${link.peer} ${hello ? "attached" : "added"} (networks: ${accepted.join(", ") || "none"}${extra})`);
   }
 
   #refusal(link: TunnelLink, grant: Grant, name: string): Network | string {
@@ -4864,7 +4940,9 @@ export interface Snapshot extends RelayCounters {
   name: string;
   uptime: number;
   startedAt: string;
+  /** A page of the networks, in the order they were made: see `networksPage`. */
   networks: ReturnType<Network["snapshot"]>[];
+  networksPage: { offset: number; limit: number | null; total: number };
   uplink: UplinkStatus | null;
   backplane: BackplaneSnapshot | null;
   dials: DialStatus[];
@@ -4888,15 +4966,38 @@ export interface Snapshot extends RelayCounters {
   datagrams: DatagramStatus[];
 }
 
-const PORT_METRICS: [name: string, help: string, value: (p: PortSnapshot) => number][] = [
-  ["edge_relay_port_rx_frames_total", "Frames received on a port and switched.", (p) => p.rx.frames],
-  ["edge_relay_port_rx_bytes_total", "Bytes received on a port and switched.", (p) => p.rx.bytes],
-  ["edge_relay_port_rx_drops_total", "Frames received and dropped (runt, storm limit, MAC limit, blocked for a loop).", (p) => p.rx.drops],
-  ["edge_relay_port_tx_frames_total", "Frames handed to a port's socket.", (p) => p.tx.frames],
-  ["edge_relay_port_tx_bytes_total", "Bytes handed to a port's socket.", (p) => p.tx.bytes],
-  ["edge_relay_port_tx_drops_total", "Frames dropped: queue or memory budget full, or refused by the socket.", (p) => p.tx.drops],
-  ["edge_relay_port_errors_total", "Protocol errors on a port (oversize frame, malformed message).", (p) => p.errors],
-  ["edge_relay_port_pauses_total", "Times flow control paused reading a port because its frames' destination was congested.", (p) => p.flow.pauses],
+/** What /status lists (undefined: the default): learned MACs and ports per network, and which networks. */
+export interface StatusView {
+  macs?: number;
+  ports?: number;
+  /** Networks listed, from the `offset`-th on. */
+  networks?: number;
+  offset?: number;
+}
+
+/** The page of networks a view asks for, each cut to its ports and MACs; the total is always given. */
+export function statusNetworks(all: Iterable<Network>, total: number, view: StatusView): Pick<Snapshot, "networks" | "networksPage"> {
+  const offset = view.offset ?? 0;
+  const limit = view.networks ?? STATUS_NETWORKS;
+  const networks: Snapshot["networks"] = [];
+  let i = 0;
+  for (const n of all) {
+    if (networks.length >= limit) break;
+    if (i++ >= offset) networks.push(n.snapshot(view.macs ?? MAC_LIST_LIMIT, view.ports ?? STATUS_PORTS));
+  }
+  return { networks, networksPage: { offset, limit: Number.isFinite(limit) ? limit : null, total } };
+}
+
+const PORT_METRICS: [name: string, help: string, value: (p: Port) => number][] = [
+  ["edge_relay_port_rx_frames_total", "Frames received on a port and switched.", (p) => p.stats.rxFrames],
+  ["edge_relay_port_rx_bytes_total", "Bytes received on a port and switched.", (p) => p.stats.rxBytes],
+  ["edge_relay_port_rx_drops_total", "Frames received and dropped (runt, storm limit, MAC limit, blocked for a loop).", (p) => p.rxDrops()],
+  ["edge_relay_port_tx_frames_total", "Frames handed to a port's socket.", (p) => p.stats.txFrames],
+  ["edge_relay_port_tx_bytes_total", "Bytes handed to a port's socket.", (p) => p.stats.txBytes],
+  ["edge_relay_port_tx_drops_total", "Frames dropped: queue or memory budget full, or refused by the socket.", (p) => p.stats.txDrops],
+  ["edge_relay_port_errors_total", "Protocol errors on a port (oversize frame, malformed message).", (p) => p.stats.errors],
+  ["edge_relay_port_pauses_total", "Times flow control paused reading a port because its frames' destination was congested.", (p) => p.pauses],
+  ["edge_relay_port_blocked", "1 while a port is blocked for a loop.", (p) => (p.state === "blocked-loop" ? 1 : 0)],
 ];
 
 const RELAY_COUNTERS: [name: string, help: string, key: keyof RelayCounters][] = [
@@ -4909,19 +5010,33 @@ const RELAY_COUNTERS: [name: string, help: string, key: keyof RelayCounters][] =
   ["edge_relay_connections_refused_total", "QEMU connections closed at once for --max-connections.", "connectionsRefused"],
 ];
 
-/** Prometheus text exposition of a snapshot: its cost is per port, never per MAC. */
-export function renderMetrics(s: Snapshot): string {
+/**
+ * Prometheus text exposition: the relay's counters from a snapshot (its networks not listed), the
+ * ports' and networks' read from them directly. The cost is per port, never per MAC.
+ */
+export function renderMetrics(s: Snapshot, networks: Iterable<Network>): string {
   const lines: string[] = [];
   const metric = (name: string, help: string, type: string, samples: [string, number][]) => {
     lines.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
     for (const [labels, value] of samples) lines.push(`${name}${labels} ${value}`);
   };
-  const ports = s.networks.flatMap((n) => n.ports.map((p) => [n.name, p] as const));
-  const label = (net: string, p: PortSnapshot) => `{network="${net}",port="${p.id}",kind="${p.kind}"}`;
-  for (const [name, help, value] of PORT_METRICS) metric(name, help, "counter", ports.map(([net, p]) => [label(net, p), value(p)]));
-  metric("edge_relay_port_blocked", "1 while a port is blocked for a loop.", "gauge", ports.map(([net, p]) => [label(net, p), p.state === "blocked-loop" ? 1 : 0]));
-  metric("edge_relay_network_ports", "Ports attached to a network.", "gauge", s.networks.map((n) => [`{network="${n.name}"}`, n.ports.length]));
-  metric("edge_relay_network_macs", "Learned MAC addresses in a network.", "gauge", s.networks.map((n) => [`{network="${n.name}"}`, n.macCount]));
+  const nets = [...networks];
+  const ports: Port[] = [];
+  const labels: string[] = [];
+  for (const n of nets) {
+    for (const p of n.ports) {
+      ports.push(p);
+      labels.push(`{network="${n.name}",port="${p.id}",kind="${p.kind}"}`);
+    }
+  }
+  // One string per metric rather than one per line: tens of thousands of ports make less garbage.
+  for (const [name, help, value] of PORT_METRICS) {
+    let samples = `# HELP ${name} ${help}\n# TYPE ${name} ${name.endsWith("_total") ? "counter" : "gauge"}`;
+    for (let i = 0; i < ports.length; i++) samples += "\n" + name + labels[i] + " " + value(ports[i]!);
+    lines.push(samples);
+  }
+  metric("edge_relay_network_ports", "Ports attached to a network.", "gauge", nets.map((n) => [`{network="${n.name}"}`, n.ports.size]));
+  metric("edge_relay_network_macs", "Learned MAC addresses in a network.", "gauge", nets.map((n) => [`{network="${n.name}"}`, n.macs.size]));
   for (const [name, help, key] of RELAY_COUNTERS) metric(name, help, "counter", [["", s[key]]]);
   metric("edge_relay_tunnels", "Tunnels connected to this relay.", "gauge", [["", s.limits.tunnels]]);
   metric("edge_relay_memory_queued_bytes", "Bytes queued across every port.", "gauge", [["", s.limits.memoryUsed]]);
@@ -5069,6 +5184,7 @@ summary { cursor: pointer; font-weight: 600; }
   </div>
   <div id="networks"></div>
   <p id="no-networks" class="empty" hidden>No networks yet.</p>
+  <p id="more-networks" class="muted" hidden></p>
   <section class="panel" aria-labelledby="limits-h">
     <h2 id="limits-h">Limits and counters</h2>
     <dl id="counters"></dl>
@@ -5292,7 +5408,7 @@ summary { cursor: pointer; font-weight: 600; }
     if (u) rows.push({ depth: 0, type: "hub", label: "hub " + (u.hub || "(not connected yet)"), note: (STATES[u.state] || u.state), title: "uplink " + u.url + ": " + u.state + (u.lastError ? " (" + u.lastError + ")" : ""), hub: true });
     rows.push({ depth: 0, type: "relay", label: "this relay: " + st.name, note: "v" + st.version, title: st.name + " " + st.id, down: u ? u.state !== "up" : false });
     st.networks.forEach(function (n) {
-      rows.push({ depth: 1, type: "network", label: "network " + n.name, note: plural(n.ports.length, "port") + " \u00B7 " + plural(n.macCount, "MAC"), title: "network " + n.name });
+      rows.push({ depth: 1, type: "network", label: "network " + n.name, note: plural(n.portCount === undefined ? n.ports.length : n.portCount, "port") + " \u00B7 " + plural(n.macCount, "MAC"), title: "network " + n.name });
       n.ports.slice(0, TOPOLOGY_PORTS).forEach(function (p) { rows.push(portNode(n, p, st)); });
       if (n.ports.length > TOPOLOGY_PORTS) {
         var more = n.ports.length - TOPOLOGY_PORTS;
@@ -5386,7 +5502,8 @@ summary { cursor: pointer; font-weight: 600; }
   }
   function fillNetwork(sec, n) {
     var ports = n.ports || [], macs = n.macs || [], closed = (n.closedPorts || []).slice().reverse();
-    sec.summary.textContent = plural(ports.length, "port") + " \u00B7 " + plural(n.macCount, "learned MAC");
+    var portCount = n.portCount === undefined ? ports.length : n.portCount;
+    sec.summary.textContent = plural(portCount, "port") + (ports.length < portCount ? " (the first " + num(ports.length) + " listed)" : "") + " \u00B7 " + plural(n.macCount, "learned MAC");
     update(sec.ports, ports.length ? ports.map(function (p) { return portRow(n, p); })
       : [h("tr", { "data-key": "none" }, h("td", { colspan: 12, class: "empty" }, "No ports."))]);
     var byId = new Map(ports.map(function (p) { return [p.id, p]; }));
@@ -5424,6 +5541,9 @@ summary { cursor: pointer; font-weight: 600; }
       fillNetwork(sec, n);
     });
     $("no-networks").hidden = st.networks.length > 0;
+    var page = st.networksPage, more = page ? page.total - st.networks.length : 0;
+    $("more-networks").hidden = more <= 0;
+    $("more-networks").textContent = more > 0 ? "The first " + num(st.networks.length) + " of " + num(page.total) + " networks; status?networks=all&offset=N lists the others." : "";
   }
 
   // ----- polling -----
@@ -5658,8 +5778,9 @@ export class CaptureRegistry {
 interface AppContext {
   grants: Grant[];
   adminToken: string | undefined;
-  /** `macs`: how many learned MACs to list per network. */
-  snapshot(macs?: number): Snapshot;
+  snapshot(view?: StatusView): Snapshot;
+  /** Every network, for /metrics. */
+  networks(): Iterable<Network>;
   counters: RelayCounters;
   tunnels: TunnelServer;
   captures: CaptureRegistry;
@@ -5738,10 +5859,14 @@ export function createApp(ctx: AppContext) {
     return bp && bp.state !== "up" ? c.text(`backplane ${bp.state}\n`, 503) : c.text("ok\n");
   });
   app.get("/status", (c) => {
-    const macs = c.req.query("macs");
-    return c.json(ctx.snapshot(macs === "all" ? Infinity : macs !== undefined && /^\d+$/.test(macs) ? Number(macs) : MAC_LIST_LIMIT));
+    // A number or `all`; anything else means the default.
+    const count = (name: string) => {
+      const value = c.req.query(name);
+      return value === "all" ? Infinity : value !== undefined && /^\d+$/.test(value) ? Number(value) : undefined;
+    };
+    return c.json(ctx.snapshot({ macs: count("macs"), networks: count("networks"), offset: count("offset"), ports: count("ports") }));
   });
-  app.get("/metrics", (c) => c.text(renderMetrics(ctx.snapshot(0)), 200, { "Content-Type": "text/plain; version=0.0.4" }));
+  app.get("/metrics", (c) => c.text(renderMetrics(ctx.snapshot({ networks: 0 }), ctx.networks()), 200, { "Content-Type": "text/plain; version=0.0.4" }));
   // Link impairment at run time: PUT the spec as text, DELETE to restore the clean path.
   const impairTarget = (path: string) => decodeURIComponent(path.slice("/impair/".length));
   app.get("/impair", (c) => c.json(ctx.impairments.snapshot()));
@@ -5997,13 +6122,39 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
   };
   /** Networks that local ports use; the others exist while a tunnel attaches to them. */
   const configured = new Set<string>();
+  // Networks that only tunnels and v86 ports brought into being go when the last port other than the
+  // uplink and the backplane does: checked once per event-loop turn, and only those that lost a port or were just made.
+  const vacated = new Set<Network>();
+  const release = () => {
+    for (const n of vacated) {
+      if (configured.has(n.name) || networks.get(n.name) !== n || policy.stopping) continue;
+      let used = false;
+      for (const port of n.ports) if (port.kind !== "uplink" && port.kind !== "backplane" && (used = true)) break;
+      if (!used) {
+        networks.delete(n.name);
+        backplane?.leave(n);
+        networksChanged();
+      }
+    }
+    vacated.clear();
+  };
+  policy.onDetach = (n) => {
+    if (vacated.size === 0) setImmediate(release);
+    vacated.add(n);
+  };
   const grants = makeGrants(config.tokens);
   const bound: BoundAddress[] = [];
   const stoppers: (() => void | Promise<void>)[] = [() => clearInterval(clock)];
   const sweepers: (() => void)[] = [];
   const dialers: ReturnType<typeof dialStream>[] = [];
-  const remoteNetwork = (name: string) =>
-    networks.has(name) || networks.size < config.maxNetworks ? network(name) : `this relay has the maximum of ${config.maxNetworks} networks`;
+  // A network made for an offer that is then refused (a loop) goes again like one a port left.
+  const remoteNetwork = (name: string) => {
+    if (networks.has(name)) return network(name);
+    if (networks.size >= config.maxNetworks) return `this relay has the maximum of ${config.maxNetworks} networks`;
+    const made = network(name);
+    policy.onDetach!(made);
+    return made;
+  };
   const tunnels = new TunnelServer({
     identity,
     limit: config.queueBytes,
@@ -6013,20 +6164,6 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
     counters,
     log,
     network: remoteNetwork,
-    released() {
-      // Networks that only tunnels brought into being go when the last port other than the uplink
-      // and the backplane does.
-      for (const [name, n] of networks) {
-        if (configured.has(name)) continue;
-        let used = false;
-        for (const port of n.ports) if (port.kind !== "uplink" && port.kind !== "backplane") used = true;
-        if (!used) {
-          networks.delete(name);
-          backplane?.leave(n);
-          networksChanged();
-        }
-      }
-    },
   });
   const datagramSockets: Awaited<ReturnType<typeof bindDatagram>>[] = [];
 
@@ -6042,18 +6179,17 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
     counters,
     log,
     network: remoteNetwork,
-    released: () => tunnels.options.released(),
   });
   // One WebSocket handler set for the listener: each socket goes to the server that upgraded it.
   const v86Socket = (ws: ServerWebSocket<SocketData>): ws is ServerWebSocket<V86Data> => "v86" in ws.data;
 
-  const snapshot = (macs = MAC_LIST_LIMIT): Snapshot => ({
+  const snapshot = (view: StatusView = {}): Snapshot => ({
     version: VERSION,
     id: identity.id,
     name: identity.name,
     uptime: (Date.now() - startedAt) / 1000,
     startedAt: new Date(startedAt).toISOString(),
-    networks: [...networks.values()].map((n) => n.snapshot(macs)),
+    ...statusNetworks(networks.values(), networks.size, view),
     uplink: uplink ? { ...uplink.status } : null,
     backplane: backplane ? backplane.snapshot() : null,
     dials: dialers.map((d) => ({ ...d.status })),
@@ -6084,7 +6220,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
       hostname: config.http.host,
       port: config.http.port,
       tls: config.tlsCert && config.tlsKey ? { cert: config.tlsCert.text, key: config.tlsKey.text } : undefined,
-      fetch: createApp({ grants, adminToken: config.adminToken, snapshot, counters, tunnels, v86, captures, impairments, log }).fetch,
+      fetch: createApp({ grants, adminToken: config.adminToken, snapshot, networks: () => networks.values(), counters, tunnels, v86, captures, impairments, log }).fetch,
       websocket: {
         maxPayloadLength: MAX_MESSAGE,
         // Above the tunnel's own queue bound by one message, so Bun drops only what the bound let through.
@@ -6159,18 +6295,19 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
       uplink.start();
       stoppers.push(() => uplink!.stop());
     }
+    // Both timers do a bounded share of the networks per tick (TICK_BUDGET), not a walk over all.
+    const sweeping = new RoundRobin(networks);
     const sweep = setInterval(() => {
-      for (const n of networks.values()) n.sweep();
+      sweeping.step(TICK_BUDGET, (n) => n.sweep());
       for (const s of sweepers) s();
     }, Math.min(ageingMs, 60_000) / 2);
     stoppers.push(() => clearInterval(sweep));
     // Each relay probes at its own phase, so two relays in one loop rarely both act on it.
     let probing: ReturnType<typeof setInterval> | undefined;
     const probeMs = config.loopProbe * 1000;
+    const probes = new RoundRobin(networks);
     const probeStart = setTimeout(() => {
-      probing = setInterval(() => {
-        for (const n of networks.values()) n.probe();
-      }, probeMs);
+      probing = setInterval(() => probes.step(TICK_BUDGET, (n) => n.probe() + n.ports.size), probeMs);
     }, Math.random() * probeMs);
     if (probeMs === 0) clearTimeout(probeStart);
     stoppers.push(() => (clearTimeout(probeStart), clearInterval(probing)));

@@ -14,7 +14,9 @@
  *
  * Env: BENCH_SECONDS (throughput run length, default 5), BENCH_OVERLOAD_SECONDS (default 10),
  *      BENCH_SAMPLES (latency samples, default 3000), BENCH_UDP_RATE (paced UDP run, default 50000),
- *      BENCH_TCP_RATE (paced 1500 B TCP run, default 500000 = the target).
+ *      BENCH_TCP_RATE (paced 1500 B TCP run, default 500000 = the target),
+ *      BENCH_SCALE_TUNNELS (10000), BENCH_SCALE_V86 (10000, fewer if the open-file limit says so),
+ *      BENCH_SCALE_RECONNECT (1000), BENCH_SCALE_CLIENTS (load-client processes per kind, 4).
  */
 import { existsSync } from "node:fs";
 import { RELAY, freePort, spawnRelay, startNats, waitUntil, type RelayProcess } from "../tests/helpers.ts";
@@ -36,7 +38,7 @@ for (let i = 0; i < argv.length; i++) {
   if (argv[i] === "--json") jsonOut = argv[++i];
   else wanted.push(argv[i]!);
 }
-const ALL = ["selftest", "tcp1500", "tcp1500-observed", "flow", "local", "tcp64k", "udp", "latency", "fanout", "memory", "backplane"];
+const ALL = ["selftest", "tcp1500", "tcp1500-observed", "flow", "local", "tcp64k", "udp", "latency", "fanout", "memory", "backplane", "scale"];
 for (const w of wanted) if (!ALL.includes(w)) throw new Error(`unknown case ${w}; cases: ${ALL.join(" ")}`);
 const cases = wanted.length ? wanted : ALL;
 const haveRelay = existsSync(RELAY);
@@ -73,8 +75,9 @@ class Peer {
   constructor(
     public name: string,
     args: string[],
+    script = PEER,
   ) {
-    this.proc = Bun.spawn([process.execPath, PEER, ...args], { stdin: "pipe", stdout: "pipe", stderr: "pipe" });
+    this.proc = Bun.spawn([process.execPath, script, ...args], { stdin: "pipe", stdout: "pipe", stderr: "pipe" });
     void this.pump(this.proc.stdout as ReadableStream<Uint8Array>, (line) => {
       try {
         this.events.push(JSON.parse(line));
@@ -994,6 +997,141 @@ async function backplaneCase() {
     direct: ["A", "hub", "B"].map((k) => `${k} ${f2(perM(one, k))}`).join(", "),
     chain: ["A", "hub1", "hub2", "B", "nats"].map((k) => `${k} ${f2(perM(two, k))}`).join(", "),
   });
+const SCALE_TUNNELS = Number(process.env.BENCH_SCALE_TUNNELS ?? 10_000);
+const SCALE_V86 = Number(process.env.BENCH_SCALE_V86 ?? 10_000);
+const SCALE_RECONNECT = Number(process.env.BENCH_SCALE_RECONNECT ?? 1_000);
+const SCALE_CLIENTS = Number(process.env.BENCH_SCALE_CLIENTS ?? 4);
+const TUNNELS_SCRIPT = new URL("./tunnels.ts", import.meta.url).pathname;
+
+/** Milliseconds of each of `n` GETs of `path` (one at a time), and the size of the last answer. */
+async function timeGets(base: string, path: string, n = 5): Promise<{ ms: number[]; bytes: number }> {
+  const ms: number[] = [];
+  let bytes = 0;
+  for (let i = 0; i < n; i++) {
+    const t = performance.now();
+    const res = await fetch(base + path);
+    const body = await res.arrayBuffer();
+    ms.push(performance.now() - t);
+    if (!res.ok) throw new Error(`GET ${path}: ${res.status}`);
+    bytes = body.byteLength;
+  }
+  return { ms, bytes };
+}
+
+const quantile = (xs: number[], q: number) => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length ? s[Math.min(s.length - 1, Math.ceil(q * s.length) - 1)]! : NaN;
+};
+
+/** Open files a process may have (soft limit), from /proc. */
+function fdLimit(pid: number): number {
+  const s = require("node:fs").readFileSync(`/proc/${pid}/limits`, "utf8") as string;
+  return Number(/Max open files\s+(\d+)/.exec(s)?.[1] ?? NaN);
+}
+
+/**
+ * Connection scale: one hub, SCALE_TUNNELS idle tunnels (one network each, `sN`) and SCALE_V86 idle
+ * v86 WebSockets (on the same networks) from load-client processes; the hub's RSS per connection,
+ * /status and /metrics latency with all of them up, the hub's CPU while idle (its timers), and
+ * hello→welcome while SCALE_RECONNECT sites drop and dial again at once.
+ */
+async function scaleCase() {
+  const label = "scale";
+  if (!haveRelay) {
+    row({ case: label, metric: "RSS per idle tunnel", chain: "relay.ts missing", target: "≤ 20 KB" });
+    return;
+  }
+  const most = 1_000_000;
+  const hub = await spawnRelay(
+    ["--http", `${HOST}:0`, "--token", TOKEN, "--name", "hub", "--max-tunnels", String(most), "--max-tunnels-per-address", String(most), "--max-networks", String(most)],
+    relayOptions("scale-hub"),
+  );
+  const clients: Peer[] = [];
+  try {
+    const pid = hub.proc.pid;
+    // Each connection is a descriptor in the hub; the hard limit here cannot be raised (no CAP_SYS_RESOURCE).
+    const fds = fdLimit(pid);
+    const tunnelsWanted = Math.min(SCALE_TUNNELS, fds - 100);
+    const v86Wanted = Math.min(SCALE_V86, fds - tunnelsWanted - 100);
+    await Bun.sleep(1000);
+    const rss0 = rssMB(pid);
+    const emptyStatus = await timeGets(hub.base, "/status");
+    const spawnClients = async (kind: "tunnel" | "v86", total: number) => {
+      const mine: Peer[] = [];
+      const per = Math.ceil(total / SCALE_CLIENTS);
+      for (let k = 0, first = 0; first < total; k++, first += per) {
+        const n = Math.min(per, total - first);
+        mine.push(new Peer(`${kind}-${k}`, ["idle", "--url", hub.base, "--token", TOKEN, "--kind", kind, "--count", String(n), "--first", String(first)], TUNNELS_SCRIPT));
+      }
+      clients.push(...mine);
+      const t = performance.now();
+      const ready = await Promise.all(mine.map((p) => p.wait("ready", 600_000)));
+      return { mine, ready, seconds: (performance.now() - t) / 1000 };
+    };
+    const tunnels = await spawnClients("tunnel", tunnelsWanted);
+    await Bun.sleep(3000); // let the hub's allocations settle (no way to force its GC from here)
+    const rss1 = rssMB(pid);
+    const v86 = v86Wanted > 0 ? await spawnClients("v86", v86Wanted) : undefined;
+    await Bun.sleep(3000);
+    const rss2 = rssMB(pid);
+    const st = await hub.status();
+    const perTunnelKB = ((rss1 - rss0) * 1024) / tunnelsWanted;
+    const perV86KB = v86Wanted > 0 ? ((rss2 - rss1) * 1024) / v86Wanted : NaN;
+    row({
+      case: label,
+      metric: `hub RSS per idle tunnel (${si(tunnelsWanted)} tunnels, one network each)`,
+      chain: `${f1(perTunnelKB)} KB (RSS ${f1(rss0)} → ${f1(rss1)} MB; connected in ${f1(tunnels.seconds)} s)`,
+      target: "≤ 20 KB",
+      result: pass(perTunnelKB <= 20),
+    });
+    row({
+      case: label,
+      metric: `hub RSS per idle v86 port (${si(v86Wanted)} on the same networks)`,
+      chain: v86 ? `${f1(perV86KB)} KB (RSS → ${f1(rss2)} MB; connected in ${f1(v86.seconds)} s)` : "none: no descriptors left",
+      target: "≤ 20 KB",
+      result: v86 ? pass(perV86KB <= 20) : "",
+    });
+    if (v86Wanted < SCALE_V86) row({ case: label, metric: "v86 ports opened", chain: `${v86Wanted} of ${SCALE_V86}: the hub's open-file limit is ${fds}` });
+    const ports = st.limits?.tunnels;
+    const statusNow = await timeGets(hub.base, "/status");
+    const statusAll = await timeGets(hub.base, "/status?networks=all", 3);
+    const metrics = await timeGets(hub.base, "/metrics");
+    const ms = (t: { ms: number[]; bytes: number }) => `median ${f1(quantile(t.ms, 0.5))} ms, max ${f1(Math.max(...t.ms))} ms (${si(t.bytes)}B)`;
+    const within = (t: { ms: number[] }) => Math.max(...t.ms) <= 200;
+    row({ case: label, metric: "GET /status, nothing connected", chain: ms(emptyStatus) });
+    row({ case: label, metric: `GET /status, all connected (${st.limits?.networks} networks, ${ports} tunnels)`, chain: ms(statusNow), target: "≤ 200 ms", result: pass(within(statusNow)) });
+    row({ case: label, metric: "GET /status?networks=all (every network in full)", chain: ms(statusAll) });
+    row({ case: label, metric: "GET /metrics, all connected", chain: ms(metrics), target: "≤ 200 ms", result: pass(within(metrics)) });
+    // The hub's timers with everything idle: CPU over 10 s.
+    const cpu0 = cpuSeconds(pid);
+    await Bun.sleep(10_000);
+    const idleCpu = (cpuSeconds(pid) - cpu0) / 10;
+    row({ case: label, metric: "hub CPU while idle (timers, pings), % of a core", chain: `${f1(idleCpu * 100)} %` });
+    // Sites dropping and dialing again at once (a hub restart as the sites see it), spread over the clients.
+    const each = Math.ceil(SCALE_RECONNECT / tunnels.mine.length);
+    const froms = tunnels.mine.map((p) => p.events.length);
+    const cpu1 = cpuSeconds(pid);
+    const clientCpu = () => tunnels.mine.reduce((n, p) => n + cpuSeconds(p.pid), 0);
+    const clientCpu1 = clientCpu();
+    tunnels.mine.forEach((p) => p.send(`reconnect ${each}`));
+    const back = await Promise.all(tunnels.mine.map((p, i) => p.wait("reconnected", 120_000, froms[i])));
+    const reconnectCpu = cpuSeconds(pid) - cpu1;
+    const reconnectClientCpu = clientCpu() - clientCpu1;
+    const hello = back.flatMap((e) => e.helloMs as number[]);
+    const open = back.flatMap((e) => e.openMs as number[]);
+    const p99 = quantile(hello, 0.99);
+    row({
+      case: label,
+      metric: `hello→welcome while ${hello.length} sites reconnect at once (${si(tunnelsWanted + v86Wanted)} connections up)`,
+      chain: `p50 ${f1(quantile(hello, 0.5))} ms, p99 ${f1(p99)} ms, max ${f1(Math.max(...hello))} ms; dial→open p99 ${f1(quantile(open, 0.99))} ms; all back in ${f1(Math.max(...back.map((e) => e.seconds)))} s; CPU: hub ${f2(reconnectCpu)} s, the ${back.length} clients ${f2(reconnectClientCpu)} s`,
+      target: "p99 ≤ 10 ms",
+      result: pass(p99 <= 10),
+    });
+    json.scale = { tunnels: tunnelsWanted, v86: v86Wanted, rss: [rss0, rss1, rss2], perTunnelKB, perV86KB, emptyStatus, statusNow, statusAll, metrics, idleCpu, hello, open, reconnectCpu, reconnectClientCpu };
+  } finally {
+    await Promise.all(clients.map((c) => c.stop()));
+    await hub.stop();
+  }
 }
 
 // ------------------------------------------------------------------------------------ main
@@ -1029,6 +1167,7 @@ for (const c of cases) {
     else if (c === "selftest") await selftestCase();
     else if (c === "memory") await memoryCase();
     else if (c === "backplane") await backplaneCase();
+    else if (c === "scale") await scaleCase();
   } catch (e) {
     console.error(`case ${c} failed: ${e}`);
     row({ case: c, metric: "error", chain: String(e).split("\n")[0]!.slice(0, 120) });

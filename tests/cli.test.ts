@@ -297,6 +297,21 @@ describe("HTTP", () => {
     expect(metrics).toMatch(/^edge_relay_uptime_seconds \d/m);
   });
 
+  test("/status pages the networks (?networks=N&offset=K) and cuts ports (?ports=N), with the totals", async () => {
+    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "a=127.0.0.1:0", "--qemu-listen", "b=127.0.0.1:0", "--qemu-listen", "c=127.0.0.1:0"]);
+    await using _vm1 = await attachVm(relay, "b");
+    await using _vm2 = await attachVm(relay, "b");
+    const get = async (query: string) => (await fetch(`${relay.base}/status${query}`)).json() as Promise<any>;
+    const all = await get("");
+    expect(all.networks.map((n: any) => n.name)).toEqual(["a", "b", "c"]);
+    expect(all.networksPage).toEqual({ offset: 0, limit: 256, total: 3 });
+    const page = await get("?networks=1&offset=1&ports=1");
+    expect(page.networks.map((n: any) => [n.name, n.ports.length, n.portCount])).toEqual([["b", 1, 2]]);
+    expect(page.networksPage).toEqual({ offset: 1, limit: 1, total: 3 });
+    expect((await get("?networks=all&ports=all")).networksPage).toEqual({ offset: 0, limit: null, total: 3 });
+    expect((await get("?networks=0")).networks).toEqual([]);
+  });
+
   test("a non-loopback --http needs the admin token on every route", async () => {
     await using relay = await spawnRelay(["--http", "0.0.0.0:0", "--admin-token", "admin-secret-000001"]);
     const base = `http://127.0.0.1:${relay.port("http")}`;
