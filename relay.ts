@@ -93,6 +93,9 @@ const MAC_LIST_LIMIT = 1024;
 /** Networks, and ports per network, listed in /status unless asked for more (the counts are always given). */
 const STATUS_NETWORKS = 256;
 const STATUS_PORTS = 256;
+/** Ports and networks given series of their own in /metrics unless asked for more (per-kind totals cover all). */
+const METRICS_PORTS = 1024;
+const METRICS_NETWORKS = 1024;
 /** Networks visited (plus ports probed, MACs looked at) per loop-probe or MAC-sweep tick: beyond it a round spans ticks. */
 const TICK_BUDGET = 1024;
 const LOOP_BLOCK_MS = 60_000;
@@ -2233,6 +2236,61 @@ export class ImpairmentTable {
 }
 
 /** What a network needs from its relay: limits, a clock, and where to report. */
+/** Counters summed per port kind, for /metrics. */
+export interface KindTotals {
+  ports: number;
+  rxFrames: number;
+  rxBytes: number;
+  rxDrops: number;
+  txFrames: number;
+  txBytes: number;
+  txDrops: number;
+}
+
+/**
+ * Counters per port kind over every port the relay has had: the live ones are summed when asked,
+ * a closed one is added here as it goes, so the totals never go backwards (Prometheus counters).
+ */
+export class PortTotals {
+  readonly #retired = new Map<string, KindTotals>();
+
+  retire(port: Port): void {
+    let t = this.#retired.get(port.kind);
+    if (t === undefined) this.#retired.set(port.kind, (t = emptyTotals()));
+    addPort(t, port);
+  }
+
+  /** Totals per kind; `ports` counts the live ports only. */
+  collect(networks: Iterable<Network>): Map<string, KindTotals> {
+    const out = new Map<string, KindTotals>();
+    for (const [kind, t] of this.#retired) out.set(kind, { ...t, ports: 0 });
+    for (const n of networks) {
+      for (const port of n.ports) {
+        let t = out.get(port.kind);
+        if (t === undefined) out.set(port.kind, (t = emptyTotals()));
+        addPort(t, port);
+      }
+    }
+    return out;
+  }
+}
+
+function emptyTotals(): KindTotals {
+  return { ports: 0, rxFrames: 0, rxBytes: 0, rxDrops: 0, txFrames: 0, txBytes: 0, txDrops: 0 };
+}
+
+function addPort(t: KindTotals, port: Port): KindTotals {
+  const s = port.stats;
+  t.ports++;
+  t.rxFrames += s.rxFrames;
+  t.rxBytes += s.rxBytes;
+  t.rxDrops += port.rxDrops();
+  t.txFrames += s.txFrames;
+  t.txBytes += s.txBytes;
+  t.txDrops += s.txDrops;
+  return t;
+}
+
 export interface SwitchPolicy {
   ageingMs: number;
   now?: () => number;
@@ -2257,6 +2315,8 @@ export interface SwitchPolicy {
   onLoop?: () => void;
   /** A port left the network: the relay may drop a network nothing uses any more. */
   onDetach?: (network: Network) => void;
+  /** Where a closed port's counters go, so per-kind totals keep counting them. */
+  totals?: PortTotals;
 }
 
 /** A learning Ethernet switch. */
@@ -2322,6 +2382,7 @@ export class Network {
     port.since = this.now();
     port.releaseWaiters();
     this.#forgetPort(port);
+    this.#policy.totals?.retire(port);
     const snapshot = port.snapshot();
     this.closed.push(snapshot);
     if (this.closed.length > CLOSED_PORTS_KEPT) this.closed.shift();
@@ -5014,21 +5075,53 @@ const RELAY_COUNTERS: [name: string, help: string, key: keyof RelayCounters][] =
  * Prometheus text exposition: the relay's counters from a snapshot (its networks not listed), the
  * ports' and networks' read from them directly. The cost is per port, never per MAC.
  */
-export function renderMetrics(s: Snapshot, networks: Iterable<Network>): string {
+/** How much of /metrics gets series of its own: the first ports and networks (the rest are in the per-kind totals). */
+export interface MetricsView {
+  ports: number;
+  networks: number;
+}
+
+const KIND_METRICS: [name: string, help: string, key: keyof KindTotals][] = [
+  ["edge_relay_kind_rx_frames_total", "Frames received and switched, over every port of a kind the relay has had.", "rxFrames"],
+  ["edge_relay_kind_rx_bytes_total", "Bytes received and switched, over every port of a kind.", "rxBytes"],
+  ["edge_relay_kind_rx_drops_total", "Frames received and dropped, over every port of a kind.", "rxDrops"],
+  ["edge_relay_kind_tx_frames_total", "Frames handed to sockets, over every port of a kind.", "txFrames"],
+  ["edge_relay_kind_tx_bytes_total", "Bytes handed to sockets, over every port of a kind.", "txBytes"],
+  ["edge_relay_kind_tx_drops_total", "Frames dropped on the way out, over every port of a kind.", "txDrops"],
+];
+
+export function renderMetrics(
+  s: Snapshot,
+  networks: Iterable<Network>,
+  totals: Map<string, KindTotals>,
+  view: MetricsView = { ports: METRICS_PORTS, networks: METRICS_NETWORKS },
+): string {
   const lines: string[] = [];
   const metric = (name: string, help: string, type: string, samples: [string, number][]) => {
     lines.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
     for (const [labels, value] of samples) lines.push(`${name}${labels} ${value}`);
   };
-  const nets = [...networks];
+  // Series per port and per network for the first ones only: a hub with 10,000 sites would
+  // otherwise answer every scrape with megabytes. The per-kind totals always cover every port.
+  const nets: Network[] = [];
   const ports: Port[] = [];
   const labels: string[] = [];
-  for (const n of nets) {
+  let omitted = 0;
+  for (const n of networks) {
+    if (nets.length < view.networks) nets.push(n);
     for (const p of n.ports) {
+      if (ports.length >= view.ports) {
+        omitted++;
+        continue;
+      }
       ports.push(p);
       labels.push(`{network="${n.name}",port="${p.id}",kind="${p.kind}"}`);
     }
   }
+  const kinds = [...totals].sort(([a], [b]) => a.localeCompare(b));
+  metric("edge_relay_kind_ports", "Ports of a kind attached now.", "gauge", kinds.map(([kind, t]) => [`{kind="${kind}"}`, t.ports]));
+  for (const [name, help, key] of KIND_METRICS) metric(name, help, "counter", kinds.map(([kind, t]) => [`{kind="${kind}"}`, t[key]]));
+  metric("edge_relay_metrics_ports_omitted", "Ports left out of the per-port series (see /metrics?ports=all).", "gauge", [["", omitted]]);
   // One string per metric rather than one per line: tens of thousands of ports make less garbage.
   for (const [name, help, value] of PORT_METRICS) {
     let samples = `# HELP ${name} ${help}\n# TYPE ${name} ${name.endsWith("_total") ? "counter" : "gauge"}`;
@@ -5055,7 +5148,7 @@ export function renderMetrics(s: Snapshot, networks: Iterable<Network>): string 
   metric("edge_relay_backplane_bytes_total", "Backplane message bytes, by direction.", "counter", bp ? [['{direction="in"}', bp.bytesIn], ['{direction="out"}', bp.bytesOut]] : []);
   metric("edge_relay_backplane_drops_total", "Frames not published to the backplane (NATS down or backlogged).", "counter", bp ? [["", bp.drops]] : []);
   metric("edge_relay_backplane_errors_total", "Backplane messages from other hubs that did not decode.", "counter", bp ? [["", bp.errors]] : []);
-  metric("edge_relay_backplane_subscribed", "1 for each network this hub hears on the backplane.", "gauge", bp ? bp.networks.map((n) => [`{network="${n}"}`, 1]) : []);
+  metric("edge_relay_backplane_subscribed", "1 for each network this hub hears on the backplane.", "gauge", bp ? bp.networks.slice(0, view.networks).map((n) => [`{network="${n}"}`, 1]) : []);
   metric("edge_relay_uptime_seconds", "Seconds since the relay started.", "gauge", [["", s.uptime]]);
   return lines.join("\n") + "\n";
 }
@@ -5781,6 +5874,7 @@ interface AppContext {
   snapshot(view?: StatusView): Snapshot;
   /** Every network, for /metrics. */
   networks(): Iterable<Network>;
+  totals: PortTotals;
   counters: RelayCounters;
   tunnels: TunnelServer;
   captures: CaptureRegistry;
@@ -5858,15 +5952,17 @@ export function createApp(ctx: AppContext) {
     const bp = ctx.snapshot(0).backplane;
     return bp && bp.state !== "up" ? c.text(`backplane ${bp.state}\n`, 503) : c.text("ok\n");
   });
+  /** A query's number or `all`; anything else means the default (undefined). */
+  const count = (value: string | undefined) => (value === "all" ? Infinity : value !== undefined && /^\d+$/.test(value) ? Number(value) : undefined);
   app.get("/status", (c) => {
-    // A number or `all`; anything else means the default.
-    const count = (name: string) => {
-      const value = c.req.query(name);
-      return value === "all" ? Infinity : value !== undefined && /^\d+$/.test(value) ? Number(value) : undefined;
-    };
-    return c.json(ctx.snapshot({ macs: count("macs"), networks: count("networks"), offset: count("offset"), ports: count("ports") }));
+    const q = (name: string) => count(c.req.query(name));
+    return c.json(ctx.snapshot({ macs: q("macs"), networks: q("networks"), offset: q("offset"), ports: q("ports") }));
   });
-  app.get("/metrics", (c) => c.text(renderMetrics(ctx.snapshot({ networks: 0 }), ctx.networks()), 200, { "Content-Type": "text/plain; version=0.0.4" }));
+  app.get("/metrics", (c) => {
+    const view: MetricsView = { ports: count(c.req.query("ports")) ?? METRICS_PORTS, networks: count(c.req.query("networks")) ?? METRICS_NETWORKS };
+    const text = renderMetrics(ctx.snapshot({ networks: 0 }), ctx.networks(), ctx.totals.collect(ctx.networks()), view);
+    return c.text(text, 200, { "Content-Type": "text/plain; version=0.0.4" });
+  });
   // Link impairment at run time: PUT the spec as text, DELETE to restore the clean path.
   const impairTarget = (path: string) => decodeURIComponent(path.slice("/impair/".length));
   app.get("/impair", (c) => c.json(ctx.impairments.snapshot()));
@@ -6073,7 +6169,9 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
     for (const n of networks.values()) yield* n.ports;
   });
   for (const { target, spec } of config.impair) impairments.set(target, spec);
+  const totals = new PortTotals();
   const policy: SwitchPolicy = {
+    totals,
     impairments,
     ageingMs,
     now: coarseNow,
@@ -6220,7 +6318,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
       hostname: config.http.host,
       port: config.http.port,
       tls: config.tlsCert && config.tlsKey ? { cert: config.tlsCert.text, key: config.tlsKey.text } : undefined,
-      fetch: createApp({ grants, adminToken: config.adminToken, snapshot, networks: () => networks.values(), counters, tunnels, v86, captures, impairments, log }).fetch,
+      fetch: createApp({ grants, adminToken: config.adminToken, snapshot, networks: () => networks.values(), totals, counters, tunnels, v86, captures, impairments, log }).fetch,
       websocket: {
         maxPayloadLength: MAX_MESSAGE,
         // Above the tunnel's own queue bound by one message, so Bun drops only what the bound let through.

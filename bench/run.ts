@@ -997,6 +997,8 @@ async function backplaneCase() {
     direct: ["A", "hub", "B"].map((k) => `${k} ${f2(perM(one, k))}`).join(", "),
     chain: ["A", "hub1", "hub2", "B", "nats"].map((k) => `${k} ${f2(perM(two, k))}`).join(", "),
   });
+}
+
 const SCALE_TUNNELS = Number(process.env.BENCH_SCALE_TUNNELS ?? 10_000);
 const SCALE_V86 = Number(process.env.BENCH_SCALE_V86 ?? 10_000);
 const SCALE_RECONNECT = Number(process.env.BENCH_SCALE_RECONNECT ?? 1_000);

@@ -295,6 +295,11 @@ describe("HTTP", () => {
     expect(metrics).toContain('edge_relay_network_macs{network="lab"} 1');
     expect(metrics).toContain("# TYPE edge_relay_port_tx_drops_total counter");
     expect(metrics).toMatch(/^edge_relay_uptime_seconds \d/m);
+    expect(metrics).toContain('\nedge_relay_kind_rx_frames_total{kind="qemu-listen"} 1\n');
+    // ?ports=N: per-port series for the first N ports only (the per-kind totals still count all).
+    const one = await (await fetch(`${relay.base}/metrics?ports=1`)).text();
+    expect(one.match(/^edge_relay_port_rx_frames_total\{/gm)).toHaveLength(1);
+    expect(one).toContain("\nedge_relay_metrics_ports_omitted 1\n");
   });
 
   test("/status pages the networks (?networks=N&offset=K) and cuts ports (?ports=N), with the totals", async () => {

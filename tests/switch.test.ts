@@ -1,5 +1,5 @@
 import { describe, expect, test } from "bun:test";
-import { MIN_FRAME, Network, Port, RoundRobin, renderMetrics, statusNetworks, type Snapshot } from "../relay.ts";
+import { MIN_FRAME, Network, Port, PortTotals, RoundRobin, renderMetrics, statusNetworks, type Snapshot } from "../relay.ts";
 import { BROADCAST, makeFrame } from "./helpers.ts";
 
 /** A port that records what the switch sends it: the switch is pure, so no socket is needed here. */
@@ -352,11 +352,34 @@ describe("Network at scale", () => {
     net.snapshot = () => { throw new Error("built a network snapshot"); };
     Object.defineProperty(net.macs, Symbol.iterator, { value: () => { throw new Error("walked the MAC table"); } });
     const s = { networks: [], limits: { tunnels: 0, memoryUsed: 0, memoryDrops: 0 }, datagrams: [], impairments: [], uplink: null, uptime: 1 } as unknown as Snapshot;
-    const text = renderMetrics(s, [net]);
+    const text = renderMetrics(s, [net], new PortTotals().collect([net]));
     expect(text).toContain(`edge_relay_port_rx_frames_total{network="lab",port="${p1.id}",kind="test"} 1`);
     expect(text).toContain(`edge_relay_port_tx_bytes_total{network="lab",port="${p2.id}",kind="test"} 114`);
     expect(text).toContain(`edge_relay_port_blocked{network="lab",port="${p1.id}",kind="test"} 0`);
     expect(text).toContain("# TYPE edge_relay_port_blocked gauge");
     expect(text).toContain('edge_relay_network_macs{network="lab"} 1');
+  });
+
+  test("renderMetrics gives the first ports and networks series of their own; per-kind totals cover every port, closed ones too", () => {
+    const totals = new PortTotals();
+    const nets = ["a", "b", "c"].map((name) => new Network(name, { ageingMs: 300_000, totals }));
+    const ports = nets.flatMap((net) => [new RecordingPort("x"), new RecordingPort("y")].map((p) => (net.attach(p), p)));
+    ports.forEach((p, i) => p.network!.forward(makeFrame(BROADCAST, `02:00:00:00:01:${String(i).padStart(2, "0")}`, 100), p));
+    const s = { networks: [], limits: { tunnels: 0, memoryUsed: 0, memoryDrops: 0 }, datagrams: [], impairments: [], uplink: null, uptime: 1 } as unknown as Snapshot;
+    const render = () => renderMetrics(s, nets, totals.collect(nets), { ports: 3, networks: 2 });
+    const before = render();
+    expect(before.match(/^edge_relay_port_rx_frames_total\{/gm)).toHaveLength(3);
+    expect(before.match(/^edge_relay_network_ports\{/gm)).toHaveLength(2);
+    expect(before).toContain("\nedge_relay_metrics_ports_omitted 3\n");
+    expect(before).toContain('\nedge_relay_kind_ports{kind="test"} 6\n');
+    expect(before).toContain('\nedge_relay_kind_rx_frames_total{kind="test"} 6\n');
+    expect(before).toContain('\nedge_relay_kind_tx_frames_total{kind="test"} 6\n');
+    // A port that goes takes its series with it; the totals keep what it counted.
+    nets[2]!.detach(ports[5]!);
+    const after = render();
+    expect(after).toContain('\nedge_relay_kind_ports{kind="test"} 5\n');
+    expect(after).toContain('\nedge_relay_kind_rx_frames_total{kind="test"} 6\n');
+    expect(after).toContain("\nedge_relay_metrics_ports_omitted 2\n");
+    expect(renderMetrics(s, nets, totals.collect(nets), { ports: Infinity, networks: Infinity }).match(/^edge_relay_port_rx_frames_total\{/gm)).toHaveLength(5);
   });
 });
