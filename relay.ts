@@ -15,6 +15,9 @@
  * # hub (public host) and two sites behind NAT
  * RELAY_TOKENS=site-secret-change-me RELAY_ADMIN_TOKEN=admin-secret-change-me bun relay.ts --http 0.0.0.0:8080
  * RELAY_UPLINK_TOKEN=site-secret-change-me bun relay.ts --qemu-listen 127.0.0.1:10000 --uplink ws://hub.example:8080
+ *
+ * # several hubs that share their networks through NATS, sites spread over them by a load balancer
+ * RELAY_TOKENS=site-secret-change-me RELAY_ADMIN_TOKEN=admin-secret-change-me bun relay.ts --http 0.0.0.0:8080 --backplane nats://nats.example:4222
  * ```
  *
  * Attach a VM (QEMU ≥ 7.2, or the older `-netdev socket` form):
@@ -47,6 +50,7 @@ import { dlopen, FFIType, read } from "bun:ffi";
 import { timingSafeEqual } from "node:crypto";
 import { checkServerIdentity, type PeerCertificate } from "node:tls";
 import type { Server, ServerWebSocket, Socket, udp } from "bun";
+import { connect as natsConnect, credsAuthenticator, headers as natsHeaders, nkeyAuthenticator, type Msg, type MsgHdrs, type NatsConnection, type Subscription } from "@nats-io/transport-node";
 import { Hono } from "hono";
 import * as v from "valibot";
 
@@ -86,7 +90,24 @@ const CAPTURE_SNAPLEN = 262_144;
 const CAPTURE_QUEUE_BYTES = 4 * 1024 * 1024;
 /** Learned MACs listed per network in /status (the count is always given). */
 const MAC_LIST_LIMIT = 1024;
+/** Networks, and ports per network, listed in /status unless asked for more (the counts are always given). */
+const STATUS_NETWORKS = 256;
+const STATUS_PORTS = 256;
+/** Ports and networks given series of their own in /metrics unless asked for more (per-kind totals cover all). */
+const METRICS_PORTS = 1024;
+const METRICS_NETWORKS = 1024;
+/** Networks visited (plus ports probed, MACs looked at) per loop-probe or MAC-sweep tick: beyond it a round spans ticks. */
+const TICK_BUDGET = 1024;
 const LOOP_BLOCK_MS = 60_000;
+/**
+ * Flow control: a port whose queue passes this share of its bound is congested, and it has drained
+ * below the second share; the sources it paused are checked this often; one that sends nothing for
+ * the last while pauses no one until it drains (a hung VM or a dead link must not stall a network).
+ */
+const FLOW_HIGH_WATER = 0.5;
+const FLOW_LOW_WATER = 0.25;
+const FLOW_POLL_MS = 1;
+const FLOW_STALL_MS = 1_000;
 /** A MAC that moves again within this long after its last move is flapping. */
 const MAC_FLAP_MS = 10_000;
 const HELLO_TIMEOUT_MS = 10_000;
@@ -96,13 +117,15 @@ const AUTH_WINDOW_MS = 60_000;
 const AUTH_BLOCK_MS = 60_000;
 const AUTH_TABLE_SIZE = 4_096;
 const TUNNEL_IDLE_SECONDS = 60;
+/** Tunnel connect and disconnect lines logged per 10 s; the rest are counted in one line. */
+const TUNNEL_LOG_BURST = 100;
 const CLOCK_TICK_MS = 100;
 const UPLINK_BACKOFF_MIN_MS = 250;
 const UPLINK_BACKOFF_MAX_MS = 30_000;
-/** Doublings from the shortest backoff to the longest. */
-const UPLINK_BACKOFF_STEPS = Math.ceil(Math.log2(UPLINK_BACKOFF_MAX_MS / UPLINK_BACKOFF_MIN_MS));
 const DIAL_BACKOFF_MIN_MS = 100;
 const DIAL_BACKOFF_MAX_MS = 5_000;
+const BACKPLANE_BACKOFF_MIN_MS = 250;
+const BACKPLANE_BACKOFF_MAX_MS = 5_000;
 const DEFAULT_HTTP = "127.0.0.1:8080";
 const DEFAULT_QEMU_LISTEN = "127.0.0.1:10000";
 const NETWORK_NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
@@ -695,11 +718,65 @@ const V86RateSchema = v.pipe(
   }),
 );
 
+/** Why a --backplane server is not one, without quoting it when it holds a credential. */
+function backplaneUrlProblem(text: string): string | undefined {
+  if (/^[a-z]+:\/\/[^/]*@/i.test(text)) return "credentials do not go in the URL (status and logs show it): use --backplane-token or --backplane-creds";
+  const shape = `expected nats://HOST:PORT or tls://HOST:PORT, got ${JSON.stringify(text)}`;
+  let url: URL;
+  try {
+    url = new URL(text);
+  } catch {
+    return shape;
+  }
+  if (!/^(nats|tls):$/.test(url.protocol) || !url.hostname || (url.pathname !== "" && url.pathname !== "/") || url.search || url.hash) return shape;
+  return undefined;
+}
+
+/** --backplane: repeatable, and each may list several servers separated by commas. */
+const BackplaneServers = v.optional(
+  v.pipe(
+    v.array(v.string("expected nats://HOST:PORT"), "expected an array of nats://HOST:PORT URLs"),
+    v.rawTransform(({ dataset, addIssue, NEVER }) => {
+      const urls = dataset.value.flatMap((text) => text.split(",")).map((text) => text.trim()).filter((text) => text !== "");
+      for (const text of urls) {
+        const problem = backplaneUrlProblem(text);
+        if (problem === undefined) continue;
+        addIssue({ message: problem });
+        return NEVER;
+      }
+      return urls;
+    }),
+  ),
+  [],
+);
+
+/** --backplane-creds: a NATS credentials file (user JWT and NKey seed), or an NKey seed alone. */
+const NatsCredentials = v.pipe(
+  PemFile,
+  v.rawTransform(({ dataset, addIssue, NEVER }) => {
+    const { path, text } = dataset.value;
+    if (text.includes("-----BEGIN NATS USER JWT-----")) return { path, kind: "creds" as const, text };
+    const seed = /^\s*(SU[A-Z2-7]{50,})\s*$/m.exec(text)?.[1];
+    if (seed !== undefined) return { path, kind: "seed" as const, text: seed };
+    addIssue({ message: `${path} is neither a NATS credentials file nor an NKey seed (SU…)` });
+    return NEVER;
+  }),
+);
+
+/** A relay's name or a backplane cluster's: what a network name may be. */
+const Name = v.pipe(v.string("expected a name"), v.regex(NETWORK_NAME, "expected letters, digits, '.', '_' or '-' (at most 64)"));
+
+const OnOff = v.pipe(
+  v.union([v.boolean(), v.picklist(["on", "off"])], "expected on or off"),
+  v.transform((value) => value === true || value === "on"),
+);
+
 type OptionGroup = keyof typeof OPTION_GROUPS;
 
 const OPTION_GROUPS = {
   qemu: "QEMU ports (repeatable). ADDR is HOST:PORT, [IPv6]:PORT, unix:PATH or unix:@ABSTRACT_NAME:",
   tunnel: "Tunnel:",
+  backplane: "Backplane (hubs that share networks through NATS; see the README):",
   http: "HTTP (status, metrics, tunnel endpoint):",
   v86: "v86 browser VMs (GET /v86/NETWORK?token=… upgraded to a WebSocket; tokens as for tunnels):",
   switch: "Switch:",
@@ -771,7 +848,7 @@ export const OPTIONS = {
   uplinkToken: { arg: "SECRET", env: "RELAY_UPLINK_TOKEN", group: "tunnel", schema: v.optional(Secret), help: "the token for --uplink; also RELAY_UPLINK_TOKEN" },
   name: {
     arg: "NAME", group: "tunnel",
-    schema: v.optional(v.pipe(v.string("expected a name"), v.regex(NETWORK_NAME, "expected letters, digits, '.', '_' or '-' (at most 64)"))),
+    schema: v.optional(Name),
     help: "this relay's name in the hub's logs and status (the host name)",
   },
   keepalive: { arg: "SECONDS", numeric: true, group: "tunnel", schema: v.optional(Seconds, 10), help: "uplink ping interval; no answer for 3 intervals redials" },
@@ -787,6 +864,20 @@ export const OPTIONS = {
     schema: v.optional(v.pipe(v.string("expected an http:// proxy URL"), v.check((u) => parseProxyUrl(u) !== undefined, "expected http://[USER:PASSWORD@]HOST:PORT"))),
     help: "dial the uplink through this HTTP proxy (CONNECT); without it\nHTTPS_PROXY (wss://) or HTTP_PROXY (ws://) apply; none is used\nwhen NO_PROXY names the hub",
   },
+  backplane: {
+    arg: "URL[,URL…]", multiple: true, group: "backplane", schema: BackplaneServers,
+    help: "share networks with the other hubs on these NATS servers\n(nats://HOST:PORT or tls://HOST:PORT): each network with a port\nhere gets one backplane port; /healthz is 503 while NATS is down",
+  },
+  backplaneCluster: {
+    arg: "NAME", group: "backplane", schema: v.optional(Name, "default"),
+    help: "hubs with the same NAME share networks, on subjects\nedge-relay.NAME.NETWORK",
+  },
+  backplaneToken: { arg: "SECRET", env: "RELAY_BACKPLANE_TOKEN", group: "backplane", schema: v.optional(Secret), help: "the NATS server's token; also RELAY_BACKPLANE_TOKEN" },
+  backplaneCreds: {
+    arg: "FILE", group: "backplane", schema: v.optional(NatsCredentials),
+    help: "a NATS credentials file (user JWT and NKey seed), or an NKey\nuser's seed alone (SU…)",
+  },
+  backplaneCa: { arg: "FILE", group: "backplane", schema: v.optional(PemFile), help: "trust this CA (PEM) for the NATS servers instead of the system's" },
   http: { arg: "HOST:PORT", group: "http", schema: v.optional(HttpAddress, DEFAULT_HTTP), help: "listen address" },
   adminToken: {
     arg: "SECRET", env: "RELAY_ADMIN_TOKEN", group: "http", schema: v.optional(AcceptedSecret),
@@ -806,6 +897,10 @@ export const OPTIONS = {
   queueBytes: {
     arg: "BYTES", numeric: true, group: "switch", schema: v.optional(count("bytes", MAX_FRAME + 4, MAX_QUEUE_BYTES), 4 * 1024 * 1024),
     help: "send queue bound per port; beyond it frames are dropped",
+  },
+  flowControl: {
+    arg: "on|off", group: "switch", schema: v.optional(OnOff, "on"),
+    help: "when a VM's or tunnel's unicast frames go to a port whose queue is\nhalf full, stop reading it until that queue drains, like 802.3x\nPAUSE (floods never pause; off: the excess is dropped)",
   },
   portMacs: {
     arg: "N", numeric: true, group: "switch", schema: v.optional(count("MACs", 1, MAX_MACS_PER_NETWORK), DEFAULT_PORT_MACS),
@@ -883,6 +978,14 @@ export const ConfigSchema = v.pipe(
     v.check((c) => c.uplink === undefined || c.uplinkToken !== undefined, "required with --uplink (or set RELAY_UPLINK_TOKEN)"),
     ["uplinkToken"],
   ),
+  v.forward(v.check((c) => !(c.backplaneToken && c.backplaneCreds), "--backplane-token and --backplane-creds exclude each other"), ["backplaneCreds"]),
+  v.rawCheck(({ dataset, addIssue }) => {
+    if (!dataset.typed || dataset.value.backplane.length > 0) return;
+    for (const key of ["backplaneToken", "backplaneCreds", "backplaneCa"] as const) {
+      if (dataset.value[key] === undefined) continue;
+      addIssue({ message: "only means something with --backplane", path: [{ type: "object", origin: "value", input: dataset.value, key, value: dataset.value[key] }] });
+    }
+  }),
   v.forward(
     v.check((c) => isLoopback(c.http.host) || c.adminToken !== undefined, "required when --http is not a loopback address"),
     ["adminToken"],
@@ -994,8 +1097,35 @@ export function rateLimitedLog(write: (line: string) => void, burst: number, win
   };
 }
 
+/**
+ * When to try again after a failed dial: doubling from `minMs` to `maxMs`, each wait drawn from its
+ * upper half so many dialers that failed together (a hub restart) do not come back together. One
+ * helper for every dialer: the uplink, --qemu-connect, the backplane's first connection.
+ */
+export class Backoff {
+  #failures = 0;
+  constructor(
+    readonly minMs: number,
+    readonly maxMs: number,
+  ) {}
+
+  next(): number {
+    const ceiling = Math.min(this.maxMs, this.minMs * 2 ** this.#failures++);
+    return ceiling / 2 + (Math.random() * ceiling) / 2;
+  }
+
+  reset(): void {
+    this.#failures = 0;
+  }
+
+  /** A failure that retrying soon cannot mend (a wrong token): the longest wait from now on. */
+  exhaust(): void {
+    this.#failures = Math.ceil(Math.log2(this.maxMs / this.minMs));
+  }
+}
+
 /** Keys whose values are credentials: no message may quote them. */
-const SECRET_KEYS = new Set(["tokens", "uplinkToken", "adminToken"]);
+const SECRET_KEYS = new Set(["tokens", "uplinkToken", "adminToken", "backplaneToken"]);
 
 /** Validates raw options (the config file's shape); throws a one-line ConfigError naming the option. */
 export function parseConfig(input: unknown): Config {
@@ -1029,8 +1159,11 @@ export class StreamDecoder {
   #frame: Uint8Array | null = null;
   #frameUsed = 0;
 
-  /** Calls `onFrame` for every complete frame; throws RangeError on a length above MAX_FRAME. */
-  push(data: Uint8Array, onFrame: (frame: Uint8Array) => void): void {
+  /**
+   * Calls `onFrame` for every complete frame; throws RangeError on a length above MAX_FRAME. One that
+   * returns false stops the decoding after its frame: the rest of the chunk is returned, to push later.
+   */
+  push(data: Uint8Array, onFrame: (frame: Uint8Array) => boolean | void): Uint8Array {
     const chunk = plainBytes(data);
     const n = chunk.length;
     let i = 0;
@@ -1044,7 +1177,7 @@ export class StreamDecoder {
         if (this.#frameUsed === frame.length) {
           this.#frame = null;
           this.#frameUsed = 0;
-          onFrame(frame);
+          if (onFrame(frame) === false) return chunk.subarray(i);
         }
         continue;
       }
@@ -1054,25 +1187,27 @@ export class StreamDecoder {
         this.#head.set(chunk.subarray(i, i + take), this.#headUsed);
         this.#headUsed += take;
         i += take;
-        if (this.#headUsed < 4) return;
+        if (this.#headUsed < 4) return EMPTY;
         this.#headUsed = 0;
         length = readLength(this.#head, 0);
       } else {
         length = readLength(chunk, i);
         i += 4;
         if (n - i >= length) {
-          onFrame(chunk.subarray(i, i + length));
+          const frame = chunk.subarray(i, i + length);
           i += length;
+          if (onFrame(frame) === false) return chunk.subarray(i);
           continue;
         }
       }
       if (length === 0) {
-        onFrame(EMPTY);
+        if (onFrame(EMPTY) === false) return chunk.subarray(i);
         continue;
       }
       this.#frame = new Uint8Array(length);
       this.#frameUsed = 0;
     }
+    return EMPTY;
   }
 
   /** Bytes held back waiting for the rest of a frame. */
@@ -1101,8 +1236,8 @@ function readLength(bytes: Uint8Array, at: number): number {
 export class FrameBatch {
   bytes: Uint8Array;
   used: number;
-  /** How far the last batch taken had grown: the next one starts there instead of doubling up to it again. */
-  #takenSize = 0;
+  /** The size of the last batch taken: the next one is likely as big, so it starts that big. */
+  #taken = 0;
   constructor(readonly header: Uint8Array = EMPTY) {
     this.bytes = header.length ? header.slice() : EMPTY;
     this.used = header.length;
@@ -1117,8 +1252,8 @@ export class FrameBatch {
     if (need > this.bytes.length) {
       // Doubling, capped at a batch's size; a longer buffer (encodeFrames) keeps doubling, never
       // growing by one frame at a time, which would copy quadratically.
-      const doubled = this.bytes.length * 2;
-      const grown = new Uint8Array(Math.max(need, need <= BATCH_BYTES ? Math.min(doubled, BATCH_BYTES) : doubled, 4096, this.#takenSize));
+      const doubled = Math.max(this.bytes.length * 2, this.#taken);
+      const grown = new Uint8Array(Math.max(need, need <= BATCH_BYTES ? Math.min(doubled, BATCH_BYTES) : doubled, 4096));
       grown.set(this.bytes.subarray(0, this.used));
       this.bytes = grown;
     }
@@ -1141,7 +1276,7 @@ export class FrameBatch {
   /** The batch so far, for keeping: the next append starts a new buffer. */
   take(): Uint8Array {
     const taken = this.view();
-    this.#takenSize = Math.min(this.bytes.length, BATCH_BYTES);
+    this.#taken = taken.length;
     this.bytes = this.header.length ? this.header.slice() : EMPTY;
     this.used = this.header.length;
     return taken;
@@ -1215,19 +1350,24 @@ export function encodeControl(message: ControlMessage): Uint8Array {
   return out;
 }
 
+/** A data message's type and channel, before its frames. */
+const DATA_HEADER_BYTES = 3;
+
 export function dataHeader(channel: number): Uint8Array {
   return Uint8Array.of(MSG_DATA, channel >>> 8, channel & 0xff);
 }
 
 /**
- * Decodes one tunnel message. Throws RangeError/SyntaxError on anything malformed; the caller
- * closes the tunnel that sent it.
+ * Decodes one tunnel message (a data message from byte `from`, where an earlier call stopped).
+ * Throws RangeError/SyntaxError on anything malformed; the caller closes the tunnel that sent it.
+ * An `onFrame` that returns false stops the decoding after its frame: the offset reached is returned.
  */
 export function decodeTunnelMessage(
   data: Uint8Array,
   onControl: (control: ControlMessage) => void,
-  onFrame: (channel: number, frame: Uint8Array) => void,
-): void {
+  onFrame: (channel: number, frame: Uint8Array) => boolean | void,
+  from = DATA_HEADER_BYTES,
+): number {
   const message = plainBytes(data);
   if (message.length === 0) throw new RangeError("Cannot decode tunnel message: empty message");
   const type = message[0];
@@ -1239,13 +1379,13 @@ export function decodeTunnelMessage(
       throw new SyntaxError("Cannot decode tunnel message: control message is not UTF-8 JSON");
     }
     onControl(parseControl(json));
-    return;
+    return message.length;
   }
   if (type !== MSG_DATA) throw new RangeError(`Cannot decode tunnel message: unknown type ${type}`);
   if (message.length < 3) throw new RangeError("Cannot decode tunnel message: data message shorter than its header");
   if (message.length === 3) throw new RangeError("Cannot decode tunnel message: data message without a frame");
   const channel = (message[1]! << 8) | message[2]!;
-  let i = 3;
+  let i = from;
   while (i < message.length) {
     if (message.length - i < 4) throw new RangeError("Cannot decode tunnel message: truncated frame length");
     const length = readLength(message, i);
@@ -1253,9 +1393,11 @@ export function decodeTunnelMessage(
     if (message.length - i < length) {
       throw new RangeError(`Cannot decode tunnel message: frame of ${length} bytes overruns the message`);
     }
-    onFrame(channel, message.subarray(i, i + length));
+    const frame = message.subarray(i, i + length);
     i += length;
+    if (onFrame(channel, frame) === false) return i;
   }
+  return i;
 }
 
 /** A MAC address (6 bytes at `at`) as a number: no string on the hot path. */
@@ -1751,6 +1893,11 @@ export interface PortSnapshot {
   tx: { frames: number; bytes: number; drops: number };
   errors: number;
   macs: number;
+  /**
+   * Flow control: times this port's reading was paused, the port it waits for now (null: reading),
+   * and times it was itself given up on for sending nothing while others waited.
+   */
+  flow: { pauses: number; waitingFor: string | null; stalls: number };
   /** Why it closed: peer closed, oversize frame, write error, relay stopping, … */
   reason?: string;
 }
@@ -1783,6 +1930,18 @@ export abstract class Port {
     /** The relay at the far end of a tunnel, and the link's rank for loop breaking (tunnel ports only). */
   remoteId: string | undefined;
   linkRank: string | undefined;
+  /** Flow control: the congested port this one's reading waits for, and how often it waited. */
+  waitingFor: Port | undefined;
+  pauses = 0;
+  /** Sent nothing for FLOW_STALL_MS while others waited: it pauses no one until it drains. */
+  stalled = false;
+  stalls = 0;
+  /** Ports whose reading waits for this one to drain, and the timer that watches it meanwhile. */
+  #waiters: Port[] = [];
+  #watch: ReturnType<typeof setInterval> | undefined;
+  /** The smallest queue seen while watched, and when: progress for the stall check. */
+  #lowest = Infinity;
+  #lowestAt = 0;
 
   constructor(
     readonly kind: string,
@@ -1795,6 +1954,60 @@ export abstract class Port {
 
   /** Queues a frame for sending; false when it had to be dropped. */
   protected abstract enqueue(frame: Uint8Array): boolean;
+
+  /** Bytes queued toward the peer, and their bound: a port without a queue is never congested. */
+  queued(): number {
+    return 0;
+  }
+  queueLimit = Infinity;
+
+  /** Stops (false) or restarts reading the peer; false when this port cannot (datagrams, v86). */
+  protected reading(_on: boolean): boolean {
+    return false;
+  }
+
+  /** Past the high-water mark, unless given up on; one given up on counts again once drained. */
+  congested(): boolean {
+    const queued = this.queued();
+    if (queued > this.queueLimit * FLOW_HIGH_WATER) return !this.stalled;
+    if (this.stalled && queued <= this.queueLimit * FLOW_LOW_WATER) this.stalled = false;
+    return false;
+  }
+
+  /** 802.3x-style PAUSE: stops reading this port until `to` drains, is given up on, or closes. */
+  waitFor(to: Port): void {
+    if (!this.reading(false)) return;
+    this.waitingFor = to;
+    this.pauses++;
+    to.#waiters.push(this);
+    to.#watch ??= setInterval(to.#checkDrained, FLOW_POLL_MS);
+  }
+
+  /** Polled while sources wait: a queue that never shrinks for FLOW_STALL_MS has a peer that reads nothing. */
+  readonly #checkDrained = (): void => {
+    const queued = this.queued();
+    const now = performance.now();
+    if (queued < this.#lowest) {
+      this.#lowest = queued;
+      this.#lowestAt = now;
+    } else if (now - this.#lowestAt >= FLOW_STALL_MS) {
+      this.stalled = true;
+      this.stalls++;
+      return this.releaseWaiters();
+    }
+    if (queued <= this.queueLimit * FLOW_LOW_WATER) this.releaseWaiters();
+  };
+
+  /** Lets every port waiting for this one read again (it drained, was given up on, or closed). */
+  releaseWaiters(): void {
+    clearInterval(this.#watch);
+    this.#watch = undefined;
+    this.#lowest = Infinity;
+    for (const port of this.#waiters.splice(0)) {
+      port.waitingFor = undefined;
+      port.reading(true);
+    }
+  }
 
   /** Queues a frame; a port that cannot take it counts a drop (false), and never throws back into the switch. */
   send(frame: Uint8Array): boolean {
@@ -1851,6 +2064,12 @@ export abstract class Port {
     else this.impairOut = next;
   }
 
+  /** Frames received and dropped, for every reason the port counts. */
+  rxDrops(): number {
+    const s = this.stats;
+    return s.rxRunts + s.rxStorm + s.rxMacLimit + s.rxLoop;
+  }
+
   snapshot(): PortSnapshot {
     const s = this.stats;
     return {
@@ -1862,7 +2081,7 @@ export abstract class Port {
       rx: {
         frames: s.rxFrames,
         bytes: s.rxBytes,
-        drops: s.rxRunts + s.rxStorm + s.rxMacLimit + s.rxLoop,
+        drops: this.rxDrops(),
         runts: s.rxRunts,
         storm: s.rxStorm,
         macLimit: s.rxMacLimit,
@@ -1871,6 +2090,7 @@ export abstract class Port {
       tx: { frames: s.txFrames, bytes: s.txBytes, drops: s.txDrops },
       errors: s.errors,
       macs: this.macCount,
+      flow: { pauses: this.pauses, waitingFor: this.waitingFor?.id ?? null, stalls: this.stalls },
       ...(this.state === "closed" && { reason: this.closeReason ?? "peer closed" }),
     };
   }
@@ -1879,6 +2099,8 @@ export abstract class Port {
 interface MacEntry {
   port: Port;
   seen: number;
+  /** When it last went to the end of the table: the table is in this order. */
+  inserted: number;
   /** When it last moved to another port: a second move soon after is a flap. */
   moved: number;
 }
@@ -1995,6 +2217,8 @@ export class ImpairmentTable {
 
   /** Status: each profile, the ports it applies to now, and its counters summed over them. */
   snapshot() {
+    // Without impairments, no walk over every port (status and metrics ask each time).
+    if (this.#entries.size === 0) return [];
     const ports = [...this.ports()];
     return [...this.#entries].map(([text, { spec }]) => {
       const counters: ImpairmentCounters = { delayed: 0, lost: 0, duplicated: 0, reordered: 0, corrupted: 0, rateDropped: 0, queued: 0 };
@@ -2012,6 +2236,61 @@ export class ImpairmentTable {
 }
 
 /** What a network needs from its relay: limits, a clock, and where to report. */
+/** Counters summed per port kind, for /metrics. */
+export interface KindTotals {
+  ports: number;
+  rxFrames: number;
+  rxBytes: number;
+  rxDrops: number;
+  txFrames: number;
+  txBytes: number;
+  txDrops: number;
+}
+
+/**
+ * Counters per port kind over every port the relay has had: the live ones are summed when asked,
+ * a closed one is added here as it goes, so the totals never go backwards (Prometheus counters).
+ */
+export class PortTotals {
+  readonly #retired = new Map<string, KindTotals>();
+
+  retire(port: Port): void {
+    let t = this.#retired.get(port.kind);
+    if (t === undefined) this.#retired.set(port.kind, (t = emptyTotals()));
+    addPort(t, port);
+  }
+
+  /** Totals per kind; `ports` counts the live ports only. */
+  collect(networks: Iterable<Network>): Map<string, KindTotals> {
+    const out = new Map<string, KindTotals>();
+    for (const [kind, t] of this.#retired) out.set(kind, { ...t, ports: 0 });
+    for (const n of networks) {
+      for (const port of n.ports) {
+        let t = out.get(port.kind);
+        if (t === undefined) out.set(port.kind, (t = emptyTotals()));
+        addPort(t, port);
+      }
+    }
+    return out;
+  }
+}
+
+function emptyTotals(): KindTotals {
+  return { ports: 0, rxFrames: 0, rxBytes: 0, rxDrops: 0, txFrames: 0, txBytes: 0, txDrops: 0 };
+}
+
+function addPort(t: KindTotals, port: Port): KindTotals {
+  const s = port.stats;
+  t.ports++;
+  t.rxFrames += s.rxFrames;
+  t.rxBytes += s.rxBytes;
+  t.rxDrops += port.rxDrops();
+  t.txFrames += s.txFrames;
+  t.txBytes += s.txBytes;
+  t.txDrops += s.txDrops;
+  return t;
+}
+
 export interface SwitchPolicy {
   ageingMs: number;
   now?: () => number;
@@ -2028,10 +2307,16 @@ export interface SwitchPolicy {
   portLog?: Logger;
   /** Link impairments by target, applied to each port as it attaches. */
   impairments?: ImpairmentTable;
+  /** A source whose unicast frames go to a congested port stops being read until it drains. */
+  flowControl?: boolean;
     /** Set when the relay stops: ports closing now close for that reason. */
   stopping?: boolean;
   /** Called once per port blocked for a loop. */
   onLoop?: () => void;
+  /** A port left the network: the relay may drop a network nothing uses any more. */
+  onDetach?: (network: Network) => void;
+  /** Where a closed port's counters go, so per-kind totals keep counting them. */
+  totals?: PortTotals;
 }
 
 /** A learning Ethernet switch. */
@@ -2043,7 +2328,8 @@ export class Network {
   readonly ageingMs: number;
   readonly now: () => number;
   readonly #policy: SwitchPolicy;
-  readonly #probeSource: Uint8Array | undefined;
+  /** This relay's probe, less the port's serial. */
+  readonly #probeFrame: Uint8Array | undefined;
   readonly #probeKey: number;
   /** MAC moves between ports in quick succession. */
   macFlaps = 0;
@@ -2061,9 +2347,18 @@ export class Network {
     this.ageingMs = this.#policy.ageingMs;
     this.now = this.#policy.now ?? Date.now;
     const id = this.#policy.relayId;
-    // A locally administered unicast MAC derived from the relay id: 02 + the id's first 5 bytes.
-    this.#probeSource = id === undefined ? undefined : Uint8Array.of(0x02, ...Buffer.from(id.slice(0, 10), "hex"));
-    this.#probeKey = this.#probeSource ? macKey(this.#probeSource, 0) : -1;
+    if (id !== undefined) {
+      const frame = new Uint8Array(60);
+      frame.set(PROBE_DESTINATION, 0);
+      // A locally administered unicast MAC derived from the relay id: 02 + the id's first 5 bytes.
+      frame.set([0x02, ...Buffer.from(id.slice(0, 10), "hex")], 6);
+      frame[12] = PROBE_ETHERTYPE >> 8;
+      frame[13] = PROBE_ETHERTYPE & 0xff;
+      frame.set(PROBE_MAGIC, 14);
+      frame.set(Buffer.from(id, "hex"), 14 + PROBE_MAGIC.length);
+      this.#probeFrame = frame;
+    }
+    this.#probeKey = this.#probeFrame ? macKey(this.#probeFrame, 6) : -1;
     this.#flapLog = rateLimitedLog((line) => this.#policy.log?.warn(line), 1, 10_000);
   }
 
@@ -2085,11 +2380,14 @@ export class Network {
     port.impair("out", undefined);
     port.state = "closed";
     port.since = this.now();
+    port.releaseWaiters();
     this.#forgetPort(port);
+    this.#policy.totals?.retire(port);
     const snapshot = port.snapshot();
     this.closed.push(snapshot);
     if (this.closed.length > CLOSED_PORTS_KEPT) this.closed.shift();
     if (!port.trunk || port.kind === "qemu-mcast") this.#policy.portLog?.info(`${port.id} down: ${port.kind} ${port.peer}: ${snapshot.reason}`);
+    this.#policy.onDetach?.(this);
   }
 
   #forgetPort(port: Port): void {
@@ -2136,7 +2434,10 @@ export class Network {
       const entry = this.macs.get(macKey(frame, 0));
       if (entry !== undefined && now - entry.seen < this.ageingMs) {
         const to = entry.port;
-        if (to !== from && to.state === "up" && to.send(frame) && captures !== null) for (const c of captures) c.tap(frame, to, false);
+        if (to === from || to.state !== "up") return;
+        if (to.send(frame) && captures !== null) for (const c of captures) c.tap(frame, to, false);
+        // Floods never pause anyone: one slow port must not stall the network.
+        if (this.#policy.flowControl && from.waitingFor === undefined && to.congested()) from.waitFor(to);
         return;
       }
     }
@@ -2167,17 +2468,18 @@ export class Network {
         entry.port = port;
         entry.moved = now;
       }
-      // Re-inserted at most once a second, so the map's order approximates last-seen order cheaply.
-      if (now - entry.seen >= 1000) {
+      // Re-inserted at most once a second, so the map's order is last-seen order to within a second.
+      if (now - entry.inserted >= 1000) {
         this.macs.delete(key);
         this.macs.set(key, entry);
+        entry.inserted = now;
       }
       entry.seen = now;
       return true;
     }
     if (port.macCount >= port.macLimit) return false;
     if (this.macs.size >= MAX_MACS_PER_NETWORK) this.#evictOldest();
-    this.macs.set(key, { port, seen: now, moved: -Infinity });
+    this.macs.set(key, { port, seen: now, inserted: now, moved: -Infinity });
     port.macCount++;
     return true;
   }
@@ -2199,25 +2501,35 @@ export class Network {
     }
   }
 
-  /** Forgets MAC entries older than the ageing time. */
-  sweep(): void {
+  /**
+   * Forgets MAC entries older than the ageing time. The table is in last-seen order to within a
+   * second, so the walk stops a second's worth of entries past the last expired one. Returns the
+   * entries looked at.
+   */
+  sweep(): number {
     const now = this.now();
+    let visited = 0;
     for (const [key, entry] of this.macs) {
+      if (now - entry.inserted < this.ageingMs) break;
+      visited++;
       if (now - entry.seen >= this.ageingMs) {
         this.macs.delete(key);
         entry.port.macCount--;
       }
     }
+    return visited;
   }
 
   /**
    * Sends a loop probe out of every port that could close a loop: every port that is not a tunnel,
-   * and tunnels too where this relay joins two or more (a relay with one tunnel is a leaf of it).
+   * and tunnels too where this relay joins two or more (a relay with one tunnel is a leaf of it);
+   * none in a network of one port, where a probe can only come back on the port it left by.
    * Ports whose block has run out are unblocked first, so a loop that is still there is seen again.
+   * Returns the probes sent.
    */
-  probe(): void {
-    const source = this.#probeSource;
-    if (source === undefined) return;
+  probe(): number {
+    const template = this.#probeFrame;
+    if (template === undefined) return 0;
     const now = this.now();
     let trunks = 0;
     for (const port of this.ports) {
@@ -2227,18 +2539,20 @@ export class Network {
       }
       if (port.linkRank !== undefined) trunks++;
     }
+    if (this.ports.size < 2) return 0;
+    let sent = 0;
     for (const port of this.ports) {
       if (port.state !== "up" || (port.linkRank !== undefined && trunks < 2)) continue;
-      const frame = new Uint8Array(60);
-      frame.set(PROBE_DESTINATION, 0);
-      frame.set(source, 6);
-      frame[12] = PROBE_ETHERTYPE >> 8;
-      frame[13] = PROBE_ETHERTYPE & 0xff;
-      frame.set(PROBE_MAGIC, 14);
-      frame.set(Buffer.from(this.#policy.relayId!, "hex"), 14 + PROBE_MAGIC.length);
-      new DataView(frame.buffer).setUint32(PROBE_SERIAL_AT, port.serial);
+      const frame = template.slice();
+      const serial = port.serial;
+      frame[PROBE_SERIAL_AT] = serial >>> 24;
+      frame[PROBE_SERIAL_AT + 1] = (serial >>> 16) & 0xff;
+      frame[PROBE_SERIAL_AT + 2] = (serial >>> 8) & 0xff;
+      frame[PROBE_SERIAL_AT + 3] = serial & 0xff;
       port.sendOwn(frame);
+      sent++;
     }
+    return sent;
   }
 
   /** Another relay's probe is flooded like any multicast (never learned); our own means a loop. */
@@ -2269,22 +2583,55 @@ export class Network {
     );
   }
 
-  /** Status: every port, and up to `macLimit` learned MACs (the count is always exact). */
-  snapshot(macLimit = MAC_LIST_LIMIT) {
+  /** Status: up to `portLimit` ports and `macLimit` learned MACs (the counts are always exact). */
+  snapshot(macLimit = MAC_LIST_LIMIT, portLimit = Infinity) {
     const now = this.now();
     const macs: { mac: string; port: string; age: number }[] = [];
     if (macLimit > 0) for (const [key, e] of this.macs) {
       if (macs.length >= macLimit) break;
       macs.push({ mac: formatMac(key), port: e.port.id, age: (now - e.seen) / 1000 });
     }
+    const ports: PortSnapshot[] = [];
+    for (const p of this.ports) {
+      if (ports.length >= portLimit) break;
+      ports.push(p.snapshot());
+    }
     return {
       name: this.name,
-      ports: [...this.ports].map((p) => p.snapshot()),
+      ports,
+      portCount: this.ports.size,
       closedPorts: [...this.closed],
       macCount: this.macs.size,
       macFlaps: this.macFlaps,
       macs,
     };
+  }
+}
+
+/**
+ * Visits a collection a few entries at a time, resuming where the last call stopped, so a timer over
+ * thousands of networks costs the same per tick as over a few; a round then spans several ticks.
+ */
+export class RoundRobin<T> {
+  #at: Iterator<T> | undefined;
+
+  constructor(private readonly entries: { values(): Iterator<T>; readonly size: number }) {}
+
+  /**
+   * Calls `visit` on entries in turn, each at most once per call, until `budget` is spent: each
+   * visit costs 1 plus what it returns (the work it did).
+   */
+  step(budget: number, visit: (entry: T) => number): void {
+    let spent = 0;
+    for (let n = this.entries.size; n > 0 && spent < budget; n--) {
+      let next = this.#at?.next();
+      if (next === undefined || next.done) {
+        this.#at = this.entries.values();
+        next = this.#at.next();
+        if (next.done) return;
+      }
+      spent += 1 + visit(next.value);
+    }
   }
 }
 
@@ -2407,6 +2754,59 @@ export class StreamWriter {
   }
 }
 
+/**
+ * A port whose frames leave as messages: those of one event-loop turn are batched behind a header
+ * (a tunnel's data message, a backplane message, at most `maxBytes`) and sent as one.
+ */
+export abstract class BatchedPort extends Port {
+  readonly #batch: FrameBatch;
+  #frames = 0;
+  #scheduled = false;
+
+  constructor(
+    kind: string,
+    peer: string,
+    header: Uint8Array,
+    private readonly maxBytes: number,
+  ) {
+    super(kind, peer, true);
+    this.#batch = new FrameBatch(header);
+  }
+
+  /** Room for `bytes` more in whatever bounds this port's queue. */
+  protected abstract reserve(bytes: number): boolean;
+
+  /** Sends the batch, `reserved` bytes of frames; false when all of it was dropped. */
+  protected abstract sendBatch(batch: FrameBatch, reserved: number, frames: number): boolean;
+
+  protected enqueue(frame: Uint8Array): boolean {
+    const need = 4 + frame.length;
+    if (this.#batch.used + need > this.maxBytes) this.flush();
+    if (!this.reserve(need)) return false;
+    this.#batch.append(frame);
+    this.#frames++;
+    if (!this.#scheduled) {
+      this.#scheduled = true;
+      setImmediate(this.flush);
+    }
+    return true;
+  }
+
+  readonly flush = (): void => {
+    this.#scheduled = false;
+    if (this.#batch.empty) return;
+    const frames = this.#frames;
+    const bytes = this.#batch.used - this.#batch.header.length;
+    this.#frames = 0;
+    if (!this.sendBatch(this.#batch, bytes, frames)) {
+      // Counted as handed over when queued; the whole message was refused.
+      this.stats.txFrames -= frames;
+      this.stats.txBytes -= bytes - 4 * frames;
+      this.stats.txDrops += frames;
+    }
+  };
+}
+
 // ───────────────────────────── tunnel & auth ─────────────────────────────
 
 export interface Grant {
@@ -2471,55 +2871,42 @@ export interface TunnelSocket {
   /** False when the message was dropped (the socket's own backpressure limit). */
   send(data: Uint8Array): boolean;
   buffered(): number;
+  /** Stops or restarts reading (flow control): the far end then sees TCP backpressure. */
+  pause(paused: boolean): void;
   close(code: number, reason: string): void;
 }
 
 /** One network carried over a tunnel: a port whose frames are batched into data messages. */
-export class TunnelPort extends Port {
-  readonly #batch: FrameBatch;
-  #frames = 0;
-  #scheduled = false;
-
+export class TunnelPort extends BatchedPort {
   constructor(
     kind: string,
     peer: string,
     private readonly link: TunnelLink,
     readonly channel: number,
   ) {
-    super(kind, peer, true);
-    this.#batch = new FrameBatch(dataHeader(channel));
+    super(kind, peer, dataHeader(channel), BATCH_BYTES);
+    this.queueLimit = link.limit;
   }
 
-  protected enqueue(frame: Uint8Array): boolean {
-    if (this.state === "closed" || this.link.closed) return false;
-    const need = 4 + frame.length;
-    if (this.#batch.used + need > BATCH_BYTES) this.flush();
-    if (!this.link.reserve(need)) return false;
-    this.#batch.append(frame);
-    this.#frames++;
-    if (!this.#scheduled) {
-      this.#scheduled = true;
-      setImmediate(this.flush);
-    }
-    return true;
+  override queued(): number {
+    return this.link.queued();
   }
 
-  /** Sends the batch as one message (both Bun WebSocket ends copy it, so the buffer is reused). */
-  readonly flush = (): void => {
-    this.#scheduled = false;
-    if (this.#batch.empty) return;
-    const frames = this.#frames;
-    const bytes = this.#batch.used - this.#batch.header.length;
-    this.#frames = 0;
-    const sent = this.link.sendData(this.#batch.view(), bytes);
-    this.#batch.reset();
-    if (!sent) {
-      // Counted as handed over when queued; the socket refused the whole message.
-      this.stats.txFrames -= frames;
-      this.stats.txBytes -= bytes - 4 * frames;
-      this.stats.txDrops += frames;
-    }
-  };
+  /** Pausing one network's port pauses the whole tunnel: every network on it waits. */
+  protected override reading(on: boolean): boolean {
+    return this.link.reading(on);
+  }
+
+  protected reserve(bytes: number): boolean {
+    return this.state !== "closed" && !this.link.closed && this.link.reserve(bytes);
+  }
+
+  /** One data message (both Bun WebSocket ends copy it, so the buffer is reused). */
+  protected sendBatch(batch: FrameBatch, reserved: number): boolean {
+    const sent = this.link.sendData(batch.view(), reserved);
+    batch.reset();
+    return sent;
+  }
 }
 
 /** Where v86 NICs (and clients speaking their framing) connect: `GET /v86/NETWORK`, upgraded. */
@@ -2635,9 +3022,13 @@ export class V86Port extends Port {
     this.#accounted = 0;
   }
 
+  override rxDrops(): number {
+    return super.rxDrops() + this.rxRate + this.rxOversize;
+  }
+
   override snapshot(): PortSnapshot & { rx: { rate: number; oversize: number } } {
     const s = super.snapshot();
-    return { ...s, rx: { ...s.rx, drops: s.rx.drops + this.rxRate + this.rxOversize, rate: this.rxRate, oversize: this.rxOversize } };
+    return { ...s, rx: { ...s.rx, rate: this.rxRate, oversize: this.rxOversize } };
   }
 }
 
@@ -2663,8 +3054,6 @@ export interface V86ServerOptions {
   counters: RelayCounters;
   log: Logger;
   network(name: string): Network | string;
-  /** A port went: networks only it kept alive may go. */
-  released(): void;
 }
 
 /** The origin of a URL (`https://host[:port]`), or undefined when it has none. */
@@ -2751,7 +3140,6 @@ export class V86Server {
       }
       const shown = reason ? ` ${JSON.stringify(reason.slice(0, 80))}` : "";
       port.network?.detach(port, malformed ?? (code === 1000 || code === 1001 || code === 1005 ? "peer closed" : `closed (${code}${shown})`));
-      this.options.released();
     },
   };
 }
@@ -2779,6 +3167,11 @@ export class TunnelLink {
   remoteName: string | undefined;
   #batched = 0;
   #buffered = 0;
+  /** Its ports that flow control paused: the socket reads while there are none. */
+  #paused = 0;
+  /** Messages not yet decoded while paused (the first from byte #heldAt): decoded first when it reads again. */
+  #held: Uint8Array[] = [];
+  #heldAt = DATA_HEADER_BYTES;
 
   constructor(
     readonly socket: TunnelSocket,
@@ -2823,13 +3216,19 @@ export class TunnelLink {
     port?.network?.detach(port);
   }
 
-  /** Room for `bytes` more: the socket's backlog is sampled once per event-loop turn, not per frame. */
-  reserve(bytes: number): boolean {
+  /** Bytes queued: the socket's backlog is sampled once per event-loop turn (when no batch is open), not per frame. */
+  queued(): number {
     if (this.#batched === 0) {
       const buffered = this.socket.buffered();
       this.budget.used += buffered - this.#buffered;
       this.#buffered = buffered;
     }
+    return this.#buffered + this.#batched;
+  }
+
+  /** Room for `bytes` more. */
+  reserve(bytes: number): boolean {
+    this.queued();
     if (this.#buffered + this.#batched + bytes > this.limit || !this.budget.take(bytes)) return false;
     this.#batched += bytes;
     return true;
@@ -2844,14 +3243,33 @@ export class TunnelLink {
     return sent;
   }
 
+  /** Counts the ports that want the socket paused; it reads again when none does, after what it held. */
+  reading(on: boolean): boolean {
+    if (this.closed) return false;
+    this.#paused += on ? -1 : 1;
+    if (!on) {
+      if (this.#paused === 1) this.socket.pause(true);
+      return true;
+    }
+    while (this.#paused === 0 && this.#held.length > 0 && !this.closed) {
+      const from = this.#heldAt;
+      this.#heldAt = DATA_HEADER_BYTES;
+      this.#decode(this.#held.shift()!, from);
+    }
+    if (this.#paused === 0) this.socket.pause(false);
+    return true;
+  }
+
   sendControl(message: ControlMessage): void {
     if (!this.closed) this.socket.send(encodeControl(message));
   }
 
-  readonly #onFrame = (channel: number, frame: Uint8Array): void => {
+  /** False (stop decoding) once flow control has paused this tunnel. */
+  readonly #onFrame = (channel: number, frame: Uint8Array): boolean => {
     const port = this.ports[channel];
     if (port === undefined) throw new RangeError(`Cannot decode tunnel message: channel ${channel} is not attached`);
     port.receive(frame);
+    return this.#paused === 0;
   };
 
   readonly #onControl = (control: ControlMessage): void => {
@@ -2891,11 +3309,21 @@ export class TunnelLink {
   receive(message: Uint8Array): void {
     this.lastHeard = Date.now();
     if (this.closed) return;
+    // Read while paused (already in flight): kept behind what is held, in order.
+    if (this.#held.length > 0) this.#held.push(message);
+    else this.#decode(message, DATA_HEADER_BYTES);
+  }
+
+  #decode(message: Uint8Array, from: number): void {
     try {
       if (!this.helloDone && message[0] !== MSG_CONTROL) {
         throw new RangeError("Cannot decode tunnel message: data before the handshake");
       }
-      decodeTunnelMessage(message, this.#onControl, this.#onFrame);
+      const stopped = decodeTunnelMessage(message, this.#onControl, this.#onFrame, from);
+      if (stopped < message.length) {
+        this.#held.unshift(message);
+        this.#heldAt = stopped;
+      }
     } catch (error) {
       this.fail(error);
     }
@@ -2913,6 +3341,7 @@ export class TunnelLink {
   detachAll(): void {
     if (!this.closed) this.budget.release(this.#buffered + this.#batched);
     this.closed = true;
+    this.#held.length = 0;
     for (const port of this.ports) if (port) port.network?.detach(port);
   }
 }
@@ -2965,8 +3394,6 @@ export interface TunnelServerOptions {
   log: Logger;
   /** The network of that name, created if need be; a string says why it cannot be. */
   network(name: string): Network | string;
-  /** A tunnel went: networks only it kept alive may go. */
-  released(): void;
 }
 
 /** Close codes Bun uses for malformed WebSocket input: protocol error, bad data, message too big. */
@@ -2980,7 +3407,9 @@ export class TunnelServer {
 
   constructor(readonly options: TunnelServerOptions) {
     const warn = rateLimitedLog(options.log.warn, 10, 10_000);
-    this.#log = { info: options.log.info, warn: warn.log };
+    // Sites come and go in crowds when a hub restarts: a line each for the first, then a count.
+    const info = rateLimitedLog(options.log.info, TUNNEL_LOG_BURST, 10_000);
+    this.#log = { info: info.log, warn: warn.log };
   }
 
   /** Before the upgrade: undefined to go ahead, or why not (answered 503). */
@@ -3007,6 +3436,7 @@ export class TunnelServer {
       const socket: TunnelSocket = {
         send: (data) => ws.send(data) !== 0,
         buffered: () => ws.getBufferedAmount(),
+        pause: (paused) => (paused ? ws.pause() : ws.resume()),
         close: (code, reason) => ws.close(code, reason),
       };
       ws.data.link = new TunnelLink(socket, "tunnel", ws.data.peer, o.limit, o.budget, this.#log, {
@@ -3039,7 +3469,6 @@ export class TunnelServer {
         } else this.#log.info(`tunnel: ${link.peer} disconnected`);
       }
       link?.detachAll();
-      this.options.released();
     },
   };
 
@@ -3059,7 +3488,7 @@ export class TunnelServer {
     if (hello) link.sendControl({ type: "welcome", version: TUNNEL_VERSION, accepted, refused, id: o.identity.id, name: o.identity.name });
     else link.sendControl({ type: "attached", accepted, refused });
     const extra = refused.length ? `; refused: ${refused.map((r) => `${r.network} (${r.reason})`).join(", ")}` : "";
-    o.log.info(`tunnel: ${link.peer} ${hello ? "attached" : "added"} (networks: ${accepted.join(", ") || "none"}${extra})`);
+    this.#log.info(`tunnel: ${link.peer} ${hello ? "attached" : "added"} (networks: ${accepted.join(", ") || "none"}${extra})`);
   }
 
   #refusal(link: TunnelLink, grant: Grant, name: string): Network | string {
@@ -3231,6 +3660,16 @@ export function tunnelUrl(base: string): URL {
   return url;
 }
 
+/**
+ * The URL one dial uses: the networks it offers in the query (`?networks=lab,dev`), so a load
+ * balancer in front of several hubs can keep a network's sites on one hub (HAProxy's
+ * `balance url_param networks`). Only an optimisation: the hello is what attaches networks.
+ */
+export function dialUrl(url: URL, networks: Iterable<string>): string {
+  const names = [...networks].join(",");
+  return names ? `${url.href}?networks=${names}` : url.href;
+}
+
 /** What a hub's HTTP answer instead of an upgrade means, and whether retrying soon can help. */
 const DIAL_REFUSALS: Record<string, [why: string, final: boolean]> = {
   "400": ["the hub does not speak edge-relay.v1 (400): is it an edge-relay?", true],
@@ -3270,7 +3709,7 @@ export class Uplink {
   #offered = new Map<string, number>();
   /** Networks the hub refused on the current tunnel: not offered again until the next dial. */
   #declined = new Set<string>();
-  #failures = 0;
+  readonly #backoff = new Backoff(UPLINK_BACKOFF_MIN_MS, UPLINK_BACKOFF_MAX_MS);
   #timer: ReturnType<typeof setTimeout> | undefined;
   #deadline: ReturnType<typeof setTimeout> | undefined;
   #keepalive: ReturnType<typeof setInterval> | undefined;
@@ -3340,7 +3779,8 @@ export class Uplink {
     this.status.nextDial = undefined;
     this.#setState("connecting");
     const proxy = this.options.proxy;
-    const ws = new WebSocket(this.url.href, {
+    const wanted = this.#wanted();
+    const ws = new WebSocket(dialUrl(this.url, wanted.keys()), {
       headers: { Authorization: `Bearer ${this.options.token}` },
       protocols: [TUNNEL_PROTOCOL],
       perMessageDeflate: false,
@@ -3353,9 +3793,9 @@ export class Uplink {
     const socket: TunnelSocket = {
       send: (data) => (ws.send(data), true),
       buffered: () => ws.bufferedAmount,
+      pause: (paused) => void (paused ? ws.pause() : ws.resume()),
       close: (code, reason) => ws.close(code, reason),
     };
-    const wanted = this.#wanted();
     const link = new TunnelLink(socket, "uplink", this.status.url, this.options.limit, this.options.budget, this.log, {
       onAnswer: (l, accepted, refused, welcome) => this.#answered(l, accepted, refused, welcome),
     }, this.countError);
@@ -3379,7 +3819,7 @@ export class Uplink {
     // One that cannot succeed by retrying soon (a wrong token) backs off to the longest wait at once.
     ws.onclose = (event) => {
       const explained = failure === undefined ? undefined : explainDialFailure(failure);
-      if (explained?.final) this.#failures = UPLINK_BACKOFF_STEPS;
+      if (explained?.final) this.#backoff.exhaust();
       this.#lost(ws, link, explained?.why ?? `closed (${event.code}${event.reason ? ` ${event.reason}` : ""})`);
     };
     this.#keepalive ??= setInterval(() => this.#tick(), this.options.keepaliveMs);
@@ -3411,7 +3851,7 @@ export class Uplink {
     const shown = refused.map((r) => `${r.network} (${r.reason})`).join(", ");
     if (welcome) {
       clearTimeout(this.#deadline);
-      this.#failures = 0;
+      this.#backoff.reset();
       this.status.connects++;
       this.status.hub = link.remoteName ?? link.remoteId;
       this.#setState("up");
@@ -3459,15 +3899,10 @@ export class Uplink {
     this.status.networks = [];
     if (this.#stopped) return;
     this.#setState("down", why);
-    const delay = this.#backoff();
+    const delay = this.#backoff.next();
     this.status.nextDial = new Date(Date.now() + delay).toISOString();
     this.#logChange(`uplink: ${this.status.url}: ${why}; retrying with backoff`, true);
     this.#timer = setTimeout(() => this.#dial(), delay);
-  }
-
-  #backoff(): number {
-    const ceiling = Math.min(UPLINK_BACKOFF_MAX_MS, UPLINK_BACKOFF_MIN_MS * 2 ** this.#failures++);
-    return ceiling / 2 + (Math.random() * ceiling) / 2;
   }
 
   /** Pings the hub; one that has not been heard from for three intervals is closed and redialled. */
@@ -3491,6 +3926,330 @@ export class Uplink {
     this.#link?.detachAll();
     this.#ws?.close(1001, "relay stopping");
   }
+}
+
+// ───────────────────────────── backplane (NATS) ─────────────────────────────
+
+/** The NATS header that names the hub a backplane message came from. */
+export const BACKPLANE_HUB_HEADER = "Edge-Relay-Hub";
+/**
+ * One backplane message at most. Measured (bench case `backplane`): from 8 KiB to 256 KiB the chain's
+ * rate hardly moves, and nats-server spends least per frame on messages of 8 to 16 KiB.
+ */
+const BACKPLANE_MESSAGE_BYTES = 16 * 1024;
+
+/**
+ * The subject a network's frames travel on: `edge-relay.CLUSTER.NETWORK`. A '.' in a name would split
+ * it into two subject tokens; names never hold '~', so writing '.' as '~' keeps subjects one-to-one.
+ */
+export function backplaneSubject(cluster: string, network: string): string {
+  return `edge-relay.${cluster.replaceAll(".", "~")}.${network.replaceAll(".", "~")}`;
+}
+
+export interface BackplaneOptions {
+  servers: string[];
+  cluster: string;
+  token?: string;
+  /** A NATS credentials file, or an NKey user's seed. */
+  creds?: { kind: "creds" | "seed"; text: string };
+  ca?: string;
+  identity: RelayIdentity;
+  /** Bytes this hub may have on their way to NATS; beyond it frames drop (counted). */
+  limit: number;
+  /** Deadline for connecting to a server. */
+  handshakeMs: number;
+  log: Logger;
+  countError(): void;
+}
+
+export interface BackplaneStatus {
+  servers: string[];
+  cluster: string;
+  state: "connecting" | "up" | "down" | "closed";
+  since: string;
+  /** The server it is connected to. */
+  server: string | undefined;
+  lastError: string | undefined;
+  connects: number;
+  messagesIn: number;
+  messagesOut: number;
+  bytesIn: number;
+  bytesOut: number;
+  /** Frames not published: NATS was down, or too much was still on its way. */
+  drops: number;
+  /** Messages from other hubs that did not decode (dropped). */
+  errors: number;
+}
+
+export interface BackplaneSnapshot extends BackplaneStatus {
+  /** Networks subscribed to: those with a port on this hub. */
+  networks: string[];
+}
+
+/**
+ * One network's share of the backplane: what the switch forwards to it is published to the network's
+ * subject, batched per event-loop turn in the tunnel's data framing; what other hubs publish there
+ * comes in through it. One port stands for every other hub, so their MACs are learned behind it, and
+ * a frame that came from the backplane never goes back into it.
+ */
+export class BackplanePort extends BatchedPort {
+  subscription: Subscription | undefined;
+  /** The server has the subscription: other hubs' messages for the network reach this hub. */
+  subscribed = false;
+
+  constructor(
+    private readonly backplane: Backplane,
+    readonly subject: string,
+  ) {
+    super("backplane", backplane.shown, dataHeader(0), BACKPLANE_MESSAGE_BYTES);
+    // Ranked below every tunnel: in a loop through a tunnel and the backplane, the tunnel is blocked.
+    this.linkRank = "";
+    this.queueLimit = backplane.options.limit;
+  }
+
+  /** What NATS has not taken yet, for every network together: senders into it pause on that. */
+  override queued(): number {
+    return this.backplane.queued();
+  }
+
+  protected reserve(bytes: number): boolean {
+    return this.backplane.reserve(bytes);
+  }
+
+  /** The client keeps the buffer until it has written it, so the batch hands it over. */
+  protected sendBatch(batch: FrameBatch, reserved: number, frames: number): boolean {
+    return this.backplane.publish(this.subject, batch.take(), reserved, frames);
+  }
+
+  /** A message another hub published: its frames enter the switch here. */
+  readonly deliver = (error: Error | null, message: Msg): void => {
+    if (error === null) this.backplane.received(this, message);
+  };
+
+  readonly frame = (_channel: number, frame: Uint8Array): void => this.receive(frame);
+}
+
+/** Control messages have no place on the backplane. */
+function noControl(control: ControlMessage): never {
+  throw new TypeError(`Cannot decode backplane message: unexpected ${control.type}`);
+}
+
+/**
+ * This hub's connection to NATS, and a port on every network that has a port here. The first
+ * connection is retried with the shared backoff; once connected, the NATS client reconnects by
+ * itself. While it is not connected frames for other hubs are dropped and counted (never buffered
+ * without bound), and local switching goes on.
+ */
+export class Backplane {
+  readonly status: BackplaneStatus;
+  /** The servers as status and logs show them. */
+  readonly shown: string;
+  readonly #ports = new Map<string, BackplanePort>();
+  readonly #backoff = new Backoff(BACKPLANE_BACKOFF_MIN_MS, BACKPLANE_BACKOFF_MAX_MS);
+  readonly #headers: MsgHdrs;
+  readonly #log: { log(line: string): void };
+  #nc: NatsConnection | undefined;
+  #timer: ReturnType<typeof setTimeout> | undefined;
+  #stopped = false;
+  /** Bytes batched this turn, and the client's backlog as last sampled. */
+  #batched = 0;
+  #backlog = 0;
+
+  constructor(readonly options: BackplaneOptions) {
+    this.shown = options.servers.join(",");
+    this.status = {
+      servers: options.servers,
+      cluster: options.cluster,
+      state: "connecting",
+      since: new Date().toISOString(),
+      server: undefined,
+      lastError: undefined,
+      connects: 0,
+      messagesIn: 0,
+      messagesOut: 0,
+      bytesIn: 0,
+      bytesOut: 0,
+      drops: 0,
+      errors: 0,
+    };
+    this.#headers = natsHeaders();
+    this.#headers.set(BACKPLANE_HUB_HEADER, options.identity.id);
+    this.#log = rateLimitedLog(options.log.warn, 5, 10_000);
+  }
+
+  get up(): boolean {
+    return this.status.state === "up";
+  }
+
+  start(): void {
+    void this.#connect();
+  }
+
+  #setState(state: BackplaneStatus["state"], error?: string): void {
+    if (this.status.state !== state) {
+      this.status.since = new Date().toISOString();
+      const why = error === undefined ? "" : `: ${error}`;
+      if (state === "up") this.options.log.info(`backplane: connected to ${this.status.server} (cluster ${this.options.cluster})`);
+      else if (state === "down") this.options.log.warn(`backplane: ${this.shown}${why}; frames for other hubs are dropped until it is back`);
+    }
+    this.status.state = state;
+    if (error !== undefined) this.status.lastError = error;
+  }
+
+  async #connect(): Promise<void> {
+    const o = this.options;
+    let nc: NatsConnection;
+    try {
+      nc = await natsConnect({
+        servers: o.servers,
+        name: o.identity.name,
+        // A hub never hears its own messages: the backplane cannot echo frames back.
+        noEcho: true,
+        timeout: o.handshakeMs,
+        maxReconnectAttempts: -1,
+        reconnectTimeWait: 1000,
+        reconnectJitter: 500,
+        pingInterval: 5000,
+        maxPingOut: 2,
+        ...(o.token !== undefined && { token: o.token }),
+        ...(o.creds !== undefined && {
+          authenticator: (o.creds.kind === "creds" ? credsAuthenticator : nkeyAuthenticator)(new TextEncoder().encode(o.creds.text)),
+        }),
+        ...((o.ca !== undefined || o.servers.some((s) => s.startsWith("tls:"))) && { tls: o.ca === undefined ? {} : { ca: o.ca } }),
+      });
+    } catch (error) {
+      if (this.#stopped) return;
+      this.#setState("down", describeError("cannot connect", error));
+      this.#timer = setTimeout(() => void this.#connect(), this.#backoff.next());
+      return;
+    }
+    if (this.#stopped) return void nc.close();
+    this.#nc = nc;
+    this.#backoff.reset();
+    this.status.connects++;
+    this.status.server = nc.getServer();
+    this.#setState("up");
+    for (const port of this.#ports.values()) this.#subscribe(port);
+    void this.#watch(nc);
+  }
+
+  /** Follows the client's own reconnects; a closed client (stop) ends it. */
+  async #watch(nc: NatsConnection): Promise<void> {
+    for await (const event of nc.status()) {
+      if (event.type === "disconnect") this.#setState("down", `lost ${event.server}`);
+      else if (event.type === "reconnect") {
+        this.status.connects++;
+        this.status.server = event.server;
+        this.#setState("up");
+      } else if (event.type === "error") this.status.lastError = describeError("NATS", event.error);
+    }
+  }
+
+  #subscribe(port: BackplanePort): void {
+    if (this.#nc === undefined || port.subscription !== undefined) return;
+    const nc = this.#nc;
+    port.subscription = nc.subscribe(port.subject, { callback: port.deliver });
+    nc.flush().then(
+      () => void (port.subscribed = port.subscription !== undefined),
+      () => undefined,
+    );
+  }
+
+  /** Gives `network` its backplane port (once). */
+  join(network: Network): void {
+    if (this.#stopped || this.#ports.has(network.name)) return;
+    const port = new BackplanePort(this, backplaneSubject(this.options.cluster, network.name));
+    this.#ports.set(network.name, port);
+    network.attach(port);
+    this.#subscribe(port);
+  }
+
+  /** The network has no port here any more: stop hearing it. */
+  leave(network: Network): void {
+    const port = this.#ports.get(network.name);
+    if (port === undefined) return;
+    this.#ports.delete(network.name);
+    port.subscription?.unsubscribe();
+    port.subscription = undefined;
+    port.subscribed = false;
+    network.detach(port, "no port on this hub uses the network");
+  }
+
+  snapshot(): BackplaneSnapshot {
+    const networks: string[] = [];
+    for (const [name, port] of this.#ports) if (port.subscribed) networks.push(name);
+    return { ...this.status, networks };
+  }
+
+  /** The client's backlog (its own buffer and the socket's), sampled once per event-loop turn, and this turn's batches. */
+  queued(): number {
+    if (this.#batched === 0) this.#backlog = natsBacklog(this.#nc);
+    return this.#backlog + this.#batched;
+  }
+
+  /** Room for `bytes` more: NATS is up and what it has not taken stays under the limit. */
+  reserve(bytes: number): boolean {
+    if (!this.up) {
+      this.status.drops++;
+      return false;
+    }
+    if (this.queued() + bytes > this.options.limit) {
+      this.status.drops++;
+      return false;
+    }
+    this.#batched += bytes;
+    return true;
+  }
+
+  /** False when the message could not be handed to the client (its frames are then dropped). */
+  publish(subject: string, message: Uint8Array, reserved: number, frames: number): boolean {
+    this.#batched = Math.max(0, this.#batched - reserved);
+    this.#backlog += reserved;
+    try {
+      if (!this.up) throw new Error("not connected");
+      this.#nc!.publish(subject, message, { headers: this.#headers });
+      this.status.messagesOut++;
+      this.status.bytesOut += message.length;
+      return true;
+    } catch {
+      this.status.drops += frames;
+      return false;
+    }
+  }
+
+  /** A message from another hub; one that does not decode is dropped, counted and logged. */
+  received(port: BackplanePort, message: Msg): void {
+    this.status.messagesIn++;
+    this.status.bytesIn += message.data.length;
+    try {
+      decodeTunnelMessage(message.data, noControl, port.frame);
+    } catch (error) {
+      this.status.errors++;
+      port.stats.errors++;
+      this.options.countError();
+      const hub = message.headers?.get(BACKPLANE_HUB_HEADER) ?? "";
+      const from = /^[0-9a-f]{16}$/.test(hub) ? ` from hub ${hub}` : "";
+      this.#log.log(`backplane ${port.network?.name ?? port.subject}: ${(error as Error).message}${from}; dropped`);
+    }
+  }
+
+  async stop(): Promise<void> {
+    this.#stopped = true;
+    clearTimeout(this.#timer);
+    this.status.state = "closed";
+    const nc = this.#nc;
+    this.#nc = undefined;
+    await nc?.close().catch(() => undefined);
+  }
+}
+
+/**
+ * What the NATS client holds that the server has not taken yet: its own buffer, filled between
+ * flushes and while reconnecting, and the socket's. Neither is public API; both are read defensively.
+ */
+function natsBacklog(nc: NatsConnection | undefined): number {
+  const protocol = (nc as { protocol?: { outbound?: { size(): number }; transport?: { socket?: { writableLength?: number } } } } | undefined)?.protocol;
+  return (protocol?.outbound?.size() ?? 0) + (protocol?.transport?.socket?.writableLength ?? 0);
 }
 
 // ───────────────────────────── QEMU ports ─────────────────────────────
@@ -3613,6 +4372,8 @@ export function connectionCap(max: number, fdLimit: number, log: Logger, countRe
 export class StreamPort extends Port {
   readonly decoder = new StreamDecoder();
   readonly writer: StreamWriter;
+  /** What flow control left undecoded when it paused this port: decoded first when it reads again. */
+  #held = EMPTY;
 
   constructor(
     kind: string,
@@ -3620,9 +4381,12 @@ export class StreamPort extends Port {
     readonly socket: Socket<StreamPort>,
     limit: number,
     budget: MemoryBudget,
+    private readonly log: Logger,
+    private readonly countError: () => void,
   ) {
     super(kind, peer);
     this.writer = new StreamWriter((data) => socket.write(data), limit, budget);
+    this.queueLimit = limit;
   }
 
   protected enqueue(frame: Uint8Array): boolean {
@@ -3630,16 +4394,45 @@ export class StreamPort extends Port {
     return frame.length > 0 && this.writer.push(frame);
   }
 
+  override queued(): number {
+    return this.writer.queued;
+  }
+
+  /** Not reading makes QEMU stop taking packets from its guest: backpressure reaches the guest's TCP. */
+  protected override reading(on: boolean): boolean {
+    if (this.state === "closed") return false;
+    if (!on) {
+      this.socket.pause();
+      return true;
+    }
+    const held = this.#held;
+    this.#held = EMPTY;
+    if (held.length > 0) this.data(held);
+    if (this.waitingFor === undefined) this.socket.resume();
+    return true;
+  }
+
+  /** Hands a frame to the switch; false (stop decoding) once flow control has paused this port. */
+  readonly #frame = (frame: Uint8Array): boolean => {
+    this.receive(frame);
+    return this.waitingFor === undefined;
+  };
+
   /** Decodes a chunk; an oversize length closes this connection only, counted and logged once. */
-  data(chunk: Uint8Array, log: Logger, countError: () => void): void {
+  data(chunk: Uint8Array): void {
     if (this.state === "closed") return;
+    // Read while paused (already in flight): kept behind what is held, in order.
+    if (this.#held.length > 0) {
+      this.#held = Buffer.concat([this.#held, chunk]);
+      return;
+    }
     try {
-      this.decoder.push(chunk, this.receive);
+      this.#held = this.decoder.push(chunk, this.#frame);
     } catch (error) {
       this.stats.errors++;
-      countError();
+      this.countError();
       this.state = "closed";
-      log.warn(`${this.id} ${this.peer}: ${(error as Error).message}; closing the connection`);
+      this.log.warn(`${this.id} ${this.peer}: ${(error as Error).message}; closing the connection`);
       this.socket.end();
     }
   }
@@ -3674,12 +4467,12 @@ function streamHandlers(ctx: StreamContext) {
         }
         ctx.cap.open++;
       }
-      const port = new StreamPort(ctx.kind, peer, socket, ctx.limit, ctx.budget);
+      const port = new StreamPort(ctx.kind, peer, socket, ctx.limit, ctx.budget, ctx.log, ctx.countError);
       socket.data = port;
       ctx.network.attach(port);
     },
     data(socket: Socket<StreamPort>, chunk: Uint8Array) {
-      socket.data.data(chunk, ctx.log, ctx.countError);
+      socket.data.data(chunk);
     },
     drain(socket: Socket<StreamPort>) {
       socket.data.writer.drain();
@@ -3732,7 +4525,7 @@ export function dialStream(address: SocketAddress, ctx: StreamContext): { status
     if (status.state !== state) status.since = new Date().toISOString();
     status.state = state;
   };
-  let failures = 0;
+  const backoff = new Backoff(DIAL_BACKOFF_MIN_MS, DIAL_BACKOFF_MAX_MS);
   let timer: ReturnType<typeof setTimeout> | undefined;
   let socket: Socket<StreamPort> | undefined;
   let stopped = false;
@@ -3745,14 +4538,13 @@ export function dialStream(address: SocketAddress, ctx: StreamContext): { status
     if (stopped) return;
     if (status.state === "up") logChange(`qemu-connect ${ctx.network.name}: disconnected from ${target}; redialling`);
     setState("connecting");
-    const delay = Math.min(DIAL_BACKOFF_MAX_MS, DIAL_BACKOFF_MIN_MS * 2 ** failures++);
-    timer = setTimeout(dial, delay);
+    timer = setTimeout(dial, backoff.next());
   };
   const handlers = streamHandlers({ ...ctx, unixPeer: target, onClose: retry });
   const open = handlers.open;
   handlers.open = (s) => {
     open(s);
-    failures = 0;
+    backoff.reset();
     setState("up");
     logChange(`qemu-connect ${ctx.network.name}: connected to ${target}`);
   };
@@ -4347,8 +5139,11 @@ export interface Snapshot extends RelayCounters {
   name: string;
   uptime: number;
   startedAt: string;
+  /** A page of the networks, in the order they were made: see `networksPage`. */
   networks: ReturnType<Network["snapshot"]>[];
+  networksPage: { offset: number; limit: number | null; total: number };
   uplink: UplinkStatus | null;
+  backplane: BackplaneSnapshot | null;
   dials: DialStatus[];
   /** Live captures and capture files: what they caught and what a slow reader lost. */
   captures: ReturnType<CaptureRegistry["snapshot"]>;
@@ -4364,18 +5159,44 @@ export interface Snapshot extends RelayCounters {
     memoryUsed: number;
     memoryBudget: number;
     memoryDrops: number;
+    /** --flow-control: sources pause while their unicast destination is congested (per port: `flow`). */
+    flowControl: boolean;
   };
   datagrams: DatagramStatus[];
 }
 
-const PORT_METRICS: [name: string, help: string, value: (p: PortSnapshot) => number][] = [
-  ["edge_relay_port_rx_frames_total", "Frames received on a port and switched.", (p) => p.rx.frames],
-  ["edge_relay_port_rx_bytes_total", "Bytes received on a port and switched.", (p) => p.rx.bytes],
-  ["edge_relay_port_rx_drops_total", "Frames received and dropped (runt, storm limit, MAC limit, blocked for a loop).", (p) => p.rx.drops],
-  ["edge_relay_port_tx_frames_total", "Frames handed to a port's socket.", (p) => p.tx.frames],
-  ["edge_relay_port_tx_bytes_total", "Bytes handed to a port's socket.", (p) => p.tx.bytes],
-  ["edge_relay_port_tx_drops_total", "Frames dropped: queue or memory budget full, or refused by the socket.", (p) => p.tx.drops],
-  ["edge_relay_port_errors_total", "Protocol errors on a port (oversize frame, malformed message).", (p) => p.errors],
+/** What /status lists (undefined: the default): learned MACs and ports per network, and which networks. */
+export interface StatusView {
+  macs?: number;
+  ports?: number;
+  /** Networks listed, from the `offset`-th on. */
+  networks?: number;
+  offset?: number;
+}
+
+/** The page of networks a view asks for, each cut to its ports and MACs; the total is always given. */
+export function statusNetworks(all: Iterable<Network>, total: number, view: StatusView): Pick<Snapshot, "networks" | "networksPage"> {
+  const offset = view.offset ?? 0;
+  const limit = view.networks ?? STATUS_NETWORKS;
+  const networks: Snapshot["networks"] = [];
+  let i = 0;
+  for (const n of all) {
+    if (networks.length >= limit) break;
+    if (i++ >= offset) networks.push(n.snapshot(view.macs ?? MAC_LIST_LIMIT, view.ports ?? STATUS_PORTS));
+  }
+  return { networks, networksPage: { offset, limit: Number.isFinite(limit) ? limit : null, total } };
+}
+
+const PORT_METRICS: [name: string, help: string, value: (p: Port) => number][] = [
+  ["edge_relay_port_rx_frames_total", "Frames received on a port and switched.", (p) => p.stats.rxFrames],
+  ["edge_relay_port_rx_bytes_total", "Bytes received on a port and switched.", (p) => p.stats.rxBytes],
+  ["edge_relay_port_rx_drops_total", "Frames received and dropped (runt, storm limit, MAC limit, blocked for a loop).", (p) => p.rxDrops()],
+  ["edge_relay_port_tx_frames_total", "Frames handed to a port's socket.", (p) => p.stats.txFrames],
+  ["edge_relay_port_tx_bytes_total", "Bytes handed to a port's socket.", (p) => p.stats.txBytes],
+  ["edge_relay_port_tx_drops_total", "Frames dropped: queue or memory budget full, or refused by the socket.", (p) => p.stats.txDrops],
+  ["edge_relay_port_errors_total", "Protocol errors on a port (oversize frame, malformed message).", (p) => p.stats.errors],
+  ["edge_relay_port_pauses_total", "Times flow control paused reading a port because its frames' destination was congested.", (p) => p.pauses],
+  ["edge_relay_port_blocked", "1 while a port is blocked for a loop.", (p) => (p.state === "blocked-loop" ? 1 : 0)],
 ];
 
 const RELAY_COUNTERS: [name: string, help: string, key: keyof RelayCounters][] = [
@@ -4388,19 +5209,65 @@ const RELAY_COUNTERS: [name: string, help: string, key: keyof RelayCounters][] =
   ["edge_relay_connections_refused_total", "QEMU connections closed at once for --max-connections.", "connectionsRefused"],
 ];
 
-/** Prometheus text exposition of a snapshot: its cost is per port, never per MAC. */
-export function renderMetrics(s: Snapshot): string {
+/**
+ * Prometheus text exposition: the relay's counters from a snapshot (its networks not listed), the
+ * ports' and networks' read from them directly. The cost is per port, never per MAC.
+ */
+/** How much of /metrics gets series of its own: the first ports and networks (the rest are in the per-kind totals). */
+export interface MetricsView {
+  ports: number;
+  networks: number;
+}
+
+const KIND_METRICS: [name: string, help: string, key: keyof KindTotals][] = [
+  ["edge_relay_kind_rx_frames_total", "Frames received and switched, over every port of a kind the relay has had.", "rxFrames"],
+  ["edge_relay_kind_rx_bytes_total", "Bytes received and switched, over every port of a kind.", "rxBytes"],
+  ["edge_relay_kind_rx_drops_total", "Frames received and dropped, over every port of a kind.", "rxDrops"],
+  ["edge_relay_kind_tx_frames_total", "Frames handed to sockets, over every port of a kind.", "txFrames"],
+  ["edge_relay_kind_tx_bytes_total", "Bytes handed to sockets, over every port of a kind.", "txBytes"],
+  ["edge_relay_kind_tx_drops_total", "Frames dropped on the way out, over every port of a kind.", "txDrops"],
+];
+
+export function renderMetrics(
+  s: Snapshot,
+  networks: Iterable<Network>,
+  totals: Map<string, KindTotals>,
+  view: MetricsView = { ports: METRICS_PORTS, networks: METRICS_NETWORKS },
+): string {
   const lines: string[] = [];
   const metric = (name: string, help: string, type: string, samples: [string, number][]) => {
     lines.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
     for (const [labels, value] of samples) lines.push(`${name}${labels} ${value}`);
   };
-  const ports = s.networks.flatMap((n) => n.ports.map((p) => [n.name, p] as const));
-  const label = (net: string, p: PortSnapshot) => `{network="${net}",port="${p.id}",kind="${p.kind}"}`;
-  for (const [name, help, value] of PORT_METRICS) metric(name, help, "counter", ports.map(([net, p]) => [label(net, p), value(p)]));
-  metric("edge_relay_port_blocked", "1 while a port is blocked for a loop.", "gauge", ports.map(([net, p]) => [label(net, p), p.state === "blocked-loop" ? 1 : 0]));
-  metric("edge_relay_network_ports", "Ports attached to a network.", "gauge", s.networks.map((n) => [`{network="${n.name}"}`, n.ports.length]));
-  metric("edge_relay_network_macs", "Learned MAC addresses in a network.", "gauge", s.networks.map((n) => [`{network="${n.name}"}`, n.macCount]));
+  // Series per port and per network for the first ones only: a hub with 10,000 sites would
+  // otherwise answer every scrape with megabytes. The per-kind totals always cover every port.
+  const nets: Network[] = [];
+  const ports: Port[] = [];
+  const labels: string[] = [];
+  let omitted = 0;
+  for (const n of networks) {
+    if (nets.length < view.networks) nets.push(n);
+    for (const p of n.ports) {
+      if (ports.length >= view.ports) {
+        omitted++;
+        continue;
+      }
+      ports.push(p);
+      labels.push(`{network="${n.name}",port="${p.id}",kind="${p.kind}"}`);
+    }
+  }
+  const kinds = [...totals].sort(([a], [b]) => a.localeCompare(b));
+  metric("edge_relay_kind_ports", "Ports of a kind attached now.", "gauge", kinds.map(([kind, t]) => [`{kind="${kind}"}`, t.ports]));
+  for (const [name, help, key] of KIND_METRICS) metric(name, help, "counter", kinds.map(([kind, t]) => [`{kind="${kind}"}`, t[key]]));
+  metric("edge_relay_metrics_ports_omitted", "Ports left out of the per-port series (see /metrics?ports=all).", "gauge", [["", omitted]]);
+  // One string per metric rather than one per line: tens of thousands of ports make less garbage.
+  for (const [name, help, value] of PORT_METRICS) {
+    let samples = `# HELP ${name} ${help}\n# TYPE ${name} ${name.endsWith("_total") ? "counter" : "gauge"}`;
+    for (let i = 0; i < ports.length; i++) samples += "\n" + name + labels[i] + " " + value(ports[i]!);
+    lines.push(samples);
+  }
+  metric("edge_relay_network_ports", "Ports attached to a network.", "gauge", nets.map((n) => [`{network="${n.name}"}`, n.ports.size]));
+  metric("edge_relay_network_macs", "Learned MAC addresses in a network.", "gauge", nets.map((n) => [`{network="${n.name}"}`, n.macs.size]));
   for (const [name, help, key] of RELAY_COUNTERS) metric(name, help, "counter", [["", s[key]]]);
   metric("edge_relay_tunnels", "Tunnels connected to this relay.", "gauge", [["", s.limits.tunnels]]);
   metric("edge_relay_memory_queued_bytes", "Bytes queued across every port.", "gauge", [["", s.limits.memoryUsed]]);
@@ -4413,6 +5280,13 @@ export function renderMetrics(s: Snapshot): string {
     metric(name, `Frames an impairment ${key === "rateDropped" ? "dropped for its rate limit" : key}.`, "counter", s.impairments.map((i) => [`{target="${i.target}"}`, i[key]]));
   }
   metric("edge_relay_uplink_up", "1 when the uplink is connected.", "gauge", s.uplink ? [["", s.uplink.state === "up" ? 1 : 0]] : []);
+  const bp = s.backplane;
+  metric("edge_relay_backplane_up", "1 when the NATS backplane is connected.", "gauge", bp ? [["", bp.state === "up" ? 1 : 0]] : []);
+  metric("edge_relay_backplane_messages_total", "Backplane messages, by direction.", "counter", bp ? [['{direction="in"}', bp.messagesIn], ['{direction="out"}', bp.messagesOut]] : []);
+  metric("edge_relay_backplane_bytes_total", "Backplane message bytes, by direction.", "counter", bp ? [['{direction="in"}', bp.bytesIn], ['{direction="out"}', bp.bytesOut]] : []);
+  metric("edge_relay_backplane_drops_total", "Frames not published to the backplane (NATS down or backlogged).", "counter", bp ? [["", bp.drops]] : []);
+  metric("edge_relay_backplane_errors_total", "Backplane messages from other hubs that did not decode.", "counter", bp ? [["", bp.errors]] : []);
+  metric("edge_relay_backplane_subscribed", "1 for each network this hub hears on the backplane.", "gauge", bp ? bp.networks.slice(0, view.networks).map((n) => [`{network="${n}"}`, 1]) : []);
   metric("edge_relay_uptime_seconds", "Seconds since the relay started.", "gauge", [["", s.uptime]]);
   return lines.join("\n") + "\n";
 }
@@ -4541,6 +5415,7 @@ summary { cursor: pointer; font-weight: 600; }
   </div>
   <div id="networks"></div>
   <p id="no-networks" class="empty" hidden>No networks yet.</p>
+  <p id="more-networks" class="muted" hidden></p>
   <section class="panel" aria-labelledby="limits-h">
     <h2 id="limits-h">Limits and counters</h2>
     <dl id="counters"></dl>
@@ -4764,7 +5639,7 @@ summary { cursor: pointer; font-weight: 600; }
     if (u) rows.push({ depth: 0, type: "hub", label: "hub " + (u.hub || "(not connected yet)"), note: (STATES[u.state] || u.state), title: "uplink " + u.url + ": " + u.state + (u.lastError ? " (" + u.lastError + ")" : ""), hub: true });
     rows.push({ depth: 0, type: "relay", label: "this relay: " + st.name, note: "v" + st.version, title: st.name + " " + st.id, down: u ? u.state !== "up" : false });
     st.networks.forEach(function (n) {
-      rows.push({ depth: 1, type: "network", label: "network " + n.name, note: plural(n.ports.length, "port") + " \u00B7 " + plural(n.macCount, "MAC"), title: "network " + n.name });
+      rows.push({ depth: 1, type: "network", label: "network " + n.name, note: plural(n.portCount === undefined ? n.ports.length : n.portCount, "port") + " \u00B7 " + plural(n.macCount, "MAC"), title: "network " + n.name });
       n.ports.slice(0, TOPOLOGY_PORTS).forEach(function (p) { rows.push(portNode(n, p, st)); });
       if (n.ports.length > TOPOLOGY_PORTS) {
         var more = n.ports.length - TOPOLOGY_PORTS;
@@ -4858,7 +5733,8 @@ summary { cursor: pointer; font-weight: 600; }
   }
   function fillNetwork(sec, n) {
     var ports = n.ports || [], macs = n.macs || [], closed = (n.closedPorts || []).slice().reverse();
-    sec.summary.textContent = plural(ports.length, "port") + " \u00B7 " + plural(n.macCount, "learned MAC");
+    var portCount = n.portCount === undefined ? ports.length : n.portCount;
+    sec.summary.textContent = plural(portCount, "port") + (ports.length < portCount ? " (the first " + num(ports.length) + " listed)" : "") + " \u00B7 " + plural(n.macCount, "learned MAC");
     update(sec.ports, ports.length ? ports.map(function (p) { return portRow(n, p); })
       : [h("tr", { "data-key": "none" }, h("td", { colspan: 12, class: "empty" }, "No ports."))]);
     var byId = new Map(ports.map(function (p) { return [p.id, p]; }));
@@ -4896,6 +5772,9 @@ summary { cursor: pointer; font-weight: 600; }
       fillNetwork(sec, n);
     });
     $("no-networks").hidden = st.networks.length > 0;
+    var page = st.networksPage, more = page ? page.total - st.networks.length : 0;
+    $("more-networks").hidden = more <= 0;
+    $("more-networks").textContent = more > 0 ? "The first " + num(st.networks.length) + " of " + num(page.total) + " networks; status?networks=all&offset=N lists the others." : "";
   }
 
   // ----- polling -----
@@ -5130,8 +6009,10 @@ export class CaptureRegistry {
 interface AppContext {
   grants: Grant[];
   adminToken: string | undefined;
-  /** `macs`: how many learned MACs to list per network. */
-  snapshot(macs?: number): Snapshot;
+  snapshot(view?: StatusView): Snapshot;
+  /** Every network, for /metrics. */
+  networks(): Iterable<Network>;
+  totals: PortTotals;
   counters: RelayCounters;
   tunnels: TunnelServer;
   captures: CaptureRegistry;
@@ -5204,12 +6085,22 @@ export function createApp(ctx: AppContext) {
     });
   }
   app.get("/", (c) => c.html(PAGE_HTML, 200, pageHeaders));
-  app.get("/healthz", (c) => c.text("ok\n"));
-  app.get("/status", (c) => {
-    const macs = c.req.query("macs");
-    return c.json(ctx.snapshot(macs === "all" ? Infinity : macs !== undefined && /^\d+$/.test(macs) ? Number(macs) : MAC_LIST_LIMIT));
+  // A load balancer's check: a hub whose backplane is down cannot reach the other hubs' sites.
+  app.get("/healthz", (c) => {
+    const bp = ctx.snapshot(0).backplane;
+    return bp && bp.state !== "up" ? c.text(`backplane ${bp.state}\n`, 503) : c.text("ok\n");
   });
-  app.get("/metrics", (c) => c.text(renderMetrics(ctx.snapshot(0)), 200, { "Content-Type": "text/plain; version=0.0.4" }));
+  /** A query's number or `all`; anything else means the default (undefined). */
+  const count = (value: string | undefined) => (value === "all" ? Infinity : value !== undefined && /^\d+$/.test(value) ? Number(value) : undefined);
+  app.get("/status", (c) => {
+    const q = (name: string) => count(c.req.query(name));
+    return c.json(ctx.snapshot({ macs: q("macs"), networks: q("networks"), offset: q("offset"), ports: q("ports") }));
+  });
+  app.get("/metrics", (c) => {
+    const view: MetricsView = { ports: count(c.req.query("ports")) ?? METRICS_PORTS, networks: count(c.req.query("networks")) ?? METRICS_NETWORKS };
+    const text = renderMetrics(ctx.snapshot({ networks: 0 }), ctx.networks(), ctx.totals.collect(ctx.networks()), view);
+    return c.text(text, 200, { "Content-Type": "text/plain; version=0.0.4" });
+  });
   // Link impairment at run time: PUT the spec as text, DELETE to restore the clean path.
   const impairTarget = (path: string) => decodeURIComponent(path.slice("/impair/".length));
   app.get("/impair", (c) => c.json(ctx.impairments.snapshot()));
@@ -5416,12 +6307,15 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
     for (const n of networks.values()) yield* n.ports;
   });
   for (const { target, spec } of config.impair) impairments.set(target, spec);
+  const totals = new PortTotals();
   const policy: SwitchPolicy = {
+    totals,
     impairments,
     ageingMs,
     now: coarseNow,
     portMacs: config.portMacs,
     stormLimit: config.stormLimit,
+    flowControl: config.flowControl,
     relayId: identity.id,
     log,
     portLog: { info: rateLimitedLog(log.info, 20, 10_000).log, warn: log.warn },
@@ -5438,23 +6332,65 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
       uplink?.sync();
     });
   };
+  const backplane =
+    config.backplane.length === 0
+      ? undefined
+      : new Backplane({
+          servers: config.backplane,
+          cluster: config.backplaneCluster,
+          token: config.backplaneToken,
+          creds: config.backplaneCreds,
+          ca: config.backplaneCa?.text,
+          identity,
+          limit: config.queueBytes,
+          handshakeMs: config.handshakeTimeout * 1000,
+          log,
+          countError,
+        });
   const network = (name: string): Network => {
     let n = networks.get(name);
     if (!n) {
       networks.set(name, (n = new Network(name, policy)));
+      backplane?.join(n);
       networksChanged();
     }
     return n;
   };
   /** Networks that local ports use; the others exist while a tunnel attaches to them. */
   const configured = new Set<string>();
+  // Networks that only tunnels and v86 ports brought into being go when the last port other than the
+  // uplink and the backplane does: checked once per event-loop turn, and only those that lost a port or were just made.
+  const vacated = new Set<Network>();
+  const release = () => {
+    for (const n of vacated) {
+      if (configured.has(n.name) || networks.get(n.name) !== n || policy.stopping) continue;
+      let used = false;
+      for (const port of n.ports) if (port.kind !== "uplink" && port.kind !== "backplane" && (used = true)) break;
+      if (!used) {
+        networks.delete(n.name);
+        backplane?.leave(n);
+        networksChanged();
+      }
+    }
+    vacated.clear();
+  };
+  policy.onDetach = (n) => {
+    if (vacated.size === 0) setImmediate(release);
+    vacated.add(n);
+  };
   const grants = makeGrants(config.tokens);
   const bound: BoundAddress[] = [];
   const stoppers: (() => void | Promise<void>)[] = [() => clearInterval(clock)];
   const sweepers: (() => void)[] = [];
   const dialers: ReturnType<typeof dialStream>[] = [];
-  const remoteNetwork = (name: string) =>
-    networks.has(name) || networks.size < config.maxNetworks ? network(name) : `this relay has the maximum of ${config.maxNetworks} networks`;
+  // A network made for an offer that is then refused (a loop) goes again like one a port left.
+  const remoteNetwork = (name: string) => {
+    if (networks.has(name)) return network(name);
+    if (networks.size >= config.maxNetworks) return `this relay has the maximum of ${config.maxNetworks} networks`;
+    const made = network(name);
+    policy.onDetach!(made);
+    return made;
+  };
   const tunnels = new TunnelServer({
     identity,
     limit: config.queueBytes,
@@ -5464,18 +6400,6 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
     counters,
     log,
     network: remoteNetwork,
-    released() {
-      // Networks that only tunnels brought into being go when the last port other than the uplink does.
-      for (const [name, n] of networks) {
-        if (configured.has(name)) continue;
-        let used = false;
-        for (const port of n.ports) if (port.kind !== "uplink") used = true;
-        if (!used) {
-          networks.delete(name);
-          networksChanged();
-        }
-      }
-    },
   });
   const datagramSockets: Awaited<ReturnType<typeof bindDatagram>>[] = [];
 
@@ -5491,19 +6415,19 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
     counters,
     log,
     network: remoteNetwork,
-    released: () => tunnels.options.released(),
   });
   // One WebSocket handler set for the listener: each socket goes to the server that upgraded it.
   const v86Socket = (ws: ServerWebSocket<SocketData>): ws is ServerWebSocket<V86Data> => "v86" in ws.data;
 
-  const snapshot = (macs = MAC_LIST_LIMIT): Snapshot => ({
+  const snapshot = (view: StatusView = {}): Snapshot => ({
     version: VERSION,
     id: identity.id,
     name: identity.name,
     uptime: (Date.now() - startedAt) / 1000,
     startedAt: new Date(startedAt).toISOString(),
-    networks: [...networks.values()].map((n) => n.snapshot(macs)),
+    ...statusNetworks(networks.values(), networks.size, view),
     uplink: uplink ? { ...uplink.status } : null,
+    backplane: backplane ? backplane.snapshot() : null,
     dials: dialers.map((d) => ({ ...d.status })),
     captures: [...captures.snapshot(), ...captureFiles.map((f) => f.snapshot())],
     impairments: impairments.snapshot(),
@@ -5516,6 +6440,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
       memoryUsed: budget.used,
       memoryBudget: budget.limit,
       memoryDrops: budget.drops,
+      flowControl: config.flowControl,
     },
     datagrams: datagramSockets.map((d) => d.status()),
     ...counters,
@@ -5531,7 +6456,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
       hostname: config.http.host,
       port: config.http.port,
       tls: config.tlsCert && config.tlsKey ? { cert: config.tlsCert.text, key: config.tlsKey.text } : undefined,
-      fetch: createApp({ grants, adminToken: config.adminToken, snapshot, counters, tunnels, v86, captures, impairments, log }).fetch,
+      fetch: createApp({ grants, adminToken: config.adminToken, snapshot, networks: () => networks.values(), totals, counters, tunnels, v86, captures, impairments, log }).fetch,
       websocket: {
         maxPayloadLength: MAX_MESSAGE,
         // Above the tunnel's own queue bound by one message, so Bun drops only what the bound let through.
@@ -5550,6 +6475,10 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
     stoppers.push(() => void server.stop(true));
     const httpUrl = `${config.tlsCert ? "https" : "http"}://${formatHostPort({ host: config.http.host, port: server.port! })}`;
     bound.push({ what: "http", address: httpUrl });
+    if (backplane) {
+      backplane.start();
+      stoppers.push(() => backplane.stop());
+    }
 
     // Before the first accept: the limit decides how many QEMU connections fit.
     const fdLimit = raiseFdLimit();
@@ -5602,18 +6531,19 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
       uplink.start();
       stoppers.push(() => uplink!.stop());
     }
+    // Both timers do a bounded share of the networks per tick (TICK_BUDGET), not a walk over all.
+    const sweeping = new RoundRobin(networks);
     const sweep = setInterval(() => {
-      for (const n of networks.values()) n.sweep();
+      sweeping.step(TICK_BUDGET, (n) => n.sweep());
       for (const s of sweepers) s();
     }, Math.min(ageingMs, 60_000) / 2);
     stoppers.push(() => clearInterval(sweep));
     // Each relay probes at its own phase, so two relays in one loop rarely both act on it.
     let probing: ReturnType<typeof setInterval> | undefined;
     const probeMs = config.loopProbe * 1000;
+    const probes = new RoundRobin(networks);
     const probeStart = setTimeout(() => {
-      probing = setInterval(() => {
-        for (const n of networks.values()) n.probe();
-      }, probeMs);
+      probing = setInterval(() => probes.step(TICK_BUDGET, (n) => n.probe() + n.ports.size), probeMs);
     }, Math.random() * probeMs);
     if (probeMs === 0) clearTimeout(probeStart);
     stoppers.push(() => (clearTimeout(probeStart), clearInterval(probing)));

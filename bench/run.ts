@@ -1,21 +1,26 @@
 /**
  * `npm run bench` = `bun bench/run.ts [case ...] [--json FILE]`
  *
- * Cases (all by default): selftest tcp1500 tcp1500-observed local tcp64k udp latency fanout memory.
+ * Cases (all by default): selftest tcp1500 tcp1500-observed local tcp64k udp latency fanout memory backplane.
+ * (`backplane`: site A → hub 1 → NATS → hub 2 → site B against the single-hub chain, 1500 B.)
  * (`tcp1500-observed`: the tcp1500 chain plain, with a live capture on site A read flat out, and
  * with `--impair uplink=delay 1ms` on site A; ratios to the plain runs of the same run.)
  * (`local`: one relay as a plain switch, gen and sink on the same --qemu-listen: the switch's own cost
  * without the tunnel.)
+ * (`flow`: unpaced 1500 B goodput through the chain with --flow-control on and off, against the
+ * chain's lossless paced rate without it.)
  * Each case runs the direct baseline (generator → sink) and the relay chain
  * (generator → site A → hub → site B → sink) in the same run and prints one table.
  *
  * Env: BENCH_SECONDS (throughput run length, default 5), BENCH_OVERLOAD_SECONDS (default 10),
  *      BENCH_SAMPLES (latency samples, default 3000), BENCH_UDP_RATE (paced UDP run, default 50000),
  *      BENCH_TCP_RATE (paced 1500 B TCP run, default 500000 = the target),
- *      BENCH_64K_RATE (a paced 64 KiB run too, frames/s: relay CPU per frame at a fixed load; default none).
+ *      BENCH_64K_RATE (a paced 64 KiB run too, frames/s: relay CPU per frame at a fixed load; default none),
+ *      BENCH_SCALE_TUNNELS (10000), BENCH_SCALE_V86 (10000, fewer if the open-file limit says so),
+ *      BENCH_SCALE_RECONNECT (1000), BENCH_SCALE_CLIENTS (load-client processes per kind, 4).
  */
 import { existsSync } from "node:fs";
-import { RELAY, freePort, spawnRelay, waitUntil, type RelayProcess } from "../tests/helpers.ts";
+import { RELAY, freePort, spawnRelay, startNats, waitUntil, type RelayProcess } from "../tests/helpers.ts";
 import { openTunnels } from "./tunnels.ts";
 
 const PEER = new URL("./peer.ts", import.meta.url).pathname;
@@ -35,7 +40,7 @@ for (let i = 0; i < argv.length; i++) {
   if (argv[i] === "--json") jsonOut = argv[++i];
   else wanted.push(argv[i]!);
 }
-const ALL = ["selftest", "tcp1500", "tcp1500-observed", "local", "tcp64k", "udp", "latency", "fanout", "memory"];
+const ALL = ["selftest", "tcp1500", "tcp1500-observed", "flow", "local", "tcp64k", "udp", "latency", "fanout", "memory", "backplane", "scale"];
 for (const w of wanted) if (!ALL.includes(w)) throw new Error(`unknown case ${w}; cases: ${ALL.join(" ")}`);
 const cases = wanted.length ? wanted : ALL;
 const haveRelay = existsSync(RELAY);
@@ -72,8 +77,9 @@ class Peer {
   constructor(
     public name: string,
     args: string[],
+    script = PEER,
   ) {
-    this.proc = Bun.spawn([process.execPath, PEER, ...args], { stdin: "pipe", stdout: "pipe", stderr: "pipe" });
+    this.proc = Bun.spawn([process.execPath, script, ...args], { stdin: "pipe", stdout: "pipe", stderr: "pipe" });
     void this.pump(this.proc.stdout as ReadableStream<Uint8Array>, (line) => {
       try {
         this.events.push(JSON.parse(line));
@@ -170,16 +176,16 @@ function relayOptions(role: string) {
   return { env: { BUN_OPTIONS: `--cpu-prof --cpu-prof-md --cpu-prof-dir=${PROFILE} --cpu-prof-name=${name}` } };
 }
 
-async function startChain(aArgs: string[], bArgs: string[]): Promise<Chain> {
+async function startChain(aArgs: string[], bArgs: string[], allArgs: string[] = []): Promise<Chain> {
   const started: RelayProcess[] = [];
   try {
     // The fan-out case dials 200 tunnels from one address: above the per-address default.
-    const hub = await spawnRelay(["--http", `${HOST}:0`, "--token", TOKEN, "--max-tunnels-per-address", "1000"], relayOptions("hub"));
+    const hub = await spawnRelay(["--http", `${HOST}:0`, "--token", TOKEN, "--max-tunnels-per-address", "1000", ...allArgs], relayOptions("hub"));
     started.push(hub);
     const up = ["--uplink", uplinkUrl(hub), "--uplink-token", TOKEN];
-    const a = await spawnRelay(["--http", `${HOST}:0`, ...aArgs, ...up], relayOptions("A"));
+    const a = await spawnRelay(["--http", `${HOST}:0`, ...aArgs, ...up, ...allArgs], relayOptions("A"));
     started.push(a);
-    const b = await spawnRelay(["--http", `${HOST}:0`, ...bArgs, ...up], relayOptions("B"));
+    const b = await spawnRelay(["--http", `${HOST}:0`, ...bArgs, ...up, ...allArgs], relayOptions("B"));
     started.push(b);
     await waitUntil(
       async () => (await a.status()).uplink?.state === "up" && (await b.status()).uplink?.state === "up",
@@ -830,6 +836,85 @@ async function observedCase() {
   }
 }
 
+/** Times flow control paused reading a port, summed over a relay's ports (closed ones too: the generator's). */
+async function relayPauses(r: RelayProcess): Promise<number> {
+  const s = await r.status().catch(() => undefined);
+  const ports = (s?.networks ?? []).flatMap((x: any) => [...x.ports, ...x.closedPorts]);
+  return ports.reduce((n: number, p: any) => n + (p.flow?.pauses ?? 0), 0);
+}
+
+/**
+ * Goodput under overload with and without flow control: the unpaced 1500 B chain with
+ * --flow-control on (the default) and off, each on a fresh chain, against the chain's lossless paced
+ * rate: the highest rate of a descending ladder (fractions of the flow-controlled goodput) that the
+ * chain without flow control carries with 0 lost and ≥ 95 % of it received.
+ */
+async function flowCase() {
+  const label = "flow control 1500 B";
+  if (!haveRelay) return row({ case: label, metric: "frames/s", chain: "relay.ts missing" });
+  const run = async (mode: "on" | "off", rates: (unpaced: Flow) => number[]) => {
+    const c = await startChain(["--qemu-listen", `${HOST}:0`], ["--qemu-listen", `${HOST}:0`], ["--flow-control", mode]);
+    try {
+      const ep = { gen: ["--tcp-connect", `${HOST}:${c.a.port("qemu-listen")}`], sink: ["--tcp-connect", `${HOST}:${c.b.port("qemu-listen")}`] };
+      const relays = { A: c.a, hub: c.hub, B: c.b };
+      const unpaced = await runFlow(ep, { size: 1500, seconds: SECONDS, relays });
+      const pauses = await Promise.all(c.all.map(relayPauses));
+      const paced: { rate: number; flow: Flow }[] = [];
+      for (const rate of rates(unpaced)) {
+        const flow = await runFlow(ep, { size: 1500, seconds: SECONDS, relays, genRate: rate });
+        paced.push({ rate, flow });
+        if (flow.lost === 0 && flow.fps >= rate * 0.95) break;
+      }
+      return { unpaced, pauses, paced };
+    } finally {
+      await c.stop();
+    }
+  };
+  let on: Awaited<ReturnType<typeof run>> | undefined;
+  let off: Awaited<ReturnType<typeof run>> | undefined;
+  try {
+    on = await run("on", () => []);
+    const goodput = on.unpaced.fps;
+    off = await run("off", () => [1.2, 1, 0.85, 0.7, 0.55, 0.4, 0.25].map((f) => Math.round(goodput * f)));
+  } catch (e) {
+    console.error(`flow failed: ${e}`);
+    return row({ case: label, metric: "error", chain: String(e).split("\n")[0]!.slice(0, 120) });
+  }
+  json.flow = { on, off };
+  const lossless = off.paced.find((p) => p.flow.lost === 0 && p.flow.fps >= p.rate * 0.95);
+  const ladder = off.paced.map((p) => `${si(p.rate)}/s → ${si(p.flow.fps)}, lost ${si(p.flow.lost)}`).join("; ");
+  const perM = (f: Flow) => ["A", "hub", "B"].map((k) => `${k} ${f2((f.cpu[k]! / f.received) * 1e6)}`).join(", ");
+  row({
+    case: label,
+    metric: "lossless paced rate, flow control off (ladder: offered → received, lost)",
+    chain: lossless ? `${si(lossless.flow.fps)} (${ladder})` : `below ${si(off.paced.at(-1)?.rate ?? NaN)} (${ladder})`,
+  });
+  const L = lossless?.flow.fps ?? 0;
+  for (const [mode, r] of [["on", on], ["off", off]] as const) {
+    const f = r.unpaced;
+    row({
+      case: label,
+      metric: `frames/s unpaced, flow control ${mode} / lossless paced rate`,
+      direct: lossless ? si(L) : "n/a",
+      chain: si(f.fps),
+      ratio: L ? f2(f.fps / L) : "",
+      target: mode === "on" ? "unpaced ≥ paced lossless" : "",
+      result: mode === "on" ? pass(f.fps >= L) : "",
+    });
+    row({
+      case: label,
+      metric: `flow control ${mode}: sent, lost/reord/corrupt; pauses per relay`,
+      chain: `${si(f.sent)}, ${errs(f)} (relay drops: ${dropsText(f)}); pauses ${["A", "hub", "B"].map((k, i) => `${k} ${si(r.pauses[i]!)}`).join(", ")}`,
+      target: "lost = relay drops",
+      result: pass(f.lost === f.relayDrops && f.reordered + f.dup + f.corrupt === 0),
+    });
+    row({ case: label, metric: `flow control ${mode}: relay CPU µs/frame delivered`, chain: perM(f) });
+    if (f.path) row({ case: label, metric: `flow control ${mode}: path`, chain: f.path });
+  }
+  if (on.unpaced.fps && off.unpaced.fps)
+    row({ case: label, metric: "unpaced goodput, on / off", chain: `${si(on.unpaced.fps)} / ${si(off.unpaced.fps)}`, ratio: f2(on.unpaced.fps / off.unpaced.fps) });
+}
+
 /** One relay, no tunnel: gen and sink are two QEMU ports of the same switch. */
 async function localCase() {
   if (!haveRelay) return row({ case: "local switch 1500 B", metric: "frames/s", chain: "relay.ts missing" });
@@ -919,6 +1004,215 @@ async function memoryCase() {
   }
 }
 
+/**
+ * Two hubs sharing the network through a local nats-server: site A → hub 1 → NATS → hub 2 → site B,
+ * unpaced 1500 B, against the single-hub chain (site A → hub → site B) in the same run.
+ */
+async function backplaneCase() {
+  const label = "backplane 1500 B";
+  if (!haveRelay) return row({ case: label, metric: "frames/s", chain: "relay.ts missing" });
+  const listen = ["--qemu-listen", `${HOST}:0`];
+  const flowThrough = async (a: RelayProcess, b: RelayProcess, relays: Record<string, RelayProcess>, others?: Record<string, number>) =>
+    runFlow({ gen: ["--tcp-connect", `${HOST}:${a.port("qemu-listen")}`], sink: ["--tcp-connect", `${HOST}:${b.port("qemu-listen")}`] }, { size: 1500, seconds: SECONDS, relays, others });
+  const single = await startChain(listen, listen);
+  let one: Flow;
+  try {
+    one = await flowThrough(single.a, single.b, { A: single.a, hub: single.hub, B: single.b });
+  } finally {
+    await single.stop();
+  }
+  await using nats = await startNats();
+  const started: RelayProcess[] = [];
+  let two: Flow;
+  let perMessage = NaN;
+  try {
+    const hubArgs = ["--http", `${HOST}:0`, "--token", TOKEN, "--backplane", nats.url];
+    const hub1 = await spawnRelay(hubArgs, relayOptions("hub1"));
+    started.push(hub1);
+    const hub2 = await spawnRelay(hubArgs, relayOptions("hub2"));
+    started.push(hub2);
+    const a = await spawnRelay(["--http", `${HOST}:0`, ...listen, "--uplink", uplinkUrl(hub1), "--uplink-token", TOKEN], relayOptions("A"));
+    started.push(a);
+    const b = await spawnRelay(["--http", `${HOST}:0`, ...listen, "--uplink", uplinkUrl(hub2), "--uplink-token", TOKEN], relayOptions("B"));
+    started.push(b);
+    await waitUntil(async () => {
+      const [s1, s2] = [(await hub1.status()).backplane, (await hub2.status()).backplane];
+      return s1.networks.includes("default") && s2.networks.includes("default");
+    }, "both hubs subscribed to the network", 15_000);
+    two = await flowThrough(a, b, { A: a, hub1, hub2, B: b }, { nats: nats.proc.pid });
+    const s1 = await hub1.status();
+    const port = s1.networks[0].ports.find((p: any) => p.kind === "backplane");
+    perMessage = port.tx.frames / s1.backplane.messagesOut;
+  } finally {
+    await Promise.all(started.map((r) => r.stop()));
+  }
+  json.backplane = { single: one, backplane: two };
+  const ok = two.reordered + two.dup + two.corrupt === 0;
+  row({
+    case: label,
+    metric: "frames/s unpaced: single hub → two hubs over NATS",
+    direct: si(one.fps),
+    chain: si(two.fps),
+    ratio: f2(two.fps / one.fps),
+    target: "≥ 0.50, 0 reord/corrupt",
+    result: pass(two.fps / one.fps >= 0.5 && ok),
+  });
+  row({
+    case: label,
+    metric: "lost/reord/corrupt (relay drops)",
+    direct: `${errs(one)} (${dropsText(one)})`,
+    chain: `${errs(two)} (${dropsText(two)})`,
+    target: "lost = relay drops",
+    result: pass(two.lost === two.relayDrops && ok),
+  });
+  if (two.path) row({ case: label, metric: "path", chain: two.path });
+  row({ case: label, metric: "frames per NATS message (hub 1)", chain: f1(perMessage) });
+  const perM = (f: Flow, k: string) => (f.received ? (f.cpu[k]! / f.received) * 1e6 : NaN);
+  row({
+    case: label,
+    metric: "relay CPU µs/frame delivered",
+    direct: ["A", "hub", "B"].map((k) => `${k} ${f2(perM(one, k))}`).join(", "),
+    chain: ["A", "hub1", "hub2", "B", "nats"].map((k) => `${k} ${f2(perM(two, k))}`).join(", "),
+  });
+}
+
+const SCALE_TUNNELS = Number(process.env.BENCH_SCALE_TUNNELS ?? 10_000);
+const SCALE_V86 = Number(process.env.BENCH_SCALE_V86 ?? 10_000);
+const SCALE_RECONNECT = Number(process.env.BENCH_SCALE_RECONNECT ?? 1_000);
+const SCALE_CLIENTS = Number(process.env.BENCH_SCALE_CLIENTS ?? 4);
+const TUNNELS_SCRIPT = new URL("./tunnels.ts", import.meta.url).pathname;
+
+/** Milliseconds of each of `n` GETs of `path` (one at a time), and the size of the last answer. */
+async function timeGets(base: string, path: string, n = 5): Promise<{ ms: number[]; bytes: number }> {
+  const ms: number[] = [];
+  let bytes = 0;
+  for (let i = 0; i < n; i++) {
+    const t = performance.now();
+    const res = await fetch(base + path);
+    const body = await res.arrayBuffer();
+    ms.push(performance.now() - t);
+    if (!res.ok) throw new Error(`GET ${path}: ${res.status}`);
+    bytes = body.byteLength;
+  }
+  return { ms, bytes };
+}
+
+const quantile = (xs: number[], q: number) => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length ? s[Math.min(s.length - 1, Math.ceil(q * s.length) - 1)]! : NaN;
+};
+
+/** Open files a process may have (soft limit), from /proc. */
+function fdLimit(pid: number): number {
+  const s = require("node:fs").readFileSync(`/proc/${pid}/limits`, "utf8") as string;
+  return Number(/Max open files\s+(\d+)/.exec(s)?.[1] ?? NaN);
+}
+
+/**
+ * Connection scale: one hub, SCALE_TUNNELS idle tunnels (one network each, `sN`) and SCALE_V86 idle
+ * v86 WebSockets (on the same networks) from load-client processes; the hub's RSS per connection,
+ * /status and /metrics latency with all of them up, the hub's CPU while idle (its timers), and
+ * hello→welcome while SCALE_RECONNECT sites drop and dial again at once.
+ */
+async function scaleCase() {
+  const label = "scale";
+  if (!haveRelay) {
+    row({ case: label, metric: "RSS per idle tunnel", chain: "relay.ts missing", target: "≤ 20 KB" });
+    return;
+  }
+  const most = 1_000_000;
+  const hub = await spawnRelay(
+    ["--http", `${HOST}:0`, "--token", TOKEN, "--name", "hub", "--max-tunnels", String(most), "--max-tunnels-per-address", String(most), "--max-networks", String(most)],
+    relayOptions("scale-hub"),
+  );
+  const clients: Peer[] = [];
+  try {
+    const pid = hub.proc.pid;
+    // Each connection is a descriptor in the hub; the hard limit here cannot be raised (no CAP_SYS_RESOURCE).
+    const fds = fdLimit(pid);
+    const tunnelsWanted = Math.min(SCALE_TUNNELS, fds - 100);
+    const v86Wanted = Math.min(SCALE_V86, fds - tunnelsWanted - 100);
+    await Bun.sleep(1000);
+    const rss0 = rssMB(pid);
+    const emptyStatus = await timeGets(hub.base, "/status");
+    const spawnClients = async (kind: "tunnel" | "v86", total: number) => {
+      const mine: Peer[] = [];
+      const per = Math.ceil(total / SCALE_CLIENTS);
+      for (let k = 0, first = 0; first < total; k++, first += per) {
+        const n = Math.min(per, total - first);
+        mine.push(new Peer(`${kind}-${k}`, ["idle", "--url", hub.base, "--token", TOKEN, "--kind", kind, "--count", String(n), "--first", String(first)], TUNNELS_SCRIPT));
+      }
+      clients.push(...mine);
+      const t = performance.now();
+      const ready = await Promise.all(mine.map((p) => p.wait("ready", 600_000)));
+      return { mine, ready, seconds: (performance.now() - t) / 1000 };
+    };
+    const tunnels = await spawnClients("tunnel", tunnelsWanted);
+    await Bun.sleep(3000); // let the hub's allocations settle (no way to force its GC from here)
+    const rss1 = rssMB(pid);
+    const v86 = v86Wanted > 0 ? await spawnClients("v86", v86Wanted) : undefined;
+    await Bun.sleep(3000);
+    const rss2 = rssMB(pid);
+    const st = await hub.status();
+    const perTunnelKB = ((rss1 - rss0) * 1024) / tunnelsWanted;
+    const perV86KB = v86Wanted > 0 ? ((rss2 - rss1) * 1024) / v86Wanted : NaN;
+    row({
+      case: label,
+      metric: `hub RSS per idle tunnel (${si(tunnelsWanted)} tunnels, one network each)`,
+      chain: `${f1(perTunnelKB)} KB (RSS ${f1(rss0)} → ${f1(rss1)} MB; connected in ${f1(tunnels.seconds)} s)`,
+      target: "≤ 20 KB",
+      result: pass(perTunnelKB <= 20),
+    });
+    row({
+      case: label,
+      metric: `hub RSS per idle v86 port (${si(v86Wanted)} on the same networks)`,
+      chain: v86 ? `${f1(perV86KB)} KB (RSS → ${f1(rss2)} MB; connected in ${f1(v86.seconds)} s)` : "none: no descriptors left",
+      target: "≤ 20 KB",
+      result: v86 ? pass(perV86KB <= 20) : "",
+    });
+    if (v86Wanted < SCALE_V86) row({ case: label, metric: "v86 ports opened", chain: `${v86Wanted} of ${SCALE_V86}: the hub's open-file limit is ${fds}` });
+    const ports = st.limits?.tunnels;
+    const statusNow = await timeGets(hub.base, "/status");
+    const statusAll = await timeGets(hub.base, "/status?networks=all", 3);
+    const metrics = await timeGets(hub.base, "/metrics");
+    const ms = (t: { ms: number[]; bytes: number }) => `median ${f1(quantile(t.ms, 0.5))} ms, max ${f1(Math.max(...t.ms))} ms (${si(t.bytes)}B)`;
+    const within = (t: { ms: number[] }) => Math.max(...t.ms) <= 200;
+    row({ case: label, metric: "GET /status, nothing connected", chain: ms(emptyStatus) });
+    row({ case: label, metric: `GET /status, all connected (${st.limits?.networks} networks, ${ports} tunnels)`, chain: ms(statusNow), target: "≤ 200 ms", result: pass(within(statusNow)) });
+    row({ case: label, metric: "GET /status?networks=all (every network in full)", chain: ms(statusAll) });
+    row({ case: label, metric: "GET /metrics, all connected", chain: ms(metrics), target: "≤ 200 ms", result: pass(within(metrics)) });
+    // The hub's timers with everything idle: CPU over 10 s.
+    const cpu0 = cpuSeconds(pid);
+    await Bun.sleep(10_000);
+    const idleCpu = (cpuSeconds(pid) - cpu0) / 10;
+    row({ case: label, metric: "hub CPU while idle (timers, pings), % of a core", chain: `${f1(idleCpu * 100)} %` });
+    // Sites dropping and dialing again at once (a hub restart as the sites see it), spread over the clients.
+    const each = Math.ceil(SCALE_RECONNECT / tunnels.mine.length);
+    const froms = tunnels.mine.map((p) => p.events.length);
+    const cpu1 = cpuSeconds(pid);
+    const clientCpu = () => tunnels.mine.reduce((n, p) => n + cpuSeconds(p.pid), 0);
+    const clientCpu1 = clientCpu();
+    tunnels.mine.forEach((p) => p.send(`reconnect ${each}`));
+    const back = await Promise.all(tunnels.mine.map((p, i) => p.wait("reconnected", 120_000, froms[i])));
+    const reconnectCpu = cpuSeconds(pid) - cpu1;
+    const reconnectClientCpu = clientCpu() - clientCpu1;
+    const hello = back.flatMap((e) => e.helloMs as number[]);
+    const open = back.flatMap((e) => e.openMs as number[]);
+    const p99 = quantile(hello, 0.99);
+    row({
+      case: label,
+      metric: `hello→welcome while ${hello.length} sites reconnect at once (${si(tunnelsWanted + v86Wanted)} connections up)`,
+      chain: `p50 ${f1(quantile(hello, 0.5))} ms, p99 ${f1(p99)} ms, max ${f1(Math.max(...hello))} ms; dial→open p99 ${f1(quantile(open, 0.99))} ms; all back in ${f1(Math.max(...back.map((e) => e.seconds)))} s; CPU: hub ${f2(reconnectCpu)} s, the ${back.length} clients ${f2(reconnectClientCpu)} s`,
+      target: "p99 ≤ 10 ms",
+      result: pass(p99 <= 10),
+    });
+    json.scale = { tunnels: tunnelsWanted, v86: v86Wanted, rss: [rss0, rss1, rss2], perTunnelKB, perV86KB, emptyStatus, statusNow, statusAll, metrics, idleCpu, hello, open, reconnectCpu, reconnectClientCpu };
+  } finally {
+    await Promise.all(clients.map((c) => c.stop()));
+    await hub.stop();
+  }
+}
+
 // ------------------------------------------------------------------------------------ main
 const loadavg = () => require("node:fs").readFileSync("/proc/loadavg", "utf8").split(" ").slice(0, 3).join(" ");
 /** Other CPU-heavy programs (the machine is shared): QEMU guests and the like, by name. */
@@ -943,6 +1237,7 @@ for (const c of cases) {
   try {
     if (c === "tcp1500") await throughputCase(c, 1500, false, 500_000, TCP_RATE);
     else if (c === "tcp1500-observed") await observedCase();
+    else if (c === "flow") await flowCase();
     else if (c === "tcp64k") await throughputCase(c, 65536, false, undefined, RATE_64K || undefined);
     else if (c === "udp") await throughputCase(c, 1500, true, undefined, UDP_RATE);
     else if (c === "latency") await latencyCase();
@@ -950,6 +1245,8 @@ for (const c of cases) {
     else if (c === "local") await localCase();
     else if (c === "selftest") await selftestCase();
     else if (c === "memory") await memoryCase();
+    else if (c === "backplane") await backplaneCase();
+    else if (c === "scale") await scaleCase();
   } catch (e) {
     console.error(`case ${c} failed: ${e}`);
     row({ case: c, metric: "error", chain: String(e).split("\n")[0]!.slice(0, 120) });

@@ -295,6 +295,26 @@ describe("HTTP", () => {
     expect(metrics).toContain('edge_relay_network_macs{network="lab"} 1');
     expect(metrics).toContain("# TYPE edge_relay_port_tx_drops_total counter");
     expect(metrics).toMatch(/^edge_relay_uptime_seconds \d/m);
+    expect(metrics).toContain('\nedge_relay_kind_rx_frames_total{kind="qemu-listen"} 1\n');
+    // ?ports=N: per-port series for the first N ports only (the per-kind totals still count all).
+    const one = await (await fetch(`${relay.base}/metrics?ports=1`)).text();
+    expect(one.match(/^edge_relay_port_rx_frames_total\{/gm)).toHaveLength(1);
+    expect(one).toContain("\nedge_relay_metrics_ports_omitted 1\n");
+  });
+
+  test("/status pages the networks (?networks=N&offset=K) and cuts ports (?ports=N), with the totals", async () => {
+    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "a=127.0.0.1:0", "--qemu-listen", "b=127.0.0.1:0", "--qemu-listen", "c=127.0.0.1:0"]);
+    await using _vm1 = await attachVm(relay, "b");
+    await using _vm2 = await attachVm(relay, "b");
+    const get = async (query: string) => (await fetch(`${relay.base}/status${query}`)).json() as Promise<any>;
+    const all = await get("");
+    expect(all.networks.map((n: any) => n.name)).toEqual(["a", "b", "c"]);
+    expect(all.networksPage).toEqual({ offset: 0, limit: 256, total: 3 });
+    const page = await get("?networks=1&offset=1&ports=1");
+    expect(page.networks.map((n: any) => [n.name, n.ports.length, n.portCount])).toEqual([["b", 1, 2]]);
+    expect(page.networksPage).toEqual({ offset: 1, limit: 1, total: 3 });
+    expect((await get("?networks=all&ports=all")).networksPage).toEqual({ offset: 0, limit: null, total: 3 });
+    expect((await get("?networks=0")).networks).toEqual([]);
   });
 
   test("a non-loopback --http needs the admin token on every route", async () => {

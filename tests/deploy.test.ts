@@ -15,8 +15,10 @@ import {
   freePort,
   fromMac,
   makeFrame,
+  spawnDaemon,
   spawnRelay,
   tempDir,
+  testCertificate,
   uplinkUp,
   waitUntil,
 } from "./helpers.ts";
@@ -151,15 +153,10 @@ describe("systemd unit and the compiled binary", () => {
 
 describe("HAProxy in front of a hub (deploy/haproxy.cfg)", () => {
   test("a site's wss:// uplink reaches a plain-HTTP hub through HAProxy's TLS; frames cross; only /tunnel is exposed", async () => {
-    if (!Bun.which("haproxy")) throw new Error("haproxy is not installed: apt-get install haproxy (.ci/run does)");
     await using dir = await tempDir();
     const d = dir.path;
     // A test CA and a certificate it signs for 127.0.0.1; the site trusts the CA.
-    await Bun.write(`${d}/san.ext`, "subjectAltName=IP:127.0.0.1,DNS:localhost\n");
-    await Bun.$`openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ${d}/ca.key -out ${d}/ca.pem -days 1 -subj /CN=edge-relay-test-ca`.quiet();
-    await Bun.$`openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ${d}/hub.key -out ${d}/hub.csr -subj /CN=relay.test`.quiet();
-    await Bun.$`openssl x509 -req -in ${d}/hub.csr -CA ${d}/ca.pem -CAkey ${d}/ca.key -CAcreateserial -out ${d}/hub.crt -days 1 -extfile ${d}/san.ext`.quiet();
-    await Bun.write(`${d}/hub.pem`, (await Bun.file(`${d}/hub.crt`).text()) + (await Bun.file(`${d}/hub.key`).text()));
+    await testCertificate(d);
 
     await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN, "--qemu-listen", "127.0.0.1:0"]);
     const hubAddress = new URL(hub.base).host;
@@ -173,26 +170,12 @@ describe("HAProxy in front of a hub (deploy/haproxy.cfg)", () => {
     await Bun.write(`${d}/haproxy.cfg`, cfg);
     expect((await Bun.$`haproxy -c -f ${d}/haproxy.cfg`.nothrow().quiet()).exitCode).toBe(0);
 
-    const haproxy = Bun.spawn(["haproxy", "-f", `${d}/haproxy.cfg`, "-db"], { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
-    let log = "";
-    const pumped = Promise.all(
-      [haproxy.stdout, haproxy.stderr].map(async (stream) => {
-        const decoder = new TextDecoder();
-        for await (const chunk of stream) log += decoder.decode(chunk, { stream: true });
-      }),
-    );
-    await using _haproxy = {
-      async [Symbol.asyncDispose]() {
-        haproxy.kill("SIGKILL");
-        await haproxy.exited;
-        await pumped;
-      },
-    };
+    await using haproxy = spawnDaemon(["haproxy", "-f", `${d}/haproxy.cfg`, "-db"]);
     const ca = await Bun.file(`${d}/ca.pem`).text();
     const front = `https://127.0.0.1:${port}`;
     // Ready when the health check has found the hub: /healthz is not forwarded, so probe /tunnel (401 from the hub).
     await waitUntil(async () => {
-      if (haproxy.exitCode !== null) throw new Error(`HAProxy exited (${haproxy.exitCode}):\n${log}`);
+      if (haproxy.proc.exitCode !== null) throw new Error(`HAProxy exited (${haproxy.proc.exitCode}):\n${haproxy.log()}`);
       return (await fetch(`${front}/tunnel`, { tls: { ca } })).status === 401;
     }, `HAProxy on ${port} with the hub up`);
 
@@ -200,7 +183,7 @@ describe("HAProxy in front of a hub (deploy/haproxy.cfg)", () => {
       "--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--uplink", `wss://127.0.0.1:${port}`, "--uplink-token", TOKEN, "--uplink-ca", `${d}/ca.pem`,
     ]);
     await uplinkUp(site).catch(async (error) => {
-      throw new Error(`${error.message}\nsite: ${JSON.stringify((await site.status()).uplink)}\nHAProxy:\n${log}`);
+      throw new Error(`${error.message}\nsite: ${JSON.stringify((await site.status()).uplink)}\nHAProxy:\n${haproxy.log()}`);
     });
     await framesCross(site, hub, "62");
     // The tunnel comes from HAProxy, as every site's would: see the README about per-address limits.
@@ -212,8 +195,8 @@ describe("HAProxy in front of a hub (deploy/haproxy.cfg)", () => {
     // upgraded request (over TLS: "edge_relay~") when the tunnel ends.
     expect(hub.base).toStartWith("http://");
     await site.stop();
-    await waitUntil(() => /edge_relay~ edge_relay_hub\/hub \S+ 101 .*"GET \/tunnel HTTP\/1\.1"/.test(log), "HAProxy's log line of the tunnel").catch((error) => {
-      throw new Error(`${error.message}\nHAProxy:\n${log}`);
+    await waitUntil(() => /edge_relay~ edge_relay_hub\/hub \S+ 101 .*"GET \/tunnel\?networks=default HTTP\/1\.1"/.test(haproxy.log()), "HAProxy's log line of the tunnel").catch((error) => {
+      throw new Error(`${error.message}\nHAProxy:\n${haproxy.log()}`);
     });
   });
 });

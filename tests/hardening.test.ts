@@ -340,7 +340,7 @@ describe("TunnelPort", () => {
     const budget = new MemoryBudget(1024 * 1024);
     let refuse = true;
     const sent: Uint8Array[] = [];
-    const socket = { send: (d: Uint8Array) => (refuse ? false : (sent.push(d.slice()), true)), buffered: () => 0, close() {} };
+    const socket = { send: (d: Uint8Array) => (refuse ? false : (sent.push(d.slice()), true)), buffered: () => 0, pause() {}, close() {} };
     const quiet = { info() {}, warn() {} };
     const link = new TunnelLink(socket, "tunnel", "test", 4 * 1024 * 1024, budget, quiet, {}, () => {});
     const net = new Network("lab", 300_000);

@@ -449,3 +449,66 @@ export async function runCli(args: string[], env: Record<string, string> = {}, t
   if (proc.signalCode === "SIGKILL") throw new Error(`relay ${args.join(" ")} still ran after ${timeoutMs} ms\nstdout:\n${stdout}\nstderr:\n${stderr}`);
   return { stdout, stderr, code };
 }
+
+// ───────────── other programs the suites run: HAProxy, nats-server ─────────────
+
+export interface Daemon extends AsyncDisposable {
+  proc: Subprocess<"ignore", "pipe", "pipe">;
+  /** Everything it printed so far (stdout and stderr). */
+  log(): string;
+  /** Resolves when its output matches `re`; rejects if it exits first. */
+  waitForLog(re: RegExp, timeoutMs?: number): Promise<void>;
+  /** Kills it (SIGKILL unless told) and waits for it to exit. */
+  stop(signal?: NodeJS.Signals): Promise<void>;
+}
+
+/** Starts a program from the distribution (`haproxy`, `nats-server`), failing clearly when it is not installed. */
+export function spawnDaemon(command: string[]): Daemon {
+  if (!Bun.which(command[0]!)) throw new Error(`${command[0]} is not installed: apt-get install ${command[0]} (.ci/run does)`);
+  const proc = Bun.spawn(command, { stdin: "ignore", stdout: "pipe", stderr: "pipe" });
+  let log = "";
+  const pumped = Promise.all(
+    [proc.stdout, proc.stderr].map(async (stream) => {
+      const decoder = new TextDecoder();
+      for await (const chunk of stream) log += decoder.decode(chunk, { stream: true });
+    }),
+  );
+  const daemon: Daemon = {
+    proc,
+    log: () => log,
+    waitForLog: (re, timeoutMs = 10_000) =>
+      waitUntil(() => {
+        if (re.test(log)) return true;
+        if (proc.exitCode !== null) throw new Error(`${command[0]} exited (${proc.exitCode}):\n${log}`);
+        return false;
+      }, `${command[0]} to print ${re}\n${log}`, timeoutMs).then(() => {}),
+    async stop(signal = "SIGKILL") {
+      if (proc.exitCode === null && proc.signalCode === null) proc.kill(signal);
+      await proc.exited;
+      await pumped;
+    },
+    [Symbol.asyncDispose]: () => daemon.stop(),
+  };
+  return daemon;
+}
+
+/**
+ * A nats-server of our own on loopback (on `port`, or a free one), resolved once it takes clients;
+ * `config`: a configuration file for it (its address and port are given on the command line).
+ */
+export async function startNats(port?: number, config?: string): Promise<Daemon & { url: string; port: number }> {
+  const p = port ?? (await freePort());
+  const nats = spawnDaemon(["nats-server", ...(config ? ["-c", config] : []), "-a", "127.0.0.1", "-p", String(p)]);
+  await nats.waitForLog(/Server is ready/);
+  return Object.assign(nats, { url: `nats://127.0.0.1:${p}`, port: p });
+}
+
+/** A test CA in `dir` (ca.pem) and a certificate it signs for 127.0.0.1 and localhost (hub.crt, hub.key, hub.pem = both). */
+export async function testCertificate(dir: string): Promise<{ ca: string; pem: string }> {
+  await Bun.write(`${dir}/san.ext`, "subjectAltName=IP:127.0.0.1,DNS:localhost\n");
+  await Bun.$`openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ${dir}/ca.key -out ${dir}/ca.pem -days 1 -subj /CN=edge-relay-test-ca`.quiet();
+  await Bun.$`openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ${dir}/hub.key -out ${dir}/hub.csr -subj /CN=relay.test`.quiet();
+  await Bun.$`openssl x509 -req -in ${dir}/hub.csr -CA ${dir}/ca.pem -CAkey ${dir}/ca.key -CAcreateserial -out ${dir}/hub.crt -days 1 -extfile ${dir}/san.ext`.quiet();
+  await Bun.write(`${dir}/hub.pem`, (await Bun.file(`${dir}/hub.crt`).text()) + (await Bun.file(`${dir}/hub.key`).text()));
+  return { ca: `${dir}/ca.pem`, pem: `${dir}/hub.pem` };
+}

@@ -99,6 +99,24 @@ describe("relay over a hub (three CLI processes)", () => {
     expect((await hub.status()).networks.find((n: any) => n.name === "default").ports.map((p: any) => p.kind)).toEqual(["tunnel", "tunnel"]);
   });
 
+  test("a network a tunnel detaches from goes from the hub at once when nothing else uses it", async () => {
+    const ws = new WebSocket(`${wsUrl(hub)}/tunnel`, { headers: { Authorization: `Bearer ${TOKEN}` }, protocols: [TUNNEL_PROTOCOL] });
+    ws.binaryType = "arraybuffer";
+    const welcomed = new Promise((r) => (ws.onmessage = r));
+    const closed = new Promise((r) => (ws.onclose = r));
+    await new Promise((r) => (ws.onopen = r));
+    ws.send(encodeControl({ type: "hello", version: 1, networks: ["keep-x", "drop-y"] }));
+    await welcomed;
+    const names = async () => (await hub.status()).networks.map((n: any) => n.name);
+    expect(await names()).toEqual(expect.arrayContaining(["keep-x", "drop-y"]));
+    ws.send(encodeControl({ type: "detach", networks: ["drop-y"] }));
+    await waitUntil(async () => !(await names()).includes("drop-y"), "drop-y gone from the hub");
+    expect(await names()).toContain("keep-x");
+    ws.close();
+    await closed;
+    await waitUntil(async () => !(await names()).includes("keep-x"), "keep-x gone with its tunnel");
+  });
+
   test("a malformed tunnel message closes only that tunnel, counted", async () => {
     const ws = new WebSocket(`${wsUrl(hub)}/tunnel`, {
       headers: { Authorization: `Bearer ${TOKEN}` },

@@ -1,5 +1,5 @@
 import { describe, expect, test } from "bun:test";
-import { MIN_FRAME, Network, Port } from "../relay.ts";
+import { MIN_FRAME, Network, Port, PortTotals, RoundRobin, renderMetrics, statusNetworks, type Snapshot } from "../relay.ts";
 import { BROADCAST, makeFrame } from "./helpers.ts";
 
 /** A port that records what the switch sends it: the switch is pure, so no socket is needed here. */
@@ -264,5 +264,122 @@ describe("Network hardening", () => {
     expect(s.macCount).toBe(2);
     expect(s.macs).toEqual([]);
     expect(() => net.snapshot(10)).toThrow("walked the MAC table");
+  });
+});
+
+describe("Network at scale", () => {
+  test("the MAC table stays in last-seen order for a MAC heard more often than once a second", () => {
+    const { net, ports: [p1, p2], advance } = setup();
+    net.forward(makeFrame(BROADCAST, A), p1);
+    advance(100);
+    net.forward(makeFrame(BROADCAST, B), p2);
+    // A keeps talking, never a full second after its last frame: it must still move past B.
+    for (let i = 0; i < 4; i++) {
+      advance(500);
+      net.forward(makeFrame(BROADCAST, A), p1);
+    }
+    expect(net.snapshot().macs.map((m) => m.mac)).toEqual([B, A]);
+  });
+
+  test("sweep() forgets expired entries and stops within a second of the first one still fresh", () => {
+    const { net, ports: [p1, p2], advance } = setup(10_000);
+    net.forward(makeFrame(BROADCAST, A), p1);
+    advance(20_000);
+    for (let i = 0; i < 200; i++) net.forward(makeFrame(BROADCAST, `02:00:00:01:${(i >> 8).toString(16).padStart(2, "0")}:${(i & 255).toString(16).padStart(2, "0")}`), p2);
+    expect(net.macs.size).toBe(201);
+    expect(net.sweep()).toBe(1);
+    expect(net.macs.size).toBe(200);
+    expect(p1.macCount).toBe(0);
+    expect(net.sweep()).toBe(0);
+  });
+
+  test("a network of one port sends no loop probe; with a second port both get one", () => {
+    const net = new Network("lab", { ageingMs: 300_000, relayId: "0123456789abcdef" });
+    const [p1, p2] = [new RecordingPort("p1"), new RecordingPort("p2")];
+    net.attach(p1);
+    expect(net.probe()).toBe(0);
+    expect(p1.sent).toHaveLength(0);
+    net.attach(p2);
+    expect(net.probe()).toBe(2);
+    expect([p1.sent.length, p2.sent.length]).toEqual([1, 1]);
+    // Each probe names its port (big-endian serial after the magic and the relay id).
+    const serial = (f: Uint8Array) => new DataView(f.buffer, f.byteOffset).getUint32(14 + 16 + 8);
+    expect([serial(p1.sent[0]!), serial(p2.sent[0]!)]).toEqual([p1.serial, p2.serial]);
+  });
+
+  test("RoundRobin visits a bounded share per step, resumes where it stopped, and sees entries added meanwhile", () => {
+    const names = new Map<string, string>([["a", "a"], ["b", "b"], ["c", "c"], ["d", "d"], ["e", "e"]]);
+    const rounds = new RoundRobin(names);
+    const seen: string[] = [];
+    const visit = (x: string) => (seen.push(x), 0);
+    rounds.step(2, visit);
+    expect(seen).toEqual(["a", "b"]);
+    rounds.step(2, visit);
+    expect(seen).toEqual(["a", "b", "c", "d"]);
+    names.set("f", "f");
+    rounds.step(3, visit);
+    expect(seen.slice(4)).toEqual(["e", "f", "a"]);
+    // A visit's own work counts against the budget; no entry twice in one step.
+    seen.length = 0;
+    rounds.step(100, (x) => (seen.push(x), x === "c" ? 50 : 0));
+    expect(seen).toEqual(["b", "c", "d", "e", "f", "a"]);
+    seen.length = 0;
+    rounds.step(3, (x) => (seen.push(x), 10));
+    expect(seen).toEqual(["b"]);
+  });
+
+  test("status lists a page of networks and up to a number of ports each, with exact totals", () => {
+    const nets = Array.from({ length: 300 }, (_, i) => new Network(`n${i}`, 300_000));
+    for (let i = 0; i < 300; i++) nets[0]!.attach(new RecordingPort(`p${i}`));
+    const byDefault = statusNetworks(nets, nets.length, {});
+    expect(byDefault.networksPage).toEqual({ offset: 0, limit: 256, total: 300 });
+    expect(byDefault.networks.map((n) => n.name)).toEqual(nets.slice(0, 256).map((n) => n.name));
+    expect(byDefault.networks[0]!.ports).toHaveLength(256);
+    expect(byDefault.networks[0]!.portCount).toBe(300);
+    const page = statusNetworks(nets, nets.length, { offset: 298, networks: 5, ports: 0 });
+    expect(page.networks.map((n) => n.name)).toEqual(["n298", "n299"]);
+    expect(page.networksPage).toEqual({ offset: 298, limit: 5, total: 300 });
+    expect(statusNetworks(nets, nets.length, { networks: Infinity, ports: Infinity }).networks[0]!.ports).toHaveLength(300);
+  });
+
+  test("renderMetrics reads each port's counters without building status snapshots or walking MAC tables", () => {
+    const net = new Network("lab", 300_000);
+    const [p1, p2] = [new RecordingPort("p1"), new RecordingPort("p2")];
+    net.attach(p1);
+    net.attach(p2);
+    net.forward(makeFrame(BROADCAST, A, 100), p1);
+    for (const p of [p1, p2]) p.snapshot = () => { throw new Error("built a port snapshot"); };
+    net.snapshot = () => { throw new Error("built a network snapshot"); };
+    Object.defineProperty(net.macs, Symbol.iterator, { value: () => { throw new Error("walked the MAC table"); } });
+    const s = { networks: [], limits: { tunnels: 0, memoryUsed: 0, memoryDrops: 0 }, datagrams: [], impairments: [], uplink: null, uptime: 1 } as unknown as Snapshot;
+    const text = renderMetrics(s, [net], new PortTotals().collect([net]));
+    expect(text).toContain(`edge_relay_port_rx_frames_total{network="lab",port="${p1.id}",kind="test"} 1`);
+    expect(text).toContain(`edge_relay_port_tx_bytes_total{network="lab",port="${p2.id}",kind="test"} 114`);
+    expect(text).toContain(`edge_relay_port_blocked{network="lab",port="${p1.id}",kind="test"} 0`);
+    expect(text).toContain("# TYPE edge_relay_port_blocked gauge");
+    expect(text).toContain('edge_relay_network_macs{network="lab"} 1');
+  });
+
+  test("renderMetrics gives the first ports and networks series of their own; per-kind totals cover every port, closed ones too", () => {
+    const totals = new PortTotals();
+    const nets = ["a", "b", "c"].map((name) => new Network(name, { ageingMs: 300_000, totals }));
+    const ports = nets.flatMap((net) => [new RecordingPort("x"), new RecordingPort("y")].map((p) => (net.attach(p), p)));
+    ports.forEach((p, i) => p.network!.forward(makeFrame(BROADCAST, `02:00:00:00:01:${String(i).padStart(2, "0")}`, 100), p));
+    const s = { networks: [], limits: { tunnels: 0, memoryUsed: 0, memoryDrops: 0 }, datagrams: [], impairments: [], uplink: null, uptime: 1 } as unknown as Snapshot;
+    const render = () => renderMetrics(s, nets, totals.collect(nets), { ports: 3, networks: 2 });
+    const before = render();
+    expect(before.match(/^edge_relay_port_rx_frames_total\{/gm)).toHaveLength(3);
+    expect(before.match(/^edge_relay_network_ports\{/gm)).toHaveLength(2);
+    expect(before).toContain("\nedge_relay_metrics_ports_omitted 3\n");
+    expect(before).toContain('\nedge_relay_kind_ports{kind="test"} 6\n');
+    expect(before).toContain('\nedge_relay_kind_rx_frames_total{kind="test"} 6\n');
+    expect(before).toContain('\nedge_relay_kind_tx_frames_total{kind="test"} 6\n');
+    // A port that goes takes its series with it; the totals keep what it counted.
+    nets[2]!.detach(ports[5]!);
+    const after = render();
+    expect(after).toContain('\nedge_relay_kind_ports{kind="test"} 5\n');
+    expect(after).toContain('\nedge_relay_kind_rx_frames_total{kind="test"} 6\n');
+    expect(after).toContain("\nedge_relay_metrics_ports_omitted 2\n");
+    expect(renderMetrics(s, nets, totals.collect(nets), { ports: Infinity, networks: Infinity }).match(/^edge_relay_port_rx_frames_total\{/gm)).toHaveLength(5);
   });
 });

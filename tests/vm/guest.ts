@@ -138,6 +138,7 @@ arg() { tr ' ' '\\n' </proc/cmdline | sed -n "s/^$1=//p" | tail -n 1; }
 NAME=$(arg er.name)
 IP=$(arg er.ip)
 MAC=$(arg er.mac)
+IP2=$(arg er.ip2)
 hostname "\${NAME:-guest}"
 for m in ${modules.join(" ")}; do insmod /lib/modules/$m.ko || echo "@@error insmod $m"; done
 ip link set lo up
@@ -149,6 +150,16 @@ done
 [ -n "$MAC" ] && ip link set eth0 address "$MAC"
 ip addr add "$IP" dev eth0
 ip link set eth0 up
+# A second NIC (a direct link beside the relayed one), when asked for.
+if [ -n "$IP2" ]; then
+  n=0
+  while ! ip link show eth1 >/dev/null 2>&1; do
+    n=$((n + 1)); [ $n -gt 200 ] && { echo "@@error no eth1"; poweroff -f; }
+    usleep 10000
+  done
+  ip addr add "$IP2" dev eth1
+  ip link set eth1 up
+fi
 # Tell the switches where we are (a UDP port the relay has to learn needs one frame from us).
 arping -q -U -c 1 -I eth0 "\${IP%/*}" >/dev/null 2>&1
 echo "@@ready $NAME $(cut -d' ' -f1 /proc/uptime)"
@@ -256,6 +267,8 @@ export interface GuestOptions {
   mac: string;
   /** Everything after `-netdev `, without `id=` (added as `id=n0`). */
   netdev: string;
+  /** A second NIC (eth1): its `-netdev` (id=n1 is added), address and MAC. */
+  nic2?: { netdev: string; ip: string; mac: string };
   memoryMb?: number;
   /** A command that execs QEMU, e.g. `["ip", "netns", "exec", NAME]` (must keep the pid). */
   prefix?: string[];
@@ -308,9 +321,10 @@ export class Guest implements AsyncDisposable {
       "-no-reboot",
       "-kernel", image.kernel,
       "-initrd", image.initrd,
-      "-append", `console=ttyS0 quiet loglevel=3 panic=-1 er.name=${opts.name} er.ip=${opts.ip}`,
+      "-append", `console=ttyS0 quiet loglevel=3 panic=-1 er.name=${opts.name} er.ip=${opts.ip}${opts.nic2 ? ` er.ip2=${opts.nic2.ip}` : ""}`,
       "-netdev", `${opts.netdev},id=n0`,
       "-device", `virtio-net-pci,netdev=n0,mac=${opts.mac}`,
+      ...(opts.nic2 ? ["-netdev", `${opts.nic2.netdev},id=n1`, "-device", `virtio-net-pci,netdev=n1,mac=${opts.nic2.mac}`] : []),
     ];
     // If the test runner dies (Ctrl-C, crash), take QEMU with it.
     if (SETPRIV) args.unshift(SETPRIV, "--pdeathsig", "KILL", "--");
@@ -512,7 +526,7 @@ export interface TransferResult {
  * Sends `mib` MiB of random data from `from` to `to` over TCP (busybox nc) and compares the md5 the
  * sender computed with the one the receiver computed. Times it with the sender's /proc/uptime.
  */
-export async function transfer(from: Guest, to: Guest, mib = 32, port = 5001, timeoutMs = 300_000): Promise<TransferResult> {
+export async function transfer(from: Guest, to: Guest, mib = 32, port = 5001, timeoutMs = 300_000, address = to.address): Promise<TransferResult> {
   const sentMd5 = (
     await from.sh(`dd if=/dev/urandom of=/tmp/data bs=1048576 count=${mib} 2>/dev/null && md5sum /tmp/data`, 120_000)
   )
@@ -523,7 +537,7 @@ export async function transfer(from: Guest, to: Guest, mib = 32, port = 5001, ti
   await to.sh(`rm -f /tmp/rx.md5; nc -l -p ${port} -e /bin/rx >/dev/null 2>&1 &`);
   await to.sh(`while ! netstat -ltn | grep -q ':${port} '; do usleep 20000; done`);
   const out = await from.sh(
-    `a=$(cut -d' ' -f1 /proc/uptime); h=$(nc ${to.address} ${port} </tmp/data); b=$(cut -d' ' -f1 /proc/uptime); echo "@@xfer $a $b $h"`,
+    `a=$(cut -d' ' -f1 /proc/uptime); h=$(nc ${address} ${port} </tmp/data); b=$(cut -d' ' -f1 /proc/uptime); echo "@@xfer $a $b $h"`,
     timeoutMs,
   );
   const m = /@@xfer ([\d.]+) ([\d.]+) ?(\S*)/.exec(out);

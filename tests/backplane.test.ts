@@ -1,0 +1,333 @@
+/**
+ * Hubs that share networks through NATS (--backplane): real nats-server and HAProxy processes from
+ * the distribution, real relays, fake VMs on loopback.
+ */
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { connect as natsConnect, nkeys } from "@nats-io/transport-node";
+import { backplaneSubject, encodeFrames } from "../relay.ts";
+import {
+  BROADCAST,
+  type Daemon,
+  type RelayProcess,
+  type StreamPeer,
+  attachVm,
+  freePort,
+  fromMac,
+  makeFrame,
+  runCli,
+  sameBytes,
+  spawnDaemon,
+  spawnRelay,
+  startNats,
+  tempDir,
+  testCertificate,
+  uplinkUp,
+  waitUntil,
+} from "./helpers.ts";
+
+const ROOT = new URL("..", import.meta.url).pathname;
+const TOKEN = "backplane-test-token-7d2e";
+
+/** A hub on the backplane: tunnels in, no QEMU ports of its own; loop probes only where a test wants them. */
+const hubArgs = (nats: string, probe = "0") => ["--http", "127.0.0.1:0", "--token", TOKEN, "--backplane", nats, "--loop-probe", probe];
+
+/** A site with a QEMU port per network, uplinked to `url`. */
+/** `url`: the hub's ws:// or wss:// address (an http:// base is dialled as ws://). */
+const spawnSite = (url: string, networks: string[], extra: string[] = []) =>
+  spawnRelay([
+    "--http", "127.0.0.1:0", ...networks.flatMap((n) => ["--qemu-listen", `${n}=127.0.0.1:0`]),
+    "--uplink", url.replace(/^http/, "ws"), "--uplink-token", TOKEN, "--loop-probe", "0", ...extra,
+  ]);
+
+/** Resolves once the hub's backplane is up and the server has its subscription to each network. */
+const subscribed = (hub: RelayProcess, ...networks: string[]) =>
+  waitUntil(async () => {
+    const bp = (await hub.status()).backplane;
+    return bp?.state === "up" && networks.every((n) => bp.networks.includes(n));
+  }, `${hub.base} subscribed to ${networks.join(", ")} on the backplane`);
+
+/**
+ * `count` frames from `from` (source `src`) to `dst` reach `to` byte-exact, in order and once each:
+ * a marker sent after them must be the next frame from `src` that `to` sees.
+ */
+async function deliveredOnce(from: StreamPeer, to: StreamPeer, src: string, dst: string, count: number, tag: string) {
+  const sent = Array.from({ length: count }, (_, i) => makeFrame(dst, src, `${tag} ${i} ${"-".repeat((i * 97) % 1400)}`));
+  from.send(...sent);
+  const text = (f: Uint8Array) => new TextDecoder().decode(f.subarray(14)).replace(/-+$/, "");
+  for (const frame of sent) expect(text(await to.frames.next(fromMac(src)))).toBe(text(frame));
+  const marker = makeFrame(dst, src, `${tag} marker`);
+  from.send(marker);
+  expect(sameBytes(await to.frames.next(fromMac(src)), marker)).toBe(true);
+}
+
+/** Sends a broadcast from `from` every 100 ms until `to` receives one; the time it took. */
+async function untilFramesFlow(from: StreamPeer, to: StreamPeer, src: string, limitMs: number): Promise<number> {
+  const started = performance.now();
+  for (let i = 0; performance.now() - started < limitMs; i++) {
+    from.send(makeFrame(BROADCAST, src, `retry ${i}`));
+    const got = await to.frames.next(fromMac(src), 100).catch(() => undefined);
+    if (got) return performance.now() - started;
+  }
+  throw new Error(`no frame from ${src} within ${limitMs} ms`);
+}
+
+describe("backplaneSubject", () => {
+  test("maps a network to edge-relay.CLUSTER.NETWORK, one subject token each, one-to-one", () => {
+    expect(backplaneSubject("default", "lab")).toBe("edge-relay.default.lab");
+    expect(backplaneSubject("eu.1", "lab.a")).toBe("edge-relay.eu~1.lab~a");
+    expect(backplaneSubject("default", "lab.a")).not.toBe(backplaneSubject("default.lab", "a"));
+  });
+});
+
+describe("--backplane options", () => {
+  test("a URL with credentials exits 2 without repeating them", async () => {
+    const { stdout, stderr, code } = await runCli(["--backplane", "nats://hub:s3cret-pass@127.0.0.1:4222"]);
+    expect({ stdout, code }).toEqual({ stdout: "", code: 2 });
+    expect(stderr).toBe("edge-relay: --backplane: credentials do not go in the URL (status and logs show it): use --backplane-token or --backplane-creds\n");
+  });
+
+  test("a URL that is not nats:// or tls:// exits 2 naming the option", async () => {
+    const { stdout, stderr, code } = await runCli(["--backplane", "nats://127.0.0.1:4222,http://127.0.0.1:4223"]);
+    expect({ stdout, code }).toEqual({ stdout: "", code: 2 });
+    expect(stderr).toBe('edge-relay: --backplane: expected nats://HOST:PORT or tls://HOST:PORT, got "http://127.0.0.1:4223"\n');
+  });
+
+  test("--backplane-token without --backplane exits 2 and does not show the token", async () => {
+    const { stdout, stderr, code } = await runCli([], { RELAY_BACKPLANE_TOKEN: "nats-token-value-123" });
+    expect({ stdout, code }).toEqual({ stdout: "", code: 2 });
+    expect(stderr).toBe("edge-relay: --backplane-token: only means something with --backplane\n");
+  });
+});
+
+describe("two hubs on one nats-server", () => {
+  let nats: Daemon & { url: string; port: number };
+  let hub1: RelayProcess;
+  let hub2: RelayProcess;
+  let siteA: RelayProcess;
+  let siteB: RelayProcess;
+  let vmA: StreamPeer;
+  let vmB: StreamPeer;
+  let vmDev: StreamPeer;
+  const A = "02:00:00:00:b1:0a";
+  const B = "02:00:00:00:b1:0b";
+  const DEV = "02:00:00:00:b1:0d";
+
+  beforeAll(async () => {
+    nats = await startNats();
+    [hub1, hub2] = await Promise.all([spawnRelay(hubArgs(nats.url)), spawnRelay(hubArgs(nats.url))]);
+    // Site A carries lab; site B carries lab and dev.
+    [siteA, siteB] = await Promise.all([spawnSite(`${hub1.base}`, ["lab"]), spawnSite(`${hub2.base}`, ["lab", "dev"])]);
+    await Promise.all([uplinkUp(siteA), uplinkUp(siteB)]);
+    await Promise.all([subscribed(hub1, "lab"), subscribed(hub2, "lab", "dev")]);
+    [vmA, vmB, vmDev] = await Promise.all([attachVm(siteA, "lab"), attachVm(siteB, "lab"), attachVm(siteB, "dev")]);
+  });
+
+  afterAll(async () => {
+    await Promise.all([vmA, vmB, vmDev].map((vm) => vm?.[Symbol.asyncDispose]()));
+    await Promise.all([siteA, siteB, hub1, hub2].map((r) => r?.stop()));
+    await nats?.stop();
+  });
+
+  test("broadcast and unicast cross both ways byte-exact, each frame once, never back to its sender; lab never reaches dev", async () => {
+    await deliveredOnce(vmA, vmB, A, BROADCAST, 50, "a-broadcast");
+    await deliveredOnce(vmB, vmA, B, A, 50, "b-unicast");
+    await deliveredOnce(vmA, vmB, A, B, 50, "a-unicast");
+    await deliveredOnce(vmB, vmA, B, BROADCAST, 50, "b-broadcast");
+    // dev's own traffic stays in dev; a frame from lab reaches no dev port.
+    vmDev.send(makeFrame(BROADCAST, DEV, "dev only"));
+    await deliveredOnce(vmB, vmA, B, A, 1, "after dev");
+    expect(vmA.frames.frames.some(fromMac(DEV))).toBe(false);
+    expect(vmDev.frames.frames.some((f) => fromMac(A)(f) || fromMac(B)(f))).toBe(false);
+    // B's last marker came after anything that could have echoed: no VM heard its own frames.
+    expect(vmA.frames.frames.some(fromMac(A))).toBe(false);
+    expect(vmB.frames.frames.some(fromMac(B))).toBe(false);
+  });
+
+  test("status and /metrics show the backplane port, its counters and its subscriptions; /healthz is ok", async () => {
+    const s1 = await hub1.status();
+    expect(s1.backplane).toMatchObject({ state: "up", cluster: "default", servers: [nats.url], networks: ["lab"], errors: 0 });
+    expect(s1.backplane.messagesOut).toBeGreaterThan(0);
+    expect(s1.backplane.messagesIn).toBeGreaterThan(0);
+    // A hub with no port in dev neither subscribes nor has the network.
+    expect(s1.networks.map((n: any) => n.name)).toEqual(["lab"]);
+    const port = s1.networks[0].ports.find((p: any) => p.kind === "backplane");
+    expect(port).toMatchObject({ id: "lab/backplane-1", peer: nats.url, state: "up" });
+    expect(port.rx.frames).toBeGreaterThanOrEqual(100);
+    expect(port.tx.frames).toBeGreaterThanOrEqual(100);
+    expect((await hub2.status()).backplane.networks.toSorted()).toEqual(["dev", "lab"]);
+    const metrics = await (await fetch(`${hub1.base}/metrics`)).text();
+    expect(metrics).toContain("\nedge_relay_backplane_up 1\n");
+    expect(metrics).toContain('\nedge_relay_backplane_subscribed{network="lab"} 1\n');
+    expect(metrics).toMatch(/\nedge_relay_backplane_messages_total\{direction="out"\} [1-9]/);
+    const health = await fetch(`${hub1.base}/healthz`);
+    expect([health.status, await health.text()]).toEqual([200, "ok\n"]);
+  });
+
+  test("a malformed message on a network's subject is dropped, counted and logged once; frames keep flowing", async () => {
+    const nc = await natsConnect({ servers: nats.url });
+    const subject = backplaneSubject("default", "lab");
+    // Not data; a frame whose length overruns the message; a control message; a runt frame (counted by the switch).
+    nc.publish(subject, new TextEncoder().encode("not a frame"), { headers: undefined });
+    const overrun = Uint8Array.of(1, 0, 0, 0, 0, 0x10, 0, 1, 2, 3);
+    nc.publish(subject, overrun);
+    nc.publish(subject, Uint8Array.of(0, ...new TextEncoder().encode('{"type":"ping"}')));
+    nc.publish(subject, Uint8Array.of(1, 0, 0, ...encodeFrames([Uint8Array.of(1, 2, 3)])));
+    await nc.flush();
+    await nc.close();
+    await waitUntil(async () => (await hub1.status()).backplane.errors === 3, "three messages counted as errors on hub 1");
+    await waitUntil(() => /backplane lab: Cannot decode backplane message: unexpected ping; dropped/.test(hub1.stderr()), "the log line");
+    expect(hub1.stderr()).toContain("backplane lab: Cannot decode tunnel message: unknown type 110; dropped");
+    expect(hub1.stderr()).not.toContain("not a frame");
+    const s1 = await hub1.status();
+    expect(s1.protocolErrors).toBe(3);
+    expect(s1.networks[0].ports.find((p: any) => p.kind === "backplane")).toMatchObject({ state: "up", errors: 3, rx: { runts: 1 } });
+    await deliveredOnce(vmB, vmA, B, A, 5, "after junk");
+    await deliveredOnce(vmA, vmB, A, B, 5, "after junk, back");
+  });
+
+  // Last: it restarts nats-server.
+  test("NATS killed and restarted: local switching goes on, /healthz is 503 meanwhile, cross-hub frames resume within 10 s", async () => {
+    await using vmA2 = await attachVm(siteA, "lab");
+    const A2 = "02:00:00:00:b1:a2";
+    await nats.stop();
+    await waitUntil(async () => (await fetch(`${hub1.base}/healthz`)).status === 503, "hub 1 unhealthy without NATS");
+    const down = await fetch(`${hub2.base}/healthz`);
+    expect([down.status, await down.text()]).toEqual([503, "backplane down\n"]);
+    expect((await hub1.status()).backplane.state).toBe("down");
+    // Site A's own switch, and hub 1 between A's VMs, carry on.
+    await deliveredOnce(vmA, vmA2, A, A2, 20, "while NATS is down");
+    await deliveredOnce(vmA2, vmA, A2, A, 20, "while NATS is down, back");
+    vmA.send(makeFrame(B, A, "to B while NATS is down"));
+    await waitUntil(async () => (await hub1.status()).backplane.drops > 0, "a counted drop on hub 1's backplane");
+
+    nats = await startNats(nats.port);
+    const took = await untilFramesFlow(vmA, vmB, A, 10_000);
+    console.log(`[backplane] NATS restarted: frames cross hubs again after ${(took / 1000).toFixed(1)} s`);
+    await waitUntil(async () => (await fetch(`${hub1.base}/healthz`)).status === 200, "hub 1 healthy again");
+    await subscribed(hub2, "lab");
+    await deliveredOnce(vmB, vmA, B, A, 20, "after the restart");
+    await deliveredOnce(vmA, vmB, A, B, 20, "after the restart, back");
+  });
+});
+
+describe("a NATS user limited to edge-relay.> (deploy/nats-server.conf)", () => {
+  test("hubs with its NKey seed share networks; a hub without credentials stays down, unhealthy, and says why", async () => {
+    await using dir = await tempDir();
+    const user = nkeys.createUser();
+    const seed = new TextDecoder().decode(user.getSeed());
+    await Bun.write(`${dir.path}/hub.nk`, `${seed}\n`);
+    const recipe = await Bun.file(`${ROOT}deploy/nats-server.conf`).text();
+    const conf = recipe.replace("UHUBSPUBLICNKEYGOESHERE", user.getPublicKey()).replace(/^listen: .*\n/m, "");
+    expect(conf).toContain(`{ nkey: "${user.getPublicKey()}", permissions: { publish: "edge-relay.>", subscribe: "edge-relay.>" } }`);
+    await Bun.write(`${dir.path}/nats.conf`, conf);
+    await using nats = await startNats(undefined, `${dir.path}/nats.conf`);
+    const creds = ["--backplane-creds", `${dir.path}/hub.nk`];
+    await using hub1 = await spawnRelay([...hubArgs(nats.url), ...creds]);
+    await using hub2 = await spawnRelay([...hubArgs(nats.url), ...creds]);
+    await using stranger = await spawnRelay(hubArgs(nats.url));
+    await using siteA = await spawnSite(hub1.base, ["lab"]);
+    await using siteB = await spawnSite(hub2.base, ["lab"]);
+    await Promise.all([uplinkUp(siteA), uplinkUp(siteB)]);
+    await Promise.all([subscribed(hub1, "lab"), subscribed(hub2, "lab")]);
+    await using vmA = await attachVm(siteA, "lab");
+    await using vmB = await attachVm(siteB, "lab");
+    await deliveredOnce(vmA, vmB, "02:00:00:00:b4:0a", BROADCAST, 10, "with an nkey");
+    await deliveredOnce(vmB, vmA, "02:00:00:00:b4:0b", "02:00:00:00:b4:0a", 10, "with an nkey, back");
+    const refused = await waitUntil(async () => (await stranger.status()).backplane.lastError, "the stranger's backplane error");
+    expect(refused).toMatch(/authorization/i);
+    expect((await stranger.status()).backplane.state).not.toBe("up");
+    expect((await fetch(`${stranger.base}/healthz`)).status).toBe(503);
+    for (const relay of [hub1, hub2, stranger]) expect(relay.stdout() + relay.stderr()).not.toContain(seed);
+  });
+});
+
+describe("a tunnel between two hubs that share the backplane", () => {
+  test("is a loop: the tunnel (not the backplane) is blocked, and frames then arrive once", async () => {
+    await using nats = await startNats();
+    await using hub1 = await spawnRelay(hubArgs(nats.url, "0.2"));
+    await using siteA = await spawnSite(`${hub1.base}`, ["lab"]);
+    await uplinkUp(siteA);
+    // Hub 2 has lab from its site and carries it up to hub 1 as well as over the backplane.
+    await using hub2 = await spawnRelay([...hubArgs(nats.url, "0.2"), "--uplink", hub1.base.replace(/^http/, "ws"), "--uplink-token", TOKEN]);
+    await using siteB = await spawnSite(`${hub2.base}`, ["lab"]);
+    await uplinkUp(siteB);
+    // (Hub 2 also carries "default", a network of its own from before site B came: a loop of its own.)
+    const blocked = async (hub: RelayProcess) =>
+      (await hub.status()).networks.filter((n: any) => n.name === "lab").flatMap((n: any) => n.ports).filter((p: any) => p.state === "blocked-loop");
+    await waitUntil(async () => (await blocked(hub1)).length + (await blocked(hub2)).length > 0, "a port of lab blocked for the loop");
+    const all = [...(await blocked(hub1)), ...(await blocked(hub2))];
+    expect(all.map((p: any) => p.kind).every((k: string) => k === "tunnel" || k === "uplink")).toBe(true);
+    await Promise.all([subscribed(hub1, "lab"), subscribed(hub2, "lab")]);
+    await using vmA = await attachVm(siteA, "lab");
+    await using vmB = await attachVm(siteB, "lab");
+    const A = "02:00:00:00:b3:0a";
+    const B = "02:00:00:00:b3:0b";
+    await deliveredOnce(vmA, vmB, A, BROADCAST, 20, "looped");
+    await deliveredOnce(vmB, vmA, B, BROADCAST, 20, "looped, back");
+    expect(vmA.frames.frames.some(fromMac(A))).toBe(false);
+  });
+});
+
+describe("HAProxy in front of two hubs (deploy/haproxy-hubs.cfg)", () => {
+  test("kill -9 the hub a site is on: it redials through HAProxy to the other hub; frames flow again within 10 s, none twice", async () => {
+    await using dir = await tempDir();
+    const { ca, pem } = await testCertificate(dir.path);
+    await using nats = await startNats();
+    const hubs = await Promise.all([spawnRelay(hubArgs(nats.url)), spawnRelay(hubArgs(nats.url))]);
+    await using _hubs = { [Symbol.asyncDispose]: () => Promise.all(hubs.map((h) => h.stop("SIGKILL"))).then(() => {}) };
+    const port = await freePort();
+    const recipe = await Bun.file(`${ROOT}deploy/haproxy-hubs.cfg`).text();
+    const cfg = recipe
+      .replace("bind :443 ssl crt /etc/haproxy/certs/relay.example.net.pem", `bind 127.0.0.1:${port} ssl crt ${pem}`)
+      .replace("server hub1 10.0.0.11:8080", `server hub1 ${new URL(hubs[0]!.base).host}`)
+      .replace("server hub2 10.0.0.12:8080", `server hub2 ${new URL(hubs[1]!.base).host}`);
+    expect(cfg).not.toContain("10.0.0.1");
+    expect(cfg).toContain(`bind 127.0.0.1:${port} ssl`);
+    await Bun.write(`${dir.path}/haproxy.cfg`, cfg);
+    await using haproxy = spawnDaemon(["haproxy", "-f", `${dir.path}/haproxy.cfg`, "-db"]);
+    const front = `https://127.0.0.1:${port}`;
+    const caText = await Bun.file(ca).text();
+    await waitUntil(async () => {
+      if (haproxy.proc.exitCode !== null) throw new Error(`HAProxy exited (${haproxy.proc.exitCode}):\n${haproxy.log()}`);
+      return (await fetch(`${front}/tunnel`, { tls: { ca: caText } })).status === 401;
+    }, "HAProxy with a hub behind it");
+
+    await using siteA = await spawnSite(`wss://127.0.0.1:${port}`, ["lab"], ["--uplink-ca", ca]);
+    await uplinkUp(siteA);
+    // Which hub HAProxy chose; site B goes straight to the other, so A's frames cross NATS.
+    const onFirst = (await hubs[0]!.status()).limits.tunnels === 1;
+    const [chosen, other] = onFirst ? [hubs[0]!, hubs[1]!] : [hubs[1]!, hubs[0]!];
+    expect((await other.status()).limits.tunnels).toBe(0);
+    await using siteB = await spawnSite(other.base, ["lab"]);
+    await uplinkUp(siteB);
+    await Promise.all([subscribed(chosen, "lab"), subscribed(other, "lab")]);
+    await using vmA = await attachVm(siteA, "lab");
+    await using vmB = await attachVm(siteB, "lab");
+    const A = "02:00:00:00:b2:0a";
+    const B = "02:00:00:00:b2:0b";
+    await deliveredOnce(vmA, vmB, A, BROADCAST, 20, "before");
+    await deliveredOnce(vmB, vmA, B, A, 20, "before, back");
+
+    await chosen.stop("SIGKILL");
+    const took = await untilFramesFlow(vmA, vmB, A, 10_000);
+    console.log(`[backplane] hub killed: site A's frames reach site B again after ${(took / 1000).toFixed(1)} s`);
+    await uplinkUp(siteA, 2);
+    expect((await other.status()).limits.tunnels).toBe(2);
+    await deliveredOnce(vmA, vmB, A, B, 20, "after");
+    await deliveredOnce(vmB, vmA, B, A, 20, "after, back");
+    expect(vmA.frames.frames.some(fromMac(A))).toBe(false);
+    // The uplink names its networks in the URL, which HAProxy hashes on (its log has the tunnel that ended).
+    expect(haproxy.log()).toMatch(/"GET \/tunnel\?networks=lab HTTP\/1\.1"/);
+  });
+});
+
+describe("the README's backplane deployment", () => {
+  test("shows deploy/haproxy-hubs.cfg and deploy/nats-server.conf as they are, the files this suite runs", async () => {
+    const readme = await Bun.file(`${ROOT}README.md`).text();
+    const cfg = await Bun.file(`${ROOT}deploy/haproxy-hubs.cfg`).text();
+    const conf = await Bun.file(`${ROOT}deploy/nats-server.conf`).text();
+    // (Booleans: a failing toContain would print the whole README.)
+    expect(readme.includes("```haproxy\n" + cfg + "```\n")).toBe(true);
+    expect(readme.includes("```\n" + conf + "```\n")).toBe(true);
+  });
+});
