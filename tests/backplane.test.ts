@@ -47,6 +47,22 @@ const subscribed = (hub: RelayProcess, ...networks: string[]) =>
   }, `${hub.base} subscribed to ${networks.join(", ")} on the backplane`);
 
 /**
+ * Once each hub hears lab on the backplane: a VM on lab at each site, with the MACs they send from
+ * (`tag` is their fifth byte). Disposing it disconnects both.
+ */
+async function labVms(hubs: RelayProcess[], siteA: RelayProcess, siteB: RelayProcess, tag: string) {
+  await Promise.all(hubs.map((hub) => subscribed(hub, "lab")));
+  const [vmA, vmB] = await Promise.all([attachVm(siteA, "lab"), attachVm(siteB, "lab")]);
+  return {
+    vmA,
+    vmB,
+    A: `02:00:00:00:${tag}:0a`,
+    B: `02:00:00:00:${tag}:0b`,
+    [Symbol.asyncDispose]: () => Promise.all([vmA[Symbol.asyncDispose](), vmB[Symbol.asyncDispose]()]).then(() => {}),
+  };
+}
+
+/**
  * `count` frames from `from` (source `src`) to `dst` reach `to` byte-exact, in order and once each:
  * a marker sent after them must be the next frame from `src` that `to` sees.
  */
@@ -228,11 +244,9 @@ describe("a NATS user limited to edge-relay.> (deploy/nats-server.conf)", () => 
     await using siteA = await spawnSite(hub1.base, ["lab"]);
     await using siteB = await spawnSite(hub2.base, ["lab"]);
     await Promise.all([uplinkUp(siteA), uplinkUp(siteB)]);
-    await Promise.all([subscribed(hub1, "lab"), subscribed(hub2, "lab")]);
-    await using vmA = await attachVm(siteA, "lab");
-    await using vmB = await attachVm(siteB, "lab");
-    await deliveredOnce(vmA, vmB, "02:00:00:00:b4:0a", BROADCAST, 10, "with an nkey");
-    await deliveredOnce(vmB, vmA, "02:00:00:00:b4:0b", "02:00:00:00:b4:0a", 10, "with an nkey, back");
+    await using lab = await labVms([hub1, hub2], siteA, siteB, "b4");
+    await deliveredOnce(lab.vmA, lab.vmB, lab.A, BROADCAST, 10, "with an nkey");
+    await deliveredOnce(lab.vmB, lab.vmA, lab.B, lab.A, 10, "with an nkey, back");
     const refused = await waitUntil(async () => (await stranger.status()).backplane.lastError, "the stranger's backplane error");
     expect(refused).toMatch(/authorization/i);
     expect((await stranger.status()).backplane.state).not.toBe("up");
@@ -257,11 +271,8 @@ describe("a tunnel between two hubs that share the backplane", () => {
     await waitUntil(async () => (await blocked(hub1)).length + (await blocked(hub2)).length > 0, "a port of lab blocked for the loop");
     const all = [...(await blocked(hub1)), ...(await blocked(hub2))];
     expect(all.map((p: any) => p.kind).every((k: string) => k === "tunnel" || k === "uplink")).toBe(true);
-    await Promise.all([subscribed(hub1, "lab"), subscribed(hub2, "lab")]);
-    await using vmA = await attachVm(siteA, "lab");
-    await using vmB = await attachVm(siteB, "lab");
-    const A = "02:00:00:00:b3:0a";
-    const B = "02:00:00:00:b3:0b";
+    await using lab = await labVms([hub1, hub2], siteA, siteB, "b3");
+    const { vmA, vmB, A, B } = lab;
     await deliveredOnce(vmA, vmB, A, BROADCAST, 20, "looped");
     await deliveredOnce(vmB, vmA, B, BROADCAST, 20, "looped, back");
     expect(vmA.frames.frames.some(fromMac(A))).toBe(false);
@@ -300,11 +311,8 @@ describe("HAProxy in front of two hubs (deploy/haproxy-hubs.cfg)", () => {
     expect((await other.status()).limits.tunnels).toBe(0);
     await using siteB = await spawnSite(other.base, ["lab"]);
     await uplinkUp(siteB);
-    await Promise.all([subscribed(chosen, "lab"), subscribed(other, "lab")]);
-    await using vmA = await attachVm(siteA, "lab");
-    await using vmB = await attachVm(siteB, "lab");
-    const A = "02:00:00:00:b2:0a";
-    const B = "02:00:00:00:b2:0b";
+    await using lab = await labVms([chosen, other], siteA, siteB, "b2");
+    const { vmA, vmB, A, B } = lab;
     await deliveredOnce(vmA, vmB, A, BROADCAST, 20, "before");
     await deliveredOnce(vmB, vmA, B, A, 20, "before, back");
 
