@@ -607,7 +607,6 @@ async function latencyRun(ep: Endpoints, sinkListenFirst: boolean): Promise<any>
     if (sinkListenFirst) {
       sink = new Peer("sink", ["sink", ...ep.sink]);
       const { port } = await sink.wait("listening");
-      await opts.beforeGen?.(port);
       ping = new Peer("ping", ["ping", ...ep.gen.map((a) => a.replace("SINKPORT", String(port))), ...args]);
     } else {
       ping = new Peer("ping", ["ping", ...ep.gen, ...args]);
