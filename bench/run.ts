@@ -1023,6 +1023,7 @@ async function backplaneCase() {
   await using nats = await startNats();
   const started: RelayProcess[] = [];
   let two: Flow;
+  let three: Flow;
   let perMessage = NaN;
   try {
     const hubArgs = ["--http", `${HOST}:0`, "--token", TOKEN, "--backplane", nats.url];
@@ -1042,10 +1043,18 @@ async function backplaneCase() {
     const s1 = await hub1.status();
     const port = s1.networks[0].ports.find((p: any) => p.kind === "backplane");
     perMessage = port.tx.frames / s1.backplane.messagesOut;
+    // A third hub with a site on the network but no traffic of its own: it hears all of A → B's
+    // unicast and drops it. What it and nats-server spend on that is what per-hub subjects would save.
+    const hub3 = await spawnRelay(hubArgs, relayOptions("hub3"));
+    started.push(hub3);
+    const c = await spawnRelay(["--http", `${HOST}:0`, ...listen, "--uplink", uplinkUrl(hub3), "--uplink-token", TOKEN], relayOptions("C"));
+    started.push(c);
+    await waitUntil(async () => (await hub3.status()).backplane.networks.includes("default"), "hub 3 subscribed to the network", 15_000);
+    three = await flowThrough(a, b, { A: a, hub1, hub2, hub3, B: b }, { nats: nats.proc.pid });
   } finally {
     await Promise.all(started.map((r) => r.stop()));
   }
-  json.backplane = { single: one, backplane: two };
+  json.backplane = { single: one, backplane: two, thirdHub: three };
   const ok = two.reordered + two.dup + two.corrupt === 0;
   row({
     case: label,
@@ -1072,6 +1081,18 @@ async function backplaneCase() {
     metric: "relay CPU µs/frame delivered",
     direct: ["A", "hub", "B"].map((k) => `${k} ${f2(perM(one, k))}`).join(", "),
     chain: ["A", "hub1", "hub2", "B", "nats"].map((k) => `${k} ${f2(perM(two, k))}`).join(", "),
+  });
+  row({
+    case: label,
+    metric: "frames/s with a third hub on the network (idle site): two hubs → three",
+    direct: si(two.fps),
+    chain: `${si(three.fps)}; ${errs(three)} (${dropsText(three)})`,
+    ratio: f2(three.fps / two.fps),
+  });
+  row({
+    case: label,
+    metric: "third hub: CPU µs/frame it dropped; nats-server µs/frame, two hubs → three",
+    chain: `hub3 ${f2(perM(three, "hub3"))}; nats ${f2(perM(two, "nats"))} → ${f2(perM(three, "nats"))}`,
   });
 }
 
