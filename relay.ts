@@ -870,7 +870,7 @@ export const OPTIONS = {
   },
   backplaneCluster: {
     arg: "NAME", group: "backplane", schema: v.optional(Name, "default"),
-    help: "hubs with the same NAME share networks, on subjects\nedge-relay.NAME.NETWORK",
+    help: "hubs with the same NAME share networks, on subjects\nedge-relay.NAME.NETWORK; unless given, NAME is",
   },
   backplaneToken: { arg: "SECRET", env: "RELAY_BACKPLANE_TOKEN", group: "backplane", schema: v.optional(Secret), help: "the NATS server's token; also RELAY_BACKPLANE_TOKEN" },
   backplaneCreds: {
