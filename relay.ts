@@ -4177,7 +4177,8 @@ export class Backplane {
 
   snapshot(): BackplaneSnapshot {
     const networks: string[] = [];
-    for (const [name, port] of this.#ports) if (port.subscribed) networks.push(name);
+    // While NATS is down no server has them; the client subscribes again when it is back.
+    if (this.up) for (const [name, port] of this.#ports) if (port.subscribed) networks.push(name);
     return { ...this.status, networks };
   }
 
