@@ -1,6 +1,6 @@
 /**
  * The deployment pieces: the systemd unit (checked by systemd-analyze, and the compiled binary run
- * the way the unit runs it), HAProxy terminating TLS in front of a hub (deploy/haproxy.cfg, the
+ * the way the unit runs it), the container image (built and run with Podman), HAProxy terminating TLS in front of a hub (deploy/haproxy.cfg, the
  * README's recipe), and the README's recipe for a hub and a site on one host.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
@@ -124,8 +124,7 @@ describe("systemd unit and the compiled binary", () => {
     const env = Object.fromEntries(
       (await Bun.file(envFile).text()).split("\n").filter((l) => /^[A-Z_]+=/.test(l)).map((l) => [l.slice(0, l.indexOf("=")), l.slice(l.indexOf("=") + 1)]),
     );
-    // spawnRelay runs `PREFIX… bun relay.ts ARGS`; this prefix drops `bun relay.ts` and execs the binary.
-    const hub = await spawnRelay(["--config", config], { env, prefix: ["sh", "-c", `shift 2; exec "${binary}" "$@"`, "sh"] });
+    const hub = await spawnRelay(["--config", config], { env, command: [binary] });
     await using _hub = hub;
     expect(readlinkSync(`/proc/${hub.proc.pid}/exe`)).toBe(binary);
     const status = async () => (await fetch(`${hub.base}/status`, { headers: { Authorization: `Bearer ${ADMIN}` } })).json();
@@ -149,6 +148,67 @@ describe("systemd unit and the compiled binary", () => {
     expect(await hub.stop("SIGTERM")).toBe(0);
     expect(await Bun.file(`${runtime}/default.sock`).exists()).toBe(false);
   });
+});
+
+describe("Container image (deploy/Containerfile)", () => {
+  test("the README's build makes an image of the binary that runs as uid 65532; without an admin token it exits 2; as a hub with its env file it serves a site's tunnel", async () => {
+    if (!Bun.which("podman")) throw new Error("podman is not installed: apt-get install podman runc (.ci/run does)");
+    await using dir = await tempDir();
+    const d = dir.path;
+    // Podman with storage of its own in the test's directory: the test sees no other image and
+    // leaves none. The rest suits the containers CI runs in: no overlay on overlay (vfs), cgroups
+    // v1 (runc, cgroupfs), and limits that may only be lowered (no CAP_SYS_RESOURCE).
+    const podman = ["podman", "--root", `${d}/storage`, "--runroot", `${d}/run`, "--tmpdir", `${d}/tmp`, "--storage-driver", "vfs", "--runtime", "runc", "--cgroup-manager", "cgroupfs", "--events-backend", "none"];
+    await using _containers = { [Symbol.asyncDispose]: () => Bun.$`${podman} rm --force --all`.nothrow().quiet().then(() => {}) };
+
+    // The README's two lines, building in the test's directory instead of the checkout's dist/.
+    const block = /<!-- recipe: container -->\n```sh\n([\s\S]*?)```/.exec(await Bun.file(`${ROOT}README.md`).text())?.[1] ?? "";
+    const [compile, build] = block.split("\n").map((l) => l.replace(/#.*/, "").trim());
+    expect(compile).toBe("npx bun build --compile --minify relay.ts --outfile dist/edge-relay");
+    expect(build).toBe("podman build -f deploy/Containerfile -t edge-relay dist");
+    const inTest = (w: string) => w.replace(/^dist\b/, `${d}/dist`);
+    await Bun.$`${process.execPath} ${compile!.split(" ").slice(2).map(inTest)}`.cwd(ROOT).quiet();
+
+    // The base: the host's glibc (the files `ldd` says the binary loads) and a passwd with uid 65532, as distroless has.
+    const binary = `${d}/dist/edge-relay`;
+    const libs = [...(await Bun.$`ldd ${binary}`.text()).matchAll(/(\/\S+) \(0x/g)].map((m) => m[1]!);
+    expect(libs.some((l) => l.endsWith("/libc.so.6"))).toBe(true);
+    await Bun.$`mkdir -p ${d}/base/etc ${d}/base/tmp && chmod 1777 ${d}/base/tmp && cp -L --parents ${libs} ${d}/base/`.quiet();
+    await Bun.write(`${d}/base/etc/passwd`, "root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n");
+    await Bun.write(`${d}/base/etc/group`, "root:x:0:\nnonroot:x:65532:\n");
+    await Bun.$`tar -C ${d}/base -cf ${d}/base.tar . && ${podman} import ${d}/base.tar localhost/glibc-base`.quiet();
+    const [, ...buildArgs] = build!.split(" ").map(inTest);
+    await Bun.$`${podman} ${buildArgs[0]} --pull=never --build-arg BASE=localhost/glibc-base ${buildArgs.slice(1)}`.cwd(ROOT).quiet();
+
+    const [image] = JSON.parse(await Bun.$`${podman} image inspect edge-relay`.text());
+    expect(image.Config.User).toBe("65532:65532");
+    expect(image.Config.Entrypoint).toEqual(["/usr/local/bin/edge-relay"]);
+    expect(image.Config.Cmd).toEqual(["--http", "0.0.0.0:8080"]);
+    // Nothing in it but the binary and the C library.
+    expect(image.Size).toBeLessThan(Bun.file(binary).size + 16 * 2 ** 20);
+
+    const run = [...podman, "run", "--rm", "--network", "host", "--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096"];
+    const refused = await Bun.$`${run} edge-relay`.nothrow().quiet();
+    expect({ code: refused.exitCode, stdout: `${refused.stdout}`, stderr: `${refused.stderr}` }).toEqual({
+      code: 2,
+      stdout: "",
+      stderr: "edge-relay: --admin-token: required when --http is not a loopback address\n",
+    });
+
+    // A hub as the README runs it (its secrets in an --env-file), on the host's loopback and free ports.
+    await Bun.write(`${d}/env`, `RELAY_TOKENS=${TOKEN}\n`);
+    const hub = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0"], {
+      command: [...run, "--name", "hub", "--env-file", `${d}/env`, "edge-relay"],
+    });
+    await using _hub = hub;
+    const pid = (await Bun.$`${podman} container inspect hub --format {{.State.Pid}}`.text()).trim();
+    expect((await Bun.file(`/proc/${pid}/status`).text()).match(/^Uid:\s+(\d+)/m)?.[1]).toBe("65532");
+    await using site = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--uplink", hub.base.replace(/^http/, "ws"), "--uplink-token", TOKEN]);
+    await uplinkUp(site);
+    await framesCross(site, hub, "64");
+    // Podman hands SIGTERM to the relay, which stops cleanly.
+    expect(await hub.stop("SIGTERM")).toBe(0);
+  }, 90_000);
 });
 
 describe("HAProxy in front of a hub (deploy/haproxy.cfg)", () => {

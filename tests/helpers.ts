@@ -65,9 +65,11 @@ export async function spawnRelay(
     timeoutMs?: number;
     /** A command that execs the relay, e.g. `["ip", "netns", "exec", NAME]` (must keep the pid). */
     prefix?: string[];
+    /** What runs the relay instead of `bun relay.ts`: a compiled binary, `podman run … IMAGE`. */
+    command?: string[];
   } = {},
 ): Promise<RelayProcess> {
-  const proc = Bun.spawn([...(options.prefix ?? []), process.execPath, RELAY, ...args], {
+  const proc = Bun.spawn([...(options.prefix ?? []), ...(options.command ?? [process.execPath, RELAY]), ...args], {
     stdin: "ignore",
     stdout: "pipe",
     stderr: "pipe",

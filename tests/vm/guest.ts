@@ -267,6 +267,8 @@ export interface GuestOptions {
   mac: string;
   /** Everything after `-netdev `, without `id=` (added as `id=n0`). */
   netdev: string;
+  /** eth0's QEMU arguments exactly as a recipe gives them, instead of `netdev` and `mac`. */
+  nic?: string[];
   /** A second NIC (eth1): its `-netdev` (id=n1 is added), address and MAC. */
   nic2?: { netdev: string; ip: string; mac: string };
   memoryMb?: number;
@@ -322,8 +324,7 @@ export class Guest implements AsyncDisposable {
       "-kernel", image.kernel,
       "-initrd", image.initrd,
       "-append", `console=ttyS0 quiet loglevel=3 panic=-1 er.name=${opts.name} er.ip=${opts.ip}${opts.nic2 ? ` er.ip2=${opts.nic2.ip}` : ""}`,
-      "-netdev", `${opts.netdev},id=n0`,
-      "-device", `virtio-net-pci,netdev=n0,mac=${opts.mac}`,
+      ...(opts.nic ?? ["-netdev", `${opts.netdev},id=n0`, "-device", `virtio-net-pci,netdev=n0,mac=${opts.mac}`]),
       ...(opts.nic2 ? ["-netdev", `${opts.nic2.netdev},id=n1`, "-device", `virtio-net-pci,netdev=n1,mac=${opts.nic2.mac}`] : []),
     ];
     // If the test runner dies (Ctrl-C, crash), take QEMU with it.

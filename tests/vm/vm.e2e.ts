@@ -603,6 +603,31 @@ describe("edge-relay with real QEMU guests", () => {
     );
   });
 
+  /**
+   * Issue 9: containerlab and GNS3 cannot run here, but what they hand QEMU can. Guest A gets the
+   * GNS3 recipe's extra options and guest B the containerlab node's QEMU_ADDITIONAL_ARGS, as the
+   * README writes them (the socket's directory aside), on a relay started as the GNS3 section says.
+   */
+  test("README recipes: the GNS3 options and containerlab's QEMU_ADDITIONAL_ARGS, as written, share the relay's lab socket", async () => {
+    const readme = await Bun.file(new URL("../../README.md", import.meta.url)).text();
+    const gns3 = /\n### GNS3\n[\s\S]*?\n```\n(-netdev .*)\n```\n/.exec(readme)?.[1];
+    const containerlab = /\n### containerlab\n[\s\S]*?QEMU_ADDITIONAL_ARGS: >-\n((?: {10}-.*\n)+)/.exec(readme)?.[1];
+    const listen = /with\s+`--qemu-listen (lab=unix:\/run\/edge-relay\/lab\.sock)`/.exec(readme.slice(readme.indexOf("\n### GNS3\n")))?.[1];
+    expect([typeof gns3, typeof containerlab, typeof listen]).toEqual(["string", "string", "string"]);
+    const dir = mkdtempSync(join(tmpdir(), "edge-relay-vm-sock-"));
+    await using _dir = { [Symbol.asyncDispose]: async () => rmSync(dir, { recursive: true, force: true }) };
+    const here = (text: string) => text.trim().split(/\s+/).map((w) => w.replaceAll("/run/edge-relay/", `${dir}/`));
+    await using relay = await spawnRelay(["--http", `${LOCAL}:0`, "--qemu-listen", ...here(listen!)]);
+    await using a = new Guest(image, { ...GUEST_A, netdev: "", nic: here(gns3!) });
+    await using b = new Guest(image, { ...GUEST_B, netdev: "", nic: here(containerlab!) });
+    await Promise.all([a.ready(), b.ready()]);
+    const [ab, ba] = [await a.ping(b.address, 3), await b.ping(a.address, 3)];
+    const ports = (await relay.status()).networks.find((n: any) => n.name === "lab").ports;
+    console.log(`[vm] README GNS3 + containerlab arguments on ${listen}: ping A→B ${ab.received}/${ab.transmitted}, B→A ${ba.received}/${ba.transmitted}; ${ports.length} ports on lab`);
+    expect([ab.received, ba.received]).toEqual([ab.transmitted, ba.transmitted]);
+    expect(ports.map((p: any) => p.kind)).toEqual(["qemu-listen", "qemu-listen"]);
+  });
+
   test("faults: kill -9 and restart the hub, then site B (B on UDP dgram)", async () => {
     await using t = await startTopology(tcpClient("stream"), udp("dgram"));
     await killAndRecover(t, t.hub, "faults (A stream / B dgram)", () => uplinksDown(t));
