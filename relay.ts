@@ -5794,6 +5794,8 @@ summary { cursor: pointer; font-weight: 600; }
     renderCounters(st);
   }
   async function poll() {
+    // Counted from the request's start, so the page refreshes once a second however long a fetch takes.
+    var started = Date.now();
     var delay = POLL_MS;
     var abort = new AbortController();
     var timer = setTimeout(function () { abort.abort(); }, 5000);
@@ -5816,7 +5818,7 @@ summary { cursor: pointer; font-weight: 600; }
     } finally {
       clearTimeout(timer);
     }
-    setTimeout(poll, delay);
+    setTimeout(poll, Math.max(0, delay - (Date.now() - started)));
   }
   poll();
 })();

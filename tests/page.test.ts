@@ -140,6 +140,16 @@ suite("status page in Chromium", () => {
     await screenshot(page, dir.path, "page-1280x800");
     await screenshot(page, dir.path, "page-1280-full", true);
 
+    // Without colour (as a greyscale screen or a colour-blind reader sees it) every state is still
+    // said in words next to its symbol, and the live indicator too.
+    await page.emulateVisionDeficiency("achromatopsia");
+    const states = await page.$$eval(`section[data-network="lab"] table.ports td[data-field="state"]`, (cells) => cells.map((c) => c.textContent));
+    expect(states.length).toBe(2);
+    for (const state of states) expect(state).toMatch(/^\S (up|down|connecting|closed|blocked \(loop\)) /);
+    expect(await text("#live")).toMatch(/^● Live, updated /);
+    await screenshot(page, dir.path, "page-1280-greyscale");
+    await page.emulateVisionDeficiency("none");
+
     // Phone width: nothing sticks out sideways; ports become cards.
     await page.setViewport({ width: 390, height: 844 });
     expect(await page.evaluate(() => document.documentElement.scrollWidth)).toBeLessThanOrEqual(390);
