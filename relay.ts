@@ -1898,7 +1898,7 @@ export interface PortSnapshot {
    * and times it was itself given up on for sending nothing while others waited.
    */
   flow: { pauses: number; waitingFor: string | null; stalls: number };
-  /** Why it closed: peer closed, oversize frame, write error, relay stopping, … */
+  /** Why it closed: peer closed, oversize frame, write error, read error: …, aged out, relay stopping, … */
   reason?: string;
 }
 
@@ -1927,8 +1927,9 @@ export abstract class Port {
   /** Link impairment on the way into the switch and out of it (netem's vocabulary). */
   impairIn: Impairment | undefined;
   impairOut: Impairment | undefined;
-    /** The relay at the far end of a tunnel, and the link's rank for loop breaking (tunnel ports only). */
+  /** The relay at the far end of a tunnel, its name, and the link's rank for loop breaking (tunnel ports only). */
   remoteId: string | undefined;
+  remoteName: string | undefined;
   linkRank: string | undefined;
   /** Flow control: the congested port this one's reading waits for, and how often it waited. */
   waitingFor: Port | undefined;
@@ -2375,7 +2376,8 @@ export class Network {
 
   detach(port: Port, reason?: string): void {
     if (!this.ports.delete(port)) return;
-    port.closeReason ??= this.#policy.stopping ? "relay stopping" : reason;
+    // A stop closes every socket at once; what a port saw on the way (a failed write) is not why it closed.
+    port.closeReason = this.#policy.stopping ? "relay stopping" : (port.closeReason ?? reason);
     port.impair("in", undefined);
     port.impair("out", undefined);
     port.state = "closed";
@@ -3204,6 +3206,7 @@ export class TunnelLink {
   attach(channel: number, network: Network, localId: string): TunnelPort {
     const port = new TunnelPort(this.kind, this.peer, this, channel);
     port.remoteId = this.remoteId;
+    port.remoteName = this.remoteName;
     if (this.remoteId !== undefined) port.linkRank = this.kind === "uplink" ? `${localId}>${this.remoteId}` : `${this.remoteId}>${localId}`;
     this.ports[channel] = port;
     network.attach(port);
@@ -4386,7 +4389,12 @@ export class StreamPort extends Port {
     private readonly countError: () => void,
   ) {
     super(kind, peer);
-    this.writer = new StreamWriter((data) => socket.write(data), limit, budget);
+    this.writer = new StreamWriter((data) => {
+      const written = socket.write(data);
+      // Bun reports a failed send (the peer reset) as -1 here, and the close that follows without an error.
+      if (written < 0) this.closeReason ??= "write error";
+      return written;
+    }, limit, budget);
     this.queueLimit = limit;
   }
 
@@ -4433,6 +4441,7 @@ export class StreamPort extends Port {
       this.stats.errors++;
       this.countError();
       this.state = "closed";
+      this.closeReason = "oversize frame";
       this.log.warn(`${this.id} ${this.peer}: ${(error as Error).message}; closing the connection`);
       this.socket.end();
     }
@@ -4478,14 +4487,17 @@ function streamHandlers(ctx: StreamContext) {
     drain(socket: Socket<StreamPort>) {
       socket.data.writer.drain();
     },
-    close(socket: Socket<StreamPort>) {
+    /** `error`: a reset seen on reading, as `read error: connection reset by peer (ECONNRESET)`. */
+    close(socket: Socket<StreamPort>, error?: Error) {
       if (socket.data) {
+        if (error) socket.data.closeReason ??= describeError(`${(error as { syscall?: string }).syscall ?? "socket"} error`, error);
         socket.data.writer.close();
         ctx.network.detach(socket.data);
         if (ctx.cap !== undefined) ctx.cap.open--;
       }
       ctx.onClose?.();
     },
+    // Bun calls it when a handler throws; the connection stays up, so it gives no close reason.
     error(socket: Socket<StreamPort>, error: Error) {
       if (socket.data) socket.data.stats.errors++;
       ctx.log.warn(describeError(`${socket.data?.id ?? ctx.kind} ${socket.data?.peer ?? ""}`.trim(), error));
@@ -4957,7 +4969,7 @@ export async function bindDatagram(
   address: SocketAddress,
   remote: SocketAddress | undefined,
   ctx: { network: Network; log: Logger; ageingMs: number; maxPeers: number; countError: () => void },
-): Promise<{ socket: DatagramSocket; sweep(): void; status(): DatagramStatus }> {
+): Promise<{ socket: DatagramSocket; sweep(): void; close(): void | Promise<void>; status(): DatagramStatus }> {
   let where = `qemu-udp ${ctx.network.name} ${formatAddress(address)}`;
   let oversized = 0;
   const peers = new Map<string, DatagramPort>();
@@ -5011,7 +5023,7 @@ export async function bindDatagram(
     if (peers.size >= ctx.maxPeers) {
       const [oldKey, oldest] = peers.entries().next().value!;
       peers.delete(oldKey);
-      ctx.network.detach(oldest);
+      ctx.network.detach(oldest, "evicted: --udp-peers full");
       status.evicted++;
       logs.evicted.log(`${where}: ${ctx.maxPeers} peers (--udp-peers); forgot ${oldest.peer}, the least recently heard; further ones are counted in /status`);
     }
@@ -5075,9 +5087,15 @@ export async function bindDatagram(
       for (const [key, peer] of peers) {
         if (peer !== fixed && now - peer.lastHeard >= peerAgeingMs) {
           peers.delete(key);
-          ctx.network.detach(peer);
+          ctx.network.detach(peer, "aged out");
         }
       }
+    },
+    /** Every peer goes down (the relay is stopping), then the socket closes. */
+    close() {
+      for (const peer of peers.values()) ctx.network.detach(peer);
+      peers.clear();
+      return socket.close();
     },
     status: () => ({
       ...status,
@@ -5124,7 +5142,7 @@ export async function joinMulticast(
       throw new Error("cannot join the group");
     }
     ctx.network.attach(port);
-    return { address: receiver.address, close: () => (receiver.close(), sender!.close()) };
+    return { address: receiver.address, close: () => (ctx.network.detach(port), receiver.close(), sender!.close()) };
   } catch (error) {
     sender?.close();
     throw new Error(describeError(`Cannot join ${where}`, error));
@@ -5254,7 +5272,9 @@ export function renderMetrics(
         continue;
       }
       ports.push(p);
-      labels.push(`{network="${n.name}",port="${p.id}",kind="${p.kind}"}`);
+      // A site's name passed NETWORK_NAME in its hello: nothing in it needs escaping.
+      const site = p.kind === "tunnel" && p.remoteName !== undefined ? `,site="${p.remoteName}"` : "";
+      labels.push(`{network="${n.name}",port="${p.id}",kind="${p.kind}"${site}}`);
     }
   }
   const kinds = [...totals].sort(([a], [b]) => a.localeCompare(b));
@@ -6493,7 +6513,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
     }
     for (const spec of config.qemuUdp) {
       const dgram = await bindDatagram(spec.address, spec.remote, { network: network(spec.network), log: portLog, ageingMs, maxPeers: config.udpPeers, countError });
-      stoppers.push(() => dgram.socket.close());
+      stoppers.push(dgram.close);
       sweepers.push(dgram.sweep);
       datagramSockets.push(dgram);
       bound.push({ what: "qemu-udp", network: spec.network, address: dgram.socket.address });

@@ -2,7 +2,7 @@ import { describe, expect, test } from "bun:test";
 import { existsSync, readFileSync } from "node:fs";
 import { dirname } from "node:path";
 import { OPTIONS, flagOf, helpText, loadConfig, startRelay, parseConfig } from "../relay.ts";
-import { RELAY, attachVm, connectStream, freePort, runCli, makeFrame, BROADCAST, spawnRelay, tempDir, waitUntil } from "./helpers.ts";
+import { RELAY, attachVm, connectStream, freePort, runCli, makeFrame, BROADCAST, spawnRelay, tempDir, udpPeer, waitUntil } from "./helpers.ts";
 
 describe("CLI", () => {
   test("--help documents every option on stdout and exits 0", async () => {
@@ -189,6 +189,49 @@ describe("CLI", () => {
     expect(new Set(macs).size).toBe(hints.length);
   });
 
+  test("SIGTERM logs every UDP and multicast port going down, as it does stream ports, and exits 0", async () => {
+    using learned = await udpPeer();
+    const [fixed, group] = [await freePort("udp"), `239.255.42.2:${await freePort("udp")}`];
+    await using relay = await spawnRelay([
+      "--http", "127.0.0.1:0", "--qemu-udp", `127.0.0.1:0,127.0.0.1:${fixed}`, "--qemu-udp", "lab=127.0.0.1:0", "--qemu-mcast", `lab=${group},127.0.0.1`,
+    ]);
+    learned.send(makeFrame(BROADCAST, "02:00:00:00:16:01", "learn me"), relay.port("qemu-udp", "lab"));
+    await relay.waitForLine(new RegExp(`^lab/qemu-udp-1 up: qemu-udp 127\\.0\\.0\\.1:${learned.port}$`));
+    expect(await relay.stop("SIGTERM")).toBe(0);
+    const [, after] = relay.stdout().split("\nSIGTERM: stopping\n");
+    expect(after!.trimEnd().split("\n").toSorted()).toEqual([
+      `default/qemu-udp-1 down: qemu-udp 127.0.0.1:${fixed}: relay stopping`,
+      `lab/qemu-mcast-1 down: qemu-mcast ${group}: relay stopping`,
+      `lab/qemu-udp-1 down: qemu-udp 127.0.0.1:${learned.port}: relay stopping`,
+    ]);
+    expect(relay.stderr()).toBe("");
+  });
+
+  test("QEMU lines for unix, abstract unix, unix datagram and multicast ports: the QEMU ≥ 7.2 form, and the older one where it exists", async () => {
+    await using dir = await tempDir();
+    const abstract = `edge-relay-test-${process.pid}-hints`;
+    const group = `239.255.42.3:${await freePort("udp")}`;
+    await using relay = await spawnRelay([
+      "--http", "127.0.0.1:0", "--qemu-listen", `unix:${dir.path}/listen.sock`, "--qemu-listen", `lab=unix:@${abstract}`,
+      "--qemu-connect", `unix:${dir.path}/vm.sock`, "--qemu-udp", `unix:${dir.path}/dgram.sock`, "--qemu-mcast", `lab=${group},127.0.0.1`,
+    ]);
+    const [host, port] = group.split(":");
+    const hints = relay.stdout().split("\n").filter((l) => l.startsWith("attach a VM"));
+    const mac = /,mac=(52:54:00:[0-9a-f]{2}:[0-9a-f]{2}:[0-9a-f]{2})$/;
+    // QEMU's older `-netdev socket` has no unix sockets: those get the QEMU ≥ 7.2 line only.
+    expect(hints.map((l) => l.replace(mac, ""))).toEqual([
+      `attach a VM to default (QEMU ≥ 7.2): qemu-system-x86_64 … -netdev stream,id=n0,server=off,addr.type=unix,addr.path=${dir.path}/listen.sock -device virtio-net-pci,netdev=n0`,
+      `attach a VM to lab (QEMU ≥ 7.2): qemu-system-x86_64 … -netdev stream,id=n0,server=off,addr.type=unix,addr.path=${abstract},addr.abstract=on -device virtio-net-pci,netdev=n0`,
+      `attach a VM to default (QEMU ≥ 7.2, the VM listens): qemu-system-x86_64 … -netdev stream,id=n0,server=on,addr.type=unix,addr.path=${dir.path}/vm.sock -device virtio-net-pci,netdev=n0`,
+      `attach a VM to default (QEMU ≥ 7.2): qemu-system-x86_64 … -netdev dgram,id=n0,local.type=unix,local.path=${dir.path}/dgram.sock.vm,remote.type=unix,remote.path=${dir.path}/dgram.sock -device virtio-net-pci,netdev=n0`,
+      `attach a VM to lab (QEMU ≥ 7.2): qemu-system-x86_64 … -netdev dgram,id=n0,remote.type=inet,remote.host=${host},remote.port=${port},local.type=inet,local.host=127.0.0.1,local.port=0 -device virtio-net-pci,netdev=n0`,
+      `attach a VM to lab (older QEMU): qemu-system-x86_64 … -netdev socket,id=n0,mcast=${group},localaddr=127.0.0.1 -device virtio-net-pci,netdev=n0`,
+    ]);
+    const macs = hints.map((l) => mac.exec(l)?.[1]);
+    expect(macs.every(Boolean)).toBe(true);
+    expect(new Set(macs).size).toBe(hints.length);
+  });
+
   test("SIGTERM to `npm start` reaches the relay: both ports are freed and no bun process is left", async () => {
     const npm = Bun.spawn(["npm", "start", "--", "--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0"], { cwd: dirname(RELAY), stdout: "pipe", stderr: "pipe", stdin: "ignore" });
     let out = "";
@@ -214,7 +257,7 @@ describe("CLI", () => {
     await npm.exited;
     await reader;
     await waitUntil(() => descendants.every((pid) => !existsSync(`/proc/${pid}`)), "every process under npm gone");
-    for (const port of ports) expect(connectStream(port)).rejects.toThrow();
+    for (const port of ports) await expect(connectStream(port)).rejects.toThrow();
   });
 
   test("a MAC seen on two ports in turn is warned about once (rate-limited) and counted", async () => {
@@ -348,6 +391,6 @@ describe("startRelay", () => {
       await waitUntil(() => relay.snapshot().networks[0]!.ports.length === 1, "port attached");
       expect(relay.snapshot().networks[0]!.ports[0]!.peer).toBe(vm.local);
     }
-    expect(connectStream(port)).rejects.toThrow();
+    await expect(connectStream(port)).rejects.toThrow();
   });
 });

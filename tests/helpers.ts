@@ -244,6 +244,8 @@ export interface StreamPeer extends AsyncDisposable {
   pause(): void;
   resume(): void;
   close(): void;
+  /** Closes with a TCP reset (RST), as a killed VM with unread data does, not a FIN. */
+  reset(): void;
 }
 
 /** Per-connection state of a fake peer; `drained` wakes a writeAll waiting for the kernel. */
@@ -296,6 +298,7 @@ function streamPeer(socket: import("bun").Socket<PeerState>, closed: Promise<voi
     pause: () => socket.pause(),
     resume: () => socket.resume(),
     close: () => socket.end(),
+    reset: () => socket.terminate(),
     async [Symbol.asyncDispose]() {
       socket.end();
       await closed;

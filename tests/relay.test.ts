@@ -1,5 +1,6 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { readFileSync } from "node:fs";
+import { hostname } from "node:os";
 import { MAX_FRAME, TUNNEL_PROTOCOL, encodeControl, encodeFrames } from "../relay.ts";
 import {
   BROADCAST,
@@ -137,6 +138,79 @@ describe("relay over a hub (three CLI processes)", () => {
     const probe = makeFrame(BROADCAST, "02:00:00:00:0a:04", "still here");
     vmA.send(probe);
     expect(await vmB.frames.next(fromMac("02:00:00:00:0a:04"))).toEqual(probe);
+  });
+});
+
+describe("VM ports coming up and going down", () => {
+  test("ports are numbered per network in attach order, a closed port's number is not reused, and each change is one log line", async () => {
+    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "lab=127.0.0.1:0", "--qemu-listen", "dev=127.0.0.1:0"]);
+    const ports = async () => Object.fromEntries((await relay.status()).networks.map((n: any) => [n.name, n.ports.map((p: any) => [p.id, p.peer])]));
+    const lab1 = await attachVm(relay, "lab");
+    await using lab2 = await attachVm(relay, "lab");
+    await using dev1 = await attachVm(relay, "dev");
+    expect(await ports()).toEqual({ lab: [["lab/qemu-listen-1", lab1.local], ["lab/qemu-listen-2", lab2.local]], dev: [["dev/qemu-listen-1", dev1.local]] });
+    lab1.close();
+    await relay.waitForLine(new RegExp(`^lab/qemu-listen-1 down: qemu-listen ${RegExp.escape(lab1.local)}: peer closed$`));
+    await using lab3 = await attachVm(relay, "lab");
+    expect(await ports()).toEqual({ lab: [["lab/qemu-listen-2", lab2.local], ["lab/qemu-listen-3", lab3.local]], dev: [["dev/qemu-listen-1", dev1.local]] });
+    const lab = (await relay.status()).networks.find((n: any) => n.name === "lab");
+    expect(lab.closedPorts).toEqual([expect.objectContaining({ id: "lab/qemu-listen-1", peer: lab1.local, state: "closed", reason: "peer closed" })]);
+    await relay.waitForLine(/^lab\/qemu-listen-3 up: /);
+    expect(relay.stdout().split("\n").filter((l) => / (up|down): /.test(l))).toEqual([
+      `lab/qemu-listen-1 up: qemu-listen ${lab1.local}`,
+      `lab/qemu-listen-2 up: qemu-listen ${lab2.local}`,
+      `dev/qemu-listen-1 up: qemu-listen ${dev1.local}`,
+      `lab/qemu-listen-1 down: qemu-listen ${lab1.local}: peer closed`,
+      `lab/qemu-listen-3 up: qemu-listen ${lab3.local}`,
+    ]);
+  });
+
+  test("a VM that resets its connection goes down with the read error as the reason", async () => {
+    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0"]);
+    const vm = await attachVm(relay);
+    vm.reset();
+    const reason = "read error: connection reset by peer (ECONNRESET)";
+    await relay.waitForLine(new RegExp(`^default/qemu-listen-1 down: qemu-listen ${RegExp.escape(vm.local)}: ${RegExp.escape(reason)}$`));
+    expect((await relay.status()).networks[0].closedPorts).toEqual([expect.objectContaining({ peer: vm.local, reason })]);
+  });
+
+  test("a --qemu-udp peer silent for its ageing time goes down as aged out", async () => {
+    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-udp", "127.0.0.1:0", "--mac-ageing", "1"]);
+    using vm = await udpPeer();
+    vm.send(makeFrame(BROADCAST, "02:00:00:00:14:01", "then silence"), relay.port("qemu-udp"));
+    await relay.waitForLine(new RegExp(`^default/qemu-udp-1 up: qemu-udp 127\\.0\\.0\\.1:${vm.port}$`));
+    await relay.waitForLine(new RegExp(`^default/qemu-udp-1 down: qemu-udp 127\\.0\\.0\\.1:${vm.port}: aged out$`));
+    expect((await relay.status()).networks[0].closedPorts).toEqual([expect.objectContaining({ peer: `127.0.0.1:${vm.port}`, reason: "aged out" })]);
+  });
+
+  test("a --qemu-udp peer pushed out of a full table goes down as evicted", async () => {
+    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-udp", "127.0.0.1:0", "--udp-peers", "1"]);
+    using first = await udpPeer();
+    using second = await udpPeer();
+    first.send(makeFrame(BROADCAST, "02:00:00:00:15:01", "first"), relay.port("qemu-udp"));
+    await relay.waitForLine(/^default\/qemu-udp-1 up: /);
+    second.send(makeFrame(BROADCAST, "02:00:00:00:15:02", "second"), relay.port("qemu-udp"));
+    await relay.waitForLine(new RegExp(`^default/qemu-udp-1 down: qemu-udp 127\\.0\\.0\\.1:${first.port}: evicted: --udp-peers full$`));
+    const net = (await relay.status()).networks[0];
+    expect(net.ports.map((p: any) => [p.id, p.peer])).toEqual([["default/qemu-udp-2", `127.0.0.1:${second.port}`]]);
+    expect(net.closedPorts).toEqual([expect.objectContaining({ id: "default/qemu-udp-1", reason: "evicted: --udp-peers full" })]);
+  });
+});
+
+describe("site names at the hub", () => {
+  test("a site's --name, or else its host name, names its tunnel in the hub's status, log and metrics", async () => {
+    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN]);
+    await using named = await site(hub, "--qemu-listen", "127.0.0.1:0", "--name", "site-a");
+    await uplinkUp(named);
+    await using unnamed = await site(hub, "--qemu-listen", "127.0.0.1:0");
+    await uplinkUp(unnamed);
+    const [a, b] = (await hub.status()).networks[0].ports;
+    const host = RegExp.escape(hostname());
+    expect([a.kind, a.peer, b.kind, b.peer]).toEqual(["tunnel", expect.stringMatching(/^site-a \(127\.0\.0\.1:\d+\)$/), "tunnel", expect.stringMatching(new RegExp(`^${host} \\(127\\.0\\.0\\.1:\\d+\\)$`))]);
+    for (const port of [a, b]) await hub.waitForLine(new RegExp(`^tunnel: ${RegExp.escape(port.peer)} attached \\(networks: default\\)$`));
+    const metrics = await (await fetch(`${hub.base}/metrics`)).text();
+    expect(metrics).toContain(`\nedge_relay_port_rx_frames_total{network="default",port="${a.id}",kind="tunnel",site="site-a"} 0\n`);
+    expect(metrics).toContain(`\nedge_relay_port_tx_frames_total{network="default",port="${b.id}",kind="tunnel",site="${hostname()}"} `);
   });
 });
 
@@ -354,7 +428,8 @@ describe("bad input on QEMU ports", () => {
     expect(await vm2.frames.next()).toEqual(f);
     const net = (await relay.status()).networks[0];
     expect(net.ports.length).toBe(2);
-    expect(net.closedPorts).toEqual([expect.objectContaining({ state: "closed", errors: 1 })]);
+    expect(net.closedPorts).toEqual([expect.objectContaining({ id: "default/qemu-listen-1", peer: bad.local, state: "closed", errors: 1, reason: "oversize frame" })]);
+    await relay.waitForLine(new RegExp(`^default/qemu-listen-1 down: qemu-listen ${RegExp.escape(bad.local)}: oversize frame$`));
     expect((await relay.status()).protocolErrors).toBe(1);
     expect(await (await fetch(`${relay.base}/metrics`)).text()).toContain("edge_relay_protocol_errors_total 1");
   });
