@@ -42,7 +42,7 @@
  * @module
  */
 
-import { lstatSync, readFileSync, readlinkSync, renameSync, rmSync, unlinkSync } from "node:fs";
+import { lstatSync, readFileSync, readlinkSync, realpathSync, renameSync, rmSync, unlinkSync } from "node:fs";
 import { isIPv4, isIPv6 } from "node:net";
 import { basename } from "node:path";
 import { hostname, constants as osConstants } from "node:os";
@@ -6753,10 +6753,18 @@ export function qemuHints(config: Config, bound: BoundAddress[]): string[] {
   return lines;
 }
 
-/** How the user runs this program: the compiled binary's own name, or Bun on the script (through npx when Bun is not on the PATH). */
+/**
+ * How the user runs this program: the compiled binary's own name, else Bun on the script. `npx bun`
+ * when this Bun is a project's own (under node_modules) and `bun` in the user's shell would not run
+ * it: npx and npm scripts put node_modules/.bin on the PATH, so that shell's PATH is this one without
+ * those entries. Its `bun` may be a global one (also under node_modules after `npm install -g bun`).
+ */
 function programName(): string {
   if (Bun.main.startsWith("/$bunfs/")) return basename(process.execPath);
-  return `${Bun.which("bun") ? "" : "npx "}bun ${basename(Bun.main)}`;
+  const PATH = (process.env.PATH ?? "").split(":").filter((dir) => !/(^|\/)node_modules\/\.bin\/?$/.test(dir)).join(":");
+  const bun = Bun.which("bun", { PATH });
+  const global = !process.execPath.includes("/node_modules/") || (bun !== null && realpathSync(bun) === realpathSync(process.execPath));
+  return `${global ? "" : "npx "}bun ${basename(Bun.main)}`;
 }
 
 export async function main(argv = Bun.argv.slice(2), env: Record<string, string | undefined> = process.env): Promise<void> {

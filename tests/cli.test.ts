@@ -1,32 +1,41 @@
 import { describe, expect, test } from "bun:test";
-import { existsSync, readFileSync } from "node:fs";
+import { existsSync, readFileSync, symlinkSync } from "node:fs";
 import { dirname } from "node:path";
 import { OPTIONS, flagOf, helpText, loadConfig, startRelay, parseConfig } from "../relay.ts";
 import { RELAY, attachVm, connectStream, freePort, runCli, makeFrame, BROADCAST, spawnRelay, tempDir, udpPeer, waitUntil } from "./helpers.ts";
 
+const ROOT = dirname(RELAY);
+
 describe("CLI", () => {
-  test("--help documents every option on stdout and exits 0", async () => {
-    const { stdout, stderr, code } = await runCli(["--help"]);
+  test("--help, run as the README's set-up leaves it (npx bun relay.ts), documents every option, names that invocation and exits 0", async () => {
+    const { stdout, stderr, code } = await runCli(["--help"], {}, 20_000, { command: ["npx", "bun", "relay.ts"], cwd: ROOT });
     expect({ stderr, code }).toEqual({ stderr: "", code: 0 });
-    expect(stdout).toBe(helpText());
+    expect(stdout).toBe(helpText("npx bun relay.ts"));
+    expect(stdout.split("\n")[2]).toBe("Usage: npx bun relay.ts [options]");
     const options = Object.keys(OPTIONS).map(flagOf);
     expect(options.length).toBeGreaterThan(25);
     for (const option of options) expect(stdout).toMatch(new RegExp(`^  (-[a-zA-Z], )?${option}\\b`, "m"));
   });
 
-  test("compiles to one binary that runs on its own", async () => {
+  test("--help says plain `bun relay.ts` when the shell's own bun runs it (a global Bun)", async () => {
     await using dir = await tempDir();
-    const binary = `${dir.path}/edge-relay`;
+    // A global Bun: a `bun` on the PATH that is this same executable, typed as `bun relay.ts`.
+    symlinkSync(process.execPath, `${dir.path}/bun`);
+    const global = await runCli(["--help"], { PATH: `${dir.path}:${process.env.PATH}` }, 10_000, { command: [`${dir.path}/bun`, "relay.ts"], cwd: ROOT });
+    expect(global).toEqual({ stdout: helpText("bun relay.ts"), stderr: "", code: 0 });
+  });
+
+  test("compiles to one binary that runs on its own and calls itself by its file name", async () => {
+    await using dir = await tempDir();
+    // Not "edge-relay": the help must say the name the binary was given, not a built-in one.
+    const binary = `${dir.path}/my-relay`;
     await Bun.$`${process.execPath} build --compile ${RELAY} --outfile ${binary}`.quiet();
-    const proc = Bun.spawn([binary, "--version"], { stdout: "pipe", stderr: "pipe", cwd: dir.path });
-    expect({ stdout: await new Response(proc.stdout).text(), stderr: await new Response(proc.stderr).text(), code: await proc.exited }).toEqual({
+    expect(await runCli(["--version"], {}, 10_000, { command: [binary], cwd: dir.path })).toEqual({
       stdout: `edge-relay 0.1.0 (bun ${Bun.version})\n`,
       stderr: "",
       code: 0,
     });
-    const help = Bun.spawn([binary, "-h"], { stdout: "pipe", stderr: "pipe", cwd: dir.path });
-    expect((await new Response(help.stdout).text()).split("\n")[2]).toBe("Usage: edge-relay [options]");
-    expect(await help.exited).toBe(0);
+    expect(await runCli(["-h"], {}, 10_000, { command: [binary], cwd: dir.path })).toEqual({ stdout: helpText("my-relay"), stderr: "", code: 0 });
   });
 
   test("--version prints the version", async () => {
@@ -233,7 +242,7 @@ describe("CLI", () => {
   });
 
   test("SIGTERM to `npm start` reaches the relay: both ports are freed and no bun process is left", async () => {
-    const npm = Bun.spawn(["npm", "start", "--", "--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0"], { cwd: dirname(RELAY), stdout: "pipe", stderr: "pipe", stdin: "ignore" });
+    const npm = Bun.spawn(["npm", "start", "--", "--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0"], { cwd: ROOT, stdout: "pipe", stderr: "pipe", stdin: "ignore" });
     let out = "";
     const reader = (async () => {
       for await (const chunk of npm.stdout) out += new TextDecoder().decode(chunk);

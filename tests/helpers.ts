@@ -444,10 +444,16 @@ export const uplinkUp = (relay: RelayProcess, connects = 1) =>
 
 /**
  * Runs the CLI to completion, as a user would: stdout, stderr and the exit code. One still running
- * after `timeoutMs` (a relay that should have refused to start) is killed and reported.
+ * after `timeoutMs` (a relay that should have refused to start) is killed and reported. `command`
+ * replaces `bun relay.ts` (`npx bun relay.ts` with `cwd` the project, a compiled binary).
  */
-export async function runCli(args: string[], env: Record<string, string> = {}, timeoutMs = 10_000) {
-  const proc = Bun.spawn([process.execPath, RELAY, ...args], { stdout: "pipe", stderr: "pipe", stdin: "ignore", env: { ...process.env, ...env } });
+export async function runCli(
+  args: string[],
+  env: Record<string, string> = {},
+  timeoutMs = 10_000,
+  { command = [process.execPath, RELAY], cwd }: { command?: string[]; cwd?: string } = {},
+) {
+  const proc = Bun.spawn([...command, ...args], { stdout: "pipe", stderr: "pipe", stdin: "ignore", cwd, env: { ...process.env, ...env } });
   const timer = setTimeout(() => proc.kill("SIGKILL"), timeoutMs);
   const [stdout, stderr, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
   clearTimeout(timer);
