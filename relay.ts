@@ -10,14 +10,14 @@
  *
  * ```sh
  * # one host: a local switch on 127.0.0.1:10000, status on http://127.0.0.1:8080/status
- * bun relay.ts
+ * npx bun relay.ts
  *
  * # hub (public host) and two sites behind NAT
- * RELAY_TOKENS=site-secret-change-me RELAY_ADMIN_TOKEN=admin-secret-change-me bun relay.ts --http 0.0.0.0:8080
- * RELAY_UPLINK_TOKEN=site-secret-change-me bun relay.ts --qemu-listen 127.0.0.1:10000 --uplink ws://hub.example:8080
+ * RELAY_TOKENS=site-secret-change-me RELAY_ADMIN_TOKEN=admin-secret-change-me npx bun relay.ts --http 0.0.0.0:8080
+ * RELAY_UPLINK_TOKEN=site-secret-change-me npx bun relay.ts --qemu-listen 127.0.0.1:10000 --uplink ws://hub.example:8080
  *
  * # several hubs that share their networks through NATS, sites spread over them by a load balancer
- * RELAY_TOKENS=site-secret-change-me RELAY_ADMIN_TOKEN=admin-secret-change-me bun relay.ts --http 0.0.0.0:8080 --backplane nats://nats.example:4222
+ * RELAY_TOKENS=site-secret-change-me RELAY_ADMIN_TOKEN=admin-secret-change-me npx bun relay.ts --http 0.0.0.0:8080 --backplane nats://nats.example:4222
  * ```
  *
  * Attach a VM (QEMU ≥ 7.2, or the older `-netdev socket` form):

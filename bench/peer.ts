@@ -2,12 +2,12 @@
  * Bench peer: a QEMU-like endpoint speaking QEMU's stream framing (u32 BE length + frame) over TCP,
  * or one frame per UDP datagram. Run as a separate process so its CPU is not charged to the relays.
  *
- *   bun bench/peer.ts gen  (--tcp-connect H:P | --tcp-listen H:P | --udp-bind H:P --udp-to H:P)
+ *   npx bun bench/peer.ts gen  (--tcp-connect H:P | --tcp-listen H:P | --udp-bind H:P --udp-to H:P)
  *                          [--size 1500] [--seconds 5] [--count N] [--rate FPS] [--batch-bytes 262144]
- *   bun bench/peer.ts sink (same transports) [--rate FPS]   (reads no faster than FPS frames/s)
- *   bun bench/peer.ts ping (same transports) [--samples 3000] [--warmup 300] [--size 64]
- *   bun bench/peer.ts vms  --tcp-connect H:P [--count 100]  (N idle VMs, one broadcast each)
- *   bun bench/peer.ts capture --url http://H:P/capture?network=NET  (reads the pcapng stream as fast
+ *   npx bun bench/peer.ts sink (same transports) [--rate FPS]   (reads no faster than FPS frames/s)
+ *   npx bun bench/peer.ts ping (same transports) [--samples 3000] [--warmup 300] [--size 64]
+ *   npx bun bench/peer.ts vms  --tcp-connect H:P [--count 100]  (N idle VMs, one broadcast each)
+ *   npx bun bench/peer.ts capture --url http://H:P/capture?network=NET  (reads the pcapng stream as fast
  *                          as it can; "report": bytes and packet blocks so far)
  *
  * Protocol with the driver (bench/run.ts): JSON events, one per stdout line
@@ -609,7 +609,7 @@ switch (mode) {
     void runCapture().catch((e) => fail(String(e)));
     break;
   default:
-    fail(`usage: bun bench/peer.ts gen|sink|ping|vms|capture [options] (got ${mode})`);
+    fail(`usage: npx bun bench/peer.ts gen|sink|ping|vms|capture [options] (got ${mode})`);
 }
 if (mode !== "vms" && mode !== "capture") await openTransport();
 void readCommands();

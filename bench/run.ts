@@ -1,5 +1,5 @@
 /**
- * `npm run bench` = `bun bench/run.ts [case ...] [--json FILE]`
+ * `npm run bench` = `npx bun bench/run.ts [case ...] [--json FILE]`
  *
  * Cases (all by default): selftest tcp1500 tcp1500-observed local tcp64k udp latency fanout memory backplane.
  * (`backplane`: site A → hub 1 → NATS → hub 2 → site B against the single-hub chain, 1500 B.)

@@ -1,5 +1,5 @@
 /**
- * `bun bench/selftest.ts`: checks that the sink really counts what it claims. Feeds a sink (a real
+ * `npx bun bench/selftest.ts`: checks that the sink really counts what it claims. Feeds a sink (a real
  * `peer.ts sink` process) frames in split chunks with one reordered, one duplicated and three
  * damaged ones (filler, seq, checksum), and expects exactly those counts back.
  */

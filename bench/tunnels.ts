@@ -107,7 +107,7 @@ export async function openTunnels(
 
 // ───────────── idle load client for the scale case (a process of its own) ─────────────
 //
-// `bun bench/tunnels.ts idle --url http://HOST:PORT --token T --kind tunnel|v86 --count N --first K`
+// `npx bun bench/tunnels.ts idle --url http://HOST:PORT --token T --kind tunnel|v86 --count N --first K`
 // opens N connections, `--concurrency` at a time: tunnels announce network `sK+i` each and wait
 // for the welcome; v86 sockets join `/v86/sK+i`. Then they sit idle (Bun answers the hub's pings).
 // stdout: JSON events `ready` (with every hello→welcome time in ms), `reconnected`; stdin commands
@@ -219,6 +219,6 @@ async function idleMain(args: string[]) {
 
 if (import.meta.main) {
   const [mode, ...rest] = process.argv.slice(2);
-  if (mode !== "idle") throw new Error("usage: bun bench/tunnels.ts idle --url URL --token T --kind tunnel|v86 --count N [--first K]");
+  if (mode !== "idle") throw new Error("usage: npx bun bench/tunnels.ts idle --url URL --token T --kind tunnel|v86 --count N [--first K]");
   await idleMain(rest);
 }

@@ -272,6 +272,32 @@ describe("README recipes", () => {
     expect((await readme()).includes("```haproxy\n" + cfg + "```\n")).toBe(true);
   });
 
+  test("every example that runs Bun works after the README's set-up, which puts no bun on the PATH: through npx", async () => {
+    // Fenced blocks of the docs, the comments of deploy/, and relay.ts's own examples (its header).
+    const text = (path: string) => Bun.file(`${ROOT}${path}`).text();
+    const fenced = (md: string) => [...md.matchAll(/```[a-z]*\n([\s\S]*?)```/g)].map((m) => m[1]!).join("\n");
+    const header = await text("relay.ts");
+    const sources: [string, string][] = [
+      ["README.md", fenced(await readme())],
+      ["bench/README.md", fenced(await text("bench/README.md"))],
+      ["relay.ts", fenced(header.slice(0, header.indexOf("@module")))],
+      ["deploy/edge-relay.service", await text("deploy/edge-relay.service")],
+      ["deploy/Containerfile", await text("deploy/Containerfile")],
+    ];
+    let found = 0;
+    const bare: string[] = [];
+    for (const [name, source] of sources) {
+      for (const line of source.split("\n")) {
+        for (const m of line.matchAll(/(?<![\w/.-])bun (?=[\w./-])/g)) {
+          found++;
+          if (!line.slice(0, m.index).endsWith("npx ")) bare.push(`${name}: ${line.trim()}`);
+        }
+      }
+    }
+    expect(found).toBeGreaterThan(20);
+    expect(bare).toEqual([]);
+  });
+
   test("hub and site on one host, as the README's commands start them, share a segment", async () => {
     const text = await readme();
     const block = /<!-- recipe: one host -->\n```sh\n([\s\S]*?)```/.exec(text)?.[1];
