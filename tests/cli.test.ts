@@ -17,6 +17,17 @@ describe("CLI", () => {
     for (const option of options) expect(stdout).toMatch(new RegExp(`^  (-[a-zA-Z], )?${option}\\b`, "m"));
   });
 
+  test("the README's CLI reference lists every option of the option table, and no other", async () => {
+    const readme = await Bun.file(`${ROOT}/README.md`).text();
+    const section = readme.slice(readme.indexOf("\n## CLI reference\n"), readme.indexOf("\n## ", readme.indexOf("\n## CLI reference\n") + 1));
+    // The first cell of each row: `--tls-cert FILE`, `--tls-key FILE` names two options, `-h`, `--help`, … four.
+    const rows = section.split("\n").filter((l) => l.startsWith("| `-"));
+    const documented = rows.flatMap((row) => [...row.split(" | ")[0]!.matchAll(/`(--?[a-zA-Z][\w-]*)/g)].map((m) => m[1]!));
+    const table = Object.entries(OPTIONS as Record<string, { short?: string }>).flatMap(([key, spec]) => [flagOf(key), ...(spec.short ? [`-${spec.short}`] : [])]);
+    expect(documented.length).toBeGreaterThan(25);
+    expect(documented.toSorted()).toEqual(table.toSorted());
+  });
+
   test("--help says plain `bun relay.ts` when the shell's own bun runs it (a global Bun)", async () => {
     await using dir = await tempDir();
     // A global Bun: a `bun` on the PATH that is this same executable, typed as `bun relay.ts`.
