@@ -1,8 +1,8 @@
 import { describe, expect, test } from "bun:test";
-import { existsSync, readFileSync, symlinkSync } from "node:fs";
+import { existsSync, symlinkSync } from "node:fs";
 import { dirname } from "node:path";
 import { OPTIONS, flagOf, helpText, loadConfig, startRelay, parseConfig } from "../relay.ts";
-import { RELAY, attachVm, connectStream, freePort, runCli, makeFrame, BROADCAST, spawnRelay, tempDir, udpPeer, waitUntil } from "./helpers.ts";
+import { RELAY, attachVm, connectStream, descendants, freePort, runCli, makeFrame, BROADCAST, spawnRelay, tempDir, udpPeer, waitUntil } from "./helpers.ts";
 
 const ROOT = dirname(RELAY);
 
@@ -259,24 +259,14 @@ describe("CLI", () => {
       for await (const chunk of npm.stdout) out += new TextDecoder().decode(chunk);
     })();
     await waitUntil(() => /^ready$/m.test(out), "the relay ready under npm start");
-    const children = (pid: number): number[] => {
-      const text = (() => {
-        try {
-          return readFileSync(`/proc/${pid}/task/${pid}/children`, "utf8");
-        } catch {
-          return "";
-        }
-      })();
-      return text.trim().split(/\s+/).filter(Boolean).map(Number).flatMap((c) => [c, ...children(c)]);
-    };
-    const descendants = children(npm.pid);
-    expect(descendants.length).toBeGreaterThan(0);
+    const children = descendants(npm.pid);
+    expect(children.length).toBeGreaterThan(0);
     const ports = [...out.matchAll(/listening on (?:http:\/\/)?127\.0\.0\.1:(\d+)$/gm)].map((m) => Number(m[1]));
     expect(ports).toHaveLength(2);
     npm.kill("SIGTERM");
     await npm.exited;
     await reader;
-    await waitUntil(() => descendants.every((pid) => !existsSync(`/proc/${pid}`)), "every process under npm gone");
+    await waitUntil(() => children.every((pid) => !existsSync(`/proc/${pid}`)), "every process under npm gone");
     for (const port of ports) await expect(connectStream(port)).rejects.toThrow();
   });
 

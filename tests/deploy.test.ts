@@ -4,7 +4,7 @@
  * README's recipe), and the README's recipe for a hub and a site on one host.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdirSync, readlinkSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync, readlinkSync } from "node:fs";
 import { openUnixDgram } from "../relay.ts";
 import {
   BROADCAST,
@@ -12,6 +12,8 @@ import {
   RELAY,
   type RelayProcess,
   attachVm,
+  connectStream,
+  descendants,
   freePort,
   fromMac,
   makeFrame,
@@ -298,7 +300,7 @@ describe("README recipes", () => {
     expect(bare).toEqual([]);
   });
 
-  test("hub and site on one host, as the README's commands start them, share a segment", async () => {
+  test("hub and site on one host, started by the README's commands through npx, share a segment; Ctrl-C stops them and frees their ports", async () => {
     const text = await readme();
     const block = /<!-- recipe: one host -->\n```sh\n([\s\S]*?)```/.exec(text)?.[1];
     expect(block).toBeString();
@@ -308,7 +310,7 @@ describe("README recipes", () => {
     const ports = new Map<string, string>();
     for (const p of new Set(block!.match(/(?<=:)\d{4,5}\b/g))) ports.set(p, String(await freePort()));
     const relays: RelayProcess[] = [];
-    await using _relays = { [Symbol.asyncDispose]: () => Promise.all(relays.map((r) => r.stop())).then(() => {}) };
+    await using _relays = { [Symbol.asyncDispose]: () => Promise.all(relays.map((r) => r.stop("SIGKILL"))).then(() => {}) };
     for (const command of commands) {
       const words = command.replace(/#.*/, "").trim().replace(/:(\d{4,5})\b/g, (m, p) => `:${ports.get(p) ?? p}`).split(/\s+/);
       const env: Record<string, string> = {};
@@ -317,11 +319,25 @@ describe("README recipes", () => {
         env[w.slice(0, w.indexOf("="))] = w.slice(w.indexOf("=") + 1);
       }
       expect(words.slice(0, 3)).toEqual(["npx", "bun", "relay.ts"]);
-      relays.push(await spawnRelay(words.slice(3), { env }));
+      // As typed in the checkout after `npm install`; npx passes no signal on, so a terminal's Ctrl-C (the whole group) stops it.
+      relays.push(await spawnRelay(words.slice(3), { env, command: words.slice(0, 3), cwd: ROOT, group: true }));
     }
     const [hub, site] = relays as [RelayProcess, RelayProcess];
     expect(hub.base).not.toBe(site.base);
+    // npx runs Bun on relay.ts in a process under it.
+    const tree = relays.map((r) => descendants(r.proc.pid));
+    const runsRelay = (pid: number) => /\/bun(\.exe)?$/.test(readlinkSync(`/proc/${pid}/exe`)) && readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0").includes("relay.ts");
+    for (const pids of tree) expect(pids.filter(runsRelay)).toHaveLength(1);
     await uplinkUp(site);
     await framesCross(site, hub, "63");
+
+    const listening = relays.flatMap((r) => r.bound.map((b) => Number(new URL(b.address.includes("://") ? b.address : `x://${b.address}`).port)));
+    expect(listening).toHaveLength(4);
+    for (const relay of [site, hub]) {
+      await relay.stop("SIGINT");
+      expect(relay.stdout()).toContain("\nSIGINT: stopping\n");
+    }
+    await waitUntil(() => tree.flat().every((pid) => !existsSync(`/proc/${pid}`)), "every process under npx gone");
+    for (const port of listening) await expect(connectStream(port)).rejects.toThrow();
   });
 });

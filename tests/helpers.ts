@@ -3,6 +3,7 @@
  * logs, and wait for conditions instead of sleeping.
  */
 import type { Subprocess } from "bun";
+import { readFileSync } from "node:fs";
 import { StreamDecoder, encodeFrames } from "../relay.ts";
 
 export const RELAY = new URL("../relay.ts", import.meta.url).pathname;
@@ -67,6 +68,12 @@ export async function spawnRelay(
     prefix?: string[];
     /** What runs the relay instead of `bun relay.ts`: a compiled binary, `podman run … IMAGE`. */
     command?: string[];
+    /**
+     * Run it in a process group of its own and signal the whole group, as a terminal does on
+     * Ctrl-C: for a command that does not pass signals on (npx gives SIGTERM to its shell, not to
+     * the relay, which would outlive it).
+     */
+    group?: boolean;
   } = {},
 ): Promise<RelayProcess> {
   const proc = Bun.spawn([...(options.prefix ?? []), ...(options.command ?? [process.execPath, RELAY]), ...args], {
@@ -75,7 +82,20 @@ export async function spawnRelay(
     stderr: "pipe",
     cwd: options.cwd,
     env: { ...process.env, ...options.env },
+    detached: options.group,
   });
+  const kill = (signal: NodeJS.Signals | number) => {
+    if (!options.group) {
+      if (proc.exitCode === null && proc.signalCode === null) proc.kill(signal);
+      return;
+    }
+    // The group may outlive its leader (npx gone, the relay not).
+    try {
+      process.kill(-proc.pid, signal);
+    } catch {
+      // ESRCH: every process of the group is gone
+    }
+  };
   let out = "";
   let err = "";
   const waiters = new Set<() => void>();
@@ -118,7 +138,7 @@ export async function spawnRelay(
     });
 
   await waitForLine(/^ready$/).catch((error) => {
-    proc.kill("SIGKILL");
+    kill("SIGKILL");
     throw error;
   });
   const bound: Bound[] = [];
@@ -148,8 +168,9 @@ export async function spawnRelay(
     waitForLine,
     stop(signal = "SIGTERM") {
       stopped ??= (async () => {
-        if (proc.exitCode === null && proc.signalCode === null) proc.kill(signal);
+        kill(signal);
         const code = await proc.exited;
+        // Its output ends when the last process holding it (the relay, under npx) is gone.
         await pumped;
         return code;
       })();
@@ -441,6 +462,17 @@ export const uplinkUp = (relay: RelayProcess, connects = 1) =>
     const s = await relay.status();
     return s.uplink?.state === "up" && s.uplink.connects >= connects;
   }, `uplink of ${relay.base} up (connect #${connects})`);
+
+/** Every process under `pid` (children first, then theirs), from /proc; none once it is gone. */
+export function descendants(pid: number): number[] {
+  let text = "";
+  try {
+    text = readFileSync(`/proc/${pid}/task/${pid}/children`, "utf8");
+  } catch {
+    // gone already
+  }
+  return text.trim().split(/\s+/).filter(Boolean).map(Number).flatMap((child) => [child, ...descendants(child)]);
+}
 
 /**
  * Runs the CLI to completion, as a user would: stdout, stderr and the exit code. One still running
