@@ -3545,8 +3545,8 @@ export interface UplinkOptions {
   /** Send-queue bound of the tunnel. */
   limit: number;
   budget: MemoryBudget;
-  /** Extra CA (PEM) for a wss:// hub. */
-  ca?: string;
+  /** Extra CA (PEM) for a wss:// hub: the --uplink-ca file, its name for messages. */
+  ca?: { path: string; text: string };
   /** Required SHA-256 fingerprint of the hub's certificate, `AB:CD:…`. */
   fingerprint?: string;
   /** Skip certificate verification (logged on every connect). */
@@ -3633,18 +3633,21 @@ export function uplinkProxy(target: string, explicit: string | undefined, env: R
   return { url: proxy.href, shown: `http://${proxy.host}`, source };
 }
 
-/** TLS options for the uplink: system CAs by default, plus a CA, a pinned fingerprint, or none. */
-function uplinkTls(options: UplinkOptions) {
+/**
+ * TLS options for the uplink: system CAs by default, plus a CA, a pinned fingerprint, or none.
+ * Bun reports a refused pin as a host-name mismatch, so `pinRefused` hears of it.
+ */
+function uplinkTls(options: UplinkOptions, pinRefused: (seen: string) => void) {
   if (options.insecure) return { rejectUnauthorized: false };
   const pin = options.fingerprint;
   return {
-    ...(options.ca !== undefined && { ca: options.ca }),
+    ...(options.ca !== undefined && { ca: options.ca.text }),
     ...(pin !== undefined && {
       checkServerIdentity(host: string, cert: PeerCertificate) {
         const mismatch = checkServerIdentity(host, cert);
-        if (mismatch) return mismatch;
-        if (cert.fingerprint256 !== pin) return new Error(`certificate fingerprint ${cert.fingerprint256} does not match --uplink-fingerprint`);
-        return undefined;
+        if (mismatch || cert.fingerprint256 === pin) return mismatch;
+        pinRefused(cert.fingerprint256);
+        return new Error(`certificate fingerprint ${cert.fingerprint256} does not match --uplink-fingerprint`);
       },
     }),
   };
@@ -3683,16 +3686,30 @@ const DIAL_REFUSALS: Record<string, [why: string, final: boolean]> = {
   "503": ["the hub is at its tunnel limit (503)", false],
 };
 
-/** A failed dial in words a user can act on; `final` when retrying soon cannot help (a wrong token). */
-export function explainDialFailure(message: string): { why: string; final: boolean } {
+/** Why a TLS handshake failed (Bun's reason, e.g. "self signed certificate"), in words a user can act on. */
+function explainTls(reason: string, ca: string | undefined): string {
+  if (/WRONG_VERSION_NUMBER/i.test(reason)) return "TLS: the hub does not speak TLS on that port (is it ws://?)";
+  if (/Hostname\/IP does not match/i.test(reason)) return "TLS: the hub's certificate is not for the host name in --uplink";
+  if (/expired|not yet valid/i.test(reason)) return `TLS: ${reason} (check the hub certificate's dates and this host's clock)`;
+  if (/self.signed|issuer|verify|untrusted|chain/i.test(reason)) {
+    return ca === undefined ? `TLS: certificate not trusted (use --uplink-ca for a private CA or a self-signed hub): ${reason}` : `TLS: certificate not trusted by the CA in --uplink-ca ${ca}: ${reason}`;
+  }
+  return `TLS handshake failed: ${reason}`;
+}
+
+/**
+ * A failed dial in words a user can act on; `final` when retrying soon cannot help (a wrong token).
+ * `tls`: the --uplink-ca file, and the fingerprint of a certificate the pin refused.
+ */
+export function explainDialFailure(message: string, tls: { ca?: string; pinRefused?: string } = {}): { why: string; final: boolean } {
   const status = /Expected 101 status code: (\d+)/.exec(message)?.[1];
   if (status !== undefined) {
     const [why, final] = DIAL_REFUSALS[status] ?? [`the hub answered HTTP ${status} instead of a WebSocket upgrade`, false];
     return { why, final };
   }
-  if (/certificate|self.signed|verify|TLS|SSL|CERT_/i.test(message)) {
-    return { why: `TLS: certificate not trusted (use --uplink-ca, or check the host name): ${message}`, final: false };
-  }
+  if (tls.pinRefused !== undefined) return { why: `TLS: the hub's certificate does not match --uplink-fingerprint (it is ${tls.pinRefused})`, final: false };
+  const reason = /TLS handshake failed: (.*)$/.exec(message)?.[1];
+  if (reason !== undefined) return { why: explainTls(reason, tls.ca), final: false };
   if (/ECONNREFUSED|connection refused/i.test(message)) return { why: "connection refused: is the hub running, on that port?", final: false };
   return { why: message, final: false };
 }
@@ -3787,12 +3804,13 @@ export class Uplink {
       headers: { Authorization: `Bearer ${this.options.token}` },
       protocols: [TUNNEL_PROTOCOL],
       perMessageDeflate: false,
-      tls: uplinkTls(this.options),
+      tls: uplinkTls(this.options, (seen) => (pinRefused = seen)),
       ...(proxy && { proxy: proxy.url }),
     });
     ws.binaryType = "arraybuffer";
     this.#ws = ws;
     let failure: string | undefined;
+    let pinRefused: string | undefined;
     const socket: TunnelSocket = {
       send: (data) => (ws.send(data), true),
       buffered: () => ws.bufferedAmount,
@@ -3817,13 +3835,14 @@ export class Uplink {
     ws.onerror = (event) => {
       failure = (event as ErrorEvent).message || "connection failed";
       // Bun's messages name the target only; the proxy's URL (and any password in it) is kept out.
-      if (proxy) failure = `${failure.replaceAll(proxy.url, proxy.shown)} (through the proxy ${proxy.shown})`;
+      if (proxy) failure = failure.replaceAll(proxy.url, proxy.shown);
     };
     // One that cannot succeed by retrying soon (a wrong token) backs off to the longest wait at once.
     ws.onclose = (event) => {
-      const explained = failure === undefined ? undefined : explainDialFailure(failure);
+      const explained = failure === undefined ? undefined : explainDialFailure(failure, { ca: this.options.ca?.path, pinRefused });
       if (explained?.final) this.#backoff.exhaust();
-      this.#lost(ws, link, explained?.why ?? `closed (${event.code}${event.reason ? ` ${event.reason}` : ""})`);
+      const why = explained ? `${explained.why}${proxy ? ` (through the proxy ${proxy.shown})` : ""}` : `closed (${event.code}${event.reason ? ` ${event.reason}` : ""})`;
+      this.#lost(ws, link, why);
     };
     this.#keepalive ??= setInterval(() => this.#tick(), this.options.keepaliveMs);
   }
@@ -6545,7 +6564,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
         handshakeMs: config.handshakeTimeout * 1000,
         limit: config.queueBytes,
         budget,
-        ca: config.uplinkCa?.text,
+        ca: config.uplinkCa,
         fingerprint: config.uplinkFingerprint,
         insecure: config.insecure,
         proxy: uplinkProxy(config.uplink, config.uplinkProxy, process.env),

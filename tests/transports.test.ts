@@ -263,9 +263,11 @@ describe("TLS", () => {
     return { cert, key, fingerprint };
   }
 
-  test("a self-signed wss:// hub is refused without --uplink-ca, or with a wrong pin; with the CA (and the right pin) frames flow", async () => {
+  test("a self-signed wss:// hub is refused without --uplink-ca, with another CA, or with a wrong pin, each said in its own words; with the CA (and the right pin) frames flow", async () => {
     await using dir = await tempDir();
     const { cert, key, fingerprint } = await certificate(dir.path);
+    await using other = await tempDir();
+    const { cert: otherCa } = await certificate(other.path);
     await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN, "--tls-cert", cert, "--tls-key", key]);
     expect(hub.base).toMatch(/^https:\/\/127\.0\.0\.1:\d+$/);
     const wss = hub.base.replace(/^https/, "wss");
@@ -278,13 +280,16 @@ describe("TLS", () => {
         return u.attempts >= 2 && u.state !== "up" && u.lastError && u;
       }, "two refused dials");
       expect(status.connects).toBe(0);
+      // The log says the same as /status, on one line.
+      expect(s.stderr()).toContain(`uplink: ${wss}/tunnel: ${status.lastError}; retrying with backoff\n`);
       return status.lastError as string;
     };
-    expect(await refused()).toMatch(/certificate|self.signed|verify/i);
+    // The relay's words, not Bun's (which a loose match on "certificate" would also accept).
+    expect(await refused()).toMatch(/^TLS: certificate not trusted \(use --uplink-ca for a private CA or a self-signed hub\): self.signed certificate$/);
+    expect(await refused("--uplink-ca", otherCa)).toMatch(new RegExp(`^TLS: certificate not trusted by the CA in --uplink-ca ${otherCa}: self.signed certificate$`));
     const wrongPin = fingerprint.replace(/^../, fingerprint.startsWith("00") ? "11" : "00");
-    const pinError = await refused("--uplink-ca", cert, "--uplink-fingerprint", wrongPin);
-    // Bun reports any identity-check rejection in its own words; the right pin below does connect.
-    expect(pinError).toContain("TLS handshake failed");
+    // Bun itself calls a refused pin a host-name mismatch.
+    expect(await refused("--uplink-ca", cert, "--uplink-fingerprint", wrongPin)).toBe(`TLS: the hub's certificate does not match --uplink-fingerprint (it is ${fingerprint})`);
 
     await using siteA = await site("--uplink-ca", cert);
     await using siteB = await site("--uplink-ca", cert, "--uplink-fingerprint", fingerprint.replaceAll(":", "").toLowerCase());
@@ -296,6 +301,13 @@ describe("TLS", () => {
     expect(await vmB.frames.next(fromMac("02:00:00:00:34:01"))).toEqual(f);
     const hubStatus: any = await fetch(`${hub.base}/status`, { tls: { ca: await Bun.file(cert).text() } }).then((r) => r.json());
     expect(hubStatus.networks[0].ports.length).toBe(2);
+  });
+
+  test("a wss:// uplink to a hub without TLS says so, not that a certificate is untrusted", async () => {
+    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN]);
+    await using site = await spawnRelay(["--http", "127.0.0.1:0", "--uplink", hub.base.replace(/^http/, "wss"), "--uplink-token", TOKEN]);
+    const uplink = await waitUntil(async () => (await site.status()).uplink.nextDial && (await site.status()).uplink, "a failed dial");
+    expect(uplink.lastError).toBe("TLS: the hub does not speak TLS on that port (is it ws://?)");
   });
 
   test("--insecure connects to an unverified hub and says so in the log on every connect", async () => {
