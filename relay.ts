@@ -785,6 +785,9 @@ const OPTION_GROUPS = {
   other: "Other:",
 };
 
+/** What --uplink-proxy, HTTPS_PROXY and HTTP_PROXY must look like (the value itself may hold a password: never quoted). */
+const PROXY_URL_EXPECTED = "expected http://[USER:PASSWORD@]HOST:PORT";
+
 /** One row of the option table: the flag, its config key, how it is validated and what --help says. */
 interface OptionSpec {
   /** The command-line flag without dashes; by default the config key in kebab-case. */
@@ -861,7 +864,7 @@ export const OPTIONS = {
   insecure: { group: "tunnel", schema: v.optional(v.boolean("expected true or false"), false), help: "do not verify the hub's certificate (logged on every connect)" },
   uplinkProxy: {
     arg: "URL", group: "tunnel",
-    schema: v.optional(v.pipe(v.string("expected an http:// proxy URL"), v.check((u) => parseProxyUrl(u) !== undefined, "expected http://[USER:PASSWORD@]HOST:PORT"))),
+    schema: v.optional(v.pipe(v.string("expected an http:// proxy URL"), v.check((u) => parseProxyUrl(u) !== undefined, PROXY_URL_EXPECTED))),
     help: "dial the uplink through this HTTP proxy (CONNECT); without it\nHTTPS_PROXY (wss://) or HTTP_PROXY (ws://) apply; none is used\nwhen NO_PROXY names the hub",
   },
   backplane: {
@@ -3629,7 +3632,7 @@ export function uplinkProxy(target: string, explicit: string | undefined, env: R
   }
   if (noProxyMatches(url, env.no_proxy || env.NO_PROXY || "")) return undefined;
   const proxy = parseProxyUrl(text);
-  if (!proxy) throw new ConfigError(`${source}: expected an http:// proxy URL, http://[USER:PASSWORD@]HOST:PORT`);
+  if (!proxy) throw new ConfigError(`${source}: ${PROXY_URL_EXPECTED}`);
   return { url: proxy.href, shown: `http://${proxy.host}`, source };
 }
 
@@ -6332,6 +6335,8 @@ function defaultName(): string {
 
 /** Starts every port of `config`; throws (nothing left running) if one cannot be bound. */
 export async function startRelay(config: Config, log: Logger = consoleLogger): Promise<RelayHandle> {
+  // Read before anything is bound: a bad proxy in the environment is a config error like a bad option.
+  const proxy = config.uplink === undefined ? undefined : uplinkProxy(config.uplink, config.uplinkProxy, process.env);
   const startedAt = Date.now();
   const ageingMs = config.macAgeing * 1000;
   const identity: RelayIdentity = { id: Buffer.from(crypto.getRandomValues(new Uint8Array(8))).toString("hex"), name: config.name ?? defaultName() };
@@ -6567,7 +6572,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
         ca: config.uplinkCa,
         fingerprint: config.uplinkFingerprint,
         insecure: config.insecure,
-        proxy: uplinkProxy(config.uplink, config.uplinkProxy, process.env),
+        proxy,
       };
       uplink = new Uplink(options, () => networks.values(), log, countError);
       uplink.start();
@@ -6802,7 +6807,8 @@ export async function main(argv = Bun.argv.slice(2), env: Record<string, string 
     relay = await startRelay(config);
   } catch (error) {
     console.error(`edge-relay: ${(error as Error).message}`);
-    process.exit(1);
+    // A setting found bad only at start (a proxy from the environment) exits as a bad option does.
+    process.exit(error instanceof ConfigError ? 2 : 1);
   }
   const shutdown = async (signal: string) => {
     console.log(`${signal}: stopping`);

@@ -207,13 +207,20 @@ describe("uplink through an HTTP proxy (tinyproxy)", () => {
     expect(c.stdout()).toContain(`through the proxy ${via} (--uplink-proxy)`);
   });
 
-  test("a bad proxy setting stops the start, naming the setting but never its value", async () => {
+  test("a bad proxy setting, given or from the environment, is a config error: exit 2 naming the setting, never its value", async () => {
     const secret = "leaky-pa55word-0bb1";
-    const base = ["--http", "127.0.0.1:0", "--uplink", "ws://127.0.0.1:9", "--uplink-token", TOKEN];
-    const flag = await runCli([...base, "--uplink-proxy", `https://u:${secret}@proxy.example:3128`], CLEAN);
-    expect(flag).toEqual({ stdout: "", stderr: "edge-relay: --uplink-proxy: expected http://[USER:PASSWORD@]HOST:PORT\n", code: 2 });
-    const env = await runCli(base, { ...CLEAN, HTTP_PROXY: `socks5://u:${secret}@proxy.example:1080` });
-    expect(env).toEqual({ stdout: "", stderr: "edge-relay: HTTP_PROXY: expected an http:// proxy URL, http://[USER:PASSWORD@]HOST:PORT\n", code: 1 });
+    const base = ["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--uplink", "ws://127.0.0.1:9", "--uplink-token", TOKEN];
+    const wss = ["--http", "127.0.0.1:0", "--uplink", "wss://127.0.0.1:9", "--uplink-token", TOKEN];
+    const cases: [string[], Record<string, string>, string][] = [
+      [[...base, "--uplink-proxy", `https://u:${secret}@proxy.example:3128`], CLEAN, "--uplink-proxy"],
+      [base, { ...CLEAN, HTTP_PROXY: `socks5://u:${secret}@proxy.example:1080` }, "HTTP_PROXY"],
+      [wss, { ...CLEAN, HTTPS_PROXY: `http://u:${secret}@proxy.example:3128/path` }, "HTTPS_PROXY"],
+      [wss, { ...CLEAN, https_proxy: `http://u:${secret}@proxy example:3128` }, "https_proxy"],
+    ];
+    for (const [args, env, setting] of cases) {
+      // systemd's unit does not restart on 2: a loop of restarts would not mend the setting.
+      expect(await runCli(args, env)).toEqual({ stdout: "", stderr: `edge-relay: ${setting}: expected http://[USER:PASSWORD@]HOST:PORT\n`, code: 2 });
+    }
   });
 });
 
@@ -261,6 +268,6 @@ describe("NO_PROXY and the choice of proxy", () => {
     const flag = uplinkProxy("wss://hub.example.com", "http://u:p%40ss@corp:8080", env);
     expect(flag).toEqual({ url: "http://u:p%40ss@corp:8080/", shown: "http://corp:8080", source: "--uplink-proxy" });
     expect(uplinkProxy("wss://hub.example.com", "http://corp:8080", { NO_PROXY: ".example.com" })).toBeUndefined();
-    expect(() => uplinkProxy("wss://hub.example.com", undefined, { HTTPS_PROXY: "http://u:pw@host/path" })).toThrow(/^HTTPS_PROXY: expected an http:\/\/ proxy URL/);
+    expect(() => uplinkProxy("wss://hub.example.com", undefined, { HTTPS_PROXY: "http://u:pw@host/path" })).toThrow(/^HTTPS_PROXY: expected http:\/\/\[USER:PASSWORD@\]HOST:PORT$/);
   });
 });
