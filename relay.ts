@@ -6626,6 +6626,7 @@ export function helpText(program = "bun relay.ts"): string {
     `Usage: ${program} [options]`,
     "",
     "With no options: a local switch with --http 127.0.0.1:8080 and --qemu-listen 127.0.0.1:10000.",
+    "At start it prints a QEMU command line per QEMU port; give each VM a MAC of its own.",
     'NET is a network name (default "default"); every network is its own learning switch.',
   ];
   const table = Object.entries(OPTIONS as Record<string, OptionSpec>);
@@ -6746,12 +6747,13 @@ function qemuAddress(prefix: string, address: SocketAddress): string {
 
 /**
  * The QEMU command lines that attach a VM to each QEMU port: the QEMU ≥ 7.2 form and, where one
- * exists, the older `-netdev socket` form; each with a MAC of its own.
+ * exists, the older `-netdev socket` form; each with a MAC of its own, and saying that a second VM
+ * started from the same line needs another (two VMs with one MAC cannot talk).
  */
 export function qemuHints(config: Config, bound: BoundAddress[]): string[] {
   const lines: string[] = [];
   const hint = (network: string, form: string, netdev: string) =>
-    lines.push(`attach a VM to ${network} (${form}): qemu-system-x86_64 … -netdev ${netdev} -device virtio-net-pci,netdev=n0,mac=${randomVmMac()}`);
+    lines.push(`attach a VM to ${network} (${form}; change mac= for each further VM): qemu-system-x86_64 … -netdev ${netdev} -device virtio-net-pci,netdev=n0,mac=${randomVmMac()}`);
   const boundOf = (what: string) => bound.filter((b) => b.what === what);
   for (const b of boundOf("qemu-listen")) {
     const address = parseSocketAddress(b.address)!;

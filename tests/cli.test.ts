@@ -198,12 +198,12 @@ describe("CLI", () => {
     const hints = lines.filter((l) => l.startsWith("attach a VM"));
     const mac = /,mac=(52:54:00:[0-9a-f]{2}:[0-9a-f]{2}:[0-9a-f]{2})$/;
     expect(hints.map((l) => l.replace(mac, ""))).toEqual([
-      `attach a VM to lab (QEMU ≥ 7.2): qemu-system-x86_64 … -netdev stream,id=n0,server=off,addr.type=inet,addr.host=127.0.0.1,addr.port=${listen} -device virtio-net-pci,netdev=n0`,
-      `attach a VM to lab (older QEMU): qemu-system-x86_64 … -netdev socket,id=n0,connect=127.0.0.1:${listen} -device virtio-net-pci,netdev=n0`,
-      "attach a VM to dev (QEMU ≥ 7.2, the VM listens): qemu-system-x86_64 … -netdev stream,id=n0,server=on,addr.type=inet,addr.host=127.0.0.1,addr.port=1 -device virtio-net-pci,netdev=n0",
-      "attach a VM to dev (older QEMU, the VM listens): qemu-system-x86_64 … -netdev socket,id=n0,listen=127.0.0.1:1 -device virtio-net-pci,netdev=n0",
-      `attach a VM to default (QEMU ≥ 7.2): qemu-system-x86_64 … -netdev dgram,id=n0,local.type=inet,local.host=127.0.0.1,local.port=${vmPort},remote.type=inet,remote.host=127.0.0.1,remote.port=${udp} -device virtio-net-pci,netdev=n0`,
-      `attach a VM to default (older QEMU): qemu-system-x86_64 … -netdev socket,id=n0,udp=127.0.0.1:${udp},localaddr=127.0.0.1:${vmPort} -device virtio-net-pci,netdev=n0`,
+      `attach a VM to lab (QEMU ≥ 7.2; change mac= for each further VM): qemu-system-x86_64 … -netdev stream,id=n0,server=off,addr.type=inet,addr.host=127.0.0.1,addr.port=${listen} -device virtio-net-pci,netdev=n0`,
+      `attach a VM to lab (older QEMU; change mac= for each further VM): qemu-system-x86_64 … -netdev socket,id=n0,connect=127.0.0.1:${listen} -device virtio-net-pci,netdev=n0`,
+      "attach a VM to dev (QEMU ≥ 7.2, the VM listens; change mac= for each further VM): qemu-system-x86_64 … -netdev stream,id=n0,server=on,addr.type=inet,addr.host=127.0.0.1,addr.port=1 -device virtio-net-pci,netdev=n0",
+      "attach a VM to dev (older QEMU, the VM listens; change mac= for each further VM): qemu-system-x86_64 … -netdev socket,id=n0,listen=127.0.0.1:1 -device virtio-net-pci,netdev=n0",
+      `attach a VM to default (QEMU ≥ 7.2; change mac= for each further VM): qemu-system-x86_64 … -netdev dgram,id=n0,local.type=inet,local.host=127.0.0.1,local.port=${vmPort},remote.type=inet,remote.host=127.0.0.1,remote.port=${udp} -device virtio-net-pci,netdev=n0`,
+      `attach a VM to default (older QEMU; change mac= for each further VM): qemu-system-x86_64 … -netdev socket,id=n0,udp=127.0.0.1:${udp},localaddr=127.0.0.1:${vmPort} -device virtio-net-pci,netdev=n0`,
     ]);
     const macs = hints.map((l) => mac.exec(l)?.[1]);
     expect(new Set(macs).size).toBe(hints.length);
@@ -240,16 +240,29 @@ describe("CLI", () => {
     const mac = /,mac=(52:54:00:[0-9a-f]{2}:[0-9a-f]{2}:[0-9a-f]{2})$/;
     // QEMU's older `-netdev socket` has no unix sockets: those get the QEMU ≥ 7.2 line only.
     expect(hints.map((l) => l.replace(mac, ""))).toEqual([
-      `attach a VM to default (QEMU ≥ 7.2): qemu-system-x86_64 … -netdev stream,id=n0,server=off,addr.type=unix,addr.path=${dir.path}/listen.sock -device virtio-net-pci,netdev=n0`,
-      `attach a VM to lab (QEMU ≥ 7.2): qemu-system-x86_64 … -netdev stream,id=n0,server=off,addr.type=unix,addr.path=${abstract},addr.abstract=on -device virtio-net-pci,netdev=n0`,
-      `attach a VM to default (QEMU ≥ 7.2, the VM listens): qemu-system-x86_64 … -netdev stream,id=n0,server=on,addr.type=unix,addr.path=${dir.path}/vm.sock -device virtio-net-pci,netdev=n0`,
-      `attach a VM to default (QEMU ≥ 7.2): qemu-system-x86_64 … -netdev dgram,id=n0,local.type=unix,local.path=${dir.path}/dgram.sock.vm,remote.type=unix,remote.path=${dir.path}/dgram.sock -device virtio-net-pci,netdev=n0`,
-      `attach a VM to lab (QEMU ≥ 7.2): qemu-system-x86_64 … -netdev dgram,id=n0,remote.type=inet,remote.host=${host},remote.port=${port},local.type=inet,local.host=127.0.0.1,local.port=0 -device virtio-net-pci,netdev=n0`,
-      `attach a VM to lab (older QEMU): qemu-system-x86_64 … -netdev socket,id=n0,mcast=${group},localaddr=127.0.0.1 -device virtio-net-pci,netdev=n0`,
+      `attach a VM to default (QEMU ≥ 7.2; change mac= for each further VM): qemu-system-x86_64 … -netdev stream,id=n0,server=off,addr.type=unix,addr.path=${dir.path}/listen.sock -device virtio-net-pci,netdev=n0`,
+      `attach a VM to lab (QEMU ≥ 7.2; change mac= for each further VM): qemu-system-x86_64 … -netdev stream,id=n0,server=off,addr.type=unix,addr.path=${abstract},addr.abstract=on -device virtio-net-pci,netdev=n0`,
+      `attach a VM to default (QEMU ≥ 7.2, the VM listens; change mac= for each further VM): qemu-system-x86_64 … -netdev stream,id=n0,server=on,addr.type=unix,addr.path=${dir.path}/vm.sock -device virtio-net-pci,netdev=n0`,
+      `attach a VM to default (QEMU ≥ 7.2; change mac= for each further VM): qemu-system-x86_64 … -netdev dgram,id=n0,local.type=unix,local.path=${dir.path}/dgram.sock.vm,remote.type=unix,remote.path=${dir.path}/dgram.sock -device virtio-net-pci,netdev=n0`,
+      `attach a VM to lab (QEMU ≥ 7.2; change mac= for each further VM): qemu-system-x86_64 … -netdev dgram,id=n0,remote.type=inet,remote.host=${host},remote.port=${port},local.type=inet,local.host=127.0.0.1,local.port=0 -device virtio-net-pci,netdev=n0`,
+      `attach a VM to lab (older QEMU; change mac= for each further VM): qemu-system-x86_64 … -netdev socket,id=n0,mcast=${group},localaddr=127.0.0.1 -device virtio-net-pci,netdev=n0`,
     ]);
     const macs = hints.map((l) => mac.exec(l)?.[1]);
     expect(macs.every(Boolean)).toBe(true);
     expect(new Set(macs).size).toBe(hints.length);
+  });
+
+  test("the README's set-up shows the lines the relay prints for its default listener, each with a MAC of its own", async () => {
+    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0"]);
+    const port = relay.port("qemu-listen");
+    const mac = /mac=52:54:00(:[0-9a-f]{2}){3}$/;
+    const hints = (text: string) => text.split("\n").filter((l) => l.startsWith("attach a VM"));
+    const printed = hints(relay.stdout());
+    const readme = hints(await Bun.file(`${ROOT}/README.md`).text());
+    expect(readme).toHaveLength(2);
+    expect(new Set(readme.map((l) => mac.exec(l)?.[0])).size).toBe(2);
+    const withoutMac = (l: string) => l.replace(mac, "mac=");
+    expect(readme.map((l) => withoutMac(l).replace("addr.port=10000", `addr.port=${port}`).replace(":10000 ", `:${port} `))).toEqual(printed.map(withoutMac));
   });
 
   test("SIGTERM to `npm start` reaches the relay: both ports are freed and no bun process is left", async () => {
