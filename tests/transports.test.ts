@@ -303,6 +303,24 @@ describe("TLS", () => {
     expect(hubStatus.networks[0].ports.length).toBe(2);
   });
 
+  test("a hub whose certificate is for other names, or has expired, is told apart from an untrusted one", async () => {
+    await using dir = await tempDir();
+    const d = dir.path;
+    const { cert, key } = await certificate(d);
+    // A certificate that ended yesterday (req -x509 takes no negative -days; x509 -req does).
+    await Bun.write(`${d}/ext`, "subjectAltName=IP:127.0.0.1\n");
+    await Bun.$`openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ${d}/old.key -out ${d}/old.csr -subj /CN=old`.quiet();
+    await Bun.$`openssl x509 -req -in ${d}/old.csr -signkey ${d}/old.key -out ${d}/old.pem -days -1 -extfile ${d}/ext`.quiet();
+    const failed = async (hubHttp: string, hubCert: string, hubKey: string) => {
+      await using hub = await spawnRelay(["--http", hubHttp, "--token", TOKEN, "--tls-cert", hubCert, "--tls-key", hubKey]);
+      await using site = await spawnRelay(["--http", "127.0.0.1:0", "--uplink", hub.base.replace(/^https/, "wss"), "--uplink-token", TOKEN, "--uplink-ca", hubCert]);
+      return (await waitUntil(async () => (await site.status()).uplink.nextDial && (await site.status()).uplink, "a failed dial")).lastError;
+    };
+    // 127.0.0.2 is loopback too, but the certificate names 127.0.0.1 and localhost only.
+    expect(await failed("127.0.0.2:0", cert, key)).toBe("TLS: the hub's certificate is not for the host name in --uplink");
+    expect(await failed("127.0.0.1:0", `${d}/old.pem`, `${d}/old.key`)).toBe("TLS: certificate has expired (check the hub certificate's dates and this host's clock)");
+  });
+
   test("a wss:// uplink to a hub without TLS says so, not that a certificate is untrusted", async () => {
     await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN]);
     await using site = await spawnRelay(["--http", "127.0.0.1:0", "--uplink", hub.base.replace(/^http/, "wss"), "--uplink-token", TOKEN]);
