@@ -43,11 +43,11 @@
  */
 
 import { lstatSync, readFileSync, readlinkSync, realpathSync, renameSync, rmSync, unlinkSync } from "node:fs";
-import { isIPv4, isIPv6 } from "node:net";
+import { BlockList, isIP, isIPv4, isIPv6 } from "node:net";
 import { basename } from "node:path";
 import { hostname, constants as osConstants } from "node:os";
 import { dlopen, FFIType, read } from "bun:ffi";
-import { timingSafeEqual } from "node:crypto";
+import { X509Certificate, createPrivateKey, timingSafeEqual } from "node:crypto";
 import { checkServerIdentity, type PeerCertificate } from "node:tls";
 import type { Server, ServerWebSocket, Socket, udp } from "bun";
 import { connect as natsConnect, credsAuthenticator, headers as natsHeaders, nkeyAuthenticator, type Msg, type MsgHdrs, type NatsConnection, type Subscription } from "@nats-io/transport-node";
@@ -300,6 +300,30 @@ const PemFile = v.pipe(
       return NEVER;
     }
   }),
+);
+
+/** A PEM file that must hold a certificate (the first is parsed): a wrong file fails here, not at every dial. */
+const CertificateFile = v.pipe(
+  PemFile,
+  v.check(({ text }) => {
+    try {
+      return new X509Certificate(text) !== undefined;
+    } catch {
+      return false;
+    }
+  }, "expected a PEM file with a certificate (-----BEGIN CERTIFICATE-----)"),
+);
+
+/** A PEM file that must hold a private key. The message never quotes the file: it is a secret. */
+const PrivateKeyFile = v.pipe(
+  PemFile,
+  v.check(({ text }) => {
+    try {
+      return createPrivateKey(text) !== undefined;
+    } catch {
+      return false;
+    }
+  }, "expected a PEM file with a private key (-----BEGIN PRIVATE KEY-----)"),
 );
 
 const Fingerprint = v.pipe(
@@ -859,7 +883,7 @@ export const OPTIONS = {
     arg: "SECONDS", numeric: true, group: "tunnel", schema: v.optional(Seconds, 10),
     help: "deadline for each phase of an uplink dial (connect, TLS and\nupgrade; then the hub's welcome); then it redials",
   },
-  uplinkCa: { arg: "FILE", group: "tunnel", schema: v.optional(PemFile), help: "trust this CA (PEM) for a wss:// uplink instead of the system's" },
+  uplinkCa: { arg: "FILE", group: "tunnel", schema: v.optional(CertificateFile), help: "trust this CA (PEM) for a wss:// uplink instead of the system's" },
   uplinkFingerprint: { arg: "SHA256", group: "tunnel", schema: v.optional(Fingerprint), help: "also require the hub certificate's SHA-256 fingerprint (pinning)" },
   insecure: { group: "tunnel", schema: v.optional(v.boolean("expected true or false"), false), help: "do not verify the hub's certificate (logged on every connect)" },
   uplinkProxy: {
@@ -880,14 +904,14 @@ export const OPTIONS = {
     arg: "FILE", group: "backplane", schema: v.optional(NatsCredentials),
     help: "a NATS credentials file (user JWT and NKey seed), or an NKey\nuser's seed alone (SU…)",
   },
-  backplaneCa: { arg: "FILE", group: "backplane", schema: v.optional(PemFile), help: "trust this CA (PEM) for the NATS servers instead of the system's" },
+  backplaneCa: { arg: "FILE", group: "backplane", schema: v.optional(CertificateFile), help: "trust this CA (PEM) for the NATS servers instead of the system's" },
   http: { arg: "HOST:PORT", group: "http", schema: v.optional(HttpAddress, DEFAULT_HTTP), help: "listen address" },
   adminToken: {
     arg: "SECRET", env: "RELAY_ADMIN_TOKEN", group: "http", schema: v.optional(AcceptedSecret),
     help: "Bearer token for /healthz, /status, /metrics; required when --http\nis not a loopback address; also RELAY_ADMIN_TOKEN",
   },
-  tlsCert: { arg: "FILE", group: "http", schema: v.optional(PemFile), help: "serve HTTPS and wss:// with this certificate (PEM)" },
-  tlsKey: { arg: "FILE", group: "http", schema: v.optional(PemFile), help: "the certificate's private key (PEM)" },
+  tlsCert: { arg: "FILE", group: "http", schema: v.optional(CertificateFile), help: "serve HTTPS and wss:// with this certificate (PEM)" },
+  tlsKey: { arg: "FILE", group: "http", schema: v.optional(PrivateKeyFile), help: "the certificate's private key (PEM)" },
   v86Origins: {
     flag: "v86-origin", arg: "ORIGIN", multiple: true, group: "v86", schema: list(BrowserOrigin, "origins"),
     help: "accept v86 browsers only from pages of this origin (repeatable),\ne.g. https://lab.example.org; others get 403 (none: any origin)",
@@ -3557,8 +3581,6 @@ export interface UplinkOptions {
   /** An HTTP proxy to dial through (CONNECT), from --uplink-proxy or the environment. */
   proxy?: UplinkProxy;
 }
-
-import { BlockList, isIP } from "node:net";
 
 /** The proxy an uplink dials through: its URL (credentials included), that URL for display, and who named it. */
 export interface UplinkProxy {

@@ -2,7 +2,7 @@ import { describe, expect, test } from "bun:test";
 import { existsSync, symlinkSync } from "node:fs";
 import { dirname } from "node:path";
 import { OPTIONS, flagOf, helpText, loadConfig, startRelay, parseConfig } from "../relay.ts";
-import { RELAY, attachVm, connectStream, descendants, freePort, runCli, makeFrame, BROADCAST, spawnRelay, tempDir, udpPeer, waitUntil } from "./helpers.ts";
+import { RELAY, attachVm, connectStream, descendants, freePort, runCli, makeFrame, BROADCAST, spawnRelay, tempDir, testCertificate, udpPeer, waitUntil } from "./helpers.ts";
 
 const ROOT = dirname(RELAY);
 
@@ -100,6 +100,26 @@ describe("CLI", () => {
     expect(stderr.trimEnd().split("\n").length).toBe(1);
     expect(stderr).not.toContain("two words secret");
     expect(code).toBe(2);
+  });
+
+  test("a CA, certificate or key file that holds none exits 2 naming the option, never quoting the file", async () => {
+    await using dir = await tempDir();
+    const { ca } = await testCertificate(dir.path);
+    const notKey = `${dir.path}/not-a.key`;
+    await Bun.write(notKey, "-----BEGIN PRIVATE KEY-----\nsecret-key-material-0001\n-----END PRIVATE KEY-----\n");
+    const cert = "expected a PEM file with a certificate (-----BEGIN CERTIFICATE-----)";
+    const cases: [string[], string][] = [
+      [["--uplink", "ws://127.0.0.1:1", "--uplink-token", "uplink-token-0123", "--uplink-ca", `${ROOT}/package.json`], `--uplink-ca: ${cert}`],
+      [["--backplane", "nats://127.0.0.1:1", "--backplane-ca", `${ROOT}/package.json`], `--backplane-ca: ${cert}`],
+      [["--tls-cert", `${ROOT}/package.json`, "--tls-key", `${dir.path}/hub.key`], `--tls-cert: ${cert}`],
+      [["--tls-cert", `${dir.path}/hub.crt`, "--tls-key", notKey], "--tls-key: expected a PEM file with a private key (-----BEGIN PRIVATE KEY-----)"],
+    ];
+    for (const [args, message] of cases) {
+      expect(await runCli(["--http", "127.0.0.1:0", ...args])).toEqual({ stdout: "", stderr: `edge-relay: ${message}\n`, code: 2 });
+    }
+    // The right files pass the same checks: the relay starts.
+    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--tls-cert", `${dir.path}/hub.crt`, "--tls-key", `${dir.path}/hub.key`, "--backplane", "nats://127.0.0.1:1", "--backplane-ca", ca]);
+    expect(relay.base).toStartWith("https://");
   });
 
   test("a config file with an unknown key or a bad value exits 2 naming it", async () => {
