@@ -1124,6 +1124,33 @@ export function rateLimitedLog(write: (line: string) => void, burst: number, win
   };
 }
 
+/** How a dialer is doing, as status shows it: `since` is when its state last changed. */
+interface LinkStatus<S extends string> {
+  state: S;
+  since: string;
+  lastError?: string | undefined;
+}
+
+/** Sets a dialer's state, and its last error if one is given; true when the state changed. */
+function setLinkState<S extends string>(status: LinkStatus<S>, state: S, error?: string): boolean {
+  const changed = status.state !== state;
+  if (changed) status.since = new Date().toISOString();
+  status.state = state;
+  if (error !== undefined) status.lastError = error;
+  return changed;
+}
+
+/** Logs a line only when it differs from the last one: one line per change of state, not one per try. */
+class ChangeLog {
+  #last = "";
+
+  log(write: (line: string) => void, line: string): void {
+    if (line === this.#last) return;
+    this.#last = line;
+    write(line);
+  }
+}
+
 /**
  * When to try again after a failed dial: doubling from `minMs` to `maxMs`, each wait drawn from its
  * upper half so many dialers that failed together (a hub restart) do not come back together. One
@@ -1569,7 +1596,9 @@ function seededRandom(seed: number): () => number {
   };
   // The first outputs still show the constant state.
   for (let i = 0; i < 12; i++) next();
-  return () => (next() + 0.5) / 0x1_0000_0000;
+  return function uniform(): number {
+    return (next() + 0.5) / 0x1_0000_0000;
+  };
 }
 
 /**
@@ -1580,7 +1609,9 @@ function correlatedRandom(random: () => number, percent: number): () => number {
   const c = percent / 100;
   if (c === 0) return random;
   let last = random();
-  return () => (last = c * last + (1 - c) * random());
+  return function correlated(): number {
+    return (last = c * last + (1 - c) * random());
+  };
 }
 
 /** The standard normal's inverse CDF (Acklam's rational approximation, relative error < 1.2e-9). */
@@ -2087,7 +2118,7 @@ export abstract class Port {
     const current = direction === "in" ? this.impairIn : this.impairOut;
     if (current?.spec === spec) return;
     current?.close();
-    const next = spec && new Impairment(spec, direction === "in" ? this.#arrive : (f) => void this.transmit(f));
+    const next = spec && new Impairment(spec, direction === "in" ? this.#arrive : this.transmit);
     if (direction === "in") this.impairIn = next;
     else this.impairOut = next;
   }
@@ -2263,7 +2294,6 @@ export class ImpairmentTable {
   }
 }
 
-/** What a network needs from its relay: limits, a clock, and where to report. */
 /** Counters summed per port kind, for /metrics. */
 export interface KindTotals {
   ports: number;
@@ -2319,6 +2349,7 @@ function addPort(t: KindTotals, port: Port): KindTotals {
   return t;
 }
 
+/** What a network needs from its relay: limits, a clock, and where to report. */
 export interface SwitchPolicy {
   ageingMs: number;
   now?: () => number;
@@ -2337,7 +2368,7 @@ export interface SwitchPolicy {
   impairments?: ImpairmentTable;
   /** A source whose unicast frames go to a congested port stops being read until it drains. */
   flowControl?: boolean;
-    /** Set when the relay stops: ports closing now close for that reason. */
+  /** Set when the relay stops: ports closing now close for that reason. */
   stopping?: boolean;
   /** Called once per port blocked for a loop. */
   onLoop?: () => void;
@@ -2686,6 +2717,15 @@ export class MemoryBudget {
   release(bytes: number): void {
     this.used -= bytes;
   }
+
+  /**
+   * A buffer that drains on its own (a socket's) was charged `charged` and holds `held` now: the
+   * difference is charged (or released). Returns `held`, the new charge.
+   */
+  recharge(charged: number, held: number): number {
+    this.used += held - charged;
+    return held;
+  }
 }
 
 /** For ports made where no relay-wide budget applies (tests, tools). */
@@ -2895,6 +2935,54 @@ export class AuthThrottle {
   }
 }
 
+/**
+ * Connections of one kind open on this relay and from each source address, with their bounds
+ * (--max-tunnels, --max-tunnels-per-address): checked before the upgrade, counted from open to close.
+ */
+export class AdmissionLimit {
+  /** Connections open now. */
+  open = 0;
+  readonly #perAddress = new Map<string, number>();
+
+  constructor(
+    /** Starts a refusal's log line: `tunnel`, `v86`. */
+    readonly kind: string,
+    /** What is counted, as a refusal names it: `tunnels`. */
+    readonly noun: string,
+    readonly max: number,
+    readonly maxPerAddress: number,
+    readonly counters: RelayCounters,
+    readonly warn: (line: string) => void,
+  ) {}
+
+  /** Before the upgrade: undefined to go ahead, or why not (answered 503). */
+  admit(address: string): string | undefined {
+    const why =
+      this.open >= this.max
+        ? `this relay has the maximum of ${this.max} ${this.noun}`
+        : (this.#perAddress.get(address) ?? 0) >= this.maxPerAddress
+          ? `${address} has the maximum of ${this.maxPerAddress} ${this.noun}`
+          : undefined;
+    if (why !== undefined) {
+      this.counters.tunnelsRefused++;
+      this.warn(`${this.kind}: refused ${address}: ${why}`);
+    }
+    return why;
+  }
+
+  opened(address: string): void {
+    this.open++;
+    this.#perAddress.set(address, (this.#perAddress.get(address) ?? 0) + 1);
+  }
+
+  closed(address: string): void {
+    this.open--;
+    const left = (this.#perAddress.get(address) ?? 1) - 1;
+    if (left > 0) this.#perAddress.set(address, left);
+    else this.#perAddress.delete(address);
+  }
+}
+
 /** The two ends of a tunnel differ only in how they send and report buffered bytes. */
 export interface TunnelSocket {
   /** False when the message was dropped (the socket's own backpressure limit). */
@@ -3020,11 +3108,9 @@ export class V86Port extends Port {
   protected enqueue(frame: Uint8Array): boolean {
     if (this.state === "closed" || frame.length === 0) return false;
     if (this.#out && !this.#out.allow(frame.length)) return false;
-    // The buffer drains on its own: charge the budget what it holds now, then this frame.
-    const buffered = this.socket.buffered();
-    this.budget.used += buffered - this.#accounted;
-    this.#accounted = buffered;
-    if (buffered + frame.length > this.limit || !this.budget.take(frame.length)) return false;
+    // Charge the budget what the socket's buffer holds now, then this frame.
+    this.#accounted = this.budget.recharge(this.#accounted, this.socket.buffered());
+    if (this.#accounted + frame.length > this.limit || !this.budget.take(frame.length)) return false;
     const sent = this.socket.send(frame);
     if (sent === -1) this.#accounted += frame.length;
     else this.budget.release(frame.length);
@@ -3063,7 +3149,6 @@ export class V86Port extends Port {
 
 export interface V86Data {
   v86: true;
-  grant: Grant;
   network: string;
   /** The client's address and port, and its Origin if it sent one: never the URL. */
   peer: string;
@@ -3095,14 +3180,25 @@ export function originOf(text: string): string | undefined {
   }
 }
 
+/** Close codes Bun uses for malformed WebSocket input: protocol error, bad data, message too big. */
+const WS_PROTOCOL_CLOSES: Record<number, string> = { 1002: "malformed WebSocket frame", 1007: "invalid message data", 1009: "message too big" };
+
+/**
+ * Bun reports the input it refused (too big, bad UTF-8) as a close with its code, or an abnormal
+ * close (1006) with its reason: what was malformed, or undefined for any other close.
+ */
+function malformedClose(code: number, reason: string): string | undefined {
+  return WS_PROTOCOL_CLOSES[code] ?? (code === 1006 && reason ? JSON.stringify(reason.slice(0, 80)) : undefined);
+}
+
 /** v86 ports: admission before the upgrade (origin, limits) and the WebSocket handlers. */
 export class V86Server {
-  ports = 0;
-  readonly #perAddress = new Map<string, number>();
+  readonly admission: AdmissionLimit;
   readonly #warn: (line: string) => void;
 
   constructor(readonly options: V86ServerOptions) {
     this.#warn = rateLimitedLog(options.log.warn, 10, 10_000).log;
+    this.admission = new AdmissionLimit("v86", "v86 connections", options.maxPorts, options.maxPerAddress, options.counters, this.#warn);
   }
 
   /** A browser's Origin header against --v86-origin; a client that sends none is no browser. */
@@ -3113,27 +3209,10 @@ export class V86Server {
     return normal !== undefined && allowed.has(normal);
   }
 
-  /** Before the upgrade: undefined to go ahead, or why not (answered 503). */
-  admit(address: string): string | undefined {
-    const o = this.options;
-    const why =
-      this.ports >= o.maxPorts
-        ? `this relay has the maximum of ${o.maxPorts} v86 connections`
-        : (this.#perAddress.get(address) ?? 0) >= o.maxPerAddress
-          ? `${address} has the maximum of ${o.maxPerAddress} v86 connections`
-          : undefined;
-    if (why !== undefined) {
-      o.counters.tunnelsRefused++;
-      this.#warn(`v86: refused ${address}: ${why}`);
-    }
-    return why;
-  }
-
   readonly handlers = {
     open: (ws: ServerWebSocket<V86Data>) => {
       const o = this.options;
-      this.ports++;
-      this.#perAddress.set(ws.data.address, (this.#perAddress.get(ws.data.address) ?? 0) + 1);
+      this.admission.opened(ws.data.address);
       const network = o.network(ws.data.network);
       if (typeof network === "string") {
         this.#warn(`v86 ${ws.data.peer}: ${network}; closing`);
@@ -3154,15 +3233,11 @@ export class V86Server {
       ws.close(1003, "binary frames only");
     },
     close: (ws: ServerWebSocket<V86Data>, code: number, reason: string) => {
-      this.ports--;
-      const left = (this.#perAddress.get(ws.data.address) ?? 1) - 1;
-      if (left > 0) this.#perAddress.set(ws.data.address, left);
-      else this.#perAddress.delete(ws.data.address);
+      this.admission.closed(ws.data.address);
       const port = ws.data.port;
       if (port === undefined) return;
       port.closed();
-      // Bun reports the input it refused (too big, bad UTF-8) as a close with its code or reason.
-      const malformed = WS_PROTOCOL_CLOSES[code] ?? (code === 1006 && reason ? JSON.stringify(reason.slice(0, 80)) : undefined);
+      const malformed = malformedClose(code, reason);
       if (malformed !== undefined && port.closeReason === undefined) {
         port.stats.errors++;
         this.options.counters.protocolErrors++;
@@ -3248,11 +3323,7 @@ export class TunnelLink {
 
   /** Bytes queued: the socket's backlog is sampled once per event-loop turn (when no batch is open), not per frame. */
   queued(): number {
-    if (this.#batched === 0) {
-      const buffered = this.socket.buffered();
-      this.budget.used += buffered - this.#buffered;
-      this.#buffered = buffered;
-    }
+    if (this.#batched === 0) this.#buffered = this.budget.recharge(this.#buffered, this.socket.buffered());
     return this.#buffered + this.#batched;
   }
 
@@ -3426,13 +3497,9 @@ export interface TunnelServerOptions {
   network(name: string): Network | string;
 }
 
-/** Close codes Bun uses for malformed WebSocket input: protocol error, bad data, message too big. */
-const WS_PROTOCOL_CLOSES: Record<number, string> = { 1002: "malformed WebSocket frame", 1007: "invalid message data", 1009: "message too big" };
-
 /** The hub side of tunnels: admission before the upgrade, the hello, and the WebSocket handlers. */
 export class TunnelServer {
-  tunnels = 0;
-  readonly #perAddress = new Map<string, number>();
+  readonly admission: AdmissionLimit;
   readonly #log: Logger;
 
   constructor(readonly options: TunnelServerOptions) {
@@ -3440,29 +3507,13 @@ export class TunnelServer {
     // Sites come and go in crowds when a hub restarts: a line each for the first, then a count.
     const info = rateLimitedLog(options.log.info, TUNNEL_LOG_BURST, 10_000);
     this.#log = { info: info.log, warn: warn.log };
-  }
-
-  /** Before the upgrade: undefined to go ahead, or why not (answered 503). */
-  admit(address: string): string | undefined {
-    const o = this.options;
-    const why =
-      this.tunnels >= o.maxTunnels
-        ? `this relay has the maximum of ${o.maxTunnels} tunnels`
-        : (this.#perAddress.get(address) ?? 0) >= o.maxTunnelsPerAddress
-          ? `${address} has the maximum of ${o.maxTunnelsPerAddress} tunnels`
-          : undefined;
-    if (why !== undefined) {
-      o.counters.tunnelsRefused++;
-      this.#log.warn(`tunnel: refused ${address}: ${why}`);
-    }
-    return why;
+    this.admission = new AdmissionLimit("tunnel", "tunnels", options.maxTunnels, options.maxTunnelsPerAddress, options.counters, warn.log);
   }
 
   readonly handlers = {
     open: (ws: ServerWebSocket<TunnelData>) => {
       const o = this.options;
-      this.tunnels++;
-      this.#perAddress.set(ws.data.address, (this.#perAddress.get(ws.data.address) ?? 0) + 1);
+      this.admission.opened(ws.data.address);
       const socket: TunnelSocket = {
         send: (data) => ws.send(data) !== 0,
         buffered: () => ws.getBufferedAmount(),
@@ -3484,14 +3535,10 @@ export class TunnelServer {
     },
     close: (ws: ServerWebSocket<TunnelData>, code: number, reason: string) => {
       const link = ws.data.link;
-      this.tunnels--;
-      const left = (this.#perAddress.get(ws.data.address) ?? 1) - 1;
-      if (left > 0) this.#perAddress.set(ws.data.address, left);
-      else this.#perAddress.delete(ws.data.address);
+      this.admission.closed(ws.data.address);
       clearTimeout(ws.data.helloTimer);
       if (link && !link.closed) {
-        // Bun reports the input it refused (too big, bad UTF-8) as an abnormal close with its reason.
-        const malformed = WS_PROTOCOL_CLOSES[code] ?? (code === 1006 && reason ? JSON.stringify(reason.slice(0, 80)) : undefined);
+        const malformed = malformedClose(code, reason);
         if (malformed !== undefined) {
           this.options.counters.protocolErrors++;
           for (const port of link.ports) if (port) port.stats.errors++;
@@ -3759,7 +3806,7 @@ export class Uplink {
   #deadline: ReturnType<typeof setTimeout> | undefined;
   #keepalive: ReturnType<typeof setInterval> | undefined;
   #stopped = false;
-  #lastLogged = "";
+  readonly #changes = new ChangeLog();
   #tooMany = false;
 
   constructor(
@@ -3791,19 +3838,6 @@ export class Uplink {
     this.#dial();
   }
 
-  #setState(state: UplinkStatus["state"], error?: string): void {
-    if (this.status.state !== state) this.status.since = new Date().toISOString();
-    this.status.state = state;
-    if (error !== undefined) this.status.lastError = error;
-  }
-
-  /** Logs only when the line differs from the last one: one line per state change, not per try. */
-  #logChange(line: string, warn = false): void {
-    if (line === this.#lastLogged) return;
-    this.#lastLogged = line;
-    (warn ? this.log.warn : this.log.info)(line);
-  }
-
   /** The networks to carry, by name; beyond the tunnel's limit, the rest is left out (logged once). */
   #wanted(): Map<string, Network> {
     const wanted = new Map<string, Network>();
@@ -3822,7 +3856,7 @@ export class Uplink {
     if (this.#stopped) return;
     this.status.attempts++;
     this.status.nextDial = undefined;
-    this.#setState("connecting");
+    setLinkState(this.status, "connecting");
     const proxy = this.options.proxy;
     const wanted = this.#wanted();
     const ws = new WebSocket(dialUrl(this.url, wanted.keys()), {
@@ -3856,7 +3890,9 @@ export class Uplink {
       const { id, name } = this.options.identity;
       link.sendControl({ type: "hello", version: TUNNEL_VERSION, networks: [...this.#offered.keys()], id, name });
     };
-    ws.onmessage = (event) => link.receive(new Uint8Array(event.data as ArrayBuffer));
+    ws.onmessage = function onTunnelMessage(event) {
+      link.receive(new Uint8Array(event.data as ArrayBuffer));
+    };
     ws.onerror = (event) => {
       failure = (event as ErrorEvent).message || "connection failed";
       // Bun's messages name the target only; the proxy's URL (and any password in it) is kept out.
@@ -3901,9 +3937,9 @@ export class Uplink {
       this.#backoff.reset();
       this.status.connects++;
       this.status.hub = link.remoteName ?? link.remoteId;
-      this.#setState("up");
+      setLinkState(this.status, "up");
       const hub = link.remoteName ? ` (hub ${link.remoteName})` : "";
-      this.#logChange(`uplink: connected to ${this.status.url}${hub} (networks: ${accepted.join(", ") || "none"}${shown ? `; refused by the hub: ${shown}` : ""})`);
+      this.#changes.log(this.log.info, `uplink: connected to ${this.status.url}${hub} (networks: ${accepted.join(", ") || "none"}${shown ? `; refused by the hub: ${shown}` : ""})`);
       if (this.options.insecure && this.url.protocol === "wss:") {
         this.log.warn(`uplink: --insecure: the certificate of ${this.status.url} was NOT verified`);
       }
@@ -3945,10 +3981,10 @@ export class Uplink {
     this.#offered.clear();
     this.status.networks = [];
     if (this.#stopped) return;
-    this.#setState("down", why);
+    setLinkState(this.status, "down", why);
     const delay = this.#backoff.next();
     this.status.nextDial = new Date(Date.now() + delay).toISOString();
-    this.#logChange(`uplink: ${this.status.url}: ${why}; retrying with backoff`, true);
+    this.#changes.log(this.log.warn, `uplink: ${this.status.url}: ${why}; retrying with backoff`);
     this.#timer = setTimeout(() => this.#dial(), delay);
   }
 
@@ -4132,15 +4168,12 @@ export class Backplane {
     void this.#connect();
   }
 
+  /** Sets the state; a change is logged. */
   #setState(state: BackplaneStatus["state"], error?: string): void {
-    if (this.status.state !== state) {
-      this.status.since = new Date().toISOString();
-      const why = error === undefined ? "" : `: ${error}`;
-      if (state === "up") this.options.log.info(`backplane: connected to ${this.status.server} (cluster ${this.options.cluster})`);
-      else if (state === "down") this.options.log.warn(`backplane: ${this.shown}${why}; frames for other hubs are dropped until it is back`);
-    }
-    this.status.state = state;
-    if (error !== undefined) this.status.lastError = error;
+    if (!setLinkState(this.status, state, error)) return;
+    const why = error === undefined ? "" : `: ${error}`;
+    if (state === "up") this.options.log.info(`backplane: connected to ${this.status.server} (cluster ${this.options.cluster})`);
+    else if (state === "down") this.options.log.warn(`backplane: ${this.shown}${why}; frames for other hubs are dropped until it is back`);
   }
 
   async #connect(): Promise<void> {
@@ -4433,14 +4466,16 @@ export class StreamPort extends Port {
     private readonly countError: () => void,
   ) {
     super(kind, peer);
-    this.writer = new StreamWriter((data) => {
-      const written = socket.write(data);
-      // Bun reports a failed send (the peer reset) as -1 here, and the close that follows without an error.
-      if (written < 0) this.closeReason ??= "write error";
-      return written;
-    }, limit, budget);
+    this.writer = new StreamWriter(this.#write, limit, budget);
     this.queueLimit = limit;
   }
+
+  readonly #write = (data: Uint8Array): number => {
+    const written = this.socket.write(data);
+    // Bun reports a failed send (the peer reset) as -1 here, and the close that follows without an error.
+    if (written < 0) this.closeReason ??= "write error";
+    return written;
+  };
 
   protected enqueue(frame: Uint8Array): boolean {
     // QEMU 7.2 stops receiving for good after a 0-length frame; runts never enter the switch anyway.
@@ -4578,23 +4613,16 @@ export interface DialStatus {
 export function dialStream(address: SocketAddress, ctx: StreamContext): { status: DialStatus; stop(): void } {
   const target = formatAddress(address);
   const status: DialStatus = { network: ctx.network.name, target, state: "connecting", since: new Date().toISOString(), attempts: 0, lastError: undefined };
-  const setState = (state: DialStatus["state"]) => {
-    if (status.state !== state) status.since = new Date().toISOString();
-    status.state = state;
-  };
   const backoff = new Backoff(DIAL_BACKOFF_MIN_MS, DIAL_BACKOFF_MAX_MS);
   let timer: ReturnType<typeof setTimeout> | undefined;
   let socket: Socket<StreamPort> | undefined;
   let stopped = false;
-  let lastLogged = "";
-  const logChange = (line: string) => {
-    if (line !== lastLogged) ctx.log.info((lastLogged = line));
-  };
+  const changes = new ChangeLog();
   const retry = () => {
     socket = undefined;
     if (stopped) return;
-    if (status.state === "up") logChange(`qemu-connect ${ctx.network.name}: disconnected from ${target}; redialling`);
-    setState("connecting");
+    if (status.state === "up") changes.log(ctx.log.info, `qemu-connect ${ctx.network.name}: disconnected from ${target}; redialling`);
+    setLinkState(status, "connecting");
     timer = setTimeout(dial, backoff.next());
   };
   const handlers = streamHandlers({ ...ctx, unixPeer: target, onClose: retry });
@@ -4602,8 +4630,8 @@ export function dialStream(address: SocketAddress, ctx: StreamContext): { status
   handlers.open = (s) => {
     open(s);
     backoff.reset();
-    setState("up");
-    logChange(`qemu-connect ${ctx.network.name}: connected to ${target}`);
+    setLinkState(status, "up");
+    changes.log(ctx.log.info, `qemu-connect ${ctx.network.name}: connected to ${target}`);
   };
   async function dial() {
     status.attempts++;
@@ -4615,7 +4643,7 @@ export function dialStream(address: SocketAddress, ctx: StreamContext): { status
       if (stopped) socket.end();
     } catch (error) {
       status.lastError = describeError("cannot connect", error);
-      logChange(`qemu-connect ${ctx.network.name}: ${status.lastError.replace("cannot connect", `cannot connect to ${target}`)}; retrying with backoff`);
+      changes.log(ctx.log.info, `qemu-connect ${ctx.network.name}: ${status.lastError.replace("cannot connect", `cannot connect to ${target}`)}; retrying with backoff`);
       retry();
     }
   }
@@ -4928,14 +4956,19 @@ export async function openUnixDgram(
     receiverGone(`receiving stopped: the receiver thread failed: ${/^error: (.*)$/m.exec(event.message)?.[1] ?? "unknown error"}`);
   };
   let overruns = 0;
+  // The sender of the datagram at hand; `sender` reads it, so no closure is made per datagram.
+  let from = EMPTY;
+  function sender(): UnixPeer {
+    return { path: displaySockaddr(from), sockaddr: from };
+  }
   worker.onmessage = function onReceived({ data }) {
     if (data.cost) Atomics.sub(state, RX_BACKLOG, data.cost);
     if (Atomics.load(state, RX_OVERRUNS) !== overruns) events.overrun?.((overruns = Atomics.load(state, RX_OVERRUNS)));
     if (data.data) {
-      const from = new Uint8Array(data.from);
+      from = new Uint8Array(data.from);
       // An unbound sender has no address to answer to.
       if (from.length <= 2) return;
-      onDatagram(new Uint8Array(data.data), sockaddrKey(from), (): UnixPeer => ({ path: displaySockaddr(from), sockaddr: from }));
+      onDatagram(new Uint8Array(data.data), sockaddrKey(from), sender);
     } else if (data.oversize) events.oversize?.(data.oversize);
     else if (data.errno) receiverGone(describeError("receiving stopped", errnoError("recvfrom", data.errno)));
     else if (data.done) receiverGone(undefined);
@@ -5127,7 +5160,7 @@ export async function bindDatagram(
     socket,
     /** Learned peers silent for their ageing time are forgotten; a fixed remote stays. */
     sweep() {
-      const now = Date.now();
+      const now = ctx.network.now();
       for (const [key, peer] of peers) {
         if (peer !== fixed && now - peer.lastHeard >= peerAgeingMs) {
           peers.delete(key);
@@ -5173,7 +5206,7 @@ export async function joinMulticast(
     const own = sender.socket.port;
     const receiver = await openUdp(
       group,
-      (data, _key, from) => {
+      function onGroupDatagram(data, _key, from) {
         const source = from() as HostPort;
         if (source.port === own && (localAddress === undefined || source.host === localAddress)) return;
         port.receive(data);
@@ -5272,10 +5305,6 @@ const RELAY_COUNTERS: [name: string, help: string, key: keyof RelayCounters][] =
   ["edge_relay_connections_refused_total", "QEMU connections closed at once for --max-connections.", "connectionsRefused"],
 ];
 
-/**
- * Prometheus text exposition: the relay's counters from a snapshot (its networks not listed), the
- * ports' and networks' read from them directly. The cost is per port, never per MAC.
- */
 /** How much of /metrics gets series of its own: the first ports and networks (the rest are in the per-kind totals). */
 export interface MetricsView {
   ports: number;
@@ -5291,6 +5320,10 @@ const KIND_METRICS: [name: string, help: string, key: keyof KindTotals][] = [
   ["edge_relay_kind_tx_drops_total", "Frames dropped on the way out, over every port of a kind.", "txDrops"],
 ];
 
+/**
+ * Prometheus text exposition: the relay's counters from a snapshot (its networks not listed), the
+ * ports' and networks' read from them directly. The cost is per port, never per MAC.
+ */
 export function renderMetrics(
   s: Snapshot,
   networks: Iterable<Network>,
@@ -6210,7 +6243,7 @@ export function createApp(ctx: AppContext) {
     }
     const offered = (c.req.header("sec-websocket-protocol") ?? "").split(",").map((s) => s.trim());
     if (!offered.includes(TUNNEL_PROTOCOL)) return c.text(`expected subprotocol ${TUNNEL_PROTOCOL}\n`, 400);
-    const full = ctx.tunnels.admit(address);
+    const full = ctx.tunnels.admission.admit(address);
     if (full !== undefined) return c.text(`${full}\n`, 503, { "Retry-After": "30" });
     const upgraded = c.env.upgrade(c.req.raw, {
       data: { grant, peer, address },
@@ -6247,9 +6280,9 @@ export function createApp(ctx: AppContext) {
       refusals.log(`${where}: refused ${peer}: network not allowed for this token`);
       return c.text("network not allowed for this token\n", 403);
     }
-    const full = ctx.v86.admit(address);
+    const full = ctx.v86.admission.admit(address);
     if (full !== undefined) return c.text(`${full}\n`, 503, { "Retry-After": "30" });
-    const data: V86Data = { v86: true, grant, network: name, peer: `${peer}${shownOrigin}`, address };
+    const data: V86Data = { v86: true, network: name, peer: `${peer}${shownOrigin}`, address };
     return c.env.upgrade(c.req.raw, { data }) ? new Response(null) : c.text("expected a WebSocket upgrade\n", 426);
   });
   return app;
@@ -6276,7 +6309,7 @@ export class CaptureFile {
     readonly log: Logger,
   ) {
     this.#writer = Bun.file(path).writer();
-    this.#capture = new Capture(network, { snaplen: CAPTURE_SNAPLEN }, (block) => this.#write(block), {
+    this.#capture = new Capture(network, { snaplen: CAPTURE_SNAPLEN }, this.#write, {
       count: 0,
       done() {},
       // A file past `rotate` is closed before the next frame, which starts the next file with its own header.
@@ -6291,11 +6324,11 @@ export class CaptureFile {
     log.info(`capture ${network.name}: writing pcapng to ${path}`);
   }
 
-  #write(block: Uint8Array): boolean {
+  readonly #write = (block: Uint8Array): boolean => {
     this.#writer.write(block);
     this.#bytes += block.length;
     return true;
-  }
+  };
 
   #rotate(): void {
     void this.#writer.end();
@@ -6503,7 +6536,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
     limits: {
       networks: networks.size,
       maxNetworks: config.maxNetworks,
-      tunnels: tunnels.tunnels,
+      tunnels: tunnels.admission.open,
       maxTunnels: config.maxTunnels,
       maxTunnelsPerAddress: config.maxTunnelsPerAddress,
       memoryUsed: budget.used,
@@ -6535,7 +6568,6 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
         // Bun pings an idle tunnel and closes one that stays silent; clients answer pings by themselves.
         idleTimeout: TUNNEL_IDLE_SECONDS,
         sendPings: true,
-        ...tunnels.handlers,
         open: (ws) => (v86Socket(ws) ? v86.handlers.open(ws) : tunnels.handlers.open(ws as ServerWebSocket<TunnelData>)),
         message: (ws, m) => (v86Socket(ws) ? v86.handlers.message(ws, m) : tunnels.handlers.message(ws as ServerWebSocket<TunnelData>, m)),
         close: (ws, code, reason) => (v86Socket(ws) ? v86.handlers.close(ws, code, reason) : tunnels.handlers.close(ws as ServerWebSocket<TunnelData>, code, reason)),
@@ -6608,14 +6640,15 @@ export async function startRelay(config: Config, log: Logger = consoleLogger): P
     }, Math.min(ageingMs, 60_000) / 2);
     stoppers.push(() => clearInterval(sweep));
     // Each relay probes at its own phase, so two relays in one loop rarely both act on it.
-    let probing: ReturnType<typeof setInterval> | undefined;
     const probeMs = config.loopProbe * 1000;
-    const probes = new RoundRobin(networks);
-    const probeStart = setTimeout(() => {
-      probing = setInterval(() => probes.step(TICK_BUDGET, (n) => n.probe() + n.ports.size), probeMs);
-    }, Math.random() * probeMs);
-    if (probeMs === 0) clearTimeout(probeStart);
-    stoppers.push(() => (clearTimeout(probeStart), clearInterval(probing)));
+    if (probeMs > 0) {
+      let probing: ReturnType<typeof setInterval> | undefined;
+      const probes = new RoundRobin(networks);
+      const probeStart = setTimeout(() => {
+        probing = setInterval(() => probes.step(TICK_BUDGET, (n) => n.probe() + n.ports.size), probeMs);
+      }, Math.random() * probeMs);
+      stoppers.push(() => (clearTimeout(probeStart), clearInterval(probing)));
+    }
   } catch (error) {
     await stopAll();
     throw error;
