@@ -125,6 +125,7 @@ const UPLINK_BACKOFF_MAX_MS = 30_000;
 const DIAL_BACKOFF_MIN_MS = 100;
 const DIAL_BACKOFF_MAX_MS = 5_000;
 const BACKPLANE_BACKOFF_MIN_MS = 250;
+/** Also the NATS client's longest wait between reconnects: NATS back, hubs share frames within about that. */
 const BACKPLANE_BACKOFF_MAX_MS = 5_000;
 const DEFAULT_HTTP = "127.0.0.1:8080";
 const DEFAULT_QEMU_LISTEN = "127.0.0.1:10000";
@@ -158,12 +159,15 @@ export interface HostPort {
 
 const HOST_NAME = /^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$/;
 
+/** `HOST:PORT` or `[IPv6]:PORT`, the port any digits: addressProblem tells a port out of range. */
+const HOST_PORT = /^(?:\[([^\]]*)\]|([^:\[\]]*)):(\d+)$/;
+
 /**
  * Why text of the shape `HOST:PORT` or `[IPv6]:PORT` is not a usable address, in words; undefined
  * when it is one (or when it is not of that shape at all).
  */
 export function addressProblem(text: string): string | undefined {
-  const m = /^(?:\[([^\]]*)\]|([^:\[\]]*)):(\d+)$/.exec(text);
+  const m = HOST_PORT.exec(text);
   if (!m) return undefined;
   if (Number(m[3]) > 65_535) return `port ${m[3]} is out of range 0–65535`;
   const host = m[1] ?? m[2]!;
@@ -174,7 +178,7 @@ export function addressProblem(text: string): string | undefined {
 
 /** Parses `HOST:PORT` or `[IPv6]:PORT`; `null` when it is neither (addressProblem says why). */
 export function parseHostPort(text: string): HostPort | null {
-  const m = /^(?:\[([^\]]*)\]|([^:\[\]]*)):(\d{1,5})$/.exec(text);
+  const m = HOST_PORT.exec(text);
   if (!m || addressProblem(text) !== undefined) return null;
   return { host: m[1] ?? m[2]!, port: Number(m[3]) };
 }
@@ -217,7 +221,8 @@ function splitNetwork(text: string): { network: string; rest: string } {
   return { network: text.slice(0, eq), rest: text.slice(eq + 1) };
 }
 
-function endpointSchema<T extends object>(shape: string, parse: (rest: string) => T | null) {
+/** `parse` gives the endpoint, why it is none in words, or null when it is not of the shape at all. */
+function endpointSchema<T extends object>(shape: string, parse: (rest: string) => T | string | null) {
   return v.pipe(
     v.string(`expected ${shape}`),
     v.rawTransform(({ dataset, addIssue, NEVER }) => {
@@ -225,6 +230,10 @@ function endpointSchema<T extends object>(shape: string, parse: (rest: string) =
       const parsed = parse(rest);
       if (!NETWORK_NAME.test(network)) {
         addIssue({ message: `network name ${JSON.stringify(network)} must be letters, digits, '.', '_' or '-'` });
+        return NEVER;
+      }
+      if (typeof parsed === "string") {
+        addIssue({ message: parsed });
         return NEVER;
       }
       if (!parsed) {
@@ -242,18 +251,14 @@ const StreamEndpoint = endpointSchema("[NET=]HOST:PORT or [NET=]unix:PATH", (res
   return address && { address };
 });
 
-const IPV4 = /^\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}$/;
-const IPV6 = /^[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*$/;
-
 /**
  * A fixed datagram peer must be something a socket can send to: a unix path with a unix socket, or
  * an IP literal with a port, of the local address's family (Bun sends to IPs only, no names).
  */
 function validRemote(local: SocketAddress, remote: SocketAddress): boolean {
   if ("path" in local || "path" in remote) return "path" in local && "path" in remote;
-  const family = (host: string) => (IPV4.test(host) ? 4 : IPV6.test(host) ? 6 : 0);
-  const localFamily = family(local.host);
-  return remote.port > 0 && family(remote.host) !== 0 && (localFamily === 0 || localFamily === family(remote.host));
+  const [localFamily, remoteFamily] = [isIP(local.host), isIP(remote.host)];
+  return remote.port > 0 && remoteFamily !== 0 && (localFamily === 0 || localFamily === remoteFamily);
 }
 
 const UdpEndpoint = endpointSchema(
@@ -274,7 +279,7 @@ const McastEndpoint = endpointSchema("[NET=]GROUP:PORT[,LOCALADDR] with an IPv4 
   const [groupText, localAddress, extra] = rest.split(",");
   const group = parseHostPort(groupText!);
   if (!group || !IPV4_MULTICAST.test(group.host) || group.port === 0 || extra !== undefined) return null;
-  if (localAddress !== undefined && !IPV4.test(localAddress)) return null;
+  if (localAddress !== undefined && !isIPv4(localAddress)) return `LOCALADDR ${JSON.stringify(localAddress)} is not an IPv4 address`;
   return { group, localAddress };
 });
 
@@ -742,18 +747,14 @@ const V86RateSchema = v.pipe(
   }),
 );
 
-/** Why a --backplane server is not one, without quoting it when it holds a credential. */
+/**
+ * Why a --backplane server is not one. A refused value is never quoted: credentials may hide in any
+ * part of it (`user:pass@`, `?token=`, a scheme-less `user:pass@host`), and status and logs would show them.
+ */
 function backplaneUrlProblem(text: string): string | undefined {
-  if (/^[a-z]+:\/\/[^/]*@/i.test(text)) return "credentials do not go in the URL (status and logs show it): use --backplane-token or --backplane-creds";
-  const shape = `expected nats://HOST:PORT or tls://HOST:PORT, got ${JSON.stringify(text)}`;
-  let url: URL;
-  try {
-    url = new URL(text);
-  } catch {
-    return shape;
-  }
-  if (!/^(nats|tls):$/.test(url.protocol) || !url.hostname || (url.pathname !== "" && url.pathname !== "/") || url.search || url.hash) return shape;
-  return undefined;
+  const url = URL.parse(text);
+  if (url && /^(nats|tls):$/.test(url.protocol) && url.hostname && !url.username && !url.password && /^\/?$/.test(url.pathname) && !url.search && !url.hash) return undefined;
+  return `expected nats://HOST:PORT or tls://HOST:PORT; credentials go in ${flagOf("backplaneToken")} or ${flagOf("backplaneCreds")}, not the URL`;
 }
 
 /** --backplane: repeatable, and each may list several servers separated by commas. */
@@ -824,6 +825,15 @@ interface OptionSpec {
   numeric?: boolean;
   /** An environment variable that supplies the value when neither flag nor file does. */
   env?: string;
+  /** The value is a credential (or may hold one, as a proxy URL's password): no message quotes it. */
+  secret?: boolean;
+  /**
+   * A list whose entries from the config file, the command line and the environment (comma-separated)
+   * add up, where for other options the command line replaces the rest.
+   */
+  cumulative?: boolean;
+  /** Gives the relay ports (QEMU's, tunnels'): with none of these set, the default --qemu-listen applies. */
+  givesPorts?: boolean;
   group: OptionGroup;
   /** Lines of help; the default, if any, is added from the schema. */
   help: string;
@@ -837,19 +847,19 @@ interface OptionSpec {
  */
 export const OPTIONS = {
   qemuListen: {
-    arg: "[NET=]ADDR", multiple: true, group: "qemu", schema: list(StreamEndpoint, "[NET=]HOST:PORT or [NET=]unix:PATH"),
+    arg: "[NET=]ADDR", multiple: true, givesPorts: true, group: "qemu", schema: list(StreamEndpoint, "[NET=]HOST:PORT or [NET=]unix:PATH"),
     help: "accept QEMU stream clients: -netdev stream,server=off,… or\n-netdev socket,connect=HOST:PORT; each connection is a port",
   },
   qemuConnect: {
-    arg: "[NET=]ADDR", multiple: true, group: "qemu", schema: list(StreamEndpoint, "[NET=]HOST:PORT or [NET=]unix:PATH"),
+    arg: "[NET=]ADDR", multiple: true, givesPorts: true, group: "qemu", schema: list(StreamEndpoint, "[NET=]HOST:PORT or [NET=]unix:PATH"),
     help: "dial QEMU -netdev stream,server=on,… or -netdev socket,listen=…;\nretried with backoff until it answers and after it restarts",
   },
   qemuUdp: {
-    arg: "[NET=]ADDR[,REMOTE]", multiple: true, group: "qemu", schema: list(UdpEndpoint, "[NET=]HOST:PORT[,REMOTE]"),
+    arg: "[NET=]ADDR[,REMOTE]", multiple: true, givesPorts: true, group: "qemu", schema: list(UdpEndpoint, "[NET=]HOST:PORT[,REMOTE]"),
     help: "datagram socket for -netdev dgram,… (inet or unix) or\n-netdev socket,udp=…,localaddr=…; each source address is a port;\nREMOTE (same family) fixes the peer: only it is then accepted",
   },
   qemuMcast: {
-    arg: "[NET=]GROUP:PORT[,LOCALADDR]", multiple: true, group: "qemu", schema: list(McastEndpoint, "[NET=]GROUP:PORT[,LOCALADDR]"),
+    arg: "[NET=]GROUP:PORT[,LOCALADDR]", multiple: true, givesPorts: true, group: "qemu", schema: list(McastEndpoint, "[NET=]GROUP:PORT[,LOCALADDR]"),
     help: "bridge a -netdev socket,mcast=GROUP:PORT / -netdev dgram multicast\nsegment into NET as one port",
   },
   allowRemoteQemu: {
@@ -857,12 +867,12 @@ export const OPTIONS = {
     help: "let QEMU ports use a non-loopback address: anyone who can reach\nit gets a port on the segment",
   },
   tokens: {
-    flag: "token", arg: "SECRET", multiple: true, env: "RELAY_TOKENS", group: "tunnel", schema: list(TokenGrant, "tokens"),
+    flag: "token", arg: "SECRET", multiple: true, env: "RELAY_TOKENS", secret: true, cumulative: true, givesPorts: true, group: "tunnel", schema: list(TokenGrant, "tokens"),
     help: `accept tunnels that present this token (repeatable, at least\n${MIN_TOKEN_LENGTH} characters); also RELAY_TOKENS (comma-separated) and\n--token-file; none: tunnels off`,
   },
   tokenFile: { arg: "FILE", group: "tunnel", help: "one token per line (# comments allowed)" },
   uplink: {
-    arg: "URL", group: "tunnel",
+    arg: "URL", givesPorts: true, group: "tunnel",
     schema: v.optional(
       v.pipe(
         v.string("expected a ws:// or wss:// URL"),
@@ -872,7 +882,7 @@ export const OPTIONS = {
     ),
     help: "dial another relay (ws://HOST:PORT or wss://…) and carry every\nlocal network over it, and networks that appear later",
   },
-  uplinkToken: { arg: "SECRET", env: "RELAY_UPLINK_TOKEN", group: "tunnel", schema: v.optional(Secret), help: "the token for --uplink; also RELAY_UPLINK_TOKEN" },
+  uplinkToken: { arg: "SECRET", env: "RELAY_UPLINK_TOKEN", secret: true, group: "tunnel", schema: v.optional(Secret), help: "the token for --uplink; also RELAY_UPLINK_TOKEN" },
   name: {
     arg: "NAME", group: "tunnel",
     schema: v.optional(Name),
@@ -887,7 +897,7 @@ export const OPTIONS = {
   uplinkFingerprint: { arg: "SHA256", group: "tunnel", schema: v.optional(Fingerprint), help: "also require the hub certificate's SHA-256 fingerprint (pinning)" },
   insecure: { group: "tunnel", schema: v.optional(v.boolean("expected true or false"), false), help: "do not verify the hub's certificate (logged on every connect)" },
   uplinkProxy: {
-    arg: "URL", group: "tunnel",
+    arg: "URL", secret: true, group: "tunnel",
     schema: v.optional(v.pipe(v.string("expected an http:// proxy URL"), v.check((u) => parseProxyUrl(u) !== undefined, PROXY_URL_EXPECTED))),
     help: "dial the uplink through this HTTP proxy (CONNECT); without it\nHTTPS_PROXY (wss://) or HTTP_PROXY (ws://) apply; none is used\nwhen NO_PROXY names the hub",
   },
@@ -899,7 +909,7 @@ export const OPTIONS = {
     arg: "NAME", group: "backplane", schema: v.optional(Name, "default"),
     help: "hubs with the same NAME share networks, on subjects\nedge-relay.NAME.NETWORK; unless given, NAME is",
   },
-  backplaneToken: { arg: "SECRET", env: "RELAY_BACKPLANE_TOKEN", group: "backplane", schema: v.optional(Secret), help: "the NATS server's token; also RELAY_BACKPLANE_TOKEN" },
+  backplaneToken: { arg: "SECRET", env: "RELAY_BACKPLANE_TOKEN", secret: true, group: "backplane", schema: v.optional(Secret), help: "the NATS server's token; also RELAY_BACKPLANE_TOKEN" },
   backplaneCreds: {
     arg: "FILE", group: "backplane", schema: v.optional(NatsCredentials),
     help: "a NATS credentials file (user JWT and NKey seed), or an NKey\nuser's seed alone (SU…)",
@@ -907,7 +917,7 @@ export const OPTIONS = {
   backplaneCa: { arg: "FILE", group: "backplane", schema: v.optional(CertificateFile), help: "trust this CA (PEM) for the NATS servers instead of the system's" },
   http: { arg: "HOST:PORT", group: "http", schema: v.optional(HttpAddress, DEFAULT_HTTP), help: "listen address" },
   adminToken: {
-    arg: "SECRET", env: "RELAY_ADMIN_TOKEN", group: "http", schema: v.optional(AcceptedSecret),
+    arg: "SECRET", env: "RELAY_ADMIN_TOKEN", secret: true, group: "http", schema: v.optional(AcceptedSecret),
     help: "Bearer token for /healthz, /status, /metrics; required when --http\nis not a loopback address; also RELAY_ADMIN_TOKEN",
   },
   tlsCert: { arg: "FILE", group: "http", schema: v.optional(CertificateFile), help: "serve HTTPS and wss:// with this certificate (PEM)" },
@@ -1002,29 +1012,29 @@ const configEntries = Object.fromEntries(
 export const ConfigSchema = v.pipe(
   v.strictObject(configEntries),
   v.forward(
-    v.check((c) => c.uplink === undefined || c.uplinkToken !== undefined, "required with --uplink (or set RELAY_UPLINK_TOKEN)"),
+    v.check((c) => c.uplink === undefined || c.uplinkToken !== undefined, `required with ${flagOf("uplink")} (or set ${OPTIONS.uplinkToken.env})`),
     ["uplinkToken"],
   ),
-  v.forward(v.check((c) => !(c.backplaneToken && c.backplaneCreds), "--backplane-token and --backplane-creds exclude each other"), ["backplaneCreds"]),
+  v.forward(v.check((c) => !(c.backplaneToken && c.backplaneCreds), `${flagOf("backplaneToken")} and ${flagOf("backplaneCreds")} exclude each other`), ["backplaneCreds"]),
   v.rawCheck(({ dataset, addIssue }) => {
     if (!dataset.typed || dataset.value.backplane.length > 0) return;
     for (const key of ["backplaneToken", "backplaneCreds", "backplaneCa"] as const) {
       if (dataset.value[key] === undefined) continue;
-      addIssue({ message: "only means something with --backplane", path: [{ type: "object", origin: "value", input: dataset.value, key, value: dataset.value[key] }] });
+      addIssue({ message: `only means something with ${flagOf("backplane")}`, path: [{ type: "object", origin: "value", input: dataset.value, key, value: dataset.value[key] }] });
     }
   }),
   v.forward(
-    v.check((c) => isLoopback(c.http.host) || c.adminToken !== undefined, "required when --http is not a loopback address"),
+    v.check((c) => isLoopback(c.http.host) || c.adminToken !== undefined, `required when ${flagOf("http")} is not a loopback address`),
     ["adminToken"],
   ),
   v.forward(
-    v.check((c) => (c.tlsCert === undefined) === (c.tlsKey === undefined), "--tls-cert and --tls-key go together"),
+    v.check((c) => (c.tlsCert === undefined) === (c.tlsKey === undefined), `${flagOf("tlsCert")} and ${flagOf("tlsKey")} go together`),
     ["tlsKey"],
   ),
   v.forward(
     v.check(
       (c) => !(c.insecure && c.uplinkFingerprint),
-      "cannot be combined with --insecure: a pin is checked only on a verified chain; give the hub's certificate as --uplink-ca instead",
+      `cannot be combined with ${flagOf("insecure")}: a pin is checked only on a verified chain; give the hub's certificate as ${flagOf("uplinkCa")} instead`,
     ),
     ["uplinkFingerprint"],
   ),
@@ -1053,7 +1063,7 @@ export const ConfigSchema = v.pipe(
           { type: "object", origin: "value", input: dataset.value, key, value: list },
           { type: "array", origin: "value", input: list, key: index, value: entry },
         ];
-        addIssue({ message: `${message}; add --allow-remote-qemu`, path });
+        addIssue({ message: `${message}; add ${flagOf("allowRemoteQemu")}`, path });
       });
     }
   }),
@@ -1179,7 +1189,7 @@ export class Backoff {
 }
 
 /** Keys whose values are credentials: no message may quote them. */
-const SECRET_KEYS = new Set(["tokens", "uplinkToken", "adminToken", "backplaneToken"]);
+const SECRET_KEYS = new Set(Object.entries(OPTIONS as Record<string, OptionSpec>).flatMap(([key, spec]) => (spec.secret ? [key] : [])));
 
 /** Validates raw options (the config file's shape); throws a one-line ConfigError naming the option. */
 export function parseConfig(input: unknown): Config {
@@ -3527,7 +3537,7 @@ export class TunnelServer {
           this.#offer(link, ws.data.grant, names, first, hello);
         },
       }, () => void o.counters.protocolErrors++);
-      ws.data.helloTimer = setTimeout(() => ws.data.link?.fail(new RangeError("no hello within 10 s")), HELLO_TIMEOUT_MS);
+      ws.data.helloTimer = setTimeout(() => ws.data.link?.fail(new Error(`no hello within ${HELLO_TIMEOUT_MS / 1000} s`)), HELLO_TIMEOUT_MS);
     },
     message: (ws: ServerWebSocket<TunnelData>, message: string | Buffer) => {
       if (typeof message === "string") ws.data.link!.fail(new TypeError("Cannot decode tunnel message: text messages are not part of the protocol"));
@@ -3703,6 +3713,14 @@ export function uplinkProxy(target: string, explicit: string | undefined, env: R
   const proxy = parseProxyUrl(text);
   if (!proxy) throw new ConfigError(`${source}: ${PROXY_URL_EXPECTED}`);
   return { url: proxy.href, shown: `http://${proxy.host}`, source };
+}
+
+/**
+ * The text with the user and password taken out of every URL in it (`http://u:pw@proxy:3128/` →
+ * `http://proxy:3128/`), however it is spelled: for messages that may quote a proxy's URL.
+ */
+export function withoutUserinfo(text: string): string {
+  return text.replace(/\/\/[^\s/?#]*@/g, "//");
 }
 
 /**
@@ -3894,9 +3912,8 @@ export class Uplink {
       link.receive(new Uint8Array(event.data as ArrayBuffer));
     };
     ws.onerror = (event) => {
-      failure = (event as ErrorEvent).message || "connection failed";
-      // Bun's messages name the target only; the proxy's URL (and any password in it) is kept out.
-      if (proxy) failure = failure.replaceAll(proxy.url, proxy.shown);
+      // Bun's messages name the target only; should one quote a URL with a password, it is taken out.
+      failure = withoutUserinfo((event as ErrorEvent).message || "connection failed");
     };
     // One that cannot succeed by retrying soon (a wrong token) backs off to the longest wait at once.
     ws.onclose = (event) => {
@@ -4120,8 +4137,8 @@ function noControl(control: ControlMessage): never {
 /**
  * This hub's connection to NATS, and a port on every network that has a port here. The first
  * connection is retried with the shared backoff; once connected, the NATS client reconnects by
- * itself. While it is not connected frames for other hubs are dropped and counted (never buffered
- * without bound), and local switching goes on.
+ * itself, waiting as that backoff says. While it is not connected frames for other hubs are
+ * dropped and counted (never buffered without bound), and local switching goes on.
  */
 export class Backplane {
   readonly status: BackplaneStatus;
@@ -4129,6 +4146,11 @@ export class Backplane {
   readonly shown: string;
   readonly #ports = new Map<string, BackplanePort>();
   readonly #backoff = new Backoff(BACKPLANE_BACKOFF_MIN_MS, BACKPLANE_BACKOFF_MAX_MS);
+  /**
+   * The client's wait before its next reconnect attempt. It asks for one on every turn of its dial
+   * loop, waits included, so the backoff moves on per attempt (its "reconnecting" event), not per ask.
+   */
+  #reconnectWaitMs = BACKPLANE_BACKOFF_MIN_MS;
   readonly #headers: MsgHdrs;
   readonly #log: { log(line: string): void };
   #nc: NatsConnection | undefined;
@@ -4187,8 +4209,7 @@ export class Backplane {
         noEcho: true,
         timeout: o.handshakeMs,
         maxReconnectAttempts: -1,
-        reconnectTimeWait: 1000,
-        reconnectJitter: 500,
+        reconnectDelayHandler: () => this.#reconnectWaitMs,
         pingInterval: 5000,
         maxPingOut: 2,
         ...(o.token !== undefined && { token: o.token }),
@@ -4217,7 +4238,9 @@ export class Backplane {
   async #watch(nc: NatsConnection): Promise<void> {
     for await (const event of nc.status()) {
       if (event.type === "disconnect") this.#setState("down", `lost ${event.server}`);
+      else if (event.type === "reconnecting") this.#reconnectWaitMs = this.#backoff.next();
       else if (event.type === "reconnect") {
+        this.#backoff.reset();
         this.status.connects++;
         this.status.server = event.server;
         this.#setState("up");
@@ -4286,16 +4309,18 @@ export class Backplane {
   publish(subject: string, message: Uint8Array, reserved: number, frames: number): boolean {
     this.#batched = Math.max(0, this.#batched - reserved);
     this.#backlog += reserved;
-    try {
-      if (!this.up) throw new Error("not connected");
-      this.#nc!.publish(subject, message, { headers: this.#headers });
-      this.status.messagesOut++;
-      this.status.bytesOut += message.length;
-      return true;
-    } catch {
-      this.status.drops += frames;
-      return false;
+    if (this.up) {
+      try {
+        this.#nc!.publish(subject, message, { headers: this.#headers });
+        this.status.messagesOut++;
+        this.status.bytesOut += message.length;
+        return true;
+      } catch {
+        // The client refuses while it closes or drains: dropped like any frame NATS cannot take.
+      }
     }
+    this.status.drops += frames;
+    return false;
   }
 
   /** A message from another hub; one that does not decode is dropped, counted and logged. */
@@ -5216,7 +5241,7 @@ export async function joinMulticast(
     );
     if (!receiver.socket.addMembership(group.host, localAddress)) {
       receiver.close();
-      throw new Error("cannot join the group");
+      throw new Error("the system refused the membership");
     }
     ctx.network.attach(port);
     return { address: receiver.address, close: () => (ctx.network.detach(port), receiver.close(), sender!.close()) };
@@ -6388,10 +6413,13 @@ function defaultName(): string {
   return hostname().replace(/[^A-Za-z0-9_.-]/g, "-").replace(/^[^A-Za-z0-9]+/, "").slice(0, 64) || "relay";
 }
 
-/** Starts every port of `config`; throws (nothing left running) if one cannot be bound. */
-export async function startRelay(config: Config, log: Logger = consoleLogger): Promise<RelayHandle> {
+/**
+ * Starts every port of `config`; throws (nothing left running) if one cannot be bound. `env` is
+ * where the uplink's proxy settings (HTTPS_PROXY, NO_PROXY, …) come from: main's, as for the config.
+ */
+export async function startRelay(config: Config, log: Logger = consoleLogger, env: Record<string, string | undefined> = process.env): Promise<RelayHandle> {
   // Read before anything is bound: a bad proxy in the environment is a config error like a bad option.
-  const proxy = config.uplink === undefined ? undefined : uplinkProxy(config.uplink, config.uplinkProxy, process.env);
+  const proxy = config.uplink === undefined ? undefined : uplinkProxy(config.uplink, config.uplinkProxy, env);
   const startedAt = Date.now();
   const ageingMs = config.macAgeing * 1000;
   const identity: RelayIdentity = { id: Buffer.from(crypto.getRandomValues(new Uint8Array(8))).toString("hex"), name: config.name ?? defaultName() };
@@ -6730,7 +6758,11 @@ export function parseFlags(argv: string[]): Flags {
     if (spec.arg) {
       if (eq > 0) value = arg.slice(eq + 1);
       else if (i + 1 < argv.length && !argv[i + 1]!.startsWith("--")) value = argv[++i]!;
-      else throw new ConfigError(`${flag}: missing value ${spec.arg}${i + 1 < argv.length ? ` (before ${argv[i + 1]})` : ""}`);
+      else {
+        // Name the next option only, never its value (`--admin-token=…`), nor text that is no option: it may be a secret.
+        const next = i + 1 < argv.length ? argv[i + 1]!.split("=")[0]! : undefined;
+        throw new ConfigError(`${flag}: missing value ${spec.arg}${next !== undefined && byFlag.has(next) ? ` (before ${next})` : ""}`);
+      }
     } else if (eq > 0) throw new ConfigError(`${flag}: takes no value`);
     if (spec.multiple) ((flags[key] ??= []) as string[]).push(value as string);
     else if (key in flags) throw new ConfigError(`${flag}: given twice`);
@@ -6755,32 +6787,35 @@ export function loadConfig(argv: string[], env: Record<string, string | undefine
   let raw: Record<string, unknown> = {};
   const configFile = flags.config as string | undefined;
   if (configFile !== undefined) {
+    const option = flagOf("config");
     try {
-      raw = JSON.parse(readTextFile("--config", configFile));
+      raw = JSON.parse(readTextFile(option, configFile));
     } catch (error) {
       if (error instanceof ConfigError) throw error;
       // The parser's message quotes the offending text, which may be a secret.
-      throw new ConfigError(`--config: ${configFile} is not valid JSON`);
+      throw new ConfigError(`${option}: ${configFile} is not valid JSON`);
     }
-    if (typeof raw !== "object" || raw === null || Array.isArray(raw)) throw new ConfigError(`--config: ${configFile} must hold a JSON object`);
+    if (typeof raw !== "object" || raw === null || Array.isArray(raw)) throw new ConfigError(`${option}: ${configFile} must hold a JSON object`);
   }
   const number = (text: string) => (text.trim() === "" ? NaN : Number(text));
-  for (const [key, spec] of Object.entries(OPTIONS as Record<string, OptionSpec>)) {
-    if (!spec.schema || key === "tokens") continue;
+  const addTo = (key: string, entries: string[]) => {
+    if (entries.length) raw[key] = [...(Array.isArray(raw[key]) ? raw[key] : []), ...entries];
+  };
+  const table = Object.entries(OPTIONS as Record<string, OptionSpec>);
+  for (const [key, spec] of table) {
+    if (!spec.schema) continue;
     const value = flags[key];
-    if (value !== undefined) raw[key] = spec.numeric ? number(value as string) : value;
-    else if (spec.env !== undefined && raw[key] === undefined && env[spec.env] !== undefined) raw[key] = env[spec.env];
+    const fromEnv = spec.env === undefined ? undefined : env[spec.env];
+    if (spec.cumulative) addTo(key, [...((value as string[] | undefined) ?? []), ...(fromEnv ?? "").split(",").map((t) => t.trim()).filter(Boolean)]);
+    else if (value !== undefined) raw[key] = spec.numeric ? number(value as string) : value;
+    else if (fromEnv !== undefined && raw[key] === undefined) raw[key] = fromEnv;
   }
-  const extraTokens = [
-    ...((flags.tokens as string[] | undefined) ?? []),
-    ...(env.RELAY_TOKENS ?? "").split(",").map((t) => t.trim()).filter(Boolean),
-    ...(flags.tokenFile === undefined
-      ? []
-      : readTextFile("--token-file", flags.tokenFile as string).split("\n").map((l) => l.replace(/#.*/, "").trim()).filter(Boolean)),
-  ];
-  if (extraTokens.length) raw.tokens = [...(Array.isArray(raw.tokens) ? raw.tokens : []), ...extraTokens];
-  const nothingConfigured = ["qemuListen", "qemuConnect", "qemuUdp", "qemuMcast", "uplink", "tokens"].every(
-    (k) => raw[k] === undefined || (Array.isArray(raw[k]) && (raw[k] as unknown[]).length === 0),
+  if (flags.tokenFile !== undefined) {
+    const lines = readTextFile(flagOf("tokenFile"), flags.tokenFile as string).split("\n");
+    addTo("tokens", lines.map((l) => l.replace(/#.*/, "").trim()).filter(Boolean));
+  }
+  const nothingConfigured = table.every(
+    ([key, spec]) => !spec.givesPorts || raw[key] === undefined || (Array.isArray(raw[key]) && (raw[key] as unknown[]).length === 0),
   );
   if (nothingConfigured) raw.qemuListen = [DEFAULT_QEMU_LISTEN];
   return parseConfig(raw);
@@ -6861,7 +6896,7 @@ export async function main(argv = Bun.argv.slice(2), env: Record<string, string 
   if (config === "version") return void console.log(`edge-relay ${VERSION} (bun ${Bun.version})`);
   let relay: RelayHandle;
   try {
-    relay = await startRelay(config);
+    relay = await startRelay(config, consoleLogger, env);
   } catch (error) {
     console.error(`edge-relay: ${(error as Error).message}`);
     // A setting found bad only at start (a proxy from the environment) exits as a bad option does.

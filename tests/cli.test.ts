@@ -60,6 +60,10 @@ describe("CLI", () => {
     [["stray"], /^edge-relay: unexpected argument "stray" \(see --help\)$/],
     [["--http"], /^edge-relay: --http: missing value HOST:PORT$/],
     [["--http", "--qemu-listen", "127.0.0.1:0"], /^edge-relay: --http: missing value HOST:PORT \(before --qemu-listen\)$/],
+    // The next option is named without its value, and text that is no option is not quoted: either may be a secret.
+    [["--uplink-token", "--admin-token=TOPSECRET-admin-0001"], /^edge-relay: --uplink-token: missing value SECRET \(before --admin-token\)$/],
+    [["--http", "--token=TOPSECRET-token-0001", "--uplink-token", "x"], /^edge-relay: --http: missing value HOST:PORT \(before --token\)$/],
+    [["--uplink-token", "--TOPSECRET-token-0001"], /^edge-relay: --uplink-token: missing value SECRET$/],
     [["--insecure=yes"], /^edge-relay: --insecure: takes no value$/],
     [["--http", "127.0.0.1:1", "--http", "127.0.0.1:2"], /^edge-relay: --http: given twice$/],
     [["--mac-ageing", "-5"], /^edge-relay: --mac-ageing: must be positive$/],
@@ -76,6 +80,8 @@ describe("CLI", () => {
     [["--qemu-udp", "127.0.0.1:0,[::1]:9"], /^edge-relay: --qemu-udp \(qemuUdp\[0\]\): expected/],
     [["--qemu-udp", "unix:/tmp/x,127.0.0.1:9"], /^edge-relay: --qemu-udp \(qemuUdp\[0\]\): expected/],
     [["--qemu-mcast", "239.1.2.3:5000", "--qemu-mcast", "lab=239.1.2.3:5000"], /^edge-relay: --qemu-mcast: a multicast group may be bridged once/],
+    [["--qemu-mcast", "239.1.1.1:5000,999.1.1.1"], /^edge-relay: --qemu-mcast \(qemuMcast\[0\]\): LOCALADDR "999\.1\.1\.1" is not an IPv4 address$/],
+    [["--qemu-mcast", "239.1.1.1:5000,lo"], /^edge-relay: --qemu-mcast \(qemuMcast\[0\]\): LOCALADDR "lo" is not an IPv4 address$/],
     [["--uplink", "wss://127.0.0.1:1", "--uplink-token", "uplink-token-0123", "--insecure", "--uplink-fingerprint", "ab".repeat(32)], /^edge-relay: --uplink-fingerprint: cannot be combined with --insecure/],
     [["--qemu-connect", "x"], /^edge-relay: --qemu-connect \(qemuConnect\[0\]\): expected/],
     [["--uplink", "http://x:1", "--uplink-token", "uplink-token-0123"], /^edge-relay: --uplink: expected a ws:\/\/ or wss:\/\/ URL$/],
@@ -99,6 +105,7 @@ describe("CLI", () => {
     expect(stderr.trimEnd()).toMatch(message);
     expect(stderr.trimEnd().split("\n").length).toBe(1);
     expect(stderr).not.toContain("two words secret");
+    expect(stderr).not.toContain("TOPSECRET");
     expect(code).toBe(2);
   });
 
@@ -148,6 +155,9 @@ describe("CLI", () => {
       [{ adminToken: [secret] }, "--admin-token: expected a string"],
       [{ adminToken: `${secret} x` }, "--admin-token: must be non-empty and contain no white space"],
       [{ uplinkToken: { secret } }, "--uplink-token: expected a string"],
+      // A proxy URL may hold a password: wrong in type or in shape, it is not quoted either.
+      [{ uplinkProxy: [`http://u:${secret}@proxy.example:3128`] }, "--uplink-proxy: expected an http:// proxy URL"],
+      [{ uplinkProxy: `https://u:${secret}@proxy.example:3128` }, "--uplink-proxy: expected http://[USER:PASSWORD@]HOST:PORT"],
       [{ qemuListen: "127.0.0.1:1" }, "--qemu-listen: expected an array of [NET=]HOST:PORT or [NET=]unix:PATH"],
       [{ http: 8080 }, "--http: expected HOST:PORT"],
       [{ qemuListen: [5] }, "--qemu-listen (qemuListen[0]): expected [NET=]HOST:PORT or [NET=]unix:PATH"],
@@ -163,6 +173,24 @@ describe("CLI", () => {
     await Bun.write(`${dir.path}/tokens`, `${secret}\nshort-${secret.slice(0, 4)}\n`);
     const file = await runCli(["--token-file", `${dir.path}/tokens`]);
     expect(file).toEqual({ stdout: "", stderr: "edge-relay: --token (tokens[1].token): must be at least 16 characters long\n", code: 2 });
+  });
+
+  test("the options marked secret (a proxy URL too) are never quoted, whatever is wrong with them", () => {
+    const secret = Object.entries(OPTIONS as Record<string, { secret?: boolean }>).flatMap(([key, spec]) => (spec.secret ? [key] : []));
+    expect(secret.sort()).toEqual(["adminToken", "backplaneToken", "tokens", "uplinkProxy", "uplinkToken"]);
+    for (const key of secret) {
+      for (const value of ["TOPSECRET x", ["TOPSECRET x"], [{ token: "TOPSECRET x" }], { TOPSECRET: 1 }, 7]) {
+        const message = (() => {
+          try {
+            return JSON.stringify(parseConfig({ [key]: value }));
+          } catch (error) {
+            return (error as Error).message;
+          }
+        })();
+        expect(message).toStartWith(flagOf(key));
+        expect(message).not.toContain("TOPSECRET");
+      }
+    }
   });
 
   test("a port already in use exits 1 with the errno spelled out", async () => {
@@ -339,6 +367,18 @@ describe("loadConfig", () => {
     if (typeof config === "string") throw new Error(config);
     expect(config.tokens.map((t) => t.token)).toEqual(["flag-token-000001", "env-token-0000001", "env-token-0000002", "file-token-0000001", "file-token-0000002"]);
     expect(config.qemuListen).toEqual([]);
+  });
+
+  test("only an option that gives the relay ports (a QEMU port, --uplink, a token) replaces the default QEMU port", () => {
+    const qemuListen = (argv: string[]) => {
+      const config = loadConfig(argv, { RELAY_UPLINK_TOKEN: "uplink-token-0001" });
+      if (typeof config === "string") throw new Error(config);
+      return config.qemuListen.map((p) => p.address);
+    };
+    const none: string[][] = [["--qemu-connect", "127.0.0.1:9"], ["--qemu-udp", "127.0.0.1:0"], ["--qemu-mcast", "239.1.1.1:5000,127.0.0.1"], ["--uplink", "ws://127.0.0.1:9"], ["--token", "hub-token-0000001"]];
+    for (const argv of none) expect(qemuListen(argv)).toEqual([]);
+    expect(qemuListen(["--qemu-listen", "127.0.0.1:5"])).toEqual([{ host: "127.0.0.1", port: 5 }]);
+    for (const argv of [["--mac-ageing", "5"], ["--backplane", "nats://127.0.0.1:4222"], ["--name", "hub"]]) expect(qemuListen(argv)).toEqual([{ host: "127.0.0.1", port: 10000 }]);
   });
 
   test("flags override the config file; env supplies the uplink and admin tokens", async () => {

@@ -3,7 +3,7 @@
  * with --uplink-proxy and with HTTPS_PROXY / HTTP_PROXY / NO_PROXY from the environment.
  */
 import { describe, expect, test } from "bun:test";
-import { noProxyMatches, uplinkProxy } from "../relay.ts";
+import { ConfigError, noProxyMatches, parseConfig, startRelay, uplinkProxy, withoutUserinfo } from "../relay.ts";
 import { BROADCAST, type RelayProcess, attachVm, freePort, fromMac, makeFrame, runCli, spawnRelay, tempDir, uplinkUp, waitUntil } from "./helpers.ts";
 
 const TOKEN = "proxy-test-token-5f1e";
@@ -269,5 +269,31 @@ describe("NO_PROXY and the choice of proxy", () => {
     expect(flag).toEqual({ url: "http://u:p%40ss@corp:8080/", shown: "http://corp:8080", source: "--uplink-proxy" });
     expect(uplinkProxy("wss://hub.example.com", "http://corp:8080", { NO_PROXY: ".example.com" })).toBeUndefined();
     expect(() => uplinkProxy("wss://hub.example.com", undefined, { HTTPS_PROXY: "http://u:pw@host/path" })).toThrow(/^HTTPS_PROXY: expected http:\/\/\[USER:PASSWORD@\]HOST:PORT$/);
+  });
+});
+
+describe("the proxy's password in messages and the environment it comes from", () => {
+  test("withoutUserinfo takes the user and password out of every URL, however Bun spells it", () => {
+    const cases: [string, string][] = [
+      [`Proxy connection to 'http://alice:${PASSWORD}@127.0.0.1:3128/' failed`, "Proxy connection to 'http://127.0.0.1:3128/' failed"],
+      [`http://alice:${PASSWORD}@proxy.example:3128 and HTTP://bob:x%40y@[::1]:8080/path`, "http://proxy.example:3128 and HTTP://[::1]:8080/path"],
+      [`via //alice:p@ss:${PASSWORD}@proxy:1`, "via //proxy:1"],
+      [`proxy http://${PASSWORD}@proxy:1?x=1#y`, "proxy http://proxy:1?x=1#y"],
+      ["WebSocket connection to 'ws://127.0.0.1:9/tunnel' failed: Failed to connect", "WebSocket connection to 'ws://127.0.0.1:9/tunnel' failed: Failed to connect"],
+      ["mail alice@example.org about http://hub.example/a@b", "mail alice@example.org about http://hub.example/a@b"],
+    ];
+    for (const [message, shown] of cases) expect(withoutUserinfo(message)).toBe(shown);
+  });
+
+  test("startRelay takes the proxy from the environment it is given (main's), not the process's", async () => {
+    const quiet = { info() {}, warn() {} };
+    const config = parseConfig({ http: "127.0.0.1:0", qemuListen: ["127.0.0.1:0"], uplink: "ws://127.0.0.1:9", uplinkToken: TOKEN });
+    const refused = await startRelay(config, quiet, { ...CLEAN, HTTP_PROXY: `socks5://u:${PASSWORD}@proxy.example:1080` }).then(
+      async (relay) => (await relay.stop(), "started"),
+      (error: Error) => [error instanceof ConfigError, error.message],
+    );
+    expect(refused).toEqual([true, "HTTP_PROXY: expected http://[USER:PASSWORD@]HOST:PORT"]);
+    await using relay = await startRelay(config, quiet, { ...CLEAN, http_proxy: "127.0.0.1:9" });
+    expect(relay.snapshot().uplink?.proxy).toBe("http://127.0.0.1:9");
   });
 });
