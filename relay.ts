@@ -726,6 +726,34 @@ const ImpairOption = v.pipe(
   }),
 );
 
+/** `--v86-rate`: frames and bytes per second, each way, per v86 port; 0 is no limit. */
+export interface V86Rate {
+  frames: number;
+  bytes: number;
+}
+
+/** The origin of a URL (`https://host[:port]`), or undefined when it has none. */
+export function originOf(text: string): string | undefined {
+  try {
+    const origin = new URL(text).origin;
+    return origin === "null" ? undefined : origin;
+  } catch {
+    return undefined;
+  }
+}
+
+/** An http:// proxy URL (a bare HOST:PORT is taken as http://), or undefined if it is none. */
+export function parseProxyUrl(text: string): URL | undefined {
+  let url: URL;
+  try {
+    url = new URL(/^[a-z][a-z0-9+.-]*:\/\//i.test(text) ? text : `http://${text}`);
+  } catch {
+    return undefined;
+  }
+  if (url.protocol !== "http:" || url.hostname === "" || !/^\/?$/.test(url.pathname) || url.search || url.hash) return undefined;
+  return url;
+}
+
 /** A browser origin for --v86-origin: `https://host[:port]`, kept in the form browsers send. */
 const BrowserOrigin = v.pipe(
   v.string("expected an origin"),
@@ -1089,7 +1117,7 @@ export function isLoopback(host: string): boolean {
   return host === "localhost" || host === "::1" || /^127\.\d+\.\d+\.\d+$/.test(host);
 }
 
-// ───────────────────────────── errors ─────────────────────────────
+// ───────────────────────────── errors, logging and retry ─────────────────────────────
 
 /** A bad option or config file: the CLI prints the message and exits with status 2. */
 export class ConfigError extends Error {
@@ -2248,6 +2276,73 @@ export class Capture {
 }
 
 /**
+ * `--capture-file NET=PATH`: the network's traffic as pcapng in PATH, a new file past `rotate`
+ * bytes (PATH becomes PATH.1, and so on; `keep` files in all). Writes are buffered and flushed
+ * every second, never waited for on the data path.
+ */
+export class CaptureFile {
+  readonly #capture: Capture;
+  #writer: ReturnType<ReturnType<typeof Bun.file>["writer"]>;
+  #bytes = 0;
+  readonly #flush: ReturnType<typeof setInterval>;
+
+  constructor(
+    readonly network: Network,
+    readonly path: string,
+    readonly rotate: number,
+    readonly keep: number,
+    readonly log: Logger,
+  ) {
+    this.#writer = Bun.file(path).writer();
+    this.#capture = new Capture(network, { snaplen: CAPTURE_SNAPLEN }, this.#write, {
+      count: 0,
+      done() {},
+      // A file past `rotate` is closed before the next frame, which starts the next file with its own header.
+      beforeTap: () => {
+        if (this.#bytes >= this.rotate) this.#rotate();
+      },
+    });
+    this.#capture.restart();
+    network.addCapture(this.#capture);
+    this.#flush = setInterval(() => void this.#writer.flush(), 1000);
+    this.#flush.unref();
+    log.info(`capture ${network.name}: writing pcapng to ${path}`);
+  }
+
+  readonly #write = (block: Uint8Array): boolean => {
+    this.#writer.write(block);
+    this.#bytes += block.length;
+    return true;
+  };
+
+  #rotate(): void {
+    void this.#writer.end();
+    for (let i = this.keep - 1; i >= 1; i--) {
+      const from = i === 1 ? this.path : `${this.path}.${i - 1}`;
+      try {
+        renameSync(from, `${this.path}.${i}`);
+      } catch {
+        // not there yet
+      }
+    }
+    if (this.keep === 1) rmSync(this.path, { force: true });
+    this.#writer = Bun.file(this.path).writer();
+    this.#bytes = 0;
+    this.#capture.restart();
+  }
+
+  snapshot() {
+    return { network: this.network.name, port: undefined, client: `file ${this.path}`, since: new Date(this.#capture.started).toISOString(), frames: this.#capture.frames, drops: this.#capture.drops };
+  }
+
+  async close(): Promise<void> {
+    clearInterval(this.#flush);
+    this.network.removeCapture(this.#capture);
+    await this.#writer.end();
+  }
+}
+
+/**
  * The relay's link impairments by target: each port gets its own Impairment (its own queue and
  * timer) for each direction a target names; the most specific target wins (a port id, then
  * `uplink:NET`, then `uplink`, then `NET`).
@@ -2945,6 +3040,27 @@ export class AuthThrottle {
   }
 }
 
+export interface RelayCounters {
+  authFailures: number;
+  /** Requests answered 429 after repeated authentication failures from their address. */
+  authThrottled: number;
+  protocolErrors: number;
+  /** Tunnels refused before the upgrade (--max-tunnels, --max-tunnels-per-address). */
+  tunnelsRefused: number;
+  /** Networks refused to tunnels because a relay would loop (itself, or already attached). */
+  loopRefusals: number;
+  /** Ports blocked after a loop probe came back. */
+  loopsDetected: number;
+  /** QEMU stream connections closed at once for --max-connections. */
+  connectionsRefused: number;
+}
+
+/** Who this relay is, to the relays it meets. */
+export interface RelayIdentity {
+  id: string;
+  name: string;
+}
+
 /**
  * Connections of one kind open on this relay and from each source address, with their bounds
  * (--max-tunnels, --max-tunnels-per-address): checked before the upgrade, counted from open to close.
@@ -2993,6 +3109,17 @@ export class AdmissionLimit {
   }
 }
 
+/** Close codes Bun uses for malformed WebSocket input: protocol error, bad data, message too big. */
+const WS_PROTOCOL_CLOSES: Record<number, string> = { 1002: "malformed WebSocket frame", 1007: "invalid message data", 1009: "message too big" };
+
+/**
+ * Bun reports the input it refused (too big, bad UTF-8) as a close with its code, or an abnormal
+ * close (1006) with its reason: what was malformed, or undefined for any other close.
+ */
+function malformedClose(code: number, reason: string): string | undefined {
+  return WS_PROTOCOL_CLOSES[code] ?? (code === 1006 && reason ? JSON.stringify(reason.slice(0, 80)) : undefined);
+}
+
 /** The two ends of a tunnel differ only in how they send and report buffered bytes. */
 export interface TunnelSocket {
   /** False when the message was dropped (the socket's own backpressure limit). */
@@ -3034,228 +3161,6 @@ export class TunnelPort extends BatchedPort {
     batch.reset();
     return sent;
   }
-}
-
-/** Where v86 NICs (and clients speaking their framing) connect: `GET /v86/NETWORK`, upgraded. */
-export const V86_PATH = "/v86";
-
-/** `--v86-rate`: frames and bytes per second, each way, per v86 port; 0 is no limit. */
-export interface V86Rate {
-  frames: number;
-  bytes: number;
-}
-
-/**
- * At most `frames` frames and `bytes` bytes a second on average (0: no limit), in bursts of up to a
- * second's worth. A frame passes while there is any allowance left and may overdraw it, so one
- * bigger than a second's bytes is delayed, never refused forever.
- */
-export class RateLimit {
-  #frames: number;
-  #bytes: number;
-  #last: number;
-
-  constructor(
-    readonly rate: V86Rate,
-    now = performance.now(),
-  ) {
-    this.#frames = rate.frames;
-    this.#bytes = rate.bytes;
-    this.#last = now;
-  }
-
-  /** Takes one frame of `bytes` from the allowance; false (and nothing taken) when it is spent. */
-  allow(bytes: number, now = performance.now()): boolean {
-    const { frames, bytes: byteRate } = this.rate;
-    const seconds = Math.max(0, now - this.#last) / 1000;
-    this.#last = now;
-    this.#frames = Math.min(frames, this.#frames + seconds * frames);
-    this.#bytes = Math.min(byteRate, this.#bytes + seconds * byteRate);
-    if ((frames > 0 && this.#frames < 1) || (byteRate > 0 && this.#bytes <= 0)) return false;
-    if (frames > 0) this.#frames -= 1;
-    if (byteRate > 0) this.#bytes -= bytes;
-    return true;
-  }
-}
-
-/** What a v86 port needs of its WebSocket: Bun's `ServerWebSocket`, narrowed. */
-export interface V86Socket {
-  /** Bun's answer: bytes sent, -1 queued (backpressure), 0 dropped. */
-  send(frame: Uint8Array): number;
-  buffered(): number;
-  close(code: number, reason: string): void;
-}
-
-/**
- * A v86 NIC on `/v86/NETWORK`: one bare Ethernet frame per binary WebSocket message each way, no
- * length prefix, no batching (v86 hands each message to its NIC as one frame). Its queue is the
- * WebSocket's own buffer, bounded by `limit` and the relay's budget; `rate` (--v86-rate) bounds
- * each direction separately.
- */
-export class V86Port extends Port {
-  /** Bytes of the socket's buffer charged to the budget, as last sampled. */
-  #accounted = 0;
-  readonly #in: RateLimit | undefined;
-  readonly #out: RateLimit | undefined;
-  /** Frames from the client over the rate limit, and messages too long to be a frame. */
-  rxRate = 0;
-  rxOversize = 0;
-
-  constructor(
-    peer: string,
-    private readonly socket: V86Socket,
-    private readonly limit: number,
-    private readonly budget: MemoryBudget = UNLIMITED,
-    rate?: V86Rate,
-  ) {
-    super("v86", peer);
-    if (rate && (rate.frames > 0 || rate.bytes > 0)) {
-      this.#in = new RateLimit(rate);
-      this.#out = new RateLimit(rate);
-    }
-  }
-
-  protected enqueue(frame: Uint8Array): boolean {
-    if (this.state === "closed" || frame.length === 0) return false;
-    if (this.#out && !this.#out.allow(frame.length)) return false;
-    // Charge the budget what the socket's buffer holds now, then this frame.
-    this.#accounted = this.budget.recharge(this.#accounted, this.socket.buffered());
-    if (this.#accounted + frame.length > this.limit || !this.budget.take(frame.length)) return false;
-    const sent = this.socket.send(frame);
-    if (sent === -1) this.#accounted += frame.length;
-    else this.budget.release(frame.length);
-    return sent !== 0;
-  }
-
-  /** One message from the client: one frame, unless it is too long or over the rate. */
-  message(data: Uint8Array): void {
-    if (this.state === "closed") return;
-    if (data.length > MAX_FRAME) {
-      this.rxOversize++;
-      return;
-    }
-    if (this.#in && !this.#in.allow(data.length)) {
-      this.rxRate++;
-      return;
-    }
-    this.receive(plainBytes(data));
-  }
-
-  /** The socket is gone: what its buffer held leaves the budget. */
-  closed(): void {
-    this.budget.release(this.#accounted);
-    this.#accounted = 0;
-  }
-
-  override rxDrops(): number {
-    return super.rxDrops() + this.rxRate + this.rxOversize;
-  }
-
-  override snapshot(): PortSnapshot & { rx: { rate: number; oversize: number } } {
-    const s = super.snapshot();
-    return { ...s, rx: { ...s.rx, rate: this.rxRate, oversize: this.rxOversize } };
-  }
-}
-
-export interface V86Data {
-  v86: true;
-  network: string;
-  /** The client's address and port, and its Origin if it sent one: never the URL. */
-  peer: string;
-  address: string;
-  port?: V86Port;
-}
-
-export interface V86ServerOptions {
-  limit: number;
-  budget: MemoryBudget;
-  rate: V86Rate | undefined;
-  /** --v86-origin, normalised; undefined allows any. */
-  origins: Set<string> | undefined;
-  /** v86 connections on this relay, and from one address (the tunnel limits). */
-  maxPorts: number;
-  maxPerAddress: number;
-  counters: RelayCounters;
-  log: Logger;
-  network(name: string): Network | string;
-}
-
-/** The origin of a URL (`https://host[:port]`), or undefined when it has none. */
-export function originOf(text: string): string | undefined {
-  try {
-    const origin = new URL(text).origin;
-    return origin === "null" ? undefined : origin;
-  } catch {
-    return undefined;
-  }
-}
-
-/** Close codes Bun uses for malformed WebSocket input: protocol error, bad data, message too big. */
-const WS_PROTOCOL_CLOSES: Record<number, string> = { 1002: "malformed WebSocket frame", 1007: "invalid message data", 1009: "message too big" };
-
-/**
- * Bun reports the input it refused (too big, bad UTF-8) as a close with its code, or an abnormal
- * close (1006) with its reason: what was malformed, or undefined for any other close.
- */
-function malformedClose(code: number, reason: string): string | undefined {
-  return WS_PROTOCOL_CLOSES[code] ?? (code === 1006 && reason ? JSON.stringify(reason.slice(0, 80)) : undefined);
-}
-
-/** v86 ports: admission before the upgrade (origin, limits) and the WebSocket handlers. */
-export class V86Server {
-  readonly admission: AdmissionLimit;
-  readonly #warn: (line: string) => void;
-
-  constructor(readonly options: V86ServerOptions) {
-    this.#warn = rateLimitedLog(options.log.warn, 10, 10_000).log;
-    this.admission = new AdmissionLimit("v86", "v86 connections", options.maxPorts, options.maxPerAddress, options.counters, this.#warn);
-  }
-
-  /** A browser's Origin header against --v86-origin; a client that sends none is no browser. */
-  originAllowed(origin: string | undefined): boolean {
-    const allowed = this.options.origins;
-    if (allowed === undefined || origin === undefined) return true;
-    const normal = originOf(origin);
-    return normal !== undefined && allowed.has(normal);
-  }
-
-  readonly handlers = {
-    open: (ws: ServerWebSocket<V86Data>) => {
-      const o = this.options;
-      this.admission.opened(ws.data.address);
-      const network = o.network(ws.data.network);
-      if (typeof network === "string") {
-        this.#warn(`v86 ${ws.data.peer}: ${network}; closing`);
-        return ws.close(1013, "network limit");
-      }
-      const socket: V86Socket = { send: (f) => ws.send(f), buffered: () => ws.getBufferedAmount(), close: (c, r) => ws.close(c, r) };
-      ws.data.port = new V86Port(ws.data.peer, socket, o.limit, o.budget, o.rate);
-      network.attach(ws.data.port);
-    },
-    message: (ws: ServerWebSocket<V86Data>, message: string | Buffer) => {
-      const port = ws.data.port;
-      if (port === undefined || port.state === "closed") return;
-      if (typeof message !== "string") return port.message(message);
-      port.stats.errors++;
-      this.options.counters.protocolErrors++;
-      port.closeReason = "text message (frames are binary messages)";
-      this.#warn(`${port.id} ${port.peer}: a text message; closing (1003)`);
-      ws.close(1003, "binary frames only");
-    },
-    close: (ws: ServerWebSocket<V86Data>, code: number, reason: string) => {
-      this.admission.closed(ws.data.address);
-      const port = ws.data.port;
-      if (port === undefined) return;
-      port.closed();
-      const malformed = malformedClose(code, reason);
-      if (malformed !== undefined && port.closeReason === undefined) {
-        port.stats.errors++;
-        this.options.counters.protocolErrors++;
-      }
-      const shown = reason ? ` ${JSON.stringify(reason.slice(0, 80))}` : "";
-      port.network?.detach(port, malformed ?? (code === 1000 || code === 1001 || code === 1005 ? "peer closed" : `closed (${code}${shown})`));
-    },
-  };
 }
 
 export interface TunnelEvents {
@@ -3473,27 +3378,6 @@ export interface TunnelData {
   helloTimer?: ReturnType<typeof setTimeout>;
 }
 
-export interface RelayCounters {
-  authFailures: number;
-  /** Requests answered 429 after repeated authentication failures from their address. */
-  authThrottled: number;
-  protocolErrors: number;
-  /** Tunnels refused before the upgrade (--max-tunnels, --max-tunnels-per-address). */
-  tunnelsRefused: number;
-  /** Networks refused to tunnels because a relay would loop (itself, or already attached). */
-  loopRefusals: number;
-  /** Ports blocked after a loop probe came back. */
-  loopsDetected: number;
-  /** QEMU stream connections closed at once for --max-connections. */
-  connectionsRefused: number;
-}
-
-/** Who this relay is, to the relays it meets. */
-export interface RelayIdentity {
-  id: string;
-  name: string;
-}
-
 export interface TunnelServerOptions {
   identity: RelayIdentity;
   /** Send-queue bound of each tunnel. */
@@ -3644,18 +3528,6 @@ export interface UplinkProxy {
   url: string;
   shown: string;
   source: string;
-}
-
-/** An http:// proxy URL (a bare HOST:PORT is taken as http://), or undefined if it is none. */
-export function parseProxyUrl(text: string): URL | undefined {
-  let url: URL;
-  try {
-    url = new URL(/^[a-z][a-z0-9+.-]*:\/\//i.test(text) ? text : `http://${text}`);
-  } catch {
-    return undefined;
-  }
-  if (url.protocol !== "http:" || url.hostname === "" || !/^\/?$/.test(url.pathname) || url.search || url.hash) return undefined;
-  return url;
 }
 
 /**
@@ -4026,6 +3898,203 @@ export class Uplink {
     this.#link?.detachAll();
     this.#ws?.close(1001, "relay stopping");
   }
+}
+
+// ───────────────────────────── browser VMs (v86) ─────────────────────────────
+
+/** Where v86 NICs (and clients speaking their framing) connect: `GET /v86/NETWORK`, upgraded. */
+export const V86_PATH = "/v86";
+
+/**
+ * At most `frames` frames and `bytes` bytes a second on average (0: no limit), in bursts of up to a
+ * second's worth. A frame passes while there is any allowance left and may overdraw it, so one
+ * bigger than a second's bytes is delayed, never refused forever.
+ */
+export class RateLimit {
+  #frames: number;
+  #bytes: number;
+  #last: number;
+
+  constructor(
+    readonly rate: V86Rate,
+    now = performance.now(),
+  ) {
+    this.#frames = rate.frames;
+    this.#bytes = rate.bytes;
+    this.#last = now;
+  }
+
+  /** Takes one frame of `bytes` from the allowance; false (and nothing taken) when it is spent. */
+  allow(bytes: number, now = performance.now()): boolean {
+    const { frames, bytes: byteRate } = this.rate;
+    const seconds = Math.max(0, now - this.#last) / 1000;
+    this.#last = now;
+    this.#frames = Math.min(frames, this.#frames + seconds * frames);
+    this.#bytes = Math.min(byteRate, this.#bytes + seconds * byteRate);
+    if ((frames > 0 && this.#frames < 1) || (byteRate > 0 && this.#bytes <= 0)) return false;
+    if (frames > 0) this.#frames -= 1;
+    if (byteRate > 0) this.#bytes -= bytes;
+    return true;
+  }
+}
+
+/** What a v86 port needs of its WebSocket: Bun's `ServerWebSocket`, narrowed. */
+export interface V86Socket {
+  /** Bun's answer: bytes sent, -1 queued (backpressure), 0 dropped. */
+  send(frame: Uint8Array): number;
+  buffered(): number;
+  close(code: number, reason: string): void;
+}
+
+/**
+ * A v86 NIC on `/v86/NETWORK`: one bare Ethernet frame per binary WebSocket message each way, no
+ * length prefix, no batching (v86 hands each message to its NIC as one frame). Its queue is the
+ * WebSocket's own buffer, bounded by `limit` and the relay's budget; `rate` (--v86-rate) bounds
+ * each direction separately.
+ */
+export class V86Port extends Port {
+  /** Bytes of the socket's buffer charged to the budget, as last sampled. */
+  #accounted = 0;
+  readonly #in: RateLimit | undefined;
+  readonly #out: RateLimit | undefined;
+  /** Frames from the client over the rate limit, and messages too long to be a frame. */
+  rxRate = 0;
+  rxOversize = 0;
+
+  constructor(
+    peer: string,
+    private readonly socket: V86Socket,
+    private readonly limit: number,
+    private readonly budget: MemoryBudget = UNLIMITED,
+    rate?: V86Rate,
+  ) {
+    super("v86", peer);
+    if (rate && (rate.frames > 0 || rate.bytes > 0)) {
+      this.#in = new RateLimit(rate);
+      this.#out = new RateLimit(rate);
+    }
+  }
+
+  protected enqueue(frame: Uint8Array): boolean {
+    if (this.state === "closed" || frame.length === 0) return false;
+    if (this.#out && !this.#out.allow(frame.length)) return false;
+    // Charge the budget what the socket's buffer holds now, then this frame.
+    this.#accounted = this.budget.recharge(this.#accounted, this.socket.buffered());
+    if (this.#accounted + frame.length > this.limit || !this.budget.take(frame.length)) return false;
+    const sent = this.socket.send(frame);
+    if (sent === -1) this.#accounted += frame.length;
+    else this.budget.release(frame.length);
+    return sent !== 0;
+  }
+
+  /** One message from the client: one frame, unless it is too long or over the rate. */
+  message(data: Uint8Array): void {
+    if (this.state === "closed") return;
+    if (data.length > MAX_FRAME) {
+      this.rxOversize++;
+      return;
+    }
+    if (this.#in && !this.#in.allow(data.length)) {
+      this.rxRate++;
+      return;
+    }
+    this.receive(plainBytes(data));
+  }
+
+  /** The socket is gone: what its buffer held leaves the budget. */
+  closed(): void {
+    this.budget.release(this.#accounted);
+    this.#accounted = 0;
+  }
+
+  override rxDrops(): number {
+    return super.rxDrops() + this.rxRate + this.rxOversize;
+  }
+
+  override snapshot(): PortSnapshot & { rx: { rate: number; oversize: number } } {
+    const s = super.snapshot();
+    return { ...s, rx: { ...s.rx, rate: this.rxRate, oversize: this.rxOversize } };
+  }
+}
+
+export interface V86Data {
+  v86: true;
+  network: string;
+  /** The client's address and port, and its Origin if it sent one: never the URL. */
+  peer: string;
+  address: string;
+  port?: V86Port;
+}
+
+export interface V86ServerOptions {
+  limit: number;
+  budget: MemoryBudget;
+  rate: V86Rate | undefined;
+  /** --v86-origin, normalised; undefined allows any. */
+  origins: Set<string> | undefined;
+  /** v86 connections on this relay, and from one address (the tunnel limits). */
+  maxPorts: number;
+  maxPerAddress: number;
+  counters: RelayCounters;
+  log: Logger;
+  network(name: string): Network | string;
+}
+
+/** v86 ports: admission before the upgrade (origin, limits) and the WebSocket handlers. */
+export class V86Server {
+  readonly admission: AdmissionLimit;
+  readonly #warn: (line: string) => void;
+
+  constructor(readonly options: V86ServerOptions) {
+    this.#warn = rateLimitedLog(options.log.warn, 10, 10_000).log;
+    this.admission = new AdmissionLimit("v86", "v86 connections", options.maxPorts, options.maxPerAddress, options.counters, this.#warn);
+  }
+
+  /** A browser's Origin header against --v86-origin; a client that sends none is no browser. */
+  originAllowed(origin: string | undefined): boolean {
+    const allowed = this.options.origins;
+    if (allowed === undefined || origin === undefined) return true;
+    const normal = originOf(origin);
+    return normal !== undefined && allowed.has(normal);
+  }
+
+  readonly handlers = {
+    open: (ws: ServerWebSocket<V86Data>) => {
+      const o = this.options;
+      this.admission.opened(ws.data.address);
+      const network = o.network(ws.data.network);
+      if (typeof network === "string") {
+        this.#warn(`v86 ${ws.data.peer}: ${network}; closing`);
+        return ws.close(1013, "network limit");
+      }
+      const socket: V86Socket = { send: (f) => ws.send(f), buffered: () => ws.getBufferedAmount(), close: (c, r) => ws.close(c, r) };
+      ws.data.port = new V86Port(ws.data.peer, socket, o.limit, o.budget, o.rate);
+      network.attach(ws.data.port);
+    },
+    message: (ws: ServerWebSocket<V86Data>, message: string | Buffer) => {
+      const port = ws.data.port;
+      if (port === undefined || port.state === "closed") return;
+      if (typeof message !== "string") return port.message(message);
+      port.stats.errors++;
+      this.options.counters.protocolErrors++;
+      port.closeReason = "text message (frames are binary messages)";
+      this.#warn(`${port.id} ${port.peer}: a text message; closing (1003)`);
+      ws.close(1003, "binary frames only");
+    },
+    close: (ws: ServerWebSocket<V86Data>, code: number, reason: string) => {
+      this.admission.closed(ws.data.address);
+      const port = ws.data.port;
+      if (port === undefined) return;
+      port.closed();
+      const malformed = malformedClose(code, reason);
+      if (malformed !== undefined && port.closeReason === undefined) {
+        port.stats.errors++;
+        this.options.counters.protocolErrors++;
+      }
+      const shown = reason ? ` ${JSON.stringify(reason.slice(0, 80))}` : "";
+      port.network?.detach(port, malformed ?? (code === 1000 || code === 1001 || code === 1005 ? "peer closed" : `closed (${code}${shown})`));
+    },
+  };
 }
 
 // ───────────────────────────── backplane (NATS) ─────────────────────────────
@@ -5052,17 +5121,6 @@ export interface DatagramStatus {
   };
 }
 
-/** Prometheus labels of a --qemu-udp socket; a unix path may hold any character. */
-export function datagramLabel(d: DatagramStatus, reason?: string): string {
-  const socket = d.address.replace(/[\\"\n]/g, (c) => (c === "\n" ? "\\n" : `\\${c}`));
-  return `{network="${d.network}",socket="${socket}"${reason ? `,reason="${reason}"` : ""}}`;
-}
-
-/** `edge_relay_datagram_drops_total` samples of one socket, one per reason. */
-export function datagramDrops(d: DatagramStatus): [string, number][] {
-  return Object.entries(d.drops).map(([reason, n]) => [datagramLabel(d, reason), n]);
-}
-
 /**
  * A datagram socket for QEMU dgram/udp netdevs: every distinct source address is its own port, or,
  * with a fixed remote, that remote is the only port and other sources are dropped and counted.
@@ -5344,6 +5402,17 @@ const KIND_METRICS: [name: string, help: string, key: keyof KindTotals][] = [
   ["edge_relay_kind_tx_bytes_total", "Bytes handed to sockets, over every port of a kind.", "txBytes"],
   ["edge_relay_kind_tx_drops_total", "Frames dropped on the way out, over every port of a kind.", "txDrops"],
 ];
+
+/** Prometheus labels of a --qemu-udp socket; a unix path may hold any character. */
+export function datagramLabel(d: DatagramStatus, reason?: string): string {
+  const socket = d.address.replace(/[\\"\n]/g, (c) => (c === "\n" ? "\\n" : `\\${c}`));
+  return `{network="${d.network}",socket="${socket}"${reason ? `,reason="${reason}"` : ""}}`;
+}
+
+/** `edge_relay_datagram_drops_total` samples of one socket, one per reason. */
+export function datagramDrops(d: DatagramStatus): [string, number][] {
+  return Object.entries(d.drops).map(([reason, n]) => [datagramLabel(d, reason), n]);
+}
 
 /**
  * Prometheus text exposition: the relay's counters from a snapshot (its networks not listed), the
@@ -6314,73 +6383,6 @@ export function createApp(ctx: AppContext) {
 }
 
 // ───────────────────────────── lifecycle ─────────────────────────────
-
-/**
- * `--capture-file NET=PATH`: the network's traffic as pcapng in PATH, a new file past `rotate`
- * bytes (PATH becomes PATH.1, and so on; `keep` files in all). Writes are buffered and flushed
- * every second, never waited for on the data path.
- */
-export class CaptureFile {
-  readonly #capture: Capture;
-  #writer: ReturnType<ReturnType<typeof Bun.file>["writer"]>;
-  #bytes = 0;
-  readonly #flush: ReturnType<typeof setInterval>;
-
-  constructor(
-    readonly network: Network,
-    readonly path: string,
-    readonly rotate: number,
-    readonly keep: number,
-    readonly log: Logger,
-  ) {
-    this.#writer = Bun.file(path).writer();
-    this.#capture = new Capture(network, { snaplen: CAPTURE_SNAPLEN }, this.#write, {
-      count: 0,
-      done() {},
-      // A file past `rotate` is closed before the next frame, which starts the next file with its own header.
-      beforeTap: () => {
-        if (this.#bytes >= this.rotate) this.#rotate();
-      },
-    });
-    this.#capture.restart();
-    network.addCapture(this.#capture);
-    this.#flush = setInterval(() => void this.#writer.flush(), 1000);
-    this.#flush.unref();
-    log.info(`capture ${network.name}: writing pcapng to ${path}`);
-  }
-
-  readonly #write = (block: Uint8Array): boolean => {
-    this.#writer.write(block);
-    this.#bytes += block.length;
-    return true;
-  };
-
-  #rotate(): void {
-    void this.#writer.end();
-    for (let i = this.keep - 1; i >= 1; i--) {
-      const from = i === 1 ? this.path : `${this.path}.${i - 1}`;
-      try {
-        renameSync(from, `${this.path}.${i}`);
-      } catch {
-        // not there yet
-      }
-    }
-    if (this.keep === 1) rmSync(this.path, { force: true });
-    this.#writer = Bun.file(this.path).writer();
-    this.#bytes = 0;
-    this.#capture.restart();
-  }
-
-  snapshot() {
-    return { network: this.network.name, port: undefined, client: `file ${this.path}`, since: new Date(this.#capture.started).toISOString(), frames: this.#capture.frames, drops: this.#capture.drops };
-  }
-
-  async close(): Promise<void> {
-    clearInterval(this.#flush);
-    this.network.removeCapture(this.#capture);
-    await this.#writer.end();
-  }
-}
 
 export interface BoundAddress {
   what: string;
