@@ -3756,7 +3756,9 @@ export class Uplink {
       tls: uplinkTls(this.options, (seen) => (pinRefused = seen)),
       ...(proxy && { proxy: proxy.url }),
     });
-    ws.binaryType = "arraybuffer";
+    // Buffers (Bun's default) cost less than ArrayBuffers: in the 64 KiB bench the message handler
+    // fell from 15 % to 1 % of the receiving site's samples.
+    ws.binaryType = "nodebuffer";
     this.#ws = ws;
     let failure: string | undefined;
     let pinRefused: string | undefined;
@@ -3781,7 +3783,8 @@ export class Uplink {
       link.sendControl({ type: "hello", version: TUNNEL_VERSION, networks: [...this.#offered.keys()], id, name });
     };
     ws.onmessage = function onTunnelMessage(event) {
-      link.receive(new Uint8Array(event.data as ArrayBuffer));
+      if (typeof event.data === "string") link.fail(new TypeError("Cannot decode tunnel message: text messages are not part of the protocol"));
+      else link.receive(event.data as Uint8Array);
     };
     ws.onerror = (event) => {
       // Bun's messages name the target only; should one quote a URL with a password, it is taken out.

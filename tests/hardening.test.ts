@@ -86,6 +86,26 @@ describe("uplink deadlines", () => {
       forger.stop(true);
     }
   });
+
+  test("a hub that answers with a text message is a protocol error: the site closes the tunnel and counts it", async () => {
+    const texter = Bun.serve({
+      hostname: "127.0.0.1",
+      port: 0,
+      fetch: (req, server) => (server.upgrade(req, { headers: { "Sec-WebSocket-Protocol": TUNNEL_PROTOCOL } }) ? undefined : new Response("no", { status: 400 })),
+      websocket: {
+        message(ws) {
+          ws.send('{"type":"welcome"}');
+        },
+      },
+    });
+    try {
+      await using site = await spawnRelay(["--http", "127.0.0.1:0", "--uplink", `ws://127.0.0.1:${texter.port}`, "--uplink-token", TOKEN]);
+      await site.waitForLine(/text messages are not part of the protocol; closing/);
+      expect((await site.status()).protocolErrors).toBeGreaterThanOrEqual(1);
+    } finally {
+      texter.stop(true);
+    }
+  });
 });
 
 describe("loops", () => {
