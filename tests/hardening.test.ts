@@ -24,6 +24,21 @@ async function tunnelClient(hub: RelayProcess, token = TOKEN) {
   return { ws, closed, messages, control };
 }
 
+/** A hub that upgrades every request to the tunnel protocol and answers each message with `reply` (nothing when it returns undefined). */
+function fakeHub(reply: (message: string | Buffer) => string | Uint8Array | undefined) {
+  return Bun.serve({
+    hostname: "127.0.0.1",
+    port: 0,
+    fetch: (req, server) => (server.upgrade(req, { headers: { "Sec-WebSocket-Protocol": TUNNEL_PROTOCOL } }) ? undefined : new Response("no", { status: 400 })),
+    websocket: {
+      message(ws, message) {
+        const answer = reply(message);
+        if (answer !== undefined) ws.send(answer);
+      },
+    },
+  });
+}
+
 describe("uplink deadlines", () => {
   test("a hub that accepts TCP and never answers the handshake is dropped and redialled", async () => {
     const silent = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
@@ -45,12 +60,7 @@ describe("uplink deadlines", () => {
   });
 
   test("a hub that upgrades but sends no welcome is dropped and redialled", async () => {
-    const mute = Bun.serve({
-      hostname: "127.0.0.1",
-      port: 0,
-      fetch: (req, server) => (server.upgrade(req, { headers: { "Sec-WebSocket-Protocol": TUNNEL_PROTOCOL } }) ? undefined : new Response("no", { status: 400 })),
-      websocket: { message() {} },
-    });
+    const mute = fakeHub(() => undefined);
     try {
       await using site = await spawnRelay([
         "--http", "127.0.0.1:0", "--keepalive", "60", "--handshake-timeout", "0.3", "--uplink", `ws://127.0.0.1:${mute.port}`, "--uplink-token", TOKEN,
@@ -66,16 +76,7 @@ describe("uplink deadlines", () => {
   });
 
   test("a welcome with a forged name is a protocol error, never a forged log line", async () => {
-    const forger = Bun.serve({
-      hostname: "127.0.0.1",
-      port: 0,
-      fetch: (req, server) => (server.upgrade(req, { headers: { "Sec-WebSocket-Protocol": TUNNEL_PROTOCOL } }) ? undefined : new Response("no", { status: 400 })),
-      websocket: {
-        message(ws) {
-          ws.send(encodeControl({ type: "welcome", version: 1, accepted: ["default"], refused: [], name: "hub\nFAKE: admin logged in \u001b[31m" } as any));
-        },
-      },
-    });
+    const forger = fakeHub(() => encodeControl({ type: "welcome", version: 1, accepted: ["default"], refused: [], name: "hub\nFAKE: admin logged in \u001b[31m" } as any));
     try {
       await using site = await spawnRelay(["--http", "127.0.0.1:0", "--uplink", `ws://127.0.0.1:${forger.port}`, "--uplink-token", TOKEN]);
       await site.waitForLine(/name: expected a relay name; closing/);
@@ -88,16 +89,7 @@ describe("uplink deadlines", () => {
   });
 
   test("a hub that answers with a text message is a protocol error: the site closes the tunnel and counts it", async () => {
-    const texter = Bun.serve({
-      hostname: "127.0.0.1",
-      port: 0,
-      fetch: (req, server) => (server.upgrade(req, { headers: { "Sec-WebSocket-Protocol": TUNNEL_PROTOCOL } }) ? undefined : new Response("no", { status: 400 })),
-      websocket: {
-        message(ws) {
-          ws.send('{"type":"welcome"}');
-        },
-      },
-    });
+    const texter = fakeHub(() => '{"type":"welcome"}');
     try {
       await using site = await spawnRelay(["--http", "127.0.0.1:0", "--uplink", `ws://127.0.0.1:${texter.port}`, "--uplink-token", TOKEN]);
       await site.waitForLine(/text messages are not part of the protocol; closing/);
