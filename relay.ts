@@ -307,29 +307,23 @@ const PemFile = v.pipe(
   }),
 );
 
-/** A PEM file that must hold a certificate (the first is parsed): a wrong file fails here, not at every dial. */
-const CertificateFile = v.pipe(
-  PemFile,
-  v.check(({ text }) => {
-    try {
-      return new X509Certificate(text) !== undefined;
-    } catch {
-      return false;
-    }
-  }, "expected a PEM file with a certificate (-----BEGIN CERTIFICATE-----)"),
-);
+/** A PEM file that `parse` accepts: a wrong file fails here, not at every dial. The message never quotes the file (a key is a secret). */
+function pemHolding(parse: (text: string) => unknown, message: string) {
+  return v.pipe(
+    PemFile,
+    v.check(({ text }) => {
+      try {
+        return parse(text) !== undefined;
+      } catch {
+        return false;
+      }
+    }, message),
+  );
+}
 
-/** A PEM file that must hold a private key. The message never quotes the file: it is a secret. */
-const PrivateKeyFile = v.pipe(
-  PemFile,
-  v.check(({ text }) => {
-    try {
-      return createPrivateKey(text) !== undefined;
-    } catch {
-      return false;
-    }
-  }, "expected a PEM file with a private key (-----BEGIN PRIVATE KEY-----)"),
-);
+/** The first certificate is parsed. */
+const CertificateFile = pemHolding((text) => new X509Certificate(text), "expected a PEM file with a certificate (-----BEGIN CERTIFICATE-----)");
+const PrivateKeyFile = pemHolding(createPrivateKey, "expected a PEM file with a private key (-----BEGIN PRIVATE KEY-----)");
 
 const Fingerprint = v.pipe(
   v.string("expected a SHA-256 fingerprint"),
@@ -3321,8 +3315,9 @@ export class TunnelLink {
     throw new TypeError(`Cannot decode tunnel message: unexpected ${control.type} ${server ? "from a client" : "from the server"}${this.helloDone ? "" : " before the handshake"}`);
   };
 
-  /** Decodes a message; a malformed one closes this tunnel only, counted and logged (rate-limited). */
-  receive(message: Uint8Array): void {
+  /** Decodes a message; a malformed one (a text message too) closes this tunnel only, counted and logged (rate-limited). */
+  receive(message: Uint8Array | string): void {
+    if (typeof message === "string") return this.fail(new TypeError("Cannot decode tunnel message: text messages are not part of the protocol"));
     this.lastHeard = Date.now();
     if (this.closed) return;
     // Read while paused (already in flight): kept behind what is held, in order.
@@ -3424,8 +3419,7 @@ export class TunnelServer {
       ws.data.helloTimer = setTimeout(() => ws.data.link?.fail(new Error(`no hello within ${HELLO_TIMEOUT_MS / 1000} s`)), HELLO_TIMEOUT_MS);
     },
     message: (ws: ServerWebSocket<TunnelData>, message: string | Buffer) => {
-      if (typeof message === "string") ws.data.link!.fail(new TypeError("Cannot decode tunnel message: text messages are not part of the protocol"));
-      else ws.data.link!.receive(message);
+      ws.data.link!.receive(message);
     },
     close: (ws: ServerWebSocket<TunnelData>, code: number, reason: string) => {
       const link = ws.data.link;
@@ -3609,7 +3603,7 @@ function uplinkTls(options: UplinkOptions, pinRefused: (seen: string) => void) {
         const mismatch = checkServerIdentity(host, cert);
         if (mismatch || cert.fingerprint256 === pin) return mismatch;
         pinRefused(cert.fingerprint256);
-        return new Error(`certificate fingerprint ${cert.fingerprint256} does not match --uplink-fingerprint`);
+        return new Error(`certificate fingerprint ${cert.fingerprint256} does not match ${flagOf("uplinkFingerprint")}`);
       },
     }),
   };
@@ -3651,10 +3645,10 @@ const DIAL_REFUSALS: Record<string, [why: string, final: boolean]> = {
 /** Why a TLS handshake failed (Bun's reason, e.g. "self signed certificate"), in words a user can act on. */
 function explainTls(reason: string, ca: string | undefined): string {
   if (/WRONG_VERSION_NUMBER/i.test(reason)) return "TLS: the hub does not speak TLS on that port (is it ws://?)";
-  if (/Hostname\/IP does not match/i.test(reason)) return "TLS: the hub's certificate is not for the host name in --uplink";
+  if (/Hostname\/IP does not match/i.test(reason)) return `TLS: the hub's certificate is not for the host name in ${flagOf("uplink")}`;
   if (/expired|not yet valid/i.test(reason)) return `TLS: ${reason} (check the hub certificate's dates and this host's clock)`;
   if (/self.signed|issuer|verify|untrusted|chain/i.test(reason)) {
-    return ca === undefined ? `TLS: certificate not trusted (use --uplink-ca for a private CA or a self-signed hub): ${reason}` : `TLS: certificate not trusted by the CA in --uplink-ca ${ca}: ${reason}`;
+    return ca === undefined ? `TLS: certificate not trusted (use ${flagOf("uplinkCa")} for a private CA or a self-signed hub): ${reason}` : `TLS: certificate not trusted by the CA in ${flagOf("uplinkCa")} ${ca}: ${reason}`;
   }
   return `TLS handshake failed: ${reason}`;
 }
@@ -3669,7 +3663,7 @@ export function explainDialFailure(message: string, tls: { ca?: string; pinRefus
     const [why, final] = DIAL_REFUSALS[status] ?? [`the hub answered HTTP ${status} instead of a WebSocket upgrade`, false];
     return { why, final };
   }
-  if (tls.pinRefused !== undefined) return { why: `TLS: the hub's certificate does not match --uplink-fingerprint (it is ${tls.pinRefused})`, final: false };
+  if (tls.pinRefused !== undefined) return { why: `TLS: the hub's certificate does not match ${flagOf("uplinkFingerprint")} (it is ${tls.pinRefused})`, final: false };
   const reason = /TLS handshake failed: (.*)$/.exec(message)?.[1];
   if (reason !== undefined) return { why: explainTls(reason, tls.ca), final: false };
   if (/ECONNREFUSED|connection refused/i.test(message)) return { why: "connection refused: is the hub running, on that port?", final: false };
@@ -3783,8 +3777,7 @@ export class Uplink {
       link.sendControl({ type: "hello", version: TUNNEL_VERSION, networks: [...this.#offered.keys()], id, name });
     };
     ws.onmessage = function onTunnelMessage(event) {
-      if (typeof event.data === "string") link.fail(new TypeError("Cannot decode tunnel message: text messages are not part of the protocol"));
-      else link.receive(event.data as Uint8Array);
+      link.receive(event.data as Uint8Array | string);
     };
     ws.onerror = (event) => {
       // Bun's messages name the target only; should one quote a URL with a password, it is taken out.

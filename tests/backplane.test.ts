@@ -23,9 +23,10 @@ import {
   testCertificate,
   uplinkUp,
   waitUntil,
+  ROOT,
+  readme,
 } from "./helpers.ts";
 
-const ROOT = new URL("..", import.meta.url).pathname;
 const TOKEN = "backplane-test-token-7d2e";
 
 /** A hub on the backplane: tunnels in, no QEMU ports of its own; loop probes only where a test wants them. */
@@ -334,11 +335,11 @@ describe("HAProxy in front of two hubs (deploy/haproxy-hubs.cfg)", () => {
 
 describe("the README's backplane deployment", () => {
   test("shows deploy/haproxy-hubs.cfg and deploy/nats-server.conf as they are, the files this suite runs", async () => {
-    const readme = await Bun.file(`${ROOT}README.md`).text();
+    const text = await readme();
     const cfg = await Bun.file(`${ROOT}deploy/haproxy-hubs.cfg`).text();
     const conf = await Bun.file(`${ROOT}deploy/nats-server.conf`).text();
     // (Booleans: a failing toContain would print the whole README.)
-    expect(readme.includes("```haproxy\n" + cfg + "```\n")).toBe(true);
-    expect(readme.includes("```\n" + conf + "```\n")).toBe(true);
+    expect(text.includes("```haproxy\n" + cfg + "```\n")).toBe(true);
+    expect(text.includes("```\n" + conf + "```\n")).toBe(true);
   });
 });

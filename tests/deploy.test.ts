@@ -23,9 +23,11 @@ import {
   testCertificate,
   uplinkUp,
   waitUntil,
+  ROOT,
+  readme,
+  recipe,
 } from "./helpers.ts";
 
-const ROOT = new URL("..", import.meta.url).pathname;
 const UNIT = `${ROOT}deploy/edge-relay.service`;
 const TOKEN = "deploy-test-token-93ac";
 const ADMIN = "deploy-admin-token-51f0";
@@ -166,7 +168,7 @@ describe("Container image (deploy/Containerfile)", () => {
     await using _containers = { [Symbol.asyncDispose]: () => Bun.$`${podman} rm --force --all`.nothrow().quiet().then(() => {}) };
 
     // The README's two lines, building in the test's directory instead of the checkout's dist/.
-    const block = /<!-- recipe: container -->\n```sh\n([\s\S]*?)```/.exec(await Bun.file(`${ROOT}README.md`).text())?.[1] ?? "";
+    const block = (await recipe("container")) ?? "";
     const [compile, build] = block.split("\n").map((l) => l.replace(/#.*/, "").trim());
     expect(compile).toBe("npx bun build --compile --minify relay.ts --outfile dist/edge-relay");
     expect(build).toBe("podman build -f deploy/Containerfile -t edge-relay dist");
@@ -266,7 +268,6 @@ describe("HAProxy in front of a hub (deploy/haproxy.cfg)", () => {
 });
 
 describe("README recipes", () => {
-  const readme = () => Bun.file(`${ROOT}README.md`).text();
 
   test("the HAProxy recipe in the README is deploy/haproxy.cfg, the file this suite runs", async () => {
     const cfg = await Bun.file(`${ROOT}deploy/haproxy.cfg`).text();
@@ -301,8 +302,7 @@ describe("README recipes", () => {
   });
 
   test("hub and site on one host, started by the README's commands through npx, share a segment; Ctrl-C stops them and frees their ports", async () => {
-    const text = await readme();
-    const block = /<!-- recipe: one host -->\n```sh\n([\s\S]*?)```/.exec(text)?.[1];
+    const block = await recipe("one host");
     expect(block).toBeString();
     const commands = block!.split("\n").filter((l) => l.includes("bun relay.ts"));
     expect(commands.length).toBe(2);
@@ -331,7 +331,7 @@ describe("README recipes", () => {
     await uplinkUp(site);
     await framesCross(site, hub, "63");
 
-    const listening = relays.flatMap((r) => r.bound.map((b) => Number(new URL(b.address.includes("://") ? b.address : `x://${b.address}`).port)));
+    const listening = relays.flatMap((r) => r.bound.map((b) => r.port(b.what, b.network)));
     expect(listening).toHaveLength(4);
     for (const relay of [site, hub]) {
       await relay.stop("SIGINT");

@@ -463,6 +463,22 @@ export const uplinkUp = (relay: RelayProcess, connects = 1) =>
     return s.uplink?.state === "up" && s.uplink.connects >= connects;
   }, `uplink of ${relay.base} up (connect #${connects})`);
 
+/** The uplink's status once a dial has failed (a next dial is scheduled). */
+export const uplinkFailed = (relay: RelayProcess, what = "a failed dial") =>
+  waitUntil(async () => {
+    const uplink = (await relay.status()).uplink;
+    return uplink.nextDial && uplink;
+  }, what);
+
+/** The checkout's root, with a trailing slash. */
+export const ROOT = new URL("..", import.meta.url).pathname;
+
+/** The README as it is in the checkout. */
+export const readme = () => Bun.file(`${ROOT}README.md`).text();
+
+/** The shell block after `<!-- recipe: NAME -->` in the README, or undefined. */
+export const recipe = async (name: string) => new RegExp(`<!-- recipe: ${name} -->\\n\`\`\`sh\\n([\\s\\S]*?)\`\`\``).exec(await readme())?.[1];
+
 /** Every process under `pid` (children first, then theirs), from /proc; none once it is gone. */
 export function descendants(pid: number): number[] {
   let text = "";

@@ -17,6 +17,7 @@ import {
   uplinkUp,
   udpPeer,
   waitUntil,
+  uplinkFailed,
 } from "./helpers.ts";
 
 const TOKEN = "tunnel-secret-4f9a";
@@ -368,7 +369,7 @@ describe("tunnel auth", () => {
   test("a dial to a relay without tokens says there is no tunnel endpoint there", async () => {
     await using plain = await spawnRelay(["--http", "127.0.0.1:0"]);
     await using site = await spawnRelay(["--http", "127.0.0.1:0", "--uplink", wsUrl(plain), "--uplink-token", TOKEN]);
-    const uplink = await waitUntil(async () => (await site.status()).uplink.nextDial && (await site.status()).uplink, "a refused dial");
+    const uplink = await uplinkFailed(site, "a refused dial");
     expect(uplink.lastError).toBe("no tunnel endpoint there (404): is the target started with --token?");
   });
 

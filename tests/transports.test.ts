@@ -18,6 +18,7 @@ import {
   udpPeer,
   uplinkUp,
   waitUntil,
+  uplinkFailed,
 } from "./helpers.ts";
 
 const TOKEN = "transport-secret-81c2";
@@ -314,7 +315,7 @@ describe("TLS", () => {
     const failed = async (hubHttp: string, hubCert: string, hubKey: string) => {
       await using hub = await spawnRelay(["--http", hubHttp, "--token", TOKEN, "--tls-cert", hubCert, "--tls-key", hubKey]);
       await using site = await spawnRelay(["--http", "127.0.0.1:0", "--uplink", hub.base.replace(/^https/, "wss"), "--uplink-token", TOKEN, "--uplink-ca", hubCert]);
-      return (await waitUntil(async () => (await site.status()).uplink.nextDial && (await site.status()).uplink, "a failed dial")).lastError;
+      return (await uplinkFailed(site)).lastError;
     };
     // 127.0.0.2 is loopback too, but the certificate names 127.0.0.1 and localhost only.
     expect(await failed("127.0.0.2:0", cert, key)).toBe("TLS: the hub's certificate is not for the host name in --uplink");
@@ -324,7 +325,7 @@ describe("TLS", () => {
   test("a wss:// uplink to a hub without TLS says so, not that a certificate is untrusted", async () => {
     await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN]);
     await using site = await spawnRelay(["--http", "127.0.0.1:0", "--uplink", hub.base.replace(/^http/, "wss"), "--uplink-token", TOKEN]);
-    const uplink = await waitUntil(async () => (await site.status()).uplink.nextDial && (await site.status()).uplink, "a failed dial");
+    const uplink = await uplinkFailed(site);
     expect(uplink.lastError).toBe("TLS: the hub does not speak TLS on that port (is it ws://?)");
   });
 

@@ -26,7 +26,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { freePort, spawnRelay, waitUntil, type RelayProcess } from "../helpers.ts";
+import { freePort, readme, spawnRelay, tempDir, waitUntil, type RelayProcess } from "../helpers.ts";
 import { Guest, prepareImage, transfer, v86Guest, type GuestOptions, type VmImage } from "./guest.ts";
 
 const LOCAL = "127.0.0.1";
@@ -609,14 +609,13 @@ describe("edge-relay with real QEMU guests", () => {
    * README writes them (the socket's directory aside), on a relay started as the GNS3 section says.
    */
   test("README recipes: the GNS3 options and containerlab's QEMU_ADDITIONAL_ARGS, as written, share the relay's lab socket", async () => {
-    const readme = await Bun.file(new URL("../../README.md", import.meta.url)).text();
-    const gns3 = /\n### GNS3\n[\s\S]*?\n```\n(-netdev .*)\n```\n/.exec(readme)?.[1];
-    const containerlab = /\n### containerlab\n[\s\S]*?QEMU_ADDITIONAL_ARGS: >-\n((?: {10}-.*\n)+)/.exec(readme)?.[1];
-    const listen = /with\s+`--qemu-listen (lab=unix:\/run\/edge-relay\/lab\.sock)`/.exec(readme.slice(readme.indexOf("\n### GNS3\n")))?.[1];
+    const text = await readme();
+    const gns3 = /\n### GNS3\n[\s\S]*?\n```\n(-netdev .*)\n```\n/.exec(text)?.[1];
+    const containerlab = /\n### containerlab\n[\s\S]*?QEMU_ADDITIONAL_ARGS: >-\n((?: {10}-.*\n)+)/.exec(text)?.[1];
+    const listen = /with\s+`--qemu-listen (lab=unix:\/run\/edge-relay\/lab\.sock)`/.exec(text.slice(text.indexOf("\n### GNS3\n")))?.[1];
     expect([typeof gns3, typeof containerlab, typeof listen]).toEqual(["string", "string", "string"]);
-    const dir = mkdtempSync(join(tmpdir(), "edge-relay-vm-sock-"));
-    await using _dir = { [Symbol.asyncDispose]: async () => rmSync(dir, { recursive: true, force: true }) };
-    const here = (text: string) => text.trim().split(/\s+/).map((w) => w.replaceAll("/run/edge-relay/", `${dir}/`));
+    await using dir = await tempDir();
+    const here = (words: string) => words.trim().split(/\s+/).map((w) => w.replaceAll("/run/edge-relay/", `${dir.path}/`));
     await using relay = await spawnRelay(["--http", `${LOCAL}:0`, "--qemu-listen", ...here(listen!)]);
     await using a = new Guest(image, { ...GUEST_A, netdev: "", nic: here(gns3!) });
     await using b = new Guest(image, { ...GUEST_B, netdev: "", nic: here(containerlab!) });
