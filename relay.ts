@@ -50,7 +50,7 @@ import { dlopen, FFIType, read } from "bun:ffi";
 import { X509Certificate, createPrivateKey, timingSafeEqual } from "node:crypto";
 import { checkServerIdentity, type PeerCertificate } from "node:tls";
 import type { Server, ServerWebSocket, Socket, udp } from "bun";
-import { connect as natsConnect, credsAuthenticator, headers as natsHeaders, nkeyAuthenticator, type Msg, type MsgHdrs, type NatsConnection, type Subscription } from "@nats-io/transport-node";
+import { credsAuthenticator, nkeyAuthenticator } from "@nats-io/nats-core";
 import { Hono } from "hono";
 import * as v from "valibot";
 
@@ -1334,15 +1334,7 @@ export class FrameBatch {
   }
 
   append(frame: Uint8Array): void {
-    const need = this.used + 4 + frame.length;
-    if (need > this.bytes.length) {
-      // Doubling, capped at a batch's size; a longer buffer (encodeFrames) keeps doubling, never
-      // growing by one frame at a time, which would copy quadratically.
-      const doubled = Math.max(this.bytes.length * 2, this.#taken);
-      const grown = new Uint8Array(Math.max(need, need <= BATCH_BYTES ? Math.min(doubled, BATCH_BYTES) : doubled, 4096));
-      grown.set(this.bytes.subarray(0, this.used));
-      this.bytes = grown;
-    }
+    this.#room(4 + frame.length);
     const b = this.bytes;
     let at = this.used;
     const length = frame.length;
@@ -1352,6 +1344,26 @@ export class FrameBatch {
     b[at++] = length & 0xff;
     b.set(frame, at);
     this.used = at + length;
+  }
+
+  /** Grows the buffer, when needed, to hold `bytes` more. */
+  #room(bytes: number): void {
+    const need = this.used + bytes;
+    if (need > this.bytes.length) {
+      // Doubling, capped at a batch's size; a longer buffer (encodeFrames) keeps doubling, never
+      // growing by one frame at a time, which would copy quadratically.
+      const doubled = Math.max(this.bytes.length * 2, this.#taken);
+      const grown = new Uint8Array(Math.max(need, need <= BATCH_BYTES ? Math.min(doubled, BATCH_BYTES) : doubled, 4096));
+      grown.set(this.bytes.subarray(0, this.used));
+      this.bytes = grown;
+    }
+  }
+
+  /** Bytes after the last frame: a protocol's trailer. */
+  end(trailer: Uint8Array): void {
+    this.#room(trailer.length);
+    this.bytes.set(trailer, this.used);
+    this.used += trailer.length;
   }
 
   /** The batch so far; valid until the next append or reset. */
@@ -2935,7 +2947,8 @@ export abstract class BatchedPort extends Port {
     kind: string,
     peer: string,
     header: Uint8Array,
-    private readonly maxBytes: number,
+    /** The largest batch, its header included. */
+    protected maxBytes: number,
   ) {
     super(kind, peer, true);
     this.#batch = new FrameBatch(header);
@@ -4098,10 +4111,21 @@ export class V86Server {
 /** The NATS header that names the hub a backplane message came from. */
 export const BACKPLANE_HUB_HEADER = "Edge-Relay-Hub";
 /**
- * One backplane message at most. Measured (bench case `backplane`): from 8 KiB to 256 KiB the chain's
- * rate hardly moves, and nats-server spends least per frame on messages of 8 to 16 KiB.
+ * One backplane message at most. Measured (bench case `backplane`, nats-server 2.10): 16 and 32 KiB
+ * do about as well, 32 a little better; at 64 KiB nats-server spends more per frame, and at 8 KiB
+ * and below the hubs do.
  */
-const BACKPLANE_MESSAGE_BYTES = 16 * 1024;
+const BACKPLANE_MESSAGE_BYTES = 32 * 1024;
+/** The longest protocol line taken from a NATS server: an INFO that lists a cluster's URLs fits. */
+const NATS_MAX_LINE = 64 * 1024;
+/** The largest message taken from NATS: the server's default max_payload. */
+const NATS_MAX_MESSAGE = 1024 * 1024;
+/** A keepalive PING this often; this many unanswered and the connection is given up as stale. */
+const NATS_PING_MS = 5_000;
+const NATS_PINGS_OUT = 2;
+
+const LATIN1 = new TextDecoder("latin1");
+const CRLF = Uint8Array.of(13, 10);
 
 /**
  * The subject a network's frames travel on: `edge-relay.CLUSTER.NETWORK`. A '.' in a name would split
@@ -4109,6 +4133,414 @@ const BACKPLANE_MESSAGE_BYTES = 16 * 1024;
  */
 export function backplaneSubject(cluster: string, network: string): string {
   return `edge-relay.${cluster.replaceAll(".", "~")}.${network.replaceAll(".", "~")}`;
+}
+
+/** The header block every message of this hub carries: its id, so other hubs can name it. */
+export function natsHeaderBlock(hubId: string): Uint8Array {
+  return new TextEncoder().encode(`NATS/1.0\r\n${BACKPLANE_HUB_HEADER}: ${hubId}\r\n\r\n`);
+}
+
+/** The hub id in a message's header block, when it is one. */
+function hubOf(headers: Uint8Array): string | undefined {
+  return new RegExp(`\\r\\n${BACKPLANE_HUB_HEADER}: ([0-9a-f]{16})\\r\\n`, "i").exec(LATIN1.decode(headers))?.[1];
+}
+
+/**
+ * Writes `HPUB SUBJECT HLEN TOTAL\r\n` and the header block so that they end at `end` in `bytes`,
+ * right before a payload of `payload` bytes that is already there; returns where they start.
+ * Publishing then writes one buffer, and the payload is never copied to make the message.
+ */
+export function writeHpub(bytes: Uint8Array, end: number, subject: string, headers: Uint8Array, payload: number): number {
+  const line = `HPUB ${subject} ${headers.length} ${headers.length + payload}\r\n`;
+  const start = end - headers.length - line.length;
+  if (start < 0) throw new RangeError(`Cannot encode NATS message: ${line.length + headers.length} bytes of protocol do not fit in ${end}`);
+  for (let i = 0; i < line.length; i++) bytes[start + i] = line.charCodeAt(i);
+  bytes.set(headers, end - headers.length);
+  return start;
+}
+
+/** Room for `writeHpub`'s line and header block in front of a message of at most `max` bytes. */
+export function hpubRoom(subject: string, headers: Uint8Array, max: number): number {
+  return `HPUB ${subject} ${headers.length} ${headers.length + max}\r\n`.length + headers.length;
+}
+
+/** What a NATS server sends that a client acts on. */
+export interface NatsReceiver {
+  /** A message for subscription `sid`: its header block (empty for MSG) and payload, valid during the call. */
+  message(sid: number, headers: Uint8Array, payload: Uint8Array): void;
+  /** INFO, PING, PONG, +OK or -ERR, and the rest of its line. */
+  op(op: "INFO" | "PING" | "PONG" | "+OK" | "-ERR", rest: string): void;
+}
+
+const NATS_OPS = new Set(["INFO", "PING", "PONG", "+OK", "-ERR"]);
+
+function natsSize(text: string | undefined): number {
+  if (text === undefined || !/^\d{1,10}$/.test(text)) throw new TypeError("Cannot decode NATS protocol: a size is not a number");
+  return Number(text);
+}
+
+/**
+ * NATS's protocol as a server sends it: lines, and after MSG/HMSG a message of the size the line
+ * gives. A message whole in one chunk is handed over in place; one split across chunks is gathered
+ * once into a buffer of its size. Lines and messages are bounded; anything malformed throws (a
+ * TypeError or RangeError), and the connection is then dropped.
+ */
+export class NatsDecoder {
+  #line = "";
+  #body: Uint8Array | undefined;
+  #got = 0;
+  #sid = 0;
+  #headers = 0;
+
+  constructor(
+    private readonly receiver: NatsReceiver,
+    private readonly maxMessage = NATS_MAX_MESSAGE,
+  ) {}
+
+  push(chunk: Uint8Array): void {
+    let at = 0;
+    while (at < chunk.length) {
+      const body = this.#body;
+      if (body !== undefined) {
+        const n = Math.min(body.length - this.#got, chunk.length - at);
+        body.set(chunk.subarray(at, at + n), this.#got);
+        this.#got += n;
+        at += n;
+        if (this.#got < body.length) return;
+        this.#body = undefined;
+        this.#deliver(body, 0, body.length - 2);
+        continue;
+      }
+      const eol = chunk.indexOf(10, at);
+      if (eol - at + this.#line.length > NATS_MAX_LINE || (eol < 0 && chunk.length - at + this.#line.length > NATS_MAX_LINE)) {
+        throw new RangeError(`Cannot decode NATS protocol: a line longer than ${NATS_MAX_LINE} bytes`);
+      }
+      if (eol < 0) {
+        this.#line += LATIN1.decode(chunk.subarray(at));
+        return;
+      }
+      let line = this.#line + LATIN1.decode(chunk.subarray(at, eol));
+      this.#line = "";
+      at = eol + 1;
+      if (line.endsWith("\r")) line = line.slice(0, -1);
+      at = this.#line_(line, chunk, at);
+    }
+  }
+
+  /** One protocol line; returns where the chunk goes on. */
+  #line_(line: string, chunk: Uint8Array, at: number): number {
+    const space = line.indexOf(" ");
+    const op = (space < 0 ? line : line.slice(0, space)).toUpperCase();
+    const rest = space < 0 ? "" : line.slice(space + 1);
+    if (op !== "MSG" && op !== "HMSG") {
+      if (!NATS_OPS.has(op)) throw new TypeError("Cannot decode NATS protocol: unknown operation");
+      this.receiver.op(op as "INFO", rest);
+      return at;
+    }
+    // MSG SUBJECT SID [REPLY] SIZE; HMSG SUBJECT SID [REPLY] HEADER_SIZE TOTAL_SIZE
+    const args = rest.split(/[ \t]+/);
+    const sizes = op === "HMSG" ? 2 : 1;
+    if (args.length !== 2 + sizes && args.length !== 3 + sizes) throw new TypeError(`Cannot decode NATS protocol: ${op} with ${args.length} arguments`);
+    const total = natsSize(args[args.length - 1]);
+    const headers = op === "HMSG" ? natsSize(args[args.length - 2]) : 0;
+    if (headers > total) throw new RangeError(`Cannot decode NATS message: a header of ${headers} bytes in a message of ${total}`);
+    if (total > this.maxMessage) throw new RangeError(`Cannot decode NATS message: ${total} bytes exceeds the maximum of ${this.maxMessage}`);
+    this.#sid = natsSize(args[1]);
+    this.#headers = headers;
+    if (chunk.length - at >= total + 2) {
+      this.#deliver(chunk, at, at + total);
+      return at + total + 2;
+    }
+    this.#body = new Uint8Array(total + 2);
+    this.#got = 0;
+    return at;
+  }
+
+  #deliver(bytes: Uint8Array, start: number, end: number): void {
+    if (bytes[end] !== 13 || bytes[end + 1] !== 10) throw new TypeError("Cannot decode NATS message: no CRLF after the message");
+    const split = start + this.#headers;
+    this.receiver.message(this.#sid, bytes.subarray(start, split), bytes.subarray(split, end));
+  }
+}
+
+/** The INFO fields a client acts on; a server sends more. */
+const NatsInfo = v.object({
+  headers: v.optional(v.boolean()),
+  max_payload: v.optional(v.number()),
+  tls_required: v.optional(v.boolean()),
+  tls_available: v.optional(v.boolean()),
+  nonce: v.optional(v.string()),
+});
+
+/** A server's -ERR text, unquoted and bounded: it is logged and shown in status. */
+function natsErrorText(rest: string): string {
+  return rest.replace(/^'|'$/g, "").replace(/[^\x20-\x7e]/g, "?").slice(0, 200);
+}
+
+export interface NatsLinkOptions {
+  servers: string[];
+  name: string;
+  token?: string;
+  /** Answers the server's nonce for CONNECT: an NKey seed's or a credentials file's signature. */
+  authenticator?: (nonce?: string) => unknown;
+  ca?: string;
+  /** Deadline for connecting to a server, through its first PONG. */
+  handshakeMs: number;
+}
+
+export interface NatsLinkEvents {
+  up(server: string): void;
+  /** A dial failed or the connection was lost; the link dials again after the backoff. */
+  down(reason: string): void;
+  message(sid: number, headers: Uint8Array, payload: Uint8Array): void;
+  /** The server's -ERR while connected (a permissions violation); the connection stays. */
+  refused(text: string): void;
+  /** What the server sent did not decode; the connection is dropped. */
+  malformed(message: string): void;
+}
+
+/**
+ * A connection to one of the NATS servers, speaking NATS's core protocol on Bun's own sockets:
+ * INFO, CONNECT (token, NKey or credentials), SUB/UNSUB, HPUB, MSG/HMSG, PING/PONG. A lost or failed
+ * connection is redialled, server after server, with the shared backoff; subscriptions are made
+ * again on every connection. What the socket has not taken is kept in order and counted; a new
+ * connection starts empty.
+ *
+ * Why not the NATS client for JavaScript: the bench measured it at 5.5 µs per 1,500-byte frame on
+ * the publishing hub and 3.9 µs on the receiving one, against 3.3 and 2.3 µs for this (it copies
+ * every message twice more and writes through `node:net`), and with it two hubs cannot carry half
+ * of what one does (bench/RESULTS.md). Its authenticators still sign the server's nonce.
+ */
+export class NatsLink {
+  /** The server connected to, or undefined. */
+  server: string | undefined;
+  /** The largest message the server takes. */
+  maxPayload = NATS_MAX_MESSAGE;
+  /** Bytes written but not yet taken by the socket. */
+  backlog = 0;
+  readonly #subjects = new Map<number, string>();
+  #nextSid = 0;
+  #nextServer = 0;
+  readonly #backoff = new Backoff(BACKPLANE_BACKOFF_MIN_MS, BACKPLANE_BACKOFF_MAX_MS);
+  #socket: Socket<undefined> | undefined;
+  #pending: Uint8Array[] = [];
+  #pongs: (() => void)[] = [];
+  #pingsOut = 0;
+  #keepalive: ReturnType<typeof setInterval> | undefined;
+  #timer: ReturnType<typeof setTimeout> | undefined;
+  #stopped = false;
+
+  constructor(
+    private readonly options: NatsLinkOptions,
+    private readonly events: NatsLinkEvents,
+  ) {}
+
+  get up(): boolean {
+    return this.server !== undefined;
+  }
+
+  start(): void {
+    void this.#dial();
+  }
+
+  async #dial(): Promise<void> {
+    const servers = this.options.servers;
+    const server = servers[this.#nextServer++ % servers.length]!;
+    try {
+      await this.#connect(server);
+    } catch (error) {
+      if (this.#stopped) return;
+      this.events.down(describeError(`cannot connect to ${server}`, error));
+      this.#timer = setTimeout(() => void this.#dial(), this.#backoff.next());
+    }
+  }
+
+  /**
+   * Resolves once the server answered CONNECT's PING. The link is up from that PONG on, in the same
+   * turn: what follows it in the chunk already belongs to the connection.
+   */
+  #connect(server: string): Promise<void> {
+    const url = new URL(server);
+    const o = this.options;
+    const wantTls = url.protocol === "tls:" || o.ca !== undefined;
+    return new Promise<void>((resolve, reject) => {
+      let phase: "info" | "tls" | "connect" | "up" | "closed" = "info";
+      let upgraded = false;
+      const fail = (error: Error): void => {
+        if (phase === "closed") return;
+        const wasUp = phase === "up";
+        phase = "closed";
+        if (wasUp) return this.#lost(error.message);
+        clearTimeout(deadline);
+        this.#close();
+        reject(error);
+      };
+      const deadline = setTimeout(() => fail(new Error(`no answer within ${o.handshakeMs} ms`)), o.handshakeMs);
+      const connect = (info: v.InferOutput<typeof NatsInfo>): void => {
+        const auth = o.token !== undefined ? { auth_token: o.token } : (o.authenticator?.(info.nonce) ?? {});
+        const hello = { verbose: false, pedantic: false, tls_required: upgraded, name: o.name, lang: "edge-relay", version: VERSION, protocol: 1, echo: false, headers: true, no_responders: false };
+        phase = "connect";
+        this.#write(new TextEncoder().encode(`CONNECT ${JSON.stringify({ ...hello, ...(auth as object) })}\r\nPING\r\n`));
+      };
+      const decoder = new NatsDecoder({
+        message: (sid, headers, payload) => {
+          if (phase === "up") this.events.message(sid, headers, payload);
+        },
+        op: (op, rest) => {
+          if (op === "PING") this.#write(new TextEncoder().encode("PONG\r\n"));
+          else if (op === "PONG") {
+            if (phase !== "connect") return void (this.#pingsOut = 0, this.#pongs.shift()?.());
+            phase = "up";
+            clearTimeout(deadline);
+            this.#backoff.reset();
+            this.server = server;
+            this.#keepalive = setInterval(this.#ping, NATS_PING_MS);
+            for (const [sid, subject] of this.#subjects) this.#write(new TextEncoder().encode(`SUB ${subject} ${sid}\r\n`));
+            this.events.up(server);
+            resolve();
+          } else if (op === "-ERR") {
+            if (phase === "up") this.events.refused(natsErrorText(rest));
+            else fail(new Error(`the server says ${natsErrorText(rest)}`));
+          } else if (op === "INFO" && phase === "info") {
+            let info: v.InferOutput<typeof NatsInfo>;
+            try {
+              info = v.parse(NatsInfo, JSON.parse(rest));
+            } catch {
+              throw new TypeError("Cannot decode NATS protocol: INFO is not the expected JSON");
+            }
+            if (info.headers !== true) return fail(new Error("the server does not take message headers (NATS 2.2 or later is needed)"));
+            this.maxPayload = info.max_payload ?? NATS_MAX_MESSAGE;
+            if (!wantTls && !info.tls_required) return connect(info);
+            if (!info.tls_required && !info.tls_available) return fail(new Error("the server offers no TLS"));
+            phase = "tls";
+            upgraded = true;
+            const [, tls] = this.#socket!.upgradeTLS<undefined>({
+              tls: { ca: o.ca, serverName: url.hostname },
+              socket: {
+                ...handlers,
+                handshake: (_socket, success, error) => {
+                  if (!success || error) return fail(new Error(`TLS: ${error?.message ?? "handshake failed"}`));
+                  connect(info);
+                },
+              },
+            } as Parameters<Socket<undefined>["upgradeTLS"]>[0]);
+            this.#socket = tls;
+          }
+        },
+      });
+      const handlers = {
+        data: (_socket: Socket<undefined>, chunk: Uint8Array) => {
+          try {
+            decoder.push(chunk);
+          } catch (error) {
+            this.events.malformed((error as Error).message);
+            fail(error as Error);
+          }
+        },
+        drain: () => this.#flush(),
+        close: () => fail(new Error("the server closed the connection")),
+        error: (_socket: Socket<undefined>, error: Error) => fail(error),
+      };
+      // Once upgraded, the plain socket carries TLS records: only the TLS socket's events count.
+      const plain = {
+        open: (socket: Socket<undefined>) => {
+          if (phase === "closed" || this.#stopped) socket.terminate();
+          else this.#socket = socket;
+        },
+        data: (socket: Socket<undefined>, chunk: Uint8Array) => upgraded || handlers.data(socket, chunk),
+        drain: () => upgraded || handlers.drain(),
+        close: () => upgraded || handlers.close(),
+        error: (socket: Socket<undefined>, error: Error) => upgraded || handlers.error(socket, error),
+      };
+      Bun.connect<undefined>({ hostname: url.hostname, port: Number(url.port || 4222), socket: plain }).catch((error) => fail(error as Error));
+    });
+  }
+
+  /** The connection is gone: what it had not written is dropped, and the link dials again. */
+  #lost(reason: string): void {
+    const server = this.server;
+    if (server === undefined) return;
+    this.#close();
+    if (this.#stopped) return;
+    this.events.down(`lost ${server}: ${reason}`);
+    this.#timer = setTimeout(() => void this.#dial(), this.#backoff.next());
+  }
+
+  #close(): void {
+    clearInterval(this.#keepalive);
+    this.server = undefined;
+    this.#socket?.terminate();
+    this.#socket = undefined;
+    this.#pending = [];
+    this.backlog = 0;
+    this.#pongs = [];
+    this.#pingsOut = 0;
+  }
+
+  readonly #ping = (): void => {
+    if (this.#pingsOut >= NATS_PINGS_OUT) return this.#lost(`no PONG to ${NATS_PINGS_OUT} PINGs`);
+    this.#pingsOut++;
+    this.#write(new TextEncoder().encode("PING\r\n"));
+    this.#pongs.push(() => undefined);
+  };
+
+  /** Writes in order after what the socket has not taken yet; returns the bytes it took now. */
+  #write(bytes: Uint8Array): number {
+    const socket = this.#socket;
+    if (socket === undefined) return 0;
+    const took = this.#pending.length ? 0 : Math.max(0, socket.write(bytes));
+    if (took < bytes.length) {
+      this.#pending.push(bytes.subarray(took));
+      this.backlog += bytes.length - took;
+    }
+    return took;
+  }
+
+  #flush(): void {
+    const socket = this.#socket;
+    while (socket !== undefined && this.#pending.length) {
+      const bytes = this.#pending[0]!;
+      const took = Math.max(0, socket.write(bytes));
+      this.backlog -= took;
+      if (took < bytes.length) return void (this.#pending[0] = bytes.subarray(took));
+      this.#pending.shift();
+    }
+  }
+
+  /** Subscribes now or on the next connection; the id its messages come with. */
+  subscribe(subject: string): number {
+    const sid = ++this.#nextSid;
+    this.#subjects.set(sid, subject);
+    if (this.up) this.#write(new TextEncoder().encode(`SUB ${subject} ${sid}\r\n`));
+    return sid;
+  }
+
+  unsubscribe(sid: number): void {
+    if (this.#subjects.delete(sid) && this.up) this.#write(new TextEncoder().encode(`UNSUB ${sid}\r\n`));
+  }
+
+  /** Calls `done` once the server has handled everything written before (a PING's PONG). */
+  flush(done: () => void): void {
+    if (!this.up) return;
+    this.#write(new TextEncoder().encode("PING\r\n"));
+    this.#pongs.push(done);
+  }
+
+  /**
+   * Publishes the message that `batch` holds from `start` (written by `writeHpub`). When the socket
+   * takes all of it the batch is reset for the next; otherwise the link keeps the batch's buffer.
+   */
+  publish(batch: FrameBatch, start: number): void {
+    const message = batch.bytes.subarray(start, batch.used);
+    if (this.#write(message) === message.length) batch.reset();
+    else batch.take();
+  }
+
+  stop(): void {
+    this.#stopped = true;
+    clearTimeout(this.#timer);
+    this.#close();
+  }
 }
 
 export interface BackplaneOptions {
@@ -4158,15 +4590,20 @@ export interface BackplaneSnapshot extends BackplaneStatus {
  * a frame that came from the backplane never goes back into it.
  */
 export class BackplanePort extends BatchedPort {
-  subscription: Subscription | undefined;
+  /** The subscription's id while the network has a port here. */
+  sid: number | undefined;
   /** The server has the subscription: other hubs' messages for the network reach this hub. */
   subscribed = false;
 
   constructor(
     private readonly backplane: Backplane,
     readonly subject: string,
+    /** Bytes in front of the batch's data header for the HPUB line and header block. */
+    readonly room: number,
   ) {
-    super("backplane", backplane.shown, dataHeader(0), BACKPLANE_MESSAGE_BYTES);
+    const header = new Uint8Array(room + DATA_HEADER_BYTES);
+    header.set(dataHeader(0), room);
+    super("backplane", backplane.shown, header, room + BACKPLANE_MESSAGE_BYTES);
     // Ranked below every tunnel: in a loop through a tunnel and the backplane, the tunnel is blocked.
     this.linkRank = "";
     this.queueLimit = backplane.options.limit;
@@ -4181,15 +4618,14 @@ export class BackplanePort extends BatchedPort {
     return this.backplane.reserve(bytes);
   }
 
-  /** The client keeps the buffer until it has written it, so the batch hands it over. */
   protected sendBatch(batch: FrameBatch, reserved: number, frames: number): boolean {
-    return this.backplane.publish(this.subject, batch.take(), reserved, frames);
+    return this.backplane.publish(this, batch, reserved, frames);
   }
 
-  /** A message another hub published: its frames enter the switch here. */
-  readonly deliver = (error: Error | null, message: Msg): void => {
-    if (error === null) this.backplane.received(this, message);
-  };
+  /** Keeps messages within what the server takes: its max_payload, less the header block. */
+  fit(maxPayload: number): void {
+    this.maxBytes = this.room + Math.min(BACKPLANE_MESSAGE_BYTES, maxPayload - this.backplane.headerBytes);
+  }
 
   readonly frame = (_channel: number, frame: Uint8Array): void => this.receive(frame);
 }
@@ -4200,30 +4636,23 @@ function noControl(control: ControlMessage): never {
 }
 
 /**
- * This hub's connection to NATS, and a port on every network that has a port here. The first
- * connection is retried with the shared backoff; once connected, the NATS client reconnects by
- * itself, waiting as that backoff says. While it is not connected frames for other hubs are
- * dropped and counted (never buffered without bound), and local switching goes on.
+ * This hub's connection to NATS, and a port on every network that has a port here. While it is
+ * not connected frames for other hubs are dropped and counted (never buffered without bound), and
+ * local switching goes on.
  */
 export class Backplane {
   readonly status: BackplaneStatus;
   /** The servers as status and logs show them. */
   readonly shown: string;
   readonly #ports = new Map<string, BackplanePort>();
-  readonly #backoff = new Backoff(BACKPLANE_BACKOFF_MIN_MS, BACKPLANE_BACKOFF_MAX_MS);
-  /**
-   * The client's wait before its next reconnect attempt. It asks for one on every turn of its dial
-   * loop, waits included, so the backoff moves on per attempt (its "reconnecting" event), not per ask.
-   */
-  #reconnectWaitMs = BACKPLANE_BACKOFF_MIN_MS;
-  readonly #headers: MsgHdrs;
+  readonly #bySid = new Map<number, BackplanePort>();
+  readonly #headers: Uint8Array;
+  /** The header block's size: a message's payload is smaller than the server's max_payload by it. */
+  readonly headerBytes: number;
+  readonly #link: NatsLink;
   readonly #log: { log(line: string): void };
-  #nc: NatsConnection | undefined;
-  #timer: ReturnType<typeof setTimeout> | undefined;
-  #stopped = false;
-  /** Bytes batched this turn, and the client's backlog as last sampled. */
+  /** Bytes batched this turn, not yet handed to the link. */
   #batched = 0;
-  #backlog = 0;
 
   constructor(readonly options: BackplaneOptions) {
     this.shown = options.servers.join(",");
@@ -4242,9 +4671,45 @@ export class Backplane {
       drops: 0,
       errors: 0,
     };
-    this.#headers = natsHeaders();
-    this.#headers.set(BACKPLANE_HUB_HEADER, options.identity.id);
+    this.#headers = natsHeaderBlock(options.identity.id);
+    this.headerBytes = this.#headers.length;
     this.#log = rateLimitedLog(options.log.warn, 5, 10_000);
+    const o = options;
+    this.#link = new NatsLink(
+      {
+        servers: o.servers,
+        name: o.identity.name,
+        handshakeMs: o.handshakeMs,
+        ...(o.token !== undefined && { token: o.token }),
+        ...(o.creds !== undefined && { authenticator: (o.creds.kind === "creds" ? credsAuthenticator : nkeyAuthenticator)(new TextEncoder().encode(o.creds.text)) }),
+        ...(o.ca !== undefined && { ca: o.ca }),
+      },
+      {
+        up: (server) => {
+          this.status.connects++;
+          this.status.server = server;
+          this.#setState("up");
+          for (const port of this.#ports.values()) port.fit(this.#link.maxPayload);
+          this.#link.flush(() => {
+            for (const port of this.#ports.values()) port.subscribed = port.sid !== undefined;
+          });
+        },
+        down: (reason) => {
+          for (const port of this.#ports.values()) port.subscribed = false;
+          this.#setState("down", reason);
+        },
+        message: (sid, headers, payload) => this.#received(sid, headers, payload),
+        refused: (text) => {
+          this.status.lastError = `NATS: ${text}`;
+          this.#log.log(`backplane: the NATS server refused: ${text}`);
+        },
+        malformed: (message) => {
+          this.status.errors++;
+          this.options.countError();
+          this.#log.log(`backplane ${this.status.server ?? this.shown}: ${message}; connection dropped`);
+        },
+      },
+    );
   }
 
   get up(): boolean {
@@ -4252,7 +4717,7 @@ export class Backplane {
   }
 
   start(): void {
-    void this.#connect();
+    this.#link.start();
   }
 
   /** Sets the state; a change is logged. */
@@ -4263,73 +4728,18 @@ export class Backplane {
     else if (state === "down") this.options.log.warn(`backplane: ${this.shown}${why}; frames for other hubs are dropped until it is back`);
   }
 
-  async #connect(): Promise<void> {
-    const o = this.options;
-    let nc: NatsConnection;
-    try {
-      nc = await natsConnect({
-        servers: o.servers,
-        name: o.identity.name,
-        // A hub never hears its own messages: the backplane cannot echo frames back.
-        noEcho: true,
-        timeout: o.handshakeMs,
-        maxReconnectAttempts: -1,
-        reconnectDelayHandler: () => this.#reconnectWaitMs,
-        pingInterval: 5000,
-        maxPingOut: 2,
-        ...(o.token !== undefined && { token: o.token }),
-        ...(o.creds !== undefined && {
-          authenticator: (o.creds.kind === "creds" ? credsAuthenticator : nkeyAuthenticator)(new TextEncoder().encode(o.creds.text)),
-        }),
-        ...((o.ca !== undefined || o.servers.some((s) => s.startsWith("tls:"))) && { tls: o.ca === undefined ? {} : { ca: o.ca } }),
-      });
-    } catch (error) {
-      if (this.#stopped) return;
-      this.#setState("down", describeError("cannot connect", error));
-      this.#timer = setTimeout(() => void this.#connect(), this.#backoff.next());
-      return;
-    }
-    if (this.#stopped) return void nc.close();
-    this.#nc = nc;
-    this.#backoff.reset();
-    this.status.connects++;
-    this.status.server = nc.getServer();
-    this.#setState("up");
-    for (const port of this.#ports.values()) this.#subscribe(port);
-    void this.#watch(nc);
-  }
-
-  /** Follows the client's own reconnects; a closed client (stop) ends it. */
-  async #watch(nc: NatsConnection): Promise<void> {
-    for await (const event of nc.status()) {
-      if (event.type === "disconnect") this.#setState("down", `lost ${event.server}`);
-      else if (event.type === "reconnecting") this.#reconnectWaitMs = this.#backoff.next();
-      else if (event.type === "reconnect") {
-        this.#backoff.reset();
-        this.status.connects++;
-        this.status.server = event.server;
-        this.#setState("up");
-      } else if (event.type === "error") this.status.lastError = describeError("NATS", event.error);
-    }
-  }
-
-  #subscribe(port: BackplanePort): void {
-    if (this.#nc === undefined || port.subscription !== undefined) return;
-    const nc = this.#nc;
-    port.subscription = nc.subscribe(port.subject, { callback: port.deliver });
-    nc.flush().then(
-      () => void (port.subscribed = port.subscription !== undefined),
-      () => undefined,
-    );
-  }
-
   /** Gives `network` its backplane port (once). */
   join(network: Network): void {
-    if (this.#stopped || this.#ports.has(network.name)) return;
-    const port = new BackplanePort(this, backplaneSubject(this.options.cluster, network.name));
+    if (this.status.state === "closed" || this.#ports.has(network.name)) return;
+    const subject = backplaneSubject(this.options.cluster, network.name);
+    const port = new BackplanePort(this, subject, hpubRoom(subject, this.#headers, BACKPLANE_MESSAGE_BYTES));
+    port.fit(this.#link.maxPayload);
     this.#ports.set(network.name, port);
     network.attach(port);
-    this.#subscribe(port);
+    const sid = this.#link.subscribe(subject);
+    port.sid = sid;
+    this.#bySid.set(sid, port);
+    this.#link.flush(() => void (port.subscribed = port.sid === sid));
   }
 
   /** The network has no port here any more: stop hearing it. */
@@ -4337,32 +4747,30 @@ export class Backplane {
     const port = this.#ports.get(network.name);
     if (port === undefined) return;
     this.#ports.delete(network.name);
-    port.subscription?.unsubscribe();
-    port.subscription = undefined;
+    if (port.sid !== undefined) {
+      this.#link.unsubscribe(port.sid);
+      this.#bySid.delete(port.sid);
+    }
+    port.sid = undefined;
     port.subscribed = false;
     network.detach(port, "no port on this hub uses the network");
   }
 
   snapshot(): BackplaneSnapshot {
     const networks: string[] = [];
-    // While NATS is down no server has them; the client subscribes again when it is back.
+    // While NATS is down no server has them; they are made again on the next connection.
     if (this.up) for (const [name, port] of this.#ports) if (port.subscribed) networks.push(name);
     return { ...this.status, networks };
   }
 
-  /** The client's backlog (its own buffer and the socket's), sampled once per event-loop turn, and this turn's batches. */
+  /** What NATS has not taken yet, and this turn's batches. */
   queued(): number {
-    if (this.#batched === 0) this.#backlog = natsBacklog(this.#nc);
-    return this.#backlog + this.#batched;
+    return this.#link.backlog + this.#batched;
   }
 
   /** Room for `bytes` more: NATS is up and what it has not taken stays under the limit. */
   reserve(bytes: number): boolean {
-    if (!this.up) {
-      this.status.drops++;
-      return false;
-    }
-    if (this.queued() + bytes > this.options.limit) {
+    if (!this.up || this.queued() + bytes > this.options.limit) {
       this.status.drops++;
       return false;
     }
@@ -4370,57 +4778,46 @@ export class Backplane {
     return true;
   }
 
-  /** False when the message could not be handed to the client (its frames are then dropped). */
-  publish(subject: string, message: Uint8Array, reserved: number, frames: number): boolean {
+  /** Publishes a port's batch; false when NATS cannot take it (its frames are then dropped). */
+  publish(port: BackplanePort, batch: FrameBatch, reserved: number, frames: number): boolean {
     this.#batched = Math.max(0, this.#batched - reserved);
-    this.#backlog += reserved;
-    if (this.up) {
-      try {
-        this.#nc!.publish(subject, message, { headers: this.#headers });
-        this.status.messagesOut++;
-        this.status.bytesOut += message.length;
-        return true;
-      } catch {
-        // The client refuses while it closes or drains: dropped like any frame NATS cannot take.
-      }
+    const payload = batch.used - port.room;
+    if (!this.up || this.#headers.length + payload > this.#link.maxPayload) {
+      // Batches fit the server's max_payload; only a frame bigger than that gets here.
+      if (this.up) this.#log.log(`backplane: a frame of ${payload - DATA_HEADER_BYTES - 4} bytes is more than the NATS server takes (max_payload ${this.#link.maxPayload}); dropped`);
+      batch.reset();
+      this.status.drops += frames;
+      return false;
     }
-    this.status.drops += frames;
-    return false;
+    const start = writeHpub(batch.bytes, port.room, port.subject, this.#headers, payload);
+    batch.end(CRLF);
+    this.#link.publish(batch, start);
+    this.status.messagesOut++;
+    this.status.bytesOut += payload;
+    return true;
   }
 
   /** A message from another hub; one that does not decode is dropped, counted and logged. */
-  received(port: BackplanePort, message: Msg): void {
+  #received(sid: number, headers: Uint8Array, payload: Uint8Array): void {
+    const port = this.#bySid.get(sid);
+    if (port === undefined) return;
     this.status.messagesIn++;
-    this.status.bytesIn += message.data.length;
+    this.status.bytesIn += payload.length;
     try {
-      decodeTunnelMessage(message.data, noControl, port.frame);
+      decodeTunnelMessage(payload, noControl, port.frame);
     } catch (error) {
       this.status.errors++;
       port.stats.errors++;
       this.options.countError();
-      const hub = message.headers?.get(BACKPLANE_HUB_HEADER) ?? "";
-      const from = /^[0-9a-f]{16}$/.test(hub) ? ` from hub ${hub}` : "";
-      this.#log.log(`backplane ${port.network?.name ?? port.subject}: ${(error as Error).message}${from}; dropped`);
+      const hub = hubOf(headers);
+      this.#log.log(`backplane ${port.network?.name ?? port.subject}: ${(error as Error).message}${hub ? ` from hub ${hub}` : ""}; dropped`);
     }
   }
 
   async stop(): Promise<void> {
-    this.#stopped = true;
-    clearTimeout(this.#timer);
     this.status.state = "closed";
-    const nc = this.#nc;
-    this.#nc = undefined;
-    await nc?.close().catch(() => undefined);
+    this.#link.stop();
   }
-}
-
-/**
- * What the NATS client holds that the server has not taken yet: its own buffer, filled between
- * flushes and while reconnecting, and the socket's. Neither is public API; both are read defensively.
- */
-function natsBacklog(nc: NatsConnection | undefined): number {
-  const protocol = (nc as { protocol?: { outbound?: { size(): number }; transport?: { socket?: { writableLength?: number } } } } | undefined)?.protocol;
-  return (protocol?.outbound?.size() ?? 0) + (protocol?.transport?.socket?.writableLength ?? 0);
 }
 
 // ───────────────────────────── QEMU ports ─────────────────────────────

@@ -1074,6 +1074,7 @@ async function backplaneCase() {
     result: pass(two.lost === two.relayDrops && ok),
   });
   if (two.path) row({ case: label, metric: "path", chain: two.path });
+  row({ case: label, metric: "nats-server (the first on PATH)", chain: new TextDecoder().decode(Bun.spawnSync(["nats-server", "--version"]).stdout).trim() });
   row({ case: label, metric: "frames per NATS message (hub 1)", chain: f1(perMessage) });
   const perM = (f: Flow, k: string) => (f.received ? (f.cpu[k]! / f.received) * 1e6 : NaN);
   row({

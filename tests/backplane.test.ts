@@ -3,8 +3,9 @@
  * the distribution, real relays, fake VMs on loopback.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import type { Socket } from "bun";
 import { connect as natsConnect, nkeys } from "@nats-io/transport-node";
-import { backplaneSubject, encodeFrames } from "../relay.ts";
+import { NatsDecoder, backplaneSubject, encodeFrames, hpubRoom, natsHeaderBlock, writeHpub } from "../relay.ts";
 import {
   BROADCAST,
   type Daemon,
@@ -93,6 +94,91 @@ describe("backplaneSubject", () => {
     expect(backplaneSubject("default", "lab")).toBe("edge-relay.default.lab");
     expect(backplaneSubject("eu.1", "lab.a")).toBe("edge-relay.eu~1.lab~a");
     expect(backplaneSubject("default", "lab.a")).not.toBe(backplaneSubject("default.lab", "a"));
+  });
+});
+
+const ascii = (bytes: Uint8Array) => new TextDecoder("latin1").decode(bytes);
+
+/** What a decoder given `chunks` hands over, one line per operation or message. */
+function decoded(chunks: Uint8Array[], maxMessage = 4096): string[] {
+  const seen: string[] = [];
+  const decoder = new NatsDecoder(
+    {
+      message: (sid, headers, payload) => void seen.push(`message ${sid} ${JSON.stringify(ascii(headers))} ${JSON.stringify(ascii(payload))}`),
+      op: (op, rest) => void seen.push(`${op} ${rest}`),
+    },
+    maxMessage,
+  );
+  for (const chunk of chunks) decoder.push(chunk);
+  return seen;
+}
+
+describe("NatsDecoder", () => {
+  const headers = "NATS/1.0\r\nEdge-Relay-Hub: 0123456789abcdef\r\n\r\n";
+  const payload = "frames\r\nwith CRLF\r\n";
+  const stream = new TextEncoder().encode(
+    'INFO {"server_id":"x","headers":true,"max_payload":1048576}\r\n' +
+      "PING\r\n" +
+      `MSG edge-relay.default.lab 1 ${payload.length}\r\n${payload}\r\n` +
+      "msg a.b 22 reply.to 0\r\n\r\n" +
+      `HMSG edge-relay.default.dev 3 ${headers.length} ${headers.length + payload.length}\r\n${headers}${payload}\r\n` +
+      "+OK\r\n" +
+      "-ERR 'Permissions Violation for Publish to \"x\"'\r\n" +
+      "PONG\r\n",
+  );
+  const expected = [
+    'INFO {"server_id":"x","headers":true,"max_payload":1048576}',
+    "PING ",
+    `message 1 "" ${JSON.stringify(payload)}`,
+    'message 22 "" ""',
+    `message 3 ${JSON.stringify(headers)} ${JSON.stringify(payload)}`,
+    "+OK ",
+    "-ERR 'Permissions Violation for Publish to \"x\"'",
+    "PONG ",
+  ];
+
+  test("push() hands over the same operations and messages wherever the stream is split", () => {
+    expect(decoded([stream])).toEqual(expected);
+    for (let at = 0; at <= stream.length; at++) expect(decoded([stream.subarray(0, at), stream.subarray(at)])).toEqual(expected);
+    expect(decoded(Array.from(stream, (byte) => Uint8Array.of(byte)))).toEqual(expected);
+  });
+
+  test.each([
+    ["an unknown operation", "BOGUS stuff\r\n", "Cannot decode NATS protocol: unknown operation"],
+    ["MSG without a size", "MSG a 1\r\n", "Cannot decode NATS protocol: MSG with 2 arguments"],
+    ["HMSG with too many arguments", "HMSG a 1 r x 2 3\r\n", "Cannot decode NATS protocol: HMSG with 6 arguments"],
+    ["a size that is not a number", "MSG a 1 x\r\n", "Cannot decode NATS protocol: a size is not a number"],
+    ["a sid that is not a number", "MSG a -1 2\r\n", "Cannot decode NATS protocol: a size is not a number"],
+    ["a header bigger than its message", "HMSG a 1 10 5\r\n", "Cannot decode NATS message: a header of 10 bytes in a message of 5"],
+    ["a message over the maximum", "MSG a 1 5000\r\n", "Cannot decode NATS message: 5000 bytes exceeds the maximum of 4096"],
+    ["a message without its CRLF", "MSG a 1 2\r\nabcd", "Cannot decode NATS message: no CRLF after the message"],
+    ["a line without end", "x".repeat(70_000), "Cannot decode NATS protocol: a line longer than 65536 bytes"],
+  ])("push() throws on %s", (_what, text, message) => {
+    expect(() => decoded([new TextEncoder().encode(text)])).toThrow(message);
+  });
+
+  test("a line without end is refused even when it comes a byte at a time, before it grows past the bound", () => {
+    const decoder = new NatsDecoder({ message: () => {}, op: () => {} });
+    let pushed = 0;
+    expect(() => {
+      for (; pushed < 70_000; pushed++) decoder.push(Uint8Array.of(120));
+    }).toThrow("a line longer than 65536 bytes");
+    expect(pushed).toBe(65_536);
+  });
+});
+
+describe("writeHpub", () => {
+  test("writes the HPUB line and header block to end where the payload already is", () => {
+    const subject = "edge-relay.default.lab";
+    const block = natsHeaderBlock("0123456789abcdef");
+    const room = hpubRoom(subject, block, 32 * 1024);
+    const bytes = new Uint8Array(room + 3);
+    bytes.set([1, 2, 3], room);
+    const start = writeHpub(bytes, room, subject, block, 3);
+    expect(ascii(bytes.subarray(start))).toBe(`HPUB ${subject} ${block.length} ${block.length + 3}\r\nNATS/1.0\r\nEdge-Relay-Hub: 0123456789abcdef\r\n\r\n\x01\x02\x03`);
+    // The room is sized for the largest message, so every smaller one fits too.
+    expect(writeHpub(new Uint8Array(room), room, subject, block, 32 * 1024)).toBe(0);
+    expect(() => writeHpub(new Uint8Array(room), room, subject, block, 1_000_000)).toThrow(RangeError);
   });
 });
 
@@ -256,6 +342,95 @@ describe("a NATS user limited to edge-relay.> (deploy/nats-server.conf)", () => 
     expect((await stranger.status()).backplane.state).not.toBe("up");
     expect((await fetch(`${stranger.base}/healthz`)).status).toBe(503);
     for (const relay of [hub1, hub2, stranger]) expect(relay.stdout() + relay.stderr()).not.toContain(seed);
+  });
+});
+
+describe("TLS, a token and a small max_payload on the NATS server", () => {
+  test("hubs that trust its CA and know the token share networks, in messages that fit; the others stay down and say why", async () => {
+    await using dir = await tempDir();
+    const { ca } = await testCertificate(dir.path);
+    const natsToken = "nats-token-value-5f1c";
+    await Bun.write(
+      `${dir.path}/nats.conf`,
+      `tls { cert_file: "${dir.path}/hub.crt", key_file: "${dir.path}/hub.key" }\nauthorization { token: "${natsToken}" }\nmax_payload: 4096\n`,
+    );
+    await using nats = await startNats(undefined, `${dir.path}/nats.conf`);
+    const tls = (args: string[]) => [...hubArgs(`tls://127.0.0.1:${nats.port}`), ...args];
+    await using hub1 = await spawnRelay(tls(["--backplane-ca", ca, "--backplane-token", natsToken]));
+    await using hub2 = await spawnRelay(tls(["--backplane-ca", ca, "--backplane-token", natsToken]));
+    await using wrongToken = await spawnRelay(tls(["--backplane-ca", ca, "--backplane-token", "not-the-token"]));
+    // nats:// to a server that requires TLS: upgraded all the same, and checked against the system's CAs.
+    await using untrusted = await spawnRelay([...hubArgs(nats.url), "--backplane-token", natsToken]);
+    await using siteA = await spawnSite(`${hub1.base}`, ["lab"]);
+    await using siteB = await spawnSite(`${hub2.base}`, ["lab"]);
+    await Promise.all([uplinkUp(siteA), uplinkUp(siteB)]);
+    await using lab = await labVms([hub1, hub2], siteA, siteB, "b5");
+    // 20 frames of up to 1.4 KB at once: more than one 4 KiB message.
+    await deliveredOnce(lab.vmA, lab.vmB, lab.A, BROADCAST, 20, "over TLS");
+    await deliveredOnce(lab.vmB, lab.vmA, lab.B, lab.A, 20, "over TLS, back");
+    const hub1Backplane = (await hub1.status()).backplane;
+    expect(hub1Backplane.messagesOut).toBeGreaterThan(2);
+    expect(hub1Backplane).toMatchObject({ state: "up", server: `tls://127.0.0.1:${nats.port}`, drops: 0 });
+    // A frame bigger than the server takes is dropped, counted and said.
+    lab.vmA.send(makeFrame(lab.B, lab.A, 5000));
+    await waitUntil(async () => (await hub1.status()).backplane.drops === 1, "the big frame counted as a drop");
+    await hub1.waitForLine(/backplane: a frame of 5014 bytes is more than the NATS server takes \(max_payload 4096\); dropped/);
+    await deliveredOnce(lab.vmA, lab.vmB, lab.A, lab.B, 5, "after the big frame");
+
+    expect(await waitUntil(async () => (await wrongToken.status()).backplane.lastError, "the wrong token's error")).toMatch(/authorization violation/i);
+    expect(await waitUntil(async () => (await untrusted.status()).backplane.lastError, "the untrusted server's error")).toMatch(/^cannot connect to nats:\/\/127\.0\.0\.1:\d+: TLS: unable to verify/);
+    for (const hub of [wrongToken, untrusted]) {
+      expect((await hub.status()).backplane.state).toBe("down");
+      expect((await fetch(`${hub.base}/healthz`)).status).toBe(503);
+    }
+    for (const relay of [hub1, hub2, wrongToken, untrusted]) expect(relay.stdout() + relay.stderr() + JSON.stringify(await relay.status())).not.toContain(natsToken);
+  });
+});
+
+/** A NATS server of the test's own on loopback: INFO on connect, then `answer` for what the client sends. */
+function fakeNats(info: object, answer: (socket: Socket<undefined>, text: string) => void) {
+  const server = Bun.listen<undefined>({
+    hostname: "127.0.0.1",
+    port: 0,
+    socket: {
+      open: (socket) => {
+        connections++;
+        socket.write(`INFO ${JSON.stringify(info)}\r\n`);
+      },
+      data: (socket, data) => answer(socket, new TextDecoder().decode(data)),
+    },
+  });
+  let connections = 0;
+  return {
+    url: `nats://127.0.0.1:${server.port}`,
+    get connections() {
+      return connections;
+    },
+    [Symbol.dispose]: () => server.stop(true),
+  };
+}
+
+describe("a NATS server that sends what it should not (a fake one on loopback)", () => {
+  test("bytes that do not decode drop the connection: counted, logged without them, and the hub dials again", async () => {
+    using nats = fakeNats({ server_id: "fake", headers: true }, (socket, text) => {
+      if (text.includes("PING")) socket.write("PONG\r\nBOGUS hostile-bytes-3e9a\r\n");
+    });
+    await using hub = await spawnRelay(hubArgs(nats.url));
+    await waitUntil(() => nats.connections >= 2, "a second connection after the first was dropped");
+    const line = await hub.waitForLine(/Cannot decode NATS protocol/);
+    expect(line).toMatch(/backplane nats:\/\/127\.0\.0\.1:\d+: Cannot decode NATS protocol: unknown operation; connection dropped$/);
+    const status = await hub.status();
+    expect(status.backplane.errors).toBeGreaterThanOrEqual(1);
+    expect(status.protocolErrors).toBe(status.backplane.errors);
+    expect(hub.stdout() + hub.stderr()).not.toContain("hostile-bytes");
+  });
+
+  test("a server that takes no message headers is refused, and status says why", async () => {
+    using nats = fakeNats({ server_id: "old", headers: false }, () => {});
+    await using hub = await spawnRelay(hubArgs(nats.url));
+    const error = await waitUntil(async () => (await hub.status()).backplane.lastError, "the backplane's error");
+    expect(error).toBe(`cannot connect to ${nats.url}: the server does not take message headers (NATS 2.2 or later is needed)`);
+    expect((await hub.status()).backplane.state).toBe("down");
   });
 });
 
