@@ -797,16 +797,30 @@ const BackplaneServers = v.optional(
   [],
 );
 
+/** What signs the NATS server's nonce for a credentials file or an NKey seed. */
+function natsAuthenticator(creds: { kind: "creds" | "seed"; text: string }): (nonce?: string) => unknown {
+  return (creds.kind === "creds" ? credsAuthenticator : nkeyAuthenticator)(new TextEncoder().encode(creds.text));
+}
+
 /** --backplane-creds: a NATS credentials file (user JWT and NKey seed), or an NKey seed alone. */
 const NatsCredentials = v.pipe(
   PemFile,
   v.rawTransform(({ dataset, addIssue, NEVER }) => {
     const { path, text } = dataset.value;
-    if (text.includes("-----BEGIN NATS USER JWT-----")) return { path, kind: "creds" as const, text };
     const seed = /^\s*(SU[A-Z2-7]{50,})\s*$/m.exec(text)?.[1];
-    if (seed !== undefined) return { path, kind: "seed" as const, text: seed };
-    addIssue({ message: `${path} is neither a NATS credentials file nor an NKey seed (SU…)` });
-    return NEVER;
+    const found = text.includes("-----BEGIN NATS USER JWT-----") ? { path, kind: "creds" as const, text } : seed !== undefined ? { path, kind: "seed" as const, text: seed } : undefined;
+    if (found === undefined) {
+      addIssue({ message: `${path} is neither a NATS credentials file nor an NKey seed (SU…)` });
+      return NEVER;
+    }
+    // Signed once here, so a damaged seed is a config error rather than a failure at every dial.
+    try {
+      natsAuthenticator(found)("edge-relay");
+    } catch {
+      addIssue({ message: `${path} holds a NATS key that cannot sign (a damaged seed?)` });
+      return NEVER;
+    }
+    return found;
   }),
 );
 
@@ -4168,6 +4182,8 @@ export function hpubRoom(subject: string, headers: Uint8Array, max: number): num
 export interface NatsReceiver {
   /** A message for subscription `sid`: its header block (empty for MSG) and payload, valid during the call. */
   message(sid: number, headers: Uint8Array, payload: Uint8Array): void;
+  /** A message over the maximum, skipped unread: anyone who may publish on a subject can send one. */
+  oversize(sid: number, bytes: number): void;
   /** INFO, PING, PONG, +OK or -ERR, and the rest of its line. */
   op(op: "INFO" | "PING" | "PONG" | "+OK" | "-ERR", rest: string): void;
 }
@@ -4182,8 +4198,8 @@ function natsSize(text: string | undefined): number {
 /**
  * NATS's protocol as a server sends it: lines, and after MSG/HMSG a message of the size the line
  * gives. A message whole in one chunk is handed over in place; one split across chunks is gathered
- * once into a buffer of its size. Lines and messages are bounded; anything malformed throws (a
- * TypeError or RangeError), and the connection is then dropped.
+ * once into a buffer of its size. A line is bounded, and a message over the maximum is skipped
+ * unread; anything malformed throws (a TypeError or RangeError), and the connection is then dropped.
  */
 export class NatsDecoder {
   #line = "";
@@ -4191,6 +4207,8 @@ export class NatsDecoder {
   #got = 0;
   #sid = 0;
   #headers = 0;
+  /** Bytes of an oversize message still to skip. */
+  #skip = 0;
 
   constructor(
     private readonly receiver: NatsReceiver,
@@ -4200,6 +4218,12 @@ export class NatsDecoder {
   push(chunk: Uint8Array): void {
     let at = 0;
     while (at < chunk.length) {
+      if (this.#skip > 0) {
+        const n = Math.min(this.#skip, chunk.length - at);
+        this.#skip -= n;
+        at += n;
+        continue;
+      }
       const body = this.#body;
       if (body !== undefined) {
         const n = Math.min(body.length - this.#got, chunk.length - at);
@@ -4244,8 +4268,12 @@ export class NatsDecoder {
     const total = natsSize(args[args.length - 1]);
     const headers = op === "HMSG" ? natsSize(args[args.length - 2]) : 0;
     if (headers > total) throw new RangeError(`Cannot decode NATS message: a header of ${headers} bytes in a message of ${total}`);
-    if (total > this.maxMessage) throw new RangeError(`Cannot decode NATS message: ${total} bytes exceeds the maximum of ${this.maxMessage}`);
     this.#sid = natsSize(args[1]);
+    if (total > this.maxMessage) {
+      this.#skip = total + 2;
+      this.receiver.oversize(this.#sid, total);
+      return at;
+    }
     this.#headers = headers;
     if (chunk.length - at >= total + 2) {
       this.#deliver(chunk, at, at + total);
@@ -4286,6 +4314,8 @@ export interface NatsLinkOptions {
   ca?: string;
   /** Deadline for connecting to a server, through its first PONG. */
   handshakeMs: number;
+  /** Bytes the socket may leave unwritten before the connection is given up as stuck. */
+  maxBacklog: number;
 }
 
 export interface NatsLinkEvents {
@@ -4293,6 +4323,8 @@ export interface NatsLinkEvents {
   /** A dial failed or the connection was lost; the link dials again after the backoff. */
   down(reason: string): void;
   message(sid: number, headers: Uint8Array, payload: Uint8Array): void;
+  /** A message over the maximum was skipped. */
+  oversize(sid: number, bytes: number): void;
   /** The server's -ERR while connected (a permissions violation); the connection stays. */
   refused(text: string): void;
   /** What the server sent did not decode; the connection is dropped. */
@@ -4326,6 +4358,10 @@ export class NatsLink {
   #pending: Uint8Array[] = [];
   #pongs: (() => void)[] = [];
   #pingsOut = 0;
+  /** A PONG waits in `#pending`: one answers any number of the server's PINGs. */
+  #pongQueued = false;
+  /** Ends the current connection (the keepalive and a stuck socket use it). */
+  #drop: ((error: Error) => void) | undefined;
   #keepalive: ReturnType<typeof setInterval> | undefined;
   #timer: ReturnType<typeof setTimeout> | undefined;
   #stopped = false;
@@ -4377,7 +4413,12 @@ export class NatsLink {
       };
       const deadline = setTimeout(() => fail(new Error(`no answer within ${o.handshakeMs} ms`)), o.handshakeMs);
       const connect = (info: v.InferOutput<typeof NatsInfo>): void => {
-        const auth = o.token !== undefined ? { auth_token: o.token } : (o.authenticator?.(info.nonce) ?? {});
+        let auth: unknown;
+        try {
+          auth = o.token !== undefined ? { auth_token: o.token } : (o.authenticator?.(info.nonce) ?? {});
+        } catch {
+          return fail(new Error("the credentials cannot sign the server's nonce"));
+        }
         const hello = { verbose: false, pedantic: false, tls_required: upgraded, name: o.name, lang: "edge-relay", version: VERSION, protocol: 1, echo: false, headers: true, no_responders: false };
         phase = "connect";
         this.#write(new TextEncoder().encode(`CONNECT ${JSON.stringify({ ...hello, ...(auth as object) })}\r\nPING\r\n`));
@@ -4386,13 +4427,23 @@ export class NatsLink {
         message: (sid, headers, payload) => {
           if (phase === "up") this.events.message(sid, headers, payload);
         },
+        oversize: (sid, bytes) => {
+          if (phase === "up") this.events.oversize(sid, bytes);
+        },
         op: (op, rest) => {
-          if (op === "PING") this.#write(new TextEncoder().encode("PONG\r\n"));
-          else if (op === "PONG") {
-            if (phase !== "connect") return void (this.#pingsOut = 0, this.#pongs.shift()?.());
+          if (op === "PING") {
+            if (!this.#pongQueued) this.#pongQueued = this.#write(new TextEncoder().encode("PONG\r\n")) < 6;
+          } else if (op === "PONG") {
+            if (phase !== "connect") {
+              // One asked for: the oldest waiter. An unasked one proves nothing and settles nothing.
+              const waiter = this.#pongs.shift();
+              if (waiter === undefined) return;
+              this.#pingsOut = 0;
+              return waiter();
+            }
             phase = "up";
             clearTimeout(deadline);
-            this.#backoff.reset();
+            this.#drop = fail;
             this.server = server;
             this.#keepalive = setInterval(this.#ping, NATS_PING_MS);
             for (const [sid, subject] of this.#subjects) this.#write(new TextEncoder().encode(`SUB ${subject} ${sid}\r\n`));
@@ -4468,6 +4519,8 @@ export class NatsLink {
 
   #close(): void {
     clearInterval(this.#keepalive);
+    this.#drop = undefined;
+    this.#pongQueued = false;
     this.server = undefined;
     this.#socket?.terminate();
     this.#socket = undefined;
@@ -4478,11 +4531,17 @@ export class NatsLink {
   }
 
   readonly #ping = (): void => {
-    if (this.#pingsOut >= NATS_PINGS_OUT) return this.#lost(`no PONG to ${NATS_PINGS_OUT} PINGs`);
+    if (this.#pingsOut >= NATS_PINGS_OUT) return this.#drop?.(new Error(`no PONG to ${NATS_PINGS_OUT} PINGs`));
     this.#pingsOut++;
     this.#write(new TextEncoder().encode("PING\r\n"));
-    this.#pongs.push(() => undefined);
+    this.#pongs.push(this.#alive);
   };
+
+  /**
+   * A keepalive answered: the connection has lasted, so the next loss starts the backoff afresh. (Not
+   * at the handshake: a server that drops every connection right after it would be redialled flat out.)
+   */
+  readonly #alive = (): void => this.#backoff.reset();
 
   /** Writes in order after what the socket has not taken yet; returns the bytes it took now. */
   #write(bytes: Uint8Array): number {
@@ -4492,6 +4551,7 @@ export class NatsLink {
     if (took < bytes.length) {
       this.#pending.push(bytes.subarray(took));
       this.backlog += bytes.length - took;
+      if (this.backlog > this.options.maxBacklog) this.#drop?.(new Error(`the server took nothing of ${this.backlog} bytes`));
     }
     return took;
   }
@@ -4505,6 +4565,7 @@ export class NatsLink {
       if (took < bytes.length) return void (this.#pending[0] = bytes.subarray(took));
       this.#pending.shift();
     }
+    this.#pongQueued = false;
   }
 
   /** Subscribes now or on the next connection; the id its messages come with. */
@@ -4680,8 +4741,10 @@ export class Backplane {
         servers: o.servers,
         name: o.identity.name,
         handshakeMs: o.handshakeMs,
+        // Frames stay under the limit (reserve); beyond it are protocol lines and message overhead.
+        maxBacklog: 2 * o.limit + 64 * 1024,
         ...(o.token !== undefined && { token: o.token }),
-        ...(o.creds !== undefined && { authenticator: (o.creds.kind === "creds" ? credsAuthenticator : nkeyAuthenticator)(new TextEncoder().encode(o.creds.text)) }),
+        ...(o.creds !== undefined && { authenticator: natsAuthenticator(o.creds) }),
         ...(o.ca !== undefined && { ca: o.ca }),
       },
       {
@@ -4699,6 +4762,13 @@ export class Backplane {
           this.#setState("down", reason);
         },
         message: (sid, headers, payload) => this.#received(sid, headers, payload),
+        oversize: (sid, bytes) => {
+          const port = this.#bySid.get(sid);
+          this.status.errors++;
+          if (port !== undefined) port.stats.errors++;
+          this.options.countError();
+          this.#log.log(`backplane ${port?.network?.name ?? this.shown}: a message of ${bytes} bytes is more than a hub takes (${NATS_MAX_MESSAGE}); dropped`);
+        },
         refused: (text) => {
           this.status.lastError = `NATS: ${text}`;
           this.#log.log(`backplane: the NATS server refused: ${text}`);

@@ -105,6 +105,7 @@ function decoded(chunks: Uint8Array[], maxMessage = 4096): string[] {
   const decoder = new NatsDecoder(
     {
       message: (sid, headers, payload) => void seen.push(`message ${sid} ${JSON.stringify(ascii(headers))} ${JSON.stringify(ascii(payload))}`),
+      oversize: (sid, bytes) => void seen.push(`oversize ${sid} ${bytes}`),
       op: (op, rest) => void seen.push(`${op} ${rest}`),
     },
     maxMessage,
@@ -150,15 +151,21 @@ describe("NatsDecoder", () => {
     ["a size that is not a number", "MSG a 1 x\r\n", "Cannot decode NATS protocol: a size is not a number"],
     ["a sid that is not a number", "MSG a -1 2\r\n", "Cannot decode NATS protocol: a size is not a number"],
     ["a header bigger than its message", "HMSG a 1 10 5\r\n", "Cannot decode NATS message: a header of 10 bytes in a message of 5"],
-    ["a message over the maximum", "MSG a 1 5000\r\n", "Cannot decode NATS message: 5000 bytes exceeds the maximum of 4096"],
     ["a message without its CRLF", "MSG a 1 2\r\nabcd", "Cannot decode NATS message: no CRLF after the message"],
     ["a line without end", "x".repeat(70_000), "Cannot decode NATS protocol: a line longer than 65536 bytes"],
   ])("push() throws on %s", (_what, text, message) => {
     expect(() => decoded([new TextEncoder().encode(text)])).toThrow(message);
   });
 
+  test("push() skips a message over the maximum unread, wherever it is split, and goes on after it", () => {
+    const big = new TextEncoder().encode(`MSG a 7 5000\r\n${"x".repeat(5000)}\r\nPING\r\n`);
+    const expected = ["oversize 7 5000", "PING "];
+    for (let at = 0; at <= big.length; at += 97) expect(decoded([big.subarray(0, at), big.subarray(at)])).toEqual(expected);
+    expect(decoded([big])).toEqual(expected);
+  });
+
   test("a line without end is refused even when it comes a byte at a time, before it grows past the bound", () => {
-    const decoder = new NatsDecoder({ message: () => {}, op: () => {} });
+    const decoder = new NatsDecoder({ message: () => {}, oversize: () => {}, op: () => {} });
     let pushed = 0;
     expect(() => {
       for (; pushed < 70_000; pushed++) decoder.push(Uint8Array.of(120));
@@ -196,6 +203,25 @@ describe("--backplane options", () => {
       stderr: "edge-relay: --backplane: expected nats://HOST:PORT or tls://HOST:PORT; credentials go in --backplane-token or --backplane-creds, not the URL\n",
       code: 2,
     });
+  });
+
+  test("--backplane-creds that holds no key, or a seed that cannot sign, exits 2 naming the option and not the seed", async () => {
+    await using dir = await tempDir();
+    const seed = new TextDecoder().decode(nkeys.createUser().getSeed());
+    // One character changed: the seed's checksum no longer holds.
+    const damaged = seed.slice(0, 10) + (seed[10] === "A" ? "B" : "A") + seed.slice(11);
+    await Bun.write(`${dir.path}/damaged.nk`, `${damaged}\n`);
+    await Bun.write(`${dir.path}/none.nk`, "not a key\n");
+    for (const [file, why] of [
+      ["damaged.nk", "holds a NATS key that cannot sign (a damaged seed?)"],
+      ["none.nk", "is neither a NATS credentials file nor an NKey seed (SU…)"],
+    ]) {
+      expect(await runCli(["--backplane", "nats://127.0.0.1:4222", "--backplane-creds", `${dir.path}/${file}`])).toEqual({
+        stdout: "",
+        stderr: `edge-relay: --backplane-creds: ${dir.path}/${file} ${why}\n`,
+        code: 2,
+      });
+    }
   });
 
   test("--backplane-token without --backplane exits 2 and does not show the token", async () => {
@@ -423,6 +449,20 @@ describe("a NATS server that sends what it should not (a fake one on loopback)",
     expect(status.backplane.errors).toBeGreaterThanOrEqual(1);
     expect(status.protocolErrors).toBe(status.backplane.errors);
     expect(hub.stdout() + hub.stderr()).not.toContain("hostile-bytes");
+  });
+
+  test("a message over a hub's maximum is skipped unread, counted and logged; the connection stays", async () => {
+    let answered = false;
+    using nats = fakeNats({ server_id: "fake", headers: true, max_payload: 8 << 20 }, (socket, text) => {
+      if (text.includes("CONNECT")) socket.write(`PONG\r\nMSG edge-relay.default.lab 1 2000000\r\n${"x".repeat(2_000_000)}\r\nPING\r\n`);
+      else if (text.includes("PONG")) answered = true;
+    });
+    await using hub = await spawnRelay(hubArgs(nats.url));
+    await waitUntil(() => answered, "the hub's PONG to the PING after the big message");
+    await hub.waitForLine(/a message of 2000000 bytes is more than a hub takes \(1048576\); dropped$/);
+    const status = await hub.status();
+    expect(status.backplane).toMatchObject({ state: "up", errors: 1, connects: 1 });
+    expect(nats.connections).toBe(1);
   });
 
   test("a server that takes no message headers is refused, and status says why", async () => {
