@@ -4338,10 +4338,11 @@ export interface NatsLinkEvents {
  * again on every connection. What the socket has not taken is kept in order and counted; a new
  * connection starts empty.
  *
- * Why not the NATS client for JavaScript: the bench measured it at 5.5 µs per 1,500-byte frame on
- * the publishing hub and 3.9 µs on the receiving one, against 3.3 and 2.3 µs for this (it copies
- * every message twice more and writes through `node:net`), and with it two hubs cannot carry half
- * of what one does (bench/RESULTS.md). Its authenticators still sign the server's nonce.
+ * Why not the NATS client for JavaScript: the bench measured it at 5.5–6.4 µs per 1,500-byte frame
+ * on the publishing hub and 3.7–4.2 µs on the receiving one, against about 3–3.6 µs each for this
+ * (it copies every message twice more and writes through `node:net`); with it two hubs carry 0.40
+ * of what one does at best, with this about half (bench/RESULTS.md). NATS's library still signs
+ * the server's nonce.
  */
 export class NatsLink {
   /** The server connected to, or undefined. */
