@@ -4,7 +4,7 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import type { Socket } from "bun";
-import { connect as natsConnect, nkeys } from "@nats-io/transport-node";
+import { headers as natsHeaders, connect as natsConnect, nkeys } from "@nats-io/transport-node";
 import { NatsDecoder, backplaneSubject, encodeFrames, hpubRoom, natsHeaderBlock, writeHpub } from "../relay.ts";
 import {
   BROADCAST,
@@ -295,11 +295,32 @@ describe("two hubs on one nats-server", () => {
     expect([health.status, await health.text()]).toEqual([200, "ok\n"]);
   });
 
+  test("each message is one event-loop turn's frames in the tunnel's data framing, headed with the hub's id (read by NATS's own client)", async () => {
+    const nc = await natsConnect({ servers: nats.url });
+    try {
+      const messages: { data: Uint8Array; hub: string | undefined }[] = [];
+      nc.subscribe(backplaneSubject("default", "lab"), { callback: (_error, msg) => void messages.push({ data: msg.data, hub: msg.headers?.get("Edge-Relay-Hub") }) });
+      await nc.flush();
+      const frames = Array.from({ length: 5 }, (_, i) => makeFrame(B, A, `batched ${i}`));
+      vmA.send(...frames);
+      // Sent in one write, they cross in one message.
+      for (const frame of frames) expect(sameBytes(await vmB.frames.next(fromMac(A)), frame)).toBe(true);
+      await waitUntil(() => messages.length > 0, "hub 1's message on lab's subject");
+      expect(messages.length).toBe(1);
+      expect(messages[0]!.hub).toBe((await hub1.status()).id);
+      expect(sameBytes(messages[0]!.data, Uint8Array.of(1, 0, 0, ...encodeFrames(frames)))).toBe(true);
+    } finally {
+      await nc.close();
+    }
+  });
+
   test("a malformed message on a network's subject is dropped, counted and logged once; frames keep flowing", async () => {
     const nc = await natsConnect({ servers: nats.url });
     const subject = backplaneSubject("default", "lab");
     // Not data; a frame whose length overruns the message; a control message; a runt frame (counted by the switch).
-    nc.publish(subject, new TextEncoder().encode("not a frame"), { headers: undefined });
+    const from = natsHeaders();
+    from.set("Edge-Relay-Hub", "00112233445566ff");
+    nc.publish(subject, new TextEncoder().encode("not a frame"), { headers: from });
     const overrun = Uint8Array.of(1, 0, 0, 0, 0, 0x10, 0, 1, 2, 3);
     nc.publish(subject, overrun);
     nc.publish(subject, Uint8Array.of(0, ...new TextEncoder().encode('{"type":"ping"}')));
@@ -308,7 +329,8 @@ describe("two hubs on one nats-server", () => {
     await nc.close();
     await waitUntil(async () => (await hub1.status()).backplane.errors === 3, "three messages counted as errors on hub 1");
     await waitUntil(() => /backplane lab: Cannot decode backplane message: unexpected ping; dropped/.test(hub1.stderr()), "the log line");
-    expect(hub1.stderr()).toContain("backplane lab: Cannot decode tunnel message: unknown type 110; dropped");
+    // The sending hub is named when its header holds a hub id.
+    expect(hub1.stderr()).toContain("backplane lab: Cannot decode tunnel message: unknown type 110 from hub 00112233445566ff; dropped");
     expect(hub1.stderr()).not.toContain("not a frame");
     const s1 = await hub1.status();
     expect(s1.protocolErrors).toBe(3);
