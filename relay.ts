@@ -1348,7 +1348,8 @@ export class FrameBatch {
   }
 
   append(frame: Uint8Array): void {
-    this.#room(4 + frame.length);
+    const need = this.used + 4 + frame.length;
+    if (need > this.bytes.length) this.#grow(need);
     const b = this.bytes;
     let at = this.used;
     const length = frame.length;
@@ -1360,22 +1361,21 @@ export class FrameBatch {
     this.used = at + length;
   }
 
-  /** Grows the buffer, when needed, to hold `bytes` more. */
-  #room(bytes: number): void {
-    const need = this.used + bytes;
-    if (need > this.bytes.length) {
-      // Doubling, capped at a batch's size; a longer buffer (encodeFrames) keeps doubling, never
-      // growing by one frame at a time, which would copy quadratically.
-      const doubled = Math.max(this.bytes.length * 2, this.#taken);
-      const grown = new Uint8Array(Math.max(need, need <= BATCH_BYTES ? Math.min(doubled, BATCH_BYTES) : doubled, 4096));
-      grown.set(this.bytes.subarray(0, this.used));
-      this.bytes = grown;
-    }
+  /**
+   * Grows the buffer to hold `need` bytes: doubling, capped at a batch's size; a longer buffer
+   * (encodeFrames) keeps doubling, never growing by one frame at a time, which would copy quadratically.
+   */
+  #grow(need: number): void {
+    const doubled = Math.max(this.bytes.length * 2, this.#taken);
+    const grown = new Uint8Array(Math.max(need, need <= BATCH_BYTES ? Math.min(doubled, BATCH_BYTES) : doubled, 4096));
+    grown.set(this.bytes.subarray(0, this.used));
+    this.bytes = grown;
   }
 
   /** Bytes after the last frame: a protocol's trailer. */
   end(trailer: Uint8Array): void {
-    this.#room(trailer.length);
+    const need = this.used + trailer.length;
+    if (need > this.bytes.length) this.#grow(need);
     this.bytes.set(trailer, this.used);
     this.used += trailer.length;
   }
@@ -4154,9 +4154,11 @@ export function natsHeaderBlock(hubId: string): Uint8Array {
   return new TextEncoder().encode(`NATS/1.0\r\n${BACKPLANE_HUB_HEADER}: ${hubId}\r\n\r\n`);
 }
 
+const HUB_HEADER_LINE = new RegExp(`\\r\\n${BACKPLANE_HUB_HEADER}: ([0-9a-f]{16})\\r\\n`, "i");
+
 /** The hub id in a message's header block, when it is one. */
 function hubOf(headers: Uint8Array): string | undefined {
-  return new RegExp(`\\r\\n${BACKPLANE_HUB_HEADER}: ([0-9a-f]{16})\\r\\n`, "i").exec(LATIN1.decode(headers))?.[1];
+  return HUB_HEADER_LINE.exec(LATIN1.decode(headers))?.[1];
 }
 
 /**
