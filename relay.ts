@@ -4424,7 +4424,7 @@ export class NatsLink {
         }
         const hello = { verbose: false, pedantic: false, tls_required: upgraded, name: o.name, lang: "edge-relay", version: VERSION, protocol: 1, echo: false, headers: true, no_responders: false };
         phase = "connect";
-        this.#write(new TextEncoder().encode(`CONNECT ${JSON.stringify({ ...hello, ...(auth as object) })}\r\nPING\r\n`));
+        this.#send(`CONNECT ${JSON.stringify({ ...hello, ...(auth as object) })}\r\nPING\r\n`);
       };
       const decoder = new NatsDecoder({
         message: (sid, headers, payload) => {
@@ -4435,7 +4435,7 @@ export class NatsLink {
         },
         op: (op, rest) => {
           if (op === "PING") {
-            if (!this.#pongQueued) this.#pongQueued = this.#write(new TextEncoder().encode("PONG\r\n")) < 6;
+            if (!this.#pongQueued) this.#pongQueued = !this.#send("PONG\r\n");
           } else if (op === "PONG") {
             if (phase !== "connect") {
               // One asked for: the oldest waiter. An unasked one proves nothing and settles nothing.
@@ -4449,7 +4449,7 @@ export class NatsLink {
             this.#drop = fail;
             this.server = server;
             this.#keepalive = setInterval(this.#ping, NATS_PING_MS);
-            for (const [sid, subject] of this.#subjects) this.#write(new TextEncoder().encode(`SUB ${subject} ${sid}\r\n`));
+            for (const [sid, subject] of this.#subjects) this.#send(`SUB ${subject} ${sid}\r\n`);
             this.events.up(server);
             resolve();
           } else if (op === "-ERR") {
@@ -4536,8 +4536,7 @@ export class NatsLink {
   readonly #ping = (): void => {
     if (this.#pingsOut >= NATS_PINGS_OUT) return this.#drop?.(new Error(`no PONG to ${NATS_PINGS_OUT} PINGs`));
     this.#pingsOut++;
-    this.#write(new TextEncoder().encode("PING\r\n"));
-    this.#pongs.push(this.#alive);
+    this.flush(this.#alive);
   };
 
   /**
@@ -4559,6 +4558,12 @@ export class NatsLink {
     return took;
   }
 
+  /** A protocol line; true when the socket took all of it. */
+  #send(line: string): boolean {
+    const bytes = new TextEncoder().encode(line);
+    return this.#write(bytes) === bytes.length;
+  }
+
   #flush(): void {
     const socket = this.#socket;
     while (socket !== undefined && this.#pending.length) {
@@ -4575,18 +4580,18 @@ export class NatsLink {
   subscribe(subject: string): number {
     const sid = ++this.#nextSid;
     this.#subjects.set(sid, subject);
-    if (this.up) this.#write(new TextEncoder().encode(`SUB ${subject} ${sid}\r\n`));
+    if (this.up) this.#send(`SUB ${subject} ${sid}\r\n`);
     return sid;
   }
 
   unsubscribe(sid: number): void {
-    if (this.#subjects.delete(sid) && this.up) this.#write(new TextEncoder().encode(`UNSUB ${sid}\r\n`));
+    if (this.#subjects.delete(sid) && this.up) this.#send(`UNSUB ${sid}\r\n`);
   }
 
   /** Calls `done` once the server has handled everything written before (a PING's PONG). */
   flush(done: () => void): void {
     if (!this.up) return;
-    this.#write(new TextEncoder().encode("PING\r\n"));
+    this.#send("PING\r\n");
     this.#pongs.push(done);
   }
 
