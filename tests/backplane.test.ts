@@ -405,7 +405,9 @@ describe("TLS, a token and a small max_payload on the NATS server", () => {
     await using nats = await startNats(undefined, `${dir.path}/nats.conf`);
     const tls = (args: string[]) => [...hubArgs(`tls://127.0.0.1:${nats.port}`), ...args];
     await using hub1 = await spawnRelay(tls(["--backplane-ca", ca, "--backplane-token", natsToken]));
-    await using hub2 = await spawnRelay(tls(["--backplane-ca", ca, "--backplane-token", natsToken]));
+    // Hub 2 has its backplane from a config file: the same keys as the options.
+    await Bun.write(`${dir.path}/hub2.json`, JSON.stringify({ backplane: [`tls://127.0.0.1:${nats.port}`], backplaneCa: ca, backplaneToken: natsToken }));
+    await using hub2 = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN, "--loop-probe", "0", "--config", `${dir.path}/hub2.json`]);
     await using wrongToken = await spawnRelay(tls(["--backplane-ca", ca, "--backplane-token", "not-the-token"]));
     // nats:// to a server that requires TLS: upgraded all the same, and checked against the system's CAs.
     await using untrusted = await spawnRelay([...hubArgs(nats.url), "--backplane-token", natsToken]);
