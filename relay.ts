@@ -349,8 +349,8 @@ const Secret = v.pipe(
 
 const Seconds = v.pipe(v.number("expected a number of seconds"), v.minValue(0.01, "must be positive"), v.maxValue(86_400, "must be at most a day"));
 
-/** A whole number in a range, e.g. `count("bytes", 1, 10)`. */
-function count(what: string, min: number, max: number) {
+/** A whole number in a range, e.g. `wholeNumber("bytes", 1, 10)`. */
+function wholeNumber(what: string, min: number, max: number) {
   return v.pipe(
     v.number(`expected a number of ${what}`),
     v.integer("expected a whole number"),
@@ -968,7 +968,7 @@ export const OPTIONS = {
   },
   macAgeing: { arg: "SECONDS", numeric: true, group: "switch", schema: v.optional(Seconds, 300), help: "forget a MAC not seen for this long" },
   queueBytes: {
-    arg: "BYTES", numeric: true, group: "switch", schema: v.optional(count("bytes", MAX_FRAME + 4, MAX_QUEUE_BYTES), 4 * 1024 * 1024),
+    arg: "BYTES", numeric: true, group: "switch", schema: v.optional(wholeNumber("bytes", MAX_FRAME + 4, MAX_QUEUE_BYTES), 4 * 1024 * 1024),
     help: "send queue bound per port; beyond it frames are dropped",
   },
   flowControl: {
@@ -976,37 +976,37 @@ export const OPTIONS = {
     help: "when a VM's or tunnel's unicast frames go to a port whose queue is\nhalf full, stop reading it until that queue drains, like 802.3x\nPAUSE (floods never pause; off: the excess is dropped)",
   },
   portMacs: {
-    arg: "N", numeric: true, group: "switch", schema: v.optional(count("MACs", 1, MAX_MACS_PER_NETWORK), DEFAULT_PORT_MACS),
+    arg: "N", numeric: true, group: "switch", schema: v.optional(wholeNumber("MACs", 1, MAX_MACS_PER_NETWORK), DEFAULT_PORT_MACS),
     help: "MACs learned behind one VM port; frames from further source MACs\nare dropped (a tunnel may fill the network's table)",
   },
   stormLimit: {
-    arg: "FRAMES", numeric: true, group: "switch", schema: v.optional(count("frames per second", 0, 10_000_000), DEFAULT_STORM_LIMIT),
+    arg: "FRAMES", numeric: true, group: "switch", schema: v.optional(wholeNumber("frames per second", 0, 10_000_000), DEFAULT_STORM_LIMIT),
     help: "broadcast and multicast frames per second one port may send into\nthe switch; the excess is dropped (0: no limit)",
   },
   loopProbe: {
     arg: "SECONDS", numeric: true, group: "switch", schema: v.optional(v.pipe(v.number("expected a number of seconds"), v.minValue(0, "must not be negative"), v.maxValue(3600, "must be at most an hour")), 2),
     help: "send a loop probe (EtherType 0x9000) out of each port this often;\na port it comes back on is blocked for a minute (0: off)",
   },
-  maxNetworks: { arg: "N", numeric: true, group: "limits", schema: v.optional(count("networks", 1, 1_000_000), 1024), help: "networks on this relay" },
-  maxTunnels: { arg: "N", numeric: true, group: "limits", schema: v.optional(count("tunnels", 1, 1_000_000), 4096), help: "tunnels connected to this relay" },
+  maxNetworks: { arg: "N", numeric: true, group: "limits", schema: v.optional(wholeNumber("networks", 1, 1_000_000), 1024), help: "networks on this relay" },
+  maxTunnels: { arg: "N", numeric: true, group: "limits", schema: v.optional(wholeNumber("tunnels", 1, 1_000_000), 4096), help: "tunnels connected to this relay" },
   maxTunnelsPerAddress: {
-    arg: "N", numeric: true, group: "limits", schema: v.optional(count("tunnels", 1, 1_000_000), 64),
+    arg: "N", numeric: true, group: "limits", schema: v.optional(wholeNumber("tunnels", 1, 1_000_000), 64),
     help: "tunnels from one source address",
   },
   maxConnections: {
-    arg: "N", numeric: true, group: "limits", schema: v.optional(count("connections", 1, 1_000_000), 4096),
+    arg: "N", numeric: true, group: "limits", schema: v.optional(wholeNumber("connections", 1, 1_000_000), 4096),
     help: "QEMU stream connections; further ones are closed at once",
   },
   udpPeers: {
-    arg: "N", numeric: true, group: "limits", schema: v.optional(count("peers", 1, 65_536), 64),
+    arg: "N", numeric: true, group: "limits", schema: v.optional(wholeNumber("peers", 1, 65_536), 64),
     help: "peers one --qemu-udp socket learns (the least recent goes)",
   },
   memoryBudget: {
-    arg: "BYTES", numeric: true, group: "limits", schema: v.optional(count("bytes", 1024 * 1024, 2 ** 40), 256 * 1024 * 1024),
+    arg: "BYTES", numeric: true, group: "limits", schema: v.optional(wholeNumber("bytes", 1024 * 1024, 2 ** 40), 256 * 1024 * 1024),
     help: "bytes queued across all ports; beyond it frames drop",
   },
   maxCaptures: {
-    arg: "N", numeric: true, group: "capture", schema: v.optional(count("captures", 1, 1_000), 4),
+    arg: "N", numeric: true, group: "capture", schema: v.optional(wholeNumber("captures", 1, 1_000), 4),
     help: "live captures (GET /capture) at once; more get 429",
   },
   captureFile: {
@@ -1017,7 +1017,7 @@ export const OPTIONS = {
     arg: "SIZE", group: "capture", schema: v.optional(ByteSize, "100MB"),
     help: "start a new capture file past this size (B, KB, MB, GB)",
   },
-  captureKeep: { arg: "N", numeric: true, group: "capture", schema: v.optional(count("files", 1, 1_000), 5), help: "capture files kept: PATH, PATH.1, …" },
+  captureKeep: { arg: "N", numeric: true, group: "capture", schema: v.optional(wholeNumber("files", 1, 1_000), 5), help: "capture files kept: PATH, PATH.1, …" },
   impair: {
     arg: "TARGET=SPEC", multiple: true, group: "capture", schema: list(ImpairOption, "TARGET=SPEC"),
     help: "impair a link in netem's words (repeatable): TARGET is uplink[:NET][:in|:out],\nNET (every port's way out) or a port id; e.g. uplink=\"delay 40ms 5ms loss 0.1%\"",
@@ -1221,6 +1221,44 @@ export class Backoff {
   /** A failure that retrying soon cannot mend (a wrong token): the longest wait from now on. */
   exhaust(): void {
     this.#failures = Math.ceil(Math.log2(this.maxMs / this.minMs));
+  }
+}
+
+/**
+ * The redial skeleton every dialer shares (the uplink, --qemu-connect, the backplane's NATS link):
+ * a dial, then after each failure or loss a wait drawn from its Backoff and the next dial, until
+ * stopped. Its change log writes a line once per change, not once per try.
+ */
+export class Redialer {
+  readonly #changes = new ChangeLog();
+  #timer: ReturnType<typeof setTimeout> | undefined;
+  #stopped = false;
+
+  constructor(
+    readonly backoff: Backoff,
+    private readonly dial: () => void,
+  ) {}
+
+  get stopped(): boolean {
+    return this.#stopped;
+  }
+
+  /** Dials again after the backoff; the wait in ms, or undefined once stopped. */
+  retry(): number | undefined {
+    if (this.#stopped) return undefined;
+    const delay = this.backoff.next();
+    this.#timer = setTimeout(this.dial, delay);
+    return delay;
+  }
+
+  /** Logs `line` unless it repeats the last one. */
+  log(write: (line: string) => void, line: string): void {
+    this.#changes.log(write, line);
+  }
+
+  stop(): void {
+    this.#stopped = true;
+    clearTimeout(this.#timer);
   }
 }
 
@@ -2262,8 +2300,8 @@ export class Capture {
     readonly network: Network,
     readonly filter: CaptureFilter,
     readonly sink: CaptureSink,
-    /** Called once when `count` frames were captured; `beforeTap` before each frame is looked at. */
-    readonly limit: { count: number; done(): void; beforeTap?(): void },
+    /** Called once when `frames` frames were captured (0: no limit); `beforeTap` before each frame is looked at. */
+    readonly limit: { frames: number; done(): void; beforeTap?(): void },
   ) {}
 
   /** Starts a new section (a new file): the interfaces are described again as they appear. */
@@ -2275,7 +2313,7 @@ export class Capture {
   /** Called by the switch for each frame a port took in (inbound) or was handed (outbound). */
   tap(frame: Uint8Array, port: Port, inbound: boolean): void {
     // Frames of the same turn may come after the count was reached, before the capture ends.
-    if (this.limit.count > 0 && this.frames >= this.limit.count) return;
+    if (this.limit.frames > 0 && this.frames >= this.limit.frames) return;
     this.limit.beforeTap?.();
     const f = this.filter;
     if (f.port !== undefined && port.id !== f.port) return;
@@ -2291,7 +2329,7 @@ export class Capture {
       this.drops++;
       return;
     }
-    if (++this.frames === this.limit.count) this.limit.done();
+    if (++this.frames === this.limit.frames) this.limit.done();
   }
 }
 
@@ -2315,7 +2353,7 @@ export class CaptureFile {
   ) {
     this.#writer = Bun.file(path).writer();
     this.#capture = new Capture(network, { snaplen: CAPTURE_SNAPLEN }, this.#write, {
-      count: 0,
+      frames: 0,
       done() {},
       // A file past `rotate` is closed before the next frame, which starts the next file with its own header.
       beforeTap: () => {
@@ -3400,6 +3438,9 @@ export interface TunnelData {
   helloTimer?: ReturnType<typeof setTimeout>;
 }
 
+/** The network a peer (a tunnel's offer, a v86 client) asked for, made if need be; or why there is none. */
+export type PeerNetwork = Network | { refused: string };
+
 export interface TunnelServerOptions {
   identity: RelayIdentity;
   /** Send-queue bound of each tunnel. */
@@ -3409,8 +3450,7 @@ export interface TunnelServerOptions {
   maxTunnelsPerAddress: number;
   counters: RelayCounters;
   log: Logger;
-  /** The network of that name, created if need be; a string says why it cannot be. */
-  network(name: string): Network | string;
+  networkForPeer(name: string): PeerNetwork;
 }
 
 /** The hub side of tunnels: admission before the upgrade, the hello, and the WebSocket handlers. */
@@ -3492,8 +3532,8 @@ export class TunnelServer {
     }
     for (const port of link.ports) if (port?.network?.name === name) return "attached on this tunnel already";
     if (link.attached >= MAX_TUNNEL_NETWORKS) return `a tunnel carries at most ${MAX_TUNNEL_NETWORKS} networks`;
-    const network = o.network(name);
-    if (typeof network === "string") return network;
+    const network = o.networkForPeer(name);
+    if (!(network instanceof Network)) return network.refused;
     for (const port of network.ports) {
       if (link.remoteId !== undefined && port.remoteId === link.remoteId) {
         o.counters.loopRefusals++;
@@ -3712,12 +3752,9 @@ export class Uplink {
   #offered = new Map<string, number>();
   /** Networks the hub refused on the current tunnel: not offered again until the next dial. */
   #declined = new Set<string>();
-  readonly #backoff = new Backoff(UPLINK_BACKOFF_MIN_MS, UPLINK_BACKOFF_MAX_MS);
-  #timer: ReturnType<typeof setTimeout> | undefined;
+  readonly #redial = new Redialer(new Backoff(UPLINK_BACKOFF_MIN_MS, UPLINK_BACKOFF_MAX_MS), () => this.#dial());
   #deadline: ReturnType<typeof setTimeout> | undefined;
   #keepalive: ReturnType<typeof setInterval> | undefined;
-  #stopped = false;
-  readonly #changes = new ChangeLog();
   #tooMany = false;
 
   constructor(
@@ -3764,7 +3801,7 @@ export class Uplink {
   }
 
   #dial(): void {
-    if (this.#stopped) return;
+    if (this.#redial.stopped) return;
     this.status.attempts++;
     this.status.nextDial = undefined;
     setLinkState(this.status, "connecting");
@@ -3813,7 +3850,7 @@ export class Uplink {
     // One that cannot succeed by retrying soon (a wrong token) backs off to the longest wait at once.
     ws.onclose = (event) => {
       const explained = failure === undefined ? undefined : explainDialFailure(failure, { ca: this.options.ca?.path, pinRefused });
-      if (explained?.final) this.#backoff.exhaust();
+      if (explained?.final) this.#redial.backoff.exhaust();
       const why = explained ? `${explained.why}${proxy ? ` (through the proxy ${proxy.shown})` : ""}` : `closed (${event.code}${event.reason ? ` ${event.reason}` : ""})`;
       this.#lost(ws, link, why);
     };
@@ -3846,12 +3883,12 @@ export class Uplink {
     const shown = refused.map((r) => `${r.network} (${r.reason})`).join(", ");
     if (welcome) {
       clearTimeout(this.#deadline);
-      this.#backoff.reset();
+      this.#redial.backoff.reset();
       this.status.connects++;
       this.status.hub = link.remoteName ?? link.remoteId;
       setLinkState(this.status, "up");
       const hub = link.remoteName ? ` (hub ${link.remoteName})` : "";
-      this.#changes.log(this.log.info, `uplink: connected to ${this.status.url}${hub} (networks: ${accepted.join(", ") || "none"}${shown ? `; refused by the hub: ${shown}` : ""})`);
+      this.#redial.log(this.log.info, `uplink: connected to ${this.status.url}${hub} (networks: ${accepted.join(", ") || "none"}${shown ? `; refused by the hub: ${shown}` : ""})`);
       if (this.options.insecure && this.url.protocol === "wss:") {
         this.log.warn(`uplink: --insecure: the certificate of ${this.status.url} was NOT verified`);
       }
@@ -3892,12 +3929,11 @@ export class Uplink {
     this.#link = undefined;
     this.#offered.clear();
     this.status.networks = [];
-    if (this.#stopped) return;
+    if (this.#redial.stopped) return;
     setLinkState(this.status, "down", why);
-    const delay = this.#backoff.next();
+    const delay = this.#redial.retry()!;
     this.status.nextDial = new Date(Date.now() + delay).toISOString();
-    this.#changes.log(this.log.warn, `uplink: ${this.status.url}: ${why}; retrying with backoff`);
-    this.#timer = setTimeout(() => this.#dial(), delay);
+    this.#redial.log(this.log.warn, `uplink: ${this.status.url}: ${why}; retrying with backoff`);
   }
 
   /** Pings the hub; one that has not been heard from for three intervals is closed and redialled. */
@@ -3914,8 +3950,7 @@ export class Uplink {
   }
 
   stop(): void {
-    this.#stopped = true;
-    clearTimeout(this.#timer);
+    this.#redial.stop();
     clearTimeout(this.#deadline);
     clearInterval(this.#keepalive);
     this.#link?.detachAll();
@@ -4060,7 +4095,7 @@ export interface V86ServerOptions {
   maxPerAddress: number;
   counters: RelayCounters;
   log: Logger;
-  network(name: string): Network | string;
+  networkForPeer(name: string): PeerNetwork;
 }
 
 /** v86 ports: admission before the upgrade (origin, limits) and the WebSocket handlers. */
@@ -4085,9 +4120,9 @@ export class V86Server {
     open: (ws: ServerWebSocket<V86Data>) => {
       const o = this.options;
       this.admission.opened(ws.data.address);
-      const network = o.network(ws.data.network);
-      if (typeof network === "string") {
-        this.#warn(`v86 ${ws.data.peer}: ${network}; closing`);
+      const network = o.networkForPeer(ws.data.network);
+      if (!(network instanceof Network)) {
+        this.#warn(`v86 ${ws.data.peer}: ${network.refused}; closing`);
         return ws.close(1013, "network limit");
       }
       const socket: V86Socket = { send: (f) => ws.send(f), buffered: () => ws.getBufferedAmount(), close: (c, r) => ws.close(c, r) };
@@ -4356,7 +4391,7 @@ export class NatsLink {
   readonly #subjects = new Map<number, string>();
   #nextSid = 0;
   #nextServer = 0;
-  readonly #backoff = new Backoff(BACKPLANE_BACKOFF_MIN_MS, BACKPLANE_BACKOFF_MAX_MS);
+  readonly #redial = new Redialer(new Backoff(BACKPLANE_BACKOFF_MIN_MS, BACKPLANE_BACKOFF_MAX_MS), () => void this.#dial());
   #socket: Socket<undefined> | undefined;
   #pending: Uint8Array[] = [];
   #pongs: (() => void)[] = [];
@@ -4366,8 +4401,6 @@ export class NatsLink {
   /** Ends the current connection (the keepalive and a stuck socket use it). */
   #drop: ((error: Error) => void) | undefined;
   #keepalive: ReturnType<typeof setInterval> | undefined;
-  #timer: ReturnType<typeof setTimeout> | undefined;
-  #stopped = false;
 
   constructor(
     private readonly options: NatsLinkOptions,
@@ -4388,9 +4421,9 @@ export class NatsLink {
     try {
       await this.#connect(server);
     } catch (error) {
-      if (this.#stopped) return;
+      if (this.#redial.stopped) return;
       this.events.down(describeError(`cannot connect to ${server}`, error));
-      this.#timer = setTimeout(() => void this.#dial(), this.#backoff.next());
+      this.#redial.retry();
     }
   }
 
@@ -4498,7 +4531,7 @@ export class NatsLink {
       // Once upgraded, the plain socket carries TLS records: only the TLS socket's events count.
       const plain = {
         open: (socket: Socket<undefined>) => {
-          if (phase === "closed" || this.#stopped) socket.terminate();
+          if (phase === "closed" || this.#redial.stopped) socket.terminate();
           else this.#socket = socket;
         },
         data: (socket: Socket<undefined>, chunk: Uint8Array) => upgraded || handlers.data(socket, chunk),
@@ -4515,9 +4548,9 @@ export class NatsLink {
     const server = this.server;
     if (server === undefined) return;
     this.#close();
-    if (this.#stopped) return;
+    if (this.#redial.stopped) return;
     this.events.down(`lost ${server}: ${reason}`);
-    this.#timer = setTimeout(() => void this.#dial(), this.#backoff.next());
+    this.#redial.retry();
   }
 
   #close(): void {
@@ -4543,7 +4576,7 @@ export class NatsLink {
    * A keepalive answered: the connection has lasted, so the next loss starts the backoff afresh. (Not
    * at the handshake: a server that drops every connection right after it would be redialled flat out.)
    */
-  readonly #alive = (): void => this.#backoff.reset();
+  readonly #alive = (): void => this.#redial.backoff.reset();
 
   /** Writes in order after what the socket has not taken yet; returns the bytes it took now. */
   #write(bytes: Uint8Array): number {
@@ -4606,8 +4639,7 @@ export class NatsLink {
   }
 
   stop(): void {
-    this.#stopped = true;
-    clearTimeout(this.#timer);
+    this.#redial.stop();
     this.#close();
   }
 }
@@ -5060,7 +5092,7 @@ export class StreamPort extends Port {
     }
     const held = this.#held;
     this.#held = EMPTY;
-    if (held.length > 0) this.data(held);
+    if (held.length > 0) this.decode(held);
     if (this.waitingFor === undefined) this.socket.resume();
     return true;
   }
@@ -5072,7 +5104,7 @@ export class StreamPort extends Port {
   };
 
   /** Decodes a chunk; an oversize length closes this connection only, counted and logged once. */
-  data(chunk: Uint8Array): void {
+  decode(chunk: Uint8Array): void {
     if (this.state === "closed") return;
     // Read while paused (already in flight): kept behind what is held, in order.
     if (this.#held.length > 0) {
@@ -5126,7 +5158,7 @@ function streamHandlers(ctx: StreamContext) {
       ctx.network.attach(port);
     },
     data(socket: Socket<StreamPort>, chunk: Uint8Array) {
-      socket.data.data(chunk);
+      socket.data.decode(chunk);
     },
     drain(socket: Socket<StreamPort>) {
       socket.data.writer.drain();
@@ -5175,52 +5207,59 @@ export interface DialStatus {
 }
 
 /** Dials a listening QEMU until it answers, and again (with backoff) whenever it goes away. */
-export function dialStream(address: SocketAddress, ctx: StreamContext): { status: DialStatus; stop(): void } {
-  const target = formatAddress(address);
-  const status: DialStatus = { network: ctx.network.name, target, state: "connecting", since: new Date().toISOString(), attempts: 0, lastError: undefined };
-  const backoff = new Backoff(DIAL_BACKOFF_MIN_MS, DIAL_BACKOFF_MAX_MS);
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  let socket: Socket<StreamPort> | undefined;
-  let stopped = false;
-  const changes = new ChangeLog();
-  const retry = () => {
-    socket = undefined;
-    if (stopped) return;
-    if (status.state === "up") changes.log(ctx.log.info, `qemu-connect ${ctx.network.name}: disconnected from ${target}; redialling`);
-    setLinkState(status, "connecting");
-    timer = setTimeout(dial, backoff.next());
-  };
-  const handlers = streamHandlers({ ...ctx, unixPeer: target, onClose: retry });
-  const open = handlers.open;
-  handlers.open = (s) => {
-    open(s);
-    backoff.reset();
-    setLinkState(status, "up");
-    changes.log(ctx.log.info, `qemu-connect ${ctx.network.name}: connected to ${target}`);
-  };
-  async function dial() {
-    status.attempts++;
+export class QemuDialer {
+  readonly status: DialStatus;
+  readonly target: string;
+  readonly #redial = new Redialer(new Backoff(DIAL_BACKOFF_MIN_MS, DIAL_BACKOFF_MAX_MS), () => void this.#dial());
+  readonly #handlers: ReturnType<typeof streamHandlers>;
+  #socket: Socket<StreamPort> | undefined;
+
+  constructor(
+    readonly address: SocketAddress,
+    private readonly ctx: StreamContext,
+  ) {
+    this.target = formatAddress(address);
+    this.status = { network: ctx.network.name, target: this.target, state: "connecting", since: new Date().toISOString(), attempts: 0, lastError: undefined };
+    const handlers = streamHandlers({ ...ctx, unixPeer: this.target, onClose: () => this.#retry() });
+    const open = handlers.open;
+    handlers.open = (socket) => {
+      open(socket);
+      this.#redial.backoff.reset();
+      setLinkState(this.status, "up");
+      this.#redial.log(ctx.log.info, `qemu-connect ${ctx.network.name}: connected to ${this.target}`);
+    };
+    this.#handlers = handlers;
+    void this.#dial();
+  }
+
+  async #dial(): Promise<void> {
+    const { address, ctx } = this;
+    this.status.attempts++;
     try {
-      socket =
+      this.#socket =
         "path" in address
-          ? await Bun.connect<StreamPort>({ unix: bunUnixPath(address.path), socket: handlers })
-          : await Bun.connect<StreamPort>({ hostname: address.host, port: address.port, socket: handlers });
-      if (stopped) socket.end();
+          ? await Bun.connect<StreamPort>({ unix: bunUnixPath(address.path), socket: this.#handlers })
+          : await Bun.connect<StreamPort>({ hostname: address.host, port: address.port, socket: this.#handlers });
+      if (this.#redial.stopped) this.#socket.end();
     } catch (error) {
-      status.lastError = describeError("cannot connect", error);
-      changes.log(ctx.log.info, `qemu-connect ${ctx.network.name}: ${status.lastError.replace("cannot connect", `cannot connect to ${target}`)}; retrying with backoff`);
-      retry();
+      this.status.lastError = describeError("cannot connect", error);
+      this.#redial.log(ctx.log.info, `qemu-connect ${ctx.network.name}: ${this.status.lastError.replace("cannot connect", `cannot connect to ${this.target}`)}; retrying with backoff`);
+      this.#retry();
     }
   }
-  void dial();
-  return {
-    status,
-    stop() {
-      stopped = true;
-      clearTimeout(timer);
-      socket?.end();
-    },
-  };
+
+  #retry(): void {
+    this.#socket = undefined;
+    if (this.#redial.stopped) return;
+    if (this.status.state === "up") this.#redial.log(this.ctx.log.info, `qemu-connect ${this.ctx.network.name}: disconnected from ${this.target}; redialling`);
+    setLinkState(this.status, "connecting");
+    this.#redial.retry();
+  }
+
+  stop(): void {
+    this.#redial.stop();
+    this.#socket?.end();
+  }
 }
 
 /** What a datagram port needs from its socket: one frame to one address, and nothing kept. */
@@ -5592,149 +5631,190 @@ export interface DatagramStatus {
   };
 }
 
+/** What a --qemu-udp socket needs of the relay. */
+interface DatagramContext {
+  network: Network;
+  log: Logger;
+  ageingMs: number;
+  maxPeers: number;
+  countError: () => void;
+}
+
 /**
  * A datagram socket for QEMU dgram/udp netdevs: every distinct source address is its own port, or,
  * with a fixed remote, that remote is the only port and other sources are dropped and counted.
  */
-export async function bindDatagram(
-  address: SocketAddress,
-  remote: SocketAddress | undefined,
-  ctx: { network: Network; log: Logger; ageingMs: number; maxPeers: number; countError: () => void },
-): Promise<{ socket: DatagramSocket; sweep(): void; close(): void | Promise<void>; status(): DatagramStatus }> {
-  let where = `qemu-udp ${ctx.network.name} ${formatAddress(address)}`;
-  let oversized = 0;
-  const peers = new Map<string, DatagramPort>();
-  const peerAgeingMs = Math.min(ctx.ageingMs, UDP_PEER_AGEING_MS);
-  let socket: DatagramSocket;
-  let fixed: DatagramPort | undefined;
-  let fixedKey: string | undefined;
-  const status: DatagramStatus = {
-    network: ctx.network.name,
-    address: formatAddress(address),
-    remote: remote && formatAddress(remote),
-    peers: 0,
-    evicted: 0,
-    receiveBuffer: 0,
-    drops: { foreign: 0, runts: 0, throttled: 0, overruns: 0, kernel: 0 },
-  };
-  const { drops } = status;
-  const limited = () => rateLimitedLog(ctx.log.warn, 1, 60_000);
-  const logs = { foreign: limited(), runts: limited(), throttled: limited(), evicted: limited(), overruns: limited() };
+export class DatagramBinding {
+  /** Peers by key, from least to most recently heard. */
+  readonly #peers = new Map<string, DatagramPort>();
+  readonly #status: DatagramStatus;
+  readonly #peerAgeingMs: number;
+  readonly #logs: Record<"foreign" | "runts" | "throttled" | "evicted" | "overruns", { log(line: string): void }>;
+  #where: string;
+  #oversized = 0;
+  #socket!: DatagramSocket;
+  #fixed: DatagramPort | undefined;
+  #fixedKey: string | undefined;
+  /** New peers learned in the current second. */
+  #windowStart = 0;
+  #learnedInWindow = 0;
+
+  /** Binds `address`; throws a one-line error naming it when it cannot. */
+  static async bind(address: SocketAddress, remote: SocketAddress | undefined, ctx: DatagramContext): Promise<DatagramBinding> {
+    const binding = new DatagramBinding(address, remote, ctx);
+    await binding.#open(address, remote);
+    return binding;
+  }
+
+  private constructor(
+    address: SocketAddress,
+    remote: SocketAddress | undefined,
+    private readonly ctx: DatagramContext,
+  ) {
+    this.#where = `qemu-udp ${ctx.network.name} ${formatAddress(address)}`;
+    this.#peerAgeingMs = Math.min(ctx.ageingMs, UDP_PEER_AGEING_MS);
+    this.#status = {
+      network: ctx.network.name,
+      address: formatAddress(address),
+      remote: remote && formatAddress(remote),
+      peers: 0,
+      evicted: 0,
+      receiveBuffer: 0,
+      drops: { foreign: 0, runts: 0, throttled: 0, overruns: 0, kernel: 0 },
+    };
+    const limited = () => rateLimitedLog(ctx.log.warn, 1, 60_000);
+    this.#logs = { foreign: limited(), runts: limited(), throttled: limited(), evicted: limited(), overruns: limited() };
+  }
+
+  get socket(): DatagramSocket {
+    return this.#socket;
+  }
+
+  async #open(address: SocketAddress, remote: SocketAddress | undefined): Promise<void> {
+    const { ctx } = this;
+    const receive = remote ? this.#onFixedDatagram : this.#onDatagram;
+    try {
+      this.#socket =
+        "path" in address
+          ? await openUnixDgram(address.path, receive, {
+              oversize: (bytes) => {
+                ctx.countError();
+                if (this.#oversized++ === 0) ctx.log.warn(`${this.#where}: dropped a ${bytes}-byte datagram (frames are at most ${MAX_FRAME} bytes); further ones are only counted`);
+              },
+              overrun: (total) => this.#logs.overruns.log(`${this.#where}: the relay fell behind and dropped datagrams (${total} so far); further ones are counted in /status`),
+              failed: (message) => ctx.log.warn(`${this.#where}: ${message}`),
+            })
+          : await openUdp(address, receive, this.#onError);
+    } catch (error) {
+      throw new Error(describeError(`Cannot listen on ${"path" in address ? "" : "udp "}${formatAddress(address)}`, error));
+    }
+    // Logs name the bound port, not the :0 asked for.
+    this.#where = `qemu-udp ${ctx.network.name} ${this.#socket.address}`;
+    this.#status.address = this.#socket.address;
+    if (remote) {
+      this.#fixed = new DatagramPort("qemu-udp", this.#socket, remote);
+      this.#fixedKey = this.#socket.keyOf(remote);
+      this.#peers.set(this.#fixedKey, this.#fixed);
+      ctx.network.attach(this.#fixed);
+    }
+  }
+
   /** With a fixed remote anyone else could inject frames into the segment, so only it is heard. */
-  const onFixedDatagram: OnDatagram = (data, key, from) => {
-    if (key === fixedKey) fixed!.receive(data);
+  readonly #onFixedDatagram: OnDatagram = (data, key, from) => {
+    if (key === this.#fixedKey) this.#fixed!.receive(data);
     else {
-      drops.foreign++;
-      logs.foreign.log(`${where}: dropped a datagram from ${formatAddress(from())}, not the fixed remote ${status.remote}; further ones are counted in /status`);
+      this.#status.drops.foreign++;
+      this.#logs.foreign.log(`${this.#where}: dropped a datagram from ${formatAddress(from())}, not the fixed remote ${this.#status.remote}; further ones are counted in /status`);
     }
   };
-  let windowStart = 0;
-  let learnedInWindow = 0;
+
+  readonly #onDatagram: OnDatagram = (data, key, from) => {
+    const peer = this.#peers.get(key);
+    if (peer === undefined) {
+      this.#learn(data, key, from);
+      return;
+    }
+    const now = this.ctx.network.now();
+    if (peer.lastHeard !== now) {
+      // Moved to the end at most once per clock tick: the map runs from least to most recently heard.
+      peer.lastHeard = now;
+      this.#peers.delete(key);
+      this.#peers.set(key, peer);
+    }
+    peer.receive(data);
+  };
+
   /**
    * A source that is not a peer yet becomes one only with a whole frame and within the new-peer
    * rate; a full table forgets its least recently heard peer, so a flood cannot lock a VM out.
    */
-  function learn(data: Uint8Array, key: string, from: () => SocketAddress): void {
+  #learn(data: Uint8Array, key: string, from: () => SocketAddress): void {
+    const { ctx } = this;
+    const drops = this.#status.drops;
     if (data.length < MIN_FRAME) {
       drops.runts++;
-      logs.runts.log(`${where}: dropped a ${data.length}-byte datagram from ${formatAddress(from())}, not a frame, from a source that is not a peer; further ones are counted in /status`);
+      this.#logs.runts.log(`${this.#where}: dropped a ${data.length}-byte datagram from ${formatAddress(from())}, not a frame, from a source that is not a peer; further ones are counted in /status`);
       return;
     }
     const now = ctx.network.now();
-    if (now - windowStart >= 1000) {
-      windowStart = now;
-      learnedInWindow = 0;
+    if (now - this.#windowStart >= 1000) {
+      this.#windowStart = now;
+      this.#learnedInWindow = 0;
     }
-    if (learnedInWindow >= NEW_UDP_PEERS_PER_SECOND) {
+    if (this.#learnedInWindow >= NEW_UDP_PEERS_PER_SECOND) {
       drops.throttled++;
-      logs.throttled.log(`${where}: more than ${NEW_UDP_PEERS_PER_SECOND} new peers in a second; dropping datagrams from new sources (first ${formatAddress(from())}); further ones are counted in /status`);
+      this.#logs.throttled.log(`${this.#where}: more than ${NEW_UDP_PEERS_PER_SECOND} new peers in a second; dropping datagrams from new sources (first ${formatAddress(from())}); further ones are counted in /status`);
       return;
     }
-    learnedInWindow++;
-    if (peers.size >= ctx.maxPeers) {
-      const [oldKey, oldest] = peers.entries().next().value!;
-      peers.delete(oldKey);
+    this.#learnedInWindow++;
+    if (this.#peers.size >= ctx.maxPeers) {
+      const [oldKey, oldest] = this.#peers.entries().next().value!;
+      this.#peers.delete(oldKey);
       ctx.network.detach(oldest, "evicted: --udp-peers full");
-      status.evicted++;
-      logs.evicted.log(`${where}: ${ctx.maxPeers} peers (--udp-peers); forgot ${oldest.peer}, the least recently heard; further ones are counted in /status`);
+      this.#status.evicted++;
+      this.#logs.evicted.log(`${this.#where}: ${ctx.maxPeers} peers (--udp-peers); forgot ${oldest.peer}, the least recently heard; further ones are counted in /status`);
     }
-    const peer = new DatagramPort("qemu-udp", socket, from());
+    const peer = new DatagramPort("qemu-udp", this.#socket, from());
     peer.lastHeard = now;
-    peers.set(key, peer);
+    this.#peers.set(key, peer);
     ctx.network.attach(peer);
     peer.receive(data);
   }
-  const onDatagram: OnDatagram = (data, key, from) => {
-    const peer = peers.get(key);
-    if (peer === undefined) {
-      learn(data, key, from);
-      return;
-    }
-    const now = ctx.network.now();
-    if (peer.lastHeard !== now) {
-      // Moved to the end at most once per clock tick: the map runs from least to most recently heard.
-      peer.lastHeard = now;
-      peers.delete(key);
-      peers.set(key, peer);
-    }
-    peer.receive(data);
-  };
-  const receive = remote ? onFixedDatagram : onDatagram;
-  const onError = (error: Error) => {
+
+  readonly #onError = (error: Error): void => {
     // ICMP port unreachable: the peer is not there (yet); QEMU dgram peers come and go.
     if ((error as { code?: string }).code !== "ECONNREFUSED") {
-      ctx.log.warn(describeError(where, error));
+      this.ctx.log.warn(describeError(this.#where, error));
     }
   };
-  try {
-    socket =
-      "path" in address
-        ? await openUnixDgram(address.path, receive, {
-            oversize(bytes) {
-              ctx.countError();
-              if (oversized++ === 0) ctx.log.warn(`${where}: dropped a ${bytes}-byte datagram (frames are at most ${MAX_FRAME} bytes); further ones are only counted`);
-            },
-            overrun: (total) => logs.overruns.log(`${where}: the relay fell behind and dropped datagrams (${total} so far); further ones are counted in /status`),
-            failed: (message) => ctx.log.warn(`${where}: ${message}`),
-          })
-        : await openUdp(address, receive, onError);
-  } catch (error) {
-    throw new Error(describeError(`Cannot listen on ${"path" in address ? "" : "udp "}${formatAddress(address)}`, error));
-  }
-  // Logs name the bound port, not the :0 asked for.
-  where = `qemu-udp ${ctx.network.name} ${socket.address}`;
-  status.address = socket.address;
-  if (remote) {
-    fixed = new DatagramPort("qemu-udp", socket, remote);
-    fixedKey = socket.keyOf(remote);
-    peers.set(fixedKey, fixed);
-    ctx.network.attach(fixed);
-  }
-  return {
-    socket,
-    /** Learned peers silent for their ageing time are forgotten; a fixed remote stays. */
-    sweep() {
-      const now = ctx.network.now();
-      for (const [key, peer] of peers) {
-        if (peer !== fixed && now - peer.lastHeard >= peerAgeingMs) {
-          peers.delete(key);
-          ctx.network.detach(peer, "aged out");
-        }
+
+  /** Learned peers silent for their ageing time are forgotten; a fixed remote stays. */
+  sweep(): void {
+    const now = this.ctx.network.now();
+    for (const [key, peer] of this.#peers) {
+      if (peer !== this.#fixed && now - peer.lastHeard >= this.#peerAgeingMs) {
+        this.#peers.delete(key);
+        this.ctx.network.detach(peer, "aged out");
       }
-    },
-    /** Every peer goes down (the relay is stopping), then the socket closes. */
-    close() {
-      for (const peer of peers.values()) ctx.network.detach(peer);
-      peers.clear();
-      return socket.close();
-    },
-    status: () => ({
-      ...status,
-      peers: peers.size,
+    }
+  }
+
+  /** Every peer goes down (the relay is stopping), then the socket closes. */
+  close(): void | Promise<void> {
+    for (const peer of this.#peers.values()) this.ctx.network.detach(peer);
+    this.#peers.clear();
+    return this.#socket.close();
+  }
+
+  status(): DatagramStatus {
+    const socket = this.#socket;
+    return {
+      ...this.#status,
+      peers: this.#peers.size,
       receiveBuffer: socket.receiveBuffer,
-      drops: { ...drops, overruns: socket.overruns(), kernel: socket.kernelDrops() },
-    }),
-  };
+      drops: { ...this.#status.drops, overruns: socket.overruns(), kernel: socket.kernelDrops() },
+    };
+  }
 }
 
 /**
@@ -6571,8 +6651,8 @@ async function smallBody(request: Request, limit: number): Promise<string | unde
 export interface CaptureRequest {
   network: string;
   filter: CaptureFilter;
-  /** Stop after this many frames, or this many seconds (0: no limit). */
-  count: number;
+  /** Stop after this many frames (the query's `count`), or this many seconds (0: no limit). */
+  frames: number;
   seconds: number;
 }
 
@@ -6587,9 +6667,9 @@ export function parseCaptureRequest(query: URLSearchParams): CaptureRequest | st
     return /^\d+$/.test(text) && n >= min && n <= max ? n : `capture: ${name} must be a whole number from ${min} to ${max}`;
   };
   const snaplen = whole("snaplen", 14, CAPTURE_SNAPLEN, CAPTURE_SNAPLEN);
-  const count = whole("count", 1, Number.MAX_SAFE_INTEGER, 0);
+  const frames = whole("count", 1, Number.MAX_SAFE_INTEGER, 0);
   const seconds = whole("seconds", 1, 86_400, 0);
-  for (const value of [snaplen, count, seconds]) if (typeof value === "string") return value;
+  for (const value of [snaplen, frames, seconds]) if (typeof value === "string") return value;
   const macText = query.get("mac");
   const mac = macText === null ? undefined : /^(?:[0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$/.test(macText) ? parseInt(macText.replaceAll(":", ""), 16) : NaN;
   if (Number.isNaN(mac)) return "capture: mac must look like 52:54:00:12:34:56";
@@ -6597,7 +6677,7 @@ export function parseCaptureRequest(query: URLSearchParams): CaptureRequest | st
   const etherType = typeText === null ? undefined : /^(?:0x[0-9a-fA-F]{1,4}|\d{1,5})$/.test(typeText) ? Number(typeText) : NaN;
   if (Number.isNaN(etherType) || (etherType ?? 0) > 0xffff) return "capture: ethertype must be a number like 0x0806";
   const port = query.get("port") ?? undefined;
-  return { network, filter: { port, mac, etherType, snaplen: snaplen as number }, count: count as number, seconds: seconds as number };
+  return { network, filter: { port, mac, etherType, snaplen: snaplen as number }, frames: frames as number, seconds: seconds as number };
 }
 
 /**
@@ -6647,7 +6727,7 @@ export class CaptureRegistry {
       controller.enqueue(block);
       return true;
     };
-    entry.capture = new Capture(network, request.filter, sink, { count: request.count, done: () => queueMicrotask(entry.stop) });
+    entry.capture = new Capture(network, request.filter, sink, { frames: request.frames, done: () => queueMicrotask(entry.stop) });
     entry.capture.restart();
     network.addCapture(entry.capture);
     this.#live.add(entry);
@@ -6756,13 +6836,13 @@ export function createApp(ctx: AppContext) {
     return bp && bp.state !== "up" ? c.text(`backplane ${bp.state}\n`, 503) : c.text("ok\n");
   });
   /** A query's number or `all`; anything else means the default (undefined). */
-  const count = (value: string | undefined) => (value === "all" ? Infinity : value !== undefined && /^\d+$/.test(value) ? Number(value) : undefined);
+  const queryLimit = (value: string | undefined) => (value === "all" ? Infinity : value !== undefined && /^\d+$/.test(value) ? Number(value) : undefined);
   app.get("/status", (c) => {
-    const q = (name: string) => count(c.req.query(name));
+    const q = (name: string) => queryLimit(c.req.query(name));
     return c.json(ctx.snapshot({ macs: q("macs"), networks: q("networks"), offset: q("offset"), ports: q("ports") }));
   });
   app.get("/metrics", (c) => {
-    const view: MetricsView = { ports: count(c.req.query("ports")) ?? METRICS_PORTS, networks: count(c.req.query("networks")) ?? METRICS_NETWORKS };
+    const view: MetricsView = { ports: queryLimit(c.req.query("ports")) ?? METRICS_PORTS, networks: queryLimit(c.req.query("networks")) ?? METRICS_NETWORKS };
     const text = renderMetrics(ctx.snapshot({ networks: 0 }), ctx.networks(), ctx.totals.collect(ctx.networks()), view);
     return c.text(text, 200, { "Content-Type": "text/plain; version=0.0.4" });
   });
@@ -6887,6 +6967,291 @@ function defaultName(): string {
 }
 
 /**
+ * The relay's networks by name. Local ports' networks are made at start and stay; a tunnel or a
+ * v86 port may bring one into being (up to --max-networks), and it goes again when the last port
+ * other than the uplink and the backplane leaves it: checked once per event-loop turn, and only
+ * for the networks that lost a port or were just made.
+ */
+export class NetworkRegistry {
+  readonly #networks = new Map<string, Network>();
+  /** Networks that local ports use: they stay when their ports go. */
+  readonly #configured = new Set<string>();
+  readonly #vacated = new Set<Network>();
+
+  constructor(
+    /** The switch settings of every network; its onDetach is the registry's. */
+    readonly policy: SwitchPolicy,
+    readonly maxNetworks: number,
+    /** Told of every network made and released (the backplane joins and leaves, the uplink resyncs). */
+    private readonly events: { made?(network: Network): void; released?(network: Network): void } = {},
+  ) {
+    policy.onDetach = (network) => this.#vacate(network);
+  }
+
+  get size(): number {
+    return this.#networks.size;
+  }
+
+  get(name: string): Network | undefined {
+    return this.#networks.get(name);
+  }
+
+  values(): IterableIterator<Network> {
+    return this.#networks.values();
+  }
+
+  /** Every port of every network. */
+  *ports(): Generator<Port> {
+    for (const network of this.#networks.values()) yield* network.ports;
+  }
+
+  /** The network of that name, made if there is none yet: for local ports, whatever the limit. */
+  getOrCreate(name: string): Network {
+    let network = this.#networks.get(name);
+    if (network === undefined) {
+      this.#networks.set(name, (network = new Network(name, this.policy)));
+      this.events.made?.(network);
+    }
+    return network;
+  }
+
+  /**
+   * The network a peer asks for, made if need be within --max-networks. One made for an offer that
+   * is then refused (a loop) goes again like one a port left.
+   */
+  forPeer(name: string): PeerNetwork {
+    if (this.#networks.has(name)) return this.getOrCreate(name);
+    if (this.#networks.size >= this.maxNetworks) return { refused: `this relay has the maximum of ${this.maxNetworks} networks` };
+    const made = this.getOrCreate(name);
+    this.#vacate(made);
+    return made;
+  }
+
+  /** The networks made so far are the local ports' own: they stay when their ports go. */
+  keepAll(): void {
+    for (const name of this.#networks.keys()) this.#configured.add(name);
+  }
+
+  #vacate(network: Network): void {
+    if (this.#vacated.size === 0) setImmediate(this.#release);
+    this.#vacated.add(network);
+  }
+
+  readonly #release = (): void => {
+    for (const n of this.#vacated) {
+      if (this.#configured.has(n.name) || this.#networks.get(n.name) !== n || this.policy.stopping) continue;
+      let used = false;
+      for (const port of n.ports) if (port.kind !== "uplink" && port.kind !== "backplane" && (used = true)) break;
+      if (!used) {
+        this.#networks.delete(n.name);
+        this.events.released?.(n);
+      }
+    }
+    this.#vacated.clear();
+  };
+}
+
+/** What a running relay stops, last started first (all at once); a failed start stops what it started. */
+class Stoppers {
+  readonly #all: (() => void | Promise<void>)[] = [];
+
+  add(stop: () => void | Promise<void>): void {
+    this.#all.push(stop);
+  }
+
+  async stopAll(): Promise<void> {
+    await Promise.all(this.#all.splice(0).reverse().map((stop) => stop()));
+  }
+}
+
+/** The relay's QEMU ports once bound: what they bound, and what status and the sweep timer read. */
+interface QemuPorts {
+  bound: BoundAddress[];
+  datagrams: DatagramBinding[];
+  dialers: QemuDialer[];
+}
+
+/** What binding QEMU ports needs besides the config: where ports log, what they share, and the counters. */
+interface QemuPortsContext {
+  log: Logger;
+  budget: MemoryBudget;
+  counters: RelayCounters;
+  countError: () => void;
+  stoppers: Stoppers;
+}
+
+/**
+ * Binds every --qemu-listen, --qemu-udp and --qemu-mcast and starts every --qemu-connect dialer,
+ * each on its network (made here); throws at the first that cannot be bound, its stopper added.
+ */
+export async function bindQemuPorts(config: Config, registry: NetworkRegistry, ctx: QemuPortsContext): Promise<QemuPorts> {
+  const { log, budget, countError, stoppers } = ctx;
+  const ports: QemuPorts = { bound: [], datagrams: [], dialers: [] };
+  // Before the first accept: the limit decides how many QEMU connections fit.
+  const fdLimit = raiseFdLimit();
+  const cap = config.qemuListen.length > 0 ? connectionCap(config.maxConnections, fdLimit, log, () => void ctx.counters.connectionsRefused++) : undefined;
+  for (const spec of config.qemuListen) {
+    const listener = await listenStream(spec.address, { network: registry.getOrCreate(spec.network), log, countError, limit: config.queueBytes, budget, kind: "qemu-listen", cap });
+    stoppers.add(listener.stop);
+    ports.bound.push({ what: "qemu-listen", network: spec.network, address: listener.address });
+  }
+  for (const spec of config.qemuUdp) {
+    const ageingMs = config.macAgeing * 1000;
+    const dgram = await DatagramBinding.bind(spec.address, spec.remote, { network: registry.getOrCreate(spec.network), log, ageingMs, maxPeers: config.udpPeers, countError });
+    stoppers.add(() => dgram.close());
+    ports.datagrams.push(dgram);
+    ports.bound.push({ what: "qemu-udp", network: spec.network, address: dgram.socket.address });
+  }
+  for (const spec of config.qemuMcast) {
+    const mcast = await joinMulticast(spec.group, spec.localAddress, { network: registry.getOrCreate(spec.network), log });
+    stoppers.add(mcast.close);
+    ports.bound.push({ what: "qemu-mcast", network: spec.network, address: mcast.address });
+  }
+  for (const spec of config.qemuConnect) {
+    const dialer = new QemuDialer(spec.address, { network: registry.getOrCreate(spec.network), log, countError, limit: config.queueBytes, budget, kind: "qemu-connect" });
+    ports.dialers.push(dialer);
+    stoppers.add(() => dialer.stop());
+  }
+  return ports;
+}
+
+/** Everything /status reads, gathered once at start. */
+interface SnapshotSources {
+  config: Config;
+  identity: RelayIdentity;
+  startedAt: number;
+  registry: NetworkRegistry;
+  counters: RelayCounters;
+  budget: MemoryBudget;
+  tunnels: TunnelServer;
+  impairments: ImpairmentTable;
+  captures: CaptureRegistry;
+  captureFiles: CaptureFile[];
+  qemu: QemuPorts;
+  backplane: Backplane | undefined;
+  uplink(): Uplink | undefined;
+}
+
+/** /status: the relay's state as `view` asks for it (the page of networks, ports and MACs listed). */
+function buildSnapshot(s: SnapshotSources, view: StatusView = {}): Snapshot {
+  const { config, registry, budget } = s;
+  const uplink = s.uplink();
+  return {
+    version: VERSION,
+    id: s.identity.id,
+    name: s.identity.name,
+    uptime: (Date.now() - s.startedAt) / 1000,
+    startedAt: new Date(s.startedAt).toISOString(),
+    ...statusNetworks(registry.values(), registry.size, view),
+    uplink: uplink ? { ...uplink.status } : null,
+    backplane: s.backplane ? s.backplane.snapshot() : null,
+    dials: s.qemu.dialers.map((d) => ({ ...d.status })),
+    captures: [...s.captures.snapshot(), ...s.captureFiles.map((f) => f.snapshot())],
+    impairments: s.impairments.snapshot(),
+    limits: {
+      networks: registry.size,
+      maxNetworks: config.maxNetworks,
+      tunnels: s.tunnels.admission.open,
+      maxTunnels: config.maxTunnels,
+      maxTunnelsPerAddress: config.maxTunnelsPerAddress,
+      memoryUsed: budget.used,
+      memoryBudget: budget.limit,
+      memoryDrops: budget.drops,
+      flowControl: config.flowControl,
+    },
+    datagrams: s.qemu.datagrams.map((d) => d.status()),
+    ...s.counters,
+  };
+}
+
+/** The backplane of --backplane, or none. */
+function backplaneOf(config: Config, identity: RelayIdentity, log: Logger, countError: () => void): Backplane | undefined {
+  if (config.backplane.length === 0) return undefined;
+  return new Backplane({
+    servers: config.backplane,
+    cluster: config.backplaneCluster,
+    token: config.backplaneToken,
+    creds: config.backplaneCreds,
+    ca: config.backplaneCa?.text,
+    identity,
+    limit: config.queueBytes,
+    handshakeMs: config.handshakeTimeout * 1000,
+    log,
+    countError,
+  });
+}
+
+/** The uplink of --uplink (not started), or none. */
+function uplinkOf(config: Config, identity: RelayIdentity, proxy: UplinkProxy | undefined, budget: MemoryBudget, registry: NetworkRegistry, log: Logger, countError: () => void): Uplink | undefined {
+  if (config.uplink === undefined) return undefined;
+  const options: UplinkOptions = {
+    url: config.uplink,
+    token: config.uplinkToken!,
+    identity,
+    keepaliveMs: config.keepalive * 1000,
+    handshakeMs: config.handshakeTimeout * 1000,
+    limit: config.queueBytes,
+    budget,
+    ca: config.uplinkCa,
+    fingerprint: config.uplinkFingerprint,
+    insecure: config.insecure,
+    proxy,
+  };
+  return new Uplink(options, () => registry.values(), log, countError);
+}
+
+/**
+ * The HTTP listener: the app's routes, and one WebSocket handler set in which each socket goes to
+ * the server that upgraded it (a tunnel or a v86 port).
+ */
+function serveHttp(config: Config, app: ReturnType<typeof createApp>, tunnels: TunnelServer, v86: V86Server) {
+  const v86Socket = (ws: ServerWebSocket<SocketData>): ws is ServerWebSocket<V86Data> => "v86" in ws.data;
+  return listenHttp(config.http, () => Bun.serve<SocketData>({
+    hostname: config.http.host,
+    port: config.http.port,
+    tls: config.tlsCert && config.tlsKey ? { cert: config.tlsCert.text, key: config.tlsKey.text } : undefined,
+    fetch: app.fetch,
+    websocket: {
+      maxPayloadLength: MAX_MESSAGE,
+      // Above the tunnel's own queue bound by one message, so Bun drops only what the bound let through.
+      backpressureLimit: config.queueBytes + MAX_MESSAGE,
+      closeOnBackpressureLimit: false,
+      perMessageDeflate: false,
+      // Bun pings an idle tunnel and closes one that stays silent; clients answer pings by themselves.
+      idleTimeout: TUNNEL_IDLE_SECONDS,
+      sendPings: true,
+      open: (ws) => (v86Socket(ws) ? v86.handlers.open(ws) : tunnels.handlers.open(ws as ServerWebSocket<TunnelData>)),
+      message: (ws, m) => (v86Socket(ws) ? v86.handlers.message(ws, m) : tunnels.handlers.message(ws as ServerWebSocket<TunnelData>, m)),
+      close: (ws, code, reason) => (v86Socket(ws) ? v86.handlers.close(ws, code, reason) : tunnels.handlers.close(ws as ServerWebSocket<TunnelData>, code, reason)),
+    },
+  }));
+}
+
+/**
+ * The relay's timers: MAC and datagram-peer ageing, and loop probes. Both do a bounded share of
+ * the networks per tick (TICK_BUDGET), not a walk over all; each relay probes at its own phase, so
+ * two relays in one loop rarely both act on it.
+ */
+function startTimers(config: Config, registry: NetworkRegistry, datagrams: DatagramBinding[], stoppers: Stoppers): void {
+  const ageingMs = config.macAgeing * 1000;
+  const sweeping = new RoundRobin(registry);
+  const sweep = setInterval(() => {
+    sweeping.step(TICK_BUDGET, (n) => n.sweep());
+    for (const d of datagrams) d.sweep();
+  }, Math.min(ageingMs, 60_000) / 2);
+  stoppers.add(() => clearInterval(sweep));
+  const probeMs = config.loopProbe * 1000;
+  if (probeMs > 0) {
+    let probing: ReturnType<typeof setInterval> | undefined;
+    const probes = new RoundRobin(registry);
+    const probeStart = setTimeout(() => {
+      probing = setInterval(() => probes.step(TICK_BUDGET, (n) => n.probe() + n.ports.size), probeMs);
+    }, Math.random() * probeMs);
+    stoppers.add(() => (clearTimeout(probeStart), clearInterval(probing)));
+  }
+}
+
+/**
  * Starts every port of `config`; throws (nothing left running) if one cannot be bound. `env` is
  * where the uplink's proxy settings (HTTPS_PROXY, NO_PROXY, …) come from: main's, as for the config.
  */
@@ -6894,36 +7259,16 @@ export async function startRelay(config: Config, log: Logger = consoleLogger, en
   // Read before anything is bound: a bad proxy in the environment is a config error like a bad option.
   const proxy = config.uplink === undefined ? undefined : uplinkProxy(config.uplink, config.uplinkProxy, env);
   const startedAt = Date.now();
-  const ageingMs = config.macAgeing * 1000;
   const identity: RelayIdentity = { id: Buffer.from(crypto.getRandomValues(new Uint8Array(8))).toString("hex"), name: config.name ?? defaultName() };
-  const networks = new Map<string, Network>();
+  const stoppers = new Stoppers();
   // MAC ageing needs no finer clock than this; reading a variable beats a clock call per frame.
   let now = Date.now();
-  const coarseNow = () => now;
   const clock = setInterval(() => (now = Date.now()), CLOCK_TICK_MS);
+  stoppers.add(() => clearInterval(clock));
   const counters: RelayCounters = { authFailures: 0, authThrottled: 0, protocolErrors: 0, tunnelsRefused: 0, loopRefusals: 0, loopsDetected: 0, connectionsRefused: 0 };
   const countError = () => void counters.protocolErrors++;
   const budget = new MemoryBudget(config.memoryBudget);
-  // Per-connection errors from QEMU ports share one limiter: a flood of bad peers is a few lines.
-  const portLog: Logger = { info: log.info, warn: rateLimitedLog(log.warn, 10, 10_000).log };
-  const impairments = new ImpairmentTable(function* () {
-    for (const n of networks.values()) yield* n.ports;
-  });
-  for (const { target, spec } of config.impair) impairments.set(target, spec);
-  const totals = new PortTotals();
-  const policy: SwitchPolicy = {
-    totals,
-    impairments,
-    ageingMs,
-    now: coarseNow,
-    portMacs: config.portMacs,
-    stormLimit: config.stormLimit,
-    flowControl: config.flowControl,
-    relayId: identity.id,
-    log,
-    portLog: { info: rateLimitedLog(log.info, 20, 10_000).log, warn: log.warn },
-    onLoop: () => void counters.loopsDetected++,
-  };
+  const backplane = backplaneOf(config, identity, log, countError);
   let uplink: Uplink | undefined;
   // Tell the uplink about networks that come and go, once per event-loop turn.
   let syncing = false;
@@ -6935,234 +7280,84 @@ export async function startRelay(config: Config, log: Logger = consoleLogger, en
       uplink?.sync();
     });
   };
-  const backplane =
-    config.backplane.length === 0
-      ? undefined
-      : new Backplane({
-          servers: config.backplane,
-          cluster: config.backplaneCluster,
-          token: config.backplaneToken,
-          creds: config.backplaneCreds,
-          ca: config.backplaneCa?.text,
-          identity,
-          limit: config.queueBytes,
-          handshakeMs: config.handshakeTimeout * 1000,
-          log,
-          countError,
-        });
-  const network = (name: string): Network => {
-    let n = networks.get(name);
-    if (!n) {
-      networks.set(name, (n = new Network(name, policy)));
-      backplane?.join(n);
-      networksChanged();
-    }
-    return n;
-  };
-  /** Networks that local ports use; the others exist while a tunnel attaches to them. */
-  const configured = new Set<string>();
-  // Networks that only tunnels and v86 ports brought into being go when the last port other than the
-  // uplink and the backplane does: checked once per event-loop turn, and only those that lost a port or were just made.
-  const vacated = new Set<Network>();
-  const release = () => {
-    for (const n of vacated) {
-      if (configured.has(n.name) || networks.get(n.name) !== n || policy.stopping) continue;
-      let used = false;
-      for (const port of n.ports) if (port.kind !== "uplink" && port.kind !== "backplane" && (used = true)) break;
-      if (!used) {
-        networks.delete(n.name);
-        backplane?.leave(n);
-        networksChanged();
-      }
-    }
-    vacated.clear();
-  };
-  policy.onDetach = (n) => {
-    if (vacated.size === 0) setImmediate(release);
-    vacated.add(n);
-  };
-  const grants = makeGrants(config.tokens);
-  const bound: BoundAddress[] = [];
-  const stoppers: (() => void | Promise<void>)[] = [() => clearInterval(clock)];
-  const sweepers: (() => void)[] = [];
-  const dialers: ReturnType<typeof dialStream>[] = [];
-  // A network made for an offer that is then refused (a loop) goes again like one a port left.
-  const remoteNetwork = (name: string) => {
-    if (networks.has(name)) return network(name);
-    if (networks.size >= config.maxNetworks) return `this relay has the maximum of ${config.maxNetworks} networks`;
-    const made = network(name);
-    policy.onDetach!(made);
-    return made;
-  };
-  const tunnels = new TunnelServer({
-    identity,
-    limit: config.queueBytes,
-    budget,
-    maxTunnels: config.maxTunnels,
-    maxTunnelsPerAddress: config.maxTunnelsPerAddress,
-    counters,
+  const impairments = new ImpairmentTable(() => registry.ports());
+  const totals = new PortTotals();
+  const policy: SwitchPolicy = {
+    totals,
+    impairments,
+    ageingMs: config.macAgeing * 1000,
+    now: () => now,
+    portMacs: config.portMacs,
+    stormLimit: config.stormLimit,
+    flowControl: config.flowControl,
+    relayId: identity.id,
     log,
-    network: remoteNetwork,
+    portLog: { info: rateLimitedLog(log.info, 20, 10_000).log, warn: log.warn },
+    onLoop: () => void counters.loopsDetected++,
+  };
+  const registry = new NetworkRegistry(policy, config.maxNetworks, {
+    made: (n) => (backplane?.join(n), networksChanged()),
+    released: (n) => (backplane?.leave(n), networksChanged()),
   });
-  const datagramSockets: Awaited<ReturnType<typeof bindDatagram>>[] = [];
-
-  const captures = new CaptureRegistry((name) => networks.get(name), config.maxCaptures);
-  const captureFiles: CaptureFile[] = [];
+  for (const { target, spec } of config.impair) impairments.set(target, spec);
+  const peerLimits = { budget, counters, log, limit: config.queueBytes, networkForPeer: (name: string) => registry.forPeer(name) };
+  const tunnels = new TunnelServer({ ...peerLimits, identity, maxTunnels: config.maxTunnels, maxTunnelsPerAddress: config.maxTunnelsPerAddress });
   const v86 = new V86Server({
-    limit: config.queueBytes,
-    budget,
+    ...peerLimits,
     rate: config.v86Rate,
     origins: config.v86Origins.length ? new Set(config.v86Origins) : undefined,
     maxPorts: config.maxTunnels,
     maxPerAddress: config.maxTunnelsPerAddress,
-    counters,
-    log,
-    network: remoteNetwork,
   });
-  // One WebSocket handler set for the listener: each socket goes to the server that upgraded it.
-  const v86Socket = (ws: ServerWebSocket<SocketData>): ws is ServerWebSocket<V86Data> => "v86" in ws.data;
-
-  const snapshot = (view: StatusView = {}): Snapshot => ({
-    version: VERSION,
-    id: identity.id,
-    name: identity.name,
-    uptime: (Date.now() - startedAt) / 1000,
-    startedAt: new Date(startedAt).toISOString(),
-    ...statusNetworks(networks.values(), networks.size, view),
-    uplink: uplink ? { ...uplink.status } : null,
-    backplane: backplane ? backplane.snapshot() : null,
-    dials: dialers.map((d) => ({ ...d.status })),
-    captures: [...captures.snapshot(), ...captureFiles.map((f) => f.snapshot())],
-    impairments: impairments.snapshot(),
-    limits: {
-      networks: networks.size,
-      maxNetworks: config.maxNetworks,
-      tunnels: tunnels.admission.open,
-      maxTunnels: config.maxTunnels,
-      maxTunnelsPerAddress: config.maxTunnelsPerAddress,
-      memoryUsed: budget.used,
-      memoryBudget: budget.limit,
-      memoryDrops: budget.drops,
-      flowControl: config.flowControl,
-    },
-    datagrams: datagramSockets.map((d) => d.status()),
-    ...counters,
-  });
-
-  // Whatever fails to bind, stop what already runs so a failed start leaves nothing behind.
-  const stopAll = async () => {
-    policy.stopping = true;
-    await Promise.all(stoppers.splice(0).reverse().map((stop) => stop()));
-  };
+  const captures = new CaptureRegistry((name) => registry.get(name), config.maxCaptures);
+  const captureFiles: CaptureFile[] = [];
+  const qemu: QemuPorts = { bound: [], datagrams: [], dialers: [] };
+  const snapshot = (view?: StatusView) =>
+    buildSnapshot({ config, identity, startedAt, registry, counters, budget, tunnels, impairments, captures, captureFiles, qemu, backplane, uplink: () => uplink }, view);
+  const bound: BoundAddress[] = [];
   try {
-    const server = listenHttp(config.http, () => Bun.serve<SocketData>({
-      hostname: config.http.host,
-      port: config.http.port,
-      tls: config.tlsCert && config.tlsKey ? { cert: config.tlsCert.text, key: config.tlsKey.text } : undefined,
-      fetch: createApp({ grants, adminToken: config.adminToken, snapshot, networks: () => networks.values(), totals, counters, tunnels, v86, captures, impairments, log }).fetch,
-      websocket: {
-        maxPayloadLength: MAX_MESSAGE,
-        // Above the tunnel's own queue bound by one message, so Bun drops only what the bound let through.
-        backpressureLimit: config.queueBytes + MAX_MESSAGE,
-        closeOnBackpressureLimit: false,
-        perMessageDeflate: false,
-        // Bun pings an idle tunnel and closes one that stays silent; clients answer pings by themselves.
-        idleTimeout: TUNNEL_IDLE_SECONDS,
-        sendPings: true,
-        open: (ws) => (v86Socket(ws) ? v86.handlers.open(ws) : tunnels.handlers.open(ws as ServerWebSocket<TunnelData>)),
-        message: (ws, m) => (v86Socket(ws) ? v86.handlers.message(ws, m) : tunnels.handlers.message(ws as ServerWebSocket<TunnelData>, m)),
-        close: (ws, code, reason) => (v86Socket(ws) ? v86.handlers.close(ws, code, reason) : tunnels.handlers.close(ws as ServerWebSocket<TunnelData>, code, reason)),
-      },
-    }));
-    stoppers.push(() => void server.stop(true));
-    const httpUrl = `${config.tlsCert ? "https" : "http"}://${formatHostPort({ host: config.http.host, port: server.port! })}`;
-    bound.push({ what: "http", address: httpUrl });
+    const app = createApp({ grants: makeGrants(config.tokens), adminToken: config.adminToken, snapshot, networks: () => registry.values(), totals, counters, tunnels, v86, captures, impairments, log });
+    const server = serveHttp(config, app, tunnels, v86);
+    stoppers.add(() => void server.stop(true));
+    bound.push({ what: "http", address: `${config.tlsCert ? "https" : "http"}://${formatHostPort({ host: config.http.host, port: server.port! })}` });
     if (backplane) {
       backplane.start();
-      stoppers.push(() => backplane.stop());
+      stoppers.add(() => backplane.stop());
     }
-
-    // Before the first accept: the limit decides how many QEMU connections fit.
-    const fdLimit = raiseFdLimit();
-    const cap = config.qemuListen.length > 0 ? connectionCap(config.maxConnections, fdLimit, log, () => void counters.connectionsRefused++) : undefined;
-    for (const spec of config.qemuListen) {
-      const listener = await listenStream(spec.address, { network: network(spec.network), log: portLog, countError, limit: config.queueBytes, budget, kind: "qemu-listen", cap });
-      stoppers.push(listener.stop);
-      bound.push({ what: "qemu-listen", network: spec.network, address: listener.address });
-    }
-    for (const spec of config.qemuUdp) {
-      const dgram = await bindDatagram(spec.address, spec.remote, { network: network(spec.network), log: portLog, ageingMs, maxPeers: config.udpPeers, countError });
-      stoppers.push(dgram.close);
-      sweepers.push(dgram.sweep);
-      datagramSockets.push(dgram);
-      bound.push({ what: "qemu-udp", network: spec.network, address: dgram.socket.address });
-    }
-    for (const spec of config.qemuMcast) {
-      const mcast = await joinMulticast(spec.group, spec.localAddress, { network: network(spec.network), log: portLog });
-      stoppers.push(mcast.close);
-      bound.push({ what: "qemu-mcast", network: spec.network, address: mcast.address });
-    }
-    for (const spec of config.qemuConnect) {
-      const dialer = dialStream(spec.address, { network: network(spec.network), log: portLog, countError, limit: config.queueBytes, budget, kind: "qemu-connect" });
-      dialers.push(dialer);
-      stoppers.push(dialer.stop);
-    }
+    // Per-connection errors from QEMU ports share one limiter: a flood of bad peers is a few lines.
+    const portLog: Logger = { info: log.info, warn: rateLimitedLog(log.warn, 10, 10_000).log };
+    Object.assign(qemu, await bindQemuPorts(config, registry, { log: portLog, budget, counters, countError, stoppers }));
+    bound.push(...qemu.bound);
     for (const spec of config.captureFile) {
-      const file = new CaptureFile(network(spec.network), spec.path, config.captureRotate, config.captureKeep, log);
+      const file = new CaptureFile(registry.getOrCreate(spec.network), spec.path, config.captureRotate, config.captureKeep, log);
       captureFiles.push(file);
-      stoppers.push(() => file.close());
+      stoppers.add(() => file.close());
     }
-    stoppers.push(() => captures.stop());
-    if (config.uplink !== undefined && networks.size === 0) network("default");
-    for (const name of networks.keys()) configured.add(name);
-    if (config.uplink !== undefined) {
-      const options: UplinkOptions = {
-        url: config.uplink,
-        token: config.uplinkToken!,
-        identity,
-        keepaliveMs: config.keepalive * 1000,
-        handshakeMs: config.handshakeTimeout * 1000,
-        limit: config.queueBytes,
-        budget,
-        ca: config.uplinkCa,
-        fingerprint: config.uplinkFingerprint,
-        insecure: config.insecure,
-        proxy,
-      };
-      uplink = new Uplink(options, () => networks.values(), log, countError);
+    stoppers.add(() => captures.stop());
+    if (config.uplink !== undefined && registry.size === 0) registry.getOrCreate("default");
+    registry.keepAll();
+    uplink = uplinkOf(config, identity, proxy, budget, registry, log, countError);
+    if (uplink) {
       uplink.start();
-      stoppers.push(() => uplink!.stop());
+      stoppers.add(() => uplink!.stop());
     }
-    // Both timers do a bounded share of the networks per tick (TICK_BUDGET), not a walk over all.
-    const sweeping = new RoundRobin(networks);
-    const sweep = setInterval(() => {
-      sweeping.step(TICK_BUDGET, (n) => n.sweep());
-      for (const s of sweepers) s();
-    }, Math.min(ageingMs, 60_000) / 2);
-    stoppers.push(() => clearInterval(sweep));
-    // Each relay probes at its own phase, so two relays in one loop rarely both act on it.
-    const probeMs = config.loopProbe * 1000;
-    if (probeMs > 0) {
-      let probing: ReturnType<typeof setInterval> | undefined;
-      const probes = new RoundRobin(networks);
-      const probeStart = setTimeout(() => {
-        probing = setInterval(() => probes.step(TICK_BUDGET, (n) => n.probe() + n.ports.size), probeMs);
-      }, Math.random() * probeMs);
-      stoppers.push(() => (clearTimeout(probeStart), clearInterval(probing)));
-    }
+    startTimers(config, registry, qemu.datagrams, stoppers);
   } catch (error) {
-    await stopAll();
+    policy.stopping = true;
+    await stoppers.stopAll();
     throw error;
   }
-
   let stopping: Promise<void> | undefined;
   const handle: RelayHandle = {
     http: bound[0]!.address,
     bound,
-    network: (name) => networks.get(name),
+    network: (name) => registry.get(name),
     snapshot,
     stop() {
-      stopping ??= Promise.resolve().then(stopAll);
+      stopping ??= Promise.resolve().then(() => {
+        policy.stopping = true;
+        return stoppers.stopAll();
+      });
       return stopping;
     },
     [Symbol.asyncDispose]: () => handle.stop(),
