@@ -2987,6 +2987,53 @@ export class StreamWriter {
 }
 
 /**
+ * Input that flow control left undecoded: the rest of the chunk or message that was being decoded
+ * when the port paused, then whatever was already in flight and read while paused. Decoded first,
+ * in order, when the port reads again; each chunk from where its decoding stopped.
+ */
+export class HeldInput {
+  readonly #chunks: Uint8Array[] = [];
+  /** Where decoding resumes in the first chunk. */
+  #at: number;
+
+  constructor(
+    /** Where decoding starts in a chunk held whole: past a message's header. */
+    private readonly start = 0,
+  ) {
+    this.#at = start;
+  }
+
+  get empty(): boolean {
+    return this.#chunks.length === 0;
+  }
+
+  /** Keeps a chunk read while paused, behind what is held. */
+  push(chunk: Uint8Array): void {
+    this.#chunks.push(chunk);
+  }
+
+  /** Keeps a chunk whose decoding stopped at `at`, ahead of what is held. */
+  unshift(chunk: Uint8Array, at: number): void {
+    this.#chunks.unshift(chunk);
+    this.#at = at;
+  }
+
+  /** Decodes held chunks in order while `reading()` holds. */
+  drain(decode: (chunk: Uint8Array, from: number) => void, reading: () => boolean): void {
+    while (this.#chunks.length > 0 && reading()) {
+      const from = this.#at;
+      this.#at = this.start;
+      decode(this.#chunks.shift()!, from);
+    }
+  }
+
+  clear(): void {
+    this.#chunks.length = 0;
+    this.#at = this.start;
+  }
+}
+
+/**
  * A port whose frames leave as messages: those of one event-loop turn are batched behind a header
  * (a tunnel's data message, a backplane message, at most `maxBytes`) and sent as one.
  */
@@ -3247,9 +3294,8 @@ export class TunnelLink {
   #buffered = 0;
   /** Its ports that flow control paused: the socket reads while there are none. */
   #paused = 0;
-  /** Messages not yet decoded while paused (the first from byte #heldAt): decoded first when it reads again. */
-  #held: Uint8Array[] = [];
-  #heldAt = DATA_HEADER_BYTES;
+  /** Messages not yet decoded while paused: decoded first when it reads again. */
+  readonly #held = new HeldInput(DATA_HEADER_BYTES);
 
   constructor(
     readonly socket: TunnelSocket,
@@ -3326,11 +3372,7 @@ export class TunnelLink {
       if (this.#paused === 1) this.socket.pause(true);
       return true;
     }
-    while (this.#paused === 0 && this.#held.length > 0 && !this.closed) {
-      const from = this.#heldAt;
-      this.#heldAt = DATA_HEADER_BYTES;
-      this.#decode(this.#held.shift()!, from);
-    }
+    this.#held.drain(this.#decode, this.#reads);
     if (this.#paused === 0) this.socket.pause(false);
     return true;
   }
@@ -3386,24 +3428,23 @@ export class TunnelLink {
     this.lastHeard = Date.now();
     if (this.closed) return;
     // Read while paused (already in flight): kept behind what is held, in order.
-    if (this.#held.length > 0) this.#held.push(message);
+    if (!this.#held.empty) this.#held.push(message);
     else this.#decode(message, DATA_HEADER_BYTES);
   }
 
-  #decode(message: Uint8Array, from: number): void {
+  readonly #reads = (): boolean => this.#paused === 0 && !this.closed;
+
+  readonly #decode = (message: Uint8Array, from: number): void => {
     try {
       if (!this.helloDone && message[0] !== MSG_CONTROL) {
         throw new RangeError("Cannot decode tunnel message: data before the handshake");
       }
       const stopped = decodeTunnelMessage(message, this.#onControl, this.#onFrame, from);
-      if (stopped < message.length) {
-        this.#held.unshift(message);
-        this.#heldAt = stopped;
-      }
+      if (stopped < message.length) this.#held.unshift(message, stopped);
     } catch (error) {
       this.fail(error);
     }
-  }
+  };
 
   fail(error: unknown): void {
     if (this.closed) return;
@@ -3417,7 +3458,7 @@ export class TunnelLink {
   detachAll(): void {
     if (!this.closed) this.budget.release(this.#buffered + this.#batched);
     this.closed = true;
-    this.#held.length = 0;
+    this.#held.clear();
     for (const port of this.ports) if (port) port.network?.detach(port);
   }
 }
@@ -3756,6 +3797,7 @@ export class Uplink {
   #deadline: ReturnType<typeof setTimeout> | undefined;
   #keepalive: ReturnType<typeof setInterval> | undefined;
   #tooMany = false;
+  #syncing = false;
 
   constructor(
     private readonly options: UplinkOptions,
@@ -3896,6 +3938,16 @@ export class Uplink {
       this.log.info(`uplink: hub added networks: ${accepted.join(", ") || "none"}${shown ? `; refused: ${shown}` : ""}`);
     }
     this.sync();
+  }
+
+  /** The relay's networks changed: synced once per event-loop turn, however many changed. */
+  networksChanged(): void {
+    if (this.#syncing) return;
+    this.#syncing = true;
+    setImmediate(() => {
+      this.#syncing = false;
+      this.sync();
+    });
   }
 
   /** Offers networks that appeared since the hello, and detaches those that went. */
@@ -5051,7 +5103,7 @@ export class StreamPort extends Port {
   readonly decoder = new StreamDecoder();
   readonly writer: StreamWriter;
   /** What flow control left undecoded when it paused this port: decoded first when it reads again. */
-  #held = EMPTY;
+  readonly #held = new HeldInput();
 
   constructor(
     kind: string,
@@ -5090,9 +5142,7 @@ export class StreamPort extends Port {
       this.socket.pause();
       return true;
     }
-    const held = this.#held;
-    this.#held = EMPTY;
-    if (held.length > 0) this.decode(held);
+    this.#held.drain(this.#decodeNow, this.#reads);
     if (this.waitingFor === undefined) this.socket.resume();
     return true;
   }
@@ -5107,12 +5157,16 @@ export class StreamPort extends Port {
   decode(chunk: Uint8Array): void {
     if (this.state === "closed") return;
     // Read while paused (already in flight): kept behind what is held, in order.
-    if (this.#held.length > 0) {
-      this.#held = Buffer.concat([this.#held, chunk]);
-      return;
-    }
+    if (!this.#held.empty) this.#held.push(chunk);
+    else this.#decodeNow(chunk);
+  }
+
+  readonly #reads = (): boolean => this.waitingFor === undefined && this.state !== "closed";
+
+  readonly #decodeNow = (chunk: Uint8Array): void => {
     try {
-      this.#held = this.decoder.push(chunk, this.#frame);
+      const rest = this.decoder.push(chunk, this.#frame);
+      if (rest.length > 0) this.#held.unshift(rest, 0);
     } catch (error) {
       this.stats.errors++;
       this.countError();
@@ -5121,7 +5175,7 @@ export class StreamPort extends Port {
       this.log.warn(`${this.id} ${this.peer}: ${(error as Error).message}; closing the connection`);
       this.socket.end();
     }
-  }
+  };
 }
 
 interface StreamContext {
@@ -7251,6 +7305,28 @@ function startTimers(config: Config, registry: NetworkRegistry, datagrams: Datag
   }
 }
 
+/** The switch settings every network of the relay shares. */
+function switchPolicy(
+  config: Config,
+  relayId: string,
+  relay: { impairments: ImpairmentTable; totals: PortTotals; counters: RelayCounters; log: Logger; now: () => number },
+): SwitchPolicy {
+  const { log } = relay;
+  return {
+    totals: relay.totals,
+    impairments: relay.impairments,
+    ageingMs: config.macAgeing * 1000,
+    now: relay.now,
+    portMacs: config.portMacs,
+    stormLimit: config.stormLimit,
+    flowControl: config.flowControl,
+    relayId,
+    log,
+    portLog: { info: rateLimitedLog(log.info, 20, 10_000).log, warn: log.warn },
+    onLoop: () => void relay.counters.loopsDetected++,
+  };
+}
+
 /**
  * Starts every port of `config`; throws (nothing left running) if one cannot be bound. `env` is
  * where the uplink's proxy settings (HTTPS_PROXY, NO_PROXY, …) come from: main's, as for the config.
@@ -7270,34 +7346,12 @@ export async function startRelay(config: Config, log: Logger = consoleLogger, en
   const budget = new MemoryBudget(config.memoryBudget);
   const backplane = backplaneOf(config, identity, log, countError);
   let uplink: Uplink | undefined;
-  // Tell the uplink about networks that come and go, once per event-loop turn.
-  let syncing = false;
-  const networksChanged = () => {
-    if (syncing || !uplink) return;
-    syncing = true;
-    setImmediate(() => {
-      syncing = false;
-      uplink?.sync();
-    });
-  };
   const impairments = new ImpairmentTable(() => registry.ports());
   const totals = new PortTotals();
-  const policy: SwitchPolicy = {
-    totals,
-    impairments,
-    ageingMs: config.macAgeing * 1000,
-    now: () => now,
-    portMacs: config.portMacs,
-    stormLimit: config.stormLimit,
-    flowControl: config.flowControl,
-    relayId: identity.id,
-    log,
-    portLog: { info: rateLimitedLog(log.info, 20, 10_000).log, warn: log.warn },
-    onLoop: () => void counters.loopsDetected++,
-  };
+  const policy = switchPolicy(config, identity.id, { impairments, totals, counters, log, now: () => now });
   const registry = new NetworkRegistry(policy, config.maxNetworks, {
-    made: (n) => (backplane?.join(n), networksChanged()),
-    released: (n) => (backplane?.leave(n), networksChanged()),
+    made: (n) => (backplane?.join(n), uplink?.networksChanged()),
+    released: (n) => (backplane?.leave(n), uplink?.networksChanged()),
   });
   for (const { target, spec } of config.impair) impairments.set(target, spec);
   const peerLimits = { budget, counters, log, limit: config.queueBytes, networkForPeer: (name: string) => registry.forPeer(name) };
