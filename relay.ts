@@ -4840,38 +4840,50 @@ export class Backplane {
         ...(o.ca !== undefined && { ca: o.ca }),
       },
       {
-        up: (server) => {
-          this.status.connects++;
-          this.status.server = server;
-          this.#setState("up");
-          for (const port of this.#ports.values()) port.fit(this.#link.maxPayload);
-          this.#link.flush(() => {
-            for (const port of this.#ports.values()) port.subscribed = port.sid !== undefined;
-          });
-        },
-        down: (reason) => {
-          for (const port of this.#ports.values()) port.subscribed = false;
-          this.#setState("down", reason);
-        },
+        up: (server) => this.#up(server),
+        down: (reason) => this.#down(reason),
         message: (sid, headers, payload) => this.#received(sid, headers, payload),
-        oversize: (sid, bytes) => {
-          const port = this.#bySid.get(sid);
-          this.status.errors++;
-          if (port !== undefined) port.stats.errors++;
-          this.options.countError();
-          this.#log.log(`backplane ${port?.network?.name ?? this.shown}: a message of ${bytes} bytes is more than a hub takes (${NATS_MAX_MESSAGE}); dropped`);
-        },
-        refused: (text) => {
-          this.status.lastError = `NATS: ${text}`;
-          this.#log.log(`backplane: the NATS server refused: ${text}`);
-        },
-        malformed: (message) => {
-          this.status.errors++;
-          this.options.countError();
-          this.#log.log(`backplane ${this.status.server ?? this.shown}: ${message}; connection dropped`);
-        },
+        oversize: (sid, bytes) => this.#oversize(sid, bytes),
+        refused: (text) => this.#refused(text),
+        malformed: (message) => this.#malformed(message),
       },
     );
+  }
+
+  /** Connected: messages fit the server's max_payload; subscriptions count once the server has them. */
+  #up(server: string): void {
+    this.status.connects++;
+    this.status.server = server;
+    this.#setState("up");
+    for (const port of this.#ports.values()) port.fit(this.#link.maxPayload);
+    this.#link.flush(() => {
+      for (const port of this.#ports.values()) port.subscribed = port.sid !== undefined;
+    });
+  }
+
+  #down(reason: string): void {
+    for (const port of this.#ports.values()) port.subscribed = false;
+    this.#setState("down", reason);
+  }
+
+  #oversize(sid: number, bytes: number): void {
+    const port = this.#bySid.get(sid);
+    this.status.errors++;
+    if (port !== undefined) port.stats.errors++;
+    this.options.countError();
+    this.#log.log(`backplane ${port?.network?.name ?? this.shown}: a message of ${bytes} bytes is more than a hub takes (${NATS_MAX_MESSAGE}); dropped`);
+  }
+
+  /** The server's -ERR while connected (a permissions violation): shown, and the connection stays. */
+  #refused(text: string): void {
+    this.status.lastError = `NATS: ${text}`;
+    this.#log.log(`backplane: the NATS server refused: ${text}`);
+  }
+
+  #malformed(message: string): void {
+    this.status.errors++;
+    this.options.countError();
+    this.#log.log(`backplane ${this.status.server ?? this.shown}: ${message}; connection dropped`);
   }
 
   get up(): boolean {
