@@ -152,7 +152,7 @@ const ERRNO_TEXT: Record<string, string> = {
 
 // ───────────────────────────── config ─────────────────────────────
 
-export interface HostPort {
+interface HostPort {
   host: string;
   port: number;
 }
@@ -166,7 +166,7 @@ const HOST_PORT = /^(?:\[([^\]]*)\]|([^:\[\]]*)):(\d+)$/;
  * Why text of the shape `HOST:PORT` or `[IPv6]:PORT` is not a usable address, in words; undefined
  * when it is one (or when it is not of that shape at all).
  */
-export function addressProblem(text: string): string | undefined {
+function addressProblem(text: string): string | undefined {
   const m = HOST_PORT.exec(text);
   if (!m) return undefined;
   if (Number(m[3]) > 65_535) return `port ${m[3]} is out of range 0–65535`;
@@ -176,7 +176,7 @@ export function addressProblem(text: string): string | undefined {
   return HOST_NAME.test(host) ? undefined : `${JSON.stringify(host)} is not a host name or address`;
 }
 
-/** Parses `HOST:PORT` or `[IPv6]:PORT`; `null` when it is neither (addressProblem says why). */
+/** Parses `HOST:PORT` or `[IPv6]:PORT`; `null` when it is neither (addressProblem says why). @internal */
 export function parseHostPort(text: string): HostPort | null {
   const m = HOST_PORT.exec(text);
   if (!m || addressProblem(text) !== undefined) return null;
@@ -184,25 +184,25 @@ export function parseHostPort(text: string): HostPort | null {
 }
 
 /** `127.0.0.1:80`, `[::1]:80`. */
-export function formatHostPort({ host, port }: HostPort): string {
+function formatHostPort({ host, port }: HostPort): string {
   return host.includes(":") ? `[${host}]:${port}` : `${host}:${port}`;
 }
 
 /** A unix socket path; `@name` is a Linux abstract name. */
-export interface UnixPath {
+interface UnixPath {
   path: string;
 }
 
-export type SocketAddress = HostPort | UnixPath;
+type SocketAddress = HostPort | UnixPath;
 
 /** `HOST:PORT`, `[IPv6]:PORT` or `unix:PATH`. */
-export function parseSocketAddress(text: string): SocketAddress | null {
+function parseSocketAddress(text: string): SocketAddress | null {
   if (!text.startsWith("unix:")) return parseHostPort(text);
   const path = text.slice(5);
   return path.length > 1 || (path.length === 1 && path !== "@") ? { path } : null;
 }
 
-export function formatAddress(address: SocketAddress): string {
+function formatAddress(address: SocketAddress): string {
   return "path" in address ? `unix:${address.path}` : formatHostPort(address);
 }
 
@@ -287,7 +287,7 @@ const McastEndpoint = endpointSchema("[NET=]GROUP:PORT[,LOCALADDR] with an IPv4 
  * One line for a failed system call: `Cannot listen on 127.0.0.1:10000: address already in use
  * (EADDRINUSE)`, `cannot read /x: no such file or directory (ENOENT)`.
  */
-export function describeError(action: string, error: unknown): string {
+function describeError(action: string, error: unknown): string {
   const code = (error as { code?: unknown })?.code;
   if (typeof code === "string" && ERRNO_TEXT[code]) return `${action}: ${ERRNO_TEXT[code]} (${code})`;
   const message = error instanceof Error ? error.message : String(error);
@@ -418,13 +418,13 @@ const ByteSize = v.pipe(
 // with one timer draining a queue ordered by release time.
 
 /** How jitter spreads around the delay: netem's built-in uniform, or one of its tables. */
-export type DelayDistribution = "uniform" | "normal" | "pareto" | "paretonormal";
+type DelayDistribution = "uniform" | "normal" | "pareto" | "paretonormal";
 
 /**
  * A parsed impairment. Percentages are 0–100 as written, times whole nanoseconds (netem's unit),
  * rates bits per second; a clause left out is absent.
  */
-export interface ImpairmentSpec {
+interface ImpairmentSpec {
   delay?: { timeNs: number; jitterNs: number; correlation: number; distribution: DelayDistribution };
   /** `random`: independent (or correlated) loss; `gemodel`: Gilbert–Elliott bursts, in netem's four parameters. */
   loss?:
@@ -440,7 +440,7 @@ export interface ImpairmentSpec {
   seed?: number;
 }
 
-export interface ImpairmentCounters {
+interface ImpairmentCounters {
   /** Frames held for more than 0 ms (by delay or by the rate). */
   delayed: number;
   lost: number;
@@ -456,7 +456,7 @@ export interface ImpairmentCounters {
   queued: number;
 }
 
-/** What Impairment needs of time; tests pass a fake one. Times in ms. */
+/** What Impairment needs of time; tests pass a fake one. Times in ms. @internal */
 export interface ImpairmentClock {
   now(): number;
   setTimer(fn: () => void, ms: number): unknown;
@@ -542,6 +542,7 @@ function parseWhole(word: string, what: string, min: number, max: number): numbe
  * seed 7`. Clauses come in any order, each once; an optional value (jitter, a correlation, gemodel's
  * R, 1-H, 1-K) is taken when the next word starts like a number, as tc does. `""` is no impairment.
  * Throws a one-line RangeError naming the word that is wrong.
+ * @internal
  */
 export function parseImpairment(text: string): ImpairmentSpec {
   const words = text.split(/\s+/).filter((w) => w !== "");
@@ -644,7 +645,7 @@ function formatRate(bits: number): string {
   return `${bits}bit`;
 }
 
-/** netem's way of writing a spec, every clause in one order; parseImpairment reads it back to an equal spec. */
+/** netem's way of writing a spec, every clause in one order; parseImpairment reads it back to an equal spec. @internal */
 export function formatImpairment(spec: ImpairmentSpec): string {
   const words: string[] = [];
   const chance = (keyword: string, c: { percent: number; correlation: number }) => {
@@ -677,14 +678,14 @@ export function formatImpairment(spec: ImpairmentSpec): string {
  * `NET` (the way out of every port of that network), or a port id `NET/KIND-N[:in|:out]` (both ways
  * unless told). Undefined when the text is none of these.
  */
-export interface ImpairTarget {
+interface ImpairTarget {
   kind: "uplink" | "network" | "port";
   network?: string;
   port?: string;
   directions: ("in" | "out")[];
 }
 
-export function parseImpairTarget(text: string): ImpairTarget | undefined {
+function parseImpairTarget(text: string): ImpairTarget | undefined {
   const m = /^(.*?)(?::(in|out))?$/.exec(text)!;
   const [base, direction] = [m[1]!, m[2] as "in" | "out" | undefined];
   const both: ("in" | "out")[] = direction ? [direction] : ["in", "out"];
@@ -721,13 +722,13 @@ const ImpairOption = v.pipe(
 );
 
 /** `--v86-rate`: frames and bytes per second, each way, per v86 port; 0 is no limit. */
-export interface V86Rate {
+interface V86Rate {
   frames: number;
   bytes: number;
 }
 
 /** The origin of a URL (`https://host[:port]`), or undefined when it has none. */
-export function originOf(text: string): string | undefined {
+function originOf(text: string): string | undefined {
   try {
     const origin = new URL(text).origin;
     return origin === "null" ? undefined : origin;
@@ -737,7 +738,7 @@ export function originOf(text: string): string | undefined {
 }
 
 /** An http:// proxy URL (a bare HOST:PORT is taken as http://), or undefined if it is none. */
-export function parseProxyUrl(text: string): URL | undefined {
+function parseProxyUrl(text: string): URL | undefined {
   let url: URL;
   try {
     url = new URL(/^[a-z][a-z0-9+.-]*:\/\//i.test(text) ? text : `http://${text}`);
@@ -880,6 +881,7 @@ interface OptionSpec {
 /**
  * Every option, once: the config schema, the command-line parser, --help and the names in error
  * messages all come from this table. Keys are the config file's (camelCase).
+ * @internal
  */
 export const OPTIONS = {
   qemuListen: {
@@ -1035,7 +1037,7 @@ type ConfigEntries = {
   [K in keyof OptionTable as OptionTable[K] extends { schema: v.GenericSchema } ? K : never]: OptionTable[K] extends { schema: infer S } ? S : never;
 };
 
-/** `--qemu-listen` for `qemuListen`. */
+/** `--qemu-listen` for `qemuListen`. @internal */
 export function flagOf(key: string): string {
   const spec = (OPTIONS as Record<string, OptionSpec>)[key];
   return `--${spec?.flag ?? key.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}`;
@@ -1045,7 +1047,7 @@ const configEntries = Object.fromEntries(
   Object.entries(OPTIONS as Record<string, OptionSpec>).flatMap(([key, spec]) => (spec.schema ? [[key, spec.schema]] : [])),
 ) as ConfigEntries;
 
-export const ConfigSchema = v.pipe(
+const ConfigSchema = v.pipe(
   v.strictObject(configEntries),
   v.forward(
     v.check((c) => c.uplink === undefined || c.uplinkToken !== undefined, `required with ${flagOf("uplink")} (or set ${OPTIONS.uplinkToken.env})`),
@@ -1121,7 +1123,7 @@ function remoteQemuPort(entry: { address: SocketAddress } | { localAddress: stri
 
 export type Config = v.InferOutput<typeof ConfigSchema>;
 
-export function isLoopback(host: string): boolean {
+function isLoopback(host: string): boolean {
   return host === "localhost" || host === "::1" || /^127\.\d+\.\d+\.\d+$/.test(host);
 }
 
@@ -1140,6 +1142,7 @@ export interface Logger {
 /**
  * At most `burst` lines per `windowMs`, so a flood of bad connections cannot flood the log; what was
  * held back is summed up in one line when the window ends (on a timer, so a burst's tail is told).
+ * @internal
  */
 export function rateLimitedLog(write: (line: string) => void, burst: number, windowMs: number) {
   let windowStart = 0;
@@ -1202,7 +1205,7 @@ class ChangeLog {
  * upper half so many dialers that failed together (a hub restart) do not come back together. One
  * helper for every dialer: the uplink, --qemu-connect, the backplane's first connection.
  */
-export class Backoff {
+class Backoff {
   #failures = 0;
   constructor(
     readonly minMs: number,
@@ -1229,7 +1232,7 @@ export class Backoff {
  * a dial, then after each failure or loss a wait drawn from its Backoff and the next dial, until
  * stopped. Its change log writes a line once per change, not once per try.
  */
-export class Redialer {
+class Redialer {
   readonly #changes = new ChangeLog();
   #timer: ReturnType<typeof setTimeout> | undefined;
   #stopped = false;
@@ -1290,6 +1293,7 @@ const EMPTY = new Uint8Array(0);
 /**
  * Reassembles QEMU stream framing (4-byte big-endian length, then the frame) from chunks split
  * anywhere. Frames that arrive whole are handed out as views of the chunk, without a copy.
+ * @internal
  */
 export class StreamDecoder {
   #head = new Uint8Array(4);
@@ -1370,6 +1374,7 @@ function readLength(bytes: Uint8Array, at: number): number {
 /**
  * A growable buffer of length-prefixed frames behind a fixed header: a stream write (no header) or
  * a tunnel data message (type and channel). Reused between batches, so steady traffic allocates nothing.
+ * @internal
  */
 export class FrameBatch {
   bytes: Uint8Array;
@@ -1437,7 +1442,7 @@ export class FrameBatch {
   }
 }
 
-/** Stream framing for a list of frames (tests, tools). */
+/** Stream framing for a list of frames (tests, tools). @internal */
 export function encodeFrames(frames: Uint8Array[]): Uint8Array {
   const batch = new FrameBatch();
   for (const f of frames) batch.append(f);
@@ -1477,10 +1482,10 @@ const ControlSchema = v.variant(
   "unknown control message type",
 );
 
-export type ControlMessage = v.InferOutput<typeof ControlSchema>;
-export type Refusal = v.InferOutput<typeof Refusal>;
+type ControlMessage = v.InferOutput<typeof ControlSchema>;
+type Refusal = v.InferOutput<typeof Refusal>;
 
-/** Validates a decoded control message; throws TypeError naming the first bad field. */
+/** Validates a decoded control message; throws TypeError naming the first bad field. @internal */
 export function parseControl(json: unknown): ControlMessage {
   const result = v.safeParse(ControlSchema, json, {
     abortEarly: true,
@@ -1492,6 +1497,7 @@ export function parseControl(json: unknown): ControlMessage {
   throw new TypeError(`Cannot decode control message: ${path}: ${issue.message}`);
 }
 
+/** @internal */
 export function encodeControl(message: ControlMessage): Uint8Array {
   const json = new TextEncoder().encode(JSON.stringify(message));
   const out = new Uint8Array(1 + json.length);
@@ -1503,6 +1509,7 @@ export function encodeControl(message: ControlMessage): Uint8Array {
 /** A data message's type and channel, before its frames. */
 const DATA_HEADER_BYTES = 3;
 
+/** @internal */
 export function dataHeader(channel: number): Uint8Array {
   return Uint8Array.of(MSG_DATA, channel >>> 8, channel & 0xff);
 }
@@ -1511,6 +1518,7 @@ export function dataHeader(channel: number): Uint8Array {
  * Decodes one tunnel message (a data message from byte `from`, where an earlier call stopped).
  * Throws RangeError/SyntaxError on anything malformed; the caller closes the tunnel that sent it.
  * An `onFrame` that returns false stops the decoding after its frame: the offset reached is returned.
+ * @internal
  */
 export function decodeTunnelMessage(
   data: Uint8Array,
@@ -1550,7 +1558,7 @@ export function decodeTunnelMessage(
   return i;
 }
 
-/** A MAC address (6 bytes at `at`) as a number: no string on the hot path. */
+/** A MAC address (6 bytes at `at`) as a number: no string on the hot path. @internal */
 export function macKey(frame: Uint8Array, at: number): number {
   return (
     frame[at]! * 0x100_0000_0000 +
@@ -1559,6 +1567,7 @@ export function macKey(frame: Uint8Array, at: number): number {
   );
 }
 
+/** @internal */
 export function formatMac(key: number): string {
   return key.toString(16).padStart(12, "0").replace(/(..)(?!$)/g, "$1:");
 }
@@ -1600,7 +1609,7 @@ function pcapngBlock(type: number, body: Uint8Array): Uint8Array {
   return out;
 }
 
-export function pcapngSectionHeader(): Uint8Array {
+function pcapngSectionHeader(): Uint8Array {
   const body = new Uint8Array(16);
   const view = new DataView(body.buffer);
   view.setUint32(0, 0x1a2b3c4d, true);
@@ -1610,7 +1619,7 @@ export function pcapngSectionHeader(): Uint8Array {
   return pcapngBlock(PCAPNG_SHB, body);
 }
 
-export function pcapngInterface(name: string, description: string, snaplen: number): Uint8Array {
+function pcapngInterface(name: string, description: string, snaplen: number): Uint8Array {
   const text = new TextEncoder();
   const options = pcapngOptions([
     [2, text.encode(name)],
@@ -1638,7 +1647,7 @@ function putUint32(out: Uint8Array, at: number, value: number): void {
  * `snaplen` (the original length is kept), inbound or outbound: one allocation per frame, as this
  * runs for every frame a capture sees.
  */
-export function pcapngPacket(id: number, timeMs: number, frame: Uint8Array, snaplen: number, inbound: boolean): Uint8Array {
+function pcapngPacket(id: number, timeMs: number, frame: Uint8Array, snaplen: number, inbound: boolean): Uint8Array {
   const captured = Math.min(frame.length, snaplen);
   const padded = (captured + 3) & ~3;
   const length = 8 + 20 + padded + 12 + 4;
@@ -1663,7 +1672,7 @@ export function pcapngPacket(id: number, timeMs: number, frame: Uint8Array, snap
 }
 
 /** The EtherType a filter matches: a VLAN-tagged frame's inner one. */
-export function etherTypeOf(frame: Uint8Array): number {
+function etherTypeOf(frame: Uint8Array): number {
   const outer = (frame[12]! << 8) | frame[13]!;
   return (outer === 0x8100 || outer === 0x88a8) && frame.length >= 18 ? (frame[16]! << 8) | frame[17]! : outer;
 }
@@ -1784,6 +1793,7 @@ function releasesBefore(a: HeldFrame, b: HeldFrame): boolean {
  * jitter they may overtake each other (as in netem) and without they leave in arrival order; one
  * timer, set for the earliest, releases everything due. A frame due at once is delivered inside push,
  * uncopied, so an impairment without delay costs next to nothing.
+ * @internal
  */
 export class Impairment {
   readonly counters: ImpairmentCounters = { delayed: 0, lost: 0, duplicated: 0, reordered: 0, corrupted: 0, rateDropped: 0, queued: 0 };
@@ -2016,7 +2026,7 @@ export class Impairment {
   }
 }
 
-export interface PortStats {
+interface PortStats {
   rxFrames: number;
   rxBytes: number;
   /** Runt and 0-length frames received and dropped. */
@@ -2035,9 +2045,9 @@ export interface PortStats {
   errors: number;
 }
 
-export type PortState = "up" | "blocked-loop" | "closed";
+type PortState = "up" | "blocked-loop" | "closed";
 
-export interface PortSnapshot {
+interface PortSnapshot {
   id: string;
   kind: string;
   peer: string;
@@ -2058,7 +2068,7 @@ export interface PortSnapshot {
 
 let portSerial = 0;
 
-/** Anything that carries frames into and out of one network. */
+/** Anything that carries frames into and out of one network. @internal */
 export abstract class Port {
   /** `NET/KIND-N`, numbered per network and kind in the order ports attach. */
   id: string;
@@ -2275,7 +2285,7 @@ function isProbe(frame: Uint8Array): boolean {
 }
 
 /** What a capture keeps: frames of one port, to or from one MAC, of one EtherType (each optional). */
-export interface CaptureFilter {
+interface CaptureFilter {
   port?: string;
   mac?: number;
   etherType?: number;
@@ -2283,14 +2293,14 @@ export interface CaptureFilter {
 }
 
 /** Where a capture's blocks go: false when the reader is behind and the block was dropped. */
-export type CaptureSink = (block: Uint8Array, force: boolean) => boolean;
+type CaptureSink = (block: Uint8Array, force: boolean) => boolean;
 
 
 /**
  * A live capture of one network: filters in the relay (a pipe has no capture filter), an interface
  * block per port as it first appears, and drops counted when the reader is slower than the traffic.
  */
-export class Capture {
+class Capture {
   frames = 0;
   drops = 0;
   readonly started = Date.now();
@@ -2338,7 +2348,7 @@ export class Capture {
  * bytes (PATH becomes PATH.1, and so on; `keep` files in all). Writes are buffered and flushed
  * every second, never waited for on the data path.
  */
-export class CaptureFile {
+class CaptureFile {
   readonly #capture: Capture;
   #writer: ReturnType<ReturnType<typeof Bun.file>["writer"]>;
   #bytes = 0;
@@ -2405,7 +2415,7 @@ export class CaptureFile {
  * timer) for each direction a target names; the most specific target wins (a port id, then
  * `uplink:NET`, then `uplink`, then `NET`).
  */
-export class ImpairmentTable {
+class ImpairmentTable {
   readonly #entries = new Map<string, { target: ImpairTarget; spec: ImpairmentSpec }>();
 
   constructor(private readonly ports: () => Iterable<Port>) {}
@@ -2458,7 +2468,7 @@ export class ImpairmentTable {
 }
 
 /** Counters summed per port kind, for /metrics. */
-export interface KindTotals {
+interface KindTotals {
   ports: number;
   rxFrames: number;
   rxBytes: number;
@@ -2471,6 +2481,7 @@ export interface KindTotals {
 /**
  * Counters per port kind over every port the relay has had: the live ones are summed when asked,
  * a closed one is added here as it goes, so the totals never go backwards (Prometheus counters).
+ * @internal
  */
 export class PortTotals {
   readonly #retired = new Map<string, KindTotals>();
@@ -2512,7 +2523,7 @@ function addPort(t: KindTotals, port: Port): KindTotals {
   return t;
 }
 
-/** What a network needs from its relay: limits, a clock, and where to report. */
+/** What a network needs from its relay: limits, a clock, and where to report. @internal */
 export interface SwitchPolicy {
   ageingMs: number;
   now?: () => number;
@@ -2541,7 +2552,7 @@ export interface SwitchPolicy {
   totals?: PortTotals;
 }
 
-/** A learning Ethernet switch. */
+/** A learning Ethernet switch. @internal */
 export class Network {
   readonly ports = new Set<Port>();
   /** Insertion order is kept close to last-seen order, so the first entry is the one to evict. */
@@ -2834,6 +2845,7 @@ export class Network {
 /**
  * Visits a collection a few entries at a time, resuming where the last call stopped, so a timer over
  * thousands of networks costs the same per tick as over a few; a round then spans several ticks.
+ * @internal
  */
 export class RoundRobin<T> {
   #at: Iterator<T> | undefined;
@@ -2861,6 +2873,7 @@ export class RoundRobin<T> {
 /**
  * Bytes queued across every port of the relay (--memory-budget): a port whose frame would pass it
  * drops the frame instead, so many slow peers together cannot grow memory without bound.
+ * @internal
  */
 export class MemoryBudget {
   used = 0;
@@ -2898,6 +2911,7 @@ const UNLIMITED = new MemoryBudget(Infinity);
  * The send side of a byte stream: frames are batched per event-loop turn into one write; a partial
  * write keeps its remainder for `drain`; past `limit` queued bytes (or the relay's budget) new
  * frames are refused.
+ * @internal
  */
 export class StreamWriter {
   readonly #batch = new FrameBatch();
@@ -2991,7 +3005,7 @@ export class StreamWriter {
  * when the port paused, then whatever was already in flight and read while paused. Decoded first,
  * in order, when the port reads again; each chunk from where its decoding stopped.
  */
-export class HeldInput {
+class HeldInput {
   readonly #chunks: Uint8Array[] = [];
   /** Where decoding resumes in the first chunk. */
   #at: number;
@@ -3037,7 +3051,7 @@ export class HeldInput {
  * A port whose frames leave as messages: those of one event-loop turn are batched behind a header
  * (a tunnel's data message, a backplane message, at most `maxBytes`) and sent as one.
  */
-export abstract class BatchedPort extends Port {
+abstract class BatchedPort extends Port {
   readonly #batch: FrameBatch;
   #frames = 0;
   #scheduled = false;
@@ -3089,7 +3103,7 @@ export abstract class BatchedPort extends Port {
 
 // ───────────────────────────── tunnel & auth ─────────────────────────────
 
-export interface Grant {
+interface Grant {
   digest: Uint8Array;
   /** Networks this token may attach to; undefined means all. */
   networks: Set<string> | undefined;
@@ -3099,17 +3113,17 @@ function sha256(text: string): Uint8Array {
   return new Bun.CryptoHasher("sha256").update(text).digest() as Uint8Array;
 }
 
-export function makeGrants(tokens: Config["tokens"]): Grant[] {
+function makeGrants(tokens: Config["tokens"]): Grant[] {
   return tokens.map((t) => ({ digest: sha256(t.token), networks: t.networks && new Set(t.networks) }));
 }
 
 /** Compares against every grant in constant time (digests hide the length); the grant or undefined. */
-export function authenticate(authorization: string | null | undefined, grants: Grant[]): Grant | undefined {
+function authenticate(authorization: string | null | undefined, grants: Grant[]): Grant | undefined {
   return authenticateToken(/^Bearer\s+(\S+)\s*$/i.exec(authorization ?? "")?.[1], grants);
 }
 
 /** `authenticate` for a bare token (a v86 client's `?token=`); an empty or missing one matches nothing. */
-export function authenticateToken(token: string | null | undefined, grants: Grant[]): Grant | undefined {
+function authenticateToken(token: string | null | undefined, grants: Grant[]): Grant | undefined {
   const given = sha256(token ?? "");
   let found: Grant | undefined;
   for (const grant of grants) if (timingSafeEqual(given, grant.digest) && token) found ??= grant;
@@ -3121,7 +3135,7 @@ export function authenticateToken(token: string | null | undefined, grants: Gran
  * the address gets 429 until AUTH_BLOCK_MS have passed. The table is bounded; the entry not
  * touched for longest goes first.
  */
-export class AuthThrottle {
+class AuthThrottle {
   readonly #entries = new Map<string, { failures: number; since: number; until: number }>();
   /** Requests answered 429. */
   throttled = 0;
@@ -3146,7 +3160,7 @@ export class AuthThrottle {
   }
 }
 
-export interface RelayCounters {
+interface RelayCounters {
   authFailures: number;
   /** Requests answered 429 after repeated authentication failures from their address. */
   authThrottled: number;
@@ -3162,7 +3176,7 @@ export interface RelayCounters {
 }
 
 /** Who this relay is, to the relays it meets. */
-export interface RelayIdentity {
+interface RelayIdentity {
   id: string;
   name: string;
 }
@@ -3171,7 +3185,7 @@ export interface RelayIdentity {
  * Connections of one kind open on this relay and from each source address, with their bounds
  * (--max-tunnels, --max-tunnels-per-address): checked before the upgrade, counted from open to close.
  */
-export class AdmissionLimit {
+class AdmissionLimit {
   /** Connections open now. */
   open = 0;
   readonly #perAddress = new Map<string, number>();
@@ -3227,7 +3241,7 @@ function malformedClose(code: number, reason: string): string | undefined {
 }
 
 /** The two ends of a tunnel differ only in how they send and report buffered bytes. */
-export interface TunnelSocket {
+interface TunnelSocket {
   /** False when the message was dropped (the socket's own backpressure limit). */
   send(data: Uint8Array): boolean;
   buffered(): number;
@@ -3237,7 +3251,7 @@ export interface TunnelSocket {
 }
 
 /** One network carried over a tunnel: a port whose frames are batched into data messages. */
-export class TunnelPort extends BatchedPort {
+class TunnelPort extends BatchedPort {
   constructor(
     kind: string,
     peer: string,
@@ -3269,7 +3283,7 @@ export class TunnelPort extends BatchedPort {
   }
 }
 
-export interface TunnelEvents {
+interface TunnelEvents {
   /** Server side: a hello or an attach offered networks starting at channel `first`. */
   onOffer?(link: TunnelLink, networks: string[], first: number, hello: boolean): void;
   /** Client side: a welcome or an attached answered an offer. */
@@ -3279,6 +3293,7 @@ export interface TunnelEvents {
 /**
  * The state of one tunnel WebSocket, either end: its channels and the ports behind them, and the
  * bytes it has queued (one bound for all its channels, and a share of the relay's budget).
+ * @internal
  */
 export class TunnelLink {
   readonly ports: (TunnelPort | undefined)[] = [];
@@ -3469,7 +3484,7 @@ function shownName(name: string | undefined): string {
   return NETWORK_NAME.test(name) ? name : JSON.stringify(name.length > 64 ? `${name.slice(0, 64)}…` : name);
 }
 
-export interface TunnelData {
+interface TunnelData {
   grant: Grant;
   /** Source address and port, `1.2.3.4:5678`. */
   peer: string;
@@ -3480,9 +3495,9 @@ export interface TunnelData {
 }
 
 /** The network a peer (a tunnel's offer, a v86 client) asked for, made if need be; or why there is none. */
-export type PeerNetwork = Network | { refused: string };
+type PeerNetwork = Network | { refused: string };
 
-export interface TunnelServerOptions {
+interface TunnelServerOptions {
   identity: RelayIdentity;
   /** Send-queue bound of each tunnel. */
   limit: number;
@@ -3495,7 +3510,7 @@ export interface TunnelServerOptions {
 }
 
 /** The hub side of tunnels: admission before the upgrade, the hello, and the WebSocket handlers. */
-export class TunnelServer {
+class TunnelServer {
   readonly admission: AdmissionLimit;
   readonly #log: Logger;
 
@@ -3586,7 +3601,7 @@ export class TunnelServer {
 }
 
 /** The uplink's view for status: where it dials and how it is doing. */
-export interface UplinkStatus {
+interface UplinkStatus {
   url: string;
   state: "connecting" | "up" | "down";
   since: string;
@@ -3604,7 +3619,7 @@ export interface UplinkStatus {
   proxy?: string;
 }
 
-export interface UplinkOptions {
+interface UplinkOptions {
   /** The hub's base URL (ws:// or wss://); the tunnel path is added. */
   url: string;
   token: string;
@@ -3626,7 +3641,7 @@ export interface UplinkOptions {
 }
 
 /** The proxy an uplink dials through: its URL (credentials included), that URL for display, and who named it. */
-export interface UplinkProxy {
+interface UplinkProxy {
   url: string;
   shown: string;
   source: string;
@@ -3636,6 +3651,7 @@ export interface UplinkProxy {
  * Whether NO_PROXY (curl's and Go's syntax: comma- or space-separated; `*`; a domain, which
  * covers its subdomains, with or without a leading `.` or `*.`; an IP address or CIDR block;
  * any of these with `:PORT`) exempts the URL's host from the proxy.
+ * @internal
  */
 export function noProxyMatches(target: URL, noProxy: string): boolean {
   const host = target.hostname.replace(/^\[|\]$/g, "").replace(/\.$/, "").toLowerCase();
@@ -3671,6 +3687,7 @@ export function noProxyMatches(target: URL, noProxy: string): boolean {
  * and http_proxy / HTTP_PROXY for ws://; none when no_proxy / NO_PROXY names the hub. Bun's
  * WebSocket applies NO_PROXY to any proxy it is given, so this does too, reading it the way Bun
  * does (no_proxy first). Errors name the setting, never its value (it may hold a password).
+ * @internal
  */
 export function uplinkProxy(target: string, explicit: string | undefined, env: Record<string, string | undefined>): UplinkProxy | undefined {
   const url = new URL(target);
@@ -3692,6 +3709,7 @@ export function uplinkProxy(target: string, explicit: string | undefined, env: R
 /**
  * The text with the user and password taken out of every URL in it (`http://u:pw@proxy:3128/` →
  * `http://proxy:3128/`), however it is spelled: for messages that may quote a proxy's URL.
+ * @internal
  */
 export function withoutUserinfo(text: string): string {
   return text.replace(/\/\/[^\s/?#]*@/g, "//");
@@ -3722,7 +3740,7 @@ function displayUrl(url: URL): string {
   return `${url.protocol}//${url.host}${url.pathname}`;
 }
 
-export function tunnelUrl(base: string): URL {
+function tunnelUrl(base: string): URL {
   const url = new URL(base);
   url.pathname = url.pathname.replace(/\/+$/, "") + TUNNEL_PATH;
   url.search = "";
@@ -3735,7 +3753,7 @@ export function tunnelUrl(base: string): URL {
  * balancer in front of several hubs can keep a network's sites on one hub (HAProxy's
  * `balance url_param networks`). Only an optimisation: the hello is what attaches networks.
  */
-export function dialUrl(url: URL, networks: Iterable<string>): string {
+function dialUrl(url: URL, networks: Iterable<string>): string {
   const names = [...networks].join(",");
   return names ? `${url.href}?networks=${names}` : url.href;
 }
@@ -3765,7 +3783,7 @@ function explainTls(reason: string, ca: string | undefined): string {
  * A failed dial in words a user can act on; `final` when retrying soon cannot help (a wrong token).
  * `tls`: the --uplink-ca file, and the fingerprint of a certificate the pin refused.
  */
-export function explainDialFailure(message: string, tls: { ca?: string; pinRefused?: string } = {}): { why: string; final: boolean } {
+function explainDialFailure(message: string, tls: { ca?: string; pinRefused?: string } = {}): { why: string; final: boolean } {
   const status = /Expected 101 status code: (\d+)/.exec(message)?.[1];
   if (status !== undefined) {
     const [why, final] = DIAL_REFUSALS[status] ?? [`the hub answered HTTP ${status} instead of a WebSocket upgrade`, false];
@@ -3784,7 +3802,7 @@ export function explainDialFailure(message: string, tls: { ca?: string; pinRefus
  * networks that come and go here attached and detached on the live tunnel. Local switching never
  * waits for it.
  */
-export class Uplink {
+class Uplink {
   readonly url: URL;
   status: UplinkStatus;
   #ws: WebSocket | undefined;
@@ -4019,6 +4037,7 @@ export const V86_PATH = "/v86";
  * At most `frames` frames and `bytes` bytes a second on average (0: no limit), in bursts of up to a
  * second's worth. A frame passes while there is any allowance left and may overdraw it, so one
  * bigger than a second's bytes is delayed, never refused forever.
+ * @internal
  */
 export class RateLimit {
   #frames: number;
@@ -4049,7 +4068,7 @@ export class RateLimit {
 }
 
 /** What a v86 port needs of its WebSocket: Bun's `ServerWebSocket`, narrowed. */
-export interface V86Socket {
+interface V86Socket {
   /** Bun's answer: bytes sent, -1 queued (backpressure), 0 dropped. */
   send(frame: Uint8Array): number;
   buffered(): number;
@@ -4062,7 +4081,7 @@ export interface V86Socket {
  * WebSocket's own buffer, bounded by `limit` and the relay's budget; `rate` (--v86-rate) bounds
  * each direction separately.
  */
-export class V86Port extends Port {
+class V86Port extends Port {
   /** Bytes of the socket's buffer charged to the budget, as last sampled. */
   #accounted = 0;
   readonly #in: RateLimit | undefined;
@@ -4127,7 +4146,7 @@ export class V86Port extends Port {
   }
 }
 
-export interface V86Data {
+interface V86Data {
   v86: true;
   network: string;
   /** The client's address and port, and its Origin if it sent one: never the URL. */
@@ -4136,7 +4155,7 @@ export interface V86Data {
   port?: V86Port;
 }
 
-export interface V86ServerOptions {
+interface V86ServerOptions {
   limit: number;
   budget: MemoryBudget;
   rate: V86Rate | undefined;
@@ -4151,7 +4170,7 @@ export interface V86ServerOptions {
 }
 
 /** v86 ports: admission before the upgrade (origin, limits) and the WebSocket handlers. */
-export class V86Server {
+class V86Server {
   readonly admission: AdmissionLimit;
   readonly #warn: (line: string) => void;
 
@@ -4231,12 +4250,13 @@ const CRLF = Uint8Array.of(13, 10);
 /**
  * The subject a network's frames travel on: `edge-relay.CLUSTER.NETWORK`. A '.' in a name would split
  * it into two subject tokens; names never hold '~', so writing '.' as '~' keeps subjects one-to-one.
+ * @internal
  */
 export function backplaneSubject(cluster: string, network: string): string {
   return `edge-relay.${cluster.replaceAll(".", "~")}.${network.replaceAll(".", "~")}`;
 }
 
-/** The header block every message of this hub carries: its id, so other hubs can name it. */
+/** The header block every message of this hub carries: its id, so other hubs can name it. @internal */
 export function natsHeaderBlock(hubId: string): Uint8Array {
   return new TextEncoder().encode(`NATS/1.0\r\n${BACKPLANE_HUB_HEADER}: ${hubId}\r\n\r\n`);
 }
@@ -4252,6 +4272,7 @@ function hubOf(headers: Uint8Array): string | undefined {
  * Writes `HPUB SUBJECT HLEN TOTAL\r\n` and the header block so that they end at `end` in `bytes`,
  * right before a payload of `payload` bytes that is already there; returns where they start.
  * Publishing then writes one buffer, and the payload is never copied to make the message.
+ * @internal
  */
 export function writeHpub(bytes: Uint8Array, end: number, subject: string, headers: Uint8Array, payload: number): number {
   const line = `HPUB ${subject} ${headers.length} ${headers.length + payload}\r\n`;
@@ -4262,13 +4283,13 @@ export function writeHpub(bytes: Uint8Array, end: number, subject: string, heade
   return start;
 }
 
-/** Room for `writeHpub`'s line and header block in front of a message of at most `max` bytes. */
+/** Room for `writeHpub`'s line and header block in front of a message of at most `max` bytes. @internal */
 export function hpubRoom(subject: string, headers: Uint8Array, max: number): number {
   return `HPUB ${subject} ${headers.length} ${headers.length + max}\r\n`.length + headers.length;
 }
 
 /** What a NATS server sends that a client acts on. */
-export interface NatsReceiver {
+interface NatsReceiver {
   /** A message for subscription `sid`: its header block (empty for MSG) and payload, valid during the call. */
   message(sid: number, headers: Uint8Array, payload: Uint8Array): void;
   /** A message over the maximum, skipped unread: anyone who may publish on a subject can send one. */
@@ -4289,6 +4310,7 @@ function natsSize(text: string | undefined): number {
  * gives. A message whole in one chunk is handed over in place; one split across chunks is gathered
  * once into a buffer of its size. A line is bounded, and a message over the maximum is skipped
  * unread; anything malformed throws (a TypeError or RangeError), and the connection is then dropped.
+ * @internal
  */
 export class NatsDecoder {
   #line = "";
@@ -4394,7 +4416,7 @@ function natsErrorText(rest: string): string {
   return rest.replace(/^'|'$/g, "").replace(/[^\x20-\x7e]/g, "?").slice(0, 200);
 }
 
-export interface NatsLinkOptions {
+interface NatsLinkOptions {
   servers: string[];
   name: string;
   token?: string;
@@ -4407,7 +4429,7 @@ export interface NatsLinkOptions {
   maxBacklog: number;
 }
 
-export interface NatsLinkEvents {
+interface NatsLinkEvents {
   up(server: string): void;
   /** A dial failed or the connection was lost; the link dials again after the backoff. */
   down(reason: string): void;
@@ -4664,7 +4686,7 @@ class NatsSession {
  * of what one does at best, with this about half (bench/RESULTS.md). NATS's library still signs
  * the server's nonce.
  */
-export class NatsLink implements NatsSessionOwner {
+class NatsLink implements NatsSessionOwner {
   /** The largest message the server takes. */
   maxPayload = NATS_MAX_MESSAGE;
   readonly subjects = new Map<number, string>();
@@ -4768,7 +4790,7 @@ export class NatsLink implements NatsSessionOwner {
   }
 }
 
-export interface BackplaneOptions {
+interface BackplaneOptions {
   servers: string[];
   cluster: string;
   token?: string;
@@ -4784,7 +4806,7 @@ export interface BackplaneOptions {
   countError(): void;
 }
 
-export interface BackplaneStatus {
+interface BackplaneStatus {
   servers: string[];
   cluster: string;
   state: "connecting" | "up" | "down" | "closed";
@@ -4803,7 +4825,7 @@ export interface BackplaneStatus {
   errors: number;
 }
 
-export interface BackplaneSnapshot extends BackplaneStatus {
+interface BackplaneSnapshot extends BackplaneStatus {
   /** Networks subscribed to: those with a port on this hub. */
   networks: string[];
 }
@@ -4814,7 +4836,7 @@ export interface BackplaneSnapshot extends BackplaneStatus {
  * comes in through it. One port stands for every other hub, so their MACs are learned behind it, and
  * a frame that came from the backplane never goes back into it.
  */
-export class BackplanePort extends BatchedPort {
+class BackplanePort extends BatchedPort {
   /** The subscription's id while the network has a port here. */
   sid: number | undefined;
   /** The server has the subscription: other hubs' messages for the network reach this hub. */
@@ -4865,7 +4887,7 @@ function noControl(control: ControlMessage): never {
  * not connected frames for other hubs are dropped and counted (never buffered without bound), and
  * local switching goes on.
  */
-export class Backplane {
+class Backplane {
   readonly status: BackplaneStatus;
   /** The servers as status and logs show them. */
   readonly shown: string;
@@ -5148,7 +5170,7 @@ function claimUnixPath(path: string): void {
  * Raises the soft open-file limit to the hard one (Bun 1.4 already does at start; a runtime that
  * does not would leave many hosts at 1024) and returns the soft limit in force.
  */
-export function raiseFdLimit(): number {
+function raiseFdLimit(): number {
   const c = libc();
   const limit = new BigUint64Array(2);
   if (c.getrlimit(RLIMIT_NOFILE, limit) !== 0) throw errnoError("getrlimit");
@@ -5157,7 +5179,7 @@ export function raiseFdLimit(): number {
 }
 
 /** QEMU stream connections open across every --qemu-listen, and what happens beyond the cap. */
-export interface ConnectionCap {
+interface ConnectionCap {
   open: number;
   readonly max: number;
   refuse(peer: string): void;
@@ -5167,7 +5189,7 @@ export interface ConnectionCap {
  * The cap on accepted QEMU connections, kept under the open-file limit: at that limit accept fails
  * with EMFILE, which the event loop retries at full speed, and nothing else gets a descriptor.
  */
-export function connectionCap(max: number, fdLimit: number, log: Logger, countRefused: () => void): ConnectionCap {
+function connectionCap(max: number, fdLimit: number, log: Logger, countRefused: () => void): ConnectionCap {
   // A quarter of the descriptors stays for HTTP clients, tunnels and the relay's own files.
   const allowed = Math.max(1, Math.floor((fdLimit * 3) / 4));
   if (max > allowed) log.warn(`--max-connections ${max} lowered to ${allowed}: the open-file limit is ${fdLimit}`);
@@ -5183,7 +5205,7 @@ export function connectionCap(max: number, fdLimit: number, log: Logger, countRe
 }
 
 /** A QEMU stream connection (TCP): length-prefixed frames both ways. */
-export class StreamPort extends Port {
+class StreamPort extends Port {
   readonly decoder = new StreamDecoder();
   readonly writer: StreamWriter;
   /** What flow control left undecoded when it paused this port: decoded first when it reads again. */
@@ -5320,7 +5342,7 @@ function streamHandlers(ctx: StreamContext) {
 }
 
 /** A TCP or unix listener for QEMU stream clients; each connection becomes a port. */
-export async function listenStream(address: SocketAddress, ctx: StreamContext): Promise<{ address: string; stop(): void }> {
+async function listenStream(address: SocketAddress, ctx: StreamContext): Promise<{ address: string; stop(): void }> {
   try {
     if ("path" in address) {
       claimUnixPath(address.path);
@@ -5335,7 +5357,7 @@ export async function listenStream(address: SocketAddress, ctx: StreamContext): 
 }
 
 /** How a --qemu-connect dialer is doing, for status. */
-export interface DialStatus {
+interface DialStatus {
   network: string;
   target: string;
   state: "connecting" | "up";
@@ -5345,7 +5367,7 @@ export interface DialStatus {
 }
 
 /** Dials a listening QEMU until it answers, and again (with backoff) whenever it goes away. */
-export class QemuDialer {
+class QemuDialer {
   readonly status: DialStatus;
   readonly target: string;
   readonly #redial = new Redialer(new Backoff(DIAL_BACKOFF_MIN_MS, DIAL_BACKOFF_MAX_MS), () => void this.#dial());
@@ -5401,7 +5423,7 @@ export class QemuDialer {
 }
 
 /** What a datagram port needs from its socket: one frame to one address, and nothing kept. */
-export interface DatagramSocket {
+interface DatagramSocket {
   /** The bound address, as logged. */
   readonly address: string;
   /** The largest frame one datagram carries. */
@@ -5450,7 +5472,7 @@ function socketInode(fd: number): string | undefined {
  * Datagrams the kernel dropped at a UDP socket, mostly for a full receive buffer: the `drops`
  * column of /proc/net/udp (or udp6), found by the socket's inode.
  */
-export function udpKernelDrops(inode: string): number {
+function udpKernelDrops(inode: string): number {
   for (const table of ["/proc/net/udp", "/proc/net/udp6"]) {
     let text: string;
     try {
@@ -5474,7 +5496,7 @@ const UDP_SEND_BATCH_BYTES = 256 * 1024;
 type OnDatagram = (data: Uint8Array, key: string, from: () => SocketAddress) => void;
 
 /** A datagram peer (UDP or unix) or a multicast group: one frame per datagram. */
-export class DatagramPort extends Port {
+class DatagramPort extends Port {
   lastHeard = Date.now();
   constructor(
     kind: string,
@@ -5582,9 +5604,9 @@ async function openUdp(address: HostPort, onDatagram: OnDatagram, onError: (erro
   };
 }
 
-/** Bytes of datagrams a unix receiver may have posted to the main thread that it has not yet taken. */
+/** Bytes of datagrams a unix receiver may have posted to the main thread that it has not yet taken. @internal */
 export const UNIX_DGRAM_BACKLOG = 4 * 1024 * 1024;
-/** What one posted message counts against the backlog besides its bytes: an empty one is not free. */
+/** What one posted message counts against the backlog besides its bytes: an empty one is not free. @internal */
 export const UNIX_DGRAM_MESSAGE_COST = 256;
 /** Slots of the receiver's shared state. */
 const RX_STOP = 0;
@@ -5661,6 +5683,7 @@ interface UnixPeer extends UnixPath {
 /**
  * A unix datagram socket bound to `path` (a stale file of a killed process is replaced). Peers are
  * told apart by their raw address bytes.
+ * @internal
  */
 export async function openUnixDgram(
   path: string,
@@ -5744,7 +5767,7 @@ export async function openUnixDgram(
 }
 
 /** A --qemu-udp socket in /status: its peers and what it dropped rather than make a port of. */
-export interface DatagramStatus {
+interface DatagramStatus {
   network: string;
   address: string;
   /** The fixed REMOTE: then nothing else is accepted. */
@@ -5782,7 +5805,7 @@ interface DatagramContext {
  * A datagram socket for QEMU dgram/udp netdevs: every distinct source address is its own port, or,
  * with a fixed remote, that remote is the only port and other sources are dropped and counted.
  */
-export class DatagramBinding {
+class DatagramBinding {
   /** Peers by key, from least to most recently heard. */
   readonly #peers = new Map<string, DatagramPort>();
   readonly #status: DatagramStatus;
@@ -5960,7 +5983,7 @@ export class DatagramBinding {
  * (SO_REUSEADDR) and loop multicast back, so the relay joins with the same flag and sends from a
  * socket of its own, whose looped-back copies it recognises by source and drops.
  */
-export async function joinMulticast(
+async function joinMulticast(
   group: HostPort,
   localAddress: string | undefined,
   ctx: { network: Network; log: Logger },
@@ -6034,7 +6057,7 @@ export interface Snapshot extends RelayCounters {
 }
 
 /** What /status lists (undefined: the default): learned MACs and ports per network, and which networks. */
-export interface StatusView {
+interface StatusView {
   macs?: number;
   ports?: number;
   /** Networks listed, from the `offset`-th on. */
@@ -6042,7 +6065,7 @@ export interface StatusView {
   offset?: number;
 }
 
-/** The page of networks a view asks for, each cut to its ports and MACs; the total is always given. */
+/** The page of networks a view asks for, each cut to its ports and MACs; the total is always given. @internal */
 export function statusNetworks(all: Iterable<Network>, total: number, view: StatusView): Pick<Snapshot, "networks" | "networksPage"> {
   const offset = view.offset ?? 0;
   const limit = view.networks ?? STATUS_NETWORKS;
@@ -6078,7 +6101,7 @@ const RELAY_COUNTERS: [name: string, help: string, key: keyof RelayCounters][] =
 ];
 
 /** How much of /metrics gets series of its own: the first ports and networks (the rest are in the per-kind totals). */
-export interface MetricsView {
+interface MetricsView {
   ports: number;
   networks: number;
 }
@@ -6093,19 +6116,20 @@ const KIND_METRICS: [name: string, help: string, key: keyof KindTotals][] = [
 ];
 
 /** Prometheus labels of a --qemu-udp socket; a unix path may hold any character. */
-export function datagramLabel(d: DatagramStatus, reason?: string): string {
+function datagramLabel(d: DatagramStatus, reason?: string): string {
   const socket = d.address.replace(/[\\"\n]/g, (c) => (c === "\n" ? "\\n" : `\\${c}`));
   return `{network="${d.network}",socket="${socket}"${reason ? `,reason="${reason}"` : ""}}`;
 }
 
 /** `edge_relay_datagram_drops_total` samples of one socket, one per reason. */
-export function datagramDrops(d: DatagramStatus): [string, number][] {
+function datagramDrops(d: DatagramStatus): [string, number][] {
   return Object.entries(d.drops).map(([reason, n]) => [datagramLabel(d, reason), n]);
 }
 
 /**
  * Prometheus text exposition: the relay's counters from a snapshot (its networks not listed), the
  * ports' and networks' read from them directly. The cost is per port, never per MAC.
+ * @internal
  */
 export function renderMetrics(
   s: Snapshot,
@@ -6179,6 +6203,7 @@ export function renderMetrics(
  * template as a \u escape: the script spells them so itself, the HTML as entities) with no backtick
  * or `${`, so this constant is the page byte for byte; the page's CSP allows its inline script and
  * style by their hashes.
+ * @internal
  */
 export const PAGE_HTML = String.raw`<!doctype html>
 <html lang="en">
@@ -6786,7 +6811,7 @@ async function smallBody(request: Request, limit: number): Promise<string | unde
   return new TextDecoder().decode(Buffer.concat(chunks));
 }
 
-export interface CaptureRequest {
+interface CaptureRequest {
   network: string;
   filter: CaptureFilter;
   /** Stop after this many frames (the query's `count`), or this many seconds (0: no limit). */
@@ -6795,7 +6820,7 @@ export interface CaptureRequest {
 }
 
 /** `/capture`'s query: `network` (required), `port`, `snaplen`, `count`, `seconds`, `mac`, `ethertype`; or why not. */
-export function parseCaptureRequest(query: URLSearchParams): CaptureRequest | string {
+function parseCaptureRequest(query: URLSearchParams): CaptureRequest | string {
   const network = query.get("network");
   if (network === null || !NETWORK_NAME.test(network)) return "capture: network=NAME is required";
   const whole = (name: string, min: number, max: number, fallback: number): number | string => {
@@ -6822,7 +6847,7 @@ export function parseCaptureRequest(query: URLSearchParams): CaptureRequest | st
  * The relay's live captures (at most `max` at once): each streams pcapng through a bounded queue,
  * so a viewer that reads too slowly loses frames (counted) and never slows the switch.
  */
-export class CaptureRegistry {
+class CaptureRegistry {
   readonly #live = new Set<{ capture: Capture; client: string; stop(): void }>();
 
   constructor(
@@ -6905,14 +6930,14 @@ interface AppContext {
 }
 
 /** Whatever a WebSocket of the HTTP listener carries: a tunnel, or a v86 port. */
-export type SocketData = TunnelData | V86Data;
+type SocketData = TunnelData | V86Data;
 
 /**
  * Routes: /healthz, /status, /metrics, the status page at /, and the tunnel upgrade (the frames then
  * bypass Hono). With an admin token, /login trades it for a cookie that counts like the Bearer
  * header. An address that keeps failing authentication is answered 429 for a while, on every route.
  */
-export function createApp(ctx: AppContext) {
+function createApp(ctx: AppContext) {
   const app = new Hono<{ Bindings: Server<SocketData> }>();
   const refusals = rateLimitedLog(ctx.log.warn, 10, 10_000);
   const throttle = new AuthThrottle();
@@ -7109,6 +7134,7 @@ function defaultName(): string {
  * v86 port may bring one into being (up to --max-networks), and it goes again when the last port
  * other than the uplink and the backplane leaves it: checked once per event-loop turn, and only
  * for the networks that lost a port or were just made.
+ * @internal
  */
 export class NetworkRegistry {
   readonly #networks = new Map<string, Network>();
@@ -7222,7 +7248,7 @@ interface QemuPortsContext {
  * Binds every --qemu-listen, --qemu-udp and --qemu-mcast and starts every --qemu-connect dialer,
  * each on its network (made here); throws at the first that cannot be bound, its stopper added.
  */
-export async function bindQemuPorts(config: Config, registry: NetworkRegistry, ctx: QemuPortsContext): Promise<QemuPorts> {
+async function bindQemuPorts(config: Config, registry: NetworkRegistry, ctx: QemuPortsContext): Promise<QemuPorts> {
   const { log, budget, countError, stoppers } = ctx;
   const ports: QemuPorts = { bound: [], datagrams: [], dialers: [] };
   // Before the first accept: the limit decides how many QEMU connections fit.
@@ -7507,7 +7533,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger, en
 
 const HELP_COLUMN = 34;
 
-/** The usage text, built from the option table. */
+/** The usage text, built from the option table. @internal */
 export function helpText(program = "bun relay.ts"): string {
   const out = [
     `edge-relay ${VERSION}: share Ethernet segments between QEMU VMs across hosts`,
@@ -7542,7 +7568,7 @@ type Flags = Record<string, string | true | string[]>;
  * negative number is the schema's to refuse), but not with `--`: that is the next option, and the
  * value was forgotten.
  */
-export function parseFlags(argv: string[]): Flags {
+function parseFlags(argv: string[]): Flags {
   const byFlag = new Map<string, [string, OptionSpec]>();
   for (const [key, spec] of Object.entries(OPTIONS as Record<string, OptionSpec>)) {
     byFlag.set(flagOf(key), [key, spec]);
@@ -7628,7 +7654,7 @@ export function loadConfig(argv: string[], env: Record<string, string | undefine
 }
 
 /** A locally administered MAC in QEMU's range, fresh each call: VMs started from one hint must differ. */
-export function randomVmMac(): string {
+function randomVmMac(): string {
   const [a, b, c] = crypto.getRandomValues(new Uint8Array(3));
   return ["52", "54", "00", a!, b!, c!].map((x) => (typeof x === "string" ? x : x.toString(16).padStart(2, "0"))).join(":");
 }
@@ -7646,7 +7672,7 @@ function qemuAddress(prefix: string, address: SocketAddress): string {
  * exists, the older `-netdev socket` form; each with a MAC of its own, and saying that a second VM
  * started from the same line needs another (two VMs with one MAC cannot talk).
  */
-export function qemuHints(config: Config, bound: BoundAddress[]): string[] {
+function qemuHints(config: Config, bound: BoundAddress[]): string[] {
   const lines: string[] = [];
   const hint = (network: string, form: string, netdev: string) =>
     lines.push(`attach a VM to ${network} (${form}; change mac= for each further VM): qemu-system-x86_64 … -netdev ${netdev} -device virtio-net-pci,netdev=n0,mac=${randomVmMac()}`);
