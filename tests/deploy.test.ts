@@ -26,6 +26,7 @@ import {
   ROOT,
   readme,
   recipe,
+  scenario,
 } from "./helpers.ts";
 
 const UNIT = `${ROOT}deploy/edge-relay.service`;
@@ -136,7 +137,7 @@ describe("systemd unit and the compiled binary", () => {
     const status = async () => (await fetch(`${hub.base}/status`, { headers: { Authorization: `Bearer ${ADMIN}` } })).json();
     expect((await fetch(`${hub.base}/status`)).status).toBe(401);
 
-    await using site = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--uplink", hub.base.replace(/^http/, "ws"), "--uplink-token", TOKEN]);
+    await using site = await scenario().listen().uplink(hub.base, TOKEN).spawn();
     await uplinkUp(site);
     await using vm = await attachVm(site);
     const frames = new FrameQueue();
@@ -203,13 +204,13 @@ describe("Container image (deploy/Containerfile)", () => {
 
     // A hub as the README runs it (its secrets in an --env-file), on the host's loopback and free ports.
     await Bun.write(`${d}/env`, `RELAY_TOKENS=${TOKEN}\n`);
-    const hub = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0"], {
+    const hub = await scenario().listen().spawn({
       command: [...run, "--name", "hub", "--env-file", `${d}/env`, "edge-relay"],
     });
     await using _hub = hub;
     const pid = (await Bun.$`${podman} container inspect hub --format {{.State.Pid}}`.text()).trim();
     expect((await Bun.file(`/proc/${pid}/status`).text()).match(/^Uid:\s+(\d+)/m)?.[1]).toBe("65532");
-    await using site = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--uplink", hub.base.replace(/^http/, "ws"), "--uplink-token", TOKEN]);
+    await using site = await scenario().listen().uplink(hub.base, TOKEN).spawn();
     await uplinkUp(site);
     await framesCross(site, hub, "64");
     // Podman hands SIGTERM to the relay, which stops cleanly.
@@ -224,7 +225,7 @@ describe("HAProxy in front of a hub (deploy/haproxy.cfg)", () => {
     // A test CA and a certificate it signs for 127.0.0.1; the site trusts the CA.
     await testCertificate(d);
 
-    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN, "--qemu-listen", "127.0.0.1:0"]);
+    await using hub = await scenario().hub(TOKEN).listen().spawn();
     const hubAddress = new URL(hub.base).host;
     const port = await freePort();
     const recipe = await Bun.file(`${ROOT}deploy/haproxy.cfg`).text();
@@ -245,9 +246,7 @@ describe("HAProxy in front of a hub (deploy/haproxy.cfg)", () => {
       return (await fetch(`${front}/tunnel`, { tls: { ca } })).status === 401;
     }, `HAProxy on ${port} with the hub up`);
 
-    await using site = await spawnRelay([
-      "--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--uplink", `wss://127.0.0.1:${port}`, "--uplink-token", TOKEN, "--uplink-ca", `${d}/ca.pem`,
-    ]);
+    await using site = await scenario().listen().uplink(`wss://127.0.0.1:${port}`, TOKEN).with("--uplink-ca", `${d}/ca.pem`).spawn();
     await uplinkUp(site).catch(async (error) => {
       throw new Error(`${error.message}\nsite: ${JSON.stringify((await site.status()).uplink)}\nHAProxy:\n${haproxy.log()}`);
     });

@@ -7,7 +7,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { copyFileSync, existsSync, mkdirSync } from "node:fs";
 import puppeteer, { type Browser, type Page } from "puppeteer-core";
 import { ADMIN_COOKIE, PAGE_HTML } from "../relay.ts";
-import { attachVm, makeFrame, spawnRelay, tempDir, waitUntil } from "./helpers.ts";
+import { attachVm, makeFrame, tempDir, waitUntil, scenario } from "./helpers.ts";
 
 const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
 const present = existsSync(CHROMIUM);
@@ -60,7 +60,7 @@ suite("status page in Chromium", () => {
 
   test("shows the network, both ports and rising counters while two VMs exchange frames", async () => {
     await using dir = await tempDir();
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "lab=127.0.0.1:0", "--name", "site-a"]);
+    await using relay = await scenario().listen("lab").with("--name", "site-a").spawn();
     await using a = await attachVm(relay, "lab");
     await using b = await attachVm(relay, "lab");
     const lab = (await relay.status()).networks.find((n: any) => n.name === "lab");
@@ -169,7 +169,7 @@ suite("status page in Chromium", () => {
   test("with an admin token: 401 and a login form, then a cookie the page's polls carry", async () => {
     await using dir = await tempDir();
     const token = "page-admin-token-0001";
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--admin-token", token, "--qemu-listen", "127.0.0.1:0", "--name", "locked-relay"]);
+    await using relay = await scenario().with("--admin-token", token).listen().with("--name", "locked-relay").spawn();
     const base = relay.base;
 
     const anonymous = await fetch(`${base}/`);
@@ -316,7 +316,7 @@ describe("status page login", () => {
     const [cert, key] = [`${dir.path}/cert.pem`, `${dir.path}/key.pem`];
     await Bun.$`openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ${key} -out ${cert} -days 1 -subj /CN=edge-relay-test -addext subjectAltName=IP:127.0.0.1`.quiet();
     const token = "page-admin-token-tls1";
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--admin-token", token, "--tls-cert", cert, "--tls-key", key]);
+    await using relay = await scenario().with("--admin-token", token, "--tls-cert", cert, "--tls-key", key).spawn();
     expect(relay.base).toStartWith("https://");
     const tls = { ca: await Bun.file(cert).text() };
     const login = (value: string) =>
