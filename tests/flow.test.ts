@@ -82,9 +82,11 @@ describe("--flow-control", () => {
       const sink = all.find((p: any) => p !== sender && p.tx.frames + p.tx.drops === N);
       return sender && sink && { sender, sink };
     }, `all ${N} frames read, then sent or dropped toward the stopped VM`, 15_000);
-    expect(done.sender.flow).toMatchObject({ waitingFor: null });
+    // Given up on once: it never drains, so it stays given up on and pauses no one again; the rest
+    // of the transfer drops at its queue. (The pauses before that depend on the kernel's buffers.)
+    expect(done.sender.flow).toMatchObject({ waitingFor: null, stalls: 0 });
     expect(done.sender.flow.pauses).toBeGreaterThan(0);
-    expect(done.sink.flow.stalls).toBeGreaterThan(0);
+    expect(done.sink.flow.stalls).toBe(1);
     expect(done.sink.tx.drops).toBeGreaterThan(0);
   });
 
