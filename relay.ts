@@ -7291,7 +7291,7 @@ interface SnapshotSources {
   impairments: ImpairmentTable;
   captures: CaptureRegistry;
   captureFiles: CaptureFile[];
-  qemu: QemuPorts;
+  qemu(): QemuPorts;
   backplane: Backplane | undefined;
   uplink(): Uplink | undefined;
 }
@@ -7300,6 +7300,7 @@ interface SnapshotSources {
 function buildSnapshot(s: SnapshotSources, view: StatusView = {}): Snapshot {
   const { config, registry, budget } = s;
   const uplink = s.uplink();
+  const qemu = s.qemu();
   return {
     version: VERSION,
     id: s.identity.id,
@@ -7309,7 +7310,7 @@ function buildSnapshot(s: SnapshotSources, view: StatusView = {}): Snapshot {
     ...statusNetworks(registry.values(), registry.size, view),
     uplink: uplink ? { ...uplink.status } : null,
     backplane: s.backplane ? s.backplane.snapshot() : null,
-    dials: s.qemu.dialers.map((d) => ({ ...d.status })),
+    dials: qemu.dialers.map((d) => ({ ...d.status })),
     captures: [...s.captures.snapshot(), ...s.captureFiles.map((f) => f.snapshot())],
     impairments: s.impairments.snapshot(),
     limits: {
@@ -7323,7 +7324,7 @@ function buildSnapshot(s: SnapshotSources, view: StatusView = {}): Snapshot {
       memoryDrops: budget.drops,
       flowControl: config.flowControl,
     },
-    datagrams: s.qemu.datagrams.map((d) => d.status()),
+    datagrams: qemu.datagrams.map((d) => d.status()),
     ...s.counters,
   };
 }
@@ -7475,10 +7476,15 @@ export async function startRelay(config: Config, log: Logger = consoleLogger, en
   });
   const captures = new CaptureRegistry((name) => registry.get(name), config.maxCaptures);
   const captureFiles: CaptureFile[] = [];
-  const qemu: QemuPorts = { bound: [], datagrams: [], dialers: [] };
+  let qemu: QemuPorts = { bound: [], datagrams: [], dialers: [] };
   const snapshot = (view?: StatusView) =>
-    buildSnapshot({ config, identity, startedAt, registry, counters, budget, tunnels, impairments, captures, captureFiles, qemu, backplane, uplink: () => uplink }, view);
+    buildSnapshot({ config, identity, startedAt, registry, counters, budget, tunnels, impairments, captures, captureFiles, qemu: () => qemu, backplane, uplink: () => uplink }, view);
   const bound: BoundAddress[] = [];
+  // Whatever fails to start, what already runs stops, so a failed start leaves nothing behind.
+  const stopAll = () => {
+    policy.stopping = true;
+    return stoppers.stopAll();
+  };
   try {
     const app = createApp({ grants: makeGrants(config.tokens), adminToken: config.adminToken, snapshot, networks: () => registry.values(), totals, counters, tunnels, v86, captures, impairments, log });
     const server = serveHttp(config, app, tunnels, v86);
@@ -7490,7 +7496,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger, en
     }
     // Per-connection errors from QEMU ports share one limiter: a flood of bad peers is a few lines.
     const portLog: Logger = { info: log.info, warn: rateLimitedLog(log.warn, 10, 10_000).log };
-    Object.assign(qemu, await bindQemuPorts(config, registry, { log: portLog, budget, counters, countError, stoppers }));
+    qemu = await bindQemuPorts(config, registry, { log: portLog, budget, counters, countError, stoppers });
     bound.push(...qemu.bound);
     for (const spec of config.captureFile) {
       const file = new CaptureFile(registry.getOrCreate(spec.network), spec.path, config.captureRotate, config.captureKeep, log);
@@ -7507,8 +7513,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger, en
     }
     startTimers(config, registry, qemu.datagrams, stoppers);
   } catch (error) {
-    policy.stopping = true;
-    await stoppers.stopAll();
+    await stopAll();
     throw error;
   }
   let stopping: Promise<void> | undefined;
@@ -7518,10 +7523,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger, en
     network: (name) => registry.get(name),
     snapshot,
     stop() {
-      stopping ??= Promise.resolve().then(() => {
-        policy.stopping = true;
-        return stoppers.stopAll();
-      });
+      stopping ??= Promise.resolve().then(stopAll);
       return stopping;
     },
     [Symbol.asyncDispose]: () => handle.stop(),
