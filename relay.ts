@@ -79,6 +79,12 @@ const DEFAULT_STORM_LIMIT = 5_000;
 const MIN_TOKEN_LENGTH = 16;
 /** The largest --queue-bytes: a tunnel's WebSocket backpressure limit is derived from it. */
 const MAX_QUEUE_BYTES = 64 * 1024 * 1024;
+/**
+ * --memory-budget's dynamic threshold (Choudhury & Hahne, as switch ASICs share their buffer): one
+ * port may hold at most this many times the budget still free. With 1 a lone port may fill half of
+ * it, and N ports that stop reading leave 1/(1 + N) of it free for the rest.
+ */
+export const BUDGET_ALPHA = 1;
 /** Learned datagram peers are forgotten after this much silence, or the MAC ageing time if shorter. */
 const UDP_PEER_AGEING_MS = 60_000;
 /** New peers one --qemu-udp socket learns per second: a spoofed flood cannot churn the table faster. */
@@ -1003,7 +1009,7 @@ export const OPTIONS = {
   },
   memoryBudget: {
     arg: "BYTES", numeric: true, group: "limits", schema: v.optional(count("bytes", 1024 * 1024, 2 ** 40), 256 * 1024 * 1024),
-    help: "bytes queued across all ports; beyond it frames drop",
+    help: "bytes queued across all ports; beyond it, or beyond what is\nstill free for one port, frames drop",
   },
   maxCaptures: {
     arg: "N", numeric: true, group: "capture", schema: v.optional(count("captures", 1, 1_000), 4),
@@ -2821,17 +2827,21 @@ export class RoundRobin<T> {
 }
 
 /**
- * Bytes queued across every port of the relay (--memory-budget): a port whose frame would pass it
- * drops the frame instead, so many slow peers together cannot grow memory without bound.
+ * Bytes queued across every port of the relay (--memory-budget), so many slow peers together cannot
+ * grow memory without bound. It is shared by a dynamic threshold (BUDGET_ALPHA): a port's share
+ * shrinks as the budget fills, so ports that stop reading can never take all of it, and a healthy
+ * port always finds room for its next frames.
  */
 export class MemoryBudget {
   used = 0;
-  /** Frames refused because the budget was spent. */
+  /** Frames refused because the budget, or the port's share of what is free, was spent. */
   drops = 0;
   constructor(readonly limit: number) {}
 
-  take(bytes: number): boolean {
-    if (this.used + bytes > this.limit) {
+  /** Room for `bytes` more on a port that holds `held`: within the budget and within the port's share. */
+  take(bytes: number, held: number): boolean {
+    const free = this.limit - this.used;
+    if (bytes > free || held + bytes > BUDGET_ALPHA * free) {
       this.drops++;
       return false;
     }
@@ -2881,7 +2891,7 @@ export class StreamWriter {
 
   push(frame: Uint8Array): boolean {
     const need = 4 + frame.length;
-    if (this.#closed || this.queued + need > this.limit || !this.budget.take(need)) return false;
+    if (this.#closed || this.queued + need > this.limit || !this.budget.take(need, this.queued)) return false;
     if (this.#batch.used + need > BATCH_BYTES) {
       if (this.#blocked) this.#seal();
       else this.#writeOut();
@@ -3266,7 +3276,7 @@ export class TunnelLink {
   /** Room for `bytes` more. */
   reserve(bytes: number): boolean {
     this.queued();
-    if (this.#buffered + this.#batched + bytes > this.limit || !this.budget.take(bytes)) return false;
+    if (this.#buffered + this.#batched + bytes > this.limit || !this.budget.take(bytes, this.#buffered + this.#batched)) return false;
     this.#batched += bytes;
     return true;
   }
@@ -4003,7 +4013,7 @@ export class V86Port extends Port {
     if (this.#out && !this.#out.allow(frame.length)) return false;
     // Charge the budget what the socket's buffer holds now, then this frame.
     this.#accounted = this.budget.recharge(this.#accounted, this.socket.buffered());
-    if (this.#accounted + frame.length > this.limit || !this.budget.take(frame.length)) return false;
+    if (this.#accounted + frame.length > this.limit || !this.budget.take(frame.length, this.#accounted)) return false;
     const sent = this.socket.send(frame);
     if (sent === -1) this.#accounted += frame.length;
     else this.budget.release(frame.length);
