@@ -1095,6 +1095,17 @@ export const ConfigSchema = v.pipe(
     ["qemuMcast"],
   ),
   v.rawCheck(({ dataset, addIssue }) => {
+    if (!dataset.typed) return;
+    const issue = sharedAddress(dataset.value);
+    if (issue === undefined) return;
+    const list = dataset.value[issue.key];
+    const path: [v.ObjectPathItem, v.ArrayPathItem] = [
+      { type: "object", origin: "value", input: dataset.value, key: issue.key, value: list },
+      { type: "array", origin: "value", input: list, key: issue.index, value: list[issue.index]! },
+    ];
+    addIssue({ message: issue.message, path });
+  }),
+  v.rawCheck(({ dataset, addIssue }) => {
     if (!dataset.typed || dataset.value.allowRemoteQemu) return;
     for (const key of ["qemuListen", "qemuUdp", "qemuMcast"] as const) {
       const list = dataset.value[key];
@@ -1110,6 +1121,40 @@ export const ConfigSchema = v.pipe(
     }
   }),
 );
+
+/**
+ * The first listener given an address another one has (the same, or one a wildcard includes), said
+ * before binding: the kernel's "address already in use" would blame some other process. Port 0 is
+ * never shared; multicast members share their group by design.
+ */
+function sharedAddress(c: {
+  http: HostPort;
+  qemuListen: { address: SocketAddress }[];
+  qemuUdp: { address: SocketAddress }[];
+}): { key: "qemuListen" | "qemuUdp"; index: number; message: string } | undefined {
+  const taken: { kind: string; address: SocketAddress; by: string }[] = [{ kind: "tcp", address: c.http, by: flagOf("http") }];
+  for (const key of ["qemuListen", "qemuUdp"] as const) {
+    for (const [index, { address }] of c[key].entries()) {
+      const kind = "path" in address ? "unix" : key === "qemuListen" ? "tcp" : "udp";
+      const clash = taken.find((t) => t.kind === kind && sameListener(t.address, address));
+      if (clash) {
+        const mine = formatAddress(address);
+        const theirs = formatAddress(clash.address);
+        const message = mine === theirs ? `${mine} is given twice, here and to ${clash.by}` : `${mine} overlaps ${theirs}, given to ${clash.by}`;
+        return { key, index, message };
+      }
+      taken.push({ kind, address, by: `${flagOf(key)} (${key}[${index}])` });
+    }
+  }
+  return undefined;
+}
+
+/** Whether two listeners of one kind would want the same socket address. */
+function sameListener(a: SocketAddress, b: SocketAddress): boolean {
+  if ("path" in a || "path" in b) return "path" in a && "path" in b && a.path === b.path;
+  const wildcard = (host: string) => host === "0.0.0.0" || host === "::";
+  return a.port !== 0 && a.port === b.port && (a.host === b.host || wildcard(a.host) || wildcard(b.host));
+}
 
 /**
  * Why a QEMU port would be open to other hosts, or undefined when it is local: a VM port is a port
@@ -6891,6 +6936,15 @@ function listenHttp<T>(address: HostPort, serve: () => T): T {
   }
 }
 
+/** A QEMU listener or group that fails to start, told naming its option as --http's is. */
+async function startedFor<T>(key: "qemuListen" | "qemuUdp" | "qemuMcast", start: Promise<T>): Promise<T> {
+  try {
+    return await start;
+  } catch (error) {
+    throw new Error(`${flagOf(key)}: ${(error as Error).message}`);
+  }
+}
+
 /** The host name as a relay name: what the name pattern allows of it. */
 function defaultName(): string {
   return hostname().replace(/[^A-Za-z0-9_.-]/g, "-").replace(/^[^A-Za-z0-9]+/, "").slice(0, 64) || "relay";
@@ -7096,19 +7150,19 @@ export async function startRelay(config: Config, log: Logger = consoleLogger, en
     const fdLimit = raiseFdLimit();
     const cap = config.qemuListen.length > 0 ? connectionCap(config.maxConnections, fdLimit, log, () => void counters.connectionsRefused++) : undefined;
     for (const spec of config.qemuListen) {
-      const listener = await listenStream(spec.address, { network: network(spec.network), log: portLog, countError, limit: config.queueBytes, budget, kind: "qemu-listen", cap });
+      const listener = await startedFor("qemuListen", listenStream(spec.address, { network: network(spec.network), log: portLog, countError, limit: config.queueBytes, budget, kind: "qemu-listen", cap }));
       stoppers.push(listener.stop);
       bound.push({ what: "qemu-listen", network: spec.network, address: listener.address });
     }
     for (const spec of config.qemuUdp) {
-      const dgram = await bindDatagram(spec.address, spec.remote, { network: network(spec.network), log: portLog, ageingMs, maxPeers: config.udpPeers, countError });
+      const dgram = await startedFor("qemuUdp", bindDatagram(spec.address, spec.remote, { network: network(spec.network), log: portLog, ageingMs, maxPeers: config.udpPeers, countError }));
       stoppers.push(dgram.close);
       sweepers.push(dgram.sweep);
       datagramSockets.push(dgram);
       bound.push({ what: "qemu-udp", network: spec.network, address: dgram.socket.address });
     }
     for (const spec of config.qemuMcast) {
-      const mcast = await joinMulticast(spec.group, spec.localAddress, { network: network(spec.network), log: portLog });
+      const mcast = await startedFor("qemuMcast", joinMulticast(spec.group, spec.localAddress, { network: network(spec.network), log: portLog }));
       stoppers.push(mcast.close);
       bound.push({ what: "qemu-mcast", network: spec.network, address: mcast.address });
     }

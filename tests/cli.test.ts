@@ -189,15 +189,36 @@ describe("CLI", () => {
     }
   });
 
-  test("a port already in use exits 1 with the errno spelled out", async () => {
-    await using first = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0"]);
+  test("a port already in use exits 1 naming the option, with the errno spelled out", async () => {
+    await using first = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--qemu-udp", "127.0.0.1:0"]);
     const taken = first.port("qemu-listen");
     const { stdout, stderr, code } = await runCli(["--http", "127.0.0.1:0", "--qemu-listen", `127.0.0.1:${taken}`]);
     expect({ stdout, stderr, code }).toEqual({
       stdout: "",
-      stderr: `edge-relay: Cannot listen on 127.0.0.1:${taken}: address already in use (EADDRINUSE)\n`,
+      stderr: `edge-relay: --qemu-listen: Cannot listen on 127.0.0.1:${taken}: address already in use (EADDRINUSE)\n`,
       code: 1,
     });
+    const udp = first.port("qemu-udp");
+    expect(await runCli(["--http", "127.0.0.1:0", "--qemu-udp", `127.0.0.1:${udp}`])).toEqual({
+      stdout: "",
+      stderr: `edge-relay: --qemu-udp: Cannot listen on udp 127.0.0.1:${udp}: address already in use (EADDRINUSE)\n`,
+      code: 1,
+    });
+  });
+
+  test("an address given to two listeners of one command is a config error naming both, before anything binds", async () => {
+    const port = await freePort();
+    const cases: [string[], string][] = [
+      [["--qemu-listen", `127.0.0.1:${port}`, "--qemu-listen", `lab=127.0.0.1:${port}`], `--qemu-listen (qemuListen[1]): 127.0.0.1:${port} is given twice, here and to --qemu-listen (qemuListen[0])`],
+      [["--http", `127.0.0.1:${port}`, "--qemu-listen", `127.0.0.1:${port}`], `--qemu-listen (qemuListen[0]): 127.0.0.1:${port} is given twice, here and to --http`],
+      [["--qemu-listen", `0.0.0.0:${port}`, "--allow-remote-qemu", "--qemu-listen", `127.0.0.1:${port}`], `--qemu-listen (qemuListen[1]): 127.0.0.1:${port} overlaps 0.0.0.0:${port}, given to --qemu-listen (qemuListen[0])`],
+      [["--qemu-udp", `127.0.0.1:${port}`, "--qemu-udp", `127.0.0.1:${port},127.0.0.1:9`], `--qemu-udp (qemuUdp[1]): 127.0.0.1:${port} is given twice, here and to --qemu-udp (qemuUdp[0])`],
+      [["--qemu-listen", "unix:/run/edge-relay-test.sock", "--qemu-udp", "unix:/run/edge-relay-test.sock"], "--qemu-udp (qemuUdp[0]): unix:/run/edge-relay-test.sock is given twice, here and to --qemu-listen (qemuListen[0])"],
+    ];
+    for (const [args, line] of cases) expect(await runCli(args)).toEqual({ stdout: "", stderr: `edge-relay: ${line}\n`, code: 2 });
+    // TCP and UDP ports are apart, and port 0 is a new port each time.
+    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", `127.0.0.1:${port}`, "--qemu-udp", `127.0.0.1:${port}`, "--qemu-listen", "lab=127.0.0.1:0", "--qemu-listen", "127.0.0.1:0"]);
+    expect(relay.bound.filter((b) => b.what === "qemu-listen")).toHaveLength(3);
   });
 
   test("an --http address in use exits 1 naming the option, in the same words as any listener", async () => {
