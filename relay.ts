@@ -217,6 +217,14 @@ function bunUnixPath(path: string): string {
   return path.startsWith("@") ? `\0${path.slice(1)}` : path;
 }
 
+/** Which rule of NETWORK_NAME `name` breaks, in words (the first one, as the rules are read). */
+function nameRuleBroken(name: string): string {
+  if (name === "") return "is empty";
+  if (!/^[A-Za-z0-9]/.test(name)) return `must start with a letter or digit, not ${JSON.stringify(name[0])}`;
+  if (!/^[A-Za-z0-9_.-]*$/.test(name)) return "must be letters, digits, '.', '_' or '-'";
+  return "is longer than 64 characters";
+}
+
 /**
  * Splits `[NET=]REST` into the network name (default `default`) and the rest. A prefix with a `:`
  * is part of the address (`unix:/run/a=b.sock`), not a network name.
@@ -235,7 +243,7 @@ function endpointSchema<T extends object>(shape: string, parse: (rest: string) =
       const { network, rest } = splitNetwork(dataset.value);
       const parsed = parse(rest);
       if (!NETWORK_NAME.test(network)) {
-        addIssue({ message: `network name ${JSON.stringify(network)} must be letters, digits, '.', '_' or '-'` });
+        addIssue({ message: `network name ${JSON.stringify(network)} ${nameRuleBroken(network)}` });
         return NEVER;
       }
       if (typeof parsed === "string") {
@@ -6634,7 +6642,8 @@ export interface CaptureRequest {
 /** `/capture`'s query: `network` (required), `port`, `snaplen`, `count`, `seconds`, `mac`, `ethertype`; or why not. */
 export function parseCaptureRequest(query: URLSearchParams): CaptureRequest | string {
   const network = query.get("network");
-  if (network === null || !NETWORK_NAME.test(network)) return "capture: network=NAME is required";
+  if (network === null) return "capture: network=NAME is required";
+  if (!NETWORK_NAME.test(network)) return `capture: network name ${JSON.stringify(network)} ${nameRuleBroken(network)}`;
   const whole = (name: string, min: number, max: number, fallback: number): number | string => {
     const text = query.get(name);
     if (text === null) return fallback;
