@@ -957,7 +957,7 @@ export const OPTIONS = {
   },
   backplaneCluster: {
     arg: "NAME", group: "backplane", schema: v.optional(Name, "default"),
-    help: "hubs with the same NAME share networks, on subjects\nedge-relay.NAME.NETWORK; unless given, NAME is",
+    help: "hubs with the same NAME share networks, on subjects\nedge-relay.NAME.NETWORK",
   },
   backplaneToken: { arg: "SECRET", env: "RELAY_BACKPLANE_TOKEN", secret: true, group: "backplane", schema: v.optional(Secret), help: "the NATS server's token; also RELAY_BACKPLANE_TOKEN" },
   backplaneCreds: {

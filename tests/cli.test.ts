@@ -13,6 +13,17 @@ describe("CLI", () => {
     for (const option of options) expect(stdout).toMatch(new RegExp(`^  (-[a-zA-Z], )?${option}\\b`, "m"));
   });
 
+  test("--help puts each default in parentheses after the option's words, as a value, not as the end of a sentence", async () => {
+    const { stdout } = await runCli(["--help"]);
+    const lines = stdout.split("\n");
+    const at = lines.findIndex((l) => l.startsWith("  --backplane-cluster NAME"));
+    expect(lines.slice(at, at + 2)).toEqual([
+      "  --backplane-cluster NAME        hubs with the same NAME share networks, on subjects",
+      "                                  edge-relay.NAME.NETWORK (default)",
+    ]);
+    expect(stdout).not.toMatch(/ (is|are|of|to|the) \([^)]*\)$/m);
+  });
+
   test("the README's CLI reference lists every option of the option table, and no other", async () => {
     const text = await readme();
     const section = text.slice(text.indexOf("\n## CLI reference\n"), text.indexOf("\n## ", text.indexOf("\n## CLI reference\n") + 1));
