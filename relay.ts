@@ -6211,10 +6211,15 @@ summary { cursor: pointer; font-weight: 600; }
     if (m) return m + " min " + x + " s";
     return x + " s";
   }
+  // Every time on the page in one form: 24-hour local time, after its date (year first) unless today.
   function clock(iso) {
     var t = new Date(iso);
-    return isNaN(t) ? String(iso) : t.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit", hourCycle: "h23" });
+    if (isNaN(t)) return String(iso);
+    var time = pad2(t.getHours()) + ":" + pad2(t.getMinutes()) + ":" + pad2(t.getSeconds());
+    return day(t) === day(new Date()) ? time : day(t) + " " + time;
   }
+  function day(t) { return t.getFullYear() + "-" + pad2(t.getMonth() + 1) + "-" + pad2(t.getDate()); }
+  function pad2(n) { return (n < 10 ? "0" : "") + n; }
   function ago(iso) {
     var t = Date.parse(iso);
     return isNaN(t) ? "" : duration((Date.now() - t) / 1000) + " ago";
@@ -6300,7 +6305,7 @@ summary { cursor: pointer; font-weight: 600; }
       ["Name", st.name],
       ["Version", st.version],
       ["Relay id", h("span", { class: "mono" }, st.id)],
-      ["Uptime", duration(st.uptime) + " (since " + new Date(st.startedAt || Date.now() - st.uptime * 1000).toLocaleString() + ")"],
+      ["Uptime", duration(st.uptime) + " (since " + clock(st.startedAt || new Date(Date.now() - st.uptime * 1000)) + ")"],
     ];
     var u = st.uplink;
     if (!u) {

@@ -225,6 +225,46 @@ suite("status page in Chromium", () => {
     expect(seen.filter((s) => !s.includes("401"))).toEqual([]);
   }, 20_000);
 
+  test("writes every time in one form: 24-hour, with the date (year first) when it is not today", async () => {
+    const today = new Date().toISOString();
+    const port = (id: string, state: string, since: string) => ({
+      id, kind: "tunnel", peer: id, state, since, errors: 0, macs: 0, reason: "gone",
+      rx: { frames: 0, bytes: 0, drops: 0, runts: 0, storm: 0, macLimit: 0, loop: 0 },
+      tx: { frames: 0, bytes: 0, drops: 0 },
+    });
+    const snapshot = {
+      version: "0.1.0", id: "0123456789abcdef", name: "hub", uptime: 86_400 * 400, startedAt: "2025-11-02T15:04:05.000Z",
+      networks: [{ name: "lab", ports: [port("tunnel-1", "up", today)], closedPorts: [port("tunnel-0", "closed", "2026-01-02T03:04:06.000Z")], macCount: 0, macs: [] }],
+      uplink: { url: "ws://hub:1", state: "up", since: "2026-01-02T23:59:59.000Z", connects: 1, attempts: 1, networks: ["lab"], refused: [] },
+      dials: [],
+      limits: { networks: 1, maxNetworks: 1024, tunnels: 1, maxTunnels: 4096, maxTunnelsPerAddress: 64, memoryUsed: 0, memoryBudget: 1 << 28, memoryDrops: 0 },
+      authFailures: 0, authThrottled: 0, protocolErrors: 0, tunnelsRefused: 0, loopRefusals: 0, loopsDetected: 0,
+    };
+    await using server = Bun.serve({
+      hostname: "127.0.0.1",
+      port: 0,
+      fetch(request) {
+        const path = new URL(request.url).pathname;
+        if (path === "/") return new Response(PAGE_HTML, { headers: { "Content-Type": "text/html; charset=utf-8" } });
+        return path === "/status" ? Response.json(snapshot) : new Response("not found", { status: 404 });
+      },
+    });
+    await using context = await browser.createBrowserContext();
+    const page = await context.newPage();
+    const seen = problems(page);
+    await page.emulateTimezone("UTC");
+    await page.goto(`http://127.0.0.1:${server.port}/`);
+    await page.waitForSelector("table.closed tr[data-port='tunnel-0']", { timeout: 5_000 });
+    const fact = (name: string) => page.evaluate((n) => [...document.querySelectorAll("dt")].find((dt) => dt.textContent === n)?.nextElementSibling?.textContent, name);
+    expect(await fact("Uptime")).toBe("400 d 0 h (since 2025-11-02 15:04:05)");
+    expect(await page.$eval("[data-field='uplink-state']", (e) => e.textContent)).toBe("● up since 2026-01-02 23:59:59");
+    expect(await page.$eval("table.closed td[data-field='since']", (e) => e.textContent)).toStartWith("2026-01-02 03:04:06 (");
+    const hms = new Date(today).toISOString().slice(11, 19);
+    expect(await page.$eval("tr[data-port='tunnel-1'] td[data-field='state']", (e) => e.textContent)).toEndWith(` since ${hms}`);
+    await page.waitForFunction(() => /^● Live, updated \d\d:\d\d:\d\d$/.test(document.querySelector("#live")?.textContent ?? ""), { timeout: 5_000 });
+    expect(seen).toEqual([]);
+  }, 20_000);
+
   test("renders hostile names as text, and closed ports' reasons and the uplink's last error", async () => {
     await using dir = await tempDir();
     const evil = (n: number) => `<img src=x onerror="window.pwned=${n}">`;
