@@ -41,6 +41,20 @@ function problems(page: Page): string[] {
 
 const number = (text: string | null | undefined) => Number((text ?? "").replace(/[^\d]/g, ""));
 
+/** The page and a /status of the test's making, without the relay (or its CSP). */
+function servePage(snapshot: () => unknown) {
+  return Bun.serve({
+    hostname: "127.0.0.1",
+    port: 0,
+    fetch(request) {
+      const path = new URL(request.url).pathname;
+      if (path === "/") return new Response(PAGE_HTML, { headers: { "Content-Type": "text/html; charset=utf-8" } });
+      if (path === "/status") return Response.json(snapshot());
+      return new Response("not found", { status: 404 });
+    },
+  });
+}
+
 const MAC_A = "02:00:00:00:0a:01";
 const MAC_B = "02:00:00:00:0b:02";
 
@@ -240,15 +254,7 @@ suite("status page in Chromium", () => {
       limits: { networks: 1, maxNetworks: 1024, tunnels: 1, maxTunnels: 4096, maxTunnelsPerAddress: 64, memoryUsed: 0, memoryBudget: 1 << 28, memoryDrops: 0 },
       authFailures: 0, authThrottled: 0, protocolErrors: 0, tunnelsRefused: 0, loopRefusals: 0, loopsDetected: 0,
     };
-    await using server = Bun.serve({
-      hostname: "127.0.0.1",
-      port: 0,
-      fetch(request) {
-        const path = new URL(request.url).pathname;
-        if (path === "/") return new Response(PAGE_HTML, { headers: { "Content-Type": "text/html; charset=utf-8" } });
-        return path === "/status" ? Response.json(snapshot) : new Response("not found", { status: 404 });
-      },
-    });
+    await using server = servePage(() => snapshot);
     await using context = await browser.createBrowserContext();
     const page = await context.newPage();
     const seen = problems(page);
@@ -316,16 +322,7 @@ suite("status page in Chromium", () => {
       loopsDetected: 0,
     });
     // Served without the CSP on purpose: only the page's own escaping stands between this data and the DOM.
-    await using server = Bun.serve({
-      hostname: "127.0.0.1",
-      port: 0,
-      fetch(request) {
-        const path = new URL(request.url).pathname;
-        if (path === "/") return new Response(PAGE_HTML, { headers: { "Content-Type": "text/html; charset=utf-8" } });
-        if (path === "/status") return Response.json(snapshot());
-        return new Response("not found", { status: 404 });
-      },
-    });
+    await using server = servePage(snapshot);
     await using context = await browser.createBrowserContext();
     const page = await context.newPage();
     const seen = problems(page);
