@@ -3123,14 +3123,17 @@ function forwardedNode(text: string): { address: string; port?: number } | undef
   const host = m?.[1] ?? m?.[3] ?? m?.[5];
   const port = m?.[2] ?? m?.[4];
   if (host === undefined || isIP(host) === 0 || (port !== undefined && Number(port) > 65_535)) return undefined;
-  return { address: canonicalIp(host), port: port === undefined ? undefined : Number(port) };
+  return { address: clientIp(host), port: port === undefined ? undefined : Number(port) };
 }
 
-/** One spelling per address (`::FFFF:1.2.3.4` is 1.2.3.4, `2001:DB8:0::1` is 2001:db8::1): the throttle and the limits key on it. */
-export function canonicalIp(ip: string): string {
-  const mapped = /^::ffff:(\d{1,3}(?:\.\d{1,3}){3})$/i.exec(ip)?.[1];
-  if (mapped !== undefined) return mapped;
-  return isIPv6(ip) ? new URL(`http://[${ip}]/`).hostname.slice(1, -1) : ip;
+/** Bun names a sender in canonical form (`::1`); a configured IPv6 remote may be spelled otherwise. */
+function canonicalIp(host: string): string {
+  return host.includes(":") ? new URL(`http://[${host}]`).hostname.slice(1, -1) : host;
+}
+
+/** A client's address in one spelling (`::FFFF:1.2.3.4` is 1.2.3.4, `2001:DB8:0::1` is 2001:db8::1): the throttle and the limits key on it. */
+export function clientIp(ip: string): string {
+  return canonicalIp(/^::ffff:(\d{1,3}(?:\.\d{1,3}){3})$/i.exec(ip)?.[1] ?? ip);
 }
 
 /**
@@ -3155,7 +3158,7 @@ function forwardedFor(header: string): ({ address: string; port?: number } | und
  */
 export function clientAddress(peer: { address: string; port: number } | null, headers: Headers, trusted: BlockList | undefined): ClientAddress {
   if (peer === null) return { address: "unknown" };
-  const direct = { address: canonicalIp(peer.address), port: peer.port };
+  const direct = { address: clientIp(peer.address), port: peer.port };
   if (trusted === undefined || !isTrusted(trusted, direct.address)) return direct;
   const xff = headers.get("x-forwarded-for");
   const forwarded = headers.get("forwarded");
@@ -5441,11 +5444,6 @@ export class DatagramPort extends Port {
   }
 }
 
-/** Bun names a sender in canonical form (`::1`); a configured IPv6 remote may be spelled otherwise. */
-function canonicalIp(host: string): string {
-  return host.includes(":") ? new URL(`http://[${host}]`).hostname.slice(1, -1) : host;
-}
-
 async function openUdp(address: HostPort, onDatagram: OnDatagram, onError: (error: Error) => void, flags = 0): Promise<DatagramSocket & { socket: udp.Socket<"buffer"> }> {
   // The sender of the datagram at hand; `from` reads them, so no closure is made per datagram, and
   // a key is made only when the sender changes.
@@ -6722,6 +6720,11 @@ function cookieValue(header: string | undefined, name: string): string | undefin
   return undefined;
 }
 
+/** A request's query; Bun leaves the URL of one without a Host header as the bare path, and Hono's own reader misses its query. */
+function searchOf(request: Request): URLSearchParams {
+  return new URL(request.url, "http://host").searchParams;
+}
+
 /**
  * Hono's path of a request, also of one without a Host header (HTTP/1.0, a load balancer's health
  * check), whose URL Bun leaves as the bare path.
@@ -6948,11 +6951,13 @@ export function createApp(ctx: AppContext) {
   /** A query's number or `all`; anything else means the default (undefined). */
   const count = (value: string | undefined) => (value === "all" ? Infinity : value !== undefined && /^\d+$/.test(value) ? Number(value) : undefined);
   app.get("/status", (c) => {
-    const q = (name: string) => count(c.req.query(name));
+    const query = searchOf(c.req.raw);
+    const q = (name: string) => count(query.get(name) ?? undefined);
     return c.json(ctx.snapshot({ macs: q("macs"), networks: q("networks"), offset: q("offset"), ports: q("ports") }));
   });
   app.get("/metrics", (c) => {
-    const view: MetricsView = { ports: count(c.req.query("ports")) ?? METRICS_PORTS, networks: count(c.req.query("networks")) ?? METRICS_NETWORKS };
+    const query = searchOf(c.req.raw);
+    const view: MetricsView = { ports: count(query.get("ports") ?? undefined) ?? METRICS_PORTS, networks: count(query.get("networks") ?? undefined) ?? METRICS_NETWORKS };
     const text = renderMetrics(ctx.snapshot({ networks: 0 }), ctx.networks(), ctx.totals.collect(ctx.networks()), view);
     return c.text(text, 200, { "Content-Type": "text/plain; version=0.0.4" });
   });
@@ -6976,7 +6981,7 @@ export function createApp(ctx: AppContext) {
     }
   });
   app.get("/capture", (c) => {
-    const request = parseCaptureRequest(new URL(c.req.url, "http://host").searchParams);
+    const request = parseCaptureRequest(searchOf(c.req.raw));
     if (typeof request === "string") return c.text(`${request}\n`, 400);
     // A capture may be quiet for long: no idle timeout, it ends when the reader or its limits do.
     c.env.timeout(c.req.raw, 0);
@@ -7017,7 +7022,7 @@ export function createApp(ctx: AppContext) {
       return c.text("origin not allowed\n", 403);
     }
     const header = c.req.header("authorization");
-    const token = header === undefined ? c.req.query("token") : undefined;
+    const token = header === undefined ? searchOf(c.req.raw).get("token") : undefined;
     const grant = header === undefined ? authenticateToken(token, ctx.grants) : authenticate(header, ctx.grants);
     if (!grant) return refused(client, where, header ?? token, () => c.text("unauthorized\n", 401, { "WWW-Authenticate": 'Bearer realm="edge-relay"' }));
     if (grant.networks && !grant.networks.has(name)) {
