@@ -992,7 +992,7 @@ export const OPTIONS = {
   http: { arg: "HOST:PORT", group: "http", schema: v.optional(HttpAddress, DEFAULT_HTTP), help: "listen address" },
   adminToken: {
     arg: "SECRET", env: "RELAY_ADMIN_TOKEN", secret: true, group: "http", schema: v.optional(AcceptedSecret),
-    help: "Bearer token for /, /status, /metrics, /capture, /impair (or the\nsession the login form at / starts); required when --http is not\na loopback address; also RELAY_ADMIN_TOKEN",
+    help: "Bearer token for /, /status, /metrics, /capture, /impair (or the\nsession the login form at / starts; /healthz needs none); required\nwhen --http is not a loopback address; also RELAY_ADMIN_TOKEN",
   },
   trustedProxies: {
     flag: "trusted-proxy", arg: "CIDR[,CIDR…]", multiple: true, group: "http", schema: TrustedProxies,

@@ -132,6 +132,15 @@ describe("admin sessions", () => {
   });
 });
 
+describe("--help on the admin token", () => {
+  test("names every route the admin token guards, / and /capture among them, and the one it does not", async () => {
+    const { code, stdout } = await runCli(["--help"]);
+    expect(code).toBe(0);
+    const help = stdout.slice(stdout.indexOf("--admin-token"), stdout.indexOf("--trusted-proxy")).replace(/\s+/g, " ");
+    expect(help).toContain("Bearer token for /, /status, /metrics, /capture, /impair (or the session the login form at / starts; /healthz needs none)");
+  });
+});
+
 describe("health checks as load balancers send them", () => {
   test("HTTP/1.0 without Host: GET and HEAD /healthz, OPTIONS /, and any route by its path; /healthz needs no admin token", async () => {
     await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--admin-token", ADMIN, "--qemu-listen", "127.0.0.1:0"]);
