@@ -3195,7 +3195,7 @@ export function formatClient(client: ClientAddress): string {
 
 export interface RelayCounters {
   authFailures: number;
-  /** Requests answered 429 after repeated authentication failures from their address. */
+  /** Wrong credentials answered 429 after repeated failures from their client's address. */
   authThrottled: number;
   protocolErrors: number;
   /** Tunnels refused before the upgrade (--max-tunnels, --max-tunnels-per-address). */
@@ -5978,7 +5978,7 @@ const PORT_METRICS: [name: string, help: string, value: (p: Port) => number][] =
 
 const RELAY_COUNTERS: [name: string, help: string, key: keyof RelayCounters][] = [
   ["edge_relay_auth_failures_total", "Requests refused for a wrong or missing token.", "authFailures"],
-  ["edge_relay_auth_throttled_total", "Requests answered 429 after repeated authentication failures.", "authThrottled"],
+  ["edge_relay_auth_throttled_total", "Wrong credentials answered 429 after repeated failures from their address.", "authThrottled"],
   ["edge_relay_protocol_errors_total", "Ports closed for malformed input.", "protocolErrors"],
   ["edge_relay_tunnels_refused_total", "Tunnels refused for the tunnel limits.", "tunnelsRefused"],
   ["edge_relay_loop_refusals_total", "Networks refused to a tunnel because its relay would make a loop.", "loopRefusals"],
