@@ -6661,7 +6661,7 @@ const LOGIN_PATH = "/login";
 const LOGOUT_PATH = "/logout";
 const ADMIN_SESSION_SECONDS = 12 * 3600;
 /** Sessions held at once; a further login ends the oldest. */
-export const ADMIN_SESSIONS = 1024;
+const ADMIN_SESSIONS = 1024;
 const LOGIN_BODY_LIMIT = 4096;
 
 /** Logged-in browsers: random ids, each valid until its expiry, logout, or a restart; at most `max` at once. */
