@@ -111,6 +111,14 @@ const FLOW_STALL_MS = 1_000;
 /** A MAC that moves again within this long after its last move is flapping. */
 const MAC_FLAP_MS = 10_000;
 const HELLO_TIMEOUT_MS = 10_000;
+/**
+ * A tunnel that replaced an older one from the same relay is not itself replaced for this long: a
+ * newer one is refused as a loop instead, so two live paths from one relay cannot take turns.
+ */
+const TAKEOVER_GUARD_MS = 30_000;
+/** The close code (application range) and reason sent on a tunnel that a newer one replaced. */
+const TAKEOVER_CLOSE_CODE = 4000;
+const TAKEOVER_REASON = "replaced by a newer tunnel from the same relay";
 /** Failed authentications from one address before it gets 429, within this window, for this long. */
 const AUTH_FAILURES = 10;
 const AUTH_WINDOW_MS = 60_000;
@@ -784,6 +792,10 @@ const BackplaneServers = v.optional(
   v.pipe(
     v.array(v.string("expected nats://HOST:PORT"), "expected an array of nats://HOST:PORT URLs"),
     v.rawTransform(({ dataset, addIssue, NEVER }) => {
+      if (dataset.value.some((text) => text.trim() === "")) {
+        addIssue({ message: "expected nats://HOST:PORT, got an empty value" });
+        return NEVER;
+      }
       const urls = dataset.value.flatMap((text) => text.split(",")).map((text) => text.trim()).filter((text) => text !== "");
       for (const text of urls) {
         const problem = backplaneUrlProblem(text);
@@ -912,8 +924,8 @@ export const OPTIONS = {
     schema: v.optional(
       v.pipe(
         v.string("expected a ws:// or wss:// URL"),
-        v.url("expected a ws:// or wss:// URL"),
-        v.check((u) => /^wss?:$/.test(new URL(u).protocol), "expected a ws:// or wss:// URL"),
+        // One check: a pipe runs every step, so a later one must not meet a string URL cannot parse.
+        v.check((u) => URL.canParse(u) && /^wss?:$/.test(new URL(u).protocol) && new URL(u).hostname !== "", "expected a ws:// or wss:// URL"),
       ),
     ),
     help: "dial another relay (ws://HOST:PORT or wss://…) and carry every\nlocal network over it, and networks that appear later",
@@ -3156,7 +3168,7 @@ export class TunnelPort extends BatchedPort {
   constructor(
     kind: string,
     peer: string,
-    private readonly link: TunnelLink,
+    readonly link: TunnelLink,
     readonly channel: number,
   ) {
     super(kind, peer, dataHeader(channel), BATCH_BYTES);
@@ -3205,6 +3217,8 @@ export class TunnelLink {
   /** The far relay's id and name, from its hello or welcome. */
   remoteId: string | undefined;
   remoteName: string | undefined;
+  /** When this tunnel replaced an older one from the same relay (ms), for the takeover guard. */
+  tookOverAt = -Infinity;
   #batched = 0;
   #buffered = 0;
   /** Its ports that flow control paused: the socket reads while there are none. */
@@ -3495,12 +3509,24 @@ export class TunnelServer {
     const network = o.network(name);
     if (typeof network === "string") return network;
     for (const port of network.ports) {
-      if (link.remoteId !== undefined && port.remoteId === link.remoteId) {
-        o.counters.loopRefusals++;
-        return `loop: relay ${shownName(link.remoteName) || link.remoteId} is attached to ${name} already`;
+      if (link.remoteId === undefined || port.remoteId !== link.remoteId) continue;
+      // The relay's own older tunnel to this hub: it redialled before the hub saw that one die.
+      if (port instanceof TunnelPort && port.link.kind === "tunnel" && port.link !== link && Date.now() - port.link.tookOverAt >= TAKEOVER_GUARD_MS) {
+        this.#replace(port.link, link);
+        continue;
       }
+      o.counters.loopRefusals++;
+      return `loop: relay ${shownName(link.remoteName) || link.remoteId} is attached to ${name} already`;
     }
     return network;
+  }
+
+  /** Closes `old` for `newer`, from the same relay: the newest tunnel wins, as in an MQTT session takeover. */
+  #replace(old: TunnelLink, newer: TunnelLink): void {
+    newer.tookOverAt = Date.now();
+    this.#log.info(`tunnel: ${old.peer} replaced by a newer tunnel from the same relay (${newer.peer})`);
+    old.detachAll();
+    old.socket.close(TAKEOVER_CLOSE_CODE, TAKEOVER_REASON);
   }
 }
 
@@ -3684,7 +3710,7 @@ function explainTls(reason: string, ca: string | undefined): string {
  * A failed dial in words a user can act on; `final` when retrying soon cannot help (a wrong token).
  * `tls`: the --uplink-ca file, and the fingerprint of a certificate the pin refused.
  */
-export function explainDialFailure(message: string, tls: { ca?: string; pinRefused?: string } = {}): { why: string; final: boolean } {
+export function explainDialFailure(message: string, tls: { ca?: string; pinRefused?: string; plain?: boolean } = {}): { why: string; final: boolean } {
   const status = /Expected 101 status code: (\d+)/.exec(message)?.[1];
   if (status !== undefined) {
     const [why, final] = DIAL_REFUSALS[status] ?? [`the hub answered HTTP ${status} instead of a WebSocket upgrade`, false];
@@ -3694,6 +3720,8 @@ export function explainDialFailure(message: string, tls: { ca?: string; pinRefus
   const reason = /TLS handshake failed: (.*)$/.exec(message)?.[1];
   if (reason !== undefined) return { why: explainTls(reason, tls.ca), final: false };
   if (/ECONNREFUSED|connection refused/i.test(message)) return { why: "connection refused: is the hub running, on that port?", final: false };
+  // A TLS server hangs up on the plain HTTP upgrade: the reverse of WRONG_VERSION_NUMBER above.
+  if (/Connection ended$/.test(message) && tls.plain) return { why: "the hub closed the connection without answering the upgrade: it may speak TLS (is it wss://?)", final: false };
   return { why: message, final: false };
 }
 
@@ -3812,7 +3840,7 @@ export class Uplink {
     };
     // One that cannot succeed by retrying soon (a wrong token) backs off to the longest wait at once.
     ws.onclose = (event) => {
-      const explained = failure === undefined ? undefined : explainDialFailure(failure, { ca: this.options.ca?.path, pinRefused });
+      const explained = failure === undefined ? undefined : explainDialFailure(failure, { ca: this.options.ca?.path, pinRefused, plain: this.url.protocol === "ws:" });
       if (explained?.final) this.#backoff.exhaust();
       const why = explained ? `${explained.why}${proxy ? ` (through the proxy ${proxy.shown})` : ""}` : `closed (${event.code}${event.reason ? ` ${event.reason}` : ""})`;
       this.#lost(ws, link, why);
