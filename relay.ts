@@ -128,8 +128,15 @@ const TUNNEL_IDLE_SECONDS = 60;
 /** Tunnel connect and disconnect lines logged per 10 s; the rest are counted in one line. */
 const TUNNEL_LOG_BURST = 100;
 const CLOCK_TICK_MS = 100;
+/**
+ * A refused or failed uplink dial is retried within a few seconds (a hub that returns has its sites
+ * back soon); one the hub refused for good (a wrong token) waits the long final backoff.
+ */
 const UPLINK_BACKOFF_MIN_MS = 250;
-const UPLINK_BACKOFF_MAX_MS = 30_000;
+const UPLINK_BACKOFF_MAX_MS = 3_000;
+const UPLINK_BACKOFF_FINAL_MS = 30_000;
+/** While the uplink stays down, a line with the next dial's time at most this often. */
+const UPLINK_DOWN_LOG_MS = 30_000;
 const DIAL_BACKOFF_MIN_MS = 100;
 const DIAL_BACKOFF_MAX_MS = 5_000;
 const BACKPLANE_BACKOFF_MIN_MS = 250;
@@ -1202,37 +1209,43 @@ function setLinkState<S extends string>(status: LinkStatus<S>, state: S, error?:
 class ChangeLog {
   #last = "";
 
-  log(write: (line: string) => void, line: string): void {
-    if (line === this.#last) return;
+  /** Writes the line unless it repeats the last; true when written. */
+  log(write: (line: string) => void, line: string): boolean {
+    if (line === this.#last) return false;
     this.#last = line;
     write(line);
+    return true;
   }
 }
 
 /**
  * When to try again after a failed dial: doubling from `minMs` to `maxMs`, each wait drawn from its
  * upper half so many dialers that failed together (a hub restart) do not come back together. One
- * helper for every dialer: the uplink, --qemu-connect, the backplane's first connection.
+ * helper for every dialer: the uplink, --qemu-connect, the backplane's first connection. A failure
+ * that retrying soon cannot mend waits `finalMs` instead, until a dial succeeds.
  */
 export class Backoff {
   #failures = 0;
+  #final = false;
   constructor(
     readonly minMs: number,
     readonly maxMs: number,
+    readonly finalMs = maxMs,
   ) {}
 
   next(): number {
-    const ceiling = Math.min(this.maxMs, this.minMs * 2 ** this.#failures++);
+    const ceiling = this.#final ? this.finalMs : Math.min(this.maxMs, this.minMs * 2 ** this.#failures++);
     return ceiling / 2 + (Math.random() * ceiling) / 2;
   }
 
   reset(): void {
     this.#failures = 0;
+    this.#final = false;
   }
 
   /** A failure that retrying soon cannot mend (a wrong token): the longest wait from now on. */
   exhaust(): void {
-    this.#failures = Math.ceil(Math.log2(this.maxMs / this.minMs));
+    this.#final = true;
   }
 }
 
@@ -3727,7 +3740,7 @@ export function explainDialFailure(message: string, tls: { ca?: string; pinRefus
 
 /**
  * Dials a hub and keeps the tunnel up: a deadline on each phase of the dial, exponential backoff
- * with jitter (capped at 30 s), keepalive pings, a redial when the hub stops answering, and the
+ * with jitter (capped at 3 s; 30 s after a wrong token), keepalive pings, a redial when the hub stops answering, and the
  * networks that come and go here attached and detached on the live tunnel. Local switching never
  * waits for it.
  */
@@ -3740,7 +3753,9 @@ export class Uplink {
   #offered = new Map<string, number>();
   /** Networks the hub refused on the current tunnel: not offered again until the next dial. */
   #declined = new Set<string>();
-  readonly #backoff = new Backoff(UPLINK_BACKOFF_MIN_MS, UPLINK_BACKOFF_MAX_MS);
+  readonly #backoff = new Backoff(UPLINK_BACKOFF_MIN_MS, UPLINK_BACKOFF_MAX_MS, UPLINK_BACKOFF_FINAL_MS);
+  /** When the uplink last logged that it is down (ms). */
+  #downLoggedAt = -Infinity;
   #timer: ReturnType<typeof setTimeout> | undefined;
   #deadline: ReturnType<typeof setTimeout> | undefined;
   #keepalive: ReturnType<typeof setInterval> | undefined;
@@ -3923,8 +3938,13 @@ export class Uplink {
     if (this.#stopped) return;
     setLinkState(this.status, "down", why);
     const delay = this.#backoff.next();
-    this.status.nextDial = new Date(Date.now() + delay).toISOString();
-    this.#changes.log(this.log.warn, `uplink: ${this.status.url}: ${why}; retrying with backoff`);
+    const now = Date.now();
+    this.status.nextDial = new Date(now + delay).toISOString();
+    if (this.#changes.log(this.log.warn, `uplink: ${this.status.url}: ${why}; retrying with backoff`)) this.#downLoggedAt = now;
+    else if (now - this.#downLoggedAt >= UPLINK_DOWN_LOG_MS) {
+      this.#downLoggedAt = now;
+      this.log.warn(`uplink: ${this.status.url} still down since ${this.status.since} (${this.status.attempts} dials so far; last: ${why}); next dial at ${this.status.nextDial}`);
+    }
     this.#timer = setTimeout(() => this.#dial(), delay);
   }
 
