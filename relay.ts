@@ -6297,7 +6297,11 @@ summary { cursor: pointer; font-weight: 600; }
       if (u.refused && u.refused.length) {
         rows.push(["Refused by hub", u.refused.map(function (r) { return r.network + ": " + r.reason; }).join("; ")]);
       }
-      rows.push(["Last error", u.lastError ? h("span", { class: "error" }, "\u26A0 " + u.lastError) : h("span", { class: "muted" }, "none"), { "data-field": "uplink-error" }]);
+      // Once up again, the last error is history: said as past, not in red.
+      var lastError = !u.lastError ? h("span", { class: "muted" }, "none")
+        : u.state === "up" ? h("span", { class: "muted" }, "last error before it reconnected " + ago(u.since) + ": " + u.lastError)
+        : h("span", { class: "error" }, "\u26A0 " + u.lastError);
+      rows.push(["Last error", lastError, { "data-field": "uplink-error" }]);
       rows.push(["Dials", plural(u.attempts, "attempt") + ", " + plural(u.connects, "connect")]);
     }
     (st.dials || []).forEach(function (d) {

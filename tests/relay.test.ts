@@ -330,6 +330,29 @@ describe("uplink", () => {
     }
   });
 
+  test("after a 10 s hub outage the site is back within a few seconds: no dial is ever scheduled more than 3 s ahead", async () => {
+    const hubArgs = ["--http", `127.0.0.1:${await freePort()}`, "--token", TOKEN];
+    let hub = await spawnRelay(hubArgs);
+    await using _hubs = { [Symbol.asyncDispose]: () => hub.stop("SIGKILL").then(() => {}) };
+    await using siteR = await site(hub, "--qemu-listen", "127.0.0.1:0");
+    await uplinkUp(siteR);
+    await hub.stop("SIGKILL");
+    const killed = performance.now();
+    let longest = 0;
+    // The outage: ten seconds of refused dials, each one's next dial noted when it is scheduled.
+    await waitUntil(async () => {
+      const uplink = (await siteR.status()).uplink;
+      if (uplink.nextDial) longest = Math.max(longest, Date.parse(uplink.nextDial) - Date.now());
+      return performance.now() - killed >= 10_000 && uplink.attempts >= 6;
+    }, "ten seconds of refused dials", 30_000);
+    expect(longest).toBeLessThanOrEqual(3_000);
+    hub = await spawnRelay(hubArgs);
+    const back = performance.now();
+    await uplinkUp(siteR, 2);
+    expect(performance.now() - back).toBeLessThan(5_000);
+    expect((await siteR.status()).uplink.nextDial).toBeUndefined();
+  });
+
   test("a hub that stops answering is closed and redialled (keepalive)", async () => {
     await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN]);
     await using siteR = await site(hub, "--qemu-listen", "127.0.0.1:0", "--keepalive", "0.1");
