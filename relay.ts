@@ -3444,6 +3444,8 @@ export interface TunnelServerOptions {
 export class TunnelServer {
   readonly admission: AdmissionLimit;
   readonly #log: Logger;
+  /** The token each open tunnel authenticated with: only the same token may take it over. */
+  readonly #grants = new WeakMap<TunnelLink, Grant>();
 
   constructor(readonly options: TunnelServerOptions) {
     const warn = rateLimitedLog(options.log.warn, 10, 10_000);
@@ -3470,6 +3472,7 @@ export class TunnelServer {
           this.#offer(link, ws.data.grant, names, first, hello);
         },
       }, () => void o.counters.protocolErrors++);
+      this.#grants.set(ws.data.link, ws.data.grant);
       ws.data.helloTimer = setTimeout(() => ws.data.link?.fail(new Error(`no hello within ${HELLO_TIMEOUT_MS / 1000} s`)), HELLO_TIMEOUT_MS);
     },
     message: (ws: ServerWebSocket<TunnelData>, message: string | Buffer) => {
@@ -3524,7 +3527,7 @@ export class TunnelServer {
     for (const port of network.ports) {
       if (link.remoteId === undefined || port.remoteId !== link.remoteId) continue;
       // The relay's own older tunnel to this hub: it redialled before the hub saw that one die.
-      if (port instanceof TunnelPort && port.link.kind === "tunnel" && port.link !== link && Date.now() - port.link.tookOverAt >= TAKEOVER_GUARD_MS) {
+      if (port instanceof TunnelPort && port.link !== link && this.#grants.get(port.link) === grant && Date.now() - port.link.tookOverAt >= TAKEOVER_GUARD_MS) {
         this.#replace(port.link, link);
         continue;
       }
