@@ -136,7 +136,7 @@ const UPLINK_BACKOFF_MIN_MS = 250;
 const UPLINK_BACKOFF_MAX_MS = 3_000;
 const UPLINK_BACKOFF_FINAL_MS = 30_000;
 /** While the uplink stays down, a line with the next dial's time at most this often. */
-const UPLINK_DOWN_LOG_MS = 30_000;
+const UPLINK_DOWN_LOG_MS = 10_000;
 const DIAL_BACKOFF_MIN_MS = 100;
 const DIAL_BACKOFF_MAX_MS = 5_000;
 const BACKPLANE_BACKOFF_MIN_MS = 250;
@@ -3757,8 +3757,9 @@ export class Uplink {
   /** Networks the hub refused on the current tunnel: not offered again until the next dial. */
   #declined = new Set<string>();
   readonly #backoff = new Backoff(UPLINK_BACKOFF_MIN_MS, UPLINK_BACKOFF_MAX_MS, UPLINK_BACKOFF_FINAL_MS);
-  /** When the uplink last logged that it is down (ms). */
+  /** When the uplink last logged that it is down (ms), and since when it has been (ISO; none while up). */
   #downLoggedAt = -Infinity;
+  #downSince: string | undefined;
   #timer: ReturnType<typeof setTimeout> | undefined;
   #deadline: ReturnType<typeof setTimeout> | undefined;
   #keepalive: ReturnType<typeof setInterval> | undefined;
@@ -3893,6 +3894,7 @@ export class Uplink {
     if (welcome) {
       clearTimeout(this.#deadline);
       this.#backoff.reset();
+      this.#downSince = undefined;
       this.status.connects++;
       this.status.hub = link.remoteName ?? link.remoteId;
       setLinkState(this.status, "up");
@@ -3942,11 +3944,12 @@ export class Uplink {
     setLinkState(this.status, "down", why);
     const delay = this.#backoff.next();
     const now = Date.now();
+    this.#downSince ??= new Date(now).toISOString();
     this.status.nextDial = new Date(now + delay).toISOString();
     if (this.#changes.log(this.log.warn, `uplink: ${this.status.url}: ${why}; retrying with backoff`)) this.#downLoggedAt = now;
     else if (now - this.#downLoggedAt >= UPLINK_DOWN_LOG_MS) {
       this.#downLoggedAt = now;
-      this.log.warn(`uplink: ${this.status.url} still down since ${this.status.since} (${this.status.attempts} dials so far; last: ${why}); next dial at ${this.status.nextDial}`);
+      this.log.warn(`uplink: ${this.status.url} still down since ${this.#downSince} (${this.status.attempts} dials so far; last: ${why}); next dial at ${this.status.nextDial}`);
     }
     this.#timer = setTimeout(() => this.#dial(), delay);
   }

@@ -339,13 +339,20 @@ describe("uplink", () => {
     await hub.stop("SIGKILL");
     const killed = performance.now();
     let longest = 0;
-    // The outage: ten seconds of refused dials, each one's next dial noted when it is scheduled.
+    // The outage: ten seconds of refused dials, each one's next dial noted when it is scheduled,
+    // until the site says (a line every 10 s) that it is still down and when it dials next.
+    let said: string | undefined;
+    void siteR.waitForLine(/ still down since /, 30_000).then((line) => (said = line), () => {});
     await waitUntil(async () => {
       const uplink = (await siteR.status()).uplink;
       if (uplink.nextDial) longest = Math.max(longest, Date.parse(uplink.nextDial) - Date.now());
-      return performance.now() - killed >= 10_000 && uplink.attempts >= 6;
-    }, "ten seconds of refused dials", 30_000);
+      return performance.now() - killed >= 10_000 && said !== undefined;
+    }, "ten seconds of refused dials, and a line saying so", 30_000);
     expect(longest).toBeLessThanOrEqual(3_000);
+    const downSince = Date.parse(/still down since (\S+) /.exec(said!)![1]!);
+    // since the outage began, not since the last failed dial
+    expect(performance.now() - killed - (Date.now() - downSince)).toBeLessThan(5_000);
+    expect(said).toMatch(/^uplink: ws:\/\/127\.0\.0\.1:\d+\/tunnel still down since \S+ \(\d+ dials so far; last: .+\); next dial at \d{4}-\d\d-\d\dT\S+Z$/);
     hub = await spawnRelay(hubArgs);
     const back = performance.now();
     await uplinkUp(siteR, 2);
