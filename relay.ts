@@ -3743,9 +3743,9 @@ export function explainDialFailure(message: string, tls: { ca?: string; pinRefus
 
 /**
  * Dials a hub and keeps the tunnel up: a deadline on each phase of the dial, exponential backoff
- * with jitter (capped at 3 s; 30 s after a wrong token), keepalive pings, a redial when the hub stops answering, and the
- * networks that come and go here attached and detached on the live tunnel. Local switching never
- * waits for it.
+ * with jitter (capped at 3 s; 30 s after a wrong token), keepalive pings, a redial when the hub
+ * stops answering, and the networks that come and go here attached and detached on the live
+ * tunnel. Local switching never waits for it.
  */
 export class Uplink {
   readonly url: URL;

@@ -781,7 +781,7 @@ test(`chaos: a hub and ${SITES} sites through ${CHAOS_SECONDS} s of kills, stops
       for (const site of sites) {
         const up = (await status(site.relay, site.name)).uplink;
         if (up.state === "up") continue;
-        // Backoff is capped at 30 s: a site not up by now whose only connection sits in a blackhole
+        // Backoff is capped at 3 s: a site not up by now whose only connection sits in a blackhole
         // dialled it and never gave up on a handshake that will never be answered.
         const held = site.proxy.held > 0 && site.proxy.open === 0;
         if (held) stuck++;
