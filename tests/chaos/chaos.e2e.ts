@@ -19,8 +19,9 @@
  * exchanges a fresh frame within 15 s, and no relay's RSS went over RSS_BOUND_MIB.
  *
  * Last, the hub is paused (SIGSTOP) until every site has given up on its tunnel and dialled again,
- * and continued: the hub still holds the old tunnels, which the new ones replace (newest tunnel
- * wins). The test prints the longest outage any site saw (from the stop until its VM exchanged
+ * and continued. Each proxy stalls its connections as the hub stops (the old paths die silently, so
+ * no close reaches the hub): the hub still holds every old tunnel when it continues, and each new one
+ * must replace its site's old one (newest tunnel wins). The test prints the longest outage any site saw (from the stop until its VM exchanged
  * frames with every other VM again) and asserts that every site was back within PAUSE_RECOVERY_MS
  * of the hub continuing.
  *
@@ -917,6 +918,7 @@ test(`chaos: a hub and ${SITES} sites through ${CHAOS_SECONDS} s of kills, stops
     const dialsBefore = await attempts();
     const stopped = performance.now();
     hub.proc.kill("SIGSTOP");
+    for (const site of sites) site.proxy.stall();
     try {
       await waitUntil(async () => (await attempts()).every((n, i) => n > dialsBefore[i]!), "every site to give up on its tunnel and dial again", 30_000);
     } finally {
@@ -933,6 +935,7 @@ test(`chaos: a hub and ${SITES} sites through ${CHAOS_SECONDS} s of kills, stops
       `${(afterContinuing / 1000).toFixed(1)} s of it after the hub continued; ${replaced} stale tunnels replaced by newer ones`;
     console.log(`chaos: ${seconds()} s: ${pause}`);
     expect(afterContinuing, "every site back within PAUSE_RECOVERY_MS of the hub continuing").toBeLessThan(PAUSE_RECOVERY_MS);
+    expect(replaced, "stale tunnels replaced by newer ones").toBe(SITES);
     expect(unexpectedExits).toEqual([]);
   }
 });
