@@ -112,6 +112,14 @@ const FLOW_STALL_MS = 1_000;
 /** A MAC that moves again within this long after its last move is flapping. */
 const MAC_FLAP_MS = 10_000;
 const HELLO_TIMEOUT_MS = 10_000;
+/**
+ * A tunnel that replaced an older one from the same relay is not itself replaced for this long: a
+ * newer one is refused as a loop instead, so two live paths from one relay cannot take turns.
+ */
+const TAKEOVER_GUARD_MS = 30_000;
+/** The close code (application range) and reason sent on a tunnel that a newer one replaced. */
+const TAKEOVER_CLOSE_CODE = 4000;
+const TAKEOVER_REASON = "replaced by a newer tunnel from the same relay";
 /** Failed authentications from one address before it gets 429, within this window, for this long. */
 const AUTH_FAILURES = 10;
 const AUTH_WINDOW_MS = 60_000;
@@ -121,8 +129,15 @@ const TUNNEL_IDLE_SECONDS = 60;
 /** Tunnel connect and disconnect lines logged per 10 s; the rest are counted in one line. */
 const TUNNEL_LOG_BURST = 100;
 const CLOCK_TICK_MS = 100;
+/**
+ * A refused or failed uplink dial is retried within a few seconds (a hub that returns has its sites
+ * back soon); one the hub refused for good (a wrong token) waits the long final backoff.
+ */
 const UPLINK_BACKOFF_MIN_MS = 250;
-const UPLINK_BACKOFF_MAX_MS = 30_000;
+const UPLINK_BACKOFF_MAX_MS = 3_000;
+const UPLINK_BACKOFF_FINAL_MS = 30_000;
+/** While the uplink stays down, a line with the next dial's time at most this often. */
+const UPLINK_DOWN_LOG_MS = 10_000;
 const DIAL_BACKOFF_MIN_MS = 100;
 const DIAL_BACKOFF_MAX_MS = 5_000;
 const BACKPLANE_BACKOFF_MIN_MS = 250;
@@ -785,6 +800,10 @@ const BackplaneServers = v.optional(
   v.pipe(
     v.array(v.string("expected nats://HOST:PORT"), "expected an array of nats://HOST:PORT URLs"),
     v.rawTransform(({ dataset, addIssue, NEVER }) => {
+      if (dataset.value.some((text) => text.trim() === "")) {
+        addIssue({ message: "expected nats://HOST:PORT, got an empty value" });
+        return NEVER;
+      }
       const urls = dataset.value.flatMap((text) => text.split(",")).map((text) => text.trim()).filter((text) => text !== "");
       for (const text of urls) {
         const problem = backplaneUrlProblem(text);
@@ -950,8 +969,8 @@ export const OPTIONS = {
     schema: v.optional(
       v.pipe(
         v.string("expected a ws:// or wss:// URL"),
-        v.url("expected a ws:// or wss:// URL"),
-        v.check((u) => /^wss?:$/.test(new URL(u).protocol), "expected a ws:// or wss:// URL"),
+        // One check: a pipe runs every step, so a later one must not meet a string URL cannot parse.
+        v.check((u) => URL.canParse(u) && /^wss?:$/.test(new URL(u).protocol) && new URL(u).hostname !== "", "expected a ws:// or wss:// URL"),
       ),
     ),
     help: "dial another relay (ws://HOST:PORT or wss://…) and carry every\nlocal network over it, and networks that appear later",
@@ -1232,37 +1251,43 @@ function setLinkState<S extends string>(status: LinkStatus<S>, state: S, error?:
 class ChangeLog {
   #last = "";
 
-  log(write: (line: string) => void, line: string): void {
-    if (line === this.#last) return;
+  /** Writes the line unless it repeats the last; true when written. */
+  log(write: (line: string) => void, line: string): boolean {
+    if (line === this.#last) return false;
     this.#last = line;
     write(line);
+    return true;
   }
 }
 
 /**
  * When to try again after a failed dial: doubling from `minMs` to `maxMs`, each wait drawn from its
  * upper half so many dialers that failed together (a hub restart) do not come back together. One
- * helper for every dialer: the uplink, --qemu-connect, the backplane's first connection.
+ * helper for every dialer: the uplink, --qemu-connect, the backplane's first connection. A failure
+ * that retrying soon cannot mend waits `finalMs` instead, until a dial succeeds.
  */
 export class Backoff {
   #failures = 0;
+  #final = false;
   constructor(
     readonly minMs: number,
     readonly maxMs: number,
+    readonly finalMs = maxMs,
   ) {}
 
   next(): number {
-    const ceiling = Math.min(this.maxMs, this.minMs * 2 ** this.#failures++);
+    const ceiling = this.#final ? this.finalMs : Math.min(this.maxMs, this.minMs * 2 ** this.#failures++);
     return ceiling / 2 + (Math.random() * ceiling) / 2;
   }
 
   reset(): void {
     this.#failures = 0;
+    this.#final = false;
   }
 
   /** A failure that retrying soon cannot mend (a wrong token): the longest wait from now on. */
   exhaust(): void {
-    this.#failures = Math.ceil(Math.log2(this.maxMs / this.minMs));
+    this.#final = true;
   }
 }
 
@@ -3288,7 +3313,7 @@ export class TunnelPort extends BatchedPort {
   constructor(
     kind: string,
     peer: string,
-    private readonly link: TunnelLink,
+    readonly link: TunnelLink,
     readonly channel: number,
   ) {
     super(kind, peer, dataHeader(channel), BATCH_BYTES);
@@ -3337,6 +3362,8 @@ export class TunnelLink {
   /** The far relay's id and name, from its hello or welcome. */
   remoteId: string | undefined;
   remoteName: string | undefined;
+  /** When this tunnel replaced an older one from the same relay (ms), for the takeover guard. */
+  tookOverAt = -Infinity;
   #batched = 0;
   #buffered = 0;
   /** Its ports that flow control paused: the socket reads while there are none. */
@@ -3549,6 +3576,8 @@ export interface TunnelServerOptions {
 export class TunnelServer {
   readonly admission: AdmissionLimit;
   readonly #log: Logger;
+  /** The token each open tunnel authenticated with: only the same token may take it over. */
+  readonly #grants = new WeakMap<TunnelLink, Grant>();
 
   constructor(readonly options: TunnelServerOptions) {
     const warn = rateLimitedLog(options.log.warn, 10, 10_000);
@@ -3575,6 +3604,7 @@ export class TunnelServer {
           this.#offer(link, ws.data.grant, names, first, hello);
         },
       }, () => void o.counters.protocolErrors++);
+      this.#grants.set(ws.data.link, ws.data.grant);
       ws.data.helloTimer = setTimeout(() => ws.data.link?.fail(new Error(`no hello within ${HELLO_TIMEOUT_MS / 1000} s`)), HELLO_TIMEOUT_MS);
     },
     message: (ws: ServerWebSocket<TunnelData>, message: string | Buffer) => {
@@ -3627,12 +3657,24 @@ export class TunnelServer {
     const network = o.network(name);
     if (typeof network === "string") return network;
     for (const port of network.ports) {
-      if (link.remoteId !== undefined && port.remoteId === link.remoteId) {
-        o.counters.loopRefusals++;
-        return `loop: relay ${shownName(link.remoteName) || link.remoteId} is attached to ${name} already`;
+      if (link.remoteId === undefined || port.remoteId !== link.remoteId) continue;
+      // The relay's own older tunnel to this hub: it redialled before the hub saw that one die.
+      if (port instanceof TunnelPort && port.link !== link && this.#grants.get(port.link) === grant && Date.now() - port.link.tookOverAt >= TAKEOVER_GUARD_MS) {
+        this.#replace(port.link, link);
+        continue;
       }
+      o.counters.loopRefusals++;
+      return `loop: relay ${shownName(link.remoteName) || link.remoteId} is attached to ${name} already`;
     }
     return network;
+  }
+
+  /** Closes `old` for `newer`, from the same relay: the newest tunnel wins, as in an MQTT session takeover. */
+  #replace(old: TunnelLink, newer: TunnelLink): void {
+    newer.tookOverAt = Date.now();
+    this.#log.info(`tunnel: ${old.peer} replaced by a newer tunnel from the same relay (${newer.peer})`);
+    old.detachAll();
+    old.socket.close(TAKEOVER_CLOSE_CODE, TAKEOVER_REASON);
   }
 }
 
@@ -3816,7 +3858,7 @@ function explainTls(reason: string, ca: string | undefined): string {
  * A failed dial in words a user can act on; `final` when retrying soon cannot help (a wrong token).
  * `tls`: the --uplink-ca file, and the fingerprint of a certificate the pin refused.
  */
-export function explainDialFailure(message: string, tls: { ca?: string; pinRefused?: string } = {}): { why: string; final: boolean } {
+export function explainDialFailure(message: string, tls: { ca?: string; pinRefused?: string; plain?: boolean } = {}): { why: string; final: boolean } {
   const status = /Expected 101 status code: (\d+)/.exec(message)?.[1];
   if (status !== undefined) {
     const [why, final] = DIAL_REFUSALS[status] ?? [`the hub answered HTTP ${status} instead of a WebSocket upgrade`, false];
@@ -3826,14 +3868,16 @@ export function explainDialFailure(message: string, tls: { ca?: string; pinRefus
   const reason = /TLS handshake failed: (.*)$/.exec(message)?.[1];
   if (reason !== undefined) return { why: explainTls(reason, tls.ca), final: false };
   if (/ECONNREFUSED|connection refused/i.test(message)) return { why: "connection refused: is the hub running, on that port?", final: false };
+  // A TLS server hangs up on the plain HTTP upgrade: the reverse of WRONG_VERSION_NUMBER above.
+  if (/Connection ended$/.test(message) && tls.plain) return { why: "the hub closed the connection without answering the upgrade: it may speak TLS (is it wss://?)", final: false };
   return { why: message, final: false };
 }
 
 /**
  * Dials a hub and keeps the tunnel up: a deadline on each phase of the dial, exponential backoff
- * with jitter (capped at 30 s), keepalive pings, a redial when the hub stops answering, and the
- * networks that come and go here attached and detached on the live tunnel. Local switching never
- * waits for it.
+ * with jitter (capped at 3 s; 30 s after a wrong token), keepalive pings, a redial when the hub
+ * stops answering, and the networks that come and go here attached and detached on the live
+ * tunnel. Local switching never waits for it.
  */
 export class Uplink {
   readonly url: URL;
@@ -3844,7 +3888,10 @@ export class Uplink {
   #offered = new Map<string, number>();
   /** Networks the hub refused on the current tunnel: not offered again until the next dial. */
   #declined = new Set<string>();
-  readonly #backoff = new Backoff(UPLINK_BACKOFF_MIN_MS, UPLINK_BACKOFF_MAX_MS);
+  readonly #backoff = new Backoff(UPLINK_BACKOFF_MIN_MS, UPLINK_BACKOFF_MAX_MS, UPLINK_BACKOFF_FINAL_MS);
+  /** When the uplink last logged that it is down (ms), and since when it has been (ISO; none while up). */
+  #downLoggedAt = -Infinity;
+  #downSince: string | undefined;
   #timer: ReturnType<typeof setTimeout> | undefined;
   #deadline: ReturnType<typeof setTimeout> | undefined;
   #keepalive: ReturnType<typeof setInterval> | undefined;
@@ -3944,7 +3991,7 @@ export class Uplink {
     };
     // One that cannot succeed by retrying soon (a wrong token) backs off to the longest wait at once.
     ws.onclose = (event) => {
-      const explained = failure === undefined ? undefined : explainDialFailure(failure, { ca: this.options.ca?.path, pinRefused });
+      const explained = failure === undefined ? undefined : explainDialFailure(failure, { ca: this.options.ca?.path, pinRefused, plain: this.url.protocol === "ws:" });
       if (explained?.final) this.#backoff.exhaust();
       const why = explained ? `${explained.why}${proxy ? ` (through the proxy ${proxy.shown})` : ""}` : `closed (${event.code}${event.reason ? ` ${event.reason}` : ""})`;
       this.#lost(ws, link, why);
@@ -3979,6 +4026,7 @@ export class Uplink {
     if (welcome) {
       clearTimeout(this.#deadline);
       this.#backoff.reset();
+      this.#downSince = undefined;
       this.status.connects++;
       this.status.hub = link.remoteName ?? link.remoteId;
       setLinkState(this.status, "up");
@@ -4027,8 +4075,14 @@ export class Uplink {
     if (this.#stopped) return;
     setLinkState(this.status, "down", why);
     const delay = this.#backoff.next();
-    this.status.nextDial = new Date(Date.now() + delay).toISOString();
-    this.#changes.log(this.log.warn, `uplink: ${this.status.url}: ${why}; retrying with backoff`);
+    const now = Date.now();
+    this.#downSince ??= new Date(now).toISOString();
+    this.status.nextDial = new Date(now + delay).toISOString();
+    if (this.#changes.log(this.log.warn, `uplink: ${this.status.url}: ${why}; retrying with backoff`)) this.#downLoggedAt = now;
+    else if (now - this.#downLoggedAt >= UPLINK_DOWN_LOG_MS) {
+      this.#downLoggedAt = now;
+      this.log.warn(`uplink: ${this.status.url} still down since ${this.#downSince} (${this.status.attempts} dials so far; last: ${why}); next dial at ${this.status.nextDial}`);
+    }
     this.#timer = setTimeout(() => this.#dial(), delay);
   }
 
@@ -6379,7 +6433,11 @@ summary { cursor: pointer; font-weight: 600; }
       if (u.refused && u.refused.length) {
         rows.push(["Refused by hub", u.refused.map(function (r) { return r.network + ": " + r.reason; }).join("; ")]);
       }
-      rows.push(["Last error", u.lastError ? h("span", { class: "error" }, "\u26A0 " + u.lastError) : h("span", { class: "muted" }, "none"), { "data-field": "uplink-error" }]);
+      // Once up again, the last error is history: said as past, not in red.
+      var lastError = !u.lastError ? h("span", { class: "muted" }, "none")
+        : u.state === "up" ? h("span", { class: "muted" }, "last error before it reconnected " + ago(u.since) + ": " + u.lastError)
+        : h("span", { class: "error" }, "\u26A0 " + u.lastError);
+      rows.push(["Last error", lastError, { "data-field": "uplink-error" }]);
       rows.push(["Dials", plural(u.attempts, "attempt") + ", " + plural(u.connects, "connect")]);
     }
     (st.dials || []).forEach(function (d) {

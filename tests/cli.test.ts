@@ -141,6 +141,29 @@ describe("CLI", () => {
     expect(broken.code).toBe(2);
   });
 
+  test("a malformed URL option, on the command line or in a config file, gets one line naming it and exits 2", async () => {
+    await using dir = await tempDir();
+    const cases: [string, string, string, string][] = [
+      ["--uplink", "uplink", "127.0.0.1:8080", "expected a ws:// or wss:// URL"],
+      ["--uplink", "uplink", "[::1]:8080", "expected a ws:// or wss:// URL"],
+      ["--uplink", "uplink", "", "expected a ws:// or wss:// URL"],
+      ["--uplink", "uplink", "ws//host", "expected a ws:// or wss:// URL"],
+      ["--uplink", "uplink", "ws://", "expected a ws:// or wss:// URL"],
+      ["--uplink-proxy", "uplinkProxy", "", "expected http://[USER:PASSWORD@]HOST:PORT"],
+      ["--uplink-proxy", "uplinkProxy", "http//proxy:3128", "expected http://[USER:PASSWORD@]HOST:PORT"],
+      ["--uplink-proxy", "uplinkProxy", "[::1", "expected http://[USER:PASSWORD@]HOST:PORT"],
+      ["--backplane", "backplane", "", "expected nats://HOST:PORT, got an empty value"],
+      ["--backplane", "backplane", "[::1]:4222", "expected nats://HOST:PORT or tls://HOST:PORT; credentials go in --backplane-token or --backplane-creds, not the URL"],
+    ];
+    for (const [flag, key, value, message] of cases) {
+      const uplink = key === "uplink" ? [] : ["--uplink", "ws://127.0.0.1:1"];
+      const args = ["--http", "127.0.0.1:0", ...uplink, "--uplink-token", "uplink-token-0001"];
+      expect(await runCli([...args, flag, value])).toEqual({ stdout: "", stderr: `edge-relay: ${flag}: ${message}\n`, code: 2 });
+      await Bun.write(`${dir.path}/c.json`, JSON.stringify({ [key]: key === "backplane" ? [value] : value }));
+      expect(await runCli([...args, "--config", `${dir.path}/c.json`])).toEqual({ stdout: "", stderr: `edge-relay: ${flag}: ${message}\n`, code: 2 });
+    }
+  });
+
   test("config-file values of the wrong type get one line in the relay's words, and a secret is never quoted", async () => {
     await using dir = await tempDir();
     const secret = "s3cret-value-never-shown";

@@ -7,7 +7,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { copyFileSync, existsSync, mkdirSync } from "node:fs";
 import puppeteer, { type Browser, type Page } from "puppeteer-core";
 import { ADMIN_COOKIE, PAGE_HTML, PAGE_HTML_WITH_LOGOUT } from "../relay.ts";
-import { attachVm, makeFrame, spawnRelay, tempDir, waitUntil } from "./helpers.ts";
+import { attachVm, freePort, makeFrame, spawnRelay, tempDir, uplinkFailed, uplinkUp, waitUntil } from "./helpers.ts";
 
 const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
 const present = existsSync(CHROMIUM);
@@ -240,6 +240,26 @@ suite("status page in Chromium", () => {
     expect(relay.stdout() + relay.stderr()).not.toContain("not-the-admin-token-01");
     expect(seen.filter((s) => !s.includes("401"))).toEqual([]);
   }, 20_000);
+
+  test("an uplink that is up again shows its last error as past, not in red", async () => {
+    const token = "page-uplink-token-01";
+    const hubPort = await freePort();
+    await using site = await spawnRelay(["--http", "127.0.0.1:0", "--uplink", `ws://127.0.0.1:${hubPort}`, "--uplink-token", token]);
+    await using context = await browser.createBrowserContext();
+    const page = await context.newPage();
+    const seen = problems(page);
+    const failed = await uplinkFailed(site);
+    await page.goto(`${site.base}/`);
+    await page.waitForFunction((e) => document.querySelector("[data-field='uplink-error']")?.textContent === e, { timeout: 5_000 }, `⚠ ${failed.lastError}`);
+    expect(await page.$eval("[data-field='uplink-error'] span", (e) => e.className)).toBe("error");
+    await using _hub = await spawnRelay(["--http", `127.0.0.1:${hubPort}`, "--token", token]);
+    await uplinkUp(site);
+    const past = new RegExp(`^last error before it reconnected \\d+ s ago: ${failed.lastError.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")}$`);
+    await page.waitForFunction((re) => new RegExp(re).test(document.querySelector("[data-field='uplink-error']")?.textContent ?? ""), { timeout: 10_000 }, past.source);
+    expect(await page.$eval("[data-field='uplink-error'] span", (e) => e.className)).toBe("muted");
+    expect(await page.$eval("[data-field='uplink-state']", (e) => e.textContent)).toStartWith("● up since ");
+    expect(seen).toEqual([]);
+  }, 30_000);
 
   test("renders hostile names as text, and closed ports' reasons and the uplink's last error", async () => {
     await using dir = await tempDir();
