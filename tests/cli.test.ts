@@ -155,6 +155,29 @@ describe("CLI", () => {
     expect(broken.code).toBe(2);
   });
 
+  test("a malformed URL option, on the command line or in a config file, gets one line naming it and exits 2", async () => {
+    await using dir = await tempDir();
+    const cases: [string, string, string, string][] = [
+      ["--uplink", "uplink", "127.0.0.1:8080", "expected a ws:// or wss:// URL"],
+      ["--uplink", "uplink", "[::1]:8080", "expected a ws:// or wss:// URL"],
+      ["--uplink", "uplink", "", "expected a ws:// or wss:// URL"],
+      ["--uplink", "uplink", "ws//host", "expected a ws:// or wss:// URL"],
+      ["--uplink", "uplink", "ws://", "expected a ws:// or wss:// URL"],
+      ["--uplink-proxy", "uplinkProxy", "", "expected http://[USER:PASSWORD@]HOST:PORT"],
+      ["--uplink-proxy", "uplinkProxy", "http//proxy:3128", "expected http://[USER:PASSWORD@]HOST:PORT"],
+      ["--uplink-proxy", "uplinkProxy", "[::1", "expected http://[USER:PASSWORD@]HOST:PORT"],
+      ["--backplane", "backplane", "", "expected nats://HOST:PORT, got an empty value"],
+      ["--backplane", "backplane", "[::1]:4222", "expected nats://HOST:PORT or tls://HOST:PORT; credentials go in --backplane-token or --backplane-creds, not the URL"],
+    ];
+    for (const [flag, key, value, message] of cases) {
+      const uplink = key === "uplink" ? [] : ["--uplink", "ws://127.0.0.1:1"];
+      const args = ["--http", "127.0.0.1:0", ...uplink, "--uplink-token", "uplink-token-0001"];
+      expect(await runCli([...args, flag, value])).toEqual({ stdout: "", stderr: `edge-relay: ${flag}: ${message}\n`, code: 2 });
+      await Bun.write(`${dir.path}/c.json`, JSON.stringify({ [key]: key === "backplane" ? [value] : value }));
+      expect(await runCli([...args, "--config", `${dir.path}/c.json`])).toEqual({ stdout: "", stderr: `edge-relay: ${flag}: ${message}\n`, code: 2 });
+    }
+  });
+
   test("config-file values of the wrong type get one line in the relay's words, and a secret is never quoted", async () => {
     await using dir = await tempDir();
     const secret = "s3cret-value-never-shown";
@@ -474,10 +497,12 @@ describe("HTTP", () => {
     expect((await get("?networks=0")).networks).toEqual([]);
   });
 
-  test("a non-loopback --http needs the admin token on every route", async () => {
+  test("a non-loopback --http needs the admin token on every route but /healthz", async () => {
     await using relay = await spawnRelay(["--http", "0.0.0.0:0", "--admin-token", "admin-secret-000001"]);
     const base = `http://127.0.0.1:${relay.port("http")}`;
-    for (const path of ["/healthz", "/status", "/metrics"]) {
+    // A load balancer's check carries no secret, and learns only whether the hub is up.
+    expect(await (await fetch(`${base}/healthz`)).text()).toBe("ok\n");
+    for (const path of ["/", "/status", "/metrics", "/capture?network=default&seconds=1", "/impair"]) {
       expect((await fetch(`${base}${path}`)).status).toBe(401);
       expect((await fetch(`${base}${path}`, { headers: { Authorization: "Bearer wrong" } })).status).toBe(401);
       expect((await fetch(`${base}${path}`, { headers: { Authorization: "Bearer admin-secret-000001" } })).status).toBe(200);

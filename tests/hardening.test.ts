@@ -113,6 +113,34 @@ describe("loops", () => {
     expect(status.networks.find((n: any) => n.name === "default").ports.map((p: any) => p.kind)).toEqual([]);
   });
 
+  test("a newer tunnel with the same relay id and token replaces the old one; one with another token, or a second takeover within 30 s, is refused as a loop", async () => {
+    const other = "hardening-other-token-2";
+    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN, "--token", other]);
+    const hello = (name: string) => encodeControl({ type: "hello", version: 1, networks: ["default"], id: "00000000000000aa", name });
+    const first = await tunnelClient(hub);
+    const reason = new Promise<string>((r) => first.ws.addEventListener("close", (e) => r(`${e.code} ${e.reason}`)));
+    first.ws.send(hello("twin"));
+    expect((await first.control("welcome")).accepted).toEqual(["default"]);
+    // Another token's holder cannot push the site off with its id.
+    const stranger = await tunnelClient(hub, other);
+    stranger.ws.send(hello("twin"));
+    expect((await stranger.control("welcome")).refused).toEqual([{ network: "default", reason: "loop: relay twin is attached to default already" }]);
+    const second = await tunnelClient(hub);
+    second.ws.send(hello("twin"));
+    expect((await second.control("welcome")).accepted).toEqual(["default"]);
+    expect(await reason).toBe("4000 replaced by a newer tunnel from the same relay");
+    // Two live paths from one relay id would take turns: the tunnel that just took over stays.
+    const third = await tunnelClient(hub);
+    third.ws.send(hello("twin"));
+    expect((await third.control("welcome")).refused).toEqual([{ network: "default", reason: "loop: relay twin is attached to default already" }]);
+    expect(second.ws.readyState).toBe(WebSocket.OPEN);
+    const status = await hub.status();
+    expect(status.loopRefusals).toBe(2);
+    expect(status.networks[0].ports.map((p: any) => p.peer)).toEqual([expect.stringMatching(/^twin \(127\.0\.0\.1:\d+\)$/)]);
+    expect(hub.stdout().match(/^tunnel: twin \(127\.0\.0\.1:\d+\) replaced by a newer tunnel from the same relay \(twin \(127\.0\.0\.1:\d+\)\)$/gm)).toHaveLength(1);
+    for (const c of [second, third, stranger]) c.ws.close();
+  });
+
   test("two hubs uplinked to each other carry each frame once, not for ever", async () => {
     const [portA, portB] = [await freePort(), await freePort()];
     const hub = (port: number, other: number, name: string) =>
@@ -235,15 +263,23 @@ describe("hostile tunnel clients", () => {
     await waitUntil(async () => (await hub.status()).limits.networks === 0, "networks forgotten with their tunnel");
   });
 
-  test("after repeated wrong tokens an address gets 429 for a while, even with the right one, counted", async () => {
+  test("after repeated wrong tokens an address's further wrong ones get 429, counted; the right token still opens a tunnel", async () => {
     await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN]);
     for (let i = 0; i < 10; i++) expect((await fetch(`${hub.base}/tunnel`, { headers: { Authorization: `Bearer wrong-${i}-0000000000` } })).status).toBe(401);
-    const blocked = await fetch(`${hub.base}/tunnel`, { headers: { Authorization: `Bearer ${TOKEN}` } });
+    const blocked = await fetch(`${hub.base}/tunnel`, { headers: { Authorization: "Bearer wrong-again-0000000000" } });
     expect(blocked.status).toBe(429);
     expect(Number(blocked.headers.get("retry-after"))).toBeGreaterThan(0);
+    // A site sharing the address (a NAT, a proxy) with the right token is served as ever.
+    const site = await tunnelClient(hub);
+    site.ws.send(encodeControl({ type: "hello", version: 1, networks: ["lab"] }));
+    expect(await site.control("welcome")).toMatchObject({ accepted: ["lab"] });
     const status = await hub.status();
     expect({ authFailures: status.authFailures, authThrottled: status.authThrottled }).toEqual({ authFailures: 10, authThrottled: 1 });
     expect(await (await fetch(`${hub.base}/metrics`)).text()).toContain("edge_relay_auth_throttled_total 1");
+    // The throttled attempt logged nothing: ten refusal lines, no more (all its output is in once it stopped).
+    site.ws.close();
+    await hub.stop();
+    expect(hub.stderr().match(/tunnel: refused 127\.0\.0\.1:\d+: wrong token/g)?.length).toBe(10);
   });
 });
 

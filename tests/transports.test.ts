@@ -329,6 +329,15 @@ describe("TLS", () => {
     expect(uplink.lastError).toBe("TLS: the hub does not speak TLS on that port (is it ws://?)");
   });
 
+  test("a ws:// uplink to a hub that speaks TLS says the hub may want wss://", async () => {
+    await using dir = await tempDir();
+    const { cert, key } = await certificate(dir.path);
+    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN, "--tls-cert", cert, "--tls-key", key]);
+    await using site = await spawnRelay(["--http", "127.0.0.1:0", "--uplink", hub.base.replace(/^https/, "ws"), "--uplink-token", TOKEN]);
+    const uplink = await uplinkFailed(site);
+    expect(uplink.lastError).toBe("the hub closed the connection without answering the upgrade: it may speak TLS (is it wss://?)");
+  });
+
   test("--insecure connects to an unverified hub and says so in the log on every connect", async () => {
     await using dir = await tempDir();
     const { cert, key } = await certificate(dir.path);
