@@ -80,6 +80,12 @@ const DEFAULT_STORM_LIMIT = 5_000;
 const MIN_TOKEN_LENGTH = 16;
 /** The largest --queue-bytes: a tunnel's WebSocket backpressure limit is derived from it. */
 const MAX_QUEUE_BYTES = 64 * 1024 * 1024;
+/**
+ * --memory-budget's dynamic threshold (Choudhury & Hahne, as switch ASICs share their buffer): one
+ * port may hold at most this many times the budget still free. With 1 a lone port may fill half of
+ * it, and N ports that stop reading leave 1/(1 + N) of it free for the rest.
+ */
+export const BUDGET_ALPHA = 1;
 /** Learned datagram peers are forgotten after this much silence, or the MAC ageing time if shorter. */
 const UDP_PEER_AGEING_MS = 60_000;
 /** New peers one --qemu-udp socket learns per second: a spoofed flood cannot churn the table faster. */
@@ -227,6 +233,14 @@ function bunUnixPath(path: string): string {
   return path.startsWith("@") ? `\0${path.slice(1)}` : path;
 }
 
+/** Which rule of NETWORK_NAME `name` breaks, in words (the first one, as the rules are read). */
+function nameRuleBroken(name: string): string {
+  if (name === "") return "is empty";
+  if (!/^[A-Za-z0-9]/.test(name)) return `must start with a letter or digit, not ${JSON.stringify(name[0])}`;
+  if (!/^[A-Za-z0-9_.-]*$/.test(name)) return "must be letters, digits, '.', '_' or '-'";
+  return "is longer than 64 characters";
+}
+
 /**
  * Splits `[NET=]REST` into the network name (default `default`) and the rest. A prefix with a `:`
  * is part of the address (`unix:/run/a=b.sock`), not a network name.
@@ -245,7 +259,7 @@ function endpointSchema<T extends object>(shape: string, parse: (rest: string) =
       const { network, rest } = splitNetwork(dataset.value);
       const parsed = parse(rest);
       if (!NETWORK_NAME.test(network)) {
-        addIssue({ message: `network name ${JSON.stringify(network)} must be letters, digits, '.', '_' or '-'` });
+        addIssue({ message: `network name ${JSON.stringify(network)} ${nameRuleBroken(network)}` });
         return NEVER;
       }
       if (typeof parsed === "string") {
@@ -1000,7 +1014,7 @@ export const OPTIONS = {
   },
   backplaneCluster: {
     arg: "NAME", group: "backplane", schema: v.optional(Name, "default"),
-    help: "hubs with the same NAME share networks, on subjects\nedge-relay.NAME.NETWORK; unless given, NAME is",
+    help: "hubs with the same NAME share networks, on subjects\nedge-relay.NAME.NETWORK",
   },
   backplaneToken: { arg: "SECRET", env: "RELAY_BACKPLANE_TOKEN", secret: true, group: "backplane", schema: v.optional(Secret), help: "the NATS server's token; also RELAY_BACKPLANE_TOKEN" },
   backplaneCreds: {
@@ -1064,7 +1078,7 @@ export const OPTIONS = {
   },
   memoryBudget: {
     arg: "BYTES", numeric: true, group: "limits", schema: v.optional(count("bytes", 1024 * 1024, 2 ** 40), 256 * 1024 * 1024),
-    help: "bytes queued across all ports; beyond it frames drop",
+    help: "bytes queued across all ports; beyond it, or beyond what is\nstill free for one port, frames drop",
   },
   maxCaptures: {
     arg: "N", numeric: true, group: "capture", schema: v.optional(count("captures", 1, 1_000), 4),
@@ -1150,6 +1164,17 @@ export const ConfigSchema = v.pipe(
     ["qemuMcast"],
   ),
   v.rawCheck(({ dataset, addIssue }) => {
+    if (!dataset.typed) return;
+    const issue = sharedAddress(dataset.value);
+    if (issue === undefined) return;
+    const list = dataset.value[issue.key];
+    const path: [v.ObjectPathItem, v.ArrayPathItem] = [
+      { type: "object", origin: "value", input: dataset.value, key: issue.key, value: list },
+      { type: "array", origin: "value", input: list, key: issue.index, value: list[issue.index]! },
+    ];
+    addIssue({ message: issue.message, path });
+  }),
+  v.rawCheck(({ dataset, addIssue }) => {
     if (!dataset.typed || dataset.value.allowRemoteQemu) return;
     for (const key of ["qemuListen", "qemuUdp", "qemuMcast"] as const) {
       const list = dataset.value[key];
@@ -1165,6 +1190,40 @@ export const ConfigSchema = v.pipe(
     }
   }),
 );
+
+/**
+ * The first listener given an address another one has (the same, or one a wildcard includes), said
+ * before binding: the kernel's "address already in use" would blame some other process. Port 0 is
+ * never shared; multicast members share their group by design.
+ */
+function sharedAddress(c: {
+  http: HostPort;
+  qemuListen: { address: SocketAddress }[];
+  qemuUdp: { address: SocketAddress }[];
+}): { key: "qemuListen" | "qemuUdp"; index: number; message: string } | undefined {
+  const taken: { kind: string; address: SocketAddress; by: string }[] = [{ kind: "tcp", address: c.http, by: flagOf("http") }];
+  for (const key of ["qemuListen", "qemuUdp"] as const) {
+    for (const [index, { address }] of c[key].entries()) {
+      const kind = "path" in address ? "unix" : key === "qemuListen" ? "tcp" : "udp";
+      const clash = taken.find((t) => t.kind === kind && sameListener(t.address, address));
+      if (clash) {
+        const mine = formatAddress(address);
+        const theirs = formatAddress(clash.address);
+        const message = mine === theirs ? `${mine} is given twice, here and to ${clash.by}` : `${mine} overlaps ${theirs}, given to ${clash.by}`;
+        return { key, index, message };
+      }
+      taken.push({ kind, address, by: `${flagOf(key)} (${key}[${index}])` });
+    }
+  }
+  return undefined;
+}
+
+/** Whether two listeners of one kind would want the same socket address. */
+function sameListener(a: SocketAddress, b: SocketAddress): boolean {
+  if ("path" in a || "path" in b) return "path" in a && "path" in b && a.path === b.path;
+  const wildcard = (host: string) => host === "0.0.0.0" || host === "::";
+  return a.port !== 0 && a.port === b.port && (a.host === b.host || wildcard(a.host) || wildcard(b.host));
+}
 
 /**
  * Why a QEMU port would be open to other hosts, or undefined when it is local: a VM port is a port
@@ -2888,17 +2947,21 @@ export class RoundRobin<T> {
 }
 
 /**
- * Bytes queued across every port of the relay (--memory-budget): a port whose frame would pass it
- * drops the frame instead, so many slow peers together cannot grow memory without bound.
+ * Bytes queued across every port of the relay (--memory-budget), so many slow peers together cannot
+ * grow memory without bound. It is shared by a dynamic threshold (BUDGET_ALPHA): a port's share
+ * shrinks as the budget fills, so ports that stop reading can never take all of it, and a healthy
+ * port always finds room for its next frames.
  */
 export class MemoryBudget {
   used = 0;
-  /** Frames refused because the budget was spent. */
+  /** Frames refused because the budget, or the port's share of what is free, was spent. */
   drops = 0;
   constructor(readonly limit: number) {}
 
-  take(bytes: number): boolean {
-    if (this.used + bytes > this.limit) {
+  /** Room for `bytes` more on a port that holds `held`: within the budget and within the port's share. */
+  take(bytes: number, held: number): boolean {
+    const free = this.limit - this.used;
+    if (bytes > free || held + bytes > BUDGET_ALPHA * free) {
       this.drops++;
       return false;
     }
@@ -2948,7 +3011,7 @@ export class StreamWriter {
 
   push(frame: Uint8Array): boolean {
     const need = 4 + frame.length;
-    if (this.#closed || this.queued + need > this.limit || !this.budget.take(need)) return false;
+    if (this.#closed || this.queued + need > this.limit || !this.budget.take(need, this.queued)) return false;
     if (this.#batch.used + need > BATCH_BYTES) {
       if (this.#blocked) this.#seal();
       else this.#writeOut();
@@ -3425,7 +3488,7 @@ export class TunnelLink {
   /** Room for `bytes` more. */
   reserve(bytes: number): boolean {
     this.queued();
-    if (this.#buffered + this.#batched + bytes > this.limit || !this.budget.take(bytes)) return false;
+    if (this.#buffered + this.#batched + bytes > this.limit || !this.budget.take(bytes, this.#buffered + this.#batched)) return false;
     this.#batched += bytes;
     return true;
   }
@@ -4189,7 +4252,7 @@ export class V86Port extends Port {
     if (this.#out && !this.#out.allow(frame.length)) return false;
     // Charge the budget what the socket's buffer holds now, then this frame.
     this.#accounted = this.budget.recharge(this.#accounted, this.socket.buffered());
-    if (this.#accounted + frame.length > this.limit || !this.budget.take(frame.length)) return false;
+    if (this.#accounted + frame.length > this.limit || !this.budget.take(frame.length, this.#accounted)) return false;
     const sent = this.socket.send(frame);
     if (sent === -1) this.#accounted += frame.length;
     else this.budget.release(frame.length);
@@ -6332,10 +6395,15 @@ summary { cursor: pointer; font-weight: 600; }
     if (m) return m + " min " + x + " s";
     return x + " s";
   }
+  // Every time on the page in one form: 24-hour local time, after its date (year first) unless today.
   function clock(iso) {
     var t = new Date(iso);
-    return isNaN(t) ? String(iso) : t.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit", hourCycle: "h23" });
+    if (isNaN(t)) return String(iso);
+    var time = pad2(t.getHours()) + ":" + pad2(t.getMinutes()) + ":" + pad2(t.getSeconds());
+    return day(t) === day(new Date()) ? time : day(t) + " " + time;
   }
+  function day(t) { return t.getFullYear() + "-" + pad2(t.getMonth() + 1) + "-" + pad2(t.getDate()); }
+  function pad2(n) { return (n < 10 ? "0" : "") + n; }
   function ago(iso) {
     var t = Date.parse(iso);
     return isNaN(t) ? "" : duration((Date.now() - t) / 1000) + " ago";
@@ -6421,7 +6489,7 @@ summary { cursor: pointer; font-weight: 600; }
       ["Name", st.name],
       ["Version", st.version],
       ["Relay id", h("span", { class: "mono" }, st.id)],
-      ["Uptime", duration(st.uptime) + " (since " + new Date(st.startedAt || Date.now() - st.uptime * 1000).toLocaleString() + ")"],
+      ["Uptime", duration(st.uptime) + " (since " + clock(st.startedAt || new Date(Date.now() - st.uptime * 1000)) + ")"],
     ];
     var u = st.uplink;
     if (!u) {
@@ -6815,7 +6883,8 @@ export interface CaptureRequest {
 /** `/capture`'s query: `network` (required), `port`, `snaplen`, `count`, `seconds`, `mac`, `ethertype`; or why not. */
 export function parseCaptureRequest(query: URLSearchParams): CaptureRequest | string {
   const network = query.get("network");
-  if (network === null || !NETWORK_NAME.test(network)) return "capture: network=NAME is required";
+  if (network === null) return "capture: network=NAME is required";
+  if (!NETWORK_NAME.test(network)) return `capture: network name ${JSON.stringify(network)} ${nameRuleBroken(network)}`;
   const whole = (name: string, min: number, max: number, fallback: number): number | string => {
     const text = query.get(name);
     if (text === null) return fallback;
@@ -7123,6 +7192,15 @@ function listenHttp<T>(address: HostPort, serve: () => T): T {
   }
 }
 
+/** A QEMU listener or group that fails to start, told naming its option as --http's is. */
+async function startedFor<T>(key: "qemuListen" | "qemuUdp" | "qemuMcast", start: Promise<T>): Promise<T> {
+  try {
+    return await start;
+  } catch (error) {
+    throw new Error(`${flagOf(key)}: ${(error as Error).message}`);
+  }
+}
+
 /** The host name as a relay name: what the name pattern allows of it. */
 function defaultName(): string {
   return hostname().replace(/[^A-Za-z0-9_.-]/g, "-").replace(/^[^A-Za-z0-9]+/, "").slice(0, 64) || "relay";
@@ -7328,19 +7406,19 @@ export async function startRelay(config: Config, log: Logger = consoleLogger, en
     const fdLimit = raiseFdLimit();
     const cap = config.qemuListen.length > 0 ? connectionCap(config.maxConnections, fdLimit, log, () => void counters.connectionsRefused++) : undefined;
     for (const spec of config.qemuListen) {
-      const listener = await listenStream(spec.address, { network: network(spec.network), log: portLog, countError, limit: config.queueBytes, budget, kind: "qemu-listen", cap });
+      const listener = await startedFor("qemuListen", listenStream(spec.address, { network: network(spec.network), log: portLog, countError, limit: config.queueBytes, budget, kind: "qemu-listen", cap }));
       stoppers.push(listener.stop);
       bound.push({ what: "qemu-listen", network: spec.network, address: listener.address });
     }
     for (const spec of config.qemuUdp) {
-      const dgram = await bindDatagram(spec.address, spec.remote, { network: network(spec.network), log: portLog, ageingMs, maxPeers: config.udpPeers, countError });
+      const dgram = await startedFor("qemuUdp", bindDatagram(spec.address, spec.remote, { network: network(spec.network), log: portLog, ageingMs, maxPeers: config.udpPeers, countError }));
       stoppers.push(dgram.close);
       sweepers.push(dgram.sweep);
       datagramSockets.push(dgram);
       bound.push({ what: "qemu-udp", network: spec.network, address: dgram.socket.address });
     }
     for (const spec of config.qemuMcast) {
-      const mcast = await joinMulticast(spec.group, spec.localAddress, { network: network(spec.network), log: portLog });
+      const mcast = await startedFor("qemuMcast", joinMulticast(spec.group, spec.localAddress, { network: network(spec.network), log: portLog }));
       stoppers.push(mcast.close);
       bound.push({ what: "qemu-mcast", network: spec.network, address: mcast.address });
     }

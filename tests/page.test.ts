@@ -41,6 +41,20 @@ function problems(page: Page): string[] {
 
 const number = (text: string | null | undefined) => Number((text ?? "").replace(/[^\d]/g, ""));
 
+/** The page and a /status of the test's making, without the relay (or its CSP). */
+function servePage(snapshot: () => unknown) {
+  return Bun.serve({
+    hostname: "127.0.0.1",
+    port: 0,
+    fetch(request) {
+      const path = new URL(request.url).pathname;
+      if (path === "/") return new Response(PAGE_HTML, { headers: { "Content-Type": "text/html; charset=utf-8" } });
+      if (path === "/status") return Response.json(snapshot());
+      return new Response("not found", { status: 404 });
+    },
+  });
+}
+
 const MAC_A = "02:00:00:00:0a:01";
 const MAC_B = "02:00:00:00:0b:02";
 
@@ -241,6 +255,38 @@ suite("status page in Chromium", () => {
     expect(seen.filter((s) => !s.includes("401"))).toEqual([]);
   }, 20_000);
 
+  test("writes every time in one form: 24-hour, with the date (year first) when it is not today", async () => {
+    const today = new Date().toISOString();
+    const port = (id: string, state: string, since: string) => ({
+      id, kind: "tunnel", peer: id, state, since, errors: 0, macs: 0, reason: "gone",
+      rx: { frames: 0, bytes: 0, drops: 0, runts: 0, storm: 0, macLimit: 0, loop: 0 },
+      tx: { frames: 0, bytes: 0, drops: 0 },
+    });
+    const snapshot = {
+      version: "0.1.0", id: "0123456789abcdef", name: "hub", uptime: 86_400 * 400, startedAt: "2025-11-02T15:04:05.000Z",
+      networks: [{ name: "lab", ports: [port("tunnel-1", "up", today)], closedPorts: [port("tunnel-0", "closed", "2026-01-02T03:04:06.000Z")], macCount: 0, macs: [] }],
+      uplink: { url: "ws://hub:1", state: "up", since: "2026-01-02T23:59:59.000Z", connects: 1, attempts: 1, networks: ["lab"], refused: [] },
+      dials: [],
+      limits: { networks: 1, maxNetworks: 1024, tunnels: 1, maxTunnels: 4096, maxTunnelsPerAddress: 64, memoryUsed: 0, memoryBudget: 1 << 28, memoryDrops: 0 },
+      authFailures: 0, authThrottled: 0, protocolErrors: 0, tunnelsRefused: 0, loopRefusals: 0, loopsDetected: 0,
+    };
+    await using server = servePage(() => snapshot);
+    await using context = await browser.createBrowserContext();
+    const page = await context.newPage();
+    const seen = problems(page);
+    await page.emulateTimezone("UTC");
+    await page.goto(`http://127.0.0.1:${server.port}/`);
+    await page.waitForSelector("table.closed tr[data-port='tunnel-0']", { timeout: 5_000 });
+    const fact = (name: string) => page.evaluate((n) => [...document.querySelectorAll("dt")].find((dt) => dt.textContent === n)?.nextElementSibling?.textContent, name);
+    expect(await fact("Uptime")).toBe("400 d 0 h (since 2025-11-02 15:04:05)");
+    expect(await page.$eval("[data-field='uplink-state']", (e) => e.textContent)).toBe("● up since 2026-01-02 23:59:59");
+    expect(await page.$eval("table.closed td[data-field='since']", (e) => e.textContent)).toStartWith("2026-01-02 03:04:06 (");
+    const hms = new Date(today).toISOString().slice(11, 19);
+    expect(await page.$eval("tr[data-port='tunnel-1'] td[data-field='state']", (e) => e.textContent)).toEndWith(` since ${hms}`);
+    await page.waitForFunction(() => /^● Live, updated \d\d:\d\d:\d\d$/.test(document.querySelector("#live")?.textContent ?? ""), { timeout: 5_000 });
+    expect(seen).toEqual([]);
+  }, 20_000);
+
   test("an uplink that is up again shows its last error as past, not in red", async () => {
     const token = "page-uplink-token-01";
     const hubPort = await freePort();
@@ -312,16 +358,7 @@ suite("status page in Chromium", () => {
       loopsDetected: 0,
     });
     // Served without the CSP on purpose: only the page's own escaping stands between this data and the DOM.
-    await using server = Bun.serve({
-      hostname: "127.0.0.1",
-      port: 0,
-      fetch(request) {
-        const path = new URL(request.url).pathname;
-        if (path === "/") return new Response(PAGE_HTML, { headers: { "Content-Type": "text/html; charset=utf-8" } });
-        if (path === "/status") return Response.json(snapshot());
-        return new Response("not found", { status: 404 });
-      },
-    });
+    await using server = servePage(snapshot);
     await using context = await browser.createBrowserContext();
     const page = await context.newPage();
     const seen = problems(page);

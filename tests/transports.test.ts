@@ -102,7 +102,7 @@ describe("unix stream sockets", () => {
     await using first = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", `unix:${path}`]);
     expect(await runCli(["--http", "127.0.0.1:0", "--qemu-listen", `unix:${path}`])).toEqual({
       stdout: "",
-      stderr: `edge-relay: Cannot listen on unix:${path}: address already in use (EADDRINUSE)\n`,
+      stderr: `edge-relay: --qemu-listen: Cannot listen on unix:${path}: address already in use (EADDRINUSE)\n`,
       code: 1,
     });
     await first.stop("SIGKILL");
@@ -114,7 +114,7 @@ describe("unix stream sockets", () => {
     await Bun.write(plain, "keep me");
     expect(await runCli(["--http", "127.0.0.1:0", "--qemu-listen", `unix:${plain}`])).toEqual({
       stdout: "",
-      stderr: `edge-relay: Cannot listen on unix:${plain}: the path exists and is not a socket\n`,
+      stderr: `edge-relay: --qemu-listen: Cannot listen on unix:${plain}: the path exists and is not a socket\n`,
       code: 1,
     });
     expect(await Bun.file(plain).text()).toBe("keep me");
@@ -201,14 +201,14 @@ print(reply[6:12].hex())
     await using other = listenStream(path);
     expect(await runCli(["--http", "127.0.0.1:0", "--qemu-udp", `unix:${path}`])).toEqual({
       stdout: "",
-      stderr: `edge-relay: Cannot listen on unix:${path}: address already in use (EADDRINUSE)\n`,
+      stderr: `edge-relay: --qemu-udp: Cannot listen on unix:${path}: address already in use (EADDRINUSE)\n`,
       code: 1,
     });
     const dgramPath = `${dir.path}/busy.dgram`;
     const dgram = await openUnixDgram(dgramPath, () => {});
     try {
       expect((await runCli(["--http", "127.0.0.1:0", "--qemu-listen", `unix:${dgramPath}`])).stderr).toBe(
-        `edge-relay: Cannot listen on unix:${dgramPath}: address already in use (EADDRINUSE)\n`,
+        `edge-relay: --qemu-listen: Cannot listen on unix:${dgramPath}: address already in use (EADDRINUSE)\n`,
       );
     } finally {
       await dgram.close();
