@@ -6668,7 +6668,6 @@ export class GatewayHost extends Port {
         address, name: lease?.name, state: "offered", expires: now + DHCP_OFFER_HOLD_MS, port: origin.id, site: origin.site,
       });
     }
-    this.counters.offers++;
     this.#reply(OFFER, m, frame, address, this.#byMac.get(m.chaddr)?.name);
   }
 
@@ -6689,17 +6688,13 @@ export class GatewayHost extends Port {
       (reservation === undefined || reservation.address === address) &&
       this.#allowed(address, m.chaddr, now) &&
       (ours || (server === undefined && !this.#probes.has(address) && !this.#overCap(this.#origin(frame).port, now)));
-    if (!fine) {
-      this.counters.naks++;
-      return this.#reply(NAK, m, frame, 0, undefined);
-    }
+    if (!fine) return this.#reply(NAK, m, frame, 0, undefined);
     const origin = this.#origin(frame);
     const fresh = !(lease?.state === "bound" && lease.address === address && this.#active(lease, now));
     const name = reservation?.name ?? clientName(m) ?? (lease?.address === address ? lease.name : undefined);
     const bound = this.#put(lease ?? ({ mac: m.chaddr } as Lease), {
       address, name: name === GATEWAY_NAME ? undefined : name, state: "bound", expires: now + this.spec.leaseSeconds * 1000, port: origin.id, site: origin.site,
     });
-    this.counters.acks++;
     this.#reply(ACK, m, frame, address, bound.name, m.ciaddr);
     if (fresh) this.#options.log.info(`${this.spec.network}: ${m.chaddr} is ${ipv4Text(address)}${bound.name ? ` (${bound.name})` : ""} at ${bound.site}`);
     this.#scheduleSave();
@@ -6708,6 +6703,7 @@ export class GatewayHost extends Port {
   /** Sends OFFER, ACK or NAK: broadcast, or to `unicast` (a client that has its address). */
   #reply(type: number, m: DhcpMessage, frame: Uint8Array, address: number, name: string | undefined, unicast = 0): void {
     const { gateway, leaseSeconds, domain } = this.spec;
+    this.counters[type === OFFER ? "offers" : type === ACK ? "acks" : "naks"]++;
     const options: [number, Uint8Array][] = [[OPT_SERVER, u32(gateway)]];
     if (type !== NAK) {
       if (m.type !== INFORM) options.push([OPT_LEASE, u32(leaseSeconds)], [OPT_RENEWAL, u32(leaseSeconds / 2)], [OPT_REBINDING, u32(Math.floor((leaseSeconds * 7) / 8))]);
@@ -6730,7 +6726,12 @@ export class GatewayHost extends Port {
   // ───── DNS ─────
 
   #dns(ip: Ipv4Packet, udp: UdpDatagram, frame: Uint8Array): void {
-    const query = dnsPacket.decode(Buffer.from(udp.payload));
+    let query: dnsPacket.DecodedPacket;
+    try {
+      query = dnsPacket.decode(Buffer.from(udp.payload));
+    } catch (error) {
+      throw new RangeError(`Cannot decode DNS: ${(error as Error).message}`);
+    }
     if (query.type !== "query") return;
     this.counters.dnsQueries++;
     const question = query.questions?.length === 1 ? query.questions[0] : undefined;
