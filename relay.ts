@@ -7483,12 +7483,22 @@ summary { cursor: pointer; font-weight: 600; }
   function drops(count, title) {
     return count > 0 ? h("span", { class: "warn", title: title }, "\u26A0 " + num(count)) : h("span", { title: title }, num(count));
   }
+  // --dhcp: the address and name leased to a MAC, and the leases behind each port.
+  function leaseText(l) {
+    return l.address + (l.name ? " " + l.name : "");
+  }
+  function portLeases(n, p) {
+    var held = (n.dhcp ? n.dhcp.leases : []).filter(function (l) { return l.port === p.id && l.state === "bound"; });
+    if (held.length === 0) return "";
+    var shown = held.slice(0, 4).map(leaseText).join(", ") + (held.length > 4 ? ", \u2026 (" + num(held.length) + ")" : "");
+    return h("span", { class: "muted sub", "data-field": "leases" }, shown);
+  }
   function portRow(n, p) {
     var rx = p.rx, tx = p.tx;
     var why = "runts " + num(rx.runts) + ", storm limit " + num(rx.storm) + ", MAC limit " + num(rx.macLimit) + ", blocked for a loop " + num(rx.loop);
     return h("tr", { "data-key": "p " + p.id, "data-port": p.id },
       cell("Port", "id", "nw", h("strong", {}, p.id), h("span", { class: "muted sub" }, " (" + p.kind + ")")),
-      cell("Peer", "peer", null, p.peer),
+      cell("Peer", "peer", null, p.peer, portLeases(n, p)),
       cell("State", "state", "nw", state(p.state), h("span", { class: "muted sub" }, " since " + clock(p.since))),
       cell("In frames", "rx-frames", "n", num(rx.frames)),
       cell("In bytes", "rx-bytes", "n", h("span", { title: num(rx.bytes) + " bytes" }, bytes(rx.bytes))),
@@ -7504,6 +7514,12 @@ summary { cursor: pointer; font-weight: 600; }
     var ports = n.ports || [], macs = n.macs || [], closed = (n.closedPorts || []).slice().reverse();
     var portCount = n.portCount === undefined ? ports.length : n.portCount;
     sec.summary.textContent = plural(portCount, "port") + (ports.length < portCount ? " (the first " + num(ports.length) + " listed)" : "") + " \u00B7 " + plural(n.macCount, "learned MAC");
+    var dhcp = n.dhcp, leased = new Map();
+    if (dhcp) {
+      sec.summary.textContent += " \u00B7 DHCP " + dhcp.cidr + ", gateway " + dhcp.gateway + ", pool " + dhcp.range + ": " + plural(dhcp.leaseCount, "lease") + ", " + num(dhcp.free) + " free" +
+        (dhcp.rogueServers.length ? " \u00B7 \u26A0 another DHCP server: " + dhcp.rogueServers.map(function (r) { return r.mac + " " + r.address; }).join(", ") : "");
+      dhcp.leases.forEach(function (l) { if (l.state === "bound") leased.set(l.mac, l); });
+    }
     update(sec.ports, ports.length ? ports.map(function (p) { return portRow(n, p); })
       : [h("tr", { "data-key": "none" }, h("td", { colspan: 12, class: "empty" }, "No ports."))]);
     var byId = new Map(ports.map(function (p) { return [p.id, p]; }));
@@ -7512,8 +7528,9 @@ summary { cursor: pointer; font-weight: 600; }
     sec.macsTable.hidden = macs.length === 0;
     update(sec.macs, macs.map(function (m) {
       var port = byId.get(m.port);
+      var l = leased.get(m.mac);
       return h("tr", { "data-key": "m " + m.mac, "data-mac": m.mac },
-        h("td", { class: "mac" }, m.mac),
+        h("td", { class: "mac" }, m.mac, l ? h("span", { class: "muted sub", "data-field": "lease" }, leaseText(l)) : ""),
         h("td", {}, m.port, port ? h("span", { class: "muted" }, " " + port.peer) : ""),
         h("td", { class: "n" }, (m.age < 10 ? m.age.toFixed(1) : Math.round(m.age)) + " s"));
     }));
