@@ -8,8 +8,9 @@
  */
 import { describe, expect, test } from "bun:test";
 import fc from "fast-check";
+import { CapturePort } from "./dhcp-packets.ts";
 import { waitUntil } from "./helpers.ts";
-import { GatewayHost, Network, Port, decodeArp, decodeDhcp, decodeIpv4, decodeUdp, resolveDhcpNetwork, type DhcpNetworkSpec } from "../relay.ts";
+import { GatewayHost, Network, decodeArp, decodeDhcp, decodeIpv4, decodeUdp, resolveDhcpNetwork, type DhcpNetworkSpec } from "../relay.ts";
 
 const seedText = process.env.FUZZ_SEED;
 const seed = seedText === undefined || seedText === "" ? undefined : Number(seedText);
@@ -87,17 +88,6 @@ describe("DHCP and packet decoders under fuzzing", () => {
     );
   }, PROPERTY_TIMEOUT_MS);
 });
-
-class CapturePort extends Port {
-  readonly sent: Uint8Array[] = [];
-  constructor() {
-    super("test", "fuzz");
-  }
-  protected enqueue(frame: Uint8Array): boolean {
-    this.sent.push(frame.slice());
-    return true;
-  }
-}
 
 /** Ethernet + IPv4 + UDP (no UDP checksum) from 10.9.0.77 to `dst`, header checksum right. */
 function udpFrame(dstMac: Uint8Array, dst: number, dport: number, payload: Uint8Array): Uint8Array {

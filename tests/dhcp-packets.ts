@@ -3,6 +3,7 @@
  * messages, ARP, ICMP and DNS queries in Ethernet frames, as a fake VM sends and receives them.
  */
 import dnsPacket from "dns-packet";
+import { Port } from "../relay.ts";
 import { mac, type StreamPeer } from "./helpers.ts";
 
 export const GATEWAY = "10.9.0.1";
@@ -194,3 +195,15 @@ export async function gatewayMacOf(vm: StreamPeer, client: string, from: string)
   return [...f.subarray(22, 28)].map((x) => x.toString(16).padStart(2, "0")).join(":");
 }
 
+
+/** A VM port in-process (for the host class on a switch without sockets): what the switch sends it is kept. */
+export class CapturePort extends Port {
+  readonly sent: Uint8Array[] = [];
+  constructor() {
+    super("test", "in-process");
+  }
+  protected enqueue(frame: Uint8Array): boolean {
+    this.sent.push(frame.slice());
+    return true;
+  }
+}

@@ -5,9 +5,9 @@
  */
 import { describe, expect, test } from "bun:test";
 import { existsSync, readFileSync } from "node:fs";
-import { GatewayHost, Network, Port, resolveDhcpNetwork, type DhcpNetworkSpec } from "../relay.ts";
-import { GATEWAY, TYPE, arpFrame, ask, dhcpFrame, dhcpMessage, dnsQuery, gatewayMacOf, ip, ipFrame, ipText, isArp, lease, optIp, optText, optU32, readDhcp, reply, sum16, udpFrame } from "./dhcp-packets.ts";
-import { attachVm, mac, spawnRelay, tempDir, uplinkUp, waitUntil, type RelayProcess } from "./helpers.ts";
+import { GatewayHost, Network, resolveDhcpNetwork, type DhcpNetworkSpec } from "../relay.ts";
+import { CapturePort, GATEWAY, TYPE, arpFrame, ask, dhcpFrame, dhcpMessage, dnsQuery, gatewayMacOf, ip, ipFrame, ipText, isArp, lease, optIp, optText, optU32, readDhcp, reply, sum16, udpFrame } from "./dhcp-packets.ts";
+import { RELAY, attachVm, mac, spawnRelay, tempDir, uplinkUp, waitUntil, type RelayProcess } from "./helpers.ts";
 
 const TOKEN = "dhcp-test-token-0123456789";
 
@@ -277,6 +277,19 @@ describe("DNS, ARP and ping on the gateway address", () => {
   });
 });
 
+describe("--dhcp in the compiled binary", () => {
+  test("dns-packet is bundled: the binary leases an address and answers DNS for it", async () => {
+    await using dir = await tempDir();
+    const binary = `${dir.path}/edge-relay`;
+    await Bun.$`${process.execPath} build --compile --minify ${RELAY} --outfile ${binary}`.quiet();
+    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "lab=127.0.0.1:0", "--dhcp", "lab=10.9.0.0/24"], { command: [binary], cwd: dir.path });
+    await using vm = await attachVm(relay, "lab");
+    const address = (await lease(vm, "52:54:00:00:00:91", { hostname: "bin" })).yiaddr;
+    const answer = await ask(vm, "52:54:00:00:00:91", address, dnsQuery(21, "bin.lab", 1));
+    expect(answer.answers?.[0]).toMatchObject({ type: "A", data: address });
+  }, 60_000);
+});
+
 describe("one DHCP server per network", () => {
   test("a second relay serving the same network is seen and warned about, on both", async () => {
     await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN, "--qemu-listen", "lab=127.0.0.1:0", "--dhcp", "lab=10.9.0.0/24", "--name", "hub"]);
@@ -343,18 +356,6 @@ describe("--dhcp options", () => {
     expect([ack.yiaddr, optText(ack, 12), optText(ack, 15)]).toEqual(["10.9.0.6", "printer", "corp.test"]);
   });
 });
-
-/** A VM port in-process: what the switch sends it is kept. */
-class CapturePort extends Port {
-  readonly sent: Uint8Array[] = [];
-  constructor() {
-    super("test", "in-process");
-  }
-  protected enqueue(frame: Uint8Array): boolean {
-    this.sent.push(frame.slice());
-    return true;
-  }
-}
 
 describe("GatewayHost with a fake clock", () => {
   test("a lease expires at its time, and its address then goes to another client", async () => {
