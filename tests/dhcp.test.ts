@@ -5,9 +5,9 @@
  */
 import { describe, expect, test } from "bun:test";
 import { existsSync, readFileSync } from "node:fs";
-import { GatewayHost, Network, resolveDhcpNetwork, type DhcpNetworkSpec } from "../relay.ts";
+import { GatewayHost, Network, loadConfig, resolveDhcpNetwork, type Config, type DhcpNetworkSpec } from "../relay.ts";
 import { CapturePort, GATEWAY, TYPE, arpFrame, ask, dhcpFrame, dhcpMessage, dnsQuery, gatewayMacOf, ip, ipFrame, ipText, isArp, lease, optIp, optText, optU32, readDhcp, reply, sum16, udpFrame } from "./dhcp-packets.ts";
-import { RELAY, attachVm, mac, spawnRelay, tempDir, uplinkUp, waitUntil, type RelayProcess } from "./helpers.ts";
+import { RELAY, attachVm, mac, recipe, spawnRelay, tempDir, uplinkUp, waitUntil, type RelayProcess } from "./helpers.ts";
 
 const TOKEN = "dhcp-test-token-0123456789";
 
@@ -332,6 +332,19 @@ describe("--dhcp options", () => {
       .toMatchObject({ gateway: ip("10.9.0.254"), first: ip("10.9.0.100"), last: ip("10.9.0.199"), leaseSeconds: 1800, domain: "example.test" });
     expect(resolveDhcpNetwork({ network: "lab", cidr: "10.9.0.0/24", range: "10.9.1.1-10.9.1.5" })).toBe('range start "10.9.1.1" is not a host address of 10.9.0.0/24');
     expect(resolveDhcpNetwork({ network: "lab", cidr: "10.9.0.0/31" })).toStartWith("expected an IPv4 CIDR from /8 to /30");
+  });
+
+  test("the README's recipe \"boot any image into a network\" passes the option checks, with --dhcp on the hub only", async () => {
+    const block = (await recipe("boot-any-image"))!;
+    const lines = block.replace(/\\\n\s*/g, " ").split("\n").filter((l) => l.includes("relay.ts"));
+    expect(lines).toHaveLength(2);
+    const configs = lines.map((line) => {
+      const words = line.trim().split(/\s+/);
+      const env = Object.fromEntries(words.filter((w) => /^[A-Z_]+=/.test(w)).map((w) => w.split("=") as [string, string]));
+      return loadConfig(words.slice(words.indexOf("relay.ts") + 1), env) as Config;
+    });
+    expect(configs.map((c) => c.dhcp.map((d) => d.cidr))).toEqual([["10.9.0.0/24"], []]);
+    expect(configs[0]!.stateDir).toBe("/var/lib/edge-relay");
   });
 
   test("bad --dhcp and --dhcp-host values exit 2 naming the option; a config file takes objects", async () => {
