@@ -6312,7 +6312,7 @@ export interface DhcpCounters {
   exhausted: number;
   /** Addresses an ARP check found in use before they were offered. */
   conflicts: number;
-  /** OFFERs and ACKs seen from another DHCP server on the network. */
+  /** OFFERs and ACKs seen from another DHCP server on the network, and REQUESTs taking another server's offer. */
   rogueReplies: number;
   dnsQueries: number;
   dnsAnswers: number;
@@ -6334,7 +6334,7 @@ export interface DhcpSnapshot {
   stateFile: string | null;
   leaseCount: number;
   leases: { mac: string; address: string; name: string | null; state: LeaseState; expires: string; port: string; site: string }[];
-  /** Other DHCP servers seen on the network (MAC and address), at most 16. */
+  /** Other DHCP servers seen on the network (MAC, or `?` when only a client named it, and address), at most 16. */
   rogueServers: { mac: string; address: string }[];
   counters: DhcpCounters;
 }
@@ -6381,7 +6381,7 @@ export class GatewayHost extends Port {
   readonly #reservedAddress = new Map<number, DhcpHostSpec>();
   /** ARP checks under way, by address. */
   readonly #probes = new Map<number, Probe>();
-  readonly #rogues = new Map<string, string>();
+  readonly #rogues = new Map<string, { mac: string; address: string }>();
   readonly #warn: (line: string) => void;
   #saveTimer: unknown;
   #closed = false;
@@ -6476,12 +6476,19 @@ export class GatewayHost extends Port {
 
   #otherServer(ip: Ipv4Packet, frame: Uint8Array, m: DhcpMessage): void {
     if (macKey(frame, 6) === this.#macKey || m.op !== 2 || (m.type !== OFFER && m.type !== ACK)) return;
+    this.#rogue(formatMac(macKey(frame, 6)), ipv4Text(addressOption(m, OPT_SERVER) ?? ip.src));
+  }
+
+  /**
+   * Another server on the network: seen answering, or named by a client that took its offer (its
+   * OFFER may have been unicast to the client, past this port). Logged once per server.
+   */
+  #rogue(mac: string, address: string): void {
     this.counters.rogueReplies++;
-    const mac = formatMac(macKey(frame, 6));
-    if (this.#rogues.has(mac) || this.#rogues.size >= 16) return;
-    const address = ipv4Text(addressOption(m, OPT_SERVER) ?? ip.src);
-    this.#rogues.set(mac, address);
-    this.#warn(`another DHCP server on ${this.spec.network}: ${mac} ${address}; one relay per network should serve it (${flagOf("dhcp")})`);
+    const key = mac === "?" ? address : mac;
+    if (this.#rogues.has(key) || this.#rogues.size >= 16) return;
+    this.#rogues.set(key, { mac, address });
+    this.#warn(`another DHCP server on ${this.spec.network}: ${mac === "?" ? `${address} (a client took its offer)` : `${mac} ${address}`}; one relay per network should serve it (${flagOf("dhcp")})`);
   }
 
   // ───── DHCP ─────
@@ -6676,9 +6683,9 @@ export class GatewayHost extends Port {
     const requested = addressOption(m, OPT_REQUESTED);
     const lease = this.#byMac.get(m.chaddr);
     if (server !== undefined && server !== this.spec.gateway) {
-      // SELECTING another server's offer: ours is withdrawn.
+      // SELECTING another server's offer: ours is withdrawn, and that server is one too many.
       if (lease !== undefined && lease.state === "offered") this.#put(lease, { state: "released", expires: now });
-      return;
+      return this.#rogue("?", ipv4Text(server));
     }
     const address = requested ?? m.ciaddr;
     const reservation = this.#reservedMac.get(m.chaddr);
@@ -6868,7 +6875,7 @@ export class GatewayHost extends Port {
       stateFile: this.stateFile ?? null,
       leaseCount: count,
       leases,
-      rogueServers: [...this.#rogues].map(([mac, address]) => ({ mac, address })),
+      rogueServers: [...this.#rogues.values()],
       counters: { ...this.counters },
     };
   }

@@ -102,6 +102,8 @@ describe("DHCP server on a --dhcp network", () => {
     const offer = await reply(vm, c, TYPE.OFFER);
     vm.send(dhcpFrame(c, TYPE.REQUEST, { requested: offer.yiaddr, server: "10.9.0.99" }));
     await waitUntil(async () => !(await dhcpOf(relay)).leases.some((l: any) => l.mac === c), "the withdrawn offer gone");
+    await relay.waitForLine(/^another DHCP server on lab: 10\.9\.0\.99 \(a client took its offer\); one relay per network should serve it \(--dhcp\)$/);
+    expect((await dhcpOf(relay)).rogueServers).toEqual([{ mac: "?", address: "10.9.0.99" }]);
     vm.send(dhcpFrame(b, TYPE.DECLINE, { requested: "10.9.0.200", server: GATEWAY }));
     await waitUntil(async () => (await dhcpOf(relay)).counters.declines === 1, "the DECLINE counted");
     await relay.waitForLine(/^lab: 52:54:00:00:00:0b declined 10\.9\.0\.200: another host uses it$/);
