@@ -6441,7 +6441,7 @@ export class GatewayHost extends Port {
       if (udp.dstPort === DHCP_SERVER_PORT) return this.#dhcp(decodeDhcp(udp.payload), frame, ip);
       if (udp.dstPort === DNS_PORT && ip.dst === this.spec.gateway) return this.#dns(ip, udp, frame);
     } catch (error) {
-      // Guest bytes that fail a check here or in dns-packet (whose errors are not all RangeErrors) are dropped and counted.
+      // Guest bytes that fail a check are dropped and counted; any other error is a bug of ours, logged too (never the bytes).
       this.counters.malformed++;
       if (!(error instanceof RangeError)) this.#warn(`${this.spec.network}: a packet from ${formatMac(macKey(frame, 6))} could not be handled: ${(error as Error).message}`);
     }
@@ -6488,7 +6488,7 @@ export class GatewayHost extends Port {
     const key = mac === "?" ? address : mac;
     if (this.#rogues.has(key) || this.#rogues.size >= 16) return;
     this.#rogues.set(key, { mac, address });
-    this.#warn(`another DHCP server on ${this.spec.network}: ${mac === "?" ? `${address} (a client took its offer)` : `${mac} ${address}`}; one relay per network should serve it (${flagOf("dhcp")})`);
+    this.#options.log.warn(`another DHCP server on ${this.spec.network}: ${mac === "?" ? `${address} (a client took its offer)` : `${mac} ${address}`}; one relay per network should serve it (${flagOf("dhcp")})`);
   }
 
   // ───── DHCP ─────
