@@ -61,6 +61,10 @@ describe("DHCP server on a --dhcp network", () => {
     vm.send(udpFrame(dhcp.mac, client, ip(ack.yiaddr), ip(GATEWAY), 68, 67, dhcpMessage(client, TYPE.REQUEST, { xid: 79, ciaddr: ack.yiaddr })));
     const renewed = await vm.frames.next((f) => readDhcp(f)?.xid === 79);
     expect(readDhcp(renewed)).toMatchObject({ type: TYPE.ACK, dstMac: client, dstIp: ack.yiaddr, yiaddr: ack.yiaddr });
+    // Rebinding: the same, broadcast (the client could not reach its server).
+    vm.send(dhcpFrame(client, TYPE.REQUEST, { xid: 80, ciaddr: ack.yiaddr }));
+    const rebound = await vm.frames.next((f) => readDhcp(f)?.xid === 80);
+    expect(readDhcp(rebound)).toMatchObject({ type: TYPE.ACK, dstIp: ack.yiaddr, yiaddr: ack.yiaddr });
     expect(relay.stdout().match(/ is 10\.9\.0\./g)).toHaveLength(1);
   });
 
