@@ -42,15 +42,16 @@
  * @module
  */
 
-import { lstatSync, readFileSync, readlinkSync, realpathSync, renameSync, rmSync, unlinkSync } from "node:fs";
+import { lstatSync, mkdirSync, readFileSync, readlinkSync, realpathSync, renameSync, rmSync, unlinkSync, writeFileSync } from "node:fs";
 import { BlockList, isIP, isIPv4, isIPv6 } from "node:net";
-import { basename } from "node:path";
+import { basename, dirname } from "node:path";
 import { hostname, constants as osConstants } from "node:os";
 import { dlopen, FFIType, read } from "bun:ffi";
 import { X509Certificate, createPrivateKey, timingSafeEqual } from "node:crypto";
 import { checkServerIdentity, type PeerCertificate } from "node:tls";
 import type { Server, ServerWebSocket, Socket, udp } from "bun";
 import { credsAuthenticator, nkeyAuthenticator } from "@nats-io/nats-core";
+import dnsPacket from "dns-packet";
 import { Hono } from "hono";
 import { getPath } from "hono/utils/url";
 import * as v from "valibot";
@@ -903,6 +904,157 @@ const OnOff = v.pipe(
   v.transform((value) => value === true || value === "on"),
 );
 
+// DHCP networks (--dhcp, --dhcp-host): the host that serves them is its own section further down
+
+/** `10.9.0.1` as a 32-bit unsigned number; undefined when it is not a dotted quad. */
+export function ipv4Number(text: string): number | undefined {
+  if (!isIPv4(text)) return undefined;
+  return text.split(".").reduce((n, part) => n * 256 + Number(part), 0);
+}
+
+export function ipv4Text(n: number): string {
+  return `${n >>> 24}.${(n >>> 16) & 255}.${(n >>> 8) & 255}.${n & 255}`;
+}
+
+/** The most addresses one pool may hold: allocation walks the pool, and a lease table is kept per address. */
+export const DHCP_MAX_POOL = 65_536;
+const DURATION_UNITS: Record<string, number> = { s: 1, m: 60, h: 3600, d: 86_400 };
+/** A DNS label: what a lease's host name must be (a guest's is cut to its first label and lowercased). */
+const DNS_LABEL = /^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$/;
+
+/** One --dhcp network, resolved: addresses as numbers, the pool without the gateway. */
+export interface DhcpNetworkSpec {
+  network: string;
+  /** `10.9.0.0/24` */
+  cidr: string;
+  base: number;
+  prefix: number;
+  gateway: number;
+  first: number;
+  last: number;
+  leaseSeconds: number;
+  domain: string;
+}
+
+/** The fields of `NET=CIDR[,gateway=IP][,range=FIRST-LAST][,lease=DURATION][,domain=NAME]` or of its config object. */
+interface DhcpFields {
+  network: string;
+  cidr: string;
+  gateway?: string;
+  range?: string;
+  lease?: string | number;
+  domain?: string;
+}
+
+/**
+ * Checks and resolves one DHCP network, or says in words what is wrong with it. The default gateway
+ * is the first host; the default pool is every other host from the 10th address on (the first nine
+ * are left for static use) or, in a network of fewer than 32 addresses, every host but the gateway.
+ */
+export function resolveDhcpNetwork(fields: DhcpFields): DhcpNetworkSpec | string {
+  const { network } = fields;
+  if (!NETWORK_NAME.test(network)) return `network name ${JSON.stringify(network)} must be letters, digits, '.', '_' or '-'`;
+  const m = /^([\d.]+)\/(\d{1,2})$/.exec(fields.cidr);
+  const base = m ? ipv4Number(m[1]!) : undefined;
+  const prefix = m ? Number(m[2]) : NaN;
+  if (base === undefined || !(prefix >= 8 && prefix <= 30)) return `expected an IPv4 CIDR from /8 to /30 like 10.9.0.0/24, got ${JSON.stringify(fields.cidr)}`;
+  const size = 2 ** (32 - prefix);
+  if (base % size !== 0) return `${fields.cidr} is not a network address (${ipv4Text(base - (base % size))}/${prefix})`;
+  const isHost = (n: number) => n > base && n < base + size - 1;
+  const address = (what: string, text: string) => {
+    const n = ipv4Number(text);
+    return n !== undefined && isHost(n) ? n : `${what} ${JSON.stringify(text)} is not a host address of ${fields.cidr}`;
+  };
+  const gateway = fields.gateway === undefined ? base + 1 : address("gateway", fields.gateway);
+  if (typeof gateway === "string") return gateway;
+  let first = base + (size >= 32 ? 10 : 1);
+  let last = base + size - 2;
+  if (fields.range !== undefined) {
+    const [from, to, extra] = fields.range.split("-");
+    if (to === undefined || extra !== undefined) return `expected range=FIRST-LAST, got ${JSON.stringify(fields.range)}`;
+    const [a, b] = [address("range start", from!), address("range end", to)];
+    if (typeof a === "string") return a;
+    if (typeof b === "string") return b;
+    if (a > b) return `range ${fields.range} ends before it starts`;
+    [first, last] = [a, b];
+  }
+  const pool = last - first + 1 - (gateway >= first && gateway <= last ? 1 : 0);
+  if (pool < 1) return `range ${ipv4Text(first)}-${ipv4Text(last)} holds no address but the gateway`;
+  if (pool > DHCP_MAX_POOL) return `a pool of ${pool} addresses is more than ${DHCP_MAX_POOL}: give range=FIRST-LAST`;
+  const leaseText = String(fields.lease ?? "12h");
+  const lm = /^(\d{1,8})([smhd]?)$/.exec(leaseText);
+  const leaseSeconds = lm ? Number(lm[1]) * DURATION_UNITS[lm[2] || "s"]! : NaN;
+  if (!(leaseSeconds >= 60 && leaseSeconds <= 365 * 86_400)) return `lease ${JSON.stringify(leaseText)} is not a duration from 60s to 365d (like 30m, 12h, 7d)`;
+  const domain = (fields.domain ?? network).toLowerCase().replace(/\.$/, "");
+  if (!domain.split(".").every((label) => /^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$/.test(label)) || domain.length > 200) return `domain ${JSON.stringify(domain)} is not a DNS name`;
+  return { network, cidr: `${ipv4Text(base)}/${prefix}`, base, prefix, gateway, first, last, leaseSeconds, domain };
+}
+
+const DHCP_SHAPE = "NET=CIDR[,gateway=IP][,range=FIRST-LAST][,lease=DURATION][,domain=NAME]";
+
+/** --dhcp: the command line's text, or the same as an object in the config file. */
+const DhcpNetwork = v.pipe(
+  v.union(
+    [
+      v.string(),
+      v.strictObject({
+        network: v.string(),
+        cidr: v.string(),
+        gateway: v.optional(v.string()),
+        range: v.optional(v.string()),
+        lease: v.optional(v.union([v.string(), v.number()])),
+        domain: v.optional(v.string()),
+      }),
+    ],
+    `expected ${DHCP_SHAPE} or { network, cidr, gateway?, range?, lease?, domain? }`,
+  ),
+  v.rawTransform(({ dataset, addIssue, NEVER }) => {
+    let fields: DhcpFields | string;
+    if (typeof dataset.value === "string") {
+      const [head, ...rest] = dataset.value.split(",");
+      const eq = head!.indexOf("=");
+      const parsed: Record<string, string> = { network: head!.slice(0, eq), cidr: head!.slice(eq + 1) };
+      let wellFormed = eq >= 1;
+      for (const pair of rest) {
+        const [key, value] = [pair.slice(0, pair.indexOf("=")), pair.slice(pair.indexOf("=") + 1)];
+        if (!["gateway", "range", "lease", "domain"].includes(key) || key in parsed) wellFormed = false;
+        parsed[key] = value;
+      }
+      fields = wellFormed ? (parsed as unknown as DhcpFields) : `expected ${DHCP_SHAPE}, got ${JSON.stringify(dataset.value)}`;
+    } else fields = dataset.value;
+    const resolved = typeof fields === "string" ? fields : resolveDhcpNetwork(fields);
+    if (typeof resolved !== "string") return resolved;
+    addIssue({ message: resolved });
+    return NEVER;
+  }),
+);
+
+/** A reservation: this MAC always gets this address, and the name if given. */
+export interface DhcpHostSpec {
+  mac: string;
+  address: number;
+  name?: string;
+}
+
+const MAC_TEXT = /^[0-9a-f]{2}(?::[0-9a-f]{2}){5}$/;
+
+/** --dhcp-host MAC,IP[,NAME], or `{ mac, address, name? }` in the config file. */
+const DhcpHost = v.pipe(
+  v.union([v.string(), v.strictObject({ mac: v.string(), address: v.string(), name: v.optional(v.string()) })], "expected MAC,IP[,NAME] or { mac, address, name? }"),
+  v.rawTransform(({ dataset, addIssue, NEVER }) => {
+    const value = dataset.value;
+    const [mac, address, name, extra] = typeof value === "string" ? value.split(",") : [value.mac, value.address, value.name];
+    const spec = { mac: (mac ?? "").toLowerCase().replace(/-/g, ":"), address: ipv4Number(address ?? ""), name: name?.toLowerCase() };
+    let problem: string | undefined;
+    if (extra !== undefined || !MAC_TEXT.test(spec.mac) || (parseInt(spec.mac.slice(0, 2), 16) & 1) === 1) problem = `expected MAC,IP[,NAME] with a unicast MAC like 52:54:00:12:34:56, got ${JSON.stringify(typeof value === "string" ? value : mac)}`;
+    else if (spec.address === undefined) problem = `${JSON.stringify(address)} is not an IPv4 address`;
+    else if (spec.name !== undefined && !DNS_LABEL.test(spec.name)) problem = `name ${JSON.stringify(name)} is not a DNS label (letters, digits and '-', at most 63)`;
+    if (problem === undefined) return spec as DhcpHostSpec;
+    addIssue({ message: problem });
+    return NEVER;
+  }),
+);
+
 type OptionGroup = keyof typeof OPTION_GROUPS;
 
 const OPTION_GROUPS = {
@@ -914,6 +1066,7 @@ const OPTION_GROUPS = {
   switch: "Switch:",
   limits: "Limits (each refusal or drop is counted and shown in /status):",
   capture: "Capture (pcapng, for Wireshark and tshark) and link impairment:",
+  dhcp: "DHCP, DNS and a pingable gateway (one relay per network serves them; see the README):",
   other: "Other:",
 };
 
@@ -1097,6 +1250,18 @@ export const OPTIONS = {
     arg: "TARGET=SPEC", multiple: true, group: "capture", schema: list(ImpairOption, "TARGET=SPEC"),
     help: "impair a link in netem's words (repeatable): TARGET is uplink[:NET][:in|:out],\nNET (every port's way out) or a port id; e.g. uplink=\"delay 40ms 5ms loss 0.1%\"",
   },
+  dhcp: {
+    arg: "NET=CIDR[,…]", multiple: true, group: "dhcp", schema: list(DhcpNetwork, DHCP_SHAPE),
+    help: "join NET as a host of the relay's own that answers DHCP, DNS for\nthe leases' names, ARP and ping (repeatable): NET=CIDR[,gateway=IP]\n[,range=FIRST-LAST][,lease=DURATION][,domain=NAME]",
+  },
+  dhcpHosts: {
+    flag: "dhcp-host", arg: "MAC,IP[,NAME]", multiple: true, group: "dhcp", schema: list(DhcpHost, "MAC,IP[,NAME]"),
+    help: "always give MAC this address (and name) on the --dhcp network\nholding it (repeatable)",
+  },
+  stateDir: {
+    arg: "DIR", env: "STATE_DIRECTORY", group: "other", schema: v.optional(v.pipe(v.string("expected a directory"), v.minLength(1, "expected a directory"))),
+    help: "directory for state the relay keeps (DHCP leases, the hub's\ncertificate and tokens); default: $STATE_DIRECTORY (systemd's\nStateDirectory), else beside the config file",
+  },
   config: {
     arg: "FILE", group: "other",
     help: 'JSON file with the same options in camelCase (qemuListen: [...],\ntokens: ["…" or {"token": "…", "networks": ["lab"]}], …);\noptions given on the command line replace the file\'s, but\ntokens from the file, --token, RELAY_TOKENS and --token-file add up',
@@ -1173,6 +1338,26 @@ export const ConfigSchema = v.pipe(
       { type: "array", origin: "value", input: list, key: issue.index, value: list[issue.index]! },
     ];
     addIssue({ message: issue.message, path });
+  }),
+  v.rawCheck(({ dataset, addIssue }) => {
+    if (!dataset.typed) return;
+    const { dhcp, dhcpHosts } = dataset.value;
+    const at = (key: "dhcp" | "dhcpHosts", index: number): [v.ObjectPathItem, v.ArrayPathItem] => {
+      const list: unknown[] = dataset.value[key];
+      return [{ type: "object", origin: "value", input: dataset.value, key, value: list }, { type: "array", origin: "value", input: list, key: index, value: list[index] }];
+    };
+    dhcp.forEach((d, i) => {
+      if (dhcp.findIndex((o) => o.network === d.network) !== i) addIssue({ message: `network ${d.network} is given twice`, path: at("dhcp", i) });
+    });
+    dhcpHosts.forEach((h, i) => {
+      const home = dhcp.find((d) => h.address >>> (32 - d.prefix) === d.base >>> (32 - d.prefix));
+      let problem: string | undefined;
+      if (home === undefined) problem = `${ipv4Text(h.address)} is in no ${flagOf("dhcp")} network`;
+      else if (h.address === home.gateway || h.address <= home.base || h.address >= home.base + 2 ** (32 - home.prefix) - 1) problem = `${ipv4Text(h.address)} is not an address ${home.network} can lease`;
+      else if (dhcpHosts.findIndex((o) => o.mac === h.mac) !== i) problem = `MAC ${h.mac} is reserved twice`;
+      else if (dhcpHosts.findIndex((o) => o.address === h.address) !== i) problem = `${ipv4Text(h.address)} is reserved twice`;
+      if (problem !== undefined) addIssue({ message: problem, path: at("dhcpHosts", i) });
+    });
   }),
   v.rawCheck(({ dataset, addIssue }) => {
     if (!dataset.typed || dataset.value.allowRemoteQemu) return;
@@ -6024,6 +6209,922 @@ export async function joinMulticast(
   }
 }
 
+// ───────────────────────────── DHCP, DNS and the gateway host ─────────────────────────────
+//
+// A --dhcp network gets a host of the relay's own: a port of kind "host" with a MAC derived from the
+// relay id and the network, holding the gateway address. It answers ARP and ping for that address,
+// DHCP (RFC 2131/2132) from a pool, and DNS for the leases' names under the network's domain (never
+// recursion). Every byte it reads comes from a guest: the decoders throw RangeError on anything
+// malformed, the host counts and drops it, and nothing a guest sent is logged but a checked name.
+// Its DHCP replies are broadcast, so a relay serving the same network by mistake sees them and warns.
+
+const ETHERTYPE_IPV4 = 0x0800;
+const ETHERTYPE_ARP = 0x0806;
+const IP_ICMP = 1;
+const IP_UDP = 17;
+const DHCP_SERVER_PORT = 67;
+const DHCP_CLIENT_PORT = 68;
+const DNS_PORT = 53;
+const DHCP_MAGIC = 0x63825363;
+/** The fixed part of a DHCP message before the magic cookie. */
+const DHCP_FIXED = 236;
+/** BOOTP's minimum message: some clients drop shorter replies. */
+const DHCP_MIN_REPLY = 300;
+/** DHCP message types (option 53), by number. */
+export const DHCP_TYPES = ["", "DISCOVER", "OFFER", "REQUEST", "DECLINE", "ACK", "NAK", "RELEASE", "INFORM"] as const;
+const [, DISCOVER, OFFER, REQUEST, DECLINE, ACK, NAK, RELEASE, INFORM] = DHCP_TYPES.map((_, i) => i);
+const OPT_MASK = 1;
+const OPT_ROUTER = 3;
+const OPT_DNS = 6;
+const OPT_HOSTNAME = 12;
+const OPT_DOMAIN = 15;
+const OPT_BROADCAST = 28;
+const OPT_REQUESTED = 50;
+const OPT_LEASE = 51;
+const OPT_OVERLOAD = 52;
+const OPT_TYPE = 53;
+const OPT_SERVER = 54;
+const OPT_RENEWAL = 58;
+const OPT_REBINDING = 59;
+const OPT_FQDN = 81;
+const OPT_SEARCH = 119;
+/** How long an ARP check waits for an answer before the address counts as free. */
+const DHCP_PROBE_MS = 500;
+/** Addresses tried with an ARP check per DISCOVER; the client asks again if all were in use. */
+const DHCP_PROBES = 3;
+/** An offer holds its address this long for the REQUEST that takes it. */
+const DHCP_OFFER_HOLD_MS = 60_000;
+/** An address a client declined (someone else answers for it), or an ARP check found in use, rests this long. */
+const DHCP_CONFLICT_MS = 10 * 60_000;
+/** Leases one VM port may hold; a tunnel, the backplane or a multicast segment (a whole site) may hold half the pool. */
+const DHCP_LEASES_PER_PORT = 8;
+/** Leases listed per network in /status (the counts are always given). */
+const DHCP_STATUS_LEASES = 1024;
+const DHCP_SAVE_DELAY_MS = 200;
+/** The gateway's own name under the domain. */
+const GATEWAY_NAME = "gateway";
+const DNS_TTL = 60;
+const DNS_NXDOMAIN = 3;
+const DNS_REFUSED = 5;
+
+/** The sum RFC 1071 folds: big-endian 16-bit words, a last odd byte padded. */
+function onesSum(bytes: Uint8Array, sum = 0): number {
+  const n = bytes.length;
+  for (let i = 0; i + 1 < n; i += 2) sum += (bytes[i]! << 8) | bytes[i + 1]!;
+  if (n & 1) sum += bytes[n - 1]! << 8;
+  return sum;
+}
+
+function checksum(sum: number): number {
+  while (sum > 0xffff) sum = (sum & 0xffff) + (sum >>> 16);
+  return ~sum & 0xffff;
+}
+
+/** An IPv4 packet out of an Ethernet frame: header checked, payload cut to the total length. */
+export interface Ipv4Packet {
+  src: number;
+  dst: number;
+  protocol: number;
+  payload: Uint8Array;
+}
+
+export function decodeIpv4(frame: Uint8Array): Ipv4Packet {
+  const ip = frame.subarray(14);
+  if (ip.length < 20 || ip[0]! >> 4 !== 4) throw new RangeError("Cannot decode IPv4: not an IPv4 header");
+  const headerLength = (ip[0]! & 15) * 4;
+  const total = (ip[2]! << 8) | ip[3]!;
+  if (headerLength < 20 || total < headerLength || total > ip.length) throw new RangeError(`Cannot decode IPv4: lengths ${headerLength}/${total} do not fit ${ip.length} bytes`);
+  if (checksum(onesSum(ip.subarray(0, headerLength))) !== 0) throw new RangeError("Cannot decode IPv4: bad header checksum");
+  if ((((ip[6]! << 8) | ip[7]!) & 0x3fff) !== 0) throw new RangeError("Cannot decode IPv4: a fragment");
+  const view = new DataView(ip.buffer, ip.byteOffset, ip.byteLength);
+  return { src: view.getUint32(12), dst: view.getUint32(16), protocol: ip[9]!, payload: ip.subarray(headerLength, total) };
+}
+
+export interface UdpDatagram {
+  srcPort: number;
+  dstPort: number;
+  payload: Uint8Array;
+}
+
+export function decodeUdp(bytes: Uint8Array): UdpDatagram {
+  const length = bytes.length >= 8 ? (bytes[4]! << 8) | bytes[5]! : 0;
+  if (length < 8 || length > bytes.length) throw new RangeError(`Cannot decode UDP: length ${length} does not fit ${bytes.length} bytes`);
+  return { srcPort: (bytes[0]! << 8) | bytes[1]!, dstPort: (bytes[2]! << 8) | bytes[3]!, payload: bytes.subarray(8, length) };
+}
+
+/** An Ethernet frame with an IPv4 packet (TTL 64, checksummed) of `protocol` carrying `payload`. */
+function ipv4Frame(dstMac: Uint8Array, srcMac: Uint8Array, src: number, dst: number, protocol: number, payload: Uint8Array): Uint8Array {
+  const frame = new Uint8Array(34 + payload.length);
+  const view = new DataView(frame.buffer);
+  frame.set(dstMac, 0);
+  frame.set(srcMac, 6);
+  view.setUint16(12, ETHERTYPE_IPV4);
+  frame[14] = 0x45;
+  view.setUint16(16, 20 + payload.length);
+  frame[22] = 64;
+  frame[23] = protocol;
+  view.setUint32(26, src);
+  view.setUint32(30, dst);
+  view.setUint16(24, checksum(onesSum(frame.subarray(14, 34))));
+  frame.set(payload, 34);
+  return frame;
+}
+
+/** A UDP datagram in an IPv4 frame, with its checksum over the pseudo-header (a client may check it). */
+function udpFrame(dstMac: Uint8Array, srcMac: Uint8Array, src: number, dst: number, srcPort: number, dstPort: number, payload: Uint8Array): Uint8Array {
+  const udp = new Uint8Array(8 + payload.length);
+  const view = new DataView(udp.buffer);
+  view.setUint16(0, srcPort);
+  view.setUint16(2, dstPort);
+  view.setUint16(4, udp.length);
+  udp.set(payload, 8);
+  const pseudo = (src >>> 16) + (src & 0xffff) + (dst >>> 16) + (dst & 0xffff) + IP_UDP + udp.length;
+  view.setUint16(6, checksum(onesSum(udp, pseudo)) || 0xffff);
+  return ipv4Frame(dstMac, srcMac, src, dst, IP_UDP, udp);
+}
+
+/** An ARP packet for IPv4 over Ethernet. */
+export interface ArpPacket {
+  op: number;
+  senderMac: Uint8Array;
+  senderIp: number;
+  targetMac: Uint8Array;
+  targetIp: number;
+}
+
+export function decodeArp(frame: Uint8Array): ArpPacket {
+  const arp = frame.subarray(14);
+  if (arp.length < 28 || arp[0] !== 0 || arp[1] !== 1 || arp[2] !== 8 || arp[3] !== 0 || arp[4] !== 6 || arp[5] !== 4) throw new RangeError("Cannot decode ARP: not IPv4 over Ethernet");
+  const view = new DataView(arp.buffer, arp.byteOffset, arp.byteLength);
+  return { op: view.getUint16(6), senderMac: arp.subarray(8, 14), senderIp: view.getUint32(14), targetMac: arp.subarray(18, 24), targetIp: view.getUint32(24) };
+}
+
+function arpFrame(dstMac: Uint8Array, arp: ArpPacket): Uint8Array {
+  const frame = new Uint8Array(42);
+  const view = new DataView(frame.buffer);
+  frame.set(dstMac, 0);
+  frame.set(arp.senderMac, 6);
+  frame.set([0x08, 0x06, 0, 1, 8, 0, 6, 4], 12);
+  view.setUint16(20, arp.op);
+  frame.set(arp.senderMac, 22);
+  view.setUint32(28, arp.senderIp);
+  frame.set(arp.targetMac, 32);
+  view.setUint32(38, arp.targetIp);
+  return frame;
+}
+
+/** A DHCP message as the server reads it; options concatenated per code (RFC 3396), overload followed. */
+export interface DhcpMessage {
+  op: number;
+  xid: number;
+  flags: number;
+  ciaddr: number;
+  yiaddr: number;
+  giaddr: number;
+  /** The client's hardware address (the lease's key), `52:54:00:…`. */
+  chaddr: string;
+  /** Option 53, 1–8 (DHCP_TYPES). */
+  type: number;
+  options: Map<number, Uint8Array>;
+}
+
+/** Reads options from `from` to `to` into per-code parts; the end option or the end of the field stops it. */
+function readDhcpOptions(bytes: Uint8Array, from: number, to: number, parts: Map<number, Uint8Array[]>): void {
+  let i = from;
+  while (i < to) {
+    const code = bytes[i++]!;
+    if (code === 0) continue;
+    if (code === 255) return;
+    if (i >= to) throw new RangeError(`Cannot decode DHCP: option ${code} has no length`);
+    const length = bytes[i++]!;
+    if (i + length > to) throw new RangeError(`Cannot decode DHCP: option ${code} of ${length} bytes runs past the end of its field`);
+    const list = parts.get(code);
+    if (list === undefined) parts.set(code, [bytes.subarray(i, i + length)]);
+    else list.push(bytes.subarray(i, i + length));
+    i += length;
+  }
+}
+
+export function decodeDhcp(bytes: Uint8Array): DhcpMessage {
+  if (bytes.length < DHCP_FIXED + 4) throw new RangeError(`Cannot decode DHCP: ${bytes.length} bytes is shorter than the ${DHCP_FIXED + 4} of the fixed part`);
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  if (view.getUint32(DHCP_FIXED) !== DHCP_MAGIC) throw new RangeError("Cannot decode DHCP: no magic cookie (BOOTP)");
+  if (bytes[1] !== 1 || bytes[2] !== 6) throw new RangeError("Cannot decode DHCP: hardware type is not Ethernet");
+  const parts = new Map<number, Uint8Array[]>();
+  readDhcpOptions(bytes, DHCP_FIXED + 4, bytes.length, parts);
+  // Option overload (RFC 2132 9.3): the file field, then sname, hold more options.
+  const overload = parts.get(OPT_OVERLOAD)?.[0]?.[0] ?? 0;
+  if (overload & 1) readDhcpOptions(bytes, 108, 236, parts);
+  if (overload & 2) readDhcpOptions(bytes, 44, 108, parts);
+  const options = new Map<number, Uint8Array>();
+  for (const [code, list] of parts) options.set(code, list.length === 1 ? list[0]! : Buffer.concat(list));
+  const type = options.get(OPT_TYPE);
+  if (type === undefined || type.length !== 1 || type[0]! < 1 || type[0]! > 8) throw new RangeError("Cannot decode DHCP: no valid message type (option 53)");
+  return {
+    op: bytes[0]!,
+    xid: view.getUint32(4),
+    flags: view.getUint16(10),
+    ciaddr: view.getUint32(12),
+    yiaddr: view.getUint32(16),
+    giaddr: view.getUint32(24),
+    chaddr: formatMac(macKey(bytes, 28)),
+    type: type[0]!,
+    options,
+  };
+}
+
+/** An IPv4 address option (50, 54); undefined when absent, RangeError when it is not 4 bytes. */
+function addressOption(m: DhcpMessage, code: number): number | undefined {
+  const value = m.options.get(code);
+  if (value === undefined) return undefined;
+  if (value.length !== 4) throw new RangeError(`Cannot decode DHCP: option ${code} is ${value.length} bytes, not an address`);
+  return new DataView(value.buffer, value.byteOffset, 4).getUint32(0);
+}
+
+/** The first label of a guest's host name, lowercased, when it is a DNS label; undefined otherwise. */
+export function hostLabel(bytes: Uint8Array): string | undefined {
+  let label = "";
+  for (const byte of bytes) {
+    if (byte === 0x2e || byte === 0) break;
+    if (label.length >= 63) return undefined;
+    label += String.fromCharCode(byte).toLowerCase();
+  }
+  return DNS_LABEL.test(label) ? label : undefined;
+}
+
+/** The host name a client gives: option 12, else the first label of option 81 (RFC 4702, wire or ASCII). */
+export function clientName(m: DhcpMessage): string | undefined {
+  const hostname = m.options.get(OPT_HOSTNAME);
+  if (hostname !== undefined) return hostLabel(hostname);
+  const fqdn = m.options.get(OPT_FQDN);
+  if (fqdn === undefined || fqdn.length < 4) return undefined;
+  // E set: the name is in DNS wire format, its first byte the first label's length.
+  if (fqdn[0]! & 4) return fqdn[3]! >= 1 && fqdn[3]! <= 63 && fqdn.length >= 4 + fqdn[3]! ? hostLabel(fqdn.subarray(4, 4 + fqdn[3]!)) : undefined;
+  return hostLabel(fqdn.subarray(3));
+}
+
+/** A reply's fields; options go out in the order given. */
+export interface DhcpReply {
+  type: number;
+  xid: number;
+  flags: number;
+  ciaddr: number;
+  yiaddr: number;
+  server: number;
+  chaddr: Uint8Array;
+  options: [code: number, value: Uint8Array][];
+}
+
+export function encodeDhcp(reply: DhcpReply): Uint8Array {
+  const optionBytes = reply.options.reduce((n, [, value]) => n + 2 + value.length, 3);
+  const out = new Uint8Array(Math.max(DHCP_MIN_REPLY, DHCP_FIXED + 4 + optionBytes + 1));
+  const view = new DataView(out.buffer);
+  out.set([2, 1, 6, 0]);
+  view.setUint32(4, reply.xid);
+  view.setUint16(10, reply.flags);
+  view.setUint32(12, reply.ciaddr);
+  view.setUint32(16, reply.yiaddr);
+  view.setUint32(20, reply.server);
+  out.set(reply.chaddr.subarray(0, 6), 28);
+  view.setUint32(DHCP_FIXED, DHCP_MAGIC);
+  let at = DHCP_FIXED + 4;
+  out.set([OPT_TYPE, 1, reply.type], at);
+  at += 3;
+  for (const [code, value] of reply.options) {
+    out.set([code, value.length], at);
+    out.set(value, at + 2);
+    at += 2 + value.length;
+  }
+  out[at] = 255;
+  return out;
+}
+
+const u32 = (n: number) => Uint8Array.of(n >>> 24, (n >>> 16) & 255, (n >>> 8) & 255, n & 255);
+const macBytes = (text: string) => Uint8Array.from(text.split(":"), (h) => parseInt(h, 16));
+const BROADCAST_MAC = new Uint8Array(6).fill(255);
+
+/** `vm2.lab` as DNS labels (RFC 1035), for the domain search option (RFC 3397). */
+function dnsWireName(name: string): Uint8Array {
+  return Buffer.from(dnsPacket.name.encode(name));
+}
+
+/** The gateway host's MAC: locally administered, unicast, from the relay id and the network. */
+export function hostMac(relayId: string, network: string): Uint8Array {
+  const mac = new Bun.CryptoHasher("sha256").update(`edge-relay host ${relayId} ${network}`).digest().subarray(0, 6);
+  mac[0] = (mac[0]! & 0xfc) | 0x02;
+  return new Uint8Array(mac);
+}
+
+export type LeaseState = "probing" | "offered" | "bound" | "released";
+
+/** One address given to (or held for) one MAC. */
+interface Lease {
+  mac: string;
+  address: number;
+  name: string | undefined;
+  state: LeaseState;
+  /** ms since the epoch: the lease's end, the offer's, or when it was released. */
+  expires: number;
+  /** The port the client's frames came in by, and the relay (site) behind it. */
+  port: string;
+  site: string;
+}
+
+/** An ARP check under way: the lease record (state probing), the DISCOVER waiting for it, the timer. */
+interface Probe {
+  lease: Lease;
+  message: DhcpMessage;
+  frame: Uint8Array;
+  attempts: number;
+  timer: unknown;
+}
+
+export interface DhcpCounters {
+  discovers: number;
+  offers: number;
+  requests: number;
+  acks: number;
+  naks: number;
+  declines: number;
+  releases: number;
+  informs: number;
+  /** Messages (DHCP, DNS, ARP, ICMP) that did not decode: dropped, never logged. */
+  malformed: number;
+  /** DISCOVERs dropped because their port holds its share of leases. */
+  portCap: number;
+  /** DISCOVERs left unanswered because no address was free. */
+  exhausted: number;
+  /** Addresses an ARP check found in use before they were offered. */
+  conflicts: number;
+  /** OFFERs and ACKs seen from another DHCP server on the network, and REQUESTs taking another server's offer. */
+  rogueReplies: number;
+  dnsQueries: number;
+  dnsAnswers: number;
+  dnsNxdomain: number;
+  dnsRefused: number;
+  arpReplies: number;
+  echoReplies: number;
+}
+
+export interface DhcpSnapshot {
+  cidr: string;
+  gateway: string;
+  mac: string;
+  domain: string;
+  range: string;
+  pool: number;
+  free: number;
+  leaseSeconds: number;
+  stateFile: string | null;
+  leaseCount: number;
+  leases: { mac: string; address: string; name: string | null; state: LeaseState; expires: string; port: string; site: string }[];
+  /** Other DHCP servers seen on the network (MAC, or `?` when only a client named it, and address), at most 16. */
+  rogueServers: { mac: string; address: string }[];
+  counters: DhcpCounters;
+}
+
+export interface GatewayHostOptions {
+  spec: DhcpNetworkSpec;
+  reservations: DhcpHostSpec[];
+  relayId: string;
+  relayName: string;
+  /** Where the lease file goes; none: leases live in memory only. */
+  stateDir?: string;
+  log: Logger;
+  /** Wall-clock time (ms since the epoch) and timers; tests pass a fake one. */
+  clock?: ImpairmentClock;
+  probeMs?: number;
+}
+
+const WALL_CLOCK: ImpairmentClock = { ...REAL_CLOCK, now: () => Date.now() };
+
+/**
+ * The relay's own host on a --dhcp network. Frames the switch hands it are copied and handled a
+ * microtask later, so its replies never re-enter the switch while it is still forwarding.
+ */
+export class GatewayHost extends Port {
+  readonly mac: Uint8Array;
+  readonly #macKey: number;
+  readonly counters: DhcpCounters = {
+    discovers: 0, offers: 0, requests: 0, acks: 0, naks: 0, declines: 0, releases: 0, informs: 0, malformed: 0, portCap: 0,
+    exhausted: 0, conflicts: 0, rogueReplies: 0, dnsQueries: 0, dnsAnswers: 0, dnsNxdomain: 0, dnsRefused: 0, arpReplies: 0, echoReplies: 0,
+  };
+  readonly spec: DhcpNetworkSpec;
+  readonly stateFile: string | undefined;
+  readonly #options: GatewayHostOptions;
+  readonly #clock: ImpairmentClock;
+  readonly #mask: number;
+  readonly #poolSize: number;
+  readonly #byMac = new Map<string, Lease>();
+  readonly #byAddress = new Map<number, Lease>();
+  readonly #byName = new Map<string, Lease>();
+  readonly #byPort = new Map<string, Set<Lease>>();
+  /** Addresses someone else answers for, and until when they rest. */
+  readonly #conflicts = new Map<number, number>();
+  readonly #reservedMac = new Map<string, DhcpHostSpec>();
+  readonly #reservedAddress = new Map<number, DhcpHostSpec>();
+  /** ARP checks under way, by address. */
+  readonly #probes = new Map<number, Probe>();
+  readonly #rogues = new Map<string, { mac: string; address: string }>();
+  readonly #warn: (line: string) => void;
+  #saveTimer: unknown;
+  #closed = false;
+
+  constructor(options: GatewayHostOptions) {
+    super("host", `${ipv4Text(options.spec.gateway)} (DHCP, DNS)`);
+    this.#options = options;
+    this.spec = options.spec;
+    this.#clock = options.clock ?? WALL_CLOCK;
+    this.mac = hostMac(options.relayId, options.spec.network);
+    this.#macKey = macKey(this.mac, 0);
+    this.#mask = (0xffffffff << (32 - this.spec.prefix)) >>> 0;
+    const { first, last, gateway } = this.spec;
+    this.#poolSize = last - first + 1 - (gateway >= first && gateway <= last ? 1 : 0);
+    for (const r of options.reservations) {
+      if (!this.#inSubnet(r.address)) continue;
+      this.#reservedMac.set(r.mac, r);
+      this.#reservedAddress.set(r.address, r);
+    }
+    this.#warn = rateLimitedLog(options.log.warn, 5, 60_000).log;
+    this.stateFile = options.stateDir === undefined ? undefined : `${options.stateDir}/dhcp-${this.spec.network}.json`;
+    this.#load();
+  }
+
+  protected enqueue(frame: Uint8Array): boolean {
+    // Only what the host can answer is looked at: ARP and IPv4 to it or to everyone, and any DHCP reply (another server).
+    if (frame.length < 42 || this.#closed) return true;
+    const type = (frame[12]! << 8) | frame[13]!;
+    const mine = (frame[0]! & 1) === 1 || macKey(frame, 0) === this.#macKey;
+    const dhcpReply = type === ETHERTYPE_IPV4 && frame[23] === IP_UDP && frame[34] === 0 && frame[35] === DHCP_SERVER_PORT;
+    if ((mine && (type === ETHERTYPE_ARP || type === ETHERTYPE_IPV4)) || dhcpReply) {
+      const copy = frame.slice();
+      queueMicrotask(() => this.#handle(copy));
+    }
+    return true;
+  }
+
+  /** Leaves the network; pending checks end and the lease file is written. */
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    for (const probe of this.#probes.values()) this.#clock.clearTimer(probe.timer);
+    this.#probes.clear();
+    this.#save();
+    this.network?.detach(this, "relay stopping");
+  }
+
+  #handle(frame: Uint8Array): void {
+    if (this.#closed) return;
+    try {
+      if (frame[12] === 0x08 && frame[13] === 0x06) return this.#arp(decodeArp(frame), frame);
+      const ip = decodeIpv4(frame);
+      if (ip.protocol === IP_ICMP) return this.#icmp(ip, frame);
+      if (ip.protocol !== IP_UDP) return;
+      const udp = decodeUdp(ip.payload);
+      if (udp.srcPort === DHCP_SERVER_PORT && udp.dstPort === DHCP_CLIENT_PORT) return this.#otherServer(ip, frame, decodeDhcp(udp.payload));
+      if (udp.dstPort === DHCP_SERVER_PORT) return this.#dhcp(decodeDhcp(udp.payload), frame, ip);
+      if (udp.dstPort === DNS_PORT && ip.dst === this.spec.gateway) return this.#dns(ip, udp, frame);
+    } catch (error) {
+      // Guest bytes that fail a check are dropped and counted; any other error is a bug of ours, logged too (never the bytes).
+      this.counters.malformed++;
+      if (!(error instanceof RangeError)) this.#warn(`${this.spec.network}: a packet from ${formatMac(macKey(frame, 6))} could not be handled: ${(error as Error).message}`);
+    }
+  }
+
+  #send(frame: Uint8Array): void {
+    this.receive(frame);
+  }
+
+  #arp(arp: ArpPacket, frame: Uint8Array): void {
+    const senderMac = formatMac(macKey(arp.senderMac, 0));
+    // Anyone else who answers for (or claims) an address under an ARP check has it.
+    const probe = this.#probes.get(arp.senderIp);
+    if (probe !== undefined && senderMac !== probe.lease.mac && macKey(arp.senderMac, 0) !== this.#macKey) this.#probeAnswered(arp.senderIp, probe);
+    if (arp.op !== 1 || arp.targetIp !== this.spec.gateway) return;
+    this.counters.arpReplies++;
+    this.#send(arpFrame(frame.subarray(6, 12), { op: 2, senderMac: this.mac, senderIp: this.spec.gateway, targetMac: arp.senderMac, targetIp: arp.senderIp }));
+  }
+
+  #icmp(ip: Ipv4Packet, frame: Uint8Array): void {
+    const icmp = ip.payload;
+    if (ip.dst !== this.spec.gateway || icmp.length < 8 || icmp[0] !== 8 || icmp[1] !== 0) return;
+    const reply = icmp.slice();
+    reply[0] = 0;
+    reply[2] = reply[3] = 0;
+    const sum = checksum(onesSum(reply));
+    reply[2] = sum >> 8;
+    reply[3] = sum & 255;
+    this.counters.echoReplies++;
+    this.#send(ipv4Frame(frame.subarray(6, 12), this.mac, this.spec.gateway, ip.src, IP_ICMP, reply));
+  }
+
+  #otherServer(ip: Ipv4Packet, frame: Uint8Array, m: DhcpMessage): void {
+    if (macKey(frame, 6) === this.#macKey || m.op !== 2 || (m.type !== OFFER && m.type !== ACK)) return;
+    this.#rogue(formatMac(macKey(frame, 6)), ipv4Text(addressOption(m, OPT_SERVER) ?? ip.src));
+  }
+
+  /**
+   * Another server on the network: seen answering, or named by a client that took its offer (its
+   * OFFER may have been unicast to the client, past this port). Logged once per server.
+   */
+  #rogue(mac: string, address: string): void {
+    this.counters.rogueReplies++;
+    const key = mac === "?" ? address : mac;
+    if (this.#rogues.has(key) || this.#rogues.size >= 16) return;
+    this.#rogues.set(key, { mac, address });
+    this.#options.log.warn(`another DHCP server on ${this.spec.network}: ${mac === "?" ? `${address} (a client took its offer)` : `${mac} ${address}`}; one relay per network should serve it (${flagOf("dhcp")})`);
+  }
+
+  // ───── DHCP ─────
+
+  #inSubnet(address: number): boolean {
+    return ((address & this.#mask) >>> 0) === this.spec.base && address !== this.spec.base && address !== (this.spec.base | ~this.#mask) >>> 0;
+  }
+
+  #inPool(address: number): boolean {
+    return address >= this.spec.first && address <= this.spec.last && address !== this.spec.gateway;
+  }
+
+  #active(lease: Lease, now = this.#clock.now()): boolean {
+    return lease.state !== "released" && lease.expires > now;
+  }
+
+  /** May `mac` have `address`: the pool's or its reservation, no one else's now, not resting after a conflict. */
+  #allowed(address: number, mac: string, now: number): boolean {
+    const reservation = this.#reservedAddress.get(address);
+    if (reservation !== undefined) return reservation.mac === mac;
+    if (!this.#inPool(address) || this.#reservedMac.has(mac)) return false;
+    const holder = this.#byAddress.get(address);
+    if (holder !== undefined && holder.mac !== mac && this.#active(holder, now)) return false;
+    return (this.#conflicts.get(address) ?? 0) <= now;
+  }
+
+  /** Where a client's frames come from: its port and the relay (site) behind that port. */
+  #origin(frame: Uint8Array): { port: Port | undefined; id: string; site: string } {
+    const port = this.network?.macs.get(macKey(frame, 6))?.port;
+    const site = port?.remoteName ?? (port !== undefined && port.trunk ? port.kind : this.#options.relayName);
+    return { port, id: port?.id ?? "?", site };
+  }
+
+  /** Leases (and offers, and checks) held for MACs behind this port, against its share. */
+  #overCap(port: Port | undefined, now: number): boolean {
+    if (port === undefined) return false;
+    const held = this.#byPort.get(port.id);
+    if (held === undefined) return false;
+    for (const lease of held) if (!this.#active(lease, now)) held.delete(lease);
+    return held.size >= (port.trunk ? Math.max(DHCP_LEASES_PER_PORT, Math.ceil(this.#poolSize / 2)) : DHCP_LEASES_PER_PORT);
+  }
+
+  /** Records (or moves) a lease in every index. */
+  #put(lease: Lease, fields: Partial<Lease>): Lease {
+    this.#forget(lease);
+    Object.assign(lease, fields);
+    const other = this.#byAddress.get(lease.address);
+    if (other !== undefined && other !== lease) this.#forget(other);
+    this.#byMac.set(lease.mac, lease);
+    this.#byAddress.set(lease.address, lease);
+    if (lease.name !== undefined) {
+      const named = this.#byName.get(lease.name);
+      // The newest lease gets a name two clients give; the older one is left without.
+      if (named !== undefined && named !== lease) named.name = undefined;
+      this.#byName.set(lease.name, lease);
+    }
+    let held = this.#byPort.get(lease.port);
+    if (held === undefined) this.#byPort.set(lease.port, (held = new Set()));
+    held.add(lease);
+    return lease;
+  }
+
+  #forget(lease: Lease): void {
+    if (this.#byMac.get(lease.mac) === lease) this.#byMac.delete(lease.mac);
+    if (this.#byAddress.get(lease.address) === lease) this.#byAddress.delete(lease.address);
+    if (lease.name !== undefined && this.#byName.get(lease.name) === lease) this.#byName.delete(lease.name);
+    const held = this.#byPort.get(lease.port);
+    held?.delete(lease);
+    if (held?.size === 0) this.#byPort.delete(lease.port);
+  }
+
+  /**
+   * A free address for a new client: first one never leased (from a point the MAC picks, so a
+   * client tends to land where it did before), else the one released or expired longest ago.
+   */
+  #pick(mac: string, now: number): number | undefined {
+    const { first, last } = this.spec;
+    const span = last - first + 1;
+    let hash = 0;
+    for (let i = 0; i < mac.length; i++) hash = (hash * 31 + mac.charCodeAt(i)) >>> 0;
+    let oldest: Lease | undefined;
+    for (let i = 0; i < span; i++) {
+      const address = first + ((hash + i) % span);
+      if (!this.#allowed(address, mac, now) || this.#probes.has(address) || this.#reservedAddress.has(address)) continue;
+      const holder = this.#byAddress.get(address);
+      if (holder === undefined) return address;
+      if (oldest === undefined || holder.expires < oldest.expires) oldest = holder;
+    }
+    return oldest?.address;
+  }
+
+  #dhcp(m: DhcpMessage, frame: Uint8Array, ip: Ipv4Packet): void {
+    if (m.op !== 1) return;
+    const now = this.#clock.now();
+    switch (m.type) {
+      case DISCOVER:
+        this.counters.discovers++;
+        return this.#discover(m, frame, now);
+      case REQUEST:
+        this.counters.requests++;
+        return this.#request(m, frame, now);
+      case DECLINE: {
+        this.counters.declines++;
+        const lease = this.#byMac.get(m.chaddr);
+        const address = addressOption(m, OPT_REQUESTED);
+        if (lease === undefined || lease.address !== address || addressOption(m, OPT_SERVER) !== this.spec.gateway) return;
+        this.#forget(lease);
+        this.#conflicts.set(address, now + DHCP_CONFLICT_MS);
+        this.#warn(`${this.spec.network}: ${m.chaddr} declined ${ipv4Text(address)}: another host uses it`);
+        return this.#scheduleSave();
+      }
+      case RELEASE: {
+        this.counters.releases++;
+        const lease = this.#byMac.get(m.chaddr);
+        if (lease === undefined || lease.address !== m.ciaddr || lease.state !== "bound") return;
+        this.#put(lease, { state: "released", expires: now });
+        return this.#scheduleSave();
+      }
+      case INFORM:
+        this.counters.informs++;
+        if (!this.#inSubnet(m.ciaddr)) return;
+        return this.#reply(ACK, m, frame, 0, undefined, m.ciaddr === ip.src ? m.ciaddr : 0);
+    }
+  }
+
+  #discover(m: DhcpMessage, frame: Uint8Array, now: number): void {
+    const known = this.#byMac.get(m.chaddr);
+    if (known?.state === "probing") return;
+    const origin = this.#origin(frame);
+    const reservation = this.#reservedMac.get(m.chaddr);
+    let address: number | undefined;
+    if (reservation !== undefined) {
+      if (!this.#allowed(reservation.address, m.chaddr, now)) return void this.counters.exhausted++;
+      address = reservation.address;
+    } else if (known !== undefined && this.#allowed(known.address, m.chaddr, now)) address = known.address;
+    // A client we know gets its address again at once; any other address is checked first.
+    if (address !== undefined && known?.address === address) return this.#offer(m, frame, address, origin, now);
+    if (address === undefined && this.#overCap(origin.port, now)) {
+      this.counters.portCap++;
+      return this.#warn(`${this.spec.network}: ${origin.id} holds its share of leases; DISCOVERs from further MACs behind it are dropped`);
+    }
+    const requested = addressOption(m, OPT_REQUESTED);
+    address ??= requested !== undefined && this.#allowed(requested, m.chaddr, now) && !this.#probes.has(requested) ? requested : this.#pick(m.chaddr, now);
+    if (address === undefined) {
+      this.counters.exhausted++;
+      return this.#warn(`${this.spec.network}: no free address for ${m.chaddr} (pool ${ipv4Text(this.spec.first)}-${ipv4Text(this.spec.last)} in use)`);
+    }
+    this.#probe(address, m, frame, origin, now, 1);
+  }
+
+  /** Asks the network who has `address` before offering it (as dnsmasq pings); silence means it is free. */
+  #probe(address: number, m: DhcpMessage, frame: Uint8Array, origin: { id: string; site: string }, now: number, attempts: number): void {
+    const previous = this.#byMac.get(m.chaddr);
+    const lease = this.#put(previous ?? ({ mac: m.chaddr } as Lease), {
+      address, name: previous?.name, state: "probing", expires: now + DHCP_OFFER_HOLD_MS, port: origin.id, site: origin.site,
+    });
+    const timer = this.#clock.setTimer(() => {
+      this.#probes.delete(address);
+      if (this.#closed || this.#byMac.get(m.chaddr) !== lease) return;
+      this.#offer(m, frame, address, origin, this.#clock.now());
+    }, this.#options.probeMs ?? DHCP_PROBE_MS);
+    this.#probes.set(address, { lease, message: m, frame, attempts, timer });
+    this.#send(arpFrame(BROADCAST_MAC, { op: 1, senderMac: this.mac, senderIp: this.spec.gateway, targetMac: new Uint8Array(6), targetIp: address }));
+  }
+
+  #probeAnswered(address: number, probe: Probe): void {
+    this.#clock.clearTimer(probe.timer);
+    this.#probes.delete(address);
+    this.counters.conflicts++;
+    const now = this.#clock.now();
+    this.#conflicts.set(address, now + DHCP_CONFLICT_MS);
+    this.#forget(probe.lease);
+    this.#warn(`${this.spec.network}: ${ipv4Text(address)} answers ARP though no lease holds it; not offered for ${DHCP_CONFLICT_MS / 60_000} min`);
+    if (probe.attempts >= DHCP_PROBES || this.#reservedMac.has(probe.lease.mac)) return;
+    const next = this.#pick(probe.lease.mac, now);
+    if (next !== undefined) this.#probe(next, probe.message, probe.frame, { id: probe.lease.port, site: probe.lease.site }, now, probe.attempts + 1);
+  }
+
+  #offer(m: DhcpMessage, frame: Uint8Array, address: number, origin: { id: string; site: string }, now: number): void {
+    const lease = this.#byMac.get(m.chaddr);
+    // A bound lease stays bound through a DISCOVER (a client rebooting): only its offer is made again.
+    if (lease?.state !== "bound" || lease.address !== address || !this.#active(lease, now)) {
+      this.#put(lease ?? ({ mac: m.chaddr } as Lease), {
+        address, name: lease?.name, state: "offered", expires: now + DHCP_OFFER_HOLD_MS, port: origin.id, site: origin.site,
+      });
+    }
+    this.#reply(OFFER, m, frame, address, this.#byMac.get(m.chaddr)?.name);
+  }
+
+  #request(m: DhcpMessage, frame: Uint8Array, now: number): void {
+    const server = addressOption(m, OPT_SERVER);
+    const requested = addressOption(m, OPT_REQUESTED);
+    const lease = this.#byMac.get(m.chaddr);
+    if (server !== undefined && server !== this.spec.gateway) {
+      // SELECTING another server's offer: ours is withdrawn, and that server is one too many.
+      if (lease !== undefined && lease.state === "offered") this.#put(lease, { state: "released", expires: now });
+      return this.#rogue("?", ipv4Text(server));
+    }
+    const address = requested ?? m.ciaddr;
+    const reservation = this.#reservedMac.get(m.chaddr);
+    const ours = lease !== undefined && lease.address === address && lease.state !== "probing";
+    // SELECTING our offer needs the offer; INIT-REBOOT, RENEWING and REBINDING may take a free address of the pool (a server that lost its state).
+    const fine =
+      (reservation === undefined || reservation.address === address) &&
+      this.#allowed(address, m.chaddr, now) &&
+      (ours || (server === undefined && !this.#probes.has(address) && !this.#overCap(this.#origin(frame).port, now)));
+    if (!fine) return this.#reply(NAK, m, frame, 0, undefined);
+    const origin = this.#origin(frame);
+    const fresh = !(lease?.state === "bound" && lease.address === address && this.#active(lease, now));
+    const name = reservation?.name ?? clientName(m) ?? (lease?.address === address ? lease.name : undefined);
+    const bound = this.#put(lease ?? ({ mac: m.chaddr } as Lease), {
+      address, name: name === GATEWAY_NAME ? undefined : name, state: "bound", expires: now + this.spec.leaseSeconds * 1000, port: origin.id, site: origin.site,
+    });
+    this.#reply(ACK, m, frame, address, bound.name, m.ciaddr);
+    if (fresh) this.#options.log.info(`${this.spec.network}: ${m.chaddr} is ${ipv4Text(address)}${bound.name ? ` (${bound.name})` : ""} at ${bound.site}`);
+    this.#scheduleSave();
+  }
+
+  /** Sends OFFER, ACK or NAK: broadcast, or to `unicast` (a client that has its address). */
+  #reply(type: number, m: DhcpMessage, frame: Uint8Array, address: number, name: string | undefined, unicast = 0): void {
+    const { gateway, leaseSeconds, domain } = this.spec;
+    this.counters[type === OFFER ? "offers" : type === ACK ? "acks" : "naks"]++;
+    const options: [number, Uint8Array][] = [[OPT_SERVER, u32(gateway)]];
+    if (type !== NAK) {
+      if (m.type !== INFORM) options.push([OPT_LEASE, u32(leaseSeconds)], [OPT_RENEWAL, u32(leaseSeconds / 2)], [OPT_REBINDING, u32(Math.floor((leaseSeconds * 7) / 8))]);
+      options.push(
+        [OPT_MASK, u32(this.#mask)],
+        [OPT_BROADCAST, u32((this.spec.base | ~this.#mask) >>> 0)],
+        [OPT_ROUTER, u32(gateway)],
+        [OPT_DNS, u32(gateway)],
+        [OPT_DOMAIN, new TextEncoder().encode(domain)],
+        [OPT_SEARCH, dnsWireName(domain)],
+      );
+      if (name !== undefined) options.push([OPT_HOSTNAME, new TextEncoder().encode(name)]);
+    }
+    const chaddr = macBytes(m.chaddr);
+    const payload = encodeDhcp({ type, xid: m.xid, flags: m.flags, ciaddr: type === ACK ? m.ciaddr : 0, yiaddr: address, server: type === NAK ? 0 : gateway, chaddr, options });
+    const to = unicast !== 0 && type !== NAK;
+    this.#send(udpFrame(to ? frame.subarray(6, 12) : BROADCAST_MAC, this.mac, gateway, to ? unicast : 0xffffffff, DHCP_SERVER_PORT, DHCP_CLIENT_PORT, payload));
+  }
+
+  // ───── DNS ─────
+
+  #dns(ip: Ipv4Packet, udp: UdpDatagram, frame: Uint8Array): void {
+    let query: dnsPacket.DecodedPacket;
+    try {
+      query = dnsPacket.decode(Buffer.from(udp.payload));
+    } catch (error) {
+      throw new RangeError(`Cannot decode DNS: ${(error as Error).message}`);
+    }
+    if (query.type !== "query") return;
+    this.counters.dnsQueries++;
+    const question = query.questions?.length === 1 ? query.questions[0] : undefined;
+    let rcode = DNS_REFUSED;
+    let answers: dnsPacket.Answer[] = [];
+    if (question !== undefined && query.opcode === "QUERY" && question.class === "IN") [rcode, answers] = this.#answer(question.name.toLowerCase().replace(/\.$/, ""), question.type);
+    if (rcode === DNS_REFUSED) this.counters.dnsRefused++;
+    else if (rcode === DNS_NXDOMAIN) this.counters.dnsNxdomain++;
+    else this.counters.dnsAnswers++;
+    const flags = (rcode === DNS_REFUSED ? 0 : dnsPacket.AUTHORITATIVE_ANSWER) | (query.flags! & dnsPacket.RECURSION_DESIRED) | rcode;
+    const response = dnsPacket.encode({ type: "response", id: query.id, flags, questions: question ? [question] : [], answers });
+    this.#send(udpFrame(frame.subarray(6, 12), this.mac, this.spec.gateway, ip.src, DNS_PORT, udp.srcPort, response));
+  }
+
+  /** The rcode (0 with answers, 0 without: the name has no such record) and the answers for one question. */
+  #answer(name: string, type: string): [number, dnsPacket.Answer[]] {
+    const { domain, gateway } = this.spec;
+    const now = this.#clock.now();
+    if (name === domain || name.endsWith(`.${domain}`)) {
+      if (name === domain) return [0, []];
+      const label = name.slice(0, -domain.length - 1);
+      const lease = this.#byName.get(label);
+      const address = label === GATEWAY_NAME ? gateway : lease !== undefined && lease.state === "bound" && this.#active(lease, now) ? lease.address : undefined;
+      if (address === undefined) return [DNS_NXDOMAIN, []];
+      return [0, type === "A" ? [{ type: "A", name, ttl: DNS_TTL, data: ipv4Text(address) }] : []];
+    }
+    const ptr = /^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.in-addr\.arpa$/.exec(name);
+    const address = ptr ? ipv4Number(`${ptr[4]}.${ptr[3]}.${ptr[2]}.${ptr[1]}`) : undefined;
+    if (address === undefined || ((address & this.#mask) >>> 0) !== this.spec.base) return [DNS_REFUSED, []];
+    const lease = this.#byAddress.get(address);
+    const host = address === gateway ? GATEWAY_NAME : lease?.state === "bound" && this.#active(lease, now) ? lease.name : undefined;
+    if (host === undefined) return [DNS_NXDOMAIN, []];
+    return [0, type === "PTR" ? [{ type: "PTR", name, ttl: DNS_TTL, data: `${host}.${domain}` }] : []];
+  }
+
+  // ───── leases on disk ─────
+
+  #scheduleSave(): void {
+    if (this.stateFile === undefined || this.#saveTimer !== undefined) return;
+    this.#saveTimer = this.#clock.setTimer(() => this.#save(), DHCP_SAVE_DELAY_MS);
+  }
+
+  /** Writes bound and released leases to a temporary file and renames it over the lease file: a crash leaves the old or the new, never half. */
+  #save(): void {
+    if (this.#saveTimer !== undefined) this.#clock.clearTimer(this.#saveTimer);
+    this.#saveTimer = undefined;
+    if (this.stateFile === undefined) return;
+    const leases = [...this.#byMac.values()]
+      .filter((l) => l.state === "bound" || l.state === "released")
+      .map((l) => ({ mac: l.mac, address: ipv4Text(l.address), name: l.name ?? null, state: l.state, expires: l.expires, port: l.port, site: l.site }));
+    const text = JSON.stringify({ version: 1, network: this.spec.network, cidr: this.spec.cidr, leases }, null, 1) + "\n";
+    const temporary = `${this.stateFile}.${process.pid}.tmp`;
+    try {
+      mkdirSync(dirname(this.stateFile), { recursive: true, mode: 0o700 });
+      writeFileSync(temporary, text, { mode: 0o600 });
+      renameSync(temporary, this.stateFile);
+    } catch (error) {
+      this.#warn(describeError(`${this.spec.network}: cannot write the lease file ${this.stateFile}`, error));
+    }
+  }
+
+  /** Reads the lease file; an entry that does not fit this network now (changed CIDR, reservations) is left out. */
+  #load(): void {
+    if (this.stateFile === undefined) return;
+    let data: unknown;
+    try {
+      data = JSON.parse(readFileSync(this.stateFile, "utf8"));
+    } catch (error) {
+      if ((error as { code?: string }).code === "ENOENT") return;
+      return this.#options.log.warn(`${this.spec.network}: the lease file ${this.stateFile} is unreadable or not JSON; starting without its leases`);
+    }
+    const leases = (data as { leases?: unknown })?.leases;
+    let skipped = 0;
+    for (const entry of Array.isArray(leases) ? leases : []) {
+      const e = entry as Record<string, unknown>;
+      const address = typeof e.address === "string" ? ipv4Number(e.address) : undefined;
+      const mac = typeof e.mac === "string" ? e.mac : "";
+      const name = typeof e.name === "string" && DNS_LABEL.test(e.name) ? e.name : undefined;
+      const reservation = this.#reservedMac.get(mac);
+      const fits =
+        MAC_TEXT.test(mac) && address !== undefined && this.#inSubnet(address) && address !== this.spec.gateway && (e.state === "bound" || e.state === "released") &&
+        typeof e.expires === "number" && !this.#byMac.has(mac) && !this.#byAddress.has(address) &&
+        (reservation === undefined ? this.#inPool(address) && !this.#reservedAddress.has(address) : reservation.address === address);
+      if (!fits) {
+        skipped++;
+        continue;
+      }
+      this.#put({ mac } as Lease, {
+        address: address!, name: reservation?.name ?? name, state: e.state as LeaseState, expires: e.expires as number,
+        port: typeof e.port === "string" ? e.port : "?", site: typeof e.site === "string" ? e.site : "?",
+      });
+    }
+    if (skipped > 0) this.#options.log.warn(`${this.spec.network}: ${skipped} entries of ${this.stateFile} do not fit the network as configured and were left out`);
+  }
+
+  // ───── status ─────
+
+  /** Leases active now, offers and checks included: what the pool has given out. */
+  inUse(): number {
+    const now = this.#clock.now();
+    let n = 0;
+    for (const lease of this.#byMac.values()) if (this.#active(lease, now)) n++;
+    return n;
+  }
+
+  poolSize(): number {
+    return this.#poolSize;
+  }
+
+  dhcpSnapshot(limit = DHCP_STATUS_LEASES): DhcpSnapshot {
+    const now = this.#clock.now();
+    const leases: DhcpSnapshot["leases"] = [];
+    let inPool = 0;
+    let count = 0;
+    for (const l of this.#byMac.values()) {
+      if (!this.#active(l, now)) continue;
+      count++;
+      if (this.#inPool(l.address)) inPool++;
+      if (leases.length < limit) leases.push({ mac: l.mac, address: ipv4Text(l.address), name: l.name ?? null, state: l.state, expires: new Date(l.expires).toISOString(), port: l.port, site: l.site });
+    }
+    let resting = 0;
+    for (const [address, until] of this.#conflicts) if (until > now && this.#inPool(address) && !this.#byAddress.has(address)) resting++;
+    for (const address of this.#reservedAddress.keys()) if (this.#inPool(address) && !this.#byAddress.has(address)) resting++;
+    leases.sort((a, b) => (ipv4Number(a.address)! - ipv4Number(b.address)!));
+    return {
+      cidr: this.spec.cidr,
+      gateway: ipv4Text(this.spec.gateway),
+      mac: formatMac(macKey(this.mac, 0)),
+      domain: this.spec.domain,
+      range: `${ipv4Text(this.spec.first)}-${ipv4Text(this.spec.last)}`,
+      pool: this.#poolSize,
+      free: Math.max(0, this.#poolSize - inPool - resting),
+      leaseSeconds: this.spec.leaseSeconds,
+      stateFile: this.stateFile ?? null,
+      leaseCount: count,
+      leases,
+      rogueServers: [...this.#rogues.values()],
+      counters: { ...this.counters },
+    };
+  }
+}
+
 // ───────────────────────────── HTTP app ─────────────────────────────
 
 /** /status: the relay, its networks and ports, its limits, and the counters. */
@@ -6034,7 +7135,7 @@ export interface Snapshot extends RelayCounters {
   uptime: number;
   startedAt: string;
   /** A page of the networks, in the order they were made: see `networksPage`. */
-  networks: ReturnType<Network["snapshot"]>[];
+  networks: (ReturnType<Network["snapshot"]> & { dhcp?: DhcpSnapshot })[];
   networksPage: { offset: number; limit: number | null; total: number };
   uplink: UplinkStatus | null;
   backplane: BackplaneSnapshot | null;
@@ -6149,10 +7250,12 @@ export function renderMetrics(
   const nets: Network[] = [];
   const ports: Port[] = [];
   const labels: string[] = [];
+  const hosts: GatewayHost[] = [];
   let omitted = 0;
   for (const n of networks) {
     if (nets.length < view.networks) nets.push(n);
     for (const p of n.ports) {
+      if (p instanceof GatewayHost && hosts.length < view.networks) hosts.push(p);
       if (ports.length >= view.ports) {
         omitted++;
         continue;
@@ -6175,6 +7278,16 @@ export function renderMetrics(
   }
   metric("edge_relay_network_ports", "Ports attached to a network.", "gauge", nets.map((n) => [`{network="${n.name}"}`, n.ports.size]));
   metric("edge_relay_network_macs", "Learned MAC addresses in a network.", "gauge", nets.map((n) => [`{network="${n.name}"}`, n.macs.size]));
+  const dhcp = (value: (h: GatewayHost) => number): [string, number][] => hosts.map((h) => [`{network="${h.spec.network}"}`, value(h)]);
+  metric("edge_relay_dhcp_leases", "Addresses a --dhcp network has given out now (leases, offers and ARP checks).", "gauge", dhcp((h) => h.inUse()));
+  metric("edge_relay_dhcp_pool_addresses", "Addresses in a --dhcp network's pool.", "gauge", dhcp((h) => h.poolSize()));
+  metric("edge_relay_dhcp_acks_total", "DHCP ACKs sent (leases given or renewed).", "counter", dhcp((h) => h.counters.acks));
+  metric("edge_relay_dhcp_naks_total", "DHCP NAKs sent (requests for an address the client may not have).", "counter", dhcp((h) => h.counters.naks));
+  metric("edge_relay_dhcp_drops_total", "DHCP DISCOVERs and guest packets dropped, by reason.", "counter", hosts.flatMap((h) =>
+    (["malformed", "portCap", "exhausted"] as const).map((r): [string, number] => [`{network="${h.spec.network}",reason="${r.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`)}"}`, h.counters[r]])));
+  metric("edge_relay_dhcp_conflicts_total", "Addresses an ARP check found in use before they were offered.", "counter", dhcp((h) => h.counters.conflicts));
+  metric("edge_relay_dhcp_rogue_replies_total", "DHCP OFFERs and ACKs seen from another server on a --dhcp network.", "counter", dhcp((h) => h.counters.rogueReplies));
+  metric("edge_relay_dns_queries_total", "DNS queries to a --dhcp network's gateway.", "counter", dhcp((h) => h.counters.dnsQueries));
   for (const [name, help, key] of RELAY_COUNTERS) metric(name, help, "counter", [["", s[key]]]);
   metric("edge_relay_tunnels", "Tunnels connected to this relay.", "gauge", [["", s.limits.tunnels]]);
   metric("edge_relay_memory_queued_bytes", "Bytes queued across every port.", "gauge", [["", s.limits.memoryUsed]]);
@@ -6633,12 +7746,22 @@ summary { cursor: pointer; font-weight: 600; }
   function drops(count, title) {
     return count > 0 ? h("span", { class: "warn", title: title }, "\u26A0 " + num(count)) : h("span", { title: title }, num(count));
   }
+  // --dhcp: the address and name leased to a MAC, and the leases behind each port.
+  function leaseText(l) {
+    return l.address + (l.name ? " " + l.name : "");
+  }
+  function portLeases(n, p) {
+    var held = (n.dhcp ? n.dhcp.leases : []).filter(function (l) { return l.port === p.id && l.state === "bound"; });
+    if (held.length === 0) return "";
+    var shown = held.slice(0, 4).map(leaseText).join(", ") + (held.length > 4 ? ", \u2026 (" + num(held.length) + ")" : "");
+    return h("span", { class: "muted sub", "data-field": "leases" }, shown);
+  }
   function portRow(n, p) {
     var rx = p.rx, tx = p.tx;
     var why = "runts " + num(rx.runts) + ", storm limit " + num(rx.storm) + ", MAC limit " + num(rx.macLimit) + ", blocked for a loop " + num(rx.loop);
     return h("tr", { "data-key": "p " + p.id, "data-port": p.id },
       cell("Port", "id", "nw", h("strong", {}, p.id), h("span", { class: "muted sub" }, " (" + p.kind + ")")),
-      cell("Peer", "peer", null, p.peer),
+      cell("Peer", "peer", null, p.peer, portLeases(n, p)),
       cell("State", "state", "nw", state(p.state), h("span", { class: "muted sub" }, " since " + clock(p.since))),
       cell("In frames", "rx-frames", "n", num(rx.frames)),
       cell("In bytes", "rx-bytes", "n", h("span", { title: num(rx.bytes) + " bytes" }, bytes(rx.bytes))),
@@ -6654,6 +7777,12 @@ summary { cursor: pointer; font-weight: 600; }
     var ports = n.ports || [], macs = n.macs || [], closed = (n.closedPorts || []).slice().reverse();
     var portCount = n.portCount === undefined ? ports.length : n.portCount;
     sec.summary.textContent = plural(portCount, "port") + (ports.length < portCount ? " (the first " + num(ports.length) + " listed)" : "") + " \u00B7 " + plural(n.macCount, "learned MAC");
+    var dhcp = n.dhcp, leased = new Map();
+    if (dhcp) {
+      sec.summary.textContent += " \u00B7 DHCP " + dhcp.cidr + ", gateway " + dhcp.gateway + ", pool " + dhcp.range + ": " + plural(dhcp.leaseCount, "lease") + ", " + num(dhcp.free) + " free" +
+        (dhcp.rogueServers.length ? " \u00B7 \u26A0 another DHCP server: " + dhcp.rogueServers.map(function (r) { return r.mac + " " + r.address; }).join(", ") : "");
+      dhcp.leases.forEach(function (l) { if (l.state === "bound") leased.set(l.mac, l); });
+    }
     update(sec.ports, ports.length ? ports.map(function (p) { return portRow(n, p); })
       : [h("tr", { "data-key": "none" }, h("td", { colspan: 12, class: "empty" }, "No ports."))]);
     var byId = new Map(ports.map(function (p) { return [p.id, p]; }));
@@ -6662,8 +7791,9 @@ summary { cursor: pointer; font-weight: 600; }
     sec.macsTable.hidden = macs.length === 0;
     update(sec.macs, macs.map(function (m) {
       var port = byId.get(m.port);
+      var l = leased.get(m.mac);
       return h("tr", { "data-key": "m " + m.mac, "data-mac": m.mac },
-        h("td", { class: "mac" }, m.mac),
+        h("td", { class: "mac" }, m.mac, l ? h("span", { class: "muted sub", "data-field": "lease" }, leaseText(l)) : ""),
         h("td", {}, m.port, port ? h("span", { class: "muted" }, " " + port.peer) : ""),
         h("td", { class: "n" }, (m.age < 10 ? m.age.toFixed(1) : Math.round(m.age)) + " s"));
     }));
@@ -7342,13 +8472,19 @@ export async function startRelay(config: Config, log: Logger = consoleLogger, en
   // One WebSocket handler set for the listener: each socket goes to the server that upgraded it.
   const v86Socket = (ws: ServerWebSocket<SocketData>): ws is ServerWebSocket<V86Data> => "v86" in ws.data;
 
+  // --dhcp: the relay's own host on each such network, by network name.
+  const hosts = new Map<string, GatewayHost>();
+  const withDhcp = (page: Pick<Snapshot, "networks" | "networksPage">) => {
+    for (const n of page.networks) if (hosts.has(n.name)) n.dhcp = hosts.get(n.name)!.dhcpSnapshot();
+    return page;
+  };
   const snapshot = (view: StatusView = {}): Snapshot => ({
     version: VERSION,
     id: identity.id,
     name: identity.name,
     uptime: (Date.now() - startedAt) / 1000,
     startedAt: new Date(startedAt).toISOString(),
-    ...statusNetworks(networks.values(), networks.size, view),
+    ...withDhcp(statusNetworks(networks.values(), networks.size, view)),
     uplink: uplink ? { ...uplink.status } : null,
     backplane: backplane ? backplane.snapshot() : null,
     dials: dialers.map((d) => ({ ...d.status })),
@@ -7402,6 +8538,12 @@ export async function startRelay(config: Config, log: Logger = consoleLogger, en
       stoppers.push(() => backplane.stop());
     }
 
+    for (const spec of config.dhcp) {
+      const host = new GatewayHost({ spec, reservations: config.dhcpHosts, relayId: identity.id, relayName: identity.name, stateDir: config.stateDir, log });
+      network(spec.network).attach(host);
+      hosts.set(spec.network, host);
+      stoppers.push(() => host.close());
+    }
     // Before the first accept: the limit decides how many QEMU connections fit.
     const fdLimit = raiseFdLimit();
     const cap = config.qemuListen.length > 0 ? connectionCap(config.maxConnections, fdLimit, log, () => void counters.connectionsRefused++) : undefined;
@@ -7603,6 +8745,7 @@ export function loadConfig(argv: string[], env: Record<string, string | undefine
     else if (value !== undefined) raw[key] = spec.numeric ? number(value as string) : value;
     else if (fromEnv !== undefined && raw[key] === undefined) raw[key] = fromEnv;
   }
+  if (configFile !== undefined) raw.stateDir ??= dirname(configFile);
   if (flags.tokenFile !== undefined) {
     const lines = readTextFile(flagOf("tokenFile"), flags.tokenFile as string).split("\n");
     addTo("tokens", lines.map((l) => l.replace(/#.*/, "").trim()).filter(Boolean));

@@ -7,6 +7,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { copyFileSync, existsSync, mkdirSync } from "node:fs";
 import puppeteer, { type Browser, type Page } from "puppeteer-core";
 import { ADMIN_COOKIE, PAGE_HTML, PAGE_HTML_WITH_LOGOUT } from "../relay.ts";
+import { lease } from "./dhcp-packets.ts";
 import { attachVm, freePort, makeFrame, spawnRelay, tempDir, uplinkFailed, uplinkUp, waitUntil } from "./helpers.ts";
 
 const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
@@ -179,6 +180,28 @@ suite("status page in Chromium", () => {
     expect(await page.$(row(portB))).toBeNull();
     expect(seen).toEqual([]);
   }, 20_000);
+
+  test("a --dhcp network shows each lease's address and name beside its MAC and its port, and the pool in the summary", async () => {
+    await using dir = await tempDir();
+    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "lab=127.0.0.1:0", "--dhcp", "lab=10.9.0.0/24", "--name", "site-a"]);
+    await using vm = await attachVm(relay, "lab");
+    const client = "52:54:00:00:00:81";
+    const ack = await lease(vm, client, { hostname: "vm2" });
+    const port = (await relay.status()).networks[0].ports.find((p: any) => p.peer === vm.local).id as string;
+    await using context = await browser.createBrowserContext();
+    const page = await context.newPage();
+    const seen = problems(page);
+    await page.setViewport({ width: 1280, height: 800 });
+    await page.goto(`${relay.base}/`);
+    const text = (selector: string) => page.evaluate((s: string) => document.querySelector(s)?.textContent, selector);
+    await page.waitForSelector(`section[data-network="lab"] tr[data-mac="${client}"] [data-field="lease"]`, { timeout: 5_000 });
+    expect(await text(`section[data-network="lab"] tr[data-mac="${client}"] td.mac`)).toBe(`${client}${ack.yiaddr} vm2`);
+    expect(await text(`section[data-network="lab"] table.ports tr[data-port="${port}"] [data-field="leases"]`)).toBe(`${ack.yiaddr} vm2`);
+    expect(await text(`section[data-network="lab"] table.ports tr[data-port="lab/host-1"] td[data-field="id"]`)).toBe("lab/host-1 (host)");
+    expect(await text(`section[data-network="lab"] > p.muted`)).toContain("DHCP 10.9.0.0/24, gateway 10.9.0.1, pool 10.9.0.10-10.9.0.254: 1 lease, 244 free");
+    await screenshot(page, dir.path, "page-dhcp");
+    expect(seen).toEqual([]);
+  });
 
   test("with an admin token: 401 and a login form, then a session cookie the page's polls carry, and a log-out button", async () => {
     await using dir = await tempDir();
