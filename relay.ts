@@ -42,16 +42,18 @@
  * @module
  */
 
-import { lstatSync, readFileSync, readlinkSync, realpathSync, renameSync, rmSync, unlinkSync } from "node:fs";
+import { lstatSync, mkdirSync, readFileSync, readlinkSync, realpathSync, renameSync, rmSync, unlinkSync, writeFileSync } from "node:fs";
 import { BlockList, isIP, isIPv4, isIPv6 } from "node:net";
-import { basename } from "node:path";
+import { basename, dirname } from "node:path";
 import { hostname, constants as osConstants } from "node:os";
 import { dlopen, FFIType, read } from "bun:ffi";
 import { X509Certificate, createPrivateKey, timingSafeEqual } from "node:crypto";
 import { checkServerIdentity, type PeerCertificate } from "node:tls";
 import type { Server, ServerWebSocket, Socket, udp } from "bun";
 import { credsAuthenticator, nkeyAuthenticator } from "@nats-io/nats-core";
+import dnsPacket from "dns-packet";
 import { Hono } from "hono";
+import { getPath } from "hono/utils/url";
 import * as v from "valibot";
 
 // ───────────────────────────── constants ─────────────────────────────
@@ -79,6 +81,13 @@ const DEFAULT_STORM_LIMIT = 5_000;
 const MIN_TOKEN_LENGTH = 16;
 /** The largest --queue-bytes: a tunnel's WebSocket backpressure limit is derived from it. */
 const MAX_QUEUE_BYTES = 64 * 1024 * 1024;
+/**
+ * --memory-budget's dynamic threshold (Choudhury & Hahne, as switch ASICs share their buffer): one
+ * port may hold at most this many times the budget still free. With 1 a lone port may fill half of
+ * it, and N ports that stop reading leave 1/(1 + N) of it free for the rest.
+ * @internal
+ */
+export const BUDGET_ALPHA = 1;
 /** Learned datagram peers are forgotten after this much silence, or the MAC ageing time if shorter. */
 const UDP_PEER_AGEING_MS = 60_000;
 /** New peers one --qemu-udp socket learns per second: a spoofed flood cannot churn the table faster. */
@@ -111,6 +120,14 @@ const FLOW_STALL_MS = 1_000;
 /** A MAC that moves again within this long after its last move is flapping. */
 const MAC_FLAP_MS = 10_000;
 const HELLO_TIMEOUT_MS = 10_000;
+/**
+ * A tunnel that replaced an older one from the same relay is not itself replaced for this long: a
+ * newer one is refused as a loop instead, so two live paths from one relay cannot take turns.
+ */
+const TAKEOVER_GUARD_MS = 30_000;
+/** The close code (application range) and reason sent on a tunnel that a newer one replaced. */
+const TAKEOVER_CLOSE_CODE = 4000;
+const TAKEOVER_REASON = "replaced by a newer tunnel from the same relay";
 /** Failed authentications from one address before it gets 429, within this window, for this long. */
 const AUTH_FAILURES = 10;
 const AUTH_WINDOW_MS = 60_000;
@@ -120,8 +137,15 @@ const TUNNEL_IDLE_SECONDS = 60;
 /** Tunnel connect and disconnect lines logged per 10 s; the rest are counted in one line. */
 const TUNNEL_LOG_BURST = 100;
 const CLOCK_TICK_MS = 100;
+/**
+ * A refused or failed uplink dial is retried within a few seconds (a hub that returns has its sites
+ * back soon); one the hub refused for good (a wrong token) waits the long final backoff.
+ */
 const UPLINK_BACKOFF_MIN_MS = 250;
-const UPLINK_BACKOFF_MAX_MS = 30_000;
+const UPLINK_BACKOFF_MAX_MS = 3_000;
+const UPLINK_BACKOFF_FINAL_MS = 30_000;
+/** While the uplink stays down, a line with the next dial's time at most this often. */
+const UPLINK_DOWN_LOG_MS = 10_000;
 const DIAL_BACKOFF_MIN_MS = 100;
 const DIAL_BACKOFF_MAX_MS = 5_000;
 const BACKPLANE_BACKOFF_MIN_MS = 250;
@@ -211,6 +235,14 @@ function bunUnixPath(path: string): string {
   return path.startsWith("@") ? `\0${path.slice(1)}` : path;
 }
 
+/** Which rule of NETWORK_NAME `name` breaks, in words (the first one, as the rules are read). */
+function nameRuleBroken(name: string): string {
+  if (name === "") return "is empty";
+  if (!/^[A-Za-z0-9]/.test(name)) return `must start with a letter or digit, not ${JSON.stringify(name[0])}`;
+  if (!/^[A-Za-z0-9_.-]*$/.test(name)) return "must be letters, digits, '.', '_' or '-'";
+  return "is longer than 64 characters";
+}
+
 /**
  * Splits `[NET=]REST` into the network name (default `default`) and the rest. A prefix with a `:`
  * is part of the address (`unix:/run/a=b.sock`), not a network name.
@@ -229,7 +261,7 @@ function endpointSchema<T extends object>(shape: string, parse: (rest: string) =
       const { network, rest } = splitNetwork(dataset.value);
       const parsed = parse(rest);
       if (!NETWORK_NAME.test(network)) {
-        addIssue({ message: `network name ${JSON.stringify(network)} must be letters, digits, '.', '_' or '-'` });
+        addIssue({ message: `network name ${JSON.stringify(network)} ${nameRuleBroken(network)}` });
         return NEVER;
       }
       if (typeof parsed === "string") {
@@ -785,6 +817,10 @@ const BackplaneServers = v.optional(
   v.pipe(
     v.array(v.string("expected nats://HOST:PORT"), "expected an array of nats://HOST:PORT URLs"),
     v.rawTransform(({ dataset, addIssue, NEVER }) => {
+      if (dataset.value.some((text) => text.trim() === "")) {
+        addIssue({ message: "expected nats://HOST:PORT, got an empty value" });
+        return NEVER;
+      }
       const urls = dataset.value.flatMap((text) => text.split(",")).map((text) => text.trim()).filter((text) => text !== "");
       for (const text of urls) {
         const problem = backplaneUrlProblem(text);
@@ -793,6 +829,43 @@ const BackplaneServers = v.optional(
         return NEVER;
       }
       return urls;
+    }),
+  ),
+  [],
+);
+
+/** A range of addresses: `10.0.0.0/8`, `fd00::/8`, or one address (`127.0.0.1`, `::1`). */
+interface Cidr {
+  address: string;
+  prefix: number;
+  family: "ipv4" | "ipv6";
+}
+
+/** Parses a CIDR range or a bare address; undefined when it is neither. @internal */
+export function parseCidr(text: string): Cidr | undefined {
+  const m = /^([^/]+)(?:\/(\d{1,3}))?$/.exec(text);
+  const version = m ? isIP(m[1]!) : 0;
+  if (!m || version === 0) return undefined;
+  const bits = version === 4 ? 32 : 128;
+  const prefix = m[2] === undefined ? bits : Number(m[2]);
+  return prefix <= bits ? { address: m[1]!, prefix, family: version === 4 ? "ipv4" : "ipv6" } : undefined;
+}
+
+/** --trusted-proxy: repeatable, and each may list several ranges separated by commas. */
+const TrustedProxies = v.optional(
+  v.pipe(
+    v.array(v.string("expected CIDR"), "expected an array of CIDR ranges"),
+    v.rawTransform(({ dataset, addIssue, NEVER }) => {
+      const ranges: Cidr[] = [];
+      for (const text of dataset.value.flatMap((t) => t.split(",")).map((t) => t.trim())) {
+        const range = parseCidr(text);
+        if (range === undefined) {
+          addIssue({ message: `expected an address or a CIDR range like 10.0.0.0/8 or fd00::/8, got ${JSON.stringify(text)}` });
+          return NEVER;
+        }
+        ranges.push(range);
+      }
+      return ranges;
     }),
   ),
   [],
@@ -833,6 +906,158 @@ const OnOff = v.pipe(
   v.transform((value) => value === true || value === "on"),
 );
 
+// DHCP networks (--dhcp, --dhcp-host): the host that serves them is its own section further down
+
+/** `10.9.0.1` as a 32-bit unsigned number; undefined when it is not a dotted quad. */
+function ipv4Number(text: string): number | undefined {
+  if (!isIPv4(text)) return undefined;
+  return text.split(".").reduce((n, part) => n * 256 + Number(part), 0);
+}
+
+function ipv4Text(n: number): string {
+  return `${n >>> 24}.${(n >>> 16) & 255}.${(n >>> 8) & 255}.${n & 255}`;
+}
+
+/** The most addresses one pool may hold: allocation walks the pool, and a lease table is kept per address. */
+const DHCP_MAX_POOL = 65_536;
+const DURATION_UNITS: Record<string, number> = { s: 1, m: 60, h: 3600, d: 86_400 };
+/** A DNS label: what a lease's host name must be (a guest's is cut to its first label and lowercased). */
+const DNS_LABEL = /^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$/;
+
+/** One --dhcp network, resolved: addresses as numbers, the pool without the gateway. @internal */
+export interface DhcpNetworkSpec {
+  network: string;
+  /** `10.9.0.0/24` */
+  cidr: string;
+  base: number;
+  prefix: number;
+  gateway: number;
+  first: number;
+  last: number;
+  leaseSeconds: number;
+  domain: string;
+}
+
+/** The fields of `NET=CIDR[,gateway=IP][,range=FIRST-LAST][,lease=DURATION][,domain=NAME]` or of its config object. */
+interface DhcpFields {
+  network: string;
+  cidr: string;
+  gateway?: string;
+  range?: string;
+  lease?: string | number;
+  domain?: string;
+}
+
+/**
+ * Checks and resolves one DHCP network, or says in words what is wrong with it. The default gateway
+ * is the first host; the default pool is every other host from the 10th address on (the first nine
+ * are left for static use) or, in a network of fewer than 32 addresses, every host but the gateway.
+ * @internal
+ */
+export function resolveDhcpNetwork(fields: DhcpFields): DhcpNetworkSpec | string {
+  const { network } = fields;
+  if (!NETWORK_NAME.test(network)) return `network name ${JSON.stringify(network)} must be letters, digits, '.', '_' or '-'`;
+  const m = /^([\d.]+)\/(\d{1,2})$/.exec(fields.cidr);
+  const base = m ? ipv4Number(m[1]!) : undefined;
+  const prefix = m ? Number(m[2]) : NaN;
+  if (base === undefined || !(prefix >= 8 && prefix <= 30)) return `expected an IPv4 CIDR from /8 to /30 like 10.9.0.0/24, got ${JSON.stringify(fields.cidr)}`;
+  const size = 2 ** (32 - prefix);
+  if (base % size !== 0) return `${fields.cidr} is not a network address (${ipv4Text(base - (base % size))}/${prefix})`;
+  const isHost = (n: number) => n > base && n < base + size - 1;
+  const address = (what: string, text: string) => {
+    const n = ipv4Number(text);
+    return n !== undefined && isHost(n) ? n : `${what} ${JSON.stringify(text)} is not a host address of ${fields.cidr}`;
+  };
+  const gateway = fields.gateway === undefined ? base + 1 : address("gateway", fields.gateway);
+  if (typeof gateway === "string") return gateway;
+  let first = base + (size >= 32 ? 10 : 1);
+  let last = base + size - 2;
+  if (fields.range !== undefined) {
+    const [from, to, extra] = fields.range.split("-");
+    if (to === undefined || extra !== undefined) return `expected range=FIRST-LAST, got ${JSON.stringify(fields.range)}`;
+    const [a, b] = [address("range start", from!), address("range end", to)];
+    if (typeof a === "string") return a;
+    if (typeof b === "string") return b;
+    if (a > b) return `range ${fields.range} ends before it starts`;
+    [first, last] = [a, b];
+  }
+  const pool = last - first + 1 - (gateway >= first && gateway <= last ? 1 : 0);
+  if (pool < 1) return `range ${ipv4Text(first)}-${ipv4Text(last)} holds no address but the gateway`;
+  if (pool > DHCP_MAX_POOL) return `a pool of ${pool} addresses is more than ${DHCP_MAX_POOL}: give range=FIRST-LAST`;
+  const leaseText = String(fields.lease ?? "12h");
+  const lm = /^(\d{1,8})([smhd]?)$/.exec(leaseText);
+  const leaseSeconds = lm ? Number(lm[1]) * DURATION_UNITS[lm[2] || "s"]! : NaN;
+  if (!(leaseSeconds >= 60 && leaseSeconds <= 365 * 86_400)) return `lease ${JSON.stringify(leaseText)} is not a duration from 60s to 365d (like 30m, 12h, 7d)`;
+  const domain = (fields.domain ?? network).toLowerCase().replace(/\.$/, "");
+  if (!domain.split(".").every((label) => /^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$/.test(label)) || domain.length > 200) return `domain ${JSON.stringify(domain)} is not a DNS name`;
+  return { network, cidr: `${ipv4Text(base)}/${prefix}`, base, prefix, gateway, first, last, leaseSeconds, domain };
+}
+
+const DHCP_SHAPE = "NET=CIDR[,gateway=IP][,range=FIRST-LAST][,lease=DURATION][,domain=NAME]";
+
+/** --dhcp: the command line's text, or the same as an object in the config file. */
+const DhcpNetwork = v.pipe(
+  v.union(
+    [
+      v.string(),
+      v.strictObject({
+        network: v.string(),
+        cidr: v.string(),
+        gateway: v.optional(v.string()),
+        range: v.optional(v.string()),
+        lease: v.optional(v.union([v.string(), v.number()])),
+        domain: v.optional(v.string()),
+      }),
+    ],
+    `expected ${DHCP_SHAPE} or { network, cidr, gateway?, range?, lease?, domain? }`,
+  ),
+  v.rawTransform(({ dataset, addIssue, NEVER }) => {
+    let fields: DhcpFields | string;
+    if (typeof dataset.value === "string") {
+      const [head, ...rest] = dataset.value.split(",");
+      const eq = head!.indexOf("=");
+      const parsed: Record<string, string> = { network: head!.slice(0, eq), cidr: head!.slice(eq + 1) };
+      let wellFormed = eq >= 1;
+      for (const pair of rest) {
+        const [key, value] = [pair.slice(0, pair.indexOf("=")), pair.slice(pair.indexOf("=") + 1)];
+        if (!["gateway", "range", "lease", "domain"].includes(key) || key in parsed) wellFormed = false;
+        parsed[key] = value;
+      }
+      fields = wellFormed ? (parsed as unknown as DhcpFields) : `expected ${DHCP_SHAPE}, got ${JSON.stringify(dataset.value)}`;
+    } else fields = dataset.value;
+    const resolved = typeof fields === "string" ? fields : resolveDhcpNetwork(fields);
+    if (typeof resolved !== "string") return resolved;
+    addIssue({ message: resolved });
+    return NEVER;
+  }),
+);
+
+/** A reservation: this MAC always gets this address, and the name if given. */
+interface DhcpHostSpec {
+  mac: string;
+  address: number;
+  name?: string;
+}
+
+const MAC_TEXT = /^[0-9a-f]{2}(?::[0-9a-f]{2}){5}$/;
+
+/** --dhcp-host MAC,IP[,NAME], or `{ mac, address, name? }` in the config file. */
+const DhcpHost = v.pipe(
+  v.union([v.string(), v.strictObject({ mac: v.string(), address: v.string(), name: v.optional(v.string()) })], "expected MAC,IP[,NAME] or { mac, address, name? }"),
+  v.rawTransform(({ dataset, addIssue, NEVER }) => {
+    const value = dataset.value;
+    const [mac, address, name, extra] = typeof value === "string" ? value.split(",") : [value.mac, value.address, value.name];
+    const spec = { mac: (mac ?? "").toLowerCase().replace(/-/g, ":"), address: ipv4Number(address ?? ""), name: name?.toLowerCase() };
+    let problem: string | undefined;
+    if (extra !== undefined || !MAC_TEXT.test(spec.mac) || (parseInt(spec.mac.slice(0, 2), 16) & 1) === 1) problem = `expected MAC,IP[,NAME] with a unicast MAC like 52:54:00:12:34:56, got ${JSON.stringify(typeof value === "string" ? value : mac)}`;
+    else if (spec.address === undefined) problem = `${JSON.stringify(address)} is not an IPv4 address`;
+    else if (spec.name !== undefined && !DNS_LABEL.test(spec.name)) problem = `name ${JSON.stringify(name)} is not a DNS label (letters, digits and '-', at most 63)`;
+    if (problem === undefined) return spec as DhcpHostSpec;
+    addIssue({ message: problem });
+    return NEVER;
+  }),
+);
+
 type OptionGroup = keyof typeof OPTION_GROUPS;
 
 const OPTION_GROUPS = {
@@ -844,6 +1069,7 @@ const OPTION_GROUPS = {
   switch: "Switch:",
   limits: "Limits (each refusal or drop is counted and shown in /status):",
   capture: "Capture (pcapng, for Wireshark and tshark) and link impairment:",
+  dhcp: "DHCP, DNS and a pingable gateway (one relay per network serves them; see the README):",
   other: "Other:",
 };
 
@@ -914,8 +1140,8 @@ export const OPTIONS = {
     schema: v.optional(
       v.pipe(
         v.string("expected a ws:// or wss:// URL"),
-        v.url("expected a ws:// or wss:// URL"),
-        v.check((u) => /^wss?:$/.test(new URL(u).protocol), "expected a ws:// or wss:// URL"),
+        // One check: a pipe runs every step, so a later one must not meet a string URL cannot parse.
+        v.check((u) => URL.canParse(u) && /^wss?:$/.test(new URL(u).protocol) && new URL(u).hostname !== "", "expected a ws:// or wss:// URL"),
       ),
     ),
     help: "dial another relay (ws://HOST:PORT or wss://…) and carry every\nlocal network over it, and networks that appear later",
@@ -945,7 +1171,7 @@ export const OPTIONS = {
   },
   backplaneCluster: {
     arg: "NAME", group: "backplane", schema: v.optional(Name, "default"),
-    help: "hubs with the same NAME share networks, on subjects\nedge-relay.NAME.NETWORK; unless given, NAME is",
+    help: "hubs with the same NAME share networks, on subjects\nedge-relay.NAME.NETWORK",
   },
   backplaneToken: { arg: "SECRET", env: "RELAY_BACKPLANE_TOKEN", secret: true, group: "backplane", schema: v.optional(Secret), help: "the NATS server's token; also RELAY_BACKPLANE_TOKEN" },
   backplaneCreds: {
@@ -956,7 +1182,11 @@ export const OPTIONS = {
   http: { arg: "HOST:PORT", group: "http", schema: v.optional(HttpAddress, DEFAULT_HTTP), help: "listen address" },
   adminToken: {
     arg: "SECRET", env: "RELAY_ADMIN_TOKEN", secret: true, group: "http", schema: v.optional(AcceptedSecret),
-    help: "Bearer token for /healthz, /status, /metrics; required when --http\nis not a loopback address; also RELAY_ADMIN_TOKEN",
+    help: "Bearer token for /, /status, /metrics, /capture, /impair (or the\nsession the login form at / starts; /healthz needs none); required\nwhen --http is not a loopback address; also RELAY_ADMIN_TOKEN",
+  },
+  trustedProxies: {
+    flag: "trusted-proxy", arg: "CIDR[,CIDR…]", multiple: true, group: "http", schema: TrustedProxies,
+    help: "requests from these addresses come through a proxy of yours: take\nthe client's address from X-Forwarded-For or Forwarded (for the\nthrottle, --max-tunnels-per-address, logs and status); never\nfrom anyone else (repeatable)",
   },
   tlsCert: { arg: "FILE", group: "http", schema: v.optional(CertificateFile), help: "serve HTTPS and wss:// with this certificate (PEM)" },
   tlsKey: { arg: "FILE", group: "http", schema: v.optional(PrivateKeyFile), help: "the certificate's private key (PEM)" },
@@ -1005,7 +1235,7 @@ export const OPTIONS = {
   },
   memoryBudget: {
     arg: "BYTES", numeric: true, group: "limits", schema: v.optional(wholeNumber("bytes", 1024 * 1024, 2 ** 40), 256 * 1024 * 1024),
-    help: "bytes queued across all ports; beyond it frames drop",
+    help: "bytes queued across all ports; beyond it, or beyond what is\nstill free for one port, frames drop",
   },
   maxCaptures: {
     arg: "N", numeric: true, group: "capture", schema: v.optional(wholeNumber("captures", 1, 1_000), 4),
@@ -1023,6 +1253,18 @@ export const OPTIONS = {
   impair: {
     arg: "TARGET=SPEC", multiple: true, group: "capture", schema: list(ImpairOption, "TARGET=SPEC"),
     help: "impair a link in netem's words (repeatable): TARGET is uplink[:NET][:in|:out],\nNET (every port's way out) or a port id; e.g. uplink=\"delay 40ms 5ms loss 0.1%\"",
+  },
+  dhcp: {
+    arg: "NET=CIDR[,…]", multiple: true, group: "dhcp", schema: list(DhcpNetwork, DHCP_SHAPE),
+    help: "join NET as a host of the relay's own that answers DHCP, DNS for\nthe leases' names, ARP and ping (repeatable): NET=CIDR[,gateway=IP]\n[,range=FIRST-LAST][,lease=DURATION][,domain=NAME]",
+  },
+  dhcpHosts: {
+    flag: "dhcp-host", arg: "MAC,IP[,NAME]", multiple: true, group: "dhcp", schema: list(DhcpHost, "MAC,IP[,NAME]"),
+    help: "always give MAC this address (and name) on the --dhcp network\nholding it (repeatable)",
+  },
+  stateDir: {
+    arg: "DIR", env: "STATE_DIRECTORY", group: "other", schema: v.optional(v.pipe(v.string("expected a directory"), v.minLength(1, "expected a directory"))),
+    help: "directory for state the relay keeps (DHCP leases, the hub's\ncertificate and tokens); default: $STATE_DIRECTORY (systemd's\nStateDirectory), else beside the config file",
   },
   config: {
     arg: "FILE", group: "other",
@@ -1091,6 +1333,37 @@ const ConfigSchema = v.pipe(
     ["qemuMcast"],
   ),
   v.rawCheck(({ dataset, addIssue }) => {
+    if (!dataset.typed) return;
+    const issue = sharedAddress(dataset.value);
+    if (issue === undefined) return;
+    const list = dataset.value[issue.key];
+    const path: [v.ObjectPathItem, v.ArrayPathItem] = [
+      { type: "object", origin: "value", input: dataset.value, key: issue.key, value: list },
+      { type: "array", origin: "value", input: list, key: issue.index, value: list[issue.index]! },
+    ];
+    addIssue({ message: issue.message, path });
+  }),
+  v.rawCheck(({ dataset, addIssue }) => {
+    if (!dataset.typed) return;
+    const { dhcp, dhcpHosts } = dataset.value;
+    const at = (key: "dhcp" | "dhcpHosts", index: number): [v.ObjectPathItem, v.ArrayPathItem] => {
+      const list: unknown[] = dataset.value[key];
+      return [{ type: "object", origin: "value", input: dataset.value, key, value: list }, { type: "array", origin: "value", input: list, key: index, value: list[index] }];
+    };
+    dhcp.forEach((d, i) => {
+      if (dhcp.findIndex((o) => o.network === d.network) !== i) addIssue({ message: `network ${d.network} is given twice`, path: at("dhcp", i) });
+    });
+    dhcpHosts.forEach((h, i) => {
+      const home = dhcp.find((d) => h.address >>> (32 - d.prefix) === d.base >>> (32 - d.prefix));
+      let problem: string | undefined;
+      if (home === undefined) problem = `${ipv4Text(h.address)} is in no ${flagOf("dhcp")} network`;
+      else if (h.address === home.gateway || h.address <= home.base || h.address >= home.base + 2 ** (32 - home.prefix) - 1) problem = `${ipv4Text(h.address)} is not an address ${home.network} can lease`;
+      else if (dhcpHosts.findIndex((o) => o.mac === h.mac) !== i) problem = `MAC ${h.mac} is reserved twice`;
+      else if (dhcpHosts.findIndex((o) => o.address === h.address) !== i) problem = `${ipv4Text(h.address)} is reserved twice`;
+      if (problem !== undefined) addIssue({ message: problem, path: at("dhcpHosts", i) });
+    });
+  }),
+  v.rawCheck(({ dataset, addIssue }) => {
     if (!dataset.typed || dataset.value.allowRemoteQemu) return;
     for (const key of ["qemuListen", "qemuUdp", "qemuMcast"] as const) {
       const list = dataset.value[key];
@@ -1106,6 +1379,40 @@ const ConfigSchema = v.pipe(
     }
   }),
 );
+
+/**
+ * The first listener given an address another one has (the same, or one a wildcard includes), said
+ * before binding: the kernel's "address already in use" would blame some other process. Port 0 is
+ * never shared; multicast members share their group by design.
+ */
+function sharedAddress(c: {
+  http: HostPort;
+  qemuListen: { address: SocketAddress }[];
+  qemuUdp: { address: SocketAddress }[];
+}): { key: "qemuListen" | "qemuUdp"; index: number; message: string } | undefined {
+  const taken: { kind: string; address: SocketAddress; by: string }[] = [{ kind: "tcp", address: c.http, by: flagOf("http") }];
+  for (const key of ["qemuListen", "qemuUdp"] as const) {
+    for (const [index, { address }] of c[key].entries()) {
+      const kind = "path" in address ? "unix" : key === "qemuListen" ? "tcp" : "udp";
+      const clash = taken.find((t) => t.kind === kind && sameListener(t.address, address));
+      if (clash) {
+        const mine = formatAddress(address);
+        const theirs = formatAddress(clash.address);
+        const message = mine === theirs ? `${mine} is given twice, here and to ${clash.by}` : `${mine} overlaps ${theirs}, given to ${clash.by}`;
+        return { key, index, message };
+      }
+      taken.push({ kind, address, by: `${flagOf(key)} (${key}[${index}])` });
+    }
+  }
+  return undefined;
+}
+
+/** Whether two listeners of one kind would want the same socket address. */
+function sameListener(a: SocketAddress, b: SocketAddress): boolean {
+  if ("path" in a || "path" in b) return "path" in a && "path" in b && a.path === b.path;
+  const wildcard = (host: string) => host === "0.0.0.0" || host === "::";
+  return a.port !== 0 && a.port === b.port && (a.host === b.host || wildcard(a.host) || wildcard(b.host));
+}
 
 /**
  * Why a QEMU port would be open to other hosts, or undefined when it is local: a VM port is a port
@@ -1193,37 +1500,43 @@ function setLinkState<S extends string>(status: LinkStatus<S>, state: S, error?:
 class ChangeLog {
   #last = "";
 
-  log(write: (line: string) => void, line: string): void {
-    if (line === this.#last) return;
+  /** Writes the line unless it repeats the last; true when written. */
+  log(write: (line: string) => void, line: string): boolean {
+    if (line === this.#last) return false;
     this.#last = line;
     write(line);
+    return true;
   }
 }
 
 /**
  * When to try again after a failed dial: doubling from `minMs` to `maxMs`, each wait drawn from its
  * upper half so many dialers that failed together (a hub restart) do not come back together. One
- * helper for every dialer: the uplink, --qemu-connect, the backplane's first connection.
+ * helper for every dialer: the uplink, --qemu-connect, the backplane's first connection. A failure
+ * that retrying soon cannot mend waits `finalMs` instead, until a dial succeeds.
  */
 class Backoff {
   #failures = 0;
+  #final = false;
   constructor(
     readonly minMs: number,
     readonly maxMs: number,
+    readonly finalMs = maxMs,
   ) {}
 
   next(): number {
-    const ceiling = Math.min(this.maxMs, this.minMs * 2 ** this.#failures++);
+    const ceiling = this.#final ? this.finalMs : Math.min(this.maxMs, this.minMs * 2 ** this.#failures++);
     return ceiling / 2 + (Math.random() * ceiling) / 2;
   }
 
   reset(): void {
     this.#failures = 0;
+    this.#final = false;
   }
 
   /** A failure that retrying soon cannot mend (a wrong token): the longest wait from now on. */
   exhaust(): void {
-    this.#failures = Math.ceil(Math.log2(this.maxMs / this.minMs));
+    this.#final = true;
   }
 }
 
@@ -1254,9 +1567,9 @@ class Redialer {
     return delay;
   }
 
-  /** Logs `line` unless it repeats the last one. */
-  log(write: (line: string) => void, line: string): void {
-    this.#changes.log(write, line);
+  /** Logs `line` unless it repeats the last one; true when logged. */
+  log(write: (line: string) => void, line: string): boolean {
+    return this.#changes.log(write, line);
   }
 
   stop(): void {
@@ -2871,18 +3184,22 @@ export class RoundRobin<T> {
 }
 
 /**
- * Bytes queued across every port of the relay (--memory-budget): a port whose frame would pass it
- * drops the frame instead, so many slow peers together cannot grow memory without bound.
+ * Bytes queued across every port of the relay (--memory-budget), so many slow peers together cannot
+ * grow memory without bound. It is shared by a dynamic threshold (BUDGET_ALPHA): a port's share
+ * shrinks as the budget fills, so ports that stop reading can never take all of it, and a healthy
+ * port always finds room for its next frames.
  * @internal
  */
 export class MemoryBudget {
   used = 0;
-  /** Frames refused because the budget was spent. */
+  /** Frames refused because the budget, or the port's share of what is free, was spent. */
   drops = 0;
   constructor(readonly limit: number) {}
 
-  take(bytes: number): boolean {
-    if (this.used + bytes > this.limit) {
+  /** Room for `bytes` more on a port that holds `held`: within the budget and within the port's share. */
+  take(bytes: number, held: number): boolean {
+    const free = this.limit - this.used;
+    if (bytes > free || held + bytes > BUDGET_ALPHA * free) {
       this.drops++;
       return false;
     }
@@ -2933,7 +3250,7 @@ export class StreamWriter {
 
   push(frame: Uint8Array): boolean {
     const need = 4 + frame.length;
-    if (this.#closed || this.queued + need > this.limit || !this.budget.take(need)) return false;
+    if (this.#closed || this.queued + need > this.limit || !this.budget.take(need, this.queued)) return false;
     if (this.#batch.used + need > BATCH_BYTES) {
       if (this.#blocked) this.#seal();
       else this.#writeOut();
@@ -3131,16 +3448,17 @@ function authenticateToken(token: string | null | undefined, grants: Grant[]): G
 }
 
 /**
- * Failed authentications per source address: after AUTH_FAILURES of them within AUTH_WINDOW_MS,
- * the address gets 429 until AUTH_BLOCK_MS have passed. The table is bounded; the entry not
- * touched for longest goes first.
+ * Failed authentications per client address: after AUTH_FAILURES of them within AUTH_WINDOW_MS,
+ * the address's further failed attempts get 429 until AUTH_BLOCK_MS have passed. A right credential
+ * is never asked about here: one address is often many clients (a NAT, a proxy), and one of them
+ * failing must not lock the others out. The table is bounded; the entry not touched for longest goes first.
  */
 class AuthThrottle {
   readonly #entries = new Map<string, { failures: number; since: number; until: number }>();
-  /** Requests answered 429. */
+  /** Failed attempts answered 429. */
   throttled = 0;
 
-  /** Seconds the address must wait, or 0 when it may try. */
+  /** Seconds a failed attempt from the address must wait, or 0 when it is an ordinary failure. */
   retryAfter(address: string, now = Date.now()): number {
     const entry = this.#entries.get(address);
     if (entry === undefined || entry.until <= now) return 0;
@@ -3158,11 +3476,101 @@ class AuthThrottle {
     }
     if (++entry.failures >= AUTH_FAILURES) entry.until = now + AUTH_BLOCK_MS;
   }
+
+  /** Addresses with an entry (bounded by AUTH_TABLE_SIZE). */
+  get size(): number {
+    return this.#entries.size;
+  }
+}
+
+/** Who sent a request: the client's address (and port, when known), and the proxy it came through. */
+interface ClientAddress {
+  address: string;
+  port?: number;
+  /** The trusted proxy's `HOST:PORT`, when the address came from its header. */
+  via?: string;
+}
+
+/** `1.2.3.4`, `1.2.3.4:80`, `2001:db8::1`, `[2001:db8::1]:80` as an IP in one spelling per address; undefined for anything else. */
+function forwardedNode(text: string): { address: string; port?: number } | undefined {
+  const m = /^\[([^\]]+)\](?::(\d{1,5}))?$|^(\d{1,3}(?:\.\d{1,3}){3})(?::(\d{1,5}))?$|^([0-9A-Fa-f:.]+)$/.exec(text.trim());
+  const host = m?.[1] ?? m?.[3] ?? m?.[5];
+  const port = m?.[2] ?? m?.[4];
+  if (host === undefined || isIP(host) === 0 || (port !== undefined && Number(port) > 65_535)) return undefined;
+  return { address: clientIp(host), port: port === undefined ? undefined : Number(port) };
+}
+
+/** Bun names a sender in canonical form (`::1`); a configured IPv6 remote may be spelled otherwise. */
+function canonicalIp(host: string): string {
+  return host.includes(":") ? new URL(`http://[${host}]`).hostname.slice(1, -1) : host;
+}
+
+/** A client's address in one spelling (`::FFFF:1.2.3.4` is 1.2.3.4, `2001:DB8:0::1` is 2001:db8::1): the throttle and the limits key on it. */
+function clientIp(ip: string): string {
+  return canonicalIp(/^::ffff:(\d{1,3}(?:\.\d{1,3}){3})$/i.exec(ip)?.[1] ?? ip);
+}
+
+/**
+ * The `for=` nodes of RFC 7239 `Forwarded` values, in order; a node that names no address
+ * (`unknown`, an obfuscated `_hidden`, garbage) is undefined.
+ */
+function forwardedFor(header: string): ({ address: string; port?: number } | undefined)[] {
+  const nodes: ({ address: string; port?: number } | undefined)[] = [];
+  for (const element of header.split(",")) {
+    const pair = element.split(";").map((p) => /^\s*for\s*=\s*("?)(.*?)\1\s*$/i.exec(p)).find((m) => m !== null);
+    if (pair) nodes.push(forwardedNode(pair[2]!));
+  }
+  return nodes;
+}
+
+/**
+ * The client behind a request. Only a TCP peer in `trusted` (--trusted-proxy) is asked: its
+ * `X-Forwarded-For` or `Forwarded` is read right to left, skipping the trusted hops, and the first
+ * other hop is the client. A hop that names no address stops the walk at the last trusted one, and
+ * a request with both headers is taken as the proxy's own: a proxy appends to one of them, so the
+ * other is whatever its client wrote.
+ * @internal
+ */
+export function clientAddress(peer: { address: string; port: number } | null, headers: Headers, trusted: BlockList | undefined): ClientAddress {
+  if (peer === null) return { address: "unknown" };
+  const direct = { address: clientIp(peer.address), port: peer.port };
+  if (trusted === undefined || !isTrusted(trusted, direct.address)) return direct;
+  const xff = headers.get("x-forwarded-for");
+  const forwarded = headers.get("forwarded");
+  if ((xff === null) === (forwarded === null)) return direct;
+  const hops = xff !== null ? xff.split(",").map(forwardedNode) : forwardedFor(forwarded!);
+  const via = formatHostPort({ host: direct.address, port: direct.port });
+  let last: ClientAddress = direct;
+  for (let i = hops.length - 1; i >= 0; i--) {
+    const hop = hops[i];
+    if (hop === undefined) break;
+    last = { ...hop, via };
+    if (!isTrusted(trusted, hop.address)) return last;
+  }
+  return last;
+}
+
+function isTrusted(trusted: BlockList, address: string): boolean {
+  return trusted.check(address, isIPv4(address) ? "ipv4" : "ipv6");
+}
+
+/** --trusted-proxy's ranges as one BlockList; undefined when none is given. @internal */
+export function trustedProxyList(ranges: Cidr[]): BlockList | undefined {
+  if (ranges.length === 0) return undefined;
+  const list = new BlockList();
+  for (const r of ranges) list.addSubnet(r.address, r.prefix, r.family);
+  return list;
+}
+
+/** How a log line or /status names a client: `1.2.3.4:5678`, or `1.2.3.4 via 10.0.0.2:40122` behind a proxy. @internal */
+export function formatClient(client: ClientAddress): string {
+  const shown = client.port === undefined ? client.address : formatHostPort({ host: client.address, port: client.port });
+  return client.via === undefined ? shown : `${shown} via ${client.via}`;
 }
 
 interface RelayCounters {
   authFailures: number;
-  /** Requests answered 429 after repeated authentication failures from their address. */
+  /** Wrong credentials answered 429 after repeated failures from their client's address. */
   authThrottled: number;
   protocolErrors: number;
   /** Tunnels refused before the upgrade (--max-tunnels, --max-tunnels-per-address). */
@@ -3255,7 +3663,7 @@ class TunnelPort extends BatchedPort {
   constructor(
     kind: string,
     peer: string,
-    private readonly link: TunnelLink,
+    readonly link: TunnelLink,
     readonly channel: number,
   ) {
     super(kind, peer, dataHeader(channel), BATCH_BYTES);
@@ -3305,6 +3713,8 @@ export class TunnelLink {
   /** The far relay's id and name, from its hello or welcome. */
   remoteId: string | undefined;
   remoteName: string | undefined;
+  /** When this tunnel replaced an older one from the same relay (ms), for the takeover guard. */
+  tookOverAt = -Infinity;
   #batched = 0;
   #buffered = 0;
   /** Its ports that flow control paused: the socket reads while there are none. */
@@ -3365,7 +3775,7 @@ export class TunnelLink {
   /** Room for `bytes` more. */
   reserve(bytes: number): boolean {
     this.queued();
-    if (this.#buffered + this.#batched + bytes > this.limit || !this.budget.take(bytes)) return false;
+    if (this.#buffered + this.#batched + bytes > this.limit || !this.budget.take(bytes, this.#buffered + this.#batched)) return false;
     this.#batched += bytes;
     return true;
   }
@@ -3513,6 +3923,8 @@ interface TunnelServerOptions {
 class TunnelServer {
   readonly admission: AdmissionLimit;
   readonly #log: Logger;
+  /** The token each open tunnel authenticated with: only the same token may take it over. */
+  readonly #grants = new WeakMap<TunnelLink, Grant>();
 
   constructor(readonly options: TunnelServerOptions) {
     const warn = rateLimitedLog(options.log.warn, 10, 10_000);
@@ -3539,6 +3951,7 @@ class TunnelServer {
           this.#offer(link, ws.data.grant, names, first, hello);
         },
       }, () => void o.counters.protocolErrors++);
+      this.#grants.set(ws.data.link, ws.data.grant);
       ws.data.helloTimer = setTimeout(() => ws.data.link?.fail(new Error(`no hello within ${HELLO_TIMEOUT_MS / 1000} s`)), HELLO_TIMEOUT_MS);
     },
     message: (ws: ServerWebSocket<TunnelData>, message: string | Buffer) => {
@@ -3591,12 +4004,24 @@ class TunnelServer {
     const network = o.networkForPeer(name);
     if (!(network instanceof Network)) return network.refused;
     for (const port of network.ports) {
-      if (link.remoteId !== undefined && port.remoteId === link.remoteId) {
-        o.counters.loopRefusals++;
-        return `loop: relay ${shownName(link.remoteName) || link.remoteId} is attached to ${name} already`;
+      if (link.remoteId === undefined || port.remoteId !== link.remoteId) continue;
+      // The relay's own older tunnel to this hub: it redialled before the hub saw that one die.
+      if (port instanceof TunnelPort && port.link !== link && this.#grants.get(port.link) === grant && Date.now() - port.link.tookOverAt >= TAKEOVER_GUARD_MS) {
+        this.#replace(port.link, link);
+        continue;
       }
+      o.counters.loopRefusals++;
+      return `loop: relay ${shownName(link.remoteName) || link.remoteId} is attached to ${name} already`;
     }
     return network;
+  }
+
+  /** Closes `old` for `newer`, from the same relay: the newest tunnel wins, as in an MQTT session takeover. */
+  #replace(old: TunnelLink, newer: TunnelLink): void {
+    newer.tookOverAt = Date.now();
+    this.#log.info(`tunnel: ${old.peer} replaced by a newer tunnel from the same relay (${newer.peer})`);
+    old.detachAll();
+    old.socket.close(TAKEOVER_CLOSE_CODE, TAKEOVER_REASON);
   }
 }
 
@@ -3783,7 +4208,7 @@ function explainTls(reason: string, ca: string | undefined): string {
  * A failed dial in words a user can act on; `final` when retrying soon cannot help (a wrong token).
  * `tls`: the --uplink-ca file, and the fingerprint of a certificate the pin refused.
  */
-function explainDialFailure(message: string, tls: { ca?: string; pinRefused?: string } = {}): { why: string; final: boolean } {
+function explainDialFailure(message: string, tls: { ca?: string; pinRefused?: string; plain?: boolean } = {}): { why: string; final: boolean } {
   const status = /Expected 101 status code: (\d+)/.exec(message)?.[1];
   if (status !== undefined) {
     const [why, final] = DIAL_REFUSALS[status] ?? [`the hub answered HTTP ${status} instead of a WebSocket upgrade`, false];
@@ -3793,14 +4218,16 @@ function explainDialFailure(message: string, tls: { ca?: string; pinRefused?: st
   const reason = /TLS handshake failed: (.*)$/.exec(message)?.[1];
   if (reason !== undefined) return { why: explainTls(reason, tls.ca), final: false };
   if (/ECONNREFUSED|connection refused/i.test(message)) return { why: "connection refused: is the hub running, on that port?", final: false };
+  // A TLS server hangs up on the plain HTTP upgrade: the reverse of WRONG_VERSION_NUMBER above.
+  if (/Connection ended$/.test(message) && tls.plain) return { why: "the hub closed the connection without answering the upgrade: it may speak TLS (is it wss://?)", final: false };
   return { why: message, final: false };
 }
 
 /**
  * Dials a hub and keeps the tunnel up: a deadline on each phase of the dial, exponential backoff
- * with jitter (capped at 30 s), keepalive pings, a redial when the hub stops answering, and the
- * networks that come and go here attached and detached on the live tunnel. Local switching never
- * waits for it.
+ * with jitter (capped at 3 s; 30 s after a wrong token), keepalive pings, a redial when the hub
+ * stops answering, and the networks that come and go here attached and detached on the live
+ * tunnel. Local switching never waits for it.
  */
 class Uplink {
   readonly url: URL;
@@ -3811,7 +4238,10 @@ class Uplink {
   #offered = new Map<string, number>();
   /** Networks the hub refused on the current tunnel: not offered again until the next dial. */
   #declined = new Set<string>();
-  readonly #redial = new Redialer(new Backoff(UPLINK_BACKOFF_MIN_MS, UPLINK_BACKOFF_MAX_MS), () => this.#dial());
+  readonly #redial = new Redialer(new Backoff(UPLINK_BACKOFF_MIN_MS, UPLINK_BACKOFF_MAX_MS, UPLINK_BACKOFF_FINAL_MS), () => this.#dial());
+  /** When the uplink last logged that it is down (ms), and since when it has been (ISO; none while up). */
+  #downLoggedAt = -Infinity;
+  #downSince: string | undefined;
   #deadline: ReturnType<typeof setTimeout> | undefined;
   #keepalive: ReturnType<typeof setInterval> | undefined;
   #tooMany = false;
@@ -3909,7 +4339,7 @@ class Uplink {
     };
     // One that cannot succeed by retrying soon (a wrong token) backs off to the longest wait at once.
     ws.onclose = (event) => {
-      const explained = failure === undefined ? undefined : explainDialFailure(failure, { ca: this.options.ca?.path, pinRefused });
+      const explained = failure === undefined ? undefined : explainDialFailure(failure, { ca: this.options.ca?.path, pinRefused, plain: this.url.protocol === "ws:" });
       if (explained?.final) this.#redial.backoff.exhaust();
       const why = explained ? `${explained.why}${proxy ? ` (through the proxy ${proxy.shown})` : ""}` : `closed (${event.code}${event.reason ? ` ${event.reason}` : ""})`;
       this.#lost(ws, link, why);
@@ -3944,6 +4374,7 @@ class Uplink {
     if (welcome) {
       clearTimeout(this.#deadline);
       this.#redial.backoff.reset();
+      this.#downSince = undefined;
       this.status.connects++;
       this.status.hub = link.remoteName ?? link.remoteId;
       setLinkState(this.status, "up");
@@ -4002,8 +4433,14 @@ class Uplink {
     if (this.#redial.stopped) return;
     setLinkState(this.status, "down", why);
     const delay = this.#redial.retry()!;
-    this.status.nextDial = new Date(Date.now() + delay).toISOString();
-    this.#redial.log(this.log.warn, `uplink: ${this.status.url}: ${why}; retrying with backoff`);
+    const now = Date.now();
+    this.#downSince ??= new Date(now).toISOString();
+    this.status.nextDial = new Date(now + delay).toISOString();
+    if (this.#redial.log(this.log.warn, `uplink: ${this.status.url}: ${why}; retrying with backoff`)) this.#downLoggedAt = now;
+    else if (now - this.#downLoggedAt >= UPLINK_DOWN_LOG_MS) {
+      this.#downLoggedAt = now;
+      this.log.warn(`uplink: ${this.status.url} still down since ${this.#downSince} (${this.status.attempts} dials so far; last: ${why}); next dial at ${this.status.nextDial}`);
+    }
   }
 
   /** Pings the hub; one that has not been heard from for three intervals is closed and redialled. */
@@ -4109,7 +4546,7 @@ class V86Port extends Port {
     if (this.#out && !this.#out.allow(frame.length)) return false;
     // Charge the budget what the socket's buffer holds now, then this frame.
     this.#accounted = this.budget.recharge(this.#accounted, this.socket.buffered());
-    if (this.#accounted + frame.length > this.limit || !this.budget.take(frame.length)) return false;
+    if (this.#accounted + frame.length > this.limit || !this.budget.take(frame.length, this.#accounted)) return false;
     const sent = this.socket.send(frame);
     if (sent === -1) this.#accounted += frame.length;
     else this.budget.release(frame.length);
@@ -5511,11 +5948,6 @@ class DatagramPort extends Port {
   }
 }
 
-/** Bun names a sender in canonical form (`::1`); a configured IPv6 remote may be spelled otherwise. */
-function canonicalIp(host: string): string {
-  return host.includes(":") ? new URL(`http://[${host}]`).hostname.slice(1, -1) : host;
-}
-
 async function openUdp(address: HostPort, onDatagram: OnDatagram, onError: (error: Error) => void, flags = 0): Promise<DatagramSocket & { socket: udp.Socket<"buffer"> }> {
   // The sender of the datagram at hand; `from` reads them, so no closure is made per datagram, and
   // a key is made only when the sender changes.
@@ -6021,6 +6453,927 @@ async function joinMulticast(
   }
 }
 
+// ───────────────────────────── DHCP, DNS and the gateway host ─────────────────────────────
+//
+// A --dhcp network gets a host of the relay's own: a port of kind "host" with a MAC derived from the
+// relay id and the network, holding the gateway address. It answers ARP and ping for that address,
+// DHCP (RFC 2131/2132) from a pool, and DNS for the leases' names under the network's domain (never
+// recursion). Every byte it reads comes from a guest: the decoders throw RangeError on anything
+// malformed, the host counts and drops it, and nothing a guest sent is logged but a checked name.
+// Its DHCP replies are broadcast, so a relay serving the same network by mistake sees them and warns.
+
+const ETHERTYPE_IPV4 = 0x0800;
+const ETHERTYPE_ARP = 0x0806;
+const IP_ICMP = 1;
+const IP_UDP = 17;
+const DHCP_SERVER_PORT = 67;
+const DHCP_CLIENT_PORT = 68;
+const DNS_PORT = 53;
+const DHCP_MAGIC = 0x63825363;
+/** The fixed part of a DHCP message before the magic cookie. */
+const DHCP_FIXED = 236;
+/** BOOTP's minimum message: some clients drop shorter replies. */
+const DHCP_MIN_REPLY = 300;
+/** DHCP message types (option 53), by number. */
+const DHCP_TYPES = ["", "DISCOVER", "OFFER", "REQUEST", "DECLINE", "ACK", "NAK", "RELEASE", "INFORM"] as const;
+const [, DISCOVER, OFFER, REQUEST, DECLINE, ACK, NAK, RELEASE, INFORM] = DHCP_TYPES.map((_, i) => i);
+const OPT_MASK = 1;
+const OPT_ROUTER = 3;
+const OPT_DNS = 6;
+const OPT_HOSTNAME = 12;
+const OPT_DOMAIN = 15;
+const OPT_BROADCAST = 28;
+const OPT_REQUESTED = 50;
+const OPT_LEASE = 51;
+const OPT_OVERLOAD = 52;
+const OPT_TYPE = 53;
+const OPT_SERVER = 54;
+const OPT_RENEWAL = 58;
+const OPT_REBINDING = 59;
+const OPT_FQDN = 81;
+const OPT_SEARCH = 119;
+/** How long an ARP check waits for an answer before the address counts as free. */
+const DHCP_PROBE_MS = 500;
+/** Addresses tried with an ARP check per DISCOVER; the client asks again if all were in use. */
+const DHCP_PROBES = 3;
+/** An offer holds its address this long for the REQUEST that takes it. */
+const DHCP_OFFER_HOLD_MS = 60_000;
+/** An address a client declined (someone else answers for it), or an ARP check found in use, rests this long. */
+const DHCP_CONFLICT_MS = 10 * 60_000;
+/** Leases one VM port may hold; a tunnel, the backplane or a multicast segment (a whole site) may hold half the pool. */
+const DHCP_LEASES_PER_PORT = 8;
+/** Leases listed per network in /status (the counts are always given). */
+const DHCP_STATUS_LEASES = 1024;
+const DHCP_SAVE_DELAY_MS = 200;
+/** The gateway's own name under the domain. */
+const GATEWAY_NAME = "gateway";
+const DNS_TTL = 60;
+const DNS_NXDOMAIN = 3;
+const DNS_REFUSED = 5;
+
+/** The sum RFC 1071 folds: big-endian 16-bit words, a last odd byte padded. */
+function onesSum(bytes: Uint8Array, sum = 0): number {
+  const n = bytes.length;
+  for (let i = 0; i + 1 < n; i += 2) sum += (bytes[i]! << 8) | bytes[i + 1]!;
+  if (n & 1) sum += bytes[n - 1]! << 8;
+  return sum;
+}
+
+function checksum(sum: number): number {
+  while (sum > 0xffff) sum = (sum & 0xffff) + (sum >>> 16);
+  return ~sum & 0xffff;
+}
+
+/** An IPv4 packet out of an Ethernet frame: header checked, payload cut to the total length. */
+interface Ipv4Packet {
+  src: number;
+  dst: number;
+  protocol: number;
+  payload: Uint8Array;
+}
+
+/** @internal */
+export function decodeIpv4(frame: Uint8Array): Ipv4Packet {
+  const ip = frame.subarray(14);
+  if (ip.length < 20 || ip[0]! >> 4 !== 4) throw new RangeError("Cannot decode IPv4: not an IPv4 header");
+  const headerLength = (ip[0]! & 15) * 4;
+  const total = (ip[2]! << 8) | ip[3]!;
+  if (headerLength < 20 || total < headerLength || total > ip.length) throw new RangeError(`Cannot decode IPv4: lengths ${headerLength}/${total} do not fit ${ip.length} bytes`);
+  if (checksum(onesSum(ip.subarray(0, headerLength))) !== 0) throw new RangeError("Cannot decode IPv4: bad header checksum");
+  if ((((ip[6]! << 8) | ip[7]!) & 0x3fff) !== 0) throw new RangeError("Cannot decode IPv4: a fragment");
+  const view = new DataView(ip.buffer, ip.byteOffset, ip.byteLength);
+  return { src: view.getUint32(12), dst: view.getUint32(16), protocol: ip[9]!, payload: ip.subarray(headerLength, total) };
+}
+
+interface UdpDatagram {
+  srcPort: number;
+  dstPort: number;
+  payload: Uint8Array;
+}
+
+/** @internal */
+export function decodeUdp(bytes: Uint8Array): UdpDatagram {
+  const length = bytes.length >= 8 ? (bytes[4]! << 8) | bytes[5]! : 0;
+  if (length < 8 || length > bytes.length) throw new RangeError(`Cannot decode UDP: length ${length} does not fit ${bytes.length} bytes`);
+  return { srcPort: (bytes[0]! << 8) | bytes[1]!, dstPort: (bytes[2]! << 8) | bytes[3]!, payload: bytes.subarray(8, length) };
+}
+
+/** An Ethernet frame with an IPv4 packet (TTL 64, checksummed) of `protocol` carrying `payload`. */
+function ipv4Frame(dstMac: Uint8Array, srcMac: Uint8Array, src: number, dst: number, protocol: number, payload: Uint8Array): Uint8Array {
+  const frame = new Uint8Array(34 + payload.length);
+  const view = new DataView(frame.buffer);
+  frame.set(dstMac, 0);
+  frame.set(srcMac, 6);
+  view.setUint16(12, ETHERTYPE_IPV4);
+  frame[14] = 0x45;
+  view.setUint16(16, 20 + payload.length);
+  frame[22] = 64;
+  frame[23] = protocol;
+  view.setUint32(26, src);
+  view.setUint32(30, dst);
+  view.setUint16(24, checksum(onesSum(frame.subarray(14, 34))));
+  frame.set(payload, 34);
+  return frame;
+}
+
+/** A UDP datagram in an IPv4 frame, with its checksum over the pseudo-header (a client may check it). */
+function udpFrame(dstMac: Uint8Array, srcMac: Uint8Array, src: number, dst: number, srcPort: number, dstPort: number, payload: Uint8Array): Uint8Array {
+  const udp = new Uint8Array(8 + payload.length);
+  const view = new DataView(udp.buffer);
+  view.setUint16(0, srcPort);
+  view.setUint16(2, dstPort);
+  view.setUint16(4, udp.length);
+  udp.set(payload, 8);
+  const pseudo = (src >>> 16) + (src & 0xffff) + (dst >>> 16) + (dst & 0xffff) + IP_UDP + udp.length;
+  view.setUint16(6, checksum(onesSum(udp, pseudo)) || 0xffff);
+  return ipv4Frame(dstMac, srcMac, src, dst, IP_UDP, udp);
+}
+
+/** An ARP packet for IPv4 over Ethernet. */
+interface ArpPacket {
+  op: number;
+  senderMac: Uint8Array;
+  senderIp: number;
+  targetMac: Uint8Array;
+  targetIp: number;
+}
+
+/** @internal */
+export function decodeArp(frame: Uint8Array): ArpPacket {
+  const arp = frame.subarray(14);
+  if (arp.length < 28 || arp[0] !== 0 || arp[1] !== 1 || arp[2] !== 8 || arp[3] !== 0 || arp[4] !== 6 || arp[5] !== 4) throw new RangeError("Cannot decode ARP: not IPv4 over Ethernet");
+  const view = new DataView(arp.buffer, arp.byteOffset, arp.byteLength);
+  return { op: view.getUint16(6), senderMac: arp.subarray(8, 14), senderIp: view.getUint32(14), targetMac: arp.subarray(18, 24), targetIp: view.getUint32(24) };
+}
+
+function arpFrame(dstMac: Uint8Array, arp: ArpPacket): Uint8Array {
+  const frame = new Uint8Array(42);
+  const view = new DataView(frame.buffer);
+  frame.set(dstMac, 0);
+  frame.set(arp.senderMac, 6);
+  frame.set([0x08, 0x06, 0, 1, 8, 0, 6, 4], 12);
+  view.setUint16(20, arp.op);
+  frame.set(arp.senderMac, 22);
+  view.setUint32(28, arp.senderIp);
+  frame.set(arp.targetMac, 32);
+  view.setUint32(38, arp.targetIp);
+  return frame;
+}
+
+/** A DHCP message as the server reads it; options concatenated per code (RFC 3396), overload followed. */
+interface DhcpMessage {
+  op: number;
+  xid: number;
+  flags: number;
+  ciaddr: number;
+  yiaddr: number;
+  giaddr: number;
+  /** The client's hardware address (the lease's key), `52:54:00:…`. */
+  chaddr: string;
+  /** Option 53, 1–8 (DHCP_TYPES). */
+  type: number;
+  options: Map<number, Uint8Array>;
+}
+
+/** Reads options from `from` to `to` into per-code parts; the end option or the end of the field stops it. */
+function readDhcpOptions(bytes: Uint8Array, from: number, to: number, parts: Map<number, Uint8Array[]>): void {
+  let i = from;
+  while (i < to) {
+    const code = bytes[i++]!;
+    if (code === 0) continue;
+    if (code === 255) return;
+    if (i >= to) throw new RangeError(`Cannot decode DHCP: option ${code} has no length`);
+    const length = bytes[i++]!;
+    if (i + length > to) throw new RangeError(`Cannot decode DHCP: option ${code} of ${length} bytes runs past the end of its field`);
+    const list = parts.get(code);
+    if (list === undefined) parts.set(code, [bytes.subarray(i, i + length)]);
+    else list.push(bytes.subarray(i, i + length));
+    i += length;
+  }
+}
+
+/** @internal */
+export function decodeDhcp(bytes: Uint8Array): DhcpMessage {
+  if (bytes.length < DHCP_FIXED + 4) throw new RangeError(`Cannot decode DHCP: ${bytes.length} bytes is shorter than the ${DHCP_FIXED + 4} of the fixed part`);
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  if (view.getUint32(DHCP_FIXED) !== DHCP_MAGIC) throw new RangeError("Cannot decode DHCP: no magic cookie (BOOTP)");
+  if (bytes[1] !== 1 || bytes[2] !== 6) throw new RangeError("Cannot decode DHCP: hardware type is not Ethernet");
+  const parts = new Map<number, Uint8Array[]>();
+  readDhcpOptions(bytes, DHCP_FIXED + 4, bytes.length, parts);
+  // Option overload (RFC 2132 9.3): the file field, then sname, hold more options.
+  const overload = parts.get(OPT_OVERLOAD)?.[0]?.[0] ?? 0;
+  if (overload & 1) readDhcpOptions(bytes, 108, 236, parts);
+  if (overload & 2) readDhcpOptions(bytes, 44, 108, parts);
+  const options = new Map<number, Uint8Array>();
+  for (const [code, list] of parts) options.set(code, list.length === 1 ? list[0]! : Buffer.concat(list));
+  const type = options.get(OPT_TYPE);
+  if (type === undefined || type.length !== 1 || type[0]! < 1 || type[0]! > 8) throw new RangeError("Cannot decode DHCP: no valid message type (option 53)");
+  return {
+    op: bytes[0]!,
+    xid: view.getUint32(4),
+    flags: view.getUint16(10),
+    ciaddr: view.getUint32(12),
+    yiaddr: view.getUint32(16),
+    giaddr: view.getUint32(24),
+    chaddr: formatMac(macKey(bytes, 28)),
+    type: type[0]!,
+    options,
+  };
+}
+
+/** An IPv4 address option (50, 54); undefined when absent, RangeError when it is not 4 bytes. */
+function addressOption(m: DhcpMessage, code: number): number | undefined {
+  const value = m.options.get(code);
+  if (value === undefined) return undefined;
+  if (value.length !== 4) throw new RangeError(`Cannot decode DHCP: option ${code} is ${value.length} bytes, not an address`);
+  return new DataView(value.buffer, value.byteOffset, 4).getUint32(0);
+}
+
+/** The first label of a guest's host name, lowercased, when it is a DNS label; undefined otherwise. */
+function hostLabel(bytes: Uint8Array): string | undefined {
+  let label = "";
+  for (const byte of bytes) {
+    if (byte === 0x2e || byte === 0) break;
+    if (label.length >= 63) return undefined;
+    label += String.fromCharCode(byte).toLowerCase();
+  }
+  return DNS_LABEL.test(label) ? label : undefined;
+}
+
+/** The host name a client gives: option 12, else the first label of option 81 (RFC 4702, wire or ASCII). */
+function clientName(m: DhcpMessage): string | undefined {
+  const hostname = m.options.get(OPT_HOSTNAME);
+  if (hostname !== undefined) return hostLabel(hostname);
+  const fqdn = m.options.get(OPT_FQDN);
+  if (fqdn === undefined || fqdn.length < 4) return undefined;
+  // E set: the name is in DNS wire format, its first byte the first label's length.
+  if (fqdn[0]! & 4) return fqdn[3]! >= 1 && fqdn[3]! <= 63 && fqdn.length >= 4 + fqdn[3]! ? hostLabel(fqdn.subarray(4, 4 + fqdn[3]!)) : undefined;
+  return hostLabel(fqdn.subarray(3));
+}
+
+/** A reply's fields; options go out in the order given. */
+interface DhcpReply {
+  type: number;
+  xid: number;
+  flags: number;
+  ciaddr: number;
+  yiaddr: number;
+  server: number;
+  chaddr: Uint8Array;
+  options: [code: number, value: Uint8Array][];
+}
+
+function encodeDhcp(reply: DhcpReply): Uint8Array {
+  const optionBytes = reply.options.reduce((n, [, value]) => n + 2 + value.length, 3);
+  const out = new Uint8Array(Math.max(DHCP_MIN_REPLY, DHCP_FIXED + 4 + optionBytes + 1));
+  const view = new DataView(out.buffer);
+  out.set([2, 1, 6, 0]);
+  view.setUint32(4, reply.xid);
+  view.setUint16(10, reply.flags);
+  view.setUint32(12, reply.ciaddr);
+  view.setUint32(16, reply.yiaddr);
+  view.setUint32(20, reply.server);
+  out.set(reply.chaddr.subarray(0, 6), 28);
+  view.setUint32(DHCP_FIXED, DHCP_MAGIC);
+  let at = DHCP_FIXED + 4;
+  out.set([OPT_TYPE, 1, reply.type], at);
+  at += 3;
+  for (const [code, value] of reply.options) {
+    out.set([code, value.length], at);
+    out.set(value, at + 2);
+    at += 2 + value.length;
+  }
+  out[at] = 255;
+  return out;
+}
+
+const u32 = (n: number) => Uint8Array.of(n >>> 24, (n >>> 16) & 255, (n >>> 8) & 255, n & 255);
+const macBytes = (text: string) => Uint8Array.from(text.split(":"), (h) => parseInt(h, 16));
+const BROADCAST_MAC = new Uint8Array(6).fill(255);
+
+/** `vm2.lab` as DNS labels (RFC 1035), for the domain search option (RFC 3397). */
+function dnsWireName(name: string): Uint8Array {
+  return Buffer.from(dnsPacket.name.encode(name));
+}
+
+/** The gateway host's MAC: locally administered, unicast, from the relay id and the network. */
+function hostMac(relayId: string, network: string): Uint8Array {
+  const mac = new Bun.CryptoHasher("sha256").update(`edge-relay host ${relayId} ${network}`).digest().subarray(0, 6);
+  mac[0] = (mac[0]! & 0xfc) | 0x02;
+  return new Uint8Array(mac);
+}
+
+type LeaseState = "probing" | "offered" | "bound" | "released";
+
+/** One address given to (or held for) one MAC. */
+interface Lease {
+  mac: string;
+  address: number;
+  name: string | undefined;
+  state: LeaseState;
+  /** ms since the epoch: the lease's end, the offer's, or when it was released. */
+  expires: number;
+  /** The port the client's frames came in by, and the relay (site) behind it. */
+  port: string;
+  site: string;
+}
+
+/** An ARP check under way: the lease record (state probing), the DISCOVER waiting for it, the timer. */
+interface Probe {
+  lease: Lease;
+  message: DhcpMessage;
+  frame: Uint8Array;
+  attempts: number;
+  timer: unknown;
+}
+
+interface DhcpCounters {
+  discovers: number;
+  offers: number;
+  requests: number;
+  acks: number;
+  naks: number;
+  declines: number;
+  releases: number;
+  informs: number;
+  /** Messages (DHCP, DNS, ARP, ICMP) that did not decode: dropped, never logged. */
+  malformed: number;
+  /** DISCOVERs dropped because their port holds its share of leases. */
+  portCap: number;
+  /** DISCOVERs left unanswered because no address was free. */
+  exhausted: number;
+  /** Addresses an ARP check found in use before they were offered. */
+  conflicts: number;
+  /** OFFERs and ACKs seen from another DHCP server on the network, and REQUESTs taking another server's offer. */
+  rogueReplies: number;
+  dnsQueries: number;
+  dnsAnswers: number;
+  dnsNxdomain: number;
+  dnsRefused: number;
+  arpReplies: number;
+  echoReplies: number;
+}
+
+interface DhcpSnapshot {
+  cidr: string;
+  gateway: string;
+  mac: string;
+  domain: string;
+  range: string;
+  pool: number;
+  free: number;
+  leaseSeconds: number;
+  stateFile: string | null;
+  leaseCount: number;
+  leases: { mac: string; address: string; name: string | null; state: LeaseState; expires: string; port: string; site: string }[];
+  /** Other DHCP servers seen on the network (MAC, or `?` when only a client named it, and address), at most 16. */
+  rogueServers: { mac: string; address: string }[];
+  counters: DhcpCounters;
+}
+
+interface GatewayHostOptions {
+  spec: DhcpNetworkSpec;
+  reservations: DhcpHostSpec[];
+  relayId: string;
+  relayName: string;
+  /** Where the lease file goes; none: leases live in memory only. */
+  stateDir?: string;
+  log: Logger;
+  /** Wall-clock time (ms since the epoch) and timers; tests pass a fake one. */
+  clock?: ImpairmentClock;
+  probeMs?: number;
+}
+
+const WALL_CLOCK: ImpairmentClock = { ...REAL_CLOCK, now: () => Date.now() };
+
+/**
+ * The relay's own host on a --dhcp network. Frames the switch hands it are copied and handled a
+ * microtask later, so its replies never re-enter the switch while it is still forwarding.
+ * @internal
+ */
+export class GatewayHost extends Port {
+  readonly mac: Uint8Array;
+  readonly #macKey: number;
+  readonly counters: DhcpCounters = {
+    discovers: 0, offers: 0, requests: 0, acks: 0, naks: 0, declines: 0, releases: 0, informs: 0, malformed: 0, portCap: 0,
+    exhausted: 0, conflicts: 0, rogueReplies: 0, dnsQueries: 0, dnsAnswers: 0, dnsNxdomain: 0, dnsRefused: 0, arpReplies: 0, echoReplies: 0,
+  };
+  readonly spec: DhcpNetworkSpec;
+  readonly stateFile: string | undefined;
+  readonly #options: GatewayHostOptions;
+  readonly #clock: ImpairmentClock;
+  readonly #mask: number;
+  readonly #poolSize: number;
+  readonly #byMac = new Map<string, Lease>();
+  readonly #byAddress = new Map<number, Lease>();
+  readonly #byName = new Map<string, Lease>();
+  readonly #byPort = new Map<string, Set<Lease>>();
+  /** Addresses someone else answers for, and until when they rest. */
+  readonly #conflicts = new Map<number, number>();
+  readonly #reservedMac = new Map<string, DhcpHostSpec>();
+  readonly #reservedAddress = new Map<number, DhcpHostSpec>();
+  /** ARP checks under way, by address. */
+  readonly #probes = new Map<number, Probe>();
+  readonly #rogues = new Map<string, { mac: string; address: string }>();
+  readonly #warn: (line: string) => void;
+  #saveTimer: unknown;
+  #closed = false;
+
+  constructor(options: GatewayHostOptions) {
+    super("host", `${ipv4Text(options.spec.gateway)} (DHCP, DNS)`);
+    this.#options = options;
+    this.spec = options.spec;
+    this.#clock = options.clock ?? WALL_CLOCK;
+    this.mac = hostMac(options.relayId, options.spec.network);
+    this.#macKey = macKey(this.mac, 0);
+    this.#mask = (0xffffffff << (32 - this.spec.prefix)) >>> 0;
+    const { first, last, gateway } = this.spec;
+    this.#poolSize = last - first + 1 - (gateway >= first && gateway <= last ? 1 : 0);
+    for (const r of options.reservations) {
+      if (!this.#inSubnet(r.address)) continue;
+      this.#reservedMac.set(r.mac, r);
+      this.#reservedAddress.set(r.address, r);
+    }
+    this.#warn = rateLimitedLog(options.log.warn, 5, 60_000).log;
+    this.stateFile = options.stateDir === undefined ? undefined : `${options.stateDir}/dhcp-${this.spec.network}.json`;
+    this.#load();
+  }
+
+  protected enqueue(frame: Uint8Array): boolean {
+    // Only what the host can answer is looked at: ARP and IPv4 to it or to everyone, and any DHCP reply (another server).
+    if (frame.length < 42 || this.#closed) return true;
+    const type = (frame[12]! << 8) | frame[13]!;
+    const mine = (frame[0]! & 1) === 1 || macKey(frame, 0) === this.#macKey;
+    const dhcpReply = type === ETHERTYPE_IPV4 && frame[23] === IP_UDP && frame[34] === 0 && frame[35] === DHCP_SERVER_PORT;
+    if ((mine && (type === ETHERTYPE_ARP || type === ETHERTYPE_IPV4)) || dhcpReply) {
+      const copy = frame.slice();
+      queueMicrotask(() => this.#handle(copy));
+    }
+    return true;
+  }
+
+  /** Leaves the network; pending checks end and the lease file is written. */
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    for (const probe of this.#probes.values()) this.#clock.clearTimer(probe.timer);
+    this.#probes.clear();
+    this.#save();
+    this.network?.detach(this, "relay stopping");
+  }
+
+  #handle(frame: Uint8Array): void {
+    if (this.#closed) return;
+    try {
+      if (frame[12] === 0x08 && frame[13] === 0x06) return this.#arp(decodeArp(frame), frame);
+      const ip = decodeIpv4(frame);
+      if (ip.protocol === IP_ICMP) return this.#icmp(ip, frame);
+      if (ip.protocol !== IP_UDP) return;
+      const udp = decodeUdp(ip.payload);
+      if (udp.srcPort === DHCP_SERVER_PORT && udp.dstPort === DHCP_CLIENT_PORT) return this.#otherServer(ip, frame, decodeDhcp(udp.payload));
+      if (udp.dstPort === DHCP_SERVER_PORT) return this.#dhcp(decodeDhcp(udp.payload), frame, ip);
+      if (udp.dstPort === DNS_PORT && ip.dst === this.spec.gateway) return this.#dns(ip, udp, frame);
+    } catch (error) {
+      // Guest bytes that fail a check are dropped and counted; any other error is a bug of ours, logged too (never the bytes).
+      this.counters.malformed++;
+      if (!(error instanceof RangeError)) this.#warn(`${this.spec.network}: a packet from ${formatMac(macKey(frame, 6))} could not be handled: ${(error as Error).message}`);
+    }
+  }
+
+  #send(frame: Uint8Array): void {
+    this.receive(frame);
+  }
+
+  #arp(arp: ArpPacket, frame: Uint8Array): void {
+    const senderMac = formatMac(macKey(arp.senderMac, 0));
+    // Anyone else who answers for (or claims) an address under an ARP check has it.
+    const probe = this.#probes.get(arp.senderIp);
+    if (probe !== undefined && senderMac !== probe.lease.mac && macKey(arp.senderMac, 0) !== this.#macKey) this.#probeAnswered(arp.senderIp, probe);
+    if (arp.op !== 1 || arp.targetIp !== this.spec.gateway) return;
+    this.counters.arpReplies++;
+    this.#send(arpFrame(frame.subarray(6, 12), { op: 2, senderMac: this.mac, senderIp: this.spec.gateway, targetMac: arp.senderMac, targetIp: arp.senderIp }));
+  }
+
+  #icmp(ip: Ipv4Packet, frame: Uint8Array): void {
+    const icmp = ip.payload;
+    if (ip.dst !== this.spec.gateway || icmp.length < 8 || icmp[0] !== 8 || icmp[1] !== 0) return;
+    const reply = icmp.slice();
+    reply[0] = 0;
+    reply[2] = reply[3] = 0;
+    const sum = checksum(onesSum(reply));
+    reply[2] = sum >> 8;
+    reply[3] = sum & 255;
+    this.counters.echoReplies++;
+    this.#send(ipv4Frame(frame.subarray(6, 12), this.mac, this.spec.gateway, ip.src, IP_ICMP, reply));
+  }
+
+  #otherServer(ip: Ipv4Packet, frame: Uint8Array, m: DhcpMessage): void {
+    if (macKey(frame, 6) === this.#macKey || m.op !== 2 || (m.type !== OFFER && m.type !== ACK)) return;
+    this.#rogue(formatMac(macKey(frame, 6)), ipv4Text(addressOption(m, OPT_SERVER) ?? ip.src));
+  }
+
+  /**
+   * Another server on the network: seen answering, or named by a client that took its offer (its
+   * OFFER may have been unicast to the client, past this port). Logged once per server.
+   */
+  #rogue(mac: string, address: string): void {
+    this.counters.rogueReplies++;
+    const key = mac === "?" ? address : mac;
+    if (this.#rogues.has(key) || this.#rogues.size >= 16) return;
+    this.#rogues.set(key, { mac, address });
+    this.#options.log.warn(`another DHCP server on ${this.spec.network}: ${mac === "?" ? `${address} (a client took its offer)` : `${mac} ${address}`}; one relay per network should serve it (${flagOf("dhcp")})`);
+  }
+
+  // ───── DHCP ─────
+
+  #inSubnet(address: number): boolean {
+    return ((address & this.#mask) >>> 0) === this.spec.base && address !== this.spec.base && address !== (this.spec.base | ~this.#mask) >>> 0;
+  }
+
+  #inPool(address: number): boolean {
+    return address >= this.spec.first && address <= this.spec.last && address !== this.spec.gateway;
+  }
+
+  #active(lease: Lease, now = this.#clock.now()): boolean {
+    return lease.state !== "released" && lease.expires > now;
+  }
+
+  /** May `mac` have `address`: the pool's or its reservation, no one else's now, not resting after a conflict. */
+  #allowed(address: number, mac: string, now: number): boolean {
+    const reservation = this.#reservedAddress.get(address);
+    if (reservation !== undefined) return reservation.mac === mac;
+    if (!this.#inPool(address) || this.#reservedMac.has(mac)) return false;
+    const holder = this.#byAddress.get(address);
+    if (holder !== undefined && holder.mac !== mac && this.#active(holder, now)) return false;
+    return (this.#conflicts.get(address) ?? 0) <= now;
+  }
+
+  /** Where a client's frames come from: its port and the relay (site) behind that port. */
+  #origin(frame: Uint8Array): { port: Port | undefined; id: string; site: string } {
+    const port = this.network?.macs.get(macKey(frame, 6))?.port;
+    const site = port?.remoteName ?? (port !== undefined && port.trunk ? port.kind : this.#options.relayName);
+    return { port, id: port?.id ?? "?", site };
+  }
+
+  /** Leases (and offers, and checks) held for MACs behind this port, against its share. */
+  #overCap(port: Port | undefined, now: number): boolean {
+    if (port === undefined) return false;
+    const held = this.#byPort.get(port.id);
+    if (held === undefined) return false;
+    for (const lease of held) if (!this.#active(lease, now)) held.delete(lease);
+    return held.size >= (port.trunk ? Math.max(DHCP_LEASES_PER_PORT, Math.ceil(this.#poolSize / 2)) : DHCP_LEASES_PER_PORT);
+  }
+
+  /** Records (or moves) a lease in every index. */
+  #put(lease: Lease, fields: Partial<Lease>): Lease {
+    this.#forget(lease);
+    Object.assign(lease, fields);
+    const other = this.#byAddress.get(lease.address);
+    if (other !== undefined && other !== lease) this.#forget(other);
+    this.#byMac.set(lease.mac, lease);
+    this.#byAddress.set(lease.address, lease);
+    if (lease.name !== undefined) {
+      const named = this.#byName.get(lease.name);
+      // The newest lease gets a name two clients give; the older one is left without.
+      if (named !== undefined && named !== lease) named.name = undefined;
+      this.#byName.set(lease.name, lease);
+    }
+    let held = this.#byPort.get(lease.port);
+    if (held === undefined) this.#byPort.set(lease.port, (held = new Set()));
+    held.add(lease);
+    return lease;
+  }
+
+  #forget(lease: Lease): void {
+    if (this.#byMac.get(lease.mac) === lease) this.#byMac.delete(lease.mac);
+    if (this.#byAddress.get(lease.address) === lease) this.#byAddress.delete(lease.address);
+    if (lease.name !== undefined && this.#byName.get(lease.name) === lease) this.#byName.delete(lease.name);
+    const held = this.#byPort.get(lease.port);
+    held?.delete(lease);
+    if (held?.size === 0) this.#byPort.delete(lease.port);
+  }
+
+  /**
+   * A free address for a new client: first one never leased (from a point the MAC picks, so a
+   * client tends to land where it did before), else the one released or expired longest ago.
+   */
+  #pick(mac: string, now: number): number | undefined {
+    const { first, last } = this.spec;
+    const span = last - first + 1;
+    let hash = 0;
+    for (let i = 0; i < mac.length; i++) hash = (hash * 31 + mac.charCodeAt(i)) >>> 0;
+    let oldest: Lease | undefined;
+    for (let i = 0; i < span; i++) {
+      const address = first + ((hash + i) % span);
+      if (!this.#allowed(address, mac, now) || this.#probes.has(address) || this.#reservedAddress.has(address)) continue;
+      const holder = this.#byAddress.get(address);
+      if (holder === undefined) return address;
+      if (oldest === undefined || holder.expires < oldest.expires) oldest = holder;
+    }
+    return oldest?.address;
+  }
+
+  #dhcp(m: DhcpMessage, frame: Uint8Array, ip: Ipv4Packet): void {
+    if (m.op !== 1) return;
+    const now = this.#clock.now();
+    switch (m.type) {
+      case DISCOVER:
+        this.counters.discovers++;
+        return this.#discover(m, frame, now);
+      case REQUEST:
+        this.counters.requests++;
+        return this.#request(m, frame, now);
+      case DECLINE: {
+        this.counters.declines++;
+        const lease = this.#byMac.get(m.chaddr);
+        const address = addressOption(m, OPT_REQUESTED);
+        if (lease === undefined || lease.address !== address || addressOption(m, OPT_SERVER) !== this.spec.gateway) return;
+        this.#forget(lease);
+        this.#conflicts.set(address, now + DHCP_CONFLICT_MS);
+        this.#warn(`${this.spec.network}: ${m.chaddr} declined ${ipv4Text(address)}: another host uses it`);
+        return this.#scheduleSave();
+      }
+      case RELEASE: {
+        this.counters.releases++;
+        const lease = this.#byMac.get(m.chaddr);
+        if (lease === undefined || lease.address !== m.ciaddr || lease.state !== "bound") return;
+        this.#put(lease, { state: "released", expires: now });
+        return this.#scheduleSave();
+      }
+      case INFORM:
+        this.counters.informs++;
+        if (!this.#inSubnet(m.ciaddr)) return;
+        return this.#reply(ACK, m, frame, 0, undefined, m.ciaddr === ip.src ? m.ciaddr : 0);
+    }
+  }
+
+  #discover(m: DhcpMessage, frame: Uint8Array, now: number): void {
+    const known = this.#byMac.get(m.chaddr);
+    if (known?.state === "probing") return;
+    const origin = this.#origin(frame);
+    const reservation = this.#reservedMac.get(m.chaddr);
+    let address: number | undefined;
+    if (reservation !== undefined) {
+      if (!this.#allowed(reservation.address, m.chaddr, now)) return void this.counters.exhausted++;
+      address = reservation.address;
+    } else if (known !== undefined && this.#allowed(known.address, m.chaddr, now)) address = known.address;
+    // A client we know gets its address again at once; any other address is checked first.
+    if (address !== undefined && known?.address === address) return this.#offer(m, frame, address, origin, now);
+    if (address === undefined && this.#overCap(origin.port, now)) {
+      this.counters.portCap++;
+      return this.#warn(`${this.spec.network}: ${origin.id} holds its share of leases; DISCOVERs from further MACs behind it are dropped`);
+    }
+    const requested = addressOption(m, OPT_REQUESTED);
+    address ??= requested !== undefined && this.#allowed(requested, m.chaddr, now) && !this.#probes.has(requested) ? requested : this.#pick(m.chaddr, now);
+    if (address === undefined) {
+      this.counters.exhausted++;
+      return this.#warn(`${this.spec.network}: no free address for ${m.chaddr} (pool ${ipv4Text(this.spec.first)}-${ipv4Text(this.spec.last)} in use)`);
+    }
+    this.#probe(address, m, frame, origin, now, 1);
+  }
+
+  /** Asks the network who has `address` before offering it (as dnsmasq pings); silence means it is free. */
+  #probe(address: number, m: DhcpMessage, frame: Uint8Array, origin: { id: string; site: string }, now: number, attempts: number): void {
+    const previous = this.#byMac.get(m.chaddr);
+    const lease = this.#put(previous ?? ({ mac: m.chaddr } as Lease), {
+      address, name: previous?.name, state: "probing", expires: now + DHCP_OFFER_HOLD_MS, port: origin.id, site: origin.site,
+    });
+    const timer = this.#clock.setTimer(() => {
+      this.#probes.delete(address);
+      if (this.#closed || this.#byMac.get(m.chaddr) !== lease) return;
+      this.#offer(m, frame, address, origin, this.#clock.now());
+    }, this.#options.probeMs ?? DHCP_PROBE_MS);
+    this.#probes.set(address, { lease, message: m, frame, attempts, timer });
+    this.#send(arpFrame(BROADCAST_MAC, { op: 1, senderMac: this.mac, senderIp: this.spec.gateway, targetMac: new Uint8Array(6), targetIp: address }));
+  }
+
+  #probeAnswered(address: number, probe: Probe): void {
+    this.#clock.clearTimer(probe.timer);
+    this.#probes.delete(address);
+    this.counters.conflicts++;
+    const now = this.#clock.now();
+    this.#conflicts.set(address, now + DHCP_CONFLICT_MS);
+    this.#forget(probe.lease);
+    this.#warn(`${this.spec.network}: ${ipv4Text(address)} answers ARP though no lease holds it; not offered for ${DHCP_CONFLICT_MS / 60_000} min`);
+    if (probe.attempts >= DHCP_PROBES || this.#reservedMac.has(probe.lease.mac)) return;
+    const next = this.#pick(probe.lease.mac, now);
+    if (next !== undefined) this.#probe(next, probe.message, probe.frame, { id: probe.lease.port, site: probe.lease.site }, now, probe.attempts + 1);
+  }
+
+  #offer(m: DhcpMessage, frame: Uint8Array, address: number, origin: { id: string; site: string }, now: number): void {
+    const lease = this.#byMac.get(m.chaddr);
+    // A bound lease stays bound through a DISCOVER (a client rebooting): only its offer is made again.
+    if (lease?.state !== "bound" || lease.address !== address || !this.#active(lease, now)) {
+      this.#put(lease ?? ({ mac: m.chaddr } as Lease), {
+        address, name: lease?.name, state: "offered", expires: now + DHCP_OFFER_HOLD_MS, port: origin.id, site: origin.site,
+      });
+    }
+    this.#reply(OFFER, m, frame, address, this.#byMac.get(m.chaddr)?.name);
+  }
+
+  #request(m: DhcpMessage, frame: Uint8Array, now: number): void {
+    const server = addressOption(m, OPT_SERVER);
+    const requested = addressOption(m, OPT_REQUESTED);
+    const lease = this.#byMac.get(m.chaddr);
+    if (server !== undefined && server !== this.spec.gateway) {
+      // SELECTING another server's offer: ours is withdrawn, and that server is one too many.
+      if (lease !== undefined && lease.state === "offered") this.#put(lease, { state: "released", expires: now });
+      return this.#rogue("?", ipv4Text(server));
+    }
+    const address = requested ?? m.ciaddr;
+    const reservation = this.#reservedMac.get(m.chaddr);
+    const ours = lease !== undefined && lease.address === address && lease.state !== "probing";
+    // SELECTING our offer needs the offer; INIT-REBOOT, RENEWING and REBINDING may take a free address of the pool (a server that lost its state).
+    const fine =
+      (reservation === undefined || reservation.address === address) &&
+      this.#allowed(address, m.chaddr, now) &&
+      (ours || (server === undefined && !this.#probes.has(address) && !this.#overCap(this.#origin(frame).port, now)));
+    if (!fine) return this.#reply(NAK, m, frame, 0, undefined);
+    const origin = this.#origin(frame);
+    const fresh = !(lease?.state === "bound" && lease.address === address && this.#active(lease, now));
+    const name = reservation?.name ?? clientName(m) ?? (lease?.address === address ? lease.name : undefined);
+    const bound = this.#put(lease ?? ({ mac: m.chaddr } as Lease), {
+      address, name: name === GATEWAY_NAME ? undefined : name, state: "bound", expires: now + this.spec.leaseSeconds * 1000, port: origin.id, site: origin.site,
+    });
+    this.#reply(ACK, m, frame, address, bound.name, m.ciaddr);
+    if (fresh) this.#options.log.info(`${this.spec.network}: ${m.chaddr} is ${ipv4Text(address)}${bound.name ? ` (${bound.name})` : ""} at ${bound.site}`);
+    this.#scheduleSave();
+  }
+
+  /** Sends OFFER, ACK or NAK: broadcast, or to `unicast` (a client that has its address). */
+  #reply(type: number, m: DhcpMessage, frame: Uint8Array, address: number, name: string | undefined, unicast = 0): void {
+    const { gateway, leaseSeconds, domain } = this.spec;
+    this.counters[type === OFFER ? "offers" : type === ACK ? "acks" : "naks"]++;
+    const options: [number, Uint8Array][] = [[OPT_SERVER, u32(gateway)]];
+    if (type !== NAK) {
+      if (m.type !== INFORM) options.push([OPT_LEASE, u32(leaseSeconds)], [OPT_RENEWAL, u32(leaseSeconds / 2)], [OPT_REBINDING, u32(Math.floor((leaseSeconds * 7) / 8))]);
+      options.push(
+        [OPT_MASK, u32(this.#mask)],
+        [OPT_BROADCAST, u32((this.spec.base | ~this.#mask) >>> 0)],
+        [OPT_ROUTER, u32(gateway)],
+        [OPT_DNS, u32(gateway)],
+        [OPT_DOMAIN, new TextEncoder().encode(domain)],
+        [OPT_SEARCH, dnsWireName(domain)],
+      );
+      if (name !== undefined) options.push([OPT_HOSTNAME, new TextEncoder().encode(name)]);
+    }
+    const chaddr = macBytes(m.chaddr);
+    const payload = encodeDhcp({ type, xid: m.xid, flags: m.flags, ciaddr: type === ACK ? m.ciaddr : 0, yiaddr: address, server: type === NAK ? 0 : gateway, chaddr, options });
+    const to = unicast !== 0 && type !== NAK;
+    this.#send(udpFrame(to ? frame.subarray(6, 12) : BROADCAST_MAC, this.mac, gateway, to ? unicast : 0xffffffff, DHCP_SERVER_PORT, DHCP_CLIENT_PORT, payload));
+  }
+
+  // ───── DNS ─────
+
+  #dns(ip: Ipv4Packet, udp: UdpDatagram, frame: Uint8Array): void {
+    let query: dnsPacket.DecodedPacket;
+    try {
+      query = dnsPacket.decode(Buffer.from(udp.payload));
+    } catch (error) {
+      throw new RangeError(`Cannot decode DNS: ${(error as Error).message}`);
+    }
+    if (query.type !== "query") return;
+    this.counters.dnsQueries++;
+    const question = query.questions?.length === 1 ? query.questions[0] : undefined;
+    let rcode = DNS_REFUSED;
+    let answers: dnsPacket.Answer[] = [];
+    if (question !== undefined && query.opcode === "QUERY" && question.class === "IN") [rcode, answers] = this.#answer(question.name.toLowerCase().replace(/\.$/, ""), question.type);
+    if (rcode === DNS_REFUSED) this.counters.dnsRefused++;
+    else if (rcode === DNS_NXDOMAIN) this.counters.dnsNxdomain++;
+    else this.counters.dnsAnswers++;
+    const flags = (rcode === DNS_REFUSED ? 0 : dnsPacket.AUTHORITATIVE_ANSWER) | (query.flags! & dnsPacket.RECURSION_DESIRED) | rcode;
+    const response = dnsPacket.encode({ type: "response", id: query.id, flags, questions: question ? [question] : [], answers });
+    this.#send(udpFrame(frame.subarray(6, 12), this.mac, this.spec.gateway, ip.src, DNS_PORT, udp.srcPort, response));
+  }
+
+  /** The rcode (0 with answers, 0 without: the name has no such record) and the answers for one question. */
+  #answer(name: string, type: string): [number, dnsPacket.Answer[]] {
+    const { domain, gateway } = this.spec;
+    const now = this.#clock.now();
+    if (name === domain || name.endsWith(`.${domain}`)) {
+      if (name === domain) return [0, []];
+      const label = name.slice(0, -domain.length - 1);
+      const lease = this.#byName.get(label);
+      const address = label === GATEWAY_NAME ? gateway : lease !== undefined && lease.state === "bound" && this.#active(lease, now) ? lease.address : undefined;
+      if (address === undefined) return [DNS_NXDOMAIN, []];
+      return [0, type === "A" ? [{ type: "A", name, ttl: DNS_TTL, data: ipv4Text(address) }] : []];
+    }
+    const ptr = /^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.in-addr\.arpa$/.exec(name);
+    const address = ptr ? ipv4Number(`${ptr[4]}.${ptr[3]}.${ptr[2]}.${ptr[1]}`) : undefined;
+    if (address === undefined || ((address & this.#mask) >>> 0) !== this.spec.base) return [DNS_REFUSED, []];
+    const lease = this.#byAddress.get(address);
+    const host = address === gateway ? GATEWAY_NAME : lease?.state === "bound" && this.#active(lease, now) ? lease.name : undefined;
+    if (host === undefined) return [DNS_NXDOMAIN, []];
+    return [0, type === "PTR" ? [{ type: "PTR", name, ttl: DNS_TTL, data: `${host}.${domain}` }] : []];
+  }
+
+  // ───── leases on disk ─────
+
+  #scheduleSave(): void {
+    if (this.stateFile === undefined || this.#saveTimer !== undefined) return;
+    this.#saveTimer = this.#clock.setTimer(() => this.#save(), DHCP_SAVE_DELAY_MS);
+  }
+
+  /** Writes bound and released leases to a temporary file and renames it over the lease file: a crash leaves the old or the new, never half. */
+  #save(): void {
+    if (this.#saveTimer !== undefined) this.#clock.clearTimer(this.#saveTimer);
+    this.#saveTimer = undefined;
+    if (this.stateFile === undefined) return;
+    const leases = [...this.#byMac.values()]
+      .filter((l) => l.state === "bound" || l.state === "released")
+      .map((l) => ({ mac: l.mac, address: ipv4Text(l.address), name: l.name ?? null, state: l.state, expires: l.expires, port: l.port, site: l.site }));
+    const text = JSON.stringify({ version: 1, network: this.spec.network, cidr: this.spec.cidr, leases }, null, 1) + "\n";
+    const temporary = `${this.stateFile}.${process.pid}.tmp`;
+    try {
+      mkdirSync(dirname(this.stateFile), { recursive: true, mode: 0o700 });
+      writeFileSync(temporary, text, { mode: 0o600 });
+      renameSync(temporary, this.stateFile);
+    } catch (error) {
+      this.#warn(describeError(`${this.spec.network}: cannot write the lease file ${this.stateFile}`, error));
+    }
+  }
+
+  /** Reads the lease file; an entry that does not fit this network now (changed CIDR, reservations) is left out. */
+  #load(): void {
+    if (this.stateFile === undefined) return;
+    let data: unknown;
+    try {
+      data = JSON.parse(readFileSync(this.stateFile, "utf8"));
+    } catch (error) {
+      if ((error as { code?: string }).code === "ENOENT") return;
+      return this.#options.log.warn(`${this.spec.network}: the lease file ${this.stateFile} is unreadable or not JSON; starting without its leases`);
+    }
+    const leases = (data as { leases?: unknown })?.leases;
+    let skipped = 0;
+    for (const entry of Array.isArray(leases) ? leases : []) {
+      const e = entry as Record<string, unknown>;
+      const address = typeof e.address === "string" ? ipv4Number(e.address) : undefined;
+      const mac = typeof e.mac === "string" ? e.mac : "";
+      const name = typeof e.name === "string" && DNS_LABEL.test(e.name) ? e.name : undefined;
+      const reservation = this.#reservedMac.get(mac);
+      const fits =
+        MAC_TEXT.test(mac) && address !== undefined && this.#inSubnet(address) && address !== this.spec.gateway && (e.state === "bound" || e.state === "released") &&
+        typeof e.expires === "number" && !this.#byMac.has(mac) && !this.#byAddress.has(address) &&
+        (reservation === undefined ? this.#inPool(address) && !this.#reservedAddress.has(address) : reservation.address === address);
+      if (!fits) {
+        skipped++;
+        continue;
+      }
+      this.#put({ mac } as Lease, {
+        address: address!, name: reservation?.name ?? name, state: e.state as LeaseState, expires: e.expires as number,
+        port: typeof e.port === "string" ? e.port : "?", site: typeof e.site === "string" ? e.site : "?",
+      });
+    }
+    if (skipped > 0) this.#options.log.warn(`${this.spec.network}: ${skipped} entries of ${this.stateFile} do not fit the network as configured and were left out`);
+  }
+
+  // ───── status ─────
+
+  /** Leases active now, offers and checks included: what the pool has given out. */
+  inUse(): number {
+    const now = this.#clock.now();
+    let n = 0;
+    for (const lease of this.#byMac.values()) if (this.#active(lease, now)) n++;
+    return n;
+  }
+
+  poolSize(): number {
+    return this.#poolSize;
+  }
+
+  dhcpSnapshot(limit = DHCP_STATUS_LEASES): DhcpSnapshot {
+    const now = this.#clock.now();
+    const leases: DhcpSnapshot["leases"] = [];
+    let inPool = 0;
+    let count = 0;
+    for (const l of this.#byMac.values()) {
+      if (!this.#active(l, now)) continue;
+      count++;
+      if (this.#inPool(l.address)) inPool++;
+      if (leases.length < limit) leases.push({ mac: l.mac, address: ipv4Text(l.address), name: l.name ?? null, state: l.state, expires: new Date(l.expires).toISOString(), port: l.port, site: l.site });
+    }
+    let resting = 0;
+    for (const [address, until] of this.#conflicts) if (until > now && this.#inPool(address) && !this.#byAddress.has(address)) resting++;
+    for (const address of this.#reservedAddress.keys()) if (this.#inPool(address) && !this.#byAddress.has(address)) resting++;
+    leases.sort((a, b) => (ipv4Number(a.address)! - ipv4Number(b.address)!));
+    return {
+      cidr: this.spec.cidr,
+      gateway: ipv4Text(this.spec.gateway),
+      mac: formatMac(macKey(this.mac, 0)),
+      domain: this.spec.domain,
+      range: `${ipv4Text(this.spec.first)}-${ipv4Text(this.spec.last)}`,
+      pool: this.#poolSize,
+      free: Math.max(0, this.#poolSize - inPool - resting),
+      leaseSeconds: this.spec.leaseSeconds,
+      stateFile: this.stateFile ?? null,
+      leaseCount: count,
+      leases,
+      rogueServers: [...this.#rogues.values()],
+      counters: { ...this.counters },
+    };
+  }
+}
+
 // ───────────────────────────── HTTP app ─────────────────────────────
 
 /** /status: the relay, its networks and ports, its limits, and the counters. */
@@ -6031,7 +7384,7 @@ export interface Snapshot extends RelayCounters {
   uptime: number;
   startedAt: string;
   /** A page of the networks, in the order they were made: see `networksPage`. */
-  networks: ReturnType<Network["snapshot"]>[];
+  networks: (ReturnType<Network["snapshot"]> & { dhcp?: DhcpSnapshot })[];
   networksPage: { offset: number; limit: number | null; total: number };
   uplink: UplinkStatus | null;
   backplane: BackplaneSnapshot | null;
@@ -6092,7 +7445,7 @@ const PORT_METRICS: [name: string, help: string, value: (p: Port) => number][] =
 
 const RELAY_COUNTERS: [name: string, help: string, key: keyof RelayCounters][] = [
   ["edge_relay_auth_failures_total", "Requests refused for a wrong or missing token.", "authFailures"],
-  ["edge_relay_auth_throttled_total", "Requests answered 429 after repeated authentication failures.", "authThrottled"],
+  ["edge_relay_auth_throttled_total", "Wrong credentials answered 429 after repeated failures from their address.", "authThrottled"],
   ["edge_relay_protocol_errors_total", "Ports closed for malformed input.", "protocolErrors"],
   ["edge_relay_tunnels_refused_total", "Tunnels refused for the tunnel limits.", "tunnelsRefused"],
   ["edge_relay_loop_refusals_total", "Networks refused to a tunnel because its relay would make a loop.", "loopRefusals"],
@@ -6147,10 +7500,12 @@ export function renderMetrics(
   const nets: Network[] = [];
   const ports: Port[] = [];
   const labels: string[] = [];
+  const hosts: GatewayHost[] = [];
   let omitted = 0;
   for (const n of networks) {
     if (nets.length < view.networks) nets.push(n);
     for (const p of n.ports) {
+      if (p instanceof GatewayHost && hosts.length < view.networks) hosts.push(p);
       if (ports.length >= view.ports) {
         omitted++;
         continue;
@@ -6173,6 +7528,16 @@ export function renderMetrics(
   }
   metric("edge_relay_network_ports", "Ports attached to a network.", "gauge", nets.map((n) => [`{network="${n.name}"}`, n.ports.size]));
   metric("edge_relay_network_macs", "Learned MAC addresses in a network.", "gauge", nets.map((n) => [`{network="${n.name}"}`, n.macs.size]));
+  const dhcp = (value: (h: GatewayHost) => number): [string, number][] => hosts.map((h) => [`{network="${h.spec.network}"}`, value(h)]);
+  metric("edge_relay_dhcp_leases", "Addresses a --dhcp network has given out now (leases, offers and ARP checks).", "gauge", dhcp((h) => h.inUse()));
+  metric("edge_relay_dhcp_pool_addresses", "Addresses in a --dhcp network's pool.", "gauge", dhcp((h) => h.poolSize()));
+  metric("edge_relay_dhcp_acks_total", "DHCP ACKs sent (leases given or renewed).", "counter", dhcp((h) => h.counters.acks));
+  metric("edge_relay_dhcp_naks_total", "DHCP NAKs sent (requests for an address the client may not have).", "counter", dhcp((h) => h.counters.naks));
+  metric("edge_relay_dhcp_drops_total", "DHCP DISCOVERs and guest packets dropped, by reason.", "counter", hosts.flatMap((h) =>
+    (["malformed", "portCap", "exhausted"] as const).map((r): [string, number] => [`{network="${h.spec.network}",reason="${r.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`)}"}`, h.counters[r]])));
+  metric("edge_relay_dhcp_conflicts_total", "Addresses an ARP check found in use before they were offered.", "counter", dhcp((h) => h.counters.conflicts));
+  metric("edge_relay_dhcp_rogue_replies_total", "DHCP OFFERs and ACKs seen from another server on a --dhcp network.", "counter", dhcp((h) => h.counters.rogueReplies));
+  metric("edge_relay_dns_queries_total", "DNS queries to a --dhcp network's gateway.", "counter", dhcp((h) => h.counters.dnsQueries));
   for (const [name, help, key] of RELAY_COUNTERS) metric(name, help, "counter", [["", s[key]]]);
   metric("edge_relay_tunnels", "Tunnels connected to this relay.", "gauge", [["", s.limits.tunnels]]);
   metric("edge_relay_memory_queued_bytes", "Bytes queued across every port.", "gauge", [["", s.limits.memoryUsed]]);
@@ -6227,6 +7592,8 @@ h1 { margin: 0; font-size: 1.25rem; overflow-wrap: anywhere; }
 h1 small { font-size: 0.8rem; font-weight: normal; color: var(--muted); }
 h2 { margin: 0 0 0.5rem; font-size: 1.05rem; }
 #live { margin: 0 0 0 auto; font-size: 0.85rem; }
+#logout { margin: 0; }
+#logout button { font: inherit; font-size: 0.85rem; }
 main { max-width: 1440px; margin: 0 auto; padding: 1rem; display: grid; grid-template-columns: minmax(0, 1fr); gap: 1rem; }
 #networks { display: grid; grid-template-columns: minmax(0, 1fr); gap: 1rem; }
 .overview { display: grid; grid-template-columns: minmax(0, 2fr) minmax(0, 3fr); gap: 1rem; align-items: start; }
@@ -6305,6 +7672,7 @@ summary { cursor: pointer; font-weight: 600; }
 <header>
   <h1><span id="name">edge-relay</span> <small id="version"></small></h1>
   <p id="live" role="status">Connecting&hellip;</p>
+  <!--logout-->
 </header>
 <main>
   <noscript><p>This page needs JavaScript. The same data is at <a href="status">/status</a>.</p></noscript>
@@ -6391,10 +7759,15 @@ summary { cursor: pointer; font-weight: 600; }
     if (m) return m + " min " + x + " s";
     return x + " s";
   }
+  // Every time on the page in one form: 24-hour local time, after its date (year first) unless today.
   function clock(iso) {
     var t = new Date(iso);
-    return isNaN(t) ? String(iso) : t.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit", hourCycle: "h23" });
+    if (isNaN(t)) return String(iso);
+    var time = pad2(t.getHours()) + ":" + pad2(t.getMinutes()) + ":" + pad2(t.getSeconds());
+    return day(t) === day(new Date()) ? time : day(t) + " " + time;
   }
+  function day(t) { return t.getFullYear() + "-" + pad2(t.getMonth() + 1) + "-" + pad2(t.getDate()); }
+  function pad2(n) { return (n < 10 ? "0" : "") + n; }
   function ago(iso) {
     var t = Date.parse(iso);
     return isNaN(t) ? "" : duration((Date.now() - t) / 1000) + " ago";
@@ -6480,7 +7853,7 @@ summary { cursor: pointer; font-weight: 600; }
       ["Name", st.name],
       ["Version", st.version],
       ["Relay id", h("span", { class: "mono" }, st.id)],
-      ["Uptime", duration(st.uptime) + " (since " + new Date(st.startedAt || Date.now() - st.uptime * 1000).toLocaleString() + ")"],
+      ["Uptime", duration(st.uptime) + " (since " + clock(st.startedAt || new Date(Date.now() - st.uptime * 1000)) + ")"],
     ];
     var u = st.uplink;
     if (!u) {
@@ -6492,7 +7865,11 @@ summary { cursor: pointer; font-weight: 600; }
       if (u.refused && u.refused.length) {
         rows.push(["Refused by hub", u.refused.map(function (r) { return r.network + ": " + r.reason; }).join("; ")]);
       }
-      rows.push(["Last error", u.lastError ? h("span", { class: "error" }, "\u26A0 " + u.lastError) : h("span", { class: "muted" }, "none"), { "data-field": "uplink-error" }]);
+      // Once up again, the last error is history: said as past, not in red.
+      var lastError = !u.lastError ? h("span", { class: "muted" }, "none")
+        : u.state === "up" ? h("span", { class: "muted" }, "last error before it reconnected " + ago(u.since) + ": " + u.lastError)
+        : h("span", { class: "error" }, "\u26A0 " + u.lastError);
+      rows.push(["Last error", lastError, { "data-field": "uplink-error" }]);
       rows.push(["Dials", plural(u.attempts, "attempt") + ", " + plural(u.connects, "connect")]);
     }
     (st.dials || []).forEach(function (d) {
@@ -6620,12 +7997,22 @@ summary { cursor: pointer; font-weight: 600; }
   function drops(count, title) {
     return count > 0 ? h("span", { class: "warn", title: title }, "\u26A0 " + num(count)) : h("span", { title: title }, num(count));
   }
+  // --dhcp: the address and name leased to a MAC, and the leases behind each port.
+  function leaseText(l) {
+    return l.address + (l.name ? " " + l.name : "");
+  }
+  function portLeases(n, p) {
+    var held = (n.dhcp ? n.dhcp.leases : []).filter(function (l) { return l.port === p.id && l.state === "bound"; });
+    if (held.length === 0) return "";
+    var shown = held.slice(0, 4).map(leaseText).join(", ") + (held.length > 4 ? ", \u2026 (" + num(held.length) + ")" : "");
+    return h("span", { class: "muted sub", "data-field": "leases" }, shown);
+  }
   function portRow(n, p) {
     var rx = p.rx, tx = p.tx;
     var why = "runts " + num(rx.runts) + ", storm limit " + num(rx.storm) + ", MAC limit " + num(rx.macLimit) + ", blocked for a loop " + num(rx.loop);
     return h("tr", { "data-key": "p " + p.id, "data-port": p.id },
       cell("Port", "id", "nw", h("strong", {}, p.id), h("span", { class: "muted sub" }, " (" + p.kind + ")")),
-      cell("Peer", "peer", null, p.peer),
+      cell("Peer", "peer", null, p.peer, portLeases(n, p)),
       cell("State", "state", "nw", state(p.state), h("span", { class: "muted sub" }, " since " + clock(p.since))),
       cell("In frames", "rx-frames", "n", num(rx.frames)),
       cell("In bytes", "rx-bytes", "n", h("span", { title: num(rx.bytes) + " bytes" }, bytes(rx.bytes))),
@@ -6641,6 +8028,12 @@ summary { cursor: pointer; font-weight: 600; }
     var ports = n.ports || [], macs = n.macs || [], closed = (n.closedPorts || []).slice().reverse();
     var portCount = n.portCount === undefined ? ports.length : n.portCount;
     sec.summary.textContent = plural(portCount, "port") + (ports.length < portCount ? " (the first " + num(ports.length) + " listed)" : "") + " \u00B7 " + plural(n.macCount, "learned MAC");
+    var dhcp = n.dhcp, leased = new Map();
+    if (dhcp) {
+      sec.summary.textContent += " \u00B7 DHCP " + dhcp.cidr + ", gateway " + dhcp.gateway + ", pool " + dhcp.range + ": " + plural(dhcp.leaseCount, "lease") + ", " + num(dhcp.free) + " free" +
+        (dhcp.rogueServers.length ? " \u00B7 \u26A0 another DHCP server: " + dhcp.rogueServers.map(function (r) { return r.mac + " " + r.address; }).join(", ") : "");
+      dhcp.leases.forEach(function (l) { if (l.state === "bound") leased.set(l.mac, l); });
+    }
     update(sec.ports, ports.length ? ports.map(function (p) { return portRow(n, p); })
       : [h("tr", { "data-key": "none" }, h("td", { colspan: 12, class: "empty" }, "No ports."))]);
     var byId = new Map(ports.map(function (p) { return [p.id, p]; }));
@@ -6649,8 +8042,9 @@ summary { cursor: pointer; font-weight: 600; }
     sec.macsTable.hidden = macs.length === 0;
     update(sec.macs, macs.map(function (m) {
       var port = byId.get(m.port);
+      var l = leased.get(m.mac);
       return h("tr", { "data-key": "m " + m.mac, "data-mac": m.mac },
-        h("td", { class: "mac" }, m.mac),
+        h("td", { class: "mac" }, m.mac, l ? h("span", { class: "muted sub", "data-field": "lease" }, leaseText(l)) : ""),
         h("td", {}, m.port, port ? h("span", { class: "muted" }, " " + port.peer) : ""),
         h("td", { class: "n" }, (m.age < 10 ? m.age.toFixed(1) : Math.round(m.age)) + " s"));
     }));
@@ -6762,13 +8156,53 @@ p { margin: 0; }
 </body>
 </html>
 `;
+/** The page as a relay with an admin token serves it: with a button that ends the session. @internal */
+export const PAGE_HTML_WITH_LOGOUT = PAGE_HTML.replace("<!--logout-->", '<form id="logout" method="post" action="logout"><button type="submit">Log out</button></form>');
 const LOGIN_FAILED = '<p role="alert"><strong>⚠ That is not this relay\'s admin token.</strong></p>';
 
-/** A browser's admin token after /login: HttpOnly, SameSite=Strict, accepted wherever the Bearer header is. */
-export const ADMIN_COOKIE = "edge_relay_admin";
+/** The status page's login: the cookie holds a random session id, never the admin token. */
+export const ADMIN_COOKIE = "edge_relay_session";
+/** Where relays before sessions kept the token itself: cleared whenever a browser that has it logs in or out. */
+const TOKEN_COOKIE = "edge_relay_admin";
 const LOGIN_PATH = "/login";
-const ADMIN_COOKIE_SECONDS = 12 * 3600;
+const LOGOUT_PATH = "/logout";
+const ADMIN_SESSION_SECONDS = 12 * 3600;
+/** Sessions held at once; a further login ends the oldest. */
+const ADMIN_SESSIONS = 1024;
 const LOGIN_BODY_LIMIT = 4096;
+
+/** Logged-in browsers: random ids, each valid until its expiry, logout, or a restart; at most `max` at once. @internal */
+export class AdminSessions {
+  readonly #expiry = new Map<string, number>();
+
+  constructor(
+    readonly max = ADMIN_SESSIONS,
+    readonly lifetimeMs = ADMIN_SESSION_SECONDS * 1000,
+  ) {}
+
+  start(now = Date.now()): string {
+    if (this.#expiry.size >= this.max) this.#expiry.delete(this.#expiry.keys().next().value!);
+    const id = Buffer.from(crypto.getRandomValues(new Uint8Array(32))).toString("base64url");
+    this.#expiry.set(id, now + this.lifetimeMs);
+    return id;
+  }
+
+  valid(id: string | undefined, now = Date.now()): boolean {
+    const until = id === undefined ? undefined : this.#expiry.get(id);
+    if (until === undefined) return false;
+    if (until > now) return true;
+    this.#expiry.delete(id!);
+    return false;
+  }
+
+  end(id: string | undefined): void {
+    if (id !== undefined) this.#expiry.delete(id);
+  }
+
+  get size(): number {
+    return this.#expiry.size;
+  }
+}
 
 /** Headers for a document of ours: its CSP allows its own inline script and style (by hash) and nothing else. */
 function documentHeaders(html: string): Record<string, string> {
@@ -6784,18 +8218,26 @@ function documentHeaders(html: string): Record<string, string> {
   };
 }
 
-/** The admin cookie's value as an Authorization header value, for `authenticate`. */
-function cookieAuthorization(header: string | undefined): string | undefined {
+/** A cookie's value from a Cookie header; undefined when it is not there. */
+function cookieValue(header: string | undefined, name: string): string | undefined {
   for (const part of (header ?? "").split(";")) {
     const eq = part.indexOf("=");
-    if (eq < 0 || part.slice(0, eq).trim() !== ADMIN_COOKIE) continue;
-    try {
-      return `Bearer ${decodeURIComponent(part.slice(eq + 1).trim())}`;
-    } catch {
-      return undefined;
-    }
+    if (eq >= 0 && part.slice(0, eq).trim() === name) return part.slice(eq + 1).trim();
   }
   return undefined;
+}
+
+/** A request's query; Bun leaves the URL of one without a Host header as the bare path, and Hono's own reader misses its query. */
+function searchOf(request: Request): URLSearchParams {
+  return new URL(request.url, "http://host").searchParams;
+}
+
+/**
+ * Hono's path of a request, also of one without a Host header (HTTP/1.0, a load balancer's health
+ * check), whose URL Bun leaves as the bare path.
+ */
+function requestPath(request: Request): string {
+  return getPath(request.url.startsWith("/") ? ({ url: `http://host${request.url}` } as Request) : request);
 }
 
 /** A small request body as text; undefined when it is longer than `limit` bytes. */
@@ -6822,7 +8264,8 @@ interface CaptureRequest {
 /** `/capture`'s query: `network` (required), `port`, `snaplen`, `count`, `seconds`, `mac`, `ethertype`; or why not. */
 function parseCaptureRequest(query: URLSearchParams): CaptureRequest | string {
   const network = query.get("network");
-  if (network === null || !NETWORK_NAME.test(network)) return "capture: network=NAME is required";
+  if (network === null) return "capture: network=NAME is required";
+  if (!NETWORK_NAME.test(network)) return `capture: network name ${JSON.stringify(network)} ${nameRuleBroken(network)}`;
   const whole = (name: string, min: number, max: number, fallback: number): number | string => {
     const text = query.get(name);
     if (text === null) return fallback;
@@ -6917,6 +8360,10 @@ class CaptureRegistry {
 interface AppContext {
   grants: Grant[];
   adminToken: string | undefined;
+  /** --trusted-proxy: the peers whose X-Forwarded-For or Forwarded names the client. */
+  trustedProxies: BlockList | undefined;
+  /** Served over TLS: the session cookie is Secure. */
+  tls: boolean;
   snapshot(view?: StatusView): Snapshot;
   /** Every network, for /metrics. */
   networks(): Iterable<Network>;
@@ -6934,65 +8381,76 @@ type SocketData = TunnelData | V86Data;
 
 /**
  * Routes: /healthz, /status, /metrics, the status page at /, and the tunnel upgrade (the frames then
- * bypass Hono). With an admin token, /login trades it for a cookie that counts like the Bearer
- * header. An address that keeps failing authentication is answered 429 for a while, on every route.
+ * bypass Hono). With an admin token, every route but /healthz, the tunnel and v86 needs it, or the
+ * session /login starts for it. A right credential is always served; an address whose wrong ones
+ * keep coming is answered 429 for its further wrong ones for a while.
  */
 function createApp(ctx: AppContext) {
-  const app = new Hono<{ Bindings: Server<SocketData> }>();
+  const app = new Hono<{ Bindings: Server<SocketData> }>({ getPath: requestPath });
   const refusals = rateLimitedLog(ctx.log.warn, 10, 10_000);
   const throttle = new AuthThrottle();
-  const sourceOf = (c: { env: Server<SocketData>; req: { raw: Request } }) => c.env.requestIP(c.req.raw);
-  /** 429 for an address that failed too often; else undefined. */
-  const throttled = (address: string) => {
-    const wait = throttle.retryAfter(address);
-    if (wait === 0) return undefined;
-    ctx.counters.authThrottled = throttle.throttled;
-    return new Response("too many failed attempts; try later\n", { status: 429, headers: { "Retry-After": String(wait) } });
-  };
-  const refused = (address: string, peer: string, what: string, authorization: string | undefined) => {
+  const clientOf = (c: { env: Server<SocketData>; req: { raw: Request } }) => clientAddress(c.env.requestIP(c.req.raw), c.req.raw.headers, ctx.trustedProxies);
+  /**
+   * A request without the right credential: `answer` (a 401), counted and logged at a bounded rate.
+   * A wrong credential (not a missing one) counts against its address: past the throttle's allowance
+   * it gets 429 instead, with no log line.
+   */
+  const refused = (client: ClientAddress, what: string, credential: string | undefined, answer: () => Response): Response => {
+    if (credential) {
+      const wait = throttle.retryAfter(client.address);
+      if (wait > 0) {
+        ctx.counters.authThrottled = throttle.throttled;
+        return new Response("too many failed attempts; try later\n", { status: 429, headers: { "Retry-After": String(wait) } });
+      }
+      throttle.failed(client.address);
+    }
     ctx.counters.authFailures++;
-    throttle.failed(address);
-    refusals.log(`${what}: refused ${peer}: ${authorization ? "wrong token" : "no token"}`);
+    refusals.log(`${what}: refused ${formatClient(client)}: ${credential ? "wrong token" : "no token"}`);
+    return answer();
   };
   const pageHeaders = documentHeaders(PAGE_HTML);
+  let page = PAGE_HTML;
   if (ctx.adminToken !== undefined) {
+    page = PAGE_HTML_WITH_LOGOUT;
     const admin = makeGrants([{ token: ctx.adminToken, networks: undefined }]);
+    const sessions = new AdminSessions();
     const loginHeaders = { ...documentHeaders(LOGIN_HTML), "WWW-Authenticate": 'Bearer realm="edge-relay admin"' };
+    const secure = ctx.tls ? "; Secure" : "";
+    /** A 303 back to the page that sets the session cookie (or clears it), and clears a token cookie of old. */
+    const toPage = (c: { req: { header(name: string): string | undefined } }, session: string | undefined) => {
+      const headers = new Headers({ Location: "./", "Cache-Control": "no-store" });
+      const age = session === undefined ? 0 : ADMIN_SESSION_SECONDS;
+      headers.append("Set-Cookie", `${ADMIN_COOKIE}=${session ?? ""}; Path=/; Max-Age=${age}; HttpOnly; SameSite=Strict${secure}`);
+      if (cookieValue(c.req.header("cookie"), TOKEN_COOKIE) !== undefined) headers.append("Set-Cookie", `${TOKEN_COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict${secure}`);
+      return new Response(null, { status: 303, headers });
+    };
     app.use("*", async (c, next) => {
-      if (c.req.path === TUNNEL_PATH || c.req.path.startsWith(`${V86_PATH}/`)) return next();
-      const source = sourceOf(c);
-      const address = source?.address ?? "unknown";
-      const wait = throttled(address);
-      if (wait) return wait;
-      if (c.req.path === LOGIN_PATH && c.req.method === "POST") return next();
+      const path = c.req.path;
+      if (path === TUNNEL_PATH || path.startsWith(`${V86_PATH}/`) || path === "/healthz" || c.req.method === "OPTIONS") return next();
+      if ((path === LOGIN_PATH || path === LOGOUT_PATH) && c.req.method === "POST") return next();
       const authorization = c.req.header("authorization");
-      const cookie = cookieAuthorization(c.req.header("cookie"));
-      if (!authenticate(authorization, admin) && !authenticate(cookie, admin)) {
-        refused(address, source ? formatHostPort({ host: address, port: source.port }) : address, c.req.path, authorization ?? cookie);
-        if (c.req.path === "/") return c.html(LOGIN_HTML, 401, loginHeaders);
-        return c.text("unauthorized\n", 401, { "WWW-Authenticate": 'Bearer realm="edge-relay admin"' });
-      }
-      return next();
+      if (authorization === undefined ? sessions.valid(cookieValue(c.req.header("cookie"), ADMIN_COOKIE)) : authenticate(authorization, admin)) return next();
+      // The login form is the way in: showing it is no failure, nor is a session that ended (it was no guess).
+      if (path === "/" && authorization === undefined) return c.html(LOGIN_HTML, 401, loginHeaders);
+      return refused(clientOf(c), path, authorization, () =>
+        path === "/" ? c.html(LOGIN_HTML, 401, loginHeaders) : c.text("unauthorized\n", 401, { "WWW-Authenticate": 'Bearer realm="edge-relay admin"' }),
+      );
     });
     app.post(LOGIN_PATH, async (c) => {
-      const source = sourceOf(c);
-      const address = source?.address ?? "unknown";
       const body = await smallBody(c.req.raw, LOGIN_BODY_LIMIT);
       if (body === undefined) return c.text("request body too large\n", 413);
       const token = new URLSearchParams(body).get("token") ?? "";
-      if (!authenticate(`Bearer ${token}`, admin)) {
-        refused(address, source ? formatHostPort({ host: address, port: source.port }) : address, "login", token || undefined);
-        return c.html(LOGIN_HTML.replace("<!--message-->", LOGIN_FAILED), 401, loginHeaders);
-      }
-      const secure = new URL(c.req.url).protocol === "https:" ? "; Secure" : "";
-      return c.body(null, 303, {
-        Location: "./",
-        "Set-Cookie": `${ADMIN_COOKIE}=${encodeURIComponent(token)}; Path=/; Max-Age=${ADMIN_COOKIE_SECONDS}; HttpOnly; SameSite=Strict${secure}`,
-        "Cache-Control": "no-store",
-      });
+      if (!authenticateToken(token, admin)) return refused(clientOf(c), "login", token || undefined, () => c.html(LOGIN_HTML.replace("<!--message-->", LOGIN_FAILED), 401, loginHeaders));
+      return toPage(c, sessions.start());
+    });
+    app.post(LOGOUT_PATH, (c) => {
+      sessions.end(cookieValue(c.req.header("cookie"), ADMIN_COOKIE));
+      return toPage(c, undefined);
     });
   }
-  app.get("/", (c) => c.html(PAGE_HTML, 200, pageHeaders));
+  // Nothing to hide in what a route allows; HAProxy's plain `option httpchk` asks this of /.
+  app.options("*", (c) => c.body(null, 204, { Allow: "GET, HEAD, POST, PUT, DELETE, OPTIONS" }));
+  app.get("/", (c) => c.html(page, 200, pageHeaders));
   // A load balancer's check: a hub whose backplane is down cannot reach the other hubs' sites.
   app.get("/healthz", (c) => {
     const bp = ctx.snapshot(0).backplane;
@@ -7001,11 +8459,13 @@ function createApp(ctx: AppContext) {
   /** A query's number or `all`; anything else means the default (undefined). */
   const queryLimit = (value: string | undefined) => (value === "all" ? Infinity : value !== undefined && /^\d+$/.test(value) ? Number(value) : undefined);
   app.get("/status", (c) => {
-    const q = (name: string) => queryLimit(c.req.query(name));
+    const query = searchOf(c.req.raw);
+    const q = (name: string) => queryLimit(query.get(name) ?? undefined);
     return c.json(ctx.snapshot({ macs: q("macs"), networks: q("networks"), offset: q("offset"), ports: q("ports") }));
   });
   app.get("/metrics", (c) => {
-    const view: MetricsView = { ports: queryLimit(c.req.query("ports")) ?? METRICS_PORTS, networks: queryLimit(c.req.query("networks")) ?? METRICS_NETWORKS };
+    const query = searchOf(c.req.raw);
+    const view: MetricsView = { ports: queryLimit(query.get("ports") ?? undefined) ?? METRICS_PORTS, networks: queryLimit(query.get("networks") ?? undefined) ?? METRICS_NETWORKS };
     const text = renderMetrics(ctx.snapshot({ networks: 0 }), ctx.networks(), ctx.totals.collect(ctx.networks()), view);
     return c.text(text, 200, { "Content-Type": "text/plain; version=0.0.4" });
   });
@@ -7029,26 +8489,21 @@ function createApp(ctx: AppContext) {
     }
   });
   app.get("/capture", (c) => {
-    const request = parseCaptureRequest(new URL(c.req.url).searchParams);
+    const request = parseCaptureRequest(searchOf(c.req.raw));
     if (typeof request === "string") return c.text(`${request}\n`, 400);
     // A capture may be quiet for long: no idle timeout, it ends when the reader or its limits do.
     c.env.timeout(c.req.raw, 0);
-    const started = ctx.captures.open(request, sourceOf(c)?.address ?? "unknown");
+    const started = ctx.captures.open(request, clientOf(c).address);
     if (typeof started === "string") return c.text(`${started}\n`, started.startsWith("no network") ? 404 : 429);
     return new Response(started, { headers: { "Content-Type": "application/x-pcapng", "Cache-Control": "no-store" } });
   });
   app.get(TUNNEL_PATH, (c) => {
     if (ctx.grants.length === 0) return c.text("tunnel endpoint disabled: no token configured\n", 404);
-    const source = sourceOf(c);
-    const address = source?.address ?? "unknown";
-    const peer = source ? formatHostPort({ host: address, port: source.port }) : "unknown";
-    const wait = throttled(address);
-    if (wait) return wait;
-    const grant = authenticate(c.req.header("authorization"), ctx.grants);
-    if (!grant) {
-      refused(address, peer, "tunnel", c.req.header("authorization"));
-      return c.text("unauthorized\n", 401, { "WWW-Authenticate": 'Bearer realm="edge-relay"' });
-    }
+    const client = clientOf(c);
+    const authorization = c.req.header("authorization");
+    const grant = authenticate(authorization, ctx.grants);
+    if (!grant) return refused(client, "tunnel", authorization, () => c.text("unauthorized\n", 401, { "WWW-Authenticate": 'Bearer realm="edge-relay"' }));
+    const [address, peer] = [client.address, formatClient(client)];
     const offered = (c.req.header("sec-websocket-protocol") ?? "").split(",").map((s) => s.trim());
     if (!offered.includes(TUNNEL_PROTOCOL)) return c.text(`expected subprotocol ${TUNNEL_PROTOCOL}\n`, 400);
     const full = ctx.tunnels.admission.admit(address);
@@ -7066,24 +8521,18 @@ function createApp(ctx: AppContext) {
     const name = c.req.param("network");
     if (!NETWORK_NAME.test(name)) return c.text("not a network name\n", 404);
     const where = `v86 ${V86_PATH}/${name}`;
-    const source = sourceOf(c);
-    const address = source?.address ?? "unknown";
-    const peer = source ? formatHostPort({ host: address, port: source.port }) : "unknown";
+    const client = clientOf(c);
+    const [address, peer] = [client.address, formatClient(client)];
     const origin = c.req.header("origin");
     const shownOrigin = origin === undefined ? "" : ` (origin ${originOf(origin) === origin ? origin : JSON.stringify(origin.slice(0, 100))})`;
     if (!ctx.v86.originAllowed(origin)) {
       refusals.log(`${where}: refused ${peer}${shownOrigin}: origin not allowed`);
       return c.text("origin not allowed\n", 403);
     }
-    const wait = throttled(address);
-    if (wait) return wait;
     const header = c.req.header("authorization");
-    const token = header === undefined ? c.req.query("token") : undefined;
+    const token = header === undefined ? searchOf(c.req.raw).get("token") : undefined;
     const grant = header === undefined ? authenticateToken(token, ctx.grants) : authenticate(header, ctx.grants);
-    if (!grant) {
-      refused(address, peer, where, header ?? token);
-      return c.text("unauthorized\n", 401, { "WWW-Authenticate": 'Bearer realm="edge-relay"' });
-    }
+    if (!grant) return refused(client, where, header ?? token, () => c.text("unauthorized\n", 401, { "WWW-Authenticate": 'Bearer realm="edge-relay"' }));
     if (grant.networks && !grant.networks.has(name)) {
       refusals.log(`${where}: refused ${peer}: network not allowed for this token`);
       return c.text("network not allowed for this token\n", 403);
@@ -7121,6 +8570,15 @@ function listenHttp<T>(address: HostPort, serve: () => T): T {
     return serve();
   } catch (error) {
     throw new Error(describeError(`--http: Cannot listen on ${formatHostPort(address)}`, error));
+  }
+}
+
+/** A QEMU listener or group that fails to start, told naming its option as --http's is. */
+async function startedFor<T>(key: "qemuListen" | "qemuUdp" | "qemuMcast", start: Promise<T>): Promise<T> {
+  try {
+    return await start;
+  } catch (error) {
+    throw new Error(`${flagOf(key)}: ${(error as Error).message}`);
   }
 }
 
@@ -7255,19 +8713,19 @@ async function bindQemuPorts(config: Config, registry: NetworkRegistry, ctx: Qem
   const fdLimit = raiseFdLimit();
   const cap = config.qemuListen.length > 0 ? connectionCap(config.maxConnections, fdLimit, log, () => void ctx.counters.connectionsRefused++) : undefined;
   for (const spec of config.qemuListen) {
-    const listener = await listenStream(spec.address, { network: registry.getOrCreate(spec.network), log, countError, limit: config.queueBytes, budget, kind: "qemu-listen", cap });
+    const listener = await startedFor("qemuListen", listenStream(spec.address, { network: registry.getOrCreate(spec.network), log, countError, limit: config.queueBytes, budget, kind: "qemu-listen", cap }));
     stoppers.add(listener.stop);
     ports.bound.push({ what: "qemu-listen", network: spec.network, address: listener.address });
   }
   for (const spec of config.qemuUdp) {
     const ageingMs = config.macAgeing * 1000;
-    const dgram = await DatagramBinding.bind(spec.address, spec.remote, { network: registry.getOrCreate(spec.network), log, ageingMs, maxPeers: config.udpPeers, countError });
+    const dgram = await startedFor("qemuUdp", DatagramBinding.bind(spec.address, spec.remote, { network: registry.getOrCreate(spec.network), log, ageingMs, maxPeers: config.udpPeers, countError }));
     stoppers.add(() => dgram.close());
     ports.datagrams.push(dgram);
     ports.bound.push({ what: "qemu-udp", network: spec.network, address: dgram.socket.address });
   }
   for (const spec of config.qemuMcast) {
-    const mcast = await joinMulticast(spec.group, spec.localAddress, { network: registry.getOrCreate(spec.network), log });
+    const mcast = await startedFor("qemuMcast", joinMulticast(spec.group, spec.localAddress, { network: registry.getOrCreate(spec.network), log }));
     stoppers.add(mcast.close);
     ports.bound.push({ what: "qemu-mcast", network: spec.network, address: mcast.address });
   }
@@ -7277,6 +8735,18 @@ async function bindQemuPorts(config: Config, registry: NetworkRegistry, ctx: Qem
     stoppers.add(() => dialer.stop());
   }
   return ports;
+}
+
+/** --dhcp: the relay's own host (DHCP, DNS, a pingable gateway) on each such network, by network name. */
+function startGateways(config: Config, identity: RelayIdentity, registry: NetworkRegistry, log: Logger, stoppers: Stoppers): Map<string, GatewayHost> {
+  const hosts = new Map<string, GatewayHost>();
+  for (const spec of config.dhcp) {
+    const host = new GatewayHost({ spec, reservations: config.dhcpHosts, relayId: identity.id, relayName: identity.name, stateDir: config.stateDir, log });
+    registry.getOrCreate(spec.network).attach(host);
+    hosts.set(spec.network, host);
+    stoppers.add(() => host.close());
+  }
+  return hosts;
 }
 
 /** Everything /status reads, gathered once at start. */
@@ -7292,6 +8762,7 @@ interface SnapshotSources {
   captures: CaptureRegistry;
   captureFiles: CaptureFile[];
   qemu(): QemuPorts;
+  gateways(): Map<string, GatewayHost>;
   backplane: Backplane | undefined;
   uplink(): Uplink | undefined;
 }
@@ -7301,13 +8772,16 @@ function buildSnapshot(s: SnapshotSources, view: StatusView = {}): Snapshot {
   const { config, registry, budget } = s;
   const uplink = s.uplink();
   const qemu = s.qemu();
+  const gateways = s.gateways();
+  const page = statusNetworks(registry.values(), registry.size, view);
+  for (const n of page.networks) if (gateways.has(n.name)) n.dhcp = gateways.get(n.name)!.dhcpSnapshot();
   return {
     version: VERSION,
     id: s.identity.id,
     name: s.identity.name,
     uptime: (Date.now() - s.startedAt) / 1000,
     startedAt: new Date(s.startedAt).toISOString(),
-    ...statusNetworks(registry.values(), registry.size, view),
+    ...page,
     uplink: uplink ? { ...uplink.status } : null,
     backplane: s.backplane ? s.backplane.snapshot() : null,
     dials: qemu.dialers.map((d) => ({ ...d.status })),
@@ -7477,8 +8951,9 @@ export async function startRelay(config: Config, log: Logger = consoleLogger, en
   const captures = new CaptureRegistry((name) => registry.get(name), config.maxCaptures);
   const captureFiles: CaptureFile[] = [];
   let qemu: QemuPorts = { bound: [], datagrams: [], dialers: [] };
+  let gateways = new Map<string, GatewayHost>();
   const snapshot = (view?: StatusView) =>
-    buildSnapshot({ config, identity, startedAt, registry, counters, budget, tunnels, impairments, captures, captureFiles, qemu: () => qemu, backplane, uplink: () => uplink }, view);
+    buildSnapshot({ config, identity, startedAt, registry, counters, budget, tunnels, impairments, captures, captureFiles, qemu: () => qemu, gateways: () => gateways, backplane, uplink: () => uplink }, view);
   const bound: BoundAddress[] = [];
   // Whatever fails to start, what already runs stops, so a failed start leaves nothing behind.
   const stopAll = () => {
@@ -7486,7 +8961,10 @@ export async function startRelay(config: Config, log: Logger = consoleLogger, en
     return stoppers.stopAll();
   };
   try {
-    const app = createApp({ grants: makeGrants(config.tokens), adminToken: config.adminToken, snapshot, networks: () => registry.values(), totals, counters, tunnels, v86, captures, impairments, log });
+    const app = createApp({
+      grants: makeGrants(config.tokens), adminToken: config.adminToken, trustedProxies: trustedProxyList(config.trustedProxies), tls: config.tlsCert !== undefined,
+      snapshot, networks: () => registry.values(), totals, counters, tunnels, v86, captures, impairments, log,
+    });
     const server = serveHttp(config, app, tunnels, v86);
     stoppers.add(() => void server.stop(true));
     bound.push({ what: "http", address: `${config.tlsCert ? "https" : "http"}://${formatHostPort({ host: config.http.host, port: server.port! })}` });
@@ -7494,6 +8972,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger, en
       backplane.start();
       stoppers.add(() => backplane.stop());
     }
+    gateways = startGateways(config, identity, registry, log, stoppers);
     // Per-connection errors from QEMU ports share one limiter: a flood of bad peers is a few lines.
     const portLog: Logger = { info: log.info, warn: rateLimitedLog(log.warn, 10, 10_000).log };
     qemu = await bindQemuPorts(config, registry, { log: portLog, budget, counters, countError, stoppers });
@@ -7644,6 +9123,7 @@ export function loadConfig(argv: string[], env: Record<string, string | undefine
     else if (value !== undefined) raw[key] = spec.numeric ? number(value as string) : value;
     else if (fromEnv !== undefined && raw[key] === undefined) raw[key] = fromEnv;
   }
+  if (configFile !== undefined) raw.stateDir ??= dirname(configFile);
   if (flags.tokenFile !== undefined) {
     const lines = readTextFile(flagOf("tokenFile"), flags.tokenFile as string).split("\n");
     addTo("tokens", lines.map((l) => l.replace(/#.*/, "").trim()).filter(Boolean));

@@ -5,7 +5,7 @@
 import { describe, expect, test } from "bun:test";
 import { existsSync } from "node:fs";
 import { encodeFrames } from "../relay.ts";
-import { BROADCAST, attachVm, fromMac, makeFrame, tempDir, waitUntil, type RelayProcess, scenario } from "./helpers.ts";
+import { BROADCAST, attachVm, fromMac, makeFrame, recipe, tempDir, waitUntil, type RelayProcess, scenario } from "./helpers.ts";
 
 const TSHARK = Bun.which("tshark");
 const needTshark = TSHARK || process.env.CI ? test : test.skip;
@@ -93,6 +93,28 @@ describe("GET /capture", () => {
     expect(await tshark(`${dir.path}/port.pcapng`, "frame.interface_name", "frame.len")).toEqual([[vm1Port, "74"], [vm1Port, "60"]]);
   });
 
+  needTshark("the README's tshark recipe reads the frames; a refused request shows curl's error, not tshark's", async () => {
+    const line = (await recipe("capture"))?.split("\n").find((l) => l.endsWith("| tshark -r -"));
+    expect(line).toBe("curl -fsSN 'http://127.0.0.1:8080/capture?network=lab&ethertype=0x0806&count=100&port=lab/qemu-listen-1' | tshark -r -");
+    await using relay = await scenario().listen("lab").spawn();
+    await using vm = await attachVm(relay);
+    const run = async (command: string) => {
+      const proc = Bun.spawn(["bash", "-c", command.replace("http://127.0.0.1:8080", relay.base)], { stdout: "pipe", stderr: "pipe" });
+      const [stdout, stderr, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
+      return { stdout, stderr: stderr.replace(/^Running as user.*\n/gm, ""), code };
+    };
+    const refused = await run(line!.replace("network=lab", "network=nope"));
+    expect(refused.stderr).toBe("curl: (22) The requested URL returned error: 404\n");
+    const reading = run(line!.replace("count=100", "count=1"));
+    await waitUntil(async () => (await relay.status()).captures.length === 1, "the recipe's capture running");
+    const arp = makeFrame(BROADCAST, "02:00:00:00:64:01", 46);
+    arp.set([0x08, 0x06], 12);
+    vm.send(arp);
+    const read = await reading;
+    expect({ code: read.code, stderr: read.stderr }).toEqual({ code: 0, stderr: "" });
+    expect(read.stdout).toContain("ARP");
+  });
+
   test("bad requests are refused in one line; beyond --max-captures the answer is 429", async () => {
     await using relay = await scenario().listen("lab").with("--max-captures", "1").spawn();
     const get = async (q: string) => {
@@ -100,6 +122,9 @@ describe("GET /capture", () => {
       return [res.status, res.status === 200 ? "" : await res.text()];
     };
     expect(await get("")).toEqual([400, "capture: network=NAME is required\n"]);
+    expect(await get("network=my%20lab")).toEqual([400, `capture: network name "my lab" must be letters, digits, '.', '_' or '-'\n`]);
+    expect(await get("network=-lab")).toEqual([400, `capture: network name "-lab" must start with a letter or digit, not "-"\n`]);
+    expect(await get("network=")).toEqual([400, `capture: network name "" is empty\n`]);
     expect(await get("network=nope")).toEqual([404, "no network nope on this relay\n"]);
     expect(await get("network=lab&snaplen=5")).toEqual([400, "capture: snaplen must be a whole number from 14 to 262144\n"]);
     expect(await get("network=lab&mac=zz")).toEqual([400, "capture: mac must look like 52:54:00:12:34:56\n"]);

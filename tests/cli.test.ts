@@ -13,6 +13,17 @@ describe("CLI", () => {
     for (const option of options) expect(stdout).toMatch(new RegExp(`^  (-[a-zA-Z], )?${option}\\b`, "m"));
   });
 
+  test("--help puts each default in parentheses after the option's words, as a value, not as the end of a sentence", async () => {
+    const { stdout } = await runCli(["--help"]);
+    const lines = stdout.split("\n");
+    const at = lines.findIndex((l) => l.startsWith("  --backplane-cluster NAME"));
+    expect(lines.slice(at, at + 2)).toEqual([
+      "  --backplane-cluster NAME        hubs with the same NAME share networks, on subjects",
+      "                                  edge-relay.NAME.NETWORK (default)",
+    ]);
+    expect(stdout).not.toMatch(/ (is|are|of|to|the) \([^)]*\)$/m);
+  });
+
   test("the README's CLI reference lists every option of the option table, and no other", async () => {
     const text = await readme();
     const section = text.slice(text.indexOf("\n## CLI reference\n"), text.indexOf("\n## ", text.indexOf("\n## CLI reference\n") + 1));
@@ -69,7 +80,10 @@ describe("CLI", () => {
     [["--http", "nope"], /^edge-relay: --http: expected HOST:PORT, got "nope"$/],
     [["--http", "127.0.0.1:99999"], /^edge-relay: --http: port 99999 is out of range 0–65535$/],
     [["--qemu-listen", "1.2.3.4"], /^edge-relay: --qemu-listen \(qemuListen\[0\]\): expected \[NET=\]HOST:PORT or \[NET=\]unix:PATH, got "1.2.3.4"$/],
-    [["--qemu-listen", "bad net=127.0.0.1:1"], /^edge-relay: --qemu-listen \(qemuListen\[0\]\): network name "bad net"/],
+    [["--qemu-listen", "bad net=127.0.0.1:1"], /^edge-relay: --qemu-listen \(qemuListen\[0\]\): network name "bad net" must be letters, digits, '\.', '_' or '-'$/],
+    [["--qemu-listen", "-lab=127.0.0.1:1"], /^edge-relay: --qemu-listen \(qemuListen\[0\]\): network name "-lab" must start with a letter or digit, not "-"$/],
+    [["--qemu-udp", "=127.0.0.1:1"], /^edge-relay: --qemu-udp \(qemuUdp\[0\]\): network name "" is empty$/],
+    [["--qemu-listen", `${"n".repeat(65)}=127.0.0.1:1`], /^edge-relay: --qemu-listen \(qemuListen\[0\]\): network name "n{65}" is longer than 64 characters$/],
     [["--qemu-udp", "127.0.0.1:1,nope"], /^edge-relay: --qemu-udp \(qemuUdp\[0\]\): expected \[NET=\]HOST:PORT\[,REMOTE_IP:REMOTE_PORT\]/],
     [["--qemu-udp", "127.0.0.1:0,localhost:10003"], /^edge-relay: --qemu-udp \(qemuUdp\[0\]\): expected .* the remote an IP literal of the same family/],
     [["--qemu-udp", "127.0.0.1:0,127.0.0.1:0"], /^edge-relay: --qemu-udp \(qemuUdp\[0\]\): expected/],
@@ -141,6 +155,29 @@ describe("CLI", () => {
     expect(broken.code).toBe(2);
   });
 
+  test("a malformed URL option, on the command line or in a config file, gets one line naming it and exits 2", async () => {
+    await using dir = await tempDir();
+    const cases: [string, string, string, string][] = [
+      ["--uplink", "uplink", "127.0.0.1:8080", "expected a ws:// or wss:// URL"],
+      ["--uplink", "uplink", "[::1]:8080", "expected a ws:// or wss:// URL"],
+      ["--uplink", "uplink", "", "expected a ws:// or wss:// URL"],
+      ["--uplink", "uplink", "ws//host", "expected a ws:// or wss:// URL"],
+      ["--uplink", "uplink", "ws://", "expected a ws:// or wss:// URL"],
+      ["--uplink-proxy", "uplinkProxy", "", "expected http://[USER:PASSWORD@]HOST:PORT"],
+      ["--uplink-proxy", "uplinkProxy", "http//proxy:3128", "expected http://[USER:PASSWORD@]HOST:PORT"],
+      ["--uplink-proxy", "uplinkProxy", "[::1", "expected http://[USER:PASSWORD@]HOST:PORT"],
+      ["--backplane", "backplane", "", "expected nats://HOST:PORT, got an empty value"],
+      ["--backplane", "backplane", "[::1]:4222", "expected nats://HOST:PORT or tls://HOST:PORT; credentials go in --backplane-token or --backplane-creds, not the URL"],
+    ];
+    for (const [flag, key, value, message] of cases) {
+      const uplink = key === "uplink" ? [] : ["--uplink", "ws://127.0.0.1:1"];
+      const args = ["--http", "127.0.0.1:0", ...uplink, "--uplink-token", "uplink-token-0001"];
+      expect(await runCli([...args, flag, value])).toEqual({ stdout: "", stderr: `edge-relay: ${flag}: ${message}\n`, code: 2 });
+      await Bun.write(`${dir.path}/c.json`, JSON.stringify({ [key]: key === "backplane" ? [value] : value }));
+      expect(await runCli([...args, "--config", `${dir.path}/c.json`])).toEqual({ stdout: "", stderr: `edge-relay: ${flag}: ${message}\n`, code: 2 });
+    }
+  });
+
   test("config-file values of the wrong type get one line in the relay's words, and a secret is never quoted", async () => {
     await using dir = await tempDir();
     const secret = "s3cret-value-never-shown";
@@ -189,15 +226,36 @@ describe("CLI", () => {
     }
   });
 
-  test("a port already in use exits 1 with the errno spelled out", async () => {
-    await using first = await scenario().listen().spawn();
+  test("a port already in use exits 1 naming the option, with the errno spelled out", async () => {
+    await using first = await scenario().listen().udp().spawn();
     const taken = first.port("qemu-listen");
     const { stdout, stderr, code } = await runCli(scenario().with("--qemu-listen", `127.0.0.1:${taken}`).args);
     expect({ stdout, stderr, code }).toEqual({
       stdout: "",
-      stderr: `edge-relay: Cannot listen on 127.0.0.1:${taken}: address already in use (EADDRINUSE)\n`,
+      stderr: `edge-relay: --qemu-listen: Cannot listen on 127.0.0.1:${taken}: address already in use (EADDRINUSE)\n`,
       code: 1,
     });
+    const udp = first.port("qemu-udp");
+    expect(await runCli(scenario().with("--qemu-udp", `127.0.0.1:${udp}`).args)).toEqual({
+      stdout: "",
+      stderr: `edge-relay: --qemu-udp: Cannot listen on udp 127.0.0.1:${udp}: address already in use (EADDRINUSE)\n`,
+      code: 1,
+    });
+  });
+
+  test("an address given to two listeners of one command is a config error naming both, before anything binds", async () => {
+    const port = await freePort();
+    const cases: [string[], string][] = [
+      [["--qemu-listen", `127.0.0.1:${port}`, "--qemu-listen", `lab=127.0.0.1:${port}`], `--qemu-listen (qemuListen[1]): 127.0.0.1:${port} is given twice, here and to --qemu-listen (qemuListen[0])`],
+      [["--http", `127.0.0.1:${port}`, "--qemu-listen", `127.0.0.1:${port}`], `--qemu-listen (qemuListen[0]): 127.0.0.1:${port} is given twice, here and to --http`],
+      [["--qemu-listen", `0.0.0.0:${port}`, "--allow-remote-qemu", "--qemu-listen", `127.0.0.1:${port}`], `--qemu-listen (qemuListen[1]): 127.0.0.1:${port} overlaps 0.0.0.0:${port}, given to --qemu-listen (qemuListen[0])`],
+      [["--qemu-udp", `127.0.0.1:${port}`, "--qemu-udp", `127.0.0.1:${port},127.0.0.1:9`], `--qemu-udp (qemuUdp[1]): 127.0.0.1:${port} is given twice, here and to --qemu-udp (qemuUdp[0])`],
+      [["--qemu-listen", "unix:/run/edge-relay-test.sock", "--qemu-udp", "unix:/run/edge-relay-test.sock"], "--qemu-udp (qemuUdp[0]): unix:/run/edge-relay-test.sock is given twice, here and to --qemu-listen (qemuListen[0])"],
+    ];
+    for (const [args, line] of cases) expect(await runCli(args)).toEqual({ stdout: "", stderr: `edge-relay: ${line}\n`, code: 2 });
+    // TCP and UDP ports are apart, and port 0 is a new port each time.
+    await using relay = await scenario().with("--qemu-listen", `127.0.0.1:${port}`, "--qemu-udp", `127.0.0.1:${port}`).listen("lab").listen().spawn();
+    expect(relay.bound.filter((b) => b.what === "qemu-listen")).toHaveLength(3);
   });
 
   test("an --http address in use exits 1 naming the option, in the same words as any listener", async () => {
@@ -432,10 +490,12 @@ describe("HTTP", () => {
     expect((await get("?networks=0")).networks).toEqual([]);
   });
 
-  test("a non-loopback --http needs the admin token on every route", async () => {
+  test("a non-loopback --http needs the admin token on every route but /healthz", async () => {
     await using relay = await spawnRelay(["--http", "0.0.0.0:0", "--admin-token", "admin-secret-000001"]);
     const base = `http://127.0.0.1:${relay.port("http")}`;
-    for (const path of ["/healthz", "/status", "/metrics"]) {
+    // A load balancer's check carries no secret, and learns only whether the hub is up.
+    expect(await (await fetch(`${base}/healthz`)).text()).toBe("ok\n");
+    for (const path of ["/", "/status", "/metrics", "/capture?network=default&seconds=1", "/impair"]) {
       expect((await fetch(`${base}${path}`)).status).toBe(401);
       expect((await fetch(`${base}${path}`, { headers: { Authorization: "Bearer wrong" } })).status).toBe(401);
       expect((await fetch(`${base}${path}`, { headers: { Authorization: "Bearer admin-secret-000001" } })).status).toBe(200);

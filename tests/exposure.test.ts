@@ -5,7 +5,7 @@ import { describe, expect, test } from "bun:test";
 import { existsSync, readFileSync } from "node:fs";
 import type { udp } from "bun";
 import { UNIX_DGRAM_BACKLOG, UNIX_DGRAM_MESSAGE_COST, openUnixDgram } from "../relay.ts";
-import { BROADCAST, type RelayProcess, attachVm, connectStream, fromMac, makeFrame, runCli, sameBytes, tempDir, udpPeer, waitUntil, scenario } from "./helpers.ts";
+import { BROADCAST, FrameQueue, type RelayProcess, attachVm, connectStream, fromMac, makeFrame, runCli, sameBytes, tempDir, udpPeer, waitUntil, scenario } from "./helpers.ts";
 
 /** The status of the relay's --qemu-udp socket bound to `port`. */
 async function datagramStatus(relay: RelayProcess, port = relay.port("qemu-udp")) {
@@ -78,6 +78,43 @@ async function flood(relay: RelayProcess, from: udp.Socket<"buffer">[], datagram
 }
 
 const floodMac = (i: number) => `02:00:00:01:${((i >> 8) & 0xff).toString(16).padStart(2, "0")}:${(i & 0xff).toString(16).padStart(2, "0")}`;
+
+describe("runt datagrams", () => {
+  test("0, 1 and 13 bytes from a known peer count on its port (rx.runts, rx.drops), on UDP and unix sockets, learned or fixed; from a stranger, on the socket", async () => {
+    await using dir = await tempDir();
+    using udpVm = await udpPeer();
+    const unixFrames = new FrameQueue();
+    const unixVm = await openUnixDgram(`${dir.path}/vm.dgram`, (data) => unixFrames.push(data));
+    await using _unixVm = { [Symbol.asyncDispose]: () => unixVm.close() };
+    await using relay = await scenario().listen().udp().with("--qemu-udp", `udpfixed=127.0.0.1:0,127.0.0.1:${udpVm.port}`, "--qemu-udp", `unix:${dir.path}/learn.dgram`, "--qemu-udp", `unixfixed=unix:${dir.path}/fixed.dgram,unix:${dir.path}/vm.dgram`).spawn();
+    await using tcp = await attachVm(relay);
+    const runts = [0, 1, 13].map((n) => new Uint8Array(n));
+    const senders: [string, string, (d: Uint8Array) => void][] = [
+      ["default", `127.0.0.1:${udpVm.port}`, (d) => udpVm.send(d, relay.port("qemu-udp", "default"))],
+      ["udpfixed", `127.0.0.1:${udpVm.port}`, (d) => udpVm.send(d, relay.port("qemu-udp", "udpfixed"))],
+      ["default", `unix:${dir.path}/vm.dgram`, (d) => void unixVm.send(d, { path: `${dir.path}/learn.dgram` })],
+      ["unixfixed", `unix:${dir.path}/vm.dgram`, (d) => void unixVm.send(d, { path: `${dir.path}/fixed.dgram` })],
+    ];
+    for (const [network, peer, send] of senders) {
+      // A whole frame first (a learning socket makes a peer only of one), then the runts, then a frame again.
+      send(makeFrame(BROADCAST, "02:00:00:00:58:01", "first"));
+      for (const runt of runts) send(runt);
+      send(makeFrame(BROADCAST, "02:00:00:00:58:01", "last"));
+      const port = await waitUntil(async () => {
+        const ports = (await relay.status()).networks.find((n: any) => n.name === network).ports;
+        return ports.find((p: any) => p.peer === peer && p.rx.frames === 2);
+      }, `${network} ${peer}: both frames`);
+      expect(port.rx).toMatchObject({ frames: 2, runts: 3, drops: 3 });
+    }
+    // Datagram sockets never make a port of a runt: a stranger's are counted on the socket.
+    using stranger = await udpPeer();
+    for (const runt of runts) stranger.send(runt, relay.port("qemu-udp", "default"));
+    await waitUntil(async () => (await datagramStatus(relay, relay.port("qemu-udp", "default"))).drops.runts === 3, "the stranger's runts counted");
+    expect(tcp.frames.frames.filter((f) => f.length < 14)).toEqual([]);
+    const metrics = await fetch(`${relay.base}/metrics`).then((r) => r.text());
+    expect(metrics).toContain(`edge_relay_port_rx_drops_total{network="udpfixed",port="udpfixed/qemu-udp-`);
+  });
+});
 
 describe("--qemu-udp peer table under a flood of sources", () => {
   test("runts from 1,000 sources make no port: only a whole frame makes a peer", async () => {

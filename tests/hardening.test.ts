@@ -3,8 +3,8 @@
  * Real CLI processes and real sockets on loopback.
  */
 import { describe, expect, test } from "bun:test";
-import { TUNNEL_PROTOCOL, encodeControl, encodeFrames, rateLimitedLog } from "../relay.ts";
-import { BROADCAST, attachVm, freePort, fromMac, makeFrame, runCli, spawnRelay, uplinkUp, waitUntil, type RelayProcess, scenario } from "./helpers.ts";
+import { BUDGET_ALPHA, MemoryBudget, TUNNEL_PROTOCOL, encodeControl, encodeFrames, rateLimitedLog } from "../relay.ts";
+import { BROADCAST, attachVm, connectStream, freePort, fromMac, makeFrame, runCli, spawnRelay, tempDir, uplinkUp, waitUntil, type RelayProcess, scenario } from "./helpers.ts";
 
 const TOKEN = "hardening-secret-7d1e";
 const wsUrl = (relay: RelayProcess) => relay.base.replace(/^http/, "ws");
@@ -106,6 +106,34 @@ describe("loops", () => {
     expect(status.uplink.refused).toEqual([{ network: "default", reason: "that is this relay itself: a tunnel to itself would loop" }]);
     expect(status.loopRefusals).toBe(1);
     expect(status.networks.find((n: any) => n.name === "default").ports.map((p: any) => p.kind)).toEqual([]);
+  });
+
+  test("a newer tunnel with the same relay id and token replaces the old one; one with another token, or a second takeover within 30 s, is refused as a loop", async () => {
+    const other = "hardening-other-token-2";
+    await using hub = await scenario().hub(TOKEN).hub(other).spawn();
+    const hello = (name: string) => encodeControl({ type: "hello", version: 1, networks: ["default"], id: "00000000000000aa", name });
+    const first = await tunnelClient(hub);
+    const reason = new Promise<string>((r) => first.ws.addEventListener("close", (e) => r(`${e.code} ${e.reason}`)));
+    first.ws.send(hello("twin"));
+    expect((await first.control("welcome")).accepted).toEqual(["default"]);
+    // Another token's holder cannot push the site off with its id.
+    const stranger = await tunnelClient(hub, other);
+    stranger.ws.send(hello("twin"));
+    expect((await stranger.control("welcome")).refused).toEqual([{ network: "default", reason: "loop: relay twin is attached to default already" }]);
+    const second = await tunnelClient(hub);
+    second.ws.send(hello("twin"));
+    expect((await second.control("welcome")).accepted).toEqual(["default"]);
+    expect(await reason).toBe("4000 replaced by a newer tunnel from the same relay");
+    // Two live paths from one relay id would take turns: the tunnel that just took over stays.
+    const third = await tunnelClient(hub);
+    third.ws.send(hello("twin"));
+    expect((await third.control("welcome")).refused).toEqual([{ network: "default", reason: "loop: relay twin is attached to default already" }]);
+    expect(second.ws.readyState).toBe(WebSocket.OPEN);
+    const status = await hub.status();
+    expect(status.loopRefusals).toBe(2);
+    expect(status.networks[0].ports.map((p: any) => p.peer)).toEqual([expect.stringMatching(/^twin \(127\.0\.0\.1:\d+\)$/)]);
+    expect(hub.stdout().match(/^tunnel: twin \(127\.0\.0\.1:\d+\) replaced by a newer tunnel from the same relay \(twin \(127\.0\.0\.1:\d+\)\)$/gm)).toHaveLength(1);
+    for (const c of [second, third, stranger]) c.ws.close();
   });
 
   test("two hubs uplinked to each other carry each frame once, not for ever", async () => {
@@ -230,15 +258,23 @@ describe("hostile tunnel clients", () => {
     await waitUntil(async () => (await hub.status()).limits.networks === 0, "networks forgotten with their tunnel");
   });
 
-  test("after repeated wrong tokens an address gets 429 for a while, even with the right one, counted", async () => {
+  test("after repeated wrong tokens an address's further wrong ones get 429, counted; the right token still opens a tunnel", async () => {
     await using hub = await scenario().hub(TOKEN).spawn();
     for (let i = 0; i < 10; i++) expect((await fetch(`${hub.base}/tunnel`, { headers: { Authorization: `Bearer wrong-${i}-0000000000` } })).status).toBe(401);
-    const blocked = await fetch(`${hub.base}/tunnel`, { headers: { Authorization: `Bearer ${TOKEN}` } });
+    const blocked = await fetch(`${hub.base}/tunnel`, { headers: { Authorization: "Bearer wrong-again-0000000000" } });
     expect(blocked.status).toBe(429);
     expect(Number(blocked.headers.get("retry-after"))).toBeGreaterThan(0);
+    // A site sharing the address (a NAT, a proxy) with the right token is served as ever.
+    const site = await tunnelClient(hub);
+    site.ws.send(encodeControl({ type: "hello", version: 1, networks: ["lab"] }));
+    expect(await site.control("welcome")).toMatchObject({ accepted: ["lab"] });
     const status = await hub.status();
     expect({ authFailures: status.authFailures, authThrottled: status.authThrottled }).toEqual({ authFailures: 10, authThrottled: 1 });
     expect(await (await fetch(`${hub.base}/metrics`)).text()).toContain("edge_relay_auth_throttled_total 1");
+    // The throttled attempt logged nothing: ten refusal lines, no more (all its output is in once it stopped).
+    site.ws.close();
+    await hub.stop();
+    expect(hub.stderr().match(/tunnel: refused 127\.0\.0\.1:\d+: wrong token/g)?.length).toBe(10);
   });
 });
 
@@ -278,6 +314,136 @@ describe("port security and budgets", () => {
     expect(status.limits.memoryUsed).toBeLessThanOrEqual(1024 * 1024);
     const slow = status.networks[0].ports.filter((p: any) => p.peer !== sender.local);
     for (const p of slow) expect(p.tx.frames + p.tx.drops).toBe(200);
+  });
+});
+
+/** Fills ports in turn, `bytes` at a time, until none of them can take more; returns what each holds. */
+function fill(budget: InstanceType<typeof MemoryBudget>, ports: number, bytes: number): number[] {
+  const held = Array<number>(ports).fill(0);
+  for (let more = true; more; ) {
+    more = false;
+    for (let i = 0; i < ports; i++) {
+      if (budget.take(bytes, held[i]!)) {
+        held[i]! += bytes;
+        more = true;
+      }
+    }
+  }
+  return held;
+}
+
+describe("the memory budget's dynamic threshold", () => {
+  test("a lone port holds at most α/(1 + α) of the budget; N full ports leave 1/(1 + αN) of it free", () => {
+    expect(BUDGET_ALPHA).toBe(1);
+    const one = new MemoryBudget(1100);
+    expect(fill(one, 1, 1)).toEqual([550]);
+    expect(one.used).toBe(550);
+    expect(one.drops).toBe(1);
+    const ten = new MemoryBudget(1100);
+    expect(fill(ten, 10, 1)).toEqual(Array(10).fill(100));
+    expect(ten.limit - ten.used).toBe(100);
+    // A port that holds nothing still gets its share of what is left: half of it.
+    expect(fill(ten, 1, 1)).toEqual([50]);
+  });
+
+  test("N stuck ports leave about 1/(1 + αN) of the budget free, room for a healthy port's frame; released bytes come back", () => {
+    const FRAME = 1504;
+    for (const stuck of [1, 10, 100, 300]) {
+      const budget = new MemoryBudget(1024 * 1024);
+      const held = fill(budget, stuck, FRAME);
+      expect(budget.used).toBeLessThanOrEqual(budget.limit);
+      expect(budget.limit - budget.used).toBeGreaterThanOrEqual(budget.limit / (1 + BUDGET_ALPHA * stuck) - FRAME);
+      expect(budget.take(FRAME, 0)).toBe(true);
+      budget.release(FRAME);
+      budget.release(held[0]!);
+      expect(budget.used).toBe(held.slice(1).reduce((a, b) => a + b, 0));
+    }
+  });
+
+  test("a frame is refused when it is more than is free, or would leave its port holding more than α × what is free; refusals are counted", () => {
+    const budget = new MemoryBudget(1000);
+    expect(budget.take(600, 0)).toBe(true);
+    expect(budget.take(401, 0)).toBe(false);
+    expect(budget.take(300, 200)).toBe(false);
+    expect(budget.take(200, 200)).toBe(true);
+    expect([budget.used, budget.drops]).toEqual([800, 2]);
+  });
+});
+
+/** Python: opens `count` connections to the unix socket `path`, says so, and never reads. */
+const STUCK_CLIENTS = `
+import os, socket, sys
+held = []
+for _ in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1])
+    held.append(s)
+print("connected", len(held), flush=True)
+os.close(1)
+sys.stdin.read()
+`;
+
+describe("a fair shared buffer", () => {
+  test("100 VM connections that stop reading leave room in --memory-budget: a healthy pair on another network loses nothing and never waits a second", async () => {
+    const BUDGET = 4 * 1024 * 1024;
+    await using dir = await tempDir();
+    await using relay = await scenario().with("--qemu-listen", `stuck=unix:${dir.path}/stuck.sock`).listen("ok").with("--memory-budget", String(BUDGET), "--queue-bytes", String(1024 * 1024)).spawn();
+    // 100 real clients in another process that never read. Unix stream sockets, because their
+    // kernel buffers are fixed (net.core.wmem_default): a TCP sender's grows to tcp_wmem's maximum
+    // (4 MiB here), so 100 stuck TCP peers would soak up 400 MiB in the kernel before the relay
+    // queued a byte. The relay's queueing is the same for both.
+    const stuck = Bun.spawn(["python3", "-c", STUCK_CLIENTS, `${dir.path}/stuck.sock`, "100"], { stdin: "pipe", stdout: "pipe", stderr: "inherit" });
+    await using _stuck = { [Symbol.asyncDispose]: async () => void (stuck.kill(), await stuck.exited) };
+    expect(await new Response(stuck.stdout).text()).toBe("connected 100\n");
+    await using flooder = await connectStream(`${dir.path}/stuck.sock`);
+    await waitUntil(async () => (await relay.status()).networks.find((n: any) => n.name === "stuck").portCount === 101, "101 ports on stuck");
+    const flood = encodeFrames(Array.from({ length: 200 }, () => makeFrame(BROADCAST, "02:00:00:00:57:01", 1500)));
+    // Until the stuck ports hold nearly all of the budget (their kernel buffers fill first).
+    await waitUntil(async () => {
+      await flooder.writeAll(flood);
+      return (await relay.status()).limits.memoryUsed > BUDGET * 0.9;
+    }, "the stuck ports to fill the budget", 60_000);
+
+    await using a = await attachVm(relay, "ok");
+    await using b = await attachVm(relay, "ok");
+    const [A, B] = ["02:00:00:00:57:0a", "02:00:00:00:57:0b"];
+    b.send(makeFrame(BROADCAST, B, "learn me"));
+    await a.frames.next(fromMac(B));
+    const COUNT = 100;
+    // Arrival times as they happen; a lost frame ends the wait with what came.
+    const receiving = (async () => {
+      const arrivals: { seq: number; at: number }[] = [];
+      try {
+        for (let i = 0; i < COUNT; i++) {
+          const f = await b.frames.next(fromMac(A), 5_000);
+          arrivals.push({ seq: new DataView(f.buffer, f.byteOffset).getUint32(14), at: performance.now() });
+        }
+      } catch {
+        // reported by the checks below
+      }
+      return arrivals;
+    })();
+    let worst = 0;
+    const start = performance.now();
+    for (let i = 0; i < COUNT; i++) {
+      const frame = makeFrame(B, A, 1500);
+      new DataView(frame.buffer).setUint32(14, i);
+      a.send(frame);
+      // The stuck network stays under pressure while the pair talks.
+      if (i % 10 === 0) await flooder.writeAll(flood);
+      worst = Math.max(worst, (await relay.status()).limits.memoryUsed);
+      await Bun.sleep(20); // the pair's pace, not a synchronisation
+    }
+    const arrivals = await receiving;
+    expect(arrivals.map((x) => x.seq)).toEqual(Array.from({ length: COUNT }, (_, i) => i));
+    const gaps = arrivals.map((x, i) => x.at - (i === 0 ? start : arrivals[i - 1]!.at));
+    expect(Math.max(...gaps)).toBeLessThan(1000);
+    // The budget's figure never passes it (VM ports are charged before they queue); the stuck ports are stuck.
+    expect(worst).toBeLessThanOrEqual(BUDGET);
+    const s = await relay.status();
+    expect(s.limits.memoryDrops).toBeGreaterThan(0);
+    const okPorts = s.networks.find((n: any) => n.name === "ok").ports;
+    expect(okPorts.map((p: any) => p.tx.drops)).toEqual([0, 0]);
   });
 });
 

@@ -6,8 +6,9 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { copyFileSync, existsSync, mkdirSync } from "node:fs";
 import puppeteer, { type Browser, type Page } from "puppeteer-core";
-import { ADMIN_COOKIE, PAGE_HTML } from "../relay.ts";
-import { attachVm, makeFrame, tempDir, waitUntil, scenario } from "./helpers.ts";
+import { ADMIN_COOKIE, PAGE_HTML, PAGE_HTML_WITH_LOGOUT } from "../relay.ts";
+import { lease } from "./dhcp-packets.ts";
+import { attachVm, freePort, makeFrame, spawnRelay, tempDir, uplinkFailed, uplinkUp, waitUntil, scenario } from "./helpers.ts";
 
 const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
 const present = existsSync(CHROMIUM);
@@ -40,6 +41,20 @@ function problems(page: Page): string[] {
 }
 
 const number = (text: string | null | undefined) => Number((text ?? "").replace(/[^\d]/g, ""));
+
+/** The page and a /status of the test's making, without the relay (or its CSP). */
+function servePage(snapshot: () => unknown) {
+  return Bun.serve({
+    hostname: "127.0.0.1",
+    port: 0,
+    fetch(request) {
+      const path = new URL(request.url).pathname;
+      if (path === "/") return new Response(PAGE_HTML, { headers: { "Content-Type": "text/html; charset=utf-8" } });
+      if (path === "/status") return Response.json(snapshot());
+      return new Response("not found", { status: 404 });
+    },
+  });
+}
 
 const MAC_A = "02:00:00:00:0a:01";
 const MAC_B = "02:00:00:00:0b:02";
@@ -166,7 +181,29 @@ suite("status page in Chromium", () => {
     expect(seen).toEqual([]);
   }, 20_000);
 
-  test("with an admin token: 401 and a login form, then a cookie the page's polls carry", async () => {
+  test("a --dhcp network shows each lease's address and name beside its MAC and its port, and the pool in the summary", async () => {
+    await using dir = await tempDir();
+    await using relay = await scenario().listen("lab").with("--dhcp", "lab=10.9.0.0/24", "--name", "site-a").spawn();
+    await using vm = await attachVm(relay, "lab");
+    const client = "52:54:00:00:00:81";
+    const ack = await lease(vm, client, { hostname: "vm2" });
+    const port = (await relay.status()).networks[0].ports.find((p: any) => p.peer === vm.local).id as string;
+    await using context = await browser.createBrowserContext();
+    const page = await context.newPage();
+    const seen = problems(page);
+    await page.setViewport({ width: 1280, height: 800 });
+    await page.goto(`${relay.base}/`);
+    const text = (selector: string) => page.evaluate((s: string) => document.querySelector(s)?.textContent, selector);
+    await page.waitForSelector(`section[data-network="lab"] tr[data-mac="${client}"] [data-field="lease"]`, { timeout: 5_000 });
+    expect(await text(`section[data-network="lab"] tr[data-mac="${client}"] td.mac`)).toBe(`${client}${ack.yiaddr} vm2`);
+    expect(await text(`section[data-network="lab"] table.ports tr[data-port="${port}"] [data-field="leases"]`)).toBe(`${ack.yiaddr} vm2`);
+    expect(await text(`section[data-network="lab"] table.ports tr[data-port="lab/host-1"] td[data-field="id"]`)).toBe("lab/host-1 (host)");
+    expect(await text(`section[data-network="lab"] > p.muted`)).toContain("DHCP 10.9.0.0/24, gateway 10.9.0.1, pool 10.9.0.10-10.9.0.254: 1 lease, 244 free");
+    await screenshot(page, dir.path, "page-dhcp");
+    expect(seen).toEqual([]);
+  });
+
+  test("with an admin token: 401 and a login form, then a session cookie the page's polls carry, and a log-out button", async () => {
     await using dir = await tempDir();
     const token = "page-admin-token-0001";
     await using relay = await scenario().with("--admin-token", token).listen().with("--name", "locked-relay").spawn();
@@ -181,10 +218,11 @@ suite("status page in Chromium", () => {
     expect(form).toContain('<form method="post" action="login">');
     expect(form).not.toContain("locked-relay");
     const bearer = await fetch(`${base}/`, { headers: { Authorization: `Bearer ${token}` } });
-    expect([bearer.status, await bearer.text()]).toEqual([200, PAGE_HTML]);
+    expect([bearer.status, await bearer.text()]).toEqual([200, PAGE_HTML_WITH_LOGOUT]);
     expect((await fetch(`${base}/status`)).status).toBe(401);
-    expect((await fetch(`${base}/status`, { headers: { Cookie: `${ADMIN_COOKIE}=wrong-token-000000001` } })).status).toBe(401);
-    expect((await fetch(`${base}/status`, { headers: { Cookie: `other=1; ${ADMIN_COOKIE}=${encodeURIComponent(token)}` } })).status).toBe(200);
+    expect((await fetch(`${base}/status`, { headers: { Cookie: `${ADMIN_COOKIE}=not-a-session-00000001` } })).status).toBe(401);
+    // The token is no session: only what /login hands out is.
+    expect((await fetch(`${base}/status`, { headers: { Cookie: `other=1; ${ADMIN_COOKIE}=${encodeURIComponent(token)}` } })).status).toBe(401);
     const tooBig = await fetch(`${base}/login`, { method: "POST", headers: { "Content-Type": "application/x-www-form-urlencoded" }, body: `token=${"x".repeat(5000)}` });
     expect(tooBig.status).toBe(413);
 
@@ -206,24 +244,91 @@ suite("status page in Chromium", () => {
 
     const cookie = (await context.cookies()).find((c) => c.name === ADMIN_COOKIE);
     expect(cookie).toMatchObject({ httpOnly: true, sameSite: "Strict", path: "/", secure: false });
+    expect(cookie!.value).not.toContain(token);
     expect(await page.evaluate(() => document.cookie)).toBe("");
     // The page's own fetches of /status carry the cookie.
     await page.waitForFunction(() => document.querySelector("#name")?.textContent === "locked-relay", { timeout: 5_000 });
     await page.waitForFunction(() => /^● Live/.test(document.querySelector("#live")?.textContent ?? ""), { timeout: 5_000 });
 
-    // The cookie goes (or the token changes): the page says so and links to the login form.
-    await context.deleteCookie(cookie!);
+    await screenshot(page, dir.path, "logged-in");
+
+    // Log out: the session ends on the relay, so its id is worth nothing even to whoever kept it.
+    const [out] = await Promise.all([page.waitForNavigation(), page.click('#logout button[type="submit"]')]);
+    expect(out?.status()).toBe(401);
+    expect(await page.$('input[name="token"]')).not.toBeNull();
+    expect((await context.cookies()).find((c) => c.name === ADMIN_COOKIE)).toBeUndefined();
+    expect((await fetch(`${base}/status`, { headers: { Cookie: `${ADMIN_COOKIE}=${cookie!.value}` } })).status).toBe(401);
+
+    // Logged in again, the cookie goes (or the relay restarts): the page says so and links to the login form.
+    await page.type('input[name="token"]', token);
+    await Promise.all([page.waitForNavigation(), page.click('button[type="submit"]')]);
+    await page.waitForFunction(() => /^● Live/.test(document.querySelector("#live")?.textContent ?? ""), { timeout: 5_000 });
+    await context.deleteCookie((await context.cookies()).find((c) => c.name === ADMIN_COOKIE)!);
     await page.waitForFunction(() => /^⚠ Not authorised/.test(document.querySelector("#live")?.textContent ?? ""), { timeout: 5_000 });
     expect(await page.$eval("#live a", (e) => e.getAttribute("href"))).toBe("./");
 
     const status = await (await fetch(`${base}/status`, { headers: { Authorization: `Bearer ${token}` } })).json();
-    // fetch: /, /status, the wrong cookie; browser: /, the wrong token, the poll without the cookie.
-    expect(status.authFailures).toBe(6);
+    // Refused: fetch's /status, the two cookies that are no sessions, the old session; the browser's wrong
+    // token and its polls without a cookie (one or more). The login form shown is no failure, nor throttled.
+    expect(status.authFailures).toBeGreaterThanOrEqual(6);
+    expect(status.authThrottled).toBe(0);
     expect(relay.stdout() + relay.stderr()).toMatch(/login: refused 127\.0\.0\.1:\d+: wrong token/);
     expect(relay.stdout() + relay.stderr()).not.toContain(token);
     expect(relay.stdout() + relay.stderr()).not.toContain("not-the-admin-token-01");
     expect(seen.filter((s) => !s.includes("401"))).toEqual([]);
   }, 20_000);
+
+  test("writes every time in one form: 24-hour, with the date (year first) when it is not today", async () => {
+    const today = new Date().toISOString();
+    const port = (id: string, state: string, since: string) => ({
+      id, kind: "tunnel", peer: id, state, since, errors: 0, macs: 0, reason: "gone",
+      rx: { frames: 0, bytes: 0, drops: 0, runts: 0, storm: 0, macLimit: 0, loop: 0 },
+      tx: { frames: 0, bytes: 0, drops: 0 },
+    });
+    const snapshot = {
+      version: "0.1.0", id: "0123456789abcdef", name: "hub", uptime: 86_400 * 400, startedAt: "2025-11-02T15:04:05.000Z",
+      networks: [{ name: "lab", ports: [port("tunnel-1", "up", today)], closedPorts: [port("tunnel-0", "closed", "2026-01-02T03:04:06.000Z")], macCount: 0, macs: [] }],
+      uplink: { url: "ws://hub:1", state: "up", since: "2026-01-02T23:59:59.000Z", connects: 1, attempts: 1, networks: ["lab"], refused: [] },
+      dials: [],
+      limits: { networks: 1, maxNetworks: 1024, tunnels: 1, maxTunnels: 4096, maxTunnelsPerAddress: 64, memoryUsed: 0, memoryBudget: 1 << 28, memoryDrops: 0 },
+      authFailures: 0, authThrottled: 0, protocolErrors: 0, tunnelsRefused: 0, loopRefusals: 0, loopsDetected: 0,
+    };
+    await using server = servePage(() => snapshot);
+    await using context = await browser.createBrowserContext();
+    const page = await context.newPage();
+    const seen = problems(page);
+    await page.emulateTimezone("UTC");
+    await page.goto(`http://127.0.0.1:${server.port}/`);
+    await page.waitForSelector("table.closed tr[data-port='tunnel-0']", { timeout: 5_000 });
+    const fact = (name: string) => page.evaluate((n) => [...document.querySelectorAll("dt")].find((dt) => dt.textContent === n)?.nextElementSibling?.textContent, name);
+    expect(await fact("Uptime")).toBe("400 d 0 h (since 2025-11-02 15:04:05)");
+    expect(await page.$eval("[data-field='uplink-state']", (e) => e.textContent)).toBe("● up since 2026-01-02 23:59:59");
+    expect(await page.$eval("table.closed td[data-field='since']", (e) => e.textContent)).toStartWith("2026-01-02 03:04:06 (");
+    const hms = new Date(today).toISOString().slice(11, 19);
+    expect(await page.$eval("tr[data-port='tunnel-1'] td[data-field='state']", (e) => e.textContent)).toEndWith(` since ${hms}`);
+    await page.waitForFunction(() => /^● Live, updated \d\d:\d\d:\d\d$/.test(document.querySelector("#live")?.textContent ?? ""), { timeout: 5_000 });
+    expect(seen).toEqual([]);
+  }, 20_000);
+
+  test("an uplink that is up again shows its last error as past, not in red", async () => {
+    const token = "page-uplink-token-01";
+    const hubPort = await freePort();
+    await using site = await scenario().uplink(`ws://127.0.0.1:${hubPort}`, token).spawn();
+    await using context = await browser.createBrowserContext();
+    const page = await context.newPage();
+    const seen = problems(page);
+    const failed = await uplinkFailed(site);
+    await page.goto(`${site.base}/`);
+    await page.waitForFunction((e) => document.querySelector("[data-field='uplink-error']")?.textContent === e, { timeout: 5_000 }, `⚠ ${failed.lastError}`);
+    expect(await page.$eval("[data-field='uplink-error'] span", (e) => e.className)).toBe("error");
+    await using _hub = await spawnRelay(["--http", `127.0.0.1:${hubPort}`, "--token", token]);
+    await uplinkUp(site);
+    const past = new RegExp(`^last error before it reconnected \\d+ s ago: ${failed.lastError.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")}$`);
+    await page.waitForFunction((re) => new RegExp(re).test(document.querySelector("[data-field='uplink-error']")?.textContent ?? ""), { timeout: 10_000 }, past.source);
+    expect(await page.$eval("[data-field='uplink-error'] span", (e) => e.className)).toBe("muted");
+    expect(await page.$eval("[data-field='uplink-state']", (e) => e.textContent)).toStartWith("● up since ");
+    expect(seen).toEqual([]);
+  }, 30_000);
 
   test("renders hostile names as text, and closed ports' reasons and the uplink's last error", async () => {
     await using dir = await tempDir();
@@ -276,16 +381,7 @@ suite("status page in Chromium", () => {
       loopsDetected: 0,
     });
     // Served without the CSP on purpose: only the page's own escaping stands between this data and the DOM.
-    await using server = Bun.serve({
-      hostname: "127.0.0.1",
-      port: 0,
-      fetch(request) {
-        const path = new URL(request.url).pathname;
-        if (path === "/") return new Response(PAGE_HTML, { headers: { "Content-Type": "text/html; charset=utf-8" } });
-        if (path === "/status") return Response.json(snapshot());
-        return new Response("not found", { status: 404 });
-      },
-    });
+    await using server = servePage(snapshot);
     await using context = await browser.createBrowserContext();
     const page = await context.newPage();
     const seen = problems(page);
@@ -311,7 +407,7 @@ suite("status page in Chromium", () => {
 });
 
 describe("status page login", () => {
-  test("over HTTPS the cookie is Secure too; a wrong token sets none", async () => {
+  test("over HTTPS the session cookie is Secure too; a wrong token sets none", async () => {
     await using dir = await tempDir();
     const [cert, key] = [`${dir.path}/cert.pem`, `${dir.path}/key.pem`];
     await Bun.$`openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ${key} -out ${cert} -days 1 -subj /CN=edge-relay-test -addext subjectAltName=IP:127.0.0.1`.quiet();
@@ -329,12 +425,12 @@ describe("status page login", () => {
     const wrong = await login("not-the-admin-token-01");
     expect([wrong.status, wrong.headers.get("set-cookie")]).toEqual([401, null]);
     const right = await login(token);
-    expect([right.status, right.headers.get("location"), right.headers.get("set-cookie")]).toEqual([
-      303,
-      "./",
-      `${ADMIN_COOKIE}=${token}; Path=/; Max-Age=43200; HttpOnly; SameSite=Strict; Secure`,
-    ]);
-    const page = await fetch(`${relay.base}/`, { headers: { Cookie: `${ADMIN_COOKIE}=${token}` }, tls } as RequestInit);
-    expect([page.status, await page.text()]).toEqual([200, PAGE_HTML]);
+    expect([right.status, right.headers.get("location")]).toEqual([303, "./"]);
+    const cookie = right.headers.get("set-cookie") ?? "";
+    expect(cookie).toMatch(new RegExp(`^${ADMIN_COOKIE}=[A-Za-z0-9_-]{43}; Path=/; Max-Age=43200; HttpOnly; SameSite=Strict; Secure$`));
+    const page = await fetch(`${relay.base}/`, { headers: { Cookie: cookie.split(";")[0]! }, tls } as RequestInit);
+    expect([page.status, await page.text()]).toEqual([200, PAGE_HTML_WITH_LOGOUT]);
+    const out = await fetch(`${relay.base}/logout`, { method: "POST", headers: { Cookie: cookie.split(";")[0]! }, redirect: "manual", tls } as RequestInit);
+    expect(out.headers.get("set-cookie")).toBe(`${ADMIN_COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict; Secure`);
   });
 });

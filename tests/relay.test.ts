@@ -2,6 +2,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { readFileSync } from "node:fs";
 import { hostname } from "node:os";
 import { MAX_FRAME, TUNNEL_PROTOCOL, encodeControl, encodeFrames } from "../relay.ts";
+import { ChaosProxy } from "./chaos/proxy.ts";
 import {
   BROADCAST,
   type RelayProcess,
@@ -12,6 +13,7 @@ import {
   makeFrame,
   mac,
   sameBytes,
+  type StreamPeer,
   spawnRelay,
   tempDir,
   uplinkUp,
@@ -26,6 +28,17 @@ const wsUrl = (relay: RelayProcess) => relay.base.replace(/^http/, "ws");
 
 function site(hub: RelayProcess, relay = scenario()) {
   return relay.uplink(wsUrl(hub), TOKEN).spawn();
+}
+
+/** Sends broadcasts from `from` (source MAC `src`) until one arrives at `to`; resolves with the ms it took. */
+async function forwarding(from: StreamPeer, to: StreamPeer, src: string, timeoutMs = 10_000): Promise<number> {
+  const start = performance.now();
+  const seen = fromMac(src);
+  await waitUntil(() => {
+    from.send(makeFrame(BROADCAST, src, "are we through?"));
+    return to.frames.frames.some(seen);
+  }, `a frame from ${src} forwarded`, timeoutMs);
+  return performance.now() - start;
 }
 
 describe("relay over a hub (three CLI processes)", () => {
@@ -315,6 +328,36 @@ describe("uplink", () => {
     }
   });
 
+  test("after a 10 s hub outage the site is back within a few seconds: no dial is ever scheduled more than 3 s ahead", async () => {
+    const hubArgs = ["--http", `127.0.0.1:${await freePort()}`, "--token", TOKEN];
+    let hub = await spawnRelay(hubArgs);
+    await using _hubs = { [Symbol.asyncDispose]: () => hub.stop("SIGKILL").then(() => {}) };
+    await using siteR = await site(hub, scenario().listen());
+    await uplinkUp(siteR);
+    await hub.stop("SIGKILL");
+    const killed = performance.now();
+    let longest = 0;
+    // The outage: ten seconds of refused dials, each one's next dial noted when it is scheduled,
+    // until the site says (a line every 10 s) that it is still down and when it dials next.
+    let said: string | undefined;
+    void siteR.waitForLine(/ still down since /, 30_000).then((line) => (said = line), () => {});
+    await waitUntil(async () => {
+      const uplink = (await siteR.status()).uplink;
+      if (uplink.nextDial) longest = Math.max(longest, Date.parse(uplink.nextDial) - Date.now());
+      return performance.now() - killed >= 10_000 && said !== undefined;
+    }, "ten seconds of refused dials, and a line saying so", 30_000);
+    expect(longest).toBeLessThanOrEqual(3_000);
+    const downSince = Date.parse(/still down since (\S+) /.exec(said!)![1]!);
+    // since the outage began, not since the last failed dial
+    expect(performance.now() - killed - (Date.now() - downSince)).toBeLessThan(5_000);
+    expect(said).toMatch(/^uplink: ws:\/\/127\.0\.0\.1:\d+\/tunnel still down since \S+ \(\d+ dials so far; last: .+\); next dial at \d{4}-\d\d-\d\dT\S+Z$/);
+    hub = await spawnRelay(hubArgs);
+    const back = performance.now();
+    await uplinkUp(siteR, 2);
+    expect(performance.now() - back).toBeLessThan(5_000);
+    expect((await siteR.status()).uplink.nextDial).toBeUndefined();
+  });
+
   test("a hub that stops answering is closed and redialled (keepalive)", async () => {
     await using hub = await scenario().hub(TOKEN).spawn();
     await using siteR = await site(hub, scenario().listen().with("--keepalive", "0.1"));
@@ -326,6 +369,60 @@ describe("uplink", () => {
       hub.proc.kill("SIGCONT");
     }
     await uplinkUp(siteR, 2);
+  });
+});
+
+describe("tunnel takeover", () => {
+  test("a hub paused past the sites' keepalive forwards between them within 2 s of continuing", async () => {
+    await using hub = await scenario().hub(TOKEN).spawn();
+    // A handshake deadline longer than the pause: the redial waits in the hub's accept queue.
+    const siteArgs = () => scenario().listen().with("--keepalive", "0.2", "--handshake-timeout", "60");
+    await using siteA = await site(hub, siteArgs());
+    await using siteB = await site(hub, siteArgs());
+    await Promise.all([uplinkUp(siteA), uplinkUp(siteB)]);
+    await using vmA = await attachVm(siteA);
+    await using vmB = await attachVm(siteB);
+    await forwarding(vmA, vmB, "02:00:00:00:1a:01");
+    hub.proc.kill("SIGSTOP");
+    let continued = false;
+    try {
+      // Both sites gave up on their tunnel and dialled again while the hub still holds the old ones.
+      await waitUntil(async () => {
+        const [a, b] = [(await siteA.status()).uplink, (await siteB.status()).uplink];
+        return a.attempts >= 2 && b.attempts >= 2 && a.state === "connecting" && b.state === "connecting";
+      }, "both sites redialling");
+    } finally {
+      hub.proc.kill("SIGCONT");
+      continued = true;
+    }
+    expect(continued).toBe(true);
+    const [ab, ba] = [await forwarding(vmA, vmB, "02:00:00:00:1a:02"), await forwarding(vmB, vmA, "02:00:00:00:1a:03")];
+    expect(ab + ba).toBeLessThan(2_000);
+    const status = await hub.status();
+    expect(status.loopRefusals).toBe(0);
+    expect(status.networks[0].ports.filter((p: any) => p.kind === "tunnel")).toHaveLength(2);
+  });
+
+  test("a site whose path silently died reconnects and forwards while the hub still holds the dead tunnel", async () => {
+    await using hub = await scenario().hub(TOKEN).spawn();
+    await using proxy = new ChaosProxy(() => Number(new URL(hub.base).port));
+    await using siteA = await scenario().listen().with("--keepalive", "0.2", "--name", "site-a").uplink(`ws://127.0.0.1:${proxy.port}`, TOKEN).spawn();
+    await using siteB = await site(hub, scenario().listen());
+    await Promise.all([uplinkUp(siteA), uplinkUp(siteB)]);
+    await using vmA = await attachVm(siteA);
+    await using vmB = await attachVm(siteB);
+    await forwarding(vmA, vmB, "02:00:00:00:1b:01");
+    expect(proxy.stall()).toBe(1);
+    await siteA.waitForLine(/uplink: .* stopped answering keepalive pings; retrying with backoff/);
+    await uplinkUp(siteA, 2);
+    await forwarding(vmA, vmB, "02:00:00:00:1b:02");
+    await forwarding(vmB, vmA, "02:00:00:00:1b:03");
+    await hub.waitForLine(/^tunnel: site-a \(127\.0\.0\.1:\d+\) replaced by a newer tunnel from the same relay \(site-a \(127\.0\.0\.1:\d+\)\)$/);
+    const status = await hub.status();
+    expect((await siteA.status()).uplink.refused).toEqual([]);
+    expect(status.loopRefusals).toBe(0);
+    expect(status.networks[0].ports.filter((p: any) => p.kind === "tunnel")).toHaveLength(2);
+    expect(hub.stdout().match(/replaced by a newer tunnel/g)).toHaveLength(1);
   });
 });
 

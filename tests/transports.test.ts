@@ -103,7 +103,7 @@ describe("unix stream sockets", () => {
     await using first = await scenario().with("--qemu-listen", `unix:${path}`).spawn();
     expect(await runCli(scenario().with("--qemu-listen", `unix:${path}`).args)).toEqual({
       stdout: "",
-      stderr: `edge-relay: Cannot listen on unix:${path}: address already in use (EADDRINUSE)\n`,
+      stderr: `edge-relay: --qemu-listen: Cannot listen on unix:${path}: address already in use (EADDRINUSE)\n`,
       code: 1,
     });
     await first.stop("SIGKILL");
@@ -115,7 +115,7 @@ describe("unix stream sockets", () => {
     await Bun.write(plain, "keep me");
     expect(await runCli(scenario().with("--qemu-listen", `unix:${plain}`).args)).toEqual({
       stdout: "",
-      stderr: `edge-relay: Cannot listen on unix:${plain}: the path exists and is not a socket\n`,
+      stderr: `edge-relay: --qemu-listen: Cannot listen on unix:${plain}: the path exists and is not a socket\n`,
       code: 1,
     });
     expect(await Bun.file(plain).text()).toBe("keep me");
@@ -200,14 +200,14 @@ print(reply[6:12].hex())
     await using other = listenStream(path);
     expect(await runCli(scenario().with("--qemu-udp", `unix:${path}`).args)).toEqual({
       stdout: "",
-      stderr: `edge-relay: Cannot listen on unix:${path}: address already in use (EADDRINUSE)\n`,
+      stderr: `edge-relay: --qemu-udp: Cannot listen on unix:${path}: address already in use (EADDRINUSE)\n`,
       code: 1,
     });
     const dgramPath = `${dir.path}/busy.dgram`;
     const dgram = await openUnixDgram(dgramPath, () => {});
     try {
       expect((await runCli(scenario().with("--qemu-listen", `unix:${dgramPath}`).args)).stderr).toBe(
-        `edge-relay: Cannot listen on unix:${dgramPath}: address already in use (EADDRINUSE)\n`,
+        `edge-relay: --qemu-listen: Cannot listen on unix:${dgramPath}: address already in use (EADDRINUSE)\n`,
       );
     } finally {
       await dgram.close();
@@ -326,6 +326,15 @@ describe("TLS", () => {
     await using site = await scenario().uplink(hub.base.replace(/^http/, "wss"), TOKEN).spawn();
     const uplink = await uplinkFailed(site);
     expect(uplink.lastError).toBe("TLS: the hub does not speak TLS on that port (is it ws://?)");
+  });
+
+  test("a ws:// uplink to a hub that speaks TLS says the hub may want wss://", async () => {
+    await using dir = await tempDir();
+    const { cert, key } = await certificate(dir.path);
+    await using hub = await scenario().hub(TOKEN).with("--tls-cert", cert, "--tls-key", key).spawn();
+    await using site = await scenario().uplink(hub.base.replace(/^https/, "ws"), TOKEN).spawn();
+    const uplink = await uplinkFailed(site);
+    expect(uplink.lastError).toBe("the hub closed the connection without answering the upgrade: it may speak TLS (is it wss://?)");
   });
 
   test("--insecure connects to an unverified hub and says so in the log on every connect", async () => {

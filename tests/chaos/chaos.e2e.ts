@@ -18,6 +18,13 @@
  * test checks that every relay is up, every uplink comes up, every ordered pair of VMs (20×19)
  * exchanges a fresh frame within 15 s, and no relay's RSS went over RSS_BOUND_MIB.
  *
+ * Last, the hub is paused (SIGSTOP) until every site has given up on its tunnel and dialled again,
+ * and continued. Each proxy stalls its connections as the hub stops (the old paths die silently, so
+ * no close reaches the hub): the hub still holds every old tunnel when it continues, and each new one
+ * must replace its site's old one (newest tunnel wins). The test prints the longest outage any site saw (from the stop until its VM exchanged
+ * frames with every other VM again) and asserts that every site was back within PAUSE_RECOVERY_MS
+ * of the hub continuing.
+ *
  * Every frame carries its sender, receiver, a per-sender sequence number, the phase it was sent in
  * and a CRC-32 over the whole frame, so a receiver detects corruption (bad CRC, or addresses that
  * disagree with the payload), duplication (a (sender, seq) seen twice), a frame reflected back to its
@@ -65,8 +72,10 @@ const FRAMES_PER_SECOND = 300;
 const TICK_MS = 20;
 const BROADCAST_SHARE = 0.03;
 const SETTLED_PER_PAIR = 10;
-/** Uplink backoff is capped at 30 s (plus nothing: the jitter is below the cap). */
+/** Uplink backoff is capped at 3 s, a dial's phases at 10 s each (--handshake-timeout). */
 const UPLINK_WAIT_MS = 45_000;
+/** After the pause, every site exchanges frames with every other within this long of the hub continuing. */
+const PAUSE_RECOVERY_MS = 10_000;
 const PAIR_WAIT_MS = 15_000;
 /** `--keepalive 1`: a site notices a silent hub within 3 s. */
 const SITE_KEEPALIVE = "1";
@@ -99,8 +108,9 @@ enum Phase {
   Chaos,
   Probe,
   Settled,
+  Pause,
 }
-const PHASES = 4;
+const PHASES = 5;
 const BCAST = 255;
 const MAGIC = 0x4348414f; // "CHAO"
 /** Payload: magic u32, phase u8, sender u8, receiver u8 (255 = broadcast), spare u8, seq u32, filler…, crc32 u32. */
@@ -590,9 +600,18 @@ function startTraffic(cluster: Cluster, rng: Rng): () => void {
  * Every ordered pair exchanges a frame sent in `phase`: each VM sends one to every VM it has not
  * been heard by yet, again every 250 ms until all 20×19 pairs have one. Resolves with the time taken.
  */
-async function everyPairExchanges(cluster: Cluster, phase: Phase, timeoutMs: number): Promise<number> {
+async function everyPairExchanges(cluster: Cluster, phase: Phase, timeoutMs: number, backAt?: Float64Array): Promise<number> {
   const started = performance.now();
   const { ledger, sites } = cluster;
+  /** Notes when each site first has every pair it is part of, both ways. */
+  const note = () => {
+    for (let i = 0; i < SITES; i++) {
+      if (backAt![i]! > 0) continue;
+      let all = true;
+      for (let o = 0; o < SITES && all; o++) if (o !== i) all = ledger.got[phase]![i * SITES + o]! > 0 && ledger.got[phase]![o * SITES + i]! > 0;
+      if (all) backAt![i] = performance.now();
+    }
+  };
   const missing = () => {
     const out: string[] = [];
     for (let s = 0; s < SITES; s++) for (let r = 0; r < SITES; r++) if (s !== r && ledger.got[phase]![s * SITES + r] === 0) out.push(`${s}→${r}`);
@@ -603,6 +622,7 @@ async function everyPairExchanges(cluster: Cluster, phase: Phase, timeoutMs: num
     await waitUntil(
       () => {
         for (const site of sites) site.vm.poll();
+        if (backAt) note();
         const left = missing();
         if (left.length === 0) return true;
         if (performance.now() - lastRound >= 250) {
@@ -693,6 +713,7 @@ test(`chaos: a hub and ${SITES} sites through ${CHAOS_SECONDS} s of kills, stops
   let uplinkMs: number | undefined;
   let pairMs: number | undefined;
   let settled = "not reached";
+  let pause = "not reached";
   const summary = () => {
     const chaosSent = ledger.total(ledger.sent[Phase.Chaos]!);
     const chaosGot = ledger.total(ledger.got[Phase.Chaos]!);
@@ -705,7 +726,7 @@ test(`chaos: a hub and ${SITES} sites through ${CHAOS_SECONDS} s of kills, stops
       `events ${Object.entries(driver.counts).map(([k, n]) => `${k} ${n}`).join(", ")}; ` +
       `chaos unicast sent ${chaosSent} delivered ${chaosGot} lost ${lost} (${((100 * lost) / Math.max(chaosSent, 1)).toFixed(1)}%), ` +
       `broadcast copies ${bcastSent} delivered ${bcastGot}, frames not sent (VM offline or busy) ${ledger.skipped}, reordered ${ledger.reordered[Phase.Chaos]}; ` +
-      `corrupt ${ledger.corrupt} duplicated ${ledger.duplicated} reflected ${ledger.reflected}; settled: ${settled}; ` +
+      `corrupt ${ledger.corrupt} duplicated ${ledger.duplicated} reflected ${ledger.reflected}; settled: ${settled}; pause: ${pause}; ` +
       `uplinks up after ${s(uplinkMs)}, every pair ${s(pairMs)} later; ` +
       `max RSS hub ${cluster.rss.hub.toFixed(0)} MiB, sites ${cluster.rss.site.toFixed(0)} MiB (bound ${RSS_BOUND_MIB}); ${seconds()} s in all`
     );
@@ -761,7 +782,7 @@ test(`chaos: a hub and ${SITES} sites through ${CHAOS_SECONDS} s of kills, stops
       for (const site of sites) {
         const up = (await status(site.relay, site.name)).uplink;
         if (up.state === "up") continue;
-        // Backoff is capped at 30 s: a site not up by now whose only connection sits in a blackhole
+        // Backoff is capped at 3 s: a site not up by now whose only connection sits in a blackhole
         // dialled it and never gave up on a handshake that will never be answered.
         const held = site.proxy.held > 0 && site.proxy.open === 0;
         if (held) stuck++;
@@ -888,6 +909,33 @@ test(`chaos: a hub and ${SITES} sites through ${CHAOS_SECONDS} s of kills, stops
     cluster.sampleRss();
     expect(cluster.rss.hub, "hub max RSS (MiB)").toBeLessThan(RSS_BOUND_MIB);
     expect(cluster.rss.site, "sites' max RSS (MiB)").toBeLessThan(RSS_BOUND_MIB);
+    expect(unexpectedExits).toEqual([]);
+
+    // ── the hub paused until every site dialled again, then continued: the newest tunnels win
+    stage = "the hub's pause";
+    const hub = cluster.hub!;
+    const attempts = async () => Promise.all(sites.map(async (s) => (await status(s.relay, s.name)).uplink.attempts as number));
+    const dialsBefore = await attempts();
+    const stopped = performance.now();
+    hub.proc.kill("SIGSTOP");
+    for (const site of sites) site.proxy.stall();
+    try {
+      await waitUntil(async () => (await attempts()).every((n, i) => n > dialsBefore[i]!), "every site to give up on its tunnel and dial again", 30_000);
+    } finally {
+      hub.proc.kill("SIGCONT");
+    }
+    const continued = performance.now();
+    const backAt = new Float64Array(SITES);
+    await everyPairExchanges(cluster, Phase.Pause, PAUSE_RECOVERY_MS + 5_000, backAt);
+    const longest = Math.max(...backAt) - stopped;
+    const afterContinuing = Math.max(...backAt) - continued;
+    const replaced = hub.stdout().match(/replaced by a newer tunnel from the same relay/g)?.length ?? 0;
+    pause =
+      `hub stopped ${((continued - stopped) / 1000).toFixed(1)} s; longest outage any site saw ${(longest / 1000).toFixed(1)} s, ` +
+      `${(afterContinuing / 1000).toFixed(1)} s of it after the hub continued; ${replaced} stale tunnels replaced by newer ones`;
+    console.log(`chaos: ${seconds()} s: ${pause}`);
+    expect(afterContinuing, "every site back within PAUSE_RECOVERY_MS of the hub continuing").toBeLessThan(PAUSE_RECOVERY_MS);
+    expect(replaced, "stale tunnels replaced by newer ones").toBe(SITES);
     expect(unexpectedExits).toEqual([]);
   }
 });

@@ -8,6 +8,8 @@
  * - `blackholeFor(ms)`: new connections are accepted and then never answered nor forwarded, like a
  *   load balancer with a dead backend. They stay open after the window ends (a dead backend does
  *   not tell anyone either); only `cut()` or `close()` ends them;
+ * - `stall()`: every current connection stops forwarding in both directions, silently and for
+ *   good, without closing (a path that died: NAT rebinding, a pulled cable); new ones pass;
  * - `delayFor(ms, delayMs)`: every byte forwarded in either direction waits `delayMs` first, order
  *   preserved (bytes queued behind a delayed chunk never overtake it).
  *
@@ -108,6 +110,8 @@ class Conn {
   readonly toDown: Lane;
   /** Reset, or both ends closed: nothing more to do. */
   done = false;
+  /** The path died: bytes from either end are dropped. */
+  stalled = false;
   readonly #gone = { down: false, up: false };
 
   constructor(readonly down: Socket<End>) {
@@ -137,6 +141,8 @@ class Conn {
       this.done = true;
       return true;
     }
+    // A dead path tells the other end nothing: it stays open until cut or closed.
+    if (this.stalled) return false;
     const lane = side === "down" ? this.toUp : this.toDown;
     if (lane.target === undefined) {
       // the upstream dial is still under way: nothing can be delivered
@@ -171,7 +177,7 @@ export class ChaosProxy implements AsyncDisposable {
         },
         data(socket, chunk) {
           const end = socket.data;
-          if (end && "conn" in end) end.conn.toUp.push(chunk, proxy.#delay());
+          if (end && "conn" in end && !end.conn.stalled) end.conn.toUp.push(chunk, proxy.#delay());
         },
         drain(socket) {
           const end = socket.data;
@@ -226,6 +232,12 @@ export class ChaosProxy implements AsyncDisposable {
     this.#held.clear();
     this.stats.cut += n;
     return n;
+  }
+
+  /** Stalls every connection open now (see the top); returns how many. */
+  stall(): number {
+    for (const conn of this.#conns) conn.stalled = true;
+    return this.#conns.size;
   }
 
   refuseFor(ms: number): void {
@@ -292,7 +304,7 @@ export class ChaosProxy implements AsyncDisposable {
           conn.toUp.pump();
         },
         data(_up, chunk) {
-          if (!conn.done) conn.toDown.push(chunk, proxy.#delay());
+          if (!conn.done && !conn.stalled) conn.toDown.push(chunk, proxy.#delay());
         },
         drain() {
           conn.toUp.drain();

@@ -148,8 +148,13 @@ while ! ip link show eth0 >/dev/null 2>&1; do
   usleep 10000
 done
 [ -n "$MAC" ] && ip link set eth0 address "$MAC"
-ip addr add "$IP" dev eth0
 ip link set eth0 up
+# er.ip=dhcp: no address given, udhcpc asks for one (its script prints @@lease).
+if [ "$IP" = dhcp ]; then
+  udhcpc -i eth0 -s /etc/udhcpc.script -q -n -t 20 -T 2 -x "hostname:$NAME" >/dev/null 2>&1 || echo "@@error udhcpc got no lease"
+else
+  ip addr add "$IP" dev eth0
+fi
 # A second NIC (a direct link beside the relayed one), when asked for.
 if [ -n "$IP2" ]; then
   n=0
@@ -161,7 +166,7 @@ if [ -n "$IP2" ]; then
   ip link set eth1 up
 fi
 # Tell the switches where we are (a UDP port the relay has to learn needs one frame from us).
-arping -q -U -c 1 -I eth0 "\${IP%/*}" >/dev/null 2>&1
+[ "$IP" = dhcp ] || arping -q -U -c 1 -I eth0 "\${IP%/*}" >/dev/null 2>&1
 echo "@@ready $NAME $(cut -d' ' -f1 /proc/uptime)"
 while IFS= read -r line; do
   id=\${line%% *}
@@ -178,6 +183,25 @@ poweroff -f
 const RX = `#!/bin/sh
 md5sum | cut -d' ' -f1 > /tmp/rx.md5
 cat /tmp/rx.md5
+`;
+
+/**
+ * udhcpc's script (busybox gives it ip, mask as a prefix length, router, dns, domain and lease in
+ * the environment): configures eth0, the default route and resolv.conf, and tells the host.
+ */
+const UDHCPC_SCRIPT = `#!/bin/sh
+case "$1" in
+  deconfig) ip addr flush dev "$interface" ;;
+  bound|renew)
+    ip addr flush dev "$interface"
+    ip addr add "$ip/$mask" dev "$interface"
+    [ -n "$router" ] && ip route replace default via "\${router%% *}" dev "$interface"
+    : > /etc/resolv.conf
+    [ -n "$domain" ] && echo "search $domain" >> /etc/resolv.conf
+    for d in $dns; do echo "nameserver $d" >> /etc/resolv.conf; done
+    echo "@@lease $ip/$mask router=$router dns=$dns domain=$domain lease=$lease" > /dev/console
+    ;;
+esac
 `;
 
 /** What goes into an initramfs: busybox, and the kernel modules /init loads (names, in order). */
@@ -209,6 +233,8 @@ export function buildInitramfs(parts: InitramfsParts, dir: string, file = "initr
     { name: "lib/modules", mode: 0o40755 },
     { name: "bin/busybox", mode: 0o100755, data: busybox },
     { name: "bin/rx", mode: 0o100755, data: enc.encode(RX) },
+    { name: "etc", mode: 0o40755 },
+    { name: "etc/udhcpc.script", mode: 0o100755, data: enc.encode(UDHCPC_SCRIPT) },
     { name: "init", mode: 0o100755, data: enc.encode(init(parts.load)) },
   ];
   for (const m of parts.load) {

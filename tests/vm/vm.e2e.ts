@@ -654,6 +654,42 @@ describe("edge-relay with real QEMU guests", () => {
   });
 });
 
+describe("edge-relay serving DHCP and names (--dhcp at the hub)", () => {
+  test("QEMU guests at two sites and a v86 guest at the hub boot without an address, get leases with udhcpc, ping the gateway and each other by name", async () => {
+    await using stack = new AsyncDisposableStack();
+    const hub = stack.use(await Relay.start("hub", ["--http", `${LOCAL}:0`, "--token", TOKEN, "--dhcp", "lab=10.9.0.0/24", "--name", "hub"]));
+    const uplink = ["--uplink", `ws://${LOCAL}:${hub.port("http")}`, "--uplink-token", TOKEN];
+    const siteA = stack.use(await Relay.start("site A", ["--http", `${LOCAL}:0`, ...uplink, "--qemu-listen", `lab=${LOCAL}:0`, "--name", "site-a"]));
+    const siteB = stack.use(await Relay.start("site B", ["--http", `${LOCAL}:0`, ...uplink, "--qemu-listen", `lab=${LOCAL}:0`, "--name", "site-b"]));
+    await Promise.all([waitUplinkUp(siteA), waitUplinkUp(siteB)]);
+    const qemu = (name: string, mac: string, site: Relay) =>
+      stack.use(new Guest(image, { name, ip: "dhcp", mac, netdev: `stream,server=off,addr.type=inet,addr.host=${LOCAL},addr.port=${site.port("qemu-listen", "lab")}` }));
+    const a = qemu("vma", "52:54:00:12:35:01", siteA);
+    const b = qemu("vmb", "52:54:00:12:35:02", siteB);
+    const v = stack.use(v86Guest(image, { name: "vmv", ip: "dhcp", mac: "52:54:00:12:35:86", relayUrl: `ws://${LOCAL}:${hub.port("http")}/v86/lab?token=${TOKEN}` }));
+    await Promise.all([a.ready(120_000), b.ready(120_000), v.ready(180_000)]);
+    const leaseOf = async (g: Guest) => (await g.waitForLine((l) => /^@@lease (\S+) router=(\S*) dns=(\S*) domain=(\S*)/.exec(l), `${g.name}'s lease`)).value;
+    const [la, lb, lv] = await Promise.all([leaseOf(a), leaseOf(b), leaseOf(v)]);
+    for (const l of [la, lb, lv]) expect(l.slice(1, 5)).toEqual([expect.stringMatching(/^10\.9\.0\.\d+\/24$/), "10.9.0.1", "10.9.0.1", "lab"]);
+    expect(new Set([la[1], lb[1], lv[1]]).size).toBe(3);
+    const gateway = await a.ping("10.9.0.1", 3);
+    const byName = await a.ping("vmb.lab", 3);
+    const back = await b.ping("vma.lab", 3);
+    const fromV86 = await v.ping("vmb.lab", 3, 0.2, 5, 120_000);
+    console.log(
+      `[vm] DHCP at the hub: leases vma ${la[1]} (site A), vmb ${lb[1]} (site B), vmv ${lv[1]} (v86 at the hub); ` +
+        `ping gateway ${gateway.received}/3, vma→vmb.lab ${byName.received}/3, vmb→vma.lab ${back.received}/3, vmv→vmb.lab ${fromV86.received}/3`,
+    );
+    for (const p of [gateway, byName, back, fromV86]) expect(p.received).toBe(3);
+    expect(byName.output).toContain(`(${lb[1]!.split("/")[0]})`);
+    const leases = (await hub.status()).networks.find((n: any) => n.name === "lab").dhcp.leases;
+    expect(leases.map((l: any) => [l.name, l.site]).sort()).toEqual([["vma", "site-a"], ["vmb", "site-b"], ["vmv", "hub"]]);
+    for (const [name, l] of [["vma", la], ["vmb", lb]] as const) {
+      expect(hub.proc.stdout()).toContain(`lab: ${name === "vma" ? "52:54:00:12:35:01" : "52:54:00:12:35:02"} is ${l[1]!.split("/")[0]} (${name}) at site-${name.slice(2)}`);
+    }
+  });
+});
+
 describe("edge-relay with a real v86 guest (a browser VM)", () => {
   test("v86 at the hub on wss:///v86/lab ↔ QEMU guest at site B: ping both ways, 2 MiB each way", async () => {
     await using stack = new AsyncDisposableStack();
