@@ -52,7 +52,7 @@ import { checkServerIdentity, type PeerCertificate } from "node:tls";
 import type { Server, ServerWebSocket, Socket, udp } from "bun";
 import { credsAuthenticator, nkeyAuthenticator } from "@nats-io/nats-core";
 import dnsPacket from "dns-packet";
-import { Hono } from "hono";
+import { Hono, type Context } from "hono";
 import { getPath } from "hono/utils/url";
 import * as v from "valibot";
 
@@ -3452,8 +3452,9 @@ function authenticateToken(token: string | null | undefined, grants: Grant[]): G
  * the address's further failed attempts get 429 until AUTH_BLOCK_MS have passed. A right credential
  * is never asked about here: one address is often many clients (a NAT, a proxy), and one of them
  * failing must not lock the others out. The table is bounded; the entry not touched for longest goes first.
+ * @internal
  */
-class AuthThrottle {
+export class AuthThrottle {
   readonly #entries = new Map<string, { failures: number; since: number; until: number }>();
   /** Failed attempts answered 429. */
   throttled = 0;
@@ -8357,6 +8358,24 @@ class CaptureRegistry {
   }
 }
 
+/** What an upgrade endpoint (/tunnel, /v86/NETWORK) asks of the gate in createApp. */
+interface UpgradeGate<D extends SocketData> {
+  /** Named when no token is configured: `tunnel endpoint disabled`. */
+  endpoint: string;
+  /** Names the endpoint in refusals: `tunnel`, `v86 /v86/lab`. */
+  what: string;
+  /** Checked before the credential (a v86 page's origin): a refusal, or undefined to go on. */
+  before?(client: ClientAddress): Response | undefined;
+  /** The credential as given (a refusal says wrong or none) and the grant it matches, if any. */
+  credential(): { given: string | undefined; grant: Grant | undefined };
+  /** Checked once authenticated (the subprotocol, the grant's networks). */
+  after?(grant: Grant, client: ClientAddress): Response | undefined;
+  admission: AdmissionLimit;
+  /** What the WebSocket carries from the upgrade on. */
+  data(grant: Grant, client: ClientAddress): D;
+  headers?: Record<string, string>;
+}
+
 interface AppContext {
   grants: Grant[];
   adminToken: string | undefined;
@@ -8497,50 +8516,70 @@ function createApp(ctx: AppContext) {
     if (typeof started === "string") return c.text(`${started}\n`, started.startsWith("no network") ? 404 : 429);
     return new Response(started, { headers: { "Content-Type": "application/x-pcapng", "Cache-Control": "no-store" } });
   });
-  app.get(TUNNEL_PATH, (c) => {
-    if (ctx.grants.length === 0) return c.text("tunnel endpoint disabled: no token configured\n", 404);
+  /**
+   * The one way in for a WebSocket: the endpoint is on (a token is configured), the client (behind
+   * a trusted proxy, the one it names), what the endpoint checks first, the credential (a wrong one
+   * counts toward the throttle), what it checks of the grant, admission within the limits, the upgrade.
+   */
+  const upgrade = <D extends SocketData>(c: Context<{ Bindings: Server<SocketData> }>, gate: UpgradeGate<D>): Response => {
+    if (ctx.grants.length === 0) return c.text(`${gate.endpoint} endpoint disabled: no token configured\n`, 404);
     const client = clientOf(c);
-    const authorization = c.req.header("authorization");
-    const grant = authenticate(authorization, ctx.grants);
-    if (!grant) return refused(client, "tunnel", authorization, () => c.text("unauthorized\n", 401, { "WWW-Authenticate": 'Bearer realm="edge-relay"' }));
-    const [address, peer] = [client.address, formatClient(client)];
-    const offered = (c.req.header("sec-websocket-protocol") ?? "").split(",").map((s) => s.trim());
-    if (!offered.includes(TUNNEL_PROTOCOL)) return c.text(`expected subprotocol ${TUNNEL_PROTOCOL}\n`, 400);
-    const full = ctx.tunnels.admission.admit(address);
+    const early = gate.before?.(client);
+    if (early) return early;
+    const { given, grant } = gate.credential();
+    if (!grant) return refused(client, gate.what, given, () => c.text("unauthorized\n", 401, { "WWW-Authenticate": 'Bearer realm="edge-relay"' }));
+    const late = gate.after?.(grant, client);
+    if (late) return late;
+    const full = gate.admission.admit(client.address);
     if (full !== undefined) return c.text(`${full}\n`, 503, { "Retry-After": "30" });
-    const upgraded = c.env.upgrade(c.req.raw, {
-      data: { grant, peer, address },
+    const upgraded = c.env.upgrade(c.req.raw, { data: gate.data(grant, client), headers: gate.headers });
+    return upgraded ? new Response(null) : c.text("expected a WebSocket upgrade\n", 426);
+  };
+  app.get(TUNNEL_PATH, (c) => {
+    const authorization = c.req.header("authorization");
+    return upgrade(c, {
+      endpoint: "tunnel",
+      what: "tunnel",
+      credential: () => ({ given: authorization, grant: authenticate(authorization, ctx.grants) }),
+      after() {
+        const offered = (c.req.header("sec-websocket-protocol") ?? "").split(",").map((s) => s.trim());
+        return offered.includes(TUNNEL_PROTOCOL) ? undefined : c.text(`expected subprotocol ${TUNNEL_PROTOCOL}\n`, 400);
+      },
+      admission: ctx.tunnels.admission,
+      data: (grant, client): TunnelData => ({ grant, peer: formatClient(client), address: client.address }),
       headers: { "Sec-WebSocket-Protocol": TUNNEL_PROTOCOL },
     });
-    return upgraded ? new Response(null) : c.text("expected a WebSocket upgrade\n", 426);
   });
   // v86's NIC: the token in the query string (all a browser's WebSocket can send) or a header.
   // Only the path is ever logged: the query string holds the token.
   app.get(`${V86_PATH}/:network`, (c) => {
-    if (ctx.grants.length === 0) return c.text("v86 endpoint disabled: no token configured\n", 404);
     const name = c.req.param("network");
-    if (!NETWORK_NAME.test(name)) return c.text("not a network name\n", 404);
     const where = `v86 ${V86_PATH}/${name}`;
-    const client = clientOf(c);
-    const [address, peer] = [client.address, formatClient(client)];
     const origin = c.req.header("origin");
     const shownOrigin = origin === undefined ? "" : ` (origin ${originOf(origin) === origin ? origin : JSON.stringify(origin.slice(0, 100))})`;
-    if (!ctx.v86.originAllowed(origin)) {
-      refusals.log(`${where}: refused ${peer}${shownOrigin}: origin not allowed`);
-      return c.text("origin not allowed\n", 403);
-    }
     const header = c.req.header("authorization");
-    const token = header === undefined ? searchOf(c.req.raw).get("token") : undefined;
-    const grant = header === undefined ? authenticateToken(token, ctx.grants) : authenticate(header, ctx.grants);
-    if (!grant) return refused(client, where, header ?? token, () => c.text("unauthorized\n", 401, { "WWW-Authenticate": 'Bearer realm="edge-relay"' }));
-    if (grant.networks && !grant.networks.has(name)) {
-      refusals.log(`${where}: refused ${peer}: network not allowed for this token`);
-      return c.text("network not allowed for this token\n", 403);
-    }
-    const full = ctx.v86.admission.admit(address);
-    if (full !== undefined) return c.text(`${full}\n`, 503, { "Retry-After": "30" });
-    const data: V86Data = { v86: true, network: name, peer: `${peer}${shownOrigin}`, address };
-    return c.env.upgrade(c.req.raw, { data }) ? new Response(null) : c.text("expected a WebSocket upgrade\n", 426);
+    return upgrade(c, {
+      endpoint: "v86",
+      what: where,
+      before(client) {
+        if (!NETWORK_NAME.test(name)) return c.text("not a network name\n", 404);
+        if (ctx.v86.originAllowed(origin)) return undefined;
+        refusals.log(`${where}: refused ${formatClient(client)}${shownOrigin}: origin not allowed`);
+        return c.text("origin not allowed\n", 403);
+      },
+      credential() {
+        if (header !== undefined) return { given: header, grant: authenticate(header, ctx.grants) };
+        const token = searchOf(c.req.raw).get("token");
+        return { given: token ?? undefined, grant: authenticateToken(token, ctx.grants) };
+      },
+      after(grant, client) {
+        if (!grant.networks || grant.networks.has(name)) return undefined;
+        refusals.log(`${where}: refused ${formatClient(client)}: network not allowed for this token`);
+        return c.text("network not allowed for this token\n", 403);
+      },
+      admission: ctx.v86.admission,
+      data: (_grant, client): V86Data => ({ v86: true, network: name, peer: `${formatClient(client)}${shownOrigin}`, address: client.address }),
+    });
   });
   return app;
 }
