@@ -1,0 +1,203 @@
+/**
+ * One command per machine: a hub that makes its own certificate and tokens (--public-url,
+ * --state-dir), sites that join with the one line it prints, invites per network and revocation.
+ * Everything runs as separate processes on loopback; sites are started as the hub's line says.
+ */
+import { describe, expect, test } from "bun:test";
+import { statSync } from "node:fs";
+import { X509Certificate } from "node:crypto";
+import { helpText } from "../relay.ts";
+import { BROADCAST, ROOT, attachVm, freePort, fromMac, makeFrame, runCli, spawnRelay, tempDir, uplinkFailed, uplinkUp, waitUntil, type RelayProcess } from "./helpers.ts";
+
+/** A hub as the README starts it: one command, its state in `dir`, listening on all addresses at `port`. */
+async function startHub(dir: string, port: number, extra: string[] = []) {
+  const hub = await spawnRelay(["--public-url", `wss://localhost:${port}`, "--state-dir", dir, ...extra]);
+  const cert = await Bun.file(`${dir}/hub-cert.pem`).text();
+  const admin = (await Bun.file(`${dir}/admin-token`).text()).trim();
+  /** The hub's own HTTP API, trusting its certificate, with the admin token. */
+  const api = (path: string, init: RequestInit = {}) =>
+    fetch(`https://localhost:${port}${path}`, { ...init, headers: { Authorization: `Bearer ${admin}`, ...init.headers }, tls: { ca: cert } } as RequestInit);
+  return Object.assign(hub, { cert, admin, api, fingerprint: new X509Certificate(cert).fingerprint256 });
+}
+
+/** The site command a hub printed (`npx bun relay.ts --join …`), split as a shell would. */
+function printedSiteLine(hub: RelayProcess): string[] {
+  const line = hub.stdout().split("\n").find((l) => l.startsWith("hub: on each site, run: "));
+  if (line === undefined) throw new Error(`the hub printed no site line:\n${hub.stdout()}`);
+  return line.slice("hub: on each site, run: ".length).split(" ");
+}
+
+/** Runs a site line as printed (through npx, in the checkout), with a status port and QEMU ports of its own. */
+function startSite(line: string[], networks: string[] = ["lab"]) {
+  const [program, join] = [line.slice(0, line.indexOf("--join")), line.slice(line.indexOf("--join"))];
+  const ports = networks.flatMap((n) => ["--qemu-listen", `${n}=127.0.0.1:0`]);
+  return spawnRelay([...join, "--http", "127.0.0.1:0", ...ports], { command: program, cwd: ROOT, group: true });
+}
+
+/** Frames from a VM at one site reach a VM at the other, both ways. */
+async function exchangeFrames(siteA: RelayProcess, siteB: RelayProcess, network: string, tag: string) {
+  await using vmA = await attachVm(siteA, network);
+  await using vmB = await attachVm(siteB, network);
+  const [A, B] = ["02:00:00:00:22:01", "02:00:00:00:22:02"];
+  const hello = makeFrame(BROADCAST, A, `hello ${tag}`);
+  vmA.send(hello);
+  expect(await vmB.frames.next(fromMac(A))).toEqual(hello);
+  const reply = makeFrame(A, B, `reply ${tag}`);
+  vmB.send(reply);
+  expect(await vmA.frames.next(fromMac(B))).toEqual(reply);
+}
+
+const modeOf = (path: string) => (statSync(path).mode & 0o777).toString(8);
+
+describe("one-command hub and join lines", () => {
+  test("one hub command makes its certificate and tokens; its printed site line, run through npx, joins over wss:// with the pin; two sites' VMs exchange frames; a restarted hub keeps all and the sites come back unchanged", async () => {
+    await using dir = await tempDir();
+    const state = `${dir.path}/state`;
+    const port = await freePort();
+    let hub = await startHub(state, port);
+    expect(hub.bound.find((b) => b.what === "http")?.address).toBe(`https://0.0.0.0:${port}`);
+    expect(hub.stdout()).toContain(`hub: certificate SHA-256 ${hub.fingerprint}; the admin token (for /status, /metrics, /invites) is in ${state}/admin-token`);
+    // Secrets 0600 (the certificate is public); the directory is the hub's alone.
+    expect({ dir: modeOf(state), key: modeOf(`${state}/hub-key.pem`), tokens: modeOf(`${state}/tokens.json`), admin: modeOf(`${state}/admin-token`), cert: modeOf(`${state}/hub-cert.pem`) })
+      .toEqual({ dir: "700", key: "600", tokens: "600", admin: "600", cert: "644" });
+    const x509 = new X509Certificate(hub.cert);
+    expect({ name: x509.subjectAltName, key: x509.publicKey.asymmetricKeyDetails?.namedCurve, selfSigned: x509.verify(x509.publicKey) }).toEqual({ name: "DNS:localhost", key: "prime256v1", selfSigned: true });
+
+    const line = printedSiteLine(hub);
+    expect(line.slice(0, 4)).toEqual(["npx", "bun", "relay.ts", "--join"]);
+    const siteToken = JSON.parse(await Bun.file(`${state}/tokens.json`).text()).tokens[0].token as string;
+    expect(line[4]).toBe(`ER1${hub.fingerprint.replace(/:/g, "").toLowerCase()}::${siteToken}@localhost:${port}`);
+
+    await using siteA = await startSite(line);
+    await using siteB = await startSite(line);
+    await Promise.all([uplinkUp(siteA), uplinkUp(siteB)]);
+    expect((await siteA.status()).uplink.url).toBe(`wss://localhost:${port}/tunnel`);
+    await exchangeFrames(siteA, siteB, "lab", "first start");
+    const hubStatus = await (await hub.api("/status")).text();
+    expect(JSON.parse(hubStatus).networks.map((n: any) => n.name)).toEqual(["lab"]);
+
+    // The secrets: only in the one site line the first start prints; nowhere in /status, logs or help.
+    const admin = hub.admin;
+    for (const [where, text] of [
+      ["hub /status", hubStatus],
+      ["site /status", JSON.stringify(await siteA.status())],
+      ["site logs", siteA.stdout() + siteA.stderr()],
+      ["hub stderr", hub.stderr()],
+      ["hub stdout but the site line", hub.stdout().split("\n").filter((l) => !l.startsWith("hub: on each site")).join("\n")],
+      ["--help", helpText()],
+    ] as const) {
+      expect({ where, site: text.includes(siteToken), admin: text.includes(admin) }).toEqual({ where, site: false, admin: false });
+    }
+
+    expect(await hub.stop()).toBe(0);
+    hub = await startHub(state, port);
+    expect(hub.stdout()).not.toContain(siteToken);
+    expect(hub.stdout()).toMatch(new RegExp(`^hub: sites keep their join lines; for another: (npx )?bun relay.ts --state-dir ${state} --invite NET\\[,NET…\\]$`, "m"));
+    expect(JSON.parse(await Bun.file(`${state}/tokens.json`).text()).tokens[0].token).toBe(siteToken);
+    expect(hub.admin).toBe(admin);
+    expect(new X509Certificate(hub.cert).fingerprint256).toBe(x509.fingerprint256);
+    await Promise.all([uplinkUp(siteA, 2), uplinkUp(siteB, 2)]);
+    await exchangeFrames(siteA, siteB, "lab", "after the restart");
+    await hub.stop();
+  });
+
+  test("a hub with another self-signed certificate for the same name is refused by a joined site, in the pin's words", async () => {
+    await using dir = await tempDir();
+    const port = await freePort();
+    const real = await startHub(`${dir.path}/real`, port, ["--http", `127.0.0.1:${port}`]);
+    const line = printedSiteLine(real);
+    await real.stop();
+    // The impostor: its own state, so its own certificate for localhost, on the address the line names.
+    await using impostor = await startHub(`${dir.path}/impostor`, port, ["--http", `127.0.0.1:${port}`]);
+    expect(impostor.fingerprint).not.toBe(real.fingerprint);
+    await using site = await startSite(line);
+    const uplink = await uplinkFailed(site);
+    expect(uplink.lastError).toBe(`TLS: the hub's certificate does not match --uplink-fingerprint (it is ${impostor.fingerprint})`);
+    expect(impostor.stdout()).not.toMatch(/tunnel: .* attached/);
+  });
+
+  test("an invite limited to lab attaches lab only; revoking it closes that site's tunnel and no other; the API makes, lists and revokes invites; SIGHUP reloads", async () => {
+    await using dir = await tempDir();
+    const state = `${dir.path}/state`;
+    const port = await freePort();
+    await using hub = await startHub(state, port, ["--http", `127.0.0.1:${port}`]);
+    const invite = await runCli(["--state-dir", state, "--invite", "lab"]);
+    expect(invite.stderr).toBe("");
+    expect(invite.code).toBe(0);
+    const m = /^invite ([0-9a-f]{8}) \(networks: lab\); on that site, run: (?:npx )?bun relay.ts --join (ER1\S+)\n$/.exec(invite.stdout);
+    expect(m).not.toBeNull();
+    const [id, join] = [m![1]!, m![2]!];
+
+    await using everything = await startSite(printedSiteLine(hub), ["lab", "dev"]);
+    await using labOnly = await startSite(["bun", "relay.ts", "--join", join], ["lab", "dev"]);
+    await Promise.all([uplinkUp(everything), uplinkUp(labOnly)]);
+    const limited = (await labOnly.status()).uplink;
+    expect({ networks: limited.networks, refused: limited.refused }).toEqual({ networks: ["lab"], refused: [{ network: "dev", reason: "not allowed for this token" }] });
+    expect((await everything.status()).uplink.networks.toSorted()).toEqual(["dev", "lab"]);
+    await exchangeFrames(everything, labOnly, "lab", "invited");
+
+    const listed = await runCli(["--state-dir", state, "--invites"]);
+    expect(listed.stdout).toMatch(new RegExp(`^site\\t\\(every network\\)\\t\\S+\\n${id}\\tlab\\t\\S+\\n$`));
+    expect(await runCli(["--state-dir", state, "--revoke", id])).toEqual({ stdout: `revoked ${id}: a running hub closes its tunnels now\n`, stderr: "", code: 0 });
+    await waitUntil(async () => (await labOnly.status()).uplink.state === "down", "the invited site's tunnel closed");
+    await hub.waitForLine(/tunnel: .* closed: its token was revoked/);
+    await waitUntil(async () => /the hub refused the token \(401\)/.test((await labOnly.status()).uplink.lastError ?? ""), "the invited site refused at its redial");
+    const kept = (await everything.status()).uplink;
+    expect({ state: kept.state, connects: kept.connects }).toEqual({ state: "up", connects: 1 });
+    expect(await runCli(["--state-dir", state, "--revoke", id])).toEqual({ stdout: "", stderr: `edge-relay: --revoke: no token "${id}" in ${state} (see --invites)\n`, code: 2 });
+
+    // The same through the API, behind the admin token.
+    expect((await fetch(`https://localhost:${port}/invites`, { method: "POST", body: '{"networks":["dev"]}', tls: { ca: hub.cert } } as RequestInit)).status).toBe(401);
+    expect((await hub.api("/invites", { method: "POST", body: '{"networks":"dev"}' })).status).toBe(400);
+    const made = await hub.api("/invites", { method: "POST", body: '{"networks":["dev"]}' });
+    expect(made.status).toBe(201);
+    const apiInvite = await made.json();
+    expect(apiInvite.join).toMatch(new RegExp(`^ER1${hub.fingerprint.replace(/:/g, "").toLowerCase()}::\\S+@localhost:${port}$`));
+    const shown = await (await hub.api("/invites")).text();
+    expect(JSON.parse(shown).map((t: any) => t.id)).toEqual(["site", apiInvite.id]);
+    expect(shown).not.toContain(apiInvite.join.split("::")[1].split("@")[0]);
+    await using devSite = await startSite(["bun", "relay.ts", "--join", apiInvite.join], ["dev"]);
+    await uplinkUp(devSite);
+    expect((await hub.api(`/invites/${apiInvite.id}`, { method: "DELETE" })).status).toBe(204);
+    await waitUntil(async () => (await devSite.status()).uplink.state === "down", "the API-revoked site's tunnel closed");
+
+    // SIGHUP reloads (and does not stop the hub); the other site is still up on its first tunnel.
+    hub.proc.kill("SIGHUP");
+    expect((await hub.api("/healthz")).status).toBe(200);
+    expect((await everything.status()).uplink.connects).toBe(1);
+  });
+
+  const bad: [string, string[], Record<string, string>, RegExp][] = [
+    ["a join string of the wrong form", ["--join", "K10abc::server:SECRET-not-shown"], {}, /^edge-relay: --join: expected a join string ER1<SHA-256 hex>::TOKEN@HOST:PORT as a hub prints it\n$/],
+    ["a join string with --uplink", ["--join", `ER1${"a".repeat(64)}::SECRET-not-shown-01@localhost:1`, "--uplink", "wss://x:1"], {}, /^edge-relay: --join: cannot be combined with --uplink: the join string carries/],
+    ["RELAY_JOIN of the wrong form", [], { RELAY_JOIN: "SECRET-not-shown" }, /^edge-relay: --join: expected a join string/],
+    ["--public-url without a state directory", ["--public-url", "wss://localhost:8443"], {}, /^edge-relay: --state-dir: required with --public-url \(or set STATE_DIRECTORY\)\n$/],
+    ["--public-url without a port", ["--public-url", "wss://localhost", "--state-dir", "/nonexistent"], {}, /^edge-relay: --public-url: expected wss:\/\/NAME:PORT\n$/],
+  ];
+  for (const [what, args, env, expected] of bad) {
+    test(`${what} exits 2 with one line that quotes no secret`, async () => {
+      const { stdout, stderr, code } = await runCli(args, env);
+      expect({ stdout, code }).toEqual({ stdout: "", code: 2 });
+      expect(stderr).toMatch(expected);
+      expect(stderr).not.toContain("SECRET");
+    });
+  }
+
+  test("--invite without a hub in the state directory says how to make one", async () => {
+    await using dir = await tempDir();
+    expect(await runCli(["--state-dir", dir.path, "--invite", "lab"])).toEqual({
+      stdout: "",
+      stderr: `edge-relay: --invite: no hub in ${dir.path}: start one there first with --public-url wss://NAME:PORT --state-dir ${dir.path}\n`,
+      code: 1,
+    });
+  });
+
+  test("--join-file reads the join string from a file", async () => {
+    await using dir = await tempDir();
+    const port = await freePort();
+    await using hub = await startHub(`${dir.path}/state`, port, ["--http", `127.0.0.1:${port}`]);
+    await Bun.write(`${dir.path}/join`, `${printedSiteLine(hub)[4]}\n`);
+    await using site = await spawnRelay(["--join-file", `${dir.path}/join`, "--http", "127.0.0.1:0"]);
+    await uplinkUp(site);
+  });
+});
