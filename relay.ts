@@ -42,7 +42,7 @@
  * @module
  */
 
-import { chmodSync, existsSync, lstatSync, mkdirSync, readFileSync, readlinkSync, realpathSync, renameSync, rmSync, unlinkSync, watch, writeFileSync } from "node:fs";
+import { chmodSync, copyFileSync, existsSync, lstatSync, mkdirSync, readFileSync, readlinkSync, realpathSync, renameSync, rmSync, unlinkSync, watch, writeFileSync } from "node:fs";
 import { BlockList, isIP, isIPv4, isIPv6 } from "node:net";
 import { basename, dirname, join, resolve as resolvePath } from "node:path";
 import { hostname, constants as osConstants } from "node:os";
@@ -53,6 +53,7 @@ import type { Server, ServerWebSocket, Socket, udp } from "bun";
 import { credsAuthenticator, nkeyAuthenticator } from "@nats-io/nats-core";
 import { Hono } from "hono";
 import * as v from "valibot";
+import UNIT_TEMPLATE from "./deploy/edge-relay.service" with { type: "text" };
 
 // ───────────────────────────── constants ─────────────────────────────
 
@@ -7255,6 +7256,82 @@ export function runHubCommand(flags: Record<string, string | true | string[]>, s
   }
 }
 
+/** Where --install-service puts things, below --install-root (the unit template's own paths). */
+const INSTALL_BINARY = "/usr/local/bin/edge-relay";
+const INSTALL_UNIT = "/etc/systemd/system/edge-relay.service";
+const INSTALL_ENV = "/etc/edge-relay/env";
+/** Options that configure the installing, or that the service replaces (its StateDirectory, the secrets' environment file). */
+const NOT_IN_UNIT = new Set(["installService", "installRoot", "stateDir", "joinFile", "tokenFile"]);
+
+/** An ExecStart argument, quoted for systemd when it needs it (`%` and `$` doubled: they are specifiers there). */
+function unitArgument(text: string): string {
+  const escaped = text.replace(/%/g, "%%").replace(/\$/g, "$$$$");
+  return /^[A-Za-z0-9_@%+=:,./-]+$/.test(text) ? escaped : `"${escaped.replace(/["\\]/g, "\\$&")}"`;
+}
+
+/**
+ * --install-service: this command line, less the installing options, as the systemd service
+ * edge-relay: the binary (this one, or compiled from this script), the unit (deploy/edge-relay.service
+ * with its hardening and StateDirectory, ExecStart this command line) and the environment file
+ * (0600) with every secret, from the options, their environment variables and --join-file or
+ * --token-file, so none is on the command line `ps` shows. Under `root` (tests, images) nothing is
+ * started; at / on a host where systemd runs, systemctl enables and starts it.
+ */
+export function installService(flags: Record<string, string | true | string[]>, env: Record<string, string | undefined>, root: string): string[] {
+  const table = OPTIONS as Record<string, OptionSpec>;
+  const secrets = new Map<string, string[]>();
+  const addSecret = (key: string, values: string[]) => {
+    const spec = table[key]!;
+    if (spec.env === undefined) throw new ConfigError(`${flagOf("installService")}: ${flagOf(key)} holds a secret and has no environment variable: give it in the ${flagOf("config")} file`);
+    secrets.set(spec.env, [...(secrets.get(spec.env) ?? []), ...values]);
+  };
+  const args: string[] = [];
+  for (const [key, value] of Object.entries(flags)) {
+    const spec = table[key]!;
+    if (NOT_IN_UNIT.has(key)) continue;
+    const values = value === true ? [] : Array.isArray(value) ? value : [value];
+    if (spec.secret) addSecret(key, values);
+    else if (value === true) args.push(flagOf(key));
+    else for (const one of values) args.push(flagOf(key), key === "config" ? resolvePath(one) : one);
+  }
+  for (const [key, spec] of Object.entries(table)) {
+    const fromEnv = spec.env && spec.secret ? env[spec.env]?.trim() : undefined;
+    if (fromEnv && !secrets.has(spec.env!)) addSecret(key, [fromEnv]);
+  }
+  if (typeof flags.joinFile === "string") addSecret("join", [readFileSync(flags.joinFile, "utf8").trim()]);
+  if (typeof flags.tokenFile === "string") addSecret("tokens", readFileSync(flags.tokenFile, "utf8").split("\n").map((l) => l.replace(/#.*/, "").trim()).filter(Boolean));
+  const under = (path: string) => join(root, path);
+  for (const dir of [dirname(INSTALL_BINARY), dirname(INSTALL_UNIT), dirname(INSTALL_ENV)]) mkdirSync(under(dir), { recursive: true, mode: 0o755 });
+
+  const binary = under(INSTALL_BINARY);
+  if (Bun.main.startsWith("/$bunfs/")) {
+    copyFileSync(process.execPath, `${binary}.tmp`);
+    chmodSync(`${binary}.tmp`, 0o755);
+    renameSync(`${binary}.tmp`, binary);
+  } else {
+    const build = Bun.spawnSync([process.execPath, "build", "--compile", "--minify", Bun.main, "--outfile", binary], { stdout: "ignore", stderr: "pipe" });
+    if (build.exitCode !== 0) throw new Error(`Cannot compile ${Bun.main} to ${binary}: ${build.stderr.toString().trim().split("\n").at(-1)}`);
+  }
+  const execStart = [INSTALL_BINARY, ...args].map(unitArgument).join(" ");
+  const unit = UNIT_TEMPLATE.slice(UNIT_TEMPLATE.indexOf("[Unit]")).replace(/^ExecStart=.*$/m, `ExecStart=${execStart}`);
+  writeAtomically(under(INSTALL_UNIT), `# Written by edge-relay ${flagOf("installService")} from deploy/edge-relay.service; secrets are in ${INSTALL_ENV}.\n\n${unit}`, 0o644);
+  writeAtomically(under(INSTALL_ENV), [...secrets].map(([name, values]) => `${name}=${values.join(",")}\n`).join(""), 0o600);
+  const lines = [
+    `installed ${binary}`,
+    `installed ${under(INSTALL_UNIT)}: ExecStart=${execStart}`,
+    `installed ${under(INSTALL_ENV)} (0600): ${[...secrets.keys()].join(", ") || "no secrets"}`,
+  ];
+  if (flags.publicUrl !== undefined) lines.push(`the hub keeps its state in /var/lib/edge-relay; its first start logs the site line: journalctl -u edge-relay | grep 'on each site'`);
+  if (root === "/" && existsSync("/run/systemd/system")) {
+    for (const command of [["systemctl", "daemon-reload"], ["systemctl", "enable", "--now", "edge-relay"]]) {
+      const run = Bun.spawnSync(command, { stdout: "ignore", stderr: "pipe" });
+      if (run.exitCode !== 0) throw new Error(`${command.join(" ")} failed: ${run.stderr.toString().trim()}`);
+    }
+    lines.push("started: systemctl status edge-relay");
+  } else lines.push(`not started (${root === "/" ? "systemd is not running here" : `installed below ${root}`}); where systemd runs: systemctl daemon-reload && systemctl enable --now edge-relay`);
+  return lines;
+}
+
 /**
  * Before each dial of a joined site: the certificate the hub presents becomes the CA the dial trusts
  * (the join string has its hash, not the certificate). The dial then checks the pin as
@@ -7814,6 +7891,15 @@ export async function main(argv = Bun.argv.slice(2), env: Record<string, string 
   if (config === "version") return void console.log(`edge-relay ${VERSION} (bun ${Bun.version})`);
   const flags = parseFlags(argv);
   if (flags.invite !== undefined || flags.invites !== undefined || flags.revoke !== undefined) process.exit(runHubCommand(flags, config.stateDir, programName()));
+  if (flags.installService !== undefined) {
+    try {
+      for (const line of installService(flags, env, typeof flags.installRoot === "string" ? resolvePath(flags.installRoot) : "/")) console.log(line);
+      process.exit(0);
+    } catch (error) {
+      console.error(`edge-relay: ${(error as Error).message}`);
+      process.exit(error instanceof ConfigError ? 2 : 1);
+    }
+  }
   let relay: RelayHandle;
   try {
     relay = await startRelay(config, consoleLogger, env);

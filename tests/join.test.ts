@@ -4,7 +4,7 @@
  * Everything runs as separate processes on loopback; sites are started as the hub's line says.
  */
 import { describe, expect, test } from "bun:test";
-import { statSync } from "node:fs";
+import { readFileSync, statSync } from "node:fs";
 import { X509Certificate } from "node:crypto";
 import { helpText } from "../relay.ts";
 import { BROADCAST, ROOT, attachVm, freePort, fromMac, makeFrame, runCli, spawnRelay, tempDir, uplinkFailed, uplinkUp, waitUntil, type RelayProcess } from "./helpers.ts";
@@ -200,4 +200,66 @@ describe("one-command hub and join lines", () => {
     await using site = await spawnRelay(["--join-file", `${dir.path}/join`, "--http", "127.0.0.1:0"]);
     await uplinkUp(site);
   });
+});
+
+/** `KEY=value` lines of an environment file, as systemd reads them. */
+const envFile = (text: string) => Object.fromEntries(text.split("\n").filter((l) => /^[A-Z_]+=/.test(l)).map((l) => [l.slice(0, l.indexOf("=")), l.slice(l.indexOf("=") + 1)]));
+
+/** What an installed unit runs: ExecStart's words, its program moved below `root`. */
+async function unitCommand(root: string): Promise<string[]> {
+  const unit = await Bun.file(`${root}/etc/systemd/system/edge-relay.service`).text();
+  const words = /^ExecStart=(.*)$/m.exec(unit)![1]!.split(" ");
+  return [`${root}${words[0]}`, ...words.slice(1)];
+}
+
+describe("--install-service", () => {
+  test("installs a hub, then a site from the hub's printed line, below a temporary root: binary, hardened unit without secrets, 0600 environment file; systemd-analyze verify passes; each started as its unit starts it, the site joins and no secret is in ps", async () => {
+    await using dir = await tempDir();
+    const [hubRoot, siteRoot] = [`${dir.path}/hub`, `${dir.path}/site`];
+    const port = await freePort();
+    const hubInstall = await runCli(["--public-url", `wss://localhost:${port}`, "--state-dir", "/var/lib/edge-relay", "--http", `127.0.0.1:${port}`, "--install-service", "--install-root", hubRoot], {}, 120_000);
+    expect({ stderr: hubInstall.stderr, code: hubInstall.code }).toEqual({ stderr: "", code: 0 });
+    expect(hubInstall.stdout).toContain(`installed ${hubRoot}/etc/systemd/system/edge-relay.service: ExecStart=/usr/local/bin/edge-relay --public-url wss://localhost:${port} --http 127.0.0.1:${port}\n`);
+    expect(hubInstall.stdout).toContain(`not started (installed below ${hubRoot}); where systemd runs: systemctl daemon-reload && systemctl enable --now edge-relay\n`);
+    const template = await Bun.file(`${ROOT}deploy/edge-relay.service`).text();
+    const unit = await Bun.file(`${hubRoot}/etc/systemd/system/edge-relay.service`).text();
+    // The template's hardening and StateDirectory, all of it; only ExecStart differs.
+    const settings = (text: string) => text.split("\n").filter((l) => /^[A-Za-z]+=/.test(l) && !l.startsWith("ExecStart="));
+    expect(settings(unit)).toEqual(settings(template));
+    expect(settings(unit)).toContain("StateDirectory=edge-relay");
+
+    // The hub as systemd starts it: the unit's command line, its environment file, STATE_DIRECTORY.
+    const state = `${dir.path}/var-lib-edge-relay`;
+    const hubEnv = { ...envFile(await Bun.file(`${hubRoot}/etc/edge-relay/env`).text()), STATE_DIRECTORY: state };
+    const [hubBinary, ...hubArgs] = await unitCommand(hubRoot);
+    await using hub = await spawnRelay(hubArgs, { command: [hubBinary!], env: hubEnv });
+    const line = printedSiteLine(hub);
+    expect(line.slice(0, 2)).toEqual(["edge-relay", "--join"]);
+    const token = line[2]!.split("::")[1]!.split("@")[0]!;
+
+    // The site: the printed line, with its QEMU port and --install-service.
+    const siteInstall = await runCli([...line.slice(1), "--qemu-listen", "lab=127.0.0.1:0", "--http", "127.0.0.1:0", "--install-service", "--install-root", siteRoot], {}, 120_000, { command: [hubBinary!] });
+    expect({ stderr: siteInstall.stderr, code: siteInstall.code }).toEqual({ stderr: "", code: 0 });
+    expect(siteInstall.stdout).toContain(`installed ${siteRoot}/etc/edge-relay/env (0600): RELAY_JOIN\n`);
+    expect(siteInstall.stdout).not.toContain(token);
+    const siteUnit = await Bun.file(`${siteRoot}/etc/systemd/system/edge-relay.service`).text();
+    expect(/^ExecStart=(.*)$/m.exec(siteUnit)![1]).toBe("/usr/local/bin/edge-relay --qemu-listen lab=127.0.0.1:0 --http 127.0.0.1:0");
+    expect(modeOf(`${siteRoot}/etc/edge-relay/env`)).toBe("600");
+    expect(modeOf(`${siteRoot}/usr/local/bin/edge-relay`)).toBe("755");
+    expect(await Bun.file(`${siteRoot}/etc/edge-relay/env`).text()).toBe(`RELAY_JOIN=${line[2]}\n`);
+
+    if (Bun.which("systemd-analyze")) {
+      // verify checks that ExecStart's program exists: point a copy at the installed binary.
+      const copy = `${dir.path}/edge-relay.service`;
+      await Bun.write(copy, siteUnit.replace(/^ExecStart=\/usr\/local\/bin\/edge-relay/m, `ExecStart=${siteRoot}/usr/local/bin/edge-relay`));
+      const verify = await Bun.$`systemd-analyze verify ${copy}`.nothrow().quiet();
+      expect({ code: verify.exitCode, output: `${verify.stdout}${verify.stderr}` }).toEqual({ code: 0, output: "" });
+    } else if (process.env.CI) throw new Error("systemd-analyze is not installed: apt-get install systemd (.ci/run does)");
+
+    const [siteBinary, ...siteArgs] = await unitCommand(siteRoot);
+    await using site = await spawnRelay(siteArgs, { command: [siteBinary!], env: envFile(await Bun.file(`${siteRoot}/etc/edge-relay/env`).text()) });
+    await uplinkUp(site);
+    expect((await site.status()).uplink.networks).toEqual(["lab"]);
+    for (const pid of [hub.proc.pid, site.proc.pid]) expect(readFileSync(`/proc/${pid}/cmdline`, "utf8")).not.toContain(token);
+  }, 240_000);
 });
