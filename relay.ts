@@ -42,7 +42,7 @@
  * @module
  */
 
-import { chmodSync, copyFileSync, existsSync, lstatSync, mkdirSync, readFileSync, readlinkSync, realpathSync, renameSync, rmSync, unlinkSync, watch, writeFileSync } from "node:fs";
+import { chmodSync, chownSync, copyFileSync, existsSync, lstatSync, mkdirSync, readFileSync, readlinkSync, realpathSync, renameSync, rmSync, statSync, unlinkSync, watch, writeFileSync } from "node:fs";
 import { BlockList, isIP, isIPv4, isIPv6 } from "node:net";
 import { basename, dirname, join, resolve as resolvePath } from "node:path";
 import { hostname, constants as osConstants } from "node:os";
@@ -6989,12 +6989,17 @@ export function selfSignedCertificate(name: string): { cert: string; key: string
   return { cert: pem("CERTIFICATE", derSequence(tbs, ecdsaWithSha256, der(0x03, Buffer.from([0]), signature))), key: privateKey.export({ type: "pkcs8", format: "pem" }) as string };
 }
 
-/** Writes a whole file or nothing: a temporary file with its mode from the start, then a rename over the old one. */
+/**
+ * Writes a whole file or nothing: a temporary file with its mode from the start, then a rename over
+ * the old one. Root (an --invite at the shell) keeps the old file's owner: the service's user must still read it.
+ */
 function writeAtomically(path: string, text: string, mode: number): void {
   const temporary = `${path}.${process.pid}.tmp`;
   try {
     writeFileSync(temporary, text, { mode });
     chmodSync(temporary, mode);
+    const old = statSync(path, { throwIfNoEntry: false });
+    if (old && process.getuid?.() === 0) chownSync(temporary, old.uid, old.gid);
     renameSync(temporary, path);
   } catch (error) {
     rmSync(temporary, { force: true });
