@@ -4,7 +4,7 @@
  * README's recipe), and the README's recipe for a hub and a site on one host.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { existsSync, mkdirSync, readFileSync, readlinkSync } from "node:fs";
+import { chownSync, existsSync, mkdirSync, readFileSync, readlinkSync, statSync } from "node:fs";
 import { openUnixDgram } from "../relay.ts";
 import {
   BROADCAST,
@@ -214,7 +214,23 @@ describe("Container image (deploy/Containerfile)", () => {
     await framesCross(site, hub, "64");
     // Podman hands SIGTERM to the relay, which stops cleanly.
     expect(await hub.stop("SIGTERM")).toBe(0);
-  }, 90_000);
+
+    // The one-command hub (no openssl in the image): its state on a volume the image's user owns; a site joins with the printed line.
+    mkdirSync(`${d}/state`, { mode: 0o700 });
+    chownSync(`${d}/state`, 65532, 65532);
+    const port = await freePort();
+    const joinHub = await spawnRelay(["--public-url", `wss://localhost:${port}`, "--state-dir", "/state", "--http", `127.0.0.1:${port}`], {
+      command: [...run, "--name", "join-hub", "--volume", `${d}/state:/state`, "edge-relay"],
+    });
+    await using _joinHub = joinHub;
+    const line = /^hub: on each site, run: edge-relay (--join \S+)$/m.exec(joinHub.stdout())?.[1];
+    expect(line).toBeDefined();
+    expect(statSync(`${d}/state/hub-key.pem`).uid).toBe(65532);
+    await using joined = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", ...line!.split(" ")]);
+    await uplinkUp(joined);
+    await joinHub.waitForLine(/^tunnel: .* attached \(networks: default\)$/);
+    expect(await joinHub.stop("SIGTERM")).toBe(0);
+  }, 120_000);
 });
 
 describe("HAProxy in front of a hub (deploy/haproxy.cfg)", () => {
