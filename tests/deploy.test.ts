@@ -157,7 +157,7 @@ describe("systemd unit and the compiled binary", () => {
 });
 
 describe("Container image (deploy/Containerfile)", () => {
-  test("the README's build makes an image of the binary that runs as uid 65532; without an admin token it exits 2; as a hub with its env file it serves a site's tunnel", async () => {
+  test("the README's build makes an image of the binary that runs as uid 65532; without an admin token it exits 2; as a hub with its env file it serves a site's tunnel; the one-command hub works in it", async () => {
     if (!Bun.which("podman")) throw new Error("podman is not installed: apt-get install podman runc (.ci/run does)");
     await using dir = await tempDir();
     const d = dir.path;
