@@ -7194,12 +7194,15 @@ export function watchHubTokens(dir: string, grants: Grant[], fixed: Grant[], rev
   let pending = false;
   const reload = () => {
     pending = false;
+    let read;
     try {
-      grants.splice(0, grants.length, ...fixed, ...hubGrants(dir));
+      read = hubGrants(dir);
     } catch (error) {
       log.warn(`hub: keeping the tokens in use: ${(error as Error).message}`);
       return;
     }
+    grants.splice(0, grants.length, ...fixed, ...read);
+    log.info(`hub: ${read.length} token${read.length === 1 ? "" : "s"} in ${join(dir, HUB_TOKENS)}`);
     revoked();
   };
   const watcher = watch(dir, (_event, file) => {

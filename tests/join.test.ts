@@ -161,8 +161,12 @@ describe("one-command hub and join lines", () => {
     expect((await hub.api(`/invites/${apiInvite.id}`, { method: "DELETE" })).status).toBe(204);
     await waitUntil(async () => (await devSite.status()).uplink.state === "down", "the API-revoked site's tunnel closed");
 
-    // SIGHUP reloads (and does not stop the hub); the other site is still up on its first tunnel.
+    // SIGHUP reads the tokens again (and does not stop the hub); the other site is still up on its first tunnel.
+    const reloads = () => hub.stdout().split("\n").filter((l) => l === `hub: 1 token in ${state}/tokens.json`).length;
+    await waitUntil(async () => reloads() > 0, "the hub read the tokens after the API's revocation");
+    const before = reloads();
     hub.proc.kill("SIGHUP");
+    await waitUntil(async () => reloads() === before + 1, "the hub read the tokens at SIGHUP");
     expect((await hub.api("/healthz")).status).toBe(200);
     expect((await everything.status()).uplink.connects).toBe(1);
   });
@@ -190,6 +194,28 @@ describe("one-command hub and join lines", () => {
       stderr: `edge-relay: --invite: no hub in ${dir.path}: start one there first with --public-url wss://NAME:PORT --state-dir ${dir.path}\n`,
       code: 1,
     });
+  });
+
+  test("a hub named by an IP address (v4 or v6) gets a certificate for that address, and sites join it; another name on the same state is refused", async () => {
+    await using dir = await tempDir();
+    for (const [host, bracketed] of [["127.0.0.1", "127.0.0.1"], ["::1", "[::1]"]]) {
+      const state = `${dir.path}/${host.replace(/:/g, "_")}`;
+      const port = await freePort();
+      await using hub = await spawnRelay(["--public-url", `wss://${bracketed}:${port}`, "--state-dir", state, "--http", `${bracketed}:${port}`]);
+      const x509 = new X509Certificate(await Bun.file(`${state}/hub-cert.pem`).text());
+      expect(x509.subjectAltName).toBe(`IP Address:${host === "::1" ? "0:0:0:0:0:0:0:1" : host}`);
+      const line = printedSiteLine(hub);
+      expect(line.at(-1)).toEndWith(`@${bracketed}:${port}`);
+      await using site = await spawnRelay([...line.slice(line.indexOf("--join")), "--http", "127.0.0.1:0"]);
+      await uplinkUp(site);
+      await hub.stop();
+      const renamed = await runCli(["--public-url", `wss://localhost:${port}`, "--state-dir", state]);
+      expect(renamed).toEqual({
+        stdout: "",
+        stderr: `edge-relay: --public-url: the certificate in ${state}/hub-cert.pem is not for localhost; sites pin it, so it is not replaced: use its name, or another --state-dir\n`,
+        code: 1,
+      });
+    }
   });
 
   test("--join-file reads the join string from a file", async () => {
