@@ -52,6 +52,7 @@ import { checkServerIdentity, connect as tlsConnect, type PeerCertificate } from
 import type { Server, ServerWebSocket, Socket, udp } from "bun";
 import { credsAuthenticator, nkeyAuthenticator } from "@nats-io/nats-core";
 import { Hono } from "hono";
+import { getPath } from "hono/utils/url";
 import * as v from "valibot";
 import UNIT_TEMPLATE from "./deploy/edge-relay.service" with { type: "text" };
 
@@ -798,6 +799,43 @@ const BackplaneServers = v.optional(
   [],
 );
 
+/** A range of addresses: `10.0.0.0/8`, `fd00::/8`, or one address (`127.0.0.1`, `::1`). */
+export interface Cidr {
+  address: string;
+  prefix: number;
+  family: "ipv4" | "ipv6";
+}
+
+/** Parses a CIDR range or a bare address; undefined when it is neither. */
+export function parseCidr(text: string): Cidr | undefined {
+  const m = /^([^/]+)(?:\/(\d{1,3}))?$/.exec(text);
+  const version = m ? isIP(m[1]!) : 0;
+  if (!m || version === 0) return undefined;
+  const bits = version === 4 ? 32 : 128;
+  const prefix = m[2] === undefined ? bits : Number(m[2]);
+  return prefix <= bits ? { address: m[1]!, prefix, family: version === 4 ? "ipv4" : "ipv6" } : undefined;
+}
+
+/** --trusted-proxy: repeatable, and each may list several ranges separated by commas. */
+const TrustedProxies = v.optional(
+  v.pipe(
+    v.array(v.string("expected CIDR"), "expected an array of CIDR ranges"),
+    v.rawTransform(({ dataset, addIssue, NEVER }) => {
+      const ranges: Cidr[] = [];
+      for (const text of dataset.value.flatMap((t) => t.split(",")).map((t) => t.trim())) {
+        const range = parseCidr(text);
+        if (range === undefined) {
+          addIssue({ message: `expected an address or a CIDR range like 10.0.0.0/8 or fd00::/8, got ${JSON.stringify(text)}` });
+          return NEVER;
+        }
+        ranges.push(range);
+      }
+      return ranges;
+    }),
+  ),
+  [],
+);
+
 /** What signs the NATS server's nonce for a credentials file or an NKey seed. */
 function natsAuthenticator(creds: { kind: "creds" | "seed"; text: string }): (nonce?: string) => unknown {
   return (creds.kind === "creds" ? credsAuthenticator : nkeyAuthenticator)(new TextEncoder().encode(creds.text));
@@ -961,7 +999,11 @@ export const OPTIONS = {
   http: { arg: "HOST:PORT", group: "http", schema: v.optional(HttpAddress, DEFAULT_HTTP), help: "listen address" },
   adminToken: {
     arg: "SECRET", env: "RELAY_ADMIN_TOKEN", secret: true, group: "http", schema: v.optional(AcceptedSecret),
-    help: "Bearer token for /healthz, /status, /metrics; required when --http\nis not a loopback address; also RELAY_ADMIN_TOKEN",
+    help: "Bearer token for /, /status, /metrics, /capture, /impair, /invites\n(or the session the login form at / starts; /healthz needs none);\nrequired when --http is not a loopback address; also RELAY_ADMIN_TOKEN",
+  },
+  trustedProxies: {
+    flag: "trusted-proxy", arg: "CIDR[,CIDR…]", multiple: true, group: "http", schema: TrustedProxies,
+    help: "requests from these addresses come through a proxy of yours: take\nthe client's address from X-Forwarded-For or Forwarded (for the\nthrottle, --max-tunnels-per-address, logs and status); never\nfrom anyone else (repeatable)",
   },
   tlsCert: { arg: "FILE", group: "http", schema: v.optional(CertificateFile), help: "serve HTTPS and wss:// with this certificate (PEM)" },
   tlsKey: { arg: "FILE", group: "http", schema: v.optional(PrivateKeyFile), help: "the certificate's private key (PEM)" },
@@ -3062,16 +3104,17 @@ export function authenticateToken(token: string | null | undefined, grants: Gran
 }
 
 /**
- * Failed authentications per source address: after AUTH_FAILURES of them within AUTH_WINDOW_MS,
- * the address gets 429 until AUTH_BLOCK_MS have passed. The table is bounded; the entry not
- * touched for longest goes first.
+ * Failed authentications per client address: after AUTH_FAILURES of them within AUTH_WINDOW_MS,
+ * the address's further failed attempts get 429 until AUTH_BLOCK_MS have passed. A right credential
+ * is never asked about here: one address is often many clients (a NAT, a proxy), and one of them
+ * failing must not lock the others out. The table is bounded; the entry not touched for longest goes first.
  */
 export class AuthThrottle {
   readonly #entries = new Map<string, { failures: number; since: number; until: number }>();
-  /** Requests answered 429. */
+  /** Failed attempts answered 429. */
   throttled = 0;
 
-  /** Seconds the address must wait, or 0 when it may try. */
+  /** Seconds a failed attempt from the address must wait, or 0 when it is an ordinary failure. */
   retryAfter(address: string, now = Date.now()): number {
     const entry = this.#entries.get(address);
     if (entry === undefined || entry.until <= now) return 0;
@@ -3089,11 +3132,100 @@ export class AuthThrottle {
     }
     if (++entry.failures >= AUTH_FAILURES) entry.until = now + AUTH_BLOCK_MS;
   }
+
+  /** Addresses with an entry (bounded by AUTH_TABLE_SIZE). */
+  get size(): number {
+    return this.#entries.size;
+  }
+}
+
+/** Who sent a request: the client's address (and port, when known), and the proxy it came through. */
+export interface ClientAddress {
+  address: string;
+  port?: number;
+  /** The trusted proxy's `HOST:PORT`, when the address came from its header. */
+  via?: string;
+}
+
+/** `1.2.3.4`, `1.2.3.4:80`, `2001:db8::1`, `[2001:db8::1]:80` as an IP in one spelling per address; undefined for anything else. */
+function forwardedNode(text: string): { address: string; port?: number } | undefined {
+  const m = /^\[([^\]]+)\](?::(\d{1,5}))?$|^(\d{1,3}(?:\.\d{1,3}){3})(?::(\d{1,5}))?$|^([0-9A-Fa-f:.]+)$/.exec(text.trim());
+  const host = m?.[1] ?? m?.[3] ?? m?.[5];
+  const port = m?.[2] ?? m?.[4];
+  if (host === undefined || isIP(host) === 0 || (port !== undefined && Number(port) > 65_535)) return undefined;
+  return { address: clientIp(host), port: port === undefined ? undefined : Number(port) };
+}
+
+/** Bun names a sender in canonical form (`::1`); a configured IPv6 remote may be spelled otherwise. */
+function canonicalIp(host: string): string {
+  return host.includes(":") ? new URL(`http://[${host}]`).hostname.slice(1, -1) : host;
+}
+
+/** A client's address in one spelling (`::FFFF:1.2.3.4` is 1.2.3.4, `2001:DB8:0::1` is 2001:db8::1): the throttle and the limits key on it. */
+export function clientIp(ip: string): string {
+  return canonicalIp(/^::ffff:(\d{1,3}(?:\.\d{1,3}){3})$/i.exec(ip)?.[1] ?? ip);
+}
+
+/**
+ * The `for=` nodes of RFC 7239 `Forwarded` values, in order; a node that names no address
+ * (`unknown`, an obfuscated `_hidden`, garbage) is undefined.
+ */
+function forwardedFor(header: string): ({ address: string; port?: number } | undefined)[] {
+  const nodes: ({ address: string; port?: number } | undefined)[] = [];
+  for (const element of header.split(",")) {
+    const pair = element.split(";").map((p) => /^\s*for\s*=\s*("?)(.*?)\1\s*$/i.exec(p)).find((m) => m !== null);
+    if (pair) nodes.push(forwardedNode(pair[2]!));
+  }
+  return nodes;
+}
+
+/**
+ * The client behind a request. Only a TCP peer in `trusted` (--trusted-proxy) is asked: its
+ * `X-Forwarded-For` or `Forwarded` is read right to left, skipping the trusted hops, and the first
+ * other hop is the client. A hop that names no address stops the walk at the last trusted one, and
+ * a request with both headers is taken as the proxy's own: a proxy appends to one of them, so the
+ * other is whatever its client wrote.
+ */
+export function clientAddress(peer: { address: string; port: number } | null, headers: Headers, trusted: BlockList | undefined): ClientAddress {
+  if (peer === null) return { address: "unknown" };
+  const direct = { address: clientIp(peer.address), port: peer.port };
+  if (trusted === undefined || !isTrusted(trusted, direct.address)) return direct;
+  const xff = headers.get("x-forwarded-for");
+  const forwarded = headers.get("forwarded");
+  if ((xff === null) === (forwarded === null)) return direct;
+  const hops = xff !== null ? xff.split(",").map(forwardedNode) : forwardedFor(forwarded!);
+  const via = formatHostPort({ host: direct.address, port: direct.port });
+  let last: ClientAddress = direct;
+  for (let i = hops.length - 1; i >= 0; i--) {
+    const hop = hops[i];
+    if (hop === undefined) break;
+    last = { ...hop, via };
+    if (!isTrusted(trusted, hop.address)) return last;
+  }
+  return last;
+}
+
+function isTrusted(trusted: BlockList, address: string): boolean {
+  return trusted.check(address, isIPv4(address) ? "ipv4" : "ipv6");
+}
+
+/** --trusted-proxy's ranges as one BlockList; undefined when none is given. */
+export function trustedProxyList(ranges: Cidr[]): BlockList | undefined {
+  if (ranges.length === 0) return undefined;
+  const list = new BlockList();
+  for (const r of ranges) list.addSubnet(r.address, r.prefix, r.family);
+  return list;
+}
+
+/** How a log line or /status names a client: `1.2.3.4:5678`, or `1.2.3.4 via 10.0.0.2:40122` behind a proxy. */
+export function formatClient(client: ClientAddress): string {
+  const shown = client.port === undefined ? client.address : formatHostPort({ host: client.address, port: client.port });
+  return client.via === undefined ? shown : `${shown} via ${client.via}`;
 }
 
 export interface RelayCounters {
   authFailures: number;
-  /** Requests answered 429 after repeated authentication failures from their address. */
+  /** Wrong credentials answered 429 after repeated failures from their client's address. */
   authThrottled: number;
   protocolErrors: number;
   /** Tunnels refused before the upgrade (--max-tunnels, --max-tunnels-per-address). */
@@ -5357,11 +5489,6 @@ export class DatagramPort extends Port {
   }
 }
 
-/** Bun names a sender in canonical form (`::1`); a configured IPv6 remote may be spelled otherwise. */
-function canonicalIp(host: string): string {
-  return host.includes(":") ? new URL(`http://[${host}]`).hostname.slice(1, -1) : host;
-}
-
 async function openUdp(address: HostPort, onDatagram: OnDatagram, onError: (error: Error) => void, flags = 0): Promise<DatagramSocket & { socket: udp.Socket<"buffer"> }> {
   // The sender of the datagram at hand; `from` reads them, so no closure is made per datagram, and
   // a key is made only when the sender changes.
@@ -5896,7 +6023,7 @@ const PORT_METRICS: [name: string, help: string, value: (p: Port) => number][] =
 
 const RELAY_COUNTERS: [name: string, help: string, key: keyof RelayCounters][] = [
   ["edge_relay_auth_failures_total", "Requests refused for a wrong or missing token.", "authFailures"],
-  ["edge_relay_auth_throttled_total", "Requests answered 429 after repeated authentication failures.", "authThrottled"],
+  ["edge_relay_auth_throttled_total", "Wrong credentials answered 429 after repeated failures from their address.", "authThrottled"],
   ["edge_relay_protocol_errors_total", "Ports closed for malformed input.", "protocolErrors"],
   ["edge_relay_tunnels_refused_total", "Tunnels refused for the tunnel limits.", "tunnelsRefused"],
   ["edge_relay_loop_refusals_total", "Networks refused to a tunnel because its relay would make a loop.", "loopRefusals"],
@@ -6029,6 +6156,8 @@ h1 { margin: 0; font-size: 1.25rem; overflow-wrap: anywhere; }
 h1 small { font-size: 0.8rem; font-weight: normal; color: var(--muted); }
 h2 { margin: 0 0 0.5rem; font-size: 1.05rem; }
 #live { margin: 0 0 0 auto; font-size: 0.85rem; }
+#logout { margin: 0; }
+#logout button { font: inherit; font-size: 0.85rem; }
 main { max-width: 1440px; margin: 0 auto; padding: 1rem; display: grid; grid-template-columns: minmax(0, 1fr); gap: 1rem; }
 #networks { display: grid; grid-template-columns: minmax(0, 1fr); gap: 1rem; }
 .overview { display: grid; grid-template-columns: minmax(0, 2fr) minmax(0, 3fr); gap: 1rem; align-items: start; }
@@ -6107,6 +6236,7 @@ summary { cursor: pointer; font-weight: 600; }
 <header>
   <h1><span id="name">edge-relay</span> <small id="version"></small></h1>
   <p id="live" role="status">Connecting&hellip;</p>
+  <!--logout-->
 </header>
 <main>
   <noscript><p>This page needs JavaScript. The same data is at <a href="status">/status</a>.</p></noscript>
@@ -6564,13 +6694,53 @@ p { margin: 0; }
 </body>
 </html>
 `;
+/** The page as a relay with an admin token serves it: with a button that ends the session. */
+export const PAGE_HTML_WITH_LOGOUT = PAGE_HTML.replace("<!--logout-->", '<form id="logout" method="post" action="logout"><button type="submit">Log out</button></form>');
 const LOGIN_FAILED = '<p role="alert"><strong>⚠ That is not this relay\'s admin token.</strong></p>';
 
-/** A browser's admin token after /login: HttpOnly, SameSite=Strict, accepted wherever the Bearer header is. */
-export const ADMIN_COOKIE = "edge_relay_admin";
+/** The status page's login: the cookie holds a random session id, never the admin token. */
+export const ADMIN_COOKIE = "edge_relay_session";
+/** Where relays before sessions kept the token itself: cleared whenever a browser that has it logs in or out. */
+const TOKEN_COOKIE = "edge_relay_admin";
 const LOGIN_PATH = "/login";
-const ADMIN_COOKIE_SECONDS = 12 * 3600;
+const LOGOUT_PATH = "/logout";
+const ADMIN_SESSION_SECONDS = 12 * 3600;
+/** Sessions held at once; a further login ends the oldest. */
+const ADMIN_SESSIONS = 1024;
 const LOGIN_BODY_LIMIT = 4096;
+
+/** Logged-in browsers: random ids, each valid until its expiry, logout, or a restart; at most `max` at once. */
+export class AdminSessions {
+  readonly #expiry = new Map<string, number>();
+
+  constructor(
+    readonly max = ADMIN_SESSIONS,
+    readonly lifetimeMs = ADMIN_SESSION_SECONDS * 1000,
+  ) {}
+
+  start(now = Date.now()): string {
+    if (this.#expiry.size >= this.max) this.#expiry.delete(this.#expiry.keys().next().value!);
+    const id = Buffer.from(crypto.getRandomValues(new Uint8Array(32))).toString("base64url");
+    this.#expiry.set(id, now + this.lifetimeMs);
+    return id;
+  }
+
+  valid(id: string | undefined, now = Date.now()): boolean {
+    const until = id === undefined ? undefined : this.#expiry.get(id);
+    if (until === undefined) return false;
+    if (until > now) return true;
+    this.#expiry.delete(id!);
+    return false;
+  }
+
+  end(id: string | undefined): void {
+    if (id !== undefined) this.#expiry.delete(id);
+  }
+
+  get size(): number {
+    return this.#expiry.size;
+  }
+}
 
 /** Headers for a document of ours: its CSP allows its own inline script and style (by hash) and nothing else. */
 function documentHeaders(html: string): Record<string, string> {
@@ -6586,18 +6756,26 @@ function documentHeaders(html: string): Record<string, string> {
   };
 }
 
-/** The admin cookie's value as an Authorization header value, for `authenticate`. */
-function cookieAuthorization(header: string | undefined): string | undefined {
+/** A cookie's value from a Cookie header; undefined when it is not there. */
+function cookieValue(header: string | undefined, name: string): string | undefined {
   for (const part of (header ?? "").split(";")) {
     const eq = part.indexOf("=");
-    if (eq < 0 || part.slice(0, eq).trim() !== ADMIN_COOKIE) continue;
-    try {
-      return `Bearer ${decodeURIComponent(part.slice(eq + 1).trim())}`;
-    } catch {
-      return undefined;
-    }
+    if (eq >= 0 && part.slice(0, eq).trim() === name) return part.slice(eq + 1).trim();
   }
   return undefined;
+}
+
+/** A request's query; Bun leaves the URL of one without a Host header as the bare path, and Hono's own reader misses its query. */
+function searchOf(request: Request): URLSearchParams {
+  return new URL(request.url, "http://host").searchParams;
+}
+
+/**
+ * Hono's path of a request, also of one without a Host header (HTTP/1.0, a load balancer's health
+ * check), whose URL Bun leaves as the bare path.
+ */
+function requestPath(request: Request): string {
+  return getPath(request.url.startsWith("/") ? ({ url: `http://host${request.url}` } as Request) : request);
 }
 
 /** A small request body as text; undefined when it is longer than `limit` bytes. */
@@ -6719,6 +6897,10 @@ export class CaptureRegistry {
 interface AppContext {
   grants: Grant[];
   adminToken: string | undefined;
+  /** --trusted-proxy: the peers whose X-Forwarded-For or Forwarded names the client. */
+  trustedProxies: BlockList | undefined;
+  /** Served over TLS: the session cookie is Secure. */
+  tls: boolean;
   snapshot(view?: StatusView): Snapshot;
   /** Every network, for /metrics. */
   networks(): Iterable<Network>;
@@ -6736,65 +6918,76 @@ export type SocketData = TunnelData | V86Data;
 
 /**
  * Routes: /healthz, /status, /metrics, the status page at /, and the tunnel upgrade (the frames then
- * bypass Hono). With an admin token, /login trades it for a cookie that counts like the Bearer
- * header. An address that keeps failing authentication is answered 429 for a while, on every route.
+ * bypass Hono). With an admin token, every route but /healthz, the tunnel and v86 needs it, or the
+ * session /login starts for it. A right credential is always served; an address whose wrong ones
+ * keep coming is answered 429 for its further wrong ones for a while.
  */
 export function createApp(ctx: AppContext) {
-  const app = new Hono<{ Bindings: Server<SocketData> }>();
+  const app = new Hono<{ Bindings: Server<SocketData> }>({ getPath: requestPath });
   const refusals = rateLimitedLog(ctx.log.warn, 10, 10_000);
   const throttle = new AuthThrottle();
-  const sourceOf = (c: { env: Server<SocketData>; req: { raw: Request } }) => c.env.requestIP(c.req.raw);
-  /** 429 for an address that failed too often; else undefined. */
-  const throttled = (address: string) => {
-    const wait = throttle.retryAfter(address);
-    if (wait === 0) return undefined;
-    ctx.counters.authThrottled = throttle.throttled;
-    return new Response("too many failed attempts; try later\n", { status: 429, headers: { "Retry-After": String(wait) } });
-  };
-  const refused = (address: string, peer: string, what: string, authorization: string | undefined) => {
+  const clientOf = (c: { env: Server<SocketData>; req: { raw: Request } }) => clientAddress(c.env.requestIP(c.req.raw), c.req.raw.headers, ctx.trustedProxies);
+  /**
+   * A request without the right credential: `answer` (a 401), counted and logged at a bounded rate.
+   * A wrong credential (not a missing one) counts against its address: past the throttle's allowance
+   * it gets 429 instead, with no log line.
+   */
+  const refused = (client: ClientAddress, what: string, credential: string | undefined, answer: () => Response): Response => {
+    if (credential) {
+      const wait = throttle.retryAfter(client.address);
+      if (wait > 0) {
+        ctx.counters.authThrottled = throttle.throttled;
+        return new Response("too many failed attempts; try later\n", { status: 429, headers: { "Retry-After": String(wait) } });
+      }
+      throttle.failed(client.address);
+    }
     ctx.counters.authFailures++;
-    throttle.failed(address);
-    refusals.log(`${what}: refused ${peer}: ${authorization ? "wrong token" : "no token"}`);
+    refusals.log(`${what}: refused ${formatClient(client)}: ${credential ? "wrong token" : "no token"}`);
+    return answer();
   };
   const pageHeaders = documentHeaders(PAGE_HTML);
+  let page = PAGE_HTML;
   if (ctx.adminToken !== undefined) {
+    page = PAGE_HTML_WITH_LOGOUT;
     const admin = makeGrants([{ token: ctx.adminToken, networks: undefined }]);
+    const sessions = new AdminSessions();
     const loginHeaders = { ...documentHeaders(LOGIN_HTML), "WWW-Authenticate": 'Bearer realm="edge-relay admin"' };
+    const secure = ctx.tls ? "; Secure" : "";
+    /** A 303 back to the page that sets the session cookie (or clears it), and clears a token cookie of old. */
+    const toPage = (c: { req: { header(name: string): string | undefined } }, session: string | undefined) => {
+      const headers = new Headers({ Location: "./", "Cache-Control": "no-store" });
+      const age = session === undefined ? 0 : ADMIN_SESSION_SECONDS;
+      headers.append("Set-Cookie", `${ADMIN_COOKIE}=${session ?? ""}; Path=/; Max-Age=${age}; HttpOnly; SameSite=Strict${secure}`);
+      if (cookieValue(c.req.header("cookie"), TOKEN_COOKIE) !== undefined) headers.append("Set-Cookie", `${TOKEN_COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict${secure}`);
+      return new Response(null, { status: 303, headers });
+    };
     app.use("*", async (c, next) => {
-      if (c.req.path === TUNNEL_PATH || c.req.path.startsWith(`${V86_PATH}/`)) return next();
-      const source = sourceOf(c);
-      const address = source?.address ?? "unknown";
-      const wait = throttled(address);
-      if (wait) return wait;
-      if (c.req.path === LOGIN_PATH && c.req.method === "POST") return next();
+      const path = c.req.path;
+      if (path === TUNNEL_PATH || path.startsWith(`${V86_PATH}/`) || path === "/healthz" || c.req.method === "OPTIONS") return next();
+      if ((path === LOGIN_PATH || path === LOGOUT_PATH) && c.req.method === "POST") return next();
       const authorization = c.req.header("authorization");
-      const cookie = cookieAuthorization(c.req.header("cookie"));
-      if (!authenticate(authorization, admin) && !authenticate(cookie, admin)) {
-        refused(address, source ? formatHostPort({ host: address, port: source.port }) : address, c.req.path, authorization ?? cookie);
-        if (c.req.path === "/") return c.html(LOGIN_HTML, 401, loginHeaders);
-        return c.text("unauthorized\n", 401, { "WWW-Authenticate": 'Bearer realm="edge-relay admin"' });
-      }
-      return next();
+      if (authorization === undefined ? sessions.valid(cookieValue(c.req.header("cookie"), ADMIN_COOKIE)) : authenticate(authorization, admin)) return next();
+      // The login form is the way in: showing it is no failure, nor is a session that ended (it was no guess).
+      if (path === "/" && authorization === undefined) return c.html(LOGIN_HTML, 401, loginHeaders);
+      return refused(clientOf(c), path, authorization, () =>
+        path === "/" ? c.html(LOGIN_HTML, 401, loginHeaders) : c.text("unauthorized\n", 401, { "WWW-Authenticate": 'Bearer realm="edge-relay admin"' }),
+      );
     });
     app.post(LOGIN_PATH, async (c) => {
-      const source = sourceOf(c);
-      const address = source?.address ?? "unknown";
       const body = await smallBody(c.req.raw, LOGIN_BODY_LIMIT);
       if (body === undefined) return c.text("request body too large\n", 413);
       const token = new URLSearchParams(body).get("token") ?? "";
-      if (!authenticate(`Bearer ${token}`, admin)) {
-        refused(address, source ? formatHostPort({ host: address, port: source.port }) : address, "login", token || undefined);
-        return c.html(LOGIN_HTML.replace("<!--message-->", LOGIN_FAILED), 401, loginHeaders);
-      }
-      const secure = new URL(c.req.url).protocol === "https:" ? "; Secure" : "";
-      return c.body(null, 303, {
-        Location: "./",
-        "Set-Cookie": `${ADMIN_COOKIE}=${encodeURIComponent(token)}; Path=/; Max-Age=${ADMIN_COOKIE_SECONDS}; HttpOnly; SameSite=Strict${secure}`,
-        "Cache-Control": "no-store",
-      });
+      if (!authenticateToken(token, admin)) return refused(clientOf(c), "login", token || undefined, () => c.html(LOGIN_HTML.replace("<!--message-->", LOGIN_FAILED), 401, loginHeaders));
+      return toPage(c, sessions.start());
+    });
+    app.post(LOGOUT_PATH, (c) => {
+      sessions.end(cookieValue(c.req.header("cookie"), ADMIN_COOKIE));
+      return toPage(c, undefined);
     });
   }
-  app.get("/", (c) => c.html(PAGE_HTML, 200, pageHeaders));
+  // Nothing to hide in what a route allows; HAProxy's plain `option httpchk` asks this of /.
+  app.options("*", (c) => c.body(null, 204, { Allow: "GET, HEAD, POST, PUT, DELETE, OPTIONS" }));
+  app.get("/", (c) => c.html(page, 200, pageHeaders));
   // A load balancer's check: a hub whose backplane is down cannot reach the other hubs' sites.
   app.get("/healthz", (c) => {
     const bp = ctx.snapshot(0).backplane;
@@ -6803,11 +6996,13 @@ export function createApp(ctx: AppContext) {
   /** A query's number or `all`; anything else means the default (undefined). */
   const count = (value: string | undefined) => (value === "all" ? Infinity : value !== undefined && /^\d+$/.test(value) ? Number(value) : undefined);
   app.get("/status", (c) => {
-    const q = (name: string) => count(c.req.query(name));
+    const query = searchOf(c.req.raw);
+    const q = (name: string) => count(query.get(name) ?? undefined);
     return c.json(ctx.snapshot({ macs: q("macs"), networks: q("networks"), offset: q("offset"), ports: q("ports") }));
   });
   app.get("/metrics", (c) => {
-    const view: MetricsView = { ports: count(c.req.query("ports")) ?? METRICS_PORTS, networks: count(c.req.query("networks")) ?? METRICS_NETWORKS };
+    const query = searchOf(c.req.raw);
+    const view: MetricsView = { ports: count(query.get("ports") ?? undefined) ?? METRICS_PORTS, networks: count(query.get("networks") ?? undefined) ?? METRICS_NETWORKS };
     const text = renderMetrics(ctx.snapshot({ networks: 0 }), ctx.networks(), ctx.totals.collect(ctx.networks()), view);
     return c.text(text, 200, { "Content-Type": "text/plain; version=0.0.4" });
   });
@@ -6831,26 +7026,21 @@ export function createApp(ctx: AppContext) {
     }
   });
   app.get("/capture", (c) => {
-    const request = parseCaptureRequest(new URL(c.req.url).searchParams);
+    const request = parseCaptureRequest(searchOf(c.req.raw));
     if (typeof request === "string") return c.text(`${request}\n`, 400);
     // A capture may be quiet for long: no idle timeout, it ends when the reader or its limits do.
     c.env.timeout(c.req.raw, 0);
-    const started = ctx.captures.open(request, sourceOf(c)?.address ?? "unknown");
+    const started = ctx.captures.open(request, clientOf(c).address);
     if (typeof started === "string") return c.text(`${started}\n`, started.startsWith("no network") ? 404 : 429);
     return new Response(started, { headers: { "Content-Type": "application/x-pcapng", "Cache-Control": "no-store" } });
   });
   app.get(TUNNEL_PATH, (c) => {
     if (ctx.grants.length === 0) return c.text("tunnel endpoint disabled: no token configured\n", 404);
-    const source = sourceOf(c);
-    const address = source?.address ?? "unknown";
-    const peer = source ? formatHostPort({ host: address, port: source.port }) : "unknown";
-    const wait = throttled(address);
-    if (wait) return wait;
-    const grant = authenticate(c.req.header("authorization"), ctx.grants);
-    if (!grant) {
-      refused(address, peer, "tunnel", c.req.header("authorization"));
-      return c.text("unauthorized\n", 401, { "WWW-Authenticate": 'Bearer realm="edge-relay"' });
-    }
+    const client = clientOf(c);
+    const authorization = c.req.header("authorization");
+    const grant = authenticate(authorization, ctx.grants);
+    if (!grant) return refused(client, "tunnel", authorization, () => c.text("unauthorized\n", 401, { "WWW-Authenticate": 'Bearer realm="edge-relay"' }));
+    const [address, peer] = [client.address, formatClient(client)];
     const offered = (c.req.header("sec-websocket-protocol") ?? "").split(",").map((s) => s.trim());
     if (!offered.includes(TUNNEL_PROTOCOL)) return c.text(`expected subprotocol ${TUNNEL_PROTOCOL}\n`, 400);
     const full = ctx.tunnels.admission.admit(address);
@@ -6868,24 +7058,18 @@ export function createApp(ctx: AppContext) {
     const name = c.req.param("network");
     if (!NETWORK_NAME.test(name)) return c.text("not a network name\n", 404);
     const where = `v86 ${V86_PATH}/${name}`;
-    const source = sourceOf(c);
-    const address = source?.address ?? "unknown";
-    const peer = source ? formatHostPort({ host: address, port: source.port }) : "unknown";
+    const client = clientOf(c);
+    const [address, peer] = [client.address, formatClient(client)];
     const origin = c.req.header("origin");
     const shownOrigin = origin === undefined ? "" : ` (origin ${originOf(origin) === origin ? origin : JSON.stringify(origin.slice(0, 100))})`;
     if (!ctx.v86.originAllowed(origin)) {
       refusals.log(`${where}: refused ${peer}${shownOrigin}: origin not allowed`);
       return c.text("origin not allowed\n", 403);
     }
-    const wait = throttled(address);
-    if (wait) return wait;
     const header = c.req.header("authorization");
-    const token = header === undefined ? c.req.query("token") : undefined;
+    const token = header === undefined ? searchOf(c.req.raw).get("token") : undefined;
     const grant = header === undefined ? authenticateToken(token, ctx.grants) : authenticate(header, ctx.grants);
-    if (!grant) {
-      refused(address, peer, where, header ?? token);
-      return c.text("unauthorized\n", 401, { "WWW-Authenticate": 'Bearer realm="edge-relay"' });
-    }
+    if (!grant) return refused(client, where, header ?? token, () => c.text("unauthorized\n", 401, { "WWW-Authenticate": 'Bearer realm="edge-relay"' }));
     if (grant.networks && !grant.networks.has(name)) {
       refusals.log(`${where}: refused ${peer}: network not allowed for this token`);
       return c.text("network not allowed for this token\n", 403);
@@ -7571,7 +7755,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger, en
     policy.stopping = true;
     await Promise.all(stoppers.splice(0).reverse().map((stop) => stop()));
   };
-  const app = createApp({ grants, adminToken: config.adminToken, snapshot, networks: () => networks.values(), totals, counters, tunnels, v86, captures, impairments, log });
+  const app = createApp({ grants, adminToken: config.adminToken, trustedProxies: trustedProxyList(config.trustedProxies), tls: config.tlsCert !== undefined, snapshot, networks: () => networks.values(), totals, counters, tunnels, v86, captures, impairments, log });
   let hubTokens: ReturnType<typeof watchHubTokens> | undefined;
   if (hub) {
     mountInvites(app, hub.dir);

@@ -5,6 +5,7 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { chownSync, existsSync, mkdirSync, readFileSync, readlinkSync, statSync } from "node:fs";
+import { type Socket, connect, createServer } from "node:net";
 import { openUnixDgram } from "../relay.ts";
 import {
   BROADCAST,
@@ -233,6 +234,57 @@ describe("Container image (deploy/Containerfile)", () => {
   }, 120_000);
 });
 
+/** HAProxy from deploy/haproxy.cfg on a free port of 127.0.0.1, in front of `hub`, once it has found the hub up. */
+async function haproxyFront(d: string, hub: RelayProcess) {
+  const hubAddress = new URL(hub.base).host;
+  const port = await freePort();
+  const recipe = await Bun.file(`${ROOT}deploy/haproxy.cfg`).text();
+  const cfg = recipe
+    .replace("bind :443 ssl crt /etc/haproxy/certs/relay.example.net.pem", `bind 127.0.0.1:${port} ssl crt ${d}/hub.pem`)
+    .replace("server hub 127.0.0.1:8080 check", `server hub ${hubAddress} check inter 500ms`);
+  expect(cfg).toContain(`bind 127.0.0.1:${port} ssl`);
+  expect(cfg).toContain(`server hub ${hubAddress} check`);
+  await Bun.write(`${d}/haproxy.cfg`, cfg);
+  expect((await Bun.$`haproxy -c -f ${d}/haproxy.cfg`.nothrow().quiet()).exitCode).toBe(0);
+  const haproxy = spawnDaemon(["haproxy", "-f", `${d}/haproxy.cfg`, "-db"]);
+  const ca = await Bun.file(`${d}/ca.pem`).text();
+  const front = `https://127.0.0.1:${port}`;
+  // Ready when the health check has found the hub: /healthz is not forwarded, so probe /tunnel (401 from the hub).
+  await waitUntil(async () => {
+    if (haproxy.proc.exitCode !== null) throw new Error(`HAProxy exited (${haproxy.proc.exitCode}):\n${haproxy.log()}`);
+    return (await fetch(`${front}/tunnel`, { tls: { ca } })).status === 401;
+  }, `HAProxy on ${port} with the hub up`).catch(async (error) => {
+    await haproxy.stop();
+    throw error;
+  });
+  return Object.assign(haproxy, { port, front, ca });
+}
+
+/**
+ * A TCP forwarder on 127.0.0.1 that dials 127.0.0.1:`port` from `localAddress` (another loopback
+ * address): what HAProxy then sees as a client of that address, as if a site on its own host.
+ */
+async function forwarderFrom(localAddress: string, port: number) {
+  const sockets = new Set<Socket>();
+  const server = createServer((client) => {
+    const upstream = connect({ host: "127.0.0.1", port, localAddress });
+    for (const [a, b] of [[client, upstream], [upstream, client]] as const) {
+      sockets.add(a);
+      a.pipe(b);
+      a.on("error", () => b.destroy());
+      a.on("close", () => (sockets.delete(a), b.destroy()));
+    }
+  });
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  return {
+    port: (server.address() as { port: number }).port,
+    [Symbol.asyncDispose]: () => new Promise<void>((resolve) => {
+      for (const s of sockets) s.destroy();
+      server.close(() => resolve());
+    }),
+  };
+}
+
 describe("HAProxy in front of a hub (deploy/haproxy.cfg)", () => {
   test("a site's wss:// uplink reaches a plain-HTTP hub through HAProxy's TLS; frames cross; only /tunnel is exposed", async () => {
     await using dir = await tempDir();
@@ -240,26 +292,9 @@ describe("HAProxy in front of a hub (deploy/haproxy.cfg)", () => {
     // A test CA and a certificate it signs for 127.0.0.1; the site trusts the CA.
     await testCertificate(d);
 
-    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN, "--qemu-listen", "127.0.0.1:0"]);
-    const hubAddress = new URL(hub.base).host;
-    const port = await freePort();
-    const recipe = await Bun.file(`${ROOT}deploy/haproxy.cfg`).text();
-    const cfg = recipe
-      .replace("bind :443 ssl crt /etc/haproxy/certs/relay.example.net.pem", `bind 127.0.0.1:${port} ssl crt ${d}/hub.pem`)
-      .replace("server hub 127.0.0.1:8080 check", `server hub ${hubAddress} check inter 500ms`);
-    expect(cfg).toContain(`bind 127.0.0.1:${port} ssl`);
-    expect(cfg).toContain(`server hub ${hubAddress} check`);
-    await Bun.write(`${d}/haproxy.cfg`, cfg);
-    expect((await Bun.$`haproxy -c -f ${d}/haproxy.cfg`.nothrow().quiet()).exitCode).toBe(0);
-
-    await using haproxy = spawnDaemon(["haproxy", "-f", `${d}/haproxy.cfg`, "-db"]);
-    const ca = await Bun.file(`${d}/ca.pem`).text();
-    const front = `https://127.0.0.1:${port}`;
-    // Ready when the health check has found the hub: /healthz is not forwarded, so probe /tunnel (401 from the hub).
-    await waitUntil(async () => {
-      if (haproxy.proc.exitCode !== null) throw new Error(`HAProxy exited (${haproxy.proc.exitCode}):\n${haproxy.log()}`);
-      return (await fetch(`${front}/tunnel`, { tls: { ca } })).status === 401;
-    }, `HAProxy on ${port} with the hub up`);
+    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN, "--qemu-listen", "127.0.0.1:0", "--trusted-proxy", "127.0.0.1"]);
+    await using haproxy = await haproxyFront(d, hub);
+    const { port, front, ca } = haproxy;
 
     await using site = await spawnRelay([
       "--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--uplink", `wss://127.0.0.1:${port}`, "--uplink-token", TOKEN, "--uplink-ca", `${d}/ca.pem`,
@@ -268,9 +303,9 @@ describe("HAProxy in front of a hub (deploy/haproxy.cfg)", () => {
       throw new Error(`${error.message}\nsite: ${JSON.stringify((await site.status()).uplink)}\nHAProxy:\n${haproxy.log()}`);
     });
     await framesCross(site, hub, "62");
-    // The tunnel comes from HAProxy, as every site's would: see the README about per-address limits.
+    // The tunnel comes through HAProxy, which names the site's address (here its own, loopback).
     const tunnel = (await hub.status()).networks[0].ports.find((p: any) => p.kind === "tunnel");
-    expect(tunnel.peer).toMatch(/\(127\.0\.0\.1:\d+\)$/);
+    expect(tunnel.peer).toMatch(/\(127\.0\.0\.1 via 127\.0\.0\.1:\d+\)$/);
     // Status and metrics are not published through the proxy, whatever the hub's own setting.
     for (const path of ["/status", "/metrics", "/healthz"]) expect((await fetch(`${front}${path}`, { tls: { ca } })).status).toBe(403);
     // The hub speaks no TLS itself: the site could only have come through HAProxy, which logs the
@@ -280,6 +315,40 @@ describe("HAProxy in front of a hub (deploy/haproxy.cfg)", () => {
     await waitUntil(() => /edge_relay~ edge_relay_hub\/hub \S+ 101 .*"GET \/tunnel\?networks=default HTTP\/1\.1"/.test(haproxy.log()), "HAProxy's log line of the tunnel").catch((error) => {
       throw new Error(`${error.message}\nHAProxy:\n${haproxy.log()}`);
     });
+  });
+});
+
+describe("HAProxy in front of a hub, sites on several addresses", () => {
+  test("with --trusted-proxy each site is its own address: one site's wrong token throttles only it; --max-tunnels-per-address counts sites", async () => {
+    await using dir = await tempDir();
+    const d = dir.path;
+    await testCertificate(d);
+    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN, "--qemu-listen", "127.0.0.1:0", "--trusted-proxy", "127.0.0.1", "--max-tunnels-per-address", "1"]);
+    await using haproxy = await haproxyFront(d, hub);
+    // Sites on 127.0.0.2, .3 and .4, as HAProxy sees them.
+    await using from2 = await forwarderFrom("127.0.0.2", haproxy.port);
+    await using from3 = await forwarderFrom("127.0.0.3", haproxy.port);
+    await using from4 = await forwarderFrom("127.0.0.4", haproxy.port);
+    const tunnel = (via: { port: number }, token: string) => fetch(`https://127.0.0.1:${via.port}/tunnel`, { headers: { Authorization: `Bearer ${token}` }, tls: { ca: haproxy.ca } });
+    const site = (via: { port: number }) =>
+      spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--uplink", `wss://127.0.0.1:${via.port}`, "--uplink-token", TOKEN, "--uplink-ca", `${d}/ca.pem`]);
+
+    // A misconfigured site on .4 keeps failing: past ten failures its own attempts get 429.
+    for (let i = 0; i < 10; i++) expect((await tunnel(from4, "wrong-site-token-00000")).status).toBe(401);
+    expect((await tunnel(from4, "wrong-site-token-00000")).status).toBe(429);
+    // The others, all through the same HAProxy, are untouched; one each is within the limit of 1.
+    await using siteA = await site(from2);
+    await using siteB = await site(from3);
+    await uplinkUp(siteA);
+    await uplinkUp(siteB);
+    expect((await tunnel(from3, "wrong-site-token-00000")).status).toBe(401);
+    const peers = (await hub.status()).networks[0].ports.filter((p: any) => p.kind === "tunnel").map((p: any) => p.peer.replace(/:\d+\)$/, ")"));
+    expect(peers.sort()).toEqual([expect.stringMatching(/\(127\.0\.0\.2 via 127\.0\.0\.1\)$/), expect.stringMatching(/\(127\.0\.0\.3 via 127\.0\.0\.1\)$/)]);
+    // A second site on .2 is the one beyond the limit.
+    await using siteA2 = await site(from2);
+    await hub.waitForLine(/^tunnel: refused 127\.0\.0\.2: 127\.0\.0\.2 has the maximum of 1 tunnels$/);
+    expect((await hub.status()).limits.tunnels).toBe(2);
+    expect(hub.stderr()).toMatch(/^tunnel: refused 127\.0\.0\.4 via 127\.0\.0\.1:\d+: wrong token$/m);
   });
 });
 

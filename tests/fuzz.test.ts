@@ -3,13 +3,28 @@
  * decoder and the control parser get generated and mutated input, split anywhere, and must decode
  * exactly what this file's own encoders produced (or what its own reference decoders make of it),
  * or reject it cleanly with the documented error types. Nothing here reuses relay.ts's encoders.
+ * The client address read from proxy headers (issue 19) gets X-Forwarded-For and Forwarded in every
+ * spelling, from trusted and untrusted peers.
  *
  * FUZZ_SEED=<integer> replays a run (fast-check prints the seed and the shrunk counterexample of a
  * failure); FUZZ_RUNS=<n> runs every property n times instead of 10,000 (the end-to-end one n/50).
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import fc from "fast-check";
-import { MAX_FRAME, StreamDecoder, TUNNEL_PROTOCOL, decodeTunnelMessage, parseConfig, parseControl, startRelay, type RelayHandle } from "../relay.ts";
+import { isIP } from "node:net";
+import {
+  MAX_FRAME,
+  StreamDecoder,
+  TUNNEL_PROTOCOL,
+  clientAddress,
+  decodeTunnelMessage,
+  parseCidr,
+  parseConfig,
+  parseControl,
+  startRelay,
+  trustedProxyList,
+  type RelayHandle,
+} from "../relay.ts";
 import { waitUntil } from "./helpers.ts";
 
 // ───────────────────────────── settings ─────────────────────────────
@@ -905,4 +920,96 @@ describe("relay tunnel endpoint (fuzz, end to end)", () => {
     },
     PROPERTY_TIMEOUT_MS,
   );
+});
+
+// ───────────────────────────── proxy headers ─────────────────────────────
+
+/** The trusted proxies of these properties: 10.0.0.0/8 and fd00::/8. */
+const PROXIES = trustedProxyList(["10.0.0.0/8", "fd00::/8"].map((t) => parseCidr(t)!))!;
+/** An IPv6 address in the one spelling URLs use (lower case, longest zero run as ::). */
+const v6 = (ip: string) => new URL(`http://[${ip}]/`).hostname.slice(1, -1);
+const untrustedV4 = fc.ipV4().filter((ip) => !ip.startsWith("10."));
+const untrustedV6 = fc.ipV6().filter((ip) => !ip.includes(".") && !/^fd/i.test(v6(ip)));
+const trustedV4 = fc.tuple(fc.nat(255), fc.nat(255), fc.nat(255)).map(([a, b, c]) => `10.${a}.${b}.${c}`);
+const trustedV6 = fc.tuple(fc.nat(0xff), fc.nat(0xffff)).map(([a, b]) => `fd${a.toString(16).padStart(2, "0")}::${b.toString(16)}`);
+/** Header text as a client could send it: any ASCII but NUL, CR and LF. */
+const headerText = fc.string({ unit: "binary-ascii", maxLength: 60 }).map((t) => t.replace(/[\0\r\n\x80-\xff]/g, ""));
+const port = fc.integer({ min: 1, max: 65_535 });
+const space = fc.constantFrom("", " ", "  ", "\t");
+
+/** One hop of X-Forwarded-For in the spellings proxies use: bare, with a port, IPv6 bracketed or not. */
+const xffHop = (ip: string) =>
+  fc.tuple(fc.option(port), fc.boolean()).map(([p, bracket]) => (ip.includes(":") ? (p !== null || bracket ? `[${ip}]${p !== null ? `:${p}` : ""}` : ip) : p !== null ? `${ip}:${p}` : ip));
+/** One element of Forwarded: for= in any case, quoted or not (IPv6 always quoted and bracketed), among other parameters. */
+const forwardedElement = (ip: string) =>
+  fc.tuple(fc.constantFrom("for", "For", "FOR"), fc.option(port), fc.boolean(), fc.subarray(["proto=https", 'by="[fd00::1]"', "host=relay.example.net", "by=_proxy1"]), fc.nat(3), space).map(([key, p, quote, others, at, sp]) => {
+    const node = ip.includes(":") ? `"[${ip}]${p !== null ? `:${p}` : ""}"` : quote || p !== null ? `"${ip}${p !== null ? `:${p}` : ""}"` : ip;
+    const params = [...others];
+    params.splice(Math.min(at, params.length), 0, `${key}=${node}`);
+    return params.join(`${sp};${sp}`);
+  });
+
+/** Hops joined with commas and spaces; sometimes over several header lines, which Headers joins with ", ". */
+function headersWith(name: string, parts: string[], lines: number, sp: string): Headers {
+  const headers = new Headers();
+  const per = Math.max(1, Math.ceil(parts.length / lines));
+  for (let i = 0; i < parts.length; i += per) headers.append(name, parts.slice(i, i + per).join(`${sp},${sp}`));
+  return headers;
+}
+
+describe("client address from proxy headers (fuzz)", () => {
+  test("from an untrusted peer no header, well-formed or not, ever changes the address", () => {
+    const spoof = fc.oneof(
+      headerText,
+      fc.array(fc.oneof(untrustedV4, trustedV4, untrustedV6, trustedV6), { minLength: 1, maxLength: 4 }).map((ips) => ips.join(", ")),
+    );
+    fc.assert(
+      fc.property(fc.oneof(untrustedV4, untrustedV6), port, fc.option(spoof), fc.option(spoof.map((t) => `for=${t}`)), (peer, peerPort, xff, forwarded) => {
+        const headers = new Headers();
+        if (xff !== null) headers.set("X-Forwarded-For", xff);
+        if (forwarded !== null) headers.set("Forwarded", forwarded);
+        const got = clientAddress({ address: peer, port: peerPort }, headers, PROXIES);
+        expect(got).toEqual({ address: peer.includes(":") ? v6(peer) : peer, port: peerPort });
+      }),
+      params(),
+    );
+  });
+
+  test("through trusted proxies the client is the rightmost untrusted hop, in every X-Forwarded-For and Forwarded spelling, whatever the client wrote to its left", () => {
+    const run = fc.record({
+      client: fc.oneof(untrustedV4, untrustedV6),
+      spoofed: fc.array(fc.oneof(untrustedV4, untrustedV6), { maxLength: 3 }),
+      proxies: fc.array(fc.oneof(trustedV4, trustedV6), { maxLength: 3 }),
+      peer: fc.oneof(trustedV4, trustedV6),
+      forwarded: fc.boolean(),
+      lines: fc.integer({ min: 1, max: 3 }),
+      sp: space,
+    }).chain((r) => {
+      const hops = [...r.spoofed, r.client, ...r.proxies].map((ip) => (r.forwarded ? forwardedElement(ip) : xffHop(ip)));
+      return fc.tuple(...(hops as [fc.Arbitrary<string>])).map((parts) => ({ ...r, parts: parts as string[] }));
+    });
+    fc.assert(
+      fc.property(run, ({ client, peer, forwarded, lines, sp, parts }) => {
+        const headers = headersWith(forwarded ? "Forwarded" : "X-Forwarded-For", parts, lines, sp);
+        const got = clientAddress({ address: peer, port: 40122 }, headers, PROXIES);
+        expect(got.address).toBe(client.includes(":") ? v6(client) : client);
+        expect(got.via).toBe(peer.includes(":") ? `[${v6(peer)}]:40122` : `${peer}:40122`);
+      }),
+      params(),
+    );
+  });
+
+  test("from a trusted peer any header text gives a valid IP, never throws; both headers at once give the peer", () => {
+    fc.assert(
+      fc.property(trustedV4, fc.option(headerText), fc.option(headerText), (peer, xff, forwarded) => {
+        const headers = new Headers();
+        if (xff !== null) headers.set("X-Forwarded-For", xff);
+        if (forwarded !== null) headers.set("Forwarded", forwarded);
+        const got = clientAddress({ address: peer, port: 1 }, headers, PROXIES);
+        expect(isIP(got.address)).not.toBe(0);
+        if (xff !== null && forwarded !== null) expect(got).toEqual({ address: peer, port: 1 });
+      }),
+      params(),
+    );
+  });
 });

@@ -235,15 +235,23 @@ describe("hostile tunnel clients", () => {
     await waitUntil(async () => (await hub.status()).limits.networks === 0, "networks forgotten with their tunnel");
   });
 
-  test("after repeated wrong tokens an address gets 429 for a while, even with the right one, counted", async () => {
+  test("after repeated wrong tokens an address's further wrong ones get 429, counted; the right token still opens a tunnel", async () => {
     await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN]);
     for (let i = 0; i < 10; i++) expect((await fetch(`${hub.base}/tunnel`, { headers: { Authorization: `Bearer wrong-${i}-0000000000` } })).status).toBe(401);
-    const blocked = await fetch(`${hub.base}/tunnel`, { headers: { Authorization: `Bearer ${TOKEN}` } });
+    const blocked = await fetch(`${hub.base}/tunnel`, { headers: { Authorization: "Bearer wrong-again-0000000000" } });
     expect(blocked.status).toBe(429);
     expect(Number(blocked.headers.get("retry-after"))).toBeGreaterThan(0);
+    // A site sharing the address (a NAT, a proxy) with the right token is served as ever.
+    const site = await tunnelClient(hub);
+    site.ws.send(encodeControl({ type: "hello", version: 1, networks: ["lab"] }));
+    expect(await site.control("welcome")).toMatchObject({ accepted: ["lab"] });
     const status = await hub.status();
     expect({ authFailures: status.authFailures, authThrottled: status.authThrottled }).toEqual({ authFailures: 10, authThrottled: 1 });
     expect(await (await fetch(`${hub.base}/metrics`)).text()).toContain("edge_relay_auth_throttled_total 1");
+    // The throttled attempt logged nothing: ten refusal lines, no more (all its output is in once it stopped).
+    site.ws.close();
+    await hub.stop();
+    expect(hub.stderr().match(/tunnel: refused 127\.0\.0\.1:\d+: wrong token/g)?.length).toBe(10);
   });
 });
 

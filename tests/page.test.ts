@@ -6,7 +6,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { copyFileSync, existsSync, mkdirSync } from "node:fs";
 import puppeteer, { type Browser, type Page } from "puppeteer-core";
-import { ADMIN_COOKIE, PAGE_HTML } from "../relay.ts";
+import { ADMIN_COOKIE, PAGE_HTML, PAGE_HTML_WITH_LOGOUT } from "../relay.ts";
 import { attachVm, makeFrame, spawnRelay, tempDir, waitUntil } from "./helpers.ts";
 
 const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
@@ -166,7 +166,7 @@ suite("status page in Chromium", () => {
     expect(seen).toEqual([]);
   }, 20_000);
 
-  test("with an admin token: 401 and a login form, then a cookie the page's polls carry", async () => {
+  test("with an admin token: 401 and a login form, then a session cookie the page's polls carry, and a log-out button", async () => {
     await using dir = await tempDir();
     const token = "page-admin-token-0001";
     await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--admin-token", token, "--qemu-listen", "127.0.0.1:0", "--name", "locked-relay"]);
@@ -181,10 +181,11 @@ suite("status page in Chromium", () => {
     expect(form).toContain('<form method="post" action="login">');
     expect(form).not.toContain("locked-relay");
     const bearer = await fetch(`${base}/`, { headers: { Authorization: `Bearer ${token}` } });
-    expect([bearer.status, await bearer.text()]).toEqual([200, PAGE_HTML]);
+    expect([bearer.status, await bearer.text()]).toEqual([200, PAGE_HTML_WITH_LOGOUT]);
     expect((await fetch(`${base}/status`)).status).toBe(401);
-    expect((await fetch(`${base}/status`, { headers: { Cookie: `${ADMIN_COOKIE}=wrong-token-000000001` } })).status).toBe(401);
-    expect((await fetch(`${base}/status`, { headers: { Cookie: `other=1; ${ADMIN_COOKIE}=${encodeURIComponent(token)}` } })).status).toBe(200);
+    expect((await fetch(`${base}/status`, { headers: { Cookie: `${ADMIN_COOKIE}=not-a-session-00000001` } })).status).toBe(401);
+    // The token is no session: only what /login hands out is.
+    expect((await fetch(`${base}/status`, { headers: { Cookie: `other=1; ${ADMIN_COOKIE}=${encodeURIComponent(token)}` } })).status).toBe(401);
     const tooBig = await fetch(`${base}/login`, { method: "POST", headers: { "Content-Type": "application/x-www-form-urlencoded" }, body: `token=${"x".repeat(5000)}` });
     expect(tooBig.status).toBe(413);
 
@@ -206,19 +207,34 @@ suite("status page in Chromium", () => {
 
     const cookie = (await context.cookies()).find((c) => c.name === ADMIN_COOKIE);
     expect(cookie).toMatchObject({ httpOnly: true, sameSite: "Strict", path: "/", secure: false });
+    expect(cookie!.value).not.toContain(token);
     expect(await page.evaluate(() => document.cookie)).toBe("");
     // The page's own fetches of /status carry the cookie.
     await page.waitForFunction(() => document.querySelector("#name")?.textContent === "locked-relay", { timeout: 5_000 });
     await page.waitForFunction(() => /^● Live/.test(document.querySelector("#live")?.textContent ?? ""), { timeout: 5_000 });
 
-    // The cookie goes (or the token changes): the page says so and links to the login form.
-    await context.deleteCookie(cookie!);
+    await screenshot(page, dir.path, "logged-in");
+
+    // Log out: the session ends on the relay, so its id is worth nothing even to whoever kept it.
+    const [out] = await Promise.all([page.waitForNavigation(), page.click('#logout button[type="submit"]')]);
+    expect(out?.status()).toBe(401);
+    expect(await page.$('input[name="token"]')).not.toBeNull();
+    expect((await context.cookies()).find((c) => c.name === ADMIN_COOKIE)).toBeUndefined();
+    expect((await fetch(`${base}/status`, { headers: { Cookie: `${ADMIN_COOKIE}=${cookie!.value}` } })).status).toBe(401);
+
+    // Logged in again, the cookie goes (or the relay restarts): the page says so and links to the login form.
+    await page.type('input[name="token"]', token);
+    await Promise.all([page.waitForNavigation(), page.click('button[type="submit"]')]);
+    await page.waitForFunction(() => /^● Live/.test(document.querySelector("#live")?.textContent ?? ""), { timeout: 5_000 });
+    await context.deleteCookie((await context.cookies()).find((c) => c.name === ADMIN_COOKIE)!);
     await page.waitForFunction(() => /^⚠ Not authorised/.test(document.querySelector("#live")?.textContent ?? ""), { timeout: 5_000 });
     expect(await page.$eval("#live a", (e) => e.getAttribute("href"))).toBe("./");
 
     const status = await (await fetch(`${base}/status`, { headers: { Authorization: `Bearer ${token}` } })).json();
-    // fetch: /, /status, the wrong cookie; browser: /, the wrong token, the poll without the cookie.
-    expect(status.authFailures).toBe(6);
+    // Refused: fetch's /status, the two cookies that are no sessions, the old session; the browser's wrong
+    // token and its polls without a cookie (one or more). The login form shown is no failure, nor throttled.
+    expect(status.authFailures).toBeGreaterThanOrEqual(6);
+    expect(status.authThrottled).toBe(0);
     expect(relay.stdout() + relay.stderr()).toMatch(/login: refused 127\.0\.0\.1:\d+: wrong token/);
     expect(relay.stdout() + relay.stderr()).not.toContain(token);
     expect(relay.stdout() + relay.stderr()).not.toContain("not-the-admin-token-01");
@@ -311,7 +327,7 @@ suite("status page in Chromium", () => {
 });
 
 describe("status page login", () => {
-  test("over HTTPS the cookie is Secure too; a wrong token sets none", async () => {
+  test("over HTTPS the session cookie is Secure too; a wrong token sets none", async () => {
     await using dir = await tempDir();
     const [cert, key] = [`${dir.path}/cert.pem`, `${dir.path}/key.pem`];
     await Bun.$`openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ${key} -out ${cert} -days 1 -subj /CN=edge-relay-test -addext subjectAltName=IP:127.0.0.1`.quiet();
@@ -329,12 +345,12 @@ describe("status page login", () => {
     const wrong = await login("not-the-admin-token-01");
     expect([wrong.status, wrong.headers.get("set-cookie")]).toEqual([401, null]);
     const right = await login(token);
-    expect([right.status, right.headers.get("location"), right.headers.get("set-cookie")]).toEqual([
-      303,
-      "./",
-      `${ADMIN_COOKIE}=${token}; Path=/; Max-Age=43200; HttpOnly; SameSite=Strict; Secure`,
-    ]);
-    const page = await fetch(`${relay.base}/`, { headers: { Cookie: `${ADMIN_COOKIE}=${token}` }, tls } as RequestInit);
-    expect([page.status, await page.text()]).toEqual([200, PAGE_HTML]);
+    expect([right.status, right.headers.get("location")]).toEqual([303, "./"]);
+    const cookie = right.headers.get("set-cookie") ?? "";
+    expect(cookie).toMatch(new RegExp(`^${ADMIN_COOKIE}=[A-Za-z0-9_-]{43}; Path=/; Max-Age=43200; HttpOnly; SameSite=Strict; Secure$`));
+    const page = await fetch(`${relay.base}/`, { headers: { Cookie: cookie.split(";")[0]! }, tls } as RequestInit);
+    expect([page.status, await page.text()]).toEqual([200, PAGE_HTML_WITH_LOGOUT]);
+    const out = await fetch(`${relay.base}/logout`, { method: "POST", headers: { Cookie: cookie.split(";")[0]! }, redirect: "manual", tls } as RequestInit);
+    expect(out.headers.get("set-cookie")).toBe(`${ADMIN_COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict; Secure`);
   });
 });
