@@ -7268,7 +7268,7 @@ export function applyHubAndJoin(raw: Record<string, unknown>, joinFile: string |
   if (joinFile !== undefined) raw.join = read(flagOf("joinFile"), joinFile).trim();
   if (raw.join === undefined) return;
   if (typeof raw.join !== "string") throw new ConfigError(`${flagOf("join")}: ${JOIN_EXPECTED}`);
-  for (const key of ["uplink", "uplinkToken", "uplinkFingerprint", "uplinkCa", "insecure"]) {
+  for (const key of ["uplink", "uplinkToken", "uplinkFingerprint", "insecure"]) {
     if (raw[key] !== undefined && raw[key] !== false) throw new ConfigError(`${flagOf("join")}: cannot be combined with ${flagOf(key)}: the join string carries the hub's URL, certificate pin and token`);
   }
   Object.assign(raw, parseJoinString(raw.join));
@@ -7525,10 +7525,11 @@ export function installService(flags: Record<string, string | true | string[]>, 
 }
 
 /**
- * Before each dial of a joined site: the certificate the hub presents becomes the CA the dial trusts
- * (the join string has its hash, not the certificate). The dial then checks the pin as
- * --uplink-fingerprint always does, so another certificate is refused with that wording. Once the
- * pinned certificate is known it is kept: no other can replace it.
+ * Before each dial of a joined site: a self-signed certificate the hub presents becomes the CA the
+ * dial trusts (the join string has its hash, not the certificate); one a CA signed cannot be its own
+ * trust anchor and is left to the system's CAs (or --uplink-ca, when given this is not used). The
+ * dial then checks the pin as --uplink-fingerprint always does, so another certificate is refused
+ * with that wording. Once the pinned certificate is known it is kept: no other can replace it.
  */
 export function learnPinnedCertificate(options: UplinkOptions): () => Promise<void> {
   const url = new URL(options.url);
@@ -7538,8 +7539,10 @@ export function learnPinnedCertificate(options: UplinkOptions): () => Promise<vo
       if (options.ca !== undefined && new X509Certificate(options.ca.text).fingerprint256 === options.fingerprint) return resolve();
       const socket = tlsConnect({ host, port: Number(url.port || 443), servername: isIP(host) ? undefined : host, rejectUnauthorized: false }, () => {
         const raw = socket.getPeerCertificate().raw;
-        if (raw) options.ca = { path: "the certificate the join string pins", text: pem("CERTIFICATE", raw) };
         socket.destroy();
+        const presented = raw && new X509Certificate(raw);
+        const selfSigned = presented && presented.issuer === presented.subject && presented.verify(presented.publicKey);
+        options.ca = selfSigned ? { path: "the certificate the join string pins", text: pem("CERTIFICATE", raw) } : undefined;
         resolve();
       });
       socket.setTimeout(options.handshakeMs, () => (socket.destroy(), resolve()));
@@ -7838,7 +7841,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger, en
         insecure: config.insecure,
         proxy,
       };
-      if (config.join !== undefined) options.beforeDial = learnPinnedCertificate(options);
+      if (config.join !== undefined && config.uplinkCa === undefined) options.beforeDial = learnPinnedCertificate(options);
       uplink = new Uplink(options, () => networks.values(), log, countError);
       uplink.start();
       stoppers.push(() => uplink!.stop());

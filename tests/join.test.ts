@@ -7,7 +7,7 @@ import { describe, expect, test } from "bun:test";
 import { readFileSync, statSync } from "node:fs";
 import { X509Certificate } from "node:crypto";
 import { helpText } from "../relay.ts";
-import { BROADCAST, ROOT, attachVm, freePort, fromMac, makeFrame, runCli, spawnRelay, tempDir, uplinkFailed, uplinkUp, waitUntil, type RelayProcess } from "./helpers.ts";
+import { BROADCAST, ROOT, attachVm, freePort, fromMac, makeFrame, runCli, spawnRelay, tempDir, testCertificate, uplinkFailed, uplinkUp, waitUntil, type RelayProcess } from "./helpers.ts";
 
 /** A hub as the README starts it: one command, its state in `dir`, listening on all addresses at `port`. */
 async function startHub(dir: string, port: number, extra: string[] = []) {
@@ -288,4 +288,23 @@ describe("--install-service", () => {
     expect((await site.status()).uplink.networks).toEqual(["lab"]);
     for (const pid of [hub.proc.pid, site.proc.pid]) expect(readFileSync(`/proc/${pid}/cmdline`, "utf8")).not.toContain(token);
   }, 240_000);
+});
+
+describe("--public-url with a certificate of one's own", () => {
+  test("--tls-cert wins over the hub's own: no certificate is made, the join line pins the given one; a site joins with it, trusting the CA with --uplink-ca", async () => {
+    await using dir = await tempDir();
+    const { pem } = await testCertificate(dir.path);
+    const port = await freePort();
+    const state = `${dir.path}/state`;
+    await using hub = await spawnRelay(["--public-url", `wss://localhost:${port}`, "--state-dir", state, "--http", `127.0.0.1:${port}`, "--tls-cert", `${dir.path}/hub.crt`, "--tls-key", `${dir.path}/hub.key`]);
+    expect(await Bun.file(`${state}/hub-cert.pem`).exists()).toBe(false);
+    const given = new X509Certificate(await Bun.file(pem).text()).fingerprint256;
+    const line = printedSiteLine(hub);
+    expect(line.at(-1)).toStartWith(`ER1${given.replace(/:/g, "").toLowerCase()}::`);
+    // A certificate a CA signed is no trust anchor of its own: without the CA the site refuses it, with it the site joins.
+    await using untrusting = await spawnRelay([...line.slice(line.indexOf("--join")), "--http", "127.0.0.1:0"]);
+    expect((await uplinkFailed(untrusting)).lastError).toMatch(/^TLS: certificate not trusted \(use --uplink-ca for a private CA or a self-signed hub\)/);
+    await using site = await spawnRelay([...line.slice(line.indexOf("--join")), "--uplink-ca", `${dir.path}/ca.pem`, "--http", "127.0.0.1:0"]);
+    await uplinkUp(site);
+  });
 });
