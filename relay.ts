@@ -42,19 +42,20 @@
  * @module
  */
 
-import { lstatSync, mkdirSync, readFileSync, readlinkSync, realpathSync, renameSync, rmSync, unlinkSync, writeFileSync } from "node:fs";
+import { chmodSync, chownSync, copyFileSync, existsSync, lstatSync, mkdirSync, readFileSync, readlinkSync, realpathSync, renameSync, rmSync, statSync, unlinkSync, watch, writeFileSync } from "node:fs";
 import { BlockList, isIP, isIPv4, isIPv6 } from "node:net";
-import { basename, dirname } from "node:path";
+import { basename, dirname, join, resolve as resolvePath } from "node:path";
 import { hostname, constants as osConstants } from "node:os";
 import { dlopen, FFIType, read } from "bun:ffi";
-import { X509Certificate, createPrivateKey, timingSafeEqual } from "node:crypto";
-import { checkServerIdentity, type PeerCertificate } from "node:tls";
+import { X509Certificate, createPrivateKey, generateKeyPairSync, sign, timingSafeEqual } from "node:crypto";
+import { checkServerIdentity, connect as tlsConnect, type PeerCertificate } from "node:tls";
 import type { Server, ServerWebSocket, Socket, udp } from "bun";
 import { credsAuthenticator, nkeyAuthenticator } from "@nats-io/nats-core";
 import dnsPacket from "dns-packet";
 import { Hono, type Context } from "hono";
 import { getPath } from "hono/utils/url";
 import * as v from "valibot";
+import UNIT_TEMPLATE from "./deploy/edge-relay.service" with { type: "text" };
 
 // ───────────────────────────── constants ─────────────────────────────
 
@@ -1065,6 +1066,7 @@ const OPTION_GROUPS = {
   tunnel: "Tunnel:",
   backplane: "Backplane (hubs that share networks through NATS; see the README):",
   http: "HTTP (status, metrics, tunnel endpoint):",
+  hub: "A hub that keeps its own certificate and tokens, and join strings for sites (see the README):",
   v86: "v86 browser VMs (GET /v86/NETWORK?token=… upgraded to a WebSocket; tokens as for tunnels):",
   switch: "Switch:",
   limits: "Limits (each refusal or drop is counted and shown in /status):",
@@ -1147,6 +1149,11 @@ export const OPTIONS = {
     help: "dial another relay (ws://HOST:PORT or wss://…) and carry every\nlocal network over it, and networks that appear later",
   },
   uplinkToken: { arg: "SECRET", env: "RELAY_UPLINK_TOKEN", secret: true, group: "tunnel", schema: v.optional(Secret), help: "the token for --uplink; also RELAY_UPLINK_TOKEN" },
+  join: {
+    arg: "STRING", env: "RELAY_JOIN", secret: true, givesPorts: true, group: "tunnel", schema: v.optional(Secret),
+    help: "dial the hub this join string names (ER1…, as the hub prints it):\nits URL, certificate pin and token in one; also RELAY_JOIN",
+  },
+  joinFile: { arg: "FILE", group: "tunnel", help: "read the join string from this file" },
   name: {
     arg: "NAME", group: "tunnel",
     schema: v.optional(Name),
@@ -1182,7 +1189,7 @@ export const OPTIONS = {
   http: { arg: "HOST:PORT", group: "http", schema: v.optional(HttpAddress, DEFAULT_HTTP), help: "listen address" },
   adminToken: {
     arg: "SECRET", env: "RELAY_ADMIN_TOKEN", secret: true, group: "http", schema: v.optional(AcceptedSecret),
-    help: "Bearer token for /, /status, /metrics, /capture, /impair (or the\nsession the login form at / starts; /healthz needs none); required\nwhen --http is not a loopback address; also RELAY_ADMIN_TOKEN",
+    help: "Bearer token for /, /status, /metrics, /capture, /impair, /invites\n(or the session the login form at / starts; /healthz needs none);\nrequired when --http is not a loopback address; also RELAY_ADMIN_TOKEN",
   },
   trustedProxies: {
     flag: "trusted-proxy", arg: "CIDR[,CIDR…]", multiple: true, group: "http", schema: TrustedProxies,
@@ -1190,6 +1197,24 @@ export const OPTIONS = {
   },
   tlsCert: { arg: "FILE", group: "http", schema: v.optional(CertificateFile), help: "serve HTTPS and wss:// with this certificate (PEM)" },
   tlsKey: { arg: "FILE", group: "http", schema: v.optional(PrivateKeyFile), help: "the certificate's private key (PEM)" },
+  publicUrl: {
+    arg: "wss://NAME:PORT", givesPorts: true, group: "hub",
+    schema: v.optional(
+      v.pipe(
+        v.string("expected wss://NAME:PORT"),
+        v.check((u) => URL.canParse(u) && /^wss:\/\/[^/@?#]+:\d+\/?$/.test(u) && new URL(u).port !== "", "expected wss://NAME:PORT"),
+      ),
+    ),
+    help: "be a hub at this address: with --state-dir, make (first start) or\nreuse a certificate for NAME and tokens, serve TLS, and print\nthe join line for sites; --http is then 0.0.0.0:PORT unless given",
+  },
+  invite: { arg: "NET[,NET…]", group: "hub", help: "print a join line for a new token limited to these networks\n(the hub in --state-dir) and exit" },
+  invites: { group: "hub", help: "list the hub's tokens (id, networks; never the token) and exit" },
+  revoke: { arg: "ID", group: "hub", help: "revoke the token ID; a running hub closes its tunnels" },
+  installService: {
+    group: "hub",
+    help: "install this command (less this option) as the systemd service\nedge-relay: unit, binary, secrets in a 0600 environment file",
+  },
+  installRoot: { arg: "DIR", group: "hub", help: "with --install-service: write below DIR instead of / (tests,\nimages); systemctl is then left to you" },
   v86Origins: {
     flag: "v86-origin", arg: "ORIGIN", multiple: true, group: "v86", schema: list(BrowserOrigin, "origins"),
     help: "accept v86 browsers only from pages of this origin (repeatable),\ne.g. https://lab.example.org; others get 403 (none: any origin)",
@@ -1304,13 +1329,14 @@ const ConfigSchema = v.pipe(
     }
   }),
   v.forward(
-    v.check((c) => isLoopback(c.http.host) || c.adminToken !== undefined, `required when ${flagOf("http")} is not a loopback address`),
+    v.check((c) => isLoopback(c.http.host) || c.adminToken !== undefined || c.publicUrl !== undefined, `required when ${flagOf("http")} is not a loopback address`),
     ["adminToken"],
   ),
   v.forward(
     v.check((c) => (c.tlsCert === undefined) === (c.tlsKey === undefined), `${flagOf("tlsCert")} and ${flagOf("tlsKey")} go together`),
     ["tlsKey"],
   ),
+  v.forward(v.check((c) => c.publicUrl === undefined || c.stateDir !== undefined, `required with ${flagOf("publicUrl")} (or set STATE_DIRECTORY)`), ["stateDir"]),
   v.forward(
     v.check(
       (c) => !(c.insecure && c.uplinkFingerprint),
@@ -3926,6 +3952,7 @@ class TunnelServer {
   readonly #log: Logger;
   /** The token each open tunnel authenticated with: only the same token may take it over. */
   readonly #grants = new WeakMap<TunnelLink, Grant>();
+  readonly #sockets = new Set<ServerWebSocket<TunnelData>>();
 
   constructor(readonly options: TunnelServerOptions) {
     const warn = rateLimitedLog(options.log.warn, 10, 10_000);
@@ -3939,6 +3966,7 @@ class TunnelServer {
     open: (ws: ServerWebSocket<TunnelData>) => {
       const o = this.options;
       this.admission.opened(ws.data.address);
+      this.#sockets.add(ws);
       const socket: TunnelSocket = {
         send: (data) => ws.send(data) !== 0,
         buffered: () => ws.getBufferedAmount(),
@@ -3961,6 +3989,7 @@ class TunnelServer {
     close: (ws: ServerWebSocket<TunnelData>, code: number, reason: string) => {
       const link = ws.data.link;
       this.admission.closed(ws.data.address);
+      this.#sockets.delete(ws);
       clearTimeout(ws.data.helloTimer);
       if (link && !link.closed) {
         const malformed = malformedClose(code, reason);
@@ -3973,6 +4002,15 @@ class TunnelServer {
       link?.detachAll();
     },
   };
+
+  /** Closes the tunnels whose token `accepted` no longer accepts (revoked), saying why; the others stay. */
+  closeUnaccepted(accepted: (grant: Grant) => boolean, code: number, reason: string): void {
+    for (const ws of this.#sockets) {
+      if (accepted(ws.data.grant)) continue;
+      this.#log.info(`tunnel: ${ws.data.link?.peer ?? ws.data.peer} closed: ${reason}`);
+      ws.close(code, reason);
+    }
+  }
 
   /** Attaches what the token allows, the limits permit and no loop forbids; answers every name. */
   #offer(link: TunnelLink, grant: Grant, names: string[], first: number, hello: boolean): void {
@@ -4064,6 +4102,8 @@ interface UplinkOptions {
   insecure?: boolean;
   /** An HTTP proxy to dial through (CONNECT), from --uplink-proxy or the environment. */
   proxy?: UplinkProxy;
+  /** Runs before each dial: a joined site learns there the certificate its pin names. */
+  beforeDial?: () => Promise<void>;
 }
 
 /** The proxy an uplink dials through: its URL (credentials included), that URL for display, and who named it. */
@@ -4239,7 +4279,7 @@ class Uplink {
   #offered = new Map<string, number>();
   /** Networks the hub refused on the current tunnel: not offered again until the next dial. */
   #declined = new Set<string>();
-  readonly #redial = new Redialer(new Backoff(UPLINK_BACKOFF_MIN_MS, UPLINK_BACKOFF_MAX_MS, UPLINK_BACKOFF_FINAL_MS), () => this.#dial());
+  readonly #redial = new Redialer(new Backoff(UPLINK_BACKOFF_MIN_MS, UPLINK_BACKOFF_MAX_MS, UPLINK_BACKOFF_FINAL_MS), () => void this.#dial());
   /** When the uplink last logged that it is down (ms), and since when it has been (ISO; none while up). */
   #downLoggedAt = -Infinity;
   #downSince: string | undefined;
@@ -4274,7 +4314,7 @@ class Uplink {
   start(): void {
     const proxy = this.options.proxy;
     if (proxy) this.log.info(`uplink: dialing ${this.status.url} through the proxy ${proxy.shown} (${proxy.source})`);
-    this.#dial();
+    void this.#dial();
   }
 
   /** The networks to carry, by name; beyond the tunnel's limit, the rest is left out (logged once). */
@@ -4291,7 +4331,8 @@ class Uplink {
     return wanted;
   }
 
-  #dial(): void {
+  async #dial(): Promise<void> {
+    await this.options.beforeDial?.();
     if (this.#redial.stopped) return;
     this.status.attempts++;
     this.status.nextDial = undefined;
@@ -8584,6 +8625,475 @@ function createApp(ctx: AppContext) {
   return app;
 }
 
+// ───────────────────────────── hub state: certificate, tokens, invites, join strings ─────────────────────────────
+//
+// A hub started with --public-url keeps in its state directory what sites need: a self-signed P-256
+// certificate (its DER written out here by hand: sixty lines instead of a dependency tree, and nothing
+// for `bun build --compile` or the distroless image to miss), an admin token and site tokens. A join
+// string carries the URL, the certificate's SHA-256 and a token; the certificate itself is not in it:
+// a site learns it from the hub before each dial and trusts it only while its hash is the pinned one.
+
+const HUB_CERT = "hub-cert.pem";
+const HUB_KEY = "hub-key.pem";
+const HUB_TOKENS = "tokens.json";
+const HUB_ADMIN = "admin-token";
+/** k3s's `K10<sha256>::…` is the model: a prefix with a version, the pin, the credential, then the hub. */
+const JOIN_PREFIX = "ER1";
+const JOIN_STRING = /^ER1([0-9a-f]{64})::(\S+)@([^@\s]+)$/;
+const JOIN_EXPECTED = `expected a join string ${JOIN_PREFIX}<SHA-256 hex>::TOKEN@HOST:PORT as a hub prints it`;
+/** The close code (application range) for a tunnel whose token was revoked. */
+const TUNNEL_REVOKED = 4401;
+
+/** DER: a tag, its length, then the content. */
+function der(tag: number, ...parts: Uint8Array[]): Uint8Array {
+  const body = Buffer.concat(parts);
+  const n = body.length;
+  const length = n < 0x80 ? [n] : n < 0x100 ? [0x81, n] : [0x82, n >> 8, n & 0xff];
+  return Buffer.concat([Buffer.from([tag, ...length]), body]);
+}
+
+const derSequence = (...parts: Uint8Array[]) => der(0x30, ...parts);
+
+function derOid(text: string): Uint8Array {
+  const [a, b, ...rest] = text.split(".").map(Number);
+  const bytes = [40 * a! + b!];
+  for (const n of rest) {
+    const base128 = [n & 0x7f];
+    for (let x = n >> 7; x > 0; x >>= 7) base128.unshift(0x80 | (x & 0x7f));
+    bytes.push(...base128);
+  }
+  return der(0x06, Buffer.from(bytes));
+}
+
+/** RFC 5280: UTCTime before 2050, GeneralizedTime from then on. */
+function derTime(date: Date): Uint8Array {
+  const text = `${date.toISOString().replace(/[-:T]/g, "").slice(0, 14)}Z`;
+  return date.getUTCFullYear() < 2050 ? der(0x17, Buffer.from(text.slice(2))) : der(0x18, Buffer.from(text));
+}
+
+/** An IP address's bytes for a subjectAltName (IPv6 with `::` expanded). */
+function ipBytes(address: string): Uint8Array {
+  if (isIPv4(address)) return Buffer.from(address.split(".").map(Number));
+  const [head, tail] = address.split("::").map((part) => (part ? part.split(":") : []));
+  const groups = tail === undefined ? head! : [...head!, ...Array(8 - head!.length - tail.length).fill("0"), ...tail];
+  return Buffer.from(groups.flatMap((g) => [parseInt(g, 16) >> 8, parseInt(g, 16) & 0xff]));
+}
+
+/** PEM armour around DER. */
+function pem(label: string, bytes: Uint8Array): string {
+  return `-----BEGIN ${label}-----\n${Buffer.from(bytes).toString("base64").match(/.{1,64}/g)!.join("\n")}\n-----END ${label}-----\n`;
+}
+
+/**
+ * A self-signed ECDSA P-256 certificate for `name` (a host name or an IP address), valid from an
+ * hour ago with no end (RFC 5280's 99991231235959Z): the pin, not a date, decides whether a site trusts it.
+ */
+function selfSignedCertificate(name: string): { cert: string; key: string } {
+  const { privateKey, publicKey } = generateKeyPairSync("ec", { namedCurve: "P-256" });
+  const ecdsaWithSha256 = derSequence(derOid("1.2.840.10045.4.3.2"));
+  const subject = derSequence(der(0x31, derSequence(derOid("2.5.4.3"), der(0x0c, Buffer.from(name)))));
+  const altName = isIP(name) === 0 ? der(0x82, Buffer.from(name)) : der(0x87, ipBytes(name));
+  const serial = crypto.getRandomValues(new Uint8Array(16));
+  serial[0]! &= 0x7f;
+  const extension = (id: string, critical: boolean, value: Uint8Array) =>
+    derSequence(derOid(id), ...(critical ? [der(0x01, Buffer.from([0xff]))] : []), der(0x04, value));
+  const tbs = derSequence(
+    der(0xa0, der(0x02, Buffer.from([2]))),
+    der(0x02, serial),
+    ecdsaWithSha256,
+    subject,
+    derSequence(derTime(new Date(Date.now() - 3_600_000)), derTime(new Date("9999-12-31T23:59:59Z"))),
+    subject,
+    publicKey.export({ type: "spki", format: "der" }),
+    der(0xa3, derSequence(
+      extension("2.5.29.17", false, derSequence(altName)),
+      extension("2.5.29.19", true, derSequence()),
+      extension("2.5.29.15", true, der(0x03, Buffer.from([0x07, 0x80]))),
+      extension("2.5.29.37", false, derSequence(derOid("1.3.6.1.5.5.7.3.1"))),
+    )),
+  );
+  const signature = sign("sha256", tbs, privateKey);
+  return { cert: pem("CERTIFICATE", derSequence(tbs, ecdsaWithSha256, der(0x03, Buffer.from([0]), signature))), key: privateKey.export({ type: "pkcs8", format: "pem" }) as string };
+}
+
+/**
+ * Writes a whole file or nothing: a temporary file with its mode from the start, then a rename over
+ * the old one. Root (an --invite at the shell) keeps the old file's owner: the service's user must still read it.
+ */
+function writeAtomically(path: string, text: string, mode: number): void {
+  const temporary = `${path}.${process.pid}.tmp`;
+  try {
+    writeFileSync(temporary, text, { mode });
+    chmodSync(temporary, mode);
+    const old = statSync(path, { throwIfNoEntry: false });
+    if (old && process.getuid?.() === 0) chownSync(temporary, old.uid, old.gid);
+    renameSync(temporary, path);
+  } catch (error) {
+    rmSync(temporary, { force: true });
+    throw new Error(describeError(`Cannot write ${path}`, error));
+  }
+}
+
+/** 32 random bytes, base64url: 43 characters nobody guesses. */
+const randomToken = () => Buffer.from(crypto.getRandomValues(new Uint8Array(32))).toString("base64url");
+
+/** A token the hub issued: `site` (every network) at the first start, then one per invite. */
+interface HubToken {
+  id: string;
+  token: string;
+  /** Networks it may attach; absent: every network. */
+  networks?: string[];
+  created: string;
+}
+
+const HubTokensFile = v.strictObject({
+  url: v.string(),
+  /** Of the certificate the hub serves: its own, or --tls-cert's. */
+  fingerprint: Fingerprint,
+  tokens: v.array(
+    v.strictObject({
+      id: v.pipe(v.string(), v.regex(NETWORK_NAME)),
+      token: AcceptedSecret,
+      networks: v.optional(v.array(v.pipe(v.string(), v.regex(NETWORK_NAME)))),
+      created: v.string(),
+    }),
+  ),
+});
+
+type HubTokens = v.InferOutput<typeof HubTokensFile>;
+
+/** tokens.json of a state directory; an error names the file and the entry, never a value. */
+function readHubTokens(dir: string): HubTokens {
+  const path = join(dir, HUB_TOKENS);
+  let text;
+  try {
+    text = readFileSync(path, "utf8");
+  } catch (error) {
+    const missing = (error as { code?: string }).code === "ENOENT";
+    throw new Error(missing ? `no hub in ${dir}: start one there first with ${flagOf("publicUrl")} wss://NAME:PORT ${flagOf("stateDir")} ${dir}` : describeError(`Cannot read ${path}`, error));
+  }
+  let json: unknown;
+  try {
+    json = JSON.parse(text);
+  } catch {
+    throw new Error(`${path} is not valid JSON`);
+  }
+  const result = v.safeParse(HubTokensFile, json);
+  if (!result.success) throw new Error(`${path} is not a hub's token file (at ${v.getDotPath(result.issues[0]) ?? "the top"})`);
+  return result.output;
+}
+
+const writeHubTokens = (dir: string, tokens: HubTokens) => writeAtomically(join(dir, HUB_TOKENS), `${JSON.stringify(tokens, null, 2)}\n`, 0o600);
+
+/** `ER1<pin>::TOKEN@HOST:PORT`: what a site needs in one argument. */
+function joinString(url: string, fingerprint: string, token: string): string {
+  return `${JOIN_PREFIX}${fingerprint.replace(/:/g, "").toLowerCase()}::${token}@${new URL(url).host}`;
+}
+
+/** The uplink options a join string stands for; a bad one is a ConfigError that never quotes it. */
+function parseJoinString(text: string): { uplink: string; uplinkToken: string; uplinkFingerprint: string } {
+  const m = JOIN_STRING.exec(text.trim());
+  const address = m && parseHostPort(m[3]!);
+  if (!m || !address || address.port === 0) throw new ConfigError(`${flagOf("join")}: ${JOIN_EXPECTED}`);
+  return { uplink: `wss://${formatHostPort(address)}`, uplinkToken: m[2]!, uplinkFingerprint: m[1]!.toUpperCase().replace(/(..)(?!$)/g, "$1:") };
+}
+
+/**
+ * What --public-url, --join and --join-file mean for the raw configuration, before it is validated:
+ * the hub listens on all addresses at the URL's port unless --http says otherwise; a join string
+ * stands for --uplink, --uplink-token and --uplink-fingerprint, which it may not be combined with.
+ */
+function applyHubAndJoin(raw: Record<string, unknown>, joinFile: string | undefined, read: (option: string, path: string) => string): void {
+  if (typeof raw.publicUrl === "string" && raw.http === undefined && URL.canParse(raw.publicUrl)) {
+    const port = new URL(raw.publicUrl).port;
+    if (port !== "") raw.http = `0.0.0.0:${port}`;
+  }
+  if (joinFile !== undefined) raw.join = read(flagOf("joinFile"), joinFile).trim();
+  if (raw.join === undefined) return;
+  if (typeof raw.join !== "string") throw new ConfigError(`${flagOf("join")}: ${JOIN_EXPECTED}`);
+  for (const key of ["uplink", "uplinkToken", "uplinkFingerprint", "insecure"]) {
+    if (raw[key] !== undefined && raw[key] !== false) throw new ConfigError(`${flagOf("join")}: cannot be combined with ${flagOf(key)}: the join string carries the hub's URL, certificate pin and token`);
+  }
+  Object.assign(raw, parseJoinString(raw.join));
+}
+
+/** A hub's state as a running hub uses it. */
+export interface HubState {
+  dir: string;
+  url: string;
+  cert: { path: string; text: string };
+  key: { path: string; text: string };
+  fingerprint: string;
+  adminToken: string;
+  adminFile: string;
+  /** The `site` token's join string. */
+  join: string;
+  /** Whether this start made the state (so the site line is shown, once). */
+  created: boolean;
+}
+
+/**
+ * Opens the hub state in `dir` for `url` (`wss://NAME:PORT`), making whatever is missing: the
+ * certificate and key (unless `given`, --tls-cert's, is served instead), the admin token, the token
+ * file with a `site` token. A certificate that exists but is not for NAME is an error: sites pin it,
+ * so it is never replaced behind their back.
+ */
+function openHubState(dir: string, url: string, given?: { cert: { path: string; text: string }; key: { path: string; text: string } }): HubState {
+  const name = new URL(url).hostname.replace(/^\[|\]$/g, "");
+  try {
+    mkdirSync(dir, { recursive: true, mode: 0o700 });
+  } catch (error) {
+    throw new Error(describeError(`${flagOf("stateDir")}: Cannot create ${dir}`, error));
+  }
+  const certPath = join(dir, HUB_CERT);
+  const keyPath = join(dir, HUB_KEY);
+  const adminFile = join(dir, HUB_ADMIN);
+  let created = false;
+  if (given === undefined && (!existsSync(certPath) || !existsSync(keyPath))) {
+    const made = selfSignedCertificate(name);
+    writeAtomically(keyPath, made.key, 0o600);
+    writeAtomically(certPath, made.cert, 0o644);
+    created = true;
+  }
+  const cert = given?.cert ?? { path: certPath, text: readFileSync(certPath, "utf8") };
+  const x509 = new X509Certificate(cert.text);
+  if (!(isIP(name) ? x509.checkIP(name) : x509.checkHost(name))) {
+    throw new Error(`${flagOf("publicUrl")}: the certificate in ${cert.path} is not for ${name}; sites pin it, so it is not replaced: use its name, or another ${flagOf("stateDir")}`);
+  }
+  if (!existsSync(adminFile)) writeAtomically(adminFile, `${randomToken()}\n`, 0o600);
+  const fingerprint = x509.fingerprint256;
+  let tokens: HubTokens;
+  if (existsSync(join(dir, HUB_TOKENS))) tokens = { ...readHubTokens(dir), url, fingerprint };
+  else {
+    tokens = { url, fingerprint, tokens: [{ id: "site", token: randomToken(), created: new Date().toISOString() }] };
+    created = true;
+  }
+  writeHubTokens(dir, tokens);
+  const site = tokens.tokens.find((t) => t.id === "site");
+  return {
+    dir,
+    url,
+    cert,
+    key: given?.key ?? { path: keyPath, text: readFileSync(keyPath, "utf8") },
+    fingerprint,
+    adminToken: readFileSync(adminFile, "utf8").trim(),
+    adminFile,
+    join: site ? joinString(url, fingerprint, site.token) : "",
+    created,
+  };
+}
+
+/** A new token limited to `networks`: its id and the join string for it. */
+function addInvite(dir: string, networks: string[]): { id: string; networks: string[]; join: string } {
+  for (const n of networks) if (!NETWORK_NAME.test(n)) throw new ConfigError(`${flagOf("invite")}: ${JSON.stringify(n)} is not a network name`);
+  if (networks.length === 0) throw new ConfigError(`${flagOf("invite")}: name at least one network`);
+  const tokens = readHubTokens(dir);
+  const entry: HubToken = { id: Buffer.from(crypto.getRandomValues(new Uint8Array(4))).toString("hex"), token: randomToken(), networks, created: new Date().toISOString() };
+  writeHubTokens(dir, { ...tokens, tokens: [...tokens.tokens, entry] });
+  return { id: entry.id, networks, join: joinString(tokens.url, tokens.fingerprint, entry.token) };
+}
+
+/** The hub's tokens without their secrets. */
+function listInvites(dir: string): Omit<HubToken, "token">[] {
+  return readHubTokens(dir).tokens.map(({ token: _secret, ...shown }) => shown);
+}
+
+/** Removes the token `id`; false when there is none. */
+function revokeInvite(dir: string, id: string): boolean {
+  const tokens = readHubTokens(dir);
+  const kept = tokens.tokens.filter((t) => t.id !== id);
+  if (kept.length === tokens.tokens.length) return false;
+  writeHubTokens(dir, { ...tokens, tokens: kept });
+  return true;
+}
+
+/** The grants of the hub's tokens, read from its state directory. */
+function hubGrants(dir: string): Grant[] {
+  return makeGrants(readHubTokens(dir).tokens);
+}
+
+/**
+ * Keeps `grants` equal to `fixed` plus the state directory's tokens: at once, when tokens.json
+ * changes (new and revoked invites take effect without a restart) and on `reload()` (SIGHUP).
+ * `revoked` hears of each reload, to close the tunnels whose token went.
+ */
+function watchHubTokens(dir: string, grants: Grant[], fixed: Grant[], revoked: () => void, log: Logger): { reload(): void; stop(): void } {
+  let pending = false;
+  const reload = () => {
+    pending = false;
+    let read;
+    try {
+      read = hubGrants(dir);
+    } catch (error) {
+      log.warn(`hub: keeping the tokens in use: ${(error as Error).message}`);
+      return;
+    }
+    grants.splice(0, grants.length, ...fixed, ...read);
+    log.info(`hub: ${read.length} token${read.length === 1 ? "" : "s"} in ${join(dir, HUB_TOKENS)}`);
+    revoked();
+  };
+  const watcher = watch(dir, (_event, file) => {
+    if (file !== HUB_TOKENS || pending) return;
+    pending = true;
+    setImmediate(reload);
+  });
+  return { reload, stop: () => watcher.close() };
+}
+
+/** POST /invites {"networks": [...]}, GET /invites, DELETE /invites/ID: behind the admin token like every other route. */
+function mountInvites(app: Hono<{ Bindings: Server<SocketData> }>, dir: string): void {
+  app.get("/invites", (c) => c.json(listInvites(dir)));
+  app.post("/invites", async (c) => {
+    const body = await smallBody(c.req.raw, LOGIN_BODY_LIMIT);
+    let networks: unknown;
+    try {
+      networks = JSON.parse(body ?? "")?.networks;
+    } catch {
+      networks = undefined;
+    }
+    if (!Array.isArray(networks) || !networks.every((n) => typeof n === "string")) return c.text('expected {"networks": ["NET", …]}\n', 400);
+    try {
+      return c.json(addInvite(dir, networks), 201);
+    } catch (error) {
+      return c.text(`${(error as Error).message}\n`, error instanceof ConfigError ? 400 : 500);
+    }
+  });
+  app.delete("/invites/:id", (c) => (revokeInvite(dir, c.req.param("id")) ? c.body(null, 204) : c.text("no such invite\n", 404)));
+}
+
+/**
+ * --invite, --invites and --revoke: run against the hub in the state directory, print, and give
+ * the exit status (2: a bad request, 1: the state could not be read or written).
+ */
+function runHubCommand(flags: Record<string, string | true | string[]>, stateDir: string | undefined, program: string): number {
+  const option = flags.invite !== undefined ? flagOf("invite") : flags.revoke !== undefined ? flagOf("revoke") : flagOf("invites");
+  if (stateDir === undefined) {
+    console.error(`edge-relay: ${option}: needs ${flagOf("stateDir")} DIR (or STATE_DIRECTORY), the hub's`);
+    return 2;
+  }
+  try {
+    if (typeof flags.invite === "string") {
+      const invite = addInvite(stateDir, flags.invite.split(",").map((n) => n.trim()));
+      console.log(`invite ${invite.id} (networks: ${invite.networks.join(", ")}); on that site, run: ${program} --join ${invite.join}`);
+    } else if (typeof flags.revoke === "string") {
+      if (!revokeInvite(stateDir, flags.revoke)) {
+        console.error(`edge-relay: ${option}: no token ${JSON.stringify(flags.revoke)} in ${stateDir} (see ${flagOf("invites")})`);
+        return 2;
+      }
+      console.log(`revoked ${flags.revoke}: a running hub closes its tunnels now`);
+    } else {
+      for (const t of listInvites(stateDir)) console.log(`${t.id}\t${t.networks?.join(",") ?? "(every network)"}\t${t.created}`);
+    }
+    return 0;
+  } catch (error) {
+    console.error(`edge-relay: ${option}: ${(error as Error).message}`);
+    return error instanceof ConfigError ? 2 : 1;
+  }
+}
+
+/** Where --install-service puts things, below --install-root (the unit template's own paths). */
+const INSTALL_BINARY = "/usr/local/bin/edge-relay";
+const INSTALL_UNIT = "/etc/systemd/system/edge-relay.service";
+const INSTALL_ENV = "/etc/edge-relay/env";
+/** Options that configure the installing, or that the service replaces (its StateDirectory, the secrets' environment file). */
+const NOT_IN_UNIT = new Set(["installService", "installRoot", "stateDir", "joinFile", "tokenFile"]);
+
+/** An ExecStart argument, quoted for systemd when it needs it (`%` and `$` doubled: they are specifiers there). */
+function unitArgument(text: string): string {
+  const escaped = text.replace(/%/g, "%%").replace(/\$/g, "$$$$");
+  return /^[A-Za-z0-9_@%+=:,./-]+$/.test(text) ? escaped : `"${escaped.replace(/["\\]/g, "\\$&")}"`;
+}
+
+/**
+ * --install-service: this command line, less the installing options, as the systemd service
+ * edge-relay: the binary (this one, or compiled from this script), the unit (deploy/edge-relay.service
+ * with its hardening and StateDirectory, ExecStart this command line) and the environment file
+ * (0600) with every secret, from the options, their environment variables and --join-file or
+ * --token-file, so none is on the command line `ps` shows. Under `root` (tests, images) nothing is
+ * started; at / on a host where systemd runs, systemctl enables and starts it.
+ */
+function installService(flags: Record<string, string | true | string[]>, env: Record<string, string | undefined>, root: string): string[] {
+  const table = OPTIONS as Record<string, OptionSpec>;
+  const secrets = new Map<string, string[]>();
+  const addSecret = (key: string, values: string[]) => {
+    const spec = table[key]!;
+    if (spec.env === undefined) throw new ConfigError(`${flagOf("installService")}: ${flagOf(key)} holds a secret and has no environment variable: give it in the ${flagOf("config")} file`);
+    secrets.set(spec.env, [...(secrets.get(spec.env) ?? []), ...values]);
+  };
+  const args: string[] = [];
+  for (const [key, value] of Object.entries(flags)) {
+    const spec = table[key]!;
+    if (NOT_IN_UNIT.has(key)) continue;
+    const values = value === true ? [] : Array.isArray(value) ? value : [value];
+    if (spec.secret) addSecret(key, values);
+    else if (value === true) args.push(flagOf(key));
+    else for (const one of values) args.push(flagOf(key), key === "config" ? resolvePath(one) : one);
+  }
+  for (const [key, spec] of Object.entries(table)) {
+    const fromEnv = spec.env && spec.secret ? env[spec.env]?.trim() : undefined;
+    if (fromEnv && !secrets.has(spec.env!)) addSecret(key, [fromEnv]);
+  }
+  if (typeof flags.joinFile === "string") addSecret("join", [readFileSync(flags.joinFile, "utf8").trim()]);
+  if (typeof flags.tokenFile === "string") addSecret("tokens", readFileSync(flags.tokenFile, "utf8").split("\n").map((l) => l.replace(/#.*/, "").trim()).filter(Boolean));
+  const under = (path: string) => join(root, path);
+  for (const dir of [dirname(INSTALL_BINARY), dirname(INSTALL_UNIT), dirname(INSTALL_ENV)]) mkdirSync(under(dir), { recursive: true, mode: 0o755 });
+
+  const binary = under(INSTALL_BINARY);
+  if (Bun.main.startsWith("/$bunfs/")) {
+    copyFileSync(process.execPath, `${binary}.tmp`);
+    chmodSync(`${binary}.tmp`, 0o755);
+    renameSync(`${binary}.tmp`, binary);
+  } else {
+    const build = Bun.spawnSync([process.execPath, "build", "--compile", "--minify", Bun.main, "--outfile", binary], { stdout: "ignore", stderr: "pipe" });
+    if (build.exitCode !== 0) throw new Error(`Cannot compile ${Bun.main} to ${binary}: ${build.stderr.toString().trim().split("\n").at(-1)}`);
+  }
+  const execStart = [INSTALL_BINARY, ...args].map(unitArgument).join(" ");
+  const unit = UNIT_TEMPLATE.slice(UNIT_TEMPLATE.indexOf("[Unit]")).replace(/^ExecStart=.*$/m, `ExecStart=${execStart}`);
+  writeAtomically(under(INSTALL_UNIT), `# Written by edge-relay ${flagOf("installService")} from deploy/edge-relay.service; secrets are in ${INSTALL_ENV}.\n\n${unit}`, 0o644);
+  writeAtomically(under(INSTALL_ENV), [...secrets].map(([name, values]) => `${name}=${values.join(",")}\n`).join(""), 0o600);
+  const lines = [
+    `installed ${binary}`,
+    `installed ${under(INSTALL_UNIT)}: ExecStart=${execStart}`,
+    `installed ${under(INSTALL_ENV)} (0600): ${[...secrets.keys()].join(", ") || "no secrets"}`,
+  ];
+  if (flags.publicUrl !== undefined) lines.push(`the hub keeps its state in /var/lib/edge-relay; its first start logs the site line: journalctl -u edge-relay | grep 'on each site'`);
+  if (root === "/" && existsSync("/run/systemd/system")) {
+    for (const command of [["systemctl", "daemon-reload"], ["systemctl", "enable", "--now", "edge-relay"]]) {
+      const run = Bun.spawnSync(command, { stdout: "ignore", stderr: "pipe" });
+      if (run.exitCode !== 0) throw new Error(`${command.join(" ")} failed: ${run.stderr.toString().trim()}`);
+    }
+    lines.push("started: systemctl status edge-relay");
+  } else lines.push(`not started (${root === "/" ? "systemd is not running here" : `installed below ${root}`}); where systemd runs: systemctl daemon-reload && systemctl enable --now edge-relay`);
+  return lines;
+}
+
+/**
+ * Before each dial of a joined site: a self-signed certificate the hub presents becomes the CA the
+ * dial trusts (the join string has its hash, not the certificate); one a CA signed cannot be its own
+ * trust anchor and is left to the system's CAs (or --uplink-ca, when given this is not used). The
+ * dial then checks the pin as --uplink-fingerprint always does, so another certificate is refused
+ * with that wording. Once the pinned certificate is known it is kept: no other can replace it.
+ */
+function learnPinnedCertificate(options: UplinkOptions): () => Promise<void> {
+  const url = new URL(options.url);
+  const host = url.hostname.replace(/^\[|\]$/g, "");
+  return () =>
+    new Promise<void>((resolve) => {
+      if (options.ca !== undefined && new X509Certificate(options.ca.text).fingerprint256 === options.fingerprint) return resolve();
+      const socket = tlsConnect({ host, port: Number(url.port || 443), servername: isIP(host) ? undefined : host, rejectUnauthorized: false }, () => {
+        const raw = socket.getPeerCertificate().raw;
+        socket.destroy();
+        const presented = raw && new X509Certificate(raw);
+        const selfSigned = presented && presented.issuer === presented.subject && presented.verify(presented.publicKey);
+        options.ca = selfSigned ? { path: "the certificate the join string pins", text: pem("CERTIFICATE", raw) } : undefined;
+        resolve();
+      });
+      socket.setTimeout(options.handshakeMs, () => (socket.destroy(), resolve()));
+      // The dial that follows meets the same failure and says it in its words.
+      socket.on("error", () => resolve());
+    });
+}
+
 // ───────────────────────────── lifecycle ─────────────────────────────
 
 export interface BoundAddress {
@@ -8599,6 +9109,8 @@ export interface RelayHandle extends AsyncDisposable {
   network(name: string): Network | undefined;
   snapshot(): Snapshot;
   stop(): Promise<void>;
+  /** With --public-url: the hub's state, and a reload of its tokens (SIGHUP). */
+  hub?: HubState & { reload(): void };
 }
 
 const consoleLogger: Logger = { info: (l) => console.log(l), warn: (l) => console.error(l) };
@@ -8875,6 +9387,7 @@ function uplinkOf(config: Config, identity: RelayIdentity, proxy: UplinkProxy | 
     insecure: config.insecure,
     proxy,
   };
+  if (config.join !== undefined && config.uplinkCa === undefined) options.beforeDial = learnPinnedCertificate(options);
   return new Uplink(options, () => registry.values(), log, countError);
 }
 
@@ -8951,11 +9464,29 @@ function switchPolicy(
   };
 }
 
+/** --public-url: the hub's state from --state-dir (made on the first start), and the config it completes. */
+function withHubState(config: Config): { config: Config; hub: HubState | undefined } {
+  if (config.publicUrl === undefined) return { config, hub: undefined };
+  const given = config.tlsCert && config.tlsKey ? { cert: config.tlsCert, key: config.tlsKey } : undefined;
+  const hub = openHubState(config.stateDir!, config.publicUrl, given);
+  return { hub, config: { ...config, tlsCert: hub.cert, tlsKey: hub.key, adminToken: config.adminToken ?? hub.adminToken } };
+}
+
+/** --public-url: /invites on the app, and the hub's tokens file watched (SIGHUP reloads it; a revoked token's tunnels close). */
+function serveHub(app: ReturnType<typeof createApp>, hub: HubState, grants: Grant[], fixedGrants: Grant[], tunnels: TunnelServer, log: Logger, stoppers: Stoppers) {
+  mountInvites(app, hub.dir);
+  const accepted = (grant: Grant) => grants.some((g) => Buffer.compare(g.digest, grant.digest) === 0);
+  const tokens = watchHubTokens(hub.dir, grants, fixedGrants, () => tunnels.closeUnaccepted(accepted, TUNNEL_REVOKED, "its token was revoked"), log);
+  stoppers.add(tokens.stop);
+  return tokens;
+}
+
 /**
  * Starts every port of `config`; throws (nothing left running) if one cannot be bound. `env` is
  * where the uplink's proxy settings (HTTPS_PROXY, NO_PROXY, …) come from: main's, as for the config.
  */
-export async function startRelay(config: Config, log: Logger = consoleLogger, env: Record<string, string | undefined> = process.env): Promise<RelayHandle> {
+export async function startRelay(given: Config, log: Logger = consoleLogger, env: Record<string, string | undefined> = process.env): Promise<RelayHandle> {
+  const { config, hub } = withHubState(given);
   // Read before anything is bound: a bad proxy in the environment is a config error like a bad option.
   const proxy = config.uplink === undefined ? undefined : uplinkProxy(config.uplink, config.uplinkProxy, env);
   const startedAt = Date.now();
@@ -8994,6 +9525,9 @@ export async function startRelay(config: Config, log: Logger = consoleLogger, en
   const snapshot = (view?: StatusView) =>
     buildSnapshot({ config, identity, startedAt, registry, counters, budget, tunnels, impairments, captures, captureFiles, qemu: () => qemu, gateways: () => gateways, backplane, uplink: () => uplink }, view);
   const bound: BoundAddress[] = [];
+  const fixedGrants = makeGrants(config.tokens);
+  const grants = hub ? [...fixedGrants, ...hubGrants(hub.dir)] : fixedGrants;
+  let hubTokens: ReturnType<typeof serveHub> | undefined;
   // Whatever fails to start, what already runs stops, so a failed start leaves nothing behind.
   const stopAll = () => {
     policy.stopping = true;
@@ -9001,9 +9535,10 @@ export async function startRelay(config: Config, log: Logger = consoleLogger, en
   };
   try {
     const app = createApp({
-      grants: makeGrants(config.tokens), adminToken: config.adminToken, trustedProxies: trustedProxyList(config.trustedProxies), tls: config.tlsCert !== undefined,
+      grants, adminToken: config.adminToken, trustedProxies: trustedProxyList(config.trustedProxies), tls: config.tlsCert !== undefined,
       snapshot, networks: () => registry.values(), totals, counters, tunnels, v86, captures, impairments, log,
     });
+    if (hub) hubTokens = serveHub(app, hub, grants, fixedGrants, tunnels, log, stoppers);
     const server = serveHttp(config, app, tunnels, v86);
     stoppers.add(() => void server.stop(true));
     bound.push({ what: "http", address: `${config.tlsCert ? "https" : "http"}://${formatHostPort({ host: config.http.host, port: server.port! })}` });
@@ -9040,6 +9575,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger, en
     bound,
     network: (name) => registry.get(name),
     snapshot,
+    hub: hub && hubTokens && { ...hub, reload: hubTokens.reload },
     stop() {
       stopping ??= Promise.resolve().then(stopAll);
       return stopping;
@@ -9162,11 +9698,13 @@ export function loadConfig(argv: string[], env: Record<string, string | undefine
     else if (value !== undefined) raw[key] = spec.numeric ? number(value as string) : value;
     else if (fromEnv !== undefined && raw[key] === undefined) raw[key] = fromEnv;
   }
-  if (configFile !== undefined) raw.stateDir ??= dirname(configFile);
   if (flags.tokenFile !== undefined) {
     const lines = readTextFile(flagOf("tokenFile"), flags.tokenFile as string).split("\n");
     addTo("tokens", lines.map((l) => l.replace(/#.*/, "").trim()).filter(Boolean));
   }
+  if (raw.stateDir === undefined && configFile !== undefined) raw.stateDir = dirname(resolvePath(configFile));
+  if (typeof raw.stateDir === "string") raw.stateDir = raw.stateDir.split(":")[0];
+  applyHubAndJoin(raw, flags.joinFile as string | undefined, readTextFile);
   const nothingConfigured = table.every(
     ([key, spec]) => !spec.givesPorts || raw[key] === undefined || (Array.isArray(raw[key]) && (raw[key] as unknown[]).length === 0),
   );
@@ -9247,6 +9785,17 @@ export async function main(argv = Bun.argv.slice(2), env: Record<string, string 
   }
   if (config === "help") return void process.stdout.write(helpText(programName()));
   if (config === "version") return void console.log(`edge-relay ${VERSION} (bun ${Bun.version})`);
+  const flags = parseFlags(argv);
+  if (flags.invite !== undefined || flags.invites !== undefined || flags.revoke !== undefined) process.exit(runHubCommand(flags, config.stateDir, programName()));
+  if (flags.installService !== undefined) {
+    try {
+      for (const line of installService(flags, env, typeof flags.installRoot === "string" ? resolvePath(flags.installRoot) : "/")) console.log(line);
+      process.exit(0);
+    } catch (error) {
+      console.error(`edge-relay: ${(error as Error).message}`);
+      process.exit(error instanceof ConfigError ? 2 : 1);
+    }
+  }
   let relay: RelayHandle;
   try {
     relay = await startRelay(config, consoleLogger, env);
@@ -9264,6 +9813,14 @@ export async function main(argv = Bun.argv.slice(2), env: Record<string, string 
   process.once("SIGTERM", shutdown);
   for (const b of relay.bound) console.log(`${b.what}${b.network ? ` ${b.network}` : ""}: listening on ${b.address}`);
   for (const line of qemuHints(config, relay.bound)) console.log(line);
+  if (relay.hub) {
+    const hub = relay.hub;
+    process.on("SIGHUP", () => hub.reload());
+    // The site line holds the site token: printed at the first start only, as a password is shown once.
+    if (hub.created) console.log(`hub: on each site, run: ${programName()} --join ${hub.join}`);
+    else console.log(`hub: sites keep their join lines; for another: ${programName()} ${flagOf("stateDir")} ${hub.dir} ${flagOf("invite")} NET[,NET…]`);
+    console.log(`hub: certificate SHA-256 ${hub.fingerprint}; the admin token (for /status, /metrics, /invites) is in ${hub.adminFile}`);
+  }
   console.log("ready");
 }
 

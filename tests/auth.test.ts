@@ -137,7 +137,7 @@ describe("--help on the admin token", () => {
     const { code, stdout } = await runCli(["--help"]);
     expect(code).toBe(0);
     const help = stdout.slice(stdout.indexOf("--admin-token"), stdout.indexOf("--trusted-proxy")).replace(/\s+/g, " ");
-    expect(help).toContain("Bearer token for /, /status, /metrics, /capture, /impair (or the session the login form at / starts; /healthz needs none)");
+    expect(help).toContain("Bearer token for /, /status, /metrics, /capture, /impair, /invites (or the session the login form at / starts; /healthz needs none)");
   });
 });
 

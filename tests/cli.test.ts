@@ -210,7 +210,7 @@ describe("CLI", () => {
 
   test("the options marked secret (a proxy URL too) are never quoted, whatever is wrong with them", () => {
     const secret = Object.entries(OPTIONS as Record<string, { secret?: boolean }>).flatMap(([key, spec]) => (spec.secret ? [key] : []));
-    expect(secret.sort()).toEqual(["adminToken", "backplaneToken", "tokens", "uplinkProxy", "uplinkToken"]);
+    expect(secret.sort()).toEqual(["adminToken", "backplaneToken", "join", "tokens", "uplinkProxy", "uplinkToken"]);
     for (const key of secret) {
       for (const value of ["TOPSECRET x", ["TOPSECRET x"], [{ token: "TOPSECRET x" }], { TOPSECRET: 1 }, 7]) {
         const message = (() => {

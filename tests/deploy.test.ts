@@ -4,7 +4,7 @@
  * README's recipe), and the README's recipe for a hub and a site on one host.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { existsSync, mkdirSync, readFileSync, readlinkSync } from "node:fs";
+import { chownSync, existsSync, mkdirSync, readFileSync, readlinkSync, statSync } from "node:fs";
 import { type Socket, connect, createServer } from "node:net";
 import { openUnixDgram } from "../relay.ts";
 import {
@@ -159,7 +159,7 @@ describe("systemd unit and the compiled binary", () => {
 });
 
 describe("Container image (deploy/Containerfile)", () => {
-  test("the README's build makes an image of the binary that runs as uid 65532; without an admin token it exits 2; as a hub with its env file it serves a site's tunnel", async () => {
+  test("the README's build makes an image of the binary that runs as uid 65532; without an admin token it exits 2; as a hub with its env file it serves a site's tunnel; the one-command hub works in it", async () => {
     if (!Bun.which("podman")) throw new Error("podman is not installed: apt-get install podman runc (.ci/run does)");
     await using dir = await tempDir();
     const d = dir.path;
@@ -216,7 +216,23 @@ describe("Container image (deploy/Containerfile)", () => {
     await framesCross(site, hub, "64");
     // Podman hands SIGTERM to the relay, which stops cleanly.
     expect(await hub.stop("SIGTERM")).toBe(0);
-  }, 90_000);
+
+    // The one-command hub (no openssl in the image): its state on a volume the image's user owns; a site joins with the printed line.
+    mkdirSync(`${d}/state`, { mode: 0o700 });
+    chownSync(`${d}/state`, 65532, 65532);
+    const port = await freePort();
+    const joinHub = await spawnRelay(["--public-url", `wss://localhost:${port}`, "--state-dir", "/state", "--http", `127.0.0.1:${port}`], {
+      command: [...run, "--name", "join-hub", "--volume", `${d}/state:/state`, "edge-relay"],
+    });
+    await using _joinHub = joinHub;
+    const line = /^hub: on each site, run: edge-relay (--join \S+)$/m.exec(joinHub.stdout())?.[1];
+    expect(line).toBeDefined();
+    expect(statSync(`${d}/state/hub-key.pem`).uid).toBe(65532);
+    await using joined = await scenario().listen().with(...line!.split(" ")).spawn();
+    await uplinkUp(joined);
+    await joinHub.waitForLine(/^tunnel: .* attached \(networks: default\)$/);
+    expect(await joinHub.stop("SIGTERM")).toBe(0);
+  }, 120_000);
 });
 
 /** HAProxy from deploy/haproxy.cfg on a free port of 127.0.0.1, in front of `hub`, once it has found the hub up. */

@@ -8,7 +8,7 @@ import { RELAY } from "./helpers.ts";
  */
 const SUPPORTED = [
   "ADMIN_COOKIE", "BACKPLANE_HUB_HEADER", "BoundAddress", "Config", "ConfigError", "Logger", "MAX_DATAGRAM", "MAX_FRAME",
-  "MIN_FRAME", "MSG_CONTROL", "MSG_DATA", "RelayHandle", "Snapshot", "TUNNEL_PATH", "TUNNEL_PROTOCOL", "TUNNEL_VERSION",
+  "MIN_FRAME", "MSG_CONTROL", "MSG_DATA", "HubState", "RelayHandle", "Snapshot", "TUNNEL_PATH", "TUNNEL_PROTOCOL", "TUNNEL_VERSION",
   "V86_PATH", "VERSION", "loadConfig", "main", "parseConfig", "startRelay",
 ];
 

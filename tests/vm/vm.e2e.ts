@@ -475,6 +475,24 @@ describe("edge-relay with real QEMU guests", () => {
    * paused, so backpressure reaches the guest's TCP) and off (the relays drop what their queues
    * cannot hold and the guest's TCP retransmits). Both must match; the line gives both figures.
    */
+  test("one-command hub (issue 22): the site line the hub prints, run at two sites, carries ping and 32 MiB between real guests over wss:// with the pin", async () => {
+    await using dir = await tempDir();
+    const port = await freePort();
+    await using hub = await Relay.start("hub", ["--public-url", `wss://localhost:${port}`, "--state-dir", dir.path, "--http", `${LOCAL}:${port}`]);
+    const join = /^hub: on each site, run: .* --join (\S+)$/m.exec(hub.proc.stdout())?.[1];
+    expect(join).toBeDefined();
+    const site = (role: string) => Relay.start(role, ["--http", `${LOCAL}:0`, "--join", join!, "--qemu-listen", `${LOCAL}:0`]);
+    await using siteA = await site("site A");
+    await using siteB = await site("site B");
+    await Promise.all([waitUplinkUp(siteA), waitUplinkUp(siteB)]);
+    expect((await siteA.status()).uplink.url).toBe(`wss://localhost:${port}/tunnel`);
+    const netdev = (relay: Relay) => `stream,server=off,addr.type=inet,addr.host=${LOCAL},addr.port=${relay.port("qemu-listen")}`;
+    await using a = new Guest(image, { ...GUEST_A, netdev: netdev(siteA) });
+    await using b = new Guest(image, { ...GUEST_B, netdev: netdev(siteB) });
+    await Promise.all([a.ready(), b.ready()]);
+    await pingAndTransfer({ a, b }, "one-command hub, join lines (stream,server=off at both sites)");
+  });
+
   test("flow control: 32 MiB A→B over stream ports with --flow-control on and off", async () => {
     const figures: string[] = [];
     for (const mode of ["on", "off"]) {
