@@ -1651,6 +1651,11 @@ export class StreamDecoder {
   get buffered(): number {
     return this.#headUsed + this.#frameUsed;
   }
+
+  /** Part of a frame (or of its length) is held: the next chunk starts with the rest of it. */
+  get midFrame(): boolean {
+    return this.#frame !== null || this.#headUsed > 0;
+  }
 }
 
 /** Views of a Buffer go through its species constructor; a plain Uint8Array view is cheaper per frame. */
@@ -1696,6 +1701,14 @@ export class FrameBatch {
     b[at++] = length & 0xff;
     b.set(frame, at);
     this.used = at + length;
+  }
+
+  /** Frames already in stream framing (length-prefixed), copied in one go. */
+  appendRun(run: Uint8Array): void {
+    const need = this.used + run.length;
+    if (need > this.bytes.length) this.#grow(need);
+    this.bytes.set(run, this.used);
+    this.used = need;
   }
 
   /**
@@ -2409,6 +2422,26 @@ export abstract class Port {
   /** Queues a frame for sending; false when it had to be dropped. */
   protected abstract enqueue(frame: Uint8Array): boolean;
 
+  /** Takes a run of length-prefixed frames whole (the switch's cut-through): see enqueueRun. */
+  readonly takesRuns: boolean = false;
+
+  /**
+   * Queues `frames` frames, length-prefixed in `block[start, end)`, as they are, and counts them as
+   * transmit does; false when there is no room for all of them (then nothing was queued or counted).
+   * `headed`: `block[0, start)` is a message header of the run's own, free to rewrite.
+   */
+  enqueueRun(_block: Uint8Array, _start: number, _end: number, _frames: number, _headed: boolean): boolean {
+    return false;
+  }
+
+  /** Counts a run handed to the socket (or refused by it) as transmit counts frames. */
+  protected countRun(frames: number, bytes: number, sent: boolean): void {
+    if (sent) {
+      this.stats.txFrames += frames;
+      this.stats.txBytes += bytes;
+    } else this.stats.txDrops += frames;
+  }
+
   /** Bytes queued toward the peer, and their bound: a port without a queue is never congested. */
   queued(): number {
     return 0;
@@ -2968,6 +3001,61 @@ export class Network {
     }
   }
 
+  /**
+   * Cut-through: forwards the whole frames of a run in stream framing (`block[start, end)`, each a
+   * 4-byte length and the frame) as they are, without a view or a copy per frame, when every one is
+   * unicast from a source already learned on `from` to one destination port that takes runs, and
+   * no capture, impairment or loop block is in the way. Learning, counters and flow control end as
+   * forward() frame by frame would leave them. Returns the offset after the frames forwarded:
+   * `start` when the run needs forward() (nothing was forwarded). `headed` (a tunnel message):
+   * the run must be whole to the end, and `block[0, start)` is its header.
+   */
+  forwardRun(block: Uint8Array, start: number, end: number, from: Port, headed: boolean): number {
+    if (this.captures !== null || from.impairIn !== undefined || from.state !== "up") return start;
+    const now = this.now();
+    const macs = this.macs;
+    let to: Port | undefined;
+    let lastSrc = -1;
+    let lastDst = -1;
+    let frames = 0;
+    let i = start;
+    while (end - i >= 4) {
+      const length = ((block[i]! << 24) | (block[i + 1]! << 16) | (block[i + 2]! << 8) | block[i + 3]!) >>> 0;
+      if (length > end - i - 4) break;
+      // Runts, broadcast and multicast take forward()'s checks (storm control, probes, flooding).
+      if (length < MIN_FRAME || (block[i + 4]! & 1) !== 0) return start;
+      const src = macKey(block, i + 10);
+      if (src !== lastSrc) {
+        // A source new here or moving here goes through #learn (port security, flaps); a known one is refreshed.
+        if ((block[i + 10]! & 1) === 0) {
+          const entry = macs.get(src);
+          if (entry === undefined || entry.port !== from) return start;
+          this.#refresh(src, entry, now);
+        }
+        lastSrc = src;
+      }
+      const dst = macKey(block, i + 4);
+      if (dst !== lastDst) {
+        const entry = macs.get(dst);
+        if (entry === undefined || now - entry.seen >= this.ageingMs) return start;
+        if (to === undefined) {
+          to = entry.port;
+          if (to === from || to.state !== "up" || !to.takesRuns || to.impairOut !== undefined) return start;
+        } else if (entry.port !== to) return start;
+        lastDst = dst;
+      }
+      frames++;
+      i += 4 + length;
+    }
+    if (to === undefined || (headed && i !== end)) return start;
+    if (!to.enqueueRun(block, start, i, frames, headed)) return start;
+    const stats = from.stats;
+    stats.rxFrames += frames;
+    stats.rxBytes += i - start - 4 * frames;
+    if (this.#policy.flowControl && from.waitingFor === undefined && to.congested()) from.waitFor(to);
+    return i;
+  }
+
   /** Adds a live capture; the switch pays for captures only while there are some. */
   addCapture(capture: Capture): void {
     (this.captures ??= []).push(capture);
@@ -2990,13 +3078,7 @@ export class Network {
         entry.port = port;
         entry.moved = now;
       }
-      // Re-inserted at most once a second, so the map's order is last-seen order to within a second.
-      if (now - entry.inserted >= 1000) {
-        this.macs.delete(key);
-        this.macs.set(key, entry);
-        entry.inserted = now;
-      }
-      entry.seen = now;
+      this.#refresh(key, entry, now);
       return true;
     }
     if (port.macCount >= port.macLimit) return false;
@@ -3004,6 +3086,16 @@ export class Network {
     this.macs.set(key, { port, seen: now, inserted: now, moved: -Infinity });
     port.macCount++;
     return true;
+  }
+
+  /** Seen again on its port. Re-inserted at most once a second, so the map's order is last-seen order to within a second. */
+  #refresh(key: number, entry: MacEntry, now: number): void {
+    if (now - entry.inserted >= 1000) {
+      this.macs.delete(key);
+      this.macs.set(key, entry);
+      entry.inserted = now;
+    }
+    entry.seen = now;
   }
 
   /** One MAC seen on two ports in turn: two VMs share a MAC, or frames loop. Warned, rate-limited. */
@@ -3235,6 +3327,28 @@ export class StreamWriter {
     return true;
   }
 
+  /**
+   * Queues frames already in stream framing: written as they are when nothing waits before them (a
+   * partial write keeps a view of the rest, not a copy), else copied behind the batch.
+   */
+  pushRun(run: Uint8Array): boolean {
+    if (this.#closed || this.queued + run.length > this.limit || !this.budget.take(run.length)) return false;
+    if (!this.#blocked && this.#pending.length === 0 && !this.#batch.empty) this.#writeOut();
+    if (!this.#blocked && this.#pending.length === 0) {
+      const n = Math.max(0, this.write(run));
+      this.budget.release(n);
+      if (n < run.length) {
+        this.#pending.push(run.subarray(n));
+        this.#pendingBytes += run.length - n;
+        this.#blocked = true;
+      }
+      return true;
+    }
+    if (!this.#batch.empty && this.#batch.used + run.length > BATCH_BYTES) this.#seal();
+    this.#batch.appendRun(run);
+    return true;
+  }
+
   /** Queues the full batch behind the blocked write, handing over its buffer rather than copying it. */
   #seal(): void {
     this.#pendingBytes += this.#batch.used;
@@ -3314,6 +3428,39 @@ export abstract class BatchedPort extends Port {
 
   /** Sends the batch, `reserved` bytes of frames; false when all of it was dropped. */
   protected abstract sendBatch(batch: FrameBatch, reserved: number, frames: number): boolean;
+
+  /** Sends a message of this port's framing, header written, as it is; where the port can (tunnels). */
+  protected sendMessage?(message: Uint8Array, reserved: number): boolean;
+
+  override readonly takesRuns = true;
+
+  /**
+   * A run that is a whole received message of the same framing goes out as that message with this
+   * port's header written over its own (after whatever this turn batched before it); any other run
+   * is copied into the batch in one go.
+   */
+  override enqueueRun(block: Uint8Array, start: number, end: number, frames: number, headed: boolean): boolean {
+    const bytes = end - start;
+    const batch = this.#batch;
+    const header = batch.header;
+    if (header.length + bytes > this.maxBytes) return false;
+    if (batch.used + bytes > this.maxBytes) this.flush();
+    if (!this.reserve(bytes)) return false;
+    if (this.sendMessage !== undefined && headed && start === header.length && end === block.length) {
+      if (!batch.empty) this.flush();
+      block.set(header, 0);
+      this.countRun(frames, bytes - 4 * frames, this.sendMessage(block, bytes));
+      return true;
+    }
+    batch.appendRun(block.subarray(start, end));
+    this.#frames += frames;
+    this.countRun(frames, bytes - 4 * frames, true);
+    if (!this.#scheduled) {
+      this.#scheduled = true;
+      setImmediate(this.flush);
+    }
+    return true;
+  }
 
   protected enqueue(frame: Uint8Array): boolean {
     const need = 4 + frame.length;
@@ -3613,6 +3760,11 @@ export class TunnelPort extends BatchedPort {
     batch.reset();
     return sent;
   }
+
+  /** A received data message, its channel rewritten: the hub's cut-through from one tunnel to another. */
+  protected override sendMessage(message: Uint8Array, reserved: number): boolean {
+    return this.link.sendData(message, reserved);
+  }
 }
 
 export interface TunnelEvents {
@@ -3790,6 +3942,7 @@ export class TunnelLink {
       if (!this.helloDone && message[0] !== MSG_CONTROL) {
         throw new RangeError("Cannot decode tunnel message: data before the handshake");
       }
+      if (from === DATA_HEADER_BYTES && message[0] === MSG_DATA && this.#cutThrough(message)) return;
       const stopped = decodeTunnelMessage(message, this.#onControl, this.#onFrame, from);
       if (stopped < message.length) {
         this.#held.unshift(message);
@@ -3798,6 +3951,14 @@ export class TunnelLink {
     } catch (error) {
       this.fail(error);
     }
+  }
+
+  /** A data message the switch forwarded whole (Network.forwardRun); false leaves it to be decoded frame by frame. */
+  #cutThrough(message: Uint8Array): boolean {
+    if (message.length <= DATA_HEADER_BYTES) return false;
+    const port = this.ports[(message[1]! << 8) | message[2]!];
+    const network = port?.network;
+    return network !== undefined && network.forwardRun(message, DATA_HEADER_BYTES, message.length, port!, true) === message.length;
   }
 
   fail(error: unknown): void {
@@ -5522,6 +5683,15 @@ export class StreamPort extends Port {
     return frame.length > 0 && this.writer.push(frame);
   }
 
+  override readonly takesRuns = true;
+
+  /** The run is already QEMU's stream framing: written as it is. */
+  override enqueueRun(block: Uint8Array, start: number, end: number, frames: number): boolean {
+    if (!this.writer.pushRun(block.subarray(start, end))) return false;
+    this.countRun(frames, end - start - 4 * frames, true);
+    return true;
+  }
+
   override queued(): number {
     return this.writer.queued;
   }
@@ -5546,6 +5716,31 @@ export class StreamPort extends Port {
     return this.waitingFor === undefined;
   };
 
+  /** The frame a chunk finishes: the decoder stops after it, so the whole frames behind it can go as a run. */
+  readonly #lastPiece = (frame: Uint8Array): boolean => {
+    this.receive(frame);
+    return false;
+  };
+
+  /**
+   * The frame in progress (from earlier chunks) is finished through the decoder, the whole frames
+   * after it go to the switch as one run where it can take them, the rest through the decoder.
+   * Returns what flow control left undecoded.
+   */
+  #decode(chunk: Uint8Array): Uint8Array {
+    let rest = plainBytes(chunk);
+    if (this.decoder.midFrame) {
+      rest = this.decoder.push(rest, this.#lastPiece);
+      if (rest.length === 0 || this.waitingFor !== undefined) return rest;
+    }
+    const at = this.network?.forwardRun(rest, 0, rest.length, this, false) ?? 0;
+    if (at > 0) {
+      rest = rest.subarray(at);
+      if (rest.length === 0 || this.waitingFor !== undefined) return rest;
+    }
+    return this.decoder.push(rest, this.#frame);
+  }
+
   /** Decodes a chunk; an oversize length closes this connection only, counted and logged once. */
   data(chunk: Uint8Array): void {
     if (this.state === "closed") return;
@@ -5555,7 +5750,7 @@ export class StreamPort extends Port {
       return;
     }
     try {
-      this.#held = this.decoder.push(chunk, this.#frame);
+      this.#held = this.#decode(chunk);
     } catch (error) {
       this.stats.errors++;
       this.countError();

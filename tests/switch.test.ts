@@ -1,5 +1,5 @@
 import { describe, expect, test } from "bun:test";
-import { MIN_FRAME, Network, Port, PortTotals, RoundRobin, renderMetrics, statusNetworks, type Snapshot } from "../relay.ts";
+import { Capture, MIN_FRAME, Network, Port, PortTotals, RoundRobin, encodeFrames, parseImpairment, renderMetrics, statusNetworks, type Snapshot } from "../relay.ts";
 import { BROADCAST, makeFrame } from "./helpers.ts";
 
 /** A port that records what the switch sends it: the switch is pure, so no socket is needed here. */
@@ -381,5 +381,129 @@ describe("Network at scale", () => {
     expect(after).toContain('\nedge_relay_kind_rx_frames_total{kind="test"} 6\n');
     expect(after).toContain("\nedge_relay_metrics_ports_omitted 2\n");
     expect(renderMetrics(s, nets, totals.collect(nets), { ports: Infinity, networks: Infinity }).match(/^edge_relay_port_rx_frames_total\{/gm)).toHaveLength(5);
+  });
+});
+
+/** A port that takes cut-through runs whole, recording each one (and single frames as RecordingPort does). */
+class RunPort extends RecordingPort {
+  readonly runs: Uint8Array[] = [];
+  override readonly takesRuns = true;
+  override enqueueRun(block: Uint8Array, start: number, end: number, frames: number): boolean {
+    this.runs.push(block.slice(start, end));
+    this.countRun(frames, end - start - 4 * frames, true);
+    return true;
+  }
+}
+
+describe("Network cut-through (forwardRun)", () => {
+  function runSetup() {
+    let now = 1_000;
+    const net = new Network("default", { ageingMs: 300_000, now: () => now });
+    const ports = [new RunPort("p1"), new RunPort("p2"), new RunPort("p3")] as const;
+    for (const p of ports) net.attach(p);
+    // A behind p1, B behind p2, C behind p3.
+    net.forward(makeFrame(BROADCAST, A), ports[0]);
+    net.forward(makeFrame(BROADCAST, B), ports[1]);
+    net.forward(makeFrame(BROADCAST, C), ports[2]);
+    for (const p of ports) p.sent.length = 0;
+    return { net, ports, advance: (ms: number) => (now += ms) };
+  }
+  const counts = (ports: readonly RunPort[]) => ports.map((p) => [p.stats.rxFrames, p.stats.rxBytes, p.stats.txFrames, p.stats.txBytes]);
+
+  test("forwards a run of unicast frames to one learned port whole: sources refreshed, every frame counted in and out", () => {
+    const { net, ports: [p1, p2, p3], advance } = runSetup();
+    advance(5_000);
+    const frames = [makeFrame(B, A, 46), makeFrame(B, A, 1500), makeFrame(B, A, 100)];
+    const run = encodeFrames(frames);
+    const before = counts([p1, p2, p3]);
+    expect(net.forwardRun(run, 0, run.length, p1, false)).toBe(run.length);
+    expect(p2.runs).toEqual([run]);
+    expect([p1.runs.length, p3.runs.length, p1.sent.length, p2.sent.length, p3.sent.length]).toEqual([0, 0, 0, 0, 0]);
+    const bytes = frames.reduce((n, f) => n + f.length, 0);
+    expect(counts([p1, p2, p3])).toEqual([
+      [before[0]![0]! + 3, before[0]![1]! + bytes, before[0]![2]!, before[0]![3]!],
+      [before[1]![0]!, before[1]![1]!, before[1]![2]! + 3, before[1]![3]! + bytes],
+      before[2]!,
+    ]);
+    // A was seen just now (refreshed by the run), B 5 s ago.
+    const ages = Object.fromEntries(net.snapshot().macs.map((m) => [m.mac, m.age]));
+    expect(ages[A]).toBe(0);
+    expect(ages[B]).toBe(5);
+  });
+
+  test("stops before a frame cut off at the end of a stream chunk; a tunnel message (headed) must be whole", () => {
+    const { net, ports: [p1, p2] } = runSetup();
+    const whole = encodeFrames([makeFrame(B, A), makeFrame(B, A)]);
+    const chunk = new Uint8Array(whole.length + 30);
+    chunk.set(whole);
+    chunk.set(encodeFrames([makeFrame(B, A, 100)]).subarray(0, 30), whole.length);
+    expect(net.forwardRun(chunk, 0, chunk.length, p1, true)).toBe(0);
+    expect(p2.runs.length).toBe(0);
+    expect(net.forwardRun(chunk, 0, chunk.length, p1, false)).toBe(whole.length);
+    expect(p2.runs).toEqual([whole]);
+  });
+
+  test("leaves a run to forward() (forwarding and counting nothing) for broadcast, unknown, mixed or same-port destinations, an unlearned source, a capture, an impairment or a port that takes no runs", () => {
+    const cases: [string, (s: ReturnType<typeof runSetup>) => { run: Uint8Array; from?: Port }][] = [
+      ["broadcast", () => ({ run: encodeFrames([makeFrame(B, A), makeFrame(BROADCAST, A)]) })],
+      ["unknown destination", () => ({ run: encodeFrames([makeFrame("02:00:00:00:00:0d", A)]) })],
+      ["two destinations", () => ({ run: encodeFrames([makeFrame(B, A), makeFrame(C, A)]) })],
+      ["destination behind the source's port", () => ({ run: encodeFrames([makeFrame(A, B)]) })],
+      ["unlearned source", () => ({ run: encodeFrames([makeFrame(B, A), makeFrame(B, "02:00:00:00:00:0e")]) })],
+      ["source learned on another port", () => ({ run: encodeFrames([makeFrame(B, C)]) })],
+      ["runt", () => ({ run: encodeFrames([makeFrame(B, A), new Uint8Array(MIN_FRAME - 1)]) })],
+      [
+        "capture",
+        ({ net }) => {
+          net.addCapture(new Capture(net, { snaplen: 100 }, () => true, { count: 0, done() {} }));
+          return { run: encodeFrames([makeFrame(B, A)]) };
+        },
+      ],
+      [
+        "impairment in",
+        ({ ports: [p1] }) => {
+          p1.impair("in", parseImpairment("delay 1ms"));
+          return { run: encodeFrames([makeFrame(B, A)]) };
+        },
+      ],
+      [
+        "impairment out",
+        ({ ports: [, p2] }) => {
+          p2.impair("out", parseImpairment("loss 1%"));
+          return { run: encodeFrames([makeFrame(B, A)]) };
+        },
+      ],
+    ];
+    for (const [what, make] of cases) {
+      const s = runSetup();
+      const { run } = make(s);
+      const before = counts(s.ports);
+      expect([what, s.net.forwardRun(run, 0, run.length, s.ports[0], false)]).toEqual([what, 0]);
+      expect([what, counts(s.ports), s.ports.map((p) => p.runs.length + p.sent.length)]).toEqual([what, before, [0, 0, 0]]);
+      for (const p of s.ports) p.impair("in", undefined), p.impair("out", undefined);
+    }
+    // A destination port that takes no runs.
+    const net = new Network("default", { ageingMs: 300_000, now: () => 1_000 });
+    const [p1, p2] = [new RunPort("p1"), new RecordingPort("p2")];
+    net.attach(p1);
+    net.attach(p2);
+    net.forward(makeFrame(BROADCAST, A), p1);
+    net.forward(makeFrame(BROADCAST, B), p2);
+    const run = encodeFrames([makeFrame(B, A)]);
+    expect(net.forwardRun(run, 0, run.length, p1, false)).toBe(0);
+  });
+
+  test("port security still holds: a run from a source beyond --port-macs goes to forward(), which drops and counts it", () => {
+    const net = new Network("default", { ageingMs: 300_000, now: () => 1_000, portMacs: 1 });
+    const [p1, p2] = [new RunPort("p1"), new RunPort("p2")];
+    net.attach(p1);
+    net.attach(p2);
+    net.forward(makeFrame(BROADCAST, A), p1);
+    net.forward(makeFrame(BROADCAST, B), p2);
+    const run = encodeFrames([makeFrame(B, C)]);
+    expect(net.forwardRun(run, 0, run.length, p1, false)).toBe(0);
+    net.forward(makeFrame(B, C), p1);
+    expect(p1.stats.rxMacLimit).toBe(1);
+    expect(p2.runs.length + p2.sent.length).toBe(1); // A's broadcast only
   });
 });
