@@ -2424,6 +2424,10 @@ export abstract class Port {
 
   /** Takes a run of length-prefixed frames whole (the switch's cut-through): see enqueueRun. */
   readonly takesRuns: boolean = false;
+  /** The longest run it takes, in bytes. */
+  get maxRun(): number {
+    return Infinity;
+  }
 
   /**
    * Queues `frames` frames, length-prefixed in `block[start, end)`, as they are, and counts them as
@@ -3034,13 +3038,15 @@ export class Network {
         }
         lastSrc = src;
       }
+      // A run ends where the destination could not take it in one piece.
+      if (to !== undefined && i + 4 + length - start > to.maxRun) break;
       const dst = macKey(block, i + 4);
       if (dst !== lastDst) {
         const entry = macs.get(dst);
         if (entry === undefined || now - entry.seen >= this.ageingMs) return start;
         if (to === undefined) {
           to = entry.port;
-          if (to === from || to.state !== "up" || !to.takesRuns || to.impairOut !== undefined) return start;
+          if (to === from || to.state !== "up" || !to.takesRuns || to.impairOut !== undefined || 4 + length > to.maxRun) return start;
         } else if (entry.port !== to) return start;
         lastDst = dst;
       }
@@ -3423,6 +3429,10 @@ export abstract class BatchedPort extends Port {
     this.#batch = new FrameBatch(header);
   }
 
+  override get maxRun(): number {
+    return this.maxBytes - this.#batch.header.length;
+  }
+
   /** Room for `bytes` more in whatever bounds this port's queue. */
   protected abstract reserve(bytes: number): boolean;
 
@@ -3443,7 +3453,6 @@ export abstract class BatchedPort extends Port {
     const bytes = end - start;
     const batch = this.#batch;
     const header = batch.header;
-    if (header.length + bytes > this.maxBytes) return false;
     if (batch.used + bytes > this.maxBytes) this.flush();
     if (!this.reserve(bytes)) return false;
     if (this.sendMessage !== undefined && headed && start === header.length && end === block.length) {
@@ -5733,12 +5742,14 @@ export class StreamPort extends Port {
       rest = this.decoder.push(rest, this.#lastPiece);
       if (rest.length === 0 || this.waitingFor !== undefined) return rest;
     }
-    const at = this.network?.forwardRun(rest, 0, rest.length, this, false) ?? 0;
-    if (at > 0) {
+    const network = this.network;
+    while (network !== undefined && rest.length > 0) {
+      const at = network.forwardRun(rest, 0, rest.length, this, false);
+      if (at === 0) break;
       rest = rest.subarray(at);
-      if (rest.length === 0 || this.waitingFor !== undefined) return rest;
+      if (this.waitingFor !== undefined) return rest;
     }
-    return this.decoder.push(rest, this.#frame);
+    return rest.length === 0 ? EMPTY : this.decoder.push(rest, this.#frame);
   }
 
   /** Decodes a chunk; an oversize length closes this connection only, counted and logged once. */

@@ -388,6 +388,10 @@ describe("Network at scale", () => {
 class RunPort extends RecordingPort {
   readonly runs: Uint8Array[] = [];
   override readonly takesRuns = true;
+  limit = Infinity;
+  override get maxRun(): number {
+    return this.limit;
+  }
   override enqueueRun(block: Uint8Array, start: number, end: number, frames: number): boolean {
     this.runs.push(block.slice(start, end));
     this.countRun(frames, end - start - 4 * frames, true);
@@ -441,6 +445,21 @@ describe("Network cut-through (forwardRun)", () => {
     expect(p2.runs.length).toBe(0);
     expect(net.forwardRun(chunk, 0, chunk.length, p1, false)).toBe(whole.length);
     expect(p2.runs).toEqual([whole]);
+  });
+
+  test("ends a run before the frame that would make it longer than the destination takes", () => {
+    const { net, ports: [p1, p2] } = runSetup();
+    const frames = [makeFrame(B, A, 100), makeFrame(B, A, 100), makeFrame(B, A, 100)];
+    const run = encodeFrames(frames);
+    p2.limit = 2 * (4 + 114) + 10;
+    expect(net.forwardRun(run, 0, run.length, p1, false)).toBe(2 * (4 + 114));
+    expect(net.forwardRun(run, 2 * (4 + 114), run.length, p1, false)).toBe(run.length);
+    expect(p2.runs).toEqual([run.subarray(0, 2 * (4 + 114)), run.subarray(2 * (4 + 114))]);
+    // A tunnel message goes whole or not at all; a single frame longer than the limit never.
+    expect(net.forwardRun(run, 0, run.length, p1, true)).toBe(0);
+    p2.limit = 100;
+    expect(net.forwardRun(run, 0, run.length, p1, false)).toBe(0);
+    expect(p2.runs.length).toBe(2);
   });
 
   test("leaves a run to forward() (forwarding and counting nothing) for broadcast, unknown, mixed or same-port destinations, an unlearned source, a capture, an impairment or a port that takes no runs", () => {
