@@ -1597,10 +1597,17 @@ export class StreamDecoder {
   #frameUsed = 0;
 
   /**
+   * A frame it has to reassemble gets a buffer of its own with `headroom` bytes and the frame's
+   * length in front (`owned` is then true): a message header fits there, so the frame can go on
+   * without another copy.
+   */
+  constructor(readonly headroom = 0) {}
+
+  /**
    * Calls `onFrame` for every complete frame; throws RangeError on a length above MAX_FRAME. One that
    * returns false stops the decoding after its frame: the rest of the chunk is returned, to push later.
    */
-  push(data: Uint8Array, onFrame: (frame: Uint8Array) => boolean | void): Uint8Array {
+  push(data: Uint8Array, onFrame: (frame: Uint8Array, owned: boolean) => boolean | void): Uint8Array {
     const chunk = plainBytes(data);
     const n = chunk.length;
     let i = 0;
@@ -1614,7 +1621,7 @@ export class StreamDecoder {
         if (this.#frameUsed === frame.length) {
           this.#frame = null;
           this.#frameUsed = 0;
-          if (onFrame(frame) === false) return chunk.subarray(i);
+          if (onFrame(frame, true) === false) return chunk.subarray(i);
         }
         continue;
       }
@@ -1633,15 +1640,24 @@ export class StreamDecoder {
         if (n - i >= length) {
           const frame = chunk.subarray(i, i + length);
           i += length;
-          if (onFrame(frame) === false) return chunk.subarray(i);
+          if (onFrame(frame, false) === false) return chunk.subarray(i);
           continue;
         }
       }
       if (length === 0) {
-        if (onFrame(EMPTY) === false) return chunk.subarray(i);
+        if (onFrame(EMPTY, false) === false) return chunk.subarray(i);
         continue;
       }
-      this.#frame = new Uint8Array(length);
+      const room = this.headroom;
+      if (room === 0) this.#frame = new Uint8Array(length);
+      else {
+        const owned = new Uint8Array(room + 4 + length);
+        owned[room] = length >>> 24;
+        owned[room + 1] = (length >>> 16) & 0xff;
+        owned[room + 2] = (length >>> 8) & 0xff;
+        owned[room + 3] = length & 0xff;
+        this.#frame = owned.subarray(room + 4);
+      }
       this.#frameUsed = 0;
     }
     return EMPTY;
@@ -5660,8 +5676,12 @@ export function connectionCap(max: number, fdLimit: number, log: Logger, countRe
 }
 
 /** A QEMU stream connection (TCP): length-prefixed frames both ways. */
+/** A reassembled frame this big goes on as a message of its own rather than copied into a batch. */
+const OWN_MESSAGE_BYTES = 16 * 1024;
+
 export class StreamPort extends Port {
-  readonly decoder = new StreamDecoder();
+  /** Room for a tunnel message's header in front of a reassembled frame and its length. */
+  readonly decoder = new StreamDecoder(DATA_HEADER_BYTES);
   readonly writer: StreamWriter;
   /** What flow control left undecoded when it paused this port: decoded first when it reads again. */
   #held = EMPTY;
@@ -5720,16 +5740,26 @@ export class StreamPort extends Port {
   }
 
   /** Hands a frame to the switch; false (stop decoding) once flow control has paused this port. */
-  readonly #frame = (frame: Uint8Array): boolean => {
-    this.receive(frame);
+  readonly #frame = (frame: Uint8Array, owned: boolean): boolean => {
+    if (!owned || !this.#forwardOwned(frame)) this.receive(frame);
     return this.waitingFor === undefined;
   };
 
   /** The frame a chunk finishes: the decoder stops after it, so the whole frames behind it can go as a run. */
-  readonly #lastPiece = (frame: Uint8Array): boolean => {
-    this.receive(frame);
+  readonly #lastPiece = (frame: Uint8Array, owned: boolean): boolean => {
+    if (!owned || !this.#forwardOwned(frame)) this.receive(frame);
     return false;
   };
+
+  /**
+   * A big frame the decoder reassembled, with its length and room for a message header in front,
+   * goes on as a one-frame run: its bytes are copied once on this hop (into the decoder's buffer).
+   */
+  #forwardOwned(frame: Uint8Array): boolean {
+    if (frame.length < OWN_MESSAGE_BYTES || this.network === undefined) return false;
+    const message = new Uint8Array(frame.buffer, frame.byteOffset - 4 - DATA_HEADER_BYTES, DATA_HEADER_BYTES + 4 + frame.length);
+    return this.network.forwardRun(message, DATA_HEADER_BYTES, message.length, this, true) === message.length;
+  }
 
   /**
    * The frame in progress (from earlier chunks) is finished through the decoder, the whole frames
