@@ -2448,9 +2448,10 @@ export abstract class Port {
   /**
    * Queues `frames` frames, length-prefixed in `block[start, end)`, as they are, and counts them as
    * transmit does; false when there is no room for all of them (then nothing was queued or counted).
-   * `headed`: `block[0, start)` is a message header of the run's own, free to rewrite.
+   * `message`: the run is all of `block` from `start`, and the bytes before it are a message header
+   * free to overwrite.
    */
-  enqueueRun(_block: Uint8Array, _start: number, _end: number, _frames: number, _headed: boolean): boolean {
+  enqueueRun(_block: Uint8Array, _start: number, _end: number, _frames: number, _message: boolean): boolean {
     return false;
   }
 
@@ -3027,10 +3028,11 @@ export class Network {
    * unicast from a source already learned on `from` to one destination port that takes runs, and
    * no capture, impairment or loop block is in the way. Learning, counters and flow control end as
    * forward() frame by frame would leave them. Returns the offset after the frames forwarded:
-   * `start` when the run needs forward() (nothing was forwarded). `headed` (a tunnel message):
-   * the run must be whole to the end, and `block[0, start)` is its header.
+   * `start` when the run needs forward() (nothing was forwarded). `message`: the run is a whole
+   * message of the tunnel framing behind its header (`block[0, start)`, free to overwrite), and
+   * goes to `end` or not at all.
    */
-  forwardRun(block: Uint8Array, start: number, end: number, from: Port, headed: boolean): number {
+  forwardRun(block: Uint8Array, start: number, end: number, from: Port, message: boolean): number {
     if (this.captures !== null || from.impairIn !== undefined || from.state !== "up") return start;
     const now = this.now();
     const macs = this.macs;
@@ -3069,8 +3071,8 @@ export class Network {
       frames++;
       i += 4 + length;
     }
-    if (to === undefined || (headed && i !== end)) return start;
-    if (!to.enqueueRun(block, start, i, frames, headed)) return start;
+    if (to === undefined || (message && i !== end)) return start;
+    if (!to.enqueueRun(block, start, i, frames, message)) return start;
     const stats = from.stats;
     stats.rxFrames += frames;
     stats.rxBytes += i - start - 4 * frames;
@@ -3425,6 +3427,9 @@ export class StreamWriter {
   }
 }
 
+/** A run this big goes out as a message of its own even behind a batch: one more message costs less than copying it. */
+const OWN_MESSAGE_BYTES = 16 * 1024;
+
 /**
  * A port whose frames leave as messages: those of one event-loop turn are batched behind a header
  * (a tunnel's data message, a backplane message, at most `maxBytes`) and sent as one.
@@ -3461,17 +3466,17 @@ export abstract class BatchedPort extends Port {
   override readonly takesRuns = true;
 
   /**
-   * A run that is a whole received message of the same framing goes out as that message with this
-   * port's header written over its own (after whatever this turn batched before it); any other run
-   * is copied into the batch in one go.
+   * A received message of the tunnel framing goes out as it is with this port's header written
+   * over its own (after whatever this turn batched before it, when it is big); any other run is
+   * copied into the batch in one go.
    */
-  override enqueueRun(block: Uint8Array, start: number, end: number, frames: number, headed: boolean): boolean {
+  override enqueueRun(block: Uint8Array, start: number, end: number, frames: number, message: boolean): boolean {
     const bytes = end - start;
     const batch = this.#batch;
     const header = batch.header;
     if (batch.used + bytes > this.maxBytes) this.flush();
     if (!this.reserve(bytes)) return false;
-    if (this.sendMessage !== undefined && headed && start === header.length && end === block.length) {
+    if (this.sendMessage !== undefined && message && start === header.length && (batch.empty || bytes >= OWN_MESSAGE_BYTES)) {
       if (!batch.empty) this.flush();
       block.set(header, 0);
       this.countRun(frames, bytes - 4 * frames, this.sendMessage(block, bytes));
@@ -5676,9 +5681,6 @@ export function connectionCap(max: number, fdLimit: number, log: Logger, countRe
 }
 
 /** A QEMU stream connection (TCP): length-prefixed frames both ways. */
-/** A reassembled frame this big goes on as a message of its own rather than copied into a batch. */
-const OWN_MESSAGE_BYTES = 16 * 1024;
-
 export class StreamPort extends Port {
   /** Room for a tunnel message's header in front of a reassembled frame and its length. */
   readonly decoder = new StreamDecoder(DATA_HEADER_BYTES);

@@ -1,5 +1,5 @@
 import { describe, expect, test } from "bun:test";
-import { Capture, MIN_FRAME, Network, Port, PortTotals, RoundRobin, encodeFrames, parseImpairment, renderMetrics, statusNetworks, type Snapshot } from "../relay.ts";
+import { BatchedPort, Capture, FrameBatch, MIN_FRAME, Network, Port, PortTotals, RoundRobin, encodeFrames, parseImpairment, renderMetrics, statusNetworks, type Snapshot } from "../relay.ts";
 import { BROADCAST, makeFrame } from "./helpers.ts";
 
 /** A port that records what the switch sends it: the switch is pure, so no socket is needed here. */
@@ -399,6 +399,34 @@ class RunPort extends RecordingPort {
   }
 }
 
+const HEADER = Uint8Array.of(9, 9, 9);
+const concat = (a: Uint8Array, b: Uint8Array) => {
+  const out = new Uint8Array(a.length + b.length);
+  out.set(a);
+  out.set(b, a.length);
+  return out;
+};
+
+/** A port of batched messages (as a tunnel's) that records each message it sends. */
+class MessagePort extends BatchedPort {
+  readonly messages: Uint8Array[] = [];
+  constructor() {
+    super("msg", "peer", HEADER, 1 << 18);
+  }
+  protected reserve(): boolean {
+    return true;
+  }
+  protected sendBatch(batch: FrameBatch): boolean {
+    this.messages.push(batch.view().slice());
+    batch.reset();
+    return true;
+  }
+  protected override sendMessage(message: Uint8Array): boolean {
+    this.messages.push(message.slice());
+    return true;
+  }
+}
+
 describe("Network cut-through (forwardRun)", () => {
   function runSetup() {
     let now = 1_000;
@@ -435,7 +463,7 @@ describe("Network cut-through (forwardRun)", () => {
     expect(ages[B]).toBe(5);
   });
 
-  test("stops before a frame cut off at the end of a stream chunk; a tunnel message (headed) must be whole", () => {
+  test("stops before a frame cut off at the end of a stream chunk; a tunnel message (whole) goes whole or not at all", () => {
     const { net, ports: [p1, p2] } = runSetup();
     const whole = encodeFrames([makeFrame(B, A), makeFrame(B, A)]);
     const chunk = new Uint8Array(whole.length + 30);
@@ -460,6 +488,39 @@ describe("Network cut-through (forwardRun)", () => {
     p2.limit = 100;
     expect(net.forwardRun(run, 0, run.length, p1, false)).toBe(0);
     expect(p2.runs.length).toBe(2);
+  });
+
+  test("a message-run leaves as the message it is with the port's header written over its own (behind a batch only when big); any other run is copied into the batch", () => {
+    const net = new Network("default", { ageingMs: 300_000, now: () => 1_000 });
+    const p1 = new RunPort("p1");
+    const p2 = new MessagePort();
+    net.attach(p1);
+    net.attach(p2);
+    net.forward(makeFrame(BROADCAST, A), p1);
+    net.forward(makeFrame(BROADCAST, B), p2);
+    p2.flush(); // the broadcast's batch goes out
+    p2.messages.length = 0;
+    const asMessage = (run: Uint8Array) => {
+      const message = concat(Uint8Array.of(1, 0, 7), run);
+      expect(net.forwardRun(message, 3, message.length, p1, true)).toBe(message.length);
+      return message;
+    };
+    const small = encodeFrames([makeFrame(B, A, 60), makeFrame(B, A, 70)]);
+    const sent = asMessage(small); // nothing batched: sent as it is
+    expect(p2.messages).toEqual([concat(HEADER, small)]);
+    expect(sent.subarray(0, 3)).toEqual(HEADER);
+    const first = makeFrame(B, A, 50);
+    net.forward(first, p1); // batched
+    asMessage(small); // small, behind a batch: copied into it
+    expect(p2.messages.length).toBe(1);
+    const big = encodeFrames(Array.from({ length: 12 }, () => makeFrame(B, A, 1486)));
+    asMessage(big); // big: the batch goes first, then the message as it is
+    expect(p2.messages.slice(1)).toEqual([concat(HEADER, concat(encodeFrames([first]), small)), concat(HEADER, big)]);
+    expect(p2.stats.txFrames).toBe(1 + 2 + 1 + 2 + 12);
+    expect(net.forwardRun(big, 0, big.length, p1, false)).toBe(big.length); // a chunk's run: batched
+    expect(p2.messages.length).toBe(3);
+    p2.flush();
+    expect(p2.messages[3]).toEqual(concat(HEADER, big));
   });
 
   test("leaves a run to forward() (forwarding and counting nothing) for broadcast, unknown, mixed or same-port destinations, an unlearned source, a capture, an impairment or a port that takes no runs", () => {
