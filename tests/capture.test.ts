@@ -5,7 +5,7 @@
 import { describe, expect, test } from "bun:test";
 import { existsSync } from "node:fs";
 import { encodeFrames } from "../relay.ts";
-import { BROADCAST, attachVm, fromMac, makeFrame, recipe, spawnRelay, tempDir, uplinkUp, waitUntil, type RelayProcess } from "./helpers.ts";
+import { BROADCAST, attachVm, fromMac, introduce, makeFrame, recipe, spawnRelay, tempDir, uplinkUp, waitUntil, type RelayProcess } from "./helpers.ts";
 
 const TSHARK = Bun.which("tshark");
 const needTshark = TSHARK || process.env.CI ? test : test.skip;
@@ -76,10 +76,7 @@ describe("GET /capture", () => {
     await using vmA = await attachVm(siteA);
     await using vmB = await attachVm(siteB);
     const [A, B] = ["02:00:00:00:63:01", "02:00:00:00:63:02"];
-    vmB.send(makeFrame(BROADCAST, B));
-    await vmA.frames.next(fromMac(B));
-    vmA.send(makeFrame(BROADCAST, A));
-    await vmB.frames.next(fromMac(A));
+    await introduce(vmA, A, vmB, B);
     const frames = Array.from({ length: 50 }, (_, i) => makeFrame(B, A, 60 + i));
     const { done } = await capture(hub, `network=default&count=${2 * frames.length}`, `${dir.path}/hub.pcapng`);
     vmA.send(...frames);

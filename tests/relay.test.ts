@@ -20,6 +20,7 @@ import {
   udpPeer,
   waitUntil,
   uplinkFailed,
+  introduce,
 } from "./helpers.ts";
 
 const TOKEN = "tunnel-secret-4f9a";
@@ -83,10 +84,7 @@ describe("relay over a hub (three CLI processes)", () => {
     await using vmA = await attachVm(siteA);
     await using vmB = await attachVm(siteB);
     const [A, B] = ["02:00:00:00:0a:21", "02:00:00:00:0b:21"];
-    vmB.send(makeFrame(BROADCAST, B));
-    await vmA.frames.next(fromMac(B));
-    vmA.send(makeFrame(BROADCAST, A));
-    await vmB.frames.next(fromMac(A));
+    await introduce(vmA, A, vmB, B);
     type Totals = { rx: number; rxBytes: number; tx: number; txBytes: number };
     const totals = async (relay: RelayProcess, kind: string): Promise<Totals> => {
       const ports = (await relay.status()).networks.find((n: any) => n.name === "default").ports.filter((p: any) => p.kind === kind);

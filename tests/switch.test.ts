@@ -1,5 +1,5 @@
 import { describe, expect, test } from "bun:test";
-import { BatchedPort, Capture, FrameBatch, MIN_FRAME, Network, Port, PortTotals, RoundRobin, encodeFrames, parseImpairment, renderMetrics, statusNetworks, type Snapshot } from "../relay.ts";
+import { BatchedPort, Capture, FrameBatch, MIN_FRAME, Network, Port, PortTotals, RoundRobin, encodeFrames, parseImpairment, renderMetrics, statusNetworks, type Snapshot, type SwitchPolicy } from "../relay.ts";
 import { BROADCAST, makeFrame } from "./helpers.ts";
 
 /** A port that records what the switch sends it: the switch is pure, so no socket is needed here. */
@@ -440,6 +440,16 @@ describe("Network cut-through (forwardRun)", () => {
     for (const p of ports) p.sent.length = 0;
     return { net, ports, advance: (ms: number) => (now += ms) };
   }
+  /** A network of two ports, A learned behind the first (which takes runs) and B behind `second`. */
+  function pair<P extends Port>(second: P, policy: Partial<SwitchPolicy> = {}) {
+    const net = new Network("default", { ageingMs: 300_000, now: () => 1_000, ...policy });
+    const p1 = new RunPort("p1");
+    net.attach(p1);
+    net.attach(second);
+    net.forward(makeFrame(BROADCAST, A), p1);
+    net.forward(makeFrame(BROADCAST, B), second);
+    return { net, p1, p2: second };
+  }
   const counts = (ports: readonly RunPort[]) => ports.map((p) => [p.stats.rxFrames, p.stats.rxBytes, p.stats.txFrames, p.stats.txBytes]);
 
   test("forwards a run of unicast frames to one learned port whole: sources refreshed, every frame counted in and out", () => {
@@ -491,13 +501,7 @@ describe("Network cut-through (forwardRun)", () => {
   });
 
   test("a message-run leaves as the message it is with the port's header written over its own (behind a batch only when big); any other run is copied into the batch", () => {
-    const net = new Network("default", { ageingMs: 300_000, now: () => 1_000 });
-    const p1 = new RunPort("p1");
-    const p2 = new MessagePort();
-    net.attach(p1);
-    net.attach(p2);
-    net.forward(makeFrame(BROADCAST, A), p1);
-    net.forward(makeFrame(BROADCAST, B), p2);
+    const { net, p1, p2 } = pair(new MessagePort());
     p2.flush(); // the broadcast's batch goes out
     p2.messages.length = 0;
     const asMessage = (run: Uint8Array) => {
@@ -563,23 +567,13 @@ describe("Network cut-through (forwardRun)", () => {
       for (const p of s.ports) p.impair("in", undefined), p.impair("out", undefined);
     }
     // A destination port that takes no runs.
-    const net = new Network("default", { ageingMs: 300_000, now: () => 1_000 });
-    const [p1, p2] = [new RunPort("p1"), new RecordingPort("p2")];
-    net.attach(p1);
-    net.attach(p2);
-    net.forward(makeFrame(BROADCAST, A), p1);
-    net.forward(makeFrame(BROADCAST, B), p2);
+    const { net, p1 } = pair(new RecordingPort("p2"));
     const run = encodeFrames([makeFrame(B, A)]);
     expect(net.forwardRun(run, 0, run.length, p1, false)).toBe(0);
   });
 
   test("port security still holds: a run from a source beyond --port-macs goes to forward(), which drops and counts it", () => {
-    const net = new Network("default", { ageingMs: 300_000, now: () => 1_000, portMacs: 1 });
-    const [p1, p2] = [new RunPort("p1"), new RunPort("p2")];
-    net.attach(p1);
-    net.attach(p2);
-    net.forward(makeFrame(BROADCAST, A), p1);
-    net.forward(makeFrame(BROADCAST, B), p2);
+    const { net, p1, p2 } = pair(new RunPort("p2"), { portMacs: 1 });
     const run = encodeFrames([makeFrame(B, C)]);
     expect(net.forwardRun(run, 0, run.length, p1, false)).toBe(0);
     net.forward(makeFrame(B, C), p1);
