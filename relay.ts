@@ -5548,6 +5548,9 @@ export class Backplane {
     this.status.messagesIn++;
     this.status.bytesIn += payload.length;
     try {
+      // Cut-through as from a tunnel: a message whose frames all go to one port goes on as it is.
+      const network = port.network;
+      if (payload[0] === MSG_DATA && network !== undefined && network.forwardRun(payload, DATA_HEADER_BYTES, payload.length, port, true) === payload.length) return;
       decodeTunnelMessage(payload, noControl, port.frame);
     } catch (error) {
       this.status.errors++;
