@@ -3028,9 +3028,9 @@ export class Network {
    * unicast from a source already learned on `from` to one destination port that takes runs, and
    * no capture, impairment or loop block is in the way. Learning, counters and flow control end as
    * forward() frame by frame would leave them. Returns the offset after the frames forwarded:
-   * `start` when the run needs forward() (nothing was forwarded). `message`: the run is a whole
-   * message of the tunnel framing behind its header (`block[0, start)`, free to overwrite), and
-   * goes to `end` or not at all.
+   * `start` when the run needs forward() (nothing was forwarded). `message`: `block` is a message
+   * of the tunnel framing and `start` is just past its header (free to overwrite): a run to `end`
+   * may go on as that message.
    */
   forwardRun(block: Uint8Array, start: number, end: number, from: Port, message: boolean): number {
     if (this.captures !== null || from.impairIn !== undefined || from.state !== "up") return start;
@@ -3071,8 +3071,7 @@ export class Network {
       frames++;
       i += 4 + length;
     }
-    if (to === undefined || (message && i !== end)) return start;
-    if (!to.enqueueRun(block, start, i, frames, message)) return start;
+    if (to === undefined || !to.enqueueRun(block, start, i, frames, message && i === end)) return start;
     const stats = from.stats;
     stats.rxFrames += frames;
     stats.rxBytes += i - start - 4 * frames;
@@ -3972,8 +3971,9 @@ export class TunnelLink {
       if (!this.helloDone && message[0] !== MSG_CONTROL) {
         throw new RangeError("Cannot decode tunnel message: data before the handshake");
       }
-      if (from === DATA_HEADER_BYTES && message[0] === MSG_DATA && this.#cutThrough(message)) return;
-      const stopped = decodeTunnelMessage(message, this.#onControl, this.#onFrame, from);
+      const at = message[0] === MSG_DATA ? this.#cutThrough(message, from) : from;
+      // Paused after a run: the rest waits. Otherwise what the runs left goes frame by frame.
+      const stopped = at > from && this.#paused !== 0 ? at : decodeTunnelMessage(message, this.#onControl, this.#onFrame, at);
       if (stopped < message.length) {
         this.#held.unshift(message);
         this.#heldAt = stopped;
@@ -3983,12 +3983,18 @@ export class TunnelLink {
     }
   }
 
-  /** A data message the switch forwarded whole (Network.forwardRun); false leaves it to be decoded frame by frame. */
-  #cutThrough(message: Uint8Array): boolean {
-    if (message.length <= DATA_HEADER_BYTES) return false;
+  /** Forwards a data message from `from` in runs (Network.forwardRun) while they go: the offset reached, the rest to decode. */
+  #cutThrough(message: Uint8Array, from: number): number {
+    if (message.length <= DATA_HEADER_BYTES) return from;
     const port = this.ports[(message[1]! << 8) | message[2]!];
     const network = port?.network;
-    return network !== undefined && network.forwardRun(message, DATA_HEADER_BYTES, message.length, port!, true) === message.length;
+    let at = from;
+    while (network !== undefined && at < message.length && this.#paused === 0) {
+      const next = network.forwardRun(message, at, message.length, port!, at === DATA_HEADER_BYTES);
+      if (next === at) break;
+      at = next;
+    }
+    return at;
   }
 
   fail(error: unknown): void {
@@ -5548,10 +5554,15 @@ export class Backplane {
     this.status.messagesIn++;
     this.status.bytesIn += payload.length;
     try {
-      // Cut-through as from a tunnel: a message whose frames all go to one port goes on as it is.
+      // Cut-through as from a tunnel: runs of frames to one port go on as they are, the rest frame by frame.
       const network = port.network;
-      if (payload[0] === MSG_DATA && network !== undefined && network.forwardRun(payload, DATA_HEADER_BYTES, payload.length, port, true) === payload.length) return;
-      decodeTunnelMessage(payload, noControl, port.frame);
+      let at = DATA_HEADER_BYTES;
+      while (payload[0] === MSG_DATA && network !== undefined && at < payload.length) {
+        const next = network.forwardRun(payload, at, payload.length, port, at === DATA_HEADER_BYTES);
+        if (next === at) break;
+        at = next;
+      }
+      decodeTunnelMessage(payload, noControl, port.frame, at);
     } catch (error) {
       this.status.errors++;
       port.stats.errors++;

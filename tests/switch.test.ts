@@ -387,13 +387,16 @@ describe("Network at scale", () => {
 /** A port that takes cut-through runs whole, recording each one (and single frames as RecordingPort does). */
 class RunPort extends RecordingPort {
   readonly runs: Uint8Array[] = [];
+  /** For each run: could it go on as the message it came in? */
+  readonly asMessage: boolean[] = [];
   override readonly takesRuns = true;
   limit = Infinity;
   override get maxRun(): number {
     return this.limit;
   }
-  override enqueueRun(block: Uint8Array, start: number, end: number, frames: number): boolean {
+  override enqueueRun(block: Uint8Array, start: number, end: number, frames: number, message: boolean): boolean {
     this.runs.push(block.slice(start, end));
+    this.asMessage.push(message);
     this.countRun(frames, end - start - 4 * frames, true);
     return true;
   }
@@ -473,16 +476,17 @@ describe("Network cut-through (forwardRun)", () => {
     expect(ages[B]).toBe(5);
   });
 
-  test("stops before a frame cut off at the end of a stream chunk; a tunnel message (whole) goes whole or not at all", () => {
+  test("stops before a frame cut off at the end of the block (a chunk's next frame, or a malformed message's tail for the decoder to refuse); only a message's run to its end may go on as that message", () => {
     const { net, ports: [p1, p2] } = runSetup();
     const whole = encodeFrames([makeFrame(B, A), makeFrame(B, A)]);
-    const chunk = new Uint8Array(whole.length + 30);
-    chunk.set(whole);
-    chunk.set(encodeFrames([makeFrame(B, A, 100)]).subarray(0, 30), whole.length);
-    expect(net.forwardRun(chunk, 0, chunk.length, p1, true)).toBe(0);
-    expect(p2.runs.length).toBe(0);
-    expect(net.forwardRun(chunk, 0, chunk.length, p1, false)).toBe(whole.length);
-    expect(p2.runs).toEqual([whole]);
+    const cut = new Uint8Array(3 + whole.length + 30);
+    cut.set(whole, 3);
+    cut.set(encodeFrames([makeFrame(B, A, 100)]).subarray(0, 30), 3 + whole.length);
+    expect(net.forwardRun(cut, 3, cut.length, p1, true)).toBe(3 + whole.length);
+    expect(net.forwardRun(cut, 3, 3 + whole.length, p1, true)).toBe(3 + whole.length);
+    expect(net.forwardRun(cut, 3, 3 + whole.length, p1, false)).toBe(3 + whole.length);
+    expect(p2.runs).toEqual([whole, whole, whole]);
+    expect(p2.asMessage).toEqual([false, true, false]);
   });
 
   test("ends a run before the frame that would make it longer than the destination takes", () => {
@@ -493,11 +497,12 @@ describe("Network cut-through (forwardRun)", () => {
     expect(net.forwardRun(run, 0, run.length, p1, false)).toBe(2 * (4 + 114));
     expect(net.forwardRun(run, 2 * (4 + 114), run.length, p1, false)).toBe(run.length);
     expect(p2.runs).toEqual([run.subarray(0, 2 * (4 + 114)), run.subarray(2 * (4 + 114))]);
-    // A tunnel message goes whole or not at all; a single frame longer than the limit never.
-    expect(net.forwardRun(run, 0, run.length, p1, true)).toBe(0);
+    // Cut short, a message's run cannot go on as that message; a frame longer than the limit never goes as a run.
+    expect(net.forwardRun(run, 0, run.length, p1, true)).toBe(2 * (4 + 114));
+    expect(p2.asMessage).toEqual([false, false, false]);
     p2.limit = 100;
     expect(net.forwardRun(run, 0, run.length, p1, false)).toBe(0);
-    expect(p2.runs.length).toBe(2);
+    expect(p2.runs.length).toBe(3);
   });
 
   test("a message-run leaves as the message it is with the port's header written over its own (behind a batch only when big); any other run is copied into the batch", () => {
