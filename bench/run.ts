@@ -16,6 +16,7 @@
  *      BENCH_SAMPLES (latency samples, default 3000), BENCH_UDP_RATE (paced UDP run, default 50000),
  *      BENCH_TCP_RATE (paced 1500 B TCP run, default 500000 = the target),
  *      BENCH_64K_RATE (a paced 64 KiB run too, frames/s: relay CPU per frame at a fixed load; default none),
+ *      BENCH_UDP_STEP_SECONDS (each step of the UDP lossless-rate ladder, default 2),
  *      BENCH_SCALE_TUNNELS (10000), BENCH_SCALE_V86 (10000, fewer if the open-file limit says so),
  *      BENCH_SCALE_RECONNECT (1000), BENCH_SCALE_CLIENTS (load-client processes per kind, 4).
  */
