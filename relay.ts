@@ -3044,8 +3044,9 @@ export class Network {
     while (end - i >= 4) {
       const length = ((block[i]! << 24) | (block[i + 1]! << 16) | (block[i + 2]! << 8) | block[i + 3]!) >>> 0;
       if (length > end - i - 4) break;
-      // Runts, broadcast and multicast take forward()'s checks (storm control, probes, flooding).
-      if (length < MIN_FRAME || (block[i + 4]! & 1) !== 0) return start;
+      // Runts, broadcast and multicast take forward()'s checks (storm control, probes, flooding);
+      // a length over the maximum is the decoder's to refuse.
+      if (length < MIN_FRAME || length > MAX_FRAME || (block[i + 4]! & 1) !== 0) return start;
       const src = macKey(block, i + 10);
       if (src !== lastSrc) {
         // A source new here or moving here goes through #learn (port security, flaps); a known one is refreshed.

@@ -592,4 +592,14 @@ describe("TunnelLink cut-through", () => {
     await new Promise((r) => setImmediate(r));
     expect(b.sent).toEqual([data(5, body)]);
   });
+
+  test("a frame longer than the maximum closes the tunnel as malformed and reaches no one, as without cut-through", async () => {
+    const { MAX_FRAME } = await import("../relay.ts");
+    const { a, b } = await hub();
+    a.link.receive(data(0, encodeFrames([makeFrame("02:00:00:00:57:0b", "02:00:00:00:57:0a", MAX_FRAME + 1 - 14)])));
+    expect(a.closes).toEqual([1008]);
+    await new Promise((r) => setImmediate(r));
+    expect(b.sent).toEqual([]);
+    expect(b.port.stats.txFrames).toBe(1); // A's broadcast only
+  });
 });

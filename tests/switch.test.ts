@@ -1,5 +1,5 @@
 import { describe, expect, test } from "bun:test";
-import { BatchedPort, Capture, FrameBatch, MIN_FRAME, Network, Port, PortTotals, RoundRobin, encodeFrames, parseImpairment, renderMetrics, statusNetworks, type Snapshot, type SwitchPolicy } from "../relay.ts";
+import { BatchedPort, Capture, FrameBatch, MAX_FRAME, MIN_FRAME, Network, Port, PortTotals, RoundRobin, encodeFrames, parseImpairment, renderMetrics, statusNetworks, type Snapshot, type SwitchPolicy } from "../relay.ts";
 import { BROADCAST, makeFrame } from "./helpers.ts";
 
 /** A port that records what the switch sends it: the switch is pure, so no socket is needed here. */
@@ -541,6 +541,7 @@ describe("Network cut-through (forwardRun)", () => {
       ["unlearned source", () => ({ run: encodeFrames([makeFrame(B, A), makeFrame(B, "02:00:00:00:00:0e")]) })],
       ["source learned on another port", () => ({ run: encodeFrames([makeFrame(B, C)]) })],
       ["runt", () => ({ run: encodeFrames([makeFrame(B, A), new Uint8Array(MIN_FRAME - 1)]) })],
+      ["frame over MAX_FRAME", () => ({ run: encodeFrames([makeFrame(B, A), makeFrame(B, A, MAX_FRAME + 1 - 14)]) })],
       [
         "capture",
         ({ net }) => {
