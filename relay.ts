@@ -3356,7 +3356,7 @@ export class StreamWriter {
    * partial write keeps a view of the rest, not a copy), else copied behind the batch.
    */
   pushRun(run: Uint8Array): boolean {
-    if (this.#closed || this.queued + run.length > this.limit || !this.budget.take(run.length)) return false;
+    if (this.#closed || this.queued + run.length > this.limit || !this.budget.take(run.length, this.queued)) return false;
     if (!this.#blocked && this.#pending.length === 0 && !this.#batch.empty) this.#writeOut();
     if (!this.#blocked && this.#pending.length === 0) {
       const n = Math.max(0, this.write(run));
