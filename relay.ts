@@ -1641,10 +1641,17 @@ export class StreamDecoder {
   #frameUsed = 0;
 
   /**
+   * A frame it has to reassemble gets a buffer of its own with `headroom` bytes and the frame's
+   * length in front (`owned` is then true): a message header fits there, so the frame can go on
+   * without another copy.
+   */
+  constructor(readonly headroom = 0) {}
+
+  /**
    * Calls `onFrame` for every complete frame; throws RangeError on a length above MAX_FRAME. One that
    * returns false stops the decoding after its frame: the rest of the chunk is returned, to push later.
    */
-  push(data: Uint8Array, onFrame: (frame: Uint8Array) => boolean | void): Uint8Array {
+  push(data: Uint8Array, onFrame: (frame: Uint8Array, owned: boolean) => boolean | void): Uint8Array {
     const chunk = plainBytes(data);
     const n = chunk.length;
     let i = 0;
@@ -1658,7 +1665,7 @@ export class StreamDecoder {
         if (this.#frameUsed === frame.length) {
           this.#frame = null;
           this.#frameUsed = 0;
-          if (onFrame(frame) === false) return chunk.subarray(i);
+          if (onFrame(frame, true) === false) return chunk.subarray(i);
         }
         continue;
       }
@@ -1677,15 +1684,24 @@ export class StreamDecoder {
         if (n - i >= length) {
           const frame = chunk.subarray(i, i + length);
           i += length;
-          if (onFrame(frame) === false) return chunk.subarray(i);
+          if (onFrame(frame, false) === false) return chunk.subarray(i);
           continue;
         }
       }
       if (length === 0) {
-        if (onFrame(EMPTY) === false) return chunk.subarray(i);
+        if (onFrame(EMPTY, false) === false) return chunk.subarray(i);
         continue;
       }
-      this.#frame = new Uint8Array(length);
+      const room = this.headroom;
+      if (room === 0) this.#frame = new Uint8Array(length);
+      else {
+        const owned = new Uint8Array(room + 4 + length);
+        owned[room] = length >>> 24;
+        owned[room + 1] = (length >>> 16) & 0xff;
+        owned[room + 2] = (length >>> 8) & 0xff;
+        owned[room + 3] = length & 0xff;
+        this.#frame = owned.subarray(room + 4);
+      }
       this.#frameUsed = 0;
     }
     return EMPTY;
@@ -1694,6 +1710,11 @@ export class StreamDecoder {
   /** Bytes held back waiting for the rest of a frame. */
   get buffered(): number {
     return this.#headUsed + this.#frameUsed;
+  }
+
+  /** Part of a frame (or of its length) is held: the next chunk starts with the rest of it. */
+  get midFrame(): boolean {
+    return this.#frame !== null || this.#headUsed > 0;
   }
 }
 
@@ -1741,6 +1762,14 @@ export class FrameBatch {
     b[at++] = length & 0xff;
     b.set(frame, at);
     this.used = at + length;
+  }
+
+  /** Frames already in stream framing (length-prefixed), copied in one go. */
+  appendRun(run: Uint8Array): void {
+    const need = this.used + run.length;
+    if (need > this.bytes.length) this.#grow(need);
+    this.bytes.set(run, this.used);
+    this.used = need;
   }
 
   /**
@@ -2459,6 +2488,31 @@ export abstract class Port {
   /** Queues a frame for sending; false when it had to be dropped. */
   protected abstract enqueue(frame: Uint8Array): boolean;
 
+  /** Takes a run of length-prefixed frames whole (the switch's cut-through): see enqueueRun. */
+  readonly takesRuns: boolean = false;
+  /** The longest run it takes, in bytes. */
+  get maxRun(): number {
+    return Infinity;
+  }
+
+  /**
+   * Queues `frames` frames, length-prefixed in `block[start, end)`, as they are, and counts them as
+   * transmit does; false when there is no room for all of them (then nothing was queued or counted).
+   * `message`: the run is all of `block` from `start`, and the bytes before it are a message header
+   * free to overwrite.
+   */
+  enqueueRun(_block: Uint8Array, _start: number, _end: number, _frames: number, _message: boolean): boolean {
+    return false;
+  }
+
+  /** Counts a run handed to the socket (or refused by it) as transmit counts frames. */
+  protected countRun(frames: number, bytes: number, sent: boolean): void {
+    if (sent) {
+      this.stats.txFrames += frames;
+      this.stats.txBytes += bytes;
+    } else this.stats.txDrops += frames;
+  }
+
   /** Bytes queued toward the peer, and their bound: a port without a queue is never congested. */
   queued(): number {
     return 0;
@@ -2638,8 +2692,9 @@ type CaptureSink = (block: Uint8Array, force: boolean) => boolean;
 /**
  * A live capture of one network: filters in the relay (a pipe has no capture filter), an interface
  * block per port as it first appears, and drops counted when the reader is slower than the traffic.
+ * @internal
  */
-class Capture {
+export class Capture {
   frames = 0;
   drops = 0;
   readonly started = Date.now();
@@ -3019,6 +3074,64 @@ export class Network {
     }
   }
 
+  /**
+   * Cut-through: forwards the whole frames of a run in stream framing (`block[start, end)`, each a
+   * 4-byte length and the frame) as they are, without a view or a copy per frame, when every one is
+   * unicast from a source already learned on `from` to one destination port that takes runs, and
+   * no capture, impairment or loop block is in the way. Learning, counters and flow control end as
+   * forward() frame by frame would leave them. Returns the offset after the frames forwarded:
+   * `start` when the run needs forward() (nothing was forwarded). `message`: `block` is a message
+   * of the tunnel framing and `start` is just past its header (free to overwrite): a run to `end`
+   * may go on as that message.
+   */
+  forwardRun(block: Uint8Array, start: number, end: number, from: Port, message: boolean): number {
+    if (this.captures !== null || from.impairIn !== undefined || from.state !== "up") return start;
+    const now = this.now();
+    const macs = this.macs;
+    let to: Port | undefined;
+    let lastSrc = -1;
+    let lastDst = -1;
+    let frames = 0;
+    let i = start;
+    while (end - i >= 4) {
+      const length = ((block[i]! << 24) | (block[i + 1]! << 16) | (block[i + 2]! << 8) | block[i + 3]!) >>> 0;
+      if (length > end - i - 4) break;
+      // Runts, broadcast and multicast take forward()'s checks (storm control, probes, flooding);
+      // a length over the maximum is the decoder's to refuse.
+      if (length < MIN_FRAME || length > MAX_FRAME || (block[i + 4]! & 1) !== 0) return start;
+      const src = macKey(block, i + 10);
+      if (src !== lastSrc) {
+        // A source new here or moving here goes through #learn (port security, flaps); a known one is refreshed.
+        if ((block[i + 10]! & 1) === 0) {
+          const entry = macs.get(src);
+          if (entry === undefined || entry.port !== from) return start;
+          this.#refresh(src, entry, now);
+        }
+        lastSrc = src;
+      }
+      // A run ends where the destination could not take it in one piece.
+      if (to !== undefined && i + 4 + length - start > to.maxRun) break;
+      const dst = macKey(block, i + 4);
+      if (dst !== lastDst) {
+        const entry = macs.get(dst);
+        if (entry === undefined || now - entry.seen >= this.ageingMs) return start;
+        if (to === undefined) {
+          to = entry.port;
+          if (to === from || to.state !== "up" || !to.takesRuns || to.impairOut !== undefined || 4 + length > to.maxRun) return start;
+        } else if (entry.port !== to) return start;
+        lastDst = dst;
+      }
+      frames++;
+      i += 4 + length;
+    }
+    if (to === undefined || !to.enqueueRun(block, start, i, frames, message && i === end)) return start;
+    const stats = from.stats;
+    stats.rxFrames += frames;
+    stats.rxBytes += i - start - 4 * frames;
+    if (this.#policy.flowControl && from.waitingFor === undefined && to.congested()) from.waitFor(to);
+    return i;
+  }
+
   /** Adds a live capture; the switch pays for captures only while there are some. */
   addCapture(capture: Capture): void {
     (this.captures ??= []).push(capture);
@@ -3041,13 +3154,7 @@ export class Network {
         entry.port = port;
         entry.moved = now;
       }
-      // Re-inserted at most once a second, so the map's order is last-seen order to within a second.
-      if (now - entry.inserted >= 1000) {
-        this.macs.delete(key);
-        this.macs.set(key, entry);
-        entry.inserted = now;
-      }
-      entry.seen = now;
+      this.#refresh(key, entry, now);
       return true;
     }
     if (port.macCount >= port.macLimit) return false;
@@ -3055,6 +3162,16 @@ export class Network {
     this.macs.set(key, { port, seen: now, inserted: now, moved: -Infinity });
     port.macCount++;
     return true;
+  }
+
+  /** Seen again on its port. Re-inserted at most once a second, so the map's order is last-seen order to within a second. */
+  #refresh(key: number, entry: MacEntry, now: number): void {
+    if (now - entry.inserted >= 1000) {
+      this.macs.delete(key);
+      this.macs.set(key, entry);
+      entry.inserted = now;
+    }
+    entry.seen = now;
   }
 
   /** One MAC seen on two ports in turn: two VMs share a MAC, or frames loop. Warned, rate-limited. */
@@ -3289,6 +3406,28 @@ export class StreamWriter {
     return true;
   }
 
+  /**
+   * Queues frames already in stream framing: written as they are when nothing waits before them (a
+   * partial write keeps a view of the rest, not a copy), else copied behind the batch.
+   */
+  pushRun(run: Uint8Array): boolean {
+    if (this.#closed || this.queued + run.length > this.limit || !this.budget.take(run.length, this.queued)) return false;
+    if (!this.#blocked && this.#pending.length === 0 && !this.#batch.empty) this.#writeOut();
+    if (!this.#blocked && this.#pending.length === 0) {
+      const n = Math.max(0, this.write(run));
+      this.budget.release(n);
+      if (n < run.length) {
+        this.#pending.push(run.subarray(n));
+        this.#pendingBytes += run.length - n;
+        this.#blocked = true;
+      }
+      return true;
+    }
+    if (!this.#batch.empty && this.#batch.used + run.length > BATCH_BYTES) this.#seal();
+    this.#batch.appendRun(run);
+    return true;
+  }
+
   /** Queues the full batch behind the blocked write, handing over its buffer rather than copying it. */
   #seal(): void {
     this.#pendingBytes += this.#batch.used;
@@ -3343,6 +3482,9 @@ export class StreamWriter {
   }
 }
 
+/** A run this big goes out as a message of its own even behind a batch: one more message costs less than copying it. */
+const OWN_MESSAGE_BYTES = 16 * 1024;
+
 /**
  * Input that flow control left undecoded: the rest of the chunk or message that was being decoded
  * when the port paused, then whatever was already in flight and read while paused. Decoded first,
@@ -3393,8 +3535,9 @@ class HeldInput {
 /**
  * A port whose frames leave as messages: those of one event-loop turn are batched behind a header
  * (a tunnel's data message, a backplane message, at most `maxBytes`) and sent as one.
+ * @internal
  */
-abstract class BatchedPort extends Port {
+export abstract class BatchedPort extends Port {
   readonly #batch: FrameBatch;
   #frames = 0;
   #scheduled = false;
@@ -3410,11 +3553,47 @@ abstract class BatchedPort extends Port {
     this.#batch = new FrameBatch(header);
   }
 
+  override get maxRun(): number {
+    return this.maxBytes - this.#batch.header.length;
+  }
+
   /** Room for `bytes` more in whatever bounds this port's queue. */
   protected abstract reserve(bytes: number): boolean;
 
   /** Sends the batch, `reserved` bytes of frames; false when all of it was dropped. */
   protected abstract sendBatch(batch: FrameBatch, reserved: number, frames: number): boolean;
+
+  /** Sends a message of this port's framing, header written, as it is; where the port can (tunnels). */
+  protected sendMessage?(message: Uint8Array, reserved: number): boolean;
+
+  override readonly takesRuns = true;
+
+  /**
+   * A received message of the tunnel framing goes out as it is with this port's header written
+   * over its own (after whatever this turn batched before it, when it is big); any other run is
+   * copied into the batch in one go.
+   */
+  override enqueueRun(block: Uint8Array, start: number, end: number, frames: number, message: boolean): boolean {
+    const bytes = end - start;
+    const batch = this.#batch;
+    const header = batch.header;
+    if (batch.used + bytes > this.maxBytes) this.flush();
+    if (!this.reserve(bytes)) return false;
+    if (this.sendMessage !== undefined && message && start === header.length && (batch.empty || bytes >= OWN_MESSAGE_BYTES)) {
+      if (!batch.empty) this.flush();
+      block.set(header, 0);
+      this.countRun(frames, bytes - 4 * frames, this.sendMessage(block, bytes));
+      return true;
+    }
+    batch.appendRun(block.subarray(start, end));
+    this.#frames += frames;
+    this.countRun(frames, bytes - 4 * frames, true);
+    if (!this.#scheduled) {
+      this.#scheduled = true;
+      setImmediate(this.flush);
+    }
+    return true;
+  }
 
   protected enqueue(frame: Uint8Array): boolean {
     const need = 4 + frame.length;
@@ -3716,6 +3895,11 @@ class TunnelPort extends BatchedPort {
     batch.reset();
     return sent;
   }
+
+  /** A received data message, its channel rewritten: the hub's cut-through from one tunnel to another. */
+  protected override sendMessage(message: Uint8Array, reserved: number): boolean {
+    return this.link.sendData(message, reserved);
+  }
 }
 
 interface TunnelEvents {
@@ -3891,12 +4075,28 @@ export class TunnelLink {
       if (!this.helloDone && message[0] !== MSG_CONTROL) {
         throw new RangeError("Cannot decode tunnel message: data before the handshake");
       }
-      const stopped = decodeTunnelMessage(message, this.#onControl, this.#onFrame, from);
+      const at = message[0] === MSG_DATA ? this.#cutThrough(message, from) : from;
+      // Paused after a run: the rest waits. Otherwise what the runs left goes frame by frame.
+      const stopped = at > from && this.#paused !== 0 ? at : decodeTunnelMessage(message, this.#onControl, this.#onFrame, at);
       if (stopped < message.length) this.#held.unshift(message, stopped);
     } catch (error) {
       this.fail(error);
     }
   };
+
+  /** Forwards a data message from `from` in runs (Network.forwardRun) while they go: the offset reached, the rest to decode. */
+  #cutThrough(message: Uint8Array, from: number): number {
+    if (message.length <= DATA_HEADER_BYTES) return from;
+    const port = this.ports[(message[1]! << 8) | message[2]!];
+    const network = port?.network;
+    let at = from;
+    while (network !== undefined && at < message.length && this.#paused === 0) {
+      const next = network.forwardRun(message, at, message.length, port!, at === DATA_HEADER_BYTES);
+      if (next === at) break;
+      at = next;
+    }
+    return at;
+  }
 
   fail(error: unknown): void {
     if (this.closed) return;
@@ -5551,7 +5751,15 @@ class Backplane {
     this.status.messagesIn++;
     this.status.bytesIn += payload.length;
     try {
-      decodeTunnelMessage(payload, noControl, port.frame);
+      // Cut-through as from a tunnel: runs of frames to one port go on as they are, the rest frame by frame.
+      const network = port.network;
+      let at = DATA_HEADER_BYTES;
+      while (payload[0] === MSG_DATA && network !== undefined && at < payload.length) {
+        const next = network.forwardRun(payload, at, payload.length, port, at === DATA_HEADER_BYTES);
+        if (next === at) break;
+        at = next;
+      }
+      decodeTunnelMessage(payload, noControl, port.frame, at);
     } catch (error) {
       this.status.errors++;
       port.stats.errors++;
@@ -5685,7 +5893,8 @@ function connectionCap(max: number, fdLimit: number, log: Logger, countRefused: 
 
 /** A QEMU stream connection (TCP): length-prefixed frames both ways. */
 class StreamPort extends Port {
-  readonly decoder = new StreamDecoder();
+  /** Room for a tunnel message's header in front of a reassembled frame and its length. */
+  readonly decoder = new StreamDecoder(DATA_HEADER_BYTES);
   readonly writer: StreamWriter;
   /** What flow control left undecoded when it paused this port: decoded first when it reads again. */
   readonly #held = new HeldInput();
@@ -5716,6 +5925,15 @@ class StreamPort extends Port {
     return frame.length > 0 && this.writer.push(frame);
   }
 
+  override readonly takesRuns = true;
+
+  /** The run is already QEMU's stream framing: written as it is. */
+  override enqueueRun(block: Uint8Array, start: number, end: number, frames: number): boolean {
+    if (!this.writer.pushRun(block.subarray(start, end))) return false;
+    this.countRun(frames, end - start - 4 * frames, true);
+    return true;
+  }
+
   override queued(): number {
     return this.writer.queued;
   }
@@ -5733,10 +5951,47 @@ class StreamPort extends Port {
   }
 
   /** Hands a frame to the switch; false (stop decoding) once flow control has paused this port. */
-  readonly #frame = (frame: Uint8Array): boolean => {
-    this.receive(frame);
+  readonly #frame = (frame: Uint8Array, owned: boolean): boolean => {
+    if (!owned || !this.#forwardOwned(frame)) this.receive(frame);
     return this.waitingFor === undefined;
   };
+
+  /** The frame a chunk finishes: the decoder stops after it, so the whole frames behind it can go as a run. */
+  readonly #lastPiece = (frame: Uint8Array, owned: boolean): boolean => {
+    if (!owned || !this.#forwardOwned(frame)) this.receive(frame);
+    return false;
+  };
+
+  /**
+   * A big frame the decoder reassembled, with its length and room for a message header in front,
+   * goes on as a one-frame run: its bytes are copied once on this hop (into the decoder's buffer).
+   */
+  #forwardOwned(frame: Uint8Array): boolean {
+    if (frame.length < OWN_MESSAGE_BYTES || this.network === undefined) return false;
+    const message = new Uint8Array(frame.buffer, frame.byteOffset - 4 - DATA_HEADER_BYTES, DATA_HEADER_BYTES + 4 + frame.length);
+    return this.network.forwardRun(message, DATA_HEADER_BYTES, message.length, this, true) === message.length;
+  }
+
+  /**
+   * The frame in progress (from earlier chunks) is finished through the decoder, the whole frames
+   * after it go to the switch as one run where it can take them, the rest through the decoder.
+   * Returns what flow control left undecoded.
+   */
+  #forwardChunk(chunk: Uint8Array): Uint8Array {
+    let rest = plainBytes(chunk);
+    if (this.decoder.midFrame) {
+      rest = this.decoder.push(rest, this.#lastPiece);
+      if (rest.length === 0 || this.waitingFor !== undefined) return rest;
+    }
+    const network = this.network;
+    while (network !== undefined && rest.length > 0) {
+      const at = network.forwardRun(rest, 0, rest.length, this, false);
+      if (at === 0) break;
+      rest = rest.subarray(at);
+      if (this.waitingFor !== undefined) return rest;
+    }
+    return rest.length === 0 ? EMPTY : this.decoder.push(rest, this.#frame);
+  }
 
   /** Decodes a chunk; an oversize length closes this connection only, counted and logged once. */
   decode(chunk: Uint8Array): void {
@@ -5750,7 +6005,7 @@ class StreamPort extends Port {
 
   readonly #decodeNow = (chunk: Uint8Array): void => {
     try {
-      const rest = this.decoder.push(chunk, this.#frame);
+      const rest = this.#forwardChunk(chunk);
       if (rest.length > 0) this.#held.unshift(rest, 0);
     } catch (error) {
       this.stats.errors++;

@@ -5,7 +5,7 @@
 import { describe, expect, test } from "bun:test";
 import { existsSync } from "node:fs";
 import { encodeFrames } from "../relay.ts";
-import { BROADCAST, attachVm, fromMac, makeFrame, recipe, tempDir, waitUntil, type RelayProcess, scenario } from "./helpers.ts";
+import { BROADCAST, attachVm, fromMac, introduce, makeFrame, recipe, tempDir, uplinkUp, waitUntil, type RelayProcess, scenario } from "./helpers.ts";
 
 const TSHARK = Bun.which("tshark");
 const needTshark = TSHARK || process.env.CI ? test : test.skip;
@@ -63,6 +63,27 @@ describe("GET /capture", () => {
     const described = await Bun.$`tshark -r ${dir.path}/all.pcapng -T fields -e frame.interface_description -c 1`.quiet().text();
     expect(described.trim()).toMatch(/^qemu-listen 127\.0\.0\.1:\d+$/);
     expect((await relay.status()).captures).toEqual([]);
+  });
+
+  needTshark("a capture on a hub sees every frame of unicast between two sites, in and out, which the hub otherwise forwards as whole messages", async () => {
+    await using dir = await tempDir();
+    const token = "capture-cut-through-token";
+    await using hub = await scenario().hub(token).noProbe().spawn();
+    const site = () => scenario().listen().noProbe().uplink(hub.base, token).spawn();
+    await using siteA = await site();
+    await using siteB = await site();
+    await Promise.all([uplinkUp(siteA), uplinkUp(siteB)]);
+    await using vmA = await attachVm(siteA);
+    await using vmB = await attachVm(siteB);
+    const [A, B] = ["02:00:00:00:63:01", "02:00:00:00:63:02"];
+    await introduce(vmA, A, vmB, B);
+    const frames = Array.from({ length: 50 }, (_, i) => makeFrame(B, A, 60 + i));
+    const { done } = await capture(hub, `network=default&count=${2 * frames.length}`, `${dir.path}/hub.pcapng`);
+    vmA.send(...frames);
+    for (const f of frames) expect(await vmB.frames.next(fromMac(A))).toEqual(f);
+    await done;
+    const rows = await tshark(`${dir.path}/hub.pcapng`, "frame.len", "frame.packet_flags_direction", "eth.src");
+    expect(rows).toEqual(frames.flatMap((f) => [[String(f.length), "0x00000001", A], [String(f.length), "0x00000002", A]]));
   });
 
   needTshark("filters by port, MAC and EtherType (VLAN-tagged frames by their inner type) and truncates to snaplen", async () => {

@@ -69,6 +69,24 @@ describe("StreamDecoder", () => {
     expect(got.map((f) => f.length)).toEqual([0, frames[0]!.length]);
   });
 
+  test("a frame it reassembles is owned, with headroom and its length in front; one whole in a chunk is a view; midFrame says a frame is in progress", () => {
+    const d = new StreamDecoder(3);
+    const got: [Uint8Array, boolean][] = [];
+    const two = encodeFrames([frames[0]!, frames[1]!]);
+    const cut = 4 + frames[0]!.length + 6; // inside the second frame
+    d.push(two.subarray(0, cut), (f, owned) => void got.push([f, owned]));
+    expect(d.midFrame).toBe(true);
+    d.push(two.subarray(cut), (f, owned) => void got.push([f, owned]));
+    expect(d.midFrame).toBe(false);
+    expect(got.map(([f, owned]) => [f, owned])).toEqual([[frames[0]!, false], [frames[1]!, true]]);
+    const [owned] = got[1]!;
+    const whole = new Uint8Array(owned.buffer, owned.byteOffset - 7, owned.length + 7);
+    expect(whole.byteOffset).toBe(0);
+    expect(whole.subarray(3)).toEqual(encodeFrames([frames[1]!]));
+    d.push(two.subarray(0, 2), () => {});
+    expect(d.midFrame).toBe(true);
+  });
+
   test("buffered counts bytes held for an incomplete frame", () => {
     const d = new StreamDecoder();
     d.push(wire.subarray(0, 10), () => {});

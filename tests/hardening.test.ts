@@ -529,3 +529,69 @@ describe("TunnelPort", () => {
     expect(sent).toHaveLength(1);
   });
 });
+
+describe("TunnelLink cut-through", () => {
+  /** A hub's network with two tunnel links (sockets that record what is sent), A learned behind the first, B behind the second. */
+  async function hub() {
+    const { MemoryBudget, Network, TunnelLink } = await import("../relay.ts");
+    const budget = new MemoryBudget(16 * 1024 * 1024);
+    const quiet = { info() {}, warn() {} };
+    const net = new Network("lab", 300_000);
+    const ends = [0, 5].map((channel) => {
+      const sent: Uint8Array[] = [];
+      const closes: number[] = [];
+      const socket = { send: (d: Uint8Array) => (sent.push(d.slice()), true), buffered: () => 0, pause() {}, close: (code: number) => void closes.push(code) };
+      const link = new TunnelLink(socket, "tunnel", `site-${channel}`, 4 * 1024 * 1024, budget, quiet, {}, () => {});
+      link.helloDone = true;
+      link.claimChannels(channel + 1);
+      return { link, port: link.attach(channel, net, "0123456789abcdef"), sent, closes };
+    });
+    const [a, b] = ends as [(typeof ends)[0], (typeof ends)[0]];
+    net.forward(makeFrame(BROADCAST, "02:00:00:00:57:0a"), a.port);
+    net.forward(makeFrame(BROADCAST, "02:00:00:00:57:0b"), b.port);
+    await new Promise((r) => setImmediate(r));
+    a.sent.length = b.sent.length = 0;
+    return { a, b };
+  }
+  const data = (channel: number, body: Uint8Array) => {
+    const out = new Uint8Array(3 + body.length);
+    out.set([1, channel >> 8, channel & 0xff]);
+    out.set(body, 3);
+    return out;
+  };
+  const toB = (n: number) => Array.from({ length: n }, (_, i) => makeFrame("02:00:00:00:57:0b", "02:00:00:00:57:0a", 60 + i));
+
+  test("a message of unicast frames to one tunnel goes out as the same message on that tunnel's channel, every frame counted", async () => {
+    const { a, b } = await hub();
+    const frames = toB(3);
+    a.link.receive(data(0, encodeFrames(frames)));
+    expect(b.sent).toEqual([data(5, encodeFrames(frames))]);
+    const bytes = frames.reduce((n, f) => n + f.length, 0);
+    expect([a.port.stats.rxFrames, a.port.stats.rxBytes, b.port.stats.txFrames, b.port.stats.txBytes]).toEqual([1 + 3, 60 + bytes, 1 + 3, 60 + bytes]);
+  });
+
+  test("a message whose tail overruns it: the whole frames before go on, then the tunnel closes as malformed, counted", async () => {
+    const { a, b } = await hub();
+    const frames = toB(2);
+    const body = encodeFrames(frames);
+    const bad = new Uint8Array(body.length + 6);
+    bad.set(body);
+    bad.set([0, 0, 0, 99, 1, 2], body.length);
+    a.link.receive(data(0, bad));
+    expect(a.closes).toEqual([1008]);
+    expect(a.link.closed).toBe(true);
+    expect(a.port.stats.errors).toBe(1);
+    await new Promise((r) => setImmediate(r));
+    expect(b.sent).toEqual([data(5, body)]);
+  });
+
+  test("a frame longer than the maximum closes the tunnel as malformed and reaches no one, as without cut-through", async () => {
+    const { MAX_FRAME } = await import("../relay.ts");
+    const { a, b } = await hub();
+    a.link.receive(data(0, encodeFrames([makeFrame("02:00:00:00:57:0b", "02:00:00:00:57:0a", MAX_FRAME + 1 - 14)])));
+    expect(a.closes).toEqual([1008]);
+    await new Promise((r) => setImmediate(r));
+    expect(b.sent).toEqual([]);
+    expect(b.port.stats.txFrames).toBe(1); // A's broadcast only
+  });
+});

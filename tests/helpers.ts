@@ -504,6 +504,14 @@ export async function freePort(kind: "tcp" | "udp" = "tcp"): Promise<number> {
 /** Matches frames whose source MAC is `src`. */
 export const fromMac = (src: string) => (f: Uint8Array) => sameBytes(f.subarray(6, 12), mac(src));
 
+/** Each VM sends a broadcast from its MAC and the other receives it: every switch between them has learned both. */
+export async function introduce(vmA: StreamPeer, a: string, vmB: StreamPeer, b: string): Promise<void> {
+  vmB.send(makeFrame(BROADCAST, b));
+  await vmA.frames.next(fromMac(b));
+  vmA.send(makeFrame(BROADCAST, a));
+  await vmB.frames.next(fromMac(a));
+}
+
 /** Resolves once the relay's uplink is up for the `connects`-th time. */
 export const uplinkUp = (relay: RelayProcess, connects = 1) =>
   waitUntil(async () => {

@@ -21,6 +21,7 @@ import {
   waitUntil,
   uplinkFailed,
   scenario,
+  introduce,
 } from "./helpers.ts";
 
 const TOKEN = "tunnel-secret-4f9a";
@@ -78,6 +79,38 @@ describe("relay over a hub (three CLI processes)", () => {
     const status = await hub.status();
     const def = status.networks.find((n: any) => n.name === "default");
     expect(def.macs.map((m: any) => m.mac)).toEqual(expect.arrayContaining([A, B]));
+  });
+
+  test("unicast between two known MACs (the switches' cut-through): every frame arrives byte-exact and in order, and every hop counts each frame and learns both MACs", async () => {
+    await using vmA = await attachVm(siteA);
+    await using vmB = await attachVm(siteB);
+    const [A, B] = ["02:00:00:00:0a:21", "02:00:00:00:0b:21"];
+    await introduce(vmA, A, vmB, B);
+    type Totals = { rx: number; rxBytes: number; tx: number; txBytes: number };
+    const totals = async (relay: RelayProcess, kind: string): Promise<Totals> => {
+      const ports = (await relay.status()).networks.find((n: any) => n.name === "default").ports.filter((p: any) => p.kind === kind);
+      return ports.reduce((t: Totals, p: any) => ({ rx: t.rx + p.rx.frames, rxBytes: t.rxBytes + p.rx.bytes, tx: t.tx + p.tx.frames, txBytes: t.txBytes + p.tx.bytes }), { rx: 0, rxBytes: 0, tx: 0, txBytes: 0 });
+    };
+    const before = await Promise.all([totals(siteA, "qemu-listen"), totals(siteA, "uplink"), totals(hub, "tunnel"), totals(siteB, "uplink"), totals(siteB, "qemu-listen")]);
+    // One write: whole runs of frames in each chunk, batched into tunnel messages.
+    const frames = Array.from({ length: 300 }, (_, i) => makeFrame(B, A, 46 + ((i * 97) % 1400)));
+    vmA.send(...frames);
+    for (const f of frames) expect(await vmB.frames.next(fromMac(A))).toEqual(f);
+    const bytes = frames.reduce((n, f) => n + f.length, 0);
+    const after = await Promise.all([totals(siteA, "qemu-listen"), totals(siteA, "uplink"), totals(hub, "tunnel"), totals(siteB, "uplink"), totals(siteB, "qemu-listen")]);
+    const delta = after.map((a, i) => ({ rx: a.rx - before[i]!.rx, rxBytes: a.rxBytes - before[i]!.rxBytes, tx: a.tx - before[i]!.tx, txBytes: a.txBytes - before[i]!.txBytes }));
+    const n = frames.length;
+    expect(delta).toEqual([
+      { rx: n, rxBytes: bytes, tx: 0, txBytes: 0 }, // A's VM port
+      { rx: 0, rxBytes: 0, tx: n, txBytes: bytes }, // A's uplink
+      { rx: n, rxBytes: bytes, tx: n, txBytes: bytes }, // the hub's two tunnels
+      { rx: n, rxBytes: bytes, tx: 0, txBytes: 0 }, // B's uplink
+      { rx: 0, rxBytes: 0, tx: n, txBytes: bytes }, // B's VM port
+    ]);
+    for (const relay of [siteA, hub, siteB]) {
+      const macs = (await relay.status()).networks.find((x: any) => x.name === "default").macs.map((m: any) => m.mac);
+      expect(macs).toEqual(expect.arrayContaining([A, B]));
+    }
   });
 
   test("UDP peers at both sites exchange frames byte-exact", async () => {

@@ -1,5 +1,5 @@
 import { describe, expect, test } from "bun:test";
-import { MIN_FRAME, Network, Port, PortTotals, RoundRobin, renderMetrics, statusNetworks, type Snapshot } from "../relay.ts";
+import { BatchedPort, Capture, FrameBatch, MAX_FRAME, MIN_FRAME, Network, Port, PortTotals, RoundRobin, encodeFrames, parseImpairment, renderMetrics, statusNetworks, type Snapshot, type SwitchPolicy } from "../relay.ts";
 import { BROADCAST, makeFrame } from "./helpers.ts";
 
 /** A port that records what the switch sends it: the switch is pure, so no socket is needed here. */
@@ -381,5 +381,209 @@ describe("Network at scale", () => {
     expect(after).toContain('\nedge_relay_kind_rx_frames_total{kind="test"} 6\n');
     expect(after).toContain("\nedge_relay_metrics_ports_omitted 2\n");
     expect(renderMetrics(s, nets, totals.collect(nets), { ports: Infinity, networks: Infinity }).match(/^edge_relay_port_rx_frames_total\{/gm)).toHaveLength(5);
+  });
+});
+
+/** A port that takes cut-through runs whole, recording each one (and single frames as RecordingPort does). */
+class RunPort extends RecordingPort {
+  readonly runs: Uint8Array[] = [];
+  /** For each run: could it go on as the message it came in? */
+  readonly asMessage: boolean[] = [];
+  override readonly takesRuns = true;
+  limit = Infinity;
+  override get maxRun(): number {
+    return this.limit;
+  }
+  override enqueueRun(block: Uint8Array, start: number, end: number, frames: number, message: boolean): boolean {
+    this.runs.push(block.slice(start, end));
+    this.asMessage.push(message);
+    this.countRun(frames, end - start - 4 * frames, true);
+    return true;
+  }
+}
+
+const HEADER = Uint8Array.of(9, 9, 9);
+const concat = (a: Uint8Array, b: Uint8Array) => {
+  const out = new Uint8Array(a.length + b.length);
+  out.set(a);
+  out.set(b, a.length);
+  return out;
+};
+
+/** A port of batched messages (as a tunnel's) that records each message it sends. */
+class MessagePort extends BatchedPort {
+  readonly messages: Uint8Array[] = [];
+  constructor() {
+    super("msg", "peer", HEADER, 1 << 18);
+  }
+  protected reserve(): boolean {
+    return true;
+  }
+  protected sendBatch(batch: FrameBatch): boolean {
+    this.messages.push(batch.view().slice());
+    batch.reset();
+    return true;
+  }
+  protected override sendMessage(message: Uint8Array): boolean {
+    this.messages.push(message.slice());
+    return true;
+  }
+}
+
+describe("Network cut-through (forwardRun)", () => {
+  function runSetup() {
+    let now = 1_000;
+    const net = new Network("default", { ageingMs: 300_000, now: () => now });
+    const ports = [new RunPort("p1"), new RunPort("p2"), new RunPort("p3")] as const;
+    for (const p of ports) net.attach(p);
+    // A behind p1, B behind p2, C behind p3.
+    net.forward(makeFrame(BROADCAST, A), ports[0]);
+    net.forward(makeFrame(BROADCAST, B), ports[1]);
+    net.forward(makeFrame(BROADCAST, C), ports[2]);
+    for (const p of ports) p.sent.length = 0;
+    return { net, ports, advance: (ms: number) => (now += ms) };
+  }
+  /** A network of two ports, A learned behind the first (which takes runs) and B behind `second`. */
+  function pair<P extends Port>(second: P, policy: Partial<SwitchPolicy> = {}) {
+    const net = new Network("default", { ageingMs: 300_000, now: () => 1_000, ...policy });
+    const p1 = new RunPort("p1");
+    net.attach(p1);
+    net.attach(second);
+    net.forward(makeFrame(BROADCAST, A), p1);
+    net.forward(makeFrame(BROADCAST, B), second);
+    return { net, p1, p2: second };
+  }
+  const counts = (ports: readonly RunPort[]) => ports.map((p) => [p.stats.rxFrames, p.stats.rxBytes, p.stats.txFrames, p.stats.txBytes]);
+
+  test("forwards a run of unicast frames to one learned port whole: sources refreshed, every frame counted in and out", () => {
+    const { net, ports: [p1, p2, p3], advance } = runSetup();
+    advance(5_000);
+    const frames = [makeFrame(B, A, 46), makeFrame(B, A, 1500), makeFrame(B, A, 100)];
+    const run = encodeFrames(frames);
+    const before = counts([p1, p2, p3]);
+    expect(net.forwardRun(run, 0, run.length, p1, false)).toBe(run.length);
+    expect(p2.runs).toEqual([run]);
+    expect([p1.runs.length, p3.runs.length, p1.sent.length, p2.sent.length, p3.sent.length]).toEqual([0, 0, 0, 0, 0]);
+    const bytes = frames.reduce((n, f) => n + f.length, 0);
+    expect(counts([p1, p2, p3])).toEqual([
+      [before[0]![0]! + 3, before[0]![1]! + bytes, before[0]![2]!, before[0]![3]!],
+      [before[1]![0]!, before[1]![1]!, before[1]![2]! + 3, before[1]![3]! + bytes],
+      before[2]!,
+    ]);
+    // A was seen just now (refreshed by the run), B 5 s ago.
+    const ages = Object.fromEntries(net.snapshot().macs.map((m) => [m.mac, m.age]));
+    expect(ages[A]).toBe(0);
+    expect(ages[B]).toBe(5);
+  });
+
+  test("stops before a frame cut off at the end of the block (a chunk's next frame, or a malformed message's tail for the decoder to refuse); only a message's run to its end may go on as that message", () => {
+    const { net, ports: [p1, p2] } = runSetup();
+    const whole = encodeFrames([makeFrame(B, A), makeFrame(B, A)]);
+    const cut = new Uint8Array(3 + whole.length + 30);
+    cut.set(whole, 3);
+    cut.set(encodeFrames([makeFrame(B, A, 100)]).subarray(0, 30), 3 + whole.length);
+    expect(net.forwardRun(cut, 3, cut.length, p1, true)).toBe(3 + whole.length);
+    expect(net.forwardRun(cut, 3, 3 + whole.length, p1, true)).toBe(3 + whole.length);
+    expect(net.forwardRun(cut, 3, 3 + whole.length, p1, false)).toBe(3 + whole.length);
+    expect(p2.runs).toEqual([whole, whole, whole]);
+    expect(p2.asMessage).toEqual([false, true, false]);
+  });
+
+  test("ends a run before the frame that would make it longer than the destination takes", () => {
+    const { net, ports: [p1, p2] } = runSetup();
+    const frames = [makeFrame(B, A, 100), makeFrame(B, A, 100), makeFrame(B, A, 100)];
+    const run = encodeFrames(frames);
+    p2.limit = 2 * (4 + 114) + 10;
+    expect(net.forwardRun(run, 0, run.length, p1, false)).toBe(2 * (4 + 114));
+    expect(net.forwardRun(run, 2 * (4 + 114), run.length, p1, false)).toBe(run.length);
+    expect(p2.runs).toEqual([run.subarray(0, 2 * (4 + 114)), run.subarray(2 * (4 + 114))]);
+    // Cut short, a message's run cannot go on as that message; a frame longer than the limit never goes as a run.
+    expect(net.forwardRun(run, 0, run.length, p1, true)).toBe(2 * (4 + 114));
+    expect(p2.asMessage).toEqual([false, false, false]);
+    p2.limit = 100;
+    expect(net.forwardRun(run, 0, run.length, p1, false)).toBe(0);
+    expect(p2.runs.length).toBe(3);
+  });
+
+  test("a message-run leaves as the message it is with the port's header written over its own (behind a batch only when big); any other run is copied into the batch", () => {
+    const { net, p1, p2 } = pair(new MessagePort());
+    p2.flush(); // the broadcast's batch goes out
+    p2.messages.length = 0;
+    const asMessage = (run: Uint8Array) => {
+      const message = concat(Uint8Array.of(1, 0, 7), run);
+      expect(net.forwardRun(message, 3, message.length, p1, true)).toBe(message.length);
+      return message;
+    };
+    const small = encodeFrames([makeFrame(B, A, 60), makeFrame(B, A, 70)]);
+    const sent = asMessage(small); // nothing batched: sent as it is
+    expect(p2.messages).toEqual([concat(HEADER, small)]);
+    expect(sent.subarray(0, 3)).toEqual(HEADER);
+    const first = makeFrame(B, A, 50);
+    net.forward(first, p1); // batched
+    asMessage(small); // small, behind a batch: copied into it
+    expect(p2.messages.length).toBe(1);
+    const big = encodeFrames(Array.from({ length: 12 }, () => makeFrame(B, A, 1486)));
+    asMessage(big); // big: the batch goes first, then the message as it is
+    expect(p2.messages.slice(1)).toEqual([concat(HEADER, concat(encodeFrames([first]), small)), concat(HEADER, big)]);
+    expect(p2.stats.txFrames).toBe(1 + 2 + 1 + 2 + 12);
+    expect(net.forwardRun(big, 0, big.length, p1, false)).toBe(big.length); // a chunk's run: batched
+    expect(p2.messages.length).toBe(3);
+    p2.flush();
+    expect(p2.messages[3]).toEqual(concat(HEADER, big));
+  });
+
+  test("leaves a run to forward() (forwarding and counting nothing) for broadcast, unknown, mixed or same-port destinations, an unlearned source, a capture, an impairment or a port that takes no runs", () => {
+    const cases: [string, (s: ReturnType<typeof runSetup>) => { run: Uint8Array; from?: Port }][] = [
+      ["broadcast", () => ({ run: encodeFrames([makeFrame(B, A), makeFrame(BROADCAST, A)]) })],
+      ["unknown destination", () => ({ run: encodeFrames([makeFrame("02:00:00:00:00:0d", A)]) })],
+      ["two destinations", () => ({ run: encodeFrames([makeFrame(B, A), makeFrame(C, A)]) })],
+      ["destination behind the source's port", () => ({ run: encodeFrames([makeFrame(A, B)]) })],
+      ["unlearned source", () => ({ run: encodeFrames([makeFrame(B, A), makeFrame(B, "02:00:00:00:00:0e")]) })],
+      ["source learned on another port", () => ({ run: encodeFrames([makeFrame(B, C)]) })],
+      ["runt", () => ({ run: encodeFrames([makeFrame(B, A), new Uint8Array(MIN_FRAME - 1)]) })],
+      ["frame over MAX_FRAME", () => ({ run: encodeFrames([makeFrame(B, A), makeFrame(B, A, MAX_FRAME + 1 - 14)]) })],
+      [
+        "capture",
+        ({ net }) => {
+          net.addCapture(new Capture(net, { snaplen: 100 }, () => true, { count: 0, done() {} }));
+          return { run: encodeFrames([makeFrame(B, A)]) };
+        },
+      ],
+      [
+        "impairment in",
+        ({ ports: [p1] }) => {
+          p1.impair("in", parseImpairment("delay 1ms"));
+          return { run: encodeFrames([makeFrame(B, A)]) };
+        },
+      ],
+      [
+        "impairment out",
+        ({ ports: [, p2] }) => {
+          p2.impair("out", parseImpairment("loss 1%"));
+          return { run: encodeFrames([makeFrame(B, A)]) };
+        },
+      ],
+    ];
+    for (const [what, make] of cases) {
+      const s = runSetup();
+      const { run } = make(s);
+      const before = counts(s.ports);
+      expect([what, s.net.forwardRun(run, 0, run.length, s.ports[0], false)]).toEqual([what, 0]);
+      expect([what, counts(s.ports), s.ports.map((p) => p.runs.length + p.sent.length)]).toEqual([what, before, [0, 0, 0]]);
+      for (const p of s.ports) p.impair("in", undefined), p.impair("out", undefined);
+    }
+    // A destination port that takes no runs.
+    const { net, p1 } = pair(new RecordingPort("p2"));
+    const run = encodeFrames([makeFrame(B, A)]);
+    expect(net.forwardRun(run, 0, run.length, p1, false)).toBe(0);
+  });
+
+  test("port security still holds: a run from a source beyond --port-macs goes to forward(), which drops and counts it", () => {
+    const { net, p1, p2 } = pair(new RunPort("p2"), { portMacs: 1 });
+    const run = encodeFrames([makeFrame(B, C)]);
+    expect(net.forwardRun(run, 0, run.length, p1, false)).toBe(0);
+    net.forward(makeFrame(B, C), p1);
+    expect(p1.stats.rxMacLimit).toBe(1);
+    expect(p2.runs.length + p2.sent.length).toBe(1); // A's broadcast only
   });
 });
