@@ -110,7 +110,8 @@ describe("loops", () => {
     await uplinkUp(relay);
     const status = await relay.status();
     expect(status.uplink.refused).toEqual([{ network: "default", reason: "that is this relay itself: a tunnel to itself would loop" }]);
-    expect(status.loopRefusals).toBe(1);
+    // Offered again every 1–60 s (a refusal may pass), refused each time.
+    expect(status.loopRefusals).toBeGreaterThanOrEqual(1);
     expect(status.networks.find((n: any) => n.name === "default").ports.map((p: any) => p.kind)).toEqual([]);
   });
 
