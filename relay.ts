@@ -93,6 +93,8 @@ const UDP_PEER_AGEING_MS = 60_000;
 /** New peers one --qemu-udp socket learns per second: a spoofed flood cannot churn the table faster. */
 const NEW_UDP_PEERS_PER_SECOND = 16;
 const MAX_TUNNEL_NETWORKS = 64;
+/** A data message names its channel in 16 bits; channels are numbered once per tunnel, never reused. */
+const TUNNEL_CHANNELS = 0x10000;
 const CLOSED_PORTS_KEPT = 16;
 /** Bytes captured of a frame at most (tcpdump's default), and what one slow capture reader may have queued. */
 const CAPTURE_SNAPLEN = 262_144;
@@ -121,10 +123,12 @@ const FLOW_STALL_MS = 1_000;
 const MAC_FLAP_MS = 10_000;
 const HELLO_TIMEOUT_MS = 10_000;
 /**
- * A tunnel that replaced an older one from the same relay is not itself replaced for this long: a
- * newer one is refused as a loop instead, so two live paths from one relay cannot take turns.
+ * A relay's tunnel may replace its older one (a redial over a path that flaps) this many times
+ * within the window; one more is refused as a loop, and the site offers again later. Ids are random
+ * per process, so only a forged id or a bug takes turns faster than that.
  */
-const TAKEOVER_GUARD_MS = 30_000;
+const TAKEOVER_BURST = 5;
+const TAKEOVER_WINDOW_MS = 30_000;
 /** The close code (application range) and reason sent on a tunnel that a newer one replaced. */
 const TAKEOVER_CLOSE_CODE = 4000;
 const TAKEOVER_REASON = "replaced by a newer tunnel from the same relay";
@@ -144,6 +148,12 @@ const CLOCK_TICK_MS = 100;
 const UPLINK_BACKOFF_MIN_MS = 250;
 const UPLINK_BACKOFF_MAX_MS = 3_000;
 const UPLINK_BACKOFF_FINAL_MS = 30_000;
+/**
+ * Networks the hub refused on a live tunnel are offered again after a backoff between these: what it
+ * refused may pass (a stale tunnel of this relay it still held, its network limit).
+ */
+const UPLINK_REOFFER_MIN_MS = 1_000;
+const UPLINK_REOFFER_MAX_MS = 60_000;
 /** While the uplink stays down, a line with the next dial's time at most this often. */
 const UPLINK_DOWN_LOG_MS = 10_000;
 const DIAL_BACKOFF_MIN_MS = 100;
@@ -3818,8 +3828,8 @@ export class TunnelLink {
   /** The far relay's id and name, from its hello or welcome. */
   remoteId: string | undefined;
   remoteName: string | undefined;
-  /** When this tunnel replaced an older one from the same relay (ms), for the takeover guard. */
-  tookOverAt = -Infinity;
+  /** When this tunnel, and those it replaced in turn, replaced an older one from the same relay (ms): the last window's. */
+  takeovers: number[] = [];
   #batched = 0;
   #buffered = 0;
   /** Its ports that flow control paused: the socket reads while there are none. */
@@ -3839,9 +3849,14 @@ export class TunnelLink {
     readonly countError: () => void,
   ) {}
 
+  /** Channels not yet numbered: every offer, accepted or refused, uses up one per network. */
+  get channelsLeft(): number {
+    return TUNNEL_CHANNELS - this.#nextChannel;
+  }
+
   claimChannels(count: number): number {
     const first = this.#nextChannel;
-    if (first + count > 0x10000) throw new RangeError("Cannot attach: the tunnel has used all 65,536 channels; reconnect");
+    if (count > this.channelsLeft) throw new RangeError(`Cannot attach: the tunnel has used all ${TUNNEL_CHANNELS.toLocaleString("en")} channels; reconnect`);
     this.#nextChannel += count;
     return first;
   }
@@ -4142,20 +4157,27 @@ export class TunnelServer {
     if (typeof network === "string") return network;
     for (const port of network.ports) {
       if (link.remoteId === undefined || port.remoteId !== link.remoteId) continue;
+      const relay = shownName(link.remoteName) || link.remoteId;
       // The relay's own older tunnel to this hub: it redialled before the hub saw that one die.
-      if (port instanceof TunnelPort && port.link !== link && this.#grants.get(port.link) === grant && Date.now() - port.link.tookOverAt >= TAKEOVER_GUARD_MS) {
-        this.#replace(port.link, link);
-        continue;
+      if (port instanceof TunnelPort && port.link !== link && this.#grants.get(port.link) === grant) {
+        const now = Date.now();
+        const recent = port.link.takeovers.filter((t) => now - t < TAKEOVER_WINDOW_MS);
+        if (recent.length < TAKEOVER_BURST) {
+          link.takeovers = [...recent, now];
+          this.#replace(port.link, link);
+          continue;
+        }
+        o.counters.loopRefusals++;
+        return `loop: relay ${relay} replaced its tunnel ${recent.length} times in ${TAKEOVER_WINDOW_MS / 1000} s; is its id used twice?`;
       }
       o.counters.loopRefusals++;
-      return `loop: relay ${shownName(link.remoteName) || link.remoteId} is attached to ${name} already`;
+      return `loop: relay ${relay} is attached to ${name} already`;
     }
     return network;
   }
 
   /** Closes `old` for `newer`, from the same relay: the newest tunnel wins, as in an MQTT session takeover. */
   #replace(old: TunnelLink, newer: TunnelLink): void {
-    newer.tookOverAt = Date.now();
     this.#log.info(`tunnel: ${old.peer} replaced by a newer tunnel from the same relay (${newer.peer})`);
     old.detachAll();
     old.socket.close(TAKEOVER_CLOSE_CODE, TAKEOVER_REASON);
@@ -4362,8 +4384,8 @@ export function explainDialFailure(message: string, tls: { ca?: string; pinRefus
 /**
  * Dials a hub and keeps the tunnel up: a deadline on each phase of the dial, exponential backoff
  * with jitter (capped at 3 s; 30 s after a wrong token), keepalive pings, a redial when the hub
- * stops answering, and the networks that come and go here attached and detached on the live
- * tunnel. Local switching never waits for it.
+ * stops answering, the networks that come and go here attached and detached on the live tunnel,
+ * and those the hub refused offered again after a backoff. Local switching never waits for it.
  */
 export class Uplink {
   readonly url: URL;
@@ -4372,8 +4394,10 @@ export class Uplink {
   #link: TunnelLink | undefined;
   /** Networks offered on the current tunnel (by hello or attach), by name: their channel. */
   #offered = new Map<string, number>();
-  /** Networks the hub refused on the current tunnel: not offered again until the next dial. */
+  /** Networks the hub refused on the current tunnel: not offered again until the re-offer timer or the next dial. */
   #declined = new Set<string>();
+  readonly #reofferBackoff = new Backoff(UPLINK_REOFFER_MIN_MS, UPLINK_REOFFER_MAX_MS);
+  #reoffer: ReturnType<typeof setTimeout> | undefined;
   readonly #backoff = new Backoff(UPLINK_BACKOFF_MIN_MS, UPLINK_BACKOFF_MAX_MS, UPLINK_BACKOFF_FINAL_MS);
   /** When the uplink last logged that it is down (ms), and since when it has been (ISO; none while up). */
   #downLoggedAt = -Infinity;
@@ -4461,6 +4485,9 @@ export class Uplink {
     link.claimChannels(wanted.size);
     this.#offered = new Map([...wanted.keys()].map((name, channel) => [name, channel]));
     this.#declined.clear();
+    clearTimeout(this.#reoffer);
+    this.#reoffer = undefined;
+    this.#reofferBackoff.reset();
     this.#link = link;
     const seconds = this.options.handshakeMs / 1000;
     this.#setDeadline(ws, link, `no answer to the WebSocket handshake within ${seconds} s`);
@@ -4523,9 +4550,21 @@ export class Uplink {
         this.log.warn(`uplink: --insecure: the certificate of ${this.status.url} was NOT verified`);
       }
     } else if (accepted.length || refused.length) {
-      this.log.info(`uplink: hub added networks: ${accepted.join(", ") || "none"}${shown ? `; refused: ${shown}` : ""}`);
+      // A network refused for good is offered again now and then: its refusal is logged once.
+      this.#changes.log(this.log.info, `uplink: hub added networks: ${accepted.join(", ") || "none"}${shown ? `; refused: ${shown}` : ""}`);
     }
+    this.#reofferLater();
     this.sync();
+  }
+
+  /** Offers the declined networks again after a backoff, so a refusal that passes cuts nothing off for good. */
+  #reofferLater(): void {
+    if (this.#declined.size === 0) return this.#reofferBackoff.reset();
+    this.#reoffer ??= setTimeout(() => {
+      this.#reoffer = undefined;
+      this.#declined.clear();
+      this.sync();
+    }, this.#reofferBackoff.next());
   }
 
   /** Offers networks that appeared since the hello, and detaches those that went. */
@@ -4542,6 +4581,13 @@ export class Uplink {
       link.sendControl({ type: "detach", networks: gone });
     }
     const added = [...wanted.keys()].filter((name) => !this.#offered.has(name) && !this.#declined.has(name));
+    if (added.length > link.channelsLeft) {
+      // Offers over days (networks that come and go, refusals offered again) used up the channels: a new tunnel numbers from 0.
+      const ws = this.#ws!;
+      this.#lost(ws, link, `the tunnel has used all ${TUNNEL_CHANNELS.toLocaleString("en")} channels; dialling a new one`);
+      ws.close(1000, "renewing the tunnel");
+      return;
+    }
     if (added.length) {
       const first = link.claimChannels(added.length);
       added.forEach((name, i) => this.#offered.set(name, first + i));
@@ -4590,6 +4636,7 @@ export class Uplink {
     this.#stopped = true;
     clearTimeout(this.#timer);
     clearTimeout(this.#deadline);
+    clearTimeout(this.#reoffer);
     clearInterval(this.#keepalive);
     this.#link?.detachAll();
     this.#ws?.close(1001, "relay stopping");
