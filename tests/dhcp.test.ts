@@ -229,6 +229,25 @@ describe("DHCP server on a --dhcp network", () => {
     await using relay = await relayWithDhcp([], "lab=10.9.0.0/24", { env: { STATE_DIRECTORY: dir.path } });
     expect((await dhcpOf(relay)).stateFile).toBe(`${dir.path}/dhcp-lab.json`);
   });
+
+  test("the client FQDN (option 81, wire or ASCII form) names a lease without option 12; option 12 wins over it; DNS answers the name", async () => {
+    await using relay = await relayWithDhcp();
+    await using vm = await attachVm(relay, "lab");
+    const fqdn = (flags: number, name: number[]) => [81, 3 + name.length, flags, 0, 0, ...name];
+    const text = (t: string) => [...new TextEncoder().encode(t)];
+    // E (0x04) set: DNS wire format, `\x03Fq1\x03lab\x00`; S (0x01): the client asks the server to update DNS.
+    const wire = await lease(vm, "52:54:00:00:00:81", { extra: fqdn(0x05, [3, ...text("Fq1"), 3, ...text("lab"), 0]) });
+    const ascii = await lease(vm, "52:54:00:00:00:82", { extra: fqdn(0x01, text("fq2.example.test")) });
+    const both = await lease(vm, "52:54:00:00:00:83", { hostname: "short", extra: fqdn(0x05, [4, ...text("long"), 3, ...text("lab"), 0]) });
+    expect([wire, ascii, both].map((ack) => optText(ack, 12))).toEqual(["fq1", "fq2", "short"]);
+    const names = Object.fromEntries((await dhcpOf(relay)).leases.map((l: any) => [l.mac, l.name]));
+    expect(names).toEqual({ "52:54:00:00:00:81": "fq1", "52:54:00:00:00:82": "fq2", "52:54:00:00:00:83": "short" });
+    const client = "52:54:00:00:00:81";
+    expect((await ask(vm, client, wire.yiaddr, dnsQuery(81, "fq1.lab", 1))).answers).toEqual([expect.objectContaining({ type: "A", data: wire.yiaddr })]);
+    expect((await ask(vm, client, wire.yiaddr, dnsQuery(82, "fq2.lab", 1))).answers).toEqual([expect.objectContaining({ type: "A", data: ascii.yiaddr })]);
+    expect((await ask(vm, client, wire.yiaddr, dnsQuery(83, "short.lab", 1))).answers).toEqual([expect.objectContaining({ type: "A", data: both.yiaddr })]);
+    expect(await ask(vm, client, wire.yiaddr, dnsQuery(84, "long.lab", 1))).toMatchObject({ rcode: "NXDOMAIN", answers: [] });
+  });
 });
 
 describe("DNS, ARP and ping on the gateway address", () => {
