@@ -4,7 +4,7 @@
  * and read the answers; lease expiry, with a fake clock, is checked on the host class in-process.
  */
 import { describe, expect, test } from "bun:test";
-import { readFileSync } from "node:fs";
+import { mkdirSync, readFileSync, readdirSync } from "node:fs";
 import { GatewayHost, Network, loadConfig, resolveDhcpNetwork, type Config, type DhcpNetworkSpec } from "../relay.ts";
 import { CapturePort, GATEWAY, TYPE, arpFrame, ask, dhcpFrame, dhcpMessage, dnsQuery, gatewayMacOf, ip, ipFrame, ipText, isAnnouncement, isArp, lease, optIp, optText, optU32, readDhcp, reply, senderMac, sum16, udpFrame } from "./dhcp-packets.ts";
 import { RELAY, attachVm, freePort, mac, recipe, spawnRelay, tempDir, uplinkUp, waitUntil, type RelayProcess } from "./helpers.ts";
@@ -228,6 +228,22 @@ describe("DHCP server on a --dhcp network", () => {
     await using dir = await tempDir();
     await using relay = await relayWithDhcp([], "lab=10.9.0.0/24", { env: { STATE_DIRECTORY: dir.path } });
     expect((await dhcpOf(relay)).stateFile).toBe(`${dir.path}/dhcp-lab.json`);
+  });
+
+  test("without --state-dir or $STATE_DIRECTORY, leases are kept beside the --config file, not in the working directory", async () => {
+    await using dir = await tempDir();
+    mkdirSync(`${dir.path}/etc`);
+    await Bun.write(`${dir.path}/etc/relay.json`, JSON.stringify({ http: "127.0.0.1:0", qemuListen: ["lab=127.0.0.1:0"], dhcp: [{ network: "lab", cidr: "10.9.0.0/24" }] }));
+    // A relative path, resolved against the working directory the user ran it in.
+    await using relay = await spawnRelay(["--config", "etc/relay.json"], { cwd: dir.path, env: { STATE_DIRECTORY: undefined } });
+    expect((await dhcpOf(relay)).stateFile).toBe(`${dir.path}/etc/dhcp-lab.json`);
+    await using vm = await attachVm(relay, "lab");
+    const client = "52:54:00:00:00:1c";
+    const address = (await lease(vm, client, { hostname: "beside" })).yiaddr;
+    const saved = () => JSON.parse(readFileSync(`${dir.path}/etc/dhcp-lab.json`, "utf8"));
+    await waitUntil(() => saved().leases.length === 1, "the lease written beside the config file");
+    expect(saved().leases).toEqual([expect.objectContaining({ mac: client, address, name: "beside", state: "bound" })]);
+    expect(readdirSync(dir.path)).toEqual(["etc"]);
   });
 
   test("the client FQDN (option 81, wire or ASCII form) names a lease without option 12; option 12 wins over it; DNS answers the name", async () => {
