@@ -2473,6 +2473,9 @@ export abstract class Port {
     } else this.stats.txDrops += frames;
   }
 
+  /** Told of each port that joins this one's network, itself included (the relay's host announces itself). */
+  joined?(port: Port): void;
+
   /** Bytes queued toward the peer, and their bound: a port without a queue is never congested. */
   queued(): number {
     return 0;
@@ -2922,6 +2925,8 @@ export class Network {
   captures: Capture[] | null = null;
   /** Ports attached so far, per kind: the N of `NET/KIND-N`. */
   readonly #serials = new Map<string, number>();
+  /** Ports that want to hear of each port that joins. */
+  readonly #greeters = new Set<Port>();
   readonly #flapLog: { log(line: string): void };
 
   constructor(
@@ -2956,10 +2961,13 @@ export class Network {
     this.ports.add(port);
     this.#policy.impairments?.apply(port);
     if (!port.trunk || port.kind === "qemu-mcast") this.#policy.portLog?.info(`${port.id} up: ${port.kind} ${port.peer}`);
+    if (port.joined !== undefined) this.#greeters.add(port);
+    for (const greeter of this.#greeters) greeter.joined!(port);
   }
 
   detach(port: Port, reason?: string): void {
     if (!this.ports.delete(port)) return;
+    this.#greeters.delete(port);
     // A stop closes every socket at once; what a port saw on the way (a failed write) is not why it closed.
     port.closeReason = this.#policy.stopping ? "relay stopping" : (port.closeReason ?? reason);
     port.impair("in", undefined);
@@ -3088,6 +3096,12 @@ export class Network {
     stats.rxBytes += i - start - 4 * frames;
     if (this.#policy.flowControl && from.waitingFor === undefined && to.congested()) from.waitFor(to);
     return i;
+  }
+
+  /** Sends a frame of the relay's own to one port, as forwarding would (captures see it). */
+  deliver(frame: Uint8Array, to: Port): void {
+    const captures = this.captures;
+    if (to.state === "up" && to.send(frame) && captures !== null) for (const c of captures) c.tap(frame, to, false);
   }
 
   /** Adds a live capture; the switch pays for captures only while there are some. */
@@ -6849,9 +6863,12 @@ function dnsWireName(name: string): Uint8Array {
   return Buffer.from(dnsPacket.name.encode(name));
 }
 
-/** The gateway host's MAC: locally administered, unicast, from the relay id and the network. */
-export function hostMac(relayId: string, network: string): Uint8Array {
-  const mac = new Bun.CryptoHasher("sha256").update(`edge-relay host ${relayId} ${network}`).digest().subarray(0, 6);
+/**
+ * The gateway host's MAC: locally administered, unicast, from the relay's name and the network, so
+ * a restart keeps it (guests hold it in their ARP caches). A lease file's MAC wins over it.
+ */
+export function hostMac(relayName: string, network: string): Uint8Array {
+  const mac = new Bun.CryptoHasher("sha256").update(`edge-relay host ${relayName} ${network}`).digest().subarray(0, 6);
   mac[0] = (mac[0]! & 0xfc) | 0x02;
   return new Uint8Array(mac);
 }
@@ -6927,9 +6944,9 @@ export interface DhcpSnapshot {
 export interface GatewayHostOptions {
   spec: DhcpNetworkSpec;
   reservations: DhcpHostSpec[];
-  relayId: string;
+  /** Names the sites' own leases, and seeds the host's MAC. */
   relayName: string;
-  /** Where the lease file goes; none: leases live in memory only. */
+  /** Where the lease file (and the host's MAC) goes; none: leases live in memory only. */
   stateDir?: string;
   log: Logger;
   /** Wall-clock time (ms since the epoch) and timers; tests pass a fake one. */
@@ -6946,6 +6963,8 @@ const WALL_CLOCK: ImpairmentClock = { ...REAL_CLOCK, now: () => Date.now() };
 export class GatewayHost extends Port {
   readonly mac: Uint8Array;
   readonly #macKey: number;
+  /** An ARP announcement (RFC 5227) of the gateway address by this MAC. */
+  readonly #announcement: Uint8Array;
   readonly counters: DhcpCounters = {
     discovers: 0, offers: 0, requests: 0, acks: 0, naks: 0, declines: 0, releases: 0, informs: 0, malformed: 0, portCap: 0,
     exhausted: 0, conflicts: 0, rogueReplies: 0, dnsQueries: 0, dnsAnswers: 0, dnsNxdomain: 0, dnsRefused: 0, arpReplies: 0, echoReplies: 0,
@@ -6976,8 +6995,6 @@ export class GatewayHost extends Port {
     this.#options = options;
     this.spec = options.spec;
     this.#clock = options.clock ?? WALL_CLOCK;
-    this.mac = hostMac(options.relayId, options.spec.network);
-    this.#macKey = macKey(this.mac, 0);
     this.#mask = (0xffffffff << (32 - this.spec.prefix)) >>> 0;
     const { first, last, gateway } = this.spec;
     this.#poolSize = last - first + 1 - (gateway >= first && gateway <= last ? 1 : 0);
@@ -6988,7 +7005,25 @@ export class GatewayHost extends Port {
     }
     this.#warn = rateLimitedLog(options.log.warn, 5, 60_000).log;
     this.stateFile = options.stateDir === undefined ? undefined : `${options.stateDir}/dhcp-${this.spec.network}.json`;
-    this.#load();
+    const saved = this.#load();
+    this.mac = saved ?? hostMac(options.relayName, this.spec.network);
+    this.#macKey = macKey(this.mac, 0);
+    this.#announcement = arpFrame(BROADCAST_MAC, { op: 1, senderMac: this.mac, senderIp: gateway, targetMac: new Uint8Array(6), targetIp: gateway });
+    // Written at once, so later starts keep this MAC even if the relay's name changes (a new container's host name).
+    if (saved === undefined) this.#save();
+  }
+
+  /**
+   * Announces the gateway's address and MAC: to every port when the host joins, then to each port
+   * that joins (a VM or a site reconnecting after a restart), so guests replace a MAC they cached
+   * at once rather than when their ARP entry expires. A microtask later: a tunnel's welcome goes first.
+   */
+  joined(port: Port): void {
+    queueMicrotask(() => {
+      if (this.#closed || port.network !== this.network || this.network === undefined) return;
+      if (port === this) this.#send(this.#announcement);
+      else this.network.deliver(this.#announcement, port);
+    });
   }
 
   protected enqueue(frame: Uint8Array): boolean {
@@ -7041,7 +7076,8 @@ export class GatewayHost extends Port {
     // Anyone else who answers for (or claims) an address under an ARP check has it.
     const probe = this.#probes.get(arp.senderIp);
     if (probe !== undefined && senderMac !== probe.lease.mac && macKey(arp.senderMac, 0) !== this.#macKey) this.#probeAnswered(arp.senderIp, probe);
-    if (arp.op !== 1 || arp.targetIp !== this.spec.gateway) return;
+    // An announcement (sender and target the same address) asks nothing.
+    if (arp.op !== 1 || arp.targetIp !== this.spec.gateway || arp.senderIp === arp.targetIp) return;
     this.counters.arpReplies++;
     this.#send(arpFrame(frame.subarray(6, 12), { op: 2, senderMac: this.mac, senderIp: this.spec.gateway, targetMac: arp.senderMac, targetIp: arp.senderIp }));
   }
@@ -7374,7 +7410,7 @@ export class GatewayHost extends Port {
     const leases = [...this.#byMac.values()]
       .filter((l) => l.state === "bound" || l.state === "released")
       .map((l) => ({ mac: l.mac, address: ipv4Text(l.address), name: l.name ?? null, state: l.state, expires: l.expires, port: l.port, site: l.site }));
-    const text = JSON.stringify({ version: 1, network: this.spec.network, cidr: this.spec.cidr, leases }, null, 1) + "\n";
+    const text = JSON.stringify({ version: 1, network: this.spec.network, cidr: this.spec.cidr, mac: formatMac(this.#macKey), leases }, null, 1) + "\n";
     const temporary = `${this.stateFile}.${process.pid}.tmp`;
     try {
       mkdirSync(dirname(this.stateFile), { recursive: true, mode: 0o700 });
@@ -7385,15 +7421,21 @@ export class GatewayHost extends Port {
     }
   }
 
-  /** Reads the lease file; an entry that does not fit this network now (changed CIDR, reservations) is left out. */
-  #load(): void {
-    if (this.stateFile === undefined) return;
+  /**
+   * Reads the lease file; an entry that does not fit this network now (changed CIDR, reservations)
+   * is left out. Returns the host's MAC the file keeps; undefined when it keeps none yet (no file,
+   * or one without); null when there is nothing to write it to now (no state directory, or a file
+   * that is unreadable: left as it is until leases change).
+   */
+  #load(): Uint8Array | undefined | null {
+    if (this.stateFile === undefined) return null;
     let data: unknown;
     try {
       data = JSON.parse(readFileSync(this.stateFile, "utf8"));
     } catch (error) {
-      if ((error as { code?: string }).code === "ENOENT") return;
-      return this.#options.log.warn(`${this.spec.network}: the lease file ${this.stateFile} is unreadable or not JSON; starting without its leases`);
+      if ((error as { code?: string }).code === "ENOENT") return undefined;
+      this.#options.log.warn(`${this.spec.network}: the lease file ${this.stateFile} is unreadable or not JSON; starting without its leases`);
+      return null;
     }
     const leases = (data as { leases?: unknown })?.leases;
     let skipped = 0;
@@ -7417,6 +7459,8 @@ export class GatewayHost extends Port {
       });
     }
     if (skipped > 0) this.#options.log.warn(`${this.spec.network}: ${skipped} entries of ${this.stateFile} do not fit the network as configured and were left out`);
+    const mac = (data as { mac?: unknown })?.mac;
+    return typeof mac === "string" && MAC_TEXT.test(mac) && (parseInt(mac.slice(0, 2), 16) & 1) === 0 ? macBytes(mac) : undefined;
   }
 
   // ───── status ─────
@@ -9363,7 +9407,7 @@ export async function startRelay(config: Config, log: Logger = consoleLogger, en
     }
 
     for (const spec of config.dhcp) {
-      const host = new GatewayHost({ spec, reservations: config.dhcpHosts, relayId: identity.id, relayName: identity.name, stateDir: config.stateDir, log });
+      const host = new GatewayHost({ spec, reservations: config.dhcpHosts, relayName: identity.name, stateDir: config.stateDir, log });
       network(spec.network).attach(host);
       hosts.set(spec.network, host);
       stoppers.push(() => host.close());
