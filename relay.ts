@@ -1201,7 +1201,7 @@ export const OPTIONS = {
         v.check((u) => URL.canParse(u) && /^wss:\/\/[^/@?#]+:\d+\/?$/.test(u) && new URL(u).port !== "", "expected wss://NAME:PORT"),
       ),
     ),
-    help: "be a hub at this address: with --state-dir, make (first start) or\nreuse a certificate for NAME and tokens, serve TLS, and print\nthe join line for sites; --http is then [::]:PORT (all addresses,\nIPv6 and IPv4) unless given",
+    help: "be a hub at this address: with --state-dir, make (first start) or\nreuse a certificate for NAME and tokens, serve TLS, and keep the\nsites' join string in DIR/site-join (the site line is printed only\nto a terminal); --http is then [::]:PORT (all addresses, IPv6 and\nIPv4) unless given",
   },
   invite: { arg: "NET[,NET…]", group: "hub", help: "print a join line for a new token limited to these networks\n(the hub in --state-dir) and exit" },
   invites: { group: "hub", help: "list the hub's tokens (id, networks; never the token) and exit" },
