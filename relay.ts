@@ -42,7 +42,7 @@
  * @module
  */
 
-import { chmodSync, chownSync, copyFileSync, existsSync, lstatSync, mkdirSync, readFileSync, readlinkSync, realpathSync, renameSync, rmSync, statSync, unlinkSync, watch, writeFileSync } from "node:fs";
+import { chmodSync, chownSync, copyFileSync, existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, readlinkSync, realpathSync, renameSync, rmSync, statSync, unlinkSync, watch, writeFileSync } from "node:fs";
 import { BlockList, isIP, isIPv4, isIPv6 } from "node:net";
 import { basename, dirname, join, resolve as resolvePath } from "node:path";
 import { hostname, constants as osConstants } from "node:os";
@@ -1211,14 +1211,14 @@ export const OPTIONS = {
         v.check((u) => URL.canParse(u) && /^wss:\/\/[^/@?#]+:\d+\/?$/.test(u) && new URL(u).port !== "", "expected wss://NAME:PORT"),
       ),
     ),
-    help: "be a hub at this address: with --state-dir, make (first start) or\nreuse a certificate for NAME and tokens, serve TLS, and print\nthe join line for sites; --http is then 0.0.0.0:PORT unless given",
+    help: "be a hub at this address: with --state-dir, make (first start) or\nreuse a certificate for NAME and tokens, serve TLS, and keep the\nsites' join string in DIR/site-join (the site line is printed only\nto a terminal); --http is then [::]:PORT (all addresses, IPv6 and\nIPv4) unless given",
   },
   invite: { arg: "NET[,NET…]", group: "hub", help: "print a join line for a new token limited to these networks\n(the hub in --state-dir) and exit" },
   invites: { group: "hub", help: "list the hub's tokens (id, networks; never the token) and exit" },
   revoke: { arg: "ID", group: "hub", help: "revoke the token ID; a running hub closes its tunnels" },
   installService: {
     group: "hub",
-    help: "install this command (less this option) as the systemd service\nedge-relay: unit, binary, secrets in a 0600 environment file",
+    help: "install this command (less this option) as the systemd service\nedge-relay: unit, binary, secrets in a 0600 environment file,\n--state-dir's files copied to /var/lib/edge-relay",
   },
   installRoot: { arg: "DIR", group: "hub", help: "with --install-service: write below DIR instead of / (tests,\nimages); systemctl is then left to you" },
   v86Origins: {
@@ -8691,6 +8691,11 @@ const HUB_CERT = "hub-cert.pem";
 const HUB_KEY = "hub-key.pem";
 const HUB_TOKENS = "tokens.json";
 const HUB_ADMIN = "admin-token";
+/** The `site` token's join string, for a person to read: the hub's logs never carry it. */
+const HUB_SITE_JOIN = "site-join";
+/** Held (created exclusively, holding the writer's pid) while a process rewrites tokens.json. */
+const HUB_LOCK = "tokens.json.lock";
+const LOCK_WAIT_MS = 5_000;
 /** k3s's `K10<sha256>::…` is the model: a prefix with a version, the pin, the credential, then the hub. */
 const JOIN_PREFIX = "ER1";
 const JOIN_STRING = /^ER1([0-9a-f]{64})::(\S+)@([^@\s]+)$/;
@@ -8839,6 +8844,49 @@ export function readHubTokens(dir: string): HubTokens {
 
 const writeHubTokens = (dir: string, tokens: HubTokens) => writeAtomically(join(dir, HUB_TOKENS), `${JSON.stringify(tokens, null, 2)}\n`, 0o600);
 
+/**
+ * Runs `change` (a read, then a write of tokens.json) holding the state directory's lock, so two
+ * writers (an --invite at the shell, POST /invites, a starting hub) never lose each other's token.
+ * A lock whose process is gone is taken over; one held longer than LOCK_WAIT_MS is an error.
+ */
+export function withHubLock<T>(dir: string, change: () => T): T {
+  const path = join(dir, HUB_LOCK);
+  const deadline = Date.now() + LOCK_WAIT_MS;
+  for (;;) {
+    try {
+      writeFileSync(path, `${process.pid}\n`, { flag: "wx", mode: 0o600 });
+      break;
+    } catch (error) {
+      if ((error as { code?: string }).code !== "EEXIST") throw new Error(describeError(`Cannot lock ${join(dir, HUB_TOKENS)}`, error));
+    }
+    if (!lockHolderAlive(path)) rmSync(path, { force: true });
+    else if (Date.now() > deadline) throw new Error(`Cannot lock ${join(dir, HUB_TOKENS)}: ${path} is held by process ${readFileSync(path, "utf8").trim()}`);
+    else Bun.sleepSync(10);
+  }
+  try {
+    return change();
+  } finally {
+    rmSync(path, { force: true });
+  }
+}
+
+/** Whether the process a lock file names runs (an empty file is a writer between create and write). */
+function lockHolderAlive(path: string): boolean {
+  let pid;
+  try {
+    pid = Number(readFileSync(path, "utf8"));
+  } catch {
+    return true;
+  }
+  if (!Number.isInteger(pid) || pid <= 0) return true;
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (error) {
+    return (error as { code?: string }).code !== "ESRCH";
+  }
+}
+
 /** `ER1<pin>::TOKEN@HOST:PORT`: what a site needs in one argument. */
 export function joinString(url: string, fingerprint: string, token: string): string {
   return `${JOIN_PREFIX}${fingerprint.replace(/:/g, "").toLowerCase()}::${token}@${new URL(url).host}`;
@@ -8854,13 +8902,14 @@ export function parseJoinString(text: string): { uplink: string; uplinkToken: st
 
 /**
  * What --public-url, --join and --join-file mean for the raw configuration, before it is validated:
- * the hub listens on all addresses at the URL's port unless --http says otherwise; a join string
+ * the hub listens on all addresses, IPv6 and IPv4 (`[::]`: Bun's listener is dual-stack), at the URL's
+ * port unless --http says otherwise; a join string
  * stands for --uplink, --uplink-token and --uplink-fingerprint, which it may not be combined with.
  */
 export function applyHubAndJoin(raw: Record<string, unknown>, joinFile: string | undefined, read: (option: string, path: string) => string): void {
   if (typeof raw.publicUrl === "string" && raw.http === undefined && URL.canParse(raw.publicUrl)) {
     const port = new URL(raw.publicUrl).port;
-    if (port !== "") raw.http = `0.0.0.0:${port}`;
+    if (port !== "") raw.http = `[::]:${port}`;
   }
   if (joinFile !== undefined) raw.join = read(flagOf("joinFile"), joinFile).trim();
   if (raw.join === undefined) return;
@@ -8880,8 +8929,9 @@ export interface HubState {
   fingerprint: string;
   adminToken: string;
   adminFile: string;
-  /** The `site` token's join string. */
+  /** The `site` token's join string ("" once revoked), also in `siteFile`. */
   join: string;
+  siteFile: string;
   /** Whether this start made the state (so the site line is shown, once). */
   created: boolean;
 }
@@ -8916,14 +8966,21 @@ export function openHubState(dir: string, url: string, given?: { cert: { path: s
   }
   if (!existsSync(adminFile)) writeAtomically(adminFile, `${randomToken()}\n`, 0o600);
   const fingerprint = x509.fingerprint256;
-  let tokens: HubTokens;
-  if (existsSync(join(dir, HUB_TOKENS))) tokens = { ...readHubTokens(dir), url, fingerprint };
-  else {
-    tokens = { url, fingerprint, tokens: [{ id: "site", token: randomToken(), created: new Date().toISOString() }] };
-    created = true;
-  }
-  writeHubTokens(dir, tokens);
+  const tokens = withHubLock(dir, () => {
+    let read: HubTokens;
+    if (existsSync(join(dir, HUB_TOKENS))) read = { ...readHubTokens(dir), url, fingerprint };
+    else {
+      read = { url, fingerprint, tokens: [{ id: "site", token: randomToken(), created: new Date().toISOString() }] };
+      created = true;
+    }
+    writeHubTokens(dir, read);
+    return read;
+  });
   const site = tokens.tokens.find((t) => t.id === "site");
+  const siteJoin = site ? joinString(url, fingerprint, site.token) : "";
+  const siteFile = join(dir, HUB_SITE_JOIN);
+  if (site) writeAtomically(siteFile, `${siteJoin}\n`, 0o600);
+  else rmSync(siteFile, { force: true });
   return {
     dir,
     url,
@@ -8932,7 +8989,8 @@ export function openHubState(dir: string, url: string, given?: { cert: { path: s
     fingerprint,
     adminToken: readFileSync(adminFile, "utf8").trim(),
     adminFile,
-    join: site ? joinString(url, fingerprint, site.token) : "",
+    join: siteJoin,
+    siteFile,
     created,
   };
 }
@@ -8941,9 +8999,12 @@ export function openHubState(dir: string, url: string, given?: { cert: { path: s
 export function addInvite(dir: string, networks: string[]): { id: string; networks: string[]; join: string } {
   for (const n of networks) if (!NETWORK_NAME.test(n)) throw new ConfigError(`${flagOf("invite")}: ${JSON.stringify(n)} is not a network name`);
   if (networks.length === 0) throw new ConfigError(`${flagOf("invite")}: name at least one network`);
-  const tokens = readHubTokens(dir);
   const entry: HubToken = { id: Buffer.from(crypto.getRandomValues(new Uint8Array(4))).toString("hex"), token: randomToken(), networks, created: new Date().toISOString() };
-  writeHubTokens(dir, { ...tokens, tokens: [...tokens.tokens, entry] });
+  const tokens = withHubLock(dir, () => {
+    const read = readHubTokens(dir);
+    writeHubTokens(dir, { ...read, tokens: [...read.tokens, entry] });
+    return read;
+  });
   return { id: entry.id, networks, join: joinString(tokens.url, tokens.fingerprint, entry.token) };
 }
 
@@ -8952,13 +9013,17 @@ export function listInvites(dir: string): Omit<HubToken, "token">[] {
   return readHubTokens(dir).tokens.map(({ token: _secret, ...shown }) => shown);
 }
 
-/** Removes the token `id`; false when there is none. */
+/** Removes the token `id` (the `site` one with its site-join file); false when there is none. */
 export function revokeInvite(dir: string, id: string): boolean {
-  const tokens = readHubTokens(dir);
-  const kept = tokens.tokens.filter((t) => t.id !== id);
-  if (kept.length === tokens.tokens.length) return false;
-  writeHubTokens(dir, { ...tokens, tokens: kept });
-  return true;
+  const found = withHubLock(dir, () => {
+    const tokens = readHubTokens(dir);
+    const kept = tokens.tokens.filter((t) => t.id !== id);
+    if (kept.length === tokens.tokens.length) return false;
+    writeHubTokens(dir, { ...tokens, tokens: kept });
+    return true;
+  });
+  if (found && id === "site") rmSync(join(dir, HUB_SITE_JOIN), { force: true });
+  return found;
 }
 
 /** The grants of the hub's tokens, read from its state directory. */
@@ -9049,6 +9114,8 @@ export function runHubCommand(flags: Record<string, string | true | string[]>, s
 const INSTALL_BINARY = "/usr/local/bin/edge-relay";
 const INSTALL_UNIT = "/etc/systemd/system/edge-relay.service";
 const INSTALL_ENV = "/etc/edge-relay/env";
+/** The unit's StateDirectory=edge-relay (systemd's STATE_DIRECTORY). */
+const INSTALL_STATE = "/var/lib/edge-relay";
 /** Options that configure the installing, or that the service replaces (its StateDirectory, the secrets' environment file). */
 const NOT_IN_UNIT = new Set(["installService", "installRoot", "stateDir", "joinFile", "tokenFile"]);
 
@@ -9059,11 +9126,52 @@ function unitArgument(text: string): string {
 }
 
 /**
+ * A value for systemd's EnvironmentFile: in double quotes, where systemd (env-file.c, as a POSIX
+ * shell does) takes a backslash before `"`, a backslash, `` ` `` or `$` as that character and keeps
+ * everything else (`'`, spaces) as it is.
+ */
+export function environmentFileValue(text: string): string {
+  return `"${text.replace(/["\\`$]/g, "\\$&")}"`;
+}
+
+/**
+ * Copies the state directory `from` into the service's `to`, modes kept, so an installed hub keeps
+ * the certificate and tokens its sites pin. A file that is already in `to` with other content is
+ * another hub's: a ConfigError, and nothing is copied. Returns how many files were copied.
+ */
+export function copyStateDirectory(from: string, to: string): number {
+  const files: string[] = [];
+  const walk = (relative: string) => {
+    for (const entry of readdirSync(join(from, relative), { withFileTypes: true }).sort((a, b) => a.name.localeCompare(b.name))) {
+      const path = join(relative, entry.name);
+      if (entry.isDirectory()) walk(path);
+      else if (entry.isFile() && !entry.name.endsWith(".tmp") && entry.name !== HUB_LOCK) files.push(path);
+    }
+  };
+  walk("");
+  for (const file of files) {
+    const there = join(to, file);
+    if (existsSync(there) && !readFileSync(there).equals(readFileSync(join(from, file)))) {
+      throw new ConfigError(`${flagOf("installService")}: ${flagOf("stateDir")} ${from}: ${there} differs from ${join(from, file)} (another hub's state?); move one of them aside`);
+    }
+  }
+  for (const file of files) {
+    const source = join(from, file);
+    mkdirSync(dirname(join(to, file)), { recursive: true, mode: statSync(dirname(source)).mode & 0o7777 });
+    copyFileSync(source, join(to, file));
+    chmodSync(join(to, file), statSync(source).mode & 0o7777);
+  }
+  if (files.length > 0) chmodSync(to, statSync(from).mode & 0o7777);
+  return files.length;
+}
+
+/**
  * --install-service: this command line, less the installing options, as the systemd service
  * edge-relay: the binary (this one, or compiled from this script), the unit (deploy/edge-relay.service
  * with its hardening and StateDirectory, ExecStart this command line) and the environment file
  * (0600) with every secret, from the options, their environment variables and --join-file or
- * --token-file, so none is on the command line `ps` shows. Under `root` (tests, images) nothing is
+ * --token-file, so none is on the command line `ps` shows. A --state-dir's files are copied to the
+ * service's StateDirectory (a hub's sites keep their pins). Under `root` (tests, images) nothing is
  * started; at / on a host where systemd runs, systemctl enables and starts it.
  */
 export function installService(flags: Record<string, string | true | string[]>, env: Record<string, string | undefined>, root: string): string[] {
@@ -9090,6 +9198,8 @@ export function installService(flags: Record<string, string | true | string[]>, 
   if (typeof flags.joinFile === "string") addSecret("join", [readFileSync(flags.joinFile, "utf8").trim()]);
   if (typeof flags.tokenFile === "string") addSecret("tokens", readFileSync(flags.tokenFile, "utf8").split("\n").map((l) => l.replace(/#.*/, "").trim()).filter(Boolean));
   const under = (path: string) => join(root, path);
+  const state = typeof flags.stateDir === "string" ? resolvePath(flags.stateDir) : undefined;
+  const copied = state !== undefined && state !== under(INSTALL_STATE) && existsSync(state) ? copyStateDirectory(state, under(INSTALL_STATE)) : 0;
   for (const dir of [dirname(INSTALL_BINARY), dirname(INSTALL_UNIT), dirname(INSTALL_ENV)]) mkdirSync(under(dir), { recursive: true, mode: 0o755 });
 
   const binary = under(INSTALL_BINARY);
@@ -9104,13 +9214,14 @@ export function installService(flags: Record<string, string | true | string[]>, 
   const execStart = [INSTALL_BINARY, ...args].map(unitArgument).join(" ");
   const unit = UNIT_TEMPLATE.slice(UNIT_TEMPLATE.indexOf("[Unit]")).replace(/^ExecStart=.*$/m, `ExecStart=${execStart}`);
   writeAtomically(under(INSTALL_UNIT), `# Written by edge-relay ${flagOf("installService")} from deploy/edge-relay.service; secrets are in ${INSTALL_ENV}.\n\n${unit}`, 0o644);
-  writeAtomically(under(INSTALL_ENV), [...secrets].map(([name, values]) => `${name}=${values.join(",")}\n`).join(""), 0o600);
+  writeAtomically(under(INSTALL_ENV), [...secrets].map(([name, values]) => `${name}=${environmentFileValue(values.join(","))}\n`).join(""), 0o600);
   const lines = [
     `installed ${binary}`,
     `installed ${under(INSTALL_UNIT)}: ExecStart=${execStart}`,
     `installed ${under(INSTALL_ENV)} (0600): ${[...secrets.keys()].join(", ") || "no secrets"}`,
   ];
-  if (flags.publicUrl !== undefined) lines.push(`the hub keeps its state in /var/lib/edge-relay; its first start logs the site line: journalctl -u edge-relay | grep 'on each site'`);
+  if (copied > 0) lines.push(`copied ${state} to ${under(INSTALL_STATE)} (${copied} file${copied === 1 ? "" : "s"}, modes kept): the service's StateDirectory, so its certificate and tokens stay`);
+  if (flags.publicUrl !== undefined) lines.push(`the hub keeps its state in ${INSTALL_STATE}; the site's join string (not logged) is there once it has started: sudo cat ${INSTALL_STATE}/${HUB_SITE_JOIN}`);
   if (root === "/" && existsSync("/run/systemd/system")) {
     for (const command of [["systemctl", "daemon-reload"], ["systemctl", "enable", "--now", "edge-relay"]]) {
       const run = Bun.spawnSync(command, { stdout: "ignore", stderr: "pipe" });
@@ -9175,6 +9286,26 @@ function listenHttp<T>(address: HostPort, serve: () => T): T {
     return serve();
   } catch (error) {
     throw new Error(describeError(`--http: Cannot listen on ${formatHostPort(address)}`, error));
+  }
+}
+
+/**
+ * A hub's `[::]` takes IPv4 too (dual-stack, also with IPv6 switched off by sysctl); only where the
+ * kernel has no IPv6 at all (`ipv6.disable=1`) does it fail, and the hub then listens on `0.0.0.0`.
+ */
+function listenAllAddresses<T>(host: string, hub: boolean, serve: (host: string) => T, log: Logger): [T, string] {
+  if (!hub || host !== "::") return [serve(host), host];
+  try {
+    return [serve(host), host];
+  } catch (error) {
+    let ipv4;
+    try {
+      ipv4 = serve("0.0.0.0");
+    } catch {
+      throw error;
+    }
+    log.warn(describeError("hub: Cannot listen on IPv6 [::], so on IPv4 0.0.0.0 only", error));
+    return [ipv4, "0.0.0.0"];
   }
 }
 
@@ -9379,8 +9510,8 @@ export async function startRelay(config: Config, log: Logger = consoleLogger, en
     stoppers.push(hubTokens.stop);
   }
   try {
-    const server = listenHttp(config.http, () => Bun.serve<SocketData>({
-      hostname: config.http.host,
+    const serve = (host: string) => Bun.serve<SocketData>({
+      hostname: host,
       port: config.http.port,
       tls: config.tlsCert && config.tlsKey ? { cert: config.tlsCert.text, key: config.tlsKey.text } : undefined,
       fetch: app.fetch,
@@ -9397,9 +9528,10 @@ export async function startRelay(config: Config, log: Logger = consoleLogger, en
         message: (ws, m) => (v86Socket(ws) ? v86.handlers.message(ws, m) : tunnels.handlers.message(ws as ServerWebSocket<TunnelData>, m)),
         close: (ws, code, reason) => (v86Socket(ws) ? v86.handlers.close(ws, code, reason) : tunnels.handlers.close(ws as ServerWebSocket<TunnelData>, code, reason)),
       },
-    }));
+    });
+    const [server, host] = listenHttp(config.http, () => listenAllAddresses(config.http.host, hub !== undefined, serve, log));
     stoppers.push(() => void server.stop(true));
-    const httpUrl = `${config.tlsCert ? "https" : "http"}://${formatHostPort({ host: config.http.host, port: server.port! })}`;
+    const httpUrl = `${config.tlsCert ? "https" : "http"}://${formatHostPort({ host, port: server.port! })}`;
     bound.push({ what: "http", address: httpUrl });
     if (backplane) {
       backplane.start();
@@ -9691,6 +9823,18 @@ function programName(): string {
   return `${global ? "" : "npx "}bun ${basename(Bun.main)}`;
 }
 
+/**
+ * What a hub says about joining it. The site line holds the site token, so it is shown once, at the
+ * first start, and only to a person at a terminal: under systemd or podman (or into a pipe) stdout is
+ * a log, and the line says which file holds the join string instead.
+ */
+export function hubStartLines(hub: HubState, program: string, terminal: boolean): string[] {
+  const another = `for another: ${program} ${flagOf("stateDir")} ${hub.dir} ${flagOf("invite")} NET[,NET…]`;
+  if (!hub.created || hub.join === "") return [`hub: sites keep their join lines; ${another}`];
+  if (terminal) return [`hub: on each site, run: ${program} --join ${hub.join}`, `hub: (the join string is also in ${hub.siteFile}; ${another})`];
+  return [`hub: on each site, run: ${program} --join JOIN, JOIN being the contents of ${hub.siteFile} (not logged: it holds the site token)`];
+}
+
 export async function main(argv = Bun.argv.slice(2), env: Record<string, string | undefined> = process.env): Promise<void> {
   let config;
   try {
@@ -9733,9 +9877,7 @@ export async function main(argv = Bun.argv.slice(2), env: Record<string, string 
   if (relay.hub) {
     const hub = relay.hub;
     process.on("SIGHUP", () => hub.reload());
-    // The site line holds the site token: printed at the first start only, as a password is shown once.
-    if (hub.created) console.log(`hub: on each site, run: ${programName()} --join ${hub.join}`);
-    else console.log(`hub: sites keep their join lines; for another: ${programName()} ${flagOf("stateDir")} ${hub.dir} ${flagOf("invite")} NET[,NET…]`);
+    for (const line of hubStartLines(hub, programName(), process.stdout.isTTY === true)) console.log(line);
     console.log(`hub: certificate SHA-256 ${hub.fingerprint}; the admin token (for /status, /metrics, /invites) is in ${hub.adminFile}`);
   }
   console.log("ready");
