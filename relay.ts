@@ -42,7 +42,7 @@
  * @module
  */
 
-import { chmodSync, chownSync, copyFileSync, existsSync, lstatSync, mkdirSync, readFileSync, readlinkSync, realpathSync, renameSync, rmSync, statSync, unlinkSync, watch, writeFileSync } from "node:fs";
+import { chmodSync, chownSync, copyFileSync, existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, readlinkSync, realpathSync, renameSync, rmSync, statSync, unlinkSync, watch, writeFileSync } from "node:fs";
 import { BlockList, isIP, isIPv4, isIPv6 } from "node:net";
 import { basename, dirname, join, resolve as resolvePath } from "node:path";
 import { hostname, constants as osConstants } from "node:os";
@@ -94,6 +94,8 @@ const UDP_PEER_AGEING_MS = 60_000;
 /** New peers one --qemu-udp socket learns per second: a spoofed flood cannot churn the table faster. */
 const NEW_UDP_PEERS_PER_SECOND = 16;
 const MAX_TUNNEL_NETWORKS = 64;
+/** A data message names its channel in 16 bits; channels are numbered once per tunnel, never reused. */
+const TUNNEL_CHANNELS = 0x10000;
 const CLOSED_PORTS_KEPT = 16;
 /** Bytes captured of a frame at most (tcpdump's default), and what one slow capture reader may have queued. */
 const CAPTURE_SNAPLEN = 262_144;
@@ -122,10 +124,12 @@ const FLOW_STALL_MS = 1_000;
 const MAC_FLAP_MS = 10_000;
 const HELLO_TIMEOUT_MS = 10_000;
 /**
- * A tunnel that replaced an older one from the same relay is not itself replaced for this long: a
- * newer one is refused as a loop instead, so two live paths from one relay cannot take turns.
+ * A relay's tunnel may replace its older one (a redial over a path that flaps) this many times
+ * within the window; one more is refused as a loop, and the site offers again later. Ids are random
+ * per process, so only a forged id or a bug takes turns faster than that.
  */
-const TAKEOVER_GUARD_MS = 30_000;
+const TAKEOVER_BURST = 5;
+const TAKEOVER_WINDOW_MS = 30_000;
 /** The close code (application range) and reason sent on a tunnel that a newer one replaced. */
 const TAKEOVER_CLOSE_CODE = 4000;
 const TAKEOVER_REASON = "replaced by a newer tunnel from the same relay";
@@ -145,6 +149,12 @@ const CLOCK_TICK_MS = 100;
 const UPLINK_BACKOFF_MIN_MS = 250;
 const UPLINK_BACKOFF_MAX_MS = 3_000;
 const UPLINK_BACKOFF_FINAL_MS = 30_000;
+/**
+ * Networks the hub refused on a live tunnel are offered again after a backoff between these: what it
+ * refused may pass (a stale tunnel of this relay it still held, its network limit).
+ */
+const UPLINK_REOFFER_MIN_MS = 1_000;
+const UPLINK_REOFFER_MAX_MS = 60_000;
 /** While the uplink stays down, a line with the next dial's time at most this often. */
 const UPLINK_DOWN_LOG_MS = 10_000;
 const DIAL_BACKOFF_MIN_MS = 100;
@@ -1205,14 +1215,14 @@ export const OPTIONS = {
         v.check((u) => URL.canParse(u) && /^wss:\/\/[^/@?#]+:\d+\/?$/.test(u) && new URL(u).port !== "", "expected wss://NAME:PORT"),
       ),
     ),
-    help: "be a hub at this address: with --state-dir, make (first start) or\nreuse a certificate for NAME and tokens, serve TLS, and print\nthe join line for sites; --http is then 0.0.0.0:PORT unless given",
+    help: "be a hub at this address: with --state-dir, make (first start) or\nreuse a certificate for NAME and tokens, serve TLS, and keep the\nsites' join string in DIR/site-join (the site line is printed only\nto a terminal); --http is then [::]:PORT (all addresses, IPv6 and\nIPv4) unless given",
   },
   invite: { arg: "NET[,NET…]", group: "hub", help: "print a join line for a new token limited to these networks\n(the hub in --state-dir) and exit" },
   invites: { group: "hub", help: "list the hub's tokens (id, networks; never the token) and exit" },
   revoke: { arg: "ID", group: "hub", help: "revoke the token ID; a running hub closes its tunnels" },
   installService: {
     group: "hub",
-    help: "install this command (less this option) as the systemd service\nedge-relay: unit, binary, secrets in a 0600 environment file",
+    help: "install this command (less this option) as the systemd service\nedge-relay: unit, binary, secrets in a 0600 environment file,\n--state-dir's files copied to /var/lib/edge-relay",
   },
   installRoot: { arg: "DIR", group: "hub", help: "with --install-service: write below DIR instead of / (tests,\nimages); systemctl is then left to you" },
   v86Origins: {
@@ -2513,6 +2523,9 @@ export abstract class Port {
     } else this.stats.txDrops += frames;
   }
 
+  /** Told of each port that joins this one's network, itself included (the relay's host announces itself). */
+  joined?(port: Port): void;
+
   /** Bytes queued toward the peer, and their bound: a port without a queue is never congested. */
   queued(): number {
     return 0;
@@ -2964,6 +2977,8 @@ export class Network {
   captures: Capture[] | null = null;
   /** Ports attached so far, per kind: the N of `NET/KIND-N`. */
   readonly #serials = new Map<string, number>();
+  /** Ports that want to hear of each port that joins. */
+  readonly #greeters = new Set<Port>();
   readonly #flapLog: { log(line: string): void };
 
   constructor(
@@ -2998,10 +3013,13 @@ export class Network {
     this.ports.add(port);
     this.#policy.impairments?.apply(port);
     if (!port.trunk || port.kind === "qemu-mcast") this.#policy.portLog?.info(`${port.id} up: ${port.kind} ${port.peer}`);
+    if (port.joined !== undefined) this.#greeters.add(port);
+    for (const greeter of this.#greeters) greeter.joined!(port);
   }
 
   detach(port: Port, reason?: string): void {
     if (!this.ports.delete(port)) return;
+    this.#greeters.delete(port);
     // A stop closes every socket at once; what a port saw on the way (a failed write) is not why it closed.
     port.closeReason = this.#policy.stopping ? "relay stopping" : (port.closeReason ?? reason);
     port.impair("in", undefined);
@@ -3130,6 +3148,12 @@ export class Network {
     stats.rxBytes += i - start - 4 * frames;
     if (this.#policy.flowControl && from.waitingFor === undefined && to.congested()) from.waitFor(to);
     return i;
+  }
+
+  /** Sends a frame of the relay's own to one port, as forwarding would (captures see it). */
+  deliver(frame: Uint8Array, to: Port): void {
+    const captures = this.captures;
+    if (to.state === "up" && to.send(frame) && captures !== null) for (const c of captures) c.tap(frame, to, false);
   }
 
   /** Adds a live capture; the switch pays for captures only while there are some. */
@@ -3924,8 +3948,8 @@ export class TunnelLink {
   /** The far relay's id and name, from its hello or welcome. */
   remoteId: string | undefined;
   remoteName: string | undefined;
-  /** When this tunnel replaced an older one from the same relay (ms), for the takeover guard. */
-  tookOverAt = -Infinity;
+  /** When this tunnel, and those it replaced in turn, replaced an older one from the same relay (ms): the last window's. */
+  takeovers: number[] = [];
   #batched = 0;
   #buffered = 0;
   /** Its ports that flow control paused: the socket reads while there are none. */
@@ -3944,9 +3968,14 @@ export class TunnelLink {
     readonly countError: () => void,
   ) {}
 
+  /** Channels not yet numbered: every offer, accepted or refused, uses up one per network. */
+  get channelsLeft(): number {
+    return TUNNEL_CHANNELS - this.#nextChannel;
+  }
+
   claimChannels(count: number): number {
     const first = this.#nextChannel;
-    if (first + count > 0x10000) throw new RangeError("Cannot attach: the tunnel has used all 65,536 channels; reconnect");
+    if (count > this.channelsLeft) throw new RangeError(`Cannot attach: the tunnel has used all ${TUNNEL_CHANNELS.toLocaleString("en")} channels; reconnect`);
     this.#nextChannel += count;
     return first;
   }
@@ -4244,20 +4273,27 @@ class TunnelServer {
     if (!(network instanceof Network)) return network.refused;
     for (const port of network.ports) {
       if (link.remoteId === undefined || port.remoteId !== link.remoteId) continue;
+      const relay = shownName(link.remoteName) || link.remoteId;
       // The relay's own older tunnel to this hub: it redialled before the hub saw that one die.
-      if (port instanceof TunnelPort && port.link !== link && this.#grants.get(port.link) === grant && Date.now() - port.link.tookOverAt >= TAKEOVER_GUARD_MS) {
-        this.#replace(port.link, link);
-        continue;
+      if (port instanceof TunnelPort && port.link !== link && this.#grants.get(port.link) === grant) {
+        const now = Date.now();
+        const recent = port.link.takeovers.filter((t) => now - t < TAKEOVER_WINDOW_MS);
+        if (recent.length < TAKEOVER_BURST) {
+          link.takeovers = [...recent, now];
+          this.#replace(port.link, link);
+          continue;
+        }
+        o.counters.loopRefusals++;
+        return `loop: relay ${relay} replaced its tunnel ${recent.length} times in ${TAKEOVER_WINDOW_MS / 1000} s; is its id used twice?`;
       }
       o.counters.loopRefusals++;
-      return `loop: relay ${shownName(link.remoteName) || link.remoteId} is attached to ${name} already`;
+      return `loop: relay ${relay} is attached to ${name} already`;
     }
     return network;
   }
 
   /** Closes `old` for `newer`, from the same relay: the newest tunnel wins, as in an MQTT session takeover. */
   #replace(old: TunnelLink, newer: TunnelLink): void {
-    newer.tookOverAt = Date.now();
     this.#log.info(`tunnel: ${old.peer} replaced by a newer tunnel from the same relay (${newer.peer})`);
     old.detachAll();
     old.socket.close(TAKEOVER_CLOSE_CODE, TAKEOVER_REASON);
@@ -4467,8 +4503,8 @@ function explainDialFailure(message: string, tls: { ca?: string; pinRefused?: st
 /**
  * Dials a hub and keeps the tunnel up: a deadline on each phase of the dial, exponential backoff
  * with jitter (capped at 3 s; 30 s after a wrong token), keepalive pings, a redial when the hub
- * stops answering, and the networks that come and go here attached and detached on the live
- * tunnel. Local switching never waits for it.
+ * stops answering, the networks that come and go here attached and detached on the live tunnel,
+ * and those the hub refused offered again after a backoff. Local switching never waits for it.
  */
 class Uplink {
   readonly url: URL;
@@ -4477,8 +4513,10 @@ class Uplink {
   #link: TunnelLink | undefined;
   /** Networks offered on the current tunnel (by hello or attach), by name: their channel. */
   #offered = new Map<string, number>();
-  /** Networks the hub refused on the current tunnel: not offered again until the next dial. */
+  /** Networks the hub refused on the current tunnel: not offered again until the re-offer timer or the next dial. */
   #declined = new Set<string>();
+  readonly #reofferBackoff = new Backoff(UPLINK_REOFFER_MIN_MS, UPLINK_REOFFER_MAX_MS);
+  #reoffer: ReturnType<typeof setTimeout> | undefined;
   readonly #redial = new Redialer(new Backoff(UPLINK_BACKOFF_MIN_MS, UPLINK_BACKOFF_MAX_MS, UPLINK_BACKOFF_FINAL_MS), () => void this.#dial());
   /** When the uplink last logged that it is down (ms), and since when it has been (ISO; none while up). */
   #downLoggedAt = -Infinity;
@@ -4564,6 +4602,9 @@ class Uplink {
     link.claimChannels(wanted.size);
     this.#offered = new Map([...wanted.keys()].map((name, channel) => [name, channel]));
     this.#declined.clear();
+    clearTimeout(this.#reoffer);
+    this.#reoffer = undefined;
+    this.#reofferBackoff.reset();
     this.#link = link;
     const seconds = this.options.handshakeMs / 1000;
     this.#setDeadline(ws, link, `no answer to the WebSocket handshake within ${seconds} s`);
@@ -4626,9 +4667,21 @@ class Uplink {
         this.log.warn(`uplink: --insecure: the certificate of ${this.status.url} was NOT verified`);
       }
     } else if (accepted.length || refused.length) {
-      this.log.info(`uplink: hub added networks: ${accepted.join(", ") || "none"}${shown ? `; refused: ${shown}` : ""}`);
+      // A network refused for good is offered again now and then: its refusal is logged once.
+      this.#redial.log(this.log.info, `uplink: hub added networks: ${accepted.join(", ") || "none"}${shown ? `; refused: ${shown}` : ""}`);
     }
+    this.#reofferLater();
     this.sync();
+  }
+
+  /** Offers the declined networks again after a backoff, so a refusal that passes cuts nothing off for good. */
+  #reofferLater(): void {
+    if (this.#declined.size === 0) return this.#reofferBackoff.reset();
+    this.#reoffer ??= setTimeout(() => {
+      this.#reoffer = undefined;
+      this.#declined.clear();
+      this.sync();
+    }, this.#reofferBackoff.next());
   }
 
   /** The relay's networks changed: synced once per event-loop turn, however many changed. */
@@ -4655,6 +4708,13 @@ class Uplink {
       link.sendControl({ type: "detach", networks: gone });
     }
     const added = [...wanted.keys()].filter((name) => !this.#offered.has(name) && !this.#declined.has(name));
+    if (added.length > link.channelsLeft) {
+      // Offers over days (networks that come and go, refusals offered again) used up the channels: a new tunnel numbers from 0.
+      const ws = this.#ws!;
+      this.#lost(ws, link, `the tunnel has used all ${TUNNEL_CHANNELS.toLocaleString("en")} channels; dialling a new one`);
+      ws.close(1000, "renewing the tunnel");
+      return;
+    }
     if (added.length) {
       const first = link.claimChannels(added.length);
       added.forEach((name, i) => this.#offered.set(name, first + i));
@@ -4701,6 +4761,7 @@ class Uplink {
   stop(): void {
     this.#redial.stop();
     clearTimeout(this.#deadline);
+    clearTimeout(this.#reoffer);
     clearInterval(this.#keepalive);
     this.#link?.detachAll();
     this.#ws?.close(1001, "relay stopping");
@@ -7053,9 +7114,12 @@ function dnsWireName(name: string): Uint8Array {
   return Buffer.from(dnsPacket.name.encode(name));
 }
 
-/** The gateway host's MAC: locally administered, unicast, from the relay id and the network. */
-function hostMac(relayId: string, network: string): Uint8Array {
-  const mac = new Bun.CryptoHasher("sha256").update(`edge-relay host ${relayId} ${network}`).digest().subarray(0, 6);
+/**
+ * The gateway host's MAC: locally administered, unicast, from the relay's name and the network, so
+ * a restart keeps it (guests hold it in their ARP caches). A lease file's MAC wins over it.
+ */
+function hostMac(relayName: string, network: string): Uint8Array {
+  const mac = new Bun.CryptoHasher("sha256").update(`edge-relay host ${relayName} ${network}`).digest().subarray(0, 6);
   mac[0] = (mac[0]! & 0xfc) | 0x02;
   return new Uint8Array(mac);
 }
@@ -7131,9 +7195,9 @@ interface DhcpSnapshot {
 interface GatewayHostOptions {
   spec: DhcpNetworkSpec;
   reservations: DhcpHostSpec[];
-  relayId: string;
+  /** Names the sites' own leases, and seeds the host's MAC. */
   relayName: string;
-  /** Where the lease file goes; none: leases live in memory only. */
+  /** Where the lease file (and the host's MAC) goes; none: leases live in memory only. */
   stateDir?: string;
   log: Logger;
   /** Wall-clock time (ms since the epoch) and timers; tests pass a fake one. */
@@ -7151,6 +7215,8 @@ const WALL_CLOCK: ImpairmentClock = { ...REAL_CLOCK, now: () => Date.now() };
 export class GatewayHost extends Port {
   readonly mac: Uint8Array;
   readonly #macKey: number;
+  /** An ARP announcement (RFC 5227) of the gateway address by this MAC. */
+  readonly #announcement: Uint8Array;
   readonly counters: DhcpCounters = {
     discovers: 0, offers: 0, requests: 0, acks: 0, naks: 0, declines: 0, releases: 0, informs: 0, malformed: 0, portCap: 0,
     exhausted: 0, conflicts: 0, rogueReplies: 0, dnsQueries: 0, dnsAnswers: 0, dnsNxdomain: 0, dnsRefused: 0, arpReplies: 0, echoReplies: 0,
@@ -7181,8 +7247,6 @@ export class GatewayHost extends Port {
     this.#options = options;
     this.spec = options.spec;
     this.#clock = options.clock ?? WALL_CLOCK;
-    this.mac = hostMac(options.relayId, options.spec.network);
-    this.#macKey = macKey(this.mac, 0);
     this.#mask = (0xffffffff << (32 - this.spec.prefix)) >>> 0;
     const { first, last, gateway } = this.spec;
     this.#poolSize = last - first + 1 - (gateway >= first && gateway <= last ? 1 : 0);
@@ -7193,7 +7257,25 @@ export class GatewayHost extends Port {
     }
     this.#warn = rateLimitedLog(options.log.warn, 5, 60_000).log;
     this.stateFile = options.stateDir === undefined ? undefined : `${options.stateDir}/dhcp-${this.spec.network}.json`;
-    this.#load();
+    const saved = this.#load();
+    this.mac = saved ?? hostMac(options.relayName, this.spec.network);
+    this.#macKey = macKey(this.mac, 0);
+    this.#announcement = arpFrame(BROADCAST_MAC, { op: 1, senderMac: this.mac, senderIp: gateway, targetMac: new Uint8Array(6), targetIp: gateway });
+    // Written at once, so later starts keep this MAC even if the relay's name changes (a new container's host name).
+    if (saved === undefined) this.#save();
+  }
+
+  /**
+   * Announces the gateway's address and MAC: to every port when the host joins, then to each port
+   * that joins (a VM or a site reconnecting after a restart), so guests replace a MAC they cached
+   * at once rather than when their ARP entry expires. A microtask later: a tunnel's welcome goes first.
+   */
+  joined(port: Port): void {
+    queueMicrotask(() => {
+      if (this.#closed || port.network !== this.network || this.network === undefined) return;
+      if (port === this) this.#send(this.#announcement);
+      else this.network.deliver(this.#announcement, port);
+    });
   }
 
   protected enqueue(frame: Uint8Array): boolean {
@@ -7246,7 +7328,8 @@ export class GatewayHost extends Port {
     // Anyone else who answers for (or claims) an address under an ARP check has it.
     const probe = this.#probes.get(arp.senderIp);
     if (probe !== undefined && senderMac !== probe.lease.mac && macKey(arp.senderMac, 0) !== this.#macKey) this.#probeAnswered(arp.senderIp, probe);
-    if (arp.op !== 1 || arp.targetIp !== this.spec.gateway) return;
+    // An announcement (sender and target the same address) asks nothing.
+    if (arp.op !== 1 || arp.targetIp !== this.spec.gateway || arp.senderIp === arp.targetIp) return;
     this.counters.arpReplies++;
     this.#send(arpFrame(frame.subarray(6, 12), { op: 2, senderMac: this.mac, senderIp: this.spec.gateway, targetMac: arp.senderMac, targetIp: arp.senderIp }));
   }
@@ -7579,7 +7662,7 @@ export class GatewayHost extends Port {
     const leases = [...this.#byMac.values()]
       .filter((l) => l.state === "bound" || l.state === "released")
       .map((l) => ({ mac: l.mac, address: ipv4Text(l.address), name: l.name ?? null, state: l.state, expires: l.expires, port: l.port, site: l.site }));
-    const text = JSON.stringify({ version: 1, network: this.spec.network, cidr: this.spec.cidr, leases }, null, 1) + "\n";
+    const text = JSON.stringify({ version: 1, network: this.spec.network, cidr: this.spec.cidr, mac: formatMac(this.#macKey), leases }, null, 1) + "\n";
     const temporary = `${this.stateFile}.${process.pid}.tmp`;
     try {
       mkdirSync(dirname(this.stateFile), { recursive: true, mode: 0o700 });
@@ -7590,15 +7673,21 @@ export class GatewayHost extends Port {
     }
   }
 
-  /** Reads the lease file; an entry that does not fit this network now (changed CIDR, reservations) is left out. */
-  #load(): void {
-    if (this.stateFile === undefined) return;
+  /**
+   * Reads the lease file; an entry that does not fit this network now (changed CIDR, reservations)
+   * is left out. Returns the host's MAC the file keeps; undefined when it keeps none yet (no file,
+   * or one without); null when there is nothing to write it to now (no state directory, or a file
+   * that is unreadable: left as it is until leases change).
+   */
+  #load(): Uint8Array | undefined | null {
+    if (this.stateFile === undefined) return null;
     let data: unknown;
     try {
       data = JSON.parse(readFileSync(this.stateFile, "utf8"));
     } catch (error) {
-      if ((error as { code?: string }).code === "ENOENT") return;
-      return this.#options.log.warn(`${this.spec.network}: the lease file ${this.stateFile} is unreadable or not JSON; starting without its leases`);
+      if ((error as { code?: string }).code === "ENOENT") return undefined;
+      this.#options.log.warn(`${this.spec.network}: the lease file ${this.stateFile} is unreadable or not JSON; starting without its leases`);
+      return null;
     }
     const leases = (data as { leases?: unknown })?.leases;
     let skipped = 0;
@@ -7622,6 +7711,8 @@ export class GatewayHost extends Port {
       });
     }
     if (skipped > 0) this.#options.log.warn(`${this.spec.network}: ${skipped} entries of ${this.stateFile} do not fit the network as configured and were left out`);
+    const mac = (data as { mac?: unknown })?.mac;
+    return typeof mac === "string" && MAC_TEXT.test(mac) && (parseInt(mac.slice(0, 2), 16) & 1) === 0 ? macBytes(mac) : undefined;
   }
 
   // ───── status ─────
@@ -8892,6 +8983,11 @@ const HUB_CERT = "hub-cert.pem";
 const HUB_KEY = "hub-key.pem";
 const HUB_TOKENS = "tokens.json";
 const HUB_ADMIN = "admin-token";
+/** The `site` token's join string, for a person to read: the hub's logs never carry it. */
+const HUB_SITE_JOIN = "site-join";
+/** Held (created exclusively, holding the writer's pid) while a process rewrites tokens.json. */
+const HUB_LOCK = "tokens.json.lock";
+const LOCK_WAIT_MS = 5_000;
 /** k3s's `K10<sha256>::…` is the model: a prefix with a version, the pin, the credential, then the hub. */
 const JOIN_PREFIX = "ER1";
 const JOIN_STRING = /^ER1([0-9a-f]{64})::(\S+)@([^@\s]+)$/;
@@ -9040,6 +9136,50 @@ function readHubTokens(dir: string): HubTokens {
 
 const writeHubTokens = (dir: string, tokens: HubTokens) => writeAtomically(join(dir, HUB_TOKENS), `${JSON.stringify(tokens, null, 2)}\n`, 0o600);
 
+/**
+ * Runs `change` (a read, then a write of tokens.json) holding the state directory's lock, so two
+ * writers (an --invite at the shell, POST /invites, a starting hub) never lose each other's token.
+ * A lock whose process is gone is taken over; one held longer than LOCK_WAIT_MS is an error.
+ * @internal
+ */
+export function withHubLock<T>(dir: string, change: () => T): T {
+  const path = join(dir, HUB_LOCK);
+  const deadline = Date.now() + LOCK_WAIT_MS;
+  for (;;) {
+    try {
+      writeFileSync(path, `${process.pid}\n`, { flag: "wx", mode: 0o600 });
+      break;
+    } catch (error) {
+      if ((error as { code?: string }).code !== "EEXIST") throw new Error(describeError(`Cannot lock ${join(dir, HUB_TOKENS)}`, error));
+    }
+    if (!lockHolderAlive(path)) rmSync(path, { force: true });
+    else if (Date.now() > deadline) throw new Error(`Cannot lock ${join(dir, HUB_TOKENS)}: ${path} is held by process ${readFileSync(path, "utf8").trim()}`);
+    else Bun.sleepSync(10);
+  }
+  try {
+    return change();
+  } finally {
+    rmSync(path, { force: true });
+  }
+}
+
+/** Whether the process a lock file names runs (an empty file is a writer between create and write). */
+function lockHolderAlive(path: string): boolean {
+  let pid;
+  try {
+    pid = Number(readFileSync(path, "utf8"));
+  } catch {
+    return true;
+  }
+  if (!Number.isInteger(pid) || pid <= 0) return true;
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (error) {
+    return (error as { code?: string }).code !== "ESRCH";
+  }
+}
+
 /** `ER1<pin>::TOKEN@HOST:PORT`: what a site needs in one argument. */
 function joinString(url: string, fingerprint: string, token: string): string {
   return `${JOIN_PREFIX}${fingerprint.replace(/:/g, "").toLowerCase()}::${token}@${new URL(url).host}`;
@@ -9055,13 +9195,14 @@ function parseJoinString(text: string): { uplink: string; uplinkToken: string; u
 
 /**
  * What --public-url, --join and --join-file mean for the raw configuration, before it is validated:
- * the hub listens on all addresses at the URL's port unless --http says otherwise; a join string
+ * the hub listens on all addresses, IPv6 and IPv4 (`[::]`: Bun's listener is dual-stack), at the URL's
+ * port unless --http says otherwise; a join string
  * stands for --uplink, --uplink-token and --uplink-fingerprint, which it may not be combined with.
  */
 function applyHubAndJoin(raw: Record<string, unknown>, joinFile: string | undefined, read: (option: string, path: string) => string): void {
   if (typeof raw.publicUrl === "string" && raw.http === undefined && URL.canParse(raw.publicUrl)) {
     const port = new URL(raw.publicUrl).port;
-    if (port !== "") raw.http = `0.0.0.0:${port}`;
+    if (port !== "") raw.http = `[::]:${port}`;
   }
   if (joinFile !== undefined) raw.join = read(flagOf("joinFile"), joinFile).trim();
   if (raw.join === undefined) return;
@@ -9081,8 +9222,9 @@ export interface HubState {
   fingerprint: string;
   adminToken: string;
   adminFile: string;
-  /** The `site` token's join string. */
+  /** The `site` token's join string ("" once revoked), also in `siteFile`. */
   join: string;
+  siteFile: string;
   /** Whether this start made the state (so the site line is shown, once). */
   created: boolean;
 }
@@ -9092,8 +9234,9 @@ export interface HubState {
  * certificate and key (unless `given`, --tls-cert's, is served instead), the admin token, the token
  * file with a `site` token. A certificate that exists but is not for NAME is an error: sites pin it,
  * so it is never replaced behind their back.
+ * @internal
  */
-function openHubState(dir: string, url: string, given?: { cert: { path: string; text: string }; key: { path: string; text: string } }): HubState {
+export function openHubState(dir: string, url: string, given?: { cert: { path: string; text: string }; key: { path: string; text: string } }): HubState {
   const name = new URL(url).hostname.replace(/^\[|\]$/g, "");
   try {
     mkdirSync(dir, { recursive: true, mode: 0o700 });
@@ -9117,14 +9260,21 @@ function openHubState(dir: string, url: string, given?: { cert: { path: string; 
   }
   if (!existsSync(adminFile)) writeAtomically(adminFile, `${randomToken()}\n`, 0o600);
   const fingerprint = x509.fingerprint256;
-  let tokens: HubTokens;
-  if (existsSync(join(dir, HUB_TOKENS))) tokens = { ...readHubTokens(dir), url, fingerprint };
-  else {
-    tokens = { url, fingerprint, tokens: [{ id: "site", token: randomToken(), created: new Date().toISOString() }] };
-    created = true;
-  }
-  writeHubTokens(dir, tokens);
+  const tokens = withHubLock(dir, () => {
+    let read: HubTokens;
+    if (existsSync(join(dir, HUB_TOKENS))) read = { ...readHubTokens(dir), url, fingerprint };
+    else {
+      read = { url, fingerprint, tokens: [{ id: "site", token: randomToken(), created: new Date().toISOString() }] };
+      created = true;
+    }
+    writeHubTokens(dir, read);
+    return read;
+  });
   const site = tokens.tokens.find((t) => t.id === "site");
+  const siteJoin = site ? joinString(url, fingerprint, site.token) : "";
+  const siteFile = join(dir, HUB_SITE_JOIN);
+  if (site) writeAtomically(siteFile, `${siteJoin}\n`, 0o600);
+  else rmSync(siteFile, { force: true });
   return {
     dir,
     url,
@@ -9133,33 +9283,41 @@ function openHubState(dir: string, url: string, given?: { cert: { path: string; 
     fingerprint,
     adminToken: readFileSync(adminFile, "utf8").trim(),
     adminFile,
-    join: site ? joinString(url, fingerprint, site.token) : "",
+    join: siteJoin,
+    siteFile,
     created,
   };
 }
 
-/** A new token limited to `networks`: its id and the join string for it. */
-function addInvite(dir: string, networks: string[]): { id: string; networks: string[]; join: string } {
+/** A new token limited to `networks`: its id and the join string for it. @internal */
+export function addInvite(dir: string, networks: string[]): { id: string; networks: string[]; join: string } {
   for (const n of networks) if (!NETWORK_NAME.test(n)) throw new ConfigError(`${flagOf("invite")}: ${JSON.stringify(n)} is not a network name`);
   if (networks.length === 0) throw new ConfigError(`${flagOf("invite")}: name at least one network`);
-  const tokens = readHubTokens(dir);
   const entry: HubToken = { id: Buffer.from(crypto.getRandomValues(new Uint8Array(4))).toString("hex"), token: randomToken(), networks, created: new Date().toISOString() };
-  writeHubTokens(dir, { ...tokens, tokens: [...tokens.tokens, entry] });
+  const tokens = withHubLock(dir, () => {
+    const read = readHubTokens(dir);
+    writeHubTokens(dir, { ...read, tokens: [...read.tokens, entry] });
+    return read;
+  });
   return { id: entry.id, networks, join: joinString(tokens.url, tokens.fingerprint, entry.token) };
 }
 
-/** The hub's tokens without their secrets. */
-function listInvites(dir: string): Omit<HubToken, "token">[] {
+/** The hub's tokens without their secrets. @internal */
+export function listInvites(dir: string): Omit<HubToken, "token">[] {
   return readHubTokens(dir).tokens.map(({ token: _secret, ...shown }) => shown);
 }
 
-/** Removes the token `id`; false when there is none. */
+/** Removes the token `id` (the `site` one with its site-join file); false when there is none. */
 function revokeInvite(dir: string, id: string): boolean {
-  const tokens = readHubTokens(dir);
-  const kept = tokens.tokens.filter((t) => t.id !== id);
-  if (kept.length === tokens.tokens.length) return false;
-  writeHubTokens(dir, { ...tokens, tokens: kept });
-  return true;
+  const found = withHubLock(dir, () => {
+    const tokens = readHubTokens(dir);
+    const kept = tokens.tokens.filter((t) => t.id !== id);
+    if (kept.length === tokens.tokens.length) return false;
+    writeHubTokens(dir, { ...tokens, tokens: kept });
+    return true;
+  });
+  if (found && id === "site") rmSync(join(dir, HUB_SITE_JOIN), { force: true });
+  return found;
 }
 
 /** The grants of the hub's tokens, read from its state directory. */
@@ -9250,6 +9408,8 @@ function runHubCommand(flags: Record<string, string | true | string[]>, stateDir
 const INSTALL_BINARY = "/usr/local/bin/edge-relay";
 const INSTALL_UNIT = "/etc/systemd/system/edge-relay.service";
 const INSTALL_ENV = "/etc/edge-relay/env";
+/** The unit's StateDirectory=edge-relay (systemd's STATE_DIRECTORY). */
+const INSTALL_STATE = "/var/lib/edge-relay";
 /** Options that configure the installing, or that the service replaces (its StateDirectory, the secrets' environment file). */
 const NOT_IN_UNIT = new Set(["installService", "installRoot", "stateDir", "joinFile", "tokenFile"]);
 
@@ -9260,11 +9420,53 @@ function unitArgument(text: string): string {
 }
 
 /**
+ * A value for systemd's EnvironmentFile: in double quotes, where systemd (env-file.c, as a POSIX
+ * shell does) takes a backslash before `"`, a backslash, `` ` `` or `$` as that character and keeps
+ * everything else (`'`, spaces) as it is.
+ * @internal
+ */
+export function environmentFileValue(text: string): string {
+  return `"${text.replace(/["\\`$]/g, "\\$&")}"`;
+}
+
+/**
+ * Copies the state directory `from` into the service's `to`, modes kept, so an installed hub keeps
+ * the certificate and tokens its sites pin. A file that is already in `to` with other content is
+ * another hub's: a ConfigError, and nothing is copied. Returns how many files were copied.
+ */
+function copyStateDirectory(from: string, to: string): number {
+  const files: string[] = [];
+  const walk = (relative: string) => {
+    for (const entry of readdirSync(join(from, relative), { withFileTypes: true }).sort((a, b) => a.name.localeCompare(b.name))) {
+      const path = join(relative, entry.name);
+      if (entry.isDirectory()) walk(path);
+      else if (entry.isFile() && !entry.name.endsWith(".tmp") && entry.name !== HUB_LOCK) files.push(path);
+    }
+  };
+  walk("");
+  for (const file of files) {
+    const there = join(to, file);
+    if (existsSync(there) && !readFileSync(there).equals(readFileSync(join(from, file)))) {
+      throw new ConfigError(`${flagOf("installService")}: ${flagOf("stateDir")} ${from}: ${there} differs from ${join(from, file)} (another hub's state?); move one of them aside`);
+    }
+  }
+  for (const file of files) {
+    const source = join(from, file);
+    mkdirSync(dirname(join(to, file)), { recursive: true, mode: statSync(dirname(source)).mode & 0o7777 });
+    copyFileSync(source, join(to, file));
+    chmodSync(join(to, file), statSync(source).mode & 0o7777);
+  }
+  if (files.length > 0) chmodSync(to, statSync(from).mode & 0o7777);
+  return files.length;
+}
+
+/**
  * --install-service: this command line, less the installing options, as the systemd service
  * edge-relay: the binary (this one, or compiled from this script), the unit (deploy/edge-relay.service
  * with its hardening and StateDirectory, ExecStart this command line) and the environment file
  * (0600) with every secret, from the options, their environment variables and --join-file or
- * --token-file, so none is on the command line `ps` shows. Under `root` (tests, images) nothing is
+ * --token-file, so none is on the command line `ps` shows. A --state-dir's files are copied to the
+ * service's StateDirectory (a hub's sites keep their pins). Under `root` (tests, images) nothing is
  * started; at / on a host where systemd runs, systemctl enables and starts it.
  */
 function installService(flags: Record<string, string | true | string[]>, env: Record<string, string | undefined>, root: string): string[] {
@@ -9291,6 +9493,8 @@ function installService(flags: Record<string, string | true | string[]>, env: Re
   if (typeof flags.joinFile === "string") addSecret("join", [readFileSync(flags.joinFile, "utf8").trim()]);
   if (typeof flags.tokenFile === "string") addSecret("tokens", readFileSync(flags.tokenFile, "utf8").split("\n").map((l) => l.replace(/#.*/, "").trim()).filter(Boolean));
   const under = (path: string) => join(root, path);
+  const state = typeof flags.stateDir === "string" ? resolvePath(flags.stateDir) : undefined;
+  const copied = state !== undefined && state !== under(INSTALL_STATE) && existsSync(state) ? copyStateDirectory(state, under(INSTALL_STATE)) : 0;
   for (const dir of [dirname(INSTALL_BINARY), dirname(INSTALL_UNIT), dirname(INSTALL_ENV)]) mkdirSync(under(dir), { recursive: true, mode: 0o755 });
 
   const binary = under(INSTALL_BINARY);
@@ -9305,13 +9509,14 @@ function installService(flags: Record<string, string | true | string[]>, env: Re
   const execStart = [INSTALL_BINARY, ...args].map(unitArgument).join(" ");
   const unit = UNIT_TEMPLATE.slice(UNIT_TEMPLATE.indexOf("[Unit]")).replace(/^ExecStart=.*$/m, `ExecStart=${execStart}`);
   writeAtomically(under(INSTALL_UNIT), `# Written by edge-relay ${flagOf("installService")} from deploy/edge-relay.service; secrets are in ${INSTALL_ENV}.\n\n${unit}`, 0o644);
-  writeAtomically(under(INSTALL_ENV), [...secrets].map(([name, values]) => `${name}=${values.join(",")}\n`).join(""), 0o600);
+  writeAtomically(under(INSTALL_ENV), [...secrets].map(([name, values]) => `${name}=${environmentFileValue(values.join(","))}\n`).join(""), 0o600);
   const lines = [
     `installed ${binary}`,
     `installed ${under(INSTALL_UNIT)}: ExecStart=${execStart}`,
     `installed ${under(INSTALL_ENV)} (0600): ${[...secrets.keys()].join(", ") || "no secrets"}`,
   ];
-  if (flags.publicUrl !== undefined) lines.push(`the hub keeps its state in /var/lib/edge-relay; its first start logs the site line: journalctl -u edge-relay | grep 'on each site'`);
+  if (copied > 0) lines.push(`copied ${state} to ${under(INSTALL_STATE)} (${copied} file${copied === 1 ? "" : "s"}, modes kept): the service's StateDirectory, so its certificate and tokens stay`);
+  if (flags.publicUrl !== undefined) lines.push(`the hub keeps its state in ${INSTALL_STATE}; the site's join string (not logged) is there once it has started: sudo cat ${INSTALL_STATE}/${HUB_SITE_JOIN}`);
   if (root === "/" && existsSync("/run/systemd/system")) {
     for (const command of [["systemctl", "daemon-reload"], ["systemctl", "enable", "--now", "edge-relay"]]) {
       const run = Bun.spawnSync(command, { stdout: "ignore", stderr: "pipe" });
@@ -9376,6 +9581,26 @@ function listenHttp<T>(address: HostPort, serve: () => T): T {
     return serve();
   } catch (error) {
     throw new Error(describeError(`--http: Cannot listen on ${formatHostPort(address)}`, error));
+  }
+}
+
+/**
+ * A hub's `[::]` takes IPv4 too (dual-stack, also with IPv6 switched off by sysctl); only where the
+ * kernel has no IPv6 at all (`ipv6.disable=1`) does it fail, and the hub then listens on `0.0.0.0`.
+ */
+function listenAllAddresses<T>(host: string, hub: boolean, serve: (host: string) => T, log: Logger): [T, string] {
+  if (!hub || host !== "::") return [serve(host), host];
+  try {
+    return [serve(host), host];
+  } catch (error) {
+    let ipv4;
+    try {
+      ipv4 = serve("0.0.0.0");
+    } catch {
+      throw error;
+    }
+    log.warn(describeError("hub: Cannot listen on IPv6 [::], so on IPv4 0.0.0.0 only", error));
+    return [ipv4, "0.0.0.0"];
   }
 }
 
@@ -9547,7 +9772,7 @@ async function bindQemuPorts(config: Config, registry: NetworkRegistry, ctx: Qem
 function startGateways(config: Config, identity: RelayIdentity, registry: NetworkRegistry, log: Logger, stoppers: Stoppers): Map<string, GatewayHost> {
   const hosts = new Map<string, GatewayHost>();
   for (const spec of config.dhcp) {
-    const host = new GatewayHost({ spec, reservations: config.dhcpHosts, relayId: identity.id, relayName: identity.name, stateDir: config.stateDir, log });
+    const host = new GatewayHost({ spec, reservations: config.dhcpHosts, relayName: identity.name, stateDir: config.stateDir, log });
     registry.getOrCreate(spec.network).attach(host);
     hosts.set(spec.network, host);
     stoppers.add(() => host.close());
@@ -9648,12 +9873,13 @@ function uplinkOf(config: Config, identity: RelayIdentity, proxy: UplinkProxy | 
 
 /**
  * The HTTP listener: the app's routes, and one WebSocket handler set in which each socket goes to
- * the server that upgraded it (a tunnel or a v86 port).
+ * the server that upgraded it (a tunnel or a v86 port). With the address it listens on (a hub's
+ * `[::]` may have to be `0.0.0.0`).
  */
-function serveHttp(config: Config, app: ReturnType<typeof createApp>, tunnels: TunnelServer, v86: V86Server) {
+function serveHttp(config: Config, app: ReturnType<typeof createApp>, tunnels: TunnelServer, v86: V86Server, hub: boolean, log: Logger) {
   const v86Socket = (ws: ServerWebSocket<SocketData>): ws is ServerWebSocket<V86Data> => "v86" in ws.data;
-  return listenHttp(config.http, () => Bun.serve<SocketData>({
-    hostname: config.http.host,
+  const serve = (host: string) => Bun.serve<SocketData>({
+    hostname: host,
     port: config.http.port,
     tls: config.tlsCert && config.tlsKey ? { cert: config.tlsCert.text, key: config.tlsKey.text } : undefined,
     fetch: app.fetch,
@@ -9670,7 +9896,8 @@ function serveHttp(config: Config, app: ReturnType<typeof createApp>, tunnels: T
       message: (ws, m) => (v86Socket(ws) ? v86.handlers.message(ws, m) : tunnels.handlers.message(ws as ServerWebSocket<TunnelData>, m)),
       close: (ws, code, reason) => (v86Socket(ws) ? v86.handlers.close(ws, code, reason) : tunnels.handlers.close(ws as ServerWebSocket<TunnelData>, code, reason)),
     },
-  }));
+  });
+  return listenHttp(config.http, () => listenAllAddresses(config.http.host, hub, serve, log));
 }
 
 /**
@@ -9794,9 +10021,9 @@ export async function startRelay(given: Config, log: Logger = consoleLogger, env
       snapshot, networks: () => registry.values(), totals, counters, tunnels, v86, captures, impairments, log,
     });
     if (hub) hubTokens = serveHub(app, hub, grants, fixedGrants, tunnels, log, stoppers);
-    const server = serveHttp(config, app, tunnels, v86);
+    const [server, host] = serveHttp(config, app, tunnels, v86, hub !== undefined, log);
     stoppers.add(() => void server.stop(true));
-    bound.push({ what: "http", address: `${config.tlsCert ? "https" : "http"}://${formatHostPort({ host: config.http.host, port: server.port! })}` });
+    bound.push({ what: "http", address: `${config.tlsCert ? "https" : "http"}://${formatHostPort({ host, port: server.port! })}` });
     if (backplane) {
       backplane.start();
       stoppers.add(() => backplane.stop());
@@ -10029,6 +10256,19 @@ function programName(): string {
   return `${global ? "" : "npx "}bun ${basename(Bun.main)}`;
 }
 
+/**
+ * What a hub says about joining it. The site line holds the site token, so it is shown once, at the
+ * first start, and only to a person at a terminal: under systemd or podman (or into a pipe) stdout is
+ * a log, and the line says which file holds the join string instead.
+ * @internal
+ */
+export function hubStartLines(hub: HubState, program: string, terminal: boolean): string[] {
+  const another = `for another: ${program} ${flagOf("stateDir")} ${hub.dir} ${flagOf("invite")} NET[,NET…]`;
+  if (!hub.created || hub.join === "") return [`hub: sites keep their join lines; ${another}`];
+  if (terminal) return [`hub: on each site, run: ${program} --join ${hub.join}`, `hub: (the join string is also in ${hub.siteFile}; ${another})`];
+  return [`hub: on each site, run: ${program} --join JOIN, JOIN being the contents of ${hub.siteFile} (not logged: it holds the site token)`];
+}
+
 export async function main(argv = Bun.argv.slice(2), env: Record<string, string | undefined> = process.env): Promise<void> {
   let config;
   try {
@@ -10071,9 +10311,7 @@ export async function main(argv = Bun.argv.slice(2), env: Record<string, string 
   if (relay.hub) {
     const hub = relay.hub;
     process.on("SIGHUP", () => hub.reload());
-    // The site line holds the site token: printed at the first start only, as a password is shown once.
-    if (hub.created) console.log(`hub: on each site, run: ${programName()} --join ${hub.join}`);
-    else console.log(`hub: sites keep their join lines; for another: ${programName()} ${flagOf("stateDir")} ${hub.dir} ${flagOf("invite")} NET[,NET…]`);
+    for (const line of hubStartLines(hub, programName(), process.stdout.isTTY === true)) console.log(line);
     console.log(`hub: certificate SHA-256 ${hub.fingerprint}; the admin token (for /status, /metrics, /invites) is in ${hub.adminFile}`);
   }
   console.log("ready");

@@ -118,7 +118,7 @@ describe("the gateway host under fuzzing", () => {
     const warnings: string[] = [];
     const spec = resolveDhcpNetwork({ network: "lab", cidr: "10.9.0.0/24" }) as DhcpNetworkSpec;
     const network = new Network("lab", { ageingMs: 300_000 });
-    const host = new GatewayHost({ spec, reservations: [], relayId: "00112233445566ff", relayName: "fuzz", log: { info: () => {}, warn: (l) => warnings.push(l) }, probeMs: 1 });
+    const host = new GatewayHost({ spec, reservations: [], relayName: "fuzz", log: { info: () => {}, warn: (l) => warnings.push(l) }, probeMs: 1 });
     const vm = new CapturePort();
     network.attach(host);
     network.attach(vm);

@@ -167,6 +167,13 @@ export const isArp = (op: number, targetIp?: string) => (f: Uint8Array) => {
   return f.length >= 42 && v.getUint16(12) === 0x0806 && v.getUint16(20) === op && (targetIp === undefined || ipText(v.getUint32(38)) === targetIp);
 };
 
+/** The gateway's ARP announcement (RFC 5227): a broadcast request for its own address, target MAC zero. */
+export const isAnnouncement = (f: Uint8Array) =>
+  isArp(1, GATEWAY)(f) && ipText(new DataView(f.buffer, f.byteOffset).getUint32(28)) === GATEWAY && f.subarray(0, 6).every((b) => b === 255) && f.subarray(32, 38).every((b) => b === 0);
+
+/** An ARP packet's sender MAC. */
+export const senderMac = (f: Uint8Array) => [...f.subarray(22, 28)].map((x) => x.toString(16).padStart(2, "0")).join(":");
+
 /** A DNS query as bytes, built by hand: one question, RD set. */
 export function dnsQuery(id: number, name: string, type: number): Uint8Array {
   const labels = name.split(".").flatMap((l) => [l.length, ...new TextEncoder().encode(l)]);
@@ -191,8 +198,7 @@ export async function ask(vm: StreamPeer, client: string, from: string, query: U
 /** ARP for the gateway: the MAC in its reply. */
 export async function gatewayMacOf(vm: StreamPeer, client: string, from: string): Promise<string> {
   vm.send(arpFrame(1, client, ip(from), ip(GATEWAY)));
-  const f = await vm.frames.next(isArp(2));
-  return [...f.subarray(22, 28)].map((x) => x.toString(16).padStart(2, "0")).join(":");
+  return senderMac(await vm.frames.next(isArp(2)));
 }
 
 

@@ -4,10 +4,10 @@
  * and read the answers; lease expiry, with a fake clock, is checked on the host class in-process.
  */
 import { describe, expect, test } from "bun:test";
-import { existsSync, readFileSync } from "node:fs";
+import { mkdirSync, readFileSync, readdirSync } from "node:fs";
 import { GatewayHost, Network, loadConfig, resolveDhcpNetwork, type Config, type DhcpNetworkSpec } from "../relay.ts";
-import { CapturePort, GATEWAY, TYPE, arpFrame, ask, dhcpFrame, dhcpMessage, dnsQuery, gatewayMacOf, ip, ipFrame, ipText, isArp, lease, optIp, optText, optU32, readDhcp, reply, sum16, udpFrame } from "./dhcp-packets.ts";
-import { RELAY, attachVm, mac, recipe, spawnRelay, tempDir, uplinkUp, waitUntil, type RelayProcess, scenario } from "./helpers.ts";
+import { CapturePort, GATEWAY, TYPE, arpFrame, ask, dhcpFrame, dhcpMessage, dnsQuery, gatewayMacOf, ip, ipFrame, ipText, isAnnouncement, isArp, lease, optIp, optText, optU32, readDhcp, reply, senderMac, sum16, udpFrame } from "./dhcp-packets.ts";
+import { RELAY, attachVm, freePort, mac, recipe, spawnRelay, tempDir, uplinkUp, waitUntil, type RelayProcess, scenario } from "./helpers.ts";
 
 const TOKEN = "dhcp-test-token-0123456789";
 
@@ -25,8 +25,8 @@ describe("DHCP server on a --dhcp network", () => {
     await using vm = await attachVm(relay, "lab");
     const client = "52:54:00:00:00:01";
     vm.send(dhcpFrame(client, TYPE.DISCOVER, { xid: 77, hostname: "VM1" }));
-    // Before the offer: the relay asks who has the address it means to offer.
-    const probe = await vm.frames.next(isArp(1));
+    // Before the offer: the relay asks who has the address it means to offer (not the gateway's announcement).
+    const probe = await vm.frames.next((f) => isArp(1)(f) && !isArp(1, GATEWAY)(f));
     const offer = await reply(vm, client, TYPE.OFFER);
     expect(ipText(new DataView(probe.buffer, probe.byteOffset).getUint32(38))).toBe(offer.yiaddr);
     expect(offer.xid).toBe(77);
@@ -210,7 +210,7 @@ describe("DHCP server on a --dhcp network", () => {
       await using relay = await relayWithDhcp(["--state-dir", dir.path]);
       await using vm = await attachVm(relay, "lab");
       address = (await lease(vm, client, { hostname: "keep" })).yiaddr;
-      await waitUntil(() => existsSync(`${dir.path}/dhcp-lab.json`), "the lease file written");
+      await waitUntil(() => JSON.parse(readFileSync(`${dir.path}/dhcp-lab.json`, "utf8")).leases.length === 1, "the lease written");
     }
     const saved = JSON.parse(readFileSync(`${dir.path}/dhcp-lab.json`, "utf8"));
     expect(saved.leases).toEqual([expect.objectContaining({ mac: client, address, name: "keep", state: "bound" })]);
@@ -228,6 +228,41 @@ describe("DHCP server on a --dhcp network", () => {
     await using dir = await tempDir();
     await using relay = await relayWithDhcp([], "lab=10.9.0.0/24", { env: { STATE_DIRECTORY: dir.path } });
     expect((await dhcpOf(relay)).stateFile).toBe(`${dir.path}/dhcp-lab.json`);
+  });
+
+  test("without --state-dir or $STATE_DIRECTORY, leases are kept beside the --config file, not in the working directory", async () => {
+    await using dir = await tempDir();
+    mkdirSync(`${dir.path}/etc`);
+    await Bun.write(`${dir.path}/etc/relay.json`, JSON.stringify({ http: "127.0.0.1:0", qemuListen: ["lab=127.0.0.1:0"], dhcp: [{ network: "lab", cidr: "10.9.0.0/24" }] }));
+    // A relative path, resolved against the working directory the user ran it in.
+    await using relay = await spawnRelay(["--config", "etc/relay.json"], { cwd: dir.path, env: { STATE_DIRECTORY: undefined } });
+    expect((await dhcpOf(relay)).stateFile).toBe(`${dir.path}/etc/dhcp-lab.json`);
+    await using vm = await attachVm(relay, "lab");
+    const client = "52:54:00:00:00:1c";
+    const address = (await lease(vm, client, { hostname: "beside" })).yiaddr;
+    const saved = () => JSON.parse(readFileSync(`${dir.path}/etc/dhcp-lab.json`, "utf8"));
+    await waitUntil(() => saved().leases.length === 1, "the lease written beside the config file");
+    expect(saved().leases).toEqual([expect.objectContaining({ mac: client, address, name: "beside", state: "bound" })]);
+    expect(readdirSync(dir.path)).toEqual(["etc"]);
+  });
+
+  test("the client FQDN (option 81, wire or ASCII form) names a lease without option 12; option 12 wins over it; DNS answers the name", async () => {
+    await using relay = await relayWithDhcp();
+    await using vm = await attachVm(relay, "lab");
+    const fqdn = (flags: number, name: number[]) => [81, 3 + name.length, flags, 0, 0, ...name];
+    const text = (t: string) => [...new TextEncoder().encode(t)];
+    // E (0x04) set: DNS wire format, `\x03Fq1\x03lab\x00`; S (0x01): the client asks the server to update DNS.
+    const wire = await lease(vm, "52:54:00:00:00:81", { extra: fqdn(0x05, [3, ...text("Fq1"), 3, ...text("lab"), 0]) });
+    const ascii = await lease(vm, "52:54:00:00:00:82", { extra: fqdn(0x01, text("fq2.example.test")) });
+    const both = await lease(vm, "52:54:00:00:00:83", { hostname: "short", extra: fqdn(0x05, [4, ...text("long"), 3, ...text("lab"), 0]) });
+    expect([wire, ascii, both].map((ack) => optText(ack, 12))).toEqual(["fq1", "fq2", "short"]);
+    const names = Object.fromEntries((await dhcpOf(relay)).leases.map((l: any) => [l.mac, l.name]));
+    expect(names).toEqual({ "52:54:00:00:00:81": "fq1", "52:54:00:00:00:82": "fq2", "52:54:00:00:00:83": "short" });
+    const client = "52:54:00:00:00:81";
+    expect((await ask(vm, client, wire.yiaddr, dnsQuery(81, "fq1.lab", 1))).answers).toEqual([expect.objectContaining({ type: "A", data: wire.yiaddr })]);
+    expect((await ask(vm, client, wire.yiaddr, dnsQuery(82, "fq2.lab", 1))).answers).toEqual([expect.objectContaining({ type: "A", data: ascii.yiaddr })]);
+    expect((await ask(vm, client, wire.yiaddr, dnsQuery(83, "short.lab", 1))).answers).toEqual([expect.objectContaining({ type: "A", data: both.yiaddr })]);
+    expect(await ask(vm, client, wire.yiaddr, dnsQuery(84, "long.lab", 1))).toMatchObject({ rcode: "NXDOMAIN", answers: [] });
   });
 });
 
@@ -281,6 +316,45 @@ describe("DNS, ARP and ping on the gateway address", () => {
     expect(sum16(f.subarray(14, 34))).toBe(0);
     expect(ipText(new DataView(f.buffer, f.byteOffset).getUint32(30))).toBe("10.9.0.77");
   });
+
+  test("the gateway's MAC survives a restart (kept in the lease file, else from the relay's name) and is announced to each VM that joins", async () => {
+    await using dir = await tempDir();
+    const client = "52:54:00:00:00:32";
+    const macOf = async (args: string[]) => {
+      await using relay = await scenario().listen("lab").with("--dhcp", "lab=10.9.0.0/24", ...args).spawn();
+      const gatewayMac = (await dhcpOf(relay)).mac;
+      await using vm = await attachVm(relay, "lab");
+      // The announcement (RFC 5227) comes unasked: a guest that cached another MAC replaces it.
+      expect(senderMac(await vm.frames.next(isAnnouncement))).toBe(gatewayMac);
+      expect(await gatewayMacOf(vm, client, "10.9.0.77")).toBe(gatewayMac);
+      return gatewayMac;
+    };
+    const first = await macOf(["--name", "site-a", "--state-dir", dir.path]);
+    expect(JSON.parse(readFileSync(`${dir.path}/dhcp-lab.json`, "utf8")).mac).toBe(first);
+    // The lease file's MAC wins over the name (a container's host name changes when it is made anew).
+    expect(await macOf(["--name", "renamed", "--state-dir", dir.path])).toBe(first);
+    // Without a state directory: from the relay's name and the network, the same at every start.
+    expect(await macOf(["--name", "site-a"])).toBe(first);
+    const other = await macOf(["--name", "site-z"]);
+    expect(other).not.toBe(first);
+    expect(parseInt(other.slice(0, 2), 16) & 3).toBe(2);
+  });
+
+  test("VMs at a site hear the hub's gateway announce itself each time the hub (re)starts, with the same MAC", async () => {
+    const port = await freePort();
+    await using site = await scenario().with("--uplink", `ws://127.0.0.1:${port}`).listen("lab").with("--name", "site-b").spawn({
+      env: { RELAY_UPLINK_TOKEN: TOKEN },
+    });
+    await using vm = await attachVm(site, "lab");
+    const macs: string[] = [];
+    for (const start of [1, 2]) {
+      await using hub = await spawnRelay(["--http", `127.0.0.1:${port}`, "--token", TOKEN, "--dhcp", "lab=10.9.0.0/24", "--name", "hub"]);
+      const announcement = await vm.frames.next(isAnnouncement, 15_000);
+      macs.push(senderMac(announcement));
+      expect(macs[start - 1]).toBe((await dhcpOf(hub)).mac);
+    }
+    expect(macs[1]).toBe(macs[0]!);
+  }, 40_000);
 });
 
 describe("--dhcp in the compiled binary", () => {
@@ -396,7 +470,7 @@ describe("GatewayHost with a fake clock", () => {
     const lines: string[] = [];
     const spec = resolveDhcpNetwork({ network: "lab", cidr: "10.9.0.0/24", range: "10.9.0.10-10.9.0.10", lease: "1h" }) as DhcpNetworkSpec;
     const network = new Network("lab", { ageingMs: 300_000 });
-    const host = new GatewayHost({ spec, reservations: [], relayId: "0123456789abcdef", relayName: "here", log: { info: (l) => lines.push(l), warn: (l) => lines.push(l) }, clock });
+    const host = new GatewayHost({ spec, reservations: [], relayName: "here", log: { info: (l) => lines.push(l), warn: (l) => lines.push(l) }, clock });
     const vm = new CapturePort();
     network.attach(host);
     network.attach(vm);

@@ -16,12 +16,13 @@ const INTERNAL = [
   "AdminSessions", "AuthThrottle", "BatchedPort", "BUDGET_ALPHA", "Capture", "DhcpNetworkSpec", "FrameBatch",
   "GatewayHost", "Impairment", "ImpairmentClock", "MemoryBudget", "NatsDecoder", "Network", "NetworkRegistry",
   "OPTIONS", "PAGE_HTML", "PAGE_HTML_WITH_LOGOUT", "Port", "PortTotals", "RateLimit", "RoundRobin", "StreamDecoder",
-  "StreamWriter", "SwitchPolicy", "TunnelLink", "UNIX_DGRAM_BACKLOG", "UNIX_DGRAM_MESSAGE_COST", "backplaneSubject",
-  "clientAddress", "dataHeader", "decodeArp", "decodeDhcp", "decodeIpv4", "decodeTunnelMessage", "decodeUdp",
-  "encodeControl", "encodeFrames", "flagOf", "formatClient", "formatImpairment", "formatMac", "helpText", "hpubRoom",
-  "macKey", "natsHeaderBlock", "noProxyMatches", "openUnixDgram", "parseCidr", "parseControl", "parseHostPort",
-  "parseImpairment", "rateLimitedLog", "renderMetrics", "resolveDhcpNetwork", "statusNetworks", "trustedProxyList",
-  "uplinkProxy", "withoutUserinfo", "writeHpub",
+  "StreamWriter", "SwitchPolicy", "TunnelLink", "UNIX_DGRAM_BACKLOG", "UNIX_DGRAM_MESSAGE_COST", "addInvite",
+  "backplaneSubject", "clientAddress", "dataHeader", "decodeArp", "decodeDhcp", "decodeIpv4", "decodeTunnelMessage",
+  "decodeUdp", "encodeControl", "encodeFrames", "environmentFileValue", "flagOf", "formatClient", "formatImpairment",
+  "formatMac", "helpText", "hpubRoom", "hubStartLines", "listInvites", "macKey", "natsHeaderBlock", "noProxyMatches",
+  "openHubState", "openUnixDgram", "parseCidr", "parseControl", "parseHostPort", "parseImpairment", "rateLimitedLog",
+  "renderMetrics", "resolveDhcpNetwork", "statusNetworks", "trustedProxyList", "uplinkProxy", "withHubLock",
+  "withoutUserinfo", "writeHpub",
 ];
 
 /** Every top-level `export` declaration, with whether its doc comment says `@internal`. */

@@ -61,7 +61,8 @@ const BOUND_LINE = /^(\S+?)(?: (\S+))?: listening on (\S+)$/;
 export async function spawnRelay(
   args: string[],
   options: {
-    env?: Record<string, string>;
+    /** Added to the test's environment; undefined leaves a variable out. */
+    env?: Record<string, string | undefined>;
     cwd?: string;
     timeoutMs?: number;
     /** A command that execs the relay, e.g. `["ip", "netns", "exec", NAME]` (must keep the pid). */

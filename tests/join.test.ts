@@ -4,9 +4,9 @@
  * Everything runs as separate processes on loopback; sites are started as the hub's line says.
  */
 import { describe, expect, test } from "bun:test";
-import { readFileSync, statSync } from "node:fs";
+import { chmodSync, existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { X509Certificate } from "node:crypto";
-import { helpText } from "../relay.ts";
+import { addInvite, environmentFileValue, helpText, hubStartLines, listInvites, openHubState, withHubLock } from "../relay.ts";
 import { BROADCAST, ROOT, attachVm, freePort, fromMac, makeFrame, runCli, spawnRelay, tempDir, testCertificate, uplinkFailed, uplinkUp, waitUntil, type RelayProcess } from "./helpers.ts";
 
 /** A hub as the README starts it: one command, its state in `dir`, listening on all addresses at `port`. */
@@ -20,11 +20,14 @@ async function startHub(dir: string, port: number, extra: string[] = []) {
   return Object.assign(hub, { cert, admin, api, fingerprint: new X509Certificate(cert).fingerprint256 });
 }
 
-/** The site command a hub printed (`npx bun relay.ts --join …`), split as a shell would. */
+/** What a hub logs at its first start when stdout is not a terminal: the site line, naming the file with the join string. */
+const SITE_LINE = /^hub: on each site, run: (.+) --join JOIN, JOIN being the contents of (\S+) \(not logged: it holds the site token\)$/m;
+
+/** The site command a hub printed (`npx bun relay.ts --join …`), the join string read from the file it names, as a user would. */
 function printedSiteLine(hub: RelayProcess): string[] {
-  const line = hub.stdout().split("\n").find((l) => l.startsWith("hub: on each site, run: "));
-  if (line === undefined) throw new Error(`the hub printed no site line:\n${hub.stdout()}`);
-  return line.slice("hub: on each site, run: ".length).split(" ");
+  const m = SITE_LINE.exec(hub.stdout());
+  if (m === null) throw new Error(`the hub printed no site line:\n${hub.stdout()}`);
+  return [...m[1]!.split(" "), "--join", readFileSync(m[2]!, "utf8").trim()];
 }
 
 /** Runs a site line as printed (through npx, in the checkout), with a status port and QEMU ports of its own. */
@@ -55,11 +58,12 @@ describe("one-command hub and join lines", () => {
     const state = `${dir.path}/state`;
     const port = await freePort();
     let hub = await startHub(state, port);
-    expect(hub.bound.find((b) => b.what === "http")?.address).toBe(`https://0.0.0.0:${port}`);
+    expect(hub.bound.find((b) => b.what === "http")?.address).toBe(`https://[::]:${port}`);
+    expect(SITE_LINE.exec(hub.stdout())?.[2]).toBe(`${state}/site-join`);
     expect(hub.stdout()).toContain(`hub: certificate SHA-256 ${hub.fingerprint}; the admin token (for /status, /metrics, /invites) is in ${state}/admin-token`);
     // Secrets 0600 (the certificate is public); the directory is the hub's alone.
-    expect({ dir: modeOf(state), key: modeOf(`${state}/hub-key.pem`), tokens: modeOf(`${state}/tokens.json`), admin: modeOf(`${state}/admin-token`), cert: modeOf(`${state}/hub-cert.pem`) })
-      .toEqual({ dir: "700", key: "600", tokens: "600", admin: "600", cert: "644" });
+    expect({ dir: modeOf(state), key: modeOf(`${state}/hub-key.pem`), tokens: modeOf(`${state}/tokens.json`), admin: modeOf(`${state}/admin-token`), site: modeOf(`${state}/site-join`), cert: modeOf(`${state}/hub-cert.pem`) })
+      .toEqual({ dir: "700", key: "600", tokens: "600", admin: "600", site: "600", cert: "644" });
     const x509 = new X509Certificate(hub.cert);
     expect({ name: x509.subjectAltName, key: x509.publicKey.asymmetricKeyDetails?.namedCurve, selfSigned: x509.verify(x509.publicKey) }).toEqual({ name: "DNS:localhost", key: "prime256v1", selfSigned: true });
 
@@ -76,14 +80,14 @@ describe("one-command hub and join lines", () => {
     const hubStatus = await (await hub.api("/status")).text();
     expect(JSON.parse(hubStatus).networks.map((n: any) => n.name)).toEqual(["lab"]);
 
-    // The secrets: only in the one site line the first start prints; nowhere in /status, logs or help.
+    // The secrets: only in the state directory; nowhere in /status, logs (stdout is a pipe here, as under systemd or podman) or help.
     const admin = hub.admin;
     for (const [where, text] of [
       ["hub /status", hubStatus],
       ["site /status", JSON.stringify(await siteA.status())],
       ["site logs", siteA.stdout() + siteA.stderr()],
       ["hub stderr", hub.stderr()],
-      ["hub stdout but the site line", hub.stdout().split("\n").filter((l) => !l.startsWith("hub: on each site")).join("\n")],
+      ["hub stdout", hub.stdout()],
       ["--help", helpText()],
     ] as const) {
       expect({ where, site: text.includes(siteToken), admin: text.includes(admin) }).toEqual({ where, site: false, admin: false });
@@ -196,12 +200,13 @@ describe("one-command hub and join lines", () => {
     });
   });
 
-  test("a hub named by an IP address (v4 or v6) gets a certificate for that address, and sites join it; another name on the same state is refused", async () => {
+  test("a hub named by an IP address (v4 or v6) gets a certificate for that address and listens by default on [::], which takes both; sites join it on that address; another name on the same state is refused", async () => {
     await using dir = await tempDir();
     for (const [host, bracketed] of [["127.0.0.1", "127.0.0.1"], ["::1", "[::1]"]]) {
       const state = `${dir.path}/${host.replace(/:/g, "_")}`;
       const port = await freePort();
-      await using hub = await spawnRelay(["--public-url", `wss://${bracketed}:${port}`, "--state-dir", state, "--http", `${bracketed}:${port}`]);
+      await using hub = await spawnRelay(["--public-url", `wss://${bracketed}:${port}`, "--state-dir", state]);
+      expect(hub.bound.find((b) => b.what === "http")?.address).toBe(`https://[::]:${port}`);
       const x509 = new X509Certificate(await Bun.file(`${state}/hub-cert.pem`).text());
       expect(x509.subjectAltName).toBe(`IP Address:${host === "::1" ? "0:0:0:0:0:0:0:1" : host}`);
       const line = printedSiteLine(hub);
@@ -228,8 +233,60 @@ describe("one-command hub and join lines", () => {
   });
 });
 
-/** `KEY=value` lines of an environment file, as systemd reads them. */
-const envFile = (text: string) => Object.fromEntries(text.split("\n").filter((l) => /^[A-Z_]+=/.test(l)).map((l) => [l.slice(0, l.indexOf("=")), l.slice(l.indexOf("=") + 1)]));
+/**
+ * An environment file read by systemd's rules: a port of parse_env_file_internal (src/basic/env-file.c,
+ * systemd 252): comments, quotes (single: all literal; double: a backslash quotes `"`, `\\`, `` ` ``, `$` and
+ * is kept before anything else), backslash escapes and continuations outside quotes, blanks trimmed.
+ */
+function envFile(text: string): Record<string, string> {
+  const out: Record<string, string> = {};
+  let state = "preKey";
+  let [key, value, trailing] = ["", "", 0];
+  const push = () => {
+    if (key !== "") out[key] = value.slice(0, value.length - trailing);
+    [key, value, trailing] = ["", "", 0];
+    state = "preKey";
+  };
+  for (const c of `${text}\n`) {
+    const blank = c === " " || c === "\t";
+    if (state === "preKey") {
+      if (c === "#" || c === ";") state = "comment";
+      else if (c !== "\n" && !blank) [state, key] = ["key", c];
+    } else if (state === "key") {
+      if (c === "\n") [state, key] = ["preKey", ""];
+      else if (c === "=") [state, key] = ["preValue", key.trimEnd()];
+      else key += c;
+    } else if (state === "preValue") {
+      if (c === "\n") push();
+      else if (c === "'") state = "single";
+      else if (c === '"') state = "double";
+      else if (c === "\\") state = "valueEscape";
+      else if (!blank) [state, value, trailing] = ["value", value + c, 0];
+    } else if (state === "value") {
+      if (c === "\n") push();
+      else if (c === "\\") [state, trailing] = ["valueEscape", 0];
+      else [value, trailing] = [value + c, blank ? trailing + 1 : 0];
+    } else if (state === "valueEscape") {
+      state = "value";
+      if (c !== "\n") value += c;
+    } else if (state === "single") {
+      if (c === "'") state = "preValue";
+      else value += c;
+    } else if (state === "double") {
+      if (c === '"') state = "preValue";
+      else if (c === "\\") state = "doubleEscape";
+      else value += c;
+    } else if (state === "doubleEscape") {
+      state = "double";
+      if ('"\\`$'.includes(c)) value += c;
+      else if (c !== "\n") value += `\\${c}`;
+    } else if (state === "comment") {
+      if (c === "\\") state = "commentEscape";
+      else if (c === "\n") state = "preKey";
+    } else state = "comment";
+  }
+  return out;
+}
 
 /** What an installed unit runs: ExecStart's words, its program moved below `root`. */
 async function unitCommand(root: string): Promise<string[]> {
@@ -239,12 +296,24 @@ async function unitCommand(root: string): Promise<string[]> {
 }
 
 describe("--install-service", () => {
-  test("installs a hub, then a site from the hub's printed line, below a temporary root: binary, hardened unit without secrets, 0600 environment file; systemd-analyze verify passes; each started as its unit starts it, the site joins and no secret is in ps", async () => {
+  test("installs a hub made by hand, its state copied, then a site from the hub's join string, below a temporary root: binary, hardened unit without secrets, 0600 environment file; systemd-analyze verify passes; each started as its unit starts it, the hub keeps its certificate, the site joins and no secret is in ps", async () => {
     await using dir = await tempDir();
     const [hubRoot, siteRoot] = [`${dir.path}/hub`, `${dir.path}/site`];
     const port = await freePort();
-    const hubInstall = await runCli(["--public-url", `wss://localhost:${port}`, "--state-dir", "/var/lib/edge-relay", "--http", `127.0.0.1:${port}`, "--install-service", "--install-root", hubRoot], {}, 120_000);
+    // A hub someone started by hand first; its site line is already out there.
+    const byHand = `${dir.path}/hub-state`;
+    const first = await startHub(byHand, port, ["--http", `127.0.0.1:${port}`]);
+    const join = printedSiteLine(first).at(-1)!;
+    await first.stop();
+    const hubInstall = await runCli(["--public-url", `wss://localhost:${port}`, "--state-dir", byHand, "--http", `127.0.0.1:${port}`, "--install-service", "--install-root", hubRoot], {}, 120_000);
     expect({ stderr: hubInstall.stderr, code: hubInstall.code }).toEqual({ stderr: "", code: 0 });
+    const state = `${hubRoot}/var/lib/edge-relay`;
+    expect(hubInstall.stdout).toContain(`copied ${byHand} to ${state} (5 files, modes kept): the service's StateDirectory, so its certificate and tokens stay\n`);
+    expect(hubInstall.stdout).toContain("the hub keeps its state in /var/lib/edge-relay; the site's join string (not logged) is there once it has started: sudo cat /var/lib/edge-relay/site-join\n");
+    for (const file of ["admin-token", "hub-cert.pem", "hub-key.pem", "site-join", "tokens.json"]) {
+      expect({ file, mode: modeOf(`${state}/${file}`), same: readFileSync(`${state}/${file}`).equals(readFileSync(`${byHand}/${file}`)) }).toEqual({ file, mode: modeOf(`${byHand}/${file}`), same: true });
+    }
+    expect(modeOf(state)).toBe("700");
     expect(hubInstall.stdout).toContain(`installed ${hubRoot}/etc/systemd/system/edge-relay.service: ExecStart=/usr/local/bin/edge-relay --public-url wss://localhost:${port} --http 127.0.0.1:${port}\n`);
     expect(hubInstall.stdout).toContain(`not started (installed below ${hubRoot}); where systemd runs: systemctl daemon-reload && systemctl enable --now edge-relay\n`);
     const template = await Bun.file(`${ROOT}deploy/edge-relay.service`).text();
@@ -254,17 +323,18 @@ describe("--install-service", () => {
     expect(settings(unit)).toEqual(settings(template));
     expect(settings(unit)).toContain("StateDirectory=edge-relay");
 
-    // The hub as systemd starts it: the unit's command line, its environment file, STATE_DIRECTORY.
-    const state = `${dir.path}/var-lib-edge-relay`;
+    // The hub as systemd starts it: the unit's command line, its environment file, STATE_DIRECTORY; the same certificate and tokens.
     const hubEnv = { ...envFile(await Bun.file(`${hubRoot}/etc/edge-relay/env`).text()), STATE_DIRECTORY: state };
     const [hubBinary, ...hubArgs] = await unitCommand(hubRoot);
     await using hub = await spawnRelay(hubArgs, { command: [hubBinary!], env: hubEnv });
-    const line = printedSiteLine(hub);
-    expect(line.slice(0, 2)).toEqual(["edge-relay", "--join"]);
-    const token = line[2]!.split("::")[1]!.split("@")[0]!;
+    expect(hub.stdout()).toContain(`hub: certificate SHA-256 ${first.fingerprint};`);
+    expect(hub.stdout()).toContain("hub: sites keep their join lines;");
+    // As the install said: the join string from the state directory.
+    expect(readFileSync(`${state}/site-join`, "utf8").trim()).toBe(join);
+    const token = join.split("::")[1]!.split("@")[0]!;
 
-    // The site: the printed line, with its QEMU port and --install-service.
-    const siteInstall = await runCli([...line.slice(1), "--qemu-listen", "lab=127.0.0.1:0", "--http", "127.0.0.1:0", "--install-service", "--install-root", siteRoot], {}, 120_000, { command: [hubBinary!] });
+    // The site: the hub's line, with its QEMU port and --install-service.
+    const siteInstall = await runCli(["--join", join, "--qemu-listen", "lab=127.0.0.1:0", "--http", "127.0.0.1:0", "--install-service", "--install-root", siteRoot], {}, 120_000, { command: [hubBinary!] });
     expect({ stderr: siteInstall.stderr, code: siteInstall.code }).toEqual({ stderr: "", code: 0 });
     expect(siteInstall.stdout).toContain(`installed ${siteRoot}/etc/edge-relay/env (0600): RELAY_JOIN\n`);
     expect(siteInstall.stdout).not.toContain(token);
@@ -272,7 +342,7 @@ describe("--install-service", () => {
     expect(/^ExecStart=(.*)$/m.exec(siteUnit)![1]).toBe("/usr/local/bin/edge-relay --qemu-listen lab=127.0.0.1:0 --http 127.0.0.1:0");
     expect(modeOf(`${siteRoot}/etc/edge-relay/env`)).toBe("600");
     expect(modeOf(`${siteRoot}/usr/local/bin/edge-relay`)).toBe("755");
-    expect(await Bun.file(`${siteRoot}/etc/edge-relay/env`).text()).toBe(`RELAY_JOIN=${line[2]}\n`);
+    expect(await Bun.file(`${siteRoot}/etc/edge-relay/env`).text()).toBe(`RELAY_JOIN="${join}"\n`);
 
     if (Bun.which("systemd-analyze")) {
       // verify checks that ExecStart's program exists: point a copy at the installed binary.
@@ -306,5 +376,105 @@ describe("--public-url with a certificate of one's own", () => {
     expect((await uplinkFailed(untrusting)).lastError).toMatch(/^TLS: certificate not trusted \(use --uplink-ca for a private CA or a self-signed hub\)/);
     await using site = await spawnRelay([...line.slice(line.indexOf("--join")), "--uplink-ca", `${dir.path}/ca.pem`, "--http", "127.0.0.1:0"]);
     await uplinkUp(site);
+  });
+});
+
+describe("--install-service's state and environment file", () => {
+  test("a --state-dir whose files differ from those already in the service's state directory exits 2 with one line, and nothing is copied or installed", async () => {
+    await using dir = await tempDir();
+    const root = `${dir.path}/root`;
+    openHubState(`${root}/var/lib/edge-relay`, "wss://localhost:8443");
+    openHubState(`${dir.path}/other`, "wss://localhost:8443");
+    const before = readFileSync(`${root}/var/lib/edge-relay/hub-key.pem`);
+    const run = await runCli(["--public-url", "wss://localhost:8443", "--state-dir", `${dir.path}/other`, "--install-service", "--install-root", root]);
+    expect(run).toEqual({
+      stdout: "",
+      stderr: `edge-relay: --install-service: --state-dir ${dir.path}/other: ${root}/var/lib/edge-relay/admin-token differs from ${dir.path}/other/admin-token (another hub's state?); move one of them aside\n`,
+      code: 2,
+    });
+    expect(readFileSync(`${root}/var/lib/edge-relay/hub-key.pem`).equals(before)).toBe(true);
+    expect(existsSync(`${root}/etc/systemd/system/edge-relay.service`)).toBe(false);
+  });
+
+  test("a value with a backslash, quotes, spaces, $, ` and % survives systemd's EnvironmentFile rules (and a shell's, which agree inside double quotes)", async () => {
+    await using dir = await tempDir();
+    const values = ['a\\b', 'say "hi"', "it's", "two  spaces ", " lead", "$HOME ${X} `id`", "%i,%%", "#not a comment;", "trailing\\", "plain,list"];
+    const file = values.map((value, i) => `V${i}=${environmentFileValue(value)}\n`).join("");
+    expect(envFile(file)).toEqual(Object.fromEntries(values.map((value, i) => [`V${i}`, value])));
+    writeFileSync(`${dir.path}/env`, file);
+    const shell = await Bun.$`env -i bash -c ${`set -a; . ${dir.path}/env; for i in ${values.map((_, i) => i).join(" ")}; do eval 'printf "%s\\0" "$V'$i'"'; done`}`.quiet();
+    expect(shell.stdout.toString().split("\0").slice(0, -1)).toEqual(values);
+  });
+});
+
+describe("tokens.json writers", () => {
+  test("concurrent --invite processes each keep their token", async () => {
+    await using dir = await tempDir();
+    openHubState(dir.path, "wss://localhost:8443");
+    const runs = await Promise.all(Array.from({ length: 8 }, () => runCli(["--state-dir", dir.path, "--invite", "lab"], {}, 20_000)));
+    const ids = runs.map((r) => /^invite ([0-9a-f]{8}) /.exec(r.stdout)?.[1]);
+    expect(runs.map((r) => r.code)).toEqual(Array(8).fill(0));
+    expect(listInvites(dir.path).map((t) => t.id).toSorted()).toEqual(["site", ...ids].toSorted() as string[]);
+    expect(existsSync(`${dir.path}/tokens.json.lock`)).toBe(false);
+  });
+
+  test("a writer waits for a lock a live process holds and then gives up with one line; a lock whose process is gone is taken over", async () => {
+    await using dir = await tempDir();
+    openHubState(dir.path, "wss://localhost:8443");
+    const lock = `${dir.path}/tokens.json.lock`;
+    writeFileSync(lock, `${process.pid}\n`);
+    expect(await runCli(["--state-dir", dir.path, "--invite", "lab"], {}, 20_000)).toEqual({
+      stdout: "",
+      stderr: `edge-relay: --invite: Cannot lock ${dir.path}/tokens.json: ${lock} is held by process ${process.pid}\n`,
+      code: 1,
+    });
+    expect(listInvites(dir.path).map((t) => t.id)).toEqual(["site"]);
+    const gone = Bun.spawnSync(["true"]).pid;
+    writeFileSync(lock, `${gone}\n`);
+    const invite = addInvite(dir.path, ["lab"]);
+    expect(listInvites(dir.path).map((t) => t.id)).toEqual(["site", invite.id]);
+    expect(existsSync(lock)).toBe(false);
+    // The lock is released when the change throws.
+    expect(() => withHubLock(dir.path, () => { throw new RangeError("inside"); })).toThrow("inside");
+    expect(existsSync(lock)).toBe(false);
+  });
+
+  test("revoking site removes its join string file; a restarted hub does not bring it back", async () => {
+    await using dir = await tempDir();
+    openHubState(dir.path, "wss://localhost:8443");
+    expect(existsSync(`${dir.path}/site-join`)).toBe(true);
+    expect(await runCli(["--state-dir", dir.path, "--revoke", "site"])).toEqual({ stdout: "revoked site: a running hub closes its tunnels now\n", stderr: "", code: 0 });
+    expect(existsSync(`${dir.path}/site-join`)).toBe(false);
+    const again = openHubState(dir.path, "wss://localhost:8443");
+    expect({ join: again.join, file: existsSync(`${dir.path}/site-join`) }).toEqual({ join: "", file: false });
+    expect(hubStartLines(again, "edge-relay", true)).toEqual([`hub: sites keep their join lines; for another: edge-relay --state-dir ${dir.path} --invite NET[,NET…]`]);
+  });
+});
+
+describe("the site line on a terminal", () => {
+  test("a hub whose stdout is a terminal prints the site line with its join string at the first start only", async () => {
+    await using dir = await tempDir();
+    const state = `${dir.path}/state`;
+    const port = await freePort();
+    /** The hub under script(1), which gives it a terminal; its output until it is ready. */
+    const onTerminal = async () => {
+      const proc = Bun.spawn(["script", "-qefc", `${process.execPath} ${ROOT}relay.ts --public-url wss://localhost:${port} --state-dir ${state} --http 127.0.0.1:${port}`, "/dev/null"], { stdin: "pipe", stdout: "pipe", stderr: "pipe", detached: true });
+      let out = "";
+      const decoder = new TextDecoder();
+      for await (const chunk of proc.stdout) {
+        out += decoder.decode(chunk, { stream: true });
+        if (/^ready\r?$/m.test(out)) break;
+      }
+      process.kill(-proc.pid, "SIGTERM");
+      await proc.exited;
+      return out.replace(/\r/g, "");
+    };
+    const first = await onTerminal();
+    const join = readFileSync(`${state}/site-join`, "utf8").trim();
+    expect(first).toMatch(new RegExp(`^hub: on each site, run: (npx )?bun relay.ts --join ${join.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")}$`, "m"));
+    expect(first).toContain(`hub: (the join string is also in ${state}/site-join; for another: `);
+    const second = await onTerminal();
+    expect(second).toContain("hub: sites keep their join lines;");
+    expect(second).not.toContain(join.split("::")[1]!.split("@")[0]!);
   });
 });

@@ -436,7 +436,7 @@ describe("tunnel takeover", () => {
     expect(status.networks[0].ports.filter((p: any) => p.kind === "tunnel")).toHaveLength(2);
   });
 
-  test("a site whose path silently died reconnects and forwards while the hub still holds the dead tunnel", async () => {
+  test("a site whose path silently died, three times in a row, reconnects and forwards each time while the hub still holds the dead tunnel", async () => {
     await using hub = await scenario().hub(TOKEN).spawn();
     await using proxy = new ChaosProxy(() => Number(new URL(hub.base).port));
     await using siteA = await scenario().listen().with("--keepalive", "0.2", "--name", "site-a").uplink(`ws://127.0.0.1:${proxy.port}`, TOKEN).spawn();
@@ -445,17 +445,21 @@ describe("tunnel takeover", () => {
     await using vmA = await attachVm(siteA);
     await using vmB = await attachVm(siteB);
     await forwarding(vmA, vmB, "02:00:00:00:1b:01");
-    expect(proxy.stall()).toBe(1);
-    await siteA.waitForLine(/uplink: .* stopped answering keepalive pings; retrying with backoff/);
-    await uplinkUp(siteA, 2);
-    await forwarding(vmA, vmB, "02:00:00:00:1b:02");
-    await forwarding(vmB, vmA, "02:00:00:00:1b:03");
-    await hub.waitForLine(/^tunnel: site-a \(127\.0\.0\.1:\d+\) replaced by a newer tunnel from the same relay \(site-a \(127\.0\.0\.1:\d+\)\)$/);
+    // A flapping path (Wi-Fi, NAT rebinding): each stall is noticed by the site alone, well within 30 s of the last.
+    for (const round of [1, 2, 3]) {
+      expect(proxy.stall()).toBe(1);
+      await uplinkUp(siteA, round + 1);
+      await forwarding(vmA, vmB, `02:00:00:00:1b:${round}2`, 5_000);
+      await forwarding(vmB, vmA, `02:00:00:00:1b:${round}3`, 5_000);
+      const uplink = (await siteA.status()).uplink;
+      expect({ networks: uplink.networks, refused: uplink.refused }).toEqual({ networks: ["default"], refused: [] });
+    }
+    const replaced = () => hub.stdout().match(/^tunnel: site-a \(127\.0\.0\.1:\d+\) replaced by a newer tunnel from the same relay \(site-a \(127\.0\.0\.1:\d+\)\)$/gm) ?? [];
+    await waitUntil(() => replaced().length >= 3, "three takeovers logged");
+    expect(replaced()).toHaveLength(3);
     const status = await hub.status();
-    expect((await siteA.status()).uplink.refused).toEqual([]);
     expect(status.loopRefusals).toBe(0);
     expect(status.networks[0].ports.filter((p: any) => p.kind === "tunnel")).toHaveLength(2);
-    expect(hub.stdout().match(/replaced by a newer tunnel/g)).toHaveLength(1);
   });
 });
 

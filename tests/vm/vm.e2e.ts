@@ -23,7 +23,7 @@
  * .cache/vm) and builds the initramfs images.
  */
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { freePort, readme, spawnRelay, tempDir, waitUntil, type RelayProcess } from "../helpers.ts";
@@ -479,9 +479,11 @@ describe("edge-relay with real QEMU guests", () => {
     await using dir = await tempDir();
     const port = await freePort();
     await using hub = await Relay.start("hub", ["--public-url", `wss://localhost:${port}`, "--state-dir", dir.path, "--http", `${LOCAL}:${port}`]);
-    const join = /^hub: on each site, run: .* --join (\S+)$/m.exec(hub.proc.stdout())?.[1];
-    expect(join).toBeDefined();
-    const site = (role: string) => Relay.start(role, ["--http", `${LOCAL}:0`, "--join", join!, "--qemu-listen", `${LOCAL}:0`]);
+    // The hub's stdout is a pipe (a log), so its site line names the file with the join string: read it, as a user would.
+    const file = /^hub: on each site, run: .* --join JOIN, JOIN being the contents of (\S+) \(not logged: it holds the site token\)$/m.exec(hub.proc.stdout())?.[1];
+    expect(file).toBe(join(dir.path, "site-join"));
+    const joinString = readFileSync(file!, "utf8").trim();
+    const site = (role: string) => Relay.start(role, ["--http", `${LOCAL}:0`, "--join", joinString, "--qemu-listen", `${LOCAL}:0`]);
     await using siteA = await site("site A");
     await using siteB = await site("site B");
     await Promise.all([waitUplinkUp(siteA), waitUplinkUp(siteB)]);
