@@ -39,6 +39,84 @@
  * qemu-system-x86_64 … -netdev socket,id=n0,mcast=239.255.0.1:5000,localaddr=127.0.0.1 …
  * ```
  *
+ * ## Map
+ *
+ * The file reads top to bottom: a section uses only what stands above it (types excepted), and each
+ * opens with a few lines of design notes. The supported API comes first; everything exported after
+ * it is `@internal` (for the tests). Sections:
+ *
+ * - public API            the wire constants, the config and log types, and the handle startRelay returns
+ * - basics                one-line errors, rate-limited logs, the redial skeleton, addresses
+ * - impairment            link impairment in netem's words: the grammar, and the engine in front of a port
+ * - config values         valibot schemas for one option's value: endpoints, files, secrets, sizes
+ * - DHCP options          --dhcp and --dhcp-host: a network's subnet, gateway, pool, domain and reservations
+ * - option table          OPTIONS: one entry per option drives the schema, the CLI, --help and config keys
+ * - framing               QEMU's stream framing, the tunnel's messages, MAC addresses: pure codecs
+ * - ports & flow control  Port, the one interface every kind of link is, and 802.3x-style pausing
+ * - switch                Network: a learning Ethernet switch per named network, with loop probes
+ * - capture               pcapng of a network's traffic: live (GET /capture) or to rotating files
+ * - auth & admission      tokens, the failed-login throttle, connection limits, the relay's counters
+ * - tunnels               one WebSocket between two relays: channels, ports, the hub's side of the handshake
+ * - uplink                the site's side: dial the hub (proxy, TLS, pin), keep the tunnel up, sync networks
+ * - v86                   browser VMs: a v86 NIC's WebSocket on /v86/NETWORK is a port
+ * - NATS client           NATS's core protocol on Bun's sockets: decoder, one session per connection, the link
+ * - backplane             hubs sharing networks through NATS: one port per network stands for every other hub
+ * - QEMU stream ports     --qemu-listen and --qemu-connect: TCP and unix stream connections are ports
+ * - QEMU datagram ports   --qemu-udp and --qemu-mcast: every datagram peer, or a multicast group, is a port
+ * - DHCP packets          the wire formats the gateway host reads and writes: IPv4, UDP, ARP, DHCP, DNS names
+ * - gateway host          --dhcp: the relay's own host on a network: ARP, ping, DHCP leases and DNS for them
+ * - status & metrics      GET /status's snapshot and GET /metrics's Prometheus text
+ * - HTTP app              the routes on the one Bun.serve: admin pages and data, captures, impairments, upgrades
+ * - hub state             --public-url and --join: the hub's certificate, tokens and invites; join strings
+ * - lifecycle             startRelay: the composition root, and the registry of networks
+ * - page assets           the status page and the login form, byte for byte
+ * - CLI                   the command line: flags against the option table, --help, QEMU hints, --install-service, main
+ *
+ * ## The life of a frame
+ *
+ * A VM's frame on a --qemu-listen connection: Bun's `data` handler (streamHandlers, in QEMU stream
+ * ports) → `StreamPort.decode` → `StreamDecoder.push` (framing) cuts the byte stream into frames →
+ * `Port.receive` (ports & flow control; through the port's inbound Impairment, if any) →
+ * `Network.forward` (switch: learn the source MAC, look up the destination, else flood; captures tap
+ * here) → `Port.send` on each destination (through its outbound Impairment) → `Port.transmit` → the
+ * port kind's `enqueue`: a StreamWriter batches a turn's frames into one socket write, a TunnelPort or
+ * BackplanePort into one message, a DatagramPort sends one datagram, a V86Port one WebSocket message.
+ * Frames from a tunnel enter at `TunnelLink.receive` → `decodeTunnelMessage`, from NATS at
+ * `Backplane`'s `#received`, from datagram sockets at `DatagramBinding`, from v86 at `V86Port.message`;
+ * all of them then go `Port.receive` → `Network.forward` as above.
+ *
+ * Cut-through, the fast path: a stream chunk's or a tunnel or backplane message's whole frames first
+ * try `Network.forwardRun`, which sends a run of unicast frames to one known port that takes runs
+ * (`Port.enqueueRun`: stream, tunnel and backplane ports) as the bytes they came in, no view or copy
+ * per frame; whatever it cannot take (a flood, a capture, an impairment) goes frame by frame as above.
+ *
+ * Flow control: when a unicast frame's destination port is past half its queue bound,
+ * `Network.forward` calls `from.waitFor(to)`: the source stops reading its peer (a StreamPort pauses
+ * its socket, so QEMU stops taking its guest's packets; a tunnel pauses its whole WebSocket), and what
+ * was already read waits in a HeldInput. The destination polls its queue and lets its waiters read
+ * again below a quarter, or after a second without progress (then it pauses no one until it drains).
+ *
+ * ## Port kinds
+ *
+ * | kind                      | class         | section              | made by                                      |
+ * |---------------------------|---------------|----------------------|----------------------------------------------|
+ * | qemu-listen, qemu-connect | StreamPort    | QEMU stream ports    | streamHandlers (listenStream, QemuDialer)    |
+ * | qemu-udp                  | DatagramPort  | QEMU datagram ports  | DatagramBinding: one per peer heard          |
+ * | qemu-mcast                | DatagramPort  | QEMU datagram ports  | joinMulticast: one per group                 |
+ * | tunnel                    | TunnelPort    | tunnels              | TunnelServer (the hub's side), per network   |
+ * | uplink                    | TunnelPort    | tunnels              | Uplink (the site's side), per network        |
+ * | backplane                 | BackplanePort | backplane            | Backplane.join: one per network on this hub  |
+ * | v86                       | V86Port       | v86                  | V86Server: one per browser VM                |
+ * | host                      | GatewayHost   | gateway host         | startGateways: one per --dhcp network        |
+ *
+ * To add a port kind: a Port subclass (ports & flow control says what to implement: `enqueue`;
+ * `queued` and `reading` to take part in flow control; `enqueueRun` for cut-through) in a section of
+ * its own above lifecycle, something that attaches each port to its network (`network.attach(port)`)
+ * and detaches it when its peer goes, and its start in startRelay (lifecycle), with a row here.
+ *
+ * To add an option: an entry in OPTIONS (option table) and a row in README's CLI reference (a test
+ * holds the two together); then read `config.yourOption` where the relay starts (lifecycle).
+ *
  * @module
  */
 
