@@ -9265,7 +9265,7 @@ interface SnapshotSources {
   tunnels: TunnelServer;
   impairments: ImpairmentTable;
   captures: CaptureRegistry;
-  captureFiles: CaptureFile[];
+  captureFiles(): CaptureFile[];
   qemu(): QemuPorts;
   gateways(): Map<string, GatewayHost>;
   backplane: Backplane | undefined;
@@ -9290,7 +9290,7 @@ function buildSnapshot(s: SnapshotSources, view: StatusView = {}): Snapshot {
     uplink: uplink ? { ...uplink.status } : null,
     backplane: s.backplane ? s.backplane.snapshot() : null,
     dials: qemu.dialers.map((d) => ({ ...d.status })),
-    captures: [...s.captures.snapshot(), ...s.captureFiles.map((f) => f.snapshot())],
+    captures: [...s.captures.snapshot(), ...s.captureFiles().map((f) => f.snapshot())],
     impairments: s.impairments.snapshot(),
     limits: {
       networks: registry.size,
@@ -9455,6 +9455,30 @@ function switchPolicy(
   };
 }
 
+/** --capture-file: each network's traffic into its pcapng file. */
+function startCaptureFiles(config: Config, registry: NetworkRegistry, log: Logger, stoppers: Stoppers): CaptureFile[] {
+  return config.captureFile.map((spec) => {
+    const file = new CaptureFile(registry.getOrCreate(spec.network), spec.path, config.captureRotate, config.captureKeep, log);
+    stoppers.add(() => file.close());
+    return file;
+  });
+}
+
+/** The servers of the peers that dial in, tunnels and v86 clients, under the same limits; their networks come from the registry. */
+function peerServers(config: Config, identity: RelayIdentity, registry: NetworkRegistry, relay: { budget: MemoryBudget; counters: RelayCounters; log: Logger }) {
+  const shared = { ...relay, limit: config.queueBytes, networkForPeer: (name: string) => registry.forPeer(name) };
+  return {
+    tunnels: new TunnelServer({ ...shared, identity, maxTunnels: config.maxTunnels, maxTunnelsPerAddress: config.maxTunnelsPerAddress }),
+    v86: new V86Server({
+      ...shared,
+      rate: config.v86Rate,
+      origins: config.v86Origins.length ? new Set(config.v86Origins) : undefined,
+      maxPorts: config.maxTunnels,
+      maxPerAddress: config.maxTunnelsPerAddress,
+    }),
+  };
+}
+
 /** --public-url: the hub's state from --state-dir (made on the first start), and the config it completes. */
 function withHubState(config: Config): { config: Config; hub: HubState | undefined } {
   if (config.publicUrl === undefined) return { config, hub: undefined };
@@ -9502,21 +9526,13 @@ export async function startRelay(given: Config, log: Logger = consoleLogger, env
     released: (n) => (backplane?.leave(n), uplink?.networksChanged()),
   });
   for (const { target, spec } of config.impair) impairments.set(target, spec);
-  const peerLimits = { budget, counters, log, limit: config.queueBytes, networkForPeer: (name: string) => registry.forPeer(name) };
-  const tunnels = new TunnelServer({ ...peerLimits, identity, maxTunnels: config.maxTunnels, maxTunnelsPerAddress: config.maxTunnelsPerAddress });
-  const v86 = new V86Server({
-    ...peerLimits,
-    rate: config.v86Rate,
-    origins: config.v86Origins.length ? new Set(config.v86Origins) : undefined,
-    maxPorts: config.maxTunnels,
-    maxPerAddress: config.maxTunnelsPerAddress,
-  });
+  const { tunnels, v86 } = peerServers(config, identity, registry, { budget, counters, log });
   const captures = new CaptureRegistry((name) => registry.get(name), config.maxCaptures);
-  const captureFiles: CaptureFile[] = [];
+  let captureFiles: CaptureFile[] = [];
   let qemu: QemuPorts = { bound: [], datagrams: [], dialers: [] };
   let gateways = new Map<string, GatewayHost>();
   const snapshot = (view?: StatusView) =>
-    buildSnapshot({ config, identity, startedAt, registry, counters, budget, tunnels, impairments, captures, captureFiles, qemu: () => qemu, gateways: () => gateways, backplane, uplink: () => uplink }, view);
+    buildSnapshot({ config, identity, startedAt, registry, counters, budget, tunnels, impairments, captures, captureFiles: () => captureFiles, qemu: () => qemu, gateways: () => gateways, backplane, uplink: () => uplink }, view);
   const bound: BoundAddress[] = [];
   const fixedGrants = makeGrants(config.tokens);
   const grants = hub ? [...fixedGrants, ...hubGrants(hub.dir)] : fixedGrants;
@@ -9544,11 +9560,7 @@ export async function startRelay(given: Config, log: Logger = consoleLogger, env
     const portLog: Logger = { info: log.info, warn: rateLimitedLog(log.warn, 10, 10_000).log };
     qemu = await bindQemuPorts(config, registry, { log: portLog, budget, counters, countError, stoppers });
     bound.push(...qemu.bound);
-    for (const spec of config.captureFile) {
-      const file = new CaptureFile(registry.getOrCreate(spec.network), spec.path, config.captureRotate, config.captureKeep, log);
-      captureFiles.push(file);
-      stoppers.add(() => file.close());
-    }
+    captureFiles = startCaptureFiles(config, registry, log, stoppers);
     stoppers.add(() => captures.stop());
     if (config.uplink !== undefined && registry.size === 0) registry.getOrCreate("default");
     registry.keepAll();
