@@ -7,7 +7,7 @@
 import { describe, expect, test } from "bun:test";
 import { BlockList } from "node:net";
 import { ADMIN_COOKIE, AdminSessions, AuthThrottle, clientAddress, formatClient, parseConfig, trustedProxyList, parseCidr } from "../relay.ts";
-import { freePort, runCli, spawnDaemon, spawnRelay, tempDir, waitUntil, type RelayProcess } from "./helpers.ts";
+import { freePort, runCli, spawnDaemon, tempDir, waitUntil, type RelayProcess, scenario } from "./helpers.ts";
 
 const TOKEN = "auth-test-token-4c2a9e";
 const ADMIN = "auth-admin-token-77b1d0";
@@ -37,7 +37,7 @@ async function rawHttp(port: number, request: string): Promise<string> {
 
 describe("authentication throttle", () => {
   test("the login page and /status without a header are no failures: after twenty of each a wrong token is still 401", async () => {
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--admin-token", ADMIN, "--qemu-listen", "127.0.0.1:0"]);
+    await using relay = await scenario().with("--admin-token", ADMIN).listen().spawn();
     for (let i = 0; i < 20; i++) {
       const page = await get(relay, "/");
       expect([page.status, (await page.text()).includes('action="login"')]).toEqual([401, true]);
@@ -50,7 +50,7 @@ describe("authentication throttle", () => {
   });
 
   test("an address past its failures: further wrong tokens 429, the right admin token and the login form still served", async () => {
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--admin-token", ADMIN, "--qemu-listen", "127.0.0.1:0"]);
+    await using relay = await scenario().with("--admin-token", ADMIN).listen().spawn();
     for (let i = 0; i < 10; i++) expect((await get(relay, "/metrics", { Authorization: `Bearer wrong-${i}-00000000000` })).status).toBe(401);
     const blocked = await get(relay, "/status", { Authorization: "Bearer wrong-again-0000000000" });
     expect([blocked.status, Number(blocked.headers.get("retry-after")) > 0]).toEqual([429, true]);
@@ -76,7 +76,7 @@ describe("authentication throttle", () => {
 
 describe("admin sessions", () => {
   test("login sets a random session id (HttpOnly, SameSite=Strict, never the token); logout ends it; the token as a cookie is no login", async () => {
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--admin-token", ADMIN, "--qemu-listen", "127.0.0.1:0"]);
+    await using relay = await scenario().with("--admin-token", ADMIN).listen().spawn();
     const first = await login(relay, ADMIN);
     expect([first.status, first.headers.get("location")]).toEqual([303, "./"]);
     const cookies = first.headers.getSetCookie();
@@ -108,10 +108,10 @@ describe("admin sessions", () => {
   });
 
   test("the page served with an admin token has a log-out button that ends the session", async () => {
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--admin-token", ADMIN, "--qemu-listen", "127.0.0.1:0"]);
+    await using relay = await scenario().with("--admin-token", ADMIN).listen().spawn();
     const page = await (await get(relay, "/", { Authorization: `Bearer ${ADMIN}` })).text();
     expect(page).toContain('<form id="logout" method="post" action="logout"><button type="submit">Log out</button></form>');
-    await using open = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0"]);
+    await using open = await scenario().listen().spawn();
     expect(await (await get(open, "/")).text()).not.toContain('id="logout"');
     expect((await fetch(`${open.base}/logout`, { method: "POST" })).status).toBe(404);
   });
@@ -143,7 +143,7 @@ describe("--help on the admin token", () => {
 
 describe("health checks as load balancers send them", () => {
   test("HTTP/1.0 without Host: GET and HEAD /healthz, OPTIONS /, and any route by its path; /healthz needs no admin token", async () => {
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--admin-token", ADMIN, "--qemu-listen", "127.0.0.1:0"]);
+    await using relay = await scenario().with("--admin-token", ADMIN).listen().spawn();
     const port = relay.port("http");
     const get = await rawHttp(port, "GET /healthz HTTP/1.0\r\n\r\n");
     expect(get).toStartWith("HTTP/1.1 200 ");
@@ -162,7 +162,7 @@ describe("health checks as load balancers send them", () => {
 
   test("HAProxy's default option httpchk (OPTIONS /, and GET /healthz) marks the hub up", async () => {
     await using dir = await tempDir();
-    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--admin-token", ADMIN, "--qemu-listen", "127.0.0.1:0"]);
+    await using hub = await scenario().with("--admin-token", ADMIN).listen().spawn();
     const stats = await freePort();
     const server = `127.0.0.1:${hub.port("http")}`;
     await Bun.write(
@@ -252,7 +252,7 @@ describe("the client's address behind a proxy (--trusted-proxy)", () => {
   });
 
   test("through a trusted proxy each client is throttled and limited by its own address, and logged so; others' headers are ignored", async () => {
-    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN, "--trusted-proxy", "127.0.0.1/32"]);
+    await using hub = await scenario().hub(TOKEN).with("--trusted-proxy", "127.0.0.1/32").spawn();
     const tunnel = (client: string) => get(hub, "/tunnel", { Authorization: "Bearer wrong-token-00000000", "X-Forwarded-For": client });
     for (let i = 0; i < 10; i++) expect((await tunnel("192.0.2.1")).status).toBe(401);
     expect((await tunnel("192.0.2.1")).status).toBe(429);
@@ -260,7 +260,7 @@ describe("the client's address behind a proxy (--trusted-proxy)", () => {
     await hub.waitForLine(/^tunnel: refused 192\.0\.2\.1 via 127\.0\.0\.1:\d+: wrong token$/);
 
     // Not trusted: the same header from 127.0.0.1 is the caller's own word, and changes nothing.
-    await using plain = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN, "--trusted-proxy", "10.0.0.0/8"]);
+    await using plain = await scenario().hub(TOKEN).with("--trusted-proxy", "10.0.0.0/8").spawn();
     for (let i = 0; i < 10; i++) expect((await get(plain, "/tunnel", { Authorization: "Bearer wrong-token-00000000", "X-Forwarded-For": `192.0.2.${i}` })).status).toBe(401);
     expect((await get(plain, "/tunnel", { Authorization: "Bearer wrong-token-00000000", "X-Forwarded-For": "192.0.2.77" })).status).toBe(429);
     await plain.waitForLine(/^tunnel: refused 127\.0\.0\.1:\d+: wrong token$/);

@@ -26,6 +26,7 @@ import {
   waitUntil,
   ROOT,
   readme,
+  scenario,
 } from "./helpers.ts";
 
 const TOKEN = "backplane-test-token-7d2e";
@@ -36,10 +37,7 @@ const hubArgs = (nats: string, probe = "0") => ["--http", "127.0.0.1:0", "--toke
 /** A site with a QEMU port per network, uplinked to `url`. */
 /** `url`: the hub's ws:// or wss:// address (an http:// base is dialled as ws://). */
 const spawnSite = (url: string, networks: string[], extra: string[] = []) =>
-  spawnRelay([
-    "--http", "127.0.0.1:0", ...networks.flatMap((n) => ["--qemu-listen", `${n}=127.0.0.1:0`]),
-    "--uplink", url.replace(/^http/, "ws"), "--uplink-token", TOKEN, "--loop-probe", "0", ...extra,
-  ]);
+  scenario().with(...networks.flatMap((n) => ["--qemu-listen", `${n}=127.0.0.1:0`])).uplink(url, TOKEN).noProbe().with(...extra).spawn();
 
 /** Resolves once the hub's backplane is up and the server has its subscription to each network. */
 const subscribed = (hub: RelayProcess, ...networks: string[]) =>
@@ -407,7 +405,7 @@ describe("TLS, a token and a small max_payload on the NATS server", () => {
     await using hub1 = await spawnRelay(tls(["--backplane-ca", ca, "--backplane-token", natsToken]));
     // Hub 2 has its backplane from a config file: the same keys as the options.
     await Bun.write(`${dir.path}/hub2.json`, JSON.stringify({ backplane: [`tls://127.0.0.1:${nats.port}`], backplaneCa: ca, backplaneToken: natsToken }));
-    await using hub2 = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN, "--loop-probe", "0", "--config", `${dir.path}/hub2.json`]);
+    await using hub2 = await scenario().hub(TOKEN).noProbe().with("--config", `${dir.path}/hub2.json`).spawn();
     await using wrongToken = await spawnRelay(tls(["--backplane-ca", ca, "--backplane-token", "not-the-token"]));
     // nats:// to a server that requires TLS: upgraded all the same, and checked against the system's CAs.
     await using untrusted = await spawnRelay([...hubArgs(nats.url), "--backplane-token", natsToken]);

@@ -5,7 +5,7 @@
 import { describe, expect, test } from "bun:test";
 import { existsSync } from "node:fs";
 import { encodeFrames } from "../relay.ts";
-import { BROADCAST, attachVm, fromMac, introduce, makeFrame, recipe, spawnRelay, tempDir, uplinkUp, waitUntil, type RelayProcess } from "./helpers.ts";
+import { BROADCAST, attachVm, fromMac, introduce, makeFrame, recipe, tempDir, uplinkUp, waitUntil, type RelayProcess, scenario } from "./helpers.ts";
 
 const TSHARK = Bun.which("tshark");
 const needTshark = TSHARK || process.env.CI ? test : test.skip;
@@ -36,7 +36,7 @@ async function capture(relay: RelayProcess, query: string, file: string): Promis
 describe("GET /capture", () => {
   needTshark("streams pcapng: an interface per port, every frame in and out with its direction, exactly", async () => {
     await using dir = await tempDir();
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "lab=127.0.0.1:0", "--loop-probe", "0"]);
+    await using relay = await scenario().listen("lab").noProbe().spawn();
     await using vm1 = await attachVm(relay);
     await using vm2 = await attachVm(relay);
     const [A, B] = ["02:00:00:00:61:01", "02:00:00:00:61:02"];
@@ -68,8 +68,8 @@ describe("GET /capture", () => {
   needTshark("a capture on a hub sees every frame of unicast between two sites, in and out, which the hub otherwise forwards as whole messages", async () => {
     await using dir = await tempDir();
     const token = "capture-cut-through-token";
-    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", token, "--loop-probe", "0"]);
-    const site = () => spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--loop-probe", "0", "--uplink", hub.base.replace(/^http/, "ws"), "--uplink-token", token]);
+    await using hub = await scenario().hub(token).noProbe().spawn();
+    const site = () => scenario().listen().noProbe().uplink(hub.base, token).spawn();
     await using siteA = await site();
     await using siteB = await site();
     await Promise.all([uplinkUp(siteA), uplinkUp(siteB)]);
@@ -88,7 +88,7 @@ describe("GET /capture", () => {
 
   needTshark("filters by port, MAC and EtherType (VLAN-tagged frames by their inner type) and truncates to snaplen", async () => {
     await using dir = await tempDir();
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "lab=127.0.0.1:0", "--loop-probe", "0"]);
+    await using relay = await scenario().listen("lab").noProbe().spawn();
     await using vm1 = await attachVm(relay);
     await using vm2 = await attachVm(relay);
     const [A, B, C] = ["02:00:00:00:62:01", "02:00:00:00:62:02", "02:00:00:00:62:03"];
@@ -117,7 +117,7 @@ describe("GET /capture", () => {
   needTshark("the README's tshark recipe reads the frames; a refused request shows curl's error, not tshark's", async () => {
     const line = (await recipe("capture"))?.split("\n").find((l) => l.endsWith("| tshark -r -"));
     expect(line).toBe("curl -fsSN 'http://127.0.0.1:8080/capture?network=lab&ethertype=0x0806&count=100&port=lab/qemu-listen-1' | tshark -r -");
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "lab=127.0.0.1:0"]);
+    await using relay = await scenario().listen("lab").spawn();
     await using vm = await attachVm(relay);
     const run = async (command: string) => {
       const proc = Bun.spawn(["bash", "-c", command.replace("http://127.0.0.1:8080", relay.base)], { stdout: "pipe", stderr: "pipe" });
@@ -137,7 +137,7 @@ describe("GET /capture", () => {
   });
 
   test("bad requests are refused in one line; beyond --max-captures the answer is 429", async () => {
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "lab=127.0.0.1:0", "--max-captures", "1"]);
+    await using relay = await scenario().listen("lab").with("--max-captures", "1").spawn();
     const get = async (q: string) => {
       const res = await fetch(`${relay.base}/capture?${q}`);
       return [res.status, res.status === 200 ? "" : await res.text()];
@@ -160,7 +160,7 @@ describe("GET /capture", () => {
   test("a capture whose reader stalls loses frames, counted, and never slows a 100,000-frame transfer", async () => {
     // Ports may queue the whole transfer (21 MB), so however slowly the machine lets the receiving
     // VM read, the only frames that may be lost are the stalled capture's.
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "lab=127.0.0.1:0", "--loop-probe", "0", "--queue-bytes", String(64 * 1024 * 1024)]);
+    await using relay = await scenario().listen("lab").noProbe().with("--queue-bytes", String(64 * 1024 * 1024)).spawn();
     const [A, B] = ["02:00:00:00:63:01", "02:00:00:00:63:02"];
     const fixture = (name: string) => new URL(`./fixtures/${name}`, import.meta.url).pathname;
     const qemuPort = String(relay.port("qemu-listen"));
@@ -193,10 +193,7 @@ describe("--capture-file", () => {
   needTshark("writes pcapng files, rotating past --capture-rotate and keeping --capture-keep of them", async () => {
     await using dir = await tempDir();
     const path = `${dir.path}/lab.pcapng`;
-    const relay = await spawnRelay([
-      "--http", "127.0.0.1:0", "--qemu-listen", "lab=127.0.0.1:0", "--loop-probe", "0",
-      "--capture-file", `lab=${path}`, "--capture-rotate", "8KB", "--capture-keep", "3",
-    ]);
+    const relay = await scenario().listen("lab").noProbe().with("--capture-file", `lab=${path}`, "--capture-rotate", "8KB", "--capture-keep", "3").spawn();
     try {
       await using vm1 = await attachVm(relay);
       await using vm2 = await attachVm(relay);

@@ -1,7 +1,7 @@
 import { describe, expect, test } from "bun:test";
 import { existsSync, symlinkSync } from "node:fs";
 import { OPTIONS, flagOf, helpText, loadConfig, startRelay, parseConfig } from "../relay.ts";
-import { RELAY, attachVm, connectStream, descendants, freePort, runCli, makeFrame, BROADCAST, spawnRelay, tempDir, testCertificate, udpPeer, waitUntil, ROOT, readme } from "./helpers.ts";
+import { RELAY, attachVm, connectStream, descendants, freePort, runCli, makeFrame, BROADCAST, spawnRelay, tempDir, testCertificate, udpPeer, waitUntil, ROOT, readme, scenario } from "./helpers.ts";
 
 describe("CLI", () => {
   test("--help, run as the README's set-up leaves it (npx bun relay.ts), documents every option, names that invocation and exits 0", async () => {
@@ -132,10 +132,10 @@ describe("CLI", () => {
       [["--tls-cert", `${dir.path}/hub.crt`, "--tls-key", notKey], "--tls-key: expected a PEM file with a private key (-----BEGIN PRIVATE KEY-----)"],
     ];
     for (const [args, message] of cases) {
-      expect(await runCli(["--http", "127.0.0.1:0", ...args])).toEqual({ stdout: "", stderr: `edge-relay: ${message}\n`, code: 2 });
+      expect(await runCli(scenario().with(...args).args)).toEqual({ stdout: "", stderr: `edge-relay: ${message}\n`, code: 2 });
     }
     // The right files pass the same checks: the relay starts.
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--tls-cert", `${dir.path}/hub.crt`, "--tls-key", `${dir.path}/hub.key`, "--backplane", "nats://127.0.0.1:1", "--backplane-ca", ca]);
+    await using relay = await scenario().with("--tls-cert", `${dir.path}/hub.crt`, "--tls-key", `${dir.path}/hub.key`, "--backplane", "nats://127.0.0.1:1", "--backplane-ca", ca).spawn();
     expect(relay.base).toStartWith("https://");
   });
 
@@ -227,16 +227,16 @@ describe("CLI", () => {
   });
 
   test("a port already in use exits 1 naming the option, with the errno spelled out", async () => {
-    await using first = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--qemu-udp", "127.0.0.1:0"]);
+    await using first = await scenario().listen().udp().spawn();
     const taken = first.port("qemu-listen");
-    const { stdout, stderr, code } = await runCli(["--http", "127.0.0.1:0", "--qemu-listen", `127.0.0.1:${taken}`]);
+    const { stdout, stderr, code } = await runCli(scenario().with("--qemu-listen", `127.0.0.1:${taken}`).args);
     expect({ stdout, stderr, code }).toEqual({
       stdout: "",
       stderr: `edge-relay: --qemu-listen: Cannot listen on 127.0.0.1:${taken}: address already in use (EADDRINUSE)\n`,
       code: 1,
     });
     const udp = first.port("qemu-udp");
-    expect(await runCli(["--http", "127.0.0.1:0", "--qemu-udp", `127.0.0.1:${udp}`])).toEqual({
+    expect(await runCli(scenario().with("--qemu-udp", `127.0.0.1:${udp}`).args)).toEqual({
       stdout: "",
       stderr: `edge-relay: --qemu-udp: Cannot listen on udp 127.0.0.1:${udp}: address already in use (EADDRINUSE)\n`,
       code: 1,
@@ -254,12 +254,12 @@ describe("CLI", () => {
     ];
     for (const [args, line] of cases) expect(await runCli(args)).toEqual({ stdout: "", stderr: `edge-relay: ${line}\n`, code: 2 });
     // TCP and UDP ports are apart, and port 0 is a new port each time.
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", `127.0.0.1:${port}`, "--qemu-udp", `127.0.0.1:${port}`, "--qemu-listen", "lab=127.0.0.1:0", "--qemu-listen", "127.0.0.1:0"]);
+    await using relay = await scenario().with("--qemu-listen", `127.0.0.1:${port}`, "--qemu-udp", `127.0.0.1:${port}`).listen("lab").listen().spawn();
     expect(relay.bound.filter((b) => b.what === "qemu-listen")).toHaveLength(3);
   });
 
   test("an --http address in use exits 1 naming the option, in the same words as any listener", async () => {
-    await using first = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0"]);
+    await using first = await scenario().listen().spawn();
     const taken = first.port("http");
     expect(await runCli(["--http", `127.0.0.1:${taken}`, "--qemu-listen", "127.0.0.1:0"])).toEqual({
       stdout: "",
@@ -272,7 +272,7 @@ describe("CLI", () => {
     await using dir = await tempDir();
     for (const signal of ["SIGTERM", "SIGINT"] as const) {
       const socket = `${dir.path}/${signal}.sock`;
-      await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--qemu-listen", `unix:${socket}`]);
+      await using relay = await scenario().listen().with("--qemu-listen", `unix:${socket}`).spawn();
       await using vm = await connectStream(relay.port("qemu-listen"));
       expect(existsSync(socket)).toBe(true);
       await relay.waitForLine(new RegExp(`up: qemu-listen ${vm.local}$`));
@@ -287,9 +287,7 @@ describe("CLI", () => {
 
   test("logs every bound address and, per QEMU port, ready-to-paste QEMU lines with a MAC each", async () => {
     const vmPort = await freePort("udp");
-    await using relay = await spawnRelay([
-      "--http", "127.0.0.1:0", "--qemu-listen", "lab=127.0.0.1:0", "--qemu-udp", `127.0.0.1:0,127.0.0.1:${vmPort}`, "--qemu-connect", "dev=127.0.0.1:1",
-    ]);
+    await using relay = await scenario().listen("lab").with("--qemu-udp", `127.0.0.1:0,127.0.0.1:${vmPort}`, "--qemu-connect", "dev=127.0.0.1:1").spawn();
     const lines = relay.stdout().split("\n");
     const listening = lines.filter((l) => l.includes(": listening on "));
     expect(listening[0]).toMatch(/^http: listening on http:\/\/127\.0\.0\.1:\d+$/);
@@ -314,9 +312,7 @@ describe("CLI", () => {
   test("SIGTERM logs every UDP and multicast port going down, as it does stream ports, and exits 0", async () => {
     using learned = await udpPeer();
     const [fixed, group] = [await freePort("udp"), `239.255.42.2:${await freePort("udp")}`];
-    await using relay = await spawnRelay([
-      "--http", "127.0.0.1:0", "--qemu-udp", `127.0.0.1:0,127.0.0.1:${fixed}`, "--qemu-udp", "lab=127.0.0.1:0", "--qemu-mcast", `lab=${group},127.0.0.1`,
-    ]);
+    await using relay = await scenario().with("--qemu-udp", `127.0.0.1:0,127.0.0.1:${fixed}`).udp("lab").with("--qemu-mcast", `lab=${group},127.0.0.1`).spawn();
     learned.send(makeFrame(BROADCAST, "02:00:00:00:16:01", "learn me"), relay.port("qemu-udp", "lab"));
     await relay.waitForLine(new RegExp(`^lab/qemu-udp-1 up: qemu-udp 127\\.0\\.0\\.1:${learned.port}$`));
     expect(await relay.stop("SIGTERM")).toBe(0);
@@ -333,10 +329,7 @@ describe("CLI", () => {
     await using dir = await tempDir();
     const abstract = `edge-relay-test-${process.pid}-hints`;
     const group = `239.255.42.3:${await freePort("udp")}`;
-    await using relay = await spawnRelay([
-      "--http", "127.0.0.1:0", "--qemu-listen", `unix:${dir.path}/listen.sock`, "--qemu-listen", `lab=unix:@${abstract}`,
-      "--qemu-connect", `unix:${dir.path}/vm.sock`, "--qemu-udp", `unix:${dir.path}/dgram.sock`, "--qemu-mcast", `lab=${group},127.0.0.1`,
-    ]);
+    await using relay = await scenario().with("--qemu-listen", `unix:${dir.path}/listen.sock`, "--qemu-listen", `lab=unix:@${abstract}`, "--qemu-connect", `unix:${dir.path}/vm.sock`, "--qemu-udp", `unix:${dir.path}/dgram.sock`, "--qemu-mcast", `lab=${group},127.0.0.1`).spawn();
     const [host, port] = group.split(":");
     const hints = relay.stdout().split("\n").filter((l) => l.startsWith("attach a VM"));
     const mac = /,mac=(52:54:00:[0-9a-f]{2}:[0-9a-f]{2}:[0-9a-f]{2})$/;
@@ -355,7 +348,7 @@ describe("CLI", () => {
   });
 
   test("the README's set-up shows the lines the relay prints for its default listener, each with a MAC of its own", async () => {
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0"]);
+    await using relay = await scenario().listen().spawn();
     const port = relay.port("qemu-listen");
     const mac = /mac=52:54:00(:[0-9a-f]{2}){3}$/;
     const hints = (text: string) => text.split("\n").filter((l) => l.startsWith("attach a VM"));
@@ -386,7 +379,7 @@ describe("CLI", () => {
   });
 
   test("a MAC seen on two ports in turn is warned about once (rate-limited) and counted", async () => {
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0"]);
+    await using relay = await scenario().listen().spawn();
     await using vm1 = await attachVm(relay);
     await using vm2 = await attachVm(relay);
     await using vm3 = await attachVm(relay);
@@ -452,7 +445,7 @@ describe("loadConfig", () => {
 
 describe("HTTP", () => {
   test("/healthz, /status and /metrics report ports, counters and MACs", async () => {
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "lab=127.0.0.1:0"]);
+    await using relay = await scenario().listen("lab").spawn();
     await using vm1 = await attachVm(relay);
     await using vm2 = await attachVm(relay);
     const f = makeFrame(BROADCAST, "02:00:00:00:20:01", 100);
@@ -483,7 +476,7 @@ describe("HTTP", () => {
   });
 
   test("/status pages the networks (?networks=N&offset=K) and cuts ports (?ports=N), with the totals", async () => {
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "a=127.0.0.1:0", "--qemu-listen", "b=127.0.0.1:0", "--qemu-listen", "c=127.0.0.1:0"]);
+    await using relay = await scenario().listen("a").listen("b").listen("c").spawn();
     await using _vm1 = await attachVm(relay, "b");
     await using _vm2 = await attachVm(relay, "b");
     const get = async (query: string) => (await fetch(`${relay.base}/status${query}`)).json() as Promise<any>;
@@ -511,7 +504,7 @@ describe("HTTP", () => {
   });
 
   test("the tunnel endpoint is off without a token", async () => {
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0"]);
+    await using relay = await scenario().spawn();
     const res = await fetch(`${relay.base}/tunnel`);
     expect([res.status, await res.text()]).toEqual([404, "tunnel endpoint disabled: no token configured\n"]);
   });

@@ -27,6 +27,7 @@ import {
   ROOT,
   readme,
   recipe,
+  scenario,
 } from "./helpers.ts";
 
 const UNIT = `${ROOT}deploy/edge-relay.service`;
@@ -137,7 +138,7 @@ describe("systemd unit and the compiled binary", () => {
     const status = async () => (await fetch(`${hub.base}/status`, { headers: { Authorization: `Bearer ${ADMIN}` } })).json();
     expect((await fetch(`${hub.base}/status`)).status).toBe(401);
 
-    await using site = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--uplink", hub.base.replace(/^http/, "ws"), "--uplink-token", TOKEN]);
+    await using site = await scenario().listen().uplink(hub.base, TOKEN).spawn();
     await uplinkUp(site);
     await using vm = await attachVm(site);
     const frames = new FrameQueue();
@@ -204,13 +205,13 @@ describe("Container image (deploy/Containerfile)", () => {
 
     // A hub as the README runs it (its secrets in an --env-file), on the host's loopback and free ports.
     await Bun.write(`${d}/env`, `RELAY_TOKENS=${TOKEN}\n`);
-    const hub = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0"], {
+    const hub = await scenario().listen().spawn({
       command: [...run, "--name", "hub", "--env-file", `${d}/env`, "edge-relay"],
     });
     await using _hub = hub;
     const pid = (await Bun.$`${podman} container inspect hub --format {{.State.Pid}}`.text()).trim();
     expect((await Bun.file(`/proc/${pid}/status`).text()).match(/^Uid:\s+(\d+)/m)?.[1]).toBe("65532");
-    await using site = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--uplink", hub.base.replace(/^http/, "ws"), "--uplink-token", TOKEN]);
+    await using site = await scenario().listen().uplink(hub.base, TOKEN).spawn();
     await uplinkUp(site);
     await framesCross(site, hub, "64");
     // Podman hands SIGTERM to the relay, which stops cleanly.
@@ -229,7 +230,7 @@ describe("Container image (deploy/Containerfile)", () => {
     expect(statSync(`${d}/state/hub-key.pem`).uid).toBe(65532);
     const join = readFileSync(`${d}/state/site-join`, "utf8").trim();
     expect(joinHub.stdout()).not.toContain(join.split("::")[1]!.split("@")[0]!);
-    await using joined = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--join", join]);
+    await using joined = await scenario().listen().with("--join", join).spawn();
     await uplinkUp(joined);
     await joinHub.waitForLine(/^tunnel: .* attached \(networks: default\)$/);
     expect(await joinHub.stop("SIGTERM")).toBe(0);
@@ -294,13 +295,11 @@ describe("HAProxy in front of a hub (deploy/haproxy.cfg)", () => {
     // A test CA and a certificate it signs for 127.0.0.1; the site trusts the CA.
     await testCertificate(d);
 
-    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN, "--qemu-listen", "127.0.0.1:0", "--trusted-proxy", "127.0.0.1"]);
+    await using hub = await scenario().hub(TOKEN).listen().with("--trusted-proxy", "127.0.0.1").spawn();
     await using haproxy = await haproxyFront(d, hub);
     const { port, front, ca } = haproxy;
 
-    await using site = await spawnRelay([
-      "--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--uplink", `wss://127.0.0.1:${port}`, "--uplink-token", TOKEN, "--uplink-ca", `${d}/ca.pem`,
-    ]);
+    await using site = await scenario().listen().uplink(`wss://127.0.0.1:${port}`, TOKEN).with("--uplink-ca", `${d}/ca.pem`).spawn();
     await uplinkUp(site).catch(async (error) => {
       throw new Error(`${error.message}\nsite: ${JSON.stringify((await site.status()).uplink)}\nHAProxy:\n${haproxy.log()}`);
     });
@@ -325,7 +324,7 @@ describe("HAProxy in front of a hub, sites on several addresses", () => {
     await using dir = await tempDir();
     const d = dir.path;
     await testCertificate(d);
-    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN, "--qemu-listen", "127.0.0.1:0", "--trusted-proxy", "127.0.0.1", "--max-tunnels-per-address", "1"]);
+    await using hub = await scenario().hub(TOKEN).listen().with("--trusted-proxy", "127.0.0.1", "--max-tunnels-per-address", "1").spawn();
     await using haproxy = await haproxyFront(d, hub);
     // Sites on 127.0.0.2, .3 and .4, as HAProxy sees them.
     await using from2 = await forwarderFrom("127.0.0.2", haproxy.port);
@@ -333,7 +332,7 @@ describe("HAProxy in front of a hub, sites on several addresses", () => {
     await using from4 = await forwarderFrom("127.0.0.4", haproxy.port);
     const tunnel = (via: { port: number }, token: string) => fetch(`https://127.0.0.1:${via.port}/tunnel`, { headers: { Authorization: `Bearer ${token}` }, tls: { ca: haproxy.ca } });
     const site = (via: { port: number }) =>
-      spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--uplink", `wss://127.0.0.1:${via.port}`, "--uplink-token", TOKEN, "--uplink-ca", `${d}/ca.pem`]);
+      scenario().listen().uplink(`wss://127.0.0.1:${via.port}`, TOKEN).with("--uplink-ca", `${d}/ca.pem`).spawn();
 
     // A misconfigured site on .4 keeps failing: past ten failures its own attempts get 429.
     for (let i = 0; i < 10; i++) expect((await tunnel(from4, "wrong-site-token-00000")).status).toBe(401);

@@ -7,14 +7,14 @@ import { describe, expect, test } from "bun:test";
 import { mkdirSync, readFileSync, readdirSync } from "node:fs";
 import { GatewayHost, Network, loadConfig, resolveDhcpNetwork, type Config, type DhcpNetworkSpec } from "../relay.ts";
 import { CapturePort, GATEWAY, TYPE, arpFrame, ask, dhcpFrame, dhcpMessage, dnsQuery, gatewayMacOf, ip, ipFrame, ipText, isAnnouncement, isArp, lease, optIp, optText, optU32, readDhcp, reply, senderMac, sum16, udpFrame } from "./dhcp-packets.ts";
-import { RELAY, attachVm, freePort, mac, recipe, spawnRelay, tempDir, uplinkUp, waitUntil, type RelayProcess } from "./helpers.ts";
+import { RELAY, attachVm, freePort, mac, recipe, spawnRelay, tempDir, uplinkUp, waitUntil, type RelayProcess, scenario } from "./helpers.ts";
 
 const TOKEN = "dhcp-test-token-0123456789";
 
 const dhcpOf = async (relay: RelayProcess, network = "lab") => (await relay.status()).networks.find((n: any) => n.name === network)?.dhcp;
 
 async function relayWithDhcp(extra: string[] = [], dhcp = "lab=10.9.0.0/24", options: Parameters<typeof spawnRelay>[1] = {}): Promise<RelayProcess> {
-  return spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "lab=127.0.0.1:0", "--name", "site-a", "--dhcp", dhcp, ...extra], options);
+  return scenario().listen("lab").with("--name", "site-a", "--dhcp", dhcp, ...extra).spawn(options);
 }
 
 // ───────────── tests ─────────────
@@ -321,7 +321,7 @@ describe("DNS, ARP and ping on the gateway address", () => {
     await using dir = await tempDir();
     const client = "52:54:00:00:00:32";
     const macOf = async (args: string[]) => {
-      await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "lab=127.0.0.1:0", "--dhcp", "lab=10.9.0.0/24", ...args]);
+      await using relay = await scenario().listen("lab").with("--dhcp", "lab=10.9.0.0/24", ...args).spawn();
       const gatewayMac = (await dhcpOf(relay)).mac;
       await using vm = await attachVm(relay, "lab");
       // The announcement (RFC 5227) comes unasked: a guest that cached another MAC replaces it.
@@ -342,7 +342,7 @@ describe("DNS, ARP and ping on the gateway address", () => {
 
   test("VMs at a site hear the hub's gateway announce itself each time the hub (re)starts, with the same MAC", async () => {
     const port = await freePort();
-    await using site = await spawnRelay(["--http", "127.0.0.1:0", "--uplink", `ws://127.0.0.1:${port}`, "--qemu-listen", "lab=127.0.0.1:0", "--name", "site-b"], {
+    await using site = await scenario().with("--uplink", `ws://127.0.0.1:${port}`).listen("lab").with("--name", "site-b").spawn({
       env: { RELAY_UPLINK_TOKEN: TOKEN },
     });
     await using vm = await attachVm(site, "lab");
@@ -362,7 +362,7 @@ describe("--dhcp in the compiled binary", () => {
     await using dir = await tempDir();
     const binary = `${dir.path}/edge-relay`;
     await Bun.$`${process.execPath} build --compile --minify ${RELAY} --outfile ${binary}`.quiet();
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "lab=127.0.0.1:0", "--dhcp", "lab=10.9.0.0/24"], { command: [binary], cwd: dir.path });
+    await using relay = await scenario().listen("lab").with("--dhcp", "lab=10.9.0.0/24").spawn({ command: [binary], cwd: dir.path });
     await using vm = await attachVm(relay, "lab");
     const address = (await lease(vm, "52:54:00:00:00:91", { hostname: "bin" })).yiaddr;
     const answer = await ask(vm, "52:54:00:00:00:91", address, dnsQuery(21, "bin.lab", 1));
@@ -372,11 +372,8 @@ describe("--dhcp in the compiled binary", () => {
 
 describe("one DHCP server per network", () => {
   test("a second relay serving the same network is seen and warned about, on both", async () => {
-    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN, "--qemu-listen", "lab=127.0.0.1:0", "--dhcp", "lab=10.9.0.0/24", "--name", "hub"]);
-    await using site = await spawnRelay(
-      ["--http", "127.0.0.1:0", "--uplink", hub.base.replace("http", "ws"), "--qemu-listen", "lab=127.0.0.1:0", "--dhcp", "lab=10.9.0.0/24", "--name", "site-b"],
-      { env: { RELAY_UPLINK_TOKEN: TOKEN } },
-    );
+    await using hub = await scenario().hub(TOKEN).listen("lab").with("--dhcp", "lab=10.9.0.0/24", "--name", "hub").spawn();
+    await using site = await scenario().with("--uplink", hub.base.replace("http", "ws")).listen("lab").with("--dhcp", "lab=10.9.0.0/24", "--name", "site-b").spawn({ env: { RELAY_UPLINK_TOKEN: TOKEN } });
     await uplinkUp(site);
     await using vm = await attachVm(site, "lab");
     vm.send(dhcpFrame("52:54:00:00:00:41", TYPE.DISCOVER));
@@ -392,8 +389,8 @@ describe("one DHCP server per network", () => {
   });
 
   test("a VM at a site gets its lease from the hub, logged with the site's name", async () => {
-    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN, "--dhcp", "lab=10.9.0.0/24", "--name", "hub"]);
-    await using site = await spawnRelay(["--http", "127.0.0.1:0", "--uplink", hub.base.replace("http", "ws"), "--qemu-listen", "lab=127.0.0.1:0", "--name", "site-b"], {
+    await using hub = await scenario().hub(TOKEN).with("--dhcp", "lab=10.9.0.0/24", "--name", "hub").spawn();
+    await using site = await scenario().with("--uplink", hub.base.replace("http", "ws")).listen("lab").with("--name", "site-b").spawn({
       env: { RELAY_UPLINK_TOKEN: TOKEN },
     });
     await uplinkUp(site);

@@ -5,7 +5,7 @@ import { describe, expect, test } from "bun:test";
 import { existsSync, readFileSync } from "node:fs";
 import type { udp } from "bun";
 import { UNIX_DGRAM_BACKLOG, UNIX_DGRAM_MESSAGE_COST, openUnixDgram } from "../relay.ts";
-import { BROADCAST, FrameQueue, type RelayProcess, attachVm, connectStream, fromMac, makeFrame, runCli, sameBytes, spawnRelay, tempDir, udpPeer, waitUntil } from "./helpers.ts";
+import { BROADCAST, FrameQueue, type RelayProcess, attachVm, connectStream, fromMac, makeFrame, runCli, sameBytes, tempDir, udpPeer, waitUntil, scenario } from "./helpers.ts";
 
 /** The status of the relay's --qemu-udp socket bound to `port`. */
 async function datagramStatus(relay: RelayProcess, port = relay.port("qemu-udp")) {
@@ -22,14 +22,14 @@ describe("QEMU ports on non-loopback addresses", () => {
   ];
   for (const [args, message] of refused) {
     test(`${args.join(" ")} exits 2 without --allow-remote-qemu`, async () => {
-      expect(await runCli(["--http", "127.0.0.1:0", ...args])).toEqual({ stdout: "", stderr: `edge-relay: ${message}; add --allow-remote-qemu\n`, code: 2 });
+      expect(await runCli(scenario().with(...args).args)).toEqual({ stdout: "", stderr: `edge-relay: ${message}; add --allow-remote-qemu\n`, code: 2 });
     });
   }
 
   test("--allow-remote-qemu opens them; --qemu-connect to another host needs no flag", async () => {
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "0.0.0.0:0", "--allow-remote-qemu"]);
+    await using relay = await scenario().with("--qemu-listen", "0.0.0.0:0", "--allow-remote-qemu").spawn();
     expect(relay.bound.find((b) => b.what === "qemu-listen")!.address).toMatch(/^0\.0\.0\.0:\d+$/);
-    await using dialer = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-connect", "192.0.2.1:9"]);
+    await using dialer = await scenario().with("--qemu-connect", "192.0.2.1:9").spawn();
     expect(dialer.stdout()).toContain("ready\n");
   });
 });
@@ -38,7 +38,7 @@ describe("--qemu-udp with a fixed REMOTE", () => {
   test("datagrams from any other source are dropped and counted, never a port", async () => {
     using vm = await udpPeer();
     using stranger = await udpPeer();
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-udp", `127.0.0.1:0,127.0.0.1:${vm.port}`, "--qemu-listen", "127.0.0.1:0"]);
+    await using relay = await scenario().with("--qemu-udp", `127.0.0.1:0,127.0.0.1:${vm.port}`).listen().spawn();
     await using tcp = await attachVm(relay);
     const udpPort = relay.port("qemu-udp");
     const [V, S] = ["02:00:00:00:40:01", "02:00:00:00:40:02"];
@@ -86,11 +86,7 @@ describe("runt datagrams", () => {
     const unixFrames = new FrameQueue();
     const unixVm = await openUnixDgram(`${dir.path}/vm.dgram`, (data) => unixFrames.push(data));
     await using _unixVm = { [Symbol.asyncDispose]: () => unixVm.close() };
-    await using relay = await spawnRelay([
-      "--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0",
-      "--qemu-udp", "127.0.0.1:0", "--qemu-udp", `udpfixed=127.0.0.1:0,127.0.0.1:${udpVm.port}`,
-      "--qemu-udp", `unix:${dir.path}/learn.dgram`, "--qemu-udp", `unixfixed=unix:${dir.path}/fixed.dgram,unix:${dir.path}/vm.dgram`,
-    ]);
+    await using relay = await scenario().listen().udp().with("--qemu-udp", `udpfixed=127.0.0.1:0,127.0.0.1:${udpVm.port}`, "--qemu-udp", `unix:${dir.path}/learn.dgram`, "--qemu-udp", `unixfixed=unix:${dir.path}/fixed.dgram,unix:${dir.path}/vm.dgram`).spawn();
     await using tcp = await attachVm(relay);
     const runts = [0, 1, 13].map((n) => new Uint8Array(n));
     const senders: [string, string, (d: Uint8Array) => void][] = [
@@ -122,7 +118,7 @@ describe("runt datagrams", () => {
 
 describe("--qemu-udp peer table under a flood of sources", () => {
   test("runts from 1,000 sources make no port: only a whole frame makes a peer", async () => {
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-udp", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0"]);
+    await using relay = await scenario().udp().listen().spawn();
     await using tcp = await attachVm(relay);
     using spoofed = await sources(1000);
     await flood(relay, spoofed, (i) => new Uint8Array(i % 2), (d) => d.drops.runts);
@@ -133,7 +129,7 @@ describe("--qemu-udp peer table under a flood of sources", () => {
 
   test("1,000 sources of whole frames keep the table at --udp-peers; a VM arriving later is learned; a broadcast goes out at most that many times", async () => {
     const cap = 8;
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-udp", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--udp-peers", String(cap)]);
+    await using relay = await scenario().udp().listen().with("--udp-peers", String(cap)).spawn();
     await using tcp = await attachVm(relay);
     const udpPort = relay.port("qemu-udp");
     using spoofed = await sources(1000);
@@ -179,7 +175,7 @@ async function closedAtOnce(port: number): Promise<void> {
 
 describe("--max-connections", () => {
   test("beyond the cap a VM is closed at once and counted; the others keep forwarding, a freed place is taken again, /healthz answers", async () => {
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--qemu-listen", "lab=127.0.0.1:0", "--max-connections", "3"]);
+    await using relay = await scenario().listen().listen("lab").with("--max-connections", "3").spawn();
     // The cap counts connections across listeners.
     await using a = await attachVm(relay);
     const b = await attachVm(relay);
@@ -204,7 +200,7 @@ describe("--max-connections", () => {
   });
 
   test("the soft open-file limit is raised to the hard one, and a cap above three quarters of it is lowered at start", async () => {
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0"], { prefix: ["prlimit", "--nofile=64:200", "--"] });
+    await using relay = await scenario().listen().spawn({ prefix: ["prlimit", "--nofile=64:200", "--"] });
     // Bun 1.4 raises the soft limit itself at start; the relay keeps that so on a runtime that does not.
     const limits = await Bun.file(`/proc/${relay.proc.pid}/limits`).text();
     expect(limits).toMatch(/^Max open files +200 +200 +files/m);
@@ -265,7 +261,7 @@ globalThis.Worker = class extends Real {
 };
 `,
     );
-    return spawnRelay(["--http", "127.0.0.1:0", "--qemu-udp", `unix:${dir}/relay.dgram`], { cwd: dir });
+    return scenario().with("--qemu-udp", `unix:${dir}/relay.dgram`).spawn({ cwd: dir });
   }
 
   test("a receiver thread that dies is logged once, and SIGTERM still stops the relay cleanly", async () => {
@@ -294,7 +290,7 @@ describe("--qemu-udp under load", () => {
   const fixture = (name: string) => new URL(`./fixtures/${name}`, import.meta.url).pathname;
 
   test("datagrams the kernel drops while the relay cannot read are counted in /status; with those taken, none is missing", async () => {
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-udp", "127.0.0.1:0"]);
+    await using relay = await scenario().udp().spawn();
     const rmemMax = Number(readFileSync("/proc/sys/net/core/rmem_max", "utf8"));
     const before = await datagramStatus(relay);
     // The relay asks for 4 MiB; the kernel caps it at rmem_max and doubles it.
@@ -328,7 +324,7 @@ describe("--qemu-udp under load", () => {
     using gone = await udpPeer();
     const port = gone.port;
     gone[Symbol.dispose]();
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-udp", `127.0.0.1:0,127.0.0.1:${port}`, "--qemu-listen", "127.0.0.1:0"]);
+    await using relay = await scenario().with("--qemu-udp", `127.0.0.1:0,127.0.0.1:${port}`).listen().spawn();
     await using vm = await attachVm(relay);
     // One write: the relay forwards them in one turn, so they leave in one batch.
     const frames = Array.from({ length: 20 }, (_, i) => makeFrame(BROADCAST, "02:00:00:00:42:01", `frame ${String(i).padStart(2, "0")}`));

@@ -5,7 +5,7 @@
  * their own (tests/fixtures), so nothing in this test process paces the transfer.
  */
 import { describe, expect, test } from "bun:test";
-import { spawnRelay, uplinkUp, waitUntil, type RelayProcess } from "./helpers.ts";
+import { uplinkUp, waitUntil, type RelayProcess, scenario } from "./helpers.ts";
 
 const TOKEN = "flow-test-token-0123456789";
 const [SENDER, SINK] = ["02:00:00:00:71:01", "02:00:00:00:71:02"];
@@ -45,7 +45,7 @@ async function transfer(from: RelayProcess, to: RelayProcess, sinkRate = SINK_RA
 
 describe("--flow-control", () => {
   test("on (the default): an unpaced VM behind a slow reader loses nothing; its socket is paused, counted", async () => {
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--loop-probe", "0", "--queue-bytes", "262144"]);
+    await using relay = await scenario().listen().noProbe().with("--queue-bytes", "262144").spawn();
     using t = await transfer(relay, relay);
     expect(await t.sink.exited).toBe(0);
     expect((await t.output).trim().split("\n").at(-1)).toBe(`got ${N} in order`);
@@ -59,7 +59,7 @@ describe("--flow-control", () => {
   });
 
   test("off: the same transfer loses frames at the slow reader's queue, counted, and nothing is paused", async () => {
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--loop-probe", "0", "--queue-bytes", "262144", "--flow-control", "off"]);
+    await using relay = await scenario().listen().noProbe().with("--queue-bytes", "262144", "--flow-control", "off").spawn();
     using _ = await transfer(relay, relay);
     const slow = await waitUntil(async () => {
       const all = await ports(relay);
@@ -73,7 +73,7 @@ describe("--flow-control", () => {
   });
 
   test("a VM that stops reading is given up on after a second: its excess drops, counted, and the sender goes on", async () => {
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--loop-probe", "0", "--queue-bytes", "262144"]);
+    await using relay = await scenario().listen().noProbe().with("--queue-bytes", "262144").spawn();
     // One frame a second: after its first read the VM reads nothing for minutes.
     using _ = await transfer(relay, relay, 1);
     const done = await waitUntil(async () => {
@@ -82,17 +82,18 @@ describe("--flow-control", () => {
       const sink = all.find((p: any) => p !== sender && p.tx.frames + p.tx.drops === N);
       return sender && sink && { sender, sink };
     }, `all ${N} frames read, then sent or dropped toward the stopped VM`, 15_000);
-    expect(done.sender.flow).toMatchObject({ waitingFor: null });
+    // Given up on once: it never drains, so it stays given up on and pauses no one again; the rest
+    // of the transfer drops at its queue. (The pauses before that depend on the kernel's buffers.)
+    expect(done.sender.flow).toMatchObject({ waitingFor: null, stalls: 0 });
     expect(done.sender.flow.pauses).toBeGreaterThan(0);
-    expect(done.sink.flow.stalls).toBeGreaterThan(0);
+    expect(done.sink.flow.stalls).toBe(1);
     expect(done.sink.tx.drops).toBeGreaterThan(0);
   });
 
   test("through site A → hub → site B the pause travels back hop by hop: nothing is lost", async () => {
-    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN, "--loop-probe", "0", "--queue-bytes", "262144"]);
+    await using hub = await scenario().hub(TOKEN).noProbe().with("--queue-bytes", "262144").spawn();
     const site = () =>
-      spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--loop-probe", "0", "--queue-bytes", "262144",
-        "--uplink", hub.base.replace(/^http/, "ws"), "--uplink-token", TOKEN]);
+      scenario().listen().noProbe().with("--queue-bytes", "262144").uplink(hub.base, TOKEN).spawn();
     await using a = await site();
     await using b = await site();
     await Promise.all([uplinkUp(a), uplinkUp(b)]);

@@ -5,7 +5,7 @@
 import { describe, expect, test } from "bun:test";
 import { BUDGET_ALPHA, MemoryBudget, TUNNEL_PROTOCOL, encodeControl, encodeFrames, rateLimitedLog } from "../relay.ts";
 import { ChaosProxy } from "./chaos/proxy.ts";
-import { BROADCAST, attachVm, connectStream, freePort, fromMac, makeFrame, runCli, spawnRelay, tempDir, uplinkUp, waitUntil, type RelayProcess } from "./helpers.ts";
+import { BROADCAST, attachVm, connectStream, freePort, fromMac, makeFrame, runCli, spawnRelay, tempDir, uplinkUp, waitUntil, type RelayProcess, scenario } from "./helpers.ts";
 
 const TOKEN = "hardening-secret-7d1e";
 const wsUrl = (relay: RelayProcess) => relay.base.replace(/^http/, "ws");
@@ -44,10 +44,7 @@ describe("uplink deadlines", () => {
   test("a hub that accepts TCP and never answers the handshake is dropped and redialled", async () => {
     const silent = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
     try {
-      await using site = await spawnRelay([
-        "--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--keepalive", "60", "--handshake-timeout", "0.3",
-        "--uplink", `ws://127.0.0.1:${silent.port}`, "--uplink-token", TOKEN,
-      ]);
+      await using site = await scenario().listen().with("--keepalive", "60", "--handshake-timeout", "0.3").uplink(`ws://127.0.0.1:${silent.port}`, TOKEN).spawn();
       const uplink = await waitUntil(async () => {
         const u = (await site.status()).uplink;
         return u.attempts >= 3 && u;
@@ -63,9 +60,7 @@ describe("uplink deadlines", () => {
   test("a hub that upgrades but sends no welcome is dropped and redialled", async () => {
     const mute = fakeHub(() => undefined);
     try {
-      await using site = await spawnRelay([
-        "--http", "127.0.0.1:0", "--keepalive", "60", "--handshake-timeout", "0.3", "--uplink", `ws://127.0.0.1:${mute.port}`, "--uplink-token", TOKEN,
-      ]);
+      await using site = await scenario().with("--keepalive", "60", "--handshake-timeout", "0.3").uplink(`ws://127.0.0.1:${mute.port}`, TOKEN).spawn();
       const uplink = await waitUntil(async () => {
         const u = (await site.status()).uplink;
         return u.attempts >= 3 && u;
@@ -79,7 +74,7 @@ describe("uplink deadlines", () => {
   test("a welcome with a forged name is a protocol error, never a forged log line", async () => {
     const forger = fakeHub(() => encodeControl({ type: "welcome", version: 1, accepted: ["default"], refused: [], name: "hub\nFAKE: admin logged in \u001b[31m" } as any));
     try {
-      await using site = await spawnRelay(["--http", "127.0.0.1:0", "--uplink", `ws://127.0.0.1:${forger.port}`, "--uplink-token", TOKEN]);
+      await using site = await scenario().uplink(`ws://127.0.0.1:${forger.port}`, TOKEN).spawn();
       await site.waitForLine(/name: expected a relay name; closing/);
       expect(site.stdout() + site.stderr()).not.toMatch(/^FAKE/m);
       expect(site.stdout() + site.stderr()).not.toContain("\u001b");
@@ -92,7 +87,7 @@ describe("uplink deadlines", () => {
   test("a hub that answers with a text message is a protocol error: the site closes the tunnel and counts it", async () => {
     const texter = fakeHub(() => '{"type":"welcome"}');
     try {
-      await using site = await spawnRelay(["--http", "127.0.0.1:0", "--uplink", `ws://127.0.0.1:${texter.port}`, "--uplink-token", TOKEN]);
+      await using site = await scenario().uplink(`ws://127.0.0.1:${texter.port}`, TOKEN).spawn();
       await site.waitForLine(/text messages are not part of the protocol; closing/);
       expect((await site.status()).protocolErrors).toBeGreaterThanOrEqual(1);
     } finally {
@@ -117,7 +112,7 @@ describe("loops", () => {
 
   test("a newer tunnel with the same relay id and token replaces the old one, five times in 30 s; one with another token, or a sixth takeover within 30 s, is refused as a loop", async () => {
     const other = "hardening-other-token-2";
-    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN, "--token", other]);
+    await using hub = await scenario().hub(TOKEN).hub(other).spawn();
     const hello = (name: string) => encodeControl({ type: "hello", version: 1, networks: ["default"], id: "00000000000000aa", name });
     let holder = await tunnelClient(hub);
     holder.ws.send(hello("twin"));
@@ -149,11 +144,9 @@ describe("loops", () => {
 
   test("a site whose network the hub refused as a loop offers it again on the same tunnel and attaches once the loop is gone", async () => {
     const other = "hardening-other-token-3";
-    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN, "--token", other]);
+    await using hub = await scenario().hub(TOKEN).hub(other).spawn();
     await using proxy = new ChaosProxy(() => Number(new URL(hub.base).port));
-    await using site = await spawnRelay([
-      "--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--name", "site-a", "--uplink", `ws://127.0.0.1:${proxy.port}`, "--uplink-token", TOKEN,
-    ]);
+    await using site = await scenario().listen().with("--name", "site-a").uplink(`ws://127.0.0.1:${proxy.port}`, TOKEN).spawn();
     await uplinkUp(site);
     const id = (await site.status()).id;
     const tunnels = async () => (await hub.status()).networks.find((n: any) => n.name === "default")?.ports.length ?? 0;
@@ -212,7 +205,7 @@ describe("loops", () => {
   });
 
   test("two VM ports bridged outside the relay: the probe comes back, one port is blocked, the storm stops", async () => {
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--loop-probe", "0.2"]);
+    await using relay = await scenario().listen().with("--loop-probe", "0.2").spawn();
     await using left = await attachVm(relay);
     await using right = await attachVm(relay);
     await using witness = await attachVm(relay);
@@ -261,7 +254,7 @@ describe("loops", () => {
 
 describe("hostile tunnel clients", () => {
   test("a hello with nested arrays or another version is closed with 1008 and counted, never welcomed", async () => {
-    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN]);
+    await using hub = await scenario().hub(TOKEN).spawn();
     for (const hello of [
       { type: "hello", version: 1, networks: ["lab", ["lab"], [["lab"]]] },
       { type: "hello", version: 99, networks: ["lab"] },
@@ -277,7 +270,7 @@ describe("hostile tunnel clients", () => {
   });
 
   test("a message over 1 MiB (closed by Bun with 1009) is counted and logged", async () => {
-    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN]);
+    await using hub = await scenario().hub(TOKEN).spawn();
     const client = await tunnelClient(hub);
     client.ws.send(encodeControl({ type: "hello", version: 1, networks: ["lab"] }));
     await client.control("welcome");
@@ -288,7 +281,7 @@ describe("hostile tunnel clients", () => {
   });
 
   test("networks, tunnels per relay and tunnels per address are limited, refused with a reason", async () => {
-    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN, "--max-networks", "2", "--max-tunnels-per-address", "2", "--max-tunnels", "3"]);
+    await using hub = await scenario().hub(TOKEN).with("--max-networks", "2", "--max-tunnels-per-address", "2", "--max-tunnels", "3").spawn();
     const first = await tunnelClient(hub);
     first.ws.send(encodeControl({ type: "hello", version: 1, networks: ["a", "b", "c"] }));
     expect(await first.control("welcome")).toMatchObject({ accepted: ["a", "b"], refused: [{ network: "c", reason: "this relay has the maximum of 2 networks" }] });
@@ -304,7 +297,7 @@ describe("hostile tunnel clients", () => {
   });
 
   test("after repeated wrong tokens an address's further wrong ones get 429, counted; the right token still opens a tunnel", async () => {
-    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN]);
+    await using hub = await scenario().hub(TOKEN).spawn();
     for (let i = 0; i < 10; i++) expect((await fetch(`${hub.base}/tunnel`, { headers: { Authorization: `Bearer wrong-${i}-0000000000` } })).status).toBe(401);
     const blocked = await fetch(`${hub.base}/tunnel`, { headers: { Authorization: "Bearer wrong-again-0000000000" } });
     expect(blocked.status).toBe(429);
@@ -325,7 +318,7 @@ describe("hostile tunnel clients", () => {
 
 describe("port security and budgets", () => {
   test("one VM port flooding random source MACs learns --port-macs of them; the rest are dropped and counted", async () => {
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--port-macs", "256"]);
+    await using relay = await scenario().listen().with("--port-macs", "256").spawn();
     await using attacker = await attachVm(relay);
     await using victim = await attachVm(relay);
     const frames = Array.from({ length: 300 }, (_, i) => makeFrame(BROADCAST, `02:aa:00:00:${(i >> 8).toString(16).padStart(2, "0")}:${(i & 0xff).toString(16).padStart(2, "0")}`));
@@ -343,7 +336,7 @@ describe("port security and budgets", () => {
   });
 
   test("the memory budget bounds what all ports together queue; beyond it frames are dropped and counted", async () => {
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--memory-budget", String(1024 * 1024), "--queue-bytes", String(8 * 1024 * 1024)]);
+    await using relay = await scenario().listen().with("--memory-budget", String(1024 * 1024), "--queue-bytes", String(8 * 1024 * 1024)).spawn();
     await using slow1 = await attachVm(relay);
     await using slow2 = await attachVm(relay);
     await using sender = await attachVm(relay);
@@ -432,10 +425,7 @@ describe("a fair shared buffer", () => {
   test("100 VM connections that stop reading leave room in --memory-budget: a healthy pair on another network loses nothing and never waits a second", async () => {
     const BUDGET = 4 * 1024 * 1024;
     await using dir = await tempDir();
-    await using relay = await spawnRelay([
-      "--http", "127.0.0.1:0", "--qemu-listen", `stuck=unix:${dir.path}/stuck.sock`, "--qemu-listen", "ok=127.0.0.1:0",
-      "--memory-budget", String(BUDGET), "--queue-bytes", String(1024 * 1024),
-    ]);
+    await using relay = await scenario().with("--qemu-listen", `stuck=unix:${dir.path}/stuck.sock`).listen("ok").with("--memory-budget", String(BUDGET), "--queue-bytes", String(1024 * 1024)).spawn();
     // 100 real clients in another process that never read. Unix stream sockets, because their
     // kernel buffers are fixed (net.core.wmem_default): a TCP sender's grows to tcp_wmem's maximum
     // (4 MiB here), so 100 stuck TCP peers would soak up 400 MiB in the kernel before the relay
@@ -497,11 +487,11 @@ describe("a fair shared buffer", () => {
 
 describe("networks that come and go on a live tunnel", () => {
   test("a hub that is itself a site attaches networks its sites create later, and detaches them when they go", async () => {
-    await using top = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN, "--name", "top", "--qemu-listen", "lab=127.0.0.1:0"]);
-    await using middle = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN, "--name", "middle", "--uplink", wsUrl(top), "--uplink-token", TOKEN]);
+    await using top = await scenario().hub(TOKEN).with("--name", "top").listen("lab").spawn();
+    await using middle = await scenario().hub(TOKEN).with("--name", "middle").uplink(wsUrl(top), TOKEN).spawn();
     await uplinkUp(middle);
     expect((await middle.status()).uplink.networks).toEqual(["default"]);
-    const leaf = await spawnRelay(["--http", "127.0.0.1:0", "--name", "leaf", "--qemu-listen", "lab=127.0.0.1:0", "--uplink", wsUrl(middle), "--uplink-token", TOKEN]);
+    const leaf = await scenario().with("--name", "leaf").listen("lab").uplink(wsUrl(middle), TOKEN).spawn();
     try {
       await uplinkUp(leaf);
       await waitUntil(async () => (await middle.status()).uplink.networks.includes("lab"), "lab attached on the live uplink");
@@ -541,7 +531,7 @@ describe("log hygiene", () => {
   });
 
   test("a storm of connections with bad lengths writes a few lines, not one per connection", async () => {
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0"]);
+    await using relay = await scenario().listen().spawn();
     const port = relay.port("qemu-listen");
     await Promise.all(
       Array.from({ length: 200 }, async () => {

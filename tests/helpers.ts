@@ -184,6 +184,54 @@ export async function spawnRelay(
   return handle;
 }
 
+/**
+ * A relay's command line as a test builds it: `--http 127.0.0.1:0` (port 0: the kernel picks),
+ * then each port or option in the words of the test, e.g.
+ * `await scenario().listen("lab").noProbe().spawn()`. Every QEMU port binds port 0 on loopback.
+ */
+export class Scenario {
+  readonly args: string[] = ["--http", "127.0.0.1:0"];
+
+  /** `--qemu-listen [NET=]127.0.0.1:0`. */
+  listen(network?: string): this {
+    return this.with("--qemu-listen", `${network ? `${network}=` : ""}127.0.0.1:0`);
+  }
+
+  /** `--qemu-udp [NET=]127.0.0.1:0`. */
+  udp(network?: string): this {
+    return this.with("--qemu-udp", `${network ? `${network}=` : ""}127.0.0.1:0`);
+  }
+
+  /** A hub: `--token TOKEN`. */
+  hub(token: string): this {
+    return this.with("--token", token);
+  }
+
+  /** A site: `--uplink URL --uplink-token TOKEN`; an http(s) base is dialled as ws(s). */
+  uplink(url: string, token: string): this {
+    return this.with("--uplink", url.replace(/^http/, "ws"), "--uplink-token", token);
+  }
+
+  /** `--loop-probe 0`: no loop probes among the test's own frames. */
+  noProbe(): this {
+    return this.with("--loop-probe", "0");
+  }
+
+  /** Any further arguments, as given. */
+  with(...args: string[]): this {
+    this.args.push(...args);
+    return this;
+  }
+
+  spawn(options?: Parameters<typeof spawnRelay>[1]): Promise<RelayProcess> {
+    return spawnRelay(this.args, options);
+  }
+}
+
+export function scenario(): Scenario {
+  return new Scenario();
+}
+
 // ───────────── fake QEMU peers: real sockets speaking QEMU's framing ─────────────
 
 /** `02:00:00:00:00:01` → bytes. */

@@ -232,24 +232,37 @@ describe("Impairment", () => {
     expect(impairment.counters).toEqual({ delayed: 0, lost: 0, duplicated: 0, reordered: 0, corrupted: 0, rateDropped: 0, queued: 0 });
   });
 
-  test("delay 50ms: every frame leaves at least 50 ms after its push, in order (real clock)", async () => {
-    const out: { n: number; at: number }[] = [];
-    const impairment = new Impairment(parseImpairment("delay 50ms"), (frame) => out.push({ n: numberOf(frame), at: performance.now() }));
-    const pushed: number[] = [];
+  test("delay 50ms: every frame leaves exactly 50 ms after its push, in order, copied out of a reused buffer", () => {
+    const { clock, out, impairment } = harness("delay 50ms");
     // One buffer, reused as a socket's would be: the impairment must have copied what it holds.
     const buffer = numbered(0);
+    const pushed: number[] = [];
     for (let n = 0; n < 200; n++) {
-      if (n % 50 === 0) await Bun.sleep(3);
+      // Four bursts of 50, 3 ms apart.
+      clock.advance(Math.floor(n / 50) * 3);
       new DataView(buffer.buffer).setUint32(MIN_FRAME, n);
-      pushed.push(performance.now());
+      pushed.push(clock.t);
       impairment.push(buffer);
     }
-    expect(impairment.counters.queued).toBeGreaterThan(0);
-    await waitUntil(() => out.length === 200, "200 frames", 2_000);
-    expect(out.map((o) => o.n)).toEqual(pushed.map((_, n) => n));
-    for (const { n, at } of out) expect(at - pushed[n]!).toBeGreaterThanOrEqual(50);
-    expect(impairment.counters.delayed).toBe(200);
-    expect(impairment.counters.queued).toBe(0);
+    expect(impairment.counters.queued).toBe(200);
+    clock.advance(52.999);
+    expect([out.length, impairment.counters.queued]).toEqual([50, 150]);
+    clock.advance(53);
+    expect([out.length, impairment.counters.queued]).toEqual([100, 100]);
+    clock.advance(60);
+    expect(out.map((o) => numberOf(o.frame))).toEqual(pushed.map((_, n) => n));
+    expect(out.map((o, n) => o.at - pushed[n]!)).toEqual(pushed.map(() => 50));
+    expect(impairment.counters).toMatchObject({ delayed: 200, queued: 0 });
+    expect(clock.maxPending).toBe(1);
+  });
+
+  test("delay 50ms on the real clock: no frame leaves early", async () => {
+    const out: number[] = [];
+    const impairment = new Impairment(parseImpairment("delay 50ms"), () => out.push(performance.now()));
+    const pushed = performance.now();
+    for (let n = 0; n < 3; n++) impairment.push(numbered(n));
+    await waitUntil(() => out.length === 3, "3 frames", 2_000);
+    for (const at of out) expect(at - pushed).toBeGreaterThanOrEqual(50);
   });
 
   test("delay 50ms 10ms distribution normal: mean 50 ms, standard deviation 10 ms", () => {

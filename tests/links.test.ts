@@ -4,7 +4,7 @@
  */
 import { describe, expect, test } from "bun:test";
 import { encodeFrames } from "../relay.ts";
-import { BROADCAST, attachVm, fromMac, makeFrame, spawnRelay, uplinkUp, waitUntil, type RelayProcess } from "./helpers.ts";
+import { BROADCAST, attachVm, fromMac, makeFrame, uplinkUp, waitUntil, type RelayProcess, scenario } from "./helpers.ts";
 
 const TOKEN = "links-secret-2c9d4e1f";
 const wallMs = () => performance.timeOrigin + performance.now();
@@ -25,7 +25,7 @@ const impair = (relay: RelayProcess, target: string, spec?: string) =>
 
 describe("link impairment", () => {
   test("--impair NET=\"delay 50ms\": every frame arrives at least 50 ms later, in order, counted", async () => {
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "lab=127.0.0.1:0", "--loop-probe", "0", "--impair", "lab=delay 50ms"]);
+    await using relay = await scenario().listen("lab").noProbe().with("--impair", "lab=delay 50ms").spawn();
     await using vm1 = await attachVm(relay);
     await using vm2 = await attachVm(relay);
     const A = "02:00:00:00:71:01";
@@ -41,7 +41,7 @@ describe("link impairment", () => {
   });
 
   test("a runtime PUT takes effect on live ports without reconnecting; DELETE restores the clean path", async () => {
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "lab=127.0.0.1:0", "--loop-probe", "0"]);
+    await using relay = await scenario().listen("lab").noProbe().spawn();
     await using vm1 = await attachVm(relay);
     await using vm2 = await attachVm(relay);
     const ids = (await relay.status()).networks[0].ports.map((p: any) => p.id);
@@ -65,9 +65,9 @@ describe("link impairment", () => {
   });
 
   test("delay 100ms on a site's uplink adds about 200 ms to a round trip across the hub", async () => {
-    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN, "--loop-probe", "0"]);
+    await using hub = await scenario().hub(TOKEN).noProbe().spawn();
     const site = (...extra: string[]) =>
-      spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--loop-probe", "0", "--uplink", hub.base.replace(/^http/, "ws"), "--uplink-token", TOKEN, ...extra]);
+      scenario().listen().noProbe().uplink(hub.base, TOKEN).with(...extra).spawn();
     await using siteA = await site("--impair", "uplink=delay 100ms");
     await using siteB = await site();
     await Promise.all([uplinkUp(siteA), uplinkUp(siteB)]);
@@ -101,7 +101,7 @@ describe("link impairment", () => {
 describe("link impairment statistics through a relay", () => {
   /** A relay with two VMs on `lab`; the impairment is PUT on VM 2's way out. */
   async function pair() {
-    const relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "lab=127.0.0.1:0", "--loop-probe", "0", "--storm-limit", "0"]);
+    const relay = await scenario().listen("lab").noProbe().with("--storm-limit", "0").spawn();
     const vm1 = await attachVm(relay);
     const vm2 = await attachVm(relay);
     // When each frame reached the receiving VM, for rates.

@@ -8,7 +8,7 @@ import { copyFileSync, existsSync, mkdirSync } from "node:fs";
 import puppeteer, { type Browser, type Page } from "puppeteer-core";
 import { ADMIN_COOKIE, PAGE_HTML, PAGE_HTML_WITH_LOGOUT } from "../relay.ts";
 import { lease } from "./dhcp-packets.ts";
-import { attachVm, freePort, makeFrame, spawnRelay, tempDir, uplinkFailed, uplinkUp, waitUntil } from "./helpers.ts";
+import { attachVm, freePort, makeFrame, spawnRelay, tempDir, uplinkFailed, uplinkUp, waitUntil, scenario } from "./helpers.ts";
 
 const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
 const present = existsSync(CHROMIUM);
@@ -75,7 +75,7 @@ suite("status page in Chromium", () => {
 
   test("shows the network, both ports and rising counters while two VMs exchange frames", async () => {
     await using dir = await tempDir();
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "lab=127.0.0.1:0", "--name", "site-a"]);
+    await using relay = await scenario().listen("lab").with("--name", "site-a").spawn();
     await using a = await attachVm(relay, "lab");
     await using b = await attachVm(relay, "lab");
     const lab = (await relay.status()).networks.find((n: any) => n.name === "lab");
@@ -183,7 +183,7 @@ suite("status page in Chromium", () => {
 
   test("a --dhcp network shows each lease's address and name beside its MAC and its port, and the pool in the summary", async () => {
     await using dir = await tempDir();
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "lab=127.0.0.1:0", "--dhcp", "lab=10.9.0.0/24", "--name", "site-a"]);
+    await using relay = await scenario().listen("lab").with("--dhcp", "lab=10.9.0.0/24", "--name", "site-a").spawn();
     await using vm = await attachVm(relay, "lab");
     const client = "52:54:00:00:00:81";
     const ack = await lease(vm, client, { hostname: "vm2" });
@@ -206,7 +206,7 @@ suite("status page in Chromium", () => {
   test("with an admin token: 401 and a login form, then a session cookie the page's polls carry, and a log-out button", async () => {
     await using dir = await tempDir();
     const token = "page-admin-token-0001";
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--admin-token", token, "--qemu-listen", "127.0.0.1:0", "--name", "locked-relay"]);
+    await using relay = await scenario().with("--admin-token", token).listen().with("--name", "locked-relay").spawn();
     const base = relay.base;
 
     const anonymous = await fetch(`${base}/`);
@@ -313,7 +313,7 @@ suite("status page in Chromium", () => {
   test("an uplink that is up again shows its last error as past, not in red", async () => {
     const token = "page-uplink-token-01";
     const hubPort = await freePort();
-    await using site = await spawnRelay(["--http", "127.0.0.1:0", "--uplink", `ws://127.0.0.1:${hubPort}`, "--uplink-token", token]);
+    await using site = await scenario().uplink(`ws://127.0.0.1:${hubPort}`, token).spawn();
     await using context = await browser.createBrowserContext();
     const page = await context.newPage();
     const seen = problems(page);
@@ -412,7 +412,7 @@ describe("status page login", () => {
     const [cert, key] = [`${dir.path}/cert.pem`, `${dir.path}/key.pem`];
     await Bun.$`openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ${key} -out ${cert} -days 1 -subj /CN=edge-relay-test -addext subjectAltName=IP:127.0.0.1`.quiet();
     const token = "page-admin-token-tls1";
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--admin-token", token, "--tls-cert", cert, "--tls-key", key]);
+    await using relay = await scenario().with("--admin-token", token, "--tls-cert", cert, "--tls-key", key).spawn();
     expect(relay.base).toStartWith("https://");
     const tls = { ca: await Bun.file(cert).text() };
     const login = (value: string) =>

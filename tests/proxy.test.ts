@@ -4,7 +4,7 @@
  */
 import { describe, expect, test } from "bun:test";
 import { ConfigError, noProxyMatches, parseConfig, startRelay, uplinkProxy, withoutUserinfo } from "../relay.ts";
-import { BROADCAST, type RelayProcess, attachVm, freePort, fromMac, makeFrame, runCli, spawnRelay, tempDir, uplinkUp, waitUntil } from "./helpers.ts";
+import { BROADCAST, type RelayProcess, attachVm, freePort, fromMac, makeFrame, runCli, spawnRelay, tempDir, uplinkUp, waitUntil, scenario } from "./helpers.ts";
 
 const TOKEN = "proxy-test-token-5f1e";
 /** Each site's proxy settings are the test's own, whatever the environment running the tests has. */
@@ -103,7 +103,7 @@ async function framesCross(a: RelayProcess, b: RelayProcess, tag: number) {
 describe("uplink through an HTTP proxy (tinyproxy)", () => {
   test("--uplink-proxy with credentials: the tunnel is tinyproxy's CONNECT, frames cross, the password is in no log or status", async () => {
     await using dir = await tempDir();
-    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN, "--qemu-listen", "127.0.0.1:0"]);
+    await using hub = await scenario().hub(TOKEN).listen().spawn();
     const hubPort = Number(new URL(hub.base).port);
     await using proxy = await tinyproxy(dir.path, [hubPort], { user: "alice", password: PASSWORD });
     // In the config file, as a deployment would have it (not in ps).
@@ -128,11 +128,11 @@ describe("uplink through an HTTP proxy (tinyproxy)", () => {
 
   test("a proxy that refuses (wrong password, a port it does not allow) or never answers shows in lastError, without the password", async () => {
     await using dir = await tempDir();
-    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN]);
+    await using hub = await scenario().hub(TOKEN).spawn();
     const hubPort = Number(new URL(hub.base).port);
     await using proxy = await tinyproxy(dir.path, [hubPort], { user: "alice", password: PASSWORD });
     const site = (proxyUrl: string, target = hub.base, ...extra: string[]) =>
-      spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--uplink", target.replace(/^http/, "ws"), "--uplink-token", TOKEN, "--uplink-proxy", proxyUrl, ...extra], { env: CLEAN });
+      scenario().listen().uplink(target, TOKEN).with("--uplink-proxy", proxyUrl, ...extra).spawn({ env: CLEAN });
     const failed = async (s: RelayProcess) => {
       const uplink = await waitUntil(async () => {
         const u = (await s.status()).uplink;
@@ -168,14 +168,14 @@ describe("uplink through an HTTP proxy (tinyproxy)", () => {
     const cert = `${dir.path}/cert.pem`;
     const key = `${dir.path}/key.pem`;
     await Bun.$`openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ${key} -out ${cert} -days 1 -subj /CN=edge-relay-test -addext subjectAltName=IP:127.0.0.1`.quiet();
-    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN, "--tls-cert", cert, "--tls-key", key]);
+    await using hub = await scenario().hub(TOKEN).with("--tls-cert", cert, "--tls-key", key).spawn();
     const hubPort = Number(new URL(hub.base).port);
     const ca = await Bun.file(cert).text();
     const hubStatus = { status: () => fetch(`${hub.base}/status`, { tls: { ca } }).then((r) => r.json()) };
     await using proxy = await tinyproxy(dir.path, [hubPort]);
     const dead = `http://127.0.0.1:${await freePort()}`;
     const site = (env: Record<string, string>, ...extra: string[]) =>
-      spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--uplink", `wss://127.0.0.1:${hubPort}`, "--uplink-token", TOKEN, "--uplink-ca", cert, ...extra], { env: { ...CLEAN, ...env } });
+      scenario().listen().uplink(`wss://127.0.0.1:${hubPort}`, TOKEN).with("--uplink-ca", cert, ...extra).spawn({ env: { ...CLEAN, ...env } });
     const via = `http://127.0.0.1:${proxy.port}`;
 
     // wss:// takes HTTPS_PROXY (a bare HOST:PORT, as people write it); HTTP_PROXY, dead, is not used.

@@ -20,14 +20,15 @@ import {
   udpPeer,
   waitUntil,
   uplinkFailed,
+  scenario,
   introduce,
 } from "./helpers.ts";
 
 const TOKEN = "tunnel-secret-4f9a";
 const wsUrl = (relay: RelayProcess) => relay.base.replace(/^http/, "ws");
 
-function site(hub: RelayProcess, ...args: string[]) {
-  return spawnRelay(["--http", "127.0.0.1:0", ...args, "--uplink", wsUrl(hub), "--uplink-token", TOKEN]);
+function site(hub: RelayProcess, relay = scenario()) {
+  return relay.uplink(wsUrl(hub), TOKEN).spawn();
 }
 
 /** Sends broadcasts from `from` (source MAC `src`) until one arrives at `to`; resolves with the ms it took. */
@@ -49,10 +50,10 @@ describe("relay over a hub (three CLI processes)", () => {
 
   beforeAll(async () => {
     udpB = await udpPeer();
-    hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN]);
+    hub = await scenario().hub(TOKEN).spawn();
     // One at a time, so afterAll can stop whichever started if the other fails.
-    siteA = await site(hub, "--qemu-listen", "127.0.0.1:0", "--qemu-udp", "127.0.0.1:0");
-    siteB = await site(hub, "--qemu-listen", "127.0.0.1:0", "--qemu-udp", `127.0.0.1:0,127.0.0.1:${udpB.port}`);
+    siteA = await site(hub, scenario().listen().udp());
+    siteB = await site(hub, scenario().listen().with("--qemu-udp", `127.0.0.1:0,127.0.0.1:${udpB.port}`));
     await Promise.all([uplinkUp(siteA), uplinkUp(siteB)]);
   });
   afterAll(async () => {
@@ -190,7 +191,7 @@ describe("relay over a hub (three CLI processes)", () => {
 
 describe("VM ports coming up and going down", () => {
   test("ports are numbered per network in attach order, a closed port's number is not reused, and each change is one log line", async () => {
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "lab=127.0.0.1:0", "--qemu-listen", "dev=127.0.0.1:0"]);
+    await using relay = await scenario().listen("lab").listen("dev").spawn();
     const ports = async () => Object.fromEntries((await relay.status()).networks.map((n: any) => [n.name, n.ports.map((p: any) => [p.id, p.peer])]));
     const lab1 = await attachVm(relay, "lab");
     await using lab2 = await attachVm(relay, "lab");
@@ -213,7 +214,7 @@ describe("VM ports coming up and going down", () => {
   });
 
   test("a VM that resets its connection goes down with the read error as the reason", async () => {
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0"]);
+    await using relay = await scenario().listen().spawn();
     const vm = await attachVm(relay);
     vm.reset();
     const reason = "read error: connection reset by peer (ECONNRESET)";
@@ -222,7 +223,7 @@ describe("VM ports coming up and going down", () => {
   });
 
   test("a --qemu-udp peer silent for its ageing time goes down as aged out", async () => {
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-udp", "127.0.0.1:0", "--mac-ageing", "1"]);
+    await using relay = await scenario().udp().with("--mac-ageing", "1").spawn();
     using vm = await udpPeer();
     vm.send(makeFrame(BROADCAST, "02:00:00:00:14:01", "then silence"), relay.port("qemu-udp"));
     await relay.waitForLine(new RegExp(`^default/qemu-udp-1 up: qemu-udp 127\\.0\\.0\\.1:${vm.port}$`));
@@ -231,7 +232,7 @@ describe("VM ports coming up and going down", () => {
   });
 
   test("a --qemu-udp peer pushed out of a full table goes down as evicted", async () => {
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-udp", "127.0.0.1:0", "--udp-peers", "1"]);
+    await using relay = await scenario().udp().with("--udp-peers", "1").spawn();
     using first = await udpPeer();
     using second = await udpPeer();
     first.send(makeFrame(BROADCAST, "02:00:00:00:15:01", "first"), relay.port("qemu-udp"));
@@ -246,10 +247,10 @@ describe("VM ports coming up and going down", () => {
 
 describe("site names at the hub", () => {
   test("a site's --name, or else its host name, names its tunnel in the hub's status, log and metrics", async () => {
-    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN]);
-    await using named = await site(hub, "--qemu-listen", "127.0.0.1:0", "--name", "site-a");
+    await using hub = await scenario().hub(TOKEN).spawn();
+    await using named = await site(hub, scenario().listen().with("--name", "site-a"));
     await uplinkUp(named);
-    await using unnamed = await site(hub, "--qemu-listen", "127.0.0.1:0");
+    await using unnamed = await site(hub, scenario().listen());
     await uplinkUp(unnamed);
     const [a, b] = (await hub.status()).networks[0].ports;
     const host = RegExp.escape(hostname());
@@ -264,7 +265,7 @@ describe("site names at the hub", () => {
 describe("--qemu-connect", () => {
   test("dials a VM that is not listening yet, and redials after it restarts, logging state changes only", async () => {
     const port = await freePort();
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-connect", `127.0.0.1:${port}`, "--qemu-listen", "127.0.0.1:0"]);
+    await using relay = await scenario().with("--qemu-connect", `127.0.0.1:${port}`).listen().spawn();
     await using other = await attachVm(relay);
     await waitUntil(async () => (await relay.status()).dials[0].attempts >= 3, "three failed dials");
     expect(relay.stdout().match(/cannot connect/g)).toEqual(["cannot connect"]);
@@ -294,10 +295,7 @@ describe("--qemu-connect", () => {
 describe("uplink", () => {
   test("local switching goes on while the hub is down; the uplink comes up when it appears", async () => {
     const hubPort = await freePort();
-    await using siteR = await spawnRelay([
-      "--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0",
-      "--uplink", `ws://127.0.0.1:${hubPort}`, "--uplink-token", TOKEN,
-    ]);
+    await using siteR = await scenario().listen().uplink(`ws://127.0.0.1:${hubPort}`, TOKEN).spawn();
     await using vm1 = await attachVm(siteR);
     await using vm2 = await attachVm(siteR);
     const f = makeFrame(BROADCAST, "02:00:00:00:0d:01", "local");
@@ -317,8 +315,8 @@ describe("uplink", () => {
     const hubArgs = ["--http", `127.0.0.1:${await freePort()}`, "--token", TOKEN];
     let hub = await spawnRelay(hubArgs);
     await using _hubs = { [Symbol.asyncDispose]: () => hub.stop("SIGKILL").then(() => {}) };
-    await using siteA = await site(hub, "--qemu-listen", "127.0.0.1:0");
-    await using siteB = await site(hub, "--qemu-listen", "127.0.0.1:0");
+    await using siteA = await site(hub, scenario().listen());
+    await using siteB = await site(hub, scenario().listen());
     await Promise.all([uplinkUp(siteA), uplinkUp(siteB)]);
     await hub.stop("SIGKILL");
     await waitUntil(async () => (await siteA.status()).uplink.state === "down", "site A notices the hub is gone");
@@ -332,9 +330,9 @@ describe("uplink", () => {
   });
 
   test("a stalled tunnel drops frames, counted, with bounded memory, while local switching goes on", async () => {
-    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN]);
-    await using siteA = await site(hub, "--qemu-listen", "127.0.0.1:0", "--queue-bytes", "200000", "--keepalive", "60");
-    await using siteB = await site(hub, "--qemu-listen", "127.0.0.1:0");
+    await using hub = await scenario().hub(TOKEN).spawn();
+    await using siteA = await site(hub, scenario().listen().with("--queue-bytes", "200000", "--keepalive", "60"));
+    await using siteB = await site(hub, scenario().listen());
     await Promise.all([uplinkUp(siteA), uplinkUp(siteB)]);
     await using remote = await attachVm(siteB);
     await using sender = await attachVm(siteA);
@@ -367,7 +365,7 @@ describe("uplink", () => {
     const hubArgs = ["--http", `127.0.0.1:${await freePort()}`, "--token", TOKEN];
     let hub = await spawnRelay(hubArgs);
     await using _hubs = { [Symbol.asyncDispose]: () => hub.stop("SIGKILL").then(() => {}) };
-    await using siteR = await site(hub, "--qemu-listen", "127.0.0.1:0");
+    await using siteR = await site(hub, scenario().listen());
     await uplinkUp(siteR);
     await hub.stop("SIGKILL");
     const killed = performance.now();
@@ -394,8 +392,8 @@ describe("uplink", () => {
   });
 
   test("a hub that stops answering is closed and redialled (keepalive)", async () => {
-    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN]);
-    await using siteR = await site(hub, "--qemu-listen", "127.0.0.1:0", "--keepalive", "0.1");
+    await using hub = await scenario().hub(TOKEN).spawn();
+    await using siteR = await site(hub, scenario().listen().with("--keepalive", "0.1"));
     await uplinkUp(siteR);
     hub.proc.kill("SIGSTOP");
     try {
@@ -409,11 +407,11 @@ describe("uplink", () => {
 
 describe("tunnel takeover", () => {
   test("a hub paused past the sites' keepalive forwards between them within 2 s of continuing", async () => {
-    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN]);
+    await using hub = await scenario().hub(TOKEN).spawn();
     // A handshake deadline longer than the pause: the redial waits in the hub's accept queue.
-    const siteArgs = ["--qemu-listen", "127.0.0.1:0", "--keepalive", "0.2", "--handshake-timeout", "60"];
-    await using siteA = await site(hub, ...siteArgs);
-    await using siteB = await site(hub, ...siteArgs);
+    const siteArgs = () => scenario().listen().with("--keepalive", "0.2", "--handshake-timeout", "60");
+    await using siteA = await site(hub, siteArgs());
+    await using siteB = await site(hub, siteArgs());
     await Promise.all([uplinkUp(siteA), uplinkUp(siteB)]);
     await using vmA = await attachVm(siteA);
     await using vmB = await attachVm(siteB);
@@ -439,13 +437,10 @@ describe("tunnel takeover", () => {
   });
 
   test("a site whose path silently died, three times in a row, reconnects and forwards each time while the hub still holds the dead tunnel", async () => {
-    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN]);
+    await using hub = await scenario().hub(TOKEN).spawn();
     await using proxy = new ChaosProxy(() => Number(new URL(hub.base).port));
-    await using siteA = await spawnRelay([
-      "--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--keepalive", "0.2", "--name", "site-a",
-      "--uplink", `ws://127.0.0.1:${proxy.port}`, "--uplink-token", TOKEN,
-    ]);
-    await using siteB = await site(hub, "--qemu-listen", "127.0.0.1:0");
+    await using siteA = await scenario().listen().with("--keepalive", "0.2", "--name", "site-a").uplink(`ws://127.0.0.1:${proxy.port}`, TOKEN).spawn();
+    await using siteB = await site(hub, scenario().listen());
     await Promise.all([uplinkUp(siteA), uplinkUp(siteB)]);
     await using vmA = await attachVm(siteA);
     await using vmB = await attachVm(siteB);
@@ -470,7 +465,7 @@ describe("tunnel takeover", () => {
 
 describe("tunnel auth", () => {
   test("a wrong or missing token gets 401 before any upgrade, is counted, and is logged without the token", async () => {
-    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN]);
+    await using hub = await scenario().hub(TOKEN).spawn();
     const wrong = "not-the-token-77";
     for (const headers of [{ Authorization: `Bearer ${wrong}` }, {}] as Record<string, string>[]) {
       const res = await fetch(`${hub.base}/tunnel`, {
@@ -478,9 +473,7 @@ describe("tunnel auth", () => {
       });
       expect(res.status).toBe(401);
     }
-    await using badSite = await spawnRelay([
-      "--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--uplink", wsUrl(hub), "--uplink-token", wrong,
-    ]);
+    await using badSite = await scenario().listen().uplink(wsUrl(hub), wrong).spawn();
     await waitUntil(async () => (await hub.status()).authFailures >= 3, "three auth failures counted");
     await badSite.waitForLine(/^uplink: ws:\/\/127\.0\.0\.1:\d+\/tunnel: the hub refused the token \(401\); retrying with backoff$/);
     const st = await waitUntil(async () => {
@@ -504,8 +497,8 @@ describe("tunnel auth", () => {
   });
 
   test("a dial to a relay without tokens says there is no tunnel endpoint there", async () => {
-    await using plain = await spawnRelay(["--http", "127.0.0.1:0"]);
-    await using site = await spawnRelay(["--http", "127.0.0.1:0", "--uplink", wsUrl(plain), "--uplink-token", TOKEN]);
+    await using plain = await scenario().spawn();
+    await using site = await scenario().uplink(wsUrl(plain), TOKEN).spawn();
     const uplink = await uplinkFailed(site, "a refused dial");
     expect(uplink.lastError).toBe("no tunnel endpoint there (404): is the target started with --token?");
   });
@@ -515,12 +508,9 @@ describe("tunnel auth", () => {
     const config = `${dir.path}/hub.json`;
     await Bun.write(config, JSON.stringify({ http: "127.0.0.1:0", tokens: [{ token: "only-x-token-0001", networks: ["x"] }, TOKEN] }));
     await using hub = await spawnRelay(["--config", config]);
-    const limited = await spawnRelay([
-      "--http", "127.0.0.1:0", "--qemu-listen", "x=127.0.0.1:0", "--qemu-listen", "y=127.0.0.1:0",
-      "--uplink", wsUrl(hub), "--uplink-token", "only-x-token-0001",
-    ]);
+    const limited = await scenario().listen("x").listen("y").uplink(wsUrl(hub), "only-x-token-0001").spawn();
     await using _limited = limited;
-    await using full = await site(hub, "--qemu-listen", "x=127.0.0.1:0", "--qemu-listen", "y=127.0.0.1:0");
+    await using full = await site(hub, scenario().listen("x").listen("y"));
     await Promise.all([uplinkUp(limited), uplinkUp(full)]);
     expect((await limited.status()).uplink).toMatchObject({ networks: ["x"], refused: [{ network: "y", reason: "not allowed for this token" }] });
     expect(limited.stdout()).toContain("refused by the hub: y");
@@ -552,7 +542,7 @@ describe("tunnel auth", () => {
 
 describe("bad input on QEMU ports", () => {
   test("an oversize length closes only that connection, counted and logged once; others keep forwarding", async () => {
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0"]);
+    await using relay = await scenario().listen().spawn();
     await using bad = await attachVm(relay);
     await using vm1 = await attachVm(relay);
     await using vm2 = await attachVm(relay);
@@ -573,7 +563,7 @@ describe("bad input on QEMU ports", () => {
   });
 
   test("0-length and runt frames are dropped and counted, never forwarded", async () => {
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0"]);
+    await using relay = await scenario().listen().spawn();
     await using vm1 = await attachVm(relay);
     await using vm2 = await attachVm(relay);
     vm1.send(new Uint8Array(0), new Uint8Array(13));
@@ -586,7 +576,7 @@ describe("bad input on QEMU ports", () => {
   });
 
   test("a VM that stops reading gets drops, while the others keep forwarding", async () => {
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--queue-bytes", "100000"]);
+    await using relay = await scenario().listen().with("--queue-bytes", "100000").spawn();
     await using slow = await attachVm(relay);
     await using sender = await attachVm(relay);
     await using other = await attachVm(relay);

@@ -19,6 +19,7 @@ import {
   uplinkUp,
   waitUntil,
   uplinkFailed,
+  scenario,
 } from "./helpers.ts";
 
 const TOKEN = "transport-secret-81c2";
@@ -34,7 +35,7 @@ function portsWithPeer(relay: RelayProcess, peer: string, count: number) {
 async function topology(a: string[], b: string[], hubHost = "127.0.0.1") {
   const hub = await spawnRelay(["--http", `${hubHost.includes(":") ? `[${hubHost}]` : hubHost}:0`, "--token", TOKEN]);
   const hubUrl = hub.base.replace(/^http/, "ws");
-  const site = (args: string[]) => spawnRelay(["--http", "127.0.0.1:0", ...args, "--uplink", hubUrl, "--uplink-token", TOKEN]);
+  const site = (args: string[]) => scenario().with(...args).uplink(hubUrl, TOKEN).spawn();
   // A site that fails to start must not leave the hub or the other site running.
   const started = await Promise.allSettled([site(a), site(b)]);
   const [siteA, siteB] = started.map((r) => (r.status === "fulfilled" ? r.value : undefined));
@@ -86,7 +87,7 @@ describe("unix stream sockets", () => {
     await using dir = await tempDir();
     const path = `${dir.path}/vm.sock`;
     await using vm = listenStream(path);
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-connect", `unix:${path}`, "--qemu-listen", "127.0.0.1:0"]);
+    await using relay = await scenario().with("--qemu-connect", `unix:${path}`).listen().spawn();
     const conn = await vm.accepted();
     await portsWithPeer(relay, `unix:${path}`, 1);
     await using other = await attachVm(relay);
@@ -99,20 +100,20 @@ describe("unix stream sockets", () => {
   test("a stale socket file from a killed relay does not stop a restart; a live one or a plain file fails clearly", async () => {
     await using dir = await tempDir();
     const path = `${dir.path}/qemu.sock`;
-    await using first = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", `unix:${path}`]);
-    expect(await runCli(["--http", "127.0.0.1:0", "--qemu-listen", `unix:${path}`])).toEqual({
+    await using first = await scenario().with("--qemu-listen", `unix:${path}`).spawn();
+    expect(await runCli(scenario().with("--qemu-listen", `unix:${path}`).args)).toEqual({
       stdout: "",
       stderr: `edge-relay: --qemu-listen: Cannot listen on unix:${path}: address already in use (EADDRINUSE)\n`,
       code: 1,
     });
     await first.stop("SIGKILL");
     expect(await Bun.$`test -S ${path}`.nothrow().then((r) => r.exitCode)).toBe(0);
-    await using second = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", `unix:${path}`]);
+    await using second = await scenario().with("--qemu-listen", `unix:${path}`).spawn();
     await using vm = await connectStream(path);
     await portsWithPeer(second, `unix:${path}`, 1);
     const plain = `${dir.path}/not-a-socket`;
     await Bun.write(plain, "keep me");
-    expect(await runCli(["--http", "127.0.0.1:0", "--qemu-listen", `unix:${plain}`])).toEqual({
+    expect(await runCli(scenario().with("--qemu-listen", `unix:${plain}`).args)).toEqual({
       stdout: "",
       stderr: `edge-relay: --qemu-listen: Cannot listen on unix:${plain}: the path exists and is not a socket\n`,
       code: 1,
@@ -132,9 +133,7 @@ describe("unix datagram sockets", () => {
     const vm = await openUnixDgram(vmPath, (data) => fixedFrames.push(data));
     const learned = await openUnixDgram(`@edge-relay-dgram-${process.pid}`, (data) => learnedFrames.push(data));
     try {
-      await using relay = await spawnRelay([
-        "--http", "127.0.0.1:0", "--qemu-udp", `unix:${relayPath},unix:${vmPath}`, "--qemu-udp", `unix:${learningPath}`, "--qemu-listen", "127.0.0.1:0",
-      ]);
+      await using relay = await scenario().with("--qemu-udp", `unix:${relayPath},unix:${vmPath}`, "--qemu-udp", `unix:${learningPath}`).listen().spawn();
       await using tcp = await attachVm(relay);
       const [V, L, T] = ["02:00:00:00:32:01", "02:00:00:00:32:02", "02:00:00:00:32:03"];
       const toVm = makeFrame(BROADCAST, T, "before the VM sent anything");
@@ -181,7 +180,7 @@ print(reply[6:12].hex())
   test("a peer with a non-UTF-8 name gets its replies; an oversize datagram is dropped whole", async () => {
     await using dir = await tempDir();
     const relayPath = `${dir.path}/relay.dgram`;
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-udp", `unix:${relayPath}`, "--qemu-listen", "127.0.0.1:0"]);
+    await using relay = await scenario().with("--qemu-udp", `unix:${relayPath}`).listen().spawn();
     await using vm = await attachVm(relay);
     const peer = Bun.spawn(["python3", "-c", PEER, relayPath], { stdout: "pipe", stderr: "pipe" });
     await using _peer = { [Symbol.asyncDispose]: async () => void peer.kill() };
@@ -199,7 +198,7 @@ print(reply[6:12].hex())
     await using dir = await tempDir();
     const path = `${dir.path}/busy.sock`;
     await using other = listenStream(path);
-    expect(await runCli(["--http", "127.0.0.1:0", "--qemu-udp", `unix:${path}`])).toEqual({
+    expect(await runCli(scenario().with("--qemu-udp", `unix:${path}`).args)).toEqual({
       stdout: "",
       stderr: `edge-relay: --qemu-udp: Cannot listen on unix:${path}: address already in use (EADDRINUSE)\n`,
       code: 1,
@@ -207,7 +206,7 @@ print(reply[6:12].hex())
     const dgramPath = `${dir.path}/busy.dgram`;
     const dgram = await openUnixDgram(dgramPath, () => {});
     try {
-      expect((await runCli(["--http", "127.0.0.1:0", "--qemu-listen", `unix:${dgramPath}`])).stderr).toBe(
+      expect((await runCli(scenario().with("--qemu-listen", `unix:${dgramPath}`).args)).stderr).toBe(
         `edge-relay: --qemu-listen: Cannot listen on unix:${dgramPath}: address already in use (EADDRINUSE)\n`,
       );
     } finally {
@@ -244,13 +243,13 @@ describe("IPv6", () => {
 describe("address reuse", () => {
   test("a relay restarted right away rebinds its TCP listener although connections sit in TIME_WAIT", async () => {
     const port = await freePort();
-    await using first = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", `127.0.0.1:${port}`]);
+    await using first = await scenario().with("--qemu-listen", `127.0.0.1:${port}`).spawn();
     await using vm = await connectStream(port);
     await portsWithPeer(first, vm.local, 1);
     await first.stop("SIGKILL");
     await vm.closed;
     await waitUntil(async () => (await Bun.$`ss -Htan state time-wait sport = :${port}`.text()).trim() !== "", "a TIME_WAIT entry on the port");
-    await using second = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", `127.0.0.1:${port}`]);
+    await using second = await scenario().with("--qemu-listen", `127.0.0.1:${port}`).spawn();
     expect(second.port("qemu-listen")).toBe(port);
   });
 });
@@ -269,11 +268,11 @@ describe("TLS", () => {
     const { cert, key, fingerprint } = await certificate(dir.path);
     await using other = await tempDir();
     const { cert: otherCa } = await certificate(other.path);
-    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN, "--tls-cert", cert, "--tls-key", key]);
+    await using hub = await scenario().hub(TOKEN).with("--tls-cert", cert, "--tls-key", key).spawn();
     expect(hub.base).toMatch(/^https:\/\/127\.0\.0\.1:\d+$/);
     const wss = hub.base.replace(/^https/, "wss");
     const site = (...extra: string[]) =>
-      spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--uplink", wss, "--uplink-token", TOKEN, ...extra]);
+      scenario().listen().uplink(wss, TOKEN).with(...extra).spawn();
     const refused = async (...extra: string[]) => {
       await using s = await site(...extra);
       const status = await waitUntil(async () => {
@@ -314,7 +313,7 @@ describe("TLS", () => {
     await Bun.$`openssl x509 -req -in ${d}/old.csr -signkey ${d}/old.key -out ${d}/old.pem -days -1 -extfile ${d}/ext`.quiet();
     const failed = async (hubHttp: string, hubCert: string, hubKey: string) => {
       await using hub = await spawnRelay(["--http", hubHttp, "--token", TOKEN, "--tls-cert", hubCert, "--tls-key", hubKey]);
-      await using site = await spawnRelay(["--http", "127.0.0.1:0", "--uplink", hub.base.replace(/^https/, "wss"), "--uplink-token", TOKEN, "--uplink-ca", hubCert]);
+      await using site = await scenario().uplink(hub.base.replace(/^https/, "wss"), TOKEN).with("--uplink-ca", hubCert).spawn();
       return (await uplinkFailed(site)).lastError;
     };
     // 127.0.0.2 is loopback too, but the certificate names 127.0.0.1 and localhost only.
@@ -323,8 +322,8 @@ describe("TLS", () => {
   });
 
   test("a wss:// uplink to a hub without TLS says so, not that a certificate is untrusted", async () => {
-    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN]);
-    await using site = await spawnRelay(["--http", "127.0.0.1:0", "--uplink", hub.base.replace(/^http/, "wss"), "--uplink-token", TOKEN]);
+    await using hub = await scenario().hub(TOKEN).spawn();
+    await using site = await scenario().uplink(hub.base.replace(/^http/, "wss"), TOKEN).spawn();
     const uplink = await uplinkFailed(site);
     expect(uplink.lastError).toBe("TLS: the hub does not speak TLS on that port (is it ws://?)");
   });
@@ -332,8 +331,8 @@ describe("TLS", () => {
   test("a ws:// uplink to a hub that speaks TLS says the hub may want wss://", async () => {
     await using dir = await tempDir();
     const { cert, key } = await certificate(dir.path);
-    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN, "--tls-cert", cert, "--tls-key", key]);
-    await using site = await spawnRelay(["--http", "127.0.0.1:0", "--uplink", hub.base.replace(/^https/, "ws"), "--uplink-token", TOKEN]);
+    await using hub = await scenario().hub(TOKEN).with("--tls-cert", cert, "--tls-key", key).spawn();
+    await using site = await scenario().uplink(hub.base.replace(/^https/, "ws"), TOKEN).spawn();
     const uplink = await uplinkFailed(site);
     expect(uplink.lastError).toBe("the hub closed the connection without answering the upgrade: it may speak TLS (is it wss://?)");
   });
@@ -345,9 +344,7 @@ describe("TLS", () => {
     const hubArgs = ["--http", `127.0.0.1:${hubPort}`, "--token", TOKEN, "--tls-cert", cert, "--tls-key", key];
     let hub = await spawnRelay(hubArgs);
     await using _hubs = { [Symbol.asyncDispose]: () => hub.stop("SIGKILL").then(() => {}) };
-    await using siteR = await spawnRelay([
-      "--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--uplink", `wss://127.0.0.1:${hubPort}`, "--uplink-token", TOKEN, "--insecure",
-    ]);
+    await using siteR = await scenario().listen().uplink(`wss://127.0.0.1:${hubPort}`, TOKEN).with("--insecure").spawn();
     await uplinkUp(siteR);
     await hub.stop("SIGKILL");
     hub = await spawnRelay(hubArgs);

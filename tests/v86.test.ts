@@ -12,11 +12,11 @@ import {
   makeFrame,
   runCli,
   sameBytes,
-  spawnRelay,
   tempDir,
   uplinkUp,
   waitUntil,
   type RelayProcess,
+  scenario,
 } from "./helpers.ts";
 
 const TOKEN = "v86-test-secret-51c3a9";
@@ -97,7 +97,7 @@ async function expectNoSecrets(relay: RelayProcess, ...secrets: string[]) {
 
 describe("v86 endpoint: framing", () => {
   test("frames both ways, byte-exact, one per message, learnt and switched like any port", async () => {
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "lab=127.0.0.1:0", "--token", TOKEN]);
+    await using relay = await scenario().listen("lab").hub(TOKEN).spawn();
     await using vm = await attachVm(relay, "lab");
     await using v86 = await v86Client(`${wsBase(relay)}/v86/lab?token=${TOKEN}`);
     const port = await v86Port(relay, "lab");
@@ -135,7 +135,7 @@ describe("v86 endpoint: framing", () => {
   });
 
   test("runts and messages longer than a frame are dropped and counted; a text message closes with 1003", async () => {
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "lab=127.0.0.1:0", "--token", TOKEN]);
+    await using relay = await scenario().listen("lab").hub(TOKEN).spawn();
     await using vm = await attachVm(relay, "lab");
     await using v86 = await v86Client(`${wsBase(relay)}/v86/lab?token=${TOKEN}`);
     v86.ws.send(new Uint8Array(13));
@@ -159,9 +159,7 @@ describe("v86 endpoint: framing", () => {
 
   test("a slow reader: its queue is bounded, the excess dropped and counted, the budget given back", async () => {
     const queueBytes = 256 * 1024;
-    await using relay = await spawnRelay([
-      "--http", "127.0.0.1:0", "--qemu-listen", "lab=127.0.0.1:0", "--token", TOKEN, "--queue-bytes", String(queueBytes),
-    ]);
+    await using relay = await scenario().listen("lab").hub(TOKEN).with("--queue-bytes", String(queueBytes)).spawn();
     await using vm = await attachVm(relay, "lab");
     await using raw = await rawV86Client(relay, `/v86/lab?token=${TOKEN}`);
     raw.sendBinary(makeFrame(BROADCAST, V86_MAC, 46));
@@ -189,7 +187,7 @@ describe("v86 endpoint: who may connect", () => {
     await using dir = await tempDir();
     const config = `${dir.path}/relay.json`;
     await Bun.write(config, JSON.stringify({ tokens: [TOKEN, { token: LAB_ONLY, networks: ["lab"] }] }));
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--config", config]);
+    await using relay = await scenario().with("--config", config).spawn();
     const base = wsBase(relay);
     expect(await refusal(`${base}/v86/lab?token=wrong-token-0000000000`)).toContain("401");
     expect(await refusal(`${base}/v86/lab`)).toContain("401");
@@ -216,7 +214,7 @@ describe("v86 endpoint: who may connect", () => {
   });
 
   test("after 10 failures an address's further wrong tokens get 429; the right token is still served", async () => {
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN]);
+    await using relay = await scenario().hub(TOKEN).spawn();
     for (let i = 0; i < 10; i++) expect((await fetch(`${relay.base}/v86/lab?token=wrong-token-${i}-00000000`)).status).toBe(401);
     expect(await refusal(`${wsBase(relay)}/v86/lab?token=wrong-token-x-00000000`)).toContain("429");
     await using client = await v86Client(`${wsBase(relay)}/v86/lab?token=${TOKEN}`);
@@ -227,10 +225,10 @@ describe("v86 endpoint: who may connect", () => {
   });
 
   test("no tokens: no v86 endpoint (404); the admin token does not guard it", async () => {
-    await using off = await spawnRelay(["--http", "127.0.0.1:0"]);
+    await using off = await scenario().spawn();
     expect((await fetch(`${off.base}/v86/default?token=${TOKEN}`)).status).toBe(404);
     const admin = "v86-admin-secret-9f8e7d6c";
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN, "--admin-token", admin]);
+    await using relay = await scenario().hub(TOKEN).with("--admin-token", admin).spawn();
     await using v86 = await v86Client(`${wsBase(relay)}/v86/lab?token=${TOKEN}`);
     expect((await fetch(`${relay.base}/status`)).status).toBe(401);
     const status = await (await fetch(`${relay.base}/status`, { headers: { Authorization: `Bearer ${admin}` } })).json();
@@ -238,9 +236,7 @@ describe("v86 endpoint: who may connect", () => {
   });
 
   test("--v86-origin: browsers from other origins get 403; listed ones and clients without an Origin connect", async () => {
-    await using relay = await spawnRelay([
-      "--http", "127.0.0.1:0", "--token", TOKEN, "--v86-origin", "https://lab.example.org", "--v86-origin", "http://localhost:8000/",
-    ]);
+    await using relay = await scenario().hub(TOKEN).with("--v86-origin", "https://lab.example.org", "--v86-origin", "http://localhost:8000/").spawn();
     const url = `${wsBase(relay)}/v86/lab?token=${TOKEN}`;
     expect(await refusal(url, { headers: { Origin: "https://evil.example.org" } })).toContain("403");
     expect(await refusal(url, { headers: { Origin: "null" } })).toContain("403");
@@ -281,7 +277,7 @@ describe("v86 endpoint: who may connect", () => {
 
 describe("v86 endpoint: rate limit and reach", () => {
   test("--v86-rate bounds each direction of one port; the excess is dropped and counted", async () => {
-    await using relay = await spawnRelay(["--http", "127.0.0.1:0", "--qemu-listen", "lab=127.0.0.1:0", "--token", TOKEN, "--v86-rate", "20,0"]);
+    await using relay = await scenario().listen("lab").hub(TOKEN).with("--v86-rate", "20,0").spawn();
     await using vm = await attachVm(relay, "lab");
     await using v86 = await v86Client(`${wsBase(relay)}/v86/lab?token=${TOKEN}`);
     const sent = 200;
@@ -314,11 +310,9 @@ describe("v86 endpoint: rate limit and reach", () => {
     const key = `${dir.path}/hub.key`;
     await Bun.$`openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ${key} -out ${cert} -days 1 -subj /CN=edge-relay-test -addext subjectAltName=IP:127.0.0.1,DNS:localhost`.quiet();
     const ca = await Bun.file(cert).text();
-    await using hub = await spawnRelay(["--http", "127.0.0.1:0", "--token", TOKEN, "--tls-cert", cert, "--tls-key", key]);
+    await using hub = await scenario().hub(TOKEN).with("--tls-cert", cert, "--tls-key", key).spawn();
     const hubPort = hub.port("http");
-    await using site = await spawnRelay([
-      "--http", "127.0.0.1:0", "--qemu-listen", "lab=127.0.0.1:0", "--uplink", `wss://127.0.0.1:${hubPort}`, "--uplink-token", TOKEN, "--uplink-ca", cert,
-    ]);
+    await using site = await scenario().listen("lab").uplink(`wss://127.0.0.1:${hubPort}`, TOKEN).with("--uplink-ca", cert).spawn();
     await uplinkUp(site);
     await using vm = await attachVm(site, "lab");
     await using v86 = await v86Client(`wss://127.0.0.1:${hubPort}/v86/lab?token=${TOKEN}`, { tls: { ca } });
