@@ -5,14 +5,20 @@
  * A relay hosts named networks; each network is a learning Ethernet switch. QEMU links (TCP and
  * unix stream connections, UDP and unix datagram peers, multicast segments) and WebSocket tunnels to
  * other relays are ports on a network. Sites dial out to a hub over an authenticated WebSocket
- * (`ws://`, or `wss://` with --tls-cert/--tls-key on the hub), so NAT is no obstacle; hub and site
- * are this same program with different ports configured.
+ * (`wss://` with the hub's own certificate pinned by a join string, or with --tls-cert/--tls-key;
+ * `ws://` on trusted paths), so NAT is no obstacle; hub and site are this same program with
+ * different ports configured. A --dhcp network also gets DHCP, names and a pingable gateway.
  *
  * ```sh
  * # one host: a local switch on 127.0.0.1:10000, status on http://127.0.0.1:8080/status
  * npx bun relay.ts
  *
- * # hub (public host) and two sites behind NAT
+ * # hub (public host): one command makes its certificate and tokens and prints the line for each site
+ * npx bun relay.ts --public-url wss://hub.example.net:8443 --state-dir ./hub-state
+ * # each site behind NAT: the join string the hub printed (or from RELAY_JOIN, --join-file)
+ * npx bun relay.ts --join ER1…::…@hub.example.net:8443 --qemu-listen 127.0.0.1:10000
+ *
+ * # the same by hand: tokens of one's own, no TLS
  * RELAY_TOKENS=site-secret-change-me RELAY_ADMIN_TOKEN=admin-secret-change-me npx bun relay.ts --http 0.0.0.0:8080
  * RELAY_UPLINK_TOKEN=site-secret-change-me npx bun relay.ts --qemu-listen 127.0.0.1:10000 --uplink ws://hub.example:8080
  *
@@ -41,8 +47,10 @@
  *
  * ## Map
  *
- * The file reads top to bottom: a section uses only what stands above it (types excepted), and each
- * opens with a few lines of design notes. The supported API comes first; everything exported after
+ * The file reads top to bottom: a section uses only what stands above it (types excepted; two
+ * exceptions by design: the HTTP app serves the page assets, long strings kept last as bottle.py
+ * keeps its templates, and config values' messages name options through the option table's
+ * `flagOf`), and each opens with a few lines of design notes. The supported API comes first; everything exported after
  * it is `@internal` (for the tests). Sections:
  *
  * - public API            the wire constants, the config and log types, and the handle startRelay returns
@@ -65,7 +73,7 @@
  * - QEMU datagram ports   --qemu-udp and --qemu-mcast: every datagram peer, or a multicast group, is a port
  * - DHCP packets          the wire formats the gateway host reads and writes: IPv4, UDP, ARP, DHCP, DNS names
  * - gateway host          --dhcp: the relay's own host on a network: ARP, ping, DHCP leases and DNS for them
- * - status & metrics      GET /status's snapshot and GET /metrics's Prometheus text
+ * - status & metrics      the shape of GET /status (its assembly is lifecycle's buildSnapshot) and GET /metrics
  * - HTTP app              the routes on the one Bun.serve: admin pages and data, captures, impairments, upgrades
  * - hub state             --public-url and --join: the hub's certificate, tokens and invites; join strings
  * - lifecycle             startRelay: the composition root, and the registry of networks
@@ -82,8 +90,9 @@
  * port kind's `enqueue`: a StreamWriter batches a turn's frames into one socket write, a TunnelPort or
  * BackplanePort into one message, a DatagramPort sends one datagram, a V86Port one WebSocket message.
  * Frames from a tunnel enter at `TunnelLink.receive` → `decodeTunnelMessage`, from NATS at
- * `Backplane`'s `#received`, from datagram sockets at `DatagramBinding`, from v86 at `V86Port.message`;
- * all of them then go `Port.receive` → `Network.forward` as above.
+ * `Backplane`'s `#received`, from datagram sockets at `DatagramBinding`, from a multicast group at
+ * `joinMulticast`'s `onGroupDatagram`, from v86 at `V86Port.message`, and the gateway host's own
+ * replies from `GatewayHost`; all of them then go `Port.receive` → `Network.forward` as above.
  *
  * Cut-through, the fast path: a stream chunk's or a tunnel or backplane message's whole frames first
  * try `Network.forwardRun`, which sends a run of unicast frames to one known port that takes runs
@@ -101,7 +110,7 @@
  * | kind                      | class         | section              | made by                                      |
  * |---------------------------|---------------|----------------------|----------------------------------------------|
  * | qemu-listen, qemu-connect | StreamPort    | QEMU stream ports    | streamHandlers (listenStream, QemuDialer)    |
- * | qemu-udp                  | DatagramPort  | QEMU datagram ports  | DatagramBinding: one per peer heard          |
+ * | qemu-udp                  | DatagramPort  | QEMU datagram ports  | DatagramBinding: per peer heard, or 1 fixed  |
  * | qemu-mcast                | DatagramPort  | QEMU datagram ports  | joinMulticast: one per group                 |
  * | tunnel                    | TunnelPort    | tunnels              | TunnelServer (the hub's side), per network   |
  * | uplink                    | TunnelPort    | tunnels              | Uplink (the site's side), per network        |
@@ -110,12 +119,18 @@
  * | host                      | GatewayHost   | gateway host         | startGateways: one per --dhcp network        |
  *
  * To add a port kind: a Port subclass (ports & flow control says what to implement: `enqueue`;
- * `queued` and `reading` to take part in flow control; `enqueueRun` for cut-through) in a section of
- * its own above lifecycle, something that attaches each port to its network (`network.attach(port)`)
- * and detaches it when its peer goes, and its start in startRelay (lifecycle), with a row here.
+ * `queued` with a finite `queueLimit` and `reading` to take part in flow control, or it is never
+ * congested; `takesRuns`, `maxRun` and `enqueueRun` for cut-through; the constructor's `trunk` for a
+ * link that carries many MACs) in a section of its own above lifecycle, something that attaches each
+ * port to its network (`network.attach(port)`) and detaches it when its peer goes, and its start in
+ * startRelay (lifecycle), with a row here and in the section index (tests/map.test.ts holds both).
+ * A few places treat kinds by name: NetworkRegistry's release (uplink, backplane), ImpairmentTable's
+ * targets (uplink), and Network's attach and detach log lines (qemu-mcast).
  *
  * To add an option: an entry in OPTIONS (option table) and a row in README's CLI reference (a test
- * holds the two together); then read `config.yourOption` where the relay starts (lifecycle).
+ * holds the two together); then read `config.yourOption` where the relay starts (lifecycle). An
+ * entry without a schema is a command-line action (main handles it, as --invite); a `secret` needs
+ * an `env` (--install-service moves secrets to the environment file).
  *
  * @module
  */
@@ -296,7 +311,7 @@ class ChangeLog {
 /**
  * When to try again after a failed dial: doubling from `minMs` to `maxMs`, each wait drawn from its
  * upper half so many dialers that failed together (a hub restart) do not come back together. One
- * helper for every dialer: the uplink, --qemu-connect, the backplane's first connection. A failure
+ * helper for every dialer (through Redialer): the uplink, --qemu-connect, the backplane. A failure
  * that retrying soon cannot mend waits `finalMs` instead, until a dial succeeds.
  */
 class Backoff {
@@ -6104,8 +6119,6 @@ class Backplane {
 // StreamWriter batching a turn's frames into one write on the way out; pausing it stops reading the
 // socket, which makes QEMU stop taking packets from its guest.
 
-// Unix sockets go through libc (bun:ffi) where Bun has no API: datagrams, and telling a stale
-// socket file from a live one.
 const AF_UNIX = 1;
 const SOCK_STREAM = 1;
 const SOCK_DGRAM = 2;
@@ -6215,7 +6228,7 @@ function connectionCap(max: number, fdLimit: number, log: Logger, countRefused: 
   };
 }
 
-/** A QEMU stream connection (TCP): length-prefixed frames both ways. */
+/** A QEMU stream connection (TCP or unix): length-prefixed frames both ways. */
 class StreamPort extends Port {
   /** Room for a tunnel message's header in front of a reassembled frame and its length. */
   readonly decoder = new StreamDecoder(DATA_HEADER_BYTES);
@@ -8646,14 +8659,16 @@ function pem(label: string, bytes: Uint8Array): string {
 /**
  * A self-signed ECDSA P-256 certificate for `name` (a host name or an IP address), valid from an
  * hour ago with no end (RFC 5280's 99991231235959Z): the pin, not a date, decides whether a site trusts it.
+ * @internal
  */
-function selfSignedCertificate(name: string): { cert: string; key: string } {
+export function selfSignedCertificate(name: string): { cert: string; key: string } {
   const { privateKey, publicKey } = generateKeyPairSync("ec", { namedCurve: "P-256" });
   const ecdsaWithSha256 = derSequence(derOid("1.2.840.10045.4.3.2"));
   const subject = derSequence(der(0x31, derSequence(derOid("2.5.4.3"), der(0x0c, Buffer.from(name)))));
   const altName = isIP(name) === 0 ? der(0x82, Buffer.from(name)) : der(0x87, ipBytes(name));
   const serial = crypto.getRandomValues(new Uint8Array(16));
-  serial[0]! &= 0x7f;
+  // DER wants a positive INTEGER in its fewest bytes: a first byte of 0x01–0x7f is both, always 16 bytes.
+  serial[0] = (serial[0]! % 0x7f) + 1;
   const extension = (id: string, critical: boolean, value: Uint8Array) =>
     derSequence(derOid(id), ...(critical ? [der(0x01, Buffer.from([0xff]))] : []), der(0x04, value));
   const tbs = derSequence(
@@ -9043,9 +9058,8 @@ function learnPinnedCertificate(options: UplinkOptions): () => Promise<void> {
 //
 // startRelay reads as its steps: identity and counters, the network registry, the peers' servers,
 // the HTTP listener, the backplane, the --dhcp gateway hosts, the QEMU ports, capture files, the
-// uplink, the timers. A failed
-// start stops what it started (Stoppers); networks that only tunnels or v86 ports brought go
-// again when their last such port does (NetworkRegistry).
+// uplink, the timers. A failed start stops what it started (Stoppers); networks that only tunnels
+// or v86 ports brought go again when their last such port does (NetworkRegistry).
 
 const consoleLogger: Logger = { info: (l) => console.log(l), warn: (l) => console.error(l) };
 
@@ -9592,9 +9606,9 @@ export async function startRelay(given: Config, log: Logger = consoleLogger, env
 
 // ───────────────────────────── page assets ─────────────────────────────
 //
-// Long string constants live at the end, out of the code's way (bottle's way). Each is ASCII with no
-// backtick or `${`, so the constant is the page; documentHeaders hashes its inline script and style
-// for the CSP.
+// Long string constants live at the end, out of the code's way, as bottle.py keeps its templates
+// after its code. Each is ASCII with no backtick or `${`, so the constant is the page;
+// documentHeaders hashes its inline script and style for the CSP.
 
 /**
  * The status page at `/`: one self-contained document, no CDN and no build step. Its script polls

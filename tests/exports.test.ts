@@ -21,7 +21,7 @@ const INTERNAL = [
   "decodeUdp", "encodeControl", "encodeFrames", "environmentFileValue", "flagOf", "formatClient", "formatImpairment",
   "formatMac", "helpText", "hpubRoom", "hubStartLines", "listInvites", "macKey", "natsHeaderBlock", "noProxyMatches",
   "openHubState", "openUnixDgram", "parseCidr", "parseControl", "parseHostPort", "parseImpairment", "rateLimitedLog",
-  "renderMetrics", "resolveDhcpNetwork", "statusNetworks", "trustedProxyList", "uplinkProxy", "withHubLock",
+  "renderMetrics", "resolveDhcpNetwork", "selfSignedCertificate", "statusNetworks", "trustedProxyList", "uplinkProxy", "withHubLock",
   "withoutUserinfo", "writeHpub",
 ];
 

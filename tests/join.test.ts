@@ -6,7 +6,7 @@
 import { describe, expect, test } from "bun:test";
 import { chmodSync, existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { X509Certificate } from "node:crypto";
-import { addInvite, environmentFileValue, helpText, hubStartLines, listInvites, openHubState, withHubLock } from "../relay.ts";
+import { addInvite, environmentFileValue, helpText, hubStartLines, listInvites, openHubState, selfSignedCertificate, withHubLock } from "../relay.ts";
 import { BROADCAST, ROOT, attachVm, freePort, fromMac, makeFrame, runCli, spawnRelay, tempDir, testCertificate, uplinkFailed, uplinkUp, waitUntil, type RelayProcess } from "./helpers.ts";
 
 /** A hub as the README starts it: one command, its state in `dir`, listening on all addresses at `port`. */
@@ -294,6 +294,19 @@ async function unitCommand(root: string): Promise<string[]> {
   const words = /^ExecStart=(.*)$/m.exec(unit)![1]!.split(" ");
   return [`${root}${words[0]}`, ...words.slice(1)];
 }
+
+describe("selfSignedCertificate", () => {
+  test("every certificate parses: its random serial is a positive DER INTEGER in its fewest bytes (one in 256 was not)", () => {
+    const serials = new Set<string>();
+    for (let i = 0; i < 1_000; i++) {
+      const made = selfSignedCertificate(i % 2 === 0 ? "hub.example.net" : "192.0.2.1");
+      const x509 = new X509Certificate(made.cert);
+      expect(x509.serialNumber).toMatch(/^(0[1-9A-F]|[1-7][0-9A-F])[0-9A-F]{30}$/);
+      serials.add(x509.serialNumber);
+    }
+    expect(serials.size).toBe(1_000);
+  });
+});
 
 describe("--install-service", () => {
   test("installs a hub made by hand, its state copied, then a site from the hub's join string, below a temporary root: binary, hardened unit without secrets, 0600 environment file; systemd-analyze verify passes; each started as its unit starts it, the hub keeps its certificate, the site joins and no secret is in ps", async () => {
