@@ -313,8 +313,9 @@ class ChangeLog {
  * upper half so many dialers that failed together (a hub restart) do not come back together. One
  * helper for every dialer (through Redialer): the uplink, --qemu-connect, the backplane. A failure
  * that retrying soon cannot mend waits `finalMs` instead, until a dial succeeds.
+ * @internal
  */
-class Backoff {
+export class Backoff {
   #failures = 0;
   #final = false;
   constructor(

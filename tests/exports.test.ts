@@ -13,7 +13,7 @@ const SUPPORTED = [
 ];
 
 const INTERNAL = [
-  "AdminSessions", "AuthThrottle", "BatchedPort", "BUDGET_ALPHA", "Capture", "DhcpNetworkSpec", "FrameBatch",
+  "AdminSessions", "AuthThrottle", "Backoff", "BatchedPort", "BUDGET_ALPHA", "Capture", "DhcpNetworkSpec", "FrameBatch",
   "GatewayHost", "Impairment", "ImpairmentClock", "MemoryBudget", "NatsDecoder", "Network", "NetworkRegistry",
   "OPTIONS", "PAGE_HTML", "PAGE_HTML_WITH_LOGOUT", "Port", "PortTotals", "RateLimit", "RoundRobin", "StreamDecoder",
   "StreamWriter", "SwitchPolicy", "TunnelLink", "UNIX_DGRAM_BACKLOG", "UNIX_DGRAM_MESSAGE_COST", "addInvite",

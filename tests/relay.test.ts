@@ -1,7 +1,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { readFileSync } from "node:fs";
 import { hostname } from "node:os";
-import { MAX_FRAME, TUNNEL_PROTOCOL, encodeControl, encodeFrames } from "../relay.ts";
+import { Backoff, MAX_FRAME, TUNNEL_PROTOCOL, encodeControl, encodeFrames } from "../relay.ts";
 import { ChaosProxy } from "./chaos/proxy.ts";
 import {
   BROADCAST,
@@ -41,6 +41,35 @@ async function forwarding(from: StreamPeer, to: StreamPeer, src: string, timeout
   }, `a frame from ${src} forwarded`, timeoutMs);
   return performance.now() - start;
 }
+
+describe("Backoff", () => {
+  test("next() doubles its ceiling from min to max and draws each wait from the ceiling's upper half, so dialers that failed together spread out", () => {
+    const ceilings = [250, 500, 1_000, 2_000, 3_000, 3_000];
+    const seen: number[][] = ceilings.map(() => []);
+    for (let round = 0; round < 200; round++) {
+      const backoff = new Backoff(250, 3_000, 30_000);
+      ceilings.forEach((_, i) => seen[i]!.push(backoff.next()));
+    }
+    ceilings.forEach((ceiling, i) => {
+      for (const wait of seen[i]!) {
+        expect(wait).toBeGreaterThanOrEqual(ceiling / 2);
+        expect(wait).toBeLessThanOrEqual(ceiling);
+      }
+      // Jitter: 200 dialers do not all wait the same, and their waits fill both halves of the band.
+      expect(new Set(seen[i]!).size).toBeGreaterThan(150);
+      expect(seen[i]!.some((w) => w < ceiling * 0.75) && seen[i]!.some((w) => w > ceiling * 0.75)).toBe(true);
+    });
+  });
+
+  test("exhaust() waits the final backoff from then on, and reset() starts again from min", () => {
+    const backoff = new Backoff(250, 3_000, 30_000);
+    backoff.next();
+    backoff.exhaust();
+    for (let i = 0; i < 20; i++) expect(backoff.next()).toBeGreaterThanOrEqual(15_000);
+    backoff.reset();
+    expect(backoff.next()).toBeLessThanOrEqual(250);
+  });
+});
 
 describe("relay over a hub (three CLI processes)", () => {
   let hub: RelayProcess;
