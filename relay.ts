@@ -8395,6 +8395,8 @@ interface AppContext {
   /** Served over TLS: the session cookie is Secure. */
   tls: boolean;
   snapshot(view?: StatusView): Snapshot;
+  /** The backplane's state for /healthz, without building a snapshot; undefined without --backplane. */
+  backplaneState(): string | undefined;
   /** Every network, for /metrics. */
   networks(): Iterable<Network>;
   totals: PortTotals;
@@ -8480,8 +8482,8 @@ function createApp(ctx: AppContext) {
   app.get("/", (c) => c.html(page, 200, pageHeaders));
   // A load balancer's check: a hub whose backplane is down cannot reach the other hubs' sites.
   app.get("/healthz", (c) => {
-    const bp = ctx.snapshot(0).backplane;
-    return bp && bp.state !== "up" ? c.text(`backplane ${bp.state}\n`, 503) : c.text("ok\n");
+    const state = ctx.backplaneState();
+    return state !== undefined && state !== "up" ? c.text(`backplane ${state}\n`, 503) : c.text("ok\n");
   });
   /** A query's number or `all`; anything else means the default (undefined). */
   const queryLimit = (value: string | undefined) => (value === "all" ? Infinity : value !== undefined && /^\d+$/.test(value) ? Number(value) : undefined);
@@ -9559,7 +9561,7 @@ export async function startRelay(given: Config, log: Logger = consoleLogger, env
   try {
     const app = createApp({
       grants, adminToken: config.adminToken, trustedProxies: trustedProxyList(config.trustedProxies), tls: config.tlsCert !== undefined,
-      snapshot, networks: () => registry.values(), totals, counters, tunnels, v86, captures, impairments, log,
+      snapshot, backplaneState: () => backplane?.status.state, networks: () => registry.values(), totals, counters, tunnels, v86, captures, impairments, log,
     });
     if (hub) hubTokens = serveHub(app, hub, grants, fixedGrants, tunnels, log, stoppers);
     const [server, host] = serveHttp(config, app, tunnels, v86, hub !== undefined, log);
