@@ -246,6 +246,24 @@ function describeError(action: string, error: unknown): string {
 }
 
 /**
+ * Writes a whole file or nothing: a temporary file with its mode from the start, then a rename over
+ * the old one. Root (an --invite at the shell) keeps the old file's owner: the service's user must still read it.
+ */
+function writeAtomically(path: string, text: string, mode: number): void {
+  const temporary = `${path}.${process.pid}.tmp`;
+  try {
+    writeFileSync(temporary, text, { mode });
+    chmodSync(temporary, mode);
+    const old = statSync(path, { throwIfNoEntry: false });
+    if (old && process.getuid?.() === 0) chownSync(temporary, old.uid, old.gid);
+    renameSync(temporary, path);
+  } catch (error) {
+    rmSync(temporary, { force: true });
+    throw new Error(describeError(`Cannot write ${path}`, error), { cause: error });
+  }
+}
+
+/**
  * At most `burst` lines per `windowMs`, so a flood of bad connections cannot flood the log; what was
  * held back is summed up in one line when the window ends (on a timer, so a burst's tail is told).
  * @internal
@@ -7970,13 +7988,13 @@ export class GatewayHost extends Port {
       .filter((l) => l.state === "bound" || l.state === "released")
       .map((l) => ({ mac: l.mac, address: ipv4Text(l.address), name: l.name ?? null, state: l.state, expires: l.expires, port: l.port, site: l.site }));
     const text = JSON.stringify({ version: 1, network: this.spec.network, cidr: this.spec.cidr, mac: formatMac(this.#macKey), leases }, null, 1) + "\n";
-    const temporary = `${this.stateFile}.${process.pid}.tmp`;
     try {
       mkdirSync(dirname(this.stateFile), { recursive: true, mode: 0o700 });
-      writeFileSync(temporary, text, { mode: 0o600 });
-      renameSync(temporary, this.stateFile);
+      writeAtomically(this.stateFile, text, 0o600);
     } catch (error) {
-      this.#warn(describeError(`${this.spec.network}: cannot write the lease file ${this.stateFile}`, error));
+      // writeAtomically's own line names the file again: the system call's error says it once.
+      const cause = error instanceof Error && error.cause !== undefined ? error.cause : error;
+      this.#warn(describeError(`${this.spec.network}: cannot write the lease file ${this.stateFile}`, cause));
     }
   }
 
@@ -8690,24 +8708,6 @@ export function selfSignedCertificate(name: string): { cert: string; key: string
   );
   const signature = sign("sha256", tbs, privateKey);
   return { cert: pem("CERTIFICATE", derSequence(tbs, ecdsaWithSha256, der(0x03, Buffer.from([0]), signature))), key: privateKey.export({ type: "pkcs8", format: "pem" }) as string };
-}
-
-/**
- * Writes a whole file or nothing: a temporary file with its mode from the start, then a rename over
- * the old one. Root (an --invite at the shell) keeps the old file's owner: the service's user must still read it.
- */
-function writeAtomically(path: string, text: string, mode: number): void {
-  const temporary = `${path}.${process.pid}.tmp`;
-  try {
-    writeFileSync(temporary, text, { mode });
-    chmodSync(temporary, mode);
-    const old = statSync(path, { throwIfNoEntry: false });
-    if (old && process.getuid?.() === 0) chownSync(temporary, old.uid, old.gid);
-    renameSync(temporary, path);
-  } catch (error) {
-    rmSync(temporary, { force: true });
-    throw new Error(describeError(`Cannot write ${path}`, error));
-  }
 }
 
 /** 32 random bytes, base64url: 43 characters nobody guesses. */
