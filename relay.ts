@@ -263,6 +263,9 @@ function writeAtomically(path: string, text: string, mode: number): void {
   }
 }
 
+/** 32 random bytes, base64url: 43 characters nobody guesses. */
+const randomToken = () => Buffer.from(crypto.getRandomValues(new Uint8Array(32))).toString("base64url");
+
 /**
  * At most `burst` lines per `windowMs`, so a flood of bad connections cannot flood the log; what was
  * held back is summed up in one line when the window ends (on a timer, so a burst's tail is told).
@@ -8313,7 +8316,7 @@ export class AdminSessions {
 
   start(now = Date.now()): string {
     if (this.#expiry.size >= this.max) this.#expiry.delete(this.#expiry.keys().next().value!);
-    const id = Buffer.from(crypto.getRandomValues(new Uint8Array(32))).toString("base64url");
+    const id = randomToken();
     this.#expiry.set(id, now + this.lifetimeMs);
     return id;
   }
@@ -8709,9 +8712,6 @@ export function selfSignedCertificate(name: string): { cert: string; key: string
   const signature = sign("sha256", tbs, privateKey);
   return { cert: pem("CERTIFICATE", derSequence(tbs, ecdsaWithSha256, der(0x03, Buffer.from([0]), signature))), key: privateKey.export({ type: "pkcs8", format: "pem" }) as string };
 }
-
-/** 32 random bytes, base64url: 43 characters nobody guesses. */
-const randomToken = () => Buffer.from(crypto.getRandomValues(new Uint8Array(32))).toString("base64url");
 
 /** A token the hub issued: `site` (every network) at the first start, then one per invite. */
 interface HubToken {
