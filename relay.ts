@@ -10299,11 +10299,20 @@ function readTextFile(option: string, path: string): string {
   }
 }
 
+/** --token-file's tokens: one a line; `#` starts a comment. */
+function tokenFileLines(path: string): string[] {
+  return readTextFile(flagOf("tokenFile"), path).split("\n").map((l) => l.replace(/#.*/, "").trim()).filter(Boolean);
+}
+
 const DEFAULT_QEMU_LISTEN = "127.0.0.1:10000";
 
 /** Merges the config file, environment and flags (flags win) into one validated Config. */
 export function loadConfig(argv: string[], env: Record<string, string | undefined>): Config | "help" | "version" {
-  const flags = parseFlags(argv);
+  return configOf(parseFlags(argv), env);
+}
+
+/** loadConfig's work on flags already parsed: main parses them once for this and its commands. */
+function configOf(flags: Flags, env: Record<string, string | undefined>): Config | "help" | "version" {
   if (flags.help) return "help";
   if (flags.version) return "version";
   let raw: Record<string, unknown> = {};
@@ -10332,10 +10341,7 @@ export function loadConfig(argv: string[], env: Record<string, string | undefine
     else if (value !== undefined) raw[key] = spec.numeric ? number(value as string) : value;
     else if (fromEnv !== undefined && raw[key] === undefined) raw[key] = fromEnv;
   }
-  if (flags.tokenFile !== undefined) {
-    const lines = readTextFile(flagOf("tokenFile"), flags.tokenFile as string).split("\n");
-    addTo("tokens", lines.map((l) => l.replace(/#.*/, "").trim()).filter(Boolean));
-  }
+  if (flags.tokenFile !== undefined) addTo("tokens", tokenFileLines(flags.tokenFile as string));
   if (raw.stateDir === undefined && configFile !== undefined) raw.stateDir = dirname(resolvePath(configFile));
   if (typeof raw.stateDir === "string") raw.stateDir = raw.stateDir.split(":")[0];
   applyHubAndJoin(raw, flags.joinFile as string | undefined, readTextFile);
@@ -10459,7 +10465,7 @@ function copyStateDirectory(from: string, to: string): number {
  * service's StateDirectory (a hub's sites keep their pins). Under `root` (tests, images) nothing is
  * started; at / on a host where systemd runs, systemctl enables and starts it.
  */
-function installService(flags: Record<string, string | true | string[]>, env: Record<string, string | undefined>, root: string): string[] {
+function installService(flags: Flags, env: Record<string, string | undefined>, root: string): string[] {
   const table = OPTIONS as Record<string, OptionSpec>;
   const secrets = new Map<string, string[]>();
   const addSecret = (key: string, values: string[]) => {
@@ -10480,8 +10486,8 @@ function installService(flags: Record<string, string | true | string[]>, env: Re
     const fromEnv = spec.env && spec.secret ? env[spec.env]?.trim() : undefined;
     if (fromEnv && !secrets.has(spec.env!)) addSecret(key, [fromEnv]);
   }
-  if (typeof flags.joinFile === "string") addSecret("join", [readFileSync(flags.joinFile, "utf8").trim()]);
-  if (typeof flags.tokenFile === "string") addSecret("tokens", readFileSync(flags.tokenFile, "utf8").split("\n").map((l) => l.replace(/#.*/, "").trim()).filter(Boolean));
+  if (typeof flags.joinFile === "string") addSecret("join", [readTextFile(flagOf("joinFile"), flags.joinFile).trim()]);
+  if (typeof flags.tokenFile === "string") addSecret("tokens", tokenFileLines(flags.tokenFile));
   const under = (path: string) => join(root, path);
   const state = typeof flags.stateDir === "string" ? resolvePath(flags.stateDir) : undefined;
   const copied = state !== undefined && state !== under(INSTALL_STATE) && existsSync(state) ? copyStateDirectory(state, under(INSTALL_STATE)) : 0;
@@ -10545,9 +10551,10 @@ export function hubStartLines(hub: HubState, program: string, terminal: boolean)
 }
 
 export async function main(argv = Bun.argv.slice(2), env: Record<string, string | undefined> = process.env): Promise<void> {
-  let config;
+  let flags, config;
   try {
-    config = loadConfig(argv, env);
+    flags = parseFlags(argv);
+    config = configOf(flags, env);
   } catch (error) {
     if (!(error instanceof ConfigError)) throw error;
     console.error(`edge-relay: ${error.message}`);
@@ -10555,7 +10562,6 @@ export async function main(argv = Bun.argv.slice(2), env: Record<string, string 
   }
   if (config === "help") return void process.stdout.write(helpText(programName()));
   if (config === "version") return void console.log(`edge-relay ${VERSION} (bun ${Bun.version})`);
-  const flags = parseFlags(argv);
   if (flags.invite !== undefined || flags.invites !== undefined || flags.revoke !== undefined) process.exit(runHubCommand(flags, config.stateDir, programName()));
   if (flags.installService !== undefined) {
     try {
