@@ -8209,7 +8209,8 @@ function datagramDrops(d: DatagramStatus): [string, number][] {
 
 /**
  * Prometheus text exposition: the relay's counters from a snapshot (its networks not listed), the
- * ports' and networks' read from them directly. The cost is per port, never per MAC.
+ * ports' and networks' read from them directly, the --dhcp gateway hosts' from `gateways`. The cost
+ * is per port, never per MAC.
  * @internal
  */
 export function renderMetrics(
@@ -8217,6 +8218,7 @@ export function renderMetrics(
   networks: Iterable<Network>,
   totals: Map<string, KindTotals>,
   view: MetricsView = { ports: METRICS_PORTS, networks: METRICS_NETWORKS },
+  gateways: Iterable<GatewayHost> = [],
 ): string {
   const lines: string[] = [];
   const metric = (name: string, help: string, type: string, samples: [string, number][]) => {
@@ -8228,12 +8230,11 @@ export function renderMetrics(
   const nets: Network[] = [];
   const ports: Port[] = [];
   const labels: string[] = [];
-  const hosts: GatewayHost[] = [];
+  const hosts = Array.from(gateways).slice(0, view.networks);
   let omitted = 0;
   for (const n of networks) {
     if (nets.length < view.networks) nets.push(n);
     for (const p of n.ports) {
-      if (p instanceof GatewayHost && hosts.length < view.networks) hosts.push(p);
       if (ports.length >= view.ports) {
         omitted++;
         continue;
@@ -8420,6 +8421,8 @@ interface AppContext {
   backplaneState(): string | undefined;
   /** Every network, for /metrics. */
   networks(): Iterable<Network>;
+  /** The --dhcp networks' gateway hosts, for /metrics. */
+  gateways(): Iterable<GatewayHost>;
   totals: PortTotals;
   counters: RelayCounters;
   tunnels: TunnelServer;
@@ -8516,7 +8519,7 @@ function createApp(ctx: AppContext) {
   app.get("/metrics", (c) => {
     const query = searchOf(c.req.raw);
     const view: MetricsView = { ports: queryLimit(query.get("ports") ?? undefined) ?? METRICS_PORTS, networks: queryLimit(query.get("networks") ?? undefined) ?? METRICS_NETWORKS };
-    const text = renderMetrics(ctx.snapshot({ networks: 0 }), ctx.networks(), ctx.totals.collect(ctx.networks()), view);
+    const text = renderMetrics(ctx.snapshot({ networks: 0 }), ctx.networks(), ctx.totals.collect(ctx.networks()), view, ctx.gateways());
     return c.text(text, 200, { "Content-Type": "text/plain; version=0.0.4" });
   });
   // Link impairment at run time: PUT the spec as text, DELETE to restore the clean path.
@@ -9561,7 +9564,7 @@ export async function startRelay(given: Config, log: Logger = consoleLogger, env
   try {
     const app = createApp({
       grants, adminToken: config.adminToken, trustedProxies: trustedProxyList(config.trustedProxies), tls: config.tlsCert !== undefined,
-      snapshot, backplaneState: () => backplane?.status.state, networks: () => registry.values(), totals, counters, tunnels, v86, captures, impairments, log,
+      snapshot, backplaneState: () => backplane?.status.state, networks: () => registry.values(), gateways: () => gateways.values(), totals, counters, tunnels, v86, captures, impairments, log,
     });
     if (hub) hubTokens = serveHub(app, hub, grants, fixedGrants, tunnels, log, stoppers);
     const [server, host] = serveHttp(config, app, tunnels, v86, hub !== undefined, log);
