@@ -7607,14 +7607,20 @@ export class GatewayHost extends Port {
   }
 
   protected enqueue(frame: Uint8Array): boolean {
-    // Only what the host can answer is looked at: ARP and IPv4 to it or to everyone, and any DHCP reply (another server).
+    // Only what the host can answer is looked at: ARP to it or to everyone, IPv4 to it, IPv4 to everyone
+    // only for the DHCP server (mDNS, SSDP and the like are the network's chatter), and any DHCP reply (another server).
     if (frame.length < 42 || this.#closed) return true;
     const type = (frame[12]! << 8) | frame[13]!;
-    const mine = (frame[0]! & 1) === 1 || macKey(frame, 0) === this.#macKey;
-    const dhcpReply = type === ETHERTYPE_IPV4 && frame[23] === IP_UDP && frame[34] === 0 && frame[35] === DHCP_SERVER_PORT;
-    if ((mine && (type === ETHERTYPE_ARP || type === ETHERTYPE_IPV4)) || dhcpReply) {
+    if (type !== ETHERTYPE_ARP && type !== ETHERTYPE_IPV4) return true;
+    const group = (frame[0]! & 1) === 1;
+    const udp = type === ETHERTYPE_IPV4 && frame[23] === IP_UDP;
+    const dhcpReply = udp && frame[34] === 0 && frame[35] === DHCP_SERVER_PORT;
+    const ports = 14 + (frame[14]! & 15) * 4;
+    const toServer = udp && frame[ports + 2] === 0 && frame[ports + 3] === DHCP_SERVER_PORT;
+    const taken = group ? type === ETHERTYPE_ARP || toServer || dhcpReply : macKey(frame, 0) === this.#macKey || dhcpReply;
+    if (taken) {
       const copy = frame.slice();
-      queueMicrotask(() => this.#handle(copy));
+      queueMicrotask(() => this.#handle(copy, type));
     }
     return true;
   }
@@ -7629,10 +7635,10 @@ export class GatewayHost extends Port {
     this.network?.detach(this, "relay stopping");
   }
 
-  #handle(frame: Uint8Array): void {
+  #handle(frame: Uint8Array, type: number): void {
     if (this.#closed) return;
     try {
-      if (frame[12] === 0x08 && frame[13] === 0x06) return this.#arp(decodeArp(frame), frame);
+      if (type === ETHERTYPE_ARP) return this.#arp(decodeArp(frame), frame);
       const ip = decodeIpv4(frame);
       if (ip.protocol === IP_ICMP) return this.#icmp(ip, frame);
       if (ip.protocol !== IP_UDP) return;
