@@ -8992,9 +8992,10 @@ function mountInvites(app: Hono<{ Bindings: Server<SocketData> }>, dir: string):
   app.get("/invites", (c) => c.json(listInvites(dir)));
   app.post("/invites", async (c) => {
     const body = await smallBody(c.req.raw, LOGIN_BODY_LIMIT);
+    if (body === undefined) return c.text("request body too large\n", 413);
     let networks: unknown;
     try {
-      networks = JSON.parse(body ?? "")?.networks;
+      networks = JSON.parse(body)?.networks;
     } catch {
       networks = undefined;
     }
