@@ -7708,7 +7708,7 @@ export class GatewayHost extends Port {
     return address >= this.spec.first && address <= this.spec.last && address !== this.spec.gateway;
   }
 
-  #active(lease: Lease, now = this.#clock.now()): boolean {
+  #active(lease: Lease, now: number): boolean {
     return lease.state !== "released" && lease.expires > now;
   }
 
