@@ -7897,13 +7897,13 @@ export class GatewayHost extends Port {
     const address = requested ?? m.ciaddr;
     const reservation = this.#reservedMac.get(m.chaddr);
     const ours = lease !== undefined && lease.address === address && lease.state !== "probing";
+    const origin = this.#origin(frame);
     // SELECTING our offer needs the offer; INIT-REBOOT, RENEWING and REBINDING may take a free address of the pool (a server that lost its state).
     const fine =
       (reservation === undefined || reservation.address === address) &&
       this.#allowed(address, m.chaddr, now) &&
-      (ours || (server === undefined && !this.#probes.has(address) && !this.#overCap(this.#origin(frame).port, now)));
+      (ours || (server === undefined && !this.#probes.has(address) && !this.#overCap(origin.port, now)));
     if (!fine) return this.#reply(NAK, m, frame, 0, undefined);
-    const origin = this.#origin(frame);
     const fresh = !(lease?.state === "bound" && lease.address === address && this.#active(lease, now));
     const name = reservation?.name ?? clientName(m) ?? (lease?.address === address ? lease.name : undefined);
     const bound = this.#put(lease ?? ({ mac: m.chaddr } as Lease), {
