@@ -8081,7 +8081,7 @@ export class GatewayHost extends Port {
     return {
       cidr: this.spec.cidr,
       gateway: ipv4Text(this.spec.gateway),
-      mac: formatMac(macKey(this.mac, 0)),
+      mac: formatMac(this.#macKey),
       domain: this.spec.domain,
       range: `${ipv4Text(this.spec.first)}-${ipv4Text(this.spec.last)}`,
       pool: this.#poolSize,
