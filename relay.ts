@@ -8311,6 +8311,8 @@ const ADMIN_SESSION_SECONDS = 12 * 3600;
 /** Sessions held at once; a further login ends the oldest. */
 const ADMIN_SESSIONS = 1024;
 const LOGIN_BODY_LIMIT = 4096;
+/** The WWW-Authenticate of a 401 for want of the admin token. */
+const ADMIN_CHALLENGE = 'Bearer realm="edge-relay admin"';
 
 /** Logged-in browsers: random ids, each valid until its expiry, logout, or a restart; at most `max` at once. @internal */
 export class AdminSessions {
@@ -8473,7 +8475,7 @@ function createApp(ctx: AppContext) {
     page = PAGE_HTML_WITH_LOGOUT;
     const admin = makeGrants([{ token: ctx.adminToken, networks: undefined }]);
     const sessions = new AdminSessions();
-    const loginHeaders = { ...documentHeaders(LOGIN_HTML), "WWW-Authenticate": 'Bearer realm="edge-relay admin"' };
+    const loginHeaders = { ...documentHeaders(LOGIN_HTML), "WWW-Authenticate": ADMIN_CHALLENGE };
     const secure = ctx.tls ? "; Secure" : "";
     /** A 303 back to the page that sets the session cookie (or clears it), and clears a token cookie of old. */
     const toPage = (c: { req: { header(name: string): string | undefined } }, session: string | undefined) => {
@@ -8492,7 +8494,7 @@ function createApp(ctx: AppContext) {
       // The login form is the way in: showing it is no failure, nor is a session that ended (it was no guess).
       if (path === "/" && authorization === undefined) return c.html(LOGIN_HTML, 401, loginHeaders);
       return refused(clientOf(c), path, authorization, () =>
-        path === "/" ? c.html(LOGIN_HTML, 401, loginHeaders) : c.text("unauthorized\n", 401, { "WWW-Authenticate": 'Bearer realm="edge-relay admin"' }),
+        path === "/" ? c.html(LOGIN_HTML, 401, loginHeaders) : c.text("unauthorized\n", 401, { "WWW-Authenticate": ADMIN_CHALLENGE }),
       );
     });
     app.post(LOGIN_PATH, async (c) => {
