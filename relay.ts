@@ -444,6 +444,11 @@ function formatHostPort({ host, port }: HostPort): string {
   return host.includes(":") ? `[${host}]:${port}` : `${host}:${port}`;
 }
 
+/** A URL's host as sockets and certificates name it: an IPv6 address without its brackets. */
+function urlHost(url: URL): string {
+  return url.hostname.replace(/^\[|\]$/g, "");
+}
+
 /** A unix socket path; `@name` is a Linux abstract name. */
 interface UnixPath {
   path: string;
@@ -4621,7 +4626,7 @@ interface UplinkOptions {
  * @internal
  */
 export function noProxyMatches(target: URL, noProxy: string): boolean {
-  const host = target.hostname.replace(/^\[|\]$/g, "").replace(/\.$/, "").toLowerCase();
+  const host = urlHost(target).replace(/\.$/, "").toLowerCase();
   const port = target.port || (target.protocol === "wss:" || target.protocol === "https:" ? "443" : "80");
   const family = isIP(host);
   for (const item of noProxy.toLowerCase().split(/[\s,]+/)) {
@@ -8873,7 +8878,7 @@ export interface HubState {
  * @internal
  */
 export function openHubState(dir: string, url: string, given?: { cert: { path: string; text: string }; key: { path: string; text: string } }): HubState {
-  const name = new URL(url).hostname.replace(/^\[|\]$/g, "");
+  const name = urlHost(new URL(url));
   try {
     mkdirSync(dir, { recursive: true, mode: 0o700 });
   } catch (error) {
@@ -9050,7 +9055,7 @@ function runHubCommand(flags: Record<string, string | true | string[]>, stateDir
  */
 function learnPinnedCertificate(options: UplinkOptions): () => Promise<void> {
   const url = new URL(options.url);
-  const host = url.hostname.replace(/^\[|\]$/g, "");
+  const host = urlHost(url);
   return () =>
     new Promise<void>((resolve) => {
       if (options.ca !== undefined && new X509Certificate(options.ca.text).fingerprint256 === options.fingerprint) return resolve();
