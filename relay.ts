@@ -246,6 +246,27 @@ function describeError(action: string, error: unknown): string {
 }
 
 /**
+ * Writes a whole file or nothing: a temporary file with its mode from the start, then a rename over
+ * the old one. Root (an --invite at the shell) keeps the old file's owner: the service's user must still read it.
+ */
+function writeAtomically(path: string, text: string, mode: number): void {
+  const temporary = `${path}.${process.pid}.tmp`;
+  try {
+    writeFileSync(temporary, text, { mode });
+    chmodSync(temporary, mode);
+    const old = statSync(path, { throwIfNoEntry: false });
+    if (old && process.getuid?.() === 0) chownSync(temporary, old.uid, old.gid);
+    renameSync(temporary, path);
+  } catch (error) {
+    rmSync(temporary, { force: true });
+    throw new Error(describeError(`Cannot write ${path}`, error), { cause: error });
+  }
+}
+
+/** 32 random bytes, base64url: 43 characters nobody guesses. */
+const randomToken = () => Buffer.from(crypto.getRandomValues(new Uint8Array(32))).toString("base64url");
+
+/**
  * At most `burst` lines per `windowMs`, so a flood of bad connections cannot flood the log; what was
  * held back is summed up in one line when the window ends (on a timer, so a burst's tail is told).
  * @internal
@@ -422,6 +443,11 @@ export function parseHostPort(text: string): HostPort | null {
 /** `127.0.0.1:80`, `[::1]:80`. */
 function formatHostPort({ host, port }: HostPort): string {
   return host.includes(":") ? `[${host}]:${port}` : `${host}:${port}`;
+}
+
+/** A URL's host as sockets and certificates name it: an IPv6 address without its brackets. */
+function urlHost(url: URL): string {
+  return url.hostname.replace(/^\[|\]$/g, "");
 }
 
 /** A unix socket path; `@name` is a Linux abstract name. */
@@ -4601,7 +4627,7 @@ interface UplinkOptions {
  * @internal
  */
 export function noProxyMatches(target: URL, noProxy: string): boolean {
-  const host = target.hostname.replace(/^\[|\]$/g, "").replace(/\.$/, "").toLowerCase();
+  const host = urlHost(target).replace(/\.$/, "").toLowerCase();
   const port = target.port || (target.protocol === "wss:" || target.protocol === "https:" ? "443" : "80");
   const family = isIP(host);
   for (const item of noProxy.toLowerCase().split(/[\s,]+/)) {
@@ -7587,14 +7613,20 @@ export class GatewayHost extends Port {
   }
 
   protected enqueue(frame: Uint8Array): boolean {
-    // Only what the host can answer is looked at: ARP and IPv4 to it or to everyone, and any DHCP reply (another server).
+    // Only what the host can answer is looked at: ARP to it or to everyone, IPv4 to it, IPv4 to everyone
+    // only for the DHCP server (mDNS, SSDP and the like are the network's chatter), and any DHCP reply (another server).
     if (frame.length < 42 || this.#closed) return true;
     const type = (frame[12]! << 8) | frame[13]!;
-    const mine = (frame[0]! & 1) === 1 || macKey(frame, 0) === this.#macKey;
-    const dhcpReply = type === ETHERTYPE_IPV4 && frame[23] === IP_UDP && frame[34] === 0 && frame[35] === DHCP_SERVER_PORT;
-    if ((mine && (type === ETHERTYPE_ARP || type === ETHERTYPE_IPV4)) || dhcpReply) {
+    if (type !== ETHERTYPE_ARP && type !== ETHERTYPE_IPV4) return true;
+    const group = (frame[0]! & 1) === 1;
+    const udp = type === ETHERTYPE_IPV4 && frame[23] === IP_UDP;
+    const dhcpReply = udp && frame[34] === 0 && frame[35] === DHCP_SERVER_PORT;
+    const ports = 14 + (frame[14]! & 15) * 4;
+    const toServer = udp && frame[ports + 2] === 0 && frame[ports + 3] === DHCP_SERVER_PORT;
+    const taken = group ? type === ETHERTYPE_ARP || toServer || dhcpReply : macKey(frame, 0) === this.#macKey || dhcpReply;
+    if (taken) {
       const copy = frame.slice();
-      queueMicrotask(() => this.#handle(copy));
+      queueMicrotask(() => this.#handle(copy, type));
     }
     return true;
   }
@@ -7609,10 +7641,10 @@ export class GatewayHost extends Port {
     this.network?.detach(this, "relay stopping");
   }
 
-  #handle(frame: Uint8Array): void {
+  #handle(frame: Uint8Array, type: number): void {
     if (this.#closed) return;
     try {
-      if (frame[12] === 0x08 && frame[13] === 0x06) return this.#arp(decodeArp(frame), frame);
+      if (type === ETHERTYPE_ARP) return this.#arp(decodeArp(frame), frame);
       const ip = decodeIpv4(frame);
       if (ip.protocol === IP_ICMP) return this.#icmp(ip, frame);
       if (ip.protocol !== IP_UDP) return;
@@ -7682,7 +7714,7 @@ export class GatewayHost extends Port {
     return address >= this.spec.first && address <= this.spec.last && address !== this.spec.gateway;
   }
 
-  #active(lease: Lease, now = this.#clock.now()): boolean {
+  #active(lease: Lease, now: number): boolean {
     return lease.state !== "released" && lease.expires > now;
   }
 
@@ -7871,13 +7903,13 @@ export class GatewayHost extends Port {
     const address = requested ?? m.ciaddr;
     const reservation = this.#reservedMac.get(m.chaddr);
     const ours = lease !== undefined && lease.address === address && lease.state !== "probing";
+    const origin = this.#origin(frame);
     // SELECTING our offer needs the offer; INIT-REBOOT, RENEWING and REBINDING may take a free address of the pool (a server that lost its state).
     const fine =
       (reservation === undefined || reservation.address === address) &&
       this.#allowed(address, m.chaddr, now) &&
-      (ours || (server === undefined && !this.#probes.has(address) && !this.#overCap(this.#origin(frame).port, now)));
+      (ours || (server === undefined && !this.#probes.has(address) && !this.#overCap(origin.port, now)));
     if (!fine) return this.#reply(NAK, m, frame, 0, undefined);
-    const origin = this.#origin(frame);
     const fresh = !(lease?.state === "bound" && lease.address === address && this.#active(lease, now));
     const name = reservation?.name ?? clientName(m) ?? (lease?.address === address ? lease.name : undefined);
     const bound = this.#put(lease ?? ({ mac: m.chaddr } as Lease), {
@@ -7971,13 +8003,13 @@ export class GatewayHost extends Port {
       .filter((l) => l.state === "bound" || l.state === "released")
       .map((l) => ({ mac: l.mac, address: ipv4Text(l.address), name: l.name ?? null, state: l.state, expires: l.expires, port: l.port, site: l.site }));
     const text = JSON.stringify({ version: 1, network: this.spec.network, cidr: this.spec.cidr, mac: formatMac(this.#macKey), leases }, null, 1) + "\n";
-    const temporary = `${this.stateFile}.${process.pid}.tmp`;
     try {
       mkdirSync(dirname(this.stateFile), { recursive: true, mode: 0o700 });
-      writeFileSync(temporary, text, { mode: 0o600 });
-      renameSync(temporary, this.stateFile);
+      writeAtomically(this.stateFile, text, 0o600);
     } catch (error) {
-      this.#warn(describeError(`${this.spec.network}: cannot write the lease file ${this.stateFile}`, error));
+      // writeAtomically's own line names the file again: the system call's error says it once.
+      const cause = error instanceof Error && error.cause !== undefined ? error.cause : error;
+      this.#warn(describeError(`${this.spec.network}: cannot write the lease file ${this.stateFile}`, cause));
     }
   }
 
@@ -8055,7 +8087,7 @@ export class GatewayHost extends Port {
     return {
       cidr: this.spec.cidr,
       gateway: ipv4Text(this.spec.gateway),
-      mac: formatMac(macKey(this.mac, 0)),
+      mac: formatMac(this.#macKey),
       domain: this.spec.domain,
       range: `${ipv4Text(this.spec.first)}-${ipv4Text(this.spec.last)}`,
       pool: this.#poolSize,
@@ -8189,7 +8221,8 @@ function datagramDrops(d: DatagramStatus): [string, number][] {
 
 /**
  * Prometheus text exposition: the relay's counters from a snapshot (its networks not listed), the
- * ports' and networks' read from them directly. The cost is per port, never per MAC.
+ * ports' and networks' read from them directly, the --dhcp gateway hosts' from `gateways`. The cost
+ * is per port, never per MAC.
  * @internal
  */
 export function renderMetrics(
@@ -8197,6 +8230,7 @@ export function renderMetrics(
   networks: Iterable<Network>,
   totals: Map<string, KindTotals>,
   view: MetricsView = { ports: METRICS_PORTS, networks: METRICS_NETWORKS },
+  gateways: Iterable<GatewayHost> = [],
 ): string {
   const lines: string[] = [];
   const metric = (name: string, help: string, type: string, samples: [string, number][]) => {
@@ -8208,12 +8242,11 @@ export function renderMetrics(
   const nets: Network[] = [];
   const ports: Port[] = [];
   const labels: string[] = [];
-  const hosts: GatewayHost[] = [];
+  const hosts = Array.from(gateways).slice(0, view.networks);
   let omitted = 0;
   for (const n of networks) {
     if (nets.length < view.networks) nets.push(n);
     for (const p of n.ports) {
-      if (p instanceof GatewayHost && hosts.length < view.networks) hosts.push(p);
       if (ports.length >= view.ports) {
         omitted++;
         continue;
@@ -8284,6 +8317,8 @@ const ADMIN_SESSION_SECONDS = 12 * 3600;
 /** Sessions held at once; a further login ends the oldest. */
 const ADMIN_SESSIONS = 1024;
 const LOGIN_BODY_LIMIT = 4096;
+/** The WWW-Authenticate of a 401 for want of the admin token. */
+const ADMIN_CHALLENGE = 'Bearer realm="edge-relay admin"';
 
 /** Logged-in browsers: random ids, each valid until its expiry, logout, or a restart; at most `max` at once. @internal */
 export class AdminSessions {
@@ -8296,7 +8331,7 @@ export class AdminSessions {
 
   start(now = Date.now()): string {
     if (this.#expiry.size >= this.max) this.#expiry.delete(this.#expiry.keys().next().value!);
-    const id = Buffer.from(crypto.getRandomValues(new Uint8Array(32))).toString("base64url");
+    const id = randomToken();
     this.#expiry.set(id, now + this.lifetimeMs);
     return id;
   }
@@ -8396,8 +8431,12 @@ interface AppContext {
   /** Served over TLS: the session cookie is Secure. */
   tls: boolean;
   snapshot(view?: StatusView): Snapshot;
+  /** The backplane's state for /healthz, without building a snapshot; undefined without --backplane. */
+  backplaneState(): string | undefined;
   /** Every network, for /metrics. */
   networks(): Iterable<Network>;
+  /** The --dhcp networks' gateway hosts, for /metrics. */
+  gateways(): Iterable<GatewayHost>;
   totals: PortTotals;
   counters: RelayCounters;
   tunnels: TunnelServer;
@@ -8442,7 +8481,7 @@ function createApp(ctx: AppContext) {
     page = PAGE_HTML_WITH_LOGOUT;
     const admin = makeGrants([{ token: ctx.adminToken, networks: undefined }]);
     const sessions = new AdminSessions();
-    const loginHeaders = { ...documentHeaders(LOGIN_HTML), "WWW-Authenticate": 'Bearer realm="edge-relay admin"' };
+    const loginHeaders = { ...documentHeaders(LOGIN_HTML), "WWW-Authenticate": ADMIN_CHALLENGE };
     const secure = ctx.tls ? "; Secure" : "";
     /** A 303 back to the page that sets the session cookie (or clears it), and clears a token cookie of old. */
     const toPage = (c: { req: { header(name: string): string | undefined } }, session: string | undefined) => {
@@ -8461,7 +8500,7 @@ function createApp(ctx: AppContext) {
       // The login form is the way in: showing it is no failure, nor is a session that ended (it was no guess).
       if (path === "/" && authorization === undefined) return c.html(LOGIN_HTML, 401, loginHeaders);
       return refused(clientOf(c), path, authorization, () =>
-        path === "/" ? c.html(LOGIN_HTML, 401, loginHeaders) : c.text("unauthorized\n", 401, { "WWW-Authenticate": 'Bearer realm="edge-relay admin"' }),
+        path === "/" ? c.html(LOGIN_HTML, 401, loginHeaders) : c.text("unauthorized\n", 401, { "WWW-Authenticate": ADMIN_CHALLENGE }),
       );
     });
     app.post(LOGIN_PATH, async (c) => {
@@ -8481,8 +8520,8 @@ function createApp(ctx: AppContext) {
   app.get("/", (c) => c.html(page, 200, pageHeaders));
   // A load balancer's check: a hub whose backplane is down cannot reach the other hubs' sites.
   app.get("/healthz", (c) => {
-    const bp = ctx.snapshot(0).backplane;
-    return bp && bp.state !== "up" ? c.text(`backplane ${bp.state}\n`, 503) : c.text("ok\n");
+    const state = ctx.backplaneState();
+    return state !== undefined && state !== "up" ? c.text(`backplane ${state}\n`, 503) : c.text("ok\n");
   });
   /** A query's number or `all`; anything else means the default (undefined). */
   const queryLimit = (value: string | undefined) => (value === "all" ? Infinity : value !== undefined && /^\d+$/.test(value) ? Number(value) : undefined);
@@ -8494,7 +8533,7 @@ function createApp(ctx: AppContext) {
   app.get("/metrics", (c) => {
     const query = searchOf(c.req.raw);
     const view: MetricsView = { ports: queryLimit(query.get("ports") ?? undefined) ?? METRICS_PORTS, networks: queryLimit(query.get("networks") ?? undefined) ?? METRICS_NETWORKS };
-    const text = renderMetrics(ctx.snapshot({ networks: 0 }), ctx.networks(), ctx.totals.collect(ctx.networks()), view);
+    const text = renderMetrics(ctx.snapshot({ networks: 0 }), ctx.networks(), ctx.totals.collect(ctx.networks()), view, ctx.gateways());
     return c.text(text, 200, { "Content-Type": "text/plain; version=0.0.4" });
   });
   // Link impairment at run time: PUT the spec as text, DELETE to restore the clean path.
@@ -8691,27 +8730,6 @@ export function selfSignedCertificate(name: string): { cert: string; key: string
   return { cert: pem("CERTIFICATE", derSequence(tbs, ecdsaWithSha256, der(0x03, Buffer.from([0]), signature))), key: privateKey.export({ type: "pkcs8", format: "pem" }) as string };
 }
 
-/**
- * Writes a whole file or nothing: a temporary file with its mode from the start, then a rename over
- * the old one. Root (an --invite at the shell) keeps the old file's owner: the service's user must still read it.
- */
-function writeAtomically(path: string, text: string, mode: number): void {
-  const temporary = `${path}.${process.pid}.tmp`;
-  try {
-    writeFileSync(temporary, text, { mode });
-    chmodSync(temporary, mode);
-    const old = statSync(path, { throwIfNoEntry: false });
-    if (old && process.getuid?.() === 0) chownSync(temporary, old.uid, old.gid);
-    renameSync(temporary, path);
-  } catch (error) {
-    rmSync(temporary, { force: true });
-    throw new Error(describeError(`Cannot write ${path}`, error));
-  }
-}
-
-/** 32 random bytes, base64url: 43 characters nobody guesses. */
-const randomToken = () => Buffer.from(crypto.getRandomValues(new Uint8Array(32))).toString("base64url");
-
 /** A token the hub issued: `site` (every network) at the first start, then one per invite. */
 interface HubToken {
   id: string;
@@ -8861,7 +8879,7 @@ export interface HubState {
  * @internal
  */
 export function openHubState(dir: string, url: string, given?: { cert: { path: string; text: string }; key: { path: string; text: string } }): HubState {
-  const name = new URL(url).hostname.replace(/^\[|\]$/g, "");
+  const name = urlHost(new URL(url));
   try {
     mkdirSync(dir, { recursive: true, mode: 0o700 });
   } catch (error) {
@@ -8982,9 +9000,10 @@ function mountInvites(app: Hono<{ Bindings: Server<SocketData> }>, dir: string):
   app.get("/invites", (c) => c.json(listInvites(dir)));
   app.post("/invites", async (c) => {
     const body = await smallBody(c.req.raw, LOGIN_BODY_LIMIT);
+    if (body === undefined) return c.text("request body too large\n", 413);
     let networks: unknown;
     try {
-      networks = JSON.parse(body ?? "")?.networks;
+      networks = JSON.parse(body)?.networks;
     } catch {
       networks = undefined;
     }
@@ -9037,7 +9056,7 @@ function runHubCommand(flags: Record<string, string | true | string[]>, stateDir
  */
 function learnPinnedCertificate(options: UplinkOptions): () => Promise<void> {
   const url = new URL(options.url);
-  const host = url.hostname.replace(/^\[|\]$/g, "");
+  const host = urlHost(url);
   return () =>
     new Promise<void>((resolve) => {
       if (options.ca !== undefined && new X509Certificate(options.ca.text).fingerprint256 === options.fingerprint) return resolve();
@@ -9560,7 +9579,7 @@ export async function startRelay(given: Config, log: Logger = consoleLogger, env
   try {
     const app = createApp({
       grants, adminToken: config.adminToken, trustedProxies: trustedProxyList(config.trustedProxies), tls: config.tlsCert !== undefined,
-      snapshot, networks: () => registry.values(), totals, counters, tunnels, v86, captures, impairments, log,
+      snapshot, backplaneState: () => backplane?.status.state, networks: () => registry.values(), gateways: () => gateways.values(), totals, counters, tunnels, v86, captures, impairments, log,
     });
     if (hub) hubTokens = serveHub(app, hub, grants, fixedGrants, tunnels, log, stoppers);
     const [server, host] = serveHttp(config, app, tunnels, v86, hub !== undefined, log);
@@ -10298,11 +10317,20 @@ function readTextFile(option: string, path: string): string {
   }
 }
 
+/** --token-file's tokens: one a line; `#` starts a comment. */
+function tokenFileLines(path: string): string[] {
+  return readTextFile(flagOf("tokenFile"), path).split("\n").map((l) => l.replace(/#.*/, "").trim()).filter(Boolean);
+}
+
 const DEFAULT_QEMU_LISTEN = "127.0.0.1:10000";
 
 /** Merges the config file, environment and flags (flags win) into one validated Config. */
 export function loadConfig(argv: string[], env: Record<string, string | undefined>): Config | "help" | "version" {
-  const flags = parseFlags(argv);
+  return configOf(parseFlags(argv), env);
+}
+
+/** loadConfig's work on flags already parsed: main parses them once for this and its commands. */
+function configOf(flags: Flags, env: Record<string, string | undefined>): Config | "help" | "version" {
   if (flags.help) return "help";
   if (flags.version) return "version";
   let raw: Record<string, unknown> = {};
@@ -10331,10 +10359,7 @@ export function loadConfig(argv: string[], env: Record<string, string | undefine
     else if (value !== undefined) raw[key] = spec.numeric ? number(value as string) : value;
     else if (fromEnv !== undefined && raw[key] === undefined) raw[key] = fromEnv;
   }
-  if (flags.tokenFile !== undefined) {
-    const lines = readTextFile(flagOf("tokenFile"), flags.tokenFile as string).split("\n");
-    addTo("tokens", lines.map((l) => l.replace(/#.*/, "").trim()).filter(Boolean));
-  }
+  if (flags.tokenFile !== undefined) addTo("tokens", tokenFileLines(flags.tokenFile as string));
   if (raw.stateDir === undefined && configFile !== undefined) raw.stateDir = dirname(resolvePath(configFile));
   if (typeof raw.stateDir === "string") raw.stateDir = raw.stateDir.split(":")[0];
   applyHubAndJoin(raw, flags.joinFile as string | undefined, readTextFile);
@@ -10458,7 +10483,7 @@ function copyStateDirectory(from: string, to: string): number {
  * service's StateDirectory (a hub's sites keep their pins). Under `root` (tests, images) nothing is
  * started; at / on a host where systemd runs, systemctl enables and starts it.
  */
-function installService(flags: Record<string, string | true | string[]>, env: Record<string, string | undefined>, root: string): string[] {
+function installService(flags: Flags, env: Record<string, string | undefined>, root: string): string[] {
   const table = OPTIONS as Record<string, OptionSpec>;
   const secrets = new Map<string, string[]>();
   const addSecret = (key: string, values: string[]) => {
@@ -10479,8 +10504,8 @@ function installService(flags: Record<string, string | true | string[]>, env: Re
     const fromEnv = spec.env && spec.secret ? env[spec.env]?.trim() : undefined;
     if (fromEnv && !secrets.has(spec.env!)) addSecret(key, [fromEnv]);
   }
-  if (typeof flags.joinFile === "string") addSecret("join", [readFileSync(flags.joinFile, "utf8").trim()]);
-  if (typeof flags.tokenFile === "string") addSecret("tokens", readFileSync(flags.tokenFile, "utf8").split("\n").map((l) => l.replace(/#.*/, "").trim()).filter(Boolean));
+  if (typeof flags.joinFile === "string") addSecret("join", [readTextFile(flagOf("joinFile"), flags.joinFile).trim()]);
+  if (typeof flags.tokenFile === "string") addSecret("tokens", tokenFileLines(flags.tokenFile));
   const under = (path: string) => join(root, path);
   const state = typeof flags.stateDir === "string" ? resolvePath(flags.stateDir) : undefined;
   const copied = state !== undefined && state !== under(INSTALL_STATE) && existsSync(state) ? copyStateDirectory(state, under(INSTALL_STATE)) : 0;
@@ -10544,9 +10569,10 @@ export function hubStartLines(hub: HubState, program: string, terminal: boolean)
 }
 
 export async function main(argv = Bun.argv.slice(2), env: Record<string, string | undefined> = process.env): Promise<void> {
-  let config;
+  let flags, config;
   try {
-    config = loadConfig(argv, env);
+    flags = parseFlags(argv);
+    config = configOf(flags, env);
   } catch (error) {
     if (!(error instanceof ConfigError)) throw error;
     console.error(`edge-relay: ${error.message}`);
@@ -10554,7 +10580,6 @@ export async function main(argv = Bun.argv.slice(2), env: Record<string, string 
   }
   if (config === "help") return void process.stdout.write(helpText(programName()));
   if (config === "version") return void console.log(`edge-relay ${VERSION} (bun ${Bun.version})`);
-  const flags = parseFlags(argv);
   if (flags.invite !== undefined || flags.invites !== undefined || flags.revoke !== undefined) process.exit(runHubCommand(flags, config.stateDir, programName()));
   if (flags.installService !== undefined) {
     try {

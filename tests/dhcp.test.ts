@@ -498,3 +498,26 @@ describe("GatewayHost with a fake clock", () => {
     host.close();
   });
 });
+
+describe("GatewayHost's intake", () => {
+  test("of the IPv4 frames to everyone, the host takes only those for the DHCP server: broadcast mDNS is never decoded", async () => {
+    const spec = resolveDhcpNetwork({ network: "lab", cidr: "10.9.0.0/24" }) as DhcpNetworkSpec;
+    const network = new Network("lab", { ageingMs: 300_000 });
+    const host = new GatewayHost({ spec, reservations: [], relayName: "here", log: { info: () => {}, warn: () => {} } });
+    const vm = new CapturePort();
+    network.attach(host);
+    network.attach(vm);
+    const settle = () => new Promise<void>((r) => setImmediate(r));
+    // A bad header checksum: the host counts a frame as malformed exactly when it decodes it.
+    const badChecksum = (frame: Uint8Array) => ((frame[24] ^= 0xff), frame);
+    const c = "52:54:00:00:00:73";
+    vm.receive(badChecksum(udpFrame("ff:ff:ff:ff:ff:ff", c, ip("10.9.0.73"), 0xffffffff, 5353, 5353, new Uint8Array(12))));
+    vm.receive(badChecksum(udpFrame("01:00:5e:00:00:fb", c, ip("10.9.0.73"), ip("224.0.0.251"), 5353, 5353, new Uint8Array(12))));
+    await settle();
+    expect(host.counters.malformed).toBe(0);
+    vm.receive(badChecksum(udpFrame("ff:ff:ff:ff:ff:ff", c, 0, 0xffffffff, 68, 67, dhcpMessage(c, TYPE.DISCOVER))));
+    await settle();
+    expect(host.counters.malformed).toBe(1);
+    host.close();
+  });
+});

@@ -153,6 +153,8 @@ describe("one-command hub and join lines", () => {
     // The same through the API, behind the admin token.
     expect((await fetch(`https://localhost:${port}/invites`, { method: "POST", body: '{"networks":["dev"]}', tls: { ca: hub.cert } } as RequestInit)).status).toBe(401);
     expect((await hub.api("/invites", { method: "POST", body: '{"networks":"dev"}' })).status).toBe(400);
+    const tooLarge = await hub.api("/invites", { method: "POST", body: JSON.stringify({ networks: ["dev"], padding: "x".repeat(5000) }) });
+    expect([tooLarge.status, await tooLarge.text()]).toEqual([413, "request body too large\n"]);
     const made = await hub.api("/invites", { method: "POST", body: '{"networks":["dev"]}' });
     expect(made.status).toBe(201);
     const apiInvite = await made.json();
