@@ -1545,7 +1545,7 @@ interface DhcpFields {
  */
 export function resolveDhcpNetwork(fields: DhcpFields): DhcpNetworkSpec | string {
   const { network } = fields;
-  if (!NETWORK_NAME.test(network)) return `network name ${JSON.stringify(network)} must be letters, digits, '.', '_' or '-'`;
+  if (!NETWORK_NAME.test(network)) return `network name ${JSON.stringify(network)} ${nameRuleBroken(network)}`;
   const m = /^([\d.]+)\/(\d{1,2})$/.exec(fields.cidr);
   const base = m ? ipv4Number(m[1]!) : undefined;
   const prefix = m ? Number(m[2]) : NaN;
@@ -4199,6 +4199,8 @@ export class TunnelLink {
   remoteName: string | undefined;
   /** When this tunnel, and those it replaced in turn, replaced an older one from the same relay (ms): the last window's. */
   takeovers: number[] = [];
+  /** The token the hub's side of this tunnel authenticated with: only the same token may take it over. */
+  grant: Grant | undefined;
   #batched = 0;
   #buffered = 0;
   /** Its ports that flow control paused: the socket reads while there are none. */
@@ -4444,8 +4446,6 @@ interface TunnelServerOptions {
 class TunnelServer {
   readonly admission: AdmissionLimit;
   readonly #log: Logger;
-  /** The token each open tunnel authenticated with: only the same token may take it over. */
-  readonly #grants = new WeakMap<TunnelLink, Grant>();
   readonly #sockets = new Set<ServerWebSocket<TunnelData>>();
 
   constructor(readonly options: TunnelServerOptions) {
@@ -4474,7 +4474,7 @@ class TunnelServer {
           this.#offer(link, ws.data.grant, names, first, hello);
         },
       }, () => void o.counters.protocolErrors++);
-      this.#grants.set(ws.data.link, ws.data.grant);
+      ws.data.link.grant = ws.data.grant;
       ws.data.helloTimer = setTimeout(() => ws.data.link?.fail(new Error(`no hello within ${HELLO_TIMEOUT_MS / 1000} s`)), HELLO_TIMEOUT_MS);
     },
     message: (ws: ServerWebSocket<TunnelData>, message: string | Buffer) => {
@@ -4540,7 +4540,7 @@ class TunnelServer {
       if (link.remoteId === undefined || port.remoteId !== link.remoteId) continue;
       const relay = shownName(link.remoteName) || link.remoteId;
       // The relay's own older tunnel to this hub: it redialled before the hub saw that one die.
-      if (port instanceof TunnelPort && port.link !== link && this.#grants.get(port.link) === grant) {
+      if (port instanceof TunnelPort && port.link !== link && port.link.grant === grant) {
         const now = Date.now();
         const recent = port.link.takeovers.filter((t) => now - t < TAKEOVER_WINDOW_MS);
         if (recent.length < TAKEOVER_BURST) {
@@ -4559,7 +4559,7 @@ class TunnelServer {
 
   /** Closes `old` for `newer`, from the same relay: the newest tunnel wins, as in an MQTT session takeover. */
   #replace(old: TunnelLink, newer: TunnelLink): void {
-    this.#log.info(`tunnel: ${old.peer} replaced by a newer tunnel from the same relay (${newer.peer})`);
+    this.#log.info(`tunnel: ${old.peer} ${TAKEOVER_REASON} (${newer.peer})`);
     old.detachAll();
     old.socket.close(TAKEOVER_CLOSE_CODE, TAKEOVER_REASON);
   }
