@@ -471,17 +471,25 @@ describe("the site line on a terminal", () => {
     await using dir = await tempDir();
     const state = `${dir.path}/state`;
     const port = await freePort();
-    /** The hub under script(1), which gives it a terminal; its output until it is ready. */
+    /**
+     * The hub under script(1), which gives it a terminal; its output until it is ready. The shell
+     * prints its pid, then execs the hub: the hub leads its own session on the terminal, out of reach
+     * of a signal to script's group, so it is stopped by that pid, and script (-e) exits after it.
+     */
     const onTerminal = async () => {
-      const proc = Bun.spawn(["script", "-qefc", `${process.execPath} ${ROOT}relay.ts --public-url wss://localhost:${port} --state-dir ${state} --http 127.0.0.1:${port}`, "/dev/null"], { stdin: "pipe", stdout: "pipe", stderr: "pipe", detached: true });
+      const proc = Bun.spawn(["script", "-qefc", `echo pid=$$; exec ${process.execPath} ${ROOT}relay.ts --public-url wss://localhost:${port} --state-dir ${state} --http 127.0.0.1:${port}`, "/dev/null"], { stdin: "pipe", stdout: "pipe", stderr: "pipe" });
       let out = "";
+      let stopped = false;
       const decoder = new TextDecoder();
+      // Read to the end: script writes the hub's last lines after the stop, into this pipe.
       for await (const chunk of proc.stdout) {
         out += decoder.decode(chunk, { stream: true });
-        if (/^ready\r?$/m.test(out)) break;
+        if (!stopped && /^ready\r?$/m.test(out)) {
+          stopped = true;
+          process.kill(Number(/^pid=(\d+)\r?$/m.exec(out)?.[1]), "SIGTERM");
+        }
       }
-      process.kill(-proc.pid, "SIGTERM");
-      await proc.exited;
+      expect({ stopped, code: await proc.exited }).toEqual({ stopped: true, code: 0 });
       return out.replace(/\r/g, "");
     };
     const first = await onTerminal();
