@@ -2719,6 +2719,14 @@ export class MemoryBudget {
     return true;
   }
 
+  /**
+   * Room for `bytes` more on a port that holds `held` of its own bound `limit`, then in the budget
+   * (`take`). A port's own bound refuses first and is not a budget drop: the port counts its own.
+   */
+  admit(bytes: number, held: number, limit: number): boolean {
+    return held + bytes <= limit && this.take(bytes, held);
+  }
+
   release(bytes: number): void {
     this.used -= bytes;
   }
@@ -2762,7 +2770,7 @@ export class StreamWriter {
 
   push(frame: Uint8Array): boolean {
     const need = 4 + frame.length;
-    if (this.#closed || this.queued + need > this.limit || !this.budget.take(need, this.queued)) return false;
+    if (this.#closed || !this.budget.admit(need, this.queued, this.limit)) return false;
     if (this.#batch.used + need > BATCH_BYTES) {
       if (this.#blocked) this.#seal();
       else this.#writeOut();
@@ -2780,7 +2788,7 @@ export class StreamWriter {
    * partial write keeps a view of the rest, not a copy), else copied behind the batch.
    */
   pushRun(run: Uint8Array): boolean {
-    if (this.#closed || this.queued + run.length > this.limit || !this.budget.take(run.length, this.queued)) return false;
+    if (this.#closed || !this.budget.admit(run.length, this.queued, this.limit)) return false;
     if (!this.#blocked && this.#pending.length === 0 && !this.#batch.empty) this.#writeOut();
     if (!this.#blocked && this.#pending.length === 0) {
       const n = Math.max(0, this.write(run));
@@ -4266,7 +4274,7 @@ export class TunnelLink {
   /** Room for `bytes` more. */
   reserve(bytes: number): boolean {
     this.queued();
-    if (this.#buffered + this.#batched + bytes > this.limit || !this.budget.take(bytes, this.#buffered + this.#batched)) return false;
+    if (!this.budget.admit(bytes, this.#buffered + this.#batched, this.limit)) return false;
     this.#batched += bytes;
     return true;
   }
@@ -5139,7 +5147,7 @@ class V86Port extends Port {
     if (this.#out && !this.#out.allow(frame.length)) return false;
     // Charge the budget what the socket's buffer holds now, then this frame.
     this.#accounted = this.budget.recharge(this.#accounted, this.socket.buffered());
-    if (this.#accounted + frame.length > this.limit || !this.budget.take(frame.length, this.#accounted)) return false;
+    if (!this.budget.admit(frame.length, this.#accounted, this.limit)) return false;
     const sent = this.socket.send(frame);
     if (sent === -1) this.#accounted += frame.length;
     else this.budget.release(frame.length);
