@@ -482,6 +482,27 @@ function canonicalIp(host: string): string {
   return host.includes(":") ? new URL(`http://[${host}]`).hostname.slice(1, -1) : host;
 }
 
+/** Six hex pairs split by `:` (or `-`, as Windows writes them), either case. */
+const MAC_TEXT = /^[0-9a-f]{2}(?:[:-][0-9a-f]{2}){5}$/i;
+
+/**
+ * A MAC written as text, `52:54:00:12:34:56`, as the number macKey (framing) makes of its bytes;
+ * undefined when it is not one. Numbers, not strings, are what the switch compares. @internal
+ */
+export function parseMac(text: string): number | undefined {
+  return MAC_TEXT.test(text) ? parseInt(text.replace(/[:-]/g, ""), 16) : undefined;
+}
+
+/** A MAC's number as text: `52:54:00:12:34:56`. @internal */
+export function formatMac(key: number): string {
+  return key.toString(16).padStart(12, "0").replace(/(..)(?!$)/g, "$1:");
+}
+
+/** A group (multicast or broadcast) MAC: the low bit of its first byte. */
+function isGroupMac(key: number): boolean {
+  return Math.floor(key / 0x100_0000_0000) % 2 === 1;
+}
+
 // ───────────────────────────── impairment ─────────────────────────────
 //
 // `delay 40ms 5ms loss 0.1%` means what it means to Linux netem, and the engine follows netem's own
@@ -1628,17 +1649,16 @@ interface DhcpHostSpec {
   name?: string;
 }
 
-const MAC_TEXT = /^[0-9a-f]{2}(?::[0-9a-f]{2}){5}$/;
-
 /** --dhcp-host MAC,IP[,NAME], or `{ mac, address, name? }` in the config file. */
 const DhcpHost = v.pipe(
   v.union([v.string(), v.strictObject({ mac: v.string(), address: v.string(), name: v.optional(v.string()) })], "expected MAC,IP[,NAME] or { mac, address, name? }"),
   v.rawTransform(({ dataset, addIssue, NEVER }) => {
     const value = dataset.value;
     const [mac, address, name, extra] = typeof value === "string" ? value.split(",") : [value.mac, value.address, value.name];
-    const spec = { mac: (mac ?? "").toLowerCase().replace(/-/g, ":"), address: ipv4Number(address ?? ""), name: name?.toLowerCase() };
+    const key = parseMac(mac ?? "");
+    const spec = { mac: key === undefined ? "" : formatMac(key), address: ipv4Number(address ?? ""), name: name?.toLowerCase() };
     let problem: string | undefined;
-    if (extra !== undefined || !MAC_TEXT.test(spec.mac) || (parseInt(spec.mac.slice(0, 2), 16) & 1) === 1) problem = `expected MAC,IP[,NAME] with a unicast MAC like 52:54:00:12:34:56, got ${JSON.stringify(typeof value === "string" ? value : mac)}`;
+    if (extra !== undefined || key === undefined || isGroupMac(key)) problem = `expected MAC,IP[,NAME] with a unicast MAC like 52:54:00:12:34:56, got ${JSON.stringify(typeof value === "string" ? value : mac)}`;
     else if (spec.address === undefined) problem = `${JSON.stringify(address)} is not an IPv4 address`;
     else if (spec.name !== undefined && !DNS_LABEL.test(spec.name)) problem = `name ${JSON.stringify(name)} is not a DNS label (letters, digits and '-', at most 63)`;
     if (problem === undefined) return spec as DhcpHostSpec;
@@ -2288,9 +2308,10 @@ export function macKey(frame: Uint8Array, at: number): number {
   );
 }
 
-/** @internal */
-export function formatMac(key: number): string {
-  return key.toString(16).padStart(12, "0").replace(/(..)(?!$)/g, "$1:");
+/** The inverse of macKey: a MAC's number as its 6 bytes. @internal */
+export function macBytes(key: number): Uint8Array {
+  const high = Math.floor(key / 0x1_0000_0000);
+  return Uint8Array.of(high >>> 8, high & 255, key >>> 24, (key >>> 16) & 255, (key >>> 8) & 255, key & 255);
 }
 
 /** A data message names its channel in 16 bits; channels are numbered once per tunnel, never reused. */
@@ -3811,7 +3832,7 @@ function parseCaptureRequest(query: URLSearchParams): CaptureRequest | string {
   const seconds = whole("seconds", 1, 86_400, 0);
   for (const value of [snaplen, frames, seconds]) if (typeof value === "string") return value;
   const macText = query.get("mac");
-  const mac = macText === null ? undefined : /^(?:[0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$/.test(macText) ? parseInt(macText.replaceAll(":", ""), 16) : NaN;
+  const mac = macText === null ? undefined : (parseMac(macText) ?? NaN);
   if (Number.isNaN(mac)) return "capture: mac must look like 52:54:00:12:34:56";
   const typeText = query.get("ethertype");
   const etherType = typeText === null ? undefined : /^(?:0x[0-9a-fA-F]{1,4}|\d{1,5})$/.test(typeText) ? Number(typeText) : NaN;
@@ -7421,7 +7442,6 @@ function encodeDhcp(reply: DhcpReply): Uint8Array {
 }
 
 const u32 = (n: number) => Uint8Array.of(n >>> 24, (n >>> 16) & 255, (n >>> 8) & 255, n & 255);
-const macBytes = (text: string) => Uint8Array.from(text.split(":"), (h) => parseInt(h, 16));
 const BROADCAST_MAC = new Uint8Array(6).fill(255);
 
 /** `vm2.lab` as DNS labels (RFC 1035), for the domain search option (RFC 3397). */
@@ -7945,7 +7965,7 @@ export class GatewayHost extends Port {
       );
       if (name !== undefined) options.push([OPT_HOSTNAME, new TextEncoder().encode(name)]);
     }
-    const chaddr = macBytes(m.chaddr);
+    const chaddr = macBytes(parseMac(m.chaddr)!);
     const payload = encodeDhcp({ type, xid: m.xid, flags: m.flags, ciaddr: type === ACK ? m.ciaddr : 0, yiaddr: address, server: type === NAK ? 0 : gateway, chaddr, options });
     const to = unicast !== 0 && type !== NAK;
     this.#send(udpFrame(to ? frame.subarray(6, 12) : BROADCAST_MAC, this.mac, gateway, to ? unicast : 0xffffffff, DHCP_SERVER_PORT, DHCP_CLIENT_PORT, payload));
@@ -8042,11 +8062,12 @@ export class GatewayHost extends Port {
     for (const entry of Array.isArray(leases) ? leases : []) {
       const e = entry as Record<string, unknown>;
       const address = typeof e.address === "string" ? ipv4Number(e.address) : undefined;
-      const mac = typeof e.mac === "string" ? e.mac : "";
+      const key = typeof e.mac === "string" ? parseMac(e.mac) : undefined;
+      const mac = key === undefined ? "" : formatMac(key);
       const name = typeof e.name === "string" && DNS_LABEL.test(e.name) ? e.name : undefined;
       const reservation = this.#reservedMac.get(mac);
       const fits =
-        MAC_TEXT.test(mac) && address !== undefined && this.#inSubnet(address) && address !== this.spec.gateway && (e.state === "bound" || e.state === "released") &&
+        key !== undefined && address !== undefined && this.#inSubnet(address) && address !== this.spec.gateway && (e.state === "bound" || e.state === "released") &&
         typeof e.expires === "number" && !this.#byMac.has(mac) && !this.#byAddress.has(address) &&
         (reservation === undefined ? this.#inPool(address) && !this.#reservedAddress.has(address) : reservation.address === address);
       if (!fits) {
@@ -8060,7 +8081,8 @@ export class GatewayHost extends Port {
     }
     if (skipped > 0) this.#options.log.warn(`${this.spec.network}: ${skipped} entries of ${this.stateFile} do not fit the network as configured and were left out`);
     const mac = (data as { mac?: unknown })?.mac;
-    return typeof mac === "string" && MAC_TEXT.test(mac) && (parseInt(mac.slice(0, 2), 16) & 1) === 0 ? macBytes(mac) : undefined;
+    const key = typeof mac === "string" ? parseMac(mac) : undefined;
+    return key !== undefined && !isGroupMac(key) ? macBytes(key) : undefined;
   }
 
   // ───── status ─────
@@ -10381,7 +10403,7 @@ function configOf(flags: Flags, env: Record<string, string | undefined>): Config
 /** A locally administered MAC in QEMU's range, fresh each call: VMs started from one hint must differ. */
 function randomVmMac(): string {
   const [a, b, c] = crypto.getRandomValues(new Uint8Array(3));
-  return ["52", "54", "00", a!, b!, c!].map((x) => (typeof x === "string" ? x : x.toString(16).padStart(2, "0"))).join(":");
+  return formatMac(0x5254_0000_0000 + ((a! << 16) | (b! << 8) | c!));
 }
 
 /** QEMU's stream/dgram address options for a socket address, e.g. `addr.type=inet,addr.host=…,addr.port=…`. */
