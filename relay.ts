@@ -1528,6 +1528,16 @@ function ipv4Text(n: number): string {
   return `${n >>> 24}.${(n >>> 16) & 255}.${(n >>> 8) & 255}.${n & 255}`;
 }
 
+/**
+ * Where `address` stands in the subnet `base/prefix` (`base` its network address): a "host" address,
+ * an "edge" (the network or the broadcast address, which no host may have), or "outside" it.
+ */
+function placeInSubnet(base: number, prefix: number, address: number): "host" | "edge" | "outside" {
+  const size = 2 ** (32 - prefix);
+  if (address < base || address >= base + size) return "outside";
+  return address === base || address === base + size - 1 ? "edge" : "host";
+}
+
 /** The most addresses one pool may hold: allocation walks the pool, and a lease table is kept per address. */
 const DHCP_MAX_POOL = 65_536;
 const DURATION_UNITS: Record<string, number> = { s: 1, m: 60, h: 3600, d: 86_400 };
@@ -1573,10 +1583,9 @@ export function resolveDhcpNetwork(fields: DhcpFields): DhcpNetworkSpec | string
   if (base === undefined || !(prefix >= 8 && prefix <= 30)) return `expected an IPv4 CIDR from /8 to /30 like 10.9.0.0/24, got ${JSON.stringify(fields.cidr)}`;
   const size = 2 ** (32 - prefix);
   if (base % size !== 0) return `${fields.cidr} is not a network address (${ipv4Text(base - (base % size))}/${prefix})`;
-  const isHost = (n: number) => n > base && n < base + size - 1;
   const address = (what: string, text: string) => {
     const n = ipv4Number(text);
-    return n !== undefined && isHost(n) ? n : `${what} ${JSON.stringify(text)} is not a host address of ${fields.cidr}`;
+    return n !== undefined && placeInSubnet(base, prefix, n) === "host" ? n : `${what} ${JSON.stringify(text)} is not a host address of ${fields.cidr}`;
   };
   const gateway = fields.gateway === undefined ? base + 1 : address("gateway", fields.gateway);
   if (typeof gateway === "string") return gateway;
@@ -2052,10 +2061,10 @@ const ConfigSchema = v.pipe(
       if (dhcp.findIndex((o) => o.network === d.network) !== i) addIssue({ message: `network ${d.network} is given twice`, path: at("dhcp", i) });
     });
     dhcpHosts.forEach((h, i) => {
-      const home = dhcp.find((d) => h.address >>> (32 - d.prefix) === d.base >>> (32 - d.prefix));
+      const home = dhcp.find((d) => placeInSubnet(d.base, d.prefix, h.address) !== "outside");
       let problem: string | undefined;
       if (home === undefined) problem = `${ipv4Text(h.address)} is in no ${flagOf("dhcp")} network`;
-      else if (h.address === home.gateway || h.address <= home.base || h.address >= home.base + 2 ** (32 - home.prefix) - 1) problem = `${ipv4Text(h.address)} is not an address ${home.network} can lease`;
+      else if (h.address === home.gateway || placeInSubnet(home.base, home.prefix, h.address) !== "host") problem = `${ipv4Text(h.address)} is not an address ${home.network} can lease`;
       else if (dhcpHosts.findIndex((o) => o.mac === h.mac) !== i) problem = `MAC ${h.mac} is reserved twice`;
       else if (dhcpHosts.findIndex((o) => o.address === h.address) !== i) problem = `${ipv4Text(h.address)} is reserved twice`;
       if (problem !== undefined) addIssue({ message: problem, path: at("dhcpHosts", i) });
@@ -7735,7 +7744,7 @@ export class GatewayHost extends Port {
   // ───── DHCP ─────
 
   #inSubnet(address: number): boolean {
-    return ((address & this.#mask) >>> 0) === this.spec.base && address !== this.spec.base && address !== (this.spec.base | ~this.#mask) >>> 0;
+    return placeInSubnet(this.spec.base, this.spec.prefix, address) === "host";
   }
 
   #inPool(address: number): boolean {
@@ -8008,7 +8017,7 @@ export class GatewayHost extends Port {
     }
     const ptr = /^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.in-addr\.arpa$/.exec(name);
     const address = ptr ? ipv4Number(`${ptr[4]}.${ptr[3]}.${ptr[2]}.${ptr[1]}`) : undefined;
-    if (address === undefined || ((address & this.#mask) >>> 0) !== this.spec.base) return [DNS_REFUSED, []];
+    if (address === undefined || placeInSubnet(this.spec.base, this.spec.prefix, address) === "outside") return [DNS_REFUSED, []];
     const lease = this.#byAddress.get(address);
     const host = address === gateway ? GATEWAY_NAME : lease?.state === "bound" && this.#active(lease, now) ? lease.name : undefined;
     if (host === undefined) return [DNS_NXDOMAIN, []];

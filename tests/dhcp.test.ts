@@ -5,7 +5,7 @@
  */
 import { describe, expect, test } from "bun:test";
 import { mkdirSync, readFileSync, readdirSync } from "node:fs";
-import { GatewayHost, Network, loadConfig, resolveDhcpNetwork, type Config, type DhcpNetworkSpec } from "../relay.ts";
+import { GatewayHost, Network, loadConfig, parseConfig, resolveDhcpNetwork, type Config, type DhcpNetworkSpec } from "../relay.ts";
 import { CapturePort, GATEWAY, TYPE, arpFrame, ask, dhcpFrame, dhcpMessage, dnsQuery, gatewayMacOf, ip, ipFrame, ipText, isAnnouncement, isArp, lease, optIp, optText, optU32, readDhcp, reply, senderMac, sum16, udpFrame } from "./dhcp-packets.ts";
 import { RELAY, attachVm, freePort, mac, recipe, spawnRelay, tempDir, uplinkUp, waitUntil, type RelayProcess, scenario } from "./helpers.ts";
 
@@ -409,6 +409,22 @@ describe("--dhcp options", () => {
       .toMatchObject({ gateway: ip("10.9.0.254"), first: ip("10.9.0.100"), last: ip("10.9.0.199"), leaseSeconds: 1800, domain: "example.test" });
     expect(resolveDhcpNetwork({ network: "lab", cidr: "10.9.0.0/24", range: "10.9.1.1-10.9.1.5" })).toBe('range start "10.9.1.1" is not a host address of 10.9.0.0/24');
     expect(resolveDhcpNetwork({ network: "lab", cidr: "10.9.0.0/31" })).toStartWith("expected an IPv4 CIDR from /8 to /30");
+    for (const edge of ["10.9.0.0", "10.9.0.255"]) expect(resolveDhcpNetwork({ network: "lab", cidr: "10.9.0.0/24", gateway: edge })).toBe(`gateway "${edge}" is not a host address of 10.9.0.0/24`);
+  });
+
+  test("a reservation must be a host address of a --dhcp network other than its gateway", () => {
+    const problem = (address: string) => {
+      try {
+        parseConfig({ dhcp: ["lab=10.9.0.0/24", "big=10.10.0.0/16"], dhcpHosts: [`52:54:00:00:00:01,${address}`] });
+        return "";
+      } catch (error) {
+        return (error as Error).message;
+      }
+    };
+    expect(problem("10.9.0.5")).toBe("");
+    expect(problem("10.10.200.1")).toBe("");
+    expect(problem("10.11.0.5")).toBe("--dhcp-host (dhcpHosts[0]): 10.11.0.5 is in no --dhcp network");
+    for (const address of ["10.9.0.0", "10.9.0.255", "10.9.0.1", "10.10.255.255"]) expect(problem(address)).toEndWith(`: ${address} is not an address ${address.startsWith("10.9.") ? "lab" : "big"} can lease`);
   });
 
   test("the README's recipe \"boot any image into a network\" passes the option checks, with --dhcp on the hub only", async () => {
