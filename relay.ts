@@ -1288,6 +1288,33 @@ function list<S extends v.GenericSchema>(item: S, shape: string) {
   return v.optional(v.array(item, `expected an array of ${shape}`), []);
 }
 
+/**
+ * A list option each of whose values may list several items separated by commas (`--trusted-proxy
+ * 10.0.0.0/8,::1`): the items of every value in order, each checked by `item`, whose message is the
+ * option's. An empty item (a stray comma) is refused, saying what one looks like (`one`).
+ */
+function commaList<T>(item: v.GenericSchema<string, T>, one: string, many: string) {
+  return v.optional(
+    v.pipe(
+      v.array(v.string(`expected ${one}`), `expected an array of ${many}`),
+      v.rawTransform(({ dataset, addIssue, NEVER }) => {
+        const items: T[] = [];
+        for (const text of dataset.value.flatMap((value) => value.split(",")).map((text) => text.trim())) {
+          const result = text === "" ? undefined : v.safeParse(item, text);
+          if (result?.success) {
+            items.push(result.output);
+            continue;
+          }
+          addIssue({ message: result?.issues[0].message ?? `expected ${one}, got an empty value` });
+          return NEVER;
+        }
+        return items;
+      }),
+    ),
+    [],
+  );
+}
+
 /** Tokens shorter than this are refused at start. */
 const MIN_TOKEN_LENGTH = 16;
 
@@ -1425,25 +1452,20 @@ export function parseCidr(text: string): Cidr | undefined {
   return prefix <= bits ? { address: m[1]!, prefix, family: version === 4 ? "ipv4" : "ipv6" } : undefined;
 }
 
-/** --trusted-proxy: repeatable, and each may list several ranges separated by commas. */
-const TrustedProxies = v.optional(
-  v.pipe(
-    v.array(v.string("expected CIDR"), "expected an array of CIDR ranges"),
-    v.rawTransform(({ dataset, addIssue, NEVER }) => {
-      const ranges: Cidr[] = [];
-      for (const text of dataset.value.flatMap((t) => t.split(",")).map((t) => t.trim())) {
-        const range = parseCidr(text);
-        if (range === undefined) {
-          addIssue({ message: `expected an address or a CIDR range like 10.0.0.0/8 or fd00::/8, got ${JSON.stringify(text)}` });
-          return NEVER;
-        }
-        ranges.push(range);
-      }
-      return ranges;
-    }),
-  ),
-  [],
+const CIDR_EXPECTED = "an address or a CIDR range like 10.0.0.0/8 or fd00::/8";
+
+const CidrRange = v.pipe(
+  v.string(),
+  v.rawTransform(({ dataset, addIssue, NEVER }) => {
+    const range = parseCidr(dataset.value);
+    if (range !== undefined) return range;
+    addIssue({ message: `expected ${CIDR_EXPECTED}, got ${JSON.stringify(dataset.value)}` });
+    return NEVER;
+  }),
 );
+
+/** --trusted-proxy: repeatable, and each may list several ranges separated by commas. */
+const TrustedProxies = commaList(CidrRange, CIDR_EXPECTED, "CIDR ranges");
 
 /**
  * Why a --backplane server is not one. A refused value is never quoted: credentials may hide in any
@@ -1455,27 +1477,16 @@ function backplaneUrlProblem(text: string): string | undefined {
   return `expected nats://HOST:PORT or tls://HOST:PORT; credentials go in ${flagOf("backplaneToken")} or ${flagOf("backplaneCreds")}, not the URL`;
 }
 
-/** --backplane: repeatable, and each may list several servers separated by commas. */
-const BackplaneServers = v.optional(
-  v.pipe(
-    v.array(v.string("expected nats://HOST:PORT"), "expected an array of nats://HOST:PORT URLs"),
-    v.rawTransform(({ dataset, addIssue, NEVER }) => {
-      if (dataset.value.some((text) => text.trim() === "")) {
-        addIssue({ message: "expected nats://HOST:PORT, got an empty value" });
-        return NEVER;
-      }
-      const urls = dataset.value.flatMap((text) => text.split(",")).map((text) => text.trim()).filter((text) => text !== "");
-      for (const text of urls) {
-        const problem = backplaneUrlProblem(text);
-        if (problem === undefined) continue;
-        addIssue({ message: problem });
-        return NEVER;
-      }
-      return urls;
-    }),
-  ),
-  [],
+const BackplaneServer = v.pipe(
+  v.string(),
+  v.rawCheck(({ dataset, addIssue }) => {
+    const problem = dataset.typed ? backplaneUrlProblem(dataset.value) : undefined;
+    if (problem !== undefined) addIssue({ message: problem });
+  }),
 );
+
+/** --backplane: repeatable, and each may list several servers separated by commas. */
+const BackplaneServers = commaList(BackplaneServer, "nats://HOST:PORT", "nats://HOST:PORT URLs");
 
 /** What signs the NATS server's nonce for a credentials file or an NKey seed. */
 function natsAuthenticator(creds: { kind: "creds" | "seed"; text: string }): (nonce?: string) => unknown {
