@@ -7521,6 +7521,32 @@ interface Lease {
   site: string;
 }
 
+/**
+ * One lease as the lease file keeps it (#save writes it), read into a Lease's fields: a name that is
+ * not a DNS label is dropped, the lease kept. An entry that fails is left out, not the file.
+ */
+const LeaseRecord = v.strictObject({
+  mac: v.pipe(v.string(), v.transform(parseMac), v.number(), v.transform(formatMac)),
+  address: v.pipe(v.string(), v.transform(ipv4Number), v.number()),
+  name: v.pipe(v.nullable(v.string()), v.transform((name) => (name !== null && DNS_LABEL.test(name) ? name : undefined))),
+  state: v.picklist(["bound", "released"]),
+  expires: v.number(),
+  port: v.optional(v.string(), "?"),
+  site: v.optional(v.string(), "?"),
+});
+
+/**
+ * The lease file, dhcp-NETWORK.json in the state directory. `mac` is the gateway's (files written
+ * before it was kept have none; one that is not a MAC is replaced); entries are each a LeaseRecord.
+ */
+const LeaseFile = v.strictObject({
+  version: v.literal(1),
+  network: v.string(),
+  cidr: v.string(),
+  mac: v.optional(v.pipe(v.string(), v.transform(parseMac))),
+  leases: v.array(v.unknown()),
+});
+
 /** An ARP check under way: the lease record (state probing), the DISCOVER waiting for it, the timer. */
 interface Probe {
   lease: Lease;
@@ -8062,10 +8088,10 @@ export class GatewayHost extends Port {
   }
 
   /**
-   * Reads the lease file; an entry that does not fit this network now (changed CIDR, reservations)
-   * is left out. Returns the host's MAC the file keeps; undefined when it keeps none yet (no file,
-   * or one without); null when there is nothing to write it to now (no state directory, or a file
-   * that is unreadable: left as it is until leases change).
+   * Reads the lease file; an entry that is damaged or does not fit this network now (changed CIDR,
+   * reservations) is left out. Returns the host's MAC the file keeps; undefined when it keeps none
+   * yet (no file, or one without); null when there is nothing to write it to now (no state
+   * directory, or a file that is unreadable or not a lease file: left as it is until leases change).
    */
   #load(): Uint8Array | undefined | null {
     if (this.stateFile === undefined) return null;
@@ -8077,32 +8103,33 @@ export class GatewayHost extends Port {
       this.#options.log.warn(`${this.spec.network}: the lease file ${this.stateFile} is unreadable or not JSON; starting without its leases`);
       return null;
     }
-    const leases = (data as { leases?: unknown })?.leases;
+    const file = v.safeParse(LeaseFile, data);
+    if (!file.success) {
+      this.#options.log.warn(`${this.spec.network}: ${this.stateFile} is not a lease file (at ${v.getDotPath(file.issues[0]) ?? "the top"}); starting without its leases`);
+      return null;
+    }
     let skipped = 0;
-    for (const entry of Array.isArray(leases) ? leases : []) {
-      const e = entry as Record<string, unknown>;
-      const address = typeof e.address === "string" ? ipv4Number(e.address) : undefined;
-      const key = typeof e.mac === "string" ? parseMac(e.mac) : undefined;
-      const mac = key === undefined ? "" : formatMac(key);
-      const name = typeof e.name === "string" && DNS_LABEL.test(e.name) ? e.name : undefined;
-      const reservation = this.#reservedMac.get(mac);
-      const fits =
-        key !== undefined && address !== undefined && this.#inSubnet(address) && address !== this.spec.gateway && (e.state === "bound" || e.state === "released") &&
-        typeof e.expires === "number" && !this.#byMac.has(mac) && !this.#byAddress.has(address) &&
-        (reservation === undefined ? this.#inPool(address) && !this.#reservedAddress.has(address) : reservation.address === address);
-      if (!fits) {
+    for (const entry of file.output.leases) {
+      const record = v.safeParse(LeaseRecord, entry);
+      if (!record.success || !this.#fits(record.output)) {
         skipped++;
         continue;
       }
-      this.#put({ mac } as Lease, {
-        address: address!, name: reservation?.name ?? name, state: e.state as LeaseState, expires: e.expires as number,
-        port: typeof e.port === "string" ? e.port : "?", site: typeof e.site === "string" ? e.site : "?",
-      });
+      const { mac, address, name, ...rest } = record.output;
+      this.#put({ mac } as Lease, { address, name: this.#reservedMac.get(mac)?.name ?? name, ...rest });
     }
     if (skipped > 0) this.#options.log.warn(`${this.spec.network}: ${skipped} entries of ${this.stateFile} do not fit the network as configured and were left out`);
-    const mac = (data as { mac?: unknown })?.mac;
-    const key = typeof mac === "string" ? parseMac(mac) : undefined;
+    const key = file.output.mac;
     return key !== undefined && !isGroupMac(key) ? macBytes(key) : undefined;
+  }
+
+  /** Whether a saved lease fits this network as configured now, beside the leases read before it. */
+  #fits({ mac, address }: v.InferOutput<typeof LeaseRecord>): boolean {
+    const reservation = this.#reservedMac.get(mac);
+    return (
+      this.#inSubnet(address) && address !== this.spec.gateway && !this.#byMac.has(mac) && !this.#byAddress.has(address) &&
+      (reservation === undefined ? this.#inPool(address) && !this.#reservedAddress.has(address) : reservation.address === address)
+    );
   }
 
   // ───── status ─────

@@ -515,6 +515,65 @@ describe("GatewayHost with a fake clock", () => {
   });
 });
 
+describe("GatewayHost's lease file", () => {
+  const spec = resolveDhcpNetwork({ network: "lab", cidr: "10.9.0.0/24" }) as DhcpNetworkSpec;
+  const expires = Date.now() + 3_600_000;
+  const record = (mac: string, address: string, extra: Record<string, unknown> = {}) => ({ mac, address, name: null, state: "bound", expires, port: "lab/1", site: "here", ...extra });
+  /** Starts a host on `file` (text, or JSON of an object): its warnings, its leases' MACs, and whether it left the file as it was. */
+  const startOn = async (file: unknown) => {
+    await using dir = await tempDir();
+    const path = `${dir.path}/dhcp-lab.json`;
+    const text = typeof file === "string" ? file : JSON.stringify(file);
+    await Bun.write(path, text);
+    const warnings: string[] = [];
+    const host = new GatewayHost({ spec, reservations: [], relayName: "here", stateDir: dir.path, log: { info: () => {}, warn: (l) => warnings.push(l.replaceAll(dir.path, "DIR")) } });
+    const macs = host.dhcpSnapshot().leases.map((l) => l.mac);
+    const kept = readFileSync(path, "utf8") === text;
+    host.close();
+    return { warnings, macs, kept };
+  };
+
+  test("entries that are damaged or do not fit are left out, counted in one line; the rest are kept", async () => {
+    const good = { version: 1, network: "lab", cidr: "10.9.0.0/24", mac: "02:00:00:00:00:01", leases: [record("52:54:00:00:00:01", "10.9.0.11", { name: "ok" })] };
+    expect(await startOn(good)).toEqual({ warnings: [], macs: ["52:54:00:00:00:01"], kept: true });
+    const damaged = [
+      record("52:54:00:00:00:02", "10.9.0.12", { expires: "soon" }),
+      record("not a mac", "10.9.0.13"),
+      record("52:54:00:00:00:04", "10.9.0"),
+      record("52:54:00:00:00:05", "10.9.0.15", { state: "offered" }),
+      record("52:54:00:00:00:06", "10.9.1.16"),
+      record("52:54:00:00:00:07", "10.9.0.17", { extra: true }),
+      "52:54:00:00:00:08",
+      record("52:54:00:00:00:09", "10.9.0.19", { name: "Not A Label!" }),
+    ];
+    const { warnings, macs } = await startOn({ ...good, leases: [...good.leases, ...damaged] });
+    expect(macs).toEqual(["52:54:00:00:00:01", "52:54:00:00:00:09"]);
+    expect(warnings).toEqual(["lab: 7 entries of DIR/dhcp-lab.json do not fit the network as configured and were left out"]);
+  });
+
+  test("a file that is not JSON, or not a lease file, is one line and left as it is; the host starts without its leases", async () => {
+    expect(await startOn("{ not json")).toEqual({ warnings: ["lab: the lease file DIR/dhcp-lab.json is unreadable or not JSON; starting without its leases"], macs: [], kept: true });
+    const lease = record("52:54:00:00:00:01", "10.9.0.11");
+    for (const [file, at] of [
+      [42, "the top"],
+      [[lease], "version"],
+      [{ version: 2, network: "lab", cidr: "10.9.0.0/24", leases: [lease] }, "version"],
+      [{ version: 1, network: "lab", cidr: "10.9.0.0/24", leases: { 0: lease } }, "leases"],
+      [{ version: 1, network: "lab", cidr: "10.9.0.0/24", mac: 7, leases: [lease] }, "mac"],
+      [{ version: 1, network: "lab", cidr: "10.9.0.0/24", leases: [lease], more: 1 }, "more"],
+    ] as const) {
+      expect(await startOn(file)).toEqual({ warnings: [`lab: DIR/dhcp-lab.json is not a lease file (at ${at}); starting without its leases`], macs: [], kept: true });
+    }
+  });
+
+  test("a file without the gateway's MAC, or with one that is not a unicast MAC, keeps its leases and gets a MAC written", async () => {
+    for (const mac of [undefined, "01:00:5e:00:00:01", "nonsense"]) {
+      const { warnings, macs, kept } = await startOn({ version: 1, network: "lab", cidr: "10.9.0.0/24", mac, leases: [record("52:54:00:00:00:01", "10.9.0.11")] });
+      expect({ warnings, macs, kept }).toEqual({ warnings: [], macs: ["52:54:00:00:00:01"], kept: false });
+    }
+  });
+});
+
 describe("GatewayHost's intake", () => {
   test("of the IPv4 frames to everyone, the host takes only those for the DHCP server: broadcast mDNS is never decoded", async () => {
     const spec = resolveDhcpNetwork({ network: "lab", cidr: "10.9.0.0/24" }) as DhcpNetworkSpec;
