@@ -60,6 +60,7 @@
  * - DHCP options          --dhcp and --dhcp-host: a network's subnet, gateway, pool, domain and reservations
  * - option table          OPTIONS: one entry per option drives the schema, the CLI, --help and config keys
  * - framing               QEMU's stream framing, the tunnel's messages, MAC addresses: pure codecs
+ * - system                libc through bun:ffi: unix socket paths and calls, the open-file limit
  * - ports & flow control  Port, the one interface every kind of link is, and 802.3x-style pausing
  * - switch                Network: a learning Ethernet switch per named network, with loop probes
  * - capture               pcapng of a network's traffic: live (GET /capture) or to rotating files
@@ -2445,6 +2446,95 @@ export function decodeTunnelMessage(
     if (onFrame(channel, frame) === false) return i;
   }
   return i;
+}
+
+// ───────────────────────────── system ─────────────────────────────
+//
+// What Bun has no API for goes to libc through bun:ffi, loaded on first use: unix-socket calls
+// (telling a stale socket file from a live one; the datagram sockets of QEMU datagram ports) and the
+// open-file limit. A failed call is an Error with the errno's code, as Node's own calls give.
+
+const AF_UNIX = 1;
+const SOCK_STREAM = 1;
+const SOCK_DGRAM = 2;
+const SOCK_CLOEXEC = 0x80000;
+
+const SOL_SOCKET = 1;
+
+const RLIMIT_NOFILE = 7;
+
+function loadLibc() {
+  return dlopen("libc.so.6", {
+    socket: { args: [FFIType.i32, FFIType.i32, FFIType.i32], returns: FFIType.i32 },
+    bind: { args: [FFIType.i32, FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
+    connect: { args: [FFIType.i32, FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
+    setsockopt: { args: [FFIType.i32, FFIType.i32, FFIType.i32, FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
+    getsockopt: { args: [FFIType.i32, FFIType.i32, FFIType.i32, FFIType.ptr, FFIType.ptr], returns: FFIType.i32 },
+    sendto: { args: [FFIType.i32, FFIType.ptr, FFIType.u64, FFIType.i32, FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
+    close: { args: [FFIType.i32], returns: FFIType.i32 },
+    getrlimit: { args: [FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
+    setrlimit: { args: [FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
+    __errno_location: { args: [], returns: FFIType.ptr },
+  }).symbols;
+}
+
+let libcSymbols: ReturnType<typeof loadLibc> | undefined;
+/** libc's socket calls, loaded on first use. */
+function libc() {
+  return (libcSymbols ??= loadLibc());
+}
+
+function sockaddrUnix(path: string): Uint8Array {
+  const abstract = path.startsWith("@");
+  const name = new TextEncoder().encode(abstract ? path.slice(1) : path);
+  if (name.length > 107) throw Object.assign(new Error("unix socket path longer than 107 bytes"), { code: "ENAMETOOLONG" });
+  const out = new Uint8Array(2 + name.length + 1);
+  out[0] = AF_UNIX;
+  out.set(name, abstract ? 3 : 2);
+  return abstract ? out.subarray(0, 3 + name.length) : out;
+}
+
+function errnoError(call: string, errno = read.i32(libc().__errno_location()!, 0)): Error {
+  const code = Object.entries(osConstants.errno).find(([, n]) => n === errno)?.[0] ?? `errno ${errno}`;
+  return Object.assign(new Error(`${call} failed`), { code });
+}
+
+/**
+ * Clears the way for a unix socket: a file left by a killed process is removed; one that a live
+ * process still uses (a stream or datagram socket that accepts a connect), or a file that is not a
+ * socket, is an error. libc's connect tells "refused" from "wrong socket type", which Bun's does not.
+ */
+function claimUnixPath(path: string): void {
+  if (path.startsWith("@")) return;
+  let stats;
+  try {
+    stats = lstatSync(path);
+  } catch {
+    return;
+  }
+  if (!stats.isSocket()) throw new Error("the path exists and is not a socket");
+  const address = sockaddrUnix(path);
+  const c = libc();
+  const inUse = [SOCK_STREAM, SOCK_DGRAM].some((type) => {
+    const probe = c.socket(AF_UNIX, type | SOCK_CLOEXEC, 0);
+    const connected = c.connect(probe, address, address.length) === 0;
+    c.close(probe);
+    return connected;
+  });
+  if (inUse) throw Object.assign(new Error("a running process uses it"), { code: "EADDRINUSE" });
+  unlinkSync(path);
+}
+
+/**
+ * Raises the soft open-file limit to the hard one (Bun 1.4 already does at start; a runtime that
+ * does not would leave many hosts at 1024) and returns the soft limit in force.
+ */
+function raiseFdLimit(): number {
+  const c = libc();
+  const limit = new BigUint64Array(2);
+  if (c.getrlimit(RLIMIT_NOFILE, limit) !== 0) throw errnoError("getrlimit");
+  if (limit[0]! < limit[1]! && c.setrlimit(RLIMIT_NOFILE, BigUint64Array.of(limit[1]!, limit[1]!)) === 0) limit[0] = limit[1]!;
+  return Number(limit[0]);
 }
 
 // ───────────────────────────── ports & flow control ─────────────────────────────
@@ -6190,93 +6280,9 @@ class Backplane {
 
 // ───────────────────────────── QEMU stream ports ─────────────────────────────
 //
-// Bun has no API for some unix-socket calls (telling a stale socket file from a live one, datagrams),
-// so those go through libc (bun:ffi). A connection is a StreamPort: the decoder on the way in, a
-// StreamWriter batching a turn's frames into one write on the way out; pausing it stops reading the
-// socket, which makes QEMU stop taking packets from its guest.
-
-const AF_UNIX = 1;
-const SOCK_STREAM = 1;
-const SOCK_DGRAM = 2;
-const SOCK_CLOEXEC = 0x80000;
-
-const SOL_SOCKET = 1;
-
-const RLIMIT_NOFILE = 7;
-
-function loadLibc() {
-  return dlopen("libc.so.6", {
-    socket: { args: [FFIType.i32, FFIType.i32, FFIType.i32], returns: FFIType.i32 },
-    bind: { args: [FFIType.i32, FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
-    connect: { args: [FFIType.i32, FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
-    setsockopt: { args: [FFIType.i32, FFIType.i32, FFIType.i32, FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
-    getsockopt: { args: [FFIType.i32, FFIType.i32, FFIType.i32, FFIType.ptr, FFIType.ptr], returns: FFIType.i32 },
-    sendto: { args: [FFIType.i32, FFIType.ptr, FFIType.u64, FFIType.i32, FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
-    close: { args: [FFIType.i32], returns: FFIType.i32 },
-    getrlimit: { args: [FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
-    setrlimit: { args: [FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
-    __errno_location: { args: [], returns: FFIType.ptr },
-  }).symbols;
-}
-
-let libcSymbols: ReturnType<typeof loadLibc> | undefined;
-/** libc's socket calls, loaded on first use. */
-function libc() {
-  return (libcSymbols ??= loadLibc());
-}
-
-function sockaddrUnix(path: string): Uint8Array {
-  const abstract = path.startsWith("@");
-  const name = new TextEncoder().encode(abstract ? path.slice(1) : path);
-  if (name.length > 107) throw Object.assign(new Error("unix socket path longer than 107 bytes"), { code: "ENAMETOOLONG" });
-  const out = new Uint8Array(2 + name.length + 1);
-  out[0] = AF_UNIX;
-  out.set(name, abstract ? 3 : 2);
-  return abstract ? out.subarray(0, 3 + name.length) : out;
-}
-
-function errnoError(call: string, errno = read.i32(libc().__errno_location()!, 0)): Error {
-  const code = Object.entries(osConstants.errno).find(([, n]) => n === errno)?.[0] ?? `errno ${errno}`;
-  return Object.assign(new Error(`${call} failed`), { code });
-}
-
-/**
- * Clears the way for a unix socket: a file left by a killed process is removed; one that a live
- * process still uses (a stream or datagram socket that accepts a connect), or a file that is not a
- * socket, is an error. libc's connect tells "refused" from "wrong socket type", which Bun's does not.
- */
-function claimUnixPath(path: string): void {
-  if (path.startsWith("@")) return;
-  let stats;
-  try {
-    stats = lstatSync(path);
-  } catch {
-    return;
-  }
-  if (!stats.isSocket()) throw new Error("the path exists and is not a socket");
-  const address = sockaddrUnix(path);
-  const c = libc();
-  const inUse = [SOCK_STREAM, SOCK_DGRAM].some((type) => {
-    const probe = c.socket(AF_UNIX, type | SOCK_CLOEXEC, 0);
-    const connected = c.connect(probe, address, address.length) === 0;
-    c.close(probe);
-    return connected;
-  });
-  if (inUse) throw Object.assign(new Error("a running process uses it"), { code: "EADDRINUSE" });
-  unlinkSync(path);
-}
-
-/**
- * Raises the soft open-file limit to the hard one (Bun 1.4 already does at start; a runtime that
- * does not would leave many hosts at 1024) and returns the soft limit in force.
- */
-function raiseFdLimit(): number {
-  const c = libc();
-  const limit = new BigUint64Array(2);
-  if (c.getrlimit(RLIMIT_NOFILE, limit) !== 0) throw errnoError("getrlimit");
-  if (limit[0]! < limit[1]! && c.setrlimit(RLIMIT_NOFILE, BigUint64Array.of(limit[1]!, limit[1]!)) === 0) limit[0] = limit[1]!;
-  return Number(limit[0]);
-}
+// A connection (TCP or unix) is a StreamPort: the decoder on the way in, a StreamWriter batching a
+// turn's frames into one write on the way out; pausing it stops reading the socket, which makes QEMU
+// stop taking packets from its guest. --max-connections is kept under the open-file limit.
 
 /** QEMU stream connections open across every --qemu-listen, and what happens beyond the cap. */
 interface ConnectionCap {
