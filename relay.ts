@@ -55,13 +55,13 @@
  *
  * - public API            the wire constants, the config and log types, and the handle startRelay returns
  * - basics                one-line errors, rate-limited logs, the redial skeleton, addresses
- * - impairment            link impairment in netem's words: the grammar, and the engine in front of a port
+ * - impairment            link impairment in netem's words: the grammar, the engine in front of a port, the table by target
  * - config values         valibot schemas for one option's value: endpoints, files, secrets, sizes
  * - DHCP options          --dhcp and --dhcp-host: a network's subnet, gateway, pool, domain and reservations
  * - option table          OPTIONS: one entry per option drives the schema, the CLI, --help and config keys
  * - framing               QEMU's stream framing, the tunnel's messages, MAC addresses: pure codecs
  * - system                libc through bun:ffi: unix socket paths and calls, the open-file limit
- * - ports & flow control  Port, the one interface every kind of link is, and 802.3x-style pausing
+ * - ports & flow control  Port, the one interface every kind of link is, 802.3x-style pausing, totals per kind
  * - switch                Network: a learning Ethernet switch per named network, with loop probes
  * - capture               pcapng of a network's traffic: live (GET /capture) or to rotating files
  * - auth & admission      tokens, the failed-login throttle, connection limits, the relay's counters
@@ -510,6 +510,7 @@ function isGroupMac(key: number): boolean {
 // order: duplicate, then loss, then corrupt, then reorder or delay (and rate). One timer per
 // impairment drains a heap ordered by release time; the clock is injectable (ImpairmentClock), so
 // tests drive time instead of sleeping. Random draws are seeded (sfc32) when the spec gives a seed.
+// ImpairmentTable gives each port, per direction, the most specific target's impairment.
 
 /** How jitter spreads around the delay: netem's built-in uniform, or one of its tables. */
 type DelayDistribution = "uniform" | "normal" | "pareto" | "paretonormal";
@@ -1138,6 +1139,63 @@ export class Impairment {
     this.#queuedBytes -= first.frame.length;
     this.counters.queued = n;
     return first;
+  }
+}
+
+/**
+ * The relay's link impairments by target: each port gets its own Impairment (its own queue and
+ * timer) for each direction a target names; the most specific target wins (a port id, then
+ * `uplink:NET`, then `uplink`, then `NET`).
+ */
+class ImpairmentTable {
+  readonly #entries = new Map<string, { target: ImpairTarget; spec: ImpairmentSpec }>();
+
+  constructor(private readonly ports: () => Iterable<Port>) {}
+
+  set(text: string, spec: ImpairmentSpec | undefined): boolean {
+    const target = parseImpairTarget(text);
+    if (target === undefined) throw new RangeError(`Cannot impair ${JSON.stringify(text)}: expected uplink[:NET][:in|:out], NET, or a port id like lab/qemu-listen-1[:in|:out]`);
+    const had = this.#entries.delete(text);
+    if (spec !== undefined) this.#entries.set(text, { target, spec });
+    for (const port of this.ports()) this.apply(port);
+    return had;
+  }
+
+  #rank(target: ImpairTarget, port: Port): number {
+    const network = port.network?.name;
+    if (target.kind === "port") return target.port === port.id ? 4 : 0;
+    if (target.kind === "uplink") return port.kind !== "uplink" ? 0 : target.network === undefined ? 2 : target.network === network ? 3 : 0;
+    return target.network === network ? 1 : 0;
+  }
+
+  apply(port: Port): void {
+    for (const direction of ["in", "out"] as const) {
+      let best: { rank: number; spec: ImpairmentSpec } | undefined;
+      for (const { target, spec } of this.#entries.values()) {
+        const rank = target.directions.includes(direction) ? this.#rank(target, port) : 0;
+        if (rank > 0 && rank > (best?.rank ?? 0)) best = { rank, spec };
+      }
+      port.impair(direction, best?.spec);
+    }
+  }
+
+  /** Status: each profile, the ports it applies to now, and its counters summed over them. */
+  snapshot() {
+    // Without impairments, no walk over every port (status and metrics ask each time).
+    if (this.#entries.size === 0) return [];
+    const ports = [...this.ports()];
+    return [...this.#entries].map(([text, { spec }]) => {
+      const counters: ImpairmentCounters = { delayed: 0, lost: 0, duplicated: 0, reordered: 0, corrupted: 0, rateDropped: 0, queued: 0 };
+      const on: string[] = [];
+      for (const port of ports) {
+        for (const [direction, impairment] of [["in", port.impairIn], ["out", port.impairOut]] as const) {
+          if (impairment?.spec !== spec) continue;
+          on.push(`${port.id}:${direction}`);
+          for (const key of Object.keys(counters) as (keyof ImpairmentCounters)[]) counters[key] += impairment.counters[key];
+        }
+      }
+      return { target: text, spec: formatImpairment(spec), ports: on, ...counters };
+    });
   }
 }
 
@@ -2543,7 +2601,7 @@ function raiseFdLimit(): number {
 // `reading` (stop reading its peer) and `enqueueRun` (take a run of frames whole, for cut-through).
 // Flow control: a source whose unicast frame goes to a port past half its queue stops being read
 // until that queue drains below a quarter; one that drains nothing for a second is given up on, so a
-// hung VM cannot stall a network.
+// hung VM cannot stall a network. PortTotals keeps per-kind counters that outlive closed ports.
 
 interface PortStats {
   rxFrames: number;
@@ -3131,104 +3189,6 @@ export abstract class BatchedPort extends Port {
   };
 }
 
-// ───────────────────────────── switch ─────────────────────────────
-//
-// Network.forward takes one frame with no allocation: MACs are numbers, the table a Map kept in
-// last-seen order (ageing stops early, a full table evicts the oldest); Network.forwardRun is its
-// cut-through twin for runs of frames to one port. Storm and MAC limits drop at the source port;
-// loop probes (EtherType 0x9000) block one port of a loop, the same one at both ends. What the relay
-// decides (limits, clock, impairments) is SwitchPolicy.
-
-interface MacEntry {
-  port: Port;
-  seen: number;
-  /** When it last went to the end of the table: the table is in this order. */
-  inserted: number;
-  /** When it last moved to another port: a second move soon after is a flap. */
-  moved: number;
-}
-
-/** EtherType 0x9000 (Ethernet configuration testing, "loopback"), as switches use for loop detection. */
-const PROBE_ETHERTYPE = 0x9000;
-const PROBE_MAGIC = new TextEncoder().encode("edge-relay probe");
-/** ECTP's multicast destination: flooded by every switch, consumed by none. */
-const PROBE_DESTINATION = Uint8Array.of(0xcf, 0, 0, 0, 0, 0);
-const PROBE_SERIAL_AT = 14 + PROBE_MAGIC.length + 8;
-
-/** Is this one of the loop probes that some edge-relay sent? */
-function isProbe(frame: Uint8Array): boolean {
-  if (frame[12] !== PROBE_ETHERTYPE >> 8 || frame[13] !== (PROBE_ETHERTYPE & 0xff) || frame.length < PROBE_SERIAL_AT + 4) return false;
-  for (let i = 0; i < PROBE_MAGIC.length; i++) if (frame[14 + i] !== PROBE_MAGIC[i]) return false;
-  return true;
-}
-
-const CLOSED_PORTS_KEPT = 16;
-
-/** A MAC that moves again within this long after its last move is flapping. */
-const MAC_FLAP_MS = 10_000;
-
-const LOOP_BLOCK_MS = 60_000;
-
-/** Learned MACs listed per network in /status (the count is always given). */
-const MAC_LIST_LIMIT = 1024;
-
-/**
- * The relay's link impairments by target: each port gets its own Impairment (its own queue and
- * timer) for each direction a target names; the most specific target wins (a port id, then
- * `uplink:NET`, then `uplink`, then `NET`).
- */
-class ImpairmentTable {
-  readonly #entries = new Map<string, { target: ImpairTarget; spec: ImpairmentSpec }>();
-
-  constructor(private readonly ports: () => Iterable<Port>) {}
-
-  set(text: string, spec: ImpairmentSpec | undefined): boolean {
-    const target = parseImpairTarget(text);
-    if (target === undefined) throw new RangeError(`Cannot impair ${JSON.stringify(text)}: expected uplink[:NET][:in|:out], NET, or a port id like lab/qemu-listen-1[:in|:out]`);
-    const had = this.#entries.delete(text);
-    if (spec !== undefined) this.#entries.set(text, { target, spec });
-    for (const port of this.ports()) this.apply(port);
-    return had;
-  }
-
-  #rank(target: ImpairTarget, port: Port): number {
-    const network = port.network?.name;
-    if (target.kind === "port") return target.port === port.id ? 4 : 0;
-    if (target.kind === "uplink") return port.kind !== "uplink" ? 0 : target.network === undefined ? 2 : target.network === network ? 3 : 0;
-    return target.network === network ? 1 : 0;
-  }
-
-  apply(port: Port): void {
-    for (const direction of ["in", "out"] as const) {
-      let best: { rank: number; spec: ImpairmentSpec } | undefined;
-      for (const { target, spec } of this.#entries.values()) {
-        const rank = target.directions.includes(direction) ? this.#rank(target, port) : 0;
-        if (rank > 0 && rank > (best?.rank ?? 0)) best = { rank, spec };
-      }
-      port.impair(direction, best?.spec);
-    }
-  }
-
-  /** Status: each profile, the ports it applies to now, and its counters summed over them. */
-  snapshot() {
-    // Without impairments, no walk over every port (status and metrics ask each time).
-    if (this.#entries.size === 0) return [];
-    const ports = [...this.ports()];
-    return [...this.#entries].map(([text, { spec }]) => {
-      const counters: ImpairmentCounters = { delayed: 0, lost: 0, duplicated: 0, reordered: 0, corrupted: 0, rateDropped: 0, queued: 0 };
-      const on: string[] = [];
-      for (const port of ports) {
-        for (const [direction, impairment] of [["in", port.impairIn], ["out", port.impairOut]] as const) {
-          if (impairment?.spec !== spec) continue;
-          on.push(`${port.id}:${direction}`);
-          for (const key of Object.keys(counters) as (keyof ImpairmentCounters)[]) counters[key] += impairment.counters[key];
-        }
-      }
-      return { target: text, spec: formatImpairment(spec), ports: on, ...counters };
-    });
-  }
-}
-
 /** Counters summed per port kind, for /metrics. */
 interface KindTotals {
   ports: number;
@@ -3284,6 +3244,47 @@ export class PortTotals {
     return out;
   }
 }
+
+// ───────────────────────────── switch ─────────────────────────────
+//
+// Network.forward takes one frame with no allocation: MACs are numbers, the table a Map kept in
+// last-seen order (ageing stops early, a full table evicts the oldest); Network.forwardRun is its
+// cut-through twin for runs of frames to one port. Storm and MAC limits drop at the source port;
+// loop probes (EtherType 0x9000) block one port of a loop, the same one at both ends. What the relay
+// decides (limits, clock, impairments) is SwitchPolicy.
+
+interface MacEntry {
+  port: Port;
+  seen: number;
+  /** When it last went to the end of the table: the table is in this order. */
+  inserted: number;
+  /** When it last moved to another port: a second move soon after is a flap. */
+  moved: number;
+}
+
+/** EtherType 0x9000 (Ethernet configuration testing, "loopback"), as switches use for loop detection. */
+const PROBE_ETHERTYPE = 0x9000;
+const PROBE_MAGIC = new TextEncoder().encode("edge-relay probe");
+/** ECTP's multicast destination: flooded by every switch, consumed by none. */
+const PROBE_DESTINATION = Uint8Array.of(0xcf, 0, 0, 0, 0, 0);
+const PROBE_SERIAL_AT = 14 + PROBE_MAGIC.length + 8;
+
+/** Is this one of the loop probes that some edge-relay sent? */
+function isProbe(frame: Uint8Array): boolean {
+  if (frame[12] !== PROBE_ETHERTYPE >> 8 || frame[13] !== (PROBE_ETHERTYPE & 0xff) || frame.length < PROBE_SERIAL_AT + 4) return false;
+  for (let i = 0; i < PROBE_MAGIC.length; i++) if (frame[14 + i] !== PROBE_MAGIC[i]) return false;
+  return true;
+}
+
+const CLOSED_PORTS_KEPT = 16;
+
+/** A MAC that moves again within this long after its last move is flapping. */
+const MAC_FLAP_MS = 10_000;
+
+const LOOP_BLOCK_MS = 60_000;
+
+/** Learned MACs listed per network in /status (the count is always given). */
+const MAC_LIST_LIMIT = 1024;
 
 /** What a network needs from its relay: limits, a clock, and where to report. @internal */
 export interface SwitchPolicy {
