@@ -75,11 +75,11 @@
  * - DHCP packets          the wire formats the gateway host reads and writes: IPv4, UDP, ARP, DHCP, DNS names
  * - gateway host          --dhcp: the relay's own host on a network: ARP, ping, DHCP leases and DNS for them
  * - status & metrics      the shape of GET /status (its assembly is lifecycle's buildSnapshot) and GET /metrics
- * - HTTP app              the routes on the one Bun.serve: admin pages and data, captures, impairments, upgrades
  * - hub state             --public-url and --join: the hub's certificate, tokens and invites; join strings
+ * - HTTP app              the routes on the one Bun.serve: admin pages and data, captures, impairments, invites, upgrades
  * - lifecycle             startRelay: the composition root, and the registry of networks
  * - page assets           the status page and the login form, byte for byte
- * - CLI                   the command line: flags against the option table, --help, QEMU hints, --install-service, main
+ * - CLI                   the command line: flags against the option table, --help, QEMU hints, --invite and --revoke, --install-service, main
  *
  * ## The life of a frame
  *
@@ -8386,336 +8386,6 @@ export function renderMetrics(
   return lines.join("\n") + "\n";
 }
 
-// ───────────────────────────── HTTP app ─────────────────────────────
-//
-// Hono routes the requests; once upgraded, a tunnel's or a v86 port's frames bypass Hono, and both
-// upgrades pass one gate (client, credential, checks, admission). With an admin token every other
-// route but /healthz needs it: the Bearer header, or the session cookie /login gives (never the
-// token itself). The pages' HTML is in the page assets section; their CSP allows only their own.
-
-/** Where relays before sessions kept the token itself: cleared whenever a browser that has it logs in or out. */
-const TOKEN_COOKIE = "edge_relay_admin";
-const LOGIN_PATH = "/login";
-const LOGOUT_PATH = "/logout";
-const ADMIN_SESSION_SECONDS = 12 * 3600;
-/** Sessions held at once; a further login ends the oldest. */
-const ADMIN_SESSIONS = 1024;
-const LOGIN_BODY_LIMIT = 4096;
-/** The WWW-Authenticate of a 401 for want of the admin token. */
-const ADMIN_CHALLENGE = 'Bearer realm="edge-relay admin"';
-
-/** Logged-in browsers: random ids, each valid until its expiry, logout, or a restart; at most `max` at once. @internal */
-export class AdminSessions {
-  readonly #expiry = new Map<string, number>();
-
-  constructor(
-    readonly max = ADMIN_SESSIONS,
-    readonly lifetimeMs = ADMIN_SESSION_SECONDS * 1000,
-  ) {}
-
-  start(now = Date.now()): string {
-    if (this.#expiry.size >= this.max) this.#expiry.delete(this.#expiry.keys().next().value!);
-    const id = randomToken();
-    this.#expiry.set(id, now + this.lifetimeMs);
-    return id;
-  }
-
-  valid(id: string | undefined, now = Date.now()): boolean {
-    const until = id === undefined ? undefined : this.#expiry.get(id);
-    if (until === undefined) return false;
-    if (until > now) return true;
-    this.#expiry.delete(id!);
-    return false;
-  }
-
-  end(id: string | undefined): void {
-    if (id !== undefined) this.#expiry.delete(id);
-  }
-
-  get size(): number {
-    return this.#expiry.size;
-  }
-}
-
-/** Headers for a document of ours: its CSP allows its own inline script and style (by hash) and nothing else. */
-function documentHeaders(html: string): Record<string, string> {
-  const hashes = (tag: string) =>
-    [...html.matchAll(new RegExp(`<${tag}>([\\s\\S]*?)</${tag}>`, "g"))]
-      .map((m) => `'sha256-${new Bun.CryptoHasher("sha256").update(m[1]!).digest("base64")}'`)
-      .join(" ") || "'none'";
-  return {
-    "Content-Security-Policy": `default-src 'none'; script-src ${hashes("script")}; style-src ${hashes("style")}; connect-src 'self'; img-src data:; form-action 'self'; base-uri 'none'; frame-ancestors 'none'`,
-    "X-Content-Type-Options": "nosniff",
-    "Cache-Control": "no-store",
-    "Referrer-Policy": "no-referrer",
-  };
-}
-
-/** A cookie's value from a Cookie header; undefined when it is not there. */
-function cookieValue(header: string | undefined, name: string): string | undefined {
-  for (const part of (header ?? "").split(";")) {
-    const eq = part.indexOf("=");
-    if (eq >= 0 && part.slice(0, eq).trim() === name) return part.slice(eq + 1).trim();
-  }
-  return undefined;
-}
-
-/** A small request body as text; undefined when it is longer than `limit` bytes. */
-async function smallBody(request: Request, limit: number): Promise<string | undefined> {
-  if (!request.body) return "";
-  const chunks: Uint8Array[] = [];
-  let size = 0;
-  for await (const chunk of request.body) {
-    size += chunk.length;
-    if (size > limit) return undefined;
-    chunks.push(chunk);
-  }
-  return new TextDecoder().decode(Buffer.concat(chunks));
-}
-
-/** A request's query; Bun leaves the URL of one without a Host header as the bare path, and Hono's own reader misses its query. */
-function searchOf(request: Request): URLSearchParams {
-  return new URL(request.url, "http://host").searchParams;
-}
-
-/**
- * Hono's path of a request, also of one without a Host header (HTTP/1.0, a load balancer's health
- * check), whose URL Bun leaves as the bare path.
- */
-function requestPath(request: Request): string {
-  return getPath(request.url.startsWith("/") ? ({ url: `http://host${request.url}` } as Request) : request);
-}
-
-/** Whatever a WebSocket of the HTTP listener carries: a tunnel, or a v86 port. */
-type SocketData = TunnelData | V86Data;
-
-/** What an upgrade endpoint (/tunnel, /v86/NETWORK) asks of the gate in createApp. */
-interface UpgradeGate<D extends SocketData> {
-  /** Named when no token is configured: `tunnel endpoint disabled`. */
-  endpoint: string;
-  /** Names the endpoint in refusals: `tunnel`, `v86 /v86/lab`. */
-  what: string;
-  /** Checked before the credential (a v86 page's origin): a refusal, or undefined to go on. */
-  before?(client: ClientAddress): Response | undefined;
-  /** The credential as given (a refusal says wrong or none) and the grant it matches, if any. */
-  credential(): { given: string | undefined; grant: Grant | undefined };
-  /** Checked once authenticated (the subprotocol, the grant's networks). */
-  after?(grant: Grant, client: ClientAddress): Response | undefined;
-  admission: AdmissionLimit;
-  /** What the WebSocket carries from the upgrade on. */
-  data(grant: Grant, client: ClientAddress): D;
-  headers?: Record<string, string>;
-}
-
-interface AppContext {
-  grants: Grant[];
-  adminToken: string | undefined;
-  /** --trusted-proxy: the peers whose X-Forwarded-For or Forwarded names the client. */
-  trustedProxies: BlockList | undefined;
-  /** Served over TLS: the session cookie is Secure. */
-  tls: boolean;
-  snapshot(view?: StatusView): Snapshot;
-  /** The backplane's state for /healthz, without building a snapshot; undefined without --backplane. */
-  backplaneState(): string | undefined;
-  /** Every network, for /metrics. */
-  networks(): Iterable<Network>;
-  /** The --dhcp networks' gateway hosts, for /metrics. */
-  gateways(): Iterable<GatewayHost>;
-  totals: PortTotals;
-  counters: RelayCounters;
-  tunnels: TunnelServer;
-  captures: CaptureRegistry;
-  impairments: ImpairmentTable;
-  v86: V86Server;
-  log: Logger;
-}
-
-/**
- * Routes: /healthz, /status, /metrics, the status page at /, and the tunnel upgrade (the frames then
- * bypass Hono). With an admin token, every route but /healthz, the tunnel and v86 needs it, or the
- * session /login starts for it. A right credential is always served; an address whose wrong ones
- * keep coming is answered 429 for its further wrong ones for a while.
- */
-function createApp(ctx: AppContext) {
-  const app = new Hono<{ Bindings: Server<SocketData> }>({ getPath: requestPath });
-  const refusals = rateLimitedLog(ctx.log.warn, 10, 10_000);
-  const throttle = new AuthThrottle();
-  const clientOf = (c: { env: Server<SocketData>; req: { raw: Request } }) => clientAddress(c.env.requestIP(c.req.raw), c.req.raw.headers, ctx.trustedProxies);
-  /**
-   * A request without the right credential: `answer` (a 401), counted and logged at a bounded rate.
-   * A wrong credential (not a missing one) counts against its address: past the throttle's allowance
-   * it gets 429 instead, with no log line.
-   */
-  const refused = (client: ClientAddress, what: string, credential: string | undefined, answer: () => Response): Response => {
-    if (credential) {
-      const wait = throttle.retryAfter(client.address);
-      if (wait > 0) {
-        ctx.counters.authThrottled = throttle.throttled;
-        return new Response("too many failed attempts; try later\n", { status: 429, headers: { "Retry-After": String(wait) } });
-      }
-      throttle.failed(client.address);
-    }
-    ctx.counters.authFailures++;
-    refusals.log(`${what}: refused ${formatClient(client)}: ${credential ? "wrong token" : "no token"}`);
-    return answer();
-  };
-  const pageHeaders = documentHeaders(PAGE_HTML);
-  let page = PAGE_HTML;
-  if (ctx.adminToken !== undefined) {
-    page = PAGE_HTML_WITH_LOGOUT;
-    const admin = makeGrants([{ token: ctx.adminToken, networks: undefined }]);
-    const sessions = new AdminSessions();
-    const loginHeaders = { ...documentHeaders(LOGIN_HTML), "WWW-Authenticate": ADMIN_CHALLENGE };
-    const secure = ctx.tls ? "; Secure" : "";
-    /** A 303 back to the page that sets the session cookie (or clears it), and clears a token cookie of old. */
-    const toPage = (c: { req: { header(name: string): string | undefined } }, session: string | undefined) => {
-      const headers = new Headers({ Location: "./", "Cache-Control": "no-store" });
-      const age = session === undefined ? 0 : ADMIN_SESSION_SECONDS;
-      headers.append("Set-Cookie", `${ADMIN_COOKIE}=${session ?? ""}; Path=/; Max-Age=${age}; HttpOnly; SameSite=Strict${secure}`);
-      if (cookieValue(c.req.header("cookie"), TOKEN_COOKIE) !== undefined) headers.append("Set-Cookie", `${TOKEN_COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict${secure}`);
-      return new Response(null, { status: 303, headers });
-    };
-    app.use("*", async (c, next) => {
-      const path = c.req.path;
-      if (path === TUNNEL_PATH || path.startsWith(`${V86_PATH}/`) || path === "/healthz" || c.req.method === "OPTIONS") return next();
-      if ((path === LOGIN_PATH || path === LOGOUT_PATH) && c.req.method === "POST") return next();
-      const authorization = c.req.header("authorization");
-      if (authorization === undefined ? sessions.valid(cookieValue(c.req.header("cookie"), ADMIN_COOKIE)) : authenticate(authorization, admin)) return next();
-      // The login form is the way in: showing it is no failure, nor is a session that ended (it was no guess).
-      if (path === "/" && authorization === undefined) return c.html(LOGIN_HTML, 401, loginHeaders);
-      return refused(clientOf(c), path, authorization, () =>
-        path === "/" ? c.html(LOGIN_HTML, 401, loginHeaders) : c.text("unauthorized\n", 401, { "WWW-Authenticate": ADMIN_CHALLENGE }),
-      );
-    });
-    app.post(LOGIN_PATH, async (c) => {
-      const body = await smallBody(c.req.raw, LOGIN_BODY_LIMIT);
-      if (body === undefined) return c.text("request body too large\n", 413);
-      const token = new URLSearchParams(body).get("token") ?? "";
-      if (!authenticateToken(token, admin)) return refused(clientOf(c), "login", token || undefined, () => c.html(LOGIN_HTML.replace("<!--message-->", LOGIN_FAILED), 401, loginHeaders));
-      return toPage(c, sessions.start());
-    });
-    app.post(LOGOUT_PATH, (c) => {
-      sessions.end(cookieValue(c.req.header("cookie"), ADMIN_COOKIE));
-      return toPage(c, undefined);
-    });
-  }
-  // Nothing to hide in what a route allows; HAProxy's plain `option httpchk` asks this of /.
-  app.options("*", (c) => c.body(null, 204, { Allow: "GET, HEAD, POST, PUT, DELETE, OPTIONS" }));
-  app.get("/", (c) => c.html(page, 200, pageHeaders));
-  // A load balancer's check: a hub whose backplane is down cannot reach the other hubs' sites.
-  app.get("/healthz", (c) => {
-    const state = ctx.backplaneState();
-    return state !== undefined && state !== "up" ? c.text(`backplane ${state}\n`, 503) : c.text("ok\n");
-  });
-  /** A query's number or `all`; anything else means the default (undefined). */
-  const queryLimit = (value: string | undefined) => (value === "all" ? Infinity : value !== undefined && /^\d+$/.test(value) ? Number(value) : undefined);
-  app.get("/status", (c) => {
-    const query = searchOf(c.req.raw);
-    const q = (name: string) => queryLimit(query.get(name) ?? undefined);
-    return c.json(ctx.snapshot({ macs: q("macs"), networks: q("networks"), offset: q("offset"), ports: q("ports") }));
-  });
-  app.get("/metrics", (c) => {
-    const query = searchOf(c.req.raw);
-    const view: MetricsView = { ports: queryLimit(query.get("ports") ?? undefined) ?? METRICS_PORTS, networks: queryLimit(query.get("networks") ?? undefined) ?? METRICS_NETWORKS };
-    const text = renderMetrics(ctx.snapshot({ networks: 0 }), ctx.networks(), ctx.totals.collect(ctx.networks()), view, ctx.gateways());
-    return c.text(text, 200, { "Content-Type": "text/plain; version=0.0.4" });
-  });
-  // Link impairment at run time: PUT the spec as text, DELETE to restore the clean path.
-  const impairTarget = (path: string) => decodeURIComponent(path.slice("/impair/".length));
-  app.get("/impair", (c) => c.json(ctx.impairments.snapshot()));
-  app.put("/impair/*", async (c) => {
-    try {
-      const spec = parseImpairment(await c.req.text());
-      ctx.impairments.set(impairTarget(c.req.path), spec);
-      return c.text(`${formatImpairment(spec)}\n`);
-    } catch (error) {
-      return c.text(`${(error as Error).message}\n`, 400);
-    }
-  });
-  app.delete("/impair/*", (c) => {
-    try {
-      return ctx.impairments.set(impairTarget(c.req.path), undefined) ? c.body(null, 204) : c.text("no such impairment\n", 404);
-    } catch (error) {
-      return c.text(`${(error as Error).message}\n`, 400);
-    }
-  });
-  app.get("/capture", (c) => {
-    const request = parseCaptureRequest(searchOf(c.req.raw));
-    if (typeof request === "string") return c.text(`${request}\n`, 400);
-    // A capture may be quiet for long: no idle timeout, it ends when the reader or its limits do.
-    c.env.timeout(c.req.raw, 0);
-    const started = ctx.captures.open(request, clientOf(c).address);
-    if (typeof started === "string") return c.text(`${started}\n`, started.startsWith("no network") ? 404 : 429);
-    return new Response(started, { headers: { "Content-Type": "application/x-pcapng", "Cache-Control": "no-store" } });
-  });
-  /**
-   * The one way in for a WebSocket: the endpoint is on (a token is configured), the client (behind
-   * a trusted proxy, the one it names), what the endpoint checks first, the credential (a wrong one
-   * counts toward the throttle), what it checks of the grant, admission within the limits, the upgrade.
-   */
-  const upgrade = <D extends SocketData>(c: Context<{ Bindings: Server<SocketData> }>, gate: UpgradeGate<D>): Response => {
-    if (ctx.grants.length === 0) return c.text(`${gate.endpoint} endpoint disabled: no token configured\n`, 404);
-    const client = clientOf(c);
-    const early = gate.before?.(client);
-    if (early) return early;
-    const { given, grant } = gate.credential();
-    if (!grant) return refused(client, gate.what, given, () => c.text("unauthorized\n", 401, { "WWW-Authenticate": 'Bearer realm="edge-relay"' }));
-    const late = gate.after?.(grant, client);
-    if (late) return late;
-    const full = gate.admission.admit(client.address);
-    if (full !== undefined) return c.text(`${full}\n`, 503, { "Retry-After": "30" });
-    const upgraded = c.env.upgrade(c.req.raw, { data: gate.data(grant, client), headers: gate.headers });
-    return upgraded ? new Response(null) : c.text("expected a WebSocket upgrade\n", 426);
-  };
-  app.get(TUNNEL_PATH, (c) => {
-    const authorization = c.req.header("authorization");
-    return upgrade(c, {
-      endpoint: "tunnel",
-      what: "tunnel",
-      credential: () => ({ given: authorization, grant: authenticate(authorization, ctx.grants) }),
-      after() {
-        const offered = (c.req.header("sec-websocket-protocol") ?? "").split(",").map((s) => s.trim());
-        return offered.includes(TUNNEL_PROTOCOL) ? undefined : c.text(`expected subprotocol ${TUNNEL_PROTOCOL}\n`, 400);
-      },
-      admission: ctx.tunnels.admission,
-      data: (grant, client): TunnelData => ({ grant, peer: formatClient(client), address: client.address }),
-      headers: { "Sec-WebSocket-Protocol": TUNNEL_PROTOCOL },
-    });
-  });
-  // v86's NIC: the token in the query string (all a browser's WebSocket can send) or a header.
-  // Only the path is ever logged: the query string holds the token.
-  app.get(`${V86_PATH}/:network`, (c) => {
-    const name = c.req.param("network");
-    const where = `v86 ${V86_PATH}/${name}`;
-    const origin = c.req.header("origin");
-    const shownOrigin = origin === undefined ? "" : ` (origin ${originOf(origin) === origin ? origin : JSON.stringify(origin.slice(0, 100))})`;
-    const header = c.req.header("authorization");
-    return upgrade(c, {
-      endpoint: "v86",
-      what: where,
-      before(client) {
-        if (!NETWORK_NAME.test(name)) return c.text("not a network name\n", 404);
-        if (ctx.v86.originAllowed(origin)) return undefined;
-        refusals.log(`${where}: refused ${formatClient(client)}${shownOrigin}: origin not allowed`);
-        return c.text("origin not allowed\n", 403);
-      },
-      credential() {
-        if (header !== undefined) return { given: header, grant: authenticate(header, ctx.grants) };
-        const token = searchOf(c.req.raw).get("token");
-        return { given: token ?? undefined, grant: authenticateToken(token, ctx.grants) };
-      },
-      after(grant, client) {
-        if (!grant.networks || grant.networks.has(name)) return undefined;
-        refusals.log(`${where}: refused ${formatClient(client)}: network not allowed for this token`);
-        return c.text("network not allowed for this token\n", 403);
-      },
-      admission: ctx.v86.admission,
-      data: (_grant, client): V86Data => ({ v86: true, network: name, peer: `${formatClient(client)}${shownOrigin}`, address: client.address }),
-    });
-  });
-  return app;
-}
-
 // ───────────────────────────── hub state ─────────────────────────────
 //
 // A hub started with --public-url keeps in its state directory what sites need: a self-signed P-256
@@ -9079,58 +8749,6 @@ function watchHubTokens(dir: string, grants: Grant[], fixed: Grant[], revoked: (
   return { reload, stop: () => watcher.close() };
 }
 
-/** POST /invites {"networks": [...]}, GET /invites, DELETE /invites/ID: behind the admin token like every other route. */
-function mountInvites(app: Hono<{ Bindings: Server<SocketData> }>, dir: string): void {
-  app.get("/invites", (c) => c.json(listInvites(dir)));
-  app.post("/invites", async (c) => {
-    const body = await smallBody(c.req.raw, LOGIN_BODY_LIMIT);
-    if (body === undefined) return c.text("request body too large\n", 413);
-    let networks: unknown;
-    try {
-      networks = JSON.parse(body)?.networks;
-    } catch {
-      networks = undefined;
-    }
-    if (!Array.isArray(networks) || !networks.every((n) => typeof n === "string")) return c.text('expected {"networks": ["NET", …]}\n', 400);
-    try {
-      return c.json(addInvite(dir, networks), 201);
-    } catch (error) {
-      return c.text(`${(error as Error).message}\n`, error instanceof ConfigError ? 400 : 500);
-    }
-  });
-  app.delete("/invites/:id", (c) => (revokeInvite(dir, c.req.param("id")) ? c.body(null, 204) : c.text("no such invite\n", 404)));
-}
-
-/**
- * --invite, --invites and --revoke: run against the hub in the state directory, print, and give
- * the exit status (2: a bad request, 1: the state could not be read or written).
- */
-function runHubCommand(flags: Record<string, string | true | string[]>, stateDir: string | undefined, program: string): number {
-  const option = flags.invite !== undefined ? flagOf("invite") : flags.revoke !== undefined ? flagOf("revoke") : flagOf("invites");
-  if (stateDir === undefined) {
-    console.error(`edge-relay: ${option}: needs ${flagOf("stateDir")} DIR (or STATE_DIRECTORY), the hub's`);
-    return 2;
-  }
-  try {
-    if (typeof flags.invite === "string") {
-      const invite = addInvite(stateDir, flags.invite.split(",").map((n) => n.trim()));
-      console.log(`invite ${invite.id} (networks: ${invite.networks.join(", ")}); on that site, run: ${program} --join ${invite.join}`);
-    } else if (typeof flags.revoke === "string") {
-      if (!revokeInvite(stateDir, flags.revoke)) {
-        console.error(`edge-relay: ${option}: no token ${JSON.stringify(flags.revoke)} in ${stateDir} (see ${flagOf("invites")})`);
-        return 2;
-      }
-      console.log(`revoked ${flags.revoke}: a running hub closes its tunnels now`);
-    } else {
-      for (const t of listInvites(stateDir)) console.log(`${t.id}\t${t.networks?.join(",") ?? "(every network)"}\t${t.created}`);
-    }
-    return 0;
-  } catch (error) {
-    console.error(`edge-relay: ${option}: ${(error as Error).message}`);
-    return error instanceof ConfigError ? 2 : 1;
-  }
-}
-
 /**
  * Before each dial of a joined site: a self-signed certificate the hub presents becomes the CA the
  * dial trusts (the join string has its hash, not the certificate); one a CA signed cannot be its own
@@ -9156,6 +8774,358 @@ function learnPinnedCertificate(options: UplinkOptions): () => Promise<void> {
       // The dial that follows meets the same failure and says it in its words.
       socket.on("error", () => resolve());
     });
+}
+
+// ───────────────────────────── HTTP app ─────────────────────────────
+//
+// Hono routes the requests; once upgraded, a tunnel's or a v86 port's frames bypass Hono, and both
+// upgrades pass one gate (client, credential, checks, admission). With an admin token every other
+// route but /healthz needs it: the Bearer header, or the session cookie /login gives (never the
+// token itself). The pages' HTML is in the page assets section; their CSP allows only their own.
+
+/** Where relays before sessions kept the token itself: cleared whenever a browser that has it logs in or out. */
+const TOKEN_COOKIE = "edge_relay_admin";
+const LOGIN_PATH = "/login";
+const LOGOUT_PATH = "/logout";
+const ADMIN_SESSION_SECONDS = 12 * 3600;
+/** Sessions held at once; a further login ends the oldest. */
+const ADMIN_SESSIONS = 1024;
+const LOGIN_BODY_LIMIT = 4096;
+/** The WWW-Authenticate of a 401 for want of the admin token. */
+const ADMIN_CHALLENGE = 'Bearer realm="edge-relay admin"';
+
+/** Logged-in browsers: random ids, each valid until its expiry, logout, or a restart; at most `max` at once. @internal */
+export class AdminSessions {
+  readonly #expiry = new Map<string, number>();
+
+  constructor(
+    readonly max = ADMIN_SESSIONS,
+    readonly lifetimeMs = ADMIN_SESSION_SECONDS * 1000,
+  ) {}
+
+  start(now = Date.now()): string {
+    if (this.#expiry.size >= this.max) this.#expiry.delete(this.#expiry.keys().next().value!);
+    const id = randomToken();
+    this.#expiry.set(id, now + this.lifetimeMs);
+    return id;
+  }
+
+  valid(id: string | undefined, now = Date.now()): boolean {
+    const until = id === undefined ? undefined : this.#expiry.get(id);
+    if (until === undefined) return false;
+    if (until > now) return true;
+    this.#expiry.delete(id!);
+    return false;
+  }
+
+  end(id: string | undefined): void {
+    if (id !== undefined) this.#expiry.delete(id);
+  }
+
+  get size(): number {
+    return this.#expiry.size;
+  }
+}
+
+/** Headers for a document of ours: its CSP allows its own inline script and style (by hash) and nothing else. */
+function documentHeaders(html: string): Record<string, string> {
+  const hashes = (tag: string) =>
+    [...html.matchAll(new RegExp(`<${tag}>([\\s\\S]*?)</${tag}>`, "g"))]
+      .map((m) => `'sha256-${new Bun.CryptoHasher("sha256").update(m[1]!).digest("base64")}'`)
+      .join(" ") || "'none'";
+  return {
+    "Content-Security-Policy": `default-src 'none'; script-src ${hashes("script")}; style-src ${hashes("style")}; connect-src 'self'; img-src data:; form-action 'self'; base-uri 'none'; frame-ancestors 'none'`,
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
+    "Referrer-Policy": "no-referrer",
+  };
+}
+
+/** A cookie's value from a Cookie header; undefined when it is not there. */
+function cookieValue(header: string | undefined, name: string): string | undefined {
+  for (const part of (header ?? "").split(";")) {
+    const eq = part.indexOf("=");
+    if (eq >= 0 && part.slice(0, eq).trim() === name) return part.slice(eq + 1).trim();
+  }
+  return undefined;
+}
+
+/** A small request body as text; undefined when it is longer than `limit` bytes. */
+async function smallBody(request: Request, limit: number): Promise<string | undefined> {
+  if (!request.body) return "";
+  const chunks: Uint8Array[] = [];
+  let size = 0;
+  for await (const chunk of request.body) {
+    size += chunk.length;
+    if (size > limit) return undefined;
+    chunks.push(chunk);
+  }
+  return new TextDecoder().decode(Buffer.concat(chunks));
+}
+
+/** A request's query; Bun leaves the URL of one without a Host header as the bare path, and Hono's own reader misses its query. */
+function searchOf(request: Request): URLSearchParams {
+  return new URL(request.url, "http://host").searchParams;
+}
+
+/**
+ * Hono's path of a request, also of one without a Host header (HTTP/1.0, a load balancer's health
+ * check), whose URL Bun leaves as the bare path.
+ */
+function requestPath(request: Request): string {
+  return getPath(request.url.startsWith("/") ? ({ url: `http://host${request.url}` } as Request) : request);
+}
+
+/** Whatever a WebSocket of the HTTP listener carries: a tunnel, or a v86 port. */
+type SocketData = TunnelData | V86Data;
+
+/** What an upgrade endpoint (/tunnel, /v86/NETWORK) asks of the gate in createApp. */
+interface UpgradeGate<D extends SocketData> {
+  /** Named when no token is configured: `tunnel endpoint disabled`. */
+  endpoint: string;
+  /** Names the endpoint in refusals: `tunnel`, `v86 /v86/lab`. */
+  what: string;
+  /** Checked before the credential (a v86 page's origin): a refusal, or undefined to go on. */
+  before?(client: ClientAddress): Response | undefined;
+  /** The credential as given (a refusal says wrong or none) and the grant it matches, if any. */
+  credential(): { given: string | undefined; grant: Grant | undefined };
+  /** Checked once authenticated (the subprotocol, the grant's networks). */
+  after?(grant: Grant, client: ClientAddress): Response | undefined;
+  admission: AdmissionLimit;
+  /** What the WebSocket carries from the upgrade on. */
+  data(grant: Grant, client: ClientAddress): D;
+  headers?: Record<string, string>;
+}
+
+interface AppContext {
+  grants: Grant[];
+  adminToken: string | undefined;
+  /** --trusted-proxy: the peers whose X-Forwarded-For or Forwarded names the client. */
+  trustedProxies: BlockList | undefined;
+  /** Served over TLS: the session cookie is Secure. */
+  tls: boolean;
+  snapshot(view?: StatusView): Snapshot;
+  /** The backplane's state for /healthz, without building a snapshot; undefined without --backplane. */
+  backplaneState(): string | undefined;
+  /** Every network, for /metrics. */
+  networks(): Iterable<Network>;
+  /** The --dhcp networks' gateway hosts, for /metrics. */
+  gateways(): Iterable<GatewayHost>;
+  totals: PortTotals;
+  counters: RelayCounters;
+  tunnels: TunnelServer;
+  captures: CaptureRegistry;
+  impairments: ImpairmentTable;
+  v86: V86Server;
+  log: Logger;
+}
+
+/**
+ * Routes: /healthz, /status, /metrics, the status page at /, and the tunnel upgrade (the frames then
+ * bypass Hono). With an admin token, every route but /healthz, the tunnel and v86 needs it, or the
+ * session /login starts for it. A right credential is always served; an address whose wrong ones
+ * keep coming is answered 429 for its further wrong ones for a while.
+ */
+function createApp(ctx: AppContext) {
+  const app = new Hono<{ Bindings: Server<SocketData> }>({ getPath: requestPath });
+  const refusals = rateLimitedLog(ctx.log.warn, 10, 10_000);
+  const throttle = new AuthThrottle();
+  const clientOf = (c: { env: Server<SocketData>; req: { raw: Request } }) => clientAddress(c.env.requestIP(c.req.raw), c.req.raw.headers, ctx.trustedProxies);
+  /**
+   * A request without the right credential: `answer` (a 401), counted and logged at a bounded rate.
+   * A wrong credential (not a missing one) counts against its address: past the throttle's allowance
+   * it gets 429 instead, with no log line.
+   */
+  const refused = (client: ClientAddress, what: string, credential: string | undefined, answer: () => Response): Response => {
+    if (credential) {
+      const wait = throttle.retryAfter(client.address);
+      if (wait > 0) {
+        ctx.counters.authThrottled = throttle.throttled;
+        return new Response("too many failed attempts; try later\n", { status: 429, headers: { "Retry-After": String(wait) } });
+      }
+      throttle.failed(client.address);
+    }
+    ctx.counters.authFailures++;
+    refusals.log(`${what}: refused ${formatClient(client)}: ${credential ? "wrong token" : "no token"}`);
+    return answer();
+  };
+  const pageHeaders = documentHeaders(PAGE_HTML);
+  let page = PAGE_HTML;
+  if (ctx.adminToken !== undefined) {
+    page = PAGE_HTML_WITH_LOGOUT;
+    const admin = makeGrants([{ token: ctx.adminToken, networks: undefined }]);
+    const sessions = new AdminSessions();
+    const loginHeaders = { ...documentHeaders(LOGIN_HTML), "WWW-Authenticate": ADMIN_CHALLENGE };
+    const secure = ctx.tls ? "; Secure" : "";
+    /** A 303 back to the page that sets the session cookie (or clears it), and clears a token cookie of old. */
+    const toPage = (c: { req: { header(name: string): string | undefined } }, session: string | undefined) => {
+      const headers = new Headers({ Location: "./", "Cache-Control": "no-store" });
+      const age = session === undefined ? 0 : ADMIN_SESSION_SECONDS;
+      headers.append("Set-Cookie", `${ADMIN_COOKIE}=${session ?? ""}; Path=/; Max-Age=${age}; HttpOnly; SameSite=Strict${secure}`);
+      if (cookieValue(c.req.header("cookie"), TOKEN_COOKIE) !== undefined) headers.append("Set-Cookie", `${TOKEN_COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict${secure}`);
+      return new Response(null, { status: 303, headers });
+    };
+    app.use("*", async (c, next) => {
+      const path = c.req.path;
+      if (path === TUNNEL_PATH || path.startsWith(`${V86_PATH}/`) || path === "/healthz" || c.req.method === "OPTIONS") return next();
+      if ((path === LOGIN_PATH || path === LOGOUT_PATH) && c.req.method === "POST") return next();
+      const authorization = c.req.header("authorization");
+      if (authorization === undefined ? sessions.valid(cookieValue(c.req.header("cookie"), ADMIN_COOKIE)) : authenticate(authorization, admin)) return next();
+      // The login form is the way in: showing it is no failure, nor is a session that ended (it was no guess).
+      if (path === "/" && authorization === undefined) return c.html(LOGIN_HTML, 401, loginHeaders);
+      return refused(clientOf(c), path, authorization, () =>
+        path === "/" ? c.html(LOGIN_HTML, 401, loginHeaders) : c.text("unauthorized\n", 401, { "WWW-Authenticate": ADMIN_CHALLENGE }),
+      );
+    });
+    app.post(LOGIN_PATH, async (c) => {
+      const body = await smallBody(c.req.raw, LOGIN_BODY_LIMIT);
+      if (body === undefined) return c.text("request body too large\n", 413);
+      const token = new URLSearchParams(body).get("token") ?? "";
+      if (!authenticateToken(token, admin)) return refused(clientOf(c), "login", token || undefined, () => c.html(LOGIN_HTML.replace("<!--message-->", LOGIN_FAILED), 401, loginHeaders));
+      return toPage(c, sessions.start());
+    });
+    app.post(LOGOUT_PATH, (c) => {
+      sessions.end(cookieValue(c.req.header("cookie"), ADMIN_COOKIE));
+      return toPage(c, undefined);
+    });
+  }
+  // Nothing to hide in what a route allows; HAProxy's plain `option httpchk` asks this of /.
+  app.options("*", (c) => c.body(null, 204, { Allow: "GET, HEAD, POST, PUT, DELETE, OPTIONS" }));
+  app.get("/", (c) => c.html(page, 200, pageHeaders));
+  // A load balancer's check: a hub whose backplane is down cannot reach the other hubs' sites.
+  app.get("/healthz", (c) => {
+    const state = ctx.backplaneState();
+    return state !== undefined && state !== "up" ? c.text(`backplane ${state}\n`, 503) : c.text("ok\n");
+  });
+  /** A query's number or `all`; anything else means the default (undefined). */
+  const queryLimit = (value: string | undefined) => (value === "all" ? Infinity : value !== undefined && /^\d+$/.test(value) ? Number(value) : undefined);
+  app.get("/status", (c) => {
+    const query = searchOf(c.req.raw);
+    const q = (name: string) => queryLimit(query.get(name) ?? undefined);
+    return c.json(ctx.snapshot({ macs: q("macs"), networks: q("networks"), offset: q("offset"), ports: q("ports") }));
+  });
+  app.get("/metrics", (c) => {
+    const query = searchOf(c.req.raw);
+    const view: MetricsView = { ports: queryLimit(query.get("ports") ?? undefined) ?? METRICS_PORTS, networks: queryLimit(query.get("networks") ?? undefined) ?? METRICS_NETWORKS };
+    const text = renderMetrics(ctx.snapshot({ networks: 0 }), ctx.networks(), ctx.totals.collect(ctx.networks()), view, ctx.gateways());
+    return c.text(text, 200, { "Content-Type": "text/plain; version=0.0.4" });
+  });
+  // Link impairment at run time: PUT the spec as text, DELETE to restore the clean path.
+  const impairTarget = (path: string) => decodeURIComponent(path.slice("/impair/".length));
+  app.get("/impair", (c) => c.json(ctx.impairments.snapshot()));
+  app.put("/impair/*", async (c) => {
+    try {
+      const spec = parseImpairment(await c.req.text());
+      ctx.impairments.set(impairTarget(c.req.path), spec);
+      return c.text(`${formatImpairment(spec)}\n`);
+    } catch (error) {
+      return c.text(`${(error as Error).message}\n`, 400);
+    }
+  });
+  app.delete("/impair/*", (c) => {
+    try {
+      return ctx.impairments.set(impairTarget(c.req.path), undefined) ? c.body(null, 204) : c.text("no such impairment\n", 404);
+    } catch (error) {
+      return c.text(`${(error as Error).message}\n`, 400);
+    }
+  });
+  app.get("/capture", (c) => {
+    const request = parseCaptureRequest(searchOf(c.req.raw));
+    if (typeof request === "string") return c.text(`${request}\n`, 400);
+    // A capture may be quiet for long: no idle timeout, it ends when the reader or its limits do.
+    c.env.timeout(c.req.raw, 0);
+    const started = ctx.captures.open(request, clientOf(c).address);
+    if (typeof started === "string") return c.text(`${started}\n`, started.startsWith("no network") ? 404 : 429);
+    return new Response(started, { headers: { "Content-Type": "application/x-pcapng", "Cache-Control": "no-store" } });
+  });
+  /**
+   * The one way in for a WebSocket: the endpoint is on (a token is configured), the client (behind
+   * a trusted proxy, the one it names), what the endpoint checks first, the credential (a wrong one
+   * counts toward the throttle), what it checks of the grant, admission within the limits, the upgrade.
+   */
+  const upgrade = <D extends SocketData>(c: Context<{ Bindings: Server<SocketData> }>, gate: UpgradeGate<D>): Response => {
+    if (ctx.grants.length === 0) return c.text(`${gate.endpoint} endpoint disabled: no token configured\n`, 404);
+    const client = clientOf(c);
+    const early = gate.before?.(client);
+    if (early) return early;
+    const { given, grant } = gate.credential();
+    if (!grant) return refused(client, gate.what, given, () => c.text("unauthorized\n", 401, { "WWW-Authenticate": 'Bearer realm="edge-relay"' }));
+    const late = gate.after?.(grant, client);
+    if (late) return late;
+    const full = gate.admission.admit(client.address);
+    if (full !== undefined) return c.text(`${full}\n`, 503, { "Retry-After": "30" });
+    const upgraded = c.env.upgrade(c.req.raw, { data: gate.data(grant, client), headers: gate.headers });
+    return upgraded ? new Response(null) : c.text("expected a WebSocket upgrade\n", 426);
+  };
+  app.get(TUNNEL_PATH, (c) => {
+    const authorization = c.req.header("authorization");
+    return upgrade(c, {
+      endpoint: "tunnel",
+      what: "tunnel",
+      credential: () => ({ given: authorization, grant: authenticate(authorization, ctx.grants) }),
+      after() {
+        const offered = (c.req.header("sec-websocket-protocol") ?? "").split(",").map((s) => s.trim());
+        return offered.includes(TUNNEL_PROTOCOL) ? undefined : c.text(`expected subprotocol ${TUNNEL_PROTOCOL}\n`, 400);
+      },
+      admission: ctx.tunnels.admission,
+      data: (grant, client): TunnelData => ({ grant, peer: formatClient(client), address: client.address }),
+      headers: { "Sec-WebSocket-Protocol": TUNNEL_PROTOCOL },
+    });
+  });
+  // v86's NIC: the token in the query string (all a browser's WebSocket can send) or a header.
+  // Only the path is ever logged: the query string holds the token.
+  app.get(`${V86_PATH}/:network`, (c) => {
+    const name = c.req.param("network");
+    const where = `v86 ${V86_PATH}/${name}`;
+    const origin = c.req.header("origin");
+    const shownOrigin = origin === undefined ? "" : ` (origin ${originOf(origin) === origin ? origin : JSON.stringify(origin.slice(0, 100))})`;
+    const header = c.req.header("authorization");
+    return upgrade(c, {
+      endpoint: "v86",
+      what: where,
+      before(client) {
+        if (!NETWORK_NAME.test(name)) return c.text("not a network name\n", 404);
+        if (ctx.v86.originAllowed(origin)) return undefined;
+        refusals.log(`${where}: refused ${formatClient(client)}${shownOrigin}: origin not allowed`);
+        return c.text("origin not allowed\n", 403);
+      },
+      credential() {
+        if (header !== undefined) return { given: header, grant: authenticate(header, ctx.grants) };
+        const token = searchOf(c.req.raw).get("token");
+        return { given: token ?? undefined, grant: authenticateToken(token, ctx.grants) };
+      },
+      after(grant, client) {
+        if (!grant.networks || grant.networks.has(name)) return undefined;
+        refusals.log(`${where}: refused ${formatClient(client)}: network not allowed for this token`);
+        return c.text("network not allowed for this token\n", 403);
+      },
+      admission: ctx.v86.admission,
+      data: (_grant, client): V86Data => ({ v86: true, network: name, peer: `${formatClient(client)}${shownOrigin}`, address: client.address }),
+    });
+  });
+  return app;
+}
+
+/** POST /invites {"networks": [...]}, GET /invites, DELETE /invites/ID: behind the admin token like every other route. */
+function mountInvites(app: Hono<{ Bindings: Server<SocketData> }>, dir: string): void {
+  app.get("/invites", (c) => c.json(listInvites(dir)));
+  app.post("/invites", async (c) => {
+    const body = await smallBody(c.req.raw, LOGIN_BODY_LIMIT);
+    if (body === undefined) return c.text("request body too large\n", 413);
+    let networks: unknown;
+    try {
+      networks = JSON.parse(body)?.networks;
+    } catch {
+      networks = undefined;
+    }
+    if (!Array.isArray(networks) || !networks.every((n) => typeof n === "string")) return c.text('expected {"networks": ["NET", …]}\n', 400);
+    try {
+      return c.json(addInvite(dir, networks), 201);
+    } catch (error) {
+      return c.text(`${(error as Error).message}\n`, error instanceof ConfigError ? 400 : 500);
+    }
+  });
+  app.delete("/invites/:id", (c) => (revokeInvite(dir, c.req.param("id")) ? c.body(null, 204) : c.text("no such invite\n", 404)));
 }
 
 // ───────────────────────────── lifecycle ─────────────────────────────
@@ -10637,6 +10607,36 @@ function programName(): string {
   const bun = Bun.which("bun", { PATH });
   const global = !process.execPath.includes("/node_modules/") || (bun !== null && realpathSync(bun) === realpathSync(process.execPath));
   return `${global ? "" : "npx "}bun ${basename(Bun.main)}`;
+}
+
+/**
+ * --invite, --invites and --revoke: run against the hub in the state directory, print, and give
+ * the exit status (2: a bad request, 1: the state could not be read or written).
+ */
+function runHubCommand(flags: Record<string, string | true | string[]>, stateDir: string | undefined, program: string): number {
+  const option = flags.invite !== undefined ? flagOf("invite") : flags.revoke !== undefined ? flagOf("revoke") : flagOf("invites");
+  if (stateDir === undefined) {
+    console.error(`edge-relay: ${option}: needs ${flagOf("stateDir")} DIR (or STATE_DIRECTORY), the hub's`);
+    return 2;
+  }
+  try {
+    if (typeof flags.invite === "string") {
+      const invite = addInvite(stateDir, flags.invite.split(",").map((n) => n.trim()));
+      console.log(`invite ${invite.id} (networks: ${invite.networks.join(", ")}); on that site, run: ${program} --join ${invite.join}`);
+    } else if (typeof flags.revoke === "string") {
+      if (!revokeInvite(stateDir, flags.revoke)) {
+        console.error(`edge-relay: ${option}: no token ${JSON.stringify(flags.revoke)} in ${stateDir} (see ${flagOf("invites")})`);
+        return 2;
+      }
+      console.log(`revoked ${flags.revoke}: a running hub closes its tunnels now`);
+    } else {
+      for (const t of listInvites(stateDir)) console.log(`${t.id}\t${t.networks?.join(",") ?? "(every network)"}\t${t.created}`);
+    }
+    return 0;
+  } catch (error) {
+    console.error(`edge-relay: ${option}: ${(error as Error).message}`);
+    return error instanceof ConfigError ? 2 : 1;
+  }
 }
 
 /**
