@@ -10613,7 +10613,7 @@ function programName(): string {
  * --invite, --invites and --revoke: run against the hub in the state directory, print, and give
  * the exit status (2: a bad request, 1: the state could not be read or written).
  */
-function runHubCommand(flags: Record<string, string | true | string[]>, stateDir: string | undefined, program: string): number {
+function runHubCommand(flags: Flags, stateDir: string | undefined, program: string): number {
   const option = flags.invite !== undefined ? flagOf("invite") : flags.revoke !== undefined ? flagOf("revoke") : flagOf("invites");
   if (stateDir === undefined) {
     console.error(`edge-relay: ${option}: needs ${flagOf("stateDir")} DIR (or STATE_DIRECTORY), the hub's`);
