@@ -146,6 +146,8 @@ import type { Server, ServerWebSocket, Socket, udp } from "bun";
 import { credsAuthenticator, nkeyAuthenticator } from "@nats-io/nats-core";
 import dnsPacket from "dns-packet";
 import { Hono, type Context } from "hono";
+import { bodyLimit } from "hono/body-limit";
+import { deleteCookie, getCookie, setCookie } from "hono/cookie";
 import { getPath } from "hono/utils/url";
 import * as v from "valibot";
 import UNIT_TEMPLATE from "./deploy/edge-relay.service" with { type: "text" };
@@ -8367,27 +8369,8 @@ function documentHeaders(html: string): Record<string, string> {
   };
 }
 
-/** A cookie's value from a Cookie header; undefined when it is not there. */
-function cookieValue(header: string | undefined, name: string): string | undefined {
-  for (const part of (header ?? "").split(";")) {
-    const eq = part.indexOf("=");
-    if (eq >= 0 && part.slice(0, eq).trim() === name) return part.slice(eq + 1).trim();
-  }
-  return undefined;
-}
-
-/** A small request body as text; undefined when it is longer than `limit` bytes. */
-async function smallBody(request: Request, limit: number): Promise<string | undefined> {
-  if (!request.body) return "";
-  const chunks: Uint8Array[] = [];
-  let size = 0;
-  for await (const chunk of request.body) {
-    size += chunk.length;
-    if (size > limit) return undefined;
-    chunks.push(chunk);
-  }
-  return new TextDecoder().decode(Buffer.concat(chunks));
-}
+/** The login form and /invites take small bodies only; a longer one is answered 413 unread. */
+const smallBody = bodyLimit({ maxSize: LOGIN_BODY_LIMIT, onError: (c) => c.text("request body too large\n", 413) });
 
 /** A request's query; Bun leaves the URL of one without a Host header as the bare path, and Hono's own reader misses its query. */
 function searchOf(request: Request): URLSearchParams {
@@ -8482,36 +8465,34 @@ function createApp(ctx: AppContext) {
     const admin = makeGrants([{ token: ctx.adminToken, networks: undefined }]);
     const sessions = new AdminSessions();
     const loginHeaders = { ...documentHeaders(LOGIN_HTML), "WWW-Authenticate": ADMIN_CHALLENGE };
-    const secure = ctx.tls ? "; Secure" : "";
+    const cookie = { path: "/", httpOnly: true, sameSite: "Strict", secure: ctx.tls } as const;
     /** A 303 back to the page that sets the session cookie (or clears it), and clears a token cookie of old. */
-    const toPage = (c: { req: { header(name: string): string | undefined } }, session: string | undefined) => {
-      const headers = new Headers({ Location: "./", "Cache-Control": "no-store" });
-      const age = session === undefined ? 0 : ADMIN_SESSION_SECONDS;
-      headers.append("Set-Cookie", `${ADMIN_COOKIE}=${session ?? ""}; Path=/; Max-Age=${age}; HttpOnly; SameSite=Strict${secure}`);
-      if (cookieValue(c.req.header("cookie"), TOKEN_COOKIE) !== undefined) headers.append("Set-Cookie", `${TOKEN_COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict${secure}`);
-      return new Response(null, { status: 303, headers });
+    const toPage = (c: Context, session: string | undefined) => {
+      if (session === undefined) deleteCookie(c, ADMIN_COOKIE, cookie);
+      else setCookie(c, ADMIN_COOKIE, session, { ...cookie, maxAge: ADMIN_SESSION_SECONDS });
+      if (getCookie(c, TOKEN_COOKIE) !== undefined) deleteCookie(c, TOKEN_COOKIE, cookie);
+      c.header("Cache-Control", "no-store");
+      return c.redirect("./", 303);
     };
     app.use("*", async (c, next) => {
       const path = c.req.path;
       if (path === TUNNEL_PATH || path.startsWith(`${V86_PATH}/`) || path === "/healthz" || c.req.method === "OPTIONS") return next();
       if ((path === LOGIN_PATH || path === LOGOUT_PATH) && c.req.method === "POST") return next();
       const authorization = c.req.header("authorization");
-      if (authorization === undefined ? sessions.valid(cookieValue(c.req.header("cookie"), ADMIN_COOKIE)) : authenticate(authorization, admin)) return next();
+      if (authorization === undefined ? sessions.valid(getCookie(c, ADMIN_COOKIE)) : authenticate(authorization, admin)) return next();
       // The login form is the way in: showing it is no failure, nor is a session that ended (it was no guess).
       if (path === "/" && authorization === undefined) return c.html(LOGIN_HTML, 401, loginHeaders);
       return refused(clientOf(c), path, authorization, () =>
         path === "/" ? c.html(LOGIN_HTML, 401, loginHeaders) : c.text("unauthorized\n", 401, { "WWW-Authenticate": ADMIN_CHALLENGE }),
       );
     });
-    app.post(LOGIN_PATH, async (c) => {
-      const body = await smallBody(c.req.raw, LOGIN_BODY_LIMIT);
-      if (body === undefined) return c.text("request body too large\n", 413);
-      const token = new URLSearchParams(body).get("token") ?? "";
+    app.post(LOGIN_PATH, smallBody, async (c) => {
+      const token = new URLSearchParams(await c.req.text()).get("token") ?? "";
       if (!authenticateToken(token, admin)) return refused(clientOf(c), "login", token || undefined, () => c.html(LOGIN_HTML.replace("<!--message-->", LOGIN_FAILED), 401, loginHeaders));
       return toPage(c, sessions.start());
     });
     app.post(LOGOUT_PATH, (c) => {
-      sessions.end(cookieValue(c.req.header("cookie"), ADMIN_COOKIE));
+      sessions.end(getCookie(c, ADMIN_COOKIE));
       return toPage(c, undefined);
     });
   }
@@ -8998,12 +8979,10 @@ function watchHubTokens(dir: string, grants: Grant[], fixed: Grant[], revoked: (
 /** POST /invites {"networks": [...]}, GET /invites, DELETE /invites/ID: behind the admin token like every other route. */
 function mountInvites(app: Hono<{ Bindings: Server<SocketData> }>, dir: string): void {
   app.get("/invites", (c) => c.json(listInvites(dir)));
-  app.post("/invites", async (c) => {
-    const body = await smallBody(c.req.raw, LOGIN_BODY_LIMIT);
-    if (body === undefined) return c.text("request body too large\n", 413);
+  app.post("/invites", smallBody, async (c) => {
     let networks: unknown;
     try {
-      networks = JSON.parse(body)?.networks;
+      networks = JSON.parse(await c.req.text())?.networks;
     } catch {
       networks = undefined;
     }
