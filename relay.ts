@@ -146,6 +146,8 @@ import type { Server, ServerWebSocket, Socket, udp } from "bun";
 import { credsAuthenticator, nkeyAuthenticator } from "@nats-io/nats-core";
 import dnsPacket from "dns-packet";
 import { Hono, type Context } from "hono";
+import { bodyLimit } from "hono/body-limit";
+import { deleteCookie, getCookie, setCookie } from "hono/cookie";
 import { getPath } from "hono/utils/url";
 import * as v from "valibot";
 import UNIT_TEMPLATE from "./deploy/edge-relay.service" with { type: "text" };
@@ -1813,7 +1815,7 @@ export const OPTIONS = {
   },
   invite: { arg: "NET[,NET…]", group: "hub", help: "print a join line for a new token limited to these networks\n(the hub in --state-dir) and exit" },
   invites: { group: "hub", help: "list the hub's tokens (id, networks; never the token) and exit" },
-  revoke: { arg: "ID", group: "hub", help: "revoke the token ID; a running hub closes its tunnels" },
+  revoke: { arg: "ID", group: "hub", help: "revoke the token ID; a running hub closes its tunnels and v86\nports" },
   installService: {
     group: "hub",
     help: "install this command (less this option) as the systemd service\nedge-relay: unit, binary, secrets in a 0600 environment file,\n--state-dir's files copied to /var/lib/edge-relay",
@@ -3904,6 +3906,25 @@ function makeGrants(tokens: Config["tokens"]): Grant[] {
   return tokens.map((t) => ({ digest: sha256(t.token), networks: t.networks && new Set(t.networks) }));
 }
 
+/**
+ * Closes the open sockets (tunnels, v86 ports) whose grant `accepted` no longer accepts, a revoked
+ * token's, with `code` and `reason` and a log line each; the others stay.
+ */
+function closeUnaccepted<D extends { grant: Grant; peer: string }>(
+  sockets: Iterable<ServerWebSocket<D>>,
+  accepted: (grant: Grant) => boolean,
+  code: number,
+  reason: string,
+  log: (line: string) => void,
+  name: (data: D) => string,
+): void {
+  for (const ws of sockets) {
+    if (accepted(ws.data.grant)) continue;
+    log(`${name(ws.data)} closed: ${reason}`);
+    ws.close(code, reason);
+  }
+}
+
 /** `authenticate` for a bare token (a v86 client's `?token=`); an empty or missing one matches nothing. */
 function authenticateToken(token: string | null | undefined, grants: Grant[]): Grant | undefined {
   const given = sha256(token ?? "");
@@ -4499,11 +4520,7 @@ class TunnelServer {
 
   /** Closes the tunnels whose token `accepted` no longer accepts (revoked), saying why; the others stay. */
   closeUnaccepted(accepted: (grant: Grant) => boolean, code: number, reason: string): void {
-    for (const ws of this.#sockets) {
-      if (accepted(ws.data.grant)) continue;
-      this.#log.info(`tunnel: ${ws.data.link?.peer ?? ws.data.peer} closed: ${reason}`);
-      ws.close(code, reason);
-    }
+    closeUnaccepted(this.#sockets, accepted, code, reason, this.#log.info, (data) => `tunnel: ${data.link?.peer ?? data.peer}`);
   }
 
   /** Attaches what the token allows, the limits permit and no loop forbids; answers every name. */
@@ -5179,6 +5196,7 @@ class V86Port extends Port {
 interface V86Data {
   v86: true;
   network: string;
+  grant: Grant;
   /** The client's address and port, and its Origin if it sent one: never the URL. */
   peer: string;
   address: string;
@@ -5203,6 +5221,7 @@ interface V86ServerOptions {
 class V86Server {
   readonly admission: AdmissionLimit;
   readonly #warn: (line: string) => void;
+  readonly #sockets = new Set<ServerWebSocket<V86Data>>();
 
   constructor(readonly options: V86ServerOptions) {
     this.#warn = rateLimitedLog(options.log.warn, 10, 10_000).log;
@@ -5221,6 +5240,7 @@ class V86Server {
     open: (ws: ServerWebSocket<V86Data>) => {
       const o = this.options;
       this.admission.opened(ws.data.address);
+      this.#sockets.add(ws);
       const network = o.networkForPeer(ws.data.network);
       if (!(network instanceof Network)) {
         this.#warn(`v86 ${ws.data.peer}: ${network.refused}; closing`);
@@ -5242,6 +5262,7 @@ class V86Server {
     },
     close: (ws: ServerWebSocket<V86Data>, code: number, reason: string) => {
       this.admission.closed(ws.data.address);
+      this.#sockets.delete(ws);
       const port = ws.data.port;
       if (port === undefined) return;
       port.closed();
@@ -5254,6 +5275,11 @@ class V86Server {
       port.network?.detach(port, malformed ?? (code === 1000 || code === 1001 || code === 1005 ? "peer closed" : `closed (${code}${shown})`));
     },
   };
+
+  /** Closes the v86 ports whose token `accepted` no longer accepts (revoked), saying why; the others stay. */
+  closeUnaccepted(accepted: (grant: Grant) => boolean, code: number, reason: string): void {
+    closeUnaccepted(this.#sockets, accepted, code, reason, this.options.log.info, (data) => `v86 ${V86_PATH}/${data.network} ${data.peer}`);
+  }
 }
 
 // ───────────────────────────── NATS client ─────────────────────────────
@@ -8367,27 +8393,8 @@ function documentHeaders(html: string): Record<string, string> {
   };
 }
 
-/** A cookie's value from a Cookie header; undefined when it is not there. */
-function cookieValue(header: string | undefined, name: string): string | undefined {
-  for (const part of (header ?? "").split(";")) {
-    const eq = part.indexOf("=");
-    if (eq >= 0 && part.slice(0, eq).trim() === name) return part.slice(eq + 1).trim();
-  }
-  return undefined;
-}
-
-/** A small request body as text; undefined when it is longer than `limit` bytes. */
-async function smallBody(request: Request, limit: number): Promise<string | undefined> {
-  if (!request.body) return "";
-  const chunks: Uint8Array[] = [];
-  let size = 0;
-  for await (const chunk of request.body) {
-    size += chunk.length;
-    if (size > limit) return undefined;
-    chunks.push(chunk);
-  }
-  return new TextDecoder().decode(Buffer.concat(chunks));
-}
+/** The login form and /invites take small bodies only; a longer one is answered 413 unread. */
+const smallBody = bodyLimit({ maxSize: LOGIN_BODY_LIMIT, onError: (c) => c.text("request body too large\n", 413) });
 
 /** A request's query; Bun leaves the URL of one without a Host header as the bare path, and Hono's own reader misses its query. */
 function searchOf(request: Request): URLSearchParams {
@@ -8482,36 +8489,34 @@ function createApp(ctx: AppContext) {
     const admin = makeGrants([{ token: ctx.adminToken, networks: undefined }]);
     const sessions = new AdminSessions();
     const loginHeaders = { ...documentHeaders(LOGIN_HTML), "WWW-Authenticate": ADMIN_CHALLENGE };
-    const secure = ctx.tls ? "; Secure" : "";
+    const cookie = { path: "/", httpOnly: true, sameSite: "Strict", secure: ctx.tls } as const;
     /** A 303 back to the page that sets the session cookie (or clears it), and clears a token cookie of old. */
-    const toPage = (c: { req: { header(name: string): string | undefined } }, session: string | undefined) => {
-      const headers = new Headers({ Location: "./", "Cache-Control": "no-store" });
-      const age = session === undefined ? 0 : ADMIN_SESSION_SECONDS;
-      headers.append("Set-Cookie", `${ADMIN_COOKIE}=${session ?? ""}; Path=/; Max-Age=${age}; HttpOnly; SameSite=Strict${secure}`);
-      if (cookieValue(c.req.header("cookie"), TOKEN_COOKIE) !== undefined) headers.append("Set-Cookie", `${TOKEN_COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict${secure}`);
-      return new Response(null, { status: 303, headers });
+    const toPage = (c: Context, session: string | undefined) => {
+      if (session === undefined) deleteCookie(c, ADMIN_COOKIE, cookie);
+      else setCookie(c, ADMIN_COOKIE, session, { ...cookie, maxAge: ADMIN_SESSION_SECONDS });
+      if (getCookie(c, TOKEN_COOKIE) !== undefined) deleteCookie(c, TOKEN_COOKIE, cookie);
+      c.header("Cache-Control", "no-store");
+      return c.redirect("./", 303);
     };
     app.use("*", async (c, next) => {
       const path = c.req.path;
       if (path === TUNNEL_PATH || path.startsWith(`${V86_PATH}/`) || path === "/healthz" || c.req.method === "OPTIONS") return next();
       if ((path === LOGIN_PATH || path === LOGOUT_PATH) && c.req.method === "POST") return next();
       const authorization = c.req.header("authorization");
-      if (authorization === undefined ? sessions.valid(cookieValue(c.req.header("cookie"), ADMIN_COOKIE)) : authenticate(authorization, admin)) return next();
+      if (authorization === undefined ? sessions.valid(getCookie(c, ADMIN_COOKIE)) : authenticate(authorization, admin)) return next();
       // The login form is the way in: showing it is no failure, nor is a session that ended (it was no guess).
       if (path === "/" && authorization === undefined) return c.html(LOGIN_HTML, 401, loginHeaders);
       return refused(clientOf(c), path, authorization, () =>
         path === "/" ? c.html(LOGIN_HTML, 401, loginHeaders) : c.text("unauthorized\n", 401, { "WWW-Authenticate": ADMIN_CHALLENGE }),
       );
     });
-    app.post(LOGIN_PATH, async (c) => {
-      const body = await smallBody(c.req.raw, LOGIN_BODY_LIMIT);
-      if (body === undefined) return c.text("request body too large\n", 413);
-      const token = new URLSearchParams(body).get("token") ?? "";
+    app.post(LOGIN_PATH, smallBody, async (c) => {
+      const token = new URLSearchParams(await c.req.text()).get("token") ?? "";
       if (!authenticateToken(token, admin)) return refused(clientOf(c), "login", token || undefined, () => c.html(LOGIN_HTML.replace("<!--message-->", LOGIN_FAILED), 401, loginHeaders));
       return toPage(c, sessions.start());
     });
     app.post(LOGOUT_PATH, (c) => {
-      sessions.end(cookieValue(c.req.header("cookie"), ADMIN_COOKIE));
+      sessions.end(getCookie(c, ADMIN_COOKIE));
       return toPage(c, undefined);
     });
   }
@@ -8626,7 +8631,7 @@ function createApp(ctx: AppContext) {
         return c.text("network not allowed for this token\n", 403);
       },
       admission: ctx.v86.admission,
-      data: (_grant, client): V86Data => ({ v86: true, network: name, peer: `${formatClient(client)}${shownOrigin}`, address: client.address }),
+      data: (grant, client): V86Data => ({ v86: true, network: name, grant, peer: `${formatClient(client)}${shownOrigin}`, address: client.address }),
     });
   });
   return app;
@@ -8653,8 +8658,8 @@ const LOCK_WAIT_MS = 5_000;
 const JOIN_PREFIX = "ER1";
 const JOIN_STRING = /^ER1([0-9a-f]{64})::(\S+)@([^@\s]+)$/;
 const JOIN_EXPECTED = `expected a join string ${JOIN_PREFIX}<SHA-256 hex>::TOKEN@HOST:PORT as a hub prints it`;
-/** The close code (application range) for a tunnel whose token was revoked. */
-const TUNNEL_REVOKED = 4401;
+/** The close code (application range) for a tunnel or v86 port whose token was revoked. */
+const TOKEN_REVOKED = 4401;
 
 /** DER: a tag, its length, then the content. */
 function der(tag: number, ...parts: Uint8Array[]): Uint8Array {
@@ -8998,12 +9003,10 @@ function watchHubTokens(dir: string, grants: Grant[], fixed: Grant[], revoked: (
 /** POST /invites {"networks": [...]}, GET /invites, DELETE /invites/ID: behind the admin token like every other route. */
 function mountInvites(app: Hono<{ Bindings: Server<SocketData> }>, dir: string): void {
   app.get("/invites", (c) => c.json(listInvites(dir)));
-  app.post("/invites", async (c) => {
-    const body = await smallBody(c.req.raw, LOGIN_BODY_LIMIT);
-    if (body === undefined) return c.text("request body too large\n", 413);
+  app.post("/invites", smallBody, async (c) => {
     let networks: unknown;
     try {
-      networks = JSON.parse(body)?.networks;
+      networks = JSON.parse(await c.req.text())?.networks;
     } catch {
       networks = undefined;
     }
@@ -9036,7 +9039,7 @@ function runHubCommand(flags: Record<string, string | true | string[]>, stateDir
         console.error(`edge-relay: ${option}: no token ${JSON.stringify(flags.revoke)} in ${stateDir} (see ${flagOf("invites")})`);
         return 2;
       }
-      console.log(`revoked ${flags.revoke}: a running hub closes its tunnels now`);
+      console.log(`revoked ${flags.revoke}: a running hub closes its tunnels and v86 ports now`);
     } else {
       for (const t of listInvites(stateDir)) console.log(`${t.id}\t${t.networks?.join(",") ?? "(every network)"}\t${t.created}`);
     }
@@ -9521,11 +9524,14 @@ function withHubState(config: Config): { config: Config; hub: HubState | undefin
   return { hub, config: { ...config, tlsCert: hub.cert, tlsKey: hub.key, adminToken: config.adminToken ?? hub.adminToken } };
 }
 
-/** --public-url: /invites on the app, and the hub's tokens file watched (SIGHUP reloads it; a revoked token's tunnels close). */
-function serveHub(app: ReturnType<typeof createApp>, hub: HubState, grants: Grant[], fixedGrants: Grant[], tunnels: TunnelServer, log: Logger, stoppers: Stoppers) {
+/** --public-url: /invites on the app, and the hub's tokens file watched (SIGHUP reloads it; a revoked token's tunnels and v86 ports close). */
+function serveHub(app: ReturnType<typeof createApp>, hub: HubState, grants: Grant[], fixedGrants: Grant[], servers: [TunnelServer, V86Server], log: Logger, stoppers: Stoppers) {
   mountInvites(app, hub.dir);
   const accepted = (grant: Grant) => grants.some((g) => Buffer.compare(g.digest, grant.digest) === 0);
-  const tokens = watchHubTokens(hub.dir, grants, fixedGrants, () => tunnels.closeUnaccepted(accepted, TUNNEL_REVOKED, "its token was revoked"), log);
+  const revoked = () => {
+    for (const server of servers) server.closeUnaccepted(accepted, TOKEN_REVOKED, "its token was revoked");
+  };
+  const tokens = watchHubTokens(hub.dir, grants, fixedGrants, revoked, log);
   stoppers.add(tokens.stop);
   return tokens;
 }
@@ -9581,7 +9587,7 @@ export async function startRelay(given: Config, log: Logger = consoleLogger, env
       grants, adminToken: config.adminToken, trustedProxies: trustedProxyList(config.trustedProxies), tls: config.tlsCert !== undefined,
       snapshot, backplaneState: () => backplane?.status.state, networks: () => registry.values(), gateways: () => gateways.values(), totals, counters, tunnels, v86, captures, impairments, log,
     });
-    if (hub) hubTokens = serveHub(app, hub, grants, fixedGrants, tunnels, log, stoppers);
+    if (hub) hubTokens = serveHub(app, hub, grants, fixedGrants, [tunnels, v86], log, stoppers);
     const [server, host] = serveHttp(config, app, tunnels, v86, hub !== undefined, log);
     stoppers.add(() => void server.stop(true));
     bound.push({ what: "http", address: `${config.tlsCert ? "https" : "http"}://${formatHostPort({ host, port: server.port! })}` });
