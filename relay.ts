@@ -136,7 +136,7 @@
  */
 
 import { chmodSync, chownSync, copyFileSync, existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, readlinkSync, realpathSync, renameSync, rmSync, statSync, unlinkSync, watch, writeFileSync } from "node:fs";
-import { BlockList, isIP, isIPv4, isIPv6 } from "node:net";
+import { BlockList, connect as tcpConnect, isIP, isIPv4, isIPv6, type Socket as NetSocket } from "node:net";
 import { basename, dirname, join, resolve as resolvePath } from "node:path";
 import { hostname, constants as osConstants } from "node:os";
 import { dlopen, FFIType, read } from "bun:ffi";
@@ -9051,19 +9051,49 @@ function runHubCommand(flags: Record<string, string | true | string[]>, stateDir
 }
 
 /**
+ * A TCP connection to `host`:`port` through an HTTP proxy's CONNECT (Basic credentials from its
+ * URL), for the pinned certificate's first look to take the road the tunnel takes. Undefined when
+ * the proxy cannot be reached or refuses: the dial that follows meets the same and says it.
+ */
+function connectThroughProxy(proxy: UplinkProxy, host: string, port: number, timeoutMs: number): Promise<NetSocket | undefined> {
+  const via = new URL(proxy.url);
+  const target = `${isIPv6(host) ? `[${host}]` : host}:${port}`;
+  const credentials = via.username === "" ? "" : `Proxy-Authorization: Basic ${Buffer.from(`${decodeURIComponent(via.username)}:${decodeURIComponent(via.password)}`).toString("base64")}\r\n`;
+  return new Promise((resolve) => {
+    const socket = tcpConnect({ host: urlHost(via), port: Number(via.port || 80) }, () => socket.write(`CONNECT ${target} HTTP/1.1\r\nHost: ${target}\r\n${credentials}\r\n`));
+    let head = "";
+    const fail = () => (socket.destroy(), resolve(undefined));
+    const onData = (chunk: Buffer) => {
+      head += chunk.toString("latin1");
+      const end = head.indexOf("\r\n\r\n");
+      if (end < 0) return head.length > 8192 ? fail() : undefined;
+      socket.off("data", onData).setTimeout(0);
+      // Nothing follows the head before the TLS handshake this side starts.
+      if (!/^HTTP\/1\.[01] 200/.test(head) || end + 4 !== head.length) return fail();
+      resolve(socket);
+    };
+    socket.on("data", onData).setTimeout(timeoutMs, fail).on("error", fail);
+  });
+}
+
+/**
  * Before each dial of a joined site: a self-signed certificate the hub presents becomes the CA the
  * dial trusts (the join string has its hash, not the certificate); one a CA signed cannot be its own
  * trust anchor and is left to the system's CAs (or --uplink-ca, when given this is not used). The
  * dial then checks the pin as --uplink-fingerprint always does, so another certificate is refused
- * with that wording. Once the pinned certificate is known it is kept: no other can replace it.
+ * with that wording. Once the pinned certificate is known it is kept: no other can replace it. With
+ * a proxy, the look goes through it as the tunnel does.
  */
 function learnPinnedCertificate(options: UplinkOptions): () => Promise<void> {
   const url = new URL(options.url);
   const host = urlHost(url);
-  return () =>
-    new Promise<void>((resolve) => {
-      if (options.ca !== undefined && new X509Certificate(options.ca.text).fingerprint256 === options.fingerprint) return resolve();
-      const socket = tlsConnect({ host, port: Number(url.port || 443), servername: isIP(host) ? undefined : host, rejectUnauthorized: false }, () => {
+  const port = Number(url.port || 443);
+  return async () => {
+    if (options.ca !== undefined && new X509Certificate(options.ca.text).fingerprint256 === options.fingerprint) return;
+    const proxied = options.proxy && (await connectThroughProxy(options.proxy, host, port, options.handshakeMs));
+    if (options.proxy && proxied === undefined) return;
+    await new Promise<void>((resolve) => {
+      const socket = tlsConnect({ host, port, socket: proxied, servername: isIP(host) ? undefined : host, rejectUnauthorized: false }, () => {
         const raw = socket.getPeerCertificate().raw;
         socket.destroy();
         const presented = raw && new X509Certificate(raw);
@@ -9075,6 +9105,7 @@ function learnPinnedCertificate(options: UplinkOptions): () => Promise<void> {
       // The dial that follows meets the same failure and says it in its words.
       socket.on("error", () => resolve());
     });
+  };
 }
 
 // ───────────────────────────── lifecycle ─────────────────────────────
