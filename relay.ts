@@ -137,7 +137,7 @@
  */
 
 import { chmodSync, chownSync, copyFileSync, existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, readlinkSync, realpathSync, renameSync, rmSync, statSync, unlinkSync, watch, writeFileSync } from "node:fs";
-import { BlockList, isIP, isIPv4, isIPv6 } from "node:net";
+import { BlockList, connect as tcpConnect, isIP, isIPv4, isIPv6, type Socket as NetSocket } from "node:net";
 import { basename, dirname, join, resolve as resolvePath } from "node:path";
 import { hostname, constants as osConstants } from "node:os";
 import { dlopen, FFIType, read } from "bun:ffi";
@@ -147,6 +147,8 @@ import type { Server, ServerWebSocket, Socket, udp } from "bun";
 import { credsAuthenticator, nkeyAuthenticator } from "@nats-io/nats-core";
 import dnsPacket from "dns-packet";
 import { Hono, type Context } from "hono";
+import { bodyLimit } from "hono/body-limit";
+import { deleteCookie, getCookie, setCookie } from "hono/cookie";
 import { getPath } from "hono/utils/url";
 import * as v from "valibot";
 import UNIT_TEMPLATE from "./deploy/edge-relay.service" with { type: "text" };
@@ -1912,7 +1914,7 @@ export const OPTIONS = {
   },
   invite: { arg: "NET[,NET…]", group: "hub", help: "print a join line for a new token limited to these networks\n(the hub in --state-dir) and exit" },
   invites: { group: "hub", help: "list the hub's tokens (id, networks; never the token) and exit" },
-  revoke: { arg: "ID", group: "hub", help: "revoke the token ID; a running hub closes its tunnels" },
+  revoke: { arg: "ID", group: "hub", help: "revoke the token ID; a running hub closes its tunnels and v86\nports" },
   installService: {
     group: "hub",
     help: "install this command (less this option) as the systemd service\nedge-relay: unit, binary, secrets in a 0600 environment file,\n--state-dir's files copied to /var/lib/edge-relay",
@@ -4044,6 +4046,25 @@ function makeGrants(tokens: Config["tokens"]): Grant[] {
   return tokens.map((t) => ({ digest: sha256(t.token), networks: t.networks && new Set(t.networks) }));
 }
 
+/**
+ * Closes the open sockets (tunnels, v86 ports) whose grant `accepted` no longer accepts, a revoked
+ * token's, with `code` and `reason` and a log line each; the others stay.
+ */
+function closeUnaccepted<D extends { grant: Grant; peer: string }>(
+  sockets: Iterable<ServerWebSocket<D>>,
+  accepted: (grant: Grant) => boolean,
+  code: number,
+  reason: string,
+  log: (line: string) => void,
+  name: (data: D) => string,
+): void {
+  for (const ws of sockets) {
+    if (accepted(ws.data.grant)) continue;
+    log(`${name(ws.data)} closed: ${reason}`);
+    ws.close(code, reason);
+  }
+}
+
 /** `authenticate` for a bare token (a v86 client's `?token=`); an empty or missing one matches nothing. */
 function authenticateToken(token: string | null | undefined, grants: Grant[]): Grant | undefined {
   const given = sha256(token ?? "");
@@ -4639,11 +4660,7 @@ class TunnelServer {
 
   /** Closes the tunnels whose token `accepted` no longer accepts (revoked), saying why; the others stay. */
   closeUnaccepted(accepted: (grant: Grant) => boolean, code: number, reason: string): void {
-    for (const ws of this.#sockets) {
-      if (accepted(ws.data.grant)) continue;
-      this.#log.info(`tunnel: ${ws.data.link?.peer ?? ws.data.peer} closed: ${reason}`);
-      ws.close(code, reason);
-    }
+    closeUnaccepted(this.#sockets, accepted, code, reason, this.#log.info, (data) => `tunnel: ${data.link?.peer ?? data.peer}`);
   }
 
   /** Attaches what the token allows, the limits permit and no loop forbids; answers every name. */
@@ -5319,6 +5336,7 @@ class V86Port extends Port {
 interface V86Data {
   v86: true;
   network: string;
+  grant: Grant;
   /** The client's address and port, and its Origin if it sent one: never the URL. */
   peer: string;
   address: string;
@@ -5343,6 +5361,7 @@ interface V86ServerOptions {
 class V86Server {
   readonly admission: AdmissionLimit;
   readonly #warn: (line: string) => void;
+  readonly #sockets = new Set<ServerWebSocket<V86Data>>();
 
   constructor(readonly options: V86ServerOptions) {
     this.#warn = rateLimitedLog(options.log.warn, 10, 10_000).log;
@@ -5361,6 +5380,7 @@ class V86Server {
     open: (ws: ServerWebSocket<V86Data>) => {
       const o = this.options;
       this.admission.opened(ws.data.address);
+      this.#sockets.add(ws);
       const network = o.networkForPeer(ws.data.network);
       if (!(network instanceof Network)) {
         this.#warn(`v86 ${ws.data.peer}: ${network.refused}; closing`);
@@ -5382,6 +5402,7 @@ class V86Server {
     },
     close: (ws: ServerWebSocket<V86Data>, code: number, reason: string) => {
       this.admission.closed(ws.data.address);
+      this.#sockets.delete(ws);
       const port = ws.data.port;
       if (port === undefined) return;
       port.closed();
@@ -5394,6 +5415,11 @@ class V86Server {
       port.network?.detach(port, malformed ?? (code === 1000 || code === 1001 || code === 1005 ? "peer closed" : `closed (${code}${shown})`));
     },
   };
+
+  /** Closes the v86 ports whose token `accepted` no longer accepts (revoked), saying why; the others stay. */
+  closeUnaccepted(accepted: (grant: Grant) => boolean, code: number, reason: string): void {
+    closeUnaccepted(this.#sockets, accepted, code, reason, this.options.log.info, (data) => `v86 ${V86_PATH}/${data.network} ${data.peer}`);
+  }
 }
 
 // ───────────────────────────── NATS client ─────────────────────────────
@@ -8407,8 +8433,8 @@ const LOCK_WAIT_MS = 5_000;
 const JOIN_PREFIX = "ER1";
 const JOIN_STRING = /^ER1([0-9a-f]{64})::(\S+)@([^@\s]+)$/;
 const JOIN_EXPECTED = `expected a join string ${JOIN_PREFIX}<SHA-256 hex>::TOKEN@HOST:PORT as a hub prints it`;
-/** The close code (application range) for a tunnel whose token was revoked. */
-const TUNNEL_REVOKED = 4401;
+/** The close code (application range) for a tunnel or v86 port whose token was revoked. */
+const TOKEN_REVOKED = 4401;
 
 /** DER: a tag, its length, then the content. */
 function der(tag: number, ...parts: Uint8Array[]): Uint8Array {
@@ -8750,19 +8776,49 @@ function watchHubTokens(dir: string, grants: Grant[], fixed: Grant[], revoked: (
 }
 
 /**
+ * A TCP connection to `host`:`port` through an HTTP proxy's CONNECT (Basic credentials from its
+ * URL), for the pinned certificate's first look to take the road the tunnel takes. Undefined when
+ * the proxy cannot be reached or refuses: the dial that follows meets the same and says it.
+ */
+function connectThroughProxy(proxy: UplinkProxy, host: string, port: number, timeoutMs: number): Promise<NetSocket | undefined> {
+  const via = new URL(proxy.url);
+  const target = `${isIPv6(host) ? `[${host}]` : host}:${port}`;
+  const credentials = via.username === "" ? "" : `Proxy-Authorization: Basic ${Buffer.from(`${decodeURIComponent(via.username)}:${decodeURIComponent(via.password)}`).toString("base64")}\r\n`;
+  return new Promise((resolve) => {
+    const socket = tcpConnect({ host: urlHost(via), port: Number(via.port || 80) }, () => socket.write(`CONNECT ${target} HTTP/1.1\r\nHost: ${target}\r\n${credentials}\r\n`));
+    let head = "";
+    const fail = () => (socket.destroy(), resolve(undefined));
+    const onData = (chunk: Buffer) => {
+      head += chunk.toString("latin1");
+      const end = head.indexOf("\r\n\r\n");
+      if (end < 0) return head.length > 8192 ? fail() : undefined;
+      socket.off("data", onData).setTimeout(0);
+      // Nothing follows the head before the TLS handshake this side starts.
+      if (!/^HTTP\/1\.[01] 200/.test(head) || end + 4 !== head.length) return fail();
+      resolve(socket);
+    };
+    socket.on("data", onData).setTimeout(timeoutMs, fail).on("error", fail);
+  });
+}
+
+/**
  * Before each dial of a joined site: a self-signed certificate the hub presents becomes the CA the
  * dial trusts (the join string has its hash, not the certificate); one a CA signed cannot be its own
  * trust anchor and is left to the system's CAs (or --uplink-ca, when given this is not used). The
  * dial then checks the pin as --uplink-fingerprint always does, so another certificate is refused
- * with that wording. Once the pinned certificate is known it is kept: no other can replace it.
+ * with that wording. Once the pinned certificate is known it is kept: no other can replace it. With
+ * a proxy, the look goes through it as the tunnel does.
  */
 function learnPinnedCertificate(options: UplinkOptions): () => Promise<void> {
   const url = new URL(options.url);
   const host = urlHost(url);
-  return () =>
-    new Promise<void>((resolve) => {
-      if (options.ca !== undefined && new X509Certificate(options.ca.text).fingerprint256 === options.fingerprint) return resolve();
-      const socket = tlsConnect({ host, port: Number(url.port || 443), servername: isIP(host) ? undefined : host, rejectUnauthorized: false }, () => {
+  const port = Number(url.port || 443);
+  return async () => {
+    if (options.ca !== undefined && new X509Certificate(options.ca.text).fingerprint256 === options.fingerprint) return;
+    const proxied = options.proxy && (await connectThroughProxy(options.proxy, host, port, options.handshakeMs));
+    if (options.proxy && proxied === undefined) return;
+    await new Promise<void>((resolve) => {
+      const socket = tlsConnect({ host, port, socket: proxied, servername: isIP(host) ? undefined : host, rejectUnauthorized: false }, () => {
         const raw = socket.getPeerCertificate().raw;
         socket.destroy();
         const presented = raw && new X509Certificate(raw);
@@ -8774,6 +8830,7 @@ function learnPinnedCertificate(options: UplinkOptions): () => Promise<void> {
       // The dial that follows meets the same failure and says it in its words.
       socket.on("error", () => resolve());
     });
+  };
 }
 
 // ───────────────────────────── HTTP app ─────────────────────────────
@@ -8841,27 +8898,8 @@ function documentHeaders(html: string): Record<string, string> {
   };
 }
 
-/** A cookie's value from a Cookie header; undefined when it is not there. */
-function cookieValue(header: string | undefined, name: string): string | undefined {
-  for (const part of (header ?? "").split(";")) {
-    const eq = part.indexOf("=");
-    if (eq >= 0 && part.slice(0, eq).trim() === name) return part.slice(eq + 1).trim();
-  }
-  return undefined;
-}
-
-/** A small request body as text; undefined when it is longer than `limit` bytes. */
-async function smallBody(request: Request, limit: number): Promise<string | undefined> {
-  if (!request.body) return "";
-  const chunks: Uint8Array[] = [];
-  let size = 0;
-  for await (const chunk of request.body) {
-    size += chunk.length;
-    if (size > limit) return undefined;
-    chunks.push(chunk);
-  }
-  return new TextDecoder().decode(Buffer.concat(chunks));
-}
+/** The login form and /invites take small bodies only; a longer one is answered 413 unread. */
+const smallBody = bodyLimit({ maxSize: LOGIN_BODY_LIMIT, onError: (c) => c.text("request body too large\n", 413) });
 
 /** A request's query; Bun leaves the URL of one without a Host header as the bare path, and Hono's own reader misses its query. */
 function searchOf(request: Request): URLSearchParams {
@@ -8956,36 +8994,34 @@ function createApp(ctx: AppContext) {
     const admin = makeGrants([{ token: ctx.adminToken, networks: undefined }]);
     const sessions = new AdminSessions();
     const loginHeaders = { ...documentHeaders(LOGIN_HTML), "WWW-Authenticate": ADMIN_CHALLENGE };
-    const secure = ctx.tls ? "; Secure" : "";
+    const cookie = { path: "/", httpOnly: true, sameSite: "Strict", secure: ctx.tls } as const;
     /** A 303 back to the page that sets the session cookie (or clears it), and clears a token cookie of old. */
-    const toPage = (c: { req: { header(name: string): string | undefined } }, session: string | undefined) => {
-      const headers = new Headers({ Location: "./", "Cache-Control": "no-store" });
-      const age = session === undefined ? 0 : ADMIN_SESSION_SECONDS;
-      headers.append("Set-Cookie", `${ADMIN_COOKIE}=${session ?? ""}; Path=/; Max-Age=${age}; HttpOnly; SameSite=Strict${secure}`);
-      if (cookieValue(c.req.header("cookie"), TOKEN_COOKIE) !== undefined) headers.append("Set-Cookie", `${TOKEN_COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict${secure}`);
-      return new Response(null, { status: 303, headers });
+    const toPage = (c: Context, session: string | undefined) => {
+      if (session === undefined) deleteCookie(c, ADMIN_COOKIE, cookie);
+      else setCookie(c, ADMIN_COOKIE, session, { ...cookie, maxAge: ADMIN_SESSION_SECONDS });
+      if (getCookie(c, TOKEN_COOKIE) !== undefined) deleteCookie(c, TOKEN_COOKIE, cookie);
+      c.header("Cache-Control", "no-store");
+      return c.redirect("./", 303);
     };
     app.use("*", async (c, next) => {
       const path = c.req.path;
       if (path === TUNNEL_PATH || path.startsWith(`${V86_PATH}/`) || path === "/healthz" || c.req.method === "OPTIONS") return next();
       if ((path === LOGIN_PATH || path === LOGOUT_PATH) && c.req.method === "POST") return next();
       const authorization = c.req.header("authorization");
-      if (authorization === undefined ? sessions.valid(cookieValue(c.req.header("cookie"), ADMIN_COOKIE)) : authenticate(authorization, admin)) return next();
+      if (authorization === undefined ? sessions.valid(getCookie(c, ADMIN_COOKIE)) : authenticate(authorization, admin)) return next();
       // The login form is the way in: showing it is no failure, nor is a session that ended (it was no guess).
       if (path === "/" && authorization === undefined) return c.html(LOGIN_HTML, 401, loginHeaders);
       return refused(clientOf(c), path, authorization, () =>
         path === "/" ? c.html(LOGIN_HTML, 401, loginHeaders) : c.text("unauthorized\n", 401, { "WWW-Authenticate": ADMIN_CHALLENGE }),
       );
     });
-    app.post(LOGIN_PATH, async (c) => {
-      const body = await smallBody(c.req.raw, LOGIN_BODY_LIMIT);
-      if (body === undefined) return c.text("request body too large\n", 413);
-      const token = new URLSearchParams(body).get("token") ?? "";
+    app.post(LOGIN_PATH, smallBody, async (c) => {
+      const token = new URLSearchParams(await c.req.text()).get("token") ?? "";
       if (!authenticateToken(token, admin)) return refused(clientOf(c), "login", token || undefined, () => c.html(LOGIN_HTML.replace("<!--message-->", LOGIN_FAILED), 401, loginHeaders));
       return toPage(c, sessions.start());
     });
     app.post(LOGOUT_PATH, (c) => {
-      sessions.end(cookieValue(c.req.header("cookie"), ADMIN_COOKIE));
+      sessions.end(getCookie(c, ADMIN_COOKIE));
       return toPage(c, undefined);
     });
   }
@@ -9100,7 +9136,7 @@ function createApp(ctx: AppContext) {
         return c.text("network not allowed for this token\n", 403);
       },
       admission: ctx.v86.admission,
-      data: (_grant, client): V86Data => ({ v86: true, network: name, peer: `${formatClient(client)}${shownOrigin}`, address: client.address }),
+      data: (grant, client): V86Data => ({ v86: true, network: name, grant, peer: `${formatClient(client)}${shownOrigin}`, address: client.address }),
     });
   });
   return app;
@@ -9109,12 +9145,10 @@ function createApp(ctx: AppContext) {
 /** POST /invites {"networks": [...]}, GET /invites, DELETE /invites/ID: behind the admin token like every other route. */
 function mountInvites(app: Hono<{ Bindings: Server<SocketData> }>, dir: string): void {
   app.get("/invites", (c) => c.json(listInvites(dir)));
-  app.post("/invites", async (c) => {
-    const body = await smallBody(c.req.raw, LOGIN_BODY_LIMIT);
-    if (body === undefined) return c.text("request body too large\n", 413);
+  app.post("/invites", smallBody, async (c) => {
     let networks: unknown;
     try {
-      networks = JSON.parse(body)?.networks;
+      networks = JSON.parse(await c.req.text())?.networks;
     } catch {
       networks = undefined;
     }
@@ -9575,11 +9609,14 @@ function withHubState(config: Config): { config: Config; hub: HubState | undefin
   return { hub, config: { ...config, tlsCert: hub.cert, tlsKey: hub.key, adminToken: config.adminToken ?? hub.adminToken } };
 }
 
-/** --public-url: /invites on the app, and the hub's tokens file watched (SIGHUP reloads it; a revoked token's tunnels close). */
-function serveHub(app: ReturnType<typeof createApp>, hub: HubState, grants: Grant[], fixedGrants: Grant[], tunnels: TunnelServer, log: Logger, stoppers: Stoppers) {
+/** --public-url: /invites on the app, and the hub's tokens file watched (SIGHUP reloads it; a revoked token's tunnels and v86 ports close). */
+function serveHub(app: ReturnType<typeof createApp>, hub: HubState, grants: Grant[], fixedGrants: Grant[], servers: [TunnelServer, V86Server], log: Logger, stoppers: Stoppers) {
   mountInvites(app, hub.dir);
   const accepted = (grant: Grant) => grants.some((g) => Buffer.compare(g.digest, grant.digest) === 0);
-  const tokens = watchHubTokens(hub.dir, grants, fixedGrants, () => tunnels.closeUnaccepted(accepted, TUNNEL_REVOKED, "its token was revoked"), log);
+  const revoked = () => {
+    for (const server of servers) server.closeUnaccepted(accepted, TOKEN_REVOKED, "its token was revoked");
+  };
+  const tokens = watchHubTokens(hub.dir, grants, fixedGrants, revoked, log);
   stoppers.add(tokens.stop);
   return tokens;
 }
@@ -9635,7 +9672,7 @@ export async function startRelay(given: Config, log: Logger = consoleLogger, env
       grants, adminToken: config.adminToken, trustedProxies: trustedProxyList(config.trustedProxies), tls: config.tlsCert !== undefined,
       snapshot, backplaneState: () => backplane?.status.state, networks: () => registry.values(), gateways: () => gateways.values(), totals, counters, tunnels, v86, captures, impairments, log,
     });
-    if (hub) hubTokens = serveHub(app, hub, grants, fixedGrants, tunnels, log, stoppers);
+    if (hub) hubTokens = serveHub(app, hub, grants, fixedGrants, [tunnels, v86], log, stoppers);
     const [server, host] = serveHttp(config, app, tunnels, v86, hub !== undefined, log);
     stoppers.add(() => void server.stop(true));
     bound.push({ what: "http", address: `${config.tlsCert ? "https" : "http"}://${formatHostPort({ host, port: server.port! })}` });
@@ -10628,7 +10665,7 @@ function runHubCommand(flags: Flags, stateDir: string | undefined, program: stri
         console.error(`edge-relay: ${option}: no token ${JSON.stringify(flags.revoke)} in ${stateDir} (see ${flagOf("invites")})`);
         return 2;
       }
-      console.log(`revoked ${flags.revoke}: a running hub closes its tunnels now`);
+      console.log(`revoked ${flags.revoke}: a running hub closes its tunnels and v86 ports now`);
     } else {
       for (const t of listInvites(stateDir)) console.log(`${t.id}\t${t.networks?.join(",") ?? "(every network)"}\t${t.created}`);
     }

@@ -81,7 +81,7 @@ describe("admin sessions", () => {
     expect([first.status, first.headers.get("location")]).toEqual([303, "./"]);
     const cookies = first.headers.getSetCookie();
     expect(cookies).toHaveLength(1);
-    expect(cookies[0]).toMatch(new RegExp(`^${ADMIN_COOKIE}=[A-Za-z0-9_-]{43}; Path=/; Max-Age=43200; HttpOnly; SameSite=Strict$`));
+    expect(cookies[0]).toMatch(new RegExp(`^${ADMIN_COOKIE}=[A-Za-z0-9_-]{43}; Max-Age=43200; Path=/; HttpOnly; SameSite=Strict$`));
     expect(cookies[0]).not.toContain(ADMIN);
     const id = sessionOf(first)!;
     const second = sessionOf(await login(relay, ADMIN));
@@ -96,8 +96,8 @@ describe("admin sessions", () => {
     expect([out.status, out.headers.get("location")]).toEqual([303, "./"]);
     // The session's cookie goes, and so does an old token cookie the browser still had.
     expect(out.headers.getSetCookie()).toEqual([
-      `${ADMIN_COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict`,
-      "edge_relay_admin=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict",
+      `${ADMIN_COOKIE}=; Max-Age=0; Path=/; HttpOnly; SameSite=Strict`,
+      "edge_relay_admin=; Max-Age=0; Path=/; HttpOnly; SameSite=Strict",
     ]);
     // An ended session is refused, and its polls are no guesses: they never lead to 429.
     for (let i = 0; i < 15; i++) expect((await get(relay, "/status", { Cookie: `${ADMIN_COOKIE}=${id}` })).status).toBe(401);

@@ -120,7 +120,7 @@ describe("one-command hub and join lines", () => {
     expect(impostor.stdout()).not.toMatch(/tunnel: .* attached/);
   });
 
-  test("an invite limited to lab attaches lab only; revoking it closes that site's tunnel and no other; the API makes, lists and revokes invites; SIGHUP reloads", async () => {
+  test("an invite limited to lab attaches lab only; revoking it closes that site's tunnel and a browser VM's v86 port opened with it, and no other; the API makes, lists and revokes invites; SIGHUP reloads", async () => {
     await using dir = await tempDir();
     const state = `${dir.path}/state`;
     const port = await freePort();
@@ -140,11 +140,29 @@ describe("one-command hub and join lines", () => {
     expect((await everything.status()).uplink.networks.toSorted()).toEqual(["dev", "lab"]);
     await exchangeFrames(everything, labOnly, "lab", "invited");
 
+    // Browser VMs' v86 ports on lab, one opened with the invite's token and one with the site token.
+    const v86 = async (joinString: string) => {
+      const token = joinString.split("::")[1]!.split("@")[0]!;
+      const ws = new WebSocket(`wss://localhost:${port}/v86/lab?token=${encodeURIComponent(token)}`, { tls: { ca: hub.cert } } as any);
+      const closed = new Promise<{ code: number; reason: string }>((done) => ws.addEventListener("close", (e) => done({ code: e.code, reason: e.reason })));
+      await new Promise((opened, failed) => {
+        ws.addEventListener("open", opened);
+        ws.addEventListener("error", failed);
+      });
+      return { ws, closed };
+    };
+    const invitedVm = await v86(join);
+    const siteVm = await v86(printedSiteLine(hub).at(-1)!);
+
     const listed = await runCli(["--state-dir", state, "--invites"]);
     expect(listed.stdout).toMatch(new RegExp(`^site\\t\\(every network\\)\\t\\S+\\n${id}\\tlab\\t\\S+\\n$`));
-    expect(await runCli(["--state-dir", state, "--revoke", id])).toEqual({ stdout: `revoked ${id}: a running hub closes its tunnels now\n`, stderr: "", code: 0 });
+    expect(await runCli(["--state-dir", state, "--revoke", id])).toEqual({ stdout: `revoked ${id}: a running hub closes its tunnels and v86 ports now\n`, stderr: "", code: 0 });
     await waitUntil(async () => (await labOnly.status()).uplink.state === "down", "the invited site's tunnel closed");
     await hub.waitForLine(/tunnel: .* closed: its token was revoked/);
+    expect(await invitedVm.closed).toEqual({ code: 4401, reason: "its token was revoked" });
+    await hub.waitForLine(/^v86 \/v86\/lab 127\.0\.0\.1:\d+ closed: its token was revoked$/m);
+    expect(siteVm.ws.readyState).toBe(WebSocket.OPEN);
+    siteVm.ws.close();
     await waitUntil(async () => /the hub refused the token \(401\)/.test((await labOnly.status()).uplink.lastError ?? ""), "the invited site refused at its redial");
     const kept = (await everything.status()).uplink;
     expect({ state: kept.state, connects: kept.connects }).toEqual({ state: "up", connects: 1 });
@@ -458,7 +476,7 @@ describe("tokens.json writers", () => {
     await using dir = await tempDir();
     openHubState(dir.path, "wss://localhost:8443");
     expect(existsSync(`${dir.path}/site-join`)).toBe(true);
-    expect(await runCli(["--state-dir", dir.path, "--revoke", "site"])).toEqual({ stdout: "revoked site: a running hub closes its tunnels now\n", stderr: "", code: 0 });
+    expect(await runCli(["--state-dir", dir.path, "--revoke", "site"])).toEqual({ stdout: "revoked site: a running hub closes its tunnels and v86 ports now\n", stderr: "", code: 0 });
     expect(existsSync(`${dir.path}/site-join`)).toBe(false);
     const again = openHubState(dir.path, "wss://localhost:8443");
     expect({ join: again.join, file: existsSync(`${dir.path}/site-join`) }).toEqual({ join: "", file: false });

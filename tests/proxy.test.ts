@@ -207,6 +207,38 @@ describe("uplink through an HTTP proxy (tinyproxy)", () => {
     expect(c.stdout()).toContain(`through the proxy ${via} (--uplink-proxy)`);
   });
 
+  test("a joined site behind a proxy takes its first look at the hub's certificate through the proxy too, with the proxy's credentials", async () => {
+    await using dir = await tempDir();
+    const port = await freePort();
+    await using hub = await spawnRelay(["--public-url", `wss://localhost:${port}`, "--state-dir", `${dir.path}/hub`, "--http", `127.0.0.1:${port}`]);
+    const join = (await Bun.file(`${dir.path}/hub/site-join`).text()).trim();
+    await using proxy = await tinyproxy(dir.path, [port], { user: "alice", password: PASSWORD });
+    const connects = () => proxy.log().split(`CONNECT localhost:${port} HTTP/1.1`).length - 1;
+    await using site = await spawnRelay(
+      ["--join", join, "--uplink-proxy", `http://alice:${PASSWORD}@127.0.0.1:${proxy.port}`, "--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0"],
+      { env: CLEAN },
+    );
+    await uplinkUp(site);
+    // One CONNECT for the look at the certificate, one for the tunnel: nothing went to the hub directly.
+    await waitUntil(async () => connects() >= 2, "tinyproxy logged both CONNECTs");
+    expect(connects()).toBe(2);
+    const [ca, admin] = await Promise.all([Bun.file(`${dir.path}/hub/hub-cert.pem`).text(), Bun.file(`${dir.path}/hub/admin-token`).text()]);
+    const status = () => fetch(`https://localhost:${port}/status`, { headers: { Authorization: `Bearer ${admin.trim()}` }, tls: { ca } } as RequestInit).then((r) => r.json());
+    expect(await ownerOf(await tunnelSourcePort({ status }), port)).toBe(proxy.pid);
+    expect(hub.stdout()).toMatch(/tunnel: .* attached/);
+    for (const text of [site.stdout(), site.stderr(), JSON.stringify(await site.status())]) expect(text).not.toContain(PASSWORD);
+
+    // A proxy that refuses the look refuses the dial too, which says so in its words.
+    await using refused = await spawnRelay(["--join", join, "--uplink-proxy", `http://alice:wrong-pa55word@127.0.0.1:${proxy.port}`, "--http", "127.0.0.1:0"], { env: CLEAN });
+    const uplink = await waitUntil(async () => {
+      const u = (await refused.status()).uplink;
+      return u.attempts >= 1 && u.lastError !== undefined && u;
+    }, "a refused dial");
+    expect({ state: uplink.state, connects: uplink.connects }).toEqual({ state: "down", connects: 0 });
+    expect(uplink.lastError).toMatch(new RegExp(`Proxy .*40[17] .*\\(through the proxy http://127\\.0\\.0\\.1:${proxy.port}\\)$`));
+    expect(`${JSON.stringify(uplink)}${refused.stdout()}${refused.stderr()}`).not.toContain("wrong-pa55word");
+  });
+
   test("a bad proxy setting, given or from the environment, is a config error: exit 2 naming the setting, never its value", async () => {
     const secret = "leaky-pa55word-0bb1";
     const base = ["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--uplink", "ws://127.0.0.1:9", "--uplink-token", TOKEN];
