@@ -55,12 +55,13 @@
  *
  * - public API            the wire constants, the config and log types, and the handle startRelay returns
  * - basics                one-line errors, rate-limited logs, the redial skeleton, addresses
- * - impairment            link impairment in netem's words: the grammar, and the engine in front of a port
+ * - impairment            link impairment in netem's words: the grammar, the engine in front of a port, the table by target
  * - config values         valibot schemas for one option's value: endpoints, files, secrets, sizes
  * - DHCP options          --dhcp and --dhcp-host: a network's subnet, gateway, pool, domain and reservations
  * - option table          OPTIONS: one entry per option drives the schema, the CLI, --help and config keys
  * - framing               QEMU's stream framing, the tunnel's messages, MAC addresses: pure codecs
- * - ports & flow control  Port, the one interface every kind of link is, and 802.3x-style pausing
+ * - system                libc through bun:ffi: unix socket paths and calls, the open-file limit
+ * - ports & flow control  Port, the one interface every kind of link is, 802.3x-style pausing, totals per kind
  * - switch                Network: a learning Ethernet switch per named network, with loop probes
  * - capture               pcapng of a network's traffic: live (GET /capture) or to rotating files
  * - auth & admission      tokens, the failed-login throttle, connection limits, the relay's counters
@@ -74,11 +75,11 @@
  * - DHCP packets          the wire formats the gateway host reads and writes: IPv4, UDP, ARP, DHCP, DNS names
  * - gateway host          --dhcp: the relay's own host on a network: ARP, ping, DHCP leases and DNS for them
  * - status & metrics      the shape of GET /status (its assembly is lifecycle's buildSnapshot) and GET /metrics
- * - HTTP app              the routes on the one Bun.serve: admin pages and data, captures, impairments, upgrades
  * - hub state             --public-url and --join: the hub's certificate, tokens and invites; join strings
+ * - HTTP app              the routes on the one Bun.serve: admin pages and data, captures, impairments, invites, upgrades
  * - lifecycle             startRelay: the composition root, and the registry of networks
  * - page assets           the status page and the login form, byte for byte
- * - CLI                   the command line: flags against the option table, --help, QEMU hints, --install-service, main
+ * - CLI                   the command line: flags against the option table, --help, QEMU hints, --invite and --revoke, --install-service, main
  *
  * ## The life of a frame
  *
@@ -484,12 +485,34 @@ function canonicalIp(host: string): string {
   return host.includes(":") ? new URL(`http://[${host}]`).hostname.slice(1, -1) : host;
 }
 
+/** Six hex pairs split by `:` (or `-`, as Windows writes them), either case. */
+const MAC_TEXT = /^[0-9a-f]{2}(?:[:-][0-9a-f]{2}){5}$/i;
+
+/**
+ * A MAC written as text, `52:54:00:12:34:56`, as the number macKey (framing) makes of its bytes;
+ * undefined when it is not one. Numbers, not strings, are what the switch compares. @internal
+ */
+export function parseMac(text: string): number | undefined {
+  return MAC_TEXT.test(text) ? parseInt(text.replace(/[:-]/g, ""), 16) : undefined;
+}
+
+/** A MAC's number as text: `52:54:00:12:34:56`. @internal */
+export function formatMac(key: number): string {
+  return key.toString(16).padStart(12, "0").replace(/(..)(?!$)/g, "$1:");
+}
+
+/** A group (multicast or broadcast) MAC: the low bit of its first byte. */
+function isGroupMac(key: number): boolean {
+  return Math.floor(key / 0x100_0000_0000) % 2 === 1;
+}
+
 // ───────────────────────────── impairment ─────────────────────────────
 //
 // `delay 40ms 5ms loss 0.1%` means what it means to Linux netem, and the engine follows netem's own
 // order: duplicate, then loss, then corrupt, then reorder or delay (and rate). One timer per
 // impairment drains a heap ordered by release time; the clock is injectable (ImpairmentClock), so
 // tests drive time instead of sleeping. Random draws are seeded (sfc32) when the spec gives a seed.
+// ImpairmentTable gives each port, per direction, the most specific target's impairment.
 
 /** How jitter spreads around the delay: netem's built-in uniform, or one of its tables. */
 type DelayDistribution = "uniform" | "normal" | "pareto" | "paretonormal";
@@ -1121,6 +1144,63 @@ export class Impairment {
   }
 }
 
+/**
+ * The relay's link impairments by target: each port gets its own Impairment (its own queue and
+ * timer) for each direction a target names; the most specific target wins (a port id, then
+ * `uplink:NET`, then `uplink`, then `NET`).
+ */
+class ImpairmentTable {
+  readonly #entries = new Map<string, { target: ImpairTarget; spec: ImpairmentSpec }>();
+
+  constructor(private readonly ports: () => Iterable<Port>) {}
+
+  set(text: string, spec: ImpairmentSpec | undefined): boolean {
+    const target = parseImpairTarget(text);
+    if (target === undefined) throw new RangeError(`Cannot impair ${JSON.stringify(text)}: expected uplink[:NET][:in|:out], NET, or a port id like lab/qemu-listen-1[:in|:out]`);
+    const had = this.#entries.delete(text);
+    if (spec !== undefined) this.#entries.set(text, { target, spec });
+    for (const port of this.ports()) this.apply(port);
+    return had;
+  }
+
+  #rank(target: ImpairTarget, port: Port): number {
+    const network = port.network?.name;
+    if (target.kind === "port") return target.port === port.id ? 4 : 0;
+    if (target.kind === "uplink") return port.kind !== "uplink" ? 0 : target.network === undefined ? 2 : target.network === network ? 3 : 0;
+    return target.network === network ? 1 : 0;
+  }
+
+  apply(port: Port): void {
+    for (const direction of ["in", "out"] as const) {
+      let best: { rank: number; spec: ImpairmentSpec } | undefined;
+      for (const { target, spec } of this.#entries.values()) {
+        const rank = target.directions.includes(direction) ? this.#rank(target, port) : 0;
+        if (rank > 0 && rank > (best?.rank ?? 0)) best = { rank, spec };
+      }
+      port.impair(direction, best?.spec);
+    }
+  }
+
+  /** Status: each profile, the ports it applies to now, and its counters summed over them. */
+  snapshot() {
+    // Without impairments, no walk over every port (status and metrics ask each time).
+    if (this.#entries.size === 0) return [];
+    const ports = [...this.ports()];
+    return [...this.#entries].map(([text, { spec }]) => {
+      const counters: ImpairmentCounters = { delayed: 0, lost: 0, duplicated: 0, reordered: 0, corrupted: 0, rateDropped: 0, queued: 0 };
+      const on: string[] = [];
+      for (const port of ports) {
+        for (const [direction, impairment] of [["in", port.impairIn], ["out", port.impairOut]] as const) {
+          if (impairment?.spec !== spec) continue;
+          on.push(`${port.id}:${direction}`);
+          for (const key of Object.keys(counters) as (keyof ImpairmentCounters)[]) counters[key] += impairment.counters[key];
+        }
+      }
+      return { target: text, spec: formatImpairment(spec), ports: on, ...counters };
+    });
+  }
+}
+
 // ───────────────────────────── config values ─────────────────────────────
 //
 // Each schema checks and converts one value and says what it expected in words, never quoting the
@@ -1269,6 +1349,33 @@ function list<S extends v.GenericSchema>(item: S, shape: string) {
   return v.optional(v.array(item, `expected an array of ${shape}`), []);
 }
 
+/**
+ * A list option each of whose values may list several items separated by commas (`--trusted-proxy
+ * 10.0.0.0/8,::1`): the items of every value in order, each checked by `item`, whose message is the
+ * option's. An empty item (a stray comma) is refused, saying what one looks like (`one`).
+ */
+function commaList<T>(item: v.GenericSchema<string, T>, one: string, many: string) {
+  return v.optional(
+    v.pipe(
+      v.array(v.string(`expected ${one}`), `expected an array of ${many}`),
+      v.rawTransform(({ dataset, addIssue, NEVER }) => {
+        const items: T[] = [];
+        for (const text of dataset.value.flatMap((value) => value.split(",")).map((text) => text.trim())) {
+          const result = text === "" ? undefined : v.safeParse(item, text);
+          if (result?.success) {
+            items.push(result.output);
+            continue;
+          }
+          addIssue({ message: result?.issues[0].message ?? `expected ${one}, got an empty value` });
+          return NEVER;
+        }
+        return items;
+      }),
+    ),
+    [],
+  );
+}
+
 /** Tokens shorter than this are refused at start. */
 const MIN_TOKEN_LENGTH = 16;
 
@@ -1406,25 +1513,20 @@ export function parseCidr(text: string): Cidr | undefined {
   return prefix <= bits ? { address: m[1]!, prefix, family: version === 4 ? "ipv4" : "ipv6" } : undefined;
 }
 
-/** --trusted-proxy: repeatable, and each may list several ranges separated by commas. */
-const TrustedProxies = v.optional(
-  v.pipe(
-    v.array(v.string("expected CIDR"), "expected an array of CIDR ranges"),
-    v.rawTransform(({ dataset, addIssue, NEVER }) => {
-      const ranges: Cidr[] = [];
-      for (const text of dataset.value.flatMap((t) => t.split(",")).map((t) => t.trim())) {
-        const range = parseCidr(text);
-        if (range === undefined) {
-          addIssue({ message: `expected an address or a CIDR range like 10.0.0.0/8 or fd00::/8, got ${JSON.stringify(text)}` });
-          return NEVER;
-        }
-        ranges.push(range);
-      }
-      return ranges;
-    }),
-  ),
-  [],
+const CIDR_EXPECTED = "an address or a CIDR range like 10.0.0.0/8 or fd00::/8";
+
+const CidrRange = v.pipe(
+  v.string(),
+  v.rawTransform(({ dataset, addIssue, NEVER }) => {
+    const range = parseCidr(dataset.value);
+    if (range !== undefined) return range;
+    addIssue({ message: `expected ${CIDR_EXPECTED}, got ${JSON.stringify(dataset.value)}` });
+    return NEVER;
+  }),
 );
+
+/** --trusted-proxy: repeatable, and each may list several ranges separated by commas. */
+const TrustedProxies = commaList(CidrRange, CIDR_EXPECTED, "CIDR ranges");
 
 /**
  * Why a --backplane server is not one. A refused value is never quoted: credentials may hide in any
@@ -1436,27 +1538,16 @@ function backplaneUrlProblem(text: string): string | undefined {
   return `expected nats://HOST:PORT or tls://HOST:PORT; credentials go in ${flagOf("backplaneToken")} or ${flagOf("backplaneCreds")}, not the URL`;
 }
 
-/** --backplane: repeatable, and each may list several servers separated by commas. */
-const BackplaneServers = v.optional(
-  v.pipe(
-    v.array(v.string("expected nats://HOST:PORT"), "expected an array of nats://HOST:PORT URLs"),
-    v.rawTransform(({ dataset, addIssue, NEVER }) => {
-      if (dataset.value.some((text) => text.trim() === "")) {
-        addIssue({ message: "expected nats://HOST:PORT, got an empty value" });
-        return NEVER;
-      }
-      const urls = dataset.value.flatMap((text) => text.split(",")).map((text) => text.trim()).filter((text) => text !== "");
-      for (const text of urls) {
-        const problem = backplaneUrlProblem(text);
-        if (problem === undefined) continue;
-        addIssue({ message: problem });
-        return NEVER;
-      }
-      return urls;
-    }),
-  ),
-  [],
+const BackplaneServer = v.pipe(
+  v.string(),
+  v.rawCheck(({ dataset, addIssue }) => {
+    const problem = dataset.typed ? backplaneUrlProblem(dataset.value) : undefined;
+    if (problem !== undefined) addIssue({ message: problem });
+  }),
 );
+
+/** --backplane: repeatable, and each may list several servers separated by commas. */
+const BackplaneServers = commaList(BackplaneServer, "nats://HOST:PORT", "nats://HOST:PORT URLs");
 
 /** What signs the NATS server's nonce for a credentials file or an NKey seed. */
 function natsAuthenticator(creds: { kind: "creds" | "seed"; text: string }): (nonce?: string) => unknown {
@@ -1509,6 +1600,16 @@ function ipv4Text(n: number): string {
   return `${n >>> 24}.${(n >>> 16) & 255}.${(n >>> 8) & 255}.${n & 255}`;
 }
 
+/**
+ * Where `address` stands in the subnet `base/prefix` (`base` its network address): a "host" address,
+ * an "edge" (the network or the broadcast address, which no host may have), or "outside" it.
+ */
+function placeInSubnet(base: number, prefix: number, address: number): "host" | "edge" | "outside" {
+  const size = 2 ** (32 - prefix);
+  if (address < base || address >= base + size) return "outside";
+  return address === base || address === base + size - 1 ? "edge" : "host";
+}
+
 /** The most addresses one pool may hold: allocation walks the pool, and a lease table is kept per address. */
 const DHCP_MAX_POOL = 65_536;
 const DURATION_UNITS: Record<string, number> = { s: 1, m: 60, h: 3600, d: 86_400 };
@@ -1554,10 +1655,9 @@ export function resolveDhcpNetwork(fields: DhcpFields): DhcpNetworkSpec | string
   if (base === undefined || !(prefix >= 8 && prefix <= 30)) return `expected an IPv4 CIDR from /8 to /30 like 10.9.0.0/24, got ${JSON.stringify(fields.cidr)}`;
   const size = 2 ** (32 - prefix);
   if (base % size !== 0) return `${fields.cidr} is not a network address (${ipv4Text(base - (base % size))}/${prefix})`;
-  const isHost = (n: number) => n > base && n < base + size - 1;
   const address = (what: string, text: string) => {
     const n = ipv4Number(text);
-    return n !== undefined && isHost(n) ? n : `${what} ${JSON.stringify(text)} is not a host address of ${fields.cidr}`;
+    return n !== undefined && placeInSubnet(base, prefix, n) === "host" ? n : `${what} ${JSON.stringify(text)} is not a host address of ${fields.cidr}`;
   };
   const gateway = fields.gateway === undefined ? base + 1 : address("gateway", fields.gateway);
   if (typeof gateway === "string") return gateway;
@@ -1630,17 +1730,16 @@ interface DhcpHostSpec {
   name?: string;
 }
 
-const MAC_TEXT = /^[0-9a-f]{2}(?::[0-9a-f]{2}){5}$/;
-
 /** --dhcp-host MAC,IP[,NAME], or `{ mac, address, name? }` in the config file. */
 const DhcpHost = v.pipe(
   v.union([v.string(), v.strictObject({ mac: v.string(), address: v.string(), name: v.optional(v.string()) })], "expected MAC,IP[,NAME] or { mac, address, name? }"),
   v.rawTransform(({ dataset, addIssue, NEVER }) => {
     const value = dataset.value;
     const [mac, address, name, extra] = typeof value === "string" ? value.split(",") : [value.mac, value.address, value.name];
-    const spec = { mac: (mac ?? "").toLowerCase().replace(/-/g, ":"), address: ipv4Number(address ?? ""), name: name?.toLowerCase() };
+    const key = parseMac(mac ?? "");
+    const spec = { mac: key === undefined ? "" : formatMac(key), address: ipv4Number(address ?? ""), name: name?.toLowerCase() };
     let problem: string | undefined;
-    if (extra !== undefined || !MAC_TEXT.test(spec.mac) || (parseInt(spec.mac.slice(0, 2), 16) & 1) === 1) problem = `expected MAC,IP[,NAME] with a unicast MAC like 52:54:00:12:34:56, got ${JSON.stringify(typeof value === "string" ? value : mac)}`;
+    if (extra !== undefined || key === undefined || isGroupMac(key)) problem = `expected MAC,IP[,NAME] with a unicast MAC like 52:54:00:12:34:56, got ${JSON.stringify(typeof value === "string" ? value : mac)}`;
     else if (spec.address === undefined) problem = `${JSON.stringify(address)} is not an IPv4 address`;
     else if (spec.name !== undefined && !DNS_LABEL.test(spec.name)) problem = `name ${JSON.stringify(name)} is not a DNS label (letters, digits and '-', at most 63)`;
     if (problem === undefined) return spec as DhcpHostSpec;
@@ -2034,10 +2133,10 @@ const ConfigSchema = v.pipe(
       if (dhcp.findIndex((o) => o.network === d.network) !== i) addIssue({ message: `network ${d.network} is given twice`, path: at("dhcp", i) });
     });
     dhcpHosts.forEach((h, i) => {
-      const home = dhcp.find((d) => h.address >>> (32 - d.prefix) === d.base >>> (32 - d.prefix));
+      const home = dhcp.find((d) => placeInSubnet(d.base, d.prefix, h.address) !== "outside");
       let problem: string | undefined;
       if (home === undefined) problem = `${ipv4Text(h.address)} is in no ${flagOf("dhcp")} network`;
-      else if (h.address === home.gateway || h.address <= home.base || h.address >= home.base + 2 ** (32 - home.prefix) - 1) problem = `${ipv4Text(h.address)} is not an address ${home.network} can lease`;
+      else if (h.address === home.gateway || placeInSubnet(home.base, home.prefix, h.address) !== "host") problem = `${ipv4Text(h.address)} is not an address ${home.network} can lease`;
       else if (dhcpHosts.findIndex((o) => o.mac === h.mac) !== i) problem = `MAC ${h.mac} is reserved twice`;
       else if (dhcpHosts.findIndex((o) => o.address === h.address) !== i) problem = `${ipv4Text(h.address)} is reserved twice`;
       if (problem !== undefined) addIssue({ message: problem, path: at("dhcpHosts", i) });
@@ -2290,9 +2389,10 @@ export function macKey(frame: Uint8Array, at: number): number {
   );
 }
 
-/** @internal */
-export function formatMac(key: number): string {
-  return key.toString(16).padStart(12, "0").replace(/(..)(?!$)/g, "$1:");
+/** The inverse of macKey: a MAC's number as its 6 bytes. @internal */
+export function macBytes(key: number): Uint8Array {
+  const high = Math.floor(key / 0x1_0000_0000);
+  return Uint8Array.of(high >>> 8, high & 255, key >>> 24, (key >>> 16) & 255, (key >>> 8) & 255, key & 255);
 }
 
 /** A data message names its channel in 16 bits; channels are numbered once per tunnel, never reused. */
@@ -2408,13 +2508,102 @@ export function decodeTunnelMessage(
   return i;
 }
 
+// ───────────────────────────── system ─────────────────────────────
+//
+// What Bun has no API for goes to libc through bun:ffi, loaded on first use: unix-socket calls
+// (telling a stale socket file from a live one; the datagram sockets of QEMU datagram ports) and the
+// open-file limit. A failed call is an Error with the errno's code, as Node's own calls give.
+
+const AF_UNIX = 1;
+const SOCK_STREAM = 1;
+const SOCK_DGRAM = 2;
+const SOCK_CLOEXEC = 0x80000;
+
+const SOL_SOCKET = 1;
+
+const RLIMIT_NOFILE = 7;
+
+function loadLibc() {
+  return dlopen("libc.so.6", {
+    socket: { args: [FFIType.i32, FFIType.i32, FFIType.i32], returns: FFIType.i32 },
+    bind: { args: [FFIType.i32, FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
+    connect: { args: [FFIType.i32, FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
+    setsockopt: { args: [FFIType.i32, FFIType.i32, FFIType.i32, FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
+    getsockopt: { args: [FFIType.i32, FFIType.i32, FFIType.i32, FFIType.ptr, FFIType.ptr], returns: FFIType.i32 },
+    sendto: { args: [FFIType.i32, FFIType.ptr, FFIType.u64, FFIType.i32, FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
+    close: { args: [FFIType.i32], returns: FFIType.i32 },
+    getrlimit: { args: [FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
+    setrlimit: { args: [FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
+    __errno_location: { args: [], returns: FFIType.ptr },
+  }).symbols;
+}
+
+let libcSymbols: ReturnType<typeof loadLibc> | undefined;
+/** libc's socket calls, loaded on first use. */
+function libc() {
+  return (libcSymbols ??= loadLibc());
+}
+
+function sockaddrUnix(path: string): Uint8Array {
+  const abstract = path.startsWith("@");
+  const name = new TextEncoder().encode(abstract ? path.slice(1) : path);
+  if (name.length > 107) throw Object.assign(new Error("unix socket path longer than 107 bytes"), { code: "ENAMETOOLONG" });
+  const out = new Uint8Array(2 + name.length + 1);
+  out[0] = AF_UNIX;
+  out.set(name, abstract ? 3 : 2);
+  return abstract ? out.subarray(0, 3 + name.length) : out;
+}
+
+function errnoError(call: string, errno = read.i32(libc().__errno_location()!, 0)): Error {
+  const code = Object.entries(osConstants.errno).find(([, n]) => n === errno)?.[0] ?? `errno ${errno}`;
+  return Object.assign(new Error(`${call} failed`), { code });
+}
+
+/**
+ * Clears the way for a unix socket: a file left by a killed process is removed; one that a live
+ * process still uses (a stream or datagram socket that accepts a connect), or a file that is not a
+ * socket, is an error. libc's connect tells "refused" from "wrong socket type", which Bun's does not.
+ */
+function claimUnixPath(path: string): void {
+  if (path.startsWith("@")) return;
+  let stats;
+  try {
+    stats = lstatSync(path);
+  } catch {
+    return;
+  }
+  if (!stats.isSocket()) throw new Error("the path exists and is not a socket");
+  const address = sockaddrUnix(path);
+  const c = libc();
+  const inUse = [SOCK_STREAM, SOCK_DGRAM].some((type) => {
+    const probe = c.socket(AF_UNIX, type | SOCK_CLOEXEC, 0);
+    const connected = c.connect(probe, address, address.length) === 0;
+    c.close(probe);
+    return connected;
+  });
+  if (inUse) throw Object.assign(new Error("a running process uses it"), { code: "EADDRINUSE" });
+  unlinkSync(path);
+}
+
+/**
+ * Raises the soft open-file limit to the hard one (Bun 1.4 already does at start; a runtime that
+ * does not would leave many hosts at 1024) and returns the soft limit in force.
+ */
+function raiseFdLimit(): number {
+  const c = libc();
+  const limit = new BigUint64Array(2);
+  if (c.getrlimit(RLIMIT_NOFILE, limit) !== 0) throw errnoError("getrlimit");
+  if (limit[0]! < limit[1]! && c.setrlimit(RLIMIT_NOFILE, BigUint64Array.of(limit[1]!, limit[1]!)) === 0) limit[0] = limit[1]!;
+  return Number(limit[0]);
+}
+
 // ───────────────────────────── ports & flow control ─────────────────────────────
 //
 // A port kind implements `enqueue` (queue a frame toward its peer), and may implement `queued` and
 // `reading` (stop reading its peer) and `enqueueRun` (take a run of frames whole, for cut-through).
 // Flow control: a source whose unicast frame goes to a port past half its queue stops being read
 // until that queue drains below a quarter; one that drains nothing for a second is given up on, so a
-// hung VM cannot stall a network.
+// hung VM cannot stall a network. PortTotals keeps per-kind counters that outlive closed ports.
 
 interface PortStats {
   rxFrames: number;
@@ -2721,6 +2910,14 @@ export class MemoryBudget {
     return true;
   }
 
+  /**
+   * Room for `bytes` more on a port that holds `held` of its own bound `limit`, then in the budget
+   * (`take`). A port's own bound refuses first and is not a budget drop: the port counts its own.
+   */
+  admit(bytes: number, held: number, limit: number): boolean {
+    return held + bytes <= limit && this.take(bytes, held);
+  }
+
   release(bytes: number): void {
     this.used -= bytes;
   }
@@ -2764,7 +2961,7 @@ export class StreamWriter {
 
   push(frame: Uint8Array): boolean {
     const need = 4 + frame.length;
-    if (this.#closed || this.queued + need > this.limit || !this.budget.take(need, this.queued)) return false;
+    if (this.#closed || !this.budget.admit(need, this.queued, this.limit)) return false;
     if (this.#batch.used + need > BATCH_BYTES) {
       if (this.#blocked) this.#seal();
       else this.#writeOut();
@@ -2782,7 +2979,7 @@ export class StreamWriter {
    * partial write keeps a view of the rest, not a copy), else copied behind the batch.
    */
   pushRun(run: Uint8Array): boolean {
-    if (this.#closed || this.queued + run.length > this.limit || !this.budget.take(run.length, this.queued)) return false;
+    if (this.#closed || !this.budget.admit(run.length, this.queued, this.limit)) return false;
     if (!this.#blocked && this.#pending.length === 0 && !this.#batch.empty) this.#writeOut();
     if (!this.#blocked && this.#pending.length === 0) {
       const n = Math.max(0, this.write(run));
@@ -2994,104 +3191,6 @@ export abstract class BatchedPort extends Port {
   };
 }
 
-// ───────────────────────────── switch ─────────────────────────────
-//
-// Network.forward takes one frame with no allocation: MACs are numbers, the table a Map kept in
-// last-seen order (ageing stops early, a full table evicts the oldest); Network.forwardRun is its
-// cut-through twin for runs of frames to one port. Storm and MAC limits drop at the source port;
-// loop probes (EtherType 0x9000) block one port of a loop, the same one at both ends. What the relay
-// decides (limits, clock, impairments) is SwitchPolicy.
-
-interface MacEntry {
-  port: Port;
-  seen: number;
-  /** When it last went to the end of the table: the table is in this order. */
-  inserted: number;
-  /** When it last moved to another port: a second move soon after is a flap. */
-  moved: number;
-}
-
-/** EtherType 0x9000 (Ethernet configuration testing, "loopback"), as switches use for loop detection. */
-const PROBE_ETHERTYPE = 0x9000;
-const PROBE_MAGIC = new TextEncoder().encode("edge-relay probe");
-/** ECTP's multicast destination: flooded by every switch, consumed by none. */
-const PROBE_DESTINATION = Uint8Array.of(0xcf, 0, 0, 0, 0, 0);
-const PROBE_SERIAL_AT = 14 + PROBE_MAGIC.length + 8;
-
-/** Is this one of the loop probes that some edge-relay sent? */
-function isProbe(frame: Uint8Array): boolean {
-  if (frame[12] !== PROBE_ETHERTYPE >> 8 || frame[13] !== (PROBE_ETHERTYPE & 0xff) || frame.length < PROBE_SERIAL_AT + 4) return false;
-  for (let i = 0; i < PROBE_MAGIC.length; i++) if (frame[14 + i] !== PROBE_MAGIC[i]) return false;
-  return true;
-}
-
-const CLOSED_PORTS_KEPT = 16;
-
-/** A MAC that moves again within this long after its last move is flapping. */
-const MAC_FLAP_MS = 10_000;
-
-const LOOP_BLOCK_MS = 60_000;
-
-/** Learned MACs listed per network in /status (the count is always given). */
-const MAC_LIST_LIMIT = 1024;
-
-/**
- * The relay's link impairments by target: each port gets its own Impairment (its own queue and
- * timer) for each direction a target names; the most specific target wins (a port id, then
- * `uplink:NET`, then `uplink`, then `NET`).
- */
-class ImpairmentTable {
-  readonly #entries = new Map<string, { target: ImpairTarget; spec: ImpairmentSpec }>();
-
-  constructor(private readonly ports: () => Iterable<Port>) {}
-
-  set(text: string, spec: ImpairmentSpec | undefined): boolean {
-    const target = parseImpairTarget(text);
-    if (target === undefined) throw new RangeError(`Cannot impair ${JSON.stringify(text)}: expected uplink[:NET][:in|:out], NET, or a port id like lab/qemu-listen-1[:in|:out]`);
-    const had = this.#entries.delete(text);
-    if (spec !== undefined) this.#entries.set(text, { target, spec });
-    for (const port of this.ports()) this.apply(port);
-    return had;
-  }
-
-  #rank(target: ImpairTarget, port: Port): number {
-    const network = port.network?.name;
-    if (target.kind === "port") return target.port === port.id ? 4 : 0;
-    if (target.kind === "uplink") return port.kind !== "uplink" ? 0 : target.network === undefined ? 2 : target.network === network ? 3 : 0;
-    return target.network === network ? 1 : 0;
-  }
-
-  apply(port: Port): void {
-    for (const direction of ["in", "out"] as const) {
-      let best: { rank: number; spec: ImpairmentSpec } | undefined;
-      for (const { target, spec } of this.#entries.values()) {
-        const rank = target.directions.includes(direction) ? this.#rank(target, port) : 0;
-        if (rank > 0 && rank > (best?.rank ?? 0)) best = { rank, spec };
-      }
-      port.impair(direction, best?.spec);
-    }
-  }
-
-  /** Status: each profile, the ports it applies to now, and its counters summed over them. */
-  snapshot() {
-    // Without impairments, no walk over every port (status and metrics ask each time).
-    if (this.#entries.size === 0) return [];
-    const ports = [...this.ports()];
-    return [...this.#entries].map(([text, { spec }]) => {
-      const counters: ImpairmentCounters = { delayed: 0, lost: 0, duplicated: 0, reordered: 0, corrupted: 0, rateDropped: 0, queued: 0 };
-      const on: string[] = [];
-      for (const port of ports) {
-        for (const [direction, impairment] of [["in", port.impairIn], ["out", port.impairOut]] as const) {
-          if (impairment?.spec !== spec) continue;
-          on.push(`${port.id}:${direction}`);
-          for (const key of Object.keys(counters) as (keyof ImpairmentCounters)[]) counters[key] += impairment.counters[key];
-        }
-      }
-      return { target: text, spec: formatImpairment(spec), ports: on, ...counters };
-    });
-  }
-}
-
 /** Counters summed per port kind, for /metrics. */
 interface KindTotals {
   ports: number;
@@ -3147,6 +3246,47 @@ export class PortTotals {
     return out;
   }
 }
+
+// ───────────────────────────── switch ─────────────────────────────
+//
+// Network.forward takes one frame with no allocation: MACs are numbers, the table a Map kept in
+// last-seen order (ageing stops early, a full table evicts the oldest); Network.forwardRun is its
+// cut-through twin for runs of frames to one port. Storm and MAC limits drop at the source port;
+// loop probes (EtherType 0x9000) block one port of a loop, the same one at both ends. What the relay
+// decides (limits, clock, impairments) is SwitchPolicy.
+
+interface MacEntry {
+  port: Port;
+  seen: number;
+  /** When it last went to the end of the table: the table is in this order. */
+  inserted: number;
+  /** When it last moved to another port: a second move soon after is a flap. */
+  moved: number;
+}
+
+/** EtherType 0x9000 (Ethernet configuration testing, "loopback"), as switches use for loop detection. */
+const PROBE_ETHERTYPE = 0x9000;
+const PROBE_MAGIC = new TextEncoder().encode("edge-relay probe");
+/** ECTP's multicast destination: flooded by every switch, consumed by none. */
+const PROBE_DESTINATION = Uint8Array.of(0xcf, 0, 0, 0, 0, 0);
+const PROBE_SERIAL_AT = 14 + PROBE_MAGIC.length + 8;
+
+/** Is this one of the loop probes that some edge-relay sent? */
+function isProbe(frame: Uint8Array): boolean {
+  if (frame[12] !== PROBE_ETHERTYPE >> 8 || frame[13] !== (PROBE_ETHERTYPE & 0xff) || frame.length < PROBE_SERIAL_AT + 4) return false;
+  for (let i = 0; i < PROBE_MAGIC.length; i++) if (frame[14 + i] !== PROBE_MAGIC[i]) return false;
+  return true;
+}
+
+const CLOSED_PORTS_KEPT = 16;
+
+/** A MAC that moves again within this long after its last move is flapping. */
+const MAC_FLAP_MS = 10_000;
+
+const LOOP_BLOCK_MS = 60_000;
+
+/** Learned MACs listed per network in /status (the count is always given). */
+const MAC_LIST_LIMIT = 1024;
 
 /** What a network needs from its relay: limits, a clock, and where to report. @internal */
 export interface SwitchPolicy {
@@ -3805,7 +3945,7 @@ function parseCaptureRequest(query: URLSearchParams): CaptureRequest | string {
   const seconds = whole("seconds", 1, 86_400, 0);
   for (const value of [snaplen, frames, seconds]) if (typeof value === "string") return value;
   const macText = query.get("mac");
-  const mac = macText === null ? undefined : /^(?:[0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$/.test(macText) ? parseInt(macText.replaceAll(":", ""), 16) : NaN;
+  const mac = macText === null ? undefined : (parseMac(macText) ?? NaN);
   if (Number.isNaN(mac)) return "capture: mac must look like 52:54:00:12:34:56";
   const typeText = query.get("ethertype");
   const etherType = typeText === null ? undefined : /^(?:0x[0-9a-fA-F]{1,4}|\d{1,5})$/.test(typeText) ? Number(typeText) : NaN;
@@ -4287,7 +4427,7 @@ export class TunnelLink {
   /** Room for `bytes` more. */
   reserve(bytes: number): boolean {
     this.queued();
-    if (this.#buffered + this.#batched + bytes > this.limit || !this.budget.take(bytes, this.#buffered + this.#batched)) return false;
+    if (!this.budget.admit(bytes, this.#buffered + this.#batched, this.limit)) return false;
     this.#batched += bytes;
     return true;
   }
@@ -5156,7 +5296,7 @@ class V86Port extends Port {
     if (this.#out && !this.#out.allow(frame.length)) return false;
     // Charge the budget what the socket's buffer holds now, then this frame.
     this.#accounted = this.budget.recharge(this.#accounted, this.socket.buffered());
-    if (this.#accounted + frame.length > this.limit || !this.budget.take(frame.length, this.#accounted)) return false;
+    if (!this.budget.admit(frame.length, this.#accounted, this.limit)) return false;
     const sent = this.socket.send(frame);
     if (sent === -1) this.#accounted += frame.length;
     else this.budget.release(frame.length);
@@ -6167,93 +6307,9 @@ class Backplane {
 
 // ───────────────────────────── QEMU stream ports ─────────────────────────────
 //
-// Bun has no API for some unix-socket calls (telling a stale socket file from a live one, datagrams),
-// so those go through libc (bun:ffi). A connection is a StreamPort: the decoder on the way in, a
-// StreamWriter batching a turn's frames into one write on the way out; pausing it stops reading the
-// socket, which makes QEMU stop taking packets from its guest.
-
-const AF_UNIX = 1;
-const SOCK_STREAM = 1;
-const SOCK_DGRAM = 2;
-const SOCK_CLOEXEC = 0x80000;
-
-const SOL_SOCKET = 1;
-
-const RLIMIT_NOFILE = 7;
-
-function loadLibc() {
-  return dlopen("libc.so.6", {
-    socket: { args: [FFIType.i32, FFIType.i32, FFIType.i32], returns: FFIType.i32 },
-    bind: { args: [FFIType.i32, FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
-    connect: { args: [FFIType.i32, FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
-    setsockopt: { args: [FFIType.i32, FFIType.i32, FFIType.i32, FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
-    getsockopt: { args: [FFIType.i32, FFIType.i32, FFIType.i32, FFIType.ptr, FFIType.ptr], returns: FFIType.i32 },
-    sendto: { args: [FFIType.i32, FFIType.ptr, FFIType.u64, FFIType.i32, FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
-    close: { args: [FFIType.i32], returns: FFIType.i32 },
-    getrlimit: { args: [FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
-    setrlimit: { args: [FFIType.i32, FFIType.ptr], returns: FFIType.i32 },
-    __errno_location: { args: [], returns: FFIType.ptr },
-  }).symbols;
-}
-
-let libcSymbols: ReturnType<typeof loadLibc> | undefined;
-/** libc's socket calls, loaded on first use. */
-function libc() {
-  return (libcSymbols ??= loadLibc());
-}
-
-function sockaddrUnix(path: string): Uint8Array {
-  const abstract = path.startsWith("@");
-  const name = new TextEncoder().encode(abstract ? path.slice(1) : path);
-  if (name.length > 107) throw Object.assign(new Error("unix socket path longer than 107 bytes"), { code: "ENAMETOOLONG" });
-  const out = new Uint8Array(2 + name.length + 1);
-  out[0] = AF_UNIX;
-  out.set(name, abstract ? 3 : 2);
-  return abstract ? out.subarray(0, 3 + name.length) : out;
-}
-
-function errnoError(call: string, errno = read.i32(libc().__errno_location()!, 0)): Error {
-  const code = Object.entries(osConstants.errno).find(([, n]) => n === errno)?.[0] ?? `errno ${errno}`;
-  return Object.assign(new Error(`${call} failed`), { code });
-}
-
-/**
- * Clears the way for a unix socket: a file left by a killed process is removed; one that a live
- * process still uses (a stream or datagram socket that accepts a connect), or a file that is not a
- * socket, is an error. libc's connect tells "refused" from "wrong socket type", which Bun's does not.
- */
-function claimUnixPath(path: string): void {
-  if (path.startsWith("@")) return;
-  let stats;
-  try {
-    stats = lstatSync(path);
-  } catch {
-    return;
-  }
-  if (!stats.isSocket()) throw new Error("the path exists and is not a socket");
-  const address = sockaddrUnix(path);
-  const c = libc();
-  const inUse = [SOCK_STREAM, SOCK_DGRAM].some((type) => {
-    const probe = c.socket(AF_UNIX, type | SOCK_CLOEXEC, 0);
-    const connected = c.connect(probe, address, address.length) === 0;
-    c.close(probe);
-    return connected;
-  });
-  if (inUse) throw Object.assign(new Error("a running process uses it"), { code: "EADDRINUSE" });
-  unlinkSync(path);
-}
-
-/**
- * Raises the soft open-file limit to the hard one (Bun 1.4 already does at start; a runtime that
- * does not would leave many hosts at 1024) and returns the soft limit in force.
- */
-function raiseFdLimit(): number {
-  const c = libc();
-  const limit = new BigUint64Array(2);
-  if (c.getrlimit(RLIMIT_NOFILE, limit) !== 0) throw errnoError("getrlimit");
-  if (limit[0]! < limit[1]! && c.setrlimit(RLIMIT_NOFILE, BigUint64Array.of(limit[1]!, limit[1]!)) === 0) limit[0] = limit[1]!;
-  return Number(limit[0]);
-}
+// A connection (TCP or unix) is a StreamPort: the decoder on the way in, a StreamWriter batching a
+// turn's frames into one write on the way out; pausing it stops reading the socket, which makes QEMU
+// stop taking packets from its guest. --max-connections is kept under the open-file limit.
 
 /** QEMU stream connections open across every --qemu-listen, and what happens beyond the cap. */
 interface ConnectionCap {
@@ -7439,7 +7495,6 @@ function encodeDhcp(reply: DhcpReply): Uint8Array {
 }
 
 const u32 = (n: number) => Uint8Array.of(n >>> 24, (n >>> 16) & 255, (n >>> 8) & 255, n & 255);
-const macBytes = (text: string) => Uint8Array.from(text.split(":"), (h) => parseInt(h, 16));
 const BROADCAST_MAC = new Uint8Array(6).fill(255);
 
 /** `vm2.lab` as DNS labels (RFC 1035), for the domain search option (RFC 3397). */
@@ -7498,6 +7553,32 @@ interface Lease {
   port: string;
   site: string;
 }
+
+/**
+ * One lease as the lease file keeps it (#save writes it), read into a Lease's fields: a name that is
+ * not a DNS label is dropped, the lease kept. An entry that fails is left out, not the file.
+ */
+const LeaseRecord = v.strictObject({
+  mac: v.pipe(v.string(), v.transform(parseMac), v.number(), v.transform(formatMac)),
+  address: v.pipe(v.string(), v.transform(ipv4Number), v.number()),
+  name: v.pipe(v.nullable(v.string()), v.transform((name) => (name !== null && DNS_LABEL.test(name) ? name : undefined))),
+  state: v.picklist(["bound", "released"]),
+  expires: v.number(),
+  port: v.optional(v.string(), "?"),
+  site: v.optional(v.string(), "?"),
+});
+
+/**
+ * The lease file, dhcp-NETWORK.json in the state directory. `mac` is the gateway's (files written
+ * before it was kept have none; one that is not a MAC is replaced); entries are each a LeaseRecord.
+ */
+const LeaseFile = v.strictObject({
+  version: v.literal(1),
+  network: v.string(),
+  cidr: v.string(),
+  mac: v.optional(v.pipe(v.string(), v.transform(parseMac))),
+  leases: v.array(v.unknown()),
+});
 
 /** An ARP check under way: the lease record (state probing), the DISCOVER waiting for it, the timer. */
 interface Probe {
@@ -7733,7 +7814,7 @@ export class GatewayHost extends Port {
   // ───── DHCP ─────
 
   #inSubnet(address: number): boolean {
-    return ((address & this.#mask) >>> 0) === this.spec.base && address !== this.spec.base && address !== (this.spec.base | ~this.#mask) >>> 0;
+    return placeInSubnet(this.spec.base, this.spec.prefix, address) === "host";
   }
 
   #inPool(address: number): boolean {
@@ -7963,7 +8044,7 @@ export class GatewayHost extends Port {
       );
       if (name !== undefined) options.push([OPT_HOSTNAME, new TextEncoder().encode(name)]);
     }
-    const chaddr = macBytes(m.chaddr);
+    const chaddr = macBytes(parseMac(m.chaddr)!);
     const payload = encodeDhcp({ type, xid: m.xid, flags: m.flags, ciaddr: type === ACK ? m.ciaddr : 0, yiaddr: address, server: type === NAK ? 0 : gateway, chaddr, options });
     const to = unicast !== 0 && type !== NAK;
     this.#send(udpFrame(to ? frame.subarray(6, 12) : BROADCAST_MAC, this.mac, gateway, to ? unicast : 0xffffffff, DHCP_SERVER_PORT, DHCP_CLIENT_PORT, payload));
@@ -8006,7 +8087,7 @@ export class GatewayHost extends Port {
     }
     const ptr = /^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.in-addr\.arpa$/.exec(name);
     const address = ptr ? ipv4Number(`${ptr[4]}.${ptr[3]}.${ptr[2]}.${ptr[1]}`) : undefined;
-    if (address === undefined || ((address & this.#mask) >>> 0) !== this.spec.base) return [DNS_REFUSED, []];
+    if (address === undefined || placeInSubnet(this.spec.base, this.spec.prefix, address) === "outside") return [DNS_REFUSED, []];
     const lease = this.#byAddress.get(address);
     const host = address === gateway ? GATEWAY_NAME : lease?.state === "bound" && this.#active(lease, now) ? lease.name : undefined;
     if (host === undefined) return [DNS_NXDOMAIN, []];
@@ -8040,10 +8121,10 @@ export class GatewayHost extends Port {
   }
 
   /**
-   * Reads the lease file; an entry that does not fit this network now (changed CIDR, reservations)
-   * is left out. Returns the host's MAC the file keeps; undefined when it keeps none yet (no file,
-   * or one without); null when there is nothing to write it to now (no state directory, or a file
-   * that is unreadable: left as it is until leases change).
+   * Reads the lease file; an entry that is damaged or does not fit this network now (changed CIDR,
+   * reservations) is left out. Returns the host's MAC the file keeps; undefined when it keeps none
+   * yet (no file, or one without); null when there is nothing to write it to now (no state
+   * directory, or a file that is unreadable or not a lease file: left as it is until leases change).
    */
   #load(): Uint8Array | undefined | null {
     if (this.stateFile === undefined) return null;
@@ -8055,30 +8136,33 @@ export class GatewayHost extends Port {
       this.#options.log.warn(`${this.spec.network}: the lease file ${this.stateFile} is unreadable or not JSON; starting without its leases`);
       return null;
     }
-    const leases = (data as { leases?: unknown })?.leases;
+    const file = v.safeParse(LeaseFile, data);
+    if (!file.success) {
+      this.#options.log.warn(`${this.spec.network}: ${this.stateFile} is not a lease file (at ${v.getDotPath(file.issues[0]) ?? "the top"}); starting without its leases`);
+      return null;
+    }
     let skipped = 0;
-    for (const entry of Array.isArray(leases) ? leases : []) {
-      const e = entry as Record<string, unknown>;
-      const address = typeof e.address === "string" ? ipv4Number(e.address) : undefined;
-      const mac = typeof e.mac === "string" ? e.mac : "";
-      const name = typeof e.name === "string" && DNS_LABEL.test(e.name) ? e.name : undefined;
-      const reservation = this.#reservedMac.get(mac);
-      const fits =
-        MAC_TEXT.test(mac) && address !== undefined && this.#inSubnet(address) && address !== this.spec.gateway && (e.state === "bound" || e.state === "released") &&
-        typeof e.expires === "number" && !this.#byMac.has(mac) && !this.#byAddress.has(address) &&
-        (reservation === undefined ? this.#inPool(address) && !this.#reservedAddress.has(address) : reservation.address === address);
-      if (!fits) {
+    for (const entry of file.output.leases) {
+      const record = v.safeParse(LeaseRecord, entry);
+      if (!record.success || !this.#fits(record.output)) {
         skipped++;
         continue;
       }
-      this.#put({ mac } as Lease, {
-        address: address!, name: reservation?.name ?? name, state: e.state as LeaseState, expires: e.expires as number,
-        port: typeof e.port === "string" ? e.port : "?", site: typeof e.site === "string" ? e.site : "?",
-      });
+      const { mac, address, name, ...rest } = record.output;
+      this.#put({ mac } as Lease, { address, name: this.#reservedMac.get(mac)?.name ?? name, ...rest });
     }
     if (skipped > 0) this.#options.log.warn(`${this.spec.network}: ${skipped} entries of ${this.stateFile} do not fit the network as configured and were left out`);
-    const mac = (data as { mac?: unknown })?.mac;
-    return typeof mac === "string" && MAC_TEXT.test(mac) && (parseInt(mac.slice(0, 2), 16) & 1) === 0 ? macBytes(mac) : undefined;
+    const key = file.output.mac;
+    return key !== undefined && !isGroupMac(key) ? macBytes(key) : undefined;
+  }
+
+  /** Whether a saved lease fits this network as configured now, beside the leases read before it. */
+  #fits({ mac, address }: v.InferOutput<typeof LeaseRecord>): boolean {
+    const reservation = this.#reservedMac.get(mac);
+    return (
+      this.#inSubnet(address) && address !== this.spec.gateway && !this.#byMac.has(mac) && !this.#byAddress.has(address) &&
+      (reservation === undefined ? this.#inPool(address) && !this.#reservedAddress.has(address) : reservation.address === address)
+    );
   }
 
   // ───── status ─────
@@ -8326,315 +8410,6 @@ export function renderMetrics(
   metric("edge_relay_backplane_subscribed", "1 for each network this hub hears on the backplane.", "gauge", bp ? bp.networks.slice(0, view.networks).map((n) => [`{network="${n}"}`, 1]) : []);
   metric("edge_relay_uptime_seconds", "Seconds since the relay started.", "gauge", [["", s.uptime]]);
   return lines.join("\n") + "\n";
-}
-
-// ───────────────────────────── HTTP app ─────────────────────────────
-//
-// Hono routes the requests; once upgraded, a tunnel's or a v86 port's frames bypass Hono, and both
-// upgrades pass one gate (client, credential, checks, admission). With an admin token every other
-// route but /healthz needs it: the Bearer header, or the session cookie /login gives (never the
-// token itself). The pages' HTML is in the page assets section; their CSP allows only their own.
-
-/** Where relays before sessions kept the token itself: cleared whenever a browser that has it logs in or out. */
-const TOKEN_COOKIE = "edge_relay_admin";
-const LOGIN_PATH = "/login";
-const LOGOUT_PATH = "/logout";
-const ADMIN_SESSION_SECONDS = 12 * 3600;
-/** Sessions held at once; a further login ends the oldest. */
-const ADMIN_SESSIONS = 1024;
-const LOGIN_BODY_LIMIT = 4096;
-/** The WWW-Authenticate of a 401 for want of the admin token. */
-const ADMIN_CHALLENGE = 'Bearer realm="edge-relay admin"';
-
-/** Logged-in browsers: random ids, each valid until its expiry, logout, or a restart; at most `max` at once. @internal */
-export class AdminSessions {
-  readonly #expiry = new Map<string, number>();
-
-  constructor(
-    readonly max = ADMIN_SESSIONS,
-    readonly lifetimeMs = ADMIN_SESSION_SECONDS * 1000,
-  ) {}
-
-  start(now = Date.now()): string {
-    if (this.#expiry.size >= this.max) this.#expiry.delete(this.#expiry.keys().next().value!);
-    const id = randomToken();
-    this.#expiry.set(id, now + this.lifetimeMs);
-    return id;
-  }
-
-  valid(id: string | undefined, now = Date.now()): boolean {
-    const until = id === undefined ? undefined : this.#expiry.get(id);
-    if (until === undefined) return false;
-    if (until > now) return true;
-    this.#expiry.delete(id!);
-    return false;
-  }
-
-  end(id: string | undefined): void {
-    if (id !== undefined) this.#expiry.delete(id);
-  }
-
-  get size(): number {
-    return this.#expiry.size;
-  }
-}
-
-/** Headers for a document of ours: its CSP allows its own inline script and style (by hash) and nothing else. */
-function documentHeaders(html: string): Record<string, string> {
-  const hashes = (tag: string) =>
-    [...html.matchAll(new RegExp(`<${tag}>([\\s\\S]*?)</${tag}>`, "g"))]
-      .map((m) => `'sha256-${new Bun.CryptoHasher("sha256").update(m[1]!).digest("base64")}'`)
-      .join(" ") || "'none'";
-  return {
-    "Content-Security-Policy": `default-src 'none'; script-src ${hashes("script")}; style-src ${hashes("style")}; connect-src 'self'; img-src data:; form-action 'self'; base-uri 'none'; frame-ancestors 'none'`,
-    "X-Content-Type-Options": "nosniff",
-    "Cache-Control": "no-store",
-    "Referrer-Policy": "no-referrer",
-  };
-}
-
-/** The login form and /invites take small bodies only; a longer one is answered 413 unread. */
-const smallBody = bodyLimit({ maxSize: LOGIN_BODY_LIMIT, onError: (c) => c.text("request body too large\n", 413) });
-
-/** A request's query; Bun leaves the URL of one without a Host header as the bare path, and Hono's own reader misses its query. */
-function searchOf(request: Request): URLSearchParams {
-  return new URL(request.url, "http://host").searchParams;
-}
-
-/**
- * Hono's path of a request, also of one without a Host header (HTTP/1.0, a load balancer's health
- * check), whose URL Bun leaves as the bare path.
- */
-function requestPath(request: Request): string {
-  return getPath(request.url.startsWith("/") ? ({ url: `http://host${request.url}` } as Request) : request);
-}
-
-/** Whatever a WebSocket of the HTTP listener carries: a tunnel, or a v86 port. */
-type SocketData = TunnelData | V86Data;
-
-/** What an upgrade endpoint (/tunnel, /v86/NETWORK) asks of the gate in createApp. */
-interface UpgradeGate<D extends SocketData> {
-  /** Named when no token is configured: `tunnel endpoint disabled`. */
-  endpoint: string;
-  /** Names the endpoint in refusals: `tunnel`, `v86 /v86/lab`. */
-  what: string;
-  /** Checked before the credential (a v86 page's origin): a refusal, or undefined to go on. */
-  before?(client: ClientAddress): Response | undefined;
-  /** The credential as given (a refusal says wrong or none) and the grant it matches, if any. */
-  credential(): { given: string | undefined; grant: Grant | undefined };
-  /** Checked once authenticated (the subprotocol, the grant's networks). */
-  after?(grant: Grant, client: ClientAddress): Response | undefined;
-  admission: AdmissionLimit;
-  /** What the WebSocket carries from the upgrade on. */
-  data(grant: Grant, client: ClientAddress): D;
-  headers?: Record<string, string>;
-}
-
-interface AppContext {
-  grants: Grant[];
-  adminToken: string | undefined;
-  /** --trusted-proxy: the peers whose X-Forwarded-For or Forwarded names the client. */
-  trustedProxies: BlockList | undefined;
-  /** Served over TLS: the session cookie is Secure. */
-  tls: boolean;
-  snapshot(view?: StatusView): Snapshot;
-  /** The backplane's state for /healthz, without building a snapshot; undefined without --backplane. */
-  backplaneState(): string | undefined;
-  /** Every network, for /metrics. */
-  networks(): Iterable<Network>;
-  /** The --dhcp networks' gateway hosts, for /metrics. */
-  gateways(): Iterable<GatewayHost>;
-  totals: PortTotals;
-  counters: RelayCounters;
-  tunnels: TunnelServer;
-  captures: CaptureRegistry;
-  impairments: ImpairmentTable;
-  v86: V86Server;
-  log: Logger;
-}
-
-/**
- * Routes: /healthz, /status, /metrics, the status page at /, and the tunnel upgrade (the frames then
- * bypass Hono). With an admin token, every route but /healthz, the tunnel and v86 needs it, or the
- * session /login starts for it. A right credential is always served; an address whose wrong ones
- * keep coming is answered 429 for its further wrong ones for a while.
- */
-function createApp(ctx: AppContext) {
-  const app = new Hono<{ Bindings: Server<SocketData> }>({ getPath: requestPath });
-  const refusals = rateLimitedLog(ctx.log.warn, 10, 10_000);
-  const throttle = new AuthThrottle();
-  const clientOf = (c: { env: Server<SocketData>; req: { raw: Request } }) => clientAddress(c.env.requestIP(c.req.raw), c.req.raw.headers, ctx.trustedProxies);
-  /**
-   * A request without the right credential: `answer` (a 401), counted and logged at a bounded rate.
-   * A wrong credential (not a missing one) counts against its address: past the throttle's allowance
-   * it gets 429 instead, with no log line.
-   */
-  const refused = (client: ClientAddress, what: string, credential: string | undefined, answer: () => Response): Response => {
-    if (credential) {
-      const wait = throttle.retryAfter(client.address);
-      if (wait > 0) {
-        ctx.counters.authThrottled = throttle.throttled;
-        return new Response("too many failed attempts; try later\n", { status: 429, headers: { "Retry-After": String(wait) } });
-      }
-      throttle.failed(client.address);
-    }
-    ctx.counters.authFailures++;
-    refusals.log(`${what}: refused ${formatClient(client)}: ${credential ? "wrong token" : "no token"}`);
-    return answer();
-  };
-  const pageHeaders = documentHeaders(PAGE_HTML);
-  let page = PAGE_HTML;
-  if (ctx.adminToken !== undefined) {
-    page = PAGE_HTML_WITH_LOGOUT;
-    const admin = makeGrants([{ token: ctx.adminToken, networks: undefined }]);
-    const sessions = new AdminSessions();
-    const loginHeaders = { ...documentHeaders(LOGIN_HTML), "WWW-Authenticate": ADMIN_CHALLENGE };
-    const cookie = { path: "/", httpOnly: true, sameSite: "Strict", secure: ctx.tls } as const;
-    /** A 303 back to the page that sets the session cookie (or clears it), and clears a token cookie of old. */
-    const toPage = (c: Context, session: string | undefined) => {
-      if (session === undefined) deleteCookie(c, ADMIN_COOKIE, cookie);
-      else setCookie(c, ADMIN_COOKIE, session, { ...cookie, maxAge: ADMIN_SESSION_SECONDS });
-      if (getCookie(c, TOKEN_COOKIE) !== undefined) deleteCookie(c, TOKEN_COOKIE, cookie);
-      c.header("Cache-Control", "no-store");
-      return c.redirect("./", 303);
-    };
-    app.use("*", async (c, next) => {
-      const path = c.req.path;
-      if (path === TUNNEL_PATH || path.startsWith(`${V86_PATH}/`) || path === "/healthz" || c.req.method === "OPTIONS") return next();
-      if ((path === LOGIN_PATH || path === LOGOUT_PATH) && c.req.method === "POST") return next();
-      const authorization = c.req.header("authorization");
-      if (authorization === undefined ? sessions.valid(getCookie(c, ADMIN_COOKIE)) : authenticate(authorization, admin)) return next();
-      // The login form is the way in: showing it is no failure, nor is a session that ended (it was no guess).
-      if (path === "/" && authorization === undefined) return c.html(LOGIN_HTML, 401, loginHeaders);
-      return refused(clientOf(c), path, authorization, () =>
-        path === "/" ? c.html(LOGIN_HTML, 401, loginHeaders) : c.text("unauthorized\n", 401, { "WWW-Authenticate": ADMIN_CHALLENGE }),
-      );
-    });
-    app.post(LOGIN_PATH, smallBody, async (c) => {
-      const token = new URLSearchParams(await c.req.text()).get("token") ?? "";
-      if (!authenticateToken(token, admin)) return refused(clientOf(c), "login", token || undefined, () => c.html(LOGIN_HTML.replace("<!--message-->", LOGIN_FAILED), 401, loginHeaders));
-      return toPage(c, sessions.start());
-    });
-    app.post(LOGOUT_PATH, (c) => {
-      sessions.end(getCookie(c, ADMIN_COOKIE));
-      return toPage(c, undefined);
-    });
-  }
-  // Nothing to hide in what a route allows; HAProxy's plain `option httpchk` asks this of /.
-  app.options("*", (c) => c.body(null, 204, { Allow: "GET, HEAD, POST, PUT, DELETE, OPTIONS" }));
-  app.get("/", (c) => c.html(page, 200, pageHeaders));
-  // A load balancer's check: a hub whose backplane is down cannot reach the other hubs' sites.
-  app.get("/healthz", (c) => {
-    const state = ctx.backplaneState();
-    return state !== undefined && state !== "up" ? c.text(`backplane ${state}\n`, 503) : c.text("ok\n");
-  });
-  /** A query's number or `all`; anything else means the default (undefined). */
-  const queryLimit = (value: string | undefined) => (value === "all" ? Infinity : value !== undefined && /^\d+$/.test(value) ? Number(value) : undefined);
-  app.get("/status", (c) => {
-    const query = searchOf(c.req.raw);
-    const q = (name: string) => queryLimit(query.get(name) ?? undefined);
-    return c.json(ctx.snapshot({ macs: q("macs"), networks: q("networks"), offset: q("offset"), ports: q("ports") }));
-  });
-  app.get("/metrics", (c) => {
-    const query = searchOf(c.req.raw);
-    const view: MetricsView = { ports: queryLimit(query.get("ports") ?? undefined) ?? METRICS_PORTS, networks: queryLimit(query.get("networks") ?? undefined) ?? METRICS_NETWORKS };
-    const text = renderMetrics(ctx.snapshot({ networks: 0 }), ctx.networks(), ctx.totals.collect(ctx.networks()), view, ctx.gateways());
-    return c.text(text, 200, { "Content-Type": "text/plain; version=0.0.4" });
-  });
-  // Link impairment at run time: PUT the spec as text, DELETE to restore the clean path.
-  const impairTarget = (path: string) => decodeURIComponent(path.slice("/impair/".length));
-  app.get("/impair", (c) => c.json(ctx.impairments.snapshot()));
-  app.put("/impair/*", async (c) => {
-    try {
-      const spec = parseImpairment(await c.req.text());
-      ctx.impairments.set(impairTarget(c.req.path), spec);
-      return c.text(`${formatImpairment(spec)}\n`);
-    } catch (error) {
-      return c.text(`${(error as Error).message}\n`, 400);
-    }
-  });
-  app.delete("/impair/*", (c) => {
-    try {
-      return ctx.impairments.set(impairTarget(c.req.path), undefined) ? c.body(null, 204) : c.text("no such impairment\n", 404);
-    } catch (error) {
-      return c.text(`${(error as Error).message}\n`, 400);
-    }
-  });
-  app.get("/capture", (c) => {
-    const request = parseCaptureRequest(searchOf(c.req.raw));
-    if (typeof request === "string") return c.text(`${request}\n`, 400);
-    // A capture may be quiet for long: no idle timeout, it ends when the reader or its limits do.
-    c.env.timeout(c.req.raw, 0);
-    const started = ctx.captures.open(request, clientOf(c).address);
-    if (typeof started === "string") return c.text(`${started}\n`, started.startsWith("no network") ? 404 : 429);
-    return new Response(started, { headers: { "Content-Type": "application/x-pcapng", "Cache-Control": "no-store" } });
-  });
-  /**
-   * The one way in for a WebSocket: the endpoint is on (a token is configured), the client (behind
-   * a trusted proxy, the one it names), what the endpoint checks first, the credential (a wrong one
-   * counts toward the throttle), what it checks of the grant, admission within the limits, the upgrade.
-   */
-  const upgrade = <D extends SocketData>(c: Context<{ Bindings: Server<SocketData> }>, gate: UpgradeGate<D>): Response => {
-    if (ctx.grants.length === 0) return c.text(`${gate.endpoint} endpoint disabled: no token configured\n`, 404);
-    const client = clientOf(c);
-    const early = gate.before?.(client);
-    if (early) return early;
-    const { given, grant } = gate.credential();
-    if (!grant) return refused(client, gate.what, given, () => c.text("unauthorized\n", 401, { "WWW-Authenticate": 'Bearer realm="edge-relay"' }));
-    const late = gate.after?.(grant, client);
-    if (late) return late;
-    const full = gate.admission.admit(client.address);
-    if (full !== undefined) return c.text(`${full}\n`, 503, { "Retry-After": "30" });
-    const upgraded = c.env.upgrade(c.req.raw, { data: gate.data(grant, client), headers: gate.headers });
-    return upgraded ? new Response(null) : c.text("expected a WebSocket upgrade\n", 426);
-  };
-  app.get(TUNNEL_PATH, (c) => {
-    const authorization = c.req.header("authorization");
-    return upgrade(c, {
-      endpoint: "tunnel",
-      what: "tunnel",
-      credential: () => ({ given: authorization, grant: authenticate(authorization, ctx.grants) }),
-      after() {
-        const offered = (c.req.header("sec-websocket-protocol") ?? "").split(",").map((s) => s.trim());
-        return offered.includes(TUNNEL_PROTOCOL) ? undefined : c.text(`expected subprotocol ${TUNNEL_PROTOCOL}\n`, 400);
-      },
-      admission: ctx.tunnels.admission,
-      data: (grant, client): TunnelData => ({ grant, peer: formatClient(client), address: client.address }),
-      headers: { "Sec-WebSocket-Protocol": TUNNEL_PROTOCOL },
-    });
-  });
-  // v86's NIC: the token in the query string (all a browser's WebSocket can send) or a header.
-  // Only the path is ever logged: the query string holds the token.
-  app.get(`${V86_PATH}/:network`, (c) => {
-    const name = c.req.param("network");
-    const where = `v86 ${V86_PATH}/${name}`;
-    const origin = c.req.header("origin");
-    const shownOrigin = origin === undefined ? "" : ` (origin ${originOf(origin) === origin ? origin : JSON.stringify(origin.slice(0, 100))})`;
-    const header = c.req.header("authorization");
-    return upgrade(c, {
-      endpoint: "v86",
-      what: where,
-      before(client) {
-        if (!NETWORK_NAME.test(name)) return c.text("not a network name\n", 404);
-        if (ctx.v86.originAllowed(origin)) return undefined;
-        refusals.log(`${where}: refused ${formatClient(client)}${shownOrigin}: origin not allowed`);
-        return c.text("origin not allowed\n", 403);
-      },
-      credential() {
-        if (header !== undefined) return { given: header, grant: authenticate(header, ctx.grants) };
-        const token = searchOf(c.req.raw).get("token");
-        return { given: token ?? undefined, grant: authenticateToken(token, ctx.grants) };
-      },
-      after(grant, client) {
-        if (!grant.networks || grant.networks.has(name)) return undefined;
-        refusals.log(`${where}: refused ${formatClient(client)}: network not allowed for this token`);
-        return c.text("network not allowed for this token\n", 403);
-      },
-      admission: ctx.v86.admission,
-      data: (grant, client): V86Data => ({ v86: true, network: name, grant, peer: `${formatClient(client)}${shownOrigin}`, address: client.address }),
-    });
-  });
-  return app;
 }
 
 // ───────────────────────────── hub state ─────────────────────────────
@@ -9000,56 +8775,6 @@ function watchHubTokens(dir: string, grants: Grant[], fixed: Grant[], revoked: (
   return { reload, stop: () => watcher.close() };
 }
 
-/** POST /invites {"networks": [...]}, GET /invites, DELETE /invites/ID: behind the admin token like every other route. */
-function mountInvites(app: Hono<{ Bindings: Server<SocketData> }>, dir: string): void {
-  app.get("/invites", (c) => c.json(listInvites(dir)));
-  app.post("/invites", smallBody, async (c) => {
-    let networks: unknown;
-    try {
-      networks = JSON.parse(await c.req.text())?.networks;
-    } catch {
-      networks = undefined;
-    }
-    if (!Array.isArray(networks) || !networks.every((n) => typeof n === "string")) return c.text('expected {"networks": ["NET", …]}\n', 400);
-    try {
-      return c.json(addInvite(dir, networks), 201);
-    } catch (error) {
-      return c.text(`${(error as Error).message}\n`, error instanceof ConfigError ? 400 : 500);
-    }
-  });
-  app.delete("/invites/:id", (c) => (revokeInvite(dir, c.req.param("id")) ? c.body(null, 204) : c.text("no such invite\n", 404)));
-}
-
-/**
- * --invite, --invites and --revoke: run against the hub in the state directory, print, and give
- * the exit status (2: a bad request, 1: the state could not be read or written).
- */
-function runHubCommand(flags: Record<string, string | true | string[]>, stateDir: string | undefined, program: string): number {
-  const option = flags.invite !== undefined ? flagOf("invite") : flags.revoke !== undefined ? flagOf("revoke") : flagOf("invites");
-  if (stateDir === undefined) {
-    console.error(`edge-relay: ${option}: needs ${flagOf("stateDir")} DIR (or STATE_DIRECTORY), the hub's`);
-    return 2;
-  }
-  try {
-    if (typeof flags.invite === "string") {
-      const invite = addInvite(stateDir, flags.invite.split(",").map((n) => n.trim()));
-      console.log(`invite ${invite.id} (networks: ${invite.networks.join(", ")}); on that site, run: ${program} --join ${invite.join}`);
-    } else if (typeof flags.revoke === "string") {
-      if (!revokeInvite(stateDir, flags.revoke)) {
-        console.error(`edge-relay: ${option}: no token ${JSON.stringify(flags.revoke)} in ${stateDir} (see ${flagOf("invites")})`);
-        return 2;
-      }
-      console.log(`revoked ${flags.revoke}: a running hub closes its tunnels and v86 ports now`);
-    } else {
-      for (const t of listInvites(stateDir)) console.log(`${t.id}\t${t.networks?.join(",") ?? "(every network)"}\t${t.created}`);
-    }
-    return 0;
-  } catch (error) {
-    console.error(`edge-relay: ${option}: ${(error as Error).message}`);
-    return error instanceof ConfigError ? 2 : 1;
-  }
-}
-
 /**
  * A TCP connection to `host`:`port` through an HTTP proxy's CONNECT (Basic credentials from its
  * URL), for the pinned certificate's first look to take the road the tunnel takes. Undefined when
@@ -9106,6 +8831,335 @@ function learnPinnedCertificate(options: UplinkOptions): () => Promise<void> {
       socket.on("error", () => resolve());
     });
   };
+}
+
+// ───────────────────────────── HTTP app ─────────────────────────────
+//
+// Hono routes the requests; once upgraded, a tunnel's or a v86 port's frames bypass Hono, and both
+// upgrades pass one gate (client, credential, checks, admission). With an admin token every other
+// route but /healthz needs it: the Bearer header, or the session cookie /login gives (never the
+// token itself). The pages' HTML is in the page assets section; their CSP allows only their own.
+
+/** Where relays before sessions kept the token itself: cleared whenever a browser that has it logs in or out. */
+const TOKEN_COOKIE = "edge_relay_admin";
+const LOGIN_PATH = "/login";
+const LOGOUT_PATH = "/logout";
+const ADMIN_SESSION_SECONDS = 12 * 3600;
+/** Sessions held at once; a further login ends the oldest. */
+const ADMIN_SESSIONS = 1024;
+const LOGIN_BODY_LIMIT = 4096;
+/** The WWW-Authenticate of a 401 for want of the admin token. */
+const ADMIN_CHALLENGE = 'Bearer realm="edge-relay admin"';
+
+/** Logged-in browsers: random ids, each valid until its expiry, logout, or a restart; at most `max` at once. @internal */
+export class AdminSessions {
+  readonly #expiry = new Map<string, number>();
+
+  constructor(
+    readonly max = ADMIN_SESSIONS,
+    readonly lifetimeMs = ADMIN_SESSION_SECONDS * 1000,
+  ) {}
+
+  start(now = Date.now()): string {
+    if (this.#expiry.size >= this.max) this.#expiry.delete(this.#expiry.keys().next().value!);
+    const id = randomToken();
+    this.#expiry.set(id, now + this.lifetimeMs);
+    return id;
+  }
+
+  valid(id: string | undefined, now = Date.now()): boolean {
+    const until = id === undefined ? undefined : this.#expiry.get(id);
+    if (until === undefined) return false;
+    if (until > now) return true;
+    this.#expiry.delete(id!);
+    return false;
+  }
+
+  end(id: string | undefined): void {
+    if (id !== undefined) this.#expiry.delete(id);
+  }
+
+  get size(): number {
+    return this.#expiry.size;
+  }
+}
+
+/** Headers for a document of ours: its CSP allows its own inline script and style (by hash) and nothing else. */
+function documentHeaders(html: string): Record<string, string> {
+  const hashes = (tag: string) =>
+    [...html.matchAll(new RegExp(`<${tag}>([\\s\\S]*?)</${tag}>`, "g"))]
+      .map((m) => `'sha256-${new Bun.CryptoHasher("sha256").update(m[1]!).digest("base64")}'`)
+      .join(" ") || "'none'";
+  return {
+    "Content-Security-Policy": `default-src 'none'; script-src ${hashes("script")}; style-src ${hashes("style")}; connect-src 'self'; img-src data:; form-action 'self'; base-uri 'none'; frame-ancestors 'none'`,
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
+    "Referrer-Policy": "no-referrer",
+  };
+}
+
+/** The login form and /invites take small bodies only; a longer one is answered 413 unread. */
+const smallBody = bodyLimit({ maxSize: LOGIN_BODY_LIMIT, onError: (c) => c.text("request body too large\n", 413) });
+
+/** A request's query; Bun leaves the URL of one without a Host header as the bare path, and Hono's own reader misses its query. */
+function searchOf(request: Request): URLSearchParams {
+  return new URL(request.url, "http://host").searchParams;
+}
+
+/**
+ * Hono's path of a request, also of one without a Host header (HTTP/1.0, a load balancer's health
+ * check), whose URL Bun leaves as the bare path.
+ */
+function requestPath(request: Request): string {
+  return getPath(request.url.startsWith("/") ? ({ url: `http://host${request.url}` } as Request) : request);
+}
+
+/** Whatever a WebSocket of the HTTP listener carries: a tunnel, or a v86 port. */
+type SocketData = TunnelData | V86Data;
+
+/** What an upgrade endpoint (/tunnel, /v86/NETWORK) asks of the gate in createApp. */
+interface UpgradeGate<D extends SocketData> {
+  /** Named when no token is configured: `tunnel endpoint disabled`. */
+  endpoint: string;
+  /** Names the endpoint in refusals: `tunnel`, `v86 /v86/lab`. */
+  what: string;
+  /** Checked before the credential (a v86 page's origin): a refusal, or undefined to go on. */
+  before?(client: ClientAddress): Response | undefined;
+  /** The credential as given (a refusal says wrong or none) and the grant it matches, if any. */
+  credential(): { given: string | undefined; grant: Grant | undefined };
+  /** Checked once authenticated (the subprotocol, the grant's networks). */
+  after?(grant: Grant, client: ClientAddress): Response | undefined;
+  admission: AdmissionLimit;
+  /** What the WebSocket carries from the upgrade on. */
+  data(grant: Grant, client: ClientAddress): D;
+  headers?: Record<string, string>;
+}
+
+interface AppContext {
+  grants: Grant[];
+  adminToken: string | undefined;
+  /** --trusted-proxy: the peers whose X-Forwarded-For or Forwarded names the client. */
+  trustedProxies: BlockList | undefined;
+  /** Served over TLS: the session cookie is Secure. */
+  tls: boolean;
+  snapshot(view?: StatusView): Snapshot;
+  /** The backplane's state for /healthz, without building a snapshot; undefined without --backplane. */
+  backplaneState(): string | undefined;
+  /** Every network, for /metrics. */
+  networks(): Iterable<Network>;
+  /** The --dhcp networks' gateway hosts, for /metrics. */
+  gateways(): Iterable<GatewayHost>;
+  totals: PortTotals;
+  counters: RelayCounters;
+  tunnels: TunnelServer;
+  captures: CaptureRegistry;
+  impairments: ImpairmentTable;
+  v86: V86Server;
+  log: Logger;
+}
+
+/**
+ * Routes: /healthz, /status, /metrics, the status page at /, and the tunnel upgrade (the frames then
+ * bypass Hono). With an admin token, every route but /healthz, the tunnel and v86 needs it, or the
+ * session /login starts for it. A right credential is always served; an address whose wrong ones
+ * keep coming is answered 429 for its further wrong ones for a while.
+ */
+function createApp(ctx: AppContext) {
+  const app = new Hono<{ Bindings: Server<SocketData> }>({ getPath: requestPath });
+  const refusals = rateLimitedLog(ctx.log.warn, 10, 10_000);
+  const throttle = new AuthThrottle();
+  const clientOf = (c: { env: Server<SocketData>; req: { raw: Request } }) => clientAddress(c.env.requestIP(c.req.raw), c.req.raw.headers, ctx.trustedProxies);
+  /**
+   * A request without the right credential: `answer` (a 401), counted and logged at a bounded rate.
+   * A wrong credential (not a missing one) counts against its address: past the throttle's allowance
+   * it gets 429 instead, with no log line.
+   */
+  const refused = (client: ClientAddress, what: string, credential: string | undefined, answer: () => Response): Response => {
+    if (credential) {
+      const wait = throttle.retryAfter(client.address);
+      if (wait > 0) {
+        ctx.counters.authThrottled = throttle.throttled;
+        return new Response("too many failed attempts; try later\n", { status: 429, headers: { "Retry-After": String(wait) } });
+      }
+      throttle.failed(client.address);
+    }
+    ctx.counters.authFailures++;
+    refusals.log(`${what}: refused ${formatClient(client)}: ${credential ? "wrong token" : "no token"}`);
+    return answer();
+  };
+  const pageHeaders = documentHeaders(PAGE_HTML);
+  let page = PAGE_HTML;
+  if (ctx.adminToken !== undefined) {
+    page = PAGE_HTML_WITH_LOGOUT;
+    const admin = makeGrants([{ token: ctx.adminToken, networks: undefined }]);
+    const sessions = new AdminSessions();
+    const loginHeaders = { ...documentHeaders(LOGIN_HTML), "WWW-Authenticate": ADMIN_CHALLENGE };
+    const cookie = { path: "/", httpOnly: true, sameSite: "Strict", secure: ctx.tls } as const;
+    /** A 303 back to the page that sets the session cookie (or clears it), and clears a token cookie of old. */
+    const toPage = (c: Context, session: string | undefined) => {
+      if (session === undefined) deleteCookie(c, ADMIN_COOKIE, cookie);
+      else setCookie(c, ADMIN_COOKIE, session, { ...cookie, maxAge: ADMIN_SESSION_SECONDS });
+      if (getCookie(c, TOKEN_COOKIE) !== undefined) deleteCookie(c, TOKEN_COOKIE, cookie);
+      c.header("Cache-Control", "no-store");
+      return c.redirect("./", 303);
+    };
+    app.use("*", async (c, next) => {
+      const path = c.req.path;
+      if (path === TUNNEL_PATH || path.startsWith(`${V86_PATH}/`) || path === "/healthz" || c.req.method === "OPTIONS") return next();
+      if ((path === LOGIN_PATH || path === LOGOUT_PATH) && c.req.method === "POST") return next();
+      const authorization = c.req.header("authorization");
+      if (authorization === undefined ? sessions.valid(getCookie(c, ADMIN_COOKIE)) : authenticate(authorization, admin)) return next();
+      // The login form is the way in: showing it is no failure, nor is a session that ended (it was no guess).
+      if (path === "/" && authorization === undefined) return c.html(LOGIN_HTML, 401, loginHeaders);
+      return refused(clientOf(c), path, authorization, () =>
+        path === "/" ? c.html(LOGIN_HTML, 401, loginHeaders) : c.text("unauthorized\n", 401, { "WWW-Authenticate": ADMIN_CHALLENGE }),
+      );
+    });
+    app.post(LOGIN_PATH, smallBody, async (c) => {
+      const token = new URLSearchParams(await c.req.text()).get("token") ?? "";
+      if (!authenticateToken(token, admin)) return refused(clientOf(c), "login", token || undefined, () => c.html(LOGIN_HTML.replace("<!--message-->", LOGIN_FAILED), 401, loginHeaders));
+      return toPage(c, sessions.start());
+    });
+    app.post(LOGOUT_PATH, (c) => {
+      sessions.end(getCookie(c, ADMIN_COOKIE));
+      return toPage(c, undefined);
+    });
+  }
+  // Nothing to hide in what a route allows; HAProxy's plain `option httpchk` asks this of /.
+  app.options("*", (c) => c.body(null, 204, { Allow: "GET, HEAD, POST, PUT, DELETE, OPTIONS" }));
+  app.get("/", (c) => c.html(page, 200, pageHeaders));
+  // A load balancer's check: a hub whose backplane is down cannot reach the other hubs' sites.
+  app.get("/healthz", (c) => {
+    const state = ctx.backplaneState();
+    return state !== undefined && state !== "up" ? c.text(`backplane ${state}\n`, 503) : c.text("ok\n");
+  });
+  /** A query's number or `all`; anything else means the default (undefined). */
+  const queryLimit = (value: string | undefined) => (value === "all" ? Infinity : value !== undefined && /^\d+$/.test(value) ? Number(value) : undefined);
+  app.get("/status", (c) => {
+    const query = searchOf(c.req.raw);
+    const q = (name: string) => queryLimit(query.get(name) ?? undefined);
+    return c.json(ctx.snapshot({ macs: q("macs"), networks: q("networks"), offset: q("offset"), ports: q("ports") }));
+  });
+  app.get("/metrics", (c) => {
+    const query = searchOf(c.req.raw);
+    const view: MetricsView = { ports: queryLimit(query.get("ports") ?? undefined) ?? METRICS_PORTS, networks: queryLimit(query.get("networks") ?? undefined) ?? METRICS_NETWORKS };
+    const text = renderMetrics(ctx.snapshot({ networks: 0 }), ctx.networks(), ctx.totals.collect(ctx.networks()), view, ctx.gateways());
+    return c.text(text, 200, { "Content-Type": "text/plain; version=0.0.4" });
+  });
+  // Link impairment at run time: PUT the spec as text, DELETE to restore the clean path.
+  const impairTarget = (path: string) => decodeURIComponent(path.slice("/impair/".length));
+  app.get("/impair", (c) => c.json(ctx.impairments.snapshot()));
+  app.put("/impair/*", async (c) => {
+    try {
+      const spec = parseImpairment(await c.req.text());
+      ctx.impairments.set(impairTarget(c.req.path), spec);
+      return c.text(`${formatImpairment(spec)}\n`);
+    } catch (error) {
+      return c.text(`${(error as Error).message}\n`, 400);
+    }
+  });
+  app.delete("/impair/*", (c) => {
+    try {
+      return ctx.impairments.set(impairTarget(c.req.path), undefined) ? c.body(null, 204) : c.text("no such impairment\n", 404);
+    } catch (error) {
+      return c.text(`${(error as Error).message}\n`, 400);
+    }
+  });
+  app.get("/capture", (c) => {
+    const request = parseCaptureRequest(searchOf(c.req.raw));
+    if (typeof request === "string") return c.text(`${request}\n`, 400);
+    // A capture may be quiet for long: no idle timeout, it ends when the reader or its limits do.
+    c.env.timeout(c.req.raw, 0);
+    const started = ctx.captures.open(request, clientOf(c).address);
+    if (typeof started === "string") return c.text(`${started}\n`, started.startsWith("no network") ? 404 : 429);
+    return new Response(started, { headers: { "Content-Type": "application/x-pcapng", "Cache-Control": "no-store" } });
+  });
+  /**
+   * The one way in for a WebSocket: the endpoint is on (a token is configured), the client (behind
+   * a trusted proxy, the one it names), what the endpoint checks first, the credential (a wrong one
+   * counts toward the throttle), what it checks of the grant, admission within the limits, the upgrade.
+   */
+  const upgrade = <D extends SocketData>(c: Context<{ Bindings: Server<SocketData> }>, gate: UpgradeGate<D>): Response => {
+    if (ctx.grants.length === 0) return c.text(`${gate.endpoint} endpoint disabled: no token configured\n`, 404);
+    const client = clientOf(c);
+    const early = gate.before?.(client);
+    if (early) return early;
+    const { given, grant } = gate.credential();
+    if (!grant) return refused(client, gate.what, given, () => c.text("unauthorized\n", 401, { "WWW-Authenticate": 'Bearer realm="edge-relay"' }));
+    const late = gate.after?.(grant, client);
+    if (late) return late;
+    const full = gate.admission.admit(client.address);
+    if (full !== undefined) return c.text(`${full}\n`, 503, { "Retry-After": "30" });
+    const upgraded = c.env.upgrade(c.req.raw, { data: gate.data(grant, client), headers: gate.headers });
+    return upgraded ? new Response(null) : c.text("expected a WebSocket upgrade\n", 426);
+  };
+  app.get(TUNNEL_PATH, (c) => {
+    const authorization = c.req.header("authorization");
+    return upgrade(c, {
+      endpoint: "tunnel",
+      what: "tunnel",
+      credential: () => ({ given: authorization, grant: authenticate(authorization, ctx.grants) }),
+      after() {
+        const offered = (c.req.header("sec-websocket-protocol") ?? "").split(",").map((s) => s.trim());
+        return offered.includes(TUNNEL_PROTOCOL) ? undefined : c.text(`expected subprotocol ${TUNNEL_PROTOCOL}\n`, 400);
+      },
+      admission: ctx.tunnels.admission,
+      data: (grant, client): TunnelData => ({ grant, peer: formatClient(client), address: client.address }),
+      headers: { "Sec-WebSocket-Protocol": TUNNEL_PROTOCOL },
+    });
+  });
+  // v86's NIC: the token in the query string (all a browser's WebSocket can send) or a header.
+  // Only the path is ever logged: the query string holds the token.
+  app.get(`${V86_PATH}/:network`, (c) => {
+    const name = c.req.param("network");
+    const where = `v86 ${V86_PATH}/${name}`;
+    const origin = c.req.header("origin");
+    const shownOrigin = origin === undefined ? "" : ` (origin ${originOf(origin) === origin ? origin : JSON.stringify(origin.slice(0, 100))})`;
+    const header = c.req.header("authorization");
+    return upgrade(c, {
+      endpoint: "v86",
+      what: where,
+      before(client) {
+        if (!NETWORK_NAME.test(name)) return c.text("not a network name\n", 404);
+        if (ctx.v86.originAllowed(origin)) return undefined;
+        refusals.log(`${where}: refused ${formatClient(client)}${shownOrigin}: origin not allowed`);
+        return c.text("origin not allowed\n", 403);
+      },
+      credential() {
+        if (header !== undefined) return { given: header, grant: authenticate(header, ctx.grants) };
+        const token = searchOf(c.req.raw).get("token");
+        return { given: token ?? undefined, grant: authenticateToken(token, ctx.grants) };
+      },
+      after(grant, client) {
+        if (!grant.networks || grant.networks.has(name)) return undefined;
+        refusals.log(`${where}: refused ${formatClient(client)}: network not allowed for this token`);
+        return c.text("network not allowed for this token\n", 403);
+      },
+      admission: ctx.v86.admission,
+      data: (grant, client): V86Data => ({ v86: true, network: name, grant, peer: `${formatClient(client)}${shownOrigin}`, address: client.address }),
+    });
+  });
+  return app;
+}
+
+/** POST /invites {"networks": [...]}, GET /invites, DELETE /invites/ID: behind the admin token like every other route. */
+function mountInvites(app: Hono<{ Bindings: Server<SocketData> }>, dir: string): void {
+  app.get("/invites", (c) => c.json(listInvites(dir)));
+  app.post("/invites", smallBody, async (c) => {
+    let networks: unknown;
+    try {
+      networks = JSON.parse(await c.req.text())?.networks;
+    } catch {
+      networks = undefined;
+    }
+    if (!Array.isArray(networks) || !networks.every((n) => typeof n === "string")) return c.text('expected {"networks": ["NET", …]}\n', 400);
+    try {
+      return c.json(addInvite(dir, networks), 201);
+    } catch (error) {
+      return c.text(`${(error as Error).message}\n`, error instanceof ConfigError ? 400 : 500);
+    }
+  });
+  app.delete("/invites/:id", (c) => (revokeInvite(dir, c.req.param("id")) ? c.body(null, 204) : c.text("no such invite\n", 404)));
 }
 
 // ───────────────────────────── lifecycle ─────────────────────────────
@@ -10410,7 +10464,7 @@ function configOf(flags: Flags, env: Record<string, string | undefined>): Config
 /** A locally administered MAC in QEMU's range, fresh each call: VMs started from one hint must differ. */
 function randomVmMac(): string {
   const [a, b, c] = crypto.getRandomValues(new Uint8Array(3));
-  return ["52", "54", "00", a!, b!, c!].map((x) => (typeof x === "string" ? x : x.toString(16).padStart(2, "0"))).join(":");
+  return formatMac(0x5254_0000_0000 + ((a! << 16) | (b! << 8) | c!));
 }
 
 /** QEMU's stream/dgram address options for a socket address, e.g. `addr.type=inet,addr.host=…,addr.port=…`. */
@@ -10590,6 +10644,36 @@ function programName(): string {
   const bun = Bun.which("bun", { PATH });
   const global = !process.execPath.includes("/node_modules/") || (bun !== null && realpathSync(bun) === realpathSync(process.execPath));
   return `${global ? "" : "npx "}bun ${basename(Bun.main)}`;
+}
+
+/**
+ * --invite, --invites and --revoke: run against the hub in the state directory, print, and give
+ * the exit status (2: a bad request, 1: the state could not be read or written).
+ */
+function runHubCommand(flags: Flags, stateDir: string | undefined, program: string): number {
+  const option = flags.invite !== undefined ? flagOf("invite") : flags.revoke !== undefined ? flagOf("revoke") : flagOf("invites");
+  if (stateDir === undefined) {
+    console.error(`edge-relay: ${option}: needs ${flagOf("stateDir")} DIR (or STATE_DIRECTORY), the hub's`);
+    return 2;
+  }
+  try {
+    if (typeof flags.invite === "string") {
+      const invite = addInvite(stateDir, flags.invite.split(",").map((n) => n.trim()));
+      console.log(`invite ${invite.id} (networks: ${invite.networks.join(", ")}); on that site, run: ${program} --join ${invite.join}`);
+    } else if (typeof flags.revoke === "string") {
+      if (!revokeInvite(stateDir, flags.revoke)) {
+        console.error(`edge-relay: ${option}: no token ${JSON.stringify(flags.revoke)} in ${stateDir} (see ${flagOf("invites")})`);
+        return 2;
+      }
+      console.log(`revoked ${flags.revoke}: a running hub closes its tunnels and v86 ports now`);
+    } else {
+      for (const t of listInvites(stateDir)) console.log(`${t.id}\t${t.networks?.join(",") ?? "(every network)"}\t${t.created}`);
+    }
+    return 0;
+  } catch (error) {
+    console.error(`edge-relay: ${option}: ${(error as Error).message}`);
+    return error instanceof ConfigError ? 2 : 1;
+  }
 }
 
 /**

@@ -167,6 +167,7 @@ describe("CLI", () => {
       ["--uplink-proxy", "uplinkProxy", "http//proxy:3128", "expected http://[USER:PASSWORD@]HOST:PORT"],
       ["--uplink-proxy", "uplinkProxy", "[::1", "expected http://[USER:PASSWORD@]HOST:PORT"],
       ["--backplane", "backplane", "", "expected nats://HOST:PORT, got an empty value"],
+      ["--backplane", "backplane", "nats://127.0.0.1:4222,", "expected nats://HOST:PORT, got an empty value"],
       ["--backplane", "backplane", "[::1]:4222", "expected nats://HOST:PORT or tls://HOST:PORT; credentials go in --backplane-token or --backplane-creds, not the URL"],
     ];
     for (const [flag, key, value, message] of cases) {
@@ -176,6 +177,13 @@ describe("CLI", () => {
       await Bun.write(`${dir.path}/c.json`, JSON.stringify({ [key]: key === "backplane" ? [value] : value }));
       expect(await runCli([...args, "--config", `${dir.path}/c.json`])).toEqual({ stdout: "", stderr: `edge-relay: ${flag}: ${message}\n`, code: 2 });
     }
+  });
+
+  test("comma-listed options (--backplane, --trusted-proxy) take every item of every value, in order; a stray comma is refused", () => {
+    expect(parseConfig({ backplane: ["nats://n1:4222, tls://n2:4222", "nats://n3:4222"] }).backplane).toEqual(["nats://n1:4222", "tls://n2:4222", "nats://n3:4222"]);
+    expect(parseConfig({ trustedProxies: [" 10.0.0.0/8 ,::1"] }).trustedProxies.map((r) => `${r.address}/${r.prefix}`)).toEqual(["10.0.0.0/8", "::1/128"]);
+    expect(() => parseConfig({ trustedProxies: ["10.0.0.0/8,,::1"] })).toThrow("--trusted-proxy: expected an address or a CIDR range like 10.0.0.0/8 or fd00::/8, got an empty value");
+    expect(() => parseConfig({ backplane: [",nats://n1:4222"] })).toThrow("--backplane: expected nats://HOST:PORT, got an empty value");
   });
 
   test("config-file values of the wrong type get one line in the relay's words, and a secret is never quoted", async () => {

@@ -5,7 +5,7 @@
  */
 import { describe, expect, test } from "bun:test";
 import { mkdirSync, readFileSync, readdirSync } from "node:fs";
-import { GatewayHost, Network, loadConfig, resolveDhcpNetwork, type Config, type DhcpNetworkSpec } from "../relay.ts";
+import { GatewayHost, Network, loadConfig, parseConfig, resolveDhcpNetwork, type Config, type DhcpNetworkSpec } from "../relay.ts";
 import { CapturePort, GATEWAY, TYPE, arpFrame, ask, dhcpFrame, dhcpMessage, dnsQuery, gatewayMacOf, ip, ipFrame, ipText, isAnnouncement, isArp, lease, optIp, optText, optU32, readDhcp, reply, senderMac, sum16, udpFrame } from "./dhcp-packets.ts";
 import { RELAY, attachVm, freePort, mac, recipe, spawnRelay, tempDir, uplinkUp, waitUntil, type RelayProcess, scenario } from "./helpers.ts";
 
@@ -409,6 +409,22 @@ describe("--dhcp options", () => {
       .toMatchObject({ gateway: ip("10.9.0.254"), first: ip("10.9.0.100"), last: ip("10.9.0.199"), leaseSeconds: 1800, domain: "example.test" });
     expect(resolveDhcpNetwork({ network: "lab", cidr: "10.9.0.0/24", range: "10.9.1.1-10.9.1.5" })).toBe('range start "10.9.1.1" is not a host address of 10.9.0.0/24');
     expect(resolveDhcpNetwork({ network: "lab", cidr: "10.9.0.0/31" })).toStartWith("expected an IPv4 CIDR from /8 to /30");
+    for (const edge of ["10.9.0.0", "10.9.0.255"]) expect(resolveDhcpNetwork({ network: "lab", cidr: "10.9.0.0/24", gateway: edge })).toBe(`gateway "${edge}" is not a host address of 10.9.0.0/24`);
+  });
+
+  test("a reservation must be a host address of a --dhcp network other than its gateway", () => {
+    const problem = (address: string) => {
+      try {
+        parseConfig({ dhcp: ["lab=10.9.0.0/24", "big=10.10.0.0/16"], dhcpHosts: [`52:54:00:00:00:01,${address}`] });
+        return "";
+      } catch (error) {
+        return (error as Error).message;
+      }
+    };
+    expect(problem("10.9.0.5")).toBe("");
+    expect(problem("10.10.200.1")).toBe("");
+    expect(problem("10.11.0.5")).toBe("--dhcp-host (dhcpHosts[0]): 10.11.0.5 is in no --dhcp network");
+    for (const address of ["10.9.0.0", "10.9.0.255", "10.9.0.1", "10.10.255.255"]) expect(problem(address)).toEndWith(`: ${address} is not an address ${address.startsWith("10.9.") ? "lab" : "big"} can lease`);
   });
 
   test("the README's recipe \"boot any image into a network\" passes the option checks, with --dhcp on the hub only", async () => {
@@ -496,6 +512,65 @@ describe("GatewayHost with a fake clock", () => {
     expect((await exchange("52:54:00:00:00:72"))?.yiaddr).toBe("10.9.0.10");
     expect(lines.filter((l) => l.includes(" is 10.9.0.10 "))).toEqual(["lab: 52:54:00:00:00:71 is 10.9.0.10 at here", "lab: 52:54:00:00:00:72 is 10.9.0.10 at here"]);
     host.close();
+  });
+});
+
+describe("GatewayHost's lease file", () => {
+  const spec = resolveDhcpNetwork({ network: "lab", cidr: "10.9.0.0/24" }) as DhcpNetworkSpec;
+  const expires = Date.now() + 3_600_000;
+  const record = (mac: string, address: string, extra: Record<string, unknown> = {}) => ({ mac, address, name: null, state: "bound", expires, port: "lab/1", site: "here", ...extra });
+  /** Starts a host on `file` (text, or JSON of an object): its warnings, its leases' MACs, and whether it left the file as it was. */
+  const startOn = async (file: unknown) => {
+    await using dir = await tempDir();
+    const path = `${dir.path}/dhcp-lab.json`;
+    const text = typeof file === "string" ? file : JSON.stringify(file);
+    await Bun.write(path, text);
+    const warnings: string[] = [];
+    const host = new GatewayHost({ spec, reservations: [], relayName: "here", stateDir: dir.path, log: { info: () => {}, warn: (l) => warnings.push(l.replaceAll(dir.path, "DIR")) } });
+    const macs = host.dhcpSnapshot().leases.map((l) => l.mac);
+    const kept = readFileSync(path, "utf8") === text;
+    host.close();
+    return { warnings, macs, kept };
+  };
+
+  test("entries that are damaged or do not fit are left out, counted in one line; the rest are kept", async () => {
+    const good = { version: 1, network: "lab", cidr: "10.9.0.0/24", mac: "02:00:00:00:00:01", leases: [record("52:54:00:00:00:01", "10.9.0.11", { name: "ok" })] };
+    expect(await startOn(good)).toEqual({ warnings: [], macs: ["52:54:00:00:00:01"], kept: true });
+    const damaged = [
+      record("52:54:00:00:00:02", "10.9.0.12", { expires: "soon" }),
+      record("not a mac", "10.9.0.13"),
+      record("52:54:00:00:00:04", "10.9.0"),
+      record("52:54:00:00:00:05", "10.9.0.15", { state: "offered" }),
+      record("52:54:00:00:00:06", "10.9.1.16"),
+      record("52:54:00:00:00:07", "10.9.0.17", { extra: true }),
+      "52:54:00:00:00:08",
+      record("52:54:00:00:00:09", "10.9.0.19", { name: "Not A Label!" }),
+    ];
+    const { warnings, macs } = await startOn({ ...good, leases: [...good.leases, ...damaged] });
+    expect(macs).toEqual(["52:54:00:00:00:01", "52:54:00:00:00:09"]);
+    expect(warnings).toEqual(["lab: 7 entries of DIR/dhcp-lab.json do not fit the network as configured and were left out"]);
+  });
+
+  test("a file that is not JSON, or not a lease file, is one line and left as it is; the host starts without its leases", async () => {
+    expect(await startOn("{ not json")).toEqual({ warnings: ["lab: the lease file DIR/dhcp-lab.json is unreadable or not JSON; starting without its leases"], macs: [], kept: true });
+    const lease = record("52:54:00:00:00:01", "10.9.0.11");
+    for (const [file, at] of [
+      [42, "the top"],
+      [[lease], "version"],
+      [{ version: 2, network: "lab", cidr: "10.9.0.0/24", leases: [lease] }, "version"],
+      [{ version: 1, network: "lab", cidr: "10.9.0.0/24", leases: { 0: lease } }, "leases"],
+      [{ version: 1, network: "lab", cidr: "10.9.0.0/24", mac: 7, leases: [lease] }, "mac"],
+      [{ version: 1, network: "lab", cidr: "10.9.0.0/24", leases: [lease], more: 1 }, "more"],
+    ] as const) {
+      expect(await startOn(file)).toEqual({ warnings: [`lab: DIR/dhcp-lab.json is not a lease file (at ${at}); starting without its leases`], macs: [], kept: true });
+    }
+  });
+
+  test("a file without the gateway's MAC, or with one that is not a unicast MAC, keeps its leases and gets a MAC written", async () => {
+    for (const mac of [undefined, "01:00:5e:00:00:01", "nonsense"]) {
+      const { warnings, macs, kept } = await startOn({ version: 1, network: "lab", cidr: "10.9.0.0/24", mac, leases: [record("52:54:00:00:00:01", "10.9.0.11")] });
+      expect({ warnings, macs, kept }).toEqual({ warnings: [], macs: ["52:54:00:00:00:01"], kept: false });
+    }
   });
 });
 

@@ -19,8 +19,8 @@ const INTERNAL = [
   "StreamWriter", "SwitchPolicy", "TunnelLink", "UNIX_DGRAM_BACKLOG", "UNIX_DGRAM_MESSAGE_COST", "addInvite",
   "backplaneSubject", "clientAddress", "dataHeader", "decodeArp", "decodeDhcp", "decodeIpv4", "decodeTunnelMessage",
   "decodeUdp", "encodeControl", "encodeFrames", "environmentFileValue", "flagOf", "formatClient", "formatImpairment",
-  "formatMac", "helpText", "hpubRoom", "hubStartLines", "listInvites", "macKey", "natsHeaderBlock", "noProxyMatches",
-  "openHubState", "openUnixDgram", "parseCidr", "parseControl", "parseHostPort", "parseImpairment", "rateLimitedLog",
+  "formatMac", "helpText", "hpubRoom", "hubStartLines", "listInvites", "macBytes", "macKey", "natsHeaderBlock", "noProxyMatches",
+  "openHubState", "openUnixDgram", "parseCidr", "parseControl", "parseHostPort", "parseImpairment", "parseMac", "rateLimitedLog",
   "renderMetrics", "resolveDhcpNetwork", "selfSignedCertificate", "statusNetworks", "trustedProxyList", "uplinkProxy", "withHubLock",
   "withoutUserinfo", "writeHpub",
 ];

@@ -5,10 +5,12 @@
  * their own (tests/fixtures), so nothing in this test process paces the transfer.
  */
 import { describe, expect, test } from "bun:test";
-import { uplinkUp, waitUntil, type RelayProcess, scenario } from "./helpers.ts";
+import { readFileSync } from "node:fs";
+import { attachVm, makeFrame, tempDir, uplinkUp, waitUntil, type RelayProcess, scenario } from "./helpers.ts";
 
 const TOKEN = "flow-test-token-0123456789";
-const [SENDER, SINK] = ["02:00:00:00:71:01", "02:00:00:00:71:02"];
+const [SENDER, SINK, MARKER] = ["02:00:00:00:71:01", "02:00:00:00:71:02", "02:00:00:00:71:03"];
+const QUEUE_BYTES = 262_144;
 /** 40 MB at 40,000 frames/s: far more than the kernel's socket buffers hold, read in about a second. */
 const N = 40_000;
 const SIZE = 1000;
@@ -19,11 +21,13 @@ const fixture = (name: string) => new URL(`./fixtures/${name}`, import.meta.url)
 const ports = async (relay: RelayProcess) => (await relay.status()).networks.flatMap((n: any) => [...n.ports, ...n.closedPorts]);
 
 /**
- * Starts the slow VM on `to`, waits until `from` has learned its MAC (so the transfer is unicast, not
- * a flood), then the unpaced sending VM on `from`.
+ * Starts the slow VM on `to` (at `sinkAt`, else its TCP --qemu-listen port; a frame from `end` ends
+ * its count), waits until `from` has learned its MAC (so the transfer is unicast, not a flood), then
+ * the unpaced sending VM on `from`.
  */
-async function transfer(from: RelayProcess, to: RelayProcess, sinkRate = SINK_RATE) {
-  const sink = Bun.spawn([process.execPath, fixture("frame-sink.ts"), String(to.port("qemu-listen")), String(N), SENDER, SINK, String(sinkRate)], {
+async function transfer(from: RelayProcess, to: RelayProcess, sinkRate = SINK_RATE, { sinkAt, end }: { sinkAt?: string; end?: string } = {}) {
+  const at = sinkAt ?? String(to.port("qemu-listen"));
+  const sink = Bun.spawn([process.execPath, fixture("frame-sink.ts"), at, String(N), SENDER, SINK, String(sinkRate), ...(end ? [end] : [])], {
     stdout: "pipe",
     stderr: "inherit",
   });
@@ -58,9 +62,9 @@ describe("--flow-control", () => {
     expect(await (await fetch(`${relay.base}/metrics`)).text()).toMatch(/^edge_relay_port_pauses_total\{[^}]*\} [1-9]\d*$/m);
   });
 
-  test("off: the same transfer loses frames at the slow reader's queue, counted, and nothing is paused", async () => {
-    await using relay = await scenario().listen().noProbe().with("--queue-bytes", "262144", "--flow-control", "off").spawn();
-    using _ = await transfer(relay, relay);
+  test("off: the same transfer loses frames at the slow reader's queue, each one counted, and nothing is paused", async () => {
+    await using relay = await scenario().listen().noProbe().with("--queue-bytes", String(QUEUE_BYTES), "--flow-control", "off").spawn();
+    using t = await transfer(relay, relay, SINK_RATE, { end: MARKER });
     const slow = await waitUntil(async () => {
       const all = await ports(relay);
       const sender = all.find((p: any) => p.rx.frames === N);
@@ -68,14 +72,37 @@ describe("--flow-control", () => {
       return sender && sink && { sender, sink };
     }, `all ${N} frames read, then sent or dropped toward the slow VM`, 15_000);
     expect((await relay.status()).limits.flowControl).toBe(false);
-    expect(slow.sink.tx.drops).toBeGreaterThan(0);
     expect(slow.sender.flow.pauses).toBe(0);
+    // A marker behind the transfer: when the slow VM reads it, it has read every frame queued before
+    // it. One the full queue refuses is counted too, and sent again.
+    await using marker = await attachVm(relay);
+    const sinkTx = async () => (await ports(relay)).find((p: any) => p.id === slow.sink.id).tx;
+    let refused = 0;
+    for (let sent = false; !sent; ) {
+      const before = await sinkTx();
+      marker.send(makeFrame(SINK, MARKER));
+      const after = await waitUntil(async () => {
+        const tx = await sinkTx();
+        return tx.frames + tx.drops > before.frames + before.drops && tx;
+      }, "the marker sent or dropped toward the slow VM");
+      sent = after.drops === before.drops;
+      if (!sent) refused++;
+    }
+    expect(await t.sink.exited).toBe(0);
+    const received = Number(/^received (\d+)$/m.exec(await t.output)?.[1]);
+    const drops = (await sinkTx()).drops - refused;
+    expect(received).toBeLessThan(N);
+    expect(drops).toBe(N - received);
   });
 
-  test("a VM that stops reading is given up on after a second: its excess drops, counted, and the sender goes on", async () => {
-    await using relay = await scenario().listen().noProbe().with("--queue-bytes", "262144").spawn();
+  test("a VM that stops reading is given up on after a second: what its queue and socket cannot hold drops, counted, and the sender goes on", async () => {
+    // The stopped VM on a unix socket: what the kernel holds for it is bounded by the relay's send
+    // buffer (the default, net.core.wmem_default), so the frames that cannot fit are known.
+    await using dir = await tempDir();
+    const path = `${dir.path}/sink.sock`;
+    await using relay = await scenario().listen().noProbe().with("--qemu-listen", `unix:${path}`, "--queue-bytes", String(QUEUE_BYTES)).spawn();
     // One frame a second: after its first read the VM reads nothing for minutes.
-    using _ = await transfer(relay, relay, 1);
+    using t = await transfer(relay, relay, 1, { sinkAt: `unix:${path}` });
     const done = await waitUntil(async () => {
       const all = await ports(relay);
       const sender = all.find((p: any) => p.rx.frames === N);
@@ -87,7 +114,15 @@ describe("--flow-control", () => {
     expect(done.sender.flow).toMatchObject({ waitingFor: null, stalls: 0 });
     expect(done.sender.flow.pauses).toBeGreaterThan(0);
     expect(done.sink.flow.stalls).toBe(1);
-    expect(done.sink.tx.drops).toBeGreaterThan(0);
+    t.sink.kill();
+    const read = Number(/^read (\d+)$/m.exec(await t.output)?.[1]);
+    // Held between the relay and the stopped VM: its queue; the socket's send buffer, and at most half
+    // a buffer more that the kernel takes in its last write (an skb is under half of it); a frame
+    // the VM has read in part.
+    const sendBuffer = Number(readFileSync("/proc/sys/net/core/wmem_default", "utf8"));
+    const held = Math.ceil((QUEUE_BYTES + 1.5 * sendBuffer) / (4 + 14 + SIZE)) + 1;
+    expect(done.sink.tx.drops).toBeGreaterThanOrEqual(N - read - held);
+    expect(done.sink.tx.drops).toBeLessThanOrEqual(N - read);
   });
 
   test("through site A → hub → site B the pause travels back hop by hop: nothing is lost", async () => {

@@ -11,9 +11,11 @@ import {
   encodeControl,
   encodeFrames,
   formatMac,
+  macBytes,
   macKey,
   parseControl,
   parseHostPort,
+  parseMac,
 } from "../relay.ts";
 import { makeFrame, mac } from "./helpers.ts";
 
@@ -200,6 +202,15 @@ describe("macKey", () => {
       expect(formatMac(macKey(mac(text), 0))).toBe(text);
     }
     expect(macKey(mac("00:00:00:00:00:01"), 0)).not.toBe(macKey(mac("00:00:00:00:01:00"), 0));
+  });
+
+  test("parseMac reads the text macKey's number is written as, either case, ':' or '-'; macBytes gives the bytes back", () => {
+    for (const text of ["00:00:00:00:00:00", "ff:ff:ff:ff:ff:ff", "52:54:00:12:34:56", "80:00:00:00:00:01", "00:00:80:00:00:00"]) {
+      expect(parseMac(text)).toBe(macKey(mac(text), 0));
+      expect(macBytes(parseMac(text)!)).toEqual(mac(text));
+    }
+    expect(parseMac("52-54-00-AB-cd-EF")).toBe(parseMac("52:54:00:ab:cd:ef")!);
+    for (const bad of ["", "52:54:00:12:34", "52:54:00:12:34:56:78", "52:54:00:12:34:5g", "525400123456", " 52:54:00:12:34:56"]) expect(parseMac(bad)).toBeUndefined();
   });
 });
 

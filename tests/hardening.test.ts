@@ -406,6 +406,18 @@ describe("the memory budget's dynamic threshold", () => {
     expect(budget.take(200, 200)).toBe(true);
     expect([budget.used, budget.drops]).toEqual([800, 2]);
   });
+
+  test("admit refuses what passes the port's own bound without charging or counting a budget drop, then asks the budget", () => {
+    const budget = new MemoryBudget(1000);
+    expect(budget.admit(101, 0, 100)).toBe(false);
+    expect(budget.admit(50, 60, 100)).toBe(false);
+    expect([budget.used, budget.drops]).toEqual([0, 0]);
+    expect(budget.admit(40, 60, 100)).toBe(true);
+    expect(budget.used).toBe(40);
+    const tight = new MemoryBudget(100);
+    expect(tight.admit(60, 50, 1000)).toBe(false);
+    expect([tight.used, tight.drops]).toEqual([0, 1]);
+  });
 });
 
 /** Python: opens `count` connections to the unix socket `path`, says so, and never reads. */
