@@ -97,7 +97,8 @@
  * Cut-through, the fast path: a stream chunk's or a tunnel or backplane message's whole frames first
  * try `Network.forwardRun`, which sends a run of unicast frames to one known port that takes runs
  * (`Port.enqueueRun`: stream, tunnel and backplane ports) as the bytes they came in, no view or copy
- * per frame; whatever it cannot take (a flood, a capture, an impairment) goes frame by frame as above.
+ * per frame; from the first frame it cannot take (a flood, a capture, an impairment) the rest goes
+ * frame by frame as above, the frames before it still as a run.
  *
  * Flow control: when a unicast frame's destination port is past half its queue bound,
  * `Network.forward` calls `from.waitFor(to)`: the source stops reading its peer (a StreamPort pauses
@@ -3313,10 +3314,11 @@ export class Network {
    * 4-byte length and the frame) as they are, without a view or a copy per frame, when every one is
    * unicast from a source already learned on `from` to one destination port that takes runs, and
    * no capture, impairment or loop block is in the way. Learning, counters and flow control end as
-   * forward() frame by frame would leave them. Returns the offset after the frames forwarded:
-   * `start` when the run needs forward() (nothing was forwarded). `message`: `block` is a message
-   * of the tunnel framing and `start` is just past its header (free to overwrite): a run to `end`
-   * may go on as that message.
+   * forward() frame by frame would leave them. Returns the offset after the frames forwarded: the
+   * frames before the first that cannot go this way (or that would make the run too long) go as a
+   * run, and that frame and the rest are the caller's (`start` when nothing was forwarded).
+   * `message`: `block` is a message of the tunnel framing and `start` is just past its header (free
+   * to overwrite): a run to `end` may go on as that message.
    */
   forwardRun(block: Uint8Array, start: number, end: number, from: Port, message: boolean): number {
     if (this.captures !== null || from.impairIn !== undefined || from.state !== "up") return start;
@@ -3331,14 +3333,14 @@ export class Network {
       const length = ((block[i]! << 24) | (block[i + 1]! << 16) | (block[i + 2]! << 8) | block[i + 3]!) >>> 0;
       if (length > end - i - 4) break;
       // Runts, broadcast and multicast take forward()'s checks (storm control, probes, flooding);
-      // a length over the maximum is the decoder's to refuse.
-      if (length < MIN_FRAME || length > MAX_FRAME || (block[i + 4]! & 1) !== 0) return start;
+      // a length over the maximum is the decoder's to refuse. The frames before it still go as a run.
+      if (length < MIN_FRAME || length > MAX_FRAME || (block[i + 4]! & 1) !== 0) break;
       const src = macKey(block, i + 10);
       if (src !== lastSrc) {
         // A source new here or moving here goes through #learn (port security, flaps); a known one is refreshed.
         if ((block[i + 10]! & 1) === 0) {
           const entry = macs.get(src);
-          if (entry === undefined || entry.port !== from) return start;
+          if (entry === undefined || entry.port !== from) break;
           this.#refresh(src, entry, now);
         }
         lastSrc = src;
@@ -3348,11 +3350,12 @@ export class Network {
       const dst = macKey(block, i + 4);
       if (dst !== lastDst) {
         const entry = macs.get(dst);
-        if (entry === undefined || now - entry.seen >= this.ageingMs) return start;
+        if (entry === undefined || now - entry.seen >= this.ageingMs) break;
         if (to === undefined) {
-          to = entry.port;
-          if (to === from || to.state !== "up" || !to.takesRuns || to.impairOut !== undefined || 4 + length > to.maxRun) return start;
-        } else if (entry.port !== to) return start;
+          const port = entry.port;
+          if (port === from || port.state !== "up" || !port.takesRuns || port.impairOut !== undefined || 4 + length > port.maxRun) break;
+          to = port;
+        } else if (entry.port !== to) break;
         lastDst = dst;
       }
       frames++;
