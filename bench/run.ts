@@ -1,12 +1,15 @@
 /**
  * `npm run bench` = `npx bun bench/run.ts [case ...] [--json FILE]`
  *
- * Cases (all by default): selftest tcp1500 tcp1500-observed local tcp64k udp latency fanout memory backplane.
+ * Cases (all by default): selftest tcp1500 tcp1500-observed local tcp64k udp latency fanout memory backplane scale transport.
  * (`backplane`: site A → hub 1 → NATS → hub 2 → site B against the single-hub chain, 1500 B.)
  * (`tcp1500-observed`: the tcp1500 chain plain, with a live capture on site A read flat out, and
  * with `--impair uplink=delay 1ms` on site A; ratios to the plain runs of the same run.)
  * (`local`: one relay as a plain switch, gen and sink on the same --qemu-listen: the switch's own cost
  * without the tunnel.)
+ * (`transport`: no relay; the tunnel's messages, 32 × 1500 B frames or one 64 KiB frame, one way
+ * over a WebSocket (plain, TLS), a TLS stream and plain TCP, 2.5 s each (BENCH_TRANSPORT_SECONDS):
+ * what the transport itself costs each end of a hop, against plain TCP in the same run.)
  * (`flow`: unpaced 1500 B goodput through the chain with --flow-control on and off, against the
  * chain's lossless paced rate without it.)
  * Each case runs the direct baseline (generator → sink) and the relay chain
@@ -21,7 +24,7 @@
  *      BENCH_SCALE_RECONNECT (1000), BENCH_SCALE_CLIENTS (load-client processes per kind, 4).
  */
 import { existsSync } from "node:fs";
-import { RELAY, freePort, spawnRelay, startNats, waitUntil, type RelayProcess } from "../tests/helpers.ts";
+import { RELAY, freePort, spawnRelay, startNats, testCertificate, waitUntil, type RelayProcess } from "../tests/helpers.ts";
 import { openTunnels } from "./tunnels.ts";
 
 const PEER = new URL("./peer.ts", import.meta.url).pathname;
@@ -41,7 +44,7 @@ for (let i = 0; i < argv.length; i++) {
   if (argv[i] === "--json") jsonOut = argv[++i];
   else wanted.push(argv[i]!);
 }
-const ALL = ["selftest", "tcp1500", "tcp1500-observed", "flow", "local", "tcp64k", "udp", "latency", "fanout", "memory", "backplane", "scale"];
+const ALL = ["selftest", "tcp1500", "tcp1500-observed", "flow", "local", "tcp64k", "udp", "latency", "fanout", "memory", "backplane", "scale", "transport"];
 for (const w of wanted) if (!ALL.includes(w)) throw new Error(`unknown case ${w}; cases: ${ALL.join(" ")}`);
 const cases = wanted.length ? wanted : ALL;
 const haveRelay = existsSync(RELAY);
@@ -1304,6 +1307,96 @@ async function scaleCase() {
   }
 }
 
+// ------------------------------------------------------------------------------------ transport
+const TRANSPORT = new URL("./transport.ts", import.meta.url).pathname;
+const TRANSPORT_SECONDS = Number(process.env.BENCH_TRANSPORT_SECONDS ?? 2.5);
+
+interface Leg {
+  mbps: number;
+  frames: number;
+  /** CPU µs per frame, user and kernel, of the sender (s) and the receiver (r). */
+  su: number;
+  sk: number;
+  ru: number;
+  rk: number;
+}
+
+/** One transport, flat out for TRANSPORT_SECONDS after half a second's warm-up: MB/s and each end's CPU per frame. */
+async function transportLeg(kind: string, messageBytes: number, framesPerMessage: number, cert: { ca: string; pem: string }): Promise<Leg> {
+  const tls = kind === "wss" || kind === "tls";
+  const recv = new Peer(`transport-recv-${kind}`, ["recv", kind, ...(tls ? [cert.pem] : [])], TRANSPORT);
+  let send: Peer | undefined;
+  try {
+    const { port } = await recv.wait("listening");
+    send = new Peer(`transport-send-${kind}`, ["send", kind, String(port), String(messageBytes), ...(tls ? [cert.ca] : [])], TRANSPORT);
+    await send.wait("connected");
+    send.send("go");
+    await Bun.sleep(500);
+    const snap = async () => {
+      const { bytes, messages } = await recv.request("count", "count");
+      return { t: performance.now(), bytes: bytes as number, messages: messages as number, s: cpuSeconds(send!.pid), sSys: cpuSeconds(send!.pid, "sys"), r: cpuSeconds(recv.pid), rSys: cpuSeconds(recv.pid, "sys") };
+    };
+    const a = await snap();
+    await Bun.sleep(TRANSPORT_SECONDS * 1000);
+    const b = await snap();
+    const frames = (b.messages - a.messages) * framesPerMessage;
+    if (frames <= 0) throw new Error(`transport ${kind}: nothing arrived`);
+    const us = (x: number) => (x / frames) * 1e6;
+    return {
+      mbps: (b.bytes - a.bytes) / 1e6 / ((b.t - a.t) / 1000),
+      frames,
+      su: us(b.s - b.sSys - (a.s - a.sSys)),
+      sk: us(b.sSys - a.sSys),
+      ru: us(b.r - b.rSys - (a.r - a.rSys)),
+      rk: us(b.rSys - a.rSys),
+    };
+  } finally {
+    await send?.stop();
+    await recv.stop();
+  }
+}
+
+/**
+ * What the tunnel's transport costs a hop, without the relay: the same tunnel-sized messages one
+ * way over a WebSocket (plain and TLS, Bun.serve ← Bun's client, as hub and site), a TLS stream
+ * and plain TCP (Bun.listen ← Bun.connect), each end its own process; ratios against plain TCP.
+ */
+async function transportCase() {
+  const label = "transport";
+  const dir = (await Bun.$`mktemp -d /tmp/edge-relay-bench.XXXXXX`.text()).trim();
+  try {
+    const cert = await testCertificate(dir);
+    const sizes: [string, number, number][] = [
+      ["32 × 1500 B frames a message", 3 + 32 * (4 + 1500), 32],
+      ["one 64 KiB frame a message", 3 + 4 + 65536, 1],
+    ];
+    const kinds: [string, string][] = [
+      ["tcp", "plain TCP stream"],
+      ["tls", "TLS stream (Bun.listen ← Bun.connect)"],
+      ["ws", "WebSocket (Bun.serve ← WebSocket client)"],
+      ["wss", "WebSocket over TLS"],
+    ];
+    const results: Record<string, Record<string, Leg>> = {};
+    for (const [what, bytes, frames] of sizes) {
+      const legs: Record<string, Leg> = (results[what] = {});
+      for (const [kind] of kinds) legs[kind] = await transportLeg(kind, bytes, frames, cert);
+      const tcp = legs.tcp!;
+      for (const [kind, name] of kinds) {
+        const l = legs[kind]!;
+        row({
+          case: label,
+          metric: `${what}: ${name}: MB/s; CPU µs/frame, sender / receiver, user (u) + kernel (k)`,
+          chain: `${si(l.mbps)} MB/s; sender ${f2(l.su)} u + ${f2(l.sk)} k / receiver ${f2(l.ru)} u + ${f2(l.rk)} k`,
+          ratio: kind === "tcp" ? "" : `MB/s ${f2(l.mbps / tcp.mbps)}×, sender u+k ${f2((l.su + l.sk) / (tcp.su + tcp.sk))}×, receiver u+k ${f2((l.ru + l.rk) / (tcp.ru + tcp.rk))}× TCP's`,
+        });
+      }
+    }
+    json.transport = results;
+  } finally {
+    await Bun.$`rm -rf ${dir}`.quiet();
+  }
+}
+
 // ------------------------------------------------------------------------------------ main
 const loadavg = () => require("node:fs").readFileSync("/proc/loadavg", "utf8").split(" ").slice(0, 3).join(" ");
 /** Other CPU-heavy programs (the machine is shared): QEMU guests and the like, by name. */
@@ -1338,6 +1431,7 @@ for (const c of cases) {
     else if (c === "memory") await memoryCase();
     else if (c === "backplane") await backplaneCase();
     else if (c === "scale") await scaleCase();
+    else if (c === "transport") await transportCase();
   } catch (e) {
     console.error(`case ${c} failed: ${e}`);
     row({ case: c, metric: "error", chain: String(e).split("\n")[0]!.slice(0, 120) });

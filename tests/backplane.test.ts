@@ -5,7 +5,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import type { Socket } from "bun";
 import { headers as natsHeaders, connect as natsConnect, nkeys } from "@nats-io/transport-node";
-import { NatsDecoder, backplaneSubject, encodeFrames, hpubRoom, natsHeaderBlock, writeHpub } from "../relay.ts";
+import { NatsDecoder, TUNNEL_PROTOCOL, backplaneSubject, encodeControl, encodeFrames, hpubRoom, natsHeaderBlock, writeHpub } from "../relay.ts";
 import {
   BROADCAST,
   type Daemon,
@@ -493,6 +493,52 @@ describe("a NATS server that sends what it should not (a fake one on loopback)",
     const error = await waitUntil(async () => (await hub.status()).backplane.lastError, "the backplane's error");
     expect(error).toBe(`cannot connect to ${nats.url}: the server does not take message headers (NATS 2.2 or later is needed)`);
     expect((await hub.status()).backplane.state).toBe("down");
+  });
+});
+
+describe("messages from other hubs to a tunnel (a fake NATS server on loopback)", () => {
+  test("the unicast frames of several messages that arrive together go down a tunnel in one message, in order, not one message each", async () => {
+    const subject = backplaneSubject("default", "lab");
+    let sid: string | undefined;
+    let published = "";
+    let server: Socket<undefined> | undefined;
+    using nats = fakeNats({ server_id: "fake", headers: true }, (socket, text) => {
+      server = socket;
+      if (text.includes("CONNECT")) socket.write("PONG\r\n");
+      else if (text.includes("PING")) socket.write("PONG\r\n");
+      sid ??= new RegExp(`SUB ${subject.replaceAll(".", "\\.")} (\\d+)`).exec(text)?.[1];
+      published += text;
+    });
+    await using hub = await spawnRelay(hubArgs(nats.url));
+    const ws = new WebSocket(`${hub.base.replace(/^http/, "ws")}/tunnel`, { headers: { Authorization: `Bearer ${TOKEN}` }, protocols: [TUNNEL_PROTOCOL] });
+    ws.binaryType = "arraybuffer";
+    const data: Uint8Array[] = [];
+    let welcome = false;
+    ws.onmessage = (e) => {
+      const bytes = new Uint8Array(e.data as ArrayBuffer);
+      if (bytes[0] === 0) welcome ||= JSON.parse(new TextDecoder().decode(bytes.subarray(1))).type === "welcome";
+      else data.push(bytes);
+    };
+    await new Promise((r, j) => ((ws.onopen = r), (ws.onerror = j)));
+    ws.send(encodeControl({ type: "hello", version: 1, networks: ["lab"], id: "00000000000000c1", name: "site-c" }));
+    await waitUntil(() => welcome && sid !== undefined, "the welcome, and the hub's subscription to lab");
+    const X = "02:00:00:00:58:0a"; // behind the tunnel
+    const Y = "02:00:00:00:58:0b"; // behind another hub
+    const msg = (frames: Uint8Array[]) => {
+      const payload = Uint8Array.of(1, 0, 0, ...encodeFrames(frames));
+      return Buffer.concat([Buffer.from(`MSG ${subject} ${sid} ${payload.length}\r\n`), payload, Buffer.from("\r\n")]);
+    };
+    // Each side's MAC learned: Y's broadcast comes from NATS, X's goes out to it.
+    server!.write(msg([makeFrame(BROADCAST, Y, "from y")]));
+    await waitUntil(() => data.length === 1, "Y's broadcast down the tunnel");
+    ws.send(Uint8Array.of(1, 0, 0, ...encodeFrames([makeFrame(BROADCAST, X, "from x")])));
+    await waitUntil(() => published.includes("from x"), "X's broadcast published");
+    const frames = Array.from({ length: 6 }, (_, i) => makeFrame(X, Y, `unicast ${i}`));
+    server!.write(Buffer.concat([msg(frames.slice(0, 2)), msg(frames.slice(2, 4)), msg(frames.slice(4))]));
+    await waitUntil(async () => (await hub.status()).networks.find((n: any) => n.name === "lab")?.ports.find((p: any) => p.kind === "tunnel")?.tx.frames === 7, "the six frames sent down the tunnel");
+    await waitUntil(() => data.length > 1, "the data message");
+    expect(data.slice(1).map((m) => [...m])).toEqual([[1, 0, 0, ...encodeFrames(frames)]]);
+    ws.close();
   });
 });
 

@@ -582,12 +582,12 @@ describe("TunnelPort", () => {
 
 describe("TunnelLink cut-through", () => {
   /** A hub's network with two tunnel links (sockets that record what is sent), A learned behind the first, B behind the second. */
-  async function hub() {
+  async function hub(channels = [0, 5]) {
     const { MemoryBudget, Network, TunnelLink } = await import("../relay.ts");
     const budget = new MemoryBudget(16 * 1024 * 1024);
     const quiet = { info() {}, warn() {} };
     const net = new Network("lab", 300_000);
-    const ends = [0, 5].map((channel) => {
+    const ends = channels.map((channel) => {
       const sent: Uint8Array[] = [];
       const closes: number[] = [];
       const socket = { send: (d: Uint8Array) => (sent.push(d.slice()), true), buffered: () => 0, pause() {}, close: (code: number) => void closes.push(code) };
@@ -600,8 +600,8 @@ describe("TunnelLink cut-through", () => {
     net.forward(makeFrame(BROADCAST, "02:00:00:00:57:0a"), a.port);
     net.forward(makeFrame(BROADCAST, "02:00:00:00:57:0b"), b.port);
     await new Promise((r) => setImmediate(r));
-    a.sent.length = b.sent.length = 0;
-    return { a, b };
+    for (const end of ends) end.sent.length = 0;
+    return { a, b, ends };
   }
   const data = (channel: number, body: Uint8Array) => {
     const out = new Uint8Array(3 + body.length);
@@ -618,6 +618,22 @@ describe("TunnelLink cut-through", () => {
     expect(b.sent).toEqual([data(5, encodeFrames(frames))]);
     const bytes = frames.reduce((n, f) => n + f.length, 0);
     expect([a.port.stats.rxFrames, a.port.stats.rxBytes, b.port.stats.txFrames, b.port.stats.txBytes]).toEqual([1 + 3, 60 + bytes, 1 + 3, 60 + bytes]);
+  });
+
+  test("a message of unicast frames then a broadcast: the unicast frames go to their tunnel as one run, the broadcast floods to every other tunnel, and the message out keeps the frames' order, every frame counted", async () => {
+    const { a, b, ends } = await hub([0, 5, 9]);
+    const c = ends[2]!;
+    const runs: number[] = [];
+    const enqueueRun = b.port.enqueueRun.bind(b.port);
+    b.port.enqueueRun = (block, start, end, frames, message) => (runs.push(frames), enqueueRun(block, start, end, frames, message));
+    const broadcast = makeFrame(BROADCAST, "02:00:00:00:57:0a", 80);
+    const frames = [...toB(4), broadcast, ...toB(1)];
+    a.link.receive(data(0, encodeFrames(frames)));
+    await new Promise((r) => setImmediate(r));
+    expect(runs).toEqual([4]);
+    expect(b.sent).toEqual([data(5, encodeFrames(frames))]);
+    expect(c.sent).toEqual([data(9, encodeFrames([broadcast]))]);
+    expect([a.port.stats.rxFrames, b.port.stats.txFrames, c.port.stats.txFrames]).toEqual([1 + 6, 1 + 6, 2 + 1]);
   });
 
   test("a message whose tail overruns it: the whole frames before go on, then the tunnel closes as malformed, counted", async () => {

@@ -532,16 +532,20 @@ describe("Network cut-through (forwardRun)", () => {
     expect(p2.messages[3]).toEqual(concat(HEADER, big));
   });
 
-  test("leaves a run to forward() (forwarding and counting nothing) for broadcast, unknown, mixed or same-port destinations, an unlearned source, a capture, an impairment or a port that takes no runs", () => {
+  /** Frames that forwardRun leaves to forward(), each with what it is. */
+  const offenders: [string, () => Uint8Array][] = [
+    ["broadcast", () => makeFrame(BROADCAST, A)],
+    ["unknown destination", () => makeFrame("02:00:00:00:00:0d", A)],
+    ["destination behind the source's port", () => makeFrame(A, B)],
+    ["unlearned source", () => makeFrame(B, "02:00:00:00:00:0e")],
+    ["source learned on another port", () => makeFrame(B, C)],
+    ["runt", () => new Uint8Array(MIN_FRAME - 1)],
+    ["frame over MAX_FRAME", () => makeFrame(B, A, MAX_FRAME + 1 - 14)],
+  ];
+
+  test("leaves a run to forward() (forwarding and counting nothing) when its first frame is broadcast, to an unknown or same-port destination, from an unlearned source, a runt or oversize, or for a capture, an impairment or a port that takes no runs", () => {
     const cases: [string, (s: ReturnType<typeof runSetup>) => { run: Uint8Array; from?: Port }][] = [
-      ["broadcast", () => ({ run: encodeFrames([makeFrame(B, A), makeFrame(BROADCAST, A)]) })],
-      ["unknown destination", () => ({ run: encodeFrames([makeFrame("02:00:00:00:00:0d", A)]) })],
-      ["two destinations", () => ({ run: encodeFrames([makeFrame(B, A), makeFrame(C, A)]) })],
-      ["destination behind the source's port", () => ({ run: encodeFrames([makeFrame(A, B)]) })],
-      ["unlearned source", () => ({ run: encodeFrames([makeFrame(B, A), makeFrame(B, "02:00:00:00:00:0e")]) })],
-      ["source learned on another port", () => ({ run: encodeFrames([makeFrame(B, C)]) })],
-      ["runt", () => ({ run: encodeFrames([makeFrame(B, A), new Uint8Array(MIN_FRAME - 1)]) })],
-      ["frame over MAX_FRAME", () => ({ run: encodeFrames([makeFrame(B, A), makeFrame(B, A, MAX_FRAME + 1 - 14)]) })],
+      ...offenders.map(([what, frame]): (typeof cases)[number] => [what, () => ({ run: encodeFrames([frame(), makeFrame(B, A)]) })]),
       [
         "capture",
         ({ net }) => {
@@ -576,6 +580,64 @@ describe("Network cut-through (forwardRun)", () => {
     const { net, p1 } = pair(new RecordingPort("p2"));
     const run = encodeFrames([makeFrame(B, A)]);
     expect(net.forwardRun(run, 0, run.length, p1, false)).toBe(0);
+  });
+
+  test("hands on the frames before one it cannot take as a run and returns where it stopped, whatever that frame is", () => {
+    for (const [what, frame] of offenders) {
+      const { net, ports: [p1, p2, p3] } = runSetup();
+      const prefix = encodeFrames([makeFrame(B, A, 100), makeFrame(B, A, 200), makeFrame(B, A, 300)]);
+      const run = concat(prefix, encodeFrames([frame(), makeFrame(B, A)]));
+      const before = counts([p1, p2, p3]);
+      expect([what, net.forwardRun(run, 0, run.length, p1, true)]).toEqual([what, prefix.length]);
+      expect([what, p2.runs, p2.asMessage]).toEqual([what, [prefix], [false]]);
+      expect([what, p2.sent.length, p3.runs.length + p3.sent.length]).toEqual([what, 0, 0]);
+      expect([what, counts([p1, p2])]).toEqual([
+        what,
+        [
+          [before[0]![0]! + 3, before[0]![1]! + 600 + 3 * 14, before[0]![2]!, before[0]![3]!],
+          [before[1]![0]!, before[1]![1]!, before[1]![2]! + 3, before[1]![3]! + 600 + 3 * 14],
+        ],
+      ]);
+      // The callers ask again from there: the frame it cannot take comes back at once.
+      expect([what, net.forwardRun(run, prefix.length, run.length, p1, false)]).toEqual([what, prefix.length]);
+    }
+  });
+
+  test("a run to a second destination starts where the first ends: each goes to its port whole", () => {
+    const { net, ports: [p1, p2, p3] } = runSetup();
+    const toB = encodeFrames([makeFrame(B, A, 100), makeFrame(B, A, 100)]);
+    const toC = encodeFrames([makeFrame(C, A, 100)]);
+    const run = concat(toB, toC);
+    expect(net.forwardRun(run, 0, run.length, p1, false)).toBe(toB.length);
+    expect(net.forwardRun(run, toB.length, run.length, p1, false)).toBe(run.length);
+    expect([p2.runs, p3.runs]).toEqual([[toB], [toC]]);
+  });
+
+  test("N unicast frames then a broadcast, as a caller forwards them (runs while they go, then frame by frame): the N go to their port as one run, the broadcast floods, and the port's message keeps their order", () => {
+    class CountingMessagePort extends MessagePort {
+      readonly runFrames: number[] = [];
+      override enqueueRun(block: Uint8Array, start: number, end: number, frames: number, message: boolean): boolean {
+        this.runFrames.push(frames);
+        return super.enqueueRun(block, start, end, frames, message);
+      }
+    }
+    const { net, p1, p2 } = pair(new CountingMessagePort());
+    const p3 = new RunPort("p3");
+    net.attach(p3);
+    p2.flush();
+    p2.messages.length = 0;
+    const unicast = Array.from({ length: 5 }, (_, i) => makeFrame(B, A, 100 + i));
+    const frames = [...unicast, makeFrame(BROADCAST, A, 80), makeFrame(B, A, 90)];
+    const block = encodeFrames(frames);
+    let at = 0;
+    for (let next = net.forwardRun(block, at, block.length, p1, false); next !== at; next = net.forwardRun(block, at, block.length, p1, false)) at = next;
+    expect(at).toBe(encodeFrames(unicast).length);
+    for (const frame of frames.slice(unicast.length)) net.forward(frame, p1);
+    p2.flush();
+    expect(p2.runFrames).toEqual([5]);
+    expect(p2.messages).toEqual([concat(HEADER, block)]);
+    expect(p3.sent).toEqual([frames[5]!]);
+    expect([p1.stats.rxFrames, p2.stats.txFrames, p3.stats.txFrames]).toEqual([1 + 7, 1 + 7, 1]);
   });
 
   test("port security still holds: a run from a source beyond --port-macs goes to forward(), which drops and counts it", () => {
