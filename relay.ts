@@ -8797,7 +8797,8 @@ function connectThroughProxy(proxy: UplinkProxy, host: string, port: number, tim
       if (!/^HTTP\/1\.[01] 200/.test(head) || end + 4 !== head.length) return fail();
       resolve(socket);
     };
-    socket.on("data", onData).setTimeout(timeoutMs, fail).on("error", fail);
+    // A proxy that hangs up unanswered raises no error, and a closed socket's timeout never fires.
+    socket.on("data", onData).setTimeout(timeoutMs, fail).on("error", fail).on("close", fail);
   });
 }
 

@@ -239,6 +239,20 @@ describe("uplink through an HTTP proxy (tinyproxy)", () => {
     expect(`${JSON.stringify(uplink)}${refused.stdout()}${refused.stderr()}`).not.toContain("wrong-pa55word");
   });
 
+  test("a joined site's look at the certificate ends when the proxy closes without answering: the dial follows and says why", async () => {
+    // A proxy that hangs up at once (restarting, or a balancer with no backend): no answer, no error, only FIN.
+    const hangsUp = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { open: (s) => void s.end(), data() {} } });
+    await using _hangsUp = { [Symbol.asyncDispose]: async () => hangsUp.stop(true) };
+    const join = `ER1${"ab".repeat(32)}::some-token@127.0.0.1:${await freePort()}`;
+    await using site = await spawnRelay(["--join", join, "--uplink-proxy", `http://127.0.0.1:${hangsUp.port}`, "--http", "127.0.0.1:0"], { env: CLEAN });
+    const uplink = await waitUntil(async () => {
+      const u = (await site.status()).uplink;
+      return u.attempts >= 1 && u.lastError !== undefined && u;
+    }, "a dial after the look");
+    expect({ state: uplink.state, connects: uplink.connects }).toEqual({ state: "down", connects: 0 });
+    expect(uplink.lastError).toEndWith(`(through the proxy http://127.0.0.1:${hangsUp.port})`);
+  });
+
   test("a bad proxy setting, given or from the environment, is a config error: exit 2 naming the setting, never its value", async () => {
     const secret = "leaky-pa55word-0bb1";
     const base = ["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--uplink", "ws://127.0.0.1:9", "--uplink-token", TOKEN];
