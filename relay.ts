@@ -8776,6 +8776,14 @@ function watchHubTokens(dir: string, grants: Grant[], fixed: Grant[], revoked: (
 }
 
 /**
+ * A URL's user or password as Bun's proxy dial sends it: each `%XX` escape is that byte, a `%` that
+ * starts none stays itself (decodeURIComponent would throw on `50%off`).
+ */
+function userinfoBytes(text: string): Buffer {
+  return Buffer.concat(text.split(/(%[0-9a-f]{2})/i).map((part, i) => (i % 2 === 1 ? Buffer.of(Number.parseInt(part.slice(1), 16)) : Buffer.from(part))));
+}
+
+/**
  * A TCP connection to `host`:`port` through an HTTP proxy's CONNECT (Basic credentials from its
  * URL), for the pinned certificate's first look to take the road the tunnel takes. Undefined when
  * the proxy cannot be reached or refuses: the dial that follows meets the same and says it.
@@ -8783,7 +8791,7 @@ function watchHubTokens(dir: string, grants: Grant[], fixed: Grant[], revoked: (
 function connectThroughProxy(proxy: UplinkProxy, host: string, port: number, timeoutMs: number): Promise<NetSocket | undefined> {
   const via = new URL(proxy.url);
   const target = `${isIPv6(host) ? `[${host}]` : host}:${port}`;
-  const credentials = via.username === "" ? "" : `Proxy-Authorization: Basic ${Buffer.from(`${decodeURIComponent(via.username)}:${decodeURIComponent(via.password)}`).toString("base64")}\r\n`;
+  const credentials = via.username === "" ? "" : `Proxy-Authorization: Basic ${Buffer.concat([userinfoBytes(via.username), Buffer.from(":"), userinfoBytes(via.password)]).toString("base64")}\r\n`;
   return new Promise((resolve) => {
     const socket = tcpConnect({ host: urlHost(via), port: Number(via.port || 80) }, () => socket.write(`CONNECT ${target} HTTP/1.1\r\nHost: ${target}\r\n${credentials}\r\n`));
     let head = "";
