@@ -54,7 +54,7 @@
  * it is `@internal` (for the tests). Sections:
  *
  * - public API            the wire constants, the config and log types, and the handle startRelay returns
- * - basics                one-line errors, rate-limited logs, the redial skeleton, addresses
+ * - basics                one-line errors, rate-limited logs, the redial skeleton, addresses, MAC text
  * - impairment            link impairment in netem's words: the grammar, the engine in front of a port, the table by target
  * - config values         valibot schemas for one option's value: endpoints, files, secrets, sizes
  * - DHCP options          --dhcp and --dhcp-host: a network's subnet, gateway, pool, domain and reservations
@@ -217,7 +217,8 @@ export interface RelayHandle extends AsyncDisposable {
 // Small helpers every later section uses. Errors are one line naming what failed (describeError);
 // logs that a peer can provoke go through rateLimitedLog; every dialer (uplink, --qemu-connect, the
 // NATS link) redials through one Redialer and its Backoff. Addresses are HOST:PORT, [IPv6]:PORT or
-// unix:PATH (`@name`: a Linux abstract socket).
+// unix:PATH (`@name`: a Linux abstract socket). A MAC is a number (macKey's, in framing); parseMac
+// and formatMac are its text, `52:54:00:12:34:56`.
 
 /** What an errno means, for one-line errors. */
 const ERRNO_TEXT: Record<string, string> = {
@@ -2539,7 +2540,7 @@ function loadLibc() {
 }
 
 let libcSymbols: ReturnType<typeof loadLibc> | undefined;
-/** libc's socket calls, loaded on first use. */
+/** libc's calls, loaded on first use. */
 function libc() {
   return (libcSymbols ??= loadLibc());
 }
@@ -8907,7 +8908,7 @@ function documentHeaders(html: string): Record<string, string> {
   };
 }
 
-/** The login form and /invites take small bodies only; a longer one is answered 413 unread. */
+/** The login form and /invites take small bodies only; a longer one is answered 413, read no further than the limit. */
 const smallBody = bodyLimit({ maxSize: LOGIN_BODY_LIMIT, onError: (c) => c.text("request body too large\n", 413) });
 
 /** A request's query; Bun leaves the URL of one without a Host header as the bare path, and Hono's own reader misses its query. */
