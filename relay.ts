@@ -146,7 +146,7 @@ import { checkServerIdentity, connect as tlsConnect, type PeerCertificate } from
 import type { Server, ServerWebSocket, Socket, udp } from "bun";
 import { credsAuthenticator, nkeyAuthenticator } from "@nats-io/nats-core";
 import dnsPacket from "dns-packet";
-import { Hono, type Context } from "hono";
+import { Hono, type Context, type HonoRequest, type MiddlewareHandler } from "hono";
 import { bodyLimit } from "hono/body-limit";
 import { deleteCookie, getCookie, setCookie } from "hono/cookie";
 import { getPath } from "hono/utils/url";
@@ -8908,8 +8908,20 @@ function documentHeaders(html: string): Record<string, string> {
   };
 }
 
-/** The login form and /invites take small bodies only; a longer one is answered 413, read no further than the limit. */
-const smallBody = bodyLimit({ maxSize: LOGIN_BODY_LIMIT, onError: (c) => c.text("request body too large\n", 413) });
+const limitBody = bodyLimit({ maxSize: LOGIN_BODY_LIMIT, onError: (c) => c.text("request body too large\n", 413) });
+
+/** The Request Bun handed over, by Hono's request: only of that one can Bun tell the peer (requestIP). */
+const handedOver = new WeakMap<HonoRequest, Request>();
+
+/**
+ * The login form and /invites take small bodies only; a longer one is answered 413, read no further
+ * than the limit. A chunked body is read here, and its request replaced by a copy: the original is
+ * kept for clientOf.
+ */
+const smallBody: MiddlewareHandler = (c, next) => {
+  handedOver.set(c.req, c.req.raw);
+  return limitBody(c, next);
+};
 
 /** A request's query; Bun leaves the URL of one without a Host header as the bare path, and Hono's own reader misses its query. */
 function searchOf(request: Request): URLSearchParams {
@@ -8978,7 +8990,10 @@ function createApp(ctx: AppContext) {
   const app = new Hono<{ Bindings: Server<SocketData> }>({ getPath: requestPath });
   const refusals = rateLimitedLog(ctx.log.warn, 10, 10_000);
   const throttle = new AuthThrottle();
-  const clientOf = (c: { env: Server<SocketData>; req: { raw: Request } }) => clientAddress(c.env.requestIP(c.req.raw), c.req.raw.headers, ctx.trustedProxies);
+  const clientOf = (c: { env: Server<SocketData>; req: HonoRequest }) => {
+    const request = handedOver.get(c.req) ?? c.req.raw;
+    return clientAddress(c.env.requestIP(request), request.headers, ctx.trustedProxies);
+  };
   /**
    * A request without the right credential: `answer` (a 401), counted and logged at a bounded rate.
    * A wrong credential (not a missing one) counts against its address: past the throttle's allowance
