@@ -8792,7 +8792,7 @@ function userinfoBytes(text: string): Buffer {
 function connectThroughProxy(proxy: UplinkProxy, host: string, port: number, timeoutMs: number): Promise<NetSocket | undefined> {
   const via = new URL(proxy.url);
   const target = `${isIPv6(host) ? `[${host}]` : host}:${port}`;
-  const credentials = via.username === "" ? "" : `Proxy-Authorization: Basic ${Buffer.concat([userinfoBytes(via.username), Buffer.from(":"), userinfoBytes(via.password)]).toString("base64")}\r\n`;
+  const credentials = via.username === "" && via.password === "" ? "" : `Proxy-Authorization: Basic ${Buffer.concat([userinfoBytes(via.username), Buffer.from(":"), userinfoBytes(via.password)]).toString("base64")}\r\n`;
   return new Promise((resolve) => {
     const socket = tcpConnect({ host: urlHost(via), port: Number(via.port || 80) }, () => socket.write(`CONNECT ${target} HTTP/1.1\r\nHost: ${target}\r\n${credentials}\r\n`));
     let head = "";

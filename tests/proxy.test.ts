@@ -239,8 +239,8 @@ describe("uplink through an HTTP proxy (tinyproxy)", () => {
     expect(`${JSON.stringify(uplink)}${refused.stdout()}${refused.stderr()}`).not.toContain("wrong-pa55word");
   });
 
-  test("a joined site whose proxy password has a bare % (no escape) sends the look's CONNECT the same credentials as Bun's tunnel dial", async () => {
-    // tinyproxy takes no % in a password: this proxy notes each CONNECT's credentials and refuses it.
+  test("a joined site's look at the certificate sends its CONNECT the credentials Bun's tunnel dial sends: a bare % (no escape), a password with no user", async () => {
+    // tinyproxy takes neither: this proxy notes each CONNECT's credentials and refuses it.
     const heard: string[] = [];
     const noting = Bun.listen({
       hostname: "127.0.0.1",
@@ -255,10 +255,16 @@ describe("uplink through an HTTP proxy (tinyproxy)", () => {
     await using _noting = { [Symbol.asyncDispose]: async () => noting.stop(true) };
     const join = `ER1${"ab".repeat(32)}::some-token@127.0.0.1:${await freePort()}`;
     // Percent-decoded byte by byte, as Bun does: %41 is "A", a % that starts no escape stays itself.
-    await using site = await spawnRelay(["--join", join, "--uplink-proxy", `http://alice:50%off-%41@127.0.0.1:${noting.port}`, "--http", "127.0.0.1:0"], { env: CLEAN });
-    await waitUntil(async () => (await site.status()).uplink.lastError !== undefined, "the dial refused by the proxy");
-    expect(heard.slice(0, 2)).toEqual(Array(2).fill(`Basic ${btoa("alice:50%off-A")}`));
-    expect(`${site.stdout()}${site.stderr()}`).not.toContain("off-");
+    for (const [userinfo, sent] of [
+      ["alice:50%off-%41", "alice:50%off-A"],
+      [":pr0xy-t0ken", ":pr0xy-t0ken"],
+    ]) {
+      heard.length = 0;
+      await using site = await spawnRelay(["--join", join, "--uplink-proxy", `http://${userinfo}@127.0.0.1:${noting.port}`, "--http", "127.0.0.1:0"], { env: CLEAN });
+      await waitUntil(async () => (await site.status()).uplink.lastError !== undefined, "the dial refused by the proxy");
+      expect(heard.slice(0, 2)).toEqual(Array(2).fill(`Basic ${btoa(sent)}`));
+      expect(`${site.stdout()}${site.stderr()}`).not.toContain(sent.slice(1));
+    }
   });
 
   test("a joined site's look at the certificate ends when the proxy closes without answering: the dial follows and says why", async () => {
