@@ -54,7 +54,7 @@
  * it is `@internal` (for the tests). Sections:
  *
  * - public API            the wire constants, the config and log types, and the handle startRelay returns
- * - basics                one-line errors, rate-limited logs, the redial skeleton, addresses
+ * - basics                one-line errors, rate-limited logs, the redial skeleton, addresses, MAC text
  * - impairment            link impairment in netem's words: the grammar, the engine in front of a port, the table by target
  * - config values         valibot schemas for one option's value: endpoints, files, secrets, sizes
  * - DHCP options          --dhcp and --dhcp-host: a network's subnet, gateway, pool, domain and reservations
@@ -147,7 +147,7 @@ import { checkServerIdentity, connect as tlsConnect, type PeerCertificate } from
 import type { Server, ServerWebSocket, Socket, udp } from "bun";
 import { credsAuthenticator, nkeyAuthenticator } from "@nats-io/nats-core";
 import dnsPacket from "dns-packet";
-import { Hono, type Context } from "hono";
+import { Hono, type Context, type HonoRequest, type MiddlewareHandler } from "hono";
 import { bodyLimit } from "hono/body-limit";
 import { deleteCookie, getCookie, setCookie } from "hono/cookie";
 import { getPath } from "hono/utils/url";
@@ -218,7 +218,8 @@ export interface RelayHandle extends AsyncDisposable {
 // Small helpers every later section uses. Errors are one line naming what failed (describeError);
 // logs that a peer can provoke go through rateLimitedLog; every dialer (uplink, --qemu-connect, the
 // NATS link) redials through one Redialer and its Backoff. Addresses are HOST:PORT, [IPv6]:PORT or
-// unix:PATH (`@name`: a Linux abstract socket).
+// unix:PATH (`@name`: a Linux abstract socket). A MAC is a number (macKey's, in framing); parseMac
+// and formatMac are its text, `52:54:00:12:34:56`.
 
 /** What an errno means, for one-line errors. */
 const ERRNO_TEXT: Record<string, string> = {
@@ -2540,7 +2541,7 @@ function loadLibc() {
 }
 
 let libcSymbols: ReturnType<typeof loadLibc> | undefined;
-/** libc's socket calls, loaded on first use. */
+/** libc's calls, loaded on first use. */
 function libc() {
   return (libcSymbols ??= loadLibc());
 }
@@ -8782,6 +8783,14 @@ function watchHubTokens(dir: string, grants: Grant[], fixed: Grant[], revoked: (
 }
 
 /**
+ * A URL's user or password as Bun's proxy dial sends it: each `%XX` escape is that byte, a `%` that
+ * starts none stays itself (decodeURIComponent would throw on `50%off`).
+ */
+function userinfoBytes(text: string): Buffer {
+  return Buffer.concat(text.split(/(%[0-9a-f]{2})/i).map((part, i) => (i % 2 === 1 ? Buffer.of(Number.parseInt(part.slice(1), 16)) : Buffer.from(part))));
+}
+
+/**
  * A TCP connection to `host`:`port` through an HTTP proxy's CONNECT (Basic credentials from its
  * URL), for the pinned certificate's first look to take the road the tunnel takes. Undefined when
  * the proxy cannot be reached or refuses: the dial that follows meets the same and says it.
@@ -8789,7 +8798,7 @@ function watchHubTokens(dir: string, grants: Grant[], fixed: Grant[], revoked: (
 function connectThroughProxy(proxy: UplinkProxy, host: string, port: number, timeoutMs: number): Promise<NetSocket | undefined> {
   const via = new URL(proxy.url);
   const target = `${isIPv6(host) ? `[${host}]` : host}:${port}`;
-  const credentials = via.username === "" ? "" : `Proxy-Authorization: Basic ${Buffer.from(`${decodeURIComponent(via.username)}:${decodeURIComponent(via.password)}`).toString("base64")}\r\n`;
+  const credentials = via.username === "" && via.password === "" ? "" : `Proxy-Authorization: Basic ${Buffer.concat([userinfoBytes(via.username), Buffer.from(":"), userinfoBytes(via.password)]).toString("base64")}\r\n`;
   return new Promise((resolve) => {
     const socket = tcpConnect({ host: urlHost(via), port: Number(via.port || 80) }, () => socket.write(`CONNECT ${target} HTTP/1.1\r\nHost: ${target}\r\n${credentials}\r\n`));
     let head = "";
@@ -8803,7 +8812,8 @@ function connectThroughProxy(proxy: UplinkProxy, host: string, port: number, tim
       if (!/^HTTP\/1\.[01] 200/.test(head) || end + 4 !== head.length) return fail();
       resolve(socket);
     };
-    socket.on("data", onData).setTimeout(timeoutMs, fail).on("error", fail);
+    // A proxy that hangs up unanswered raises no error, and a closed socket's timeout never fires.
+    socket.on("data", onData).setTimeout(timeoutMs, fail).on("error", fail).on("close", fail);
   });
 }
 
@@ -8904,8 +8914,20 @@ function documentHeaders(html: string): Record<string, string> {
   };
 }
 
-/** The login form and /invites take small bodies only; a longer one is answered 413 unread. */
-const smallBody = bodyLimit({ maxSize: LOGIN_BODY_LIMIT, onError: (c) => c.text("request body too large\n", 413) });
+const limitBody = bodyLimit({ maxSize: LOGIN_BODY_LIMIT, onError: (c) => c.text("request body too large\n", 413) });
+
+/** The Request Bun handed over, by Hono's request: only of that one can Bun tell the peer (requestIP). */
+const handedOver = new WeakMap<HonoRequest, Request>();
+
+/**
+ * The login form and /invites take small bodies only; a longer one is answered 413, read no further
+ * than the limit. A chunked body is read here, and its request replaced by a copy: the original is
+ * kept for clientOf.
+ */
+const smallBody: MiddlewareHandler = (c, next) => {
+  handedOver.set(c.req, c.req.raw);
+  return limitBody(c, next);
+};
 
 /** A request's query; Bun leaves the URL of one without a Host header as the bare path, and Hono's own reader misses its query. */
 function searchOf(request: Request): URLSearchParams {
@@ -8974,7 +8996,10 @@ function createApp(ctx: AppContext) {
   const app = new Hono<{ Bindings: Server<SocketData> }>({ getPath: requestPath });
   const refusals = rateLimitedLog(ctx.log.warn, 10, 10_000);
   const throttle = new AuthThrottle();
-  const clientOf = (c: { env: Server<SocketData>; req: { raw: Request } }) => clientAddress(c.env.requestIP(c.req.raw), c.req.raw.headers, ctx.trustedProxies);
+  const clientOf = (c: { env: Server<SocketData>; req: HonoRequest }) => {
+    const request = handedOver.get(c.req) ?? c.req.raw;
+    return clientAddress(c.env.requestIP(request), request.headers, ctx.trustedProxies);
+  };
   /**
    * A request without the right credential: `answer` (a 401), counted and logged at a bounded rate.
    * A wrong credential (not a missing one) counts against its address: past the throttle's allowance

@@ -64,6 +64,26 @@ describe("authentication throttle", () => {
     expect({ failures: status.authFailures, throttled: status.authThrottled }).toEqual({ failures: 10, throttled: 2 });
   });
 
+  test("a login sent in chunks (no Content-Length) is refused under its client's address and throttled with that address's other failures", async () => {
+    await using relay = await scenario().with("--admin-token", ADMIN).listen().spawn();
+    const chunked = (token: string) =>
+      fetch(`${relay.base}/login`, {
+        method: "POST",
+        body: new ReadableStream<Uint8Array>({
+          pull(controller) {
+            controller.enqueue(new TextEncoder().encode(`token=${token}`));
+            controller.close();
+          },
+        }),
+        redirect: "manual",
+      });
+    expect((await chunked("wrong-chunked-0000000000")).status).toBe(401);
+    for (let i = 0; i < 9; i++) expect((await get(relay, "/metrics", { Authorization: `Bearer wrong-${i}-00000000000` })).status).toBe(401);
+    expect((await chunked("wrong-chunked-1111111111")).status).toBe(429);
+    expect((await chunked(ADMIN)).status).toBe(303);
+    expect(await relay.waitForLine(/^login: refused /)).toMatch(/^login: refused 127\.0\.0\.1:\d+: wrong token$/);
+  });
+
   test("the table of failing addresses is bounded", () => {
     const throttle = new AuthThrottle();
     for (let i = 0; i < 10_000; i++) throttle.failed(`10.${i >> 16}.${(i >> 8) & 255}.${i & 255}`, 1000);

@@ -239,6 +239,48 @@ describe("uplink through an HTTP proxy (tinyproxy)", () => {
     expect(`${JSON.stringify(uplink)}${refused.stdout()}${refused.stderr()}`).not.toContain("wrong-pa55word");
   });
 
+  test("a joined site's look at the certificate sends its CONNECT the credentials Bun's tunnel dial sends: a bare % (no escape), a password with no user", async () => {
+    // tinyproxy takes neither: this proxy notes each CONNECT's credentials and refuses it.
+    const heard: string[] = [];
+    const noting = Bun.listen({
+      hostname: "127.0.0.1",
+      port: 0,
+      socket: {
+        data(s, chunk) {
+          heard.push(/^Proxy-Authorization: (.*)\r$/im.exec(chunk.toString("latin1"))?.[1] ?? "none");
+          s.end("HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n");
+        },
+      },
+    });
+    await using _noting = { [Symbol.asyncDispose]: async () => noting.stop(true) };
+    const join = `ER1${"ab".repeat(32)}::some-token@127.0.0.1:${await freePort()}`;
+    // Percent-decoded byte by byte, as Bun does: %41 is "A", a % that starts no escape stays itself.
+    for (const [userinfo, sent] of [
+      ["alice:50%off-%41", "alice:50%off-A"],
+      [":pr0xy-t0ken", ":pr0xy-t0ken"],
+    ]) {
+      heard.length = 0;
+      await using site = await spawnRelay(["--join", join, "--uplink-proxy", `http://${userinfo}@127.0.0.1:${noting.port}`, "--http", "127.0.0.1:0"], { env: CLEAN });
+      await waitUntil(async () => (await site.status()).uplink.lastError !== undefined, "the dial refused by the proxy");
+      expect(heard.slice(0, 2)).toEqual(Array(2).fill(`Basic ${btoa(sent)}`));
+      expect(`${site.stdout()}${site.stderr()}`).not.toContain(sent.slice(1));
+    }
+  });
+
+  test("a joined site's look at the certificate ends when the proxy closes without answering: the dial follows and says why", async () => {
+    // A proxy that hangs up at once (restarting, or a balancer with no backend): no answer, no error, only FIN.
+    const hangsUp = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { open: (s) => void s.end(), data() {} } });
+    await using _hangsUp = { [Symbol.asyncDispose]: async () => hangsUp.stop(true) };
+    const join = `ER1${"ab".repeat(32)}::some-token@127.0.0.1:${await freePort()}`;
+    await using site = await spawnRelay(["--join", join, "--uplink-proxy", `http://127.0.0.1:${hangsUp.port}`, "--http", "127.0.0.1:0"], { env: CLEAN });
+    const uplink = await waitUntil(async () => {
+      const u = (await site.status()).uplink;
+      return u.attempts >= 1 && u.lastError !== undefined && u;
+    }, "a dial after the look");
+    expect({ state: uplink.state, connects: uplink.connects }).toEqual({ state: "down", connects: 0 });
+    expect(uplink.lastError).toEndWith(`(through the proxy http://127.0.0.1:${hangsUp.port})`);
+  });
+
   test("a bad proxy setting, given or from the environment, is a config error: exit 2 naming the setting, never its value", async () => {
     const secret = "leaky-pa55word-0bb1";
     const base = ["--http", "127.0.0.1:0", "--qemu-listen", "127.0.0.1:0", "--uplink", "ws://127.0.0.1:9", "--uplink-token", TOKEN];
