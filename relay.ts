@@ -487,8 +487,8 @@ function canonicalIp(host: string): string {
   return host.includes(":") ? new URL(`http://[${host}]`).hostname.slice(1, -1) : host;
 }
 
-/** Six hex pairs split by `:` (or `-`, as Windows writes them), either case. */
-const MAC_TEXT = /^[0-9a-f]{2}(?:[:-][0-9a-f]{2}){5}$/i;
+/** Six hex pairs split all by `:` or all by `-` (as Windows writes them), either case. */
+const MAC_TEXT = /^[0-9a-f]{2}([:-])[0-9a-f]{2}(?:\1[0-9a-f]{2}){4}$/i;
 
 /**
  * A MAC written as text, `52:54:00:12:34:56`, as the number macKey (framing) makes of its bytes;
@@ -4054,7 +4054,7 @@ function makeGrants(tokens: Config["tokens"]): Grant[] {
  * Closes the open sockets (tunnels, v86 ports) whose grant `accepted` no longer accepts, a revoked
  * token's, with `code` and `reason` and a log line each; the others stay.
  */
-function closeUnaccepted<D extends { grant: Grant; peer: string }>(
+function closeSocketsUnaccepted<D extends { grant: Grant; peer: string }>(
   sockets: Iterable<ServerWebSocket<D>>,
   accepted: (grant: Grant) => boolean,
   code: number,
@@ -4664,7 +4664,7 @@ class TunnelServer {
 
   /** Closes the tunnels whose token `accepted` no longer accepts (revoked), saying why; the others stay. */
   closeUnaccepted(accepted: (grant: Grant) => boolean, code: number, reason: string): void {
-    closeUnaccepted(this.#sockets, accepted, code, reason, this.#log.info, (data) => `tunnel: ${data.link?.peer ?? data.peer}`);
+    closeSocketsUnaccepted(this.#sockets, accepted, code, reason, this.#log.info, (data) => `tunnel: ${data.link?.peer ?? data.peer}`);
   }
 
   /** Attaches what the token allows, the limits permit and no loop forbids; answers every name. */
@@ -5422,7 +5422,7 @@ class V86Server {
 
   /** Closes the v86 ports whose token `accepted` no longer accepts (revoked), saying why; the others stay. */
   closeUnaccepted(accepted: (grant: Grant) => boolean, code: number, reason: string): void {
-    closeUnaccepted(this.#sockets, accepted, code, reason, this.options.log.info, (data) => `v86 ${V86_PATH}/${data.network} ${data.peer}`);
+    closeSocketsUnaccepted(this.#sockets, accepted, code, reason, this.options.log.info, (data) => `v86 ${V86_PATH}/${data.network} ${data.peer}`);
   }
 }
 
@@ -7577,13 +7577,13 @@ const LeaseRecord = v.strictObject({
 
 /**
  * The lease file, dhcp-NETWORK.json in the state directory. `mac` is the gateway's (files written
- * before it was kept have none; one that is not a MAC is replaced); entries are each a LeaseRecord.
+ * before it was kept have none; one that is not a MAC, or not text, is replaced); entries are each a LeaseRecord.
  */
 const LeaseFile = v.strictObject({
   version: v.literal(1),
   network: v.string(),
   cidr: v.string(),
-  mac: v.optional(v.pipe(v.string(), v.transform(parseMac))),
+  mac: v.fallback(v.optional(v.pipe(v.string(), v.transform(parseMac))), undefined),
   leases: v.array(v.unknown()),
 });
 
@@ -8158,7 +8158,7 @@ export class GatewayHost extends Port {
       const { mac, address, name, ...rest } = record.output;
       this.#put({ mac } as Lease, { address, name: this.#reservedMac.get(mac)?.name ?? name, ...rest });
     }
-    if (skipped > 0) this.#options.log.warn(`${this.spec.network}: ${skipped} entries of ${this.stateFile} do not fit the network as configured and were left out`);
+    if (skipped > 0) this.#options.log.warn(`${this.spec.network}: ${skipped} entries of ${this.stateFile} are damaged or do not fit the network as configured and were left out`);
     const key = file.output.mac;
     return key !== undefined && !isGroupMac(key) ? macBytes(key) : undefined;
   }

@@ -210,7 +210,7 @@ describe("macKey", () => {
       expect(macBytes(parseMac(text)!)).toEqual(mac(text));
     }
     expect(parseMac("52-54-00-AB-cd-EF")).toBe(parseMac("52:54:00:ab:cd:ef")!);
-    for (const bad of ["", "52:54:00:12:34", "52:54:00:12:34:56:78", "52:54:00:12:34:5g", "525400123456", " 52:54:00:12:34:56"]) expect(parseMac(bad)).toBeUndefined();
+    for (const bad of ["", "52:54:00:12:34", "52:54:00:12:34:56:78", "52:54:00:12:34:5g", "525400123456", " 52:54:00:12:34:56", "52:54-00:12:34:56", "52-54-00-12-34:56"]) expect(parseMac(bad)).toBeUndefined();
   });
 });
 
