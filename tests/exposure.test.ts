@@ -315,7 +315,8 @@ describe("--qemu-udp under load", () => {
       const s = await datagramStatus(relay);
       return (await rx()) + s.drops.kernel === count && s;
     }, `${count} datagrams received or counted as kernel drops`);
-    expect(status.drops.kernel).toBeGreaterThan(0);
+    // Each datagram costs the buffer at least its 1,500 bytes: the 5,000 beyond what it holds are dropped.
+    expect(status.drops.kernel).toBeGreaterThanOrEqual(count - Math.ceil(before.receiveBuffer / 1500));
     const metrics = await fetch(`${relay.base}/metrics`).then((r) => r.text());
     expect(metrics).toContain(`edge_relay_datagram_drops_total{network="default",socket="127.0.0.1:${relay.port("qemu-udp")}",reason="kernel"} ${status.drops.kernel}`);
   });

@@ -352,6 +352,8 @@ describe("port security and budgets", () => {
     expect(status.limits.memoryUsed).toBeLessThanOrEqual(1024 * 1024);
     const slow = status.networks[0].ports.filter((p: any) => p.peer !== sender.local);
     for (const p of slow) expect(p.tx.frames + p.tx.drops).toBe(200);
+    // Each port's queue bound (8 MiB) is above the budget: every frame a slow port dropped is the budget's.
+    expect(status.limits.memoryDrops).toBe(slow.reduce((sum: number, p: any) => sum + p.tx.drops, 0));
   });
 });
 
