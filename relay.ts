@@ -147,7 +147,7 @@ import { checkServerIdentity, connect as tlsConnect, type PeerCertificate } from
 import type { Server, ServerWebSocket, Socket, udp } from "bun";
 import { credsAuthenticator, nkeyAuthenticator } from "@nats-io/nats-core";
 import dnsPacket from "dns-packet";
-import { Hono, type Context, type HonoRequest, type MiddlewareHandler } from "hono";
+import { Hono, type Context } from "hono";
 import { bodyLimit } from "hono/body-limit";
 import { deleteCookie, getCookie, setCookie } from "hono/cookie";
 import { getPath } from "hono/utils/url";
@@ -8797,7 +8797,7 @@ function userinfoBytes(text: string): Buffer {
  */
 function connectThroughProxy(proxy: UplinkProxy, host: string, port: number, timeoutMs: number): Promise<NetSocket | undefined> {
   const via = new URL(proxy.url);
-  const target = `${isIPv6(host) ? `[${host}]` : host}:${port}`;
+  const target = formatHostPort({ host, port });
   const credentials = via.username === "" && via.password === "" ? "" : `Proxy-Authorization: Basic ${Buffer.concat([userinfoBytes(via.username), Buffer.from(":"), userinfoBytes(via.password)]).toString("base64")}\r\n`;
   return new Promise((resolve) => {
     const socket = tcpConnect({ host: urlHost(via), port: Number(via.port || 80) }, () => socket.write(`CONNECT ${target} HTTP/1.1\r\nHost: ${target}\r\n${credentials}\r\n`));
@@ -8914,20 +8914,15 @@ function documentHeaders(html: string): Record<string, string> {
   };
 }
 
-const limitBody = bodyLimit({ maxSize: LOGIN_BODY_LIMIT, onError: (c) => c.text("request body too large\n", 413) });
-
-/** The Request Bun handed over, by Hono's request: only of that one can Bun tell the peer (requestIP). */
-const handedOver = new WeakMap<HonoRequest, Request>();
-
 /**
  * The login form and /invites take small bodies only; a longer one is answered 413, read no further
- * than the limit. A chunked body is read here, and its request replaced by a copy: the original is
- * kept for clientOf.
+ * than the limit. (A chunked body is read here and the request replaced by a copy whose peer Bun
+ * cannot name: the app takes the client before any route runs.)
  */
-const smallBody: MiddlewareHandler = (c, next) => {
-  handedOver.set(c.req, c.req.raw);
-  return limitBody(c, next);
-};
+const smallBody = bodyLimit({ maxSize: LOGIN_BODY_LIMIT, onError: (c) => c.text("request body too large\n", 413) });
+
+/** The HTTP app's Hono environment: Bun's server, and the client each request comes from. */
+type AppEnv = { Bindings: Server<SocketData>; Variables: { client: ClientAddress } };
 
 /** A request's query; Bun leaves the URL of one without a Host header as the bare path, and Hono's own reader misses its query. */
 function searchOf(request: Request): URLSearchParams {
@@ -8993,13 +8988,15 @@ interface AppContext {
  * keep coming is answered 429 for its further wrong ones for a while.
  */
 function createApp(ctx: AppContext) {
-  const app = new Hono<{ Bindings: Server<SocketData> }>({ getPath: requestPath });
+  const app = new Hono<AppEnv>({ getPath: requestPath });
   const refusals = rateLimitedLog(ctx.log.warn, 10, 10_000);
   const throttle = new AuthThrottle();
-  const clientOf = (c: { env: Server<SocketData>; req: HonoRequest }) => {
-    const request = handedOver.get(c.req) ?? c.req.raw;
-    return clientAddress(c.env.requestIP(request), request.headers, ctx.trustedProxies);
-  };
+  // The client (behind a trusted proxy, the one it names), once, from the request Bun handed over.
+  app.use("*", (c, next) => {
+    c.set("client", clientAddress(c.env.requestIP(c.req.raw), c.req.raw.headers, ctx.trustedProxies));
+    return next();
+  });
+  const clientOf = (c: Context<AppEnv>) => c.get("client");
   /**
    * A request without the right credential: `answer` (a 401), counted and logged at a bounded rate.
    * A wrong credential (not a missing one) counts against its address: past the throttle's allowance
@@ -9110,7 +9107,7 @@ function createApp(ctx: AppContext) {
    * a trusted proxy, the one it names), what the endpoint checks first, the credential (a wrong one
    * counts toward the throttle), what it checks of the grant, admission within the limits, the upgrade.
    */
-  const upgrade = <D extends SocketData>(c: Context<{ Bindings: Server<SocketData> }>, gate: UpgradeGate<D>): Response => {
+  const upgrade = <D extends SocketData>(c: Context<AppEnv>, gate: UpgradeGate<D>): Response => {
     if (ctx.grants.length === 0) return c.text(`${gate.endpoint} endpoint disabled: no token configured\n`, 404);
     const client = clientOf(c);
     const early = gate.before?.(client);
@@ -9174,7 +9171,7 @@ function createApp(ctx: AppContext) {
 }
 
 /** POST /invites {"networks": [...]}, GET /invites, DELETE /invites/ID: behind the admin token like every other route. */
-function mountInvites(app: Hono<{ Bindings: Server<SocketData> }>, dir: string): void {
+function mountInvites(app: Hono<AppEnv>, dir: string): void {
   app.get("/invites", (c) => c.json(listInvites(dir)));
   app.post("/invites", smallBody, async (c) => {
     let networks: unknown;
